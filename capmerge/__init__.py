@@ -1,0 +1,60 @@
+"""capmerge: model merging by weight arithmetic — capability vectors, streamed.
+
+The public API is imported lazily so that ``import capmerge`` (and the CLI) start without torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from capmerge._version import __version__
+
+_EXPORTS = {
+    "diff": "capmerge.api",
+    "apply": "capmerge.api",
+    "Summary": "capmerge.api",
+    "parse_size": "capmerge.api",
+    "open_checkpoint": "capmerge.checkpoint",
+    "Checkpoint": "capmerge.checkpoint",
+    "TensorInfo": "capmerge.checkpoint",
+    "load_vector": "capmerge.inmemory",
+    "apply_to_state_dict": "capmerge.inmemory",
+    "apply_to_model": "capmerge.inmemory",
+    "CapmergeError": "capmerge.errors",
+}
+
+__all__ = [
+    "__version__",
+    "diff",
+    "apply",
+    "Summary",
+    "parse_size",
+    "open_checkpoint",
+    "Checkpoint",
+    "TensorInfo",
+    "load_vector",
+    "apply_to_state_dict",
+    "apply_to_model",
+    "CapmergeError",
+]
+
+if TYPE_CHECKING:
+    from capmerge.api import Summary, apply, diff, parse_size
+    from capmerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+    from capmerge.errors import CapmergeError
+    from capmerge.inmemory import apply_to_model, apply_to_state_dict, load_vector
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'capmerge' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

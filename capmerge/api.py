@@ -1,0 +1,418 @@
+"""The library API behind ``capmerge diff`` and ``capmerge apply``: plan the jobs, stream them, commit atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from capmerge._version import __version__
+from capmerge.checkpoint import DTYPE_NAMES, Checkpoint, open_checkpoint
+from capmerge.engine import Job, Sink, run
+from capmerge.errors import MismatchError, UsageError
+from capmerge.writer import Output, SafetensorsFile
+
+PathLike = str | os.PathLike[str]
+VECTOR_NAME = "capvector"
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(size: int | str) -> int:
+    """``5GB`` → 5·10⁹, ``2GiB`` → 2·2³⁰, ``500MB``, plain integers = bytes (as huggingface_hub does)."""
+    if isinstance(size, int):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), flags=re.IGNORECASE)
+        if not m or m.group(2).upper() not in _SIZE_UNITS:
+            raise UsageError(f"invalid size {size!r} (use e.g. 5GB, 500MB, 2GiB)")
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise UsageError(f"size must be positive: {size!r}")
+    return n
+
+
+def parse_dtype(dtype: str | None, *, allow_auto: bool) -> str | None:
+    """``auto``/None → None (keep each tensor's dtype); ``bfloat16`` etc. → safetensors code."""
+    if dtype is None or (allow_auto and dtype == "auto"):
+        return None
+    code = DTYPE_NAMES.get(str(dtype).lower().replace("torch.", ""))
+    if code is None:
+        choices = ("auto, " if allow_auto else "") + "float32, bfloat16, float16"
+        raise UsageError(f"invalid dtype {dtype!r} (choose from {choices})")
+    return code
+
+
+def _compile(patterns: Iterable[str] | str | None, what: str) -> list[re.Pattern[str]]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise UsageError(f"invalid {what} regex {p!r}: {e}") from None
+    return out
+
+
+def name_filter(include: Iterable[str] | str | None, exclude: Iterable[str] | str | None) -> Callable[[str], bool]:
+    """``re.search`` semantics: a name enters when it matches any include (or there is none) and no exclude."""
+    inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
+    return lambda n: (not inc or any(p.search(n) for p in inc)) and not any(p.search(n) for p in exc)
+
+
+@dataclass
+class Summary:
+    """What a diff/apply did. ``to_dict()`` is what ``--json`` prints."""
+
+    command: str
+    output: str
+    files: list[str] = field(default_factory=list)
+    tensors_written: int = 0
+    tensors_changed: int = 0
+    tensors_unchanged: int = 0
+    tensors_skipped: int = 0
+    zero_tensors: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    @property
+    def gb_per_s(self) -> float:
+        return (self.bytes_read + self.bytes_written) / 1e9 / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gb_per_s"] = round(self.gb_per_s, 3)
+        d["seconds"] = round(self.seconds, 4)
+        return d
+
+    def line(self) -> str:
+        """A one-line human summary (what the CLI prints on stderr)."""
+        parts = [f"{self.tensors_changed} tensors changed"]
+        if self.command == "diff":
+            parts.append(f"{len(self.zero_tensors)} unchanged (zero, left out)")
+        else:
+            parts.append(f"{self.tensors_unchanged} copied unchanged")
+        parts.append(f"{self.tensors_skipped} skipped")
+        gb = 1e9
+        return (
+            f"{self.command}: {', '.join(parts)}; read {self.bytes_read / gb:.2f} GB, wrote "
+            f"{self.bytes_written / gb:.2f} GB in {self.seconds:.2f} s ({self.gb_per_s:.2f} GB/s) -> {self.output}"
+        )
+
+
+class _SizeShardedSink(Sink):
+    """diff into a directory: fill ``capvector-N.safetensors`` files up to ``max_bytes`` as tensors arrive."""
+
+    def __init__(self, out: Output, planned: list[tuple[str, str, tuple[int, ...]]], max_bytes: int) -> None:
+        super().__init__([])
+        self.out, self.planned, self.max_bytes = out, planned, max_bytes
+        self.index_of = {n: i for i, (n, _, _) in enumerate(planned)}
+
+    def file_for(self, job: Job) -> SafetensorsFile:
+        cur = self.files[-1] if self.files else None
+        if cur is None or (cur.data_bytes and cur.data_bytes + job.out_nbytes > self.max_bytes):
+            remaining = self.planned[self.index_of[job.name] :]
+            cur = self.out.open_file(f"{VECTOR_NAME}-part{len(self.files) + 1}.safetensors", remaining)
+            self.files.append(cur)
+        return cur
+
+
+def _start_progress(progress: Any, jobs: list[Job]) -> None:
+    if hasattr(progress, "set_total"):
+        total = sum(info.nbytes for j in jobs for _, info in (j.inputs if j.op != "copy" else j.inputs[:1]))
+        progress.set_total(total, len(jobs))
+
+
+def _refs(ck: Checkpoint) -> dict[str, str]:
+    return {"ref": ck.ref, "fingerprint": ck.fingerprint()}
+
+
+def _finish_files(
+    out: Output, files: list[tuple[str, SafetensorsFile]], metadata: dict[str, str], index_name: str | None
+) -> tuple[list[str], int]:
+    """Write headers, then the index when there are several files. Returns (file names, bytes written)."""
+    names, written, weight_map, total = [], 0, {}, 0
+    for name, f in files:
+        for e in f.entries:
+            weight_map[e.name] = name
+            total += e.end - e.begin
+        written += f.finish(metadata)
+        names.append(name)
+    if index_name is not None:
+        index = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
+        text = json.dumps(index, indent=2) + "\n"
+        out.write_text(index_name, text)
+        written += len(text.encode())
+        names.append(index_name)
+    return names, written
+
+
+def diff(
+    base: PathLike | Checkpoint,
+    aux: PathLike | Checkpoint,
+    output: PathLike = "capvector.safetensors",
+    *,
+    dtype: str = "auto",
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+    allow_missing: bool = False,
+    shard_size: int | str = "5GB",
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Summary:
+    """Write the capability vector τ = AUX − BASE, tensor by tensor (float32 math, one rounding).
+
+    Args:
+        base: the reference checkpoint (e.g. the plain-SFT model).
+        aux: the checkpoint trained with auxiliary objectives.
+        output: a ``.safetensors`` file, or a directory (sharded above ``shard_size``).
+        dtype: ``auto`` (each tensor's dtype in AUX), ``float32``, ``bfloat16`` or ``float16``.
+        include / exclude: regexes (``re.search``) on tensor names.
+        allow_missing: skip and report names present on one side only instead of failing.
+        shard_size: the largest shard of a directory output (``5GB``, ``500MB``, ``2GiB`` ...).
+        force: replace an existing output (atomically).
+        allow_nonfinite: keep NaN/Inf produced from finite inputs instead of failing.
+        progress: called with (bytes processed so far, tensors finished in this step).
+
+    Returns:
+        A :class:`Summary`. All-zero differences (frozen tensors) are left out of the file and listed in
+        ``zero_tensors``; non-floating tensors are skipped and listed in ``skipped``.
+    """
+    t0 = time.perf_counter()
+    code = parse_dtype(dtype, allow_auto=True)
+    max_shard = parse_size(shard_size)
+    keep = name_filter(include, exclude)
+    ck_b, ck_a = open_checkpoint(base), open_checkpoint(aux)
+    summary = Summary("diff", os.fspath(output))
+    only_base = [n for n in ck_b.tensors if n not in ck_a.tensors and keep(n)]
+    only_aux = [n for n in ck_a.tensors if n not in ck_b.tensors and keep(n)]
+    if (only_base or only_aux) and not allow_missing:
+        raise MismatchError(_name_mismatch(only_base, "BASE", only_aux, "AUX") + "; use --allow-missing to skip them")
+    for n in only_base:
+        summary.skipped[n] = "only in BASE"
+    for n in only_aux:
+        summary.skipped[n] = "only in AUX"
+    jobs: list[Job] = []
+    for name, ia in ck_a.tensors.items():
+        if name not in ck_b.tensors or not keep(name):
+            continue
+        ib = ck_b.tensors[name]
+        if ia.shape != ib.shape:
+            raise MismatchError(f"shape mismatch: {list(ib.shape)} in BASE vs {list(ia.shape)} in AUX", name)
+        if not (ia.is_float and ib.is_float):
+            if ia.is_float or ib.is_float:
+                raise MismatchError(f"dtype mismatch: {ib.dtype} in BASE vs {ia.dtype} in AUX", name)
+            summary.skipped[name] = f"non-floating ({ia.dtype})"
+            continue
+        jobs.append(Job(name, "diff", code or ia.dtype, ia.shape, [(ck_a, ia), (ck_b, ib)], drop_zero=True))
+    summary.tensors_skipped = len(summary.skipped)
+    out = Output(output, [ck_b, ck_a], force=force)
+    try:
+        planned = [(j.name, j.out_dtype, j.shape) for j in jobs]
+        if out.single_file:
+            sink = Sink([out.open_file(VECTOR_NAME + ".safetensors", planned)])
+        else:
+            sink = _SizeShardedSink(out, planned, max_shard)
+        _start_progress(progress, jobs)
+        stats = run(jobs, sink, allow_nonfinite=allow_nonfinite, progress=progress)
+        metadata = {
+            "format": "pt",
+            "capmerge.kind": "capability-vector",
+            "capmerge.version": __version__,
+            "capmerge.base": ck_b.ref,
+            "capmerge.aux": ck_a.ref,
+            "capmerge.base_fingerprint": ck_b.fingerprint(),
+            "capmerge.aux_fingerprint": ck_a.fingerprint(),
+            "capmerge.dtype": dtype if code is None else str(dtype),
+            "capmerge.zero_tensors": str(len(stats.tensors_dropped)),
+            "capmerge.skipped_tensors": str(summary.tensors_skipped),
+        }
+        files = [f for f in sink.files if f.entries or len(sink.files) == 1]
+        for f in sink.files:
+            if f not in files:
+                f.close()
+                os.unlink(f.path)
+        if out.single_file:
+            named = [(os.path.basename(out.out), files[0])]
+            index_name = None
+        elif len(files) == 1:
+            os.rename(files[0].path, out.path_for(VECTOR_NAME + ".safetensors"))
+            files[0].path = str(out.path_for(VECTOR_NAME + ".safetensors"))
+            named = [(VECTOR_NAME + ".safetensors", files[0])]
+            index_name = None
+        else:
+            named = []
+            for i, f in enumerate(files):
+                name = f"{VECTOR_NAME}-{i + 1:05d}-of-{len(files):05d}.safetensors"
+                os.rename(f.path, out.path_for(name))
+                f.path = str(out.path_for(name))
+                named.append((name, f))
+            index_name = VECTOR_NAME + ".safetensors.index.json"
+        summary.files, summary.bytes_written = _finish_files(out, named, metadata, index_name)
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    finally:
+        ck_a.close()
+        ck_b.close()
+    summary.tensors_written = stats.tensors_written
+    summary.tensors_changed = stats.tensors_written
+    summary.zero_tensors = stats.tensors_dropped
+    summary.tensors_unchanged = len(stats.tensors_dropped)
+    summary.bytes_read = stats.bytes_read
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _name_mismatch(a: list[str], a_label: str, b: list[str], b_label: str) -> str:
+    parts = []
+    for names, label in ((a, a_label), (b, b_label)):
+        if names:
+            shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            parts.append(f"{len(names)} only in {label} ({shown})")
+    return "tensor names differ: " + "; ".join(parts)
+
+
+def apply(
+    base: PathLike | Checkpoint,
+    vectors: Sequence[PathLike | Checkpoint] | PathLike | Checkpoint,
+    output: PathLike,
+    *,
+    alpha: float = 1.0,
+    dtype: str | None = None,
+    allow_missing: bool = False,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Summary:
+    """Write θ_out = θ_base + α·Σ τ_i for every tensor (float32 math, one rounding to the output dtype).
+
+    Args:
+        base: the checkpoint to add the vectors to (e.g. the pretrained model).
+        vectors: one or more capability vectors (any checkpoint reference).
+        output: a ``.safetensors`` file, or a directory that mirrors the base (same shard names and
+            tensor-to-shard assignment, every non-weight file copied, plus ``capmerge.json``).
+        alpha: the global scale α.
+        dtype: output dtype of floating tensors (default: each base tensor's dtype).
+        allow_missing: skip and report vector tensors absent from the base (or of another shape).
+        force / allow_nonfinite / progress: as in :func:`diff`.
+
+    Base tensors no vector touches are copied through bit for bit.
+    """
+    t0 = time.perf_counter()
+    code = parse_dtype(dtype, allow_auto=True)
+    if isinstance(vectors, str | os.PathLike | Checkpoint):
+        vectors = [vectors]
+    if not vectors:
+        raise UsageError("no vectors given")
+    ck_b = open_checkpoint(base)
+    cks = [open_checkpoint(v) for v in vectors]
+    summary = Summary("apply", os.fspath(output))
+    used: list[set[str]] = []
+    for ck in cks:
+        ok: set[str] = set()
+        missing = [n for n in ck.tensors if n not in ck_b.tensors]
+        if missing and not allow_missing:
+            raise MismatchError(
+                _name_mismatch(missing, "the vector", [], "") + "; use --allow-missing to skip them", ck.ref
+            )
+        for n in missing:
+            summary.skipped[n] = f"not in BASE ({ck.ref})"
+        for n, iv in ck.tensors.items():
+            ib = ck_b.tensors.get(n)
+            if ib is None:
+                continue
+            if iv.shape != ib.shape:
+                if not allow_missing:
+                    raise MismatchError(f"shape mismatch: {list(ib.shape)} in BASE vs {list(iv.shape)} in {ck.ref}", n)
+                summary.skipped[n] = f"shape {list(iv.shape)} in {ck.ref} vs {list(ib.shape)} in BASE"
+                continue
+            if not (iv.is_float and ib.is_float):
+                raise MismatchError(f"cannot add a {iv.dtype} vector tensor to a {ib.dtype} base tensor", n)
+            ok.add(n)
+        used.append(ok)
+    single_file = os.fspath(output).endswith(".safetensors")
+    jobs: list[Job] = []
+    shard_names: list[str] = []
+    sink_of: dict[str, int] = {}
+    for name, ib in ck_b.tensors.items():
+        # a bare-file base becomes model.safetensors in a directory output, so the result loads as a model
+        shard = os.path.basename(ib.shard) if ck_b.root is not None else "model.safetensors"
+        if shard not in sink_of:
+            sink_of[shard] = len(shard_names)
+            shard_names.append(shard)
+        sink = 0 if single_file else sink_of[shard]
+        touching = [(ck, ck.tensors[name]) for ck, ok in zip(cks, used, strict=True) if name in ok]
+        out_dtype = code if (code and ib.is_float) else ib.dtype
+        if not touching and out_dtype == ib.dtype:
+            jobs.append(Job(name, "copy", ib.dtype, ib.shape, [(ck_b, ib)], sink=sink))
+        else:
+            weights = tuple(1.0 for _ in touching)
+            jobs.append(Job(name, "merge", out_dtype, ib.shape, [(ck_b, ib), *touching], weights, alpha, sink=sink))
+    record = {
+        "capmerge_version": __version__,
+        "command": "apply",
+        "base": _refs(ck_b),
+        "vectors": [{**_refs(ck), "weight": 1.0} for ck in cks],
+        "alpha": alpha,
+        "dtype": dtype or "base",
+        "allow_missing": allow_missing,
+        "skipped": summary.skipped,
+    }
+    metadata = {
+        **ck_b.metadata,
+        "format": "pt",
+        "capmerge.kind": "merged",
+        "capmerge.version": __version__,
+        "capmerge.merge": json.dumps(record, separators=(",", ":")),
+    }
+    out = Output(output, [ck_b, *cks], force=force)
+    try:
+        if out.single_file:
+            files = [out.open_file("", [(j.name, j.out_dtype, j.shape) for j in jobs])]
+            names = [os.path.basename(out.out)]
+        else:
+            names = shard_names
+            files = [
+                out.open_file(s, [(j.name, j.out_dtype, j.shape) for j in jobs if j.sink == i])
+                for i, s in enumerate(shard_names)
+            ]
+        _start_progress(progress, jobs)
+        stats = run(jobs, Sink(files), allow_nonfinite=allow_nonfinite, progress=progress)
+        index_name = None
+        if not out.single_file and ck_b.sharded:
+            index_name = os.path.basename(ck_b.index_path or "model.safetensors.index.json")
+        summary.files, summary.bytes_written = _finish_files(
+            out, list(zip(names, files, strict=True)), metadata, index_name
+        )
+        if not out.single_file:
+            if ck_b.root:
+                out.copy_non_weight_files(ck_b.root)
+            out.write_text("capmerge.json", json.dumps(record, indent=2) + "\n")
+            summary.files.append("capmerge.json")
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    finally:
+        ck_b.close()
+        for ck in cks:
+            ck.close()
+    summary.tensors_written = stats.tensors_written
+    summary.tensors_changed = stats.tensors_computed
+    summary.tensors_unchanged = stats.tensors_copied
+    summary.tensors_skipped = len(summary.skipped)
+    summary.bytes_read = stats.bytes_read
+    summary.seconds = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,103 @@
+"""The ``capmerge`` command line: a Typer app, one small module per command group.
+
+Known errors become one line on stderr — ``error: <what> (<file or tensor>)`` — and exit code 2 (bad input)
+or 1 (runtime failure); ``CAPMERGE_DEBUG=1`` shows the traceback instead. Heavy imports happen inside commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Iterator
+
+import typer
+
+HELP = """Model merging by weight arithmetic: capability vectors, streamed tensor by tensor.
+
+Examples:
+
+  capmerge diff sft/ aux/ -o capvector.safetensors          # τ = aux − sft
+
+  capmerge apply pretrained/ capvector.safetensors -o meta/ --alpha 0.5   # θ = θ_pre + 0.5·τ
+"""
+
+app = typer.Typer(
+    name="capmerge",
+    help=HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _debug() -> bool:
+    return os.environ.get("CAPMERGE_DEBUG", "") not in ("", "0")
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    print(f"error: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def handle_errors() -> Iterator[None]:
+    """Turn known errors into one ``error:`` line and an exit code; tracebacks only with CAPMERGE_DEBUG=1."""
+    from capmerge.errors import CapmergeError
+
+    try:
+        yield
+    except CapmergeError as e:
+        if _debug():
+            raise
+        raise fail(str(e), e.exit_code) from None
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        raise fail("interrupted; nothing was written", 130) from None
+    except MemoryError:
+        if _debug():
+            raise
+        raise fail("out of memory", 1) from None
+    except OSError as e:
+        if _debug():
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise fail(f"{e.strerror or e}{where}", 1) from None
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    if version:
+        from capmerge._version import __version__
+
+        print(f"capmerge {__version__}")
+        raise typer.Exit(0)
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point. Usage errors are reported as one ``error:`` line too (exit 2)."""
+    with contextlib.suppress(ValueError):  # not in the main thread
+        signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        rv = app(args=argv, prog_name="capmerge", standalone_mode=False)
+    except Exception as e:
+        if _debug():
+            raise
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # the CLI parser's usage errors
+            print(f"error: {e.format_message()}", file=sys.stderr)
+            return int(getattr(e, "exit_code", 2) or 2)
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    code = rv if isinstance(rv, int) else 0
+    if argv is None:
+        sys.exit(code)
+    return code

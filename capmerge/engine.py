@@ -1,0 +1,335 @@
+"""THE streaming loop: for each output tensor, read its inputs block by block, compute, write.
+
+Three stages overlap, each in its own thread, connected by bounded queues over a fixed pool of buffers:
+
+    reader thread  --(input slots)-->  compute (caller's thread)  --(output blocks)-->  writer thread
+
+* the reader fills input slots with ``preadv`` (a copy out of the page cache, GIL released);
+* compute runs one block kernel (:mod:`capmerge.compute`, GIL released) into an output block;
+* the writer ``pwrite``\\ s blocks at their final offsets; tensors copied through unchanged go from file to file
+  with ``copy_file_range`` (no user-space copy at all).
+
+Memory is the buffer pool — ``depth × (inputs + 1) × block`` bytes — whatever the model's depth or width:
+a 2 GB embedding matrix streams through the same few megabytes as a bias vector.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from capmerge import compute
+from capmerge.checkpoint import DTYPES, Checkpoint, TensorInfo
+from capmerge.errors import CapmergeError, NonFiniteError, WriteError
+from capmerge.writer import SafetensorsFile, _write_error
+
+BLOCK_ELEMS = 1 << 21  # 2 Mi elements per block: 4 MiB of bf16, fits L3 on most machines
+DEPTH = 3  # buffers per stage
+
+
+@dataclass
+class Job:
+    """One output tensor.
+
+    ``op`` is ``copy`` (bytes of ``inputs[0]`` verbatim), ``diff`` (``inputs[0] - inputs[1]``) or ``merge``
+    (``inputs[0] + alpha * Σ weights[i] * inputs[1 + i]``). ``drop_zero`` leaves the tensor out when every output
+    element is zero. ``sink`` picks the output file.
+    """
+
+    name: str
+    op: str
+    out_dtype: str
+    shape: tuple[int, ...]
+    inputs: list[tuple[Checkpoint, TensorInfo]]
+    weights: tuple[float, ...] = ()
+    alpha: float = 1.0
+    drop_zero: bool = False
+    sink: int = 0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def out_nbytes(self) -> int:
+        return self.numel * DTYPES[self.out_dtype][0]
+
+
+class Sink:
+    """Decides which file each output tensor goes to. The default: a fixed list of files."""
+
+    def __init__(self, files: list[SafetensorsFile]) -> None:
+        self.files = files
+
+    def file_for(self, job: Job) -> SafetensorsFile:
+        return self.files[job.sink]
+
+
+@dataclass
+class RunStats:
+    tensors_written: int = 0
+    tensors_copied: int = 0
+    tensors_computed: int = 0
+    tensors_dropped: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+class _Abort(Exception):
+    pass
+
+
+class _Pipeline:
+    def __init__(self, jobs: list[Job], sink: Sink, *, allow_nonfinite: bool, progress: Callable[[int, int], None]):
+        self.jobs = jobs
+        self.sink = sink
+        self.allow_nonfinite = allow_nonfinite
+        self.progress = progress
+        self.abort = threading.Event()
+        self.errors: list[BaseException] = []
+        computed = [j for j in jobs if j.op != "copy"]
+        n_in = max((len(j.inputs) for j in computed), default=1)
+        in_item = max((info.itemsize for j in computed for _, info in j.inputs), default=4)
+        out_item = max((DTYPES[j.out_dtype][0] for j in computed), default=4)
+        biggest = max((j.numel for j in computed), default=0)
+        self.block = max(1, min(BLOCK_ELEMS, biggest))
+        self.free_slots: queue.Queue[list[bytearray]] = queue.Queue()
+        self.free_out: queue.Queue[bytearray] = queue.Queue()
+        if computed:
+            for _ in range(DEPTH):
+                self.free_slots.put([bytearray(self.block * in_item) for _ in range(n_in)])
+                self.free_out.put(bytearray(self.block * out_item))
+        self.to_compute: queue.Queue[tuple | None] = queue.Queue(maxsize=2 * DEPTH)
+        self.to_write: queue.Queue[tuple | None] = queue.Queue(maxsize=4 * DEPTH)
+        self.stats = RunStats()
+        self._zero: bytes | None = None
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def _get(self, q: queue.Queue):  # type: ignore[type-arg]
+        while True:
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                if self.abort.is_set():
+                    raise _Abort from None
+
+    def _put(self, q: queue.Queue, item: object) -> None:  # type: ignore[type-arg]
+        while True:
+            try:
+                q.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                if self.abort.is_set():
+                    raise _Abort from None
+
+    def _fail(self, e: BaseException) -> None:
+        self.errors.append(e)
+        self.abort.set()
+
+    # -- stage 1: reader -----------------------------------------------------------------------------------------
+    def reader(self) -> None:
+        try:
+            for ji, job in enumerate(self.jobs):
+                if job.op == "copy":
+                    self._put(self.to_compute, ("copy", ji))
+                    continue
+                n = job.numel
+                starts = range(0, n, self.block) if n else [0]
+                for s in starts:
+                    e = min(n, s + self.block)
+                    slot = self._get(self.free_slots)
+                    views = []
+                    for k, (ck, info) in enumerate(job.inputs):
+                        mv = memoryview(slot[k])[: (e - s) * info.itemsize]
+                        ck.read_into(info, s * info.itemsize, mv)
+                        views.append(mv)
+                    self._put(self.to_compute, ("block", ji, s, e, slot, views))
+            self._put(self.to_compute, None)
+        except _Abort:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            self._fail(e)
+
+    # -- stage 3: writer -----------------------------------------------------------------------------------------
+    def writer(self) -> None:
+        try:
+            while True:
+                item = self._get(self.to_write)
+                if item is None:
+                    return
+                kind = item[0]
+                if kind == "write":
+                    _, f, offset, buf, nbytes = item
+                    self._pwrite(f, memoryview(buf)[:nbytes], offset)
+                    self.free_out.put(buf)
+                elif kind == "zero":
+                    _, f, offset, nbytes = item
+                    if self._zero is None:
+                        self._zero = bytes(1 << 20)
+                    while nbytes:
+                        k = min(nbytes, len(self._zero))
+                        self._pwrite(f, memoryview(self._zero)[:k], offset)
+                        offset += k
+                        nbytes -= k
+                else:  # copy
+                    _, f, offset, ck, info = item
+                    self._copy(f, offset, ck, info)
+        except _Abort:
+            pass
+        except BaseException as e:  # noqa: BLE001
+            self._fail(e)
+
+    def _pwrite(self, f: SafetensorsFile, view: memoryview, offset: int) -> None:
+        try:
+            while len(view):
+                n = os.pwrite(f.fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as e:
+            raise _write_error(e, f.path) from e
+
+    def _copy(self, f: SafetensorsFile, offset: int, ck: Checkpoint, info: TensorInfo) -> None:
+        src = ck.fd(info.shard)
+        done = 0
+        use_cfr = hasattr(os, "copy_file_range")
+        while done < info.nbytes:
+            if use_cfr:
+                try:
+                    n = os.copy_file_range(src, f.fd, info.nbytes - done, info.start + done, offset + done)
+                except OSError as e:
+                    if e.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                        use_cfr = False
+                        continue
+                    raise _write_error(e, f.path) from e
+                if n == 0:
+                    raise CapmergeError(f"unexpected end of file while copying tensor {info.name}", info.shard)
+                done += n
+            else:
+                buf = bytearray(min(8 << 20, info.nbytes - done))
+                ck.read_into(info, done, memoryview(buf))
+                self._pwrite(f, memoryview(buf), offset + done)
+                done += len(buf)
+
+    # -- stage 2: compute (caller's thread) ------------------------------------------------------------------------
+    def run(self) -> RunStats:
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=self.reader, daemon=True), threading.Thread(target=self.writer, daemon=True)]
+        for t in threads:
+            t.start()
+        try:
+            self._compute_loop()
+            self._put(self.to_write, None)
+            threads[1].join()
+        except BaseException as e:
+            if not isinstance(e, _Abort):
+                self.errors.insert(0, e)
+            self.abort.set()
+        finally:
+            self.abort.set()
+            for t in threads:
+                t.join()
+        if self.errors:
+            raise self.errors[0]
+        self.stats.seconds = time.perf_counter() - t0
+        return self.stats
+
+    def _compute_loop(self) -> None:
+        st = self.stats
+        cur = -1
+        offset = 0
+        f: SafetensorsFile | None = None
+        seen_nonzero = False
+        skipped = 0
+        done_bytes = 0
+        while True:
+            item = self._get(self.to_compute)
+            if item is None:
+                return
+            if item[0] == "copy":
+                job = self.jobs[item[1]]
+                ck, info = job.inputs[0]
+                f = self.sink.file_for(job)
+                off = f.place(job.name, job.out_dtype, job.shape, info.nbytes)
+                self._put(self.to_write, ("copy", f, off, ck, info))
+                st.tensors_copied += 1
+                st.tensors_written += 1
+                st.bytes_read += info.nbytes
+                done_bytes += info.nbytes
+                self.progress(done_bytes, 1)
+                continue
+            _, ji, s, e, slot, views = item
+            job = self.jobs[ji]
+            if ji != cur:
+                cur = ji
+                f = self.sink.file_for(job)
+                offset = f.place(job.name, job.out_dtype, job.shape, job.out_nbytes)
+                seen_nonzero = False
+                skipped = 0
+            assert f is not None
+            out = self._get(self.free_out)
+            n = e - s
+            osize = DTYPES[job.out_dtype][0]
+            ov = memoryview(out)[: n * osize]
+            if job.op == "diff":
+                (_, a), (_, b) = job.inputs
+                flags = compute.diff_block(ov, job.out_dtype, views[0], a.dtype, views[1], b.dtype, n)
+            else:
+                vecs = [
+                    (views[1 + i], info.dtype, w)
+                    for i, ((_, info), w) in enumerate(zip(job.inputs[1:], job.weights, strict=True))
+                ]
+                flags = compute.merge_block(ov, job.out_dtype, views[0], job.inputs[0][1].dtype, n, vecs, job.alpha)
+            self.free_slots.put(slot)
+            if flags & compute.OVERFLOW and not self.allow_nonfinite:
+                raise NonFiniteError(
+                    "result has NaN/Inf where the inputs were finite (overflow in the output dtype?); "
+                    "use --allow-nonfinite to keep it",
+                    job.name,
+                )
+            nbytes = n * osize
+            if job.drop_zero and not seen_nonzero and not flags & compute.NONZERO:
+                skipped += nbytes  # all-zero prefix: written only if something non-zero follows
+                self.free_out.put(out)
+            else:
+                if skipped and not seen_nonzero:
+                    self._put(self.to_write, ("zero", f, offset, skipped))
+                seen_nonzero = True
+                self._put(self.to_write, ("write", f, offset + s * osize, out, nbytes))
+            st.bytes_read += sum(len(v) for v in views)
+            done_bytes += sum(len(v) for v in views)
+            last = e >= job.numel
+            if last:
+                st.tensors_computed += 1
+                if job.drop_zero and not seen_nonzero:
+                    f.discard_last()
+                    st.tensors_dropped.append(job.name)
+                else:
+                    st.tensors_written += 1
+            self.progress(done_bytes, 1 if last else 0)
+
+
+def run(
+    jobs: list[Job],
+    sink: Sink,
+    *,
+    allow_nonfinite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> RunStats:
+    """Stream ``jobs`` into ``sink``'s files. Raises the first error of any stage; the caller cleans up."""
+    pipe = _Pipeline(jobs, sink, allow_nonfinite=allow_nonfinite, progress=progress or (lambda b, t: None))
+    try:
+        return pipe.run()
+    except KeyboardInterrupt:
+        raise
+    except OSError as e:
+        if isinstance(e, CapmergeError):
+            raise
+        raise WriteError(f"I/O error: {e.strerror or e}", getattr(e, "filename", None)) from e

@@ -1,0 +1,298 @@
+"""Streaming safetensors output: header space reserved first, data streamed after it, header written last.
+
+The safetensors library has no streaming writer (``save_file`` needs every tensor in memory). Here each output
+file reserves room for its header, tensor data is written in order at known offsets (by the engine's writer
+thread), and the final header — listing only the tensors actually kept — is written into the reserved room and
+padded with spaces, which the format allows. That lets ``diff`` leave out all-zero tensors without a second pass.
+
+:class:`Output` owns the temporary sibling of OUT and makes the result appear atomically (or not at all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from capmerge.checkpoint import DTYPES, WEIGHT_SUFFIXES, Checkpoint
+from capmerge.errors import OutputExistsError, UsageError, WriteError
+
+
+@dataclass
+class Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _entry_json(name: str, dtype: str, shape: tuple[int, ...], begin: int, end: int) -> str:
+    return json.dumps({name: {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}})
+
+
+class SafetensorsFile:
+    """One safetensors file written in a streaming way.
+
+    Args:
+        path: the file to create (must not exist).
+        planned: (name, dtype, shape) of every tensor that may be written, to size the header room.
+        metadata_room: bytes reserved for ``__metadata__``.
+        preallocate: reserve the planned size on disk first, so a full disk fails before any work.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        planned: list[tuple[str, str, tuple[int, ...]]],
+        *,
+        metadata_room: int = 1 << 16,
+        preallocate: bool = True,
+    ) -> None:
+        self.path = os.fspath(path)
+        total = sum(_nbytes(d, s) for _, d, s in planned)
+        room = metadata_room + 64 + sum(len(_entry_json(n, d, s, total, total)) for n, d, s in planned)
+        self.reserve = (room + 7) // 8 * 8
+        self.data_start = 8 + self.reserve
+        self.entries: list[Entry] = []
+        self.pos = 0
+        try:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+        except OSError as e:
+            raise WriteError(f"cannot create output file: {e.strerror or e}", self.path) from e
+        if preallocate and total and hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(self.fd, 0, self.data_start + total)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise WriteError(f"not enough disk space for {self.data_start + total} bytes", self.path) from e
+                # EOPNOTSUPP / EINVAL on filesystems without fallocate: just write.
+
+    def place(self, name: str, dtype: str, shape: tuple[int, ...], nbytes: int) -> int:
+        """Reserve the next ``nbytes`` of data for a tensor; returns its absolute file offset."""
+        begin = self.pos
+        self.pos += nbytes
+        self.entries.append(Entry(name, dtype, tuple(shape), begin, self.pos))
+        return self.data_start + begin
+
+    def discard_last(self) -> None:
+        """Forget the last placed tensor; the next one overwrites its bytes."""
+        e = self.entries.pop()
+        self.pos = e.begin
+
+    @property
+    def data_bytes(self) -> int:
+        return self.pos
+
+    def finish(self, metadata: dict[str, str]) -> int:
+        """Write the header into the reserved room, cut the file to size, close it. Returns the file size."""
+        hdr: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+        for e in self.entries:
+            hdr[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+        raw = json.dumps(hdr, separators=(",", ":")).encode("utf-8")
+        if len(raw) > self.reserve:
+            raise WriteError(f"header ({len(raw)} bytes) does not fit its reserved room ({self.reserve})", self.path)
+        raw += b" " * (self.reserve - len(raw))
+        size = self.data_start + self.pos
+        try:
+            _pwrite_all(self.fd, struct.pack("<Q", self.reserve) + raw, 0)
+            os.ftruncate(self.fd, size)
+        except OSError as e:
+            raise _write_error(e, self.path) from e
+        self.close()
+        return size
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    n = DTYPES[dtype][0]
+    for s in shape:
+        n *= s
+    return n
+
+
+def _write_error(e: OSError, path: str) -> WriteError:
+    if e.errno == errno.ENOSPC:
+        return WriteError("disk full while writing the output", path)
+    return WriteError(f"cannot write output: {e.strerror or e}", path)
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def is_weight_file(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES) or (name.endswith(".index.json") and any(s in name for s in WEIGHT_SUFFIXES))
+
+
+class Output:
+    """The temporary sibling of OUT, made to appear at OUT atomically by :meth:`commit`.
+
+    Checks up front that OUT is not an input, not inside an input directory, and does not exist unless
+    ``force``. On :meth:`abort` (any failure, Ctrl-C) everything written is removed.
+    """
+
+    def __init__(self, out: str | os.PathLike[str], inputs: list[Checkpoint], *, force: bool = False) -> None:
+        raw = os.fspath(out)
+        if not raw:
+            raise UsageError("empty output path")
+        self.out = Path(os.path.abspath(raw))
+        self.single_file = raw.endswith(".safetensors")
+        real_out = Path(os.path.realpath(self.out))
+        for ck in inputs:
+            for f in ck.files:
+                rf = Path(os.path.realpath(f))
+                if rf == real_out:
+                    raise OutputExistsError("output is one of the inputs", raw)
+                if real_out in rf.parents:
+                    raise OutputExistsError(f"output directory contains an input ({f})", raw)
+            if ck.root is not None:
+                root = Path(os.path.realpath(ck.root))
+                if root == real_out or root in real_out.parents:
+                    raise OutputExistsError(f"output is inside an input directory ({ck.root})", raw)
+        self.force = force
+        if os.path.lexists(self.out) and not force:
+            raise OutputExistsError("output exists; pass --force to replace it", raw)
+        self.created_dirs: list[Path] = []
+        parent = self.out.parent
+        missing = []
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except OSError as e:
+                self._remove_created_dirs()
+                raise _write_error(e, str(d)) from e
+            self.created_dirs.append(d)
+        self.tmp = self.out.parent / f".{self.out.name}.capmerge-tmp-{secrets.token_hex(4)}"
+        if not self.single_file:
+            try:
+                self.tmp.mkdir()
+            except OSError as e:
+                self._remove_created_dirs()
+                raise _write_error(e, str(self.tmp)) from e
+        self.files: list[SafetensorsFile] = []
+        self.done = False
+
+    def path_for(self, relname: str) -> Path:
+        """Where a file of the output goes while it is written (the single temp file, or inside the temp dir)."""
+        return self.tmp if self.single_file else self.tmp / relname
+
+    def open_file(self, relname: str, planned: list[tuple[str, str, tuple[int, ...]]]) -> SafetensorsFile:
+        f = SafetensorsFile(self.path_for(relname), planned)
+        self.files.append(f)
+        return f
+
+    def write_text(self, relname: str, text: str) -> None:
+        try:
+            self.path_for(relname).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise _write_error(e, str(self.out / relname)) from e
+
+    def copy_non_weight_files(self, root: str) -> list[str]:
+        """Copy every non-weight file of a checkpoint directory (configs, tokenizer, code, cards...)."""
+        copied = []
+        src_root = Path(root)
+        for src in sorted(src_root.rglob("*")):
+            rel = src.relative_to(src_root)
+            if any(part.startswith(".") for part in rel.parts) or not src.is_file():
+                continue
+            if is_weight_file(src.name) or rel.as_posix() == "capmerge.json":
+                continue
+            dst = self.tmp / rel
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+            except OSError as e:
+                raise _write_error(e, str(self.out / rel)) from e
+            copied.append(rel.as_posix())
+        return copied
+
+    def commit(self) -> None:
+        """Move the finished output into place; with ``force`` an existing OUT is replaced."""
+        for f in self.files:
+            f.close()
+        try:
+            if os.path.lexists(self.out):
+                if not self.force:  # appeared while we were working
+                    raise OutputExistsError("output exists; pass --force to replace it", str(self.out))
+                if self.single_file and not self.out.is_dir():
+                    os.replace(self.tmp, self.out)
+                else:
+                    _swap_into_place(self.tmp, self.out)
+            else:
+                os.rename(self.tmp, self.out)
+        except OSError as e:
+            raise _write_error(e, str(self.out)) from e
+        self.done = True
+
+    def abort(self) -> None:
+        for f in self.files:
+            f.close()
+        if not self.done:
+            with contextlib.suppress(OSError):
+                if self.tmp.is_dir() and not self.tmp.is_symlink():
+                    shutil.rmtree(self.tmp)
+                elif os.path.lexists(self.tmp):
+                    self.tmp.unlink()
+            self._remove_created_dirs()
+
+    def _remove_created_dirs(self) -> None:
+        for d in reversed(self.created_dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def _swap_into_place(new: Path, old: Path) -> None:
+    """Replace ``old`` (a file or directory) by ``new``; atomic where the OS can exchange two paths."""
+    if _rename_exchange(new, old):
+        _remove_path(new)  # ``new`` now holds the old content
+        return
+    trash = old.parent / f".{old.name}.capmerge-old-{secrets.token_hex(4)}"
+    os.rename(old, trash)
+    try:
+        os.rename(new, old)
+    except OSError:
+        os.rename(trash, old)
+        raise
+    _remove_path(trash)
+
+
+def _remove_path(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Linux renameat2(RENAME_EXCHANGE): swaps two paths atomically. Returns False where unavailable."""
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0

@@ -159,11 +159,11 @@ class Output:
                 if rf == real_out:
                     raise OutputExistsError("output is one of the inputs", raw)
                 if real_out in rf.parents:
-                    raise OutputExistsError(f"output directory contains an input ({f})", raw)
+                    raise OutputExistsError(f"output directory contains the input {f}", raw)
             if ck.root is not None:
                 root = Path(os.path.realpath(ck.root))
                 if root == real_out or root in real_out.parents:
-                    raise OutputExistsError(f"output is inside an input directory ({ck.root})", raw)
+                    raise OutputExistsError(f"output is inside the input directory {ck.root}", raw)
         self.force = force
         if os.path.lexists(self.out) and not force:
             raise OutputExistsError("output exists; pass --force to replace it", raw)

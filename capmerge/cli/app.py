@@ -84,7 +84,15 @@ def _sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point. Usage errors are reported as one ``error:`` line too (exit 2)."""
+    """Console entry point (exits the process when ``argv`` is None, returns the exit code otherwise)."""
+    code = _run(argv)
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
+    """Usage errors of the parser are reported as one ``error:`` line too (exit 2)."""
     with contextlib.suppress(ValueError):  # not in the main thread
         signal.signal(signal.SIGTERM, _sigterm)
     try:
@@ -97,7 +105,4 @@ def main(argv: list[str] | None = None) -> int:
             return int(getattr(e, "exit_code", 2) or 2)
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    code = rv if isinstance(rv, int) else 0
-    if argv is None:
-        sys.exit(code)
-    return code
+    return rv if isinstance(rv, int) else 0

@@ -1,0 +1,5 @@
+"""``python -m capmerge`` runs the CLI."""
+
+from capmerge.cli import main
+
+main()

@@ -68,15 +68,21 @@ def handle_errors() -> Iterator[None]:
         raise fail(f"{e.strerror or e}{where}", 1) from None
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from capmerge._version import __version__
 
         print(f"capmerge {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
+    ),
+) -> None:
+    """Model merging by weight arithmetic."""
 
 
 def _sigterm(signum: int, frame: object) -> None:

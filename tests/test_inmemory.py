@@ -1,0 +1,59 @@
+"""In-memory helpers: load_vector, apply_to_state_dict, apply_to_model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_single
+
+import capmerge
+from capmerge.errors import MismatchError
+
+
+@pytest.fixture
+def vec_file(tmp_path: Path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    return save_single(
+        tmp_path / "v.safetensors",
+        {"0.weight": torch.randn(3, 4, generator=g), "0.bias": torch.randn(3, generator=g).bfloat16()},
+    )
+
+
+def test_load_vector_eager_and_lazy(vec_file: Path) -> None:
+    v = capmerge.load_vector(vec_file)
+    assert set(v) == {"0.weight", "0.bias"} and v["0.bias"].dtype == torch.bfloat16
+    lazy = capmerge.load_vector(vec_file, lazy=True)
+    assert len(lazy) == 2 and lazy.shape("0.weight") == (3, 4)
+    assert torch.equal(lazy["0.weight"], v["0.weight"])
+
+
+def test_apply_to_model_matches_reference(vec_file: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).to(torch.bfloat16)
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    v = capmerge.load_vector(vec_file)
+    done = capmerge.apply_to_model(model, vec_file, alpha=0.5)
+    assert sorted(done) == ["0.bias", "0.weight"]
+    for k, t in model.state_dict().items():
+        ref = (before[k].float() + 0.5 * v[k].float()).to(torch.bfloat16)
+        assert torch.equal(t, ref), k
+
+
+def test_apply_to_state_dict_checks_first(vec_file: Path) -> None:
+    sd = {"0.weight": torch.zeros(3, 4), "0.bias": torch.zeros(2)}
+    with pytest.raises(MismatchError, match="shape mismatch"):
+        capmerge.apply_to_state_dict(sd, vec_file)
+    assert torch.equal(sd["0.weight"], torch.zeros(3, 4))  # nothing changed
+    with pytest.raises(MismatchError, match="not in the state dict"):
+        capmerge.apply_to_state_dict({"0.weight": torch.zeros(3, 4)}, vec_file)
+    done = capmerge.apply_to_state_dict({"0.weight": torch.zeros(3, 4)}, vec_file, allow_missing=True)
+    assert done == ["0.weight"]
+
+
+def test_tied_weights_updated_once() -> None:
+    w = torch.zeros(2, 2)
+    sd = {"embed.weight": w, "lm_head.weight": w}
+    capmerge.apply_to_state_dict(sd, {"embed.weight": torch.ones(2, 2), "lm_head.weight": torch.ones(2, 2)})
+    assert torch.equal(w, torch.ones(2, 2))

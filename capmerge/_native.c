@@ -18,6 +18,13 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define HAVE_F16C_PATH 1
+#else
+#define HAVE_F16C_PATH 0
+#endif
+
 #define DT_F32 0
 #define DT_F16 1
 #define DT_BF16 2
@@ -73,6 +80,37 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
+#if HAVE_F16C_PATH
+/* Hardware half <-> float conversion (F16C, every x86-64 CPU since 2012), selected at run time. The hardware
+ * conversions are exact and round to nearest even, like the portable versions above. */
+static int use_f16c = -1;
+
+__attribute__((target("avx,f16c"))) static void load_f16_f16c(float *dst, const uint16_t *s, Py_ssize_t m) {
+    Py_ssize_t j = 0;
+    for (; j + 8 <= m; j += 8) _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + j))));
+    for (; j < m; j++) dst[j] = f16_to_f32(s[j]);
+}
+
+__attribute__((target("avx,f16c"))) static void store_f16_f16c(uint16_t *d, const float *src, Py_ssize_t m) {
+    Py_ssize_t j = 0;
+    for (; j + 8 <= m; j += 8)
+        _mm_storeu_si128((__m128i *)(d + j), _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+    for (; j < m; j++) d[j] = f32_to_f16(src[j]);
+}
+
+static int f16c_ok(void) {
+    if (use_f16c < 0) {
+        __builtin_cpu_init();
+        use_f16c = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+    }
+    return use_f16c;
+}
+#else
+static int f16c_ok(void) { return 0; }
+static void load_f16_f16c(float *dst, const uint16_t *s, Py_ssize_t m) { (void)dst, (void)s, (void)m; }
+static void store_f16_f16c(uint16_t *d, const float *src, Py_ssize_t m) { (void)d, (void)src, (void)m; }
+#endif
+
 static void load_tile(float *dst, const void *src, int dt, Py_ssize_t off, Py_ssize_t m) {
     Py_ssize_t j;
     if (dt == DT_F32) {
@@ -80,6 +118,8 @@ static void load_tile(float *dst, const void *src, int dt, Py_ssize_t off, Py_ss
     } else if (dt == DT_BF16) {
         const uint16_t *s = (const uint16_t *)src + off;
         for (j = 0; j < m; j++) dst[j] = u2f((uint32_t)s[j] << 16);
+    } else if (f16c_ok()) {
+        load_f16_f16c(dst, (const uint16_t *)src + off, m);
     } else {
         const uint16_t *s = (const uint16_t *)src + off;
         for (j = 0; j < m; j++) dst[j] = f16_to_f32(s[j]);
@@ -108,11 +148,19 @@ static int store_tile(void *dst, int dt, Py_ssize_t off, const float *src, Py_ss
         }
     } else {
         uint16_t *d = (uint16_t *)dst + off;
-        for (j = 0; j < m; j++) {
-            uint16_t u = f32_to_f16(src[j]);
-            d[j] = u;
-            nz |= u & 0x7fffu;
-            nf |= ((u & 0x7c00u) == 0x7c00u);
+        if (f16c_ok()) {
+            store_f16_f16c(d, src, m);
+            for (j = 0; j < m; j++) {
+                nz |= d[j] & 0x7fffu;
+                nf |= ((d[j] & 0x7c00u) == 0x7c00u);
+            }
+        } else {
+            for (j = 0; j < m; j++) {
+                uint16_t u = f32_to_f16(src[j]);
+                d[j] = u;
+                nz |= u & 0x7fffu;
+                nf |= ((u & 0x7c00u) == 0x7c00u);
+            }
         }
     }
     return (nz ? 1 : 0) | (nf ? 4 : 0);
@@ -289,7 +337,22 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
     return PyLong_FromLong(flags);
 }
 
+/* use_hardware_f16(flag) -> previous: switch the F16C path off/on (tests run both conversion paths). */
+static PyObject *native_use_hardware_f16(PyObject *self, PyObject *arg) {
+    int prev = f16c_ok();
+    int want = PyObject_IsTrue(arg);
+    (void)self;
+    if (want < 0) return NULL;
+#if HAVE_F16C_PATH
+    use_f16c = -1;
+    if (!want || !f16c_ok()) use_f16c = 0;
+#endif
+    return PyBool_FromLong(prev);
+}
+
 static PyMethodDef methods[] = {
+    {"use_hardware_f16", native_use_hardware_f16, METH_O,
+     "use_hardware_f16(flag) -> previous; use the F16C instructions for float16 when the CPU has them"},
     {"diff", native_diff, METH_VARARGS, "diff(out, out_dt, a, a_dt, b, b_dt, n) -> flags; out = round(a - b)"},
     {"merge", native_merge, METH_VARARGS,
      "merge(out, out_dt, base, base_dt, n, [(vec, dt, w), ...], alpha) -> flags; out = round(base + alpha*sum(w*v))"},

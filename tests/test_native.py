@@ -1,0 +1,84 @@
+"""The native block kernel against torch / numpy conversions, over every float16 value and edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from capmerge import compute
+
+pytestmark = pytest.mark.skipif(not compute.native_available(), reason="native kernel not built")
+
+
+def _mv(t: torch.Tensor) -> memoryview:
+    return memoryview(bytearray(t.contiguous().view(torch.uint8).numpy().tobytes()))
+
+
+@pytest.fixture(params=[True, False], ids=["f16c", "portable"])
+def f16_path(request: pytest.FixtureRequest):
+    from capmerge import _native
+
+    prev = _native.use_hardware_f16(request.param)
+    yield request.param
+    _native.use_hardware_f16(prev)
+
+
+def _same(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (got == ref) | (torch.isnan(got.float()) & torch.isnan(ref.float()))
+
+
+def test_every_float16_value_widens_exactly(f16_path: bool) -> None:
+    h = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    z = torch.zeros(65536, dtype=torch.float16)
+    out = bytearray(65536 * 4)
+    compute.diff_block(memoryview(out), "F32", _mv(h), "F16", _mv(z), "F16", 65536)
+    got = torch.frombuffer(out, dtype=torch.float32)
+    assert bool(_same(got, h.float()).all())
+
+
+@pytest.mark.parametrize("code,np_dtype", [("F16", np.float16)])
+def test_float32_to_float16_rounds_like_numpy(f16_path: bool, code: str, np_dtype: type) -> None:
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(1 << 18) * np.exp2(rng.integers(-30, 20, 1 << 18))).astype(np.float32)
+    # ties, overflow threshold, subnormals, specials
+    x[:10] = [65519.0, 65520.0, 65504.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, np.inf, -np.inf, np.nan, -0.0]
+    out = bytearray(x.size * 2)
+    zero = np.zeros_like(x)
+    compute.diff_block(memoryview(out), code, memoryview(x.tobytes()), "F32", memoryview(zero.tobytes()), "F32", x.size)
+    got = np.frombuffer(bytes(out), dtype=np_dtype)
+    with np.errstate(over="ignore"):
+        ref = x.astype(np_dtype)
+    same = (got.view(np.uint16) == ref.view(np.uint16)) | (np.isnan(got) & np.isnan(ref))
+    assert same.all(), (np.flatnonzero(~same)[:5], got[~same][:5], ref[~same][:5])
+
+
+def test_float32_to_bfloat16_rounds_like_torch() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1 << 18, generator=g) * torch.exp2(torch.randint(-60, 60, (1 << 18,), generator=g).float())
+    # exact ties between two bf16 values (round to even), the largest finite, specials
+    x[:6] = torch.tensor([1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 3.3895314e38, float("inf"), float("nan"), -0.0])
+    out = bytearray(x.numel() * 2)
+    z = torch.zeros_like(x)
+    compute.diff_block(memoryview(out), "BF16", _mv(x), "F32", _mv(z), "F32", x.numel())
+    got = torch.frombuffer(out, dtype=torch.bfloat16)
+    assert bool(_same(got, x.bfloat16()).all())
+
+
+def test_flags() -> None:
+    z = torch.zeros(5)
+    out = bytearray(20)
+    assert compute.diff_block(memoryview(out), "F32", _mv(z), "F32", _mv(z), "F32", 5) == 0
+    one = torch.tensor([0, 0, 0, 0, 1.0])
+    assert compute.diff_block(memoryview(out), "F32", _mv(one), "F32", _mv(z), "F32", 5) == compute.NONZERO
+    big = torch.tensor([3e38, 0, 0, 0, 0])
+    f = compute.merge_block(memoryview(out), "F32", _mv(big), "F32", 5, [(_mv(big), "F32", 1.0)], 1.0)
+    assert f & compute.OVERFLOW and f & compute.NONFINITE
+    inf = torch.tensor([float("inf"), 0, 0, 0, 0])
+    f = compute.merge_block(memoryview(out), "F32", _mv(inf), "F32", 5, [(_mv(z), "F32", 1.0)], 1.0)
+    assert f & compute.NONFINITE and not f & compute.OVERFLOW
+
+
+def test_small_buffers_are_refused() -> None:
+    with pytest.raises(ValueError, match="too small"):
+        compute.diff_block(memoryview(bytearray(4)), "F32", _mv(torch.zeros(4)), "F32", _mv(torch.zeros(4)), "F32", 4)

@@ -61,3 +61,37 @@ def test_real_subprocess_round_trip(tmp_path: Path) -> None:
     for k in s:
         ref = (s[k].float() + -2.0 * (a[k].float() - s[k].float())).to(s[k].dtype)
         assert torch.equal(out[k], ref), k
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    """With stderr on a terminal a rich progress bar is drawn; --quiet silences everything."""
+    import pty
+
+    g = torch.Generator().manual_seed(0)
+    save_single(tmp_path / "s.safetensors", {f"w{i}": torch.randn(1000, generator=g) for i in range(5)})
+    save_single(tmp_path / "a.safetensors", {f"w{i}": torch.randn(1000, generator=g) for i in range(5)})
+    exe = str(Path(sys.executable).with_name("capmerge"))
+    for quiet in (False, True):
+        master, slave = pty.openpty()
+        args = [exe, "diff", "s.safetensors", "a.safetensors", "-o", "v.safetensors", "--force"]
+        p = subprocess.Popen(args + (["-q"] if quiet else []), cwd=tmp_path, stderr=slave, stdout=subprocess.PIPE,
+                             env={**os.environ, "COLUMNS": "120"})  # fmt: skip
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        p.wait()
+        os.close(master)
+        text = b"".join(chunks).decode(errors="replace")
+        assert p.returncode == 0, text
+        if quiet:
+            assert text == ""
+        else:
+            assert "/5 tensors" in text and "kB" in text, text  # the bar: tensors and bytes
+            assert "diff: 5 tensors changed" in text

@@ -438,6 +438,8 @@ def make_rows(cases: dict[str, Case], startup: dict[str, Case] | None, size: str
         sec = case.seconds
         start = startup[name].seconds if startup and name in startup and not name.startswith("floor") else None
         notes = list(case.notes)
+        if case.ok and len(case.runs) > 1:  # this VM's page-cache writes are noisy: show the spread
+            notes.insert(0, "runs " + "/".join(f"{r.seconds:.2f}" for r in case.runs) + " s")
         if name == "capmerge_diff_then_apply" and cases["floor_diff"].ok and cases["floor_apply"].ok:
             notes.append(f"floor = one-pass merge; two-step floor {floor_diff_apply(cases):.2f}s")
         if not case.ok:

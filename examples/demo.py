@@ -109,7 +109,6 @@ def check_vector(vector_path: Path, sft_dir: Path, aux_dir: Path) -> tuple[dict[
 
     Tensors the vector leaves out must be equal in both finetunes (capmerge drops all-zero differences).
     """
-    import torch
     from safetensors import safe_open
 
     tau = read_weights(vector_path)
@@ -119,18 +118,21 @@ def check_vector(vector_path: Path, sft_dir: Path, aux_dir: Path) -> tuple[dict[
     problems = [f"{k} is not in the finetunes" for k in sorted(set(tau) - set(sft))]
     left_out = sorted(set(sft) - set(tau))
     problems += [f"{k} is left out of τ but differs between sft and aux" for k in left_out if not aux[k].equal(sft[k])]
-    shared = sorted(set(tau) & set(sft))
-    err = max((tau[k].double() - (aux[k].double() - sft[k].double())).abs().max().item() for k in shared)
-    worst_ulp = max(ulps(tau[k], aux[k].double() - sft[k].double()) for k in shared if tau[k].is_floating_point())
+    err, worst_ulp, norms = 0.0, 0.0, {}
+    for name in sorted(set(tau) & set(sft)):
+        exact = aux[name].double() - sft[name].double()
+        err = max(err, float((tau[name].double() - exact).abs().max()))
+        worst_ulp = max(worst_ulp, ulps(tau[name], exact))
+        norms[name] = float(tau[name].double().norm())
     if worst_ulp > 1:
-        problems.append(f"τ is {worst_ulp:.2g} ulp from the fp32 θ_aux − θ_sft")
-    norm = torch.sqrt(sum((t.double() ** 2).sum() for t in tau.values())).item()
+        problems.append(f"τ is {worst_ulp:.2g} ulp from the exact θ_aux − θ_sft")
+    norm = sum(n**2 for n in norms.values()) ** 0.5
     numel = sum(t.numel() for t in tau.values())
-    top = sorted(tau, key=lambda k: -float(tau[k].double().norm()))[:3]
+    top = sorted(norms, key=norms.__getitem__, reverse=True)[:3]
     lines = [
         f"capability vector  {vector_path}: {len(tau)} tensors, {numel / 1e6:.1f} M values, "
         f"{vector_path.stat().st_size / 2**20:.1f} MiB, dtypes {sorted({str(t.dtype) for t in tau.values()})}",
-        f"  ‖τ‖₂ = {norm:.4f}; largest: " + ", ".join(f"{k} ({float(tau[k].double().norm()):.3f})" for k in top),
+        f"  ‖τ‖₂ = {norm:.4f}; largest: " + ", ".join(f"{k} ({norms[k]:.3f})" for k in top),
         f"  left out (equal in sft and aux): {left_out}",
         f"  max |τ − (θ_aux − θ_sft)| = {err:.3g}, {worst_ulp:.2g} ulp   (independent torch computation)",
     ]

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,12 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISAB
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _offline() -> None:
+def _offline() -> Iterator[None]:
     """Never reach for the hub: every model here is loaded from a local directory."""
-    os.environ.update(OFFLINE_ENV)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in OFFLINE_ENV.items():
+            mp.setenv(key, value)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +95,10 @@ def ulp_report(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor
         spacing = torch.nextafter(rounded, torch.full_like(rounded, float("inf"))) - rounded
         err = (act.double() - exp.double()).abs() / spacing.double()
         i = int(err.argmax())
-        if err.view(-1)[i] > worst:
-            worst = float(err.view(-1)[i])
+        if err.reshape(-1)[i] > worst:
+            worst = float(err.reshape(-1)[i])
             where = (
-                f"{name}[flat index {i}]: got {act.view(-1)[i].item()!r}, expected {exp.view(-1)[i].item()!r} "
+                f"{name}[flat index {i}]: got {act.reshape(-1)[i].item()!r}, expected {exp.reshape(-1)[i].item()!r} "
                 f"(dtype {act.dtype})"
             )
     return worst, where

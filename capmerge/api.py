@@ -170,7 +170,7 @@ def diff(
     allow_nonfinite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Summary:
-    """Write the capability vector τ = AUX − BASE, tensor by tensor (float32 math, one rounding).
+    """Write the capability vector τ = AUX − BASE, tensor by tensor (float32 math, rounded once).
 
     Args:
         base: the reference checkpoint (e.g. the plain-SFT model).
@@ -196,6 +196,12 @@ def diff(
     summary = Summary("diff", os.fspath(output))
     only_base = [n for n in ck_b.tensors if n not in ck_a.tensors and keep(n)]
     only_aux = [n for n in ck_a.tensors if n not in ck_b.tensors and keep(n)]
+    # Integer/bool buffers never enter a vector, so one present on one side only (e.g. a position_ids buffer that
+    # newer transformers no longer saves) is reported, not an error.
+    for names, ck, side in ((only_base, ck_b, "BASE"), (only_aux, ck_a, "AUX")):
+        for n in [n for n in names if not ck.tensors[n].is_float]:
+            names.remove(n)
+            summary.skipped[n] = f"non-floating ({ck.tensors[n].dtype}), only in {side}"
     if (only_base or only_aux) and not allow_missing:
         raise MismatchError(_name_mismatch(only_base, "BASE", only_aux, "AUX") + "; use --allow-missing to skip them")
     for n in only_base:
@@ -296,7 +302,7 @@ def apply(
     allow_nonfinite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Summary:
-    """Write θ_out = θ_base + α·Σ τ_i for every tensor (float32 math, one rounding to the output dtype).
+    """Write θ_out = θ_base + α·Σ τ_i for every tensor (float32 math, rounded once to the output dtype).
 
     Args:
         base: the checkpoint to add the vectors to (e.g. the pretrained model).
@@ -398,7 +404,7 @@ def apply(
         )
         if not out.single_file:
             if ck_b.root:
-                out.copy_non_weight_files(ck_b.root)
+                summary.files += out.copy_non_weight_files(ck_b.root)
             out.write_text("capmerge.json", json.dumps(record, indent=2) + "\n")
             summary.files.append("capmerge.json")
         out.commit()

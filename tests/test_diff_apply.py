@@ -296,3 +296,14 @@ def test_nonfinite_inputs_pass_through(tmp_path: Path) -> None:
     capmerge.apply(tmp_path / "b.safetensors", tmp_path / "v.safetensors", tmp_path / "o.safetensors")
     o = load_any(tmp_path / "o.safetensors")
     assert torch.isinf(o["m"][0]) and o["m"][1] == 1.0
+
+
+def test_integer_buffer_on_one_side_is_reported_not_an_error(ckpts: dict[str, Path]) -> None:
+    """A position_ids buffer that newer transformers no longer saves must not block a diff."""
+    tmp = ckpts["tmp"]
+    a = load_any(ckpts["A"])
+    del a["position_ids"]
+    save_single(tmp / "a2.safetensors", a)
+    s = capmerge.diff(ckpts["S"], tmp / "a2.safetensors", tmp / "v.safetensors")
+    assert s.skipped == {"position_ids": "non-floating (I64), only in BASE"}
+    assert "position_ids" not in load_any(tmp / "v.safetensors")

@@ -12,7 +12,8 @@ from capmerge.cli.common import AllowMissing, AllowNonfinite, Force, Json, Outpu
 
 @app.command(
     "apply",
-    help="Add capability vectors to a checkpoint: θ_out = θ_base + α·Σ τ_i (float32 math, one rounding).\n\n"
+    help="Add capability vectors to a checkpoint: θ_out = θ_base + α·Σ τ_i\n\n"
+    "(float32 math, rounded once to the output dtype).\n\n"
     "Example: capmerge apply pretrained/ capvector.safetensors -o meta/ --alpha 0.5",
 )
 def apply_cmd(

@@ -23,7 +23,7 @@ from capmerge.cli.common import (
 
 @app.command(
     "diff",
-    help="Write the capability vector τ = AUX − BASE (float32 math, one rounding).\n\n"
+    help="Write the capability vector τ = AUX − BASE (float32 math, rounded once to the output dtype).\n\n"
     "Example: capmerge diff sft/ aux/ -o capvector.safetensors",
 )
 def diff_cmd(

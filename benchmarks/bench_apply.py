@@ -4,21 +4,22 @@ Run:
     .venv/bin/python benchmarks/bench_apply.py                      # headline: 0.95b, 3 repeats, mergekit if installed
     .venv/bin/python benchmarks/bench_apply.py --size tiny          # quick end-to-end check
     .venv/bin/python benchmarks/bench_apply.py --setup-mergekit     # create .venv-mergekit first (CPU torch, mergekit)
-    .venv/bin/python benchmarks/bench_apply.py --memory-depth       # RssAnon of apply at 4 vs 16 layers
+    .venv/bin/python benchmarks/bench_apply.py --memory-depth       # everything at 4 and 16 layers: RssAnon ratio
 
 It writes three bf16 checkpoints with identical names and shapes in HF layout (sharded safetensors + index + a minimal
 llama config.json) under --work-dir: P (pretrained), S (sft) and A (aux), where S and A are P plus small noise. They
 are reused on later runs (a marker json records the preset). Then, with all inputs in the page cache, it times
-(median of --repeats):
+(median of --repeats, the cases interleaved within each repeat, outputs deleted and `sync`ed before each run):
 
-    floor_diff     read S and A, write one model's bytes (dd, plain read/write: no copy_file_range shortcut)
+    floor_diff     read S and A, write one model's bytes
     floor_apply    read P and the vector, write one model's bytes
     floor_merge    read P, A and S, write one model's bytes (the one-pass floor of P + alpha * (A - S))
     capmerge_diff / capmerge_apply / capmerge_diff_then_apply (their sum) / mergekit_task_arithmetic
 
-Start-up is the same command on the tiny preset; steady = seconds - start-up. Memory is peak VmRSS and RssAnon of the
-whole process tree, sampled every 20 ms from /proc (VmRSS also takes wait4's ru_maxrss when larger). Rows are printed
-and appended to benchmarks/results.csv.
+A floor is the faster of two plain copies per repeat (`cat`, i.e. in-kernel copy_file_range, and `dd bs=1M`). Start-up
+is the same command on the tiny preset; steady = seconds - start-up. Memory is peak VmRSS and RssAnon of the whole
+process tree, sampled every 20 ms from /proc/PID/status (VmRSS also takes VmHWM). Both tools run with the Hub offline.
+Rows are printed and appended to benchmarks/results.csv.
 """
 
 from __future__ import annotations
@@ -545,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     base = PRESETS[args.size]
     depths = [args.layers or base.layers]
     if args.memory_depth:
-        depths = [4, depths[0]] if depths[0] != 4 else [4, PRESETS["0.95b"].layers]
+        depths = sorted({4, depths[0]}) if depths[0] != 4 else [4, PRESETS["0.95b"].layers]
     work: Path = args.work_dir.resolve()
     cli = capmerge_bin(args.capmerge)
     suite = functools.partial(run_suite, alpha=args.alpha, repeats=args.repeats, mergekit=use_mergekit, cli=cli)

@@ -111,7 +111,7 @@ static void load_f16_f16c(float *dst, const uint16_t *s, Py_ssize_t m) { (void)d
 static void store_f16_f16c(uint16_t *d, const float *src, Py_ssize_t m) { (void)d, (void)src, (void)m; }
 #endif
 
-static void load_tile(float *dst, const void *src, int dt, Py_ssize_t off, Py_ssize_t m) {
+static inline __attribute__((always_inline)) void load_tile(float *dst, const void *src, int dt, Py_ssize_t off, Py_ssize_t m) {
     Py_ssize_t j;
     if (dt == DT_F32) {
         memcpy(dst, (const float *)src + off, (size_t)m * 4);
@@ -127,7 +127,7 @@ static void load_tile(float *dst, const void *src, int dt, Py_ssize_t off, Py_ss
 }
 
 /* Store a float tile rounded to dt; returns flags bit 0 (non-zero seen) and bit 2 (non-finite seen). */
-static int store_tile(void *dst, int dt, Py_ssize_t off, const float *src, Py_ssize_t m) {
+static inline __attribute__((always_inline)) int store_tile(void *dst, int dt, Py_ssize_t off, const float *src, Py_ssize_t m) {
     Py_ssize_t j;
     uint32_t nz = 0, nf = 0;
     if (dt == DT_F32) {

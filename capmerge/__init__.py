@@ -11,7 +11,9 @@ from capmerge._version import __version__
 
 _EXPORTS = {
     "diff": "capmerge.api",
-    "apply": "capmerge.api",
+    "apply": "capmerge.merging",
+    "list_tensors": "capmerge.merging",
+    "MergeOptions": "capmerge.methods",
     "Summary": "capmerge.api",
     "parse_size": "capmerge.api",
     "open_checkpoint": "capmerge.checkpoint",
@@ -27,6 +29,8 @@ __all__ = [
     "__version__",
     "diff",
     "apply",
+    "list_tensors",
+    "MergeOptions",
     "Summary",
     "parse_size",
     "open_checkpoint",
@@ -39,10 +43,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from capmerge.api import Summary, apply, diff, parse_size
+    from capmerge.api import Summary, diff, parse_size
     from capmerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
     from capmerge.errors import CapmergeError
     from capmerge.inmemory import apply_to_model, apply_to_state_dict, load_vector
+    from capmerge.merging import apply, list_tensors
+    from capmerge.methods import MergeOptions
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,8 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
+#include <stdlib.h>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #include <immintrin.h>
@@ -207,38 +209,166 @@ static int run_diff(void *out, int out_dt, const void *a, int a_dt, const void *
     return flags;
 }
 
+/* Philox4x32-10 exactly as Triton's tl.rand(seed, offset) with an int64 offset: counter (idx_lo, idx_hi, 0, 0),
+ * key (seed_lo, seed_hi); the first output word becomes a float in [0, 1) the way tl.rand does it. */
+static inline uint32_t philox_word(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
+    uint32_t c2 = 0, c3 = 0;
+    int r;
+    for (r = 0; r < 10; r++) {
+        uint64_t pb = (uint64_t)0xCD9E8D57u * c2, pa = (uint64_t)0xD2511F53u * c0;
+        uint32_t n0 = (uint32_t)(pb >> 32) ^ c1 ^ k0;
+        uint32_t n2 = (uint32_t)(pa >> 32) ^ c3 ^ k1;
+        c1 = (uint32_t)pb;
+        c3 = (uint32_t)pa;
+        c0 = n0;
+        c2 = n2;
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+    return c0;
+}
+
+static inline float philox_uniform(uint64_t idx, uint32_t k0, uint32_t k1) {
+    int32_t x = (int32_t)philox_word((uint32_t)idx, (uint32_t)(idx >> 32), k0, k1);
+    if (x < 0) x = ~x;
+    return (float)x * 4.6566127342e-10f;
+}
+
+#define PRUNE_NONE 0
+#define PRUNE_MAGNITUDE 1 /* keep |t| >= p1 */
+#define PRUNE_RANDOM 2    /* keep where u < p1; kept entries divided by p2 when p2 != 0 */
+#define PRUNE_BAND 3      /* keep p1 <= |t| < p2 */
+#define SIGN_NONE 0
+#define SIGN_TOTAL 1
+#define SIGN_FREQUENCY 2
+
+typedef struct {
+    const void *a;
+    const void *b; /* NULL, or a second input: the term is a - b */
+    int a_dt, b_dt, mode;
+    float w, p1, p2;
+    uint32_t k0, k1;
+} term_t;
+
+typedef struct {
+    void *buf;
+    int dt;
+    float alpha;
+} out_t;
+
+/* The whole merge of one block: prune each term, elect signs, combine, normalize, then θ + α·δ for each output. */
 MULTIVERSION
-static int run_merge(void *out, int out_dt, const void *base, int base_dt, Py_ssize_t n, int k, void **vb,
-                     const int *vdt, const float *vw, float alpha) {
-    float acc[TILE], d[TILE], t[TILE];
+static int run_merge(const out_t *outs, int n_out, const void *base, int base_dt, Py_ssize_t n, const term_t *terms,
+                     int k, int sign, int normalize, uint64_t elem_offset, float *tiles) {
+    float acc[TILE], d[TILE], den[TILE], tmp[TILE];
     Py_ssize_t off, j;
-    int flags = 0, i;
+    int flags = 0, i, o;
     for (off = 0; off < n; off += TILE) {
         Py_ssize_t m = n - off < TILE ? n - off : TILE;
-        int f;
-        for (j = 0; j < m; j++) d[j] = 0.0f;
         for (i = 0; i < k; i++) {
-            float w = vw[i];
-            load_tile(t, vb[i], vdt[i], off, m);
-            for (j = 0; j < m; j++) d[j] = d[j] + w * t[j];
+            const term_t *t = &terms[i];
+            float *tt = tiles + (size_t)i * TILE;
+            load_tile(tt, t->a, t->a_dt, off, m);
+            if (t->b) {
+                load_tile(tmp, t->b, t->b_dt, off, m);
+                for (j = 0; j < m; j++) tt[j] = tt[j] - tmp[j];
+            }
+            if (t->mode == PRUNE_MAGNITUDE) {
+                float thr = t->p1;
+                for (j = 0; j < m; j++) tt[j] = fabsf(tt[j]) >= thr ? tt[j] : 0.0f;
+            } else if (t->mode == PRUNE_BAND) {
+                float lo = t->p1, hi = t->p2;
+                for (j = 0; j < m; j++) {
+                    float a = fabsf(tt[j]);
+                    tt[j] = (a >= lo && a < hi) ? tt[j] : 0.0f;
+                }
+            } else if (t->mode == PRUNE_RANDOM) {
+                float dens = t->p1, div = t->p2;
+                uint64_t base_idx = elem_offset + (uint64_t)off;
+                for (j = 0; j < m; j++) {
+                    float u = philox_uniform(base_idx + (uint64_t)j, t->k0, t->k1);
+                    float v = div != 0.0f ? tt[j] / div : tt[j];
+                    tt[j] = u < dens ? v : 0.0f;
+                }
+            }
         }
-        load_tile(acc, base, base_dt, off, m);
-        if (k > 0) /* no vectors: a pure cast, so -0.0 stays -0.0 */
-            for (j = 0; j < m; j++) acc[j] = acc[j] + alpha * d[j];
-        f = store_tile(out, out_dt, off, acc, m);
-        flags |= f & 5;
-        if ((f & 4) && !(flags & 2)) {
-            for (j = off; j < off + m; j++) {
-                int fin = !out_finite_at(out, out_dt, j) && is_finite_at(base, base_dt, j);
-                for (i = 0; fin && i < k; i++) fin = is_finite_at(vb[i], vdt[i], j);
-                if (fin) {
-                    flags |= 2;
-                    break;
+        for (j = 0; j < m; j++) {
+            d[j] = 0.0f;
+            den[j] = 0.0f;
+        }
+        if (sign == SIGN_NONE) {
+            for (i = 0; i < k; i++) {
+                const float *tt = tiles + (size_t)i * TILE;
+                float w = terms[i].w;
+                for (j = 0; j < m; j++) d[j] = d[j] + w * tt[j];
+                for (j = 0; j < m; j++) den[j] = den[j] + w;
+            }
+        } else {
+            /* elected sign: + when the (weighted sum | count of signs) is >= 0, else - (a tie elects +) */
+            for (j = 0; j < m; j++) tmp[j] = 0.0f;
+            for (i = 0; i < k; i++) {
+                const float *tt = tiles + (size_t)i * TILE;
+                float w = terms[i].w;
+                if (sign == SIGN_TOTAL)
+                    for (j = 0; j < m; j++) tmp[j] = tmp[j] + w * tt[j];
+                else
+                    for (j = 0; j < m; j++) tmp[j] = tmp[j] + (float)((tt[j] > 0.0f) - (tt[j] < 0.0f));
+            }
+            for (i = 0; i < k; i++) {
+                const float *tt = tiles + (size_t)i * TILE;
+                float w = terms[i].w;
+                for (j = 0; j < m; j++) {
+                    int agree = tmp[j] >= 0.0f ? tt[j] > 0.0f : tt[j] < 0.0f;
+                    d[j] = d[j] + (agree ? w * tt[j] : 0.0f);
+                    den[j] = den[j] + (agree ? w : 0.0f);
+                }
+            }
+        }
+        if (normalize)
+            for (j = 0; j < m; j++) d[j] = den[j] > 0.0f ? d[j] / den[j] : d[j];
+        for (o = 0; o < n_out; o++) {
+            float alpha = outs[o].alpha;
+            int f;
+            load_tile(acc, base, base_dt, off, m);
+            if (k > 0) /* no terms: a pure cast, so -0.0 stays -0.0 */
+                for (j = 0; j < m; j++) acc[j] = acc[j] + alpha * d[j];
+            f = store_tile(outs[o].buf, outs[o].dt, off, acc, m);
+            flags |= f & 5;
+            if ((f & 4) && !(flags & 2)) {
+                for (j = off; j < off + m; j++) {
+                    int fin = !out_finite_at(outs[o].buf, outs[o].dt, j) && is_finite_at(base, base_dt, j);
+                    for (i = 0; fin && i < k; i++) {
+                        fin = is_finite_at(terms[i].a, terms[i].a_dt, j);
+                        if (fin && terms[i].b) fin = is_finite_at(terms[i].b, terms[i].b_dt, j);
+                    }
+                    if (fin) {
+                        flags |= 2;
+                        break;
+                    }
                 }
             }
         }
     }
     return flags;
+}
+
+/* Histogram of |x| bit patterns for exact k-th-largest-magnitude selection (linear time, no sort).
+ * level 0: bins = top 15 bits of |x| (bf16/fp16: the whole pattern; fp32: bits 16..30);
+ * level 1 (fp32 only): for elements whose top bits equal `prefix`, bins = the low 16 bits. */
+MULTIVERSION
+static void run_hist(const void *src, int dt, Py_ssize_t n, int level, uint32_t prefix, uint64_t *hist) {
+    Py_ssize_t j;
+    if (dt == DT_F32) {
+        const uint32_t *s = (const uint32_t *)src;
+        if (level == 0)
+            for (j = 0; j < n; j++) hist[(s[j] & 0x7fffffffu) >> 16]++;
+        else
+            for (j = 0; j < n; j++)
+                if (((s[j] & 0x7fffffffu) >> 16) == prefix) hist[s[j] & 0xffffu]++;
+    } else {
+        const uint16_t *s = (const uint16_t *)src;
+        for (j = 0; j < n; j++) hist[s[j] & 0x7fffu]++;
+    }
 }
 
 static int check_dt(int dt) {
@@ -283,58 +413,139 @@ static PyObject *native_diff(PyObject *self, PyObject *args) {
     return PyLong_FromLong(flags);
 }
 
-/* merge(out, out_dt, base, base_dt, n, vectors, alpha) -> flags
- * vectors: sequence of (buffer, dtype_code, weight). out = round(base + alpha * sum_i(w_i * v_i)). */
+/* merge(outs, base, base_dt, n, terms, sign, normalize, elem_offset) -> flags
+ *   outs:  sequence of (buffer, dtype_code, alpha)
+ *   terms: sequence of (a, a_dt, b_or_None, b_dt, weight, mode, p1, p2, key) — the term is a (or a - b), pruned by
+ *          mode (0 none, 1 magnitude |t| >= p1, 2 random u < p1 then / p2, 3 band p1 <= |t| < p2); key: uint64 seed. */
 static PyObject *native_merge(PyObject *self, PyObject *args) {
-    Py_buffer out, base;
-    Py_buffer vb[MAX_VECTORS];
-    int vdt[MAX_VECTORS];
-    float vw[MAX_VECTORS];
-    int out_dt, base_dt, k = 0, i, flags = 0, ok = 1;
+    PyObject *outs_o, *terms_o, *so = NULL, *st = NULL;
+    Py_buffer base, ob[MAX_VECTORS], ab[MAX_VECTORS], bb[MAX_VECTORS];
+    int has_b[MAX_VECTORS];
+    out_t outs[MAX_VECTORS];
+    term_t terms[MAX_VECTORS];
+    int base_dt, sign, normalize, n_out = 0, k = 0, i, ok = 1, flags = 0;
     Py_ssize_t n;
-    double alpha_d;
-    PyObject *vecs, *seq = NULL;
+    unsigned long long elem_offset;
+    float *tiles = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "w*iy*inOd", &out, &out_dt, &base, &base_dt, &n, &vecs, &alpha_d)) return NULL;
-    seq = PySequence_Fast(vecs, "vectors must be a sequence");
-    if (!seq) ok = 0;
-    if (ok && PySequence_Fast_GET_SIZE(seq) > MAX_VECTORS) {
-        PyErr_SetString(PyExc_ValueError, "too many vectors for the native kernel");
+    if (!PyArg_ParseTuple(args, "Oy*inOiiK", &outs_o, &base, &base_dt, &n, &terms_o, &sign, &normalize, &elem_offset))
+        return NULL;
+    memset(has_b, 0, sizeof(has_b));
+    so = PySequence_Fast(outs_o, "outs must be a sequence");
+    st = so ? PySequence_Fast(terms_o, "terms must be a sequence") : NULL;
+    if (!so || !st) ok = 0;
+    if (ok && (PySequence_Fast_GET_SIZE(so) > MAX_VECTORS || PySequence_Fast_GET_SIZE(st) > MAX_VECTORS)) {
+        PyErr_SetString(PyExc_ValueError, "too many outputs or terms for the native kernel");
         ok = 0;
     }
-    ok = ok && check_dt(out_dt) && check_dt(base_dt) && check_len(&out, out_dt, n, "output") &&
-         check_len(&base, base_dt, n, "base");
-    if (ok) {
-        Py_ssize_t cnt = PySequence_Fast_GET_SIZE(seq);
-        for (i = 0; i < cnt; i++) {
-            double w;
-            PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
-            if (!PyArg_ParseTuple(item, "y*id", &vb[k], &vdt[k], &w)) {
+    ok = ok && check_dt(base_dt) && check_len(&base, base_dt, n, "base");
+    for (i = 0; ok && i < PySequence_Fast_GET_SIZE(so); i++) {
+        double alpha;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(so, i), "w*id", &ob[i], &outs[i].dt, &alpha)) {
+            ok = 0;
+            break;
+        }
+        n_out++;
+        outs[i].buf = ob[i].buf;
+        outs[i].alpha = (float)alpha;
+        ok = check_dt(outs[i].dt) && check_len(&ob[i], outs[i].dt, n, "output");
+    }
+    for (i = 0; ok && i < PySequence_Fast_GET_SIZE(st); i++) {
+        PyObject *b_o;
+        double w, p1, p2;
+        unsigned long long key;
+        term_t *t = &terms[i];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(st, i), "y*iOididdK", &ab[i], &t->a_dt, &b_o, &t->b_dt, &w,
+                              &t->mode, &p1, &p2, &key)) {
+            ok = 0;
+            break;
+        }
+        k++;
+        t->a = ab[i].buf;
+        t->b = NULL;
+        t->w = (float)w;
+        t->p1 = (float)p1;
+        t->p2 = (float)p2;
+        t->k0 = (uint32_t)key;
+        t->k1 = (uint32_t)(key >> 32);
+        ok = check_dt(t->a_dt) && check_len(&ab[i], t->a_dt, n, "vector");
+        if (ok && b_o != Py_None) {
+            if (PyObject_GetBuffer(b_o, &bb[i], PyBUF_SIMPLE) < 0) {
                 ok = 0;
                 break;
             }
-            k++;
-            vw[k - 1] = (float)w;
-            if (!check_dt(vdt[k - 1]) || !check_len(&vb[k - 1], vdt[k - 1], n, "vector")) {
-                ok = 0;
-                break;
-            }
+            has_b[i] = 1;
+            t->b = bb[i].buf;
+            ok = check_dt(t->b_dt) && check_len(&bb[i], t->b_dt, n, "vector");
+        }
+        if (ok && (t->mode < 0 || t->mode > 3)) {
+            PyErr_Format(PyExc_ValueError, "unknown prune mode %d", t->mode);
+            ok = 0;
+        }
+    }
+    if (ok && k > 0) {
+        tiles = (float *)malloc((size_t)k * TILE * sizeof(float));
+        if (!tiles) {
+            PyErr_NoMemory();
+            ok = 0;
         }
     }
     if (ok) {
-        float alpha = (float)alpha_d;
-        void *vp[MAX_VECTORS];
-        for (i = 0; i < k; i++) vp[i] = vb[i].buf;
         Py_BEGIN_ALLOW_THREADS
-        flags = run_merge(out.buf, out_dt, base.buf, base_dt, n, k, vp, vdt, vw, alpha);
+        flags = run_merge(outs, n_out, base.buf, base_dt, n, terms, k, sign, normalize, (uint64_t)elem_offset, tiles);
         Py_END_ALLOW_THREADS
     }
-    for (i = 0; i < k; i++) PyBuffer_Release(&vb[i]);
-    Py_XDECREF(seq);
-    PyBuffer_Release(&out);
+    free(tiles);
+    for (i = 0; i < n_out; i++) PyBuffer_Release(&ob[i]);
+    for (i = 0; i < k; i++) {
+        PyBuffer_Release(&ab[i]);
+        if (has_b[i]) PyBuffer_Release(&bb[i]);
+    }
+    Py_XDECREF(so);
+    Py_XDECREF(st);
     PyBuffer_Release(&base);
     if (!ok) return NULL;
     return PyLong_FromLong(flags);
+}
+
+/* hist(buf, dt, n, level, prefix, hist_buffer) — adds counts into a uint64 buffer of 65536 bins. */
+static PyObject *native_hist(PyObject *self, PyObject *args) {
+    Py_buffer src, hist;
+    int dt, level;
+    Py_ssize_t n;
+    unsigned int prefix;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iniIw*", &src, &dt, &n, &level, &prefix, &hist)) return NULL;
+    if (!check_dt(dt) || !check_len(&src, dt, n, "input") || hist.len < 65536 * 8) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "histogram buffer needs 65536 uint64 bins");
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&hist);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    run_hist(src.buf, dt, n, level, prefix, (uint64_t *)hist.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&hist);
+    Py_RETURN_NONE;
+}
+
+/* philox(key, start, n, out_float32_buffer): tl.rand(key, start + arange(n)) on the CPU (tests, reference). */
+static PyObject *native_philox(PyObject *self, PyObject *args) {
+    unsigned long long key, start;
+    Py_ssize_t n, j;
+    Py_buffer out;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKnw*", &key, &start, &n, &out)) return NULL;
+    if (out.len < n * 4) {
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "output buffer too small");
+        return NULL;
+    }
+    for (j = 0; j < n; j++)
+        ((float *)out.buf)[j] = philox_uniform((uint64_t)start + (uint64_t)j, (uint32_t)key, (uint32_t)(key >> 32));
+    PyBuffer_Release(&out);
+    Py_RETURN_NONE;
 }
 
 /* use_hardware_f16(flag) -> previous: switch the F16C path off/on (tests run both conversion paths). */
@@ -355,7 +566,9 @@ static PyMethodDef methods[] = {
      "use_hardware_f16(flag) -> previous; use the F16C instructions for float16 when the CPU has them"},
     {"diff", native_diff, METH_VARARGS, "diff(out, out_dt, a, a_dt, b, b_dt, n) -> flags; out = round(a - b)"},
     {"merge", native_merge, METH_VARARGS,
-     "merge(out, out_dt, base, base_dt, n, [(vec, dt, w), ...], alpha) -> flags; out = round(base + alpha*sum(w*v))"},
+     "merge(outs, base, base_dt, n, terms, sign, normalize, elem_offset) -> flags (see capmerge/compute.py)"},
+    {"hist", native_hist, METH_VARARGS, "hist(buf, dt, n, level, prefix, hist) -> None; |x| bit-pattern histogram"},
+    {"philox", native_philox, METH_VARARGS, "philox(key, start, n, out) -> None; tl.rand(key, start + arange(n))"},
     {NULL, NULL, 0, NULL},
 };
 

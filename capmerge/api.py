@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from capmerge import compute
 from capmerge._version import __version__
 from capmerge.checkpoint import DTYPE_NAMES, Checkpoint, open_checkpoint
 from capmerge.engine import Job, Sink, run
@@ -74,6 +76,7 @@ class Summary:
     command: str
     output: str
     files: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
     tensors_written: int = 0
     tensors_changed: int = 0
     tensors_unchanged: int = 0
@@ -220,7 +223,9 @@ def diff(
                 raise MismatchError(f"dtype mismatch: {ib.dtype} in BASE vs {ia.dtype} in AUX", name)
             summary.skipped[name] = f"non-floating ({ia.dtype})"
             continue
-        jobs.append(Job(name, "diff", code or ia.dtype, ia.shape, [(ck_a, ia), (ck_b, ib)], drop_zero=True))
+        out_code = code or ia.dtype
+        kernel = functools.partial(_diff_kernel, out_code, ia.dtype, ib.dtype)
+        jobs.append(Job(name, "compute", out_code, ia.shape, [(ck_a, ia), (ck_b, ib)], kernel=kernel, drop_zero=True))
     summary.tensors_skipped = len(summary.skipped)
     out = Output(output, [ck_b, ck_a], force=force)
     try:
@@ -281,6 +286,10 @@ def diff(
     return summary
 
 
+def _diff_kernel(out_code: str, a_code: str, b_code: str, views: list, outs: list, n: int, offset: int) -> int:
+    return compute.diff_block(outs[0], out_code, views[0], a_code, views[1], b_code, n)
+
+
 def _name_mismatch(a: list[str], a_label: str, b: list[str], b_label: str) -> str:
     parts = []
     for names, label in ((a, a_label), (b, b_label)):
@@ -288,137 +297,3 @@ def _name_mismatch(a: list[str], a_label: str, b: list[str], b_label: str) -> st
             shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
             parts.append(f"{len(names)} only in {label} ({shown})")
     return "tensor names differ: " + "; ".join(parts)
-
-
-def apply(
-    base: PathLike | Checkpoint,
-    vectors: Sequence[PathLike | Checkpoint] | PathLike | Checkpoint,
-    output: PathLike,
-    *,
-    alpha: float = 1.0,
-    dtype: str | None = None,
-    allow_missing: bool = False,
-    force: bool = False,
-    allow_nonfinite: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> Summary:
-    """Write θ_out = θ_base + α·Σ τ_i for every tensor (float32 math, rounded once to the output dtype).
-
-    Args:
-        base: the checkpoint to add the vectors to (e.g. the pretrained model).
-        vectors: one or more capability vectors (any checkpoint reference).
-        output: a ``.safetensors`` file, or a directory that mirrors the base (same shard names and
-            tensor-to-shard assignment, every non-weight file copied, plus ``capmerge.json``).
-        alpha: the global scale α.
-        dtype: output dtype of floating tensors (default: each base tensor's dtype).
-        allow_missing: skip and report vector tensors absent from the base (or of another shape).
-        force / allow_nonfinite / progress: as in :func:`diff`.
-
-    Base tensors no vector touches are copied through bit for bit.
-    """
-    t0 = time.perf_counter()
-    code = parse_dtype(dtype, allow_auto=True)
-    if isinstance(vectors, str | os.PathLike | Checkpoint):
-        vectors = [vectors]
-    if not vectors:
-        raise UsageError("no vectors given")
-    ck_b = open_checkpoint(base)
-    cks = [open_checkpoint(v) for v in vectors]
-    summary = Summary("apply", os.fspath(output))
-    used: list[set[str]] = []
-    for ck in cks:
-        ok: set[str] = set()
-        missing = [n for n in ck.tensors if n not in ck_b.tensors]
-        if missing and not allow_missing:
-            raise MismatchError(
-                _name_mismatch(missing, "the vector", [], "") + "; use --allow-missing to skip them", ck.ref
-            )
-        for n in missing:
-            summary.skipped[n] = f"not in BASE ({ck.ref})"
-        for n, iv in ck.tensors.items():
-            ib = ck_b.tensors.get(n)
-            if ib is None:
-                continue
-            if iv.shape != ib.shape:
-                if not allow_missing:
-                    raise MismatchError(f"shape mismatch: {list(ib.shape)} in BASE vs {list(iv.shape)} in {ck.ref}", n)
-                summary.skipped[n] = f"shape {list(iv.shape)} in {ck.ref} vs {list(ib.shape)} in BASE"
-                continue
-            if not (iv.is_float and ib.is_float):
-                raise MismatchError(f"cannot add a {iv.dtype} vector tensor to a {ib.dtype} base tensor", n)
-            ok.add(n)
-        used.append(ok)
-    single_file = os.fspath(output).endswith(".safetensors")
-    jobs: list[Job] = []
-    shard_names: list[str] = []
-    sink_of: dict[str, int] = {}
-    for name, ib in ck_b.tensors.items():
-        # a bare-file base becomes model.safetensors in a directory output, so the result loads as a model
-        shard = os.path.basename(ib.shard) if ck_b.root is not None else "model.safetensors"
-        if shard not in sink_of:
-            sink_of[shard] = len(shard_names)
-            shard_names.append(shard)
-        sink = 0 if single_file else sink_of[shard]
-        touching = [(ck, ck.tensors[name]) for ck, ok in zip(cks, used, strict=True) if name in ok]
-        out_dtype = code if (code and ib.is_float) else ib.dtype
-        if not touching and out_dtype == ib.dtype:
-            jobs.append(Job(name, "copy", ib.dtype, ib.shape, [(ck_b, ib)], sink=sink))
-        else:
-            weights = tuple(1.0 for _ in touching)
-            jobs.append(Job(name, "merge", out_dtype, ib.shape, [(ck_b, ib), *touching], weights, alpha, sink=sink))
-    record = {
-        "capmerge_version": __version__,
-        "command": "apply",
-        "base": _refs(ck_b),
-        "vectors": [{**_refs(ck), "weight": 1.0} for ck in cks],
-        "alpha": alpha,
-        "dtype": dtype or "base",
-        "allow_missing": allow_missing,
-        "skipped": summary.skipped,
-    }
-    metadata = {
-        **ck_b.metadata,
-        "format": "pt",
-        "capmerge.kind": "merged",
-        "capmerge.version": __version__,
-        "capmerge.merge": json.dumps(record, separators=(",", ":")),
-    }
-    out = Output(output, [ck_b, *cks], force=force)
-    try:
-        if out.single_file:
-            files = [out.open_file("", [(j.name, j.out_dtype, j.shape) for j in jobs])]
-            names = [os.path.basename(out.out)]
-        else:
-            names = shard_names
-            files = [
-                out.open_file(s, [(j.name, j.out_dtype, j.shape) for j in jobs if j.sink == i])
-                for i, s in enumerate(shard_names)
-            ]
-        _start_progress(progress, jobs)
-        stats = run(jobs, Sink(files), allow_nonfinite=allow_nonfinite, progress=progress)
-        index_name = None
-        if not out.single_file and ck_b.sharded:
-            index_name = os.path.basename(ck_b.index_path or "model.safetensors.index.json")
-        summary.files, summary.bytes_written = _finish_files(
-            out, list(zip(names, files, strict=True)), metadata, index_name
-        )
-        if not out.single_file:
-            if ck_b.root:
-                summary.files += out.copy_non_weight_files(ck_b.root)
-            out.write_text("capmerge.json", json.dumps(record, indent=2) + "\n")
-            summary.files.append("capmerge.json")
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
-    finally:
-        ck_b.close()
-        for ck in cks:
-            ck.close()
-    summary.tensors_written = stats.tensors_written
-    summary.tensors_changed = stats.tensors_computed
-    summary.tensors_unchanged = stats.tensors_copied
-    summary.tensors_skipped = len(summary.skipped)
-    summary.bytes_read = stats.bytes_read
-    summary.seconds = time.perf_counter() - t0
-    return summary

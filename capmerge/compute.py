@@ -44,21 +44,44 @@ def diff_block(out: memoryview, out_code: str, a: memoryview, a_code: str, b: me
     return _torch_diff(out, out_code, a, a_code, b, b_code, n)
 
 
+PRUNE_NONE, PRUNE_MAGNITUDE, PRUNE_RANDOM, PRUNE_BAND = 0, 1, 2, 3
+SIGN_CODES = {"none": 0, "total": 1, "frequency": 2}
+
+# One term of a merge: the vector a (or the difference a - b), its weight, and how it is pruned:
+# (a, a_code, b | None, b_code, weight, mode, p1, p2, key) — mode PRUNE_MAGNITUDE keeps |t| >= p1; PRUNE_RANDOM keeps
+# entries whose Philox uniform (key, element index) is < p1 and divides them by p2 when p2 != 0; PRUNE_BAND keeps
+# p1 <= |t| < p2.
+TermArgs = tuple[memoryview, str, "memoryview | None", str, float, int, float, float, int]
+
+
 def merge_block(
-    out: memoryview,
-    out_code: str,
+    outs: list[tuple[memoryview, str, float]],
     base: memoryview,
     base_code: str,
     n: int,
-    vectors: list[tuple[memoryview, str, float]],
-    alpha: float,
+    terms: list[TermArgs],
+    *,
+    sign: str = "none",
+    normalize: bool = False,
+    offset: int = 0,
 ) -> int:
-    """``out[:n] = round(base + α·Σ w_i·v_i)``; ``vectors`` holds (buffer, dtype code, weight)."""
-    if use_native(out_code, base_code, *(c for _, c, _ in vectors)) and len(vectors) <= 64:
+    """For each (out, code, α) in ``outs``: ``out[:n] = round(base + α·δ)`` with δ the pruned, sign-elected,
+    combined terms (see :mod:`capmerge.functional`). ``offset`` is the element index of ``base[0]`` in its tensor
+    (DARE masks depend on it). Returns flags OR-ed over the outputs."""
+    codes = [base_code, *(c for _, c, _ in outs), *(t[1] for t in terms), *(t[3] for t in terms if t[2] is not None)]
+    if use_native(*codes) and len(terms) <= 64 and len(outs) <= 64:
         assert _native is not None
-        vecs = [(buf, NATIVE_CODES[c], float(w)) for buf, c, w in vectors]
-        return int(_native.merge(out, NATIVE_CODES[out_code], base, NATIVE_CODES[base_code], n, vecs, float(alpha)))
-    return _torch_merge(out, out_code, base, base_code, n, vectors, alpha)
+        native_terms = [
+            (a, NATIVE_CODES[ac], b, NATIVE_CODES.get(bc, 0), float(w), mode, float(p1), float(p2), key)
+            for a, ac, b, bc, w, mode, p1, p2, key in terms
+        ]
+        native_outs = [(buf, NATIVE_CODES[c], float(alpha)) for buf, c, alpha in outs]
+        return int(
+            _native.merge(
+                native_outs, base, NATIVE_CODES[base_code], n, native_terms, SIGN_CODES[sign], int(normalize), offset
+            )  # fmt: skip
+        )
+    return _torch_merge(outs, base, base_code, n, terms, sign, normalize, offset)
 
 
 def _compute_dtype(*codes: str) -> Any:
@@ -94,27 +117,51 @@ def _torch_diff(out: memoryview, out_code: str, a: memoryview, a_code: str, b: m
 
 
 def _torch_merge(
-    out: memoryview,
-    out_code: str,
+    outs: list[tuple[memoryview, str, float]],
     base: memoryview,
     base_code: str,
     n: int,
-    vectors: list[tuple[memoryview, str, float]],
-    alpha: float,
+    terms: list[TermArgs],
+    sign: str,
+    normalize: bool,
+    offset: int,
 ) -> int:
     import torch
 
+    from capmerge import functional as F
     from capmerge._torch import as_tensor
 
-    cd = _compute_dtype(out_code, base_code, *(c for _, c, _ in vectors))
-    d = torch.zeros(n, dtype=cd)
-    ins = []
-    for buf, code, w in vectors:
-        v = as_tensor(buf, code)[:n].to(cd)
-        ins.append(v)
-        d.add_(v * w)
+    cd = _compute_dtype(base_code, *(c for _, c, _ in outs), *(t[1] for t in terms))
+    pruned, ins, weights = [], [], []
+    for a, ac, b, bc, w, mode, p1, p2, key in terms:
+        t = as_tensor(a, ac)[:n].to(cd)
+        ins.append(t)
+        if b is not None:
+            tb = as_tensor(b, bc)[:n].to(cd)
+            ins.append(tb)
+            t = t - tb
+        if mode == PRUNE_MAGNITUDE:
+            t = torch.where(t.abs() >= p1, t, torch.zeros_like(t))
+        elif mode == PRUNE_BAND:
+            t = torch.where((t.abs() >= p1) & (t.abs() < p2), t, torch.zeros_like(t))
+        elif mode == PRUNE_RANDOM:
+            u = F.philox_uniform(key, torch.arange(n, dtype=torch.int64) + offset)
+            kept = t / torch.tensor(p2, dtype=cd) if p2 != 0 else t
+            t = torch.where(u < torch.tensor(p1, dtype=torch.float32), kept, torch.zeros_like(t))
+        pruned.append(t)
+        weights.append(w)
     tb = as_tensor(base, base_code)[:n].to(cd)
     ins.append(tb)
-    to = as_tensor(out, out_code)[:n]
-    to.copy_(tb + d * alpha if vectors else tb)
-    return _flags(to, ins)
+    d = None
+    if pruned and sign == "none" and not normalize:  # plain weighted sum: keep float64 exact for float64 inputs
+        d = torch.zeros(n, dtype=cd)
+        for t, w in zip(pruned, weights, strict=True):
+            d = d + torch.tensor(w, dtype=cd) * t
+    elif pruned:
+        d = F.combine(pruned, weights, sign=sign, normalize=normalize).to(cd)
+    flags = 0
+    for buf, code, alpha in outs:
+        to = as_tensor(buf, code)[:n]
+        to.copy_(tb + torch.tensor(alpha, dtype=cd) * d if d is not None else tb)
+        flags |= _flags(to, ins)
+    return flags

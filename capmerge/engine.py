@@ -16,6 +16,8 @@ a 2 GB embedding matrix streams through the same few megabytes as a bias vector.
 from __future__ import annotations
 
 import errno
+import functools
+import math
 import os
 import queue
 import threading
@@ -32,13 +34,19 @@ BLOCK_ELEMS = 1 << 21  # 2 Mi elements per block: 4 MiB of bf16, fits L3 on most
 DEPTH = 3  # buffers per stage
 
 
+Kernel = Callable[[list[memoryview], list[memoryview], int, int], int]
+"""kernel(input views, output views (one per sink), n elements, element offset in the tensor) -> flags"""
+Prepare = Callable[[Callable[[int, int, int], memoryview]], None]
+"""prepare(read) runs once per tensor before its blocks (e.g. to find pruning thresholds); read(input, start, end)
+returns the elements [start, end) of one input in a scratch buffer (valid until the next call)."""
+
+
 @dataclass
 class Job:
-    """One output tensor.
+    """One output tensor, written to every sink.
 
-    ``op`` is ``copy`` (bytes of ``inputs[0]`` verbatim), ``diff`` (``inputs[0] - inputs[1]``) or ``merge``
-    (``inputs[0] + alpha * Σ weights[i] * inputs[1 + i]``). ``drop_zero`` leaves the tensor out when every output
-    element is zero. ``sink`` picks the output file.
+    ``op`` is ``copy`` (the bytes of ``inputs[0]`` verbatim) or ``compute`` (``kernel`` over blocks of the inputs).
+    ``drop_zero`` leaves the tensor out when every output element is zero. ``sink`` picks the file within a sink.
     """
 
     name: str
@@ -46,17 +54,14 @@ class Job:
     out_dtype: str
     shape: tuple[int, ...]
     inputs: list[tuple[Checkpoint, TensorInfo]]
-    weights: tuple[float, ...] = ()
-    alpha: float = 1.0
+    kernel: Kernel | None = None
+    prepare: Prepare | None = None
     drop_zero: bool = False
     sink: int = 0
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def out_nbytes(self) -> int:
@@ -88,9 +93,11 @@ class _Abort(Exception):
 
 
 class _Pipeline:
-    def __init__(self, jobs: list[Job], sink: Sink, *, allow_nonfinite: bool, progress: Callable[[int, int], None]):
+    def __init__(
+        self, jobs: list[Job], sinks: list[Sink], *, allow_nonfinite: bool, progress: Callable[[int, int], None]
+    ):
         self.jobs = jobs
-        self.sink = sink
+        self.sinks = sinks
         self.allow_nonfinite = allow_nonfinite
         self.progress = progress
         self.abort = threading.Event()
@@ -106,7 +113,10 @@ class _Pipeline:
         if computed:
             for _ in range(DEPTH):
                 self.free_slots.put([bytearray(self.block * in_item) for _ in range(n_in)])
-                self.free_out.put(bytearray(self.block * out_item))
+                for _ in sinks:
+                    self.free_out.put(bytearray(self.block * out_item))
+        self._scratch: dict[int, bytearray] = {}
+        self._prepare_bytes = 0
         self.to_compute: queue.Queue[tuple | None] = queue.Queue(maxsize=2 * DEPTH)
         self.to_write: queue.Queue[tuple | None] = queue.Queue(maxsize=4 * DEPTH)
         self.stats = RunStats()
@@ -142,6 +152,8 @@ class _Pipeline:
                     self._put(self.to_compute, ("copy", ji))
                     continue
                 n = job.numel
+                if job.prepare is not None:
+                    job.prepare(functools.partial(self._read_scratch, job))
                 starts = range(0, n, self.block) if n else [0]
                 for s in starts:
                     e = min(n, s + self.block)
@@ -157,6 +169,20 @@ class _Pipeline:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             self._fail(e)
+
+    def _read_scratch(self, job: Job, i: int, start: int, end: int) -> memoryview:
+        """Elements [start, end) of input i of ``job`` in a scratch buffer (for prepare passes, reader thread)."""
+        if self.abort.is_set():
+            raise _Abort
+        ck, info = job.inputs[i]
+        need = (end - start) * info.itemsize
+        buf = self._scratch.get(i)
+        if buf is None or len(buf) < need:
+            buf = self._scratch[i] = bytearray(max(need, self.block * info.itemsize))
+        mv = memoryview(buf)[:need]
+        ck.read_into(info, start * info.itemsize, mv)
+        self._prepare_bytes += need
+        return mv
 
     # -- stage 3: writer -----------------------------------------------------------------------------------------
     def writer(self) -> None:
@@ -238,14 +264,15 @@ class _Pipeline:
                 t.join()
         if self.errors:
             raise self.errors[0]
+        self.stats.bytes_read += self._prepare_bytes
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
 
     def _compute_loop(self) -> None:
         st = self.stats
         cur = -1
-        offset = 0
-        f: SafetensorsFile | None = None
+        offsets: list[int] = []
+        files: list[SafetensorsFile] = []
         seen_nonzero = False
         skipped = 0
         done_bytes = 0
@@ -256,9 +283,10 @@ class _Pipeline:
             if item[0] == "copy":
                 job = self.jobs[item[1]]
                 ck, info = job.inputs[0]
-                f = self.sink.file_for(job)
-                off = f.place(job.name, job.out_dtype, job.shape, info.nbytes)
-                self._put(self.to_write, ("copy", f, off, ck, info))
+                for sink in self.sinks:
+                    f = sink.file_for(job)
+                    off = f.place(job.name, job.out_dtype, job.shape, info.nbytes)
+                    self._put(self.to_write, ("copy", f, off, ck, info))
                 st.tensors_copied += 1
                 st.tensors_written += 1
                 st.bytes_read += info.nbytes
@@ -269,24 +297,16 @@ class _Pipeline:
             job = self.jobs[ji]
             if ji != cur:
                 cur = ji
-                f = self.sink.file_for(job)
-                offset = f.place(job.name, job.out_dtype, job.shape, job.out_nbytes)
+                files = [sink.file_for(job) for sink in self.sinks]
+                offsets = [f.place(job.name, job.out_dtype, job.shape, job.out_nbytes) for f in files]
                 seen_nonzero = False
                 skipped = 0
-            assert f is not None
-            out = self._get(self.free_out)
             n = e - s
             osize = DTYPES[job.out_dtype][0]
-            ov = memoryview(out)[: n * osize]
-            if job.op == "diff":
-                (_, a), (_, b) = job.inputs
-                flags = compute.diff_block(ov, job.out_dtype, views[0], a.dtype, views[1], b.dtype, n)
-            else:
-                vecs = [
-                    (views[1 + i], info.dtype, w)
-                    for i, ((_, info), w) in enumerate(zip(job.inputs[1:], job.weights, strict=True))
-                ]
-                flags = compute.merge_block(ov, job.out_dtype, views[0], job.inputs[0][1].dtype, n, vecs, job.alpha)
+            nbytes = n * osize
+            outs = [self._get(self.free_out) for _ in self.sinks]
+            assert job.kernel is not None
+            flags = job.kernel(views, [memoryview(o)[:nbytes] for o in outs], n, s)
             self.free_slots.put(slot)
             if flags & compute.OVERFLOW and not self.allow_nonfinite:
                 raise NonFiniteError(
@@ -294,22 +314,24 @@ class _Pipeline:
                     "use --allow-nonfinite to keep it",
                     job.name,
                 )
-            nbytes = n * osize
             if job.drop_zero and not seen_nonzero and not flags & compute.NONZERO:
                 skipped += nbytes  # all-zero prefix: written only if something non-zero follows
-                self.free_out.put(out)
+                for o in outs:
+                    self.free_out.put(o)
             else:
-                if skipped and not seen_nonzero:
-                    self._put(self.to_write, ("zero", f, offset, skipped))
+                for f, off, o in zip(files, offsets, outs, strict=True):
+                    if skipped and not seen_nonzero:
+                        self._put(self.to_write, ("zero", f, off, skipped))
+                    self._put(self.to_write, ("write", f, off + s * osize, o, nbytes))
                 seen_nonzero = True
-                self._put(self.to_write, ("write", f, offset + s * osize, out, nbytes))
             st.bytes_read += sum(len(v) for v in views)
             done_bytes += sum(len(v) for v in views)
             last = e >= job.numel
             if last:
                 st.tensors_computed += 1
                 if job.drop_zero and not seen_nonzero:
-                    f.discard_last()
+                    for f in files:
+                        f.discard_last()
                     st.tensors_dropped.append(job.name)
                 else:
                     st.tensors_written += 1
@@ -318,13 +340,17 @@ class _Pipeline:
 
 def run(
     jobs: list[Job],
-    sink: Sink,
+    sink: Sink | list[Sink],
     *,
     allow_nonfinite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> RunStats:
-    """Stream ``jobs`` into ``sink``'s files. Raises the first error of any stage; the caller cleans up."""
-    pipe = _Pipeline(jobs, sink, allow_nonfinite=allow_nonfinite, progress=progress or (lambda b, t: None))
+    """Stream ``jobs`` into the files of ``sink`` (or of every sink of a list: one output per sink, e.g. an α sweep).
+
+    Raises the first error of any stage; the caller cleans up the outputs.
+    """
+    sinks = sink if isinstance(sink, list) else [sink]
+    pipe = _Pipeline(jobs, sinks, allow_nonfinite=allow_nonfinite, progress=progress or (lambda b, t: None))
     try:
         return pipe.run()
     except KeyboardInterrupt:

@@ -65,6 +65,10 @@ def test_float32_to_bfloat16_rounds_like_torch() -> None:
     assert bool(_same(got, x.bfloat16()).all())
 
 
+def _term(buf: memoryview, w: float = 1.0) -> tuple:
+    return (buf, "F32", None, "F32", w, compute.PRUNE_NONE, 0.0, 0.0, 0)
+
+
 def test_flags() -> None:
     z = torch.zeros(5)
     out = bytearray(20)
@@ -72,10 +76,10 @@ def test_flags() -> None:
     one = torch.tensor([0, 0, 0, 0, 1.0])
     assert compute.diff_block(memoryview(out), "F32", _mv(one), "F32", _mv(z), "F32", 5) == compute.NONZERO
     big = torch.tensor([3e38, 0, 0, 0, 0])
-    f = compute.merge_block(memoryview(out), "F32", _mv(big), "F32", 5, [(_mv(big), "F32", 1.0)], 1.0)
+    f = compute.merge_block([(memoryview(out), "F32", 1.0)], _mv(big), "F32", 5, [_term(_mv(big))])
     assert f & compute.OVERFLOW and f & compute.NONFINITE
     inf = torch.tensor([float("inf"), 0, 0, 0, 0])
-    f = compute.merge_block(memoryview(out), "F32", _mv(inf), "F32", 5, [(_mv(z), "F32", 1.0)], 1.0)
+    f = compute.merge_block([(memoryview(out), "F32", 1.0)], _mv(inf), "F32", 5, [_term(_mv(z))])
     assert f & compute.NONFINITE and not f & compute.OVERFLOW
 
 

@@ -1,26 +1,81 @@
-"""``capmerge apply BASE VECTOR... -o OUT [--alpha A]``: θ_out = θ_base + α·Σ τ_i."""
+"""``capmerge apply BASE VECTOR... -o OUT [--alpha A] [--method NAME] ...``: θ_out = θ_base + α·δ."""
 
 from __future__ import annotations
 
+import json
+import sys
 from typing import Annotated
 
 import typer
 
 from capmerge.cli.app import app, fail, handle_errors
-from capmerge.cli.common import AllowMissing, AllowNonfinite, Force, Json, Output, Progress, Quiet, report
-
-
-@app.command(
-    "apply",
-    help="Add capability vectors to a checkpoint: θ_out = θ_base + α·Σ τ_i\n\n"
-    "(float32 math, rounded once to the output dtype).\n\n"
-    "Example: capmerge apply pretrained/ capvector.safetensors -o meta/ --alpha 0.5",
+from capmerge.cli.common import (
+    AllowMissing,
+    AllowNonfinite,
+    Exclude,
+    Force,
+    Include,
+    Json,
+    Output,
+    Progress,
+    Quiet,
+    report,
 )
+
+HELP = """Merge capability vectors into a checkpoint: θ_out = θ_base + α·δ, δ = Σ w_i·m_i·prune(τ_i)
+(float32 math, rounded once to the output dtype).
+
+Examples:
+
+  capmerge apply pretrained/ capvector.safetensors -o meta/ --alpha 0.5
+
+  capmerge apply P/ spatial.safetensors reasoning.safetensors -o M/ --method ties --density 0.3 --weights 0.6,0.4
+
+  capmerge apply P/ --add aux/ --sub sft/ --alpha 0.8 -o meta/     # P + α·(aux − sft) in one pass
+
+  capmerge apply P/ vec.safetensors --alpha 0.2,0.5,1.0 -o 'meta-{alpha}/'   # a sweep, inputs read once
+"""
+
+
+@app.command("apply", help=HELP)
 def apply_cmd(
-    base: Annotated[str, typer.Argument(help="Checkpoint to add the vectors to (e.g. the pretrained model).")],
-    vectors: Annotated[list[str], typer.Argument(help="One or more capability vectors.")],
+    base: Annotated[str, typer.Argument(help="Checkpoint to merge into (e.g. the pretrained model).")],
+    vectors: Annotated[list[str] | None, typer.Argument(help="Capability vectors τ_i.")] = None,
     output: Output = None,
-    alpha: Annotated[float, typer.Option("--alpha", "-a", help="Global scale α of the summed vectors.")] = 1.0,
+    alpha: Annotated[
+        str, typer.Option("--alpha", "-a", help="Global scale α, or a list for a sweep (-o needs {alpha}).")
+    ] = "1.0",
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="task_arithmetic | ties | dare_linear | dare_ties | breadcrumbs | breadcrumbs_ties | magnitude"
+        ),
+    ] = None,
+    weights: Annotated[str | None, typer.Option(help="One weight per vector, e.g. 0.6,0.4 (default 1).")] = None,
+    density: Annotated[
+        str | None, typer.Option(help="Fraction kept when pruning: one value, one per vector, or a {density} sweep.")
+    ] = None,
+    gamma: Annotated[float | None, typer.Option(help="breadcrumbs: fraction of largest entries dropped.")] = None,
+    sign: Annotated[str | None, typer.Option(help="Sign election: total | frequency | none.")] = None,
+    normalize: Annotated[bool | None, typer.Option("--normalize/--no-normalize", help="Divide δ by Σ w_i·m_i.")] = None,
+    rescale: Annotated[
+        bool | None, typer.Option("--rescale/--no-rescale", help="DARE: divide kept entries by the density.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="DARE seed (masks depend on seed, tensor name, index).")] = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    layers: Annotated[str | None, typer.Option(help="Only these transformer blocks, e.g. 0-7,12.")] = None,
+    layer_pattern: Annotated[
+        str | None, typer.Option(help="Regex whose first group is the block index (overrides the default rule).")
+    ] = None,
+    alpha_gradient: Annotated[
+        str | None, typer.Option(help="Per-layer α, e.g. 1.0,0.5,0.0, interpolated over the block index.")
+    ] = None,
+    add: Annotated[list[str] | None, typer.Option(help="Three-checkpoint form: τ = ADD − SUB (repeatable).")] = None,
+    sub: Annotated[list[str] | None, typer.Option(help="Paired with --add in order (default: BASE).")] = None,
+    list_tensors: Annotated[
+        bool, typer.Option("--list-tensors", help="Dry run: print which tensors the mask selects (no data read).")
+    ] = False,
     dtype: Annotated[
         str, typer.Option("--dtype", help="auto (each base tensor's dtype) | float32 | bfloat16 | float16.")
     ] = "auto",
@@ -30,19 +85,43 @@ def apply_cmd(
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
-    from capmerge.api import apply
+    from capmerge.masks import parse_float_list
 
-    if not output:
-        raise fail("missing option -o/--output (a .safetensors file or a directory)")
-    progress = Progress(not quiet, "apply")
     with handle_errors():
+        if list_tensors:
+            from capmerge.merging import list_tensors as _list
+
+            desc = _list(base, vectors or [], include=include, exclude=exclude, layers=layers,
+                         layer_pattern=layer_pattern, add=add, sub=sub)  # fmt: skip
+            _print_listing(desc, as_json)
+            return
+        if not output:
+            raise fail("missing option -o/--output (a .safetensors file or a directory)")
+        from capmerge.merging import apply
+
+        progress = Progress(not quiet, "apply")
         try:
             summary = apply(
                 base,
-                vectors,
+                vectors or [],
                 output,
-                alpha=alpha,
+                alpha=parse_float_list(alpha, "--alpha"),
                 dtype=dtype,
+                method=method,
+                weights=parse_float_list(weights, "--weights") if weights else None,
+                density=parse_float_list(density, "--density") if density else None,
+                gamma=gamma,
+                sign=sign,
+                normalize=normalize,
+                rescale=rescale,
+                seed=seed,
+                include=include,
+                exclude=exclude,
+                layers=layers,
+                layer_pattern=layer_pattern,
+                alpha_gradient=parse_float_list(alpha_gradient, "--alpha-gradient") if alpha_gradient else None,
+                add=add or [],
+                sub=sub or [],
                 allow_missing=allow_missing,
                 force=force,
                 allow_nonfinite=allow_nonfinite,
@@ -51,3 +130,20 @@ def apply_cmd(
         finally:
             progress.close()
     report(summary, quiet=quiet, as_json=as_json)
+
+
+def _print_listing(desc: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(desc, indent=2))
+        return
+    for n in desc["selected"]:
+        print(f"  merge  {n}")
+    for n in desc["not_selected"]:
+        print(f"  copy   {n}   (outside the mask)")
+    c = desc["counts"]
+    layers = ", ".join(f"{k}: {v}" for k, v in desc.get("by_layer", {}).items())
+    print(
+        f"{c['selected']} tensors selected, {c['not_selected']} outside the mask, {c['untouched']} not in any vector"
+        + (f"; by layer: {layers}" if layers else ""),
+        file=sys.stderr,
+    )

@@ -1,0 +1,198 @@
+"""Reference merge math as short pure-torch functions.
+
+For one base tensor θ and vectors τ_1..τ_K with weights w_i and global scale α:
+
+1. **Prune** each τ_i to τ̃_i (per-vector density d_i ∈ (0, 1]):
+
+   * ``magnitude``: keep |τ| ≥ v_k, the k-th largest |τ|, k = max(1, ⌊d·n + ½⌋); ties at the threshold are kept, so
+     slightly more than k entries can survive when several share the threshold value.
+   * ``random`` (DARE): keep an entry when u < d, u = Philox uniform of (key, element index) — the same stream as
+     Triton's ``tl.rand(key, index)``; with ``rescale`` kept entries are divided by d.
+   * ``breadcrumbs``: drop the ⌊γ·n + ½⌋ largest magnitudes (ties at that threshold dropped with them) and the
+     smallest, so that k entries remain: keep v_lo ≤ |τ| < v_hi.
+
+2. **Elect signs** (``total``: s = Σ_i w_i·τ̃_i; ``frequency``: s = Σ_i sign(τ̃_i)); the elected sign is + where
+   s ≥ 0 (a tie elects +, as mergekit does) and − elsewhere. m_i = [sign(τ̃_i) = elected sign]; zeros never count.
+   Without sign election m_i = 1.
+3. **Combine**: δ = Σ_i w_i·m_i·τ̃_i (summed in order i = 1..K, starting from 0); with ``normalize`` δ is divided
+   elementwise by Σ_i w_i·m_i where that is > 0.
+4. θ_out = θ + α·δ in float32, rounded once to the output dtype.
+
+Every step is float32 (products and sums rounded separately, no fused multiply-add), which is exactly what the
+native kernel (``capmerge/_native.c``) computes block by block; the tests compare the two bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+_M32 = 0xFFFFFFFF
+
+
+def keep_count(density: float, n: int) -> int:
+    """k = max(1, ⌊d·n + ½⌋) entries kept out of n (0 for an empty tensor); density must be in (0, 1]."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return 0 if n == 0 else min(n, max(1, math.floor(density * n + 0.5)))
+
+
+def tensor_key(seed: int, name: str, index: int = 0) -> int:
+    """The 64-bit Philox key of a (seed, tensor name, vector index): masks depend on nothing else."""
+    h = hashlib.blake2b(f"{seed}\0{index}\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little")
+
+
+def philox_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 in [0, 1) for each int64 element index: Philox4x32-10 as Triton's ``tl.rand(key, index)``.
+
+    Written with int64 torch ops (products of two 32-bit words fit in 63 bits after splitting) so it runs anywhere.
+    """
+    idx = index.to(torch.int64)
+    c0, c1 = idx & _M32, (idx >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = key & _M32, (key >> 32) & _M32
+
+    def mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # a·b with a, b < 2^32: split b in 16-bit halves so every partial product stays below 2^63
+        lo16, hi16 = b & 0xFFFF, b >> 16
+        p_lo = a * lo16
+        p_hi = a * hi16
+        low = (p_lo + ((p_hi & 0xFFFF) << 16)) & _M32
+        high = (p_hi + (p_lo >> 16)) >> 16
+        return high & _M32, low
+
+    for _ in range(10):
+        hb, lb = mulhilo(PHILOX_ROUND_B, c2)
+        ha, la = mulhilo(PHILOX_ROUND_A, c0)
+        c0, c2, c1, c3 = hb ^ c1 ^ k0, ha ^ c3 ^ k1, lb, la
+        k0 = (k0 + PHILOX_KEY_A) & _M32
+        k1 = (k1 + PHILOX_KEY_B) & _M32
+    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # as int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def kth_largest_abs(t: torch.Tensor, k: int) -> float:
+    """The k-th largest |t| (1-based) as a float32 value; +inf when k = 0."""
+    if k <= 0:
+        return math.inf
+    a = t.detach().reshape(-1).float().abs()
+    return float(torch.topk(a, k, sorted=True).values[-1])
+
+
+def magnitude_threshold(t: torch.Tensor, density: float) -> float:
+    return kth_largest_abs(t, keep_count(density, t.numel()))
+
+
+def magnitude_prune(t: torch.Tensor, density: float | None = None, *, threshold: float | None = None) -> torch.Tensor:
+    """Keep entries with |t| ≥ the k-th largest |t| (k = max(1, ⌊d·n + ½⌋)); the rest become 0. float32 result."""
+    x = t.float()
+    if threshold is None:
+        if density is None:
+            raise ValueError("magnitude_prune needs density or threshold")
+        if density >= 1.0:
+            return x.clone()
+        threshold = magnitude_threshold(t, density)
+    return torch.where(x.abs() >= threshold, x, torch.zeros_like(x))
+
+
+def random_prune(t: torch.Tensor, density: float, *, key: int, offset: int = 0, rescale: bool = True) -> torch.Tensor:
+    """DARE: keep an entry where philox_uniform(key, offset + index) < d; kept entries divided by d with rescale."""
+    x = t.float().reshape(-1)
+    if density >= 1.0:
+        return x.reshape(t.shape).clone()
+    u = philox_uniform(key, torch.arange(x.numel(), dtype=torch.int64) + offset)
+    kept = x / torch.tensor(density, dtype=torch.float32) if rescale else x
+    return torch.where(u < torch.tensor(density, dtype=torch.float32), kept, torch.zeros_like(x)).reshape(t.shape)
+
+
+def breadcrumbs_thresholds(t: torch.Tensor, density: float, gamma: float = 0.01) -> tuple[float, float]:
+    """(lo, hi) such that lo ≤ |t| < hi keeps k = max(1, ⌊d·n + ½⌋) entries below the ⌊γ·n + ½⌋ largest.
+
+    The outlier cut shrinks when needed so that k entries remain (as mergekit does).
+    """
+    n = t.numel()
+    k = keep_count(density, n)
+    if not 0.0 <= gamma < 1.0:
+        raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+    top = min(math.floor(gamma * n + 0.5), n - k)
+    hi = kth_largest_abs(t, top) if top > 0 else math.inf
+    return kth_largest_abs(t, top + k), hi
+
+
+def breadcrumbs_prune(
+    t: torch.Tensor, density: float, gamma: float = 0.01, *, thresholds: tuple[float, float] | None = None
+) -> torch.Tensor:
+    """Drop the largest γ fraction of magnitudes and the smallest, keeping a fraction d: lo ≤ |t| < hi."""
+    x = t.float()
+    lo, hi = thresholds if thresholds is not None else breadcrumbs_thresholds(t, density, gamma)
+    a = x.abs()
+    return torch.where((a >= lo) & (a < hi), x, torch.zeros_like(x))
+
+
+def elect_sign(terms: Sequence[torch.Tensor], weights: Sequence[float], method: str = "total") -> torch.Tensor:
+    """+1 where Σ w_i·τ̃_i (``total``) or Σ sign(τ̃_i) (``frequency``) is ≥ 0, else −1 (float32)."""
+    s = torch.zeros(terms[0].shape, dtype=torch.float32)
+    for t, w in zip(terms, weights, strict=True):
+        x = t.float()
+        s = s + (torch.tensor(w, dtype=torch.float32) * x if method == "total" else torch.sign(x))
+    if method not in ("total", "frequency"):
+        raise ValueError(f"unknown sign method {method!r}")
+    return torch.where(s >= 0, 1.0, -1.0).to(torch.float32)
+
+
+def disjoint_merge(
+    terms: Sequence[torch.Tensor], weights: Sequence[float], sign: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """δ = Σ w_i·m_i·τ̃_i and the normaliser Σ w_i·m_i, with m_i = [sign(τ̃_i) = sign] (all ones without sign)."""
+    d = torch.zeros(terms[0].shape, dtype=torch.float32)
+    den = torch.zeros_like(d)
+    for t, w in zip(terms, weights, strict=True):
+        x = t.float()
+        wt = torch.tensor(w, dtype=torch.float32)
+        if sign is None:
+            d = d + wt * x
+            den = den + wt
+        else:
+            agree = torch.where(sign > 0, x > 0, x < 0)
+            d = d + torch.where(agree, wt * x, torch.zeros_like(x))
+            den = den + torch.where(agree, wt, torch.zeros_like(x))
+    return d, den
+
+
+def combine(
+    terms: Sequence[torch.Tensor], weights: Sequence[float], *, sign: str = "none", normalize: bool = False
+) -> torch.Tensor:
+    """Steps 2–3: elect signs (``none``/``total``/``frequency``), combine, optionally normalize."""
+    elected = None if sign == "none" else elect_sign(terms, weights, sign)
+    d, den = disjoint_merge(terms, weights, elected)
+    if normalize:
+        d = torch.where(den > 0, d / torch.where(den > 0, den, torch.ones_like(den)), d)
+    return d
+
+
+def merge(
+    base: torch.Tensor,
+    terms: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+    *,
+    alpha: float = 1.0,
+    sign: str = "none",
+    normalize: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """θ + α·combine(τ̃) in float32, rounded once to ``out_dtype`` (default: the base dtype). Terms already pruned."""
+    weights = [1.0] * len(terms) if weights is None else list(weights)
+    x = base.float()
+    if terms:
+        x = x + torch.tensor(alpha, dtype=torch.float32) * combine(terms, weights, sign=sign, normalize=normalize)
+    return x.to(out_dtype or base.dtype)

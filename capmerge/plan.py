@@ -1,0 +1,233 @@
+"""Plan a merge: for every base tensor, the vectors that touch it, their pruning thresholds and the block kernel.
+
+A *term* is one vector of the merge: a checkpoint holding τ, or a pair (A, S) meaning τ = A − S computed on the fly
+(``capmerge apply P --add A --sub S``). Magnitude and breadcrumbs thresholds are exact k-th largest magnitudes, found
+in linear time from a histogram of the |τ| bit patterns (one pass for 16-bit vectors, two for float32) while the
+engine's reader streams the tensor — no sort, memory still flat.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from capmerge import compute
+from capmerge.checkpoint import Checkpoint, TensorInfo
+from capmerge.engine import Job
+from capmerge.functional import keep_count, tensor_key
+from capmerge.methods import MergeOptions
+
+Read = Callable[[int, int, int], memoryview]
+HIST_BLOCK = 1 << 21
+
+
+@dataclass
+class Term:
+    """One vector of a merge: ``a`` (τ itself) or ``a`` − ``b``; ``label`` names it in messages and records."""
+
+    a: Checkpoint
+    b: Checkpoint | None = None
+    weight: float = 1.0
+    label: str = ""
+
+
+@dataclass
+class MergeKernel:
+    """The block kernel of one tensor: prune (thresholds from :meth:`prepare`), elect, combine, θ + α·δ per output.
+
+    ``variants`` lists, per density variant, the densities of the terms; every density variant is written with
+    every α of ``alphas``: output index = variant · len(alphas) + α index.
+    """
+
+    name: str
+    base_code: str
+    out_code: str
+    terms: list[tuple[int, str, int | None, str, float]]  # (input a, code a, input b | None, code b, weight)
+    options: MergeOptions
+    variants: list[tuple[float, ...]]
+    alphas: list[float]
+    numel: int
+    term_ids: list[int] = field(default_factory=list)  # the terms' indices in the whole merge (DARE streams)
+    params: list[list[tuple[int, float, float, int]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        o = self.options
+        self.params = []
+        for dens in self.variants:
+            row = []
+            for ti in range(len(self.terms)):
+                d = dens[ti]
+                key = tensor_key(o.seed, self.name, self.term_ids[ti] if self.term_ids else ti)
+                if o.prune == "random" and d < 1.0:
+                    row.append((compute.PRUNE_RANDOM, d, d if o.rescale else 0.0, key))
+                elif o.prune in ("magnitude", "breadcrumbs") and (d < 1.0 or o.prune == "breadcrumbs"):
+                    row.append((compute.PRUNE_MAGNITUDE, math.nan, math.nan, key))  # thresholds from prepare()
+                else:
+                    row.append((compute.PRUNE_NONE, 0.0, 0.0, key))
+            self.params.append(row)
+
+    @property
+    def needs_prepare(self) -> bool:
+        return any(math.isnan(p[1]) for row in self.params for p in row)
+
+    def prepare(self, read: Read) -> None:
+        """Exact thresholds: magnitude keeps |τ| ≥ v_k; breadcrumbs keeps v_lo ≤ |τ| < v_hi (see functional)."""
+        n = self.numel
+        for ti, (ia, ca, ib, cb, _) in enumerate(self.terms):
+            wanted: dict[int, None] = {}
+            plans = []
+            for vi, dens in enumerate(self.variants):
+                if not math.isnan(self.params[vi][ti][1]):
+                    continue
+                k = keep_count(dens[ti], n)
+                if self.options.prune == "magnitude":
+                    ks = (k, None)
+                else:
+                    top = min(math.floor(self.options.gamma * n + 0.5), n - k)
+                    ks = (top + k, top if top > 0 else None)
+                plans.append((vi, ks))
+                for kk in ks:
+                    if kk is not None:
+                        wanted[kk] = None
+            if not plans:
+                continue
+            values = kth_largest_abs_stream(read, ia, ca, ib, cb, n, sorted(wanted))
+            for vi, (k_lo, k_hi) in plans:
+                key = self.params[vi][ti][3]
+                lo = values[k_lo]
+                if self.options.prune == "magnitude":
+                    self.params[vi][ti] = (compute.PRUNE_MAGNITUDE, lo, 0.0, key)
+                else:
+                    hi = values[k_hi] if k_hi is not None else math.inf
+                    self.params[vi][ti] = (compute.PRUNE_BAND, lo, hi, key)
+
+    def __call__(self, views: list[memoryview], outs: list[memoryview], n: int, offset: int) -> int:
+        flags = 0
+        na = len(self.alphas)
+        o = self.options
+        for vi, row in enumerate(self.params):
+            terms = [
+                (views[ia], ca, views[ib] if ib is not None else None, cb, w, mode, p1, p2, key)
+                for (ia, ca, ib, cb, w), (mode, p1, p2, key) in zip(self.terms, row, strict=True)
+            ]
+            vouts = [(outs[vi * na + ai], self.out_code, a) for ai, a in enumerate(self.alphas)]
+            flags |= compute.merge_block(
+                vouts, views[0], self.base_code, n, terms, sign=o.sign, normalize=o.normalize, offset=offset
+            )
+        return flags
+
+
+def kth_largest_abs_stream(
+    read: Read, ia: int, ca: str, ib: int | None, cb: str, n: int, ks: Sequence[int]
+) -> dict[int, float]:
+    """The k-th largest |τ| for each k in ``ks`` (τ = input ia, or ia − ib), exactly, streaming in blocks."""
+    out: dict[int, float] = {k: math.inf for k in ks if k <= 0}
+    ks = [k for k in ks if k > 0]
+    if not ks:
+        return out
+    codes = [ca] if ib is None else [ca, cb]
+    if not compute.use_native(*codes):
+        return {**out, **_kth_largest_torch(read, ia, ca, ib, cb, n, ks)}
+    import numpy as np
+
+    from capmerge.compute import _native
+
+    assert _native is not None
+    wide = ib is not None or ca == "F32"
+    code = "F32" if wide else ca
+    scratch = bytearray(min(n, HIST_BLOCK) * 4) if ib is not None else None
+
+    def blocks():  # yields (buffer, n) of |τ| sources in the histogram's dtype
+        for s in range(0, n, HIST_BLOCK):
+            e = min(n, s + HIST_BLOCK)
+            va = read(ia, s, e)
+            if ib is None:
+                yield va, e - s
+            else:
+                vb = read(ib, s, e)
+                assert scratch is not None
+                sv = memoryview(scratch)[: (e - s) * 4]
+                compute.diff_block(sv, "F32", va, ca, vb, cb, e - s)
+                yield sv, e - s
+
+    hist = np.zeros(65536, dtype=np.uint64)
+    for buf, cnt in blocks():
+        _native.hist(buf, compute.NATIVE_CODES[code], cnt, 0, 0, hist)
+    top = np.cumsum(hist[::-1])  # top[i] = count of elements in the i+1 highest bins
+    found: dict[int, tuple[int, int]] = {}  # k -> (bin, count above the bin)
+    for k in ks:
+        i = int(np.searchsorted(top, k))
+        found[k] = (65535 - i, int(top[i - 1]) if i else 0)
+    if not wide:
+        for k, (b, _) in found.items():
+            if code == "BF16":
+                out[k] = float(np.array([b << 16], dtype=np.uint32).view(np.float32)[0])
+            else:
+                out[k] = float(np.array([b], dtype=np.uint16).view(np.float16)[0])
+        return out
+    for b in sorted({b for b, _ in found.values()}):
+        low = np.zeros(65536, dtype=np.uint64)
+        for buf, cnt in blocks():
+            _native.hist(buf, compute.NATIVE_CODES["F32"], cnt, 1, b, low)
+        ltop = np.cumsum(low[::-1])
+        for k, (bk, above) in found.items():
+            if bk == b:
+                j = int(np.searchsorted(ltop, k - above))
+                bits = (b << 16) | (65535 - j)
+                out[k] = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+    return out
+
+
+def _kth_largest_torch(
+    read: Read, ia: int, ca: str, ib: int | None, cb: str, n: int, ks: Sequence[int]
+) -> dict[int, float]:
+    """Fallback for dtypes the native kernel does not handle: the whole tensor in memory, ``torch.topk``."""
+    import torch
+
+    from capmerge._torch import as_tensor
+
+    a = torch.cat([as_tensor(bytearray(read(ia, s, min(n, s + HIST_BLOCK))), ca).double()
+                   for s in range(0, n, HIST_BLOCK)])  # fmt: skip
+    if ib is not None:
+        a = a - torch.cat([as_tensor(bytearray(read(ib, s, min(n, s + HIST_BLOCK))), cb).double()
+                           for s in range(0, n, HIST_BLOCK)])  # fmt: skip
+    vals = torch.topk(a.float().abs(), max(ks), sorted=True).values
+    return {k: float(vals[k - 1]) for k in ks}
+
+
+def merge_job(
+    name: str,
+    base: tuple[Checkpoint, TensorInfo],
+    touching: list[tuple[int, Term, TensorInfo, TensorInfo | None]],
+    *,
+    out_code: str,
+    options: MergeOptions,
+    variants: list[tuple[float, ...]],
+    alphas: list[float],
+    sink: int,
+) -> Job:
+    """A compute job for one base tensor; ``touching`` = (term index, term, info of a, info of b)."""
+    inputs: list[tuple[Checkpoint, TensorInfo]] = [base]
+    specs = []
+    for _, term, ia, ib in touching:
+        inputs.append((term.a, ia))
+        a_idx = len(inputs) - 1
+        b_idx = None
+        if term.b is not None and ib is not None:
+            inputs.append((term.b, ib))
+            b_idx = len(inputs) - 1
+        specs.append((a_idx, ia.dtype, b_idx, ib.dtype if ib is not None else "F32", term.weight))
+    sub_variants = [tuple(v[ti] for ti, _, _, _ in touching) for v in variants]
+    ids = [ti for ti, _, _, _ in touching]
+    kernel = MergeKernel(name, base[1].dtype, out_code, specs, options, sub_variants, alphas, base[1].numel, ids)
+    return Job(
+        name,
+        "compute",
+        out_code,
+        base[1].shape,
+        inputs,
+        kernel=kernel,
+        prepare=kernel.prepare if kernel.needs_prepare else None,
+        sink=sink,
+    )

@@ -1,0 +1,267 @@
+"""Merge methods through the streaming engine against the pure-torch reference (capmerge.functional), bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_any, save_sharded, save_single, tree_digest
+from typer.testing import CliRunner
+
+import capmerge
+from capmerge import compute, engine
+from capmerge import functional as F
+from capmerge.cli import app
+from capmerge.errors import UsageError
+
+runner = CliRunner()
+NAMES = ["model.embed.weight", "model.layers.0.w", "model.layers.1.w", "model.layers.2.b", "lm_head.weight"]
+SHAPES = [(40, 8), (33, 17), (4097,), (7,), (1, 1)]
+
+
+@pytest.fixture(params=[True, False], ids=["native", "torch"])
+def kernel_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    if not request.param:
+        monkeypatch.setenv("CAPMERGE_NO_NATIVE", "1")
+    elif not compute.native_available():
+        pytest.fail("native kernel not built")
+    return request.param
+
+
+def _make(tmp: Path, vec_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)):
+    g = torch.Generator().manual_seed(0)
+    base = {n: torch.randn(s, generator=g).bfloat16() for n, s in zip(NAMES, SHAPES, strict=True)}
+    vecs = []
+    for i, dt in enumerate(vec_dtypes):
+        v = {n: (0.1 * torch.randn(s, generator=g)).to(dt) for n, s in zip(NAMES, SHAPES, strict=True)}
+        vecs.append(v)
+        save_single(tmp / f"v{i}.safetensors", v)
+    save_sharded(tmp / "P", base, 2)
+    return base, vecs, [tmp / f"v{i}.safetensors" for i in range(len(vecs))]
+
+
+def _reference(base, vecs, *, method_opts, weights, alpha, density, gamma=0.01, seed=0):
+    prune, sign, normalize, rescale = method_opts
+    out = {}
+    for name, b in base.items():
+        terms = []
+        for i, v in enumerate(vecs):
+            t = v[name].float()
+            d = density[i] if isinstance(density, list) else density
+            if prune == "magnitude" and d < 1:
+                t = F.magnitude_prune(t, d)
+            elif prune == "random" and d < 1:
+                t = F.random_prune(t, d, key=F.tensor_key(seed, name, i), rescale=rescale)
+            elif prune == "breadcrumbs":
+                t = F.breadcrumbs_prune(t, d, gamma)
+            terms.append(t)
+        out[name] = F.merge(b, terms, weights, alpha=alpha, sign=sign, normalize=normalize)
+    return out
+
+
+METHODS = {
+    "task_arithmetic": ("none", "none", False, True),
+    "ties": ("magnitude", "total", True, True),
+    "dare_linear": ("random", "none", False, True),
+    "dare_ties": ("random", "total", False, True),
+    "breadcrumbs": ("breadcrumbs", "none", False, True),
+    "breadcrumbs_ties": ("breadcrumbs", "total", False, True),
+    "magnitude": ("magnitude", "none", False, True),
+}
+
+
+def _assert_equal(out: dict, ref: dict) -> None:
+    for k, r in ref.items():
+        o = out[k]
+        same = (o == r) | (torch.isnan(o.float()) & torch.isnan(r.float()))
+        if not bool(same.all()):
+            i = int((~same).flatten().nonzero()[0])
+            raise AssertionError(f"{k}[{i}]: got {o.flatten()[i].item()}, expected {r.flatten()[i].item()}")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_methods_match_reference(tmp_path: Path, method: str, kernel_path: bool) -> None:
+    base, vecs, paths = _make(tmp_path)
+    weights = [0.6, 0.3, 0.5]
+    s = capmerge.apply(tmp_path / "P", paths, tmp_path / "O", method=method, weights=weights, density=[0.3, 0.5, 0.8],
+                       alpha=0.7, gamma=0.05, seed=3)  # fmt: skip
+    ref = _reference(base, vecs, method_opts=METHODS[method], weights=weights, alpha=0.7, density=[0.3, 0.5, 0.8],
+                     gamma=0.05, seed=3)  # fmt: skip
+    _assert_equal(load_any(tmp_path / "O"), ref)
+    rec = json.loads((tmp_path / "O" / "capmerge.json").read_text())
+    assert rec["method"] == method and rec["vectors"][1]["weight"] == 0.3 and rec["options"]["seed"] == 3
+    assert s.tensors_changed == len(NAMES)
+
+
+def test_options_override_preset(tmp_path: Path) -> None:
+    base, vecs, paths = _make(tmp_path)
+    capmerge.apply(tmp_path / "P", paths, tmp_path / "O", method="ties", density=0.4, sign="frequency",
+                   normalize=False)  # fmt: skip
+    ref = _reference(base, vecs, method_opts=("magnitude", "frequency", False, True), weights=None, alpha=1.0,
+                     density=0.4)  # fmt: skip
+    _assert_equal(load_any(tmp_path / "O"), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_histogram_threshold_equals_topk(tmp_path: Path, dtype: torch.dtype) -> None:
+    """The linear-time k-th largest |τ| equals torch.topk's, including many ties (bf16) and two-level fp32."""
+    g = torch.Generator().manual_seed(1)
+    t = (torch.randn(300_001, generator=g) * torch.exp2(torch.randint(-8, 8, (300_001,), generator=g))).to(dtype)
+    save_single(tmp_path / "p.safetensors", {"w": torch.zeros(300_001)})
+    save_single(tmp_path / "v.safetensors", {"w": t})
+    for d in (0.001, 0.1, 0.37, 0.9):
+        capmerge.apply(tmp_path / "p.safetensors", tmp_path / "v.safetensors", tmp_path / "o.safetensors",
+                       method="magnitude", density=d, force=True)  # fmt: skip
+        got = load_any(tmp_path / "o.safetensors")["w"]
+        assert torch.equal(got, F.magnitude_prune(t, d)), d
+
+
+def test_add_sub_one_pass(tmp_path: Path, kernel_path: bool) -> None:
+    g = torch.Generator().manual_seed(2)
+    p = {n: torch.randn(s, generator=g).bfloat16() for n, s in zip(NAMES, SHAPES, strict=True)}
+    s_ = {n: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).bfloat16() for n, v in p.items()}
+    a = {n: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).bfloat16() for n, v in s_.items()}
+    save_sharded(tmp_path / "P", p, 2)
+    save_single(tmp_path / "S.safetensors", s_)
+    save_single(tmp_path / "A.safetensors", a)
+    capmerge.apply(tmp_path / "P", output=tmp_path / "O", add=[tmp_path / "A.safetensors"],
+                   sub=[tmp_path / "S.safetensors"], alpha=0.8)  # fmt: skip
+    ref = {n: (p[n].float() + 0.8 * (a[n].float() - s_[n].float())).bfloat16() for n in p}
+    _assert_equal(load_any(tmp_path / "O"), ref)
+    # with ties on the pair, thresholds are computed on the float32 difference a - s
+    capmerge.apply(tmp_path / "P", output=tmp_path / "T", add=[tmp_path / "A.safetensors"],
+                   sub=[tmp_path / "S.safetensors"], method="magnitude", density=0.2)  # fmt: skip
+    ref = {n: F.merge(p[n], [F.magnitude_prune(a[n].float() - s_[n].float(), 0.2)]) for n in p}
+    _assert_equal(load_any(tmp_path / "T"), ref)
+
+
+def test_add_without_sub_is_relative_to_base(tmp_path: Path) -> None:
+    base, vecs, paths = _make(tmp_path, (torch.bfloat16,))
+    finetuned = {n: (b.float() + vecs[0][n].float()).bfloat16() for n, b in base.items()}
+    save_single(tmp_path / "ft.safetensors", finetuned)
+    capmerge.apply(tmp_path / "P", output=tmp_path / "O.safetensors", add=[tmp_path / "ft.safetensors"], alpha=0.5)
+    ref = {n: (b.float() + 0.5 * (finetuned[n].float() - b.float())).bfloat16() for n, b in base.items()}
+    _assert_equal(load_any(tmp_path / "O.safetensors"), ref)
+
+
+def test_dare_is_deterministic_across_blocks_and_layouts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, vecs, paths = _make(tmp_path, (torch.float32, torch.bfloat16))
+    capmerge.apply(tmp_path / "P", paths, tmp_path / "a.safetensors", method="dare_ties", density=0.3, seed=5)
+    save_sharded(tmp_path / "v0dir", vecs[0], 3)
+    monkeypatch.setattr(engine, "BLOCK_ELEMS", 1000)
+    capmerge.apply(tmp_path / "P", [tmp_path / "v0dir", paths[1]], tmp_path / "b.safetensors", method="dare_ties",
+                   density=0.3, seed=5)  # fmt: skip
+    a, b = load_any(tmp_path / "a.safetensors"), load_any(tmp_path / "b.safetensors")
+    assert all(torch.equal(a[n].view(torch.int16), b[n].view(torch.int16)) for n in a)  # the header names inputs
+    capmerge.apply(tmp_path / "P", paths, tmp_path / "c.safetensors", method="dare_ties", density=0.3, seed=6)
+    c = load_any(tmp_path / "c.safetensors")
+    assert not torch.equal(a["model.layers.0.w"], c["model.layers.0.w"])
+
+
+def test_alpha_sweep_equals_single_runs_and_reads_once(tmp_path: Path) -> None:
+    base, vecs, paths = _make(tmp_path)
+    s = capmerge.apply(tmp_path / "P", paths, str(tmp_path / "sw-{alpha}"), alpha=[0.2, 0.5, 1.0], method="ties",
+                       density=0.5)  # fmt: skip
+    single = capmerge.apply(tmp_path / "P", paths, tmp_path / "one", alpha=0.5, method="ties", density=0.5)
+    assert s.outputs == [str(tmp_path / f"sw-{a}") for a in ("0.2", "0.5", "1.0")]
+    assert s.bytes_read == single.bytes_read  # every input tensor read once, whatever the number of outputs
+    for a in (0.2, 0.5, 1.0):
+        capmerge.apply(tmp_path / "P", paths, tmp_path / f"ref-{a}", alpha=a, method="ties", density=0.5)
+        for f in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+            assert (tmp_path / f"sw-{a}" / f).read_bytes() == (tmp_path / f"ref-{a}" / f).read_bytes()
+
+
+def test_density_sweep(tmp_path: Path) -> None:
+    base, vecs, paths = _make(tmp_path)
+    s = capmerge.apply(tmp_path / "P", paths, str(tmp_path / "d{density}-a{alpha}.safetensors"),
+                       density=[0.2, 0.6], alpha=[0.5, 1.0], method="dare_linear")  # fmt: skip
+    assert len(s.outputs) == 4
+    for d in (0.2, 0.6):
+        for a in (0.5, 1.0):
+            capmerge.apply(tmp_path / "P", paths, tmp_path / "r.safetensors", density=d, alpha=a, method="dare_linear",
+                           force=True)  # fmt: skip
+            got = (tmp_path / f"d{d}-a{a}.safetensors").read_bytes()
+            assert got == (tmp_path / "r.safetensors").read_bytes(), (d, a)
+
+
+def test_layer_mask_copies_the_rest(tmp_path: Path) -> None:
+    base, vecs, paths = _make(tmp_path)
+    capmerge.apply(tmp_path / "P", paths[:1], tmp_path / "O.safetensors", layers="0-1", exclude=[r"\.b$"])
+    out = load_any(tmp_path / "O.safetensors")
+    for n, b in base.items():
+        if n in ("model.layers.0.w", "model.layers.1.w"):
+            assert torch.equal(out[n], F.merge(b, [vecs[0][n]])), n
+        else:
+            assert torch.equal(out[n].view(torch.int16), b.view(torch.int16)), n
+
+
+def test_alpha_gradient(tmp_path: Path) -> None:
+    base, vecs, paths = _make(tmp_path, (torch.float32,))
+    capmerge.apply(tmp_path / "P", paths, tmp_path / "O.safetensors", alpha=0.3, alpha_gradient=[1.0, 0.0])
+    out = load_any(tmp_path / "O.safetensors")
+    # 3 blocks (0, 1, 2): alpha 1.0, 0.5, 0.0; tensors outside blocks use --alpha 0.3
+    expect = {"model.layers.0.w": 1.0, "model.layers.1.w": 0.5, "model.layers.2.b": 0.0, "model.embed.weight": 0.3,
+              "lm_head.weight": 0.3}  # fmt: skip
+    for n, a in expect.items():
+        assert torch.equal(out[n], F.merge(base[n], [vecs[0][n]], alpha=a)), n
+
+
+def test_list_tensors_reads_no_data(tmp_path: Path) -> None:
+    base, vecs, paths = _make(tmp_path, (torch.float32,))
+    r = runner.invoke(app, ["apply", str(tmp_path / "P"), str(paths[0]), "--layers", "1-2", "--list-tensors", "--json"])
+    assert r.exit_code == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["selected"] == ["model.layers.1.w", "model.layers.2.b"] and d["counts"]["not_selected"] == 3
+    r = runner.invoke(app, ["apply", str(tmp_path / "P"), str(paths[0]), "--include", "embed", "--list-tensors"])
+    assert r.exit_code == 0 and "merge  model.embed.weight" in r.stdout and "1 tensors selected" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--density", "0"], "--density must be in (0, 1]"),
+        (["--density", "0.5,0.2"], "--density has 2 values for 1 vectors"),
+        (["--weights", "0.5,0.5"], "--weights has 2 values for 1 vectors"),
+        (["--include", "nothing-matches"], "mask selects no tensors"),
+        (["--include", "layers", "--exclude", "layers"], "mask selects no tensors"),
+        (["--layers", "7-3"], "invalid --layers"),
+        (["--alpha", "0.2,0.5"], "needs a {alpha} placeholder"),
+        (["--method", "slerp"], "unknown method 'slerp'"),
+        (["--sign", "max"], "unknown --sign 'max'"),
+        (["--gamma", "1.5"], "--gamma must be in [0, 1)"),
+        (["--sub", "x.safetensors"], "--sub given 1 times but --add 0 times"),
+        (["--alpha", "0.1,0.2", "--alpha-gradient", "1,0"], "cannot be combined"),
+    ],
+)
+def test_bad_options(tmp_path: Path, args: list[str], message: str) -> None:
+    base, vecs, paths = _make(tmp_path, (torch.float32,))
+    out = "O-{alpha}" if "--alpha-gradient" in args else "O"
+    before = tree_digest(tmp_path)
+    r = runner.invoke(app, ["apply", str(tmp_path / "P"), str(paths[0]), "-o", str(tmp_path / out), *args])
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert tree_digest(tmp_path) == before
+
+
+def test_all_zero_vectors_and_sign_ties(tmp_path: Path) -> None:
+    save_single(tmp_path / "p.safetensors", {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])})
+    save_single(tmp_path / "z.safetensors", {"w": torch.zeros(4)})
+    save_single(tmp_path / "x.safetensors", {"w": torch.tensor([1.0, -1.0, 0.0, 2.0])})
+    save_single(tmp_path / "y.safetensors", {"w": torch.tensor([-1.0, 1.0, 0.0, -2.0])})
+    capmerge.apply(tmp_path / "p.safetensors", [tmp_path / "z.safetensors"], tmp_path / "o.safetensors", method="ties",
+                   density=0.5)  # fmt: skip
+    assert load_any(tmp_path / "o.safetensors")["w"].tolist() == [1.0, 2.0, 3.0, 4.0]
+    # x + y cancel: the tie elects +, normalize divides by the one agreeing weight
+    capmerge.apply(tmp_path / "p.safetensors", [tmp_path / "x.safetensors", tmp_path / "y.safetensors"],
+                   tmp_path / "t.safetensors", method="ties", density=1.0)  # fmt: skip
+    assert load_any(tmp_path / "t.safetensors")["w"].tolist() == [2.0, 3.0, 3.0, 6.0]
+
+
+def test_library_validation() -> None:
+    with pytest.raises(UsageError):
+        capmerge.MergeOptions  # noqa: B018 - the public name exists
+        from capmerge.methods import resolve
+
+        resolve("ties", density=0.0)

@@ -76,7 +76,7 @@ def test_philox_native_equals_torch(key: int, start: int) -> None:
     got = torch.frombuffer(out, dtype=torch.float32)
     ref = F.philox_uniform(key, torch.arange(start, start + 4096, dtype=torch.int64))
     assert torch.equal(got, ref)
-    assert 0.0 <= float(got.min()) and float(got.max()) < 1.0
+    assert float(got.min()) >= 0.0 and float(got.max()) < 1.0
 
 
 TRITON_SCRIPT = textwrap.dedent(

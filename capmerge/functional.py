@@ -78,7 +78,7 @@ def philox_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
         k1 = (k1 + PHILOX_KEY_B) & _M32
     x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # as int32
     x = torch.where(x < 0, -x - 1, x)
-    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=x.device)
 
 
 def kth_largest_abs(t: torch.Tensor, k: int) -> float:
@@ -110,9 +110,10 @@ def random_prune(t: torch.Tensor, density: float, *, key: int, offset: int = 0, 
     x = t.float().reshape(-1)
     if density >= 1.0:
         return x.reshape(t.shape).clone()
-    u = philox_uniform(key, torch.arange(x.numel(), dtype=torch.int64) + offset)
-    kept = x / torch.tensor(density, dtype=torch.float32) if rescale else x
-    return torch.where(u < torch.tensor(density, dtype=torch.float32), kept, torch.zeros_like(x)).reshape(t.shape)
+    u = philox_uniform(key, torch.arange(x.numel(), dtype=torch.int64, device=x.device) + offset)
+    dens = torch.tensor(density, dtype=torch.float32, device=x.device)
+    kept = x / dens if rescale else x
+    return torch.where(u < dens, kept, torch.zeros_like(x)).reshape(t.shape)
 
 
 def breadcrumbs_thresholds(t: torch.Tensor, density: float, gamma: float = 0.01) -> tuple[float, float]:
@@ -141,10 +142,10 @@ def breadcrumbs_prune(
 
 def elect_sign(terms: Sequence[torch.Tensor], weights: Sequence[float], method: str = "total") -> torch.Tensor:
     """+1 where Σ w_i·τ̃_i (``total``) or Σ sign(τ̃_i) (``frequency``) is ≥ 0, else −1 (float32)."""
-    s = torch.zeros(terms[0].shape, dtype=torch.float32)
+    s = torch.zeros(terms[0].shape, dtype=torch.float32, device=terms[0].device)
     for t, w in zip(terms, weights, strict=True):
         x = t.float()
-        s = s + (torch.tensor(w, dtype=torch.float32) * x if method == "total" else torch.sign(x))
+        s = s + (torch.tensor(w, dtype=torch.float32, device=x.device) * x if method == "total" else torch.sign(x))
     if method not in ("total", "frequency"):
         raise ValueError(f"unknown sign method {method!r}")
     return torch.where(s >= 0, 1.0, -1.0).to(torch.float32)
@@ -154,11 +155,11 @@ def disjoint_merge(
     terms: Sequence[torch.Tensor], weights: Sequence[float], sign: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """δ = Σ w_i·m_i·τ̃_i and the normaliser Σ w_i·m_i, with m_i = [sign(τ̃_i) = sign] (all ones without sign)."""
-    d = torch.zeros(terms[0].shape, dtype=torch.float32)
+    d = torch.zeros(terms[0].shape, dtype=torch.float32, device=terms[0].device)
     den = torch.zeros_like(d)
     for t, w in zip(terms, weights, strict=True):
         x = t.float()
-        wt = torch.tensor(w, dtype=torch.float32)
+        wt = torch.tensor(w, dtype=torch.float32, device=x.device)
         if sign is None:
             d = d + wt * x
             den = den + wt
@@ -194,5 +195,6 @@ def merge(
     weights = [1.0] * len(terms) if weights is None else list(weights)
     x = base.float()
     if terms:
-        x = x + torch.tensor(alpha, dtype=torch.float32) * combine(terms, weights, sign=sign, normalize=normalize)
+        d = combine(terms, weights, sign=sign, normalize=normalize)
+        x = x + torch.tensor(alpha, dtype=torch.float32, device=x.device) * d
     return x.to(out_dtype or base.dtype)

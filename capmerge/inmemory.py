@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from capmerge.checkpoint import Checkpoint, open_checkpoint
@@ -51,51 +51,107 @@ def _as_mapping(vector: Any) -> Mapping[str, Any]:
 
 
 def apply_to_state_dict(
-    state_dict: Mapping[str, Any], vector: Any, *, alpha: float = 1.0, allow_missing: bool = False
+    state_dict: Mapping[str, Any],
+    vector: Any,
+    *,
+    alpha: float = 1.0,
+    allow_missing: bool = False,
+    weights: Sequence[float] | None = None,
+    method: str | None = None,
+    density: float | Sequence[float] | None = None,
+    gamma: float | None = None,
+    sign: str | None = None,
+    normalize: bool | None = None,
+    rescale: bool | None = None,
+    seed: int | None = None,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    layers: str | None = None,
+    layer_pattern: str | None = None,
+    alpha_gradient: Sequence[float] | None = None,
 ) -> list[str]:
-    """θ ← θ + α·τ in place for every tensor of ``vector`` (a mapping or a checkpoint reference).
+    """θ ← θ + α·δ in place, δ the merge of one or several vectors (mappings or checkpoint references).
 
-    The sum is computed in float32 (float64 for float64 tensors) on the tensor's own device and rounded once
-    into the tensor's dtype. Names and shapes are checked first, so a mismatch changes nothing.
-    Returns the names that were updated. Tensors that share storage (tied weights) are updated once.
+    Takes the options of ``capmerge apply`` (methods, weights, densities, masks, per-layer α) with the same
+    semantics (:mod:`capmerge.functional`). The math is float32 on each tensor's own device (float64 for float64
+    tensors with plain task arithmetic), rounded once into the tensor's dtype. Names and shapes of every vector are
+    checked first, so a mismatch changes nothing. Returns the updated names; tensors sharing storage (tied weights)
+    are updated once.
     """
     import torch
 
-    vec = _as_mapping(vector)
-    missing = [n for n in vec if n not in state_dict]
-    if missing and not allow_missing:
-        shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
-        raise MismatchError(f"{len(missing)} vector tensors are not in the state dict ({shown})")
-    todo = []
-    for n in vec:
-        if n not in state_dict:
-            continue
-        p = state_dict[n]
-        shape = tuple(vec[n].shape) if not isinstance(vec, LazyVector) else vec.shape(n)
-        if tuple(p.shape) != shape:
-            raise MismatchError(f"shape mismatch: {list(p.shape)} in the state dict vs {list(shape)} in the vector", n)
-        if not p.is_floating_point():
-            raise MismatchError(f"cannot add a vector to a {p.dtype} tensor", n)
-        todo.append(n)
+    from capmerge import functional as F
+    from capmerge.masks import TensorMask, alpha_for, count_layers
+    from capmerge.methods import resolve
+
+    vecs = [_as_mapping(v) for v in (vector if isinstance(vector, list | tuple) else [vector])]
+    opts = resolve(method, density=density, gamma=gamma, sign=sign, normalize=normalize, rescale=rescale, seed=seed,
+                   n_vectors=len(vecs))  # fmt: skip
+    w = [1.0] * len(vecs) if weights is None else [float(x) for x in weights]
+    if len(w) != len(vecs):
+        raise MismatchError(f"{len(w)} weights for {len(vecs)} vectors")
+    mask = TensorMask.build(include=include, exclude=exclude, layers=layers, layer_pattern=layer_pattern)
+    n_layers = count_layers(state_dict, layer_pattern) if alpha_gradient is not None else 0
+    names: list[str] = []
+    for vec in vecs:
+        missing = [n for n in vec if n not in state_dict]
+        if missing and not allow_missing:
+            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+            raise MismatchError(f"{len(missing)} vector tensors are not in the state dict ({shown})")
+        for n in vec:
+            if n not in state_dict:
+                continue
+            p = state_dict[n]
+            shape = vec.shape(n) if isinstance(vec, LazyVector) else tuple(vec[n].shape)
+            if tuple(p.shape) != tuple(shape):
+                raise MismatchError(
+                    f"shape mismatch: {list(p.shape)} in the state dict vs {list(shape)} in the vector", n
+                )
+            if not p.is_floating_point():
+                raise MismatchError(f"cannot add a vector to a {p.dtype} tensor", n)
+            if n not in names and mask.selects(n):
+                names.append(n)
     done, seen = [], set()
     with torch.no_grad():
-        for n in todo:
+        for n in names:
             p = state_dict[n]
             key = (p.device, p.data_ptr())
             if p.numel() and key in seen:
                 continue
             seen.add(key)
-            cd = torch.float64 if p.dtype == torch.float64 else torch.float32
-            t = vec[n].to(device=p.device, dtype=cd)
-            t.mul_(alpha)
-            p.copy_(p.to(cd).add_(t))
+            terms, tw = [], []
+            for i, vec in enumerate(vecs):
+                if n not in vec:
+                    continue
+                t = vec[n].to(device=p.device)
+                d = opts.density_for(i)
+                if opts.prune == "magnitude" and d < 1.0:
+                    t = F.magnitude_prune(t, d)
+                elif opts.prune == "random" and d < 1.0:
+                    t = F.random_prune(t, d, key=F.tensor_key(opts.seed, n, i), rescale=opts.rescale)
+                elif opts.prune == "breadcrumbs":
+                    t = F.breadcrumbs_prune(t, d, opts.gamma)
+                terms.append(t)
+                tw.append(w[i])
+            a = alpha_for(n, alpha, list(alpha_gradient), n_layers, layer_pattern) if alpha_gradient else alpha
+            if p.dtype == torch.float64 and opts.is_plain:
+                acc = torch.zeros_like(p)
+                for t, wi in zip(terms, tw, strict=True):
+                    acc = acc + wi * t.to(torch.float64)
+                p.copy_(p + a * acc)
+            else:
+                p.copy_(F.merge(p, terms, tw, alpha=a, sign=opts.sign, normalize=opts.normalize))
             done.append(n)
     return done
 
 
-def apply_to_model(model: Any, vector: Any, *, alpha: float = 1.0, allow_missing: bool = False) -> list[str]:
-    """θ ← θ + α·τ in place on a ``torch.nn.Module``'s parameters and buffers (any device)."""
+def apply_to_model(
+    model: Any, vector: Any, *, alpha: float = 1.0, allow_missing: bool = False, **options: Any
+) -> list[str]:
+    """θ ← θ + α·δ in place on a ``torch.nn.Module``'s parameters and buffers (any device); options as
+    :func:`apply_to_state_dict`."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
-    vec = vector if isinstance(vector, Mapping) else LazyVector(open_checkpoint(vector))
-    return apply_to_state_dict(tensors, vec, alpha=alpha, allow_missing=allow_missing)
+    vecs = vector if isinstance(vector, list | tuple) else [vector]
+    vecs = [v if isinstance(v, Mapping) else LazyVector(open_checkpoint(v)) for v in vecs]
+    return apply_to_state_dict(tensors, vecs, alpha=alpha, allow_missing=allow_missing, **options)

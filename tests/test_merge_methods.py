@@ -72,6 +72,13 @@ METHODS = {
 }
 
 
+def _rchar() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no /proc/self/io")
+
+
 def _assert_equal(out: dict, ref: dict) -> None:
     for k, r in ref.items():
         o = out[k]
@@ -162,11 +169,16 @@ def test_dare_is_deterministic_across_blocks_and_layouts(tmp_path: Path, monkeyp
 
 def test_alpha_sweep_equals_single_runs_and_reads_once(tmp_path: Path) -> None:
     base, vecs, paths = _make(tmp_path)
+    r0 = _rchar()
     s = capmerge.apply(tmp_path / "P", paths, str(tmp_path / "sw-{alpha}"), alpha=[0.2, 0.5, 1.0], method="ties",
                        density=0.5)  # fmt: skip
+    r1 = _rchar()
     single = capmerge.apply(tmp_path / "P", paths, tmp_path / "one", alpha=0.5, method="ties", density=0.5)
+    r2 = _rchar()
     assert s.outputs == [str(tmp_path / f"sw-{a}") for a in ("0.2", "0.5", "1.0")]
     assert s.bytes_read == single.bytes_read  # every input tensor read once, whatever the number of outputs
+    # and the kernel agrees: bytes read by the process (headers, config files aside) are the same for both runs
+    assert abs((r1 - r0) - (r2 - r1)) < 64 * 1024, (r1 - r0, r2 - r1)
     for a in (0.2, 0.5, 1.0):
         capmerge.apply(tmp_path / "P", paths, tmp_path / f"ref-{a}", alpha=a, method="ties", density=0.5)
         for f in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):

@@ -24,30 +24,18 @@ native kernel (``capmerge/_native.c``) computes block by block; the tests compar
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 
 import torch
+
+from capmerge.methods import keep_count, tensor_key  # noqa: F401 - torch-free, re-exported here
 
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
 PHILOX_ROUND_A = 0xD2511F53
 PHILOX_ROUND_B = 0xCD9E8D57
 _M32 = 0xFFFFFFFF
-
-
-def keep_count(density: float, n: int) -> int:
-    """k = max(1, ⌊d·n + ½⌋) entries kept out of n (0 for an empty tensor); density must be in (0, 1]."""
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    return 0 if n == 0 else min(n, max(1, math.floor(density * n + 0.5)))
-
-
-def tensor_key(seed: int, name: str, index: int = 0) -> int:
-    """The 64-bit Philox key of a (seed, tensor name, vector index): masks depend on nothing else."""
-    h = hashlib.blake2b(f"{seed}\0{index}\0{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little")
 
 
 def philox_uniform(key: int, index: torch.Tensor) -> torch.Tensor:

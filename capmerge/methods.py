@@ -15,6 +15,8 @@ Any individual option given explicitly overrides the preset.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass, replace
 
 from capmerge.errors import UsageError
@@ -91,3 +93,16 @@ def resolve(
     if n_vectors is not None and len(opts.density) not in (1, n_vectors):
         raise UsageError(f"--density has {len(opts.density)} values for {n_vectors} vectors")
     return opts
+
+
+def keep_count(density: float, n: int) -> int:
+    """k = max(1, ⌊d·n + ½⌋) entries kept out of n (0 for an empty tensor); density must be in (0, 1]."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return 0 if n == 0 else min(n, max(1, math.floor(density * n + 0.5)))
+
+
+def tensor_key(seed: int, name: str, index: int = 0) -> int:
+    """The 64-bit Philox key of a (seed, tensor name, vector index): masks depend on nothing else."""
+    h = hashlib.blake2b(f"{seed}\0{index}\0{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little")

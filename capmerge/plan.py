@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from capmerge import compute
 from capmerge.checkpoint import Checkpoint, TensorInfo
 from capmerge.engine import Job
-from capmerge.functional import keep_count, tensor_key
-from capmerge.methods import MergeOptions
+from capmerge.methods import MergeOptions, keep_count, tensor_key
 
 Read = Callable[[int, int, int], memoryview]
 HIST_BLOCK = 1 << 21

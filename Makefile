@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.capmerge-installed
 
-.PHONY: venv test lint pytest demo bench clean
+.PHONY: venv test lint pytest demo bench clean mergekit-venv
 
 venv: $(STAMP)
 
@@ -28,6 +28,18 @@ pytest: venv
 	$(PY) -m pytest -q
 
 test: lint pytest
+
+# mergekit (LGPL) in its own venv, only ever run as a process: by tests/test_reference_libs.py (skipped without it)
+# and benchmarks/bench_apply.py. CPU torch first, as above.
+MERGEKIT_VENV ?= .venv-mergekit
+MERGEKIT_SPEC ?= mergekit==0.1.5
+
+mergekit-venv: $(MERGEKIT_VENV)/bin/mergekit-yaml
+
+$(MERGEKIT_VENV)/bin/mergekit-yaml:
+	test -x $(MERGEKIT_VENV)/bin/python || $(PYTHON) -m venv $(MERGEKIT_VENV)
+	$(MERGEKIT_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(TORCH_SPEC)"
+	$(MERGEKIT_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(MERGEKIT_SPEC)"
 
 demo: venv
 	$(PY) examples/demo.py

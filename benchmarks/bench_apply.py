@@ -5,6 +5,7 @@ Run:
     .venv/bin/python benchmarks/bench_apply.py --size tiny          # quick end-to-end check
     .venv/bin/python benchmarks/bench_apply.py --setup-mergekit     # create .venv-mergekit first (CPU torch, mergekit)
     .venv/bin/python benchmarks/bench_apply.py --memory-depth       # everything at 4 and 16 layers: RssAnon ratio
+    .venv/bin/python benchmarks/bench_apply.py --mergekit-ties      # + mergekit ties vs capmerge ties (~3 min a run)
 
 It writes three bf16 checkpoints with identical names and shapes in HF layout (sharded safetensors + index + a minimal
 llama config.json) under --work-dir: P (pretrained), S (sft) and A (aux), where S and A are P plus small noise. They
@@ -14,7 +15,14 @@ are reused on later runs (a marker json records the preset). Then, with all inpu
     floor_diff     read S and A, write one model's bytes
     floor_apply    read P and the vector, write one model's bytes
     floor_merge    read P, A and S, write one model's bytes (the one-pass floor of P + alpha * (A - S))
+    floor_ties3    read P and three vectors, write one model's bytes
     capmerge_diff / capmerge_apply / capmerge_diff_then_apply (their sum) / mergekit_task_arithmetic
+    capmerge_ties3     apply P V1 V2 V3 --method ties --density 0.3 (V1 = S - P, V2 = A - P, V3 = A - S, bf16 vectors
+                       made once with `capmerge diff`, outside any timing; kept in WORK/<size>/V)   vs floor_ties3
+    capmerge_addsub    apply P --add A --sub S --alpha ALPHA (the three-checkpoint form)              vs floor_merge
+    with --mergekit-ties, the same TIES merge of two models (A and S over base P, density 0.3, weights 1) by both:
+    capmerge_ties2     apply P --add A --add S --method ties --density 0.3                             vs floor_merge
+    mergekit_ties2     mergekit-yaml, merge_method ties, normalize true, dtype bfloat16                vs floor_merge
 
 A floor is the faster of two plain copies per repeat (`cat`, i.e. in-kernel copy_file_range, and `dd bs=1M`). Start-up
 is the same command on the tiny preset; steady = seconds - start-up. Memory is peak VmRSS and RssAnon of the whole
@@ -56,6 +64,8 @@ CSV_COLUMNS = [
 ]  # fmt: skip
 MARKER = "bench-marker.json"
 MARKER_FORMAT = 1
+TIES_DENSITY = 0.3
+MERGEKIT_SPEC = "mergekit==0.1.5"  # as `make mergekit-venv`
 # No hub look-ups from either tool: a timed-out network probe would be counted as merge time.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
@@ -350,15 +360,123 @@ def mergekit_flags() -> list[str]:
     return [f for f in wanted if f in help_text]
 
 
+def ensure_vectors(dirs: dict[str, Path], cli: str) -> list[Path]:
+    """V1 = S - P, V2 = A - P, V3 = A - S (bf16, one file each), made once per checkpoint set, never timed."""
+    root = dirs["P"].parent
+    paths = [root / "V" / f"V{i}.safetensors" for i in (1, 2, 3)]
+    made = (root / MARKER).stat().st_mtime
+    if all(p.exists() and p.stat().st_mtime > made for p in paths):
+        return paths
+    paths[0].parent.mkdir(exist_ok=True)
+    for path, (b, a) in zip(paths, [("P", "S"), ("P", "A"), ("S", "A")], strict=True):
+        cmd = [cli, "diff", str(dirs[b]), str(dirs[a]), "-o", str(path), "--quiet", "--force"]
+        subprocess.run(cmd, check=True, env={**os.environ, **OFFLINE_ENV})
+    return paths
+
+
+def check_ties(out: Path, base: Path, taus: list[tuple[Path, Path | None]], names: list[str], density: float) -> str:
+    """out vs capmerge.functional's TIES (magnitude prune, total sign, normalize; float32, rounded once) of taus.
+
+    A tau is a vector file (b is None) or a checkpoint pair a - b.
+    """
+    from capmerge import functional as F  # the benchmark otherwise only runs capmerge as a process
+
+    parts = []
+    for name in names:
+        terms = []
+        for a, b in taus:
+            t = read_tensor(a, name).float() - (read_tensor(b, name).float() if b is not None else 0.0)
+            terms.append(F.magnitude_prune(t, density))
+        ref = F.merge(read_tensor(base, name), terms, sign="total", normalize=True)
+        got = read_tensor(out, name)
+        exact = (got == ref).float().mean().item()
+        err = (got.float() - ref.float()).abs().max().item()
+        parts.append(f"{name.removeprefix('model.')} {exact:.2%} equal, maxerr {err:.2e}")
+    return "; ".join(parts)
+
+
+def compare_outputs(x: Path, y: Path, names: list[str]) -> str:
+    parts = []
+    for name in names:
+        a, b = read_tensor(x, name), read_tensor(y, name)
+        exact = (a == b).float().mean().item()
+        parts.append(
+            f"{name.removeprefix('model.')} {exact:.2%} equal, maxdiff {(a.float() - b.float()).abs().max():.2e}"
+        )
+    return "; ".join(parts)
+
+
+def run_merge_cases(
+    cases: dict[str, Case], dirs: dict[str, Path], out_root: Path, *, alpha: float, cli: str | None,
+    mergekit_ties: bool, last: bool,
+) -> None:  # fmt: skip
+    """One repeat of the multi-vector cases. Inputs are re-read into the page cache first (untimed): mergekit's
+    multi-GB RSS next to ~17 GB of checkpoints, vectors and outputs may have evicted some of them. Each output is
+    checked on the last repeat, then deleted."""
+    names = tensor_names(dirs["P"])
+    check = [next(n for n in names if n.endswith("q_proj.weight")), names[1], names[-2]]
+    floor_out, out, out2 = (out_root / n for n in ("floor.bin", "merged-capmerge", "merged-mergekit"))
+    if cli is None:
+        for name in ("capmerge_ties3", "capmerge_addsub"):
+            cases[name].runs.append(Run(0, 127, 0, 0, "capmerge CLI not found"))
+        return
+    vecs = ensure_vectors(dirs, cli)
+    read_all([dirs["P"], *vecs])
+    cases["floor_ties3"].runs.append(measure_floor(dirs["P"], vecs, floor_out))
+    clean(out)
+    cmd = [cli, "apply", str(dirs["P"]), *map(str, vecs), "--method", "ties", "--density", str(TIES_DENSITY)]
+    cases["capmerge_ties3"].runs.append(measure([*cmd, "-o", str(out), "--quiet", "--force"], env=OFFLINE_ENV))
+    if last and cases["capmerge_ties3"].ok:
+        taus = [(v, None) for v in vecs]
+        cases["capmerge_ties3"].notes.append("vs functional: " + check_ties(out, dirs["P"], taus, check, TIES_DENSITY))
+    clean(out)
+    read_all([dirs["P"], dirs["A"], dirs["S"]])
+    cmd = [cli, "apply", str(dirs["P"]), "--add", str(dirs["A"]), "--sub", str(dirs["S"]), "--alpha", str(alpha)]
+    cases["capmerge_addsub"].runs.append(measure([*cmd, "-o", str(out), "--quiet", "--force"], env=OFFLINE_ENV))
+    if last and cases["capmerge_addsub"].ok:
+        cases["capmerge_addsub"].notes.append("vs P+a(A-S): " + check_merge(out, dirs, alpha, check))
+    clean(out)
+    if not mergekit_ties:
+        return
+    cmd = [cli, "apply", str(dirs["P"]), "--add", str(dirs["A"]), "--add", str(dirs["S"]), "--method", "ties"]
+    cases["capmerge_ties2"].runs.append(
+        measure([*cmd, "--density", str(TIES_DENSITY), "-o", str(out), "--quiet", "--force"], env=OFFLINE_ENV)
+    )
+    config = out_root / "mergekit-ties.yml"
+    config.write_text(
+        f"merge_method: ties\nbase_model: {json.dumps(str(dirs['P']))}\nmodels:\n"
+        + "".join(f"  - model: {json.dumps(str(dirs[m]))}\n    parameters: {{weight: 1.0, density: {TIES_DENSITY}}}\n"
+                  for m in "AS")
+        + "parameters: {normalize: true}\ndtype: bfloat16\n"
+    )  # fmt: skip
+    read_all([dirs["P"], dirs["A"], dirs["S"]])
+    clean(out2)
+    cases["mergekit_ties2"].runs.append(
+        measure([str(MERGEKIT_YAML), str(config), str(out2), *mergekit_flags()], env=OFFLINE_ENV)
+    )
+    taus = [(dirs["A"], dirs["P"]), (dirs["S"], dirs["P"])]
+    for name, path in (("capmerge_ties2", out), ("mergekit_ties2", out2)):
+        if last and cases[name].ok:
+            cases[name].notes.append("vs functional: " + check_ties(path, dirs["P"], taus, check, TIES_DENSITY))
+    if last and cases["capmerge_ties2"].ok and cases["mergekit_ties2"].ok:
+        cases["mergekit_ties2"].notes.append("vs capmerge_ties2: " + compare_outputs(out2, out, check))
+    clean(out, out2)
+
+
 def run_suite(
-    dirs: dict[str, Path], out_root: Path, *, alpha: float, repeats: int, mergekit: bool, cli: str | None
-) -> dict[str, Case]:
+    dirs: dict[str, Path], out_root: Path, *, alpha: float, repeats: int, mergekit: bool, cli: str | None,
+    mergekit_ties: bool = False,
+) -> dict[str, Case]:  # fmt: skip
     """Every case, interleaved per repeat so that drift hits all of them alike."""
     out_root.mkdir(parents=True, exist_ok=True)
     vec, applied, merged, floor_out = (out_root / n for n in ("vector.safetensors", "applied", "mergekit", "floor.bin"))
     clean(vec, applied, merged, floor_out)
     read_all(list(dirs.values()))
     cases = {n: Case(n) for n in ("floor_diff", "floor_apply", "floor_merge", "capmerge_diff", "capmerge_apply")}
+    cases.update({n: Case(n) for n in ("floor_ties3", "capmerge_ties3", "capmerge_addsub")})
+    mergekit_ties = mergekit and mergekit_ties
+    if mergekit_ties:
+        cases.update({n: Case(n) for n in ("capmerge_ties2", "mergekit_ties2")})
     if mergekit:
         cases["mergekit_task_arithmetic"] = Case("mergekit_task_arithmetic")
         config = out_root / "mergekit.yml"
@@ -395,12 +513,13 @@ def run_suite(
             cases["mergekit_task_arithmetic"].runs.append(measure(mk_cmd, env=OFFLINE_ENV))
         if r < repeats - 1:
             clean(vec, applied, merged)
+        run_merge_cases(cases, dirs, out_root, alpha=alpha, cli=cli, mergekit_ties=mergekit_ties, last=r == repeats - 1)
     cases["capmerge_diff_then_apply"] = Case("capmerge_diff_then_apply", [
         Run(d.seconds + a.seconds, d.rc or a.rc, max(d.peak_rss_mb, a.peak_rss_mb), max(d.peak_anon_mb, a.peak_anon_mb),
             d.error or a.error)
         for d, a in zip(cases["capmerge_diff"].runs, cases["capmerge_apply"].runs, strict=True)
     ])  # fmt: skip
-    for name in ("floor_diff", "floor_apply", "floor_merge"):
+    for name in ("floor_diff", "floor_apply", "floor_merge", "floor_ties3"):
         won = [r.method for r in cases[name].runs]
         cases[name].notes.append(
             "faster copy: " + ", ".join(f"{m} {won.count(m)}/{len(won)}" for m in sorted(set(won)))
@@ -427,6 +546,8 @@ FLOOR_OF = {
     "floor_diff": "floor_diff", "floor_apply": "floor_apply", "floor_merge": "floor_merge",
     "capmerge_diff": "floor_diff", "capmerge_apply": "floor_apply", "capmerge_diff_then_apply": "floor_merge",
     "mergekit_task_arithmetic": "floor_merge",
+    "floor_ties3": "floor_ties3", "capmerge_ties3": "floor_ties3", "capmerge_addsub": "floor_merge",
+    "capmerge_ties2": "floor_merge", "mergekit_ties2": "floor_merge",
 }  # fmt: skip
 
 
@@ -516,7 +637,7 @@ def setup_mergekit() -> None:
     pip = [str(MERGEKIT_VENV / "bin" / "python"), "-m", "pip", "install", "-q"]
     # torch first, pinned to ours: a plain `torch` requirement would pull the multi-GB CUDA build.
     subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}"], check=True)
-    subprocess.run([*pip, "mergekit"], check=True)
+    subprocess.run([*pip, MERGEKIT_SPEC], check=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -528,6 +649,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--alpha", type=float, default=0.5, help="apply scale: P + alpha * (A - S) (default 0.5)")
     ap.add_argument("--no-mergekit", action="store_true", help="skip mergekit even when .venv-mergekit exists")
     ap.add_argument("--setup-mergekit", action="store_true", help="create .venv-mergekit (CPU torch + mergekit)")
+    ap.add_argument("--mergekit-ties", action="store_true", help="also mergekit ties vs capmerge ties (slow: minutes)")
     ap.add_argument("--memory-depth", action="store_true", help="run at 4 layers and at --layers (default: preset's)")
     ap.add_argument("--keep", action="store_true", help="keep the outputs of the last repeat")
     ap.add_argument("--capmerge", help="capmerge executable (default: .venv/bin/capmerge, else the one on PATH)")
@@ -549,7 +671,8 @@ def main(argv: list[str] | None = None) -> int:
         depths = sorted({4, depths[0]}) if depths[0] != 4 else [4, PRESETS["0.95b"].layers]
     work: Path = args.work_dir.resolve()
     cli = capmerge_bin(args.capmerge)
-    suite = functools.partial(run_suite, alpha=args.alpha, repeats=args.repeats, mergekit=use_mergekit, cli=cli)
+    suite = functools.partial(run_suite, alpha=args.alpha, repeats=args.repeats, mergekit=use_mergekit, cli=cli,
+                              mergekit_ties=args.mergekit_ties)  # fmt: skip
 
     tiny = PRESETS["tiny"]
     print("start-up (tiny preset)", file=sys.stderr)
@@ -565,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(label, file=sys.stderr)
             cases = suite(ensure_checkpoints(root, preset), root / "out")
-        for name in ("floor_diff", "floor_apply", "floor_merge"):
+        for name in ("floor_diff", "floor_apply", "floor_merge", "floor_ties3"):
             cases[name].notes.append(f"{human(nbytes(root / 'P'))} per checkpoint")
         by_depth[layers] = make_rows(cases, startup, label)
         if not args.keep:

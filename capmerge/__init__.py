@@ -23,6 +23,8 @@ _EXPORTS = {
     "apply_to_state_dict": "capmerge.inmemory",
     "apply_to_model": "capmerge.inmemory",
     "CapmergeError": "capmerge.errors",
+    "OrthogonalityLoss": "capmerge.ortho",
+    "project_gradients": "capmerge.ortho",
 }
 
 __all__ = [
@@ -40,6 +42,8 @@ __all__ = [
     "apply_to_state_dict",
     "apply_to_model",
     "CapmergeError",
+    "OrthogonalityLoss",
+    "project_gradients",
 ]
 
 if TYPE_CHECKING:
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
     from capmerge.inmemory import apply_to_model, apply_to_state_dict, load_vector
     from capmerge.merging import apply, list_tensors
     from capmerge.methods import MergeOptions
+    from capmerge.ortho import OrthogonalityLoss, project_gradients
 
 
 def __getattr__(name: str) -> Any:

@@ -398,7 +398,10 @@ static int run_merge(const out_t *outs, int n_out, const void *base, int base_dt
             }
         }
         if (normalize)
-            for (j = 0; j < m; j++) d[j] = den[j] > 0.0f ? d[j] / den[j] : d[j];
+            for (j = 0; j < m; j++) { /* branch-free: divide by 1 (exact) where den <= 0 */
+                uint32_t keep = (uint32_t)0 - (uint32_t)(den[j] > 0.0f);
+                d[j] = d[j] / u2f((f2u(den[j]) & keep) | (0x3f800000u & ~keep));
+            }
         for (o = 0; o < n_out; o++) {
             float alpha = outs[o].alpha;
             int f;

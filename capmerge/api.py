@@ -172,6 +172,7 @@ def diff(
     force: bool = False,
     allow_nonfinite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    device: str = "auto",
 ) -> Summary:
     """Write the capability vector τ = AUX − BASE, tensor by tensor (float32 math, rounded once).
 
@@ -186,14 +187,18 @@ def diff(
         force: replace an existing output (atomically).
         allow_nonfinite: keep NaN/Inf produced from finite inputs instead of failing.
         progress: called with (bytes processed so far, tensors finished in this step).
+        device: ``auto`` (a CUDA GPU when there is one and triton imports), ``cpu``, ``cuda`` or ``cuda:N``.
 
     Returns:
         A :class:`Summary`. All-zero differences (frozen tensors) are left out of the file and listed in
         ``zero_tensors``; non-floating tensors are skipped and listed in ``skipped``.
     """
+    from capmerge.kernels import resolve_device
+
     t0 = time.perf_counter()
     code = parse_dtype(dtype, allow_auto=True)
     max_shard = parse_size(shard_size)
+    dev = resolve_device(device)
     keep = name_filter(include, exclude)
     ck_b, ck_a = open_checkpoint(base), open_checkpoint(aux)
     summary = Summary("diff", os.fspath(output))
@@ -224,7 +229,7 @@ def diff(
             summary.skipped[name] = f"non-floating ({ia.dtype})"
             continue
         out_code = code or ia.dtype
-        kernel = functools.partial(_diff_kernel, out_code, ia.dtype, ib.dtype)
+        kernel = functools.partial(_diff_kernel, out_code, ia.dtype, ib.dtype, dev)
         jobs.append(Job(name, "compute", out_code, ia.shape, [(ck_a, ia), (ck_b, ib)], kernel=kernel, drop_zero=True))
     summary.tensors_skipped = len(summary.skipped)
     out = Output(output, [ck_b, ck_a], force=force)
@@ -235,7 +240,7 @@ def diff(
         else:
             sink = _SizeShardedSink(out, planned, max_shard)
         _start_progress(progress, jobs)
-        stats = run(jobs, sink, allow_nonfinite=allow_nonfinite, progress=progress)
+        stats = run(jobs, sink, allow_nonfinite=allow_nonfinite, progress=progress, device=dev)
         metadata = {
             "format": "pt",
             "capmerge.kind": "capability-vector",
@@ -286,8 +291,10 @@ def diff(
     return summary
 
 
-def _diff_kernel(out_code: str, a_code: str, b_code: str, views: list, outs: list, n: int, offset: int) -> int:
-    return compute.diff_block(outs[0], out_code, views[0], a_code, views[1], b_code, n)
+def _diff_kernel(
+    out_code: str, a_code: str, b_code: str, device: str, views: list, outs: list, n: int, offset: int
+) -> int:
+    return compute.diff_block(outs[0], out_code, views[0], a_code, views[1], b_code, n, device)
 
 
 def _name_mismatch(a: list[str], a_label: str, b: list[str], b_label: str) -> str:

@@ -94,7 +94,13 @@ class _Abort(Exception):
 
 class _Pipeline:
     def __init__(
-        self, jobs: list[Job], sinks: list[Sink], *, allow_nonfinite: bool, progress: Callable[[int, int], None]
+        self,
+        jobs: list[Job],
+        sinks: list[Sink],
+        *,
+        allow_nonfinite: bool,
+        progress: Callable[[int, int], None],
+        device: str = "cpu",
     ):
         self.jobs = jobs
         self.sinks = sinks
@@ -110,11 +116,16 @@ class _Pipeline:
         self.block = max(1, min(BLOCK_ELEMS, biggest))
         self.free_slots: queue.Queue[list[bytearray]] = queue.Queue()
         self.free_out: queue.Queue[bytearray] = queue.Queue()
+        alloc = bytearray
+        if device != "cpu" and computed:  # page-locked buffers: host <-> GPU copies run asynchronously
+            from capmerge.kernels.dispatch import host_buffer
+
+            alloc = functools.partial(host_buffer, device=device)
         if computed:
             for _ in range(DEPTH):
-                self.free_slots.put([bytearray(self.block * in_item) for _ in range(n_in)])
+                self.free_slots.put([alloc(self.block * in_item) for _ in range(n_in)])
                 for _ in sinks:
-                    self.free_out.put(bytearray(self.block * out_item))
+                    self.free_out.put(alloc(self.block * out_item))
         self._scratch: dict[int, bytearray] = {}
         self._prepare_bytes = 0
         self.to_compute: queue.Queue[tuple | None] = queue.Queue(maxsize=2 * DEPTH)
@@ -344,13 +355,17 @@ def run(
     *,
     allow_nonfinite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    device: str = "cpu",
 ) -> RunStats:
     """Stream ``jobs`` into the files of ``sink`` (or of every sink of a list: one output per sink, e.g. an α sweep).
 
-    Raises the first error of any stage; the caller cleans up the outputs.
+    ``device`` (resolved, see :func:`capmerge.kernels.resolve_device`) only picks the kind of block buffers; the jobs'
+    kernels carry their own device. Raises the first error of any stage; the caller cleans up the outputs.
     """
     sinks = sink if isinstance(sink, list) else [sink]
-    pipe = _Pipeline(jobs, sinks, allow_nonfinite=allow_nonfinite, progress=progress or (lambda b, t: None))
+    pipe = _Pipeline(
+        jobs, sinks, allow_nonfinite=allow_nonfinite, progress=progress or (lambda b, t: None), device=device
+    )
     try:
         return pipe.run()
     except KeyboardInterrupt:

@@ -69,6 +69,7 @@ def apply_to_state_dict(
     layers: str | None = None,
     layer_pattern: str | None = None,
     alpha_gradient: Sequence[float] | None = None,
+    device: str | None = "auto",
 ) -> list[str]:
     """θ ← θ + α·δ in place, δ the merge of one or several vectors (mappings or checkpoint references).
 
@@ -77,16 +78,21 @@ def apply_to_state_dict(
     tensors with plain task arithmetic), rounded once into the tensor's dtype. Names and shapes of every vector are
     checked first, so a mismatch changes nothing. Returns the updated names; tensors sharing storage (tied weights)
     are updated once.
+
+    ``device``: ``auto`` computes on each tensor's own device — with the Triton kernels for CUDA tensors (no host
+    copy, no temporaries beyond the vector), torch ops elsewhere; ``cpu`` / ``cuda[:N]`` compute there (copying
+    tensors that live elsewhere there and back). Every device gives the same values.
     """
     import torch
 
-    from capmerge import functional as F
+    from capmerge.kernels import is_available, resolve_device, torch_device
     from capmerge.masks import TensorMask, alpha_for, count_layers
     from capmerge.methods import resolve
 
     vecs = [_as_mapping(v) for v in (vector if isinstance(vector, list | tuple) else [vector])]
     opts = resolve(method, density=density, gamma=gamma, sign=sign, normalize=normalize, rescale=rescale, seed=seed,
                    n_vectors=len(vecs))  # fmt: skip
+    dev = None if device in (None, "auto") else resolve_device(device)
     w = [1.0] * len(vecs) if weights is None else [float(x) for x in weights]
     if len(w) != len(vecs):
         raise MismatchError(f"{len(w)} weights for {len(vecs)} vectors")
@@ -119,30 +125,66 @@ def apply_to_state_dict(
             if p.numel() and key in seen:
                 continue
             seen.add(key)
-            terms, tw = [], []
-            for i, vec in enumerate(vecs):
-                if n not in vec:
-                    continue
-                t = vec[n].to(device=p.device)
-                d = opts.density_for(i)
-                if opts.prune == "magnitude" and d < 1.0:
-                    t = F.magnitude_prune(t, d)
-                elif opts.prune == "random" and d < 1.0:
-                    t = F.random_prune(t, d, key=F.tensor_key(opts.seed, n, i), rescale=opts.rescale)
-                elif opts.prune == "breadcrumbs":
-                    t = F.breadcrumbs_prune(t, d, opts.gamma)
-                terms.append(t)
-                tw.append(w[i])
+            where = p.device if dev is None else torch_device(dev)
+            kernels = dev not in (None, "cpu") or (dev is None and p.is_cuda and is_available())
+            x = p if p.device == where else p.to(where)
+            raw = [(vec[n].to(device=where), w[i], opts.density_for(i), i) for i, vec in enumerate(vecs) if n in vec]
             a = alpha_for(n, alpha, list(alpha_gradient), n_layers, layer_pattern) if alpha_gradient else alpha
-            if p.dtype == torch.float64 and opts.is_plain:
-                acc = torch.zeros_like(p)
-                for t, wi in zip(terms, tw, strict=True):
-                    acc = acc + wi * t.to(torch.float64)
-                p.copy_(p + a * acc)
-            else:
-                p.copy_(F.merge(p, terms, tw, alpha=a, sign=opts.sign, normalize=opts.normalize))
+            if not (kernels and _merge_with_kernels(x, n, raw, a, opts)):
+                _merge_with_torch(x, n, raw, a, opts)
+            if x is not p:
+                p.copy_(x)
             done.append(n)
     return done
+
+
+def _merge_with_torch(x: Any, name: str, raw: list[tuple[Any, float, float, int]], alpha: float, opts: Any) -> None:
+    """The reference path (:mod:`capmerge.functional`) on ``x``'s device."""
+    import torch
+
+    from capmerge import functional as F
+
+    terms, tw = [], []
+    for t, wi, d, i in raw:
+        if opts.prune == "magnitude" and d < 1.0:
+            t = F.magnitude_prune(t, d)
+        elif opts.prune == "random" and d < 1.0:
+            t = F.random_prune(t, d, key=F.tensor_key(opts.seed, name, i), rescale=opts.rescale)
+        elif opts.prune == "breadcrumbs":
+            t = F.breadcrumbs_prune(t, d, opts.gamma)
+        terms.append(t)
+        tw.append(wi)
+    if x.dtype == torch.float64 and opts.is_plain:
+        acc = torch.zeros_like(x)
+        for t, wi in zip(terms, tw, strict=True):
+            acc = acc + wi * t.to(torch.float64)
+        x.copy_(x + alpha * acc)
+    else:
+        x.copy_(F.merge(x, terms, tw, alpha=alpha, sign=opts.sign, normalize=opts.normalize))
+
+
+def _merge_with_kernels(x: Any, name: str, raw: list[tuple[Any, float, float, int]], alpha: float, opts: Any) -> bool:
+    """The fused Triton merge, in place on ``x``; thresholds found on the device (exact k-th largest |τ|).
+    False when the kernels cannot take these tensors (the caller then uses the torch path)."""
+    from capmerge import compute
+    from capmerge import functional as F
+    from capmerge.kernels.dispatch import merge_tensors
+    from capmerge.kernels.merge import Term
+
+    terms = []
+    for t, wi, d, i in raw:
+        t = t.contiguous()
+        key = F.tensor_key(opts.seed, name, i)
+        if opts.prune == "magnitude" and d < 1.0:
+            terms.append(Term(t, None, wi, compute.PRUNE_MAGNITUDE, F.magnitude_threshold(t, d), 0.0, key))
+        elif opts.prune == "random" and d < 1.0:
+            terms.append(Term(t, None, wi, compute.PRUNE_RANDOM, d, d if opts.rescale else 0.0, key))
+        elif opts.prune == "breadcrumbs":
+            lo, hi = F.breadcrumbs_thresholds(t, d, opts.gamma)
+            terms.append(Term(t, None, wi, compute.PRUNE_BAND, lo, hi, key))
+        else:
+            terms.append(Term(t, None, wi))
+    return merge_tensors(x, x, terms, alpha=alpha, sign=opts.sign, normalize=opts.normalize)
 
 
 def apply_to_model(

@@ -101,6 +101,7 @@ def apply(
     force: bool = False,
     allow_nonfinite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    device: str = "auto",
 ) -> Summary:
     """Merge vectors into ``base``: θ_out = θ + α·δ (formulas in :mod:`capmerge.functional`).
 
@@ -119,16 +120,19 @@ def apply(
         include / exclude / layers / layer_pattern: which tensors are merged; the others are copied bit-exactly.
         alpha_gradient: per-layer α interpolated linearly over the block index (tensors outside blocks use α).
         add / sub: three-checkpoint form, τ_j = add_j − sub_j (add_j − base without ``sub``), computed on the fly.
-        allow_missing / force / allow_nonfinite / progress: as in :func:`capmerge.diff`.
+        allow_missing / force / allow_nonfinite / progress / device: as in :func:`capmerge.diff`.
 
     Returns:
         A :class:`~capmerge.api.Summary`; ``outputs`` lists every output of a sweep.
     """
+    from capmerge.kernels import resolve_device
+
     t0 = time.perf_counter()
     if output is None:
         raise UsageError("no output given")
     out_tmpl = os.fspath(output)
     code = parse_dtype(dtype, allow_auto=True)
+    dev = resolve_device(device)
     alphas = [float(a) for a in _as_list(alpha)] or [1.0]
     ck_b = open_checkpoint(base)
     terms = build_terms(ck_b, _as_list(vectors), _as_list(add), _as_list(sub), weights)
@@ -193,14 +197,14 @@ def apply(
                 jobs.append(Job(name, "copy", ib.dtype, ib.shape, [(ck_b, ib)], sink=sink))
             else:  # a pure cast (no terms)
                 jobs.append(merge_job(name, (ck_b, ib), [], out_code=out_dtype, options=options, variants=[()],
-                                      alphas=[1.0] * len(alphas) * len(variants), sink=sink))  # fmt: skip
+                                      alphas=[1.0] * len(alphas) * len(variants), sink=sink, device=dev))  # fmt: skip
             continue
         if alpha_gradient is not None:
             tensor_alphas = [alpha_for(name, alphas[0], list(alpha_gradient), n_layers, layer_pattern)]
         else:
             tensor_alphas = alphas
         jobs.append(merge_job(name, (ck_b, ib), touching, out_code=out_dtype, options=options, variants=variants,
-                              alphas=tensor_alphas, sink=sink))  # fmt: skip
+                              alphas=tensor_alphas, sink=sink, device=dev))  # fmt: skip
     if not mask.is_trivial and selected == 0:
         raise UsageError("mask selects no tensors (check --include/--exclude/--layers)")
     outs_paths = [expand_template(out_tmpl, alpha=a, density=v[0] if v else 1.0) for v in variants for a in alphas]
@@ -220,7 +224,7 @@ def apply(
                          for i, s in enumerate(shard_names)]  # fmt: skip
             sinks.append(Sink(files))
         _start_progress(progress, jobs)
-        stats = run(jobs, sinks, allow_nonfinite=allow_nonfinite, progress=progress)
+        stats = run(jobs, sinks, allow_nonfinite=allow_nonfinite, progress=progress, device=dev)
         for vi, v in enumerate(variants):
             for ai, a in enumerate(alphas):
                 out = outs[vi * len(alphas) + ai]

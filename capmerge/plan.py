@@ -49,6 +49,7 @@ class MergeKernel:
     numel: int
     term_ids: list[int] = field(default_factory=list)  # the terms' indices in the whole merge (DARE streams)
     params: list[list[tuple[int, float, float, int]]] = field(default_factory=list)
+    device: str = "cpu"  # a resolved device (capmerge.kernels.resolve_device): where the blocks are computed
 
     def __post_init__(self) -> None:
         o = self.options
@@ -112,8 +113,9 @@ class MergeKernel:
             ]
             vouts = [(outs[vi * na + ai], self.out_code, a) for ai, a in enumerate(self.alphas)]
             flags |= compute.merge_block(
-                vouts, views[0], self.base_code, n, terms, sign=o.sign, normalize=o.normalize, offset=offset
-            )
+                vouts, views[0], self.base_code, n, terms, sign=o.sign, normalize=o.normalize, offset=offset,
+                device=self.device,
+            )  # fmt: skip
         return flags
 
 
@@ -205,6 +207,7 @@ def merge_job(
     variants: list[tuple[float, ...]],
     alphas: list[float],
     sink: int,
+    device: str = "cpu",
 ) -> Job:
     """A compute job for one base tensor; ``touching`` = (term index, term, info of a, info of b)."""
     inputs: list[tuple[Checkpoint, TensorInfo]] = [base]
@@ -219,7 +222,8 @@ def merge_job(
         specs.append((a_idx, ia.dtype, b_idx, ib.dtype if ib is not None else "F32", term.weight))
     sub_variants = [tuple(v[ti] for ti, _, _, _ in touching) for v in variants]
     ids = [ti for ti, _, _, _ in touching]
-    kernel = MergeKernel(name, base[1].dtype, out_code, specs, options, sub_variants, alphas, base[1].numel, ids)
+    kernel = MergeKernel(name, base[1].dtype, out_code, specs, options, sub_variants, alphas, base[1].numel, ids,
+                         device=device)  # fmt: skip
     return Job(
         name,
         "compute",

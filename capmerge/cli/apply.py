@@ -12,6 +12,7 @@ from capmerge.cli.app import app, fail, handle_errors
 from capmerge.cli.common import (
     AllowMissing,
     AllowNonfinite,
+    Device,
     Exclude,
     Force,
     Include,
@@ -82,6 +83,7 @@ def apply_cmd(
     allow_missing: AllowMissing = False,
     allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
+    device: Device = "auto",
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
@@ -126,6 +128,7 @@ def apply_cmd(
                 force=force,
                 allow_nonfinite=allow_nonfinite,
                 progress=progress,
+                device=device,
             )
         finally:
             progress.close()

@@ -21,6 +21,12 @@ AllowNonfinite = Annotated[
 Include = Annotated[
     list[str] | None, typer.Option("--include", help="Only tensors whose name matches this regex (repeatable).")
 ]
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device", help="auto (a CUDA GPU when present and triton imports) | cpu | cuda | cuda:N. Same results."
+    ),
+]
 Exclude = Annotated[
     list[str] | None, typer.Option("--exclude", help="Leave out tensors matching this regex (repeatable).")
 ]

@@ -10,6 +10,7 @@ from capmerge.cli.app import app, handle_errors
 from capmerge.cli.common import (
     AllowMissing,
     AllowNonfinite,
+    Device,
     Exclude,
     Force,
     Include,
@@ -41,6 +42,7 @@ def diff_cmd(
     allow_missing: AllowMissing = False,
     allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
+    device: Device = "auto",
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
@@ -61,6 +63,7 @@ def diff_cmd(
                 force=force,
                 allow_nonfinite=allow_nonfinite,
                 progress=progress,
+                device=device,
             )
         finally:
             progress.close()

@@ -25,7 +25,7 @@ from capmerge.recipe import (
     _methods,
 )
 
-_HUB_ID = re.compile(r"(hf://)?[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?")
+_HUB_ID = re.compile(r"hf://.+|[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?")
 _STEP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
@@ -242,7 +242,10 @@ def _missing_input(x: Any) -> str | None:
         return None
     if os.path.exists(x):
         return None
-    if _HUB_ID.fullmatch(x) and not os.path.isdir(x.split("/")[0]):
+    from capmerge.checkpoint import WEIGHT_SUFFIXES
+
+    looks_local = x.endswith((*WEIGHT_SUFFIXES, ".json")) or os.path.isdir(x.split("/")[0])
+    if _HUB_ID.fullmatch(x) and (x.startswith("hf://") or not looks_local):
         return None
     return f"input does not exist: {x}"
 

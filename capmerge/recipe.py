@@ -323,6 +323,26 @@ def shipped() -> dict[str, Path]:
             if p.name.endswith(".yaml")}  # fmt: skip
 
 
+def shipped_path(name: str) -> Path:
+    """The file of a shipped recipe (``capvector`` or ``capvector.yaml``)."""
+    from capmerge.errors import UsageError
+
+    ships = shipped()
+    key = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    if key not in ships:
+        raise UsageError(f"no shipped recipe named {name!r} (shipped: {', '.join(ships)})")
+    return ships[key]
+
+
+def describe(path: Path) -> str:
+    """A recipe's ``description:``."""
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return ""
+    return str(doc.get("description", "")) if isinstance(doc, dict) else ""
+
+
 def find(ref: PathLike) -> Path:
     """A recipe file: a path, or the name of a shipped recipe (``capvector`` / ``capvector.yaml``)."""
     from capmerge.errors import CheckpointNotFoundError
@@ -363,6 +383,8 @@ def load(path: PathLike, overrides: Mapping[str, Any] | None = None, *, require_
     except yaml.YAMLError as e:
         line = _yaml.error_line(e)
         what = str(e).splitlines()[0] if isinstance(e, _yaml.DuplicateKey) else getattr(e, "problem", None) or str(e)
+        if "'{'" in what:
+            what += ' (quote values holding ${...} inside [ ] or { }: ["${steps.x}"])'
         raise RecipeError([(f"invalid YAML: {what}", f"{where}:{line or 1}")]) from None
     return check(doc, where, p.stem, dict(overrides or {}), require_values)
 

@@ -27,7 +27,7 @@ from typing import Any
 from capmerge._version import __version__
 from capmerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from capmerge.errors import MismatchError, UsageError
-from capmerge.masks import PatternLike, layer_index
+from capmerge.masks import BLOCK_CONTAINERS, PatternLike, layer_index
 
 PathLike = str | os.PathLike[str]
 CHUNK = 1 << 20  # elements per block read: 4 MiB of float32 per input
@@ -42,16 +42,10 @@ def module_of(name: str, pattern: PatternLike | None = None) -> str:
     index = layer_index(name, pattern)
     if index is not None:
         for i in range(1, len(parts)):
-            if parts[i] == str(index) and (pattern is not None or parts[i - 1] in _containers()):
+            if parts[i] == str(index) and (pattern is not None or parts[i - 1] in BLOCK_CONTAINERS):
                 parts[i] = "*"
                 break
     return ".".join(parts[:-1]) if len(parts) > 1 else name
-
-
-def _containers() -> frozenset[str]:
-    from capmerge.masks import BLOCK_CONTAINERS
-
-    return BLOCK_CONTAINERS
 
 
 @dataclass
@@ -66,24 +60,25 @@ class Acc:
     nonfinite: int = 0
     maxabs: float = 0.0
 
-    def add(self, x: Any) -> None:
-        """Add a block (a 1-D float32 torch tensor)."""
+    def add(self, x: Any, x64: Any) -> None:
+        """Add a block: the same 1-D values as float32 (``x``, for exact counts and max) and float64 (sums)."""
         import torch
 
-        if x.numel() == 0:
+        n = int(x64.numel())
+        if n == 0:
             return
-        finite = torch.isfinite(x)
-        bad = int(x.numel() - int(finite.sum()))
-        if bad:
-            self.nonfinite += bad
-            x = x[finite]
-        x64 = x.double()
-        self.numel += int(x.numel()) + bad
-        self.sumsq += float(x64.square().sum())
-        self.sumabs += float(x64.abs().sum())
-        self.zeros += int((x == 0).sum())
+        sumsq = float(torch.dot(x64, x64))
+        self.numel += n
+        if not math.isfinite(sumsq):  # NaN/Inf in the block: count them, take statistics over the rest
+            finite = torch.isfinite(x64)
+            self.nonfinite += n - int(finite.sum())
+            x, x64 = x[finite], x64[finite]
+            sumsq = float(torch.dot(x64, x64))
+        self.sumsq += sumsq
+        self.sumabs += float(torch.linalg.vector_norm(x64, 1))
+        self.zeros += int(x.numel()) - int(torch.count_nonzero(x))
         if x.numel():
-            self.maxabs = max(self.maxabs, float(x.abs().max()))
+            self.maxabs = max(self.maxabs, float(torch.linalg.vector_norm(x, math.inf)))
 
     def merge(self, o: Acc) -> None:
         self.numel += o.numel
@@ -116,15 +111,16 @@ class PairAcc:
     aa: float = 0.0
     bb: float = 0.0
 
-    def add(self, a: Any | None, b: Any | None) -> None:
-        a64 = a.double() if a is not None else None
-        b64 = b.double() if b is not None else None
+    def add(self, a64: Any | None, b64: Any | None) -> None:
+        """Add a block of each vector (1-D float64 tensors; None where the vector lacks the tensor)."""
+        import torch
+
         if a64 is not None:
-            self.aa += float(a64.square().sum())
+            self.aa += float(torch.dot(a64, a64))
         if b64 is not None:
-            self.bb += float(b64.square().sum())
+            self.bb += float(torch.dot(b64, b64))
         if a64 is not None and b64 is not None:
-            self.dot += float((a64 * b64).sum())
+            self.dot += float(torch.dot(a64, b64))
 
     def merge(self, o: PairAcc) -> None:
         self.dot += o.dot
@@ -407,14 +403,15 @@ def _stream(
                         blocks[key] = b
                     x = (b if sign > 0 else -b) if x is None else (x + b if sign > 0 else x - b)
                 values.append(x)
+            values64 = [None if x is None else x.double() for x in values]  # sums in float64
             for i, x in enumerate(values):
                 if x is not None:
-                    accs[i].add(x)  # type: ignore[union-attr]
+                    accs[i].add(x, values64[i])  # type: ignore[union-attr]
                     if full[i] is not None:
                         full[i][off : off + m] = x
             for pi, (i, j) in enumerate(pairs):
                 if paccs[pi] is not None:
-                    paccs[pi].add(values[i], values[j])  # type: ignore[union-attr]
+                    paccs[pi].add(values64[i], values64[j])  # type: ignore[union-attr]
         for v, acc, f in zip(vectors, accs, full, strict=True):
             if acc is not None:
                 v.tensors[name] = acc

@@ -103,6 +103,10 @@ class _Runner:
         return set(stamp.get("outputs", {}))
 
     def run(self, plan: bool) -> dict[str, Any]:
+        if not plan:  # before any step runs: a missing feature must not leave half a pipeline behind
+            for step in self.recipe.steps:
+                if step.op in ("compress", "push"):
+                    _lazy(step.op, f"{self.recipe.path}:{step.line}: steps.{step.name}")
         report: list[dict[str, Any]] = []
         for step in self.recipe.steps:
             opts, ids = self.resolve(step)
@@ -202,14 +206,16 @@ class _Runner:
         return outs, summary
 
 
-def _lazy(name: str) -> Callable[..., Any]:
-    """``capmerge.compress`` / ``capmerge.push`` come from other modules; import them only when a step runs."""
+def _lazy(name: str, where: str | None = None) -> Callable[..., Any]:
+    """``capmerge.compress`` / ``capmerge.push`` come from other modules; import them only when a step needs them."""
     import capmerge
 
     try:
         return getattr(capmerge, name)
-    except (AttributeError, ImportError) as e:
-        raise CapmergeError(f"the {name} step needs capmerge.{name}, which this installation lacks ({e})") from None
+    except AttributeError:
+        raise CapmergeError(f"the {name} step needs capmerge.{name}, which this installation lacks", where) from None
+    except ImportError as e:
+        raise CapmergeError(f"the {name} step needs capmerge.{name}, which cannot be imported ({e})", where) from None
 
 
 def _as_dict(res: Any) -> dict[str, Any]:

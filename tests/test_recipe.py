@@ -307,3 +307,18 @@ def test_compress_and_push_steps_validate_their_schema(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace("high", "0.9").replace("private: true", "repo_id: me/vec"))
     r = runner.invoke(app, ["recipes", "validate", str(path)])
     assert r.exit_code == 0 and "2 steps (small, up)" in r.stdout
+
+
+def test_missing_compress_is_a_clear_error_before_any_step_runs(tmp_path: Path) -> None:
+    if hasattr(capmerge, "compress"):
+        pytest.skip("capmerge.compress is installed: the compress step runs (tested with it)")
+    s = save_single(tmp_path / "s.safetensors", {"w": torch.ones(3)})
+    a = save_single(tmp_path / "a.safetensors", {"w": torch.full((3,), 2.0)})
+    path = tmp_path / "r.yaml"
+    path.write_text(f"steps:\n  vec:\n    op: diff\n    base: {s}\n    aux: {a}\n"
+                    '  small:\n    op: compress\n    vector: "${steps.vec}"\n    rank: 2\n')  # fmt: skip
+    r = runner.invoke(app, ["run", str(path), "--workdir", str(tmp_path / "w")])
+    assert r.exit_code == 2 and "Traceback" not in r.stderr
+    assert r.stderr == (f"error: the compress step needs capmerge.compress, which this installation lacks "
+                        f"({path}:6: steps.small)\n")  # fmt: skip
+    assert not (tmp_path / "w").exists()

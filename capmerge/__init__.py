@@ -25,6 +25,8 @@ _EXPORTS = {
     "CapmergeError": "capmerge.errors",
     "OrthogonalityLoss": "capmerge.ortho",
     "project_gradients": "capmerge.ortho",
+    "inspect": "capmerge.analysis",
+    "run_recipe": "capmerge.recipe",
 }
 
 __all__ = [
@@ -44,9 +46,12 @@ __all__ = [
     "CapmergeError",
     "OrthogonalityLoss",
     "project_gradients",
+    "inspect",
+    "run_recipe",
 ]
 
 if TYPE_CHECKING:
+    from capmerge.analysis import inspect
     from capmerge.api import Summary, diff, parse_size
     from capmerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
     from capmerge.errors import CapmergeError
@@ -54,6 +59,7 @@ if TYPE_CHECKING:
     from capmerge.merging import apply, list_tensors
     from capmerge.methods import MergeOptions
     from capmerge.ortho import OrthogonalityLoss, project_gradients
+    from capmerge.recipe import run_recipe
 
 
 def __getattr__(name: str) -> Any:

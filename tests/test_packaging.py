@@ -21,6 +21,7 @@ def test_wheel_contains_kernels_under_capmerge(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "capmerge/kernels/__init__.py" in names
     assert "capmerge/recipes/__init__.py" in names
+    assert "capmerge/recipes/capvector.yaml" in names
     assert not any(n.startswith("kernels/") for n in names), [n for n in names if n.startswith("kernels/")]
     assert any(n.startswith("capmerge/_native") and n.endswith((".so", ".pyd")) for n in names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))

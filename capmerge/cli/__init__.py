@@ -2,6 +2,8 @@
 
 from capmerge.cli import apply as _apply  # noqa: F401
 from capmerge.cli import diff as _diff  # noqa: F401
+from capmerge.cli import inspect as _inspect  # noqa: F401
+from capmerge.cli import recipes as _recipes  # noqa: F401
 from capmerge.cli.app import app, main
 
 __all__ = ["app", "main"]

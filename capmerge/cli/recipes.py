@@ -1,0 +1,121 @@
+"""``capmerge run RECIPE.yaml [key=value ...]`` and ``capmerge recipes list|show|copy|validate``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from capmerge.cli.app import app, handle_errors
+
+RUN_HELP = """Run a YAML recipe: steps (diff, apply, inspect, compress, push) with named outputs, ${var} variables
+set with key=value, intermediate outputs cached in a work directory by content key.
+
+Examples:
+
+  capmerge run capvector.yaml pretrained=P/ sft=S/ aux=A/ alpha=0.6
+
+  capmerge run my-recipe.yaml --plan          # validate and print the resolved steps; nothing runs
+
+  capmerge recipes list                       # the shipped recipes; `capmerge recipes copy NAME .` to start one
+"""
+
+recipes_app = typer.Typer(help="The shipped recipes: list, show, copy; validate any recipe file.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+def _progress(quiet: bool) -> Any:
+    if quiet:
+        return None
+
+    def show(step: str, status: str) -> None:
+        if status == "running":
+            print(f"step {step}: running", file=sys.stderr)
+
+    return show
+
+
+@app.command("run", help=RUN_HELP)
+def run_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Variable values: name=value ...")] = None,
+    plan: Annotated[bool, typer.Option("--plan", help="Validate and print the resolved steps; run nothing.")] = False,
+    workdir: Annotated[str | None, typer.Option("--workdir", help="Work directory (overrides workdir:).")] = None,
+    rerun: Annotated[bool, typer.Option("--rerun", help="Ignore cached step outputs; run every step.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run (or plan) as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+) -> None:
+    from capmerge.recipe import parse_overrides, run_recipe
+
+    with handle_errors():
+        values = parse_overrides(overrides or [])
+        result = run_recipe(recipe, workdir=workdir, plan=plan, rerun=rerun, progress=_progress(quiet), **values)
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return
+    out = sys.stdout if plan else sys.stderr
+    if quiet and not plan:
+        return
+    print(f"recipe {result['recipe']} (work directory {result['workdir']})", file=out)
+    for s in result["steps"]:
+        outs = ", ".join(s["outputs"]) or "-"
+        took = f" in {s['seconds']:.2f} s" if "seconds" in s else ""
+        print(f"  {s['step']:<16} {s['op']:<8} {s['status']}{took} -> {outs}", file=out)
+        if plan and s.get("options"):
+            for k, v in s["options"].items():
+                print(f"      {k}: {json.dumps(v)}", file=out)
+
+
+@recipes_app.command("list", help="List the shipped recipes.")
+def list_cmd() -> None:
+    from capmerge.recipe import describe, shipped
+
+    for name, path in shipped().items():
+        print(f"{name:<22} {describe(path)}")
+
+
+@recipes_app.command("show", help="Print a shipped recipe.")
+def show_cmd(name: Annotated[str, typer.Argument(help="Recipe name (see `capmerge recipes list`).")]) -> None:
+    from capmerge.recipe import shipped_path
+
+    with handle_errors():
+        path = shipped_path(name)
+    sys.stdout.write(path.read_text(encoding="utf-8"))
+
+
+@recipes_app.command("copy", help="Copy a shipped recipe to a file or directory, to edit it.")
+def copy_cmd(
+    name: Annotated[str, typer.Argument(help="Recipe name.")],
+    dest: Annotated[str, typer.Argument(help="Destination file or existing directory.")],
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing file.")] = False,
+) -> None:
+    from capmerge.errors import OutputExistsError, UsageError
+    from capmerge.recipe import shipped_path
+
+    with handle_errors():
+        src = shipped_path(name)
+        target = os.path.join(dest, src.name) if os.path.isdir(dest) else dest
+        parent = os.path.dirname(os.path.abspath(target))
+        if not os.path.isdir(parent):
+            raise UsageError("the destination's directory does not exist", dest)
+        if os.path.exists(target) and not force:
+            raise OutputExistsError("destination exists (use --force to replace it)", target)
+        shutil.copyfile(src, target)
+    print(f"copied {src.name} to {target}", file=sys.stderr)
+
+
+@recipes_app.command("validate", help="Check a recipe (schema, variables, inputs, step graph) without running it.")
+def validate_cmd(
+    recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Variable values: name=value ...")] = None,
+) -> None:
+    from capmerge.recipe import load, parse_overrides
+
+    with handle_errors():
+        r = load(recipe, parse_overrides(overrides or []), require_values=False)
+    needs = f"; needs values for: {', '.join(r.unset)}" if r.unset else ""
+    print(f"ok: {r.path}: {len(r.steps)} steps ({', '.join(s.name for s in r.steps)}){needs}")

@@ -32,6 +32,17 @@ def _as_list(x: Any) -> list[Any]:
     return list(x)
 
 
+def safetensors_name(name: str) -> str:
+    """The output name of a base weight file: outputs are always safetensors (``pytorch_model-00001-of-00002.bin``
+    → ``model-00001-of-00002.safetensors``, ``pytorch_model.bin.index.json`` → ``model.safetensors.index.json``)."""
+    for suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        if name.endswith(suffix + ".index.json"):
+            return name[: -len(suffix + ".index.json")].replace("pytorch_model", "model") + ".safetensors.index.json"
+        if name.endswith(suffix):
+            return name[: -len(suffix)].replace("pytorch_model", "model") + ".safetensors"
+    return name
+
+
 def build_terms(
     base: Checkpoint,
     vectors: Sequence[PathLike | Checkpoint],
@@ -178,7 +189,7 @@ def apply(
     sink_of: dict[str, int] = {}
     selected = 0
     for name, ib in ck_b.tensors.items():
-        shard = os.path.basename(ib.shard) if ck_b.root is not None else "model.safetensors"
+        shard = safetensors_name(os.path.basename(ib.shard)) if ck_b.root is not None else "model.safetensors"
         if shard not in sink_of:
             sink_of[shard] = len(shard_names)
             shard_names.append(shard)
@@ -257,7 +268,7 @@ def apply(
                 names = [os.path.basename(out.out)] if out.single_file else shard_names
                 index_name = None
                 if not out.single_file and ck_b.sharded:
-                    index_name = os.path.basename(ck_b.index_path or "model.safetensors.index.json")
+                    index_name = safetensors_name(os.path.basename(ck_b.index_path or "model.safetensors.index.json"))
                 files_written, nbytes = _finish_files(out, list(zip(names, sinks[vi * len(alphas) + ai].files,
                                                                     strict=True)), metadata, index_name)  # fmt: skip
                 if not out.single_file:

@@ -136,8 +136,8 @@ def normalise(
         fwd = _prefix_map(ref.tensors, o.tensors)
         if symmetric and fwd:
             back = _prefix_map(o.tensors, ref.tensors)
-            longer = sum(len(strip_wrappers(n)[1]) for n in back)
-            if back and longer < sum(len(strip_wrappers(n)[1]) for n in fwd):
+            wrapped = sum(len(strip_wrappers(n)[1]) for n in back.values())  # the names each choice gives
+            if back and wrapped < sum(len(strip_wrappers(n)[1]) for n in fwd.values()):
                 notes += _describe(back, labels[0], labels[i + 1])
                 ref = _rename(ref, back, "prefix normalisation")
                 aligned.append(o)

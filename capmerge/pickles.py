@@ -36,8 +36,11 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             # The legacy (pre-1.6, non-zip) format cannot be memory-mapped: read it whole, still weights only.
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "WeightsUnpickler" not in str(e) or _refusal_reason(str(e)).startswith("Unsupported operand"):
+            why = _refusal_reason(str(e)) if "WeightsUnpickler" in str(e) else _first_line(e)
+            raise CheckpointError(f"not a readable PyTorch checkpoint ({why})", str(path)) from None
         if not trust_pickle:
-            reason = _refusal_reason(str(e))
+            reason = _refusal_reason(str(e)) or "the weights-only unpickler refused it"
             raise CheckpointError(
                 f"pickle holds more than tensors and containers ({reason}); refused without running it. "
                 "Pass --trust-pickle only if you trust the file: loading it runs code from it",
@@ -62,11 +65,9 @@ def _first_line(e: BaseException) -> str:
 
 
 def _refusal_reason(msg: str) -> str:
-    for line in msg.splitlines():
-        if "WeightsUnpickler error:" in line:
-            reason = line.split("WeightsUnpickler error:", 1)[1].strip()
-            return reason.split(". Please")[0].rstrip(".")[:200]
-    return "the weights-only unpickler refused it"
+    """The reason torch's weights-only unpickler gives (the first line after its ``WeightsUnpickler error:``)."""
+    rest = msg.split("WeightsUnpickler error:", 1)[-1].strip()
+    return (rest.splitlines() or [""])[0].split(". Please")[0].rstrip(".")[:200]
 
 
 def _is_tensor(v: Any) -> bool:

@@ -282,10 +282,11 @@ def diff_adapters(
                 t = lowrank_dense(torch.cat([ba, -bs_], 1), torch.cat([aa, as_s], 0), code, shape)
             else:
                 acc = torch.zeros(shape, dtype=torch.float32)
-                if n in aux.tensors:
-                    acc += aux.read_tensor(n).float()
-                if n in sft.tensors:
-                    acc -= sft.read_tensor(n).float()
+                both_full = n in aux.full and n in sft.full  # τ = full_aux − full_sft, no base needed
+                for side, sign in ((aux, 1.0), (sft, -1.0)):
+                    if n in side.tensors:
+                        value = side.raw.read_tensor(side.full[n]) if both_full else side.read_tensor(n)
+                        acc += sign * value.float()
                 t = acc.to(torch_dtype(code))
             yield n, t
 

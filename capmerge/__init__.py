@@ -23,8 +23,8 @@ _EXPORTS = {
     "apply_to_state_dict": "capmerge.inmemory",
     "apply_to_model": "capmerge.inmemory",
     "CapmergeError": "capmerge.errors",
-    "compress": "capmerge.compress",
-    "CompressionSummary": "capmerge.compress",
+    "compress": "capmerge.compression",
+    "CompressionSummary": "capmerge.compression",
     "OrthogonalityLoss": "capmerge.ortho",
     "project_gradients": "capmerge.ortho",
 }
@@ -53,7 +53,7 @@ __all__ = [
 if TYPE_CHECKING:
     from capmerge.api import Summary, diff, parse_size
     from capmerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
-    from capmerge.compress import CompressionSummary, compress
+    from capmerge.compression import CompressionSummary, compress
     from capmerge.errors import CapmergeError
     from capmerge.inmemory import apply_to_model, apply_to_state_dict, load_vector
     from capmerge.merging import apply, list_tensors

@@ -3,7 +3,7 @@
 Only headers are read here; tensor data is read on demand (``Checkpoint.read_into`` / ``read_tensor``).
 Accepted references: a ``.safetensors`` file, a ``*.safetensors.index.json`` file, or a directory holding
 ``model.safetensors`` (or ``capvector.safetensors``) or one sharded layout; PyTorch pickles (:mod:`capmerge.pickles`),
-LoRA adapters (:mod:`capmerge.lora`) and compressed vectors (:mod:`capmerge.compress`) open as lazy views with the
+LoRA adapters (:mod:`capmerge.lora`) and compressed vectors (:mod:`capmerge.compression`) open as lazy views with the
 same interface. Other sources (hub ids) plug in through :func:`register_resolver`: a resolver maps a reference to a
 local path or ``None``.
 """
@@ -356,7 +356,7 @@ def _vector_view(ck: Checkpoint) -> Checkpoint:
     """Compressed vectors (header key ``capmerge.vector_format``) open as a lazy view of their dense tensors."""
     if ck.metadata.get(VECTOR_FORMAT_KEY, "dense") == "dense":
         return ck
-    from capmerge.compress import open_compressed
+    from capmerge.compression import open_compressed
 
     return open_compressed(ck)
 

@@ -8,7 +8,7 @@ returns it as a lazy view of the dense ΔW under the base model's weight names (
 are deltas only against a base: :meth:`AdapterCheckpoint.with_base` binds one (``apply`` does it with its BASE).
 
 :func:`diff_adapters` writes τ = s_a·B_a·A_a − s_s·B_s·A_s per module exactly as the rank r_a + r_s product
-[s_a·B_a, −s_s·B_s]·[A_a; A_s] (a low-rank vector, :mod:`capmerge.compress` format), or dense with ``dense=True``.
+[s_a·B_a, −s_s·B_s]·[A_a; A_s] (a low-rank vector, :mod:`capmerge.compression` format), or dense with ``dense=True``.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def _factors(raw: Checkpoint, a_name: str, b_name: str, scale: float, transposed
 
 def _dense(factors: Callable[[], tuple[Any, Any]], code: str, shape: tuple[int, ...]) -> Callable[[], Any]:
     def load() -> Any:
-        from capmerge.compress import lowrank_dense
+        from capmerge.compression import lowrank_dense
 
         b, a = factors()
         return lowrank_dense(b, a, code, shape)
@@ -221,7 +221,7 @@ def diff_adapters(
 
     from capmerge._torch import torch_dtype
     from capmerge._version import __version__
-    from capmerge.compress import lowrank_dense, vector_metadata, write_vector
+    from capmerge.compression import lowrank_dense, vector_metadata, write_vector
 
     t0 = time.perf_counter()
     needing = sorted({n for n in sft.full} ^ {n for n in aux.full})

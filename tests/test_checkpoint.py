@@ -9,7 +9,6 @@ import torch
 from conftest import save_sharded, save_single
 
 from capmerge.checkpoint import open_checkpoint
-from capmerge.errors import CheckpointError
 
 
 def _rchar() -> int:

@@ -47,7 +47,9 @@ def test_plain_nested_and_prefixed_pickles_diff_like_safetensors(tmp_path: Path)
 def test_key_option_and_dotted_key(tmp_path: Path) -> None:
     a = tensors(1)
     torch.save({"model": a, "ema": {k: v * 2 for k, v in a.items()}}, tmp_path / "both.pth")
-    with pytest.raises(CheckpointError, match=r"several entries hold tensors \('model', 'ema'\); choose one with --key"):
+    with pytest.raises(
+        CheckpointError, match=r"several entries hold tensors \('model', 'ema'\); choose one with --key"
+    ):
         capmerge.open_checkpoint(tmp_path / "both.pth")
     ck = capmerge.open_checkpoint(tmp_path / "both.pth", key="ema")
     assert torch.equal(ck.read_tensor("layers.0.w"), a["layers.0.w"] * 2)
@@ -141,7 +143,9 @@ def test_renames_prefixes_and_list_tensors(tmp_path: Path, capsys: pytest.Captur
     out = capsys.readouterr()
     assert code == 0 and "model.layers.0.w   (BASE model.layers.0.w, AUX _orig_mod.backbone.layers.0.w)" in out.out
     assert "prefix '_orig_mod.model.'" in out.err and not (tmp_path / "capvector.safetensors").exists()
-    capmerge.diff(tmp_path / "s.safetensors", tmp_path / "a.pt", tmp_path / "t.safetensors", rename=r"backbone\.=model.")
+    capmerge.diff(
+        tmp_path / "s.safetensors", tmp_path / "a.pt", tmp_path / "t.safetensors", rename=r"backbone\.=model."
+    )
     tau = load_file(str(tmp_path / "t.safetensors"))
     assert set(tau) == {f"model.{k}" for k in s}
     # apply of a vector with other prefixes onto the base: paired automatically, output keeps the base's names

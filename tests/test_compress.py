@@ -54,7 +54,7 @@ def test_rank_k_is_reconstructed_and_errors_match_numpy(tmp_path: Path) -> None:
         totals += [x @ x, (x - y) @ (x - y), x @ y, y @ y]
         # sizes: what the file stores for the tensor, against the dense bytes
         with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
-            keys = [k for k in f.keys() if k == name or k.startswith(name + ".")]
+            keys = [k for k in f.keys() if k == name or k.startswith(name + ".")]  # noqa: SIM118
             stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in keys)
         assert rows[name]["bytes_after"] == stored and rows[name]["bytes_before"] == t.numel() * t.element_size()
     assert s.rel_error == pytest.approx(np.sqrt(totals[1] / totals[0]), rel=1e-9)

@@ -417,7 +417,8 @@ def _open_dir(ref: str, path: Path, opts: dict[str, Any]) -> Checkpoint:
     )
 
 
-def _open_index(ref: str, index: Path) -> Checkpoint:
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name → shard file) of a ``*.index.json``, validated."""
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -425,6 +426,11 @@ def _open_index(ref: str, index: Path) -> Checkpoint:
     wmap = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
         raise CheckpointError("index has no valid weight_map", str(index))
+    return wmap
+
+
+def _open_index(ref: str, index: Path) -> Checkpoint:
+    wmap = read_weight_map(index)
     base = index.parent
     shard_names = sorted(set(wmap.values()))
     headers: dict[str, Header] = {}

@@ -9,7 +9,6 @@ one entry holds tensors, automatically.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import zipfile
@@ -17,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from capmerge.checkpoint import TensorInfo
+from capmerge.checkpoint import TensorInfo, read_weight_map
 from capmerge.errors import CheckpointError
 from capmerge.lazy import LazyCheckpoint, digest_of
 
@@ -199,13 +198,7 @@ def open_pickle(ref: str, path: Path, *, key: str | None = None, trust_pickle: b
 
 def open_pickle_index(ref: str, index: Path, *, key: str | None = None, trust_pickle: bool = False) -> LazyCheckpoint:
     """Open a sharded ``pytorch_model.bin.index.json`` layout (each shard loaded lazily)."""
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read index: {e}", str(index)) from None
-    wmap = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-        raise CheckpointError("index has no valid weight_map", str(index))
+    wmap = read_weight_map(index)
     infos: dict[str, TensorInfo] = {}
     loaders: dict[str, Any] = {}
     tied: dict[str, str] = {}

@@ -23,6 +23,8 @@ _EXPORTS = {
     "apply_to_state_dict": "capmerge.inmemory",
     "apply_to_model": "capmerge.inmemory",
     "CapmergeError": "capmerge.errors",
+    "compress": "capmerge.compression",
+    "CompressionSummary": "capmerge.compression",
     "OrthogonalityLoss": "capmerge.ortho",
     "project_gradients": "capmerge.ortho",
     "inspect": "capmerge.analysis",
@@ -44,6 +46,8 @@ __all__ = [
     "apply_to_state_dict",
     "apply_to_model",
     "CapmergeError",
+    "compress",
+    "CompressionSummary",
     "OrthogonalityLoss",
     "project_gradients",
     "inspect",
@@ -54,6 +58,7 @@ if TYPE_CHECKING:
     from capmerge.analysis import inspect
     from capmerge.api import Summary, diff, parse_size
     from capmerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+    from capmerge.compression import CompressionSummary, compress
     from capmerge.errors import CapmergeError
     from capmerge.inmemory import apply_to_model, apply_to_state_dict, load_vector
     from capmerge.merging import apply, list_tensors

@@ -16,6 +16,7 @@ from capmerge._version import __version__
 from capmerge.checkpoint import DTYPE_NAMES, Checkpoint, open_checkpoint
 from capmerge.engine import Job, Sink, run
 from capmerge.errors import MismatchError, UsageError
+from capmerge.names import normalise
 from capmerge.writer import Output, SafetensorsFile
 
 PathLike = str | os.PathLike[str]
@@ -86,6 +87,8 @@ class Summary:
     bytes_read: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # renames, prefix normalisation, tied weights, unwrapped pickles
+    tied: dict[str, str] = field(default_factory=dict)  # alias → the tensor it shares (written once)
 
     @property
     def gb_per_s(self) -> float:
@@ -173,6 +176,11 @@ def diff(
     allow_nonfinite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     device: str = "auto",
+    rename: Iterable[str] | str | None = None,
+    key: str | None = None,
+    trust_pickle: bool = False,
+    dense: bool = False,
+    adapter_base: PathLike | Checkpoint | None = None,
 ) -> Summary:
     """Write the capability vector τ = AUX − BASE, tensor by tensor (float32 math, rounded once).
 
@@ -188,6 +196,12 @@ def diff(
         allow_nonfinite: keep NaN/Inf produced from finite inputs instead of failing.
         progress: called with (bytes processed so far, tensors finished in this step).
         device: ``auto`` (a CUDA GPU when there is one and triton imports), ``cpu``, ``cuda`` or ``cuda:N``.
+        rename: ``REGEX=REPLACEMENT`` rules applied to the names of both inputs before pairing (wrapper prefixes
+            such as ``module.`` are matched automatically and reported in ``notes``).
+        key / trust_pickle: for PyTorch pickles (see :func:`capmerge.open_checkpoint`).
+        dense / adapter_base: when BASE and AUX are both LoRA adapters, τ is written exactly in low-rank form
+            unless ``dense``; ``adapter_base`` (the base model) is needed for ``modules_to_save`` weights that only
+            one adapter holds.
 
     Returns:
         A :class:`Summary`. All-zero differences (frozen tensors) are left out of the file and listed in
@@ -200,8 +214,15 @@ def diff(
     max_shard = parse_size(shard_size)
     dev = resolve_device(device)
     keep = name_filter(include, exclude)
-    ck_b, ck_a = open_checkpoint(base), open_checkpoint(aux)
+    ck_b = open_checkpoint(base, key=key, trust_pickle=trust_pickle)
+    ck_a = open_checkpoint(aux, key=key, trust_pickle=trust_pickle)
     summary = Summary("diff", os.fspath(output))
+    if _is_adapter(ck_b) or _is_adapter(ck_a):
+        return _diff_adapters(ck_b, ck_a, summary, dense=dense, adapter_base=adapter_base, force=force, t0=t0,
+                              opts={"key": key, "trust_pickle": trust_pickle})  # fmt: skip
+    ck_b, (ck_a,), summary.notes, summary.tied = normalise(ck_b, [ck_a], rename=rename, labels=["BASE", "AUX"],
+                                                           symmetric=True)  # fmt: skip
+    summary.notes[:0] = [n for ck in (ck_b, ck_a) for n in getattr(ck, "notes", [])]
     only_base = [n for n in ck_b.tensors if n not in ck_a.tensors and keep(n)]
     only_aux = [n for n in ck_a.tensors if n not in ck_b.tensors and keep(n)]
     # Integer/bool buffers never enter a vector, so one present on one side only (e.g. a position_ids buffer that
@@ -253,6 +274,8 @@ def diff(
             "capmerge.zero_tensors": str(len(stats.tensors_dropped)),
             "capmerge.skipped_tensors": str(summary.tensors_skipped),
         }
+        if summary.tied:
+            metadata["capmerge.tied"] = json.dumps(summary.tied)
         files = [f for f in sink.files if f.entries or len(sink.files) == 1]
         for f in sink.files:
             if f not in files:
@@ -287,6 +310,67 @@ def diff(
     summary.zero_tensors = stats.tensors_dropped
     summary.tensors_unchanged = len(stats.tensors_dropped)
     summary.bytes_read = stats.bytes_read
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def diff_pairs(
+    base: PathLike | Checkpoint,
+    aux: PathLike | Checkpoint,
+    *,
+    rename: Iterable[str] | str | None = None,
+    key: str | None = None,
+    trust_pickle: bool = False,
+) -> dict[str, Any]:
+    """The pairing ``diff`` would use, from headers only: ``pairs`` (output name → [BASE name, AUX name]),
+    ``only_base``, ``only_aux``, ``notes`` and ``tied``."""
+    ck_b = open_checkpoint(base, key=key, trust_pickle=trust_pickle)
+    ck_a = open_checkpoint(aux, key=key, trust_pickle=trust_pickle)
+    ck_b, (ck_a,), notes, tied = normalise(ck_b, [ck_a], rename=rename, labels=["BASE", "AUX"], symmetric=True)
+    return {
+        "pairs": {n: [ck_b.tensors[n].name, ck_a.tensors[n].name] for n in ck_a.tensors if n in ck_b.tensors},
+        "only_base": [n for n in ck_b.tensors if n not in ck_a.tensors],
+        "only_aux": [n for n in ck_a.tensors if n not in ck_b.tensors],
+        "notes": [n for ck in (ck_b, ck_a) for n in getattr(ck, "notes", [])] + notes,
+        "tied": tied,
+    }
+
+
+def _is_adapter(ck: Checkpoint) -> bool:
+    return getattr(ck, "source", None) == "peft-lora"
+
+
+def _diff_adapters(
+    ck_b: Checkpoint,
+    ck_a: Checkpoint,
+    summary: Summary,
+    *,
+    dense: bool,
+    adapter_base: PathLike | Checkpoint | None,
+    force: bool,
+    t0: float,
+    opts: dict[str, Any],
+) -> Summary:
+    """τ between two LoRA adapters of one base (see :func:`capmerge.lora.diff_adapters`)."""
+    from capmerge.lora import diff_adapters
+
+    if not (_is_adapter(ck_b) and _is_adapter(ck_a)):
+        one = ck_b if _is_adapter(ck_b) else ck_a
+        raise UsageError(
+            "a LoRA adapter can only be diffed against another adapter (an adapter already is a vector: "
+            "apply it with `capmerge apply BASE ADAPTER`)",
+            one.ref,
+        )
+    base_ck = open_checkpoint(adapter_base, **opts) if adapter_base is not None else None
+    try:
+        res = diff_adapters(ck_b, ck_a, summary.output, dense=dense, base=base_ck, force=force)  # type: ignore[arg-type]
+    finally:
+        if base_ck is not None:
+            base_ck.close()
+    summary.files, summary.bytes_written = res["files"], res["bytes_written"]
+    summary.tensors_written = summary.tensors_changed = res["tensors_written"]
+    form = "dense" if dense else f"low rank ({res['lowrank']} factor pairs, {res['dense']} dense)"
+    summary.notes.append(f"LoRA adapters: τ = ΔW_aux − ΔW_sft written exactly in {form}")
     summary.seconds = time.perf_counter() - t0
     return summary
 

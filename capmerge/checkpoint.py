@@ -2,8 +2,10 @@
 
 Only headers are read here; tensor data is read on demand (``Checkpoint.read_into`` / ``read_tensor``).
 Accepted references: a ``.safetensors`` file, a ``*.safetensors.index.json`` file, or a directory holding
-``model.safetensors`` (or ``capvector.safetensors``) or one sharded layout. Other sources (hub ids, ``.bin``)
-plug in through :func:`register_resolver`: a resolver maps a reference to a local path or ``None``.
+``model.safetensors`` (or ``capvector.safetensors``) or one sharded layout; PyTorch pickles (:mod:`capmerge.pickles`),
+LoRA adapters (:mod:`capmerge.lora`) and compressed vectors (:mod:`capmerge.compression`) open as lazy views with the
+same interface. Other sources (hub ids) plug in through :func:`register_resolver`: a resolver maps a reference to a
+local path or ``None``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64"
 KNOWN_SINGLE_NAMES = ("model.safetensors", "capvector.safetensors")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 MAX_HEADER = 100 * 1024 * 1024
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Header key of capmerge vectors telling how tensors are stored: dense (absent), lowrank or sparse.
+VECTOR_FORMAT_KEY = "capmerge.vector_format"
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,25 @@ class Checkpoint:
     headers: list[Header] = field(default_factory=list, repr=False)
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
 
+    direct = True  # tensors are byte ranges of files (the engine may copy them file to file)
+
+    @property
+    def kind(self) -> str:
+        """The vector kind: ``dense``, ``lowrank`` or ``sparse`` (header key ``capmerge.vector_format``)."""
+        return "dense"
+
+    def storage(self, name: str) -> dict[str, Any]:
+        """How tensor ``name`` is stored: ``{"storage": "dense" | "lowrank" | "sparse", "nbytes": stored bytes,
+        "dtype": ...}`` plus ``rank`` (low-rank) or ``nnz``/``bits`` (sparse)."""
+        info = self._info(name)
+        return {"storage": "dense", "nbytes": info.nbytes, "dtype": info.dtype}
+
+    def renamed(self, tensors: dict[str, TensorInfo]) -> Checkpoint:
+        """The same checkpoint under other names (``tensors``: new name → this checkpoint's TensorInfo)."""
+        import dataclasses
+
+        return dataclasses.replace(self, tensors=tensors)
+
     @property
     def sharded(self) -> bool:
         return self.index_path is not None
@@ -282,8 +306,22 @@ def register_resolver(resolver: Resolver) -> None:
     _RESOLVERS.append(resolver)
 
 
-def open_checkpoint(ref: str | os.PathLike[str] | Checkpoint) -> Checkpoint:
-    """Open a checkpoint reference as a lazy :class:`Checkpoint` (headers only)."""
+def open_checkpoint(
+    ref: str | os.PathLike[str] | Checkpoint, *, key: str | None = None, trust_pickle: bool = False
+) -> Checkpoint:
+    """Open a checkpoint reference as a lazy :class:`Checkpoint` (headers only).
+
+    Args:
+        ref: a ``.safetensors`` file, a ``*.safetensors.index.json``, a ``.bin``/``.pt``/``.pth`` state dict, a
+            ``pytorch_model.bin.index.json``, a directory holding one of those, a PEFT LoRA adapter directory, a
+            compressed (low-rank / sparse) vector, or anything a registered resolver maps to one of these.
+        key: the entry of a nested pickle that holds the state dict (``state_dict``, ``model`` ...); without it a
+            nested state dict is unwrapped when only one entry holds tensors.
+        trust_pickle: load pickles that need more than tensors (runs code from the file; prints a warning).
+
+    Compressed vectors and LoRA adapters open as views of DENSE tensors (each built when read); ``kind`` and
+    ``storage(name)`` tell how they are stored.
+    """
     if isinstance(ref, Checkpoint):
         return ref
     ref_s = os.fspath(ref)
@@ -296,19 +334,39 @@ def open_checkpoint(ref: str | os.PathLike[str] | Checkpoint) -> Checkpoint:
                 break
         else:
             raise CheckpointNotFoundError("no such file or directory", ref_s)
+    opts = {"key": key, "trust_pickle": trust_pickle}
     if path.is_dir():
-        return _open_dir(ref_s, path)
+        return _vector_view(_open_dir(ref_s, path, opts))
     name = path.name
     if name.endswith(".safetensors.index.json"):
-        return _open_index(ref_s, path)
-    if name.endswith((".bin", ".pt", ".pth", ".ckpt")) or name.endswith(".bin.index.json"):
-        raise CheckpointError("PyTorch pickle checkpoints are not supported yet; convert to safetensors", ref_s)
+        return _vector_view(_open_index(ref_s, path))
+    if name.endswith(".bin.index.json") or name.endswith(".pt.index.json"):
+        from capmerge.pickles import open_pickle_index
+
+        return open_pickle_index(ref_s, path, **opts)
+    if name.endswith(PICKLE_SUFFIXES):
+        from capmerge.pickles import open_pickle
+
+        return open_pickle(ref_s, path, **opts)
     hdr = read_header(path)
-    return Checkpoint(ref_s, [str(path)], hdr.tensors, hdr.metadata, root=None, headers=[hdr])
+    return _vector_view(Checkpoint(ref_s, [str(path)], hdr.tensors, hdr.metadata, root=None, headers=[hdr]))
 
 
-def _open_dir(ref: str, path: Path) -> Checkpoint:
+def _vector_view(ck: Checkpoint) -> Checkpoint:
+    """Compressed vectors (header key ``capmerge.vector_format``) open as a lazy view of their dense tensors."""
+    if ck.metadata.get(VECTOR_FORMAT_KEY, "dense") == "dense":
+        return ck
+    from capmerge.compression import open_compressed
+
+    return open_compressed(ck)
+
+
+def _open_dir(ref: str, path: Path, opts: dict[str, Any]) -> Checkpoint:
     files = sorted(p.name for p in path.iterdir() if p.is_file())
+    if "adapter_config.json" in files:
+        from capmerge.lora import open_adapter
+
+        return open_adapter(ref, path)
     indexes = [f for f in files if f.endswith(".safetensors.index.json")]
     singles = [f for f in files if f.endswith(".safetensors")]
     if len(indexes) > 1:
@@ -332,18 +390,35 @@ def _open_dir(ref: str, path: Path) -> Checkpoint:
         raise AmbiguousCheckpointError(
             f"directory holds several candidate weight files ({', '.join(singles)}); pass the file to use", ref
         )
+    pickle_indexes = [f for f in files if f.endswith((".bin.index.json", ".pt.index.json"))]
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if len(pickle_indexes) == 1:
+        from capmerge.pickles import open_pickle_index
+
+        ck: Checkpoint = open_pickle_index(ref, path / pickle_indexes[0], **opts)
+        ck.root = str(path)
+        return ck
+    if pickle_indexes or len(pickles) > 1:
+        shown = ", ".join((pickle_indexes or pickles)[:5])
+        raise AmbiguousCheckpointError(f"directory holds several weight sets ({shown}); pass the one to use", ref)
+    if pickles:
+        from capmerge.pickles import open_pickle
+
+        ck = open_pickle(ref, path / pickles[0], **opts)
+        ck.root = str(path)
+        return ck
     others = [f for f in files if f.endswith(WEIGHT_SUFFIXES)]
     if others:
-        raise CheckpointError(
-            f"no safetensors weights in directory (found {', '.join(others[:5])}; only safetensors is supported yet)",
-            ref,
-        )
+        raise CheckpointError(f"no supported weights in directory (found {', '.join(others[:5])})", ref)
     raise CheckpointNotFoundError(
-        "no weights in directory (expected model.safetensors or *.safetensors.index.json)", ref
+        "no weights in directory (expected model.safetensors, *.safetensors.index.json, pytorch_model.bin or an "
+        "adapter_config.json)",
+        ref,
     )
 
 
-def _open_index(ref: str, index: Path) -> Checkpoint:
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name → shard file) of a ``*.index.json``, validated."""
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -351,6 +426,11 @@ def _open_index(ref: str, index: Path) -> Checkpoint:
     wmap = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
         raise CheckpointError("index has no valid weight_map", str(index))
+    return wmap
+
+
+def _open_index(ref: str, index: Path) -> Checkpoint:
+    wmap = read_weight_map(index)
     base = index.parent
     shard_names = sorted(set(wmap.values()))
     headers: dict[str, Header] = {}

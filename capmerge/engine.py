@@ -234,9 +234,9 @@ class _Pipeline:
             raise _write_error(e, f.path) from e
 
     def _copy(self, f: SafetensorsFile, offset: int, ck: Checkpoint, info: TensorInfo) -> None:
-        src = ck.fd(info.shard)
+        use_cfr = hasattr(os, "copy_file_range") and ck.direct  # lazy views copy through read_into
+        src = ck.fd(info.shard) if ck.direct else -1
         done = 0
-        use_cfr = hasattr(os, "copy_file_range")
         while done < info.nbytes:
             if use_cfr:
                 try:

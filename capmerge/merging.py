@@ -19,6 +19,7 @@ from capmerge.engine import Job, Sink, run
 from capmerge.errors import MismatchError, UsageError
 from capmerge.masks import TensorMask, alpha_for, check_template, count_layers, expand_template
 from capmerge.methods import MergeOptions, resolve
+from capmerge.names import normalise
 from capmerge.plan import Term, merge_job
 from capmerge.writer import Output
 
@@ -31,29 +32,53 @@ def _as_list(x: Any) -> list[Any]:
     return list(x)
 
 
+def safetensors_name(name: str) -> str:
+    """The output name of a base weight file: outputs are always safetensors (``pytorch_model-00001-of-00002.bin``
+    → ``model-00001-of-00002.safetensors``, ``pytorch_model.bin.index.json`` → ``model.safetensors.index.json``)."""
+    for suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        if name.endswith(suffix + ".index.json"):
+            return name[: -len(suffix + ".index.json")].replace("pytorch_model", "model") + ".safetensors.index.json"
+        if name.endswith(suffix):
+            return name[: -len(suffix)].replace("pytorch_model", "model") + ".safetensors"
+    return name
+
+
 def build_terms(
     base: Checkpoint,
     vectors: Sequence[PathLike | Checkpoint],
     add: Sequence[PathLike | Checkpoint],
     sub: Sequence[PathLike | Checkpoint],
     weights: Sequence[float] | None,
-) -> list[Term]:
-    """Vectors (τ files) first, then ``--add``/``--sub`` pairs (τ = A − S; A − BASE when no ``--sub`` is given)."""
+    *,
+    rename: Sequence[str] | str | None = None,
+    opts: dict[str, Any] | None = None,
+) -> tuple[Checkpoint, list[Term], list[str], dict[str, str]]:
+    """Vectors (τ files) first, then ``--add``/``--sub`` pairs (τ = A − S; A − BASE when no ``--sub`` is given).
+
+    Returns the base and the terms as views whose names pair with the base's (:func:`capmerge.names.normalise`),
+    the notes on what was renamed, and the tied weights. LoRA adapters' full weights are bound to the base.
+    """
     if sub and len(sub) != len(add):
         raise UsageError(f"--sub given {len(sub)} times but --add {len(add)} times (they pair up in order)")
-    terms = [Term(open_checkpoint(v), label=str(getattr(v, "ref", v))) for v in vectors]
-    for i, a in enumerate(add):
-        ca = open_checkpoint(a)
-        cb = open_checkpoint(sub[i]) if sub else base
-        terms.append(Term(ca, cb, label=f"{ca.ref} - {cb.ref}"))
-    if not terms:
+    opts = opts or {}
+    cks = [open_checkpoint(v, **opts) for v in [*vectors, *add, *sub]]
+    if not cks:
         raise UsageError("no vectors given (pass VECTOR files or --add/--sub checkpoints)")
+    base, cks, notes, ties = normalise(base, cks, rename=rename, labels=["BASE", *(c.ref for c in cks)])
+    cks = [c.with_base(base) if getattr(c, "full", None) else c for c in cks]  # type: ignore[attr-defined]
+    nv, na = len(vectors), len(add)
+    terms = [Term(c, label=str(getattr(v, "ref", v))) for c, v in zip(cks[:nv], vectors, strict=True)]
+    for i in range(na):
+        ca = cks[nv + i]
+        cb = cks[nv + na + i] if sub else base
+        terms.append(Term(ca, cb, label=f"{ca.ref} - {cb.ref}"))
     if weights is not None:
         if len(weights) != len(terms):
             raise UsageError(f"--weights has {len(weights)} values for {len(terms)} vectors")
         for t, w in zip(terms, weights, strict=True):
             t.weight = float(w)
-    return terms
+    notes[:0] = [n for c in [base, *cks] for n in getattr(c, "notes", [])]
+    return base, terms, notes, ties
 
 
 def _check_names(base: Checkpoint, terms: list[Term], allow_missing: bool, skipped: dict[str, str]) -> None:
@@ -102,6 +127,9 @@ def apply(
     allow_nonfinite: bool = False,
     progress: Callable[[int, int], None] | None = None,
     device: str = "auto",
+    rename: Sequence[str] | str | None = None,
+    key: str | None = None,
+    trust_pickle: bool = False,
 ) -> Summary:
     """Merge vectors into ``base``: θ_out = θ + α·δ (formulas in :mod:`capmerge.functional`).
 
@@ -120,7 +148,8 @@ def apply(
         include / exclude / layers / layer_pattern: which tensors are merged; the others are copied bit-exactly.
         alpha_gradient: per-layer α interpolated linearly over the block index (tensors outside blocks use α).
         add / sub: three-checkpoint form, τ_j = add_j − sub_j (add_j − base without ``sub``), computed on the fly.
-        allow_missing / force / allow_nonfinite / progress / device: as in :func:`capmerge.diff`.
+        allow_missing / force / allow_nonfinite / progress / device / rename / key / trust_pickle: as in
+            :func:`capmerge.diff` (vector names are paired with the base's; the output keeps the base's names).
 
     Returns:
         A :class:`~capmerge.api.Summary`; ``outputs`` lists every output of a sweep.
@@ -134,8 +163,10 @@ def apply(
     code = parse_dtype(dtype, allow_auto=True)
     dev = resolve_device(device)
     alphas = [float(a) for a in _as_list(alpha)] or [1.0]
-    ck_b = open_checkpoint(base)
-    terms = build_terms(ck_b, _as_list(vectors), _as_list(add), _as_list(sub), weights)
+    opts = {"key": key, "trust_pickle": trust_pickle}
+    ck_b = open_checkpoint(base, **opts)
+    ck_b, terms, notes, ties = build_terms(ck_b, _as_list(vectors), _as_list(add), _as_list(sub), weights,
+                                           rename=rename, opts=opts)  # fmt: skip
     dens_list = [float(d) for d in _as_list(density)]
     density_sweep = "{density}" in out_tmpl
     check_template(out_tmpl, "alpha", alphas)
@@ -154,7 +185,7 @@ def apply(
         raise UsageError("--alpha-gradient cannot be combined with an --alpha sweep")
     mask = TensorMask.build(include=include, exclude=exclude, layers=layers, layer_pattern=layer_pattern)
     n_layers = count_layers(ck_b.tensors, layer_pattern) if alpha_gradient is not None else 0
-    summary = Summary("apply", out_tmpl)
+    summary = Summary("apply", out_tmpl, notes=notes, tied=ties)
     _check_names(ck_b, terms, allow_missing, summary.skipped)
     single_file = out_tmpl.endswith(".safetensors")
     jobs: list[Job] = []
@@ -162,7 +193,7 @@ def apply(
     sink_of: dict[str, int] = {}
     selected = 0
     for name, ib in ck_b.tensors.items():
-        shard = os.path.basename(ib.shard) if ck_b.root is not None else "model.safetensors"
+        shard = safetensors_name(os.path.basename(ib.shard)) if ck_b.root is not None else "model.safetensors"
         if shard not in sink_of:
             sink_of[shard] = len(shard_names)
             shard_names.append(shard)
@@ -236,10 +267,12 @@ def apply(
                     "capmerge.version": __version__,
                     "capmerge.merge": json.dumps(record, separators=(",", ":")),
                 }
+                if ties:
+                    metadata["capmerge.tied"] = json.dumps(ties)
                 names = [os.path.basename(out.out)] if out.single_file else shard_names
                 index_name = None
                 if not out.single_file and ck_b.sharded:
-                    index_name = os.path.basename(ck_b.index_path or "model.safetensors.index.json")
+                    index_name = safetensors_name(os.path.basename(ck_b.index_path or "model.safetensors.index.json"))
                 files_written, nbytes = _finish_files(out, list(zip(names, sinks[vi * len(alphas) + ai].files,
                                                                     strict=True)), metadata, index_name)  # fmt: skip
                 if not out.single_file:
@@ -324,13 +357,29 @@ def list_tensors(
     layer_pattern: str | None = None,
     add: Sequence[PathLike | Checkpoint] | PathLike | None = None,
     sub: Sequence[PathLike | Checkpoint] | PathLike | None = None,
+    rename: Sequence[str] | str | None = None,
+    key: str | None = None,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
-    """Dry run of a merge's mask: which base tensors would be merged, which copied — from headers only."""
-    ck_b = open_checkpoint(base)
-    terms = build_terms(ck_b, _as_list(vectors), _as_list(add), _as_list(sub), None)
+    """Dry run of a merge's mask and name pairing: which base tensors would be merged, which copied, and under
+    which name each vector holds them (``pairs``: base name → [(vector, its name)] where they differ) — from
+    headers only."""
+    opts = {"key": key, "trust_pickle": trust_pickle}
+    ck_b = open_checkpoint(base, **opts)
+    ck_b, terms, notes, ties = build_terms(ck_b, _as_list(vectors), _as_list(add), _as_list(sub), None,
+                                           rename=rename, opts=opts)  # fmt: skip
     mask = TensorMask.build(include=include, exclude=exclude, layers=layers, layer_pattern=layer_pattern)
     touched = [n for n in ck_b.tensors if any(n in t.a.tensors for t in terms)]
     desc = mask.describe(touched)
     desc["untouched"] = [n for n in ck_b.tensors if n not in set(touched)]
     desc["counts"]["untouched"] = len(desc["untouched"])
+    pairs: dict[str, list[list[str]]] = {}
+    for n in touched:
+        for t in terms:
+            for ck in (t.a, t.b):
+                if ck is not None and ck is not ck_b and n in ck.tensors and ck.tensors[n].name != n:
+                    pairs.setdefault(n, []).append([ck.ref, ck.tensors[n].name])
+    desc["pairs"] = pairs
+    desc["notes"] = notes
+    desc["tied"] = ties
     return desc

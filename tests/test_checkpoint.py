@@ -9,7 +9,6 @@ import torch
 from conftest import save_sharded, save_single
 
 from capmerge.checkpoint import open_checkpoint
-from capmerge.errors import CheckpointError
 
 
 def _rchar() -> int:
@@ -51,8 +50,8 @@ def test_fingerprint_changes_with_header_only(tmp_path: Path) -> None:
     assert fa != fc and fb != fc  # the name of the file is part of it, the header too
 
 
-def test_pickle_files_are_refused_for_now(tmp_path: Path) -> None:
+def test_pickle_files_open_lazily(tmp_path: Path) -> None:
     p = tmp_path / "pytorch_model.bin"
     torch.save({"w": torch.ones(1)}, p)
-    with pytest.raises(CheckpointError, match="not supported yet"):
-        open_checkpoint(p)
+    ck = open_checkpoint(p)
+    assert list(ck.tensors) == ["w"] and torch.equal(ck.read_tensor("w"), torch.ones(1))

@@ -17,9 +17,12 @@ from capmerge.cli.common import (
     Force,
     Include,
     Json,
+    Key,
     Output,
     Progress,
     Quiet,
+    Rename,
+    TrustPickle,
     report,
 )
 
@@ -84,6 +87,9 @@ def apply_cmd(
     allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
     device: Device = "auto",
+    rename: Rename = None,
+    key: Key = None,
+    trust_pickle: TrustPickle = False,
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
@@ -94,7 +100,8 @@ def apply_cmd(
             from capmerge.merging import list_tensors as _list
 
             desc = _list(base, vectors or [], include=include, exclude=exclude, layers=layers,
-                         layer_pattern=layer_pattern, add=add, sub=sub)  # fmt: skip
+                         layer_pattern=layer_pattern, add=add, sub=sub, rename=rename, key=key,
+                         trust_pickle=trust_pickle)  # fmt: skip
             _print_listing(desc, as_json)
             return
         if not output:
@@ -129,6 +136,9 @@ def apply_cmd(
                 allow_nonfinite=allow_nonfinite,
                 progress=progress,
                 device=device,
+                rename=rename,
+                key=key,
+                trust_pickle=trust_pickle,
             )
         finally:
             progress.close()
@@ -139,10 +149,14 @@ def _print_listing(desc: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(desc, indent=2))
         return
+    pairs = desc.get("pairs", {})
     for n in desc["selected"]:
-        print(f"  merge  {n}")
+        via = "; ".join(f"{name} in {ref}" for ref, name in pairs.get(n, []))
+        print(f"  merge  {n}" + (f"   <- {via}" if via else ""))
     for n in desc["not_selected"]:
         print(f"  copy   {n}   (outside the mask)")
+    for note in desc.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     c = desc["counts"]
     layers = ", ".join(f"{k}: {v}" for k, v in desc.get("by_layer", {}).items())
     print(

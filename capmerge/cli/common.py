@@ -31,6 +31,19 @@ Exclude = Annotated[
     list[str] | None, typer.Option("--exclude", help="Leave out tensors matching this regex (repeatable).")
 ]
 
+Rename = Annotated[
+    list[str] | None,
+    typer.Option("--rename", help="'REGEX=REPLACEMENT' applied to the tensor names of every input before pairing "
+                 "(repeatable). Wrapper prefixes (module., _orig_mod., model., base_model.model.) pair automatically."),
+]  # fmt: skip
+Key = Annotated[
+    str | None, typer.Option("--key", help="Entry of a nested .bin/.pt state dict to use (e.g. state_dict, model).")
+]
+TrustPickle = Annotated[
+    bool,
+    typer.Option("--trust-pickle", help="Load pickles that hold more than tensors (RUNS CODE from the file)."),
+]
+
 
 class Progress:
     """A rich progress bar on stderr (tensors, bytes, throughput); a no-op unless stderr is a terminal."""
@@ -86,6 +99,8 @@ def report(summary: Any, *, quiet: bool, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary.to_dict(), indent=2))
     if not quiet:
+        for note in getattr(summary, "notes", []):
+            print(f"note: {note}", file=sys.stderr)
         print(summary.line(), file=sys.stderr)
         if summary.skipped:
             shown = list(summary.skipped.items())[:10]

@@ -15,9 +15,12 @@ from capmerge.cli.common import (
     Force,
     Include,
     Json,
+    Key,
     Output,
     Progress,
     Quiet,
+    Rename,
+    TrustPickle,
     report,
 )
 
@@ -25,7 +28,8 @@ from capmerge.cli.common import (
 @app.command(
     "diff",
     help="Write the capability vector τ = AUX − BASE (float32 math, rounded once to the output dtype).\n\n"
-    "Example: capmerge diff sft/ aux/ -o capvector.safetensors",
+    "Example: capmerge diff sft/ aux/ -o capvector.safetensors\n\n"
+    "Two LoRA adapters of one base: capmerge diff sft_adapter/ aux_adapter/ -o tau.safetensors  (exact, low rank)",
 )
 def diff_cmd(
     base: Annotated[str, typer.Argument(help="Base checkpoint (e.g. the plain-SFT model): file, directory or index.")],
@@ -43,11 +47,30 @@ def diff_cmd(
     allow_nonfinite: AllowNonfinite = False,
     force: Force = False,
     device: Device = "auto",
+    rename: Rename = None,
+    key: Key = None,
+    trust_pickle: TrustPickle = False,
+    dense: Annotated[
+        bool, typer.Option("--dense", help="LoRA adapters: write τ dense (base weight names), not low rank.")
+    ] = False,
+    adapter_base: Annotated[
+        str | None,
+        typer.Option("--base", help="LoRA adapters: the base model, for modules_to_save weights in one adapter only."),
+    ] = None,
+    list_tensors: Annotated[
+        bool, typer.Option("--list-tensors", help="Dry run: print the final pairing of tensor names (no data read).")
+    ] = False,
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
     from capmerge.api import diff
 
+    if list_tensors:
+        with handle_errors():
+            from capmerge.api import diff_pairs
+
+            _print_pairs(diff_pairs(base, aux, rename=rename, key=key, trust_pickle=trust_pickle), as_json)
+        return
     progress = Progress(not quiet, "diff")
     with handle_errors():
         try:
@@ -64,7 +87,31 @@ def diff_cmd(
                 allow_nonfinite=allow_nonfinite,
                 progress=progress,
                 device=device,
+                rename=rename,
+                key=key,
+                trust_pickle=trust_pickle,
+                dense=dense,
+                adapter_base=adapter_base,
             )
         finally:
             progress.close()
     report(summary, quiet=quiet, as_json=as_json)
+
+
+def _print_pairs(desc: dict, as_json: bool) -> None:
+    import json
+    import sys
+
+    if as_json:
+        print(json.dumps(desc, indent=2))
+        return
+    for name, (b, a) in desc["pairs"].items():
+        print(f"  {name}   (BASE {b}, AUX {a})" if (b, a) != (name, name) else f"  {name}")
+    for n in desc["only_base"]:
+        print(f"  {n}   (only in BASE)")
+    for n in desc["only_aux"]:
+        print(f"  {n}   (only in AUX)")
+    for note in desc["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{len(desc['pairs'])} pairs, {len(desc['only_base'])} only in BASE, {len(desc['only_aux'])} only in AUX",
+          file=sys.stderr)  # fmt: skip

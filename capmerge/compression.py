@@ -1,0 +1,457 @@
+"""Compressed capability vectors: low-rank and sparse, each a valid safetensors file.
+
+File format (also in the README, "Formats"). The header's ``__metadata__`` holds
+
+* ``capmerge.vector_format``: ``lowrank`` or ``sparse`` (absent or ``dense``: a plain vector, one tensor per name);
+* ``capmerge.tensors``: JSON ``{name: {"dtype": "BF16", "shape": [m, n], "storage": "dense" | "lowrank" | "sparse"}}``
+  — the dense tensors the file stands for.
+
+and per tensor ``name`` of that map:
+
+* ``dense``: the tensor itself under ``name``;
+* ``lowrank``: ``name.lora_B`` [m, r] and ``name.lora_A`` [r, n·…] with τ = (B·A).reshape(shape), computed in
+  float32 and rounded once to ``dtype`` (any scale is folded into B and A);
+* ``sparse``: ``name.indices`` (I32, or I64 above 2³¹ elements: ascending flat row-major indices) and
+  ``name.values`` (``dtype``, or I8 with a float32 scalar ``name.scale``: value = q·scale); every other entry is 0.
+
+:func:`open_compressed` opens such a file as a lazy view of the dense tensors (one reconstruction at a time), which is
+what ``open_checkpoint`` returns for it, so ``apply``, every merge method and ``inspect`` read it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from capmerge._version import __version__
+from capmerge.checkpoint import DTYPES, VECTOR_FORMAT_KEY, Checkpoint, TensorInfo, open_checkpoint
+from capmerge.errors import CheckpointError, UsageError
+from capmerge.lazy import LazyCheckpoint
+
+TENSORS_KEY = "capmerge.tensors"
+KINDS = ("dense", "lowrank", "sparse")
+FULL_SVD_MAX = 2048  # exact SVD up to this min(m, n); randomized SVD above
+PathLike = str | os.PathLike[str]
+
+
+# -- reading -------------------------------------------------------------------------------------------------------
+def lowrank_dense(b: Any, a: Any, code: str, shape: tuple[int, ...]) -> Any:
+    """τ = B·A in float32 (float64 for F64), rounded once to ``code``, in ``shape``."""
+    import torch
+
+    from capmerge._torch import torch_dtype
+
+    acc = torch.float64 if code == "F64" else torch.float32
+    return (b.to(acc) @ a.to(acc)).to(torch_dtype(code)).reshape(shape)
+
+
+def sparse_dense(idx: Any, values: Any, scale: Any, code: str, shape: tuple[int, ...]) -> Any:
+    """The dense tensor of a sparse entry (values scattered at flat indices, zeros elsewhere)."""
+    import torch
+
+    from capmerge._torch import torch_dtype
+
+    acc = torch.float64 if code == "F64" else torch.float32
+    v = values.to(acc) * (scale.to(acc) if scale is not None else 1)
+    out = torch.zeros(math.prod(shape), dtype=acc)
+    out[idx.long()] = v
+    return out.to(torch_dtype(code)).reshape(shape)
+
+
+def _parts(name: str, storage: str) -> list[str]:
+    if storage == "lowrank":
+        return [f"{name}.lora_B", f"{name}.lora_A"]
+    if storage == "sparse":
+        return [f"{name}.indices", f"{name}.values"]
+    return [name]
+
+
+def open_compressed(ck: Checkpoint) -> LazyCheckpoint:
+    """A lazy view of the dense tensors of a low-rank or sparse vector ``ck`` (checked against its header)."""
+    kind = ck.metadata.get(VECTOR_FORMAT_KEY, "dense")
+    if kind not in KINDS:
+        raise CheckpointError(f"unknown {VECTOR_FORMAT_KEY} {kind!r} (expected one of {', '.join(KINDS)})", ck.ref)
+    try:
+        table = json.loads(ck.metadata.get(TENSORS_KEY, ""))
+        assert isinstance(table, dict)
+    except (json.JSONDecodeError, AssertionError):
+        raise CheckpointError(f"{kind} vector without a valid {TENSORS_KEY} header entry", ck.ref) from None
+    infos: dict[str, TensorInfo] = {}
+    loaders: dict[str, Callable[[], Any]] = {}
+    storages: dict[str, dict[str, Any]] = {}
+    for name, e in table.items():
+        try:
+            code, shape, storage = e["dtype"], tuple(int(s) for s in e["shape"]), e["storage"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"invalid {TENSORS_KEY} entry of tensor {name}", ck.ref) from None
+        if code not in DTYPES or storage not in KINDS:
+            raise CheckpointError(f"invalid dtype or storage in the {TENSORS_KEY} entry of tensor {name}", ck.ref)
+        parts = _parts(name, storage)
+        missing = [p for p in parts if p not in ck.tensors]
+        if missing:
+            raise CheckpointError(f"{storage} tensor {name} lacks {', '.join(missing)}", ck.ref)
+        got = [ck.tensors[p] for p in parts]
+        numel = math.prod(shape)
+        nbytes = sum(i.nbytes for i in got)
+        st: dict[str, Any] = {"storage": storage, "nbytes": nbytes, "dtype": code}
+        if storage == "dense":
+            ok = got[0].shape == shape and got[0].dtype == code
+        elif storage == "lowrank":
+            b, a = got
+            ok = (
+                len(b.shape) == 2
+                and len(a.shape) == 2
+                and b.shape[1] == a.shape[0]
+                and b.shape[0] * a.shape[1] == numel
+            )
+            ok = ok and len(shape) >= 2 and b.shape[0] == shape[0]
+            st["rank"] = b.shape[1] if ok else 0
+        else:
+            i, v = got
+            ok = i.shape == v.shape and len(i.shape) == 1 and i.dtype in ("I32", "I64") and i.shape[0] <= numel
+            st["nnz"] = i.shape[0] if ok else 0
+            if v.dtype == "I8":
+                st["bits"] = 8
+                sc = ck.tensors.get(f"{name}.scale")
+                ok = ok and sc is not None and sc.dtype == "F32" and sc.numel == 1
+                if sc is not None:
+                    parts.append(sc.name)
+                    st["nbytes"] += sc.nbytes
+            else:
+                ok = ok and v.dtype == code
+        if not ok:
+            raise CheckpointError(
+                f"stored parts of {storage} tensor {name} do not match its shape {list(shape)}", ck.ref
+            )
+        infos[name] = TensorInfo(name, code, shape, got[0].shard, 0, numel * DTYPES[code][0])
+        loaders[name] = _loader(ck, storage, parts, code, shape)
+        storages[name] = st
+    return LazyCheckpoint(
+        ck.ref,
+        ck.files,
+        infos,
+        ck.metadata,
+        root=ck.root,
+        index_path=ck.index_path,
+        headers=ck.headers,
+        loaders=loaders,
+        vector_kind=kind,
+        storages=storages,
+        source="compressed",
+        digest=ck.fingerprint(),
+        keep_alive=[ck],
+    )
+
+
+def _loader(ck: Checkpoint, storage: str, parts: list[str], code: str, shape: tuple[int, ...]) -> Callable[[], Any]:
+    def load() -> Any:
+        ts = [ck.read_tensor(p) for p in parts]
+        if storage == "dense":
+            return ts[0]
+        if storage == "lowrank":
+            return lowrank_dense(ts[0], ts[1], code, shape)
+        return sparse_dense(ts[0], ts[1], ts[2] if len(ts) > 2 else None, code, shape)
+
+    return load
+
+
+# -- writing -------------------------------------------------------------------------------------------------------
+def write_vector(
+    output: PathLike,
+    inputs: list[Checkpoint],
+    planned: list[tuple[str, str, tuple[int, ...]]],
+    tensors: Iterable[tuple[str, Any]],
+    metadata: Callable[[], dict[str, str]],
+    *,
+    force: bool = False,
+) -> tuple[list[str], int]:
+    """Write ``tensors`` (name, CPU tensor), one at a time, into one safetensors file at ``output`` (a
+    ``.safetensors`` file, or ``capvector.safetensors`` in a directory), atomically. ``planned`` bounds the names,
+    dtypes and shapes (to size the header); ``metadata()`` is called once all tensors are written."""
+    import torch
+
+    from capmerge._torch import SAFETENSORS_CODES
+    from capmerge.api import VECTOR_NAME, _finish_files
+    from capmerge.writer import Output, SafetensorsFile, _pwrite_all, _write_error
+
+    out = Output(output, inputs, force=force)
+    try:
+        rel = "" if out.single_file else VECTOR_NAME + ".safetensors"
+        f = SafetensorsFile(out.path_for(rel), planned, metadata_room=4096 + 200 * len(planned), check_space=False)
+        out.files.append(f)
+        for name, t in tensors:
+            t = t.contiguous()
+            nbytes = t.numel() * t.element_size()
+            off = f.place(name, SAFETENSORS_CODES[t.dtype], tuple(t.shape), nbytes)
+            if nbytes:
+                try:
+                    _pwrite_all(f.fd, t.reshape(-1).view(torch.uint8).numpy().data, off)
+                except OSError as e:
+                    raise _write_error(e, f.path) from e
+        names, written = _finish_files(out, [(os.path.basename(out.out) if out.single_file else rel, f)],
+                                       metadata(), None)  # fmt: skip
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    return names, written
+
+
+def vector_metadata(kind: str, table: dict[str, dict[str, Any]], extra: dict[str, str]) -> dict[str, str]:
+    return {
+        "format": "pt",
+        "capmerge.kind": "capability-vector",
+        "capmerge.version": __version__,
+        **extra,
+        VECTOR_FORMAT_KEY: kind,
+        TENSORS_KEY: json.dumps(table, separators=(",", ":")),
+    }
+
+
+# -- compression ---------------------------------------------------------------------------------------------------
+@dataclass
+class CompressionSummary:
+    """What ``compress`` did: per tensor and in total, size before/after, relative error, cosine. ``to_dict()`` is
+    what ``--json`` prints."""
+
+    output: str
+    kind: str
+    tensors: list[dict[str, Any]] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    rel_error: float = 0.0
+    cosine: float = 1.0
+    files: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        """Stored size / dense size."""
+        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ratio"] = self.ratio
+        return d
+
+    def line(self) -> str:
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            counts[t["storage"]] = counts.get(t["storage"], 0) + 1
+        how = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        return (
+            f"compress ({self.kind}): {len(self.tensors)} tensors ({how}); {self.bytes_before / 1e6:.2f} MB -> "
+            f"{self.bytes_after / 1e6:.2f} MB ({100 * self.ratio:.1f}%), relative error {self.rel_error:.4g}, "
+            f"cosine {self.cosine:.6f} in {self.seconds:.2f} s -> {self.output}"
+        )
+
+
+def _check_options(rank: int | None, energy: float | None, density: float | None, bits: int | None) -> str:
+    given = [n for n, v in (("--rank", rank), ("--energy", energy), ("--density", density)) if v is not None]
+    if len(given) != 1:
+        raise UsageError(
+            "give exactly one of --rank, --energy, --density" + (f" (got {', '.join(given)})" if given else "")
+        )
+    if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank < 1):
+        raise UsageError(f"--rank must be a positive integer, got {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise UsageError(f"--energy must be in (0, 1], got {energy}")
+    if density is not None and not 0.0 < density <= 1.0:
+        raise UsageError(f"--density must be in (0, 1], got {density}")
+    if bits is not None and (density is None or bits != 8):
+        raise UsageError(
+            "--bits 8 is the only choice, and only with --density" if bits != 8 else "--bits needs --density"
+        )
+    return "sparse" if density is not None else "lowrank"
+
+
+def _svd(m: Any, rank: int | None, energy: float | None, limit: int) -> tuple[Any, Any, Any, str] | None:
+    """Factors U·S·Vh of the best rank-k approximation (k from ``rank`` or ``energy``), or None when k > limit."""
+    import torch
+
+    small = min(m.shape)
+    total = float((m.double() ** 2).sum())
+    if small <= FULL_SVD_MAX:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        method = "svd"
+    else:
+        q = min(small, max(rank or 0, 64) + 16)
+        while True:  # randomized SVD, widened until the energy target is met (or low rank no longer pays)
+            u, s, vh = torch.svd_lowrank(m, q=q, niter=4)
+            vh = vh.T
+            if rank is not None or float((s.double() ** 2).sum()) >= (energy or 1.0) * total or q >= limit:
+                break
+            q = min(small, 2 * q)
+        method = "randomized-svd"
+    if rank is not None:
+        k = min(rank, s.numel())
+    else:
+        assert energy is not None
+        cum = torch.cumsum(s.double() ** 2, 0)
+        reached = (cum >= energy * total * (1 - 1e-12)).nonzero()
+        if total == 0:
+            k = 0
+        elif len(reached):
+            k = int(reached[0]) + 1
+        else:
+            return None
+    if k > limit:
+        return None
+    return u[:, :k], s[:k], vh[:k], method
+
+
+def _compress_one(t: Any, code: str, kind: str, rank: int | None, energy: float | None, density: float | None,
+                  bits: int | None) -> tuple[str, list[tuple[str, Any]], dict[str, Any]]:  # fmt: skip
+    """(storage, [(suffix, stored tensor)], extra report fields) for one tensor."""
+    import torch
+
+    from capmerge._torch import torch_dtype
+    from capmerge.methods import keep_count
+
+    dt = torch_dtype(code)
+    numel = t.numel()
+    if kind == "lowrank":
+        if t.dim() < 2 or numel == 0:
+            return "dense", [("", t)], {"why": "not a matrix"}
+        m = t.reshape(t.shape[0], -1).to(torch.float64 if code == "F64" else torch.float32)
+        rows, cols = m.shape
+        limit = (rows * cols - 1) // (rows + cols)  # the largest rank that stores fewer elements than dense
+        got = _svd(m, rank, energy, limit)
+        if got is None:
+            return "dense", [("", t)], {"why": "low rank does not pay"}
+        u, s, vh, method = got
+        root = s.sqrt()
+        b, a = (u * root).to(dt), (root[:, None] * vh).to(dt)
+        return "lowrank", [(".lora_B", b), (".lora_A", a)], {"rank": int(s.numel()), "method": method}
+    assert density is not None
+    idx_dt = torch.int32 if numel < 2**31 else torch.int64
+    k = keep_count(density, numel)
+    value_bytes = 1 if bits else t.element_size()
+    if k * (value_bytes + idx_dt.itemsize) + (4 if bits else 0) >= numel * t.element_size():
+        return "dense", [("", t)], {"why": "sparse does not pay"}
+    flat = t.reshape(-1)
+    idx = torch.topk(flat.float().abs(), k, sorted=False).indices.sort().values
+    vals = flat[idx]
+    parts: list[tuple[str, Any]] = [(".indices", idx.to(idx_dt))]
+    if bits:
+        amax = float(vals.float().abs().max()) if k else 0.0
+        scale = torch.tensor(amax / 127 if amax > 0 else 1.0, dtype=torch.float32)
+        parts += [(".values", torch.round(vals.float() / scale).clamp(-127, 127).to(torch.int8)), (".scale", scale)]
+    else:
+        parts.append((".values", vals))
+    return "sparse", parts, {"nnz": k, "bits": bits}
+
+
+def compress(
+    vector: PathLike | Checkpoint,
+    output: PathLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    density: float | None = None,
+    bits: int | None = None,
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+    force: bool = False,
+) -> CompressionSummary:
+    """Write a compressed copy of a capability vector, one tensor at a time.
+
+    Args:
+        vector: any vector (dense, already compressed, a LoRA adapter).
+        output: a ``.safetensors`` file (or a directory: ``capvector.safetensors`` inside).
+        rank: low rank: keep the top ``rank`` singular directions of every 2-D (or higher) tensor.
+        energy: low rank: keep the fewest directions holding this fraction of each tensor's squared norm.
+        density: sparse: keep this fraction of the entries, the largest in magnitude.
+        bits: ``8`` stores sparse values as int8 with one float32 scale per tensor.
+        include / exclude: regexes of tensors to compress (the others are stored dense).
+        force: replace an existing output.
+
+    Tensors where the compressed form would not be smaller stay dense (1-D tensors always do).
+
+    Returns:
+        A :class:`CompressionSummary`: per tensor and in total, bytes before/after, relative Frobenius error
+        ‖τ − τ̂‖/‖τ‖ and cosine(τ, τ̂) of what a reader of the output gets back.
+    """
+    from capmerge.api import name_filter
+
+    t0 = time.perf_counter()
+    kind = _check_options(rank, energy, density, bits)
+    keep = name_filter(include, exclude)
+    ck = open_checkpoint(vector)
+    summary = CompressionSummary(os.fspath(output), kind)
+    table: dict[str, dict[str, Any]] = {}
+    planned: list[tuple[str, str, tuple[int, ...]]] = []
+    for name, info in ck.tensors.items():
+        planned.append((name, info.dtype, info.shape))
+        if info.is_float and len(info.shape) >= 2:
+            r, c = info.shape[0], info.numel // max(info.shape[0], 1)
+            planned += [(f"{name}.lora_B", info.dtype, (r, min(r, c))), (f"{name}.lora_A", info.dtype, (min(r, c), c))]
+        planned += [(f"{name}.indices", "I64", (info.numel,)), (f"{name}.values", info.dtype, (info.numel,))]
+        planned.append((f"{name}.scale", "F32", ()))
+    sums = [0.0, 0.0, 0.0, 0.0]  # ‖τ‖², ‖τ − τ̂‖², <τ, τ̂>, ‖τ̂‖²
+
+    def produce() -> Iterable[tuple[str, Any]]:
+        for name, info in ck.tensors.items():
+            t = ck.read_tensor(name)
+            if info.is_float and keep(name):
+                storage, parts, extra = _compress_one(t, info.dtype, kind, rank, energy, density, bits)
+            else:
+                storage, parts, extra = "dense", [("", t)], {"why": "not selected" if info.is_float else "not float"}
+            stored = {s: p for s, p in parts}
+            if storage == "lowrank":
+                approx = lowrank_dense(stored[".lora_B"], stored[".lora_A"], info.dtype, info.shape)
+            elif storage == "sparse":
+                approx = sparse_dense(stored[".indices"], stored[".values"], stored.get(".scale"), info.dtype,
+                                      info.shape)  # fmt: skip
+            else:
+                approx = t
+            row = {"name": name, "storage": storage, **{k: v for k, v in extra.items() if v is not None}}
+            row.update(_errors(t, approx, sums) if info.is_float else {"rel_error": 0.0, "cosine": 1.0})
+            row["bytes_before"] = info.nbytes
+            row["bytes_after"] = sum(p.numel() * p.element_size() for p in stored.values())
+            summary.tensors.append(row)
+            summary.bytes_before += row["bytes_before"]
+            summary.bytes_after += row["bytes_after"]
+            table[name] = {"dtype": info.dtype, "shape": list(info.shape), "storage": storage}
+            del t, approx
+            for suffix, p in parts:
+                yield name + suffix, p
+
+    def metadata() -> dict[str, str]:
+        carried = {k: v for k, v in ck.metadata.items() if k.startswith("capmerge.") and k not in (VECTOR_FORMAT_KEY,
+                   TENSORS_KEY, "capmerge.kind", "capmerge.version", "capmerge.compression")}  # fmt: skip
+        options = {"kind": kind, "rank": rank, "energy": energy, "density": density, "bits": bits}
+        return vector_metadata(kind, table, {
+            **carried,
+            "capmerge.compression": json.dumps({k: v for k, v in options.items() if v is not None}),
+            "capmerge.source": ck.ref,
+            "capmerge.source_fingerprint": ck.fingerprint(),
+        })  # fmt: skip
+
+    try:
+        summary.files, summary.bytes_written = write_vector(output, [ck], planned, produce(), metadata, force=force)
+    finally:
+        ck.close()
+    norm2, err2, dot, approx2 = sums
+    summary.rel_error = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
+    summary.cosine = dot / math.sqrt(norm2 * approx2) if norm2 > 0 and approx2 > 0 else float(norm2 == approx2)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _errors(t: Any, approx: Any, sums: list[float]) -> dict[str, float]:
+    """Relative Frobenius error and cosine of one tensor (float64), accumulated into ``sums`` for the totals."""
+    x, y = t.double().reshape(-1), approx.double().reshape(-1)
+    n2, e2, dot, a2 = float(x @ x), float((x - y) @ (x - y)), float(x @ y), float(y @ y)
+    for i, v in enumerate((n2, e2, dot, a2)):
+        sums[i] += v
+    return {
+        "rel_error": math.sqrt(e2 / n2) if n2 > 0 else 0.0,
+        "cosine": dot / math.sqrt(n2 * a2) if n2 > 0 and a2 > 0 else float(n2 == a2),
+    }

@@ -1,0 +1,313 @@
+"""PEFT LoRA adapters: open one as a low-rank vector, and diff two of them exactly, in low-rank form.
+
+An adapter (``adapter_config.json`` + ``adapter_model.safetensors``/``.bin``) *is* a capability vector relative to its
+base: per target module, ΔW = s·B·A with s = α/r (α/√r with ``use_rslora``; α and r per module from
+``alpha_pattern``/``rank_pattern``), transposed for ``fan_in_fan_out`` layers and embeddings. :func:`open_adapter`
+returns it as a lazy view of the dense ΔW under the base model's weight names (``<module>.weight``), so
+``capmerge apply BASE ADAPTER/`` merges it. Weights the adapter stores in full (``modules_to_save``, trained biases)
+are deltas only against a base: :meth:`AdapterCheckpoint.with_base` binds one (``apply`` does it with its BASE).
+
+:func:`diff_adapters` writes τ = s_a·B_a·A_a − s_s·B_s·A_s per module exactly as the rank r_a + r_s product
+[s_a·B_a, −s_s·B_s]·[A_a; A_s] (a low-rank vector, :mod:`capmerge.compression` format), or dense with ``dense=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capmerge.checkpoint import Checkpoint, TensorInfo, read_header
+from capmerge.errors import CheckpointError, CheckpointNotFoundError, MismatchError, UsageError
+from capmerge.lazy import LazyCheckpoint, digest_of
+
+PEFT_PREFIX = "base_model.model."
+_LORA_RE = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+_EMB_RE = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
+_UNSUPPORTED = ("lora_magnitude_vector", "lora_B.bias", "lora_A.bias")
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's ``alpha_pattern`` lookup: the first key K with ``re.match(rf"(.*\\.)?({K})$", module)``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+@dataclass
+class AdapterCheckpoint(LazyCheckpoint):
+    """A LoRA adapter as a lazy low-rank vector. ``factors``: base weight name → () -> (B', A') with ΔW = B'·A'
+    exactly (scale and transposes folded in, float32); ``full``: base weight name → the adapter's full tensor name."""
+
+    factors: dict[str, Callable[[], tuple[Any, Any]]] = field(default_factory=dict, repr=False)
+    full: dict[str, str] = field(default_factory=dict)
+    raw: Checkpoint | None = field(default=None, repr=False)
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def with_base(self, base: Checkpoint) -> AdapterCheckpoint:
+        """The same adapter whose full weights (``modules_to_save``) read as deltas against ``base``."""
+        import dataclasses
+
+        full = {n: info for n, info in self.tensors.items() if info.name in self.full}  # current names
+        missing = [n for n in full if n not in base.tensors]
+        if missing:
+            raise MismatchError(f"the adapter's full weights are not in BASE ({', '.join(missing[:5])})", self.ref)
+        loaders = dict(self.loaders)
+        for name, info in full.items():
+            if base.tensors[name].shape != info.shape:
+                raise MismatchError(f"shape mismatch: {list(base.tensors[name].shape)} in BASE vs "
+                                    f"{list(info.shape)} in the adapter", name)  # fmt: skip
+            loaders[info.name] = _full_delta(self.raw, self.full[info.name], base, name, info.dtype)
+        return dataclasses.replace(
+            self, loaders=loaders, full={}, notes=[*self.notes, f"full weights against {base.ref}"]
+        )
+
+
+def _full_delta(raw: Any, raw_name: str, base: Checkpoint, name: str, code: str) -> Callable[[], Any]:
+    def load() -> Any:
+
+        from capmerge._torch import torch_dtype
+
+        return (raw.read_tensor(raw_name).float() - base.read_tensor(name).float()).to(torch_dtype(code))
+
+    return load
+
+
+def _needs_base(name: str, ref: str) -> Callable[[], Any]:
+    def load() -> Any:
+        raise CheckpointError(
+            f"tensor {name} is stored in full by the adapter (modules_to_save): its delta needs the base model "
+            "(apply binds it; for diff pass --base)",
+            ref,
+        )
+
+    return load
+
+
+def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
+    """Open a PEFT LoRA adapter directory as a lazy vector of ΔW under the base model's names."""
+    cfg_path = path / "adapter_config.json"
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        assert isinstance(config, dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError):
+        raise CheckpointError("adapter_config.json is not a valid JSON object", str(cfg_path)) from None
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise CheckpointError(f"unsupported PEFT adapter type {peft_type} (only LoRA)", str(cfg_path))
+    if config.get("use_dora"):
+        raise CheckpointError("DoRA adapters are not a low-rank difference (use_dora: true)", str(cfg_path))
+    if (path / "adapter_model.safetensors").is_file():
+        hdr = read_header(path / "adapter_model.safetensors")
+        raw: Checkpoint = Checkpoint(str(path / "adapter_model.safetensors"), [hdr.path], hdr.tensors, hdr.metadata,
+                                     headers=[hdr])  # fmt: skip
+    elif (path / "adapter_model.bin").is_file():
+        from capmerge.pickles import open_pickle
+
+        raw = open_pickle(str(path / "adapter_model.bin"), path / "adapter_model.bin")
+    else:
+        raise CheckpointNotFoundError("adapter directory has no adapter_model.safetensors or adapter_model.bin", ref)
+    alpha0 = float(config.get("lora_alpha", 8))
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora", False))
+    fifo = bool(config.get("fan_in_fan_out", False))
+    pairs: dict[str, dict[str, TensorInfo]] = {}
+    embedding: set[str] = set()
+    full: dict[str, str] = {}
+    for raw_name, info in raw.tensors.items():
+        name = raw_name[len(PEFT_PREFIX) :] if raw_name.startswith(PEFT_PREFIX) else raw_name
+        if any(name.endswith(u) for u in _UNSUPPORTED):
+            raise CheckpointError(f"unsupported adapter tensor {raw_name} (DoRA or LoRA biases)", raw.ref)
+        m = _LORA_RE.match(name) or _EMB_RE.match(name)
+        if m is None:
+            full[name.replace(".modules_to_save.default.", ".")] = raw_name
+            continue
+        part = "A" if m["part"].endswith("A") else "B"
+        pairs.setdefault(m["module"], {})[part] = info
+        if m["part"].startswith("lora_embedding"):
+            embedding.add(m["module"])
+    infos: dict[str, TensorInfo] = {}
+    loaders: dict[str, Callable[[], Any]] = {}
+    factors: dict[str, Callable[[], tuple[Any, Any]]] = {}
+    storages: dict[str, dict[str, Any]] = {}
+    for module, parts in pairs.items():
+        if set(parts) != {"A", "B"}:
+            raise CheckpointError(f"LoRA module {module} lacks its lora_{'B' if 'A' in parts else 'A'} tensor", raw.ref)
+        a, b = parts["A"], parts["B"]
+        if len(a.shape) != 2 or len(b.shape) != 2:
+            raise CheckpointError(f"unsupported LoRA layer {module} (convolution factors {list(a.shape)})", raw.ref)
+        emb = module in embedding
+        r = a.shape[0]
+        if b.shape[1] != r:
+            raise CheckpointError(
+                f"LoRA factors of {module} do not chain: A {list(a.shape)}, B {list(b.shape)}", raw.ref
+            )
+        alpha = float(pattern_value(alpha_pattern, module, alpha0))
+        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        transposed = emb or fifo
+        shape = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
+        name = f"{module}.weight"
+        code = b.dtype if b.is_float else "F32"
+        factors[name] = _factors(raw, a.name, b.name, scale, transposed)
+        loaders[name] = _dense(factors[name], code, shape)
+        infos[name] = TensorInfo(name, code, shape, b.shard, 0, math.prod(shape) * b.itemsize)
+        storages[name] = {"storage": "lowrank", "rank": r, "scale": scale, "nbytes": a.nbytes + b.nbytes, "dtype": code}
+    for name, raw_name in full.items():
+        if name in infos:
+            raise CheckpointError(f"tensor {name} is both a LoRA target and stored in full", raw.ref)
+        info = raw.tensors[raw_name]
+        infos[name] = TensorInfo(name, info.dtype, info.shape, info.shard, 0, info.nbytes)
+        loaders[name] = _needs_base(name, ref)
+        storages[name] = {"storage": "full", "nbytes": info.nbytes, "dtype": info.dtype}
+    return AdapterCheckpoint(
+        ref,
+        raw.files,
+        infos,
+        {"format": "pt", "capmerge.kind": "lora-adapter"},
+        root=str(path),
+        loaders=loaders,
+        vector_kind="lowrank",
+        storages=storages,
+        source="peft-lora",
+        digest=digest_of(raw.fingerprint(), sorted(config.items(), key=lambda kv: kv[0]).__repr__()),
+        factors=factors,
+        full=full,
+        raw=raw,
+        config=config,
+    )
+
+
+def _factors(raw: Checkpoint, a_name: str, b_name: str, scale: float, transposed: bool) -> Callable[[], tuple]:
+    def load() -> tuple[Any, Any]:
+        a, b = raw.read_tensor(a_name).float(), raw.read_tensor(b_name).float()
+        if transposed:  # ΔW = s·(B·A)ᵀ = (s·Aᵀ)·Bᵀ
+            return (a.T * scale).contiguous(), b.T.contiguous()
+        return (b * scale).contiguous(), a.contiguous()
+
+    return load
+
+
+def _dense(factors: Callable[[], tuple[Any, Any]], code: str, shape: tuple[int, ...]) -> Callable[[], Any]:
+    def load() -> Any:
+        from capmerge.compression import lowrank_dense
+
+        b, a = factors()
+        return lowrank_dense(b, a, code, shape)
+
+    return load
+
+
+def diff_adapters(
+    sft: AdapterCheckpoint,
+    aux: AdapterCheckpoint,
+    output: str | os.PathLike[str],
+    *,
+    dense: bool = False,
+    base: Checkpoint | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """τ = ΔW_aux − ΔW_sft for every module either adapter touches, exactly (see the module docstring).
+
+    Returns a dict for the summary: tensors written, their storage, ranks, files, bytes.
+    """
+    import torch
+
+    from capmerge._torch import torch_dtype
+    from capmerge._version import __version__
+    from capmerge.compression import lowrank_dense, vector_metadata, write_vector
+
+    t0 = time.perf_counter()
+    needing = sorted({n for n in sft.full} ^ {n for n in aux.full})
+    if needing and base is None:
+        raise UsageError(
+            f"modules_to_save weights in only one adapter need the base model ({', '.join(needing[:10])}); "
+            "pass --base BASE"
+        )
+    if base is not None:
+        sft, aux = (
+            sft.with_base(base) if sft.full and needing else sft,
+            aux.with_base(base) if aux.full and needing else aux,
+        )
+    names = list(dict.fromkeys([*aux.tensors, *sft.tensors]))
+    for n in names:
+        if n in aux.tensors and n in sft.tensors and aux.tensors[n].shape != sft.tensors[n].shape:
+            raise MismatchError(f"shape mismatch: {list(sft.tensors[n].shape)} in SFT vs "
+                                f"{list(aux.tensors[n].shape)} in AUX", n)  # fmt: skip
+    table: dict[str, dict[str, Any]] = {}
+    planned: list[tuple[str, str, tuple[int, ...]]] = []
+    for n in names:
+        info = aux.tensors.get(n) or sft.tensors[n]
+        code = info.dtype
+        low = (
+            not dense
+            and n in (aux.factors.keys() | sft.factors.keys())
+            and n not in (aux.full.keys() | sft.full.keys())
+        )
+        low = low and (n not in aux.tensors or n in aux.factors) and (n not in sft.tensors or n in sft.factors)
+        table[n] = {"dtype": code, "shape": list(info.shape), "storage": "lowrank" if low else "dense"}
+        if low:
+            r = sum(s.storages[n]["rank"] for s in (aux, sft) if n in s.factors)
+            planned += [(f"{n}.lora_B", "F32", (info.shape[0], r)), (f"{n}.lora_A", "F32", (r, info.shape[1]))]
+        else:
+            planned.append((n, code, info.shape))
+    ranks: dict[str, int] = {}
+
+    def produce():
+        for n in names:
+            if table[n]["storage"] == "lowrank":
+                bs, as_ = [], []
+                if n in aux.factors:
+                    b, a = aux.factors[n]()
+                    bs.append(b)
+                    as_.append(a)
+                if n in sft.factors:
+                    b, a = sft.factors[n]()
+                    bs.append(-b)
+                    as_.append(a)
+                ranks[n] = sum(a.shape[0] for a in as_)
+                yield f"{n}.lora_B", torch.cat(bs, dim=1)
+                yield f"{n}.lora_A", torch.cat(as_, dim=0)
+                continue
+            code, shape = table[n]["dtype"], tuple(table[n]["shape"])
+            if n in aux.factors and n in sft.factors:  # dense, but still one exact product
+                ba, aa = aux.factors[n]()
+                bs_, as_s = sft.factors[n]()
+                t = lowrank_dense(torch.cat([ba, -bs_], 1), torch.cat([aa, as_s], 0), code, shape)
+            else:
+                acc = torch.zeros(shape, dtype=torch.float32)
+                both_full = n in aux.full and n in sft.full  # τ = full_aux − full_sft, no base needed
+                for side, sign in ((aux, 1.0), (sft, -1.0)):
+                    if n in side.tensors:
+                        value = side.raw.read_tensor(side.full[n]) if both_full else side.read_tensor(n)
+                        acc += sign * value.float()
+                t = acc.to(torch_dtype(code))
+            yield n, t
+
+    def metadata() -> dict[str, str]:
+        return vector_metadata("dense" if dense else "lowrank", table, {
+            "capmerge.base": sft.ref,
+            "capmerge.aux": aux.ref,
+            "capmerge.base_fingerprint": sft.fingerprint(),
+            "capmerge.aux_fingerprint": aux.fingerprint(),
+            "capmerge.version": __version__,
+            "capmerge.source": "lora-adapters",
+        })  # fmt: skip
+
+    files, written = write_vector(output, [sft, aux, *([base] if base else [])], planned, produce(), metadata,
+                                  force=force)  # fmt: skip
+    return {
+        "tensors_written": len(names),
+        "lowrank": sum(1 for e in table.values() if e["storage"] == "lowrank"),
+        "dense": sum(1 for e in table.values() if e["storage"] == "dense"),
+        "ranks": ranks,
+        "files": files,
+        "bytes_written": written,
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,179 @@
+"""LoRA adapters built with PEFT on a tiny model: exact low-rank τ between two adapters, apply, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tree_digest
+from safetensors.torch import load_file
+
+import capmerge
+from capmerge.cli import main
+from capmerge.errors import CheckpointError, UsageError
+
+peft = pytest.importorskip("peft")
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.emb = torch.nn.Embedding(20, 8)
+        self.q = torch.nn.Linear(8, 12)
+        self.v = torch.nn.Linear(12, 8)
+        self.c = Conv1D(6, 8)  # GPT-2 style: weight is (in, out), LoRA needs fan_in_fan_out
+        self.head = torch.nn.Linear(8, 3)
+
+
+ADAPTERS = {
+    "sft": dict(r=2, lora_alpha=4, target_modules=["q", "v", "emb"]),
+    "aux": dict(
+        r=3,
+        lora_alpha=5,
+        use_rslora=True,
+        target_modules=["q", "v", "emb"],
+        modules_to_save=["head"],
+        rank_pattern={"v": 4},
+        alpha_pattern={"q": 7},
+    ),  # fmt: skip
+    "aux2": dict(r=2, lora_alpha=3, target_modules=["q", "v"], modules_to_save=["head"]),
+    "fifo_a": dict(r=2, lora_alpha=2, target_modules=["c"], fan_in_fan_out=True),
+    "fifo_b": dict(r=3, lora_alpha=9, target_modules=["c"], fan_in_fan_out=True),
+}
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Adapters saved by PEFT, the base state dict, and each adapter's merge_and_unload() weights (the reference)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(0)
+    base = Tiny()
+    torch.save(base.state_dict(), root / "base.pt")
+    for i, (name, kw) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(i + 1)
+        model = Tiny()
+        model.load_state_dict(base.state_dict())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = get_peft_model(model, LoraConfig(init_lora_weights=False, **kw))
+        if "modules_to_save" in kw:  # a trained head
+            with torch.no_grad():
+                pm.base_model.model.head.modules_to_save["default"].weight.add_(0.1 * (i + 1))
+        pm.save_pretrained(str(root / name))
+        torch.save(pm.merge_and_unload().state_dict(), root / f"{name}.merged.pt")
+    return {"root": root, "base": root / "base.pt", **{n: root / n for n in ADAPTERS}}
+
+
+def merged(adapters: dict[str, Path], name: str) -> dict[str, torch.Tensor]:
+    return torch.load(adapters["root"] / f"{name}.merged.pt", weights_only=True)
+
+
+def test_adapter_opens_as_its_delta(adapters: dict[str, Path]) -> None:
+    base = torch.load(adapters["base"], weights_only=True)
+    ref = merged(adapters, "sft")
+    ck = capmerge.open_checkpoint(adapters["sft"])
+    assert ck.kind == "lowrank" and set(ck.tensors) == {"emb.weight", "q.weight", "v.weight"}
+    assert ck.storage("q.weight")["rank"] == 2 and ck.storage("q.weight")["scale"] == 2.0
+    for n in ck.tensors:
+        torch.testing.assert_close(ck.read_tensor(n), ref[n] - base[n], atol=1e-6, rtol=0)
+
+
+def test_diff_of_two_adapters_is_exact_and_low_rank(adapters: dict[str, Path], tmp_path: Path) -> None:
+    """rslora, rank_pattern, alpha_pattern, embeddings, modules_to_save (with --base)."""
+    out = tmp_path / "tau.safetensors"
+    summary = capmerge.diff(adapters["sft"], adapters["aux"], out, adapter_base=adapters["base"])
+    ms, ma = merged(adapters, "sft"), merged(adapters, "aux")
+    stored = load_file(str(out))
+    # stored as factor pairs of rank r_a + r_s (emb 3+2, q 3+2, v 4+2); head dense
+    assert {k: tuple(v.shape) for k, v in stored.items() if k.endswith("lora_A")} == {
+        "emb.weight.lora_A": (5, 8), "q.weight.lora_A": (5, 8), "v.weight.lora_A": (6, 12)}  # fmt: skip
+    assert "head.weight" in stored and "q.bias" not in stored
+    ck = capmerge.open_checkpoint(out)
+    assert (
+        ck.kind == "lowrank" and ck.storage("v.weight")["rank"] == 6 and ck.storage("head.weight")["storage"] == "dense"
+    )
+    meta = json.loads(ck.metadata["capmerge.tensors"])
+    assert meta["q.weight"] == {"dtype": "F32", "shape": [12, 8], "storage": "lowrank"}
+    for n in ck.tensors:
+        torch.testing.assert_close(ck.read_tensor(n), ma[n] - ms[n], atol=2e-6, rtol=0, msg=n)
+    assert summary.tensors_written == 5 and any("low rank" in n for n in summary.notes)
+
+
+def test_dense_diff_and_apply_match_low_rank(adapters: dict[str, Path], tmp_path: Path) -> None:
+    low, dense = tmp_path / "low.safetensors", tmp_path / "dense.safetensors"
+    capmerge.diff(adapters["sft"], adapters["aux"], low, adapter_base=adapters["base"])
+    capmerge.diff(adapters["sft"], adapters["aux"], dense, adapter_base=adapters["base"], dense=True)
+    d = load_file(str(dense))
+    assert set(d) == {"emb.weight", "q.weight", "v.weight", "head.weight"} | ({"head.bias"} & set(d))
+    lo = capmerge.open_checkpoint(low)
+    for n in d:
+        torch.testing.assert_close(lo.read_tensor(n), d[n], atol=1e-6, rtol=0)
+    capmerge.apply(adapters["base"], [low], tmp_path / "m_low.safetensors", alpha=0.7)
+    capmerge.apply(adapters["base"], [dense], tmp_path / "m_dense.safetensors", alpha=0.7)
+    a, b = load_file(str(tmp_path / "m_low.safetensors")), load_file(str(tmp_path / "m_dense.safetensors"))
+    base = torch.load(adapters["base"], weights_only=True)
+    ms, ma = merged(adapters, "sft"), merged(adapters, "aux")
+    for n in base:
+        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=0)
+        torch.testing.assert_close(a[n], base[n] + 0.7 * (ma[n] - ms[n]), atol=2e-6, rtol=0)
+
+
+def test_apply_an_adapter_binds_modules_to_save_to_the_base(adapters: dict[str, Path], tmp_path: Path) -> None:
+    capmerge.apply(adapters["base"], [adapters["aux"]], tmp_path / "m.safetensors")
+    got, ref = load_file(str(tmp_path / "m.safetensors")), merged(adapters, "aux")
+    for n, t in ref.items():
+        torch.testing.assert_close(got[n], t, atol=2e-6, rtol=0, msg=n)
+
+
+def test_fan_in_fan_out(adapters: dict[str, Path], tmp_path: Path) -> None:
+    capmerge.diff(adapters["fifo_a"], adapters["fifo_b"], tmp_path / "t.safetensors")
+    ck = capmerge.open_checkpoint(tmp_path / "t.safetensors")
+    ma, mb = merged(adapters, "fifo_a"), merged(adapters, "fifo_b")
+    assert ck.tensors["c.weight"].shape == (8, 6) == tuple(ma["c.weight"].shape)
+    torch.testing.assert_close(ck.read_tensor("c.weight"), mb["c.weight"] - ma["c.weight"], atol=1e-6, rtol=0)
+
+
+def test_modules_to_save_in_both_adapters_need_no_base(adapters: dict[str, Path], tmp_path: Path) -> None:
+    capmerge.diff(adapters["aux2"], adapters["aux"], tmp_path / "t.safetensors")
+    ck = capmerge.open_checkpoint(tmp_path / "t.safetensors")
+    m2, ma = merged(adapters, "aux2"), merged(adapters, "aux")
+    torch.testing.assert_close(ck.read_tensor("head.weight"), ma["head.weight"] - m2["head.weight"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(ck.read_tensor("emb.weight"), ma["emb.weight"] - m2["emb.weight"], atol=1e-6, rtol=0)
+
+
+def test_adapter_errors(adapters: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = tree_digest(adapters["root"])
+    out = tmp_path / "t.safetensors"
+    code = main(["diff", str(adapters["sft"]), str(adapters["aux"]), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == (
+        "error: modules_to_save weights in only one adapter need the base model (head.bias, head.weight); "
+        "pass --base BASE\n"
+    ), err
+    code = main(["diff", str(adapters["base"]), str(adapters["sft"]), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "a LoRA adapter can only be diffed against another adapter" in err and err.count("\n") == 1
+    with pytest.raises(CheckpointError, match=r"tensor head.weight is stored in full by the adapter"):
+        capmerge.open_checkpoint(adapters["aux"]).read_tensor("head.weight")
+    assert not out.exists() and tree_digest(adapters["root"]) == before
+    bad = tmp_path / "dora"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
+    with pytest.raises(CheckpointError, match="DoRA adapters are not a low-rank difference"):
+        capmerge.open_checkpoint(bad)
+    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(CheckpointError, match="unsupported PEFT adapter type IA3"):
+        capmerge.open_checkpoint(bad)
+    (bad / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(CheckpointError, match="adapter directory has no adapter_model"):
+        capmerge.open_checkpoint(bad)
+    with pytest.raises(UsageError):
+        capmerge.diff(adapters["sft"], adapters["aux"], tmp_path / "x.safetensors")

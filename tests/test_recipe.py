@@ -309,16 +309,21 @@ def test_compress_and_push_steps_validate_their_schema(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "2 steps (small, up)" in r.stdout
 
 
-def test_missing_compress_is_a_clear_error_before_any_step_runs(tmp_path: Path) -> None:
-    if hasattr(capmerge, "compress"):
-        pytest.skip("capmerge.compress is installed: the compress step runs (tested with it)")
-    s = save_single(tmp_path / "s.safetensors", {"w": torch.ones(3)})
-    a = save_single(tmp_path / "a.safetensors", {"w": torch.full((3,), 2.0)})
+def test_compress_step_writes_an_exact_low_rank_vector(tmp_path: Path) -> None:
+    """diff → compress (rank 2) on a τ of rank exactly 2: the compressed vector reads back as τ (numpy)."""
+    g = torch.Generator().manual_seed(3)
+    u, v = torch.randn(24, 2, generator=g), torch.randn(2, 16, generator=g)
+    s_w = torch.randn(24, 16, generator=g)
+    s = save_single(tmp_path / "s.safetensors", {"w": s_w, "b": torch.zeros(16)})
+    a = save_single(tmp_path / "a.safetensors", {"w": s_w + u @ v, "b": torch.ones(16)})
     path = tmp_path / "r.yaml"
-    path.write_text(f"steps:\n  vec:\n    op: diff\n    base: {s}\n    aux: {a}\n"
+    path.write_text(f"steps:\n  vec:\n    op: diff\n    base: {s}\n    aux: {a}\n    dtype: float32\n"
                     '  small:\n    op: compress\n    vector: "${steps.vec}"\n    rank: 2\n')  # fmt: skip
-    r = runner.invoke(app, ["run", str(path), "--workdir", str(tmp_path / "w")])
-    assert r.exit_code == 2 and "Traceback" not in r.stderr
-    assert r.stderr == (f"error: the compress step needs capmerge.compress, which this installation lacks "
-                        f"({path}:6: steps.small)\n")  # fmt: skip
-    assert not (tmp_path / "w").exists()
+    res = capmerge.run_recipe(path, workdir=tmp_path / "w")
+    out = [st for st in res["steps"] if st["step"] == "small"][0]["outputs"][0]
+    view = capmerge.open_checkpoint(out)
+    assert view.kind == "lowrank"
+    want = _np(s_w + u @ v) - _np(s_w)
+    got = view.read_tensor("w").numpy()
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    np.testing.assert_array_equal(view.read_tensor("b").numpy(), np.ones(16, np.float32))

@@ -25,6 +25,7 @@ _EXPORTS = {
     "CapmergeError": "capmerge.errors",
     "compress": "capmerge.compression",
     "CompressionSummary": "capmerge.compression",
+    "compression_info": "capmerge.compression",
     "OrthogonalityLoss": "capmerge.ortho",
     "project_gradients": "capmerge.ortho",
     "inspect": "capmerge.analysis",
@@ -48,6 +49,7 @@ __all__ = [
     "CapmergeError",
     "compress",
     "CompressionSummary",
+    "compression_info",
     "OrthogonalityLoss",
     "project_gradients",
     "inspect",
@@ -58,7 +60,7 @@ if TYPE_CHECKING:
     from capmerge.analysis import inspect
     from capmerge.api import Summary, diff, parse_size
     from capmerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
-    from capmerge.compression import CompressionSummary, compress
+    from capmerge.compression import CompressionSummary, compress, compression_info
     from capmerge.errors import CapmergeError
     from capmerge.inmemory import apply_to_model, apply_to_state_dict, load_vector
     from capmerge.merging import apply, list_tensors

@@ -10,10 +10,16 @@ blocks whatever the tensor sizes; sums in float64), gives per tensor and per lay
   the energy they capture, the stable rank ‖M‖²_F/σ₁² and ``rank90``, the number of singular values holding 90 % of
   the energy (None when more than k are needed).
 
+Compressed vectors (low-rank, sparse, LoRA adapters and τ of two adapters) are read through their dense view τ̂, one
+tensor rebuilt at a time: the statistics are those of τ̂ (``dense_view_of`` says so), and each input's header record
+holds :func:`capmerge.compression.compression_info` (kind, ranks / nnz, size ratio, recorded error and cosine).
+
 Comparisons: ``against`` (every path compared with one vector) or ``task=(P, S), capability=(S, A)``, which builds
 τ_task = S − P and τ_cap = A − S on the fly (nothing written) and compares them: per tensor, layer, module and in
 total, ``cos`` = ⟨a, b⟩ / (‖a‖‖b‖) and ``ratio`` = ‖a‖ / ‖b‖. A tensor that one vector lacks counts as zero there
-(vectors leave all-zero tensors out) and is listed in ``only_in_a`` / ``only_in_b``.
+(vectors leave all-zero tensors out) and is listed in ``only_in_a`` / ``only_in_b``. In a difference built on the fly,
+a tensor only one side has counts as zero on the other when that side is a vector (e.g. a module only one of two LoRA
+adapters targets); between two models it is skipped.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 
 from capmerge._version import __version__
 from capmerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from capmerge.compression import compression_info
 from capmerge.errors import MismatchError, UsageError
 from capmerge.masks import BLOCK_CONTAINERS, PatternLike, layer_index
 
@@ -143,6 +150,7 @@ class Vector:
     plus: Checkpoint
     minus: Checkpoint | None = None
     formula: str | None = None
+    compression: dict[str, Any] | None = None  # compression_info of ``plus`` (single compressed vectors only)
     tensors: dict[str, Acc] = field(default_factory=dict)
     spectra: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -151,13 +159,16 @@ class Vector:
         """The (checkpoint, tensor, sign) terms of ``name``, or None when this vector has no such (float) tensor."""
         ia = self.plus.tensors.get(name)
         if ia is None:
-            return None
+            ib = self.minus.tensors.get(name) if self.minus is not None and _is_vector(self.plus) else None
+            return [(self.minus, ib, -1.0)] if ib is not None and ib.is_float else None  # type: ignore[list-item]
         if not ia.is_float:
             self.skipped[name] = f"non-floating ({ia.dtype})"
             return None
         if self.minus is None:
             return [(self.plus, ia, 1.0)]
         ib = self.minus.tensors.get(name)
+        if ib is None and _is_vector(self.minus):  # e.g. a module only one of two LoRA adapters targets: ΔW = 0
+            return [(self.plus, ia, 1.0)]
         if ib is None:
             self.skipped[name] = f"only in {self.plus.ref}"
             return None
@@ -176,8 +187,16 @@ class Vector:
         if self.minus is not None:
             for n, i in self.minus.tensors.items():
                 if n not in self.plus.tensors and i.is_float:
-                    self.skipped[n] = f"only in {self.minus.ref}"
+                    if _is_vector(self.plus):
+                        names.append(n)
+                    else:
+                        self.skipped[n] = f"only in {self.minus.ref}"
         return names
+
+
+def _is_vector(ck: Checkpoint) -> bool:
+    """A vector (compressed, LoRA, or a capmerge difference) leaves out tensors that are zero; a model does not."""
+    return ck.kind != "dense" or ck.metadata.get("capmerge.kind") in ("capability-vector", "lora-adapter")
 
 
 def header_info(ck: Checkpoint) -> dict[str, Any]:
@@ -206,9 +225,8 @@ def header_info(ck: Checkpoint) -> dict[str, Any]:
         "fingerprint": ck.fingerprint(),
         "metadata": meta,
     }
-    storage = getattr(ck, "storage", None)
-    if isinstance(storage, dict):
-        info["storage"] = storage
+    # Compressed vectors (low-rank, sparse, LoRA): how they are stored and how close they are to what they stand for.
+    info["compression"] = compression_info(ck)
     return info
 
 
@@ -324,6 +342,7 @@ def inspect(
             "by": by,
             "inputs": [header_info(ck) for ck in opened.values()],
         }
+        comp_of = {key: inp["compression"] for key, inp in zip(opened, result["inputs"], strict=True)}
         if headers_only:
             return result
         if task is not None:
@@ -334,9 +353,9 @@ def inspect(
             ]
             pairs = [(0, 1)]
         else:
-            vectors = [Vector(_key(r), opened[_key(r)]) for r in paths]
+            vectors = [Vector(_key(r), opened[_key(r)], compression=comp_of[_key(r)]) for r in paths]
             if against is not None:
-                vectors.append(Vector(_key(against), opened[_key(against)]))
+                vectors.append(Vector(_key(against), opened[_key(against)], compression=comp_of[_key(against)]))
                 pairs = [(i, len(vectors) - 1) for i in range(len(paths))]
             else:
                 pairs = []
@@ -452,12 +471,14 @@ def _vector_dict(v: Vector, pattern: PatternLike | None) -> dict[str, Any]:
     tot2 = total.sumsq
     tensors = []
     for name, a in v.tensors.items():
-        info = v.plus.tensors[name]
+        info = v.plus.tensors.get(name) or v.minus.tensors[name]  # type: ignore[union-attr]
         d = {"name": name, "layer": layer_index(name, pattern), "module": module_of(name, pattern),
              "shape": list(info.shape), "dtype": info.dtype, **a.to_dict(tot2)}  # fmt: skip
         del d["tensors"]
         if name in v.spectra:
             d["spectrum"] = v.spectra[name]
+        if v.compression is not None:
+            d["compression"] = {k: x for k, x in v.compression["tensors"][name].items() if not k.startswith("bytes")}
         tensors.append(d)
     by_layer, by_module = _groups(v.tensors, pattern)
 
@@ -470,10 +491,14 @@ def _vector_dict(v: Vector, pattern: PatternLike | None) -> dict[str, Any]:
             rows.append({"name": g, **acc.to_dict(tot2)})
         return rows
 
+    # Statistics of a compressed vector are of its dense view τ̂ (B·A, or the scattered sparse entries), rebuilt one
+    # tensor at a time; this says which stored kinds the view was built from (None: all dense).
+    kinds = [c.kind for c in (v.plus, v.minus) if c is not None]
     out = {
         "label": v.label,
         "ref": v.plus.ref if v.minus is None else None,
         "formula": None if v.minus is None else {"plus": v.plus.ref, "minus": v.minus.ref},
+        "dense_view_of": None if all(k == "dense" for k in kinds) else " − ".join(kinds),
         "total": total.to_dict(tot2),
         "tensors": tensors,
         "layers": agg(by_layer),

@@ -4,7 +4,11 @@ File format (also in the README, "Formats"). The header's ``__metadata__`` holds
 
 * ``capmerge.vector_format``: ``lowrank`` or ``sparse`` (absent or ``dense``: a plain vector, one tensor per name);
 * ``capmerge.tensors``: JSON ``{name: {"dtype": "BF16", "shape": [m, n], "storage": "dense" | "lowrank" | "sparse"}}``
-  — the dense tensors the file stands for.
+  — the dense tensors the file stands for;
+* ``capmerge.compression``: JSON of the options ``compress`` ran with;
+* ``capmerge.compression_report``: JSON of what it achieved, ``{"bytes_before", "bytes_after", "ratio", "rel_error",
+  "cosine", "tensors": {name: {"storage", "rank" | "nnz" [, "bits"], "method", "rel_error", "cosine"}}}`` — totals,
+  and per tensor stored compressed (dense-stored ones are exact and left out); read it with :func:`compression_info`.
 
 and per tensor ``name`` of that map:
 
@@ -34,6 +38,8 @@ from capmerge.errors import CheckpointError, UsageError
 from capmerge.lazy import LazyCheckpoint
 
 TENSORS_KEY = "capmerge.tensors"
+OPTIONS_KEY = "capmerge.compression"  # the options compress ran with
+REPORT_KEY = "capmerge.compression_report"  # what it achieved: totals and per compressed tensor (see compress)
 KINDS = ("dense", "lowrank", "sparse")
 FULL_SVD_MAX = 2048  # exact SVD up to this min(m, n); randomized SVD above
 PathLike = str | os.PathLike[str]
@@ -146,6 +152,86 @@ def open_compressed(ck: Checkpoint) -> LazyCheckpoint:
         digest=ck.fingerprint(),
         keep_alive=[ck],
     )
+
+
+def compression_info(ck: Checkpoint | PathLike) -> dict[str, Any] | None:
+    """How a compressed vector is stored and how close it is to the vector it stands for, from its headers only.
+
+    Args:
+        ck: an opened checkpoint (or a reference, opened and closed here): a low-rank or sparse vector written by
+            ``compress``, a τ of two LoRA adapters (``diff``), or a LoRA adapter directory.
+
+    Returns:
+        None for a dense checkpoint. Otherwise a dict: ``kind`` (``lowrank`` | ``sparse``); ``options`` (what
+        ``compress`` ran with, or None); ``recorded`` (the errors come from the ``capmerge.compression_report`` header
+        key ``compress`` writes); ``exact`` (stored exactly by construction: LoRA factors); ``counts`` (tensors per
+        storage); ``ranks`` (``min``/``median``/``max`` over low-rank tensors, or None); ``nnz`` (entries kept by
+        sparse tensors); ``bits`` (8 when sparse values are int8); ``bytes_before`` (dense bytes), ``bytes_after``
+        (stored bytes), ``ratio`` (after / before); ``rel_error`` ‖τ − τ̂‖/‖τ‖ and ``cosine`` (τ, τ̂) in total (None
+        when not recorded); ``tensors``: name → ``storage``, ``rank`` / ``nnz`` / ``bits``, ``bytes_before``,
+        ``bytes_after``, ``rel_error``, ``cosine``. Sizes, ranks and counts are read from the stored tensors' headers.
+    """
+    if not isinstance(ck, Checkpoint):
+        opened = open_checkpoint(ck)
+        try:
+            return compression_info(opened)
+        finally:
+            opened.close()
+    kind = ck.kind
+    if kind == "dense":
+        return None
+    try:
+        options = json.loads(ck.metadata.get(OPTIONS_KEY, "null"))
+    except json.JSONDecodeError:
+        options = None
+    try:
+        report = json.loads(ck.metadata.get(REPORT_KEY, "null"))
+        report = report if isinstance(report, dict) and isinstance(report.get("tensors"), dict) else None
+    except json.JSONDecodeError:
+        report = None
+    exact = ck.metadata.get("capmerge.source") == "lora-adapters" or getattr(ck, "source", None) == "peft-lora"
+    recorded = report["tensors"] if report else {}
+    tensors: dict[str, dict[str, Any]] = {}
+    counts: dict[str, int] = {}
+    ranks: list[int] = []
+    nnz = before = after = 0
+    bits = None
+    for name, info in ck.tensors.items():
+        st = ck.storage(name)
+        storage = st["storage"]
+        row: dict[str, Any] = {"storage": storage}
+        row.update({k: st[k] for k in ("rank", "nnz", "bits") if st.get(k) is not None})
+        row.update(bytes_before=info.nbytes, bytes_after=st["nbytes"])
+        if storage == "dense":  # stored as it is
+            row.update(rel_error=0.0, cosine=1.0)
+        else:
+            rec = recorded.get(name) if isinstance(recorded.get(name), dict) else {}
+            row.update(rel_error=rec.get("rel_error"), cosine=rec.get("cosine"))
+        tensors[name] = row
+        counts[storage] = counts.get(storage, 0) + 1
+        if "rank" in row:
+            ranks.append(row["rank"])
+        nnz += row.get("nnz", 0)
+        bits = row.get("bits", bits)
+        before += row["bytes_before"]
+        after += row["bytes_after"]
+    ranks.sort()
+    return {
+        "kind": kind,
+        "options": options if isinstance(options, dict) else None,
+        "recorded": report is not None,
+        "exact": exact,
+        "counts": dict(sorted(counts.items())),
+        "ranks": {"min": ranks[0], "median": ranks[len(ranks) // 2], "max": ranks[-1]} if ranks else None,
+        "nnz": nnz,
+        "bits": bits,
+        "bytes_before": before,
+        "bytes_after": after,
+        "ratio": after / before if before else 1.0,
+        "rel_error": report.get("rel_error") if report else None,
+        "cosine": report.get("cosine") if report else None,
+        "tensors": tensors,
+    }
 
 
 def _loader(ck: Checkpoint, storage: str, parts: list[str], code: str, shape: tuple[int, ...]) -> Callable[[], Any]:
@@ -425,11 +511,15 @@ def compress(
 
     def metadata() -> dict[str, str]:
         carried = {k: v for k, v in ck.metadata.items() if k.startswith("capmerge.") and k not in (VECTOR_FORMAT_KEY,
-                   TENSORS_KEY, "capmerge.kind", "capmerge.version", "capmerge.compression")}  # fmt: skip
+                   TENSORS_KEY, "capmerge.kind", "capmerge.version", OPTIONS_KEY, REPORT_KEY)}  # fmt: skip
         options = {"kind": kind, "rank": rank, "energy": energy, "density": density, "bits": bits}
+        norm2, err2, dot, approx2 = sums  # all tensors are written (and measured) when this runs
+        summary.rel_error = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
+        summary.cosine = dot / math.sqrt(norm2 * approx2) if norm2 > 0 and approx2 > 0 else float(norm2 == approx2)
         return vector_metadata(kind, table, {
             **carried,
-            "capmerge.compression": json.dumps({k: v for k, v in options.items() if v is not None}),
+            OPTIONS_KEY: json.dumps({k: v for k, v in options.items() if v is not None}),
+            REPORT_KEY: _report_json(summary),
             "capmerge.source": ck.ref,
             "capmerge.source_fingerprint": ck.fingerprint(),
         })  # fmt: skip
@@ -438,11 +528,29 @@ def compress(
         summary.files, summary.bytes_written = write_vector(output, [ck], planned, produce(), metadata, force=force)
     finally:
         ck.close()
-    norm2, err2, dot, approx2 = sums
-    summary.rel_error = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
-    summary.cosine = dot / math.sqrt(norm2 * approx2) if norm2 > 0 and approx2 > 0 else float(norm2 == approx2)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _g(x: float) -> float:
+    """A float for the header: 10 significant digits are plenty and keep the JSON short."""
+    return float(f"{x:.10g}")
+
+
+def _report_json(s: CompressionSummary) -> str:
+    """The ``capmerge.compression_report`` header value: totals, and per tensor stored compressed its storage,
+    rank / nnz / bits, relative error and cosine (dense-stored tensors are left out: exact, and ``capmerge.tensors``
+    lists them). Bytes per tensor are left out too: the header's own entries give them."""
+    rows = {}
+    for t in s.tensors:
+        if t["storage"] == "dense":
+            continue
+        row = {k: t[k] for k in ("storage", "rank", "nnz", "bits", "method") if t.get(k) is not None}
+        row.update(rel_error=_g(t["rel_error"]), cosine=_g(t["cosine"]))
+        rows[t["name"]] = row
+    report = {"bytes_before": s.bytes_before, "bytes_after": s.bytes_after, "ratio": _g(s.ratio),
+              "rel_error": _g(s.rel_error), "cosine": _g(s.cosine), "tensors": rows}  # fmt: skip
+    return json.dumps(report, separators=(",", ":"))
 
 
 def _errors(t: Any, approx: Any, sums: list[float]) -> dict[str, float]:

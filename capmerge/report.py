@@ -42,6 +42,58 @@ def _shorten_hash(v: str) -> str:
     return v[:23] + "…" if v.startswith("sha256:") and len(v) > 24 else v
 
 
+META_SHOWN = 96  # longer header values (JSON tables) are summarised on the terminal; --json has them in full
+
+
+def meta_value(v: str) -> str:
+    """A header metadata value as the terminal shows it: short values as they are, long ones summarised."""
+    v = _shorten_hash(v)
+    if len(v) <= META_SHOWN:
+        return v
+    import json
+
+    try:
+        parsed = json.loads(v)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict | list):
+        what = "object" if isinstance(parsed, dict) else "list"
+        return f"<JSON {what}, {len(parsed)} entries, {human_bytes(len(v))}; see --json>"
+    return v[: META_SHOWN - 1] + "…"
+
+
+def compression_line(c: dict[str, Any]) -> str:
+    """One line for :func:`capmerge.compression.compression_info`: kind, ranks / nnz, size ratio, error, cosine."""
+    parts = [c["kind"] + (f" int{c['bits']}" if c.get("bits") else "")]
+    if c.get("ranks"):
+        r = c["ranks"]
+        parts.append(
+            f"rank {r['min']}" if r["min"] == r["max"] else f"ranks {r['min']}–{r['max']} (median {r['median']})"
+        )
+    if c["counts"].get("sparse"):
+        parts.append(f"{human_count(c['nnz'])} entries kept")
+    n = sum(c["counts"].values())
+    parts.append(f"{n - c['counts'].get('dense', 0)} of {n} tensors compressed")
+    line = ", ".join(parts) + (f"; {human_bytes(c['bytes_before'])} dense -> {human_bytes(c['bytes_after'])} stored "
+                               f"(ratio {c['ratio']:.3g})")  # fmt: skip
+    if c.get("rel_error") is not None:
+        line += f"; rel error {c['rel_error']:.4g}, cosine {c['cosine']:.6f}"
+    elif c.get("exact"):
+        line += "; exact (LoRA factors)"
+    else:
+        line += "; error not recorded"
+    return line
+
+
+def _compressed_cells(r: dict[str, Any]) -> list[str]:
+    c = r.get("compression")
+    if c is None:
+        return ["", "", ""]
+    how = c["storage"] + (f" int{c['bits']}" if c.get("bits") else "")
+    size = str(c["rank"]) if "rank" in c else human_count(c["nnz"]) if "nnz" in c else "–"
+    return [how, size, _num(c.get("rel_error"), ".3g")]
+
+
 def _layer_sort_key(name: str) -> tuple[int, int | str]:
     return (0, int(name)) if name.isdigit() else (1, name)
 
@@ -71,15 +123,24 @@ def print_report(result: dict[str, Any], *, top: int = 20, file: Any = None) -> 
             f"  {inp['tensors']} tensors, {human_count(inp['params'])} parameters, "
             f"{human_bytes(inp['size_on_disk'])} on disk in {len(inp['files'])} file(s); dtypes: {dtypes}"
         )
+        if inp.get("compression"):
+            console.print(f"  compression: {compression_line(inp['compression'])}")
         for k, v in inp["metadata"].items():
             if k.startswith("capmerge.") and k not in ("capmerge.merge", "capmerge.kind"):
-                console.print(f"  {k}: {_shorten_hash(v)}")
+                console.print(f"  {k}: {meta_value(v)}", markup=False)
         console.print(f"  fingerprint: {_shorten_hash(inp['fingerprint'])}")
     for vec in result.get("vectors", []):
         rows, caption = _rows(vec, by, top)
-        t = Table(title=vec["label"], caption=caption, title_justify="left")
+        title = vec["label"]
+        if vec.get("dense_view_of"):
+            title += f" — statistics of the dense view τ̂ ({vec['dense_view_of']}), rebuilt one tensor at a time"
+        t = Table(title=title, caption=caption, title_justify="left")
         for col in (by, "tensors", "params", "L2", "share", "mean |x|", "zeros", "max |x|"):
             t.add_column(col, justify="left" if col == by else "right")
+        stored = by == "tensor" and any(r.get("compression") for r in rows)
+        if stored:
+            for col in ("stored", "rank/nnz", "rel error"):
+                t.add_column(col, justify="right")
         spectrum = by == "tensor" and any("spectrum" in r for r in rows)
         if spectrum:
             for col in ("stable rank", "rank90", "top-k energy"):
@@ -92,12 +153,14 @@ def print_report(result: dict[str, Any], *, top: int = 20, file: Any = None) -> 
                 cells += ["–", "–", "–"] if sp is None else [
                     _num(sp["stable_rank"], ".3g"), "–" if sp["rank90"] is None else str(sp["rank90"]),
                     f"{sp['energy_top_k']:.1%} (k={sp['k']})"]  # fmt: skip
+            if stored:
+                cells += _compressed_cells(r)
             t.add_row(*cells)
         tot = vec["total"]
         t.add_section()
         t.add_row("total", str(tot["tensors"]), human_count(tot["numel"]), _num(tot["l2"]), "100%",
                   _num(tot["mean_abs"]), f"{tot['zero_frac']:.1%}", _num(tot["max_abs"]),
-                  *(["", "", ""] if spectrum else []))  # fmt: skip
+                  *(["", "", ""] if spectrum else []), *(["", "", ""] if stored else []))  # fmt: skip
         console.print(t)
         if tot["nonfinite"]:
             console.print(f"[red]warning: {tot['nonfinite']} NaN/Inf values[/red]")

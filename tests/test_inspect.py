@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import listing, model_tensors, perturb, save_sharded, save_single
+from conftest import listing, model_tensors, perturb, rchar, save_sharded, save_single
 from typer.testing import CliRunner
 
 import capmerge
@@ -160,28 +160,21 @@ def test_task_and_capability_built_on_the_fly(tmp_path: Path) -> None:
     assert cap_v["total"]["l2"] == pytest.approx(np.linalg.norm(x), rel=1e-6)
 
 
-def _rchar() -> int:
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("rchar:"):
-            return int(line.split()[1])
-    raise AssertionError("no rchar")
-
-
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs /proc/self/io")
 def test_headers_only_reads_no_tensor_data(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     path = save_single(tmp_path / "big.safetensors", {f"layers.{i}.w": torch.randn(512, 512, generator=g)
                                                       for i in range(4)})  # fmt: skip
     size = path.stat().st_size
-    before = _rchar()
+    before = rchar()
     r = capmerge.inspect(path, headers_only=True)
-    headers_read = _rchar() - before
+    headers_read = rchar() - before
     assert "vectors" not in r and r["inputs"][0]["tensors"] == 4 and r["inputs"][0]["params"] == 4 * 512 * 512
     assert headers_read < 64 * 1024, headers_read
-    before = _rchar()
+    before = rchar()
     capmerge.inspect(path)
-    assert _rchar() - before >= size - 1024  # the full pass reads every tensor once
-    assert _rchar() - before < 1.2 * size
+    assert rchar() - before >= size - 1024  # the full pass reads every tensor once
+    assert rchar() - before < 1.2 * size
 
 
 def test_spectrum_against_numpy_svd(tmp_path: Path) -> None:

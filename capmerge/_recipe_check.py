@@ -234,11 +234,12 @@ def _check_overrides(
             if n_vectors is not None:
                 Overrides([ov]).check_vectors(n_vectors)
         except OverrideError as e:
-            at = line
+            at, src = line, keymap.get(str(e.key), e.key)
             if e.key and isinstance(spec, _yaml.LineDict):
-                original = "weights" if e.key == "weight" and "weights" in spec.lines else e.key
-                at = spec.lines.get(original) or line
-            ctx.err(e.what, at, where + (f".{keymap.get(str(e.key), e.key)}" if e.key else ""))
+                if e.key == "weight" and "weights" in spec.lines:
+                    src = "weights"
+                at = spec.lines.get(e.key if e.key in spec.lines else src) or line
+            ctx.err(e.what, at, where + (f".{src}" if src else ""))
     if plain:
         options["overrides"] = plain
         lines.setdefault("overrides", min(lines[k] for k in lists))

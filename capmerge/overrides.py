@@ -112,12 +112,12 @@ class Override:
             key = _ALIASES.get(str(raw_key), str(raw_key))
             if key not in KEYS:
                 raise OverrideError(f"unknown key {raw_key!r} (expected filter and {', '.join(KEYS)})", label, raw_key)
-            if key in params:
-                raise OverrideError(f"{raw_key} given twice (weight and weights are the same key)", label, raw_key)
             if key == "alpha" and isinstance(value, list | tuple):
                 key = "alpha_gradient"  # a list for alpha is a gradient over the block index
-                if key in params:
-                    raise OverrideError("alpha is a list (a gradient) and alpha_gradient is given too", label, raw_key)
+            if key in params:
+                what = {"weight": "weight and weights both given (the same key)",
+                        "alpha_gradient": "alpha is a list (a gradient) and alpha_gradient is given too"}  # fmt: skip
+                raise OverrideError(what.get(key, f"{raw_key} given twice"), label, raw_key)
             if key in ("alpha", "gamma"):
                 params[key] = _number(value, str(raw_key), label)
             else:

@@ -407,6 +407,9 @@ def test_recipe_overrides_and_mergekit_style_lists(ck: dict) -> None:
     res2 = capmerge.run_recipe(p)
     assert res2["steps"][0]["status"] == "ran" and res2["steps"][0]["key"] != key
     assert capmerge.run_recipe(p, a=0.4)["steps"][0]["status"] == "ran"  # a variable inside a filter list
+    p.write_text(p.read_text().replace("filter: embed", "filter: nothing"))
+    r = runner.invoke(app, ["run", str(p)])
+    assert r.exit_code == 0 and "warning: step merged: override 2 (filter 'nothing') matches no merged" in r.stderr
 
 
 def test_recipe_default_gradient(ck: dict) -> None:

@@ -91,9 +91,9 @@ def apply_to_state_dict(
     import torch
 
     from capmerge.kernels import is_available, resolve_device, torch_device
-    from capmerge.masks import TensorMask, alpha_for, count_layers
+    from capmerge.masks import TensorMask, count_layers
     from capmerge.methods import resolve
-    from capmerge.overrides import Overrides
+    from capmerge.overrides import Overrides, alpha_of
 
     vecs = [_as_mapping(v) for v in (vector if isinstance(vector, list | tuple) else [vector])]
     opts = resolve(method, density=density, gamma=gamma, sign=sign, normalize=normalize, rescale=rescale, seed=seed,
@@ -147,10 +147,7 @@ def apply_to_state_dict(
             tw = pt.per_vector("weight", len(vecs)) or w
             td = pt.per_vector("density", len(vecs)) or [opts.density_for(i) for i in range(len(vecs))]
             raw = [(vec[n].to(device=where), tw[i], td[i], i) for i, vec in enumerate(vecs) if n in vec]
-            if pt.alpha is not None:
-                a = pt.alpha
-            else:
-                a = alpha_for(n, alpha, list(alpha_gradient), n_layers, layer_pattern) if alpha_gradient else alpha
+            a = alpha_of(pt, n, alpha, alpha_gradient or None, n_layers, layer_pattern)
             topts = replace(opts, gamma=pt.gamma) if pt.gamma is not None else opts
             if not (kernels and _merge_with_kernels(x, n, raw, a, topts)):
                 _merge_with_torch(x, n, raw, a, topts)

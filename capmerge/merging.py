@@ -18,10 +18,10 @@ from capmerge.api import PathLike, Summary, _finish_files, _name_mismatch, _refs
 from capmerge.checkpoint import Checkpoint, open_checkpoint
 from capmerge.engine import Job, Sink, run
 from capmerge.errors import MismatchError, UsageError
-from capmerge.masks import TensorMask, alpha_for, check_template, count_layers, expand_template
+from capmerge.masks import TensorMask, check_template, count_layers, expand_template
 from capmerge.methods import MergeOptions, resolve
 from capmerge.names import normalise
-from capmerge.overrides import Overrides, TensorParams
+from capmerge.overrides import Overrides, TensorParams, alpha_of
 from capmerge.plan import Term, merge_job
 from capmerge.writer import Output
 
@@ -245,12 +245,10 @@ def apply(
             continue
         p = ovr.resolve(name, n_layers=n_layers, layer_pattern=layer_pattern)
         resolved.append(p)
-        if p.alpha is not None:  # pinned: the same α in every output of a sweep
-            tensor_alphas = [p.alpha] * len(alphas)
-        elif alpha_gradient is not None:
-            tensor_alphas = [alpha_for(name, alphas[0], list(alpha_gradient), n_layers, layer_pattern)]
-        else:
+        if p.alpha is None and alpha_gradient is None:
             tensor_alphas = alphas
+        else:  # an overridden α is pinned: the same in every output of a sweep
+            tensor_alphas = [alpha_of(p, name, alphas[0], alpha_gradient, n_layers, layer_pattern)] * len(alphas)
         dens = p.per_vector("density", len(terms))
         t_variants = variants if dens is None else [dens] * len(variants)  # an overridden density is pinned
         t_weights = p.per_vector("weight", len(terms))
@@ -452,12 +450,9 @@ def _effective_params(
     for name in selected:
         p = ovr.resolve(name, n_layers=n_layers, layer_pattern=layer_pattern)
         resolved.append(p)
-        if p.alpha is not None:
-            a: Any = p.alpha
-        elif alpha_gradient is not None:
-            a = alpha_for(name, alphas[0], list(alpha_gradient), n_layers, layer_pattern)
-        else:
-            a = alphas[0] if len(alphas) == 1 else alphas
+        a: Any = alphas if len(alphas) > 1 else alphas[0]
+        if p.alpha is not None or alpha_gradient is not None:
+            a = alpha_of(p, name, alphas[0], alpha_gradient, n_layers, layer_pattern)
         w = p.per_vector("weight", n_vectors) or tuple(float(x) for x in weights or [1.0] * n_vectors)
         d = p.per_vector("density", n_vectors) or tuple(options.density_for(i) for i in range(n_vectors))
         out[name] = {

@@ -34,7 +34,7 @@ from typing import Any
 from capmerge.errors import UsageError
 from capmerge.masks import alpha_for, layer_index
 
-__all__ = ["KEYS", "Override", "OverrideError", "Overrides", "TensorParams", "parse_cli"]
+__all__ = ["KEYS", "Override", "OverrideError", "Overrides", "TensorParams", "alpha_of", "parse_cli"]
 
 KEYS = ("alpha", "alpha_gradient", "weight", "density", "density_gradient", "gamma")
 """The parameter keys an override may set (``weights`` is accepted for ``weight``)."""
@@ -202,6 +202,22 @@ class TensorParams:
         if v is None:
             return None
         return tuple(v) if len(v) > 1 else tuple(v[0] for _ in range(n))
+
+
+def alpha_of(
+    params: TensorParams,
+    name: str,
+    alpha: float,
+    gradient: Sequence[float] | None,
+    n_layers: int,
+    layer_pattern: str | None = None,
+) -> float:
+    """A tensor's α: its override's, else the ``--alpha-gradient`` value at its block, else ``alpha``."""
+    if params.alpha is not None:
+        return params.alpha
+    if gradient is not None:
+        return alpha_for(name, alpha, list(gradient), n_layers, layer_pattern)
+    return alpha
 
 
 class Overrides:

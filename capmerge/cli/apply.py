@@ -38,6 +38,8 @@ Examples:
   capmerge apply P/ --add aux/ --sub sft/ --alpha 0.8 -o meta/     # P + α·(aux − sft) in one pass
 
   capmerge apply P/ vec.safetensors --alpha 0.2,0.5,1.0 -o 'meta-{alpha}/'   # a sweep, inputs read once
+
+  capmerge apply P/ v1.safetensors v2.safetensors -o M/ --override 'self_attn:alpha=0.3,density=0.2/0.5'
 """
 
 

@@ -189,23 +189,25 @@ def _check_overrides(
                         lines["overrides"], f"{key}.overrides")  # fmt: skip
             else:
                 for i, e in enumerate(value):
-                    entries.append((e, _yaml.line_of(value, i), f"{key}.overrides[{i}]", {}))
+                    at = _yaml.line_of(value, i) or lines["overrides"]
+                    entries.append((e, at, f"{key}.overrides[{i}]", {}))
     for k in MERGEKIT_PARAMS:
         if k not in lists:
             continue
         value = lists[k]
         try:
             converted, default = from_filter_list(k, value)
-        except OverrideError as e:
+        except OverrideError as e:  # values given on the command line have no lines: the key's line then
             i = int(str(e.where)[1:-1])
-            ctx.err(f"{k}: {e.what}", _yaml.line_of(value[i], e.key) if e.key else _yaml.line_of(value, i),
-                    f"{key}.{k}[{i}]" + (f".{e.key}" if e.key else ""))  # fmt: skip
+            at = (_yaml.line_of(value[i], e.key) if e.key else 0) or _yaml.line_of(value, i) or lines[k]
+            ctx.err(f"{k}: {e.what}", at, f"{key}.{k}[{i}]" + (f".{e.key}" if e.key else ""))
             continue
         for i, d in converted:
             d = _yaml.LineDict(d)
-            d.line, d.lines = value[i].line, {"filter": value[i].lines.get("filter"), MERGEKIT_PARAMS[k]:
-                                             value[i].lines.get("value")}  # fmt: skip
-            entries.append((d, _yaml.line_of(value, i), f"{key}.{k}[{i}]", {MERGEKIT_PARAMS[k]: "value"}))
+            src = getattr(value[i], "lines", {})
+            d.line = _yaml.line_of(value, i) or lines[k]
+            d.lines = {"filter": src.get("filter"), MERGEKIT_PARAMS[k]: src.get("value")}
+            entries.append((d, d.line, f"{key}.{k}[{i}]", {MERGEKIT_PARAMS[k]: "value"}))
         if default is None:
             continue
         target = k
@@ -218,7 +220,8 @@ def _check_overrides(
         typ = SCHEMA["apply"][target][1]
         problem = _check_value(k, OPTION, typ, default)
         if problem:
-            ctx.err(problem, _yaml.line_of(value, len(value) - 1), f"{key}.{k}[{len(value) - 1}].value")
+            at = _yaml.line_of(value, len(value) - 1) or lines[k]
+            ctx.err(problem, at, f"{key}.{k}[{len(value) - 1}].value")
             continue
         options[target] = _plainish(default)
         lines.setdefault(target, lines[k])

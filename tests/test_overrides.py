@@ -412,6 +412,18 @@ def test_recipe_overrides_and_mergekit_style_lists(ck: dict) -> None:
     assert r.exit_code == 0 and "warning: step merged: override 2 (filter 'nothing') matches no merged" in r.stderr
 
 
+def test_recipe_filter_list_from_the_command_line(ck: dict) -> None:
+    p = _recipe(ck, "alpha: ${alphas}\n").read_text().replace("  a: 0.3", "  alphas: 0.5")
+    (ck["tmp"] / "r.yaml").write_text(p)
+    r = runner.invoke(app, ["run", str(ck["tmp"] / "r.yaml"), "alphas=[{filter: attn, value: 0.25}, {value: 2}]"])
+    assert r.exit_code == 0, r.output
+    check(ck["tmp"] / "r.safetensors", ck, {n: {"alpha": 0.25} for n in NAMES if "attn" in n}, alpha=2.0,
+          weights=[1, 1], density=[1, 1])  # fmt: skip
+    r = runner.invoke(app, ["run", str(ck["tmp"] / "r.yaml"), "alphas=[{filter: attn, value: 0}, {valu: 2}]"])
+    assert r.exit_code == 2 and r.stderr.startswith("error: alpha: unknown key 'valu' in a filter list"), r.stderr
+    assert r.stderr.endswith("r.yaml:5: steps.merged.alpha[1].valu)\n"), r.stderr  # the line of vars.alphas
+
+
 def test_recipe_default_gradient(ck: dict) -> None:
     p = _recipe(ck, "alpha: [{filter: head, value: 0.1}, {value: [1.0, 0.0]}]\n")
     r = load(p)

@@ -8,10 +8,12 @@ import re
 from typing import Any
 
 from capmerge import _yaml
+from capmerge.overrides import MERGEKIT_PARAMS, Override, OverrideError, Overrides, from_filter_list, is_filter_list
 from capmerge.recipe import (
     _ENUMS,
     INPUT,
     INPUTS,
+    OPTION,
     OUTPUT,
     PAIR,
     SCHEMA,
@@ -119,6 +121,7 @@ def _check_step(ctx: _Ctx, name: Any, body: Any, line: int) -> Step | None:
     schema = SCHEMA[op]
     options: dict[str, Any] = {}
     lines: dict[str, int] = {}
+    filter_lists: dict[str, Any] = {}
     for k in body:
         if k == "op":
             continue
@@ -128,6 +131,10 @@ def _check_step(ctx: _Ctx, name: Any, body: Any, line: int) -> Step | None:
             continue
         value = ctx.subst(body[k], kline, f"{key}.{k}")
         kind, typ, _ = schema[k]
+        if op == "apply" and (k == "overrides" or (k in MERGEKIT_PARAMS and is_filter_list(value))):
+            filter_lists[k] = value  # per-tensor parameters: checked and normalised below
+            lines[k] = kline
+            continue
         problem = _check_value(k, kind, typ, value)
         if problem:
             ctx.err(problem, kline, f"{key}.{k}")
@@ -145,6 +152,8 @@ def _check_step(ctx: _Ctx, name: Any, body: Any, line: int) -> Step | None:
             ctx.err(f"missing key {k!r} for op {op}", line, f"{key}.{k}")
     if op == "apply" and not options.get("vectors") and not options.get("add") and "vectors" not in body:
         ctx.err("apply needs vectors: or add:", line, key)
+    if filter_lists:
+        _check_overrides(ctx, key, options, lines, filter_lists)
     if op == "inspect":
         if ("task" in body) != ("capability" in body):
             ctx.err("task: and capability: go together", line, key)
@@ -153,6 +162,90 @@ def _check_step(ctx: _Ctx, name: Any, body: Any, line: int) -> Step | None:
         if not any(k in body for k in ("paths", "task")):
             ctx.err("inspect needs paths: or task: + capability:", line, key)
     return Step(name, op, line, options, lines)
+
+
+def _has_unset(v: Any) -> bool:
+    if isinstance(v, Unset):
+        return True
+    if isinstance(v, dict):
+        return any(_has_unset(x) for x in v.values())
+    if isinstance(v, list):
+        return any(_has_unset(x) for x in v)
+    return False
+
+
+def _check_overrides(
+    ctx: _Ctx, key: str, options: dict[str, Any], lines: dict[str, int], lists: dict[str, Any]
+) -> None:
+    """Per-tensor parameters of an apply step: ``overrides:`` entries and mergekit-style filter lists
+    (``alpha: [{filter: attn, value: 0.5}, {value: 1.0}]``) become one ``overrides`` option, in that order (the
+    lists in the order alpha, weights, density, gamma); a filter list's default becomes the step's own value."""
+    entries: list[tuple[Any, int, str, dict[str, str]]] = []  # (override mapping, its line, key path, key map)
+    if "overrides" in lists:
+        value = lists["overrides"]
+        if not isinstance(value, Unset):
+            if not isinstance(value, list) or not value:
+                ctx.err("overrides: expected a list of {filter: REGEX, alpha: ..., density: ...} mappings",
+                        lines["overrides"], f"{key}.overrides")  # fmt: skip
+            else:
+                for i, e in enumerate(value):
+                    at = _yaml.line_of(value, i) or lines["overrides"]
+                    entries.append((e, at, f"{key}.overrides[{i}]", {}))
+    for k in MERGEKIT_PARAMS:
+        if k not in lists:
+            continue
+        value = lists[k]
+        try:
+            converted, default = from_filter_list(k, value)
+        except OverrideError as e:  # values given on the command line have no lines: the key's line then
+            i = int(str(e.where)[1:-1])
+            at = (_yaml.line_of(value[i], e.key) if e.key else 0) or _yaml.line_of(value, i) or lines[k]
+            ctx.err(f"{k}: {e.what}", at, f"{key}.{k}[{i}]" + (f".{e.key}" if e.key else ""))
+            continue
+        for i, d in converted:
+            d = _yaml.LineDict(d)
+            src = getattr(value[i], "lines", {})
+            d.line = _yaml.line_of(value, i) or lines[k]
+            d.lines = {"filter": src.get("filter"), MERGEKIT_PARAMS[k]: src.get("value")}
+            entries.append((d, d.line, f"{key}.{k}[{i}]", {MERGEKIT_PARAMS[k]: "value"}))
+        if default is None:
+            continue
+        target = k
+        if k == "alpha" and isinstance(default, list):
+            target = "alpha_gradient"  # as in an override, a list for alpha is a gradient
+            if "alpha_gradient" in options:
+                ctx.err("alpha: the default of the filter list is a gradient, and alpha_gradient is given too",
+                        lines[k], f"{key}.alpha")  # fmt: skip
+                continue
+        typ = SCHEMA["apply"][target][1]
+        problem = _check_value(k, OPTION, typ, default)
+        if problem:
+            at = _yaml.line_of(value, len(value) - 1) or lines[k]
+            ctx.err(problem, at, f"{key}.{k}[{len(value) - 1}].value")
+            continue
+        options[target] = _plainish(default)
+        lines.setdefault(target, lines[k])
+    vectors = [*(options.get("vectors") or []), *(options.get("add") or [])]
+    n_vectors = len(vectors) if vectors and all(isinstance(v, str) for v in vectors) else None
+    plain: list[Any] = []
+    for spec, line, where, keymap in entries:
+        plain.append(_plainish(spec))
+        if _has_unset(spec):
+            continue
+        try:
+            ov = Override.parse(_plainish(spec), where)
+            if n_vectors is not None:
+                Overrides([ov]).check_vectors(n_vectors)
+        except OverrideError as e:
+            at, src = line, keymap.get(str(e.key), e.key)
+            if e.key and isinstance(spec, _yaml.LineDict):
+                if e.key == "weight" and "weights" in spec.lines:
+                    src = "weights"
+                at = spec.lines.get(e.key if e.key in spec.lines else src) or line
+            ctx.err(e.what, at, where + (f".{src}" if src else ""))
+    if plain:
+        options["overrides"] = plain
+        lines.setdefault("overrides", min(lines[k] for k in lists))
 
 
 def _plainish(v: Any) -> Any:

@@ -88,6 +88,7 @@ class Summary:
     bytes_written: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # renames, prefix normalisation, tied weights, unwrapped pickles
+    warnings: list[str] = field(default_factory=list)  # options that had no effect (e.g. an unmatched override)
     tied: dict[str, str] = field(default_factory=dict)  # alias → the tensor it shares (written once)
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from capmerge.checkpoint import Checkpoint, open_checkpoint
@@ -69,6 +70,7 @@ def apply_to_state_dict(
     layers: str | None = None,
     layer_pattern: str | None = None,
     alpha_gradient: Sequence[float] | None = None,
+    overrides: Any = None,
     device: str | None = "auto",
 ) -> list[str]:
     """θ ← θ + α·δ in place, δ the merge of one or several vectors (mappings or checkpoint references).
@@ -82,12 +84,16 @@ def apply_to_state_dict(
     ``device``: ``auto`` computes on each tensor's own device — with the Triton kernels for CUDA tensors (no host
     copy, no temporaries beyond the vector), torch ops elsewhere; ``cpu`` / ``cuda[:N]`` compute there (copying
     tensors that live elsewhere there and back). Every device gives the same values.
+
+    ``overrides``: per-tensor α, weights, densities, γ (:mod:`capmerge.overrides`, as in :func:`capmerge.apply`);
+    an override that changes nothing is reported with :func:`warnings.warn`.
     """
     import torch
 
     from capmerge.kernels import is_available, resolve_device, torch_device
-    from capmerge.masks import TensorMask, alpha_for, count_layers
+    from capmerge.masks import TensorMask, count_layers
     from capmerge.methods import resolve
+    from capmerge.overrides import Overrides, alpha_of
 
     vecs = [_as_mapping(v) for v in (vector if isinstance(vector, list | tuple) else [vector])]
     opts = resolve(method, density=density, gamma=gamma, sign=sign, normalize=normalize, rescale=rescale, seed=seed,
@@ -97,7 +103,10 @@ def apply_to_state_dict(
     if len(w) != len(vecs):
         raise MismatchError(f"{len(w)} weights for {len(vecs)} vectors")
     mask = TensorMask.build(include=include, exclude=exclude, layers=layers, layer_pattern=layer_pattern)
-    n_layers = count_layers(state_dict, layer_pattern) if alpha_gradient is not None else 0
+    ovr = Overrides.build(overrides, n_vectors=len(vecs))
+    needs_layers = alpha_gradient is not None or ovr.needs_layers
+    n_layers = count_layers(state_dict, layer_pattern) if needs_layers else 0
+    params: dict[str, Any] = {}
     names: list[str] = []
     for vec in vecs:
         missing = [n for n in vec if n not in state_dict]
@@ -117,6 +126,12 @@ def apply_to_state_dict(
                 raise MismatchError(f"cannot add a vector to a {p.dtype} tensor", n)
             if n not in names and mask.selects(n):
                 names.append(n)
+                params[n] = ovr.resolve(n, n_layers=n_layers, layer_pattern=layer_pattern)
+    if ovr:
+        import warnings
+
+        for message in ovr.unused(params.values()):
+            warnings.warn(message, UserWarning, stacklevel=2)
     done, seen = [], set()
     with torch.no_grad():
         for n in names:
@@ -128,10 +143,14 @@ def apply_to_state_dict(
             where = p.device if dev is None else torch_device(dev)
             kernels = dev not in (None, "cpu") or (dev is None and p.is_cuda and is_available())
             x = p if p.device == where else p.to(where)
-            raw = [(vec[n].to(device=where), w[i], opts.density_for(i), i) for i, vec in enumerate(vecs) if n in vec]
-            a = alpha_for(n, alpha, list(alpha_gradient), n_layers, layer_pattern) if alpha_gradient else alpha
-            if not (kernels and _merge_with_kernels(x, n, raw, a, opts)):
-                _merge_with_torch(x, n, raw, a, opts)
+            pt = params[n]
+            tw = pt.per_vector("weight", len(vecs)) or w
+            td = pt.per_vector("density", len(vecs)) or [opts.density_for(i) for i in range(len(vecs))]
+            raw = [(vec[n].to(device=where), tw[i], td[i], i) for i, vec in enumerate(vecs) if n in vec]
+            a = alpha_of(pt, n, alpha, alpha_gradient or None, n_layers, layer_pattern)
+            topts = replace(opts, gamma=pt.gamma) if pt.gamma is not None else opts
+            if not (kernels and _merge_with_kernels(x, n, raw, a, topts)):
+                _merge_with_torch(x, n, raw, a, topts)
             if x is not p:
                 p.copy_(x)
             done.append(n)

@@ -10,6 +10,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from capmerge._version import __version__
@@ -17,9 +18,10 @@ from capmerge.api import PathLike, Summary, _finish_files, _name_mismatch, _refs
 from capmerge.checkpoint import Checkpoint, open_checkpoint
 from capmerge.engine import Job, Sink, run
 from capmerge.errors import MismatchError, UsageError
-from capmerge.masks import TensorMask, alpha_for, check_template, count_layers, expand_template
+from capmerge.masks import TensorMask, check_template, count_layers, expand_template
 from capmerge.methods import MergeOptions, resolve
 from capmerge.names import normalise
+from capmerge.overrides import Overrides, TensorParams, alpha_of
 from capmerge.plan import Term, merge_job
 from capmerge.writer import Output
 
@@ -48,7 +50,7 @@ def build_terms(
     vectors: Sequence[PathLike | Checkpoint],
     add: Sequence[PathLike | Checkpoint],
     sub: Sequence[PathLike | Checkpoint],
-    weights: Sequence[float] | None,
+    weights: Sequence[float] | float | None,
     *,
     rename: Sequence[str] | str | None = None,
     opts: dict[str, Any] | None = None,
@@ -72,6 +74,8 @@ def build_terms(
         ca = cks[nv + i]
         cb = cks[nv + na + i] if sub else base
         terms.append(Term(ca, cb, label=f"{ca.ref} - {cb.ref}"))
+    if isinstance(weights, int | float):  # one weight for every vector
+        weights = [float(weights)] * len(terms)
     if weights is not None:
         if len(weights) != len(terms):
             raise UsageError(f"--weights has {len(weights)} values for {len(terms)} vectors")
@@ -120,6 +124,7 @@ def apply(
     layers: str | None = None,
     layer_pattern: str | None = None,
     alpha_gradient: Sequence[float] | None = None,
+    overrides: Any = None,
     add: Sequence[PathLike | Checkpoint] | PathLike | None = None,
     sub: Sequence[PathLike | Checkpoint] | PathLike | None = None,
     allow_missing: bool = False,
@@ -147,6 +152,11 @@ def apply(
         gamma / sign / normalize / rescale / seed: pruning and election options (see :mod:`capmerge.methods`).
         include / exclude / layers / layer_pattern: which tensors are merged; the others are copied bit-exactly.
         alpha_gradient: per-layer α interpolated linearly over the block index (tensors outside blocks use α).
+        overrides: per-tensor parameters (:mod:`capmerge.overrides`): a list of ``"REGEX:key=value,..."`` strings,
+            ``{"filter": REGEX, "alpha": ..., "weight": ..., "density": ..., "gamma": ...}`` mappings or
+            ``(REGEX, {...})`` pairs; for each tensor and parameter the first matching override that sets it wins;
+            an overridden α or density is pinned across a sweep. Overrides that change nothing are reported in
+            ``Summary.warnings``.
         add / sub: three-checkpoint form, τ_j = add_j − sub_j (add_j − base without ``sub``), computed on the fly.
         allow_missing / force / allow_nonfinite / progress / device / rename / key / trust_pickle: as in
             :func:`capmerge.diff` (vector names are paired with the base's; the output keeps the base's names).
@@ -184,8 +194,11 @@ def apply(
     if alpha_gradient is not None and len(alphas) > 1:
         raise UsageError("--alpha-gradient cannot be combined with an --alpha sweep")
     mask = TensorMask.build(include=include, exclude=exclude, layers=layers, layer_pattern=layer_pattern)
-    n_layers = count_layers(ck_b.tensors, layer_pattern) if alpha_gradient is not None else 0
+    ovr = Overrides.build(overrides, n_vectors=len(terms))
+    needs_layers = alpha_gradient is not None or ovr.needs_layers
+    n_layers = count_layers(ck_b.tensors, layer_pattern) if needs_layers else 0
     summary = Summary("apply", out_tmpl, notes=notes, tied=ties)
+    resolved: list[TensorParams] = []
     _check_names(ck_b, terms, allow_missing, summary.skipped)
     single_file = out_tmpl.endswith(".safetensors")
     jobs: list[Job] = []
@@ -230,14 +243,21 @@ def apply(
                 jobs.append(merge_job(name, (ck_b, ib), [], out_code=out_dtype, options=options, variants=[()],
                                       alphas=[1.0] * len(alphas) * len(variants), sink=sink, device=dev))  # fmt: skip
             continue
-        if alpha_gradient is not None:
-            tensor_alphas = [alpha_for(name, alphas[0], list(alpha_gradient), n_layers, layer_pattern)]
-        else:
+        p = ovr.resolve(name, n_layers=n_layers, layer_pattern=layer_pattern)
+        resolved.append(p)
+        if p.alpha is None and alpha_gradient is None:
             tensor_alphas = alphas
-        jobs.append(merge_job(name, (ck_b, ib), touching, out_code=out_dtype, options=options, variants=variants,
-                              alphas=tensor_alphas, sink=sink, device=dev))  # fmt: skip
+        else:  # an overridden α is pinned: the same in every output of a sweep
+            tensor_alphas = [alpha_of(p, name, alphas[0], alpha_gradient, n_layers, layer_pattern)] * len(alphas)
+        dens = p.per_vector("density", len(terms))
+        t_variants = variants if dens is None else [dens] * len(variants)  # an overridden density is pinned
+        t_weights = p.per_vector("weight", len(terms))
+        t_options = replace(options, gamma=p.gamma) if p.gamma is not None else options
+        jobs.append(merge_job(name, (ck_b, ib), touching, out_code=out_dtype, options=t_options, variants=t_variants,
+                              alphas=tensor_alphas, sink=sink, device=dev, weights=t_weights))  # fmt: skip
     if not mask.is_trivial and selected == 0:
         raise UsageError("mask selects no tensors (check --include/--exclude/--layers)")
+    summary.warnings += ovr.unused(resolved)
     outs_paths = [expand_template(out_tmpl, alpha=a, density=v[0] if v else 1.0) for v in variants for a in alphas]
     if len(set(outs_paths)) != len(outs_paths):
         raise UsageError("the output template gives several outputs the same name")
@@ -260,6 +280,7 @@ def apply(
             for ai, a in enumerate(alphas):
                 out = outs[vi * len(alphas) + ai]
                 record = _record(ck_b, terms, options, v, a, alpha_gradient, mask, code, dtype, allow_missing, summary)
+                record["overrides"] = ovr.to_list() or None
                 metadata = {
                     **ck_b.metadata,
                     "format": "pt",
@@ -360,10 +381,22 @@ def list_tensors(
     rename: Sequence[str] | str | None = None,
     key: str | None = None,
     trust_pickle: bool = False,
+    alpha: float | Sequence[float] = 1.0,
+    alpha_gradient: Sequence[float] | None = None,
+    method: str | None = None,
+    weights: Sequence[float] | None = None,
+    density: float | Sequence[float] | None = None,
+    gamma: float | None = None,
+    overrides: Any = None,
 ) -> dict[str, Any]:
     """Dry run of a merge's mask and name pairing: which base tensors would be merged, which copied, and under
     which name each vector holds them (``pairs``: base name → [(vector, its name)] where they differ) — from
-    headers only."""
+    headers only.
+
+    ``params`` gives each selected tensor's effective parameters — ``alpha`` (a list for a sweep), ``weights``,
+    ``density`` (one per vector; a list per vector for a ``{density}`` sweep is not expanded: the global values),
+    ``gamma`` and ``overrides`` (parameter → 1-based number of the override that set it); ``warnings`` lists
+    overrides that change nothing."""
     opts = {"key": key, "trust_pickle": trust_pickle}
     ck_b = open_checkpoint(base, **opts)
     ck_b, terms, notes, ties = build_terms(ck_b, _as_list(vectors), _as_list(add), _as_list(sub), None,
@@ -371,6 +404,10 @@ def list_tensors(
     mask = TensorMask.build(include=include, exclude=exclude, layers=layers, layer_pattern=layer_pattern)
     touched = [n for n in ck_b.tensors if any(n in t.a.tensors for t in terms)]
     desc = mask.describe(touched)
+    desc["params"], desc["warnings"] = _effective_params(
+        ck_b, desc["selected"], len(terms), alpha=alpha, alpha_gradient=alpha_gradient, method=method,
+        weights=weights, density=density, gamma=gamma, overrides=overrides, layer_pattern=layer_pattern,
+    )  # fmt: skip
     desc["untouched"] = [n for n in ck_b.tensors if n not in set(touched)]
     desc["counts"]["untouched"] = len(desc["untouched"])
     pairs: dict[str, list[list[str]]] = {}
@@ -383,3 +420,46 @@ def list_tensors(
     desc["notes"] = notes
     desc["tied"] = ties
     return desc
+
+
+def _effective_params(
+    base: Checkpoint,
+    selected: list[str],
+    n_vectors: int,
+    *,
+    alpha: float | Sequence[float],
+    alpha_gradient: Sequence[float] | None,
+    method: str | None,
+    weights: Sequence[float] | None,
+    density: float | Sequence[float] | None,
+    gamma: float | None,
+    overrides: Any,
+    layer_pattern: str | None,
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Each selected tensor's α, weights, densities and γ after ``--alpha-gradient`` and overrides."""
+    alphas = [float(a) for a in _as_list(alpha)] or [1.0]
+    dens = [float(d) for d in _as_list(density)]
+    if weights is not None and len(weights) != n_vectors:
+        raise UsageError(f"--weights has {len(weights)} values for {n_vectors} vectors")
+    options = resolve(method, density=dens if len(dens) in (1, n_vectors) and dens else None, gamma=gamma)
+    ovr = Overrides.build(overrides, n_vectors=n_vectors)
+    needs_layers = alpha_gradient is not None or ovr.needs_layers
+    n_layers = count_layers(base.tensors, layer_pattern) if needs_layers else 0
+    out: dict[str, dict[str, Any]] = {}
+    resolved = []
+    for name in selected:
+        p = ovr.resolve(name, n_layers=n_layers, layer_pattern=layer_pattern)
+        resolved.append(p)
+        a: Any = alphas if len(alphas) > 1 else alphas[0]
+        if p.alpha is not None or alpha_gradient is not None:
+            a = alpha_of(p, name, alphas[0], alpha_gradient, n_layers, layer_pattern)
+        w = p.per_vector("weight", n_vectors) or tuple(float(x) for x in weights or [1.0] * n_vectors)
+        d = p.per_vector("density", n_vectors) or tuple(options.density_for(i) for i in range(n_vectors))
+        out[name] = {
+            "alpha": a,
+            "weights": list(w),
+            "density": list(d),
+            "gamma": p.gamma if p.gamma is not None else options.gamma,
+            "overrides": {k: i + 1 for k, i in p.source.items()},
+        }
+    return out, ovr.unused(resolved)

@@ -208,18 +208,23 @@ def merge_job(
     alphas: list[float],
     sink: int,
     device: str = "cpu",
+    weights: Sequence[float] | None = None,
 ) -> Job:
-    """A compute job for one base tensor; ``touching`` = (term index, term, info of a, info of b)."""
+    """A compute job for one base tensor; ``touching`` = (term index, term, info of a, info of b).
+
+    ``variants`` hold one density per term of the whole merge; ``weights`` (one per term of the whole merge, default
+    each term's own) are this tensor's, e.g. from a per-tensor override."""
     inputs: list[tuple[Checkpoint, TensorInfo]] = [base]
     specs = []
-    for _, term, ia, ib in touching:
+    for ti, term, ia, ib in touching:
         inputs.append((term.a, ia))
         a_idx = len(inputs) - 1
         b_idx = None
         if term.b is not None and ib is not None:
             inputs.append((term.b, ib))
             b_idx = len(inputs) - 1
-        specs.append((a_idx, ia.dtype, b_idx, ib.dtype if ib is not None else "F32", term.weight))
+        w = term.weight if weights is None else float(weights[ti])
+        specs.append((a_idx, ia.dtype, b_idx, ib.dtype if ib is not None else "F32", w))
     sub_variants = [tuple(v[ti] for ti, _, _, _ in touching) for v in variants]
     ids = [ti for ti, _, _, _ in touching]
     kernel = MergeKernel(name, base[1].dtype, out_code, specs, options, sub_variants, alphas, base[1].numel, ids,

@@ -93,6 +93,7 @@ SCHEMA: dict[str, dict[str, tuple[str, str, bool]]] = {
         "layers": (OPTION, "layers", False),
         "layer_pattern": (OPTION, "str", False),
         "alpha_gradient": (OPTION, "numbers", False),
+        "overrides": (OPTION, "overrides", False),
         "allow_missing": (OPTION, "bool", False),
         "allow_nonfinite": (OPTION, "bool", False),
         "force": (OPTION, "bool", False),

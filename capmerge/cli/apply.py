@@ -38,6 +38,8 @@ Examples:
   capmerge apply P/ --add aux/ --sub sft/ --alpha 0.8 -o meta/     # P + α·(aux − sft) in one pass
 
   capmerge apply P/ vec.safetensors --alpha 0.2,0.5,1.0 -o 'meta-{alpha}/'   # a sweep, inputs read once
+
+  capmerge apply P/ v1.safetensors v2.safetensors -o M/ --override 'self_attn:alpha=0.3,density=0.2/0.5'
 """
 
 
@@ -75,6 +77,15 @@ def apply_cmd(
     alpha_gradient: Annotated[
         str | None, typer.Option(help="Per-layer α, e.g. 1.0,0.5,0.0, interpolated over the block index.")
     ] = None,
+    override: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--override",
+            help="Per-tensor parameters 'REGEX:key=value,...' (repeatable): alpha, weight, density, gamma, "
+            "density_gradient; lists use / (density=0.2/0.5 per vector, alpha=1/0.5/0 a gradient over blocks). "
+            "For each tensor and parameter the first matching --override wins.",
+        ),
+    ] = None,
     add: Annotated[list[str] | None, typer.Option(help="Three-checkpoint form: τ = ADD − SUB (repeatable).")] = None,
     sub: Annotated[list[str] | None, typer.Option(help="Paired with --add in order (default: BASE).")] = None,
     list_tensors: Annotated[
@@ -96,13 +107,18 @@ def apply_cmd(
     from capmerge.masks import parse_float_list
 
     with handle_errors():
+        gradient = parse_float_list(alpha_gradient, "--alpha-gradient") if alpha_gradient else None
         if list_tensors:
             from capmerge.merging import list_tensors as _list
 
             desc = _list(base, vectors or [], include=include, exclude=exclude, layers=layers,
                          layer_pattern=layer_pattern, add=add, sub=sub, rename=rename, key=key,
-                         trust_pickle=trust_pickle)  # fmt: skip
-            _print_listing(desc, as_json)
+                         trust_pickle=trust_pickle, alpha=parse_float_list(alpha, "--alpha"),
+                         alpha_gradient=gradient, method=method,
+                         weights=parse_float_list(weights, "--weights") if weights else None,
+                         density=parse_float_list(density, "--density") if density else None, gamma=gamma,
+                         overrides=override)  # fmt: skip
+            _print_listing(desc, as_json, show_params=bool(override or alpha_gradient))
             return
         if not output:
             raise fail("missing option -o/--output (a .safetensors file or a directory)")
@@ -128,7 +144,8 @@ def apply_cmd(
                 exclude=exclude,
                 layers=layers,
                 layer_pattern=layer_pattern,
-                alpha_gradient=parse_float_list(alpha_gradient, "--alpha-gradient") if alpha_gradient else None,
+                alpha_gradient=gradient,
+                overrides=override,
                 add=add or [],
                 sub=sub or [],
                 allow_missing=allow_missing,
@@ -145,18 +162,22 @@ def apply_cmd(
     report(summary, quiet=quiet, as_json=as_json)
 
 
-def _print_listing(desc: dict, as_json: bool) -> None:
+def _print_listing(desc: dict, as_json: bool, show_params: bool = False) -> None:
     if as_json:
         print(json.dumps(desc, indent=2))
         return
     pairs = desc.get("pairs", {})
+    params = desc.get("params", {}) if show_params else {}
     for n in desc["selected"]:
         via = "; ".join(f"{name} in {ref}" for ref, name in pairs.get(n, []))
-        print(f"  merge  {n}" + (f"   <- {via}" if via else ""))
+        print(f"  merge  {n}" + (f"   {_params_text(params[n])}" if n in params else "")
+              + (f"   <- {via}" if via else ""))  # fmt: skip
     for n in desc["not_selected"]:
         print(f"  copy   {n}   (outside the mask)")
     for note in desc.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
+    for warning in desc.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     c = desc["counts"]
     layers = ", ".join(f"{k}: {v}" for k, v in desc.get("by_layer", {}).items())
     print(
@@ -164,3 +185,20 @@ def _print_listing(desc: dict, as_json: bool) -> None:
         + (f"; by layer: {layers}" if layers else ""),
         file=sys.stderr,
     )
+
+
+def _params_text(p: dict) -> str:
+    """``alpha=0.5 weights=1 density=0.3 gamma=0.01 [override 1: alpha, density]``."""
+    from capmerge.masks import format_number
+
+    def fmt(v: object) -> str:
+        if isinstance(v, list):
+            vals = sorted(set(v), key=v.index)
+            return ",".join(format_number(x) for x in (vals if len(vals) > 1 else vals[:1]))
+        return format_number(float(v))  # type: ignore[arg-type]
+
+    text = " ".join(f"{k}={fmt(p[k])}" for k in ("alpha", "weights", "density", "gamma"))
+    by: dict[int, list[str]] = {}
+    for k, i in p.get("overrides", {}).items():
+        by.setdefault(i, []).append(k)
+    return text + "".join(f" [override {i}: {', '.join(ks)}]" for i, ks in sorted(by.items()))

@@ -101,6 +101,8 @@ def report(summary: Any, *, quiet: bool, as_json: bool) -> None:
     if not quiet:
         for note in getattr(summary, "notes", []):
             print(f"note: {note}", file=sys.stderr)
+        for warning in getattr(summary, "warnings", []):
+            print(f"warning: {warning}", file=sys.stderr)
         print(summary.line(), file=sys.stderr)
         if summary.skipped:
             shown = list(summary.skipped.items())[:10]

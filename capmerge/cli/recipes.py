@@ -65,6 +65,8 @@ def run_cmd(
         outs = ", ".join(s["outputs"]) or "-"
         took = f" in {s['seconds']:.2f} s" if "seconds" in s else ""
         print(f"  {s['step']:<16} {s['op']:<8} {s['status']}{took} -> {outs}", file=out)
+        for warning in (s.get("result") or {}).get("warnings", []):
+            print(f"warning: step {s['step']}: {warning}", file=sys.stderr)
         if plan and s.get("options"):
             for k, v in s["options"].items():
                 print(f"      {k}: {json.dumps(v)}", file=out)

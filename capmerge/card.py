@@ -3,6 +3,7 @@ per-layer statistics and how to apply it. Built with ``huggingface_hub.ModelCard
 
 from __future__ import annotations
 
+import json
 import shlex
 from typing import Any
 
@@ -47,7 +48,14 @@ def model_card(ck: Checkpoint, repo_id: str, *, recommended_alpha: float | None 
     meta = dict(ck.metadata)
     kind = meta.get("capmerge.kind") or ("merged" if "capmerge.merge" in meta else "checkpoint")
     is_vector = kind == "capability-vector" or getattr(ck, "kind", "dense") != "dense"
-    bases = [b for b in (_hub_id(meta.get("capmerge.base")), _hub_id(meta.get("capmerge.aux"))) if b]
+    refs = [meta.get("capmerge.base"), meta.get("capmerge.aux")]
+    if "capmerge.merge" in meta:  # a merged model: its base and the vectors merged into it
+        try:
+            rec = json.loads(meta["capmerge.merge"])
+            refs = [rec["base"]["ref"], *(v.get("ref") for v in rec.get("vectors", []))]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            refs = []
+    bases = list(dict.fromkeys(b for b in map(_hub_id, refs) if b))
     data: dict[str, Any] = {"library_name": "capmerge"}
     if is_vector:
         data["tags"] = ["capmerge", "capability-vector"]

@@ -290,6 +290,7 @@ def test_push_merged_model_directory(hub, pushed, data, tmp_path: Path) -> None:
     got = Path(ok(run(["pull", "org/merged"], home, hub)))
     meta = yaml.safe_load((got / "README.md").read_text().split("---\n")[1])
     assert meta["tags"] == ["capmerge", "merge"]
+    assert meta["base_model"] == ["org/pre", "org/tau"] and meta["base_model_relation"] == "merge"
     src = files_of(merged)
     src.pop("README.md")  # replaced by the generated card
     pulled = files_of(got)
@@ -310,3 +311,28 @@ def test_parse_ref_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert parse_ref("org/model.safetensors") is None  # looks like a file
     (tmp_path / "org" / "name").mkdir(parents=True)
     assert parse_ref("org/name") is None  # a local path of that name exists
+
+
+def test_diff_from_hub_ids_card_base_model_and_recipe_push(hub, pushed, data, tmp_path: Path) -> None:
+    home = tmp_path / "hf"
+    ok(run(["push", str(data["S"].parent), "org/sft", "-q"], home, hub, HF_TOKEN=TOKEN))
+    ok(run(["push", str(data["A"]), "org/aux", "-q"], home, hub, HF_TOKEN=TOKEN))
+    tau = tmp_path / "tau.safetensors"
+    ok(run(["diff", "hf://org/sft", "org/aux", "-o", str(tau), "-q"], home, hub))
+    a, b = load_file(str(tau)), load_file(str(pushed["tau"]))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    ok(run(["push", str(tau), "org/tau-hub", "-q"], home, hub, HF_TOKEN=TOKEN))
+    text = (Path(ok(run(["pull", "org/tau-hub"], home, hub))) / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["base_model"] == ["org/sft", "org/aux"]
+    assert f"capmerge diff hf://org/sft org/aux -o {tau} -q" in text
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "steps:\n  tau:\n    op: diff\n    base: hf://org/sft\n    aux: org/aux\n"
+        "  up:\n    op: push\n    path: ${steps.tau}\n    repo_id: org/tau-recipe\n    recommended_alpha: 0.7\n"
+    )
+    ok(run(["run", str(recipe), "--workdir", str(tmp_path / "work")], home, hub, HF_TOKEN=TOKEN))
+    got = Path(ok(run(["pull", "org/tau-recipe"], home, hub)))
+    c = load_file(str(got / "capvector.safetensors"))
+    assert c.keys() == b.keys() and all(c[k].equal(b[k]) for k in c)
+    assert yaml.safe_load((got / "README.md").read_text().split("---\n")[1])["recommended_alpha"] == 0.7

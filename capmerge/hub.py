@@ -117,6 +117,8 @@ def _hub_errors(ref: HubRef | str, what: str = "read") -> Iterator[None]:
         from huggingface_hub import constants
 
         if constants.is_offline_mode():
+            if what != "read":
+                raise HubError(f"cannot {what} the Hub while offline (HF_HUB_OFFLINE=1)", where) from None
             raise HubError("offline (HF_HUB_OFFLINE=1) and not in the Hugging Face cache", where) from None
         raise HubError(f"cannot reach the Hub at {_endpoint()} and not in the Hugging Face cache", where) from e
     except E.HfHubHTTPError as e:
@@ -207,9 +209,10 @@ def _listing(api: Any, ref: HubRef) -> tuple[str, dict[str, tuple[int, str | Non
             listing = {f.path: (f.size, f.lfs.sha256 if f.lfs else None) for f in files if hasattr(f, "size")}
             return info.sha, listing, True
     cached = get_cached_repo_tree(ref.repo_id, revision=ref.revision)
-    commit = (_storage(ref.repo_id) / "refs" / (ref.revision or "main")).read_text().strip()
     if ref.revision and _COMMIT.fullmatch(ref.revision):
         commit = ref.revision
+    else:
+        commit = (_storage(ref.repo_id) / "refs" / (ref.revision or "main")).read_text().strip()
     return commit, {f.path: (f.size, None) for f in cached}, False
 
 
@@ -271,7 +274,13 @@ def resolve(ref: str | os.PathLike[str] | HubRef, *, token: str | None = None) -
     h = ref if isinstance(ref, HubRef) else parse_ref(ref)
     if h is None:
         raise UsageError("not a hub reference", os.fspath(ref))  # type: ignore[arg-type]
-    folder, _ = fetch(h, token=token)
+    try:
+        folder, _ = fetch(h, token=token)
+    except HubError as e:
+        if os.fspath(ref).startswith(PREFIX) or isinstance(ref, HubRef):  # type: ignore[arg-type]
+            raise
+        # a bare org/name may have been meant as a local path: say both
+        raise type(e)(f"no such file or directory, nor usable as a Hub repo: {e.what}", os.fspath(ref)) from None
     return str(folder / h.subpath) if h.subpath else str(folder)
 
 

@@ -49,7 +49,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def run(args: list[str], home: Path, hub: HubServer | None = None, **env: str) -> subprocess.CompletedProcess[str]:
     """``python -m capmerge ARGS`` with the Hub settings in the environment (HF_HOME = ``home``: its own cache)."""
-    e = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}  # other tests set some
     e.update(PYTHONPATH=str(ROOT), HF_HOME=str(home), HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
              HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="5")  # fmt: skip
     if hub is not None:
@@ -198,6 +198,7 @@ def test_private_repo_needs_token(hub, pushed, tmp_path: Path) -> None:
 def test_push_token_errors_never_print_the_token(hub, pushed, tmp_path: Path) -> None:
     home = tmp_path / "hf"
     err(run(["push", str(pushed["tau"]), "org/new"], home, hub), "needs a token", "HF_TOKEN")
+    err(run(["push", str(pushed["tau"]), "org/new", "--token", TOKEN], home, hub, HF_HUB_OFFLINE="1"), "offline")
     r = run(["push", str(pushed["tau"]), "org/new", "--token", BAD_TOKEN], home, hub)
     err(r, "rejected the token")
     assert BAD_TOKEN not in r.stdout + r.stderr
@@ -214,11 +215,14 @@ def test_not_found_and_no_safetensors(hub, pushed, tmp_path: Path) -> None:
         "hf://org/missing")  # fmt: skip
     assert not out.exists()
     err(run(["pull", "org/missing"], home, hub), "Hub repo not found")
+    # a bare name may have been meant as a local path: the message says both
+    err(run(["inspect", "org/missing"], home, hub), "no such file or directory, nor usable as a Hub repo",
+        "Hub repo not found", "(org/missing)")  # fmt: skip
     # a repo with only a config and a pickle: pushed with the client itself
     code = ("from huggingface_hub import HfApi, CommitOperationAdd as A; api = HfApi(); api.create_repo('org/bin');"
             "api.create_commit('org/bin', [A('config.json', b'{}'), A('pytorch_model.bin', b'\\x00' * 64)], "
             "commit_message='x')")  # fmt: skip
-    e = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     e.update(HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HOME=str(home), HF_HUB_DISABLE_XET="1")
     subprocess.run([sys.executable, "-c", code], env=e, check=True, capture_output=True)
     err(run(["pull", "org/bin"], home, hub), "holds no safetensors", "pytorch_model.bin")

@@ -30,6 +30,8 @@ _EXPORTS = {
     "project_gradients": "capmerge.ortho",
     "inspect": "capmerge.analysis",
     "run_recipe": "capmerge.recipe",
+    "push": "capmerge.hub",
+    "pull": "capmerge.hub",
 }
 
 __all__ = [
@@ -54,6 +56,8 @@ __all__ = [
     "project_gradients",
     "inspect",
     "run_recipe",
+    "push",
+    "pull",
 ]
 
 if TYPE_CHECKING:
@@ -62,6 +66,7 @@ if TYPE_CHECKING:
     from capmerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
     from capmerge.compression import CompressionSummary, compress, compression_info
     from capmerge.errors import CapmergeError
+    from capmerge.hub import pull, push
     from capmerge.inmemory import apply_to_model, apply_to_state_dict, load_vector
     from capmerge.merging import apply, list_tensors
     from capmerge.methods import MergeOptions

@@ -260,13 +260,13 @@ def _spectrum(m: Any, k: int) -> dict[str, Any]:
     }
 
 
-def _open_all(refs: Iterable[PathLike | Checkpoint]) -> dict[str, Checkpoint]:
+def _open_all(refs: Iterable[PathLike | Checkpoint], headers_only: bool = False) -> dict[str, Checkpoint]:
     """Open each distinct reference once (so S in ``--task P S --capability S A`` is read once per block)."""
     opened: dict[str, Checkpoint] = {}
     for r in refs:
         key = r.ref if isinstance(r, Checkpoint) else os.fspath(r)
         if key not in opened:
-            opened[key] = open_checkpoint(r)
+            opened[key] = open_checkpoint(r, headers_only=headers_only)
     return opened
 
 
@@ -335,7 +335,7 @@ def inspect(
         refs = [tp, ts, cs, ca]
     else:
         refs = [*paths, *([against] if against is not None else [])]
-    opened = _open_all(refs)
+    opened = _open_all(refs, headers_only)
     try:
         result: dict[str, Any] = {
             "capmerge_version": __version__,

@@ -182,6 +182,7 @@ def diff(
     trust_pickle: bool = False,
     dense: bool = False,
     adapter_base: PathLike | Checkpoint | None = None,
+    command: str | None = None,
 ) -> Summary:
     """Write the capability vector τ = AUX − BASE, tensor by tensor (float32 math, rounded once).
 
@@ -203,6 +204,8 @@ def diff(
         dense / adapter_base: when BASE and AUX are both LoRA adapters, τ is written exactly in low-rank form
             unless ``dense``; ``adapter_base`` (the base model) is needed for ``modules_to_save`` weights that only
             one adapter holds.
+        command: the command line that made the vector, recorded as ``capmerge.command`` in the header metadata
+            (the CLI passes its own; the model card of ``capmerge push`` shows it).
 
     Returns:
         A :class:`Summary`. All-zero differences (frozen tensors) are left out of the file and listed in
@@ -277,6 +280,8 @@ def diff(
         }
         if summary.tied:
             metadata["capmerge.tied"] = json.dumps(summary.tied)
+        if command:
+            metadata["capmerge.command"] = command
         files = [f for f in sink.files if f.entries or len(sink.files) == 1]
         for f in sink.files:
             if f not in files:

@@ -106,6 +106,13 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             raw_json = f.read(n)
     except OSError as e:
         raise CheckpointError(f"cannot read file: {e.strerror or e}", path) from e
+    return parse_header(path, head, raw_json, size)
+
+
+def parse_header(path: str, head: bytes, raw_json: bytes, size: int) -> Header:
+    """Validate a safetensors header given as bytes: the 8-byte length field, the JSON, and the file's size
+    (for headers read without the file at hand, e.g. by ranged reads from the Hub)."""
+    n = len(raw_json)
     try:
         hdr = json.loads(raw_json.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -298,7 +305,16 @@ def _pread_into(fd: int, view: memoryview, pos: int) -> int:
 
 
 Resolver = Callable[[str], "str | None"]
-_RESOLVERS: list[Resolver] = []
+
+
+def _hub_resolver(ref: str) -> str | None:
+    """Hub references (``hf://org/name[@rev][/sub]``, or a bare ``org/name``): fetched and verified first."""
+    from capmerge import hub
+
+    return hub.resolve(ref) if hub.parse_ref(ref) is not None else None
+
+
+_RESOLVERS: list[Resolver] = [_hub_resolver]
 
 
 def register_resolver(resolver: Resolver) -> None:
@@ -307,7 +323,11 @@ def register_resolver(resolver: Resolver) -> None:
 
 
 def open_checkpoint(
-    ref: str | os.PathLike[str] | Checkpoint, *, key: str | None = None, trust_pickle: bool = False
+    ref: str | os.PathLike[str] | Checkpoint,
+    *,
+    key: str | None = None,
+    trust_pickle: bool = False,
+    headers_only: bool = False,
 ) -> Checkpoint:
     """Open a checkpoint reference as a lazy :class:`Checkpoint` (headers only).
 
@@ -318,6 +338,8 @@ def open_checkpoint(
         key: the entry of a nested pickle that holds the state dict (``state_dict``, ``model`` ...); without it a
             nested state dict is unwrapped when only one entry holds tensors.
         trust_pickle: load pickles that need more than tensors (runs code from the file; prints a warning).
+        headers_only: the caller reads no tensor data; a hub reference is then opened from ranged reads of its
+            safetensors headers where the Hub allows them (nothing downloaded), else fetched as usual.
 
     Compressed vectors and LoRA adapters open as views of DENSE tensors (each built when read); ``kind`` and
     ``storage(name)`` tell how they are stored.
@@ -327,6 +349,12 @@ def open_checkpoint(
     ref_s = os.fspath(ref)
     path = Path(ref_s)
     if not path.exists():
+        if headers_only:
+            from capmerge import hub
+
+            remote = hub.open_headers(ref_s) if hub.parse_ref(ref_s) is not None else None
+            if remote is not None:
+                return _vector_view(remote)
         for resolver in _RESOLVERS:
             local = resolver(ref_s)
             if local is not None:

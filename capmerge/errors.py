@@ -54,3 +54,13 @@ class WriteError(CapmergeError, OSError):
     """Writing the output failed (disk full, permission denied); nothing was left behind."""
 
     exit_code = 1
+
+
+class HubError(CapmergeError, OSError):
+    """A Hugging Face Hub reference that cannot be used: repo or revision not found, no or rejected token, Hub
+    unreachable (or offline) without the files in the cache, no safetensors in the repo, a download that does not
+    match the repo's file listing. Never carries a token."""
+
+
+class HubNotFoundError(HubError, FileNotFoundError):
+    """A Hub repo, revision or path that does not exist (or is private and no valid token was given)."""

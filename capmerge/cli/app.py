@@ -85,6 +85,16 @@ def _root(
     """Model merging by weight arithmetic."""
 
 
+_ARGV: list[str] = []
+
+
+def command_line() -> str:
+    """The command line being run (``capmerge diff ...``), shell-quoted: recorded in outputs' metadata."""
+    import shlex
+
+    return shlex.join(["capmerge", *_ARGV])
+
+
 def _sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -101,6 +111,7 @@ def _run(argv: list[str] | None) -> int:
     """Usage errors of the parser are reported as one ``error:`` line too (exit 2)."""
     with contextlib.suppress(ValueError):  # not in the main thread
         signal.signal(signal.SIGTERM, _sigterm)
+    _ARGV[:] = sys.argv[1:] if argv is None else list(argv)
     try:
         rv = app(args=argv, prog_name="capmerge", standalone_mode=False)
     except Exception as e:

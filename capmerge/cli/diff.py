@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from capmerge.cli.app import app, handle_errors
+from capmerge.cli.app import app, command_line, handle_errors
 from capmerge.cli.common import (
     AllowMissing,
     AllowNonfinite,
@@ -92,6 +92,7 @@ def diff_cmd(
                 trust_pickle=trust_pickle,
                 dense=dense,
                 adapter_base=adapter_base,
+                command=command_line(),
             )
         finally:
             progress.close()

@@ -1,0 +1,342 @@
+"""Hugging Face Hub: push / pull / hf:// inputs, with the real huggingface_hub client over real HTTP.
+
+The client talks to tests/hubserver.py (a loopback Hub that stores what it receives) through HF_ENDPOINT. The CLI
+runs in subprocesses because huggingface_hub reads HF_ENDPOINT, HF_HUB_OFFLINE and HF_HUB_DISABLE_XET at import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import model_tensors, perturb, save_sharded, save_single
+from hubserver import HubServer
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "hf_testtoken_alice_5f3c9a"
+BAD_TOKEN = "hf_not_a_valid_token_77aa1"
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with HubServer(tokens={TOKEN: "alice"}) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("hubdata")
+    p = model_tensors(0)
+    s = perturb(p, 1)
+    a = perturb(s, 2)
+    pdir = save_sharded(d / "P", p, 2)
+    (pdir / "config.json").write_text('{"model_type": "toy"}')
+    (pdir / "tokenizer.json").write_text("{}")
+    return {"P": pdir, "S": save_single(d / "S" / "model.safetensors", s), "A": save_single(d / "A.safetensors", a),
+            "dir": d}  # fmt: skip
+
+
+def run(args: list[str], home: Path, hub: HubServer | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m capmerge ARGS`` with the Hub settings in the environment (HF_HOME = ``home``: its own cache)."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}  # other tests set some
+    e.update(PYTHONPATH=str(ROOT), HF_HOME=str(home), HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
+             HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="5")  # fmt: skip
+    if hub is not None:
+        e["HF_ENDPOINT"] = hub.url
+    e.update(env)
+    return subprocess.run([sys.executable, "-m", "capmerge", *args], env=e, capture_output=True, text=True,
+                          cwd=home.parent, timeout=120)  # fmt: skip
+
+
+def ok(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def err(r: subprocess.CompletedProcess[str], *needles: str) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def files_of(d: Path) -> dict[str, str]:
+    return {p.name: sha(p) for p in sorted(Path(d).iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def pushed(hub: HubServer, data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """τ (single file and sharded) made by the CLI and pushed, and P pushed as a model repo."""
+    home = tmp_path_factory.mktemp("push") / "hf"
+    d = data["dir"]
+    ok(run(["diff", str(data["S"]), str(data["A"]), "-o", str(d / "tau.safetensors"), "-q"], home))
+    ok(run(["diff", str(data["S"]), str(data["A"]), "-o", str(d / "tau_sharded"), "--shard-size", "4KB", "-q"], home))
+    url = ok(run(["push", str(d / "tau.safetensors"), "org/tau", "--token", TOKEN, "--recommended-alpha", "0.5"],
+                 home, hub))  # fmt: skip
+    assert url.startswith(f"{hub.url}/org/tau/commit/")
+    ok(run(["push", str(d / "tau_sharded"), "org/tau-sharded", "-q"], home, hub, HF_TOKEN=TOKEN))
+    ok(run(["push", str(data["P"]), "org/pre", "-q"], home, hub, HF_TOKEN=TOKEN))
+    return {"tau": d / "tau.safetensors", "tau_sharded": d / "tau_sharded", "home": home}
+
+
+def test_push_pull_single_file_round_trip(hub, pushed, tmp_path: Path) -> None:
+    out = tmp_path / "pulled"
+    path = ok(run(["pull", "org/tau", "-o", str(out)], tmp_path / "hf", hub))
+    assert Path(path) == out
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "capvector.safetensors"]  # a directory's name
+    assert sha(out / "capvector.safetensors") == sha(pushed["tau"])
+    # what the server stored is what was sent
+    repo = hub.state.repos["org/tau"]
+    entry = repo.commits[repo.refs["main"]]["capvector.safetensors"]
+    assert entry.lfs == sha(pushed["tau"])
+
+
+def test_push_pull_sharded_round_trip(hub, pushed, tmp_path: Path) -> None:
+    src = files_of(pushed["tau_sharded"])
+    assert len([n for n in src if n.endswith(".safetensors")]) >= 2
+    path = Path(ok(run(["pull", "hf://org/tau-sharded", "--revision", "main"], tmp_path / "hf", hub)))
+    assert "snapshots" in path.parts  # into the HF cache by default
+    got = files_of(path)
+    assert got.pop("README.md")
+    assert got == src
+
+
+def test_card_front_matter_and_stats(hub, pushed, data, tmp_path: Path) -> None:
+    path = Path(ok(run(["pull", "org/tau"], tmp_path / "hf", hub)))
+    text = (path / "README.md").read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["library_name"] == "capmerge"
+    assert meta["tags"] == ["capmerge", "capability-vector"]
+    assert meta["recommended_alpha"] == 0.5
+    assert "base_model" not in meta  # local inputs are not hub ids
+    assert f"capmerge diff {data['S']} {data['A']} -o {pushed['tau']} -q" in text
+    assert "capmerge apply <pretrained> hf://org/tau -o merged/ --alpha 0.5" in text
+    # per-layer table against numpy: sum of squares per block index, share of the total
+    tau = {k: v.float().numpy() for k, v in load_file(str(pushed["tau"])).items()}
+    sums: dict[str, float] = {}
+    for name, v in tau.items():
+        layer = name.split(".")[1] if name.startswith("layers.") else "other"
+        sums[layer] = sums.get(layer, 0.0) + float(np.sum(v.astype(np.float64) ** 2))
+    total = sum(sums.values())
+    rows = {line.split("|")[1].strip(): line.split("|")[2:6] for line in text.splitlines()
+            if line.startswith("| ") and line.count("|") == 6 and "layer" not in line}  # fmt: skip
+    assert set(rows) == set(sums)
+    for layer, (count, _params, norm, share) in rows.items():
+        assert int(count) == sum(1 for n in tau if (n.split(".")[1] if n.startswith("layers.") else "other") == layer)
+        assert float(norm) == pytest.approx(math.sqrt(sums[layer]), rel=1e-5)
+        assert float(share) == pytest.approx(sums[layer] / total, abs=1e-4)
+
+
+def test_apply_with_hub_inputs_matches_local(hub, pushed, data, tmp_path: Path) -> None:
+    home = tmp_path / "hf"
+    ok(run(["apply", str(data["P"]), str(pushed["tau"]), "-o", str(tmp_path / "local"), "--alpha", "0.5", "-q"], home))
+    ok(run(["apply", "hf://org/pre", "org/tau", "-o", str(tmp_path / "remote"), "--alpha", "0.5", "-q"], home, hub))
+    local, remote = files_of(tmp_path / "local"), files_of(tmp_path / "remote")
+    assert set(remote) == set(local) | {"README.md"}  # org/pre's card is copied like any non-weight file
+    for name in ("config.json", "tokenizer.json"):
+        assert remote[name] == local[name]
+    for name in [n for n in local if n.endswith(".safetensors")]:  # tensors bit for bit (metadata names inputs)
+        a, b = load_file(str(tmp_path / "local" / name)), load_file(str(tmp_path / "remote" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and a[k].view(-1).view(torch.uint8).equal(b[k].view(-1).view(torch.uint8))
+    idx = "model.safetensors.index.json"
+    wmap = json.loads((tmp_path / "local" / idx).read_text())["weight_map"]
+    assert json.loads((tmp_path / "remote" / idx).read_text())["weight_map"] == wmap
+    rec = json.loads((tmp_path / "remote" / "capmerge.json").read_text())
+    assert "hf://org/pre" in json.dumps(rec) and "org/tau" in json.dumps(rec)
+
+
+def test_revision_branch_and_pr(hub, pushed, data, tmp_path: Path) -> None:
+    home = tmp_path / "hf"
+    tau2 = tmp_path / "tau2.safetensors"
+    ok(run(["diff", str(data["A"]), str(data["S"]), "-o", str(tau2), "-q"], home))  # −τ: other bytes
+    ok(run(["push", str(tau2), "org/tau", "--revision", "dev", "-q"], home, hub, HF_TOKEN=TOKEN))
+    dev = Path(ok(run(["pull", "hf://org/tau@dev"], home, hub)))
+    assert sha(dev / "capvector.safetensors") == sha(tau2)
+    main = Path(ok(run(["pull", "org/tau"], home, hub)))
+    assert sha(main / "capvector.safetensors") == sha(pushed["tau"])
+    pr = ok(run(["push", str(tau2), "org/tau", "--create-pr", "-q"], home, hub, HF_TOKEN=TOKEN))
+    assert pr.startswith(f"{hub.url}/org/tau/discussions/")
+    n = pr.rsplit("/", 1)[1]
+    got = Path(ok(run(["pull", f"hf://org/tau@refs/pr/{n}"], home, hub)))
+    assert sha(got / "capvector.safetensors") == sha(tau2)
+    err(run(["pull", "hf://org/tau@nope"], home, hub), "revision 'nope' not found", "hf://org/tau@nope")
+
+
+def test_private_repo_needs_token(hub, pushed, tmp_path: Path) -> None:
+    home = tmp_path / "hf"
+    ok(run(["push", str(pushed["tau"]), "org/secret", "--private", "--token", TOKEN, "-q"], home, hub))
+    line = err(run(["pull", "org/secret"], home, hub), "Hub repo not found", "private")
+    assert TOKEN not in line
+    out = tmp_path / "o"
+    ok(run(["pull", "org/secret", "-o", str(out)], home, hub, HF_TOKEN=TOKEN))
+    assert sha(out / "capvector.safetensors") == sha(pushed["tau"])
+    # --token overrides HF_TOKEN
+    ok(run(["pull", "org/secret", "--token", TOKEN], home, hub, HF_TOKEN=BAD_TOKEN))
+
+
+def test_push_token_errors_never_print_the_token(hub, pushed, tmp_path: Path) -> None:
+    home = tmp_path / "hf"
+    err(run(["push", str(pushed["tau"]), "org/new"], home, hub), "needs a token", "HF_TOKEN")
+    err(run(["push", str(pushed["tau"]), "org/new", "--token", TOKEN], home, hub, HF_HUB_OFFLINE="1"), "offline")
+    r = run(["push", str(pushed["tau"]), "org/new", "--token", BAD_TOKEN], home, hub)
+    err(r, "rejected the token")
+    assert BAD_TOKEN not in r.stdout + r.stderr
+    r = run(["push", str(pushed["tau"]), "org/new"], home, hub, HF_TOKEN=BAD_TOKEN)
+    err(r, "rejected the token")
+    assert BAD_TOKEN not in r.stdout + r.stderr
+    assert "org/new" not in hub.state.repos
+
+
+def test_not_found_and_no_safetensors(hub, pushed, tmp_path: Path) -> None:
+    home = tmp_path / "hf"
+    out = tmp_path / "out"
+    err(run(["apply", "hf://org/pre", "hf://org/missing", "-o", str(out)], home, hub), "Hub repo not found",
+        "hf://org/missing")  # fmt: skip
+    assert not out.exists()
+    err(run(["pull", "org/missing"], home, hub), "Hub repo not found")
+    # a bare name may have been meant as a local path: the message says both
+    err(run(["inspect", "org/missing"], home, hub), "no such file or directory, nor usable as a Hub repo",
+        "Hub repo not found", "(org/missing)")  # fmt: skip
+    # a repo with only a config and a pickle: pushed with the client itself
+    code = ("from huggingface_hub import HfApi, CommitOperationAdd as A; api = HfApi(); api.create_repo('org/bin');"
+            "api.create_commit('org/bin', [A('config.json', b'{}'), A('pytorch_model.bin', b'\\x00' * 64)], "
+            "commit_message='x')")  # fmt: skip
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    e.update(HF_ENDPOINT=hub.url, HF_TOKEN=TOKEN, HF_HOME=str(home), HF_HUB_DISABLE_XET="1")
+    subprocess.run([sys.executable, "-c", code], env=e, check=True, capture_output=True)
+    err(run(["pull", "org/bin"], home, hub), "holds no safetensors", "pytorch_model.bin")
+    err(run(["inspect", "hf://org/bin", "--headers-only"], home, hub), "holds no safetensors")
+    err(run(["pull", "hf://org/tau/nothing/here"], home, hub), "no such file or directory in the Hub repo")
+
+
+def test_offline_and_unreachable(hub, pushed, data, tmp_path: Path) -> None:
+    warm, cold = tmp_path / "warm", tmp_path / "cold"
+    ok(run(["pull", "org/tau"], warm, hub))
+    out = tmp_path / "m"
+    ok(run(["apply", str(data["P"]), "hf://org/tau", "-o", str(out), "-q"], warm, hub, HF_HUB_OFFLINE="1"))
+    assert (out / "capmerge.json").exists()
+    err(run(["apply", str(data["P"]), "hf://org/tau", "-o", str(tmp_path / "n")], cold, hub, HF_HUB_OFFLINE="1"),
+        "offline (HF_HUB_OFFLINE=1)", "hf://org/tau")  # fmt: skip
+    assert not (tmp_path / "n").exists()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    err(run(["pull", "org/tau"], cold, None, HF_ENDPOINT=dead), "cannot reach the Hub", dead)
+    # unreachable but cached: the cache is used
+    ok(run(["inspect", "hf://org/tau", "--headers-only", "--json"], warm, None, HF_ENDPOINT=dead))
+
+
+def test_download_not_matching_listing(hub, pushed, tmp_path: Path) -> None:
+    oid = sha(pushed["tau"])
+    good = hub.state.lfs[oid]
+    try:
+        bad = bytearray(good)
+        bad[-1] ^= 0xFF
+        hub.state.lfs[oid] = bytes(bad)  # storage corruption: same size, other bytes
+        home = tmp_path / "hf"
+        out = tmp_path / "o"
+        err(run(["pull", "org/tau", "-o", str(out)], home, hub), "does not match the repo's file listing", "sha256")
+        assert not out.exists()
+        err(run(["inspect", "hf://org/tau"], home, hub), "does not match")  # not left in the cache either
+        hub.state.lfs[oid] = good[:-3]  # truncated
+        err(run(["pull", "org/tau"], tmp_path / "hf2", hub), "does not match")
+    finally:
+        hub.state.lfs[oid] = good
+    assert sha(Path(ok(run(["pull", "org/tau"], home, hub))) / "capvector.safetensors") == oid
+
+
+def test_inspect_headers_only_uses_ranged_reads(hub, pushed, tmp_path: Path) -> None:
+    home = tmp_path / "hf"
+    local = json.loads(ok(run(["inspect", str(pushed["tau_sharded"]), "--headers-only", "--json"], home)))
+    hub.state.requests.clear()
+    remote = json.loads(ok(run(["inspect", "hf://org/tau-sharded", "--headers-only", "--json"], home, hub)))
+    gets = [(m, p, r) for m, p, r in hub.state.requests if m == "GET" and p.endswith(".safetensors")]
+    assert gets and all(r is not None for _, _, r in gets)  # only ranged reads of the weight files
+    assert not (home / "hub" / "models--org--tau-sharded" / "blobs").exists() or not any(
+        p.stat().st_size > 4000 for p in (home / "hub" / "models--org--tau-sharded" / "blobs").iterdir()
+    )
+    for k in ("kind", "tensors", "params", "dtypes", "fingerprint", "metadata", "tensor_bytes"):
+        assert remote["inputs"][0][k] == local["inputs"][0][k], k
+    hub.state.ranges = False  # a server without ranges: the files are downloaded instead
+    try:
+        again = json.loads(ok(run(["inspect", "hf://org/tau-sharded", "--headers-only", "--json"], home, hub)))
+    finally:
+        hub.state.ranges = True
+    assert again["inputs"][0]["fingerprint"] == local["inputs"][0]["fingerprint"]
+
+
+def test_push_merged_model_directory(hub, pushed, data, tmp_path: Path) -> None:
+    home = tmp_path / "hf"
+    merged = tmp_path / "merged"
+    ok(run(["apply", "hf://org/pre", "hf://org/tau", "-o", str(merged), "--alpha", "0.5", "-q"], home, hub))
+    ok(run(["push", str(merged), "org/merged", "-q"], home, hub, HF_TOKEN=TOKEN))
+    got = Path(ok(run(["pull", "org/merged"], home, hub)))
+    meta = yaml.safe_load((got / "README.md").read_text().split("---\n")[1])
+    assert meta["tags"] == ["capmerge", "merge"]
+    assert meta["base_model"] == ["org/pre", "org/tau"] and meta["base_model_relation"] == "merge"
+    src = files_of(merged)
+    src.pop("README.md")  # replaced by the generated card
+    pulled = files_of(got)
+    pulled.pop("README.md")
+    assert pulled == src
+
+
+def test_parse_ref_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from capmerge.hub import HubRef, parse_ref
+
+    assert parse_ref("hf://org/name") == HubRef("org/name")
+    assert parse_ref("hf://org/name@v2/sub/dir") == HubRef("org/name", "v2", "sub/dir")
+    assert parse_ref("hf://org/name@refs/pr/3/x.safetensors") == HubRef("org/name", "refs/pr/3", "x.safetensors")
+    assert parse_ref("org/name@dev") == HubRef("org/name", "dev")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert parse_ref("runs/missing") is None  # the first component is a local directory
+    assert parse_ref("org/model.safetensors") is None  # looks like a file
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert parse_ref("org/name") is None  # a local path of that name exists
+
+
+def test_diff_from_hub_ids_card_base_model_and_recipe_push(hub, pushed, data, tmp_path: Path) -> None:
+    home = tmp_path / "hf"
+    ok(run(["push", str(data["S"].parent), "org/sft", "-q"], home, hub, HF_TOKEN=TOKEN))
+    ok(run(["push", str(data["A"]), "org/aux", "-q"], home, hub, HF_TOKEN=TOKEN))
+    tau = tmp_path / "tau.safetensors"
+    ok(run(["diff", "hf://org/sft", "org/aux", "-o", str(tau), "-q"], home, hub))
+    a, b = load_file(str(tau)), load_file(str(pushed["tau"]))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    ok(run(["push", str(tau), "org/tau-hub", "-q"], home, hub, HF_TOKEN=TOKEN))
+    text = (Path(ok(run(["pull", "org/tau-hub"], home, hub))) / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["base_model"] == ["org/sft", "org/aux"]
+    assert f"capmerge diff hf://org/sft org/aux -o {tau} -q" in text
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "steps:\n  tau:\n    op: diff\n    base: hf://org/sft\n    aux: org/aux\n"
+        "  up:\n    op: push\n    path: ${steps.tau}\n    repo_id: org/tau-recipe\n    recommended_alpha: 0.7\n"
+    )
+    ok(run(["run", str(recipe), "--workdir", str(tmp_path / "work")], home, hub, HF_TOKEN=TOKEN))
+    got = Path(ok(run(["pull", "org/tau-recipe"], home, hub)))
+    c = load_file(str(got / "capvector.safetensors"))
+    assert c.keys() == b.keys() and all(c[k].equal(b[k]) for k in c)
+    assert yaml.safe_load((got / "README.md").read_text().split("---\n")[1])["recommended_alpha"] == 0.7

@@ -15,6 +15,7 @@ a 2 GB embedding matrix streams through the same few megabytes as a bias vector.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import functools
 import math
@@ -32,6 +33,26 @@ from capmerge.writer import SafetensorsFile, _write_error
 
 BLOCK_ELEMS = 1 << 21  # 2 Mi elements per block: 4 MiB of bf16, fits L3 on most machines
 DEPTH = 3  # buffers per stage
+SPLIT_MIN = 1 << 16  # blocks at least this long are computed in parts, one per compute thread
+SPLIT_ALIGN = 4096  # part boundaries, in elements
+
+
+def compute_threads() -> int:
+    """Threads that compute one block on the CPU: ``CAPMERGE_THREADS``, else the usable cores (at most 4).
+
+    The block kernels are elementwise (DARE masks depend on the element index, passed as the part's offset), so a
+    block split into parts gives the same bytes as one call; the kernels release the GIL."""
+    env = os.environ.get("CAPMERGE_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise CapmergeError(f"CAPMERGE_THREADS must be a positive integer, got {env!r}") from None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
 
 
 Kernel = Callable[[list[memoryview], list[memoryview], int, int], int]
@@ -128,6 +149,8 @@ class _Pipeline:
                     self.free_out.put(alloc(self.block * out_item))
         self._scratch: dict[int, bytearray] = {}
         self._prepare_bytes = 0
+        self.parts = compute_threads() if device == "cpu" and computed else 1
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.to_compute: queue.Queue[tuple | None] = queue.Queue(maxsize=2 * DEPTH)
         self.to_write: queue.Queue[tuple | None] = queue.Queue(maxsize=4 * DEPTH)
         self.stats = RunStats()
@@ -266,6 +289,8 @@ class _Pipeline:
         threads = [threading.Thread(target=self.reader, daemon=True), threading.Thread(target=self.writer, daemon=True)]
         for t in threads:
             t.start()
+        if self.parts > 1:
+            self.pool = concurrent.futures.ThreadPoolExecutor(self.parts - 1, thread_name_prefix="capmerge-compute")
         try:
             self._compute_loop()
             self._put(self.to_write, None)
@@ -276,6 +301,8 @@ class _Pipeline:
             self.abort.set()
         finally:
             self.abort.set()
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
             for t in threads:
                 t.join()
         if self.errors:
@@ -283,6 +310,31 @@ class _Pipeline:
         self.stats.bytes_read += self._prepare_bytes
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
+
+    def _kernel(self, job: Job, views: list[memoryview], outs: list[memoryview], n: int, offset: int) -> int:
+        """``job.kernel`` over one block: in parts on the compute threads when the block is long enough."""
+        assert job.kernel is not None
+        if self.pool is None or n < SPLIT_MIN:
+            return job.kernel(views, outs, n, offset)
+        step = -(-n // self.parts)
+        step = -(-step // SPLIT_ALIGN) * SPLIT_ALIGN
+        isz = [info.itemsize for _, info in job.inputs]
+        osz = DTYPES[job.out_dtype][0]
+        kernel = job.kernel
+
+        def part(lo: int, hi: int) -> int:
+            ins = [v[lo * z : hi * z] for v, z in zip(views, isz, strict=True)]
+            return kernel(ins, [o[lo * osz : hi * osz] for o in outs], hi - lo, offset + lo)
+
+        bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+        futures = [self.pool.submit(part, lo, hi) for lo, hi in bounds[1:]]
+        flags = 0
+        try:
+            flags = part(*bounds[0])
+        finally:
+            for f in futures:
+                flags |= f.result()
+        return flags
 
     def _compute_loop(self) -> None:
         st = self.stats
@@ -322,7 +374,7 @@ class _Pipeline:
             nbytes = n * osize
             outs = [self._get(self.free_out) for _ in self.sinks]
             assert job.kernel is not None
-            flags = job.kernel(views, [memoryview(o)[:nbytes] for o in outs], n, s)
+            flags = self._kernel(job, views, [memoryview(o)[:nbytes] for o in outs], n, s)
             self.free_slots.put(slot)
             if flags & compute.OVERFLOW and not self.allow_nonfinite:
                 raise NonFiniteError(

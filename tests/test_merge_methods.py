@@ -11,7 +11,7 @@ from conftest import load_any, save_sharded, save_single, tree_digest
 from typer.testing import CliRunner
 
 import capmerge
-from capmerge import compute, engine
+from capmerge import compute, engine, methods
 from capmerge import functional as F
 from capmerge.cli import app
 from capmerge.errors import UsageError
@@ -277,3 +277,45 @@ def test_library_validation() -> None:
         from capmerge.methods import resolve
 
         resolve("ties", density=0.0)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs"])
+def test_blocks_computed_in_parts_give_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """Long blocks are split across compute threads (CAPMERGE_THREADS); DARE masks follow the element index, so the
+    bytes equal one thread's and the functional reference's, for parts that are not multiples of any tile."""
+    g = torch.Generator().manual_seed(3)
+    n = 3 * engine.SPLIT_MIN + 12_345  # several parts, a ragged tail
+    base = {"model.layers.0.w": torch.randn(n, generator=g).bfloat16(), "norm.weight": torch.randn(7, generator=g)}
+    vecs = [{k: (0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in base.items()} for _ in range(3)]
+    save_single(tmp_path / "P.safetensors", base)
+    paths = [save_single(tmp_path / f"v{i}.safetensors", v) for i, v in enumerate(vecs)]
+    outs = {}
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("CAPMERGE_THREADS", threads)
+        out = tmp_path / f"o{threads}.safetensors"
+        capmerge.apply(tmp_path / "P.safetensors", paths, out, method=method, density=0.3, seed=11, alpha=0.7)
+        outs[threads] = load_any(out)
+    for t in ("2", "3"):
+        assert all(torch.equal(outs[t][k].view(torch.int16), outs["1"][k].view(torch.int16)) for k in base
+                   if base[k].dtype == torch.bfloat16)  # fmt: skip
+        assert torch.equal(outs[t]["norm.weight"], outs["1"]["norm.weight"])
+    name = "model.layers.0.w"
+    taus = [v[name].float() for v in vecs]
+    if method == "ties":
+        pruned = [F.magnitude_prune(t, 0.3) for t in taus]
+        ref = F.merge(base[name], pruned, alpha=0.7, sign="total", normalize=True)
+    elif method == "dare_ties":
+        pruned = [F.random_prune(t, 0.3, key=methods.tensor_key(11, name, i)) for i, t in enumerate(taus)]
+        ref = F.merge(base[name], pruned, alpha=0.7, sign="total")
+    else:
+        pruned = [F.breadcrumbs_prune(t, 0.3) for t in taus]
+        ref = F.merge(base[name], pruned, alpha=0.7)
+    assert torch.equal(outs["3"][name].view(torch.int16), ref.view(torch.int16))
+
+
+def test_capmerge_threads_must_be_an_integer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAPMERGE_THREADS", "many")
+    with pytest.raises(capmerge.CapmergeError, match="CAPMERGE_THREADS"):
+        engine.compute_threads()

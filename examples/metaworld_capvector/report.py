@@ -1,0 +1,174 @@
+"""The report: results table (markdown + CSV), success-curve PNG and per-tensor cosine PNG from ``results.json``."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LABELS = {
+    "pre": "θ_pre, SFT",
+    "pre+aux": "θ_pre, SFT + aux",
+    "meta": "θ_meta, SFT",
+    "meta+ortho": "θ_meta, SFT + ortho",
+    "rand": "θ_pre + α·random, SFT",
+    "task": "θ_pre + α·τ_task, SFT",
+}
+
+
+def success_table(res: dict[str, Any]) -> dict[str, dict[int, list[float]]]:
+    """variant → step → per-seed success % over all held-out tasks and episodes."""
+    cfg = res["config"]
+    n = len(cfg["heldout_tasks"]) * cfg["eval_episodes"]
+    table: dict[str, dict[int, list[float]]] = {}
+    for d in sorted(res["downstream"], key=lambda d: d["seed"]):
+        for step, per_task in d["successes"].items():
+            table.setdefault(d["variant"], {}).setdefault(int(step), []).append(100 * sum(per_task.values()) / n)
+    return table
+
+
+def _ms(xs: list[float]) -> str:
+    return f"{np.mean(xs):.1f} ± {np.std(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
+
+
+def write_tables(res: dict[str, Any], out: Path) -> str:
+    """``results.md`` and ``results.csv``; returns the markdown."""
+    cfg, table = res["config"], success_table(res)
+    steps = sorted({s for v in table.values() for s in v})
+    rows = [["variant", *[f"step {s}" for s in steps]], ["---"] * (len(steps) + 1)]
+    for v, lab in LABELS.items():
+        if v in table:
+            rows.append([lab, *[_ms(table[v][s]) if s in table[v] else "–" for s in steps]])
+    md = "\n".join("| " + " | ".join(r) + " |" for r in rows)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "step", "mean_success_pct", "std_success_pct", "seeds", "per_seed_pct"])
+        for v in LABELS:
+            for s in sorted(table.get(v, {})):
+                xs = table[v][s]
+                w.writerow([v, s, f"{np.mean(xs):.2f}", f"{np.std(xs):.2f}", len(xs), " ".join(f"{x:.1f}" for x in xs)])
+    ups = res["upstream"]
+    cos = [u["cos_total"] for u in ups]
+    cost = [u["aux_step_cost"] for u in ups]
+    down_cost = [
+        next(d["step_s"] for d in res["downstream"] if d["seed"] == s and d["variant"] == "pre+aux")
+        / next(d["step_s"] for d in res["downstream"] if d["seed"] == s and d["variant"] == "pre")
+        for s in sorted({d["seed"] for d in res["downstream"]})
+    ]
+    ortho_cost = [
+        next(d["step_s"] for d in res["downstream"] if d["seed"] == s and d["variant"] == "meta+ortho")
+        / next(d["step_s"] for d in res["downstream"] if d["seed"] == s and d["variant"] == "meta")
+        for s in sorted({d["seed"] for d in res["downstream"]})
+    ]
+    n_small = len(cfg["small_tasks"]) * cfg["eval_episodes"]
+    lines = [
+        f"Success rate (%) on {len(cfg['heldout_tasks'])} held-out Meta-World tasks × {cfg['eval_episodes']} episodes "
+        f"(fixed reset seeds), after k steps of finetuning on {cfg['demos_held']} demos per task; mean ± std over "
+        f"{len(ups)} seed(s).",
+        "",
+        md,
+        "",
+        f"- cos(τ_cap, τ_task) over all shared weights: {', '.join(f'{c:+.3f}' for c in cos)} (per seed)",
+        f"- auxiliary objective, cost per training step: ×{np.mean(cost):.2f} on the small set "
+        f"(×{', ×'.join(f'{c:.2f}' for c in cost)}), ×{np.mean(down_cost):.2f} on the held-out finetuning; "
+        f"orthogonality loss: ×{np.mean(ortho_cost):.2f}",
+    ]
+    if all("small_successes" in u["sft"] for u in ups):
+        sft = [100 * sum(u["sft"]["small_successes"].values()) / n_small for u in ups]
+        aux = [100 * sum(u["aux"]["small_successes"].values()) / n_small for u in ups]
+        lines.append(
+            f"- on the small set itself (before subtraction): θ_sft {_ms(sft)} %, θ_aux {_ms(aux)} % success; "
+            f"final BC loss θ_sft {np.mean([u['sft']['bc_last'] for u in ups]):.4f}, "
+            f"θ_aux {np.mean([u['aux']['bc_last'] for u in ups]):.4f}"
+        )
+    sweep = {a: np.mean([u["alpha_sweep"][a]["bc_small"] for u in ups]) for a in ups[0]["alpha_sweep"]}
+    lines.append(
+        "- α sweep (one `capmerge.apply` pass), BC loss of θ_pre + α·τ on the small set: "
+        + ", ".join(f"α={a}: {v:.4f}" for a, v in sweep.items())
+        + f"; downstream uses α = {cfg['alpha']:g} (fixed in advance)"
+    )
+    ortho = [d["ortho_cos_end"] for d in res["downstream"] if "ortho_cos_end" in d]
+    if ortho:
+        lines.append(f"- cos(Δ, τ) at the end of θ_meta + ortho finetuning: {', '.join(f'{c:+.3f}' for c in ortho)}")
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    return text
+
+
+def plot_success(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    cfg, table = res["config"], success_table(res)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    styles = {"pre": "-", "pre+aux": "--", "meta": "-", "meta+ortho": "--", "rand": ":", "task": ":"}
+    colors = {"pre": "C0", "pre+aux": "C0", "meta": "C3", "meta+ortho": "C3", "rand": "C7", "task": "C2"}
+    for i, (v, lab) in enumerate(LABELS.items()):
+        if v not in table:
+            continue
+        steps = sorted(table[v])
+        m = [np.mean(table[v][s]) for s in steps]
+        sd = [np.std(table[v][s]) for s in steps]
+        x = np.array(steps) + (i - 2.5) * max(steps) * 0.004  # a small dodge so error bars do not overlap
+        ax.errorbar(x, m, yerr=sd, label=lab, ls=styles[v], color=colors[v], marker="o", capsize=3, lw=1.6)
+    ax.set_xlabel("finetuning steps on the held-out tasks")
+    ax.set_ylabel("success rate (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(sorted({s for v in table.values() for s in v}))
+    ax.grid(alpha=0.3)
+    ax.set_title(
+        f"Meta-World, {len(cfg['heldout_tasks'])} held-out tasks × {cfg['eval_episodes']} episodes, "
+        f"mean ± std over {len(res['upstream'])} seed(s)",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_cosines(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    ups = res["upstream"]
+    names = [n for n in ups[0]["cos_tensors"] if all(u["cos_tensors"].get(n) is not None for u in ups)]
+    vals = np.array([[u["cos_tensors"][n] for n in names] for u in ups])
+    fig, ax = plt.subplots(figsize=(7.5, 0.28 * len(names) + 1.6), dpi=120)
+    y = np.arange(len(names))
+    ax.barh(y, vals.mean(0), xerr=vals.std(0) if len(ups) > 1 else None, color="C3", alpha=0.8, capsize=2)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlim(-1, 1)
+    ax.set_xlabel("cos(τ_cap, τ_task)   (τ_cap = θ_aux − θ_sft, τ_task = θ_sft − θ_pre)")
+    tot = [u["cos_total"] for u in ups]
+    ax.set_title(
+        f"Per-tensor cosine of the capability and task vectors (all weights: {np.mean(tot):+.2f})"
+        + (f", mean ± std over {len(ups)} seeds" if len(ups) > 1 else ""),
+        fontsize=9,
+    )
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(res: dict[str, Any], out: Path) -> str:
+    """Every report file under ``out`` (``results.json`` is written by the caller); returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = write_tables(res, out)
+    plot_success(res, out / "success_curve.png")
+    plot_cosines(res, out / "cosine_layers.png")
+    return text
+
+
+def load_results(out: Path) -> dict[str, Any]:
+    return json.loads((out / "results.json").read_text())

@@ -29,9 +29,19 @@ def make_env(task: str) -> Any:
         from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
 
         env = ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE[f"{task}-goal-observable"]()
-        env._freeze_rand_vec = False  # new positions at each reset(seed=...), drawn from that seed
+        # New object/goal positions at each reset, drawn from env.np_random. Without seeded_rand_vec Meta-World draws
+        # them from numpy's global generator, and its reset(seed=...) ignores the seed.
+        env._freeze_rand_vec = False
+        env.seeded_rand_vec = True
         _ENVS[task] = env
     return env
+
+
+def reset(env: Any, seed: int) -> np.ndarray:
+    """Reset ``env`` to the initial state drawn from ``seed`` (the same seed gives the same positions)."""
+    env.seed(seed)
+    obs, _ = env.reset()
+    return obs
 
 
 def expert(task: str) -> Any:
@@ -55,7 +65,7 @@ def rollout_expert(task: str, episode: int, *, horizon: int, obs_noise: float, a
     """
     env, pol = make_env(task), expert(task)
     rng = np.random.default_rng([_task_key(task), episode])
-    obs, _ = env.reset(seed=DEMO_SEED_BASE + episode)
+    obs = reset(env, DEMO_SEED_BASE + episode)
     observations, actions, success = [], [], False
     for _ in range(horizon):
         a = np.clip(pol.get_action(obs), -1.0, 1.0).astype(np.float32)
@@ -109,7 +119,7 @@ def evaluate(act_fn: Callable[[np.ndarray], np.ndarray], task: str, *, episodes:
     env = make_env(task)
     successes, lengths = 0, []
     for e in range(episodes):
-        obs, _ = env.reset(seed=EVAL_SEED_BASE + e)
+        obs = reset(env, EVAL_SEED_BASE + e)
         steps = horizon
         for t in range(horizon):
             a = np.clip(np.asarray(act_fn(obs), dtype=np.float64), -1.0, 1.0)

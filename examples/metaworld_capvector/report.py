@@ -140,6 +140,8 @@ def plot_cosines(res: dict[str, Any], path: Path) -> None:
 
     ups = res["upstream"]
     names = [n for n in ups[0]["cos_tensors"] if all(u["cos_tensors"].get(n) is not None for u in ups)]
+    order = ("state_enc", "lang_proj", "blocks", "action_head")  # input to output
+    names.sort(key=lambda n: (next((i for i, p in enumerate(order) if n.startswith(p)), len(order)), n))
     vals = np.array([[u["cos_tensors"][n] for n in names] for u in ups])
     fig, ax = plt.subplots(figsize=(7.5, 0.28 * len(names) + 1.6), dpi=120)
     y = np.arange(len(names))

@@ -282,11 +282,15 @@ def run_pipeline(cfg: Config, cache: Path, workers: int) -> dict[str, Any]:
             twin = next(x for x in downs if x["seed"] == d["seed"] and x["variant"] == SAME_START[d["variant"]])
             if "0" in twin["successes"]:
                 d["successes"] = {"0": twin["successes"]["0"], **d["successes"]}
+    from .cost import measure
+
+    cost = [measure(cfg, cache, s) for s in cfg.seeds]  # in this process, alone: steps timed side by side
     return {
         "config": cfg.to_dict(),
         "data": data,
         "upstream": ups,
         "downstream": downs,
+        "cost": cost,
         "seconds": {"upstream": t1 - t0, "total": time.perf_counter() - t0, "workers": workers},
         "date": time.strftime("%Y-%m-%d"),
     }

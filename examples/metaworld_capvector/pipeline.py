@@ -171,8 +171,8 @@ def upstream(cfg: Config, cache: Path, seed: int) -> dict[str, Any]:
         }
         if cfg.eval_small:
             out[kind]["small_successes"] = evaluate_tasks(cfg, cache, m, small_tasks)
-    out["aux_step_cost"] = out["aux"]["step_s"] / out["sft"]["step_s"]
-    log(f"seed {seed}: θ_sft, θ_aux trained; aux step cost ×{out['aux_step_cost']:.2f}")
+    # (a drifting load makes these two stages' step times incomparable: cost.py measures the ratio side by side)
+    log(f"seed {seed}: θ_sft, θ_aux trained ({out['sft']['seconds']:.0f} s, {out['aux']['seconds']:.0f} s of steps)")
 
     # 3. τ = θ_aux − θ_sft, τ_task = θ_sft − θ_pre; per-layer cosines
     s = capmerge.diff(run / "sft.safetensors", run / "aux.safetensors", run / "capvector.safetensors", force=True)

@@ -144,3 +144,5 @@ def test_stages_chain_through_the_public_api(tmp_path: Path) -> None:
     assert all(set(d["successes"]) == {"0", "5"} for d in downs.values())
     assert downs["pre+aux"]["successes"]["0"] == downs["pre"]["successes"]["0"]
     assert "ortho_cos_end" in downs["meta+ortho"]
+    assert -1 <= res["null"][0]["cos_total"] <= 1  # the two-SFT-runs baseline of the cosine
+    assert res["cost"][0]["aux_ratio"] > 0 and res["cost"][0]["ortho_ratio"] > 0

@@ -213,6 +213,39 @@ def upstream(cfg: Config, cache: Path, seed: int) -> dict[str, Any]:
     return out
 
 
+def null_vector(cfg: Config, cache: Path, seed: int) -> dict[str, Any]:
+    """The cosine a vector between two *plain* SFT runs has with τ_task: the baseline for cos(τ_cap, τ_task).
+
+    θ_sft' is plain SFT from θ_pre again, with another batch order; τ_null = θ_sft' − θ_sft. If even this vector is
+    anti-aligned with τ_task, a negative cos(τ_cap, τ_task) says nothing about a capability.
+    """
+    import capmerge
+
+    from . import policy as P
+
+    run = cache / "runs" / f"seed{seed}"
+    done = _read_json(run / "null.json")
+    if done is not None:
+        return done
+    small = dataset(cfg, cache, cfg.tasks[1], cfg.demos_small)
+    m = P.load(run / "pre.safetensors", hidden=cfg.hidden, chunk=cfg.chunk, seed=seed)
+    lg = P.train(m, small, steps=cfg.small_steps, seed=1000 + seed, batch=cfg.batch, lr=cfg.lr)
+    P.save(m, run / "sft-b.safetensors")
+    res = capmerge.inspect(task=[run / "pre.safetensors", run / "sft.safetensors"],
+                           capability=[run / "sft.safetensors", run / "sft-b.safetensors"])  # fmt: skip
+    comp = res["comparisons"][0]
+    out = {
+        "seed": seed,
+        "cos_total": comp["total"]["cos"],
+        "norm_ratio_total": comp["total"].get("ratio"),
+        "cos_tensors": {t["name"]: t["cos"] for t in comp["tensors"]},
+        "bc_last": float(np.mean(lg["bc"][-50:])),
+    }
+    log(f"seed {seed}: null vector θ_sft' − θ_sft: cos with τ_task = {out['cos_total']:+.3f}")
+    _write_json(run / "null.json", out)
+    return out
+
+
 # ---------------------------------------------------------------- stage 5 (per seed and variant)
 
 
@@ -284,6 +317,7 @@ def run_pipeline(cfg: Config, cache: Path, workers: int) -> dict[str, Any]:
                 d["successes"] = {"0": twin["successes"]["0"], **d["successes"]}
     from .cost import measure
 
+    null = run_jobs(null_vector, [(cfg, cache, s) for s in cfg.seeds], workers)
     cost = [measure(cfg, cache, s) for s in cfg.seeds]  # in this process, alone: steps timed side by side
     return {
         "config": cfg.to_dict(),
@@ -291,6 +325,7 @@ def run_pipeline(cfg: Config, cache: Path, workers: int) -> dict[str, Any]:
         "upstream": ups,
         "downstream": downs,
         "cost": cost,
+        "null": null,
         "seconds": {"upstream": t1 - t0, "total": time.perf_counter() - t0, "workers": workers},
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -34,6 +34,10 @@ def _ms(xs: list[float]) -> str:
     return f"{np.mean(xs):.1f} ± {np.std(xs):.1f}" if len(xs) > 1 else f"{xs[0]:.1f}"
 
 
+def _join(xs: Any, fmt: str = ".2f") -> str:
+    return ", ".join(format(x, fmt) for x in xs)
+
+
 def write_tables(res: dict[str, Any], out: Path) -> str:
     """``results.md`` and ``results.csv``; returns the markdown."""
     cfg, table = res["config"], success_table(res)
@@ -52,6 +56,7 @@ def write_tables(res: dict[str, Any], out: Path) -> str:
                 w.writerow([v, s, f"{np.mean(xs):.2f}", f"{np.std(xs):.2f}", len(xs), " ".join(f"{x:.1f}" for x in xs)])
     ups = res["upstream"]
     cos = [u["cos_total"] for u in ups]
+    null = res.get("null") or []
     cost = res.get("cost") or []
     n_small = len(cfg["small_tasks"]) * cfg["eval_episodes"]
     lines = [
@@ -61,8 +66,14 @@ def write_tables(res: dict[str, Any], out: Path) -> str:
         "",
         md,
         "",
-        f"- cos(τ_cap, τ_task) over all shared weights: {', '.join(f'{c:+.3f}' for c in cos)} (per seed)",
+        f"- cos(τ_cap, τ_task) over all shared weights: {', '.join(f'{c:+.3f}' for c in cos)} (per seed); "
+        f"‖τ_cap‖/‖τ_task‖ = {_join(u['norm_ratio_total'] for u in ups)}",
     ]
+    if null:
+        lines.append(
+            f"- baseline: cos(θ_sft' − θ_sft, τ_task) for a second plain SFT run (another batch order): "
+            f"{_join((n['cos_total'] for n in null), '+.3f')}; norm ratio {_join(n['norm_ratio_total'] for n in null)}"
+        )
     if cost:
         lines.append(
             f"- cost per training step (steps interleaved, 1 thread, {cost[0]['rounds']} rounds per seed; plain SFT "
@@ -118,7 +129,7 @@ def plot_success(res: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.set_title(
         f"Meta-World, {len(cfg['heldout_tasks'])} held-out tasks × {cfg['eval_episodes']} episodes, "
-        f"mean ± std over {len(res['upstream'])} seed(s)",
+        f"mean ± std over {len(res['upstream'])} seed{'s' if len(res['upstream']) > 1 else ''}",
         fontsize=10,
     )
     ax.legend(fontsize=8, loc="lower right")
@@ -137,21 +148,30 @@ def plot_cosines(res: dict[str, Any], path: Path) -> None:
     names = [n for n in ups[0]["cos_tensors"] if all(u["cos_tensors"].get(n) is not None for u in ups)]
     order = ("state_enc", "lang_proj", "blocks", "action_head")  # input to output
     names.sort(key=lambda n: (next((i for i, p in enumerate(order) if n.startswith(p)), len(order)), n))
-    vals = np.array([[u["cos_tensors"][n] for n in names] for u in ups])
-    fig, ax = plt.subplots(figsize=(7.5, 0.28 * len(names) + 1.6), dpi=120)
+    null = res.get("null") or []
+    series = [("cos(τ_cap, τ_task),  τ_cap = θ_aux − θ_sft", ups, "C3")]
+    if null:
+        series.append(("baseline: cos(θ_sft' − θ_sft, τ_task), a second plain SFT run", null, "C7"))
+    names = [n for n in names if all(x["cos_tensors"].get(n) is not None for _, xs, _ in series for x in xs)]
+    fig, ax = plt.subplots(figsize=(7.5, 0.34 * len(names) + 1.9), dpi=120)
     y = np.arange(len(names))
-    ax.barh(y, vals.mean(0), xerr=vals.std(0) if len(ups) > 1 else None, color="C3", alpha=0.8, capsize=2)
+    h = 0.8 / len(series)
+    for i, (lab, xs, color) in enumerate(series):
+        vals = np.array([[x["cos_tensors"][n] for n in names] for x in xs])
+        tot = np.mean([x["cos_total"] for x in xs])
+        ax.barh(y + (i - (len(series) - 1) / 2) * h, vals.mean(0), height=h, xerr=vals.std(0) if len(xs) > 1 else None,
+                color=color, alpha=0.85, capsize=2, label=f"{lab}  (all weights {tot:+.2f})")  # fmt: skip
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlim(-1, 1)
-    ax.set_xlabel("cos(τ_cap, τ_task)   (τ_cap = θ_aux − θ_sft, τ_task = θ_sft − θ_pre)")
-    tot = [u["cos_total"] for u in ups]
+    ax.set_xlabel("cosine with the task vector τ_task = θ_sft − θ_pre")
     ax.set_title(
-        f"Per-tensor cosine of the capability and task vectors (all weights: {np.mean(tot):+.2f})"
-        + (f", mean ± std over {len(ups)} seeds" if len(ups) > 1 else ""),
+        "Per-tensor cosine of the capability vector with the task vector"
+        + (f" (mean ± std over {len(ups)} seeds)" if len(ups) > 1 else ""),
         fontsize=9,
     )
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.04), ncol=1, frameon=False)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

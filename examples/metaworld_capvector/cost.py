@@ -24,11 +24,11 @@ from .config import Config
 def measure(cfg: Config, cache: Path, seed: int, *, rounds: int = 150, warmup: int = 5) -> dict[str, Any]:
     """Median seconds per step of each kind, their ratios to the plain step (``*_ratio``) and the medians of the
     per-round ratios (``*_paired``). One thread, as the pipeline's workers train."""
-    from .pipeline import _read_json, _write_json, dataset, start_checkpoint
+    from .pipeline import dataset, read_json, start_checkpoint, write_json
 
     torch.set_num_threads(1)
     run = cache / "runs" / f"seed{seed}"
-    done = _read_json(run / "cost.json")
+    done = read_json(run / "cost.json")
     if done is not None:
         return done
     data = dataset(cfg, cache, cfg.tasks[2], cfg.demos_held)
@@ -63,5 +63,5 @@ def measure(cfg: Config, cache: Path, seed: int, *, rounds: int = 150, warmup: i
         out[f"{k}_ratio"] = out[f"{k}_step_s"] / out["plain_step_s"]
         out[f"{k}_paired"] = statistics.median(a / b for a, b in zip(times[k], times["plain"], strict=True))
     out["rounds"] = rounds
-    _write_json(run / "cost.json", out)
+    write_json(run / "cost.json", out)
     return out

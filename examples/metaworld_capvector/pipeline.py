@@ -52,11 +52,11 @@ def run_jobs(fn: Callable[..., Any], jobs: list[tuple], workers: int) -> list[An
         return pool.starmap(fn, jobs, chunksize=1)
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -136,7 +136,7 @@ def upstream(cfg: Config, cache: Path, seed: int) -> dict[str, Any]:
     from . import policy as P
 
     run = cache / "runs" / f"seed{seed}"
-    done = _read_json(run / "upstream.json")
+    done = read_json(run / "upstream.json")
     if done is not None:
         return done
     pre_tasks, small_tasks, _ = cfg.tasks
@@ -181,7 +181,7 @@ def upstream(cfg: Config, cache: Path, seed: int) -> dict[str, Any]:
     out["capvector"] = {"tensors": sorted(tau), "tensors_changed": s.tensors_changed, "zero_tensors": s.zero_tensors}
     res = capmerge.inspect(task=[run / "pre.safetensors", run / "sft.safetensors"],
                            capability=[run / "sft.safetensors", run / "aux.safetensors"])  # fmt: skip
-    _write_json(run / "inspect.json", res)
+    write_json(run / "inspect.json", res)
     plot(res, run / "inspect.png")
     comp = res["comparisons"][0]
     out["cos_total"] = comp["total"]["cos"]
@@ -209,7 +209,7 @@ def upstream(cfg: Config, cache: Path, seed: int) -> dict[str, Any]:
     capmerge.apply(run / "pre.safetensors", [run / "taskvector.safetensors"], run / "task.safetensors", alpha=a,
                    force=True)  # fmt: skip
     log(f"seed {seed}: τ ({len(tau)} tensors), cos(τ_cap, τ_task) = {out['cos_total']:+.3f}, θ_meta, controls written")
-    _write_json(run / "upstream.json", out)
+    write_json(run / "upstream.json", out)
     return out
 
 
@@ -224,7 +224,7 @@ def null_vector(cfg: Config, cache: Path, seed: int) -> dict[str, Any]:
     from . import policy as P
 
     run = cache / "runs" / f"seed{seed}"
-    done = _read_json(run / "null.json")
+    done = read_json(run / "null.json")
     if done is not None:
         return done
     small = dataset(cfg, cache, cfg.tasks[1], cfg.demos_small)
@@ -242,7 +242,7 @@ def null_vector(cfg: Config, cache: Path, seed: int) -> dict[str, Any]:
         "bc_last": float(np.mean(lg["bc"][-50:])),
     }
     log(f"seed {seed}: null vector θ_sft' − θ_sft: cos with τ_task = {out['cos_total']:+.3f}")
-    _write_json(run / "null.json", out)
+    write_json(run / "null.json", out)
     return out
 
 
@@ -253,7 +253,7 @@ def start_checkpoint(cfg: Config, run: Path, variant: str) -> Path:
     """The checkpoint a variant starts from: θ_pre, θ_meta (at ``cfg.alpha``) or one of the controls."""
     base = variant.split("+")[0]
     if base == "meta":
-        return run / _read_json(run / "upstream.json")["meta_files"][f"{cfg.alpha:g}"]
+        return run / read_json(run / "upstream.json")["meta_files"][f"{cfg.alpha:g}"]
     return run / f"{base}.safetensors"
 
 
@@ -265,7 +265,7 @@ def downstream(cfg: Config, cache: Path, seed: int, variant: str) -> dict[str, A
 
     run = cache / "runs" / f"seed{seed}"
     path = run / f"heldout-{variant}.json"
-    done = _read_json(path)
+    done = read_json(path)
     if done is not None:
         return done
     _, _, held = cfg.tasks
@@ -299,7 +299,7 @@ def downstream(cfg: Config, cache: Path, seed: int, variant: str) -> dict[str, A
     }
     if reg is not None:
         out["ortho_cos_end"] = float(reg.report(per_tensor=False)["cos"])
-    _write_json(path, out)
+    write_json(path, out)
     return out
 
 

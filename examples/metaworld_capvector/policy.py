@@ -222,7 +222,7 @@ def median_step(log: dict[str, Any], skip: int = 10) -> float:
 
 
 def act_fn(model: Policy, embedding: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """``obs -> action``: the first action of the predicted chunk, for :func:`sim.evaluate`.
+    """``obs -> action``: the first action of the predicted chunk, for :func:`.sim.evaluate`.
 
     The same computation as ``model(obs, lang)[0, 0]``, in float64 numpy with the instruction's projection folded in:
     a batch-1 torch call costs more than the simulator step, and evaluation is most of the experiment's time.

@@ -54,6 +54,17 @@ def write_tables(res: dict[str, Any], out: Path) -> str:
             for s in sorted(table.get(v, {})):
                 xs = table[v][s]
                 w.writerow([v, s, f"{np.mean(xs):.2f}", f"{np.std(xs):.2f}", len(xs), " ".join(f"{x:.1f}" for x in xs)])
+    if len(table.get("pre", {}).get(steps[-1], [])) > 1:  # paired by seed: every variant shares that seed's θ_pre
+        drows = [["difference to θ_pre, SFT (points)", *[f"step {s}" for s in steps]], ["---"] * (len(steps) + 1)]
+        for v, lab in LABELS.items():
+            if v != "pre" and v in table:
+                cells = []
+                for s in steps:
+                    d = np.array(table[v].get(s, [np.nan])) - np.array(table["pre"][s])
+                    cells.append(f"{d.mean():+.1f} ± {d.std():.1f}")
+                drows.append([lab, *cells])
+        md += "\n\nPaired by seed (mean ± std over seeds of the per-seed difference):\n\n"
+        md += "\n".join("| " + " | ".join(r) + " |" for r in drows)
     ups = res["upstream"]
     cos = [u["cos_total"] for u in ups]
     null = res.get("null") or []
@@ -62,7 +73,7 @@ def write_tables(res: dict[str, Any], out: Path) -> str:
     lines = [
         f"Success rate (%) on {len(cfg['heldout_tasks'])} held-out Meta-World tasks × {cfg['eval_episodes']} episodes "
         f"(fixed reset seeds), after k steps of finetuning on {cfg['demos_held']} demos per task; mean ± std over "
-        f"{len(ups)} seed(s).",
+        f"{len(ups)} seed{'s' if len(ups) > 1 else ''}.",
         "",
         md,
         "",

@@ -1,4 +1,5 @@
-# capmerge: `make test` (ruff + pytest) and `make demo` (the end-to-end job on the bundled real checkpoint).
+# capmerge: `make test` (ruff + pytest), `make demo` (the CapVector experiment on Meta-World, quick mode: a few
+# minutes) and `make experiment` (the same, full protocol: the numbers in the README).
 # Both create/update .venv on a fresh machine. torch is installed first (the CPU build), so that the
 # plain `torch` requirement does not pull a CUDA build.
 PYTHON ?= python3
@@ -8,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.capmerge-installed
 
-.PHONY: venv test lint pytest demo bench clean mergekit-venv
+.PHONY: venv test lint pytest demo experiment bench clean mergekit-venv
 
 venv: $(STAMP)
 
@@ -41,11 +42,17 @@ $(MERGEKIT_VENV)/bin/mergekit-yaml:
 	$(MERGEKIT_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(TORCH_SPEC)"
 	$(MERGEKIT_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(MERGEKIT_SPEC)"
 
+# The experiment (examples/metaworld_capvector): demos, embeddings and checkpoints in metaworld-cache/, reruns resume.
+WORKERS ?= 2
+
 demo: venv
-	$(PY) examples/demo.py
+	$(PY) -m examples.metaworld_capvector --quick --workers $(WORKERS)
+
+experiment: venv
+	$(PY) -m examples.metaworld_capvector --workers $(WORKERS)
 
 bench: venv
 	$(PY) benchmarks/bench_apply.py
 
 clean:
-	rm -rf build dist *.egg-info capmerge/*.so demo-output benchmarks/work
+	rm -rf build dist *.egg-info capmerge/*.so demo-output benchmarks/work metaworld-cache

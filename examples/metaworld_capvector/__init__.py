@@ -1,0 +1,1 @@
+"""The CapVector experiment on Meta-World, end to end through capmerge (``python -m examples.metaworld_capvector``)."""

@@ -515,7 +515,11 @@ __attribute__((target("avx2,f16c"))) static int fast_merge(const out_t *outs, in
 static int fast_merge_ok(const out_t *outs, int n_out, int base_dt, const term_t *terms, int k) {
     int i, f16 = base_dt == DT_F16;
     if (!avx2_ok() || k > FAST_MAX_TERMS) return 0;
+    /* non-finite weights or alphas: NaN payload/sign selection in vector multiplies may differ from the tile loops */
+    for (i = 0; i < n_out; i++)
+        if (!isfinite(outs[i].alpha)) return 0;
     for (i = 0; i < k; i++) {
+        if (!isfinite(terms[i].w)) return 0;
         if (terms[i].b || (terms[i].mode != PRUNE_NONE && terms[i].mode != PRUNE_MAGNITUDE)) return 0;
         f16 |= terms[i].a_dt == DT_F16;
     }

@@ -325,10 +325,225 @@ typedef struct {
     float alpha;
 } out_t;
 
+#if HAVE_F16C_PATH
+/* Fused AVX2 path of run_merge for the common case: every term a plain vector (no b), pruned by magnitude or not
+ * at all, any sign election, normalize or not, fp32 / bf16 / fp16 (F16C) inputs and outputs. One pass over the
+ * data, eight elements at a time, every term kept in registers. Each element goes through exactly the same
+ * float32 operations, in the same order, as the tile loops of run_merge, so the results are bit-identical. */
+#define FAST_MAX_TERMS 8
+
+static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 fast_load(const void *src, int dt,
+                                                                                    Py_ssize_t i) {
+    if (dt == DT_BF16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)src + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    if (dt == DT_F32) return _mm256_loadu_ps((const float *)src + i);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + i)));
+}
+
+/* a + b with a as the first source operand: when both are NaN, x86 returns a's NaN. The tile loops of run_merge
+ * (as GCC compiles them) take the NaN of the newly added product, so the fast path fixes the operand order here
+ * (a plain vector + lets the compiler commute it) to give the same NaN bits. */
+static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 add_nan_first(__m256 a, __m256 b) {
+    __m256 r;
+    __asm__("vaddps %2, %1, %0" : "=x"(r) : "x"(a), "x"(b));
+    return r;
+}
+
+/* Round eight floats to dt and store them (fp32 / fp16); ORs the stored bit patterns into *nz and a non-finite mask
+ * into *nf (as store_tile does; fast_body masks nz to the magnitude bits at the end). */
+static inline __attribute__((always_inline, target("avx2,f16c"))) void fast_store8(void *dst, int dt, Py_ssize_t i,
+                                                                                    __m256 v, __m256i *nz,
+                                                                                    __m256i *nf) {
+    if (dt == DT_F32) {
+        __m256i u = _mm256_castps_si256(v), e = _mm256_set1_epi32(0x7f800000);
+        _mm256_storeu_ps((float *)dst + i, v);
+        *nz = _mm256_or_si256(*nz, _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)));
+        *nf = _mm256_or_si256(*nf, _mm256_cmpeq_epi32(_mm256_and_si256(u, e), e));
+    } else {
+        __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+        __m256i r = _mm256_cvtepu16_epi32(h), e = _mm256_set1_epi32(0x7c00);
+        _mm_storeu_si128((__m128i *)((uint16_t *)dst + i), h);
+        *nz = _mm256_or_si256(*nz, _mm256_and_si256(r, _mm256_set1_epi32(0x7fff)));
+        *nf = _mm256_or_si256(*nf, _mm256_cmpeq_epi32(_mm256_and_si256(r, e), e));
+    }
+}
+
+/* f32_to_bf16 on eight floats, as 32-bit lanes holding the 16-bit results. */
+static inline __attribute__((always_inline, target("avx2,f16c"))) __m256i fast_bf16(__m256 v) {
+    __m256i x = _mm256_castps_si256(v), hi = _mm256_srli_epi32(x, 16);
+    __m256i rnd = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), _mm256_and_si256(hi, _mm256_set1_epi32(1))), 16);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(rnd, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+}
+
+/* Round sixteen floats (v0: elements i..i+7, v1: i+8..i+15) to dt and store them; flags as fast_store8. */
+static inline __attribute__((always_inline, target("avx2,f16c"))) void fast_store16(void *dst, int dt, Py_ssize_t i,
+                                                                                     __m256 v0, __m256 v1,
+                                                                                     __m256i *nz, __m256i *nf) {
+    if (dt == DT_BF16) {
+        __m256i r = _mm256_permute4x64_epi64(_mm256_packus_epi32(fast_bf16(v0), fast_bf16(v1)), 0xD8);
+        __m256i e = _mm256_set1_epi16(0x7f80);
+        _mm256_storeu_si256((__m256i *)((uint16_t *)dst + i), r);
+        *nz = _mm256_or_si256(*nz, r);
+        *nf = _mm256_or_si256(*nf, _mm256_cmpeq_epi16(_mm256_and_si256(r, e), e));
+    } else {
+        fast_store8(dst, dt, i, v0, nz, nf);
+        fast_store8(dst, dt, i + 8, v1, nz, nf);
+    }
+}
+
+/* δ of eight elements starting at j: the same float32 operations, in the same order, as run_merge_tiles. */
+static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 fast_delta(const term_t *terms, int k,
+                                                                                     int sign, int normalize, int dt,
+                                                                                     int mag,
+                                                                                     const __m256 *w,
+                                                                                     const __m256 *thr,
+                                                                                     const __m256 *all, Py_ssize_t j) {
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 tt[FAST_MAX_TERMS];
+    __m256 d = zero, den = zero;
+    int i;
+    for (i = 0; i < k; i++) {
+        __m256 v = fast_load(terms[i].a, dt >= 0 ? dt : terms[i].a_dt, j);
+        __m256 keep = _mm256_cmp_ps(_mm256_and_ps(v, absmask), thr[i], _CMP_GE_OQ);
+        if (!mag) keep = _mm256_or_ps(keep, all[i]);
+        tt[i] = _mm256_and_ps(v, keep);
+    }
+    if (sign == SIGN_NONE) {
+        for (i = 0; i < k; i++) {
+            d = add_nan_first(_mm256_mul_ps(w[i], tt[i]), d);
+            den = _mm256_add_ps(den, w[i]);
+        }
+    } else {
+        __m256 tmp = zero, neg;
+        if (sign == SIGN_TOTAL)
+            for (i = 0; i < k; i++) tmp = _mm256_add_ps(tmp, _mm256_mul_ps(w[i], tt[i]));
+        else
+            for (i = 0; i < k; i++) {
+                __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(tt[i], zero, _CMP_GT_OQ));
+                __m256i lt = _mm256_castps_si256(_mm256_cmp_ps(tt[i], zero, _CMP_LT_OQ));
+                tmp = _mm256_add_ps(tmp, _mm256_cvtepi32_ps(_mm256_sub_epi32(lt, gt)));
+            }
+        /* agree: tt has the elected sign (+ when tmp >= 0), i.e. (tt with its sign flipped where - is elected) > 0;
+         * zeros and NaNs never agree */
+        neg = _mm256_andnot_ps(_mm256_cmp_ps(tmp, zero, _CMP_GE_OQ), _mm256_set1_ps(-0.0f));
+        for (i = 0; i < k; i++) {
+            __m256 agree = _mm256_cmp_ps(_mm256_xor_ps(tt[i], neg), zero, _CMP_GT_OQ);
+            d = add_nan_first(_mm256_and_ps(_mm256_mul_ps(w[i], tt[i]), agree), d);
+            den = _mm256_add_ps(den, _mm256_and_ps(w[i], agree));
+        }
+    }
+    if (normalize) /* divide by 1 (exact) where den <= 0 */
+        d = _mm256_div_ps(d, _mm256_blendv_ps(one, den, _mm256_cmp_ps(den, zero, _CMP_GT_OQ)));
+    return d;
+}
+
+/* Elements 0 .. n16-1 (n16 a multiple of 16) of run_merge; returns its flags. Inlined with constant k / dt (dt >= 0:
+ * every input and output has that dtype) by fast_merge below, so that the term loops unroll. */
+static inline __attribute__((always_inline, target("avx2,f16c"))) int fast_body(const out_t *outs, int n_out,
+                                                                                const void *base, int base_dt,
+                                                                                Py_ssize_t n16, const term_t *terms,
+                                                                                int k, int sign, int normalize, int dt, int mag) {
+    __m256 w[FAST_MAX_TERMS], thr[FAST_MAX_TERMS], all[FAST_MAX_TERMS], alpha[MAX_VECTORS];
+    Py_ssize_t off, j;
+    int flags = 0, i, o;
+    for (i = 0; i < k; i++) {
+        w[i] = _mm256_set1_ps(terms[i].w);
+        thr[i] = _mm256_set1_ps(terms[i].p1);
+        all[i] = _mm256_castsi256_ps(_mm256_set1_epi32(terms[i].mode == PRUNE_MAGNITUDE ? 0 : -1));
+    }
+    for (o = 0; o < n_out; o++) alpha[o] = _mm256_set1_ps(outs[o].alpha);
+    for (off = 0; off < n16; off += TILE) {
+        Py_ssize_t end = n16 - off < TILE ? n16 : off + TILE;
+        __m256i nz = _mm256_setzero_si256(), nf = _mm256_setzero_si256();
+        for (j = off; j < end; j += 16) {
+            __m256 d0 = fast_delta(terms, k, sign, normalize, dt, mag, w, thr, all, j);
+            __m256 d1 = fast_delta(terms, k, sign, normalize, dt, mag, w, thr, all, j + 8);
+            __m256 b0 = fast_load(base, dt >= 0 ? dt : base_dt, j);
+            __m256 b1 = fast_load(base, dt >= 0 ? dt : base_dt, j + 8);
+            for (o = 0; o < n_out; o++) {
+                __m256 acc0 = b0, acc1 = b1;
+                if (k > 0) { /* no terms: a pure cast, so -0.0 stays -0.0 */
+                    acc0 = add_nan_first(_mm256_mul_ps(alpha[o], d0), b0);
+                    acc1 = add_nan_first(_mm256_mul_ps(alpha[o], d1), b1);
+                }
+                fast_store16(outs[o].buf, dt >= 0 ? dt : outs[o].dt, j, acc0, acc1, &nz, &nf);
+            }
+        }
+        if (!_mm256_testz_si256(nz, _mm256_set1_epi32(0x7fff7fff))) flags |= 1;
+        if (!_mm256_testz_si256(nf, nf)) {
+            flags |= 4;
+            for (o = 0; o < n_out && !(flags & 2); o++)
+                for (j = off; j < end; j++) {
+                    int fin = !out_finite_at(outs[o].buf, outs[o].dt, j) && is_finite_at(base, base_dt, j);
+                    for (i = 0; fin && i < k; i++) fin = is_finite_at(terms[i].a, terms[i].a_dt, j);
+                    if (fin) {
+                        flags |= 2;
+                        break;
+                    }
+                }
+        }
+    }
+    return flags;
+}
+
+__attribute__((target("avx2,f16c"))) static int fast_merge(const out_t *outs, int n_out, const void *base, int base_dt,
+                                                          Py_ssize_t n16, const term_t *terms, int k, int sign,
+                                                          int normalize) {
+    int i, mag = 1, bf16 = base_dt == DT_BF16;
+    for (i = 0; i < k; i++) bf16 &= terms[i].a_dt == DT_BF16;
+    for (i = 0; i < n_out; i++) bf16 &= outs[i].dt == DT_BF16;
+    for (i = 0; i < k; i++) mag &= terms[i].mode == PRUNE_MAGNITUDE;
+    if (bf16 && n_out == 1 && mag && sign == SIGN_TOTAL) { /* TIES */
+        if (k == 2) return fast_body(outs, 1, base, base_dt, n16, terms, 2, SIGN_TOTAL, normalize, DT_BF16, 1);
+        if (k == 3) return fast_body(outs, 1, base, base_dt, n16, terms, 3, SIGN_TOTAL, normalize, DT_BF16, 1);
+        if (k == 4) return fast_body(outs, 1, base, base_dt, n16, terms, 4, SIGN_TOTAL, normalize, DT_BF16, 1);
+    }
+    if (bf16 && n_out == 1) {
+        if (k == 1) return fast_body(outs, 1, base, base_dt, n16, terms, 1, sign, normalize, DT_BF16, 0);
+        if (k == 2) return fast_body(outs, 1, base, base_dt, n16, terms, 2, sign, normalize, DT_BF16, 0);
+        if (k == 3) return fast_body(outs, 1, base, base_dt, n16, terms, 3, sign, normalize, DT_BF16, 0);
+        if (k == 4) return fast_body(outs, 1, base, base_dt, n16, terms, 4, sign, normalize, DT_BF16, 0);
+    }
+    return fast_body(outs, n_out, base, base_dt, n16, terms, k, sign, normalize, -1, 0);
+}
+
+static int fast_merge_ok(const out_t *outs, int n_out, int base_dt, const term_t *terms, int k) {
+    int i, f16 = base_dt == DT_F16;
+    if (!avx2_ok() || k > FAST_MAX_TERMS) return 0;
+    /* non-finite weights or alphas: NaN payload/sign selection in vector multiplies may differ from the tile loops */
+    for (i = 0; i < n_out; i++)
+        if (!isfinite(outs[i].alpha)) return 0;
+    for (i = 0; i < k; i++) {
+        if (!isfinite(terms[i].w)) return 0;
+        if (terms[i].b || (terms[i].mode != PRUNE_NONE && terms[i].mode != PRUNE_MAGNITUDE)) return 0;
+        f16 |= terms[i].a_dt == DT_F16;
+    }
+    for (i = 0; i < n_out; i++) f16 |= outs[i].dt == DT_F16;
+    return !f16 || f16c_ok();
+}
+#else
+static int fast_merge_ok(const out_t *outs, int n_out, int base_dt, const term_t *terms, int k) {
+    (void)outs, (void)n_out, (void)base_dt, (void)terms, (void)k;
+    return 0;
+}
+static int fast_merge(const out_t *outs, int n_out, const void *base, int base_dt, Py_ssize_t n16, const term_t *terms,
+                      int k, int sign, int normalize) {
+    (void)outs, (void)n_out, (void)base, (void)base_dt, (void)n16, (void)terms, (void)k, (void)sign, (void)normalize;
+    return 0;
+}
+#endif
+
+static Py_ssize_t dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+
 /* The whole merge of one block: prune each term, elect signs, combine, normalize, then θ + α·δ for each output. */
 MULTIVERSION
-static int run_merge(const out_t *outs, int n_out, const void *base, int base_dt, Py_ssize_t n, const term_t *terms,
-                     int k, int sign, int normalize, uint64_t elem_offset, float *tiles) {
+static int run_merge_tiles(const out_t *outs, int n_out, const void *base, int base_dt, Py_ssize_t n,
+                           const term_t *terms, int k, int sign, int normalize, uint64_t elem_offset, float *tiles) {
     float acc[TILE], d[TILE], den[TILE], tmp[TILE];
     Py_ssize_t off, j;
     int flags = 0, i, o;
@@ -428,6 +643,29 @@ static int run_merge(const out_t *outs, int n_out, const void *base, int base_dt
     return flags;
 }
 
+/* run_merge: the fused AVX2 path where it applies (all but the last n % 16 elements), the tile loops otherwise. */
+static int run_merge(const out_t *outs, int n_out, const void *base, int base_dt, Py_ssize_t n, const term_t *terms,
+                     int k, int sign, int normalize, uint64_t elem_offset, float *tiles) {
+    out_t touts[MAX_VECTORS];
+    term_t tterms[MAX_VECTORS];
+    Py_ssize_t n16 = n & ~(Py_ssize_t)15;
+    int flags, i;
+    if (n16 == 0 || !fast_merge_ok(outs, n_out, base_dt, terms, k))
+        return run_merge_tiles(outs, n_out, base, base_dt, n, terms, k, sign, normalize, elem_offset, tiles);
+    flags = fast_merge(outs, n_out, base, base_dt, n16, terms, k, sign, normalize);
+    if (n16 == n) return flags;
+    for (i = 0; i < n_out; i++) {
+        touts[i] = outs[i];
+        touts[i].buf = (char *)outs[i].buf + n16 * dt_size(outs[i].dt);
+    }
+    for (i = 0; i < k; i++) {
+        tterms[i] = terms[i];
+        tterms[i].a = (const char *)terms[i].a + n16 * dt_size(terms[i].a_dt);
+    }
+    return flags | run_merge_tiles(touts, n_out, (const char *)base + n16 * dt_size(base_dt), base_dt, n - n16, tterms,
+                                   k, sign, normalize, elem_offset + (uint64_t)n16, tiles);
+}
+
 /* Histogram of |x| bit patterns for exact k-th-largest-magnitude selection (linear time, no sort).
  * level 0: bins = top 15 bits of |x| (bf16/fp16: the whole pattern; fp32: bits 16..30);
  * level 1 (fp32 only): for elements whose top bits equal `prefix`, bins = the low 16 bits. */
@@ -443,7 +681,32 @@ static void run_hist(const void *src, int dt, Py_ssize_t n, int level, uint32_t 
                 if (((s[j] & 0x7fffffffu) >> 16) == prefix) hist[s[j] & 0xffffu]++;
     } else {
         const uint16_t *s = (const uint16_t *)src;
-        for (j = 0; j < n; j++) hist[s[j] & 0x7fffu]++;
+        /* four interleaved 32-bit sub-histograms (32768 bins each: the sign bit is masked off), so that runs of
+         * equal bins do not serialise on one counter; summed into hist every 2^30 elements (no overflow) */
+        uint32_t *sub = (uint32_t *)calloc(4 * 32768, sizeof(uint32_t));
+        Py_ssize_t start;
+        if (!sub) {
+            for (j = 0; j < n; j++) hist[s[j] & 0x7fffu]++;
+            return;
+        }
+        for (start = 0; start < n; start += (Py_ssize_t)1 << 30) {
+            Py_ssize_t end = n - start < ((Py_ssize_t)1 << 30) ? n : start + ((Py_ssize_t)1 << 30);
+            int b;
+            for (j = start; j + 4 <= end; j += 4) {
+                uint64_t x;
+                memcpy(&x, s + j, 8); /* little-endian: element j in the low 16 bits */
+                sub[x & 0x7fffu]++;
+                sub[32768 + ((x >> 16) & 0x7fffu)]++;
+                sub[2 * 32768 + ((x >> 32) & 0x7fffu)]++;
+                sub[3 * 32768 + ((x >> 48) & 0x7fffu)]++;
+            }
+            for (; j < end; j++) sub[s[j] & 0x7fffu]++;
+            for (b = 0; b < 32768; b++) {
+                hist[b] += (uint64_t)sub[b] + sub[32768 + b] + sub[2 * 32768 + b] + sub[3 * 32768 + b];
+                sub[b] = sub[32768 + b] = sub[2 * 32768 + b] = sub[3 * 32768 + b] = 0;
+            }
+        }
+        free(sub);
     }
 }
 
@@ -454,8 +717,6 @@ static int check_dt(int dt) {
     }
     return 1;
 }
-
-static Py_ssize_t dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
 
 static int check_len(Py_buffer *b, int dt, Py_ssize_t n, const char *what) {
     if (b->len < n * dt_size(dt)) {

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -263,23 +262,6 @@ class Checkpoint:
                 raise CheckpointError(f"unexpected end of file while reading tensor {info.name}", info.shard)
             view = view[got:]
             pos += got
-
-    def map_range(self, info: TensorInfo, byte_offset: int, nbytes: int) -> memoryview | None:
-        """``nbytes`` of ``info`` from ``byte_offset`` as a read-only view of a memory map of just that range, or
-        None where mapping fails. For passes that only look at the bytes (pruning thresholds): no copy out of the
-        page cache. The map is unmapped when the last reference to the view goes."""
-        pos = info.start + byte_offset
-        lo = pos - pos % mmap.ALLOCATIONGRANULARITY
-        fd = self.fd(info.shard)
-        try:
-            if os.fstat(fd).st_size < pos + nbytes:  # shrunk since it was opened: read_into reports it
-                return None
-            m = mmap.mmap(fd, pos - lo + nbytes, access=mmap.ACCESS_READ, offset=lo)
-        except (OSError, ValueError):
-            return None
-        with contextlib.suppress(OSError, AttributeError):
-            m.madvise(mmap.MADV_SEQUENTIAL)
-        return memoryview(m)[pos - lo : pos - lo + nbytes]
 
     def read_bytes(self, name: str) -> bytearray:
         info = self._info(name)

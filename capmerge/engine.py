@@ -210,11 +210,6 @@ class _Pipeline:
             raise _Abort
         ck, info = job.inputs[i]
         need = (end - start) * info.itemsize
-        if ck.direct and need:
-            mapped = ck.map_range(info, start * info.itemsize, need)
-            if mapped is not None:
-                self._prepare_bytes += need
-                return mapped
         buf = self._scratch.get(i)
         if buf is None or len(buf) < need:
             buf = self._scratch[i] = bytearray(max(need, self.block * info.itemsize))

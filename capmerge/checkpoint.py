@@ -248,7 +248,10 @@ class Checkpoint:
                 fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
             except OSError as e:
                 raise CheckpointError(f"cannot open: {e.strerror or e}", path) from e
-            self._fds[path] = fd
+            prev = self._fds.setdefault(path, fd)  # two threads may open it at once: keep one descriptor
+            if prev != fd:
+                os.close(fd)
+                fd = prev
         return fd
 
     def read_into(self, info: TensorInfo, byte_offset: int, buf: memoryview) -> None:

@@ -35,6 +35,7 @@ BLOCK_ELEMS = 1 << 21  # 2 Mi elements per block: 4 MiB of bf16, fits L3 on most
 DEPTH = 3  # buffers per stage
 SPLIT_MIN = 1 << 16  # blocks at least this long are computed in parts, one per compute thread
 SPLIT_ALIGN = 4096  # part boundaries, in elements
+PREPARE_AHEAD = 2  # jobs whose prepare pass may be done before the reader reaches them
 
 
 def compute_threads() -> int:
@@ -147,8 +148,17 @@ class _Pipeline:
                 self.free_slots.put([alloc(self.block * in_item) for _ in range(n_in)])
                 for _ in sinks:
                     self.free_out.put(alloc(self.block * out_item))
-        self._scratch: dict[int, bytearray] = {}
+        self._tls = threading.local()  # scratch buffers of the thread running a prepare pass
         self._prepare_bytes = 0
+        # prepare passes (pruning thresholds) run on their own thread, up to PREPARE_AHEAD jobs ahead of the reader,
+        # so that the threshold pass of the next tensors overlaps the merge of this one
+        # (lazy inputs — LoRA products, pickles — build a tensor per thread, so their jobs prepare on the reader)
+        self.prepared = {
+            ji: threading.Event()
+            for ji, j in enumerate(jobs)
+            if j.op != "copy" and j.prepare and all(getattr(ck, "direct", False) for ck, _ in j.inputs)
+        }
+        self.prepare_slots = threading.Semaphore(PREPARE_AHEAD)
         self.parts = compute_threads() if device == "cpu" and computed else 1
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.to_compute: queue.Queue[tuple | None] = queue.Queue(maxsize=2 * DEPTH)
@@ -186,7 +196,10 @@ class _Pipeline:
                     self._put(self.to_compute, ("copy", ji))
                     continue
                 n = job.numel
-                if job.prepare is not None:
+                if ji in self.prepared:
+                    self._wait(self.prepared[ji])
+                    self.prepare_slots.release()
+                elif job.prepare is not None:
                     job.prepare(functools.partial(self._read_scratch, job))
                 starts = range(0, n, self.block) if n else [0]
                 for s in starts:
@@ -204,15 +217,37 @@ class _Pipeline:
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             self._fail(e)
 
+    def _wait(self, event: threading.Event) -> None:
+        while not event.wait(0.05):
+            if self.abort.is_set():
+                raise _Abort
+
+    def preparer(self) -> None:
+        """Stage 0: the prepare passes, in job order, at most PREPARE_AHEAD ahead of the reader."""
+        try:
+            for ji, event in self.prepared.items():
+                while not self.prepare_slots.acquire(timeout=0.05):
+                    if self.abort.is_set():
+                        raise _Abort
+                job = self.jobs[ji]
+                assert job.prepare is not None
+                job.prepare(functools.partial(self._read_scratch, job))
+                event.set()
+        except _Abort:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            self._fail(e)
+
     def _read_scratch(self, job: Job, i: int, start: int, end: int) -> memoryview:
         """Elements [start, end) of input i of ``job`` in a scratch buffer (for prepare passes, reader thread)."""
         if self.abort.is_set():
             raise _Abort
         ck, info = job.inputs[i]
         need = (end - start) * info.itemsize
-        buf = self._scratch.get(i)
+        scratch: dict[int, bytearray] = self._tls.__dict__.setdefault("scratch", {})
+        buf = scratch.get(i)
         if buf is None or len(buf) < need:
-            buf = self._scratch[i] = bytearray(max(need, self.block * info.itemsize))
+            buf = scratch[i] = bytearray(max(need, self.block * info.itemsize))
         mv = memoryview(buf)[:need]
         ck.read_into(info, start * info.itemsize, mv)
         self._prepare_bytes += need
@@ -282,6 +317,8 @@ class _Pipeline:
     def run(self) -> RunStats:
         t0 = time.perf_counter()
         threads = [threading.Thread(target=self.reader, daemon=True), threading.Thread(target=self.writer, daemon=True)]
+        if self.prepared:
+            threads.append(threading.Thread(target=self.preparer, daemon=True))
         for t in threads:
             t.start()
         if self.parts > 1:

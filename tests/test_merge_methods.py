@@ -319,3 +319,21 @@ def test_capmerge_threads_must_be_an_integer(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("CAPMERGE_THREADS", "many")
     with pytest.raises(capmerge.CapmergeError, match="CAPMERGE_THREADS"):
         engine.compute_threads()
+
+
+def test_threshold_pass_error_stops_the_merge_cleanly(tmp_path: Path) -> None:
+    """Thresholds are computed on their own thread, ahead of the merge: a read error there (a vector file cut short
+    after it was opened) is the run's error, and no output is left."""
+    g = torch.Generator().manual_seed(5)
+    base = {f"model.layers.{i}.w": torch.randn(5000, generator=g).bfloat16() for i in range(4)}
+    vec = {k: (0.1 * torch.randn(5000, generator=g)).bfloat16() for k in base}
+    save_single(tmp_path / "P.safetensors", base)
+    v = save_single(tmp_path / "v.safetensors", vec)
+    ck = capmerge.open_checkpoint(v)
+    last = max(ck.tensors.values(), key=lambda i: i.start)
+    with open(v, "r+b") as fh:
+        fh.truncate(last.start + 10)
+    with pytest.raises(capmerge.CapmergeError, match="unexpected end of file"):
+        capmerge.apply(tmp_path / "P.safetensors", [ck], tmp_path / "out.safetensors", method="ties", density=0.5)
+    assert not (tmp_path / "out.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["P.safetensors", "v.safetensors"]

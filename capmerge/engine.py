@@ -149,7 +149,8 @@ class _Pipeline:
                 for _ in sinks:
                     self.free_out.put(alloc(self.block * out_item))
         self._tls = threading.local()  # scratch buffers of the thread running a prepare pass
-        self._prepare_bytes = 0
+        self._prepare_bytes = 0  # added to by the reader and the preparer
+        self._count_lock = threading.Lock()
         # prepare passes (pruning thresholds) run on their own thread, up to PREPARE_AHEAD jobs ahead of the reader,
         # so that the threshold pass of the next tensors overlaps the merge of this one
         # (lazy inputs — LoRA products, pickles — build a tensor per thread, so their jobs prepare on the reader)
@@ -188,55 +189,57 @@ class _Pipeline:
         self.errors.append(e)
         self.abort.set()
 
-    # -- stage 1: reader -----------------------------------------------------------------------------------------
-    def reader(self) -> None:
-        try:
-            for ji, job in enumerate(self.jobs):
-                if job.op == "copy":
-                    self._put(self.to_compute, ("copy", ji))
-                    continue
-                n = job.numel
-                if ji in self.prepared:
-                    self._wait(self.prepared[ji])
-                    self.prepare_slots.release()
-                elif job.prepare is not None:
-                    job.prepare(functools.partial(self._read_scratch, job))
-                starts = range(0, n, self.block) if n else [0]
-                for s in starts:
-                    e = min(n, s + self.block)
-                    slot = self._get(self.free_slots)
-                    views = []
-                    for k, (ck, info) in enumerate(job.inputs):
-                        mv = memoryview(slot[k])[: (e - s) * info.itemsize]
-                        ck.read_into(info, s * info.itemsize, mv)
-                        views.append(mv)
-                    self._put(self.to_compute, ("block", ji, s, e, slot, views))
-            self._put(self.to_compute, None)
-        except _Abort:
-            pass
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            self._fail(e)
-
-    def _wait(self, event: threading.Event) -> None:
-        while not event.wait(0.05):
+    def _until(self, ready: Callable[[float], bool]) -> None:
+        """Poll ``ready(timeout)`` until it is true; leave with _Abort once another stage failed."""
+        while not ready(0.05):
             if self.abort.is_set():
                 raise _Abort
 
+    def _stage(self, body: Callable[[], None]) -> threading.Thread:
+        """A daemon thread running one stage; its error (not an abort) is handed to the caller's thread."""
+
+        def run() -> None:
+            try:
+                body()
+            except _Abort:
+                pass
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._fail(e)
+
+        return threading.Thread(target=run, daemon=True)
+
+    # -- stage 1: reader -----------------------------------------------------------------------------------------
+    def reader(self) -> None:
+        for ji, job in enumerate(self.jobs):
+            if job.op == "copy":
+                self._put(self.to_compute, ("copy", ji))
+                continue
+            n = job.numel
+            if ji in self.prepared:
+                self._until(self.prepared[ji].wait)
+                self.prepare_slots.release()
+            elif job.prepare is not None:
+                job.prepare(functools.partial(self._read_scratch, job))
+            starts = range(0, n, self.block) if n else [0]
+            for s in starts:
+                e = min(n, s + self.block)
+                slot = self._get(self.free_slots)
+                views = []
+                for k, (ck, info) in enumerate(job.inputs):
+                    mv = memoryview(slot[k])[: (e - s) * info.itemsize]
+                    ck.read_into(info, s * info.itemsize, mv)
+                    views.append(mv)
+                self._put(self.to_compute, ("block", ji, s, e, slot, views))
+        self._put(self.to_compute, None)
+
     def preparer(self) -> None:
         """Stage 0: the prepare passes, in job order, at most PREPARE_AHEAD ahead of the reader."""
-        try:
-            for ji, event in self.prepared.items():
-                while not self.prepare_slots.acquire(timeout=0.05):
-                    if self.abort.is_set():
-                        raise _Abort
-                job = self.jobs[ji]
-                assert job.prepare is not None
-                job.prepare(functools.partial(self._read_scratch, job))
-                event.set()
-        except _Abort:
-            pass
-        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-            self._fail(e)
+        for ji, event in self.prepared.items():
+            self._until(lambda t: self.prepare_slots.acquire(timeout=t))
+            job = self.jobs[ji]
+            assert job.prepare is not None
+            job.prepare(functools.partial(self._read_scratch, job))
+            event.set()
 
     def _read_scratch(self, job: Job, i: int, start: int, end: int) -> memoryview:
         """Elements [start, end) of input i of ``job`` in a scratch buffer (for prepare passes, reader thread)."""
@@ -250,37 +253,33 @@ class _Pipeline:
             buf = scratch[i] = bytearray(max(need, self.block * info.itemsize))
         mv = memoryview(buf)[:need]
         ck.read_into(info, start * info.itemsize, mv)
-        self._prepare_bytes += need
+        with self._count_lock:
+            self._prepare_bytes += need
         return mv
 
     # -- stage 3: writer -----------------------------------------------------------------------------------------
     def writer(self) -> None:
-        try:
-            while True:
-                item = self._get(self.to_write)
-                if item is None:
-                    return
-                kind = item[0]
-                if kind == "write":
-                    _, f, offset, buf, nbytes = item
-                    self._pwrite(f, memoryview(buf)[:nbytes], offset)
-                    self.free_out.put(buf)
-                elif kind == "zero":
-                    _, f, offset, nbytes = item
-                    if self._zero is None:
-                        self._zero = bytes(1 << 20)
-                    while nbytes:
-                        k = min(nbytes, len(self._zero))
-                        self._pwrite(f, memoryview(self._zero)[:k], offset)
-                        offset += k
-                        nbytes -= k
-                else:  # copy
-                    _, f, offset, ck, info = item
-                    self._copy(f, offset, ck, info)
-        except _Abort:
-            pass
-        except BaseException as e:  # noqa: BLE001
-            self._fail(e)
+        while True:
+            item = self._get(self.to_write)
+            if item is None:
+                return
+            kind = item[0]
+            if kind == "write":
+                _, f, offset, buf, nbytes = item
+                self._pwrite(f, memoryview(buf)[:nbytes], offset)
+                self.free_out.put(buf)
+            elif kind == "zero":
+                _, f, offset, nbytes = item
+                if self._zero is None:
+                    self._zero = bytes(1 << 20)
+                while nbytes:
+                    k = min(nbytes, len(self._zero))
+                    self._pwrite(f, memoryview(self._zero)[:k], offset)
+                    offset += k
+                    nbytes -= k
+            else:  # copy
+                _, f, offset, ck, info = item
+                self._copy(f, offset, ck, info)
 
     def _pwrite(self, f: SafetensorsFile, view: memoryview, offset: int) -> None:
         try:
@@ -316,9 +315,9 @@ class _Pipeline:
     # -- stage 2: compute (caller's thread) ------------------------------------------------------------------------
     def run(self) -> RunStats:
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=self.reader, daemon=True), threading.Thread(target=self.writer, daemon=True)]
+        threads = [self._stage(self.reader), self._stage(self.writer)]
         if self.prepared:
-            threads.append(threading.Thread(target=self.preparer, daemon=True))
+            threads.append(self._stage(self.preparer))
         for t in threads:
             t.start()
         if self.parts > 1:

@@ -233,7 +233,7 @@ def _check_overrides(
         if _has_unset(spec):
             continue
         try:
-            ov = Override.parse(_plainish(spec), where)
+            ov = Override.parse(plain[-1], where)
             if n_vectors is not None:
                 Overrides([ov]).check_vectors(n_vectors)
         except OverrideError as e:

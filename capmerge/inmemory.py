@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from capmerge.checkpoint import Checkpoint, open_checkpoint
@@ -93,7 +92,7 @@ def apply_to_state_dict(
     from capmerge.kernels import is_available, resolve_device, torch_device
     from capmerge.masks import TensorMask, count_layers
     from capmerge.methods import resolve
-    from capmerge.overrides import Overrides, alpha_of
+    from capmerge.overrides import Overrides
 
     vecs = [_as_mapping(v) for v in (vector if isinstance(vector, list | tuple) else [vector])]
     opts = resolve(method, density=density, gamma=gamma, sign=sign, normalize=normalize, rescale=rescale, seed=seed,
@@ -103,9 +102,8 @@ def apply_to_state_dict(
     if len(w) != len(vecs):
         raise MismatchError(f"{len(w)} weights for {len(vecs)} vectors")
     mask = TensorMask.build(include=include, exclude=exclude, layers=layers, layer_pattern=layer_pattern)
-    ovr = Overrides.build(overrides, n_vectors=len(vecs))
-    needs_layers = alpha_gradient is not None or ovr.needs_layers
-    n_layers = count_layers(state_dict, layer_pattern) if needs_layers else 0
+    ovr = Overrides.build(overrides, n_vectors=len(vecs), alpha_gradient=alpha_gradient or None)
+    n_layers = count_layers(state_dict, layer_pattern) if ovr.needs_layers else 0
     params: dict[str, Any] = {}
     names: list[str] = []
     for vec in vecs:
@@ -147,8 +145,8 @@ def apply_to_state_dict(
             tw = pt.per_vector("weight", len(vecs)) or w
             td = pt.per_vector("density", len(vecs)) or [opts.density_for(i) for i in range(len(vecs))]
             raw = [(vec[n].to(device=where), tw[i], td[i], i) for i, vec in enumerate(vecs) if n in vec]
-            a = alpha_of(pt, n, alpha, alpha_gradient or None, n_layers, layer_pattern)
-            topts = replace(opts, gamma=pt.gamma) if pt.gamma is not None else opts
+            a = alpha if pt.alpha is None else pt.alpha
+            topts = pt.merge_options(opts)
             if not (kernels and _merge_with_kernels(x, n, raw, a, topts)):
                 _merge_with_torch(x, n, raw, a, topts)
             if x is not p:

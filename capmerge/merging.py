@@ -10,7 +10,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 from capmerge._version import __version__
@@ -21,7 +20,7 @@ from capmerge.errors import MismatchError, UsageError
 from capmerge.masks import TensorMask, check_template, count_layers, expand_template
 from capmerge.methods import MergeOptions, resolve
 from capmerge.names import normalise
-from capmerge.overrides import Overrides, TensorParams, alpha_of
+from capmerge.overrides import Overrides, TensorParams
 from capmerge.plan import Term, merge_job
 from capmerge.writer import Output
 
@@ -194,9 +193,8 @@ def apply(
     if alpha_gradient is not None and len(alphas) > 1:
         raise UsageError("--alpha-gradient cannot be combined with an --alpha sweep")
     mask = TensorMask.build(include=include, exclude=exclude, layers=layers, layer_pattern=layer_pattern)
-    ovr = Overrides.build(overrides, n_vectors=len(terms))
-    needs_layers = alpha_gradient is not None or ovr.needs_layers
-    n_layers = count_layers(ck_b.tensors, layer_pattern) if needs_layers else 0
+    ovr = Overrides.build(overrides, n_vectors=len(terms), alpha_gradient=alpha_gradient)
+    n_layers = count_layers(ck_b.tensors, layer_pattern) if ovr.needs_layers else 0
     summary = Summary("apply", out_tmpl, notes=notes, tied=ties)
     resolved: list[TensorParams] = []
     _check_names(ck_b, terms, allow_missing, summary.skipped)
@@ -245,16 +243,13 @@ def apply(
             continue
         p = ovr.resolve(name, n_layers=n_layers, layer_pattern=layer_pattern)
         resolved.append(p)
-        if p.alpha is None and alpha_gradient is None:
-            tensor_alphas = alphas
-        else:  # an overridden α is pinned: the same in every output of a sweep
-            tensor_alphas = [alpha_of(p, name, alphas[0], alpha_gradient, n_layers, layer_pattern)] * len(alphas)
+        # an overridden α (or the gradient's) and an overridden density are pinned: the same in every sweep output
+        tensor_alphas = alphas if p.alpha is None else [p.alpha] * len(alphas)
         dens = p.per_vector("density", len(terms))
-        t_variants = variants if dens is None else [dens] * len(variants)  # an overridden density is pinned
-        t_weights = p.per_vector("weight", len(terms))
-        t_options = replace(options, gamma=p.gamma) if p.gamma is not None else options
-        jobs.append(merge_job(name, (ck_b, ib), touching, out_code=out_dtype, options=t_options, variants=t_variants,
-                              alphas=tensor_alphas, sink=sink, device=dev, weights=t_weights))  # fmt: skip
+        t_variants = variants if dens is None else [dens] * len(variants)
+        jobs.append(merge_job(name, (ck_b, ib), touching, out_code=out_dtype, options=p.merge_options(options),
+                              variants=t_variants, alphas=tensor_alphas, sink=sink, device=dev,
+                              weights=p.per_vector("weight", len(terms))))  # fmt: skip
     if not mask.is_trivial and selected == 0:
         raise UsageError("mask selects no tensors (check --include/--exclude/--layers)")
     summary.warnings += ovr.unused(resolved)
@@ -399,14 +394,14 @@ def list_tensors(
     overrides that change nothing."""
     opts = {"key": key, "trust_pickle": trust_pickle}
     ck_b = open_checkpoint(base, **opts)
-    ck_b, terms, notes, ties = build_terms(ck_b, _as_list(vectors), _as_list(add), _as_list(sub), None,
+    ck_b, terms, notes, ties = build_terms(ck_b, _as_list(vectors), _as_list(add), _as_list(sub), weights,
                                            rename=rename, opts=opts)  # fmt: skip
     mask = TensorMask.build(include=include, exclude=exclude, layers=layers, layer_pattern=layer_pattern)
     touched = [n for n in ck_b.tensors if any(n in t.a.tensors for t in terms)]
     desc = mask.describe(touched)
     desc["params"], desc["warnings"] = _effective_params(
-        ck_b, desc["selected"], len(terms), alpha=alpha, alpha_gradient=alpha_gradient, method=method,
-        weights=weights, density=density, gamma=gamma, overrides=overrides, layer_pattern=layer_pattern,
+        ck_b, desc["selected"], [t.weight for t in terms], alpha=alpha, alpha_gradient=alpha_gradient,
+        method=method, density=density, gamma=gamma, overrides=overrides, layer_pattern=layer_pattern,
     )  # fmt: skip
     desc["untouched"] = [n for n in ck_b.tensors if n not in set(touched)]
     desc["counts"]["untouched"] = len(desc["untouched"])
@@ -425,41 +420,36 @@ def list_tensors(
 def _effective_params(
     base: Checkpoint,
     selected: list[str],
-    n_vectors: int,
+    weights: list[float],
     *,
     alpha: float | Sequence[float],
     alpha_gradient: Sequence[float] | None,
     method: str | None,
-    weights: Sequence[float] | None,
     density: float | Sequence[float] | None,
     gamma: float | None,
     overrides: Any,
     layer_pattern: str | None,
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Each selected tensor's α, weights, densities and γ after ``--alpha-gradient`` and overrides."""
+    """Each selected tensor's α, weights (``weights``: the global one of each vector), densities and γ after
+    ``--alpha-gradient`` and overrides."""
+    n_vectors = len(weights)
     alphas = [float(a) for a in _as_list(alpha)] or [1.0]
     dens = [float(d) for d in _as_list(density)]
-    if weights is not None and len(weights) != n_vectors:
-        raise UsageError(f"--weights has {len(weights)} values for {n_vectors} vectors")
     options = resolve(method, density=dens if len(dens) in (1, n_vectors) and dens else None, gamma=gamma)
-    ovr = Overrides.build(overrides, n_vectors=n_vectors)
-    needs_layers = alpha_gradient is not None or ovr.needs_layers
-    n_layers = count_layers(base.tensors, layer_pattern) if needs_layers else 0
+    ovr = Overrides.build(overrides, n_vectors=n_vectors, alpha_gradient=alpha_gradient)
+    n_layers = count_layers(base.tensors, layer_pattern) if ovr.needs_layers else 0
     out: dict[str, dict[str, Any]] = {}
     resolved = []
     for name in selected:
         p = ovr.resolve(name, n_layers=n_layers, layer_pattern=layer_pattern)
         resolved.append(p)
-        a: Any = alphas if len(alphas) > 1 else alphas[0]
-        if p.alpha is not None or alpha_gradient is not None:
-            a = alpha_of(p, name, alphas[0], alpha_gradient, n_layers, layer_pattern)
-        w = p.per_vector("weight", n_vectors) or tuple(float(x) for x in weights or [1.0] * n_vectors)
+        a = p.alpha if p.alpha is not None else alphas if len(alphas) > 1 else alphas[0]
         d = p.per_vector("density", n_vectors) or tuple(options.density_for(i) for i in range(n_vectors))
         out[name] = {
             "alpha": a,
-            "weights": list(w),
+            "weights": list(p.per_vector("weight", n_vectors) or weights),
             "density": list(d),
-            "gamma": p.gamma if p.gamma is not None else options.gamma,
+            "gamma": p.merge_options(options).gamma,
             "overrides": {k: i + 1 for k, i in p.source.items()},
         }
     return out, ovr.unused(resolved)

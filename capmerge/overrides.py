@@ -28,13 +28,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from capmerge.errors import UsageError
 from capmerge.masks import alpha_for, layer_index
 
-__all__ = ["KEYS", "Override", "OverrideError", "Overrides", "TensorParams", "alpha_of", "parse_cli"]
+__all__ = ["KEYS", "Override", "OverrideError", "Overrides", "TensorParams", "parse_cli"]
 
 KEYS = ("alpha", "alpha_gradient", "weight", "density", "density_gradient", "gamma")
 """The parameter keys an override may set (``weights`` is accepted for ``weight``)."""
@@ -184,7 +184,10 @@ def parse_cli(text: str, label: str | None = None) -> Override:
 
 @dataclass
 class TensorParams:
-    """The parameters overrides set for one tensor (None: the global value) and which override set each."""
+    """The parameters overrides set for one tensor (None: the global value) and which override set each.
+
+    ``alpha`` is also set, without a ``source``, by the merge's own ``--alpha-gradient`` for a tensor inside a block:
+    one place decides a tensor's α (override, else the global gradient, else None: the global α)."""
 
     alpha: float | None = None
     weight: tuple[float, ...] | None = None
@@ -201,31 +204,23 @@ class TensorParams:
         v = getattr(self, param)
         if v is None:
             return None
-        return tuple(v) if len(v) > 1 else tuple(v[0] for _ in range(n))
+        return v if len(v) > 1 else v * n
 
-
-def alpha_of(
-    params: TensorParams,
-    name: str,
-    alpha: float,
-    gradient: Sequence[float] | None,
-    n_layers: int,
-    layer_pattern: str | None = None,
-) -> float:
-    """A tensor's α: its override's, else the ``--alpha-gradient`` value at its block, else ``alpha``."""
-    if params.alpha is not None:
-        return params.alpha
-    if gradient is not None:
-        return alpha_for(name, alpha, list(gradient), n_layers, layer_pattern)
-    return alpha
+    def merge_options(self, opts: Any) -> Any:
+        """The merge's :class:`~capmerge.methods.MergeOptions` with this tensor's γ."""
+        return opts if self.gamma is None else replace(opts, gamma=self.gamma)
 
 
 class Overrides:
-    """An ordered list of overrides; :meth:`resolve` gives a tensor's parameters (first match per parameter)."""
+    """An ordered list of overrides and the merge's own ``--alpha-gradient``; :meth:`resolve` gives a tensor's
+    parameters (first match per parameter, then the gradient for α)."""
 
-    def __init__(self, items: Sequence[Override] = ()) -> None:
+    def __init__(self, items: Sequence[Override] = (), alpha_gradient: Sequence[float] | None = None) -> None:
+        if alpha_gradient is not None and len(alpha_gradient) == 0:
+            raise UsageError("--gradient is empty (expected one or more numbers separated by commas)")
         self.items = tuple(items)
-        self.needs_layers = any(k.endswith("_gradient") for o in self.items for k in o.params)
+        self.alpha_gradient = None if alpha_gradient is None else [float(a) for a in alpha_gradient]
+        self.needs_layers = alpha_gradient is not None or any(k.endswith("_gradient") for o in items for k in o.params)
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -234,14 +229,15 @@ class Overrides:
         return len(self.items)
 
     @classmethod
-    def build(cls, spec: Any, *, n_vectors: int | None = None) -> Overrides:
+    def build(
+        cls, spec: Any, *, n_vectors: int | None = None, alpha_gradient: Sequence[float] | None = None
+    ) -> Overrides:
         """Overrides from ``None``, an :class:`Overrides`, or a sequence whose items are command-line strings,
-        mappings or ``(regex, mapping)`` pairs. With ``n_vectors``, per-vector lists must have 1 or that many values.
+        mappings or ``(regex, mapping)`` pairs. With ``n_vectors``, per-vector lists must have 1 or that many values;
+        ``alpha_gradient`` is the merge's ``--alpha-gradient`` (the α of block tensors no override sets).
         """
-        if spec is None:
-            return cls()
-        if isinstance(spec, Overrides):
-            out = spec
+        if spec is None or isinstance(spec, Overrides):
+            out = cls(spec.items if spec is not None else (), alpha_gradient)
         else:
             if isinstance(spec, str | Mapping):
                 spec = [spec]
@@ -251,7 +247,7 @@ class Overrides:
                 if not isinstance(s, str) and isinstance(s, Mapping) and isinstance(s.get("filter"), str):
                     label += f" (filter {s['filter']!r})"
                 items.append(Override.parse(s, label))
-            out = cls(items)
+            out = cls(items, alpha_gradient)
         if n_vectors is not None:
             out.check_vectors(n_vectors)
         return out
@@ -266,21 +262,20 @@ class Overrides:
 
     def resolve(self, name: str, *, n_layers: int = 0, layer_pattern: str | None = None) -> TensorParams:
         """The parameters of tensor ``name``: for each parameter, the first matching override that sets it
-        (a gradient only for tensors inside a block; ``n_layers`` as :func:`capmerge.masks.count_layers`)."""
+        (a gradient only for tensors inside a block; ``n_layers`` as :func:`capmerge.masks.count_layers`), and
+        for α no override sets, the ``alpha_gradient`` value at the tensor's block."""
         out = TensorParams()
         out.matched = [i for i, o in enumerate(self.items) if o.pattern.search(name)]
-        block: int | None | bool = False  # False: not looked up yet
+        in_block = self.needs_layers and layer_index(name, layer_pattern) is not None
         for param in PARAMS:
             for i in out.matched:
                 o = self.items[i]
                 grad = o.params.get(f"{param}_gradient")
                 if grad is not None:
-                    if block is False:
-                        block = layer_index(name, layer_pattern)
-                    if block is None:
+                    if not in_block:
                         continue  # outside any block: a gradient does not decide
-                    value: Any = alpha_for(name, math.nan, list(grad), n_layers, layer_pattern)  # type: ignore[arg-type]
-                    value = value if param in ("alpha", "gamma") else (value,)
+                    value: Any = alpha_for(name, math.nan, grad, n_layers, layer_pattern)  # type: ignore[arg-type]
+                    value = value if param == "alpha" else (value,)  # density_gradient: one density for all
                 elif param in o.params:
                     value = o.params[param]
                 else:
@@ -288,6 +283,8 @@ class Overrides:
                 setattr(out, param, value)
                 out.source[param] = i
                 break
+        if out.alpha is None and self.alpha_gradient is not None and in_block:
+            out.alpha = alpha_for(name, math.nan, self.alpha_gradient, n_layers, layer_pattern)
         return out
 
     def unused(self, resolved: Iterable[TensorParams]) -> list[str]:

@@ -107,17 +107,17 @@ def apply_cmd(
     from capmerge.masks import parse_float_list
 
     with handle_errors():
+        alphas = parse_float_list(alpha, "--alpha")
         gradient = parse_float_list(alpha_gradient, "--alpha-gradient") if alpha_gradient else None
+        weight_list = parse_float_list(weights, "--weights") if weights else None
+        densities = parse_float_list(density, "--density") if density else None
         if list_tensors:
             from capmerge.merging import list_tensors as _list
 
             desc = _list(base, vectors or [], include=include, exclude=exclude, layers=layers,
                          layer_pattern=layer_pattern, add=add, sub=sub, rename=rename, key=key,
-                         trust_pickle=trust_pickle, alpha=parse_float_list(alpha, "--alpha"),
-                         alpha_gradient=gradient, method=method,
-                         weights=parse_float_list(weights, "--weights") if weights else None,
-                         density=parse_float_list(density, "--density") if density else None, gamma=gamma,
-                         overrides=override)  # fmt: skip
+                         trust_pickle=trust_pickle, alpha=alphas, alpha_gradient=gradient, method=method,
+                         weights=weight_list, density=densities, gamma=gamma, overrides=override)  # fmt: skip
             _print_listing(desc, as_json, show_params=bool(override or alpha_gradient))
             return
         if not output:
@@ -130,11 +130,11 @@ def apply_cmd(
                 base,
                 vectors or [],
                 output,
-                alpha=parse_float_list(alpha, "--alpha"),
+                alpha=alphas,
                 dtype=dtype,
                 method=method,
-                weights=parse_float_list(weights, "--weights") if weights else None,
-                density=parse_float_list(density, "--density") if density else None,
+                weights=weight_list,
+                density=densities,
                 gamma=gamma,
                 sign=sign,
                 normalize=normalize,

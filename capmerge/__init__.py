@@ -25,7 +25,7 @@ _EXPORTS = {
     "CapmergeError": "capmerge.errors",
     "compress": "capmerge.compression",
     "CompressionSummary": "capmerge.compression",
-    "compression_info": "capmerge.compression",
+    "compression_info": "capmerge.compression_record",
     "OrthogonalityLoss": "capmerge.ortho",
     "project_gradients": "capmerge.ortho",
     "inspect": "capmerge.analysis",
@@ -64,7 +64,8 @@ if TYPE_CHECKING:
     from capmerge.analysis import inspect
     from capmerge.api import Summary, diff, parse_size
     from capmerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
-    from capmerge.compression import CompressionSummary, compress, compression_info
+    from capmerge.compression import CompressionSummary, compress
+    from capmerge.compression_record import compression_info
     from capmerge.errors import CapmergeError
     from capmerge.hub import pull, push
     from capmerge.inmemory import apply_to_model, apply_to_state_dict, load_vector

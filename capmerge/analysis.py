@@ -12,7 +12,7 @@ blocks whatever the tensor sizes; sums in float64), gives per tensor and per lay
 
 Compressed vectors (low-rank, sparse, LoRA adapters and τ of two adapters) are read through their dense view τ̂, one
 tensor rebuilt at a time: the statistics are those of τ̂ (``dense_view_of`` says so), and each input's header record
-holds :func:`capmerge.compression.compression_info` (kind, ranks / nnz, size ratio, recorded error and cosine).
+holds :func:`capmerge.compression_record.compression_info` (kind, ranks / nnz, size ratio, recorded error and cosine).
 
 Comparisons: ``against`` (every path compared with one vector) or ``task=(P, S), capability=(S, A)``, which builds
 τ_task = S − P and τ_cap = A − S on the fly (nothing written) and compares them: per tensor, layer, module and in
@@ -32,7 +32,7 @@ from typing import Any
 
 from capmerge._version import __version__
 from capmerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
-from capmerge.compression import compression_info
+from capmerge.compression_record import compression_info
 from capmerge.errors import MismatchError, UsageError
 from capmerge.masks import BLOCK_CONTAINERS, PatternLike, layer_index
 

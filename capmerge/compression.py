@@ -5,10 +5,8 @@ File format (also in the README, "Formats"). The header's ``__metadata__`` holds
 * ``capmerge.vector_format``: ``lowrank`` or ``sparse`` (absent or ``dense``: a plain vector, one tensor per name);
 * ``capmerge.tensors``: JSON ``{name: {"dtype": "BF16", "shape": [m, n], "storage": "dense" | "lowrank" | "sparse"}}``
   — the dense tensors the file stands for;
-* ``capmerge.compression``: JSON of the options ``compress`` ran with;
-* ``capmerge.compression_report``: JSON of what it achieved, ``{"bytes_before", "bytes_after", "ratio", "rel_error",
-  "cosine", "tensors": {name: {"storage", "rank" | "nnz" [, "bits"], "method", "rel_error", "cosine"}}}`` — totals,
-  and per tensor stored compressed (dense-stored ones are exact and left out); read it with :func:`compression_info`.
+* ``capmerge.compression`` and ``capmerge.compression_report``: what ``compress`` ran with and achieved (see
+  :mod:`capmerge.compression_record`, which writes them and reads them back: ``compression_info``).
 
 and per tensor ``name`` of that map:
 
@@ -34,12 +32,11 @@ from typing import Any
 
 from capmerge._version import __version__
 from capmerge.checkpoint import DTYPES, VECTOR_FORMAT_KEY, Checkpoint, TensorInfo, open_checkpoint
+from capmerge.compression_record import OPTIONS_KEY, REPORT_KEY, report_json
 from capmerge.errors import CheckpointError, UsageError
 from capmerge.lazy import LazyCheckpoint
 
 TENSORS_KEY = "capmerge.tensors"
-OPTIONS_KEY = "capmerge.compression"  # the options compress ran with
-REPORT_KEY = "capmerge.compression_report"  # what it achieved: totals and per compressed tensor (see compress)
 KINDS = ("dense", "lowrank", "sparse")
 FULL_SVD_MAX = 2048  # exact SVD up to this min(m, n); randomized SVD above
 PathLike = str | os.PathLike[str]
@@ -152,86 +149,6 @@ def open_compressed(ck: Checkpoint) -> LazyCheckpoint:
         digest=ck.fingerprint(),
         keep_alive=[ck],
     )
-
-
-def compression_info(ck: Checkpoint | PathLike) -> dict[str, Any] | None:
-    """How a compressed vector is stored and how close it is to the vector it stands for, from its headers only.
-
-    Args:
-        ck: an opened checkpoint (or a reference, opened and closed here): a low-rank or sparse vector written by
-            ``compress``, a τ of two LoRA adapters (``diff``), or a LoRA adapter directory.
-
-    Returns:
-        None for a dense checkpoint. Otherwise a dict: ``kind`` (``lowrank`` | ``sparse``); ``options`` (what
-        ``compress`` ran with, or None); ``recorded`` (the errors come from the ``capmerge.compression_report`` header
-        key ``compress`` writes); ``exact`` (stored exactly by construction: LoRA factors); ``counts`` (tensors per
-        storage); ``ranks`` (``min``/``median``/``max`` over low-rank tensors, or None); ``nnz`` (entries kept by
-        sparse tensors); ``bits`` (8 when sparse values are int8); ``bytes_before`` (dense bytes), ``bytes_after``
-        (stored bytes), ``ratio`` (after / before); ``rel_error`` ‖τ − τ̂‖/‖τ‖ and ``cosine`` (τ, τ̂) in total (None
-        when not recorded); ``tensors``: name → ``storage``, ``rank`` / ``nnz`` / ``bits``, ``bytes_before``,
-        ``bytes_after``, ``rel_error``, ``cosine``. Sizes, ranks and counts are read from the stored tensors' headers.
-    """
-    if not isinstance(ck, Checkpoint):
-        opened = open_checkpoint(ck)
-        try:
-            return compression_info(opened)
-        finally:
-            opened.close()
-    kind = ck.kind
-    if kind == "dense":
-        return None
-    try:
-        options = json.loads(ck.metadata.get(OPTIONS_KEY, "null"))
-    except json.JSONDecodeError:
-        options = None
-    try:
-        report = json.loads(ck.metadata.get(REPORT_KEY, "null"))
-        report = report if isinstance(report, dict) and isinstance(report.get("tensors"), dict) else None
-    except json.JSONDecodeError:
-        report = None
-    exact = ck.metadata.get("capmerge.source") == "lora-adapters" or getattr(ck, "source", None) == "peft-lora"
-    recorded = report["tensors"] if report else {}
-    tensors: dict[str, dict[str, Any]] = {}
-    counts: dict[str, int] = {}
-    ranks: list[int] = []
-    nnz = before = after = 0
-    bits = None
-    for name, info in ck.tensors.items():
-        st = ck.storage(name)
-        storage = st["storage"]
-        row: dict[str, Any] = {"storage": storage}
-        row.update({k: st[k] for k in ("rank", "nnz", "bits") if st.get(k) is not None})
-        row.update(bytes_before=info.nbytes, bytes_after=st["nbytes"])
-        if storage == "dense":  # stored as it is
-            row.update(rel_error=0.0, cosine=1.0)
-        else:
-            rec = recorded.get(name) if isinstance(recorded.get(name), dict) else {}
-            row.update(rel_error=rec.get("rel_error"), cosine=rec.get("cosine"))
-        tensors[name] = row
-        counts[storage] = counts.get(storage, 0) + 1
-        if "rank" in row:
-            ranks.append(row["rank"])
-        nnz += row.get("nnz", 0)
-        bits = row.get("bits", bits)
-        before += row["bytes_before"]
-        after += row["bytes_after"]
-    ranks.sort()
-    return {
-        "kind": kind,
-        "options": options if isinstance(options, dict) else None,
-        "recorded": report is not None,
-        "exact": exact,
-        "counts": dict(sorted(counts.items())),
-        "ranks": {"min": ranks[0], "median": ranks[len(ranks) // 2], "max": ranks[-1]} if ranks else None,
-        "nnz": nnz,
-        "bits": bits,
-        "bytes_before": before,
-        "bytes_after": after,
-        "ratio": after / before if before else 1.0,
-        "rel_error": report.get("rel_error") if report else None,
-        "cosine": report.get("cosine") if report else None,
-        "tensors": tensors,
-    }
 
 
 def _loader(ck: Checkpoint, storage: str, parts: list[str], code: str, shape: tuple[int, ...]) -> Callable[[], Any]:
@@ -513,13 +430,11 @@ def compress(
         carried = {k: v for k, v in ck.metadata.items() if k.startswith("capmerge.") and k not in (VECTOR_FORMAT_KEY,
                    TENSORS_KEY, "capmerge.kind", "capmerge.version", OPTIONS_KEY, REPORT_KEY)}  # fmt: skip
         options = {"kind": kind, "rank": rank, "energy": energy, "density": density, "bits": bits}
-        norm2, err2, dot, approx2 = sums  # all tensors are written (and measured) when this runs
-        summary.rel_error = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
-        summary.cosine = dot / math.sqrt(norm2 * approx2) if norm2 > 0 and approx2 > 0 else float(norm2 == approx2)
+        summary.rel_error, summary.cosine = _rel_cos(*sums)  # all tensors are written (and measured) when this runs
         return vector_metadata(kind, table, {
             **carried,
             OPTIONS_KEY: json.dumps({k: v for k, v in options.items() if v is not None}),
-            REPORT_KEY: _report_json(summary),
+            REPORT_KEY: report_json(summary),
             "capmerge.source": ck.ref,
             "capmerge.source_fingerprint": ck.fingerprint(),
         })  # fmt: skip
@@ -532,34 +447,18 @@ def compress(
     return summary
 
 
-def _g(x: float) -> float:
-    """A float for the header: 10 significant digits are plenty and keep the JSON short."""
-    return float(f"{x:.10g}")
-
-
-def _report_json(s: CompressionSummary) -> str:
-    """The ``capmerge.compression_report`` header value: totals, and per tensor stored compressed its storage,
-    rank / nnz / bits, relative error and cosine (dense-stored tensors are left out: exact, and ``capmerge.tensors``
-    lists them). Bytes per tensor are left out too: the header's own entries give them."""
-    rows = {}
-    for t in s.tensors:
-        if t["storage"] == "dense":
-            continue
-        row = {k: t[k] for k in ("storage", "rank", "nnz", "bits", "method") if t.get(k) is not None}
-        row.update(rel_error=_g(t["rel_error"]), cosine=_g(t["cosine"]))
-        rows[t["name"]] = row
-    report = {"bytes_before": s.bytes_before, "bytes_after": s.bytes_after, "ratio": _g(s.ratio),
-              "rel_error": _g(s.rel_error), "cosine": _g(s.cosine), "tensors": rows}  # fmt: skip
-    return json.dumps(report, separators=(",", ":"))
+def _rel_cos(n2: float, e2: float, dot: float, a2: float) -> tuple[float, float]:
+    """‖τ − τ̂‖/‖τ‖ and cos(τ, τ̂) from ‖τ‖², ‖τ − τ̂‖², ⟨τ, τ̂⟩ and ‖τ̂‖²."""
+    rel = math.sqrt(e2 / n2) if n2 > 0 else 0.0
+    return rel, dot / math.sqrt(n2 * a2) if n2 > 0 and a2 > 0 else float(n2 == a2)
 
 
 def _errors(t: Any, approx: Any, sums: list[float]) -> dict[str, float]:
     """Relative Frobenius error and cosine of one tensor (float64), accumulated into ``sums`` for the totals."""
     x, y = t.double().reshape(-1), approx.double().reshape(-1)
-    n2, e2, dot, a2 = float(x @ x), float((x - y) @ (x - y)), float(x @ y), float(y @ y)
-    for i, v in enumerate((n2, e2, dot, a2)):
+    d = x - y
+    terms = (float(x @ x), float(d @ d), float(x @ y), float(y @ y))
+    for i, v in enumerate(terms):
         sums[i] += v
-    return {
-        "rel_error": math.sqrt(e2 / n2) if n2 > 0 else 0.0,
-        "cosine": dot / math.sqrt(n2 * a2) if n2 > 0 and a2 > 0 else float(n2 == a2),
-    }
+    rel, cos = _rel_cos(*terms)
+    return {"rel_error": rel, "cosine": cos}

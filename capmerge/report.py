@@ -63,7 +63,7 @@ def meta_value(v: str) -> str:
 
 
 def compression_line(c: dict[str, Any]) -> str:
-    """One line for :func:`capmerge.compression.compression_info`: kind, ranks / nnz, size ratio, error, cosine."""
+    """One line for :func:`capmerge.compression_info`: kind, ranks / nnz, size ratio, error, cosine."""
     parts = [c["kind"] + (f" int{c['bits']}" if c.get("bits") else "")]
     if c.get("ranks"):
         r = c["ranks"]

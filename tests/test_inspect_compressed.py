@@ -230,6 +230,24 @@ def test_cli_compression_line_tensor_columns_and_json(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "compression: sparse int8," in r.stdout and "entries kept" in r.stdout, r.stdout
 
 
+def test_unreadable_record_is_reported_as_not_recorded(tmp_path: Path) -> None:
+    v = vector(3)
+    capmerge.compress(save_single(tmp_path / "v.safetensors", v), tmp_path / "c.safetensors", rank=2)
+    arrays, meta, _ = stored(tmp_path / "c.safetensors")
+    with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
+        raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_file(raw, str(tmp_path / "bad.safetensors"), {**meta, "capmerge.compression_report": "{not json",
+                                                        "capmerge.compression": "[1]"})  # fmt: skip
+    info = capmerge.compression_info(tmp_path / "bad.safetensors")
+    assert info is not None and info["recorded"] is False and info["options"] is None
+    assert info["rel_error"] is None and info["cosine"] is None
+    low = [n for n in v if n + ".lora_B" in arrays]
+    assert low and all(info["tensors"][n]["rel_error"] is None for n in low)
+    assert info["ranks"] == {"min": 2, "median": 2, "max": 2}  # the stored tensors' headers still say it
+    r = runner.invoke(app, ["inspect", str(tmp_path / "bad.safetensors"), "--headers-only"])
+    assert r.exit_code == 0 and "error not recorded" in r.stdout, r.stdout
+
+
 # -- LoRA-derived low-rank vectors ---------------------------------------------------------------------------------
 SHAPES = {"model.layers.0.q": (12, 8), "model.layers.0.v": (8, 12), "model.layers.1.q": (12, 8)}
 

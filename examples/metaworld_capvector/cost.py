@@ -50,12 +50,7 @@ def measure(cfg: Config, cache: Path, seed: int, *, rounds: int = 150, warmup: i
         for k in names[r % 3 :] + names[: r % 3]:
             model, reg, aux_weight = kinds[k]
             t0 = time.perf_counter()
-            total = P.losses(model, data, idx, aux_weight)[0]
-            if reg is not None:
-                total = total + reg()
-            opts[k].zero_grad(set_to_none=True)
-            total.backward()
-            opts[k].step()
+            P.train_step(model, opts[k], data, idx, aux_weight, reg)
             if r >= warmup:
                 times[k].append(time.perf_counter() - t0)
     out = {f"{k}_step_s": statistics.median(v) for k, v in times.items()}

@@ -66,15 +66,25 @@ def write_json(path: Path, obj: Any) -> None:
 # ---------------------------------------------------------------- data
 
 
+def demos(cfg: Config, cache: Path, task: str, n: int) -> dict[str, Any]:
+    """``n`` cached demonstrations of ``task`` with the config's horizon and noise."""
+    return cached_demos(cache, task, n, horizon=cfg.demo_horizon, obs_noise=cfg.obs_noise, act_noise=cfg.act_noise)
+
+
+def embeddings(cache: Path, tasks: list[str]) -> dict[str, np.ndarray]:
+    """The cached MiniLM embeddings of the tasks' instructions."""
+    from .policy import embed_instructions
+
+    return embed_instructions({t: INSTRUCTIONS[t] for t in tasks}, cache)
+
+
 def _demo_job(cache: Path, task: str, n: int, cfg: Config) -> tuple[str, int, float]:
-    d = cached_demos(cache, task, n, horizon=cfg.demo_horizon, obs_noise=cfg.obs_noise, act_noise=cfg.act_noise)
+    d = demos(cfg, cache, task, n)
     return task, len(d["obs"]), float(d["success"].mean())
 
 
 def prepare_data(cfg: Config, cache: Path, workers: int) -> dict[str, Any]:
     """Generate (or load) every demonstration and the instruction embeddings."""
-    from .policy import embed_instructions
-
     pre, small, held = cfg.tasks
     jobs = (
         [(cache, t, cfg.demos_pre, cfg) for t in pre]
@@ -83,26 +93,22 @@ def prepare_data(cfg: Config, cache: Path, workers: int) -> dict[str, Any]:
     )
     t0 = time.perf_counter()
     stats = run_jobs(_demo_job, jobs, workers)
-    embed_instructions({t: INSTRUCTIONS[t] for t in pre + small + held}, cache)
+    embeddings(cache, pre + small + held)
     log(f"data: {sum(s[1] for s in stats)} transitions over {len(stats)} tasks in {time.perf_counter() - t0:.0f} s")
     return {t: {"transitions": n, "expert_success": s} for t, n, s in stats}
 
 
 def dataset(cfg: Config, cache: Path, tasks: list[str], n: int) -> Any:
-    from .policy import Dataset, embed_instructions
+    from .policy import Dataset
 
-    demos = {
-        t: cached_demos(cache, t, n, horizon=cfg.demo_horizon, obs_noise=cfg.obs_noise, act_noise=cfg.act_noise)
-        for t in tasks
-    }
-    return Dataset(demos, embed_instructions({t: INSTRUCTIONS[t] for t in tasks}, cache), cfg.chunk)
+    return Dataset({t: demos(cfg, cache, t, n) for t in tasks}, embeddings(cache, tasks), cfg.chunk)
 
 
 def evaluate_tasks(cfg: Config, cache: Path, model: Any, tasks: list[str]) -> dict[str, int]:
     """Successes per task (out of ``cfg.eval_episodes``), as the environment reports them."""
-    from .policy import act_fn, embed_instructions
+    from .policy import act_fn
 
-    emb = embed_instructions({t: INSTRUCTIONS[t] for t in tasks}, cache)
+    emb = embeddings(cache, tasks)
     return {
         t: evaluate(act_fn(model, emb[t]), t, episodes=cfg.eval_episodes, horizon=cfg.eval_horizon)["successes"]
         for t in tasks

@@ -173,6 +173,23 @@ def losses(model: Policy, data: Dataset, idx: torch.Tensor, aux_weight: float = 
     return bc + aux_weight * aux, bc, aux
 
 
+def train_step(
+    model: Policy,
+    opt: torch.optim.Optimizer,
+    data: Dataset,
+    idx: torch.Tensor,
+    aux_weight: float = 0.0,
+    regularizer: Callable[[], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimiser step on the samples ``idx``; returns its (behaviour-cloning, auxiliary, regulariser) losses."""
+    total, bc, aux = losses(model, data, idx, aux_weight)
+    reg = regularizer() if regularizer is not None else None
+    opt.zero_grad(set_to_none=True)
+    (total if reg is None else total + reg).backward()
+    opt.step()
+    return bc, aux, torch.zeros(()) if reg is None else reg
+
+
 def train(
     model: Policy,
     data: Dataset,
@@ -202,11 +219,7 @@ def train(
             break
         t0 = time.perf_counter()
         idx = torch.randint(len(data), (batch,), generator=gen)
-        total, bc, aux = losses(model, data, idx, aux_weight)
-        reg = regularizer() if regularizer is not None else torch.zeros(())
-        opt.zero_grad(set_to_none=True)
-        (total + reg).backward()
-        opt.step()
+        bc, aux, reg = train_step(model, opt, data, idx, aux_weight, regularizer)
         log["step_s"].append(time.perf_counter() - t0)
         log["bc"].append(bc.item())
         log["aux"].append(aux.item())

@@ -36,7 +36,6 @@ SIDE_FILES = ("*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json")
 _NAME = r"[A-Za-z0-9][\w.\-]*"
 _BARE = re.compile(rf"({_NAME}/{_NAME})(?:@([\w.\-]+))?")
-_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -128,13 +127,9 @@ def _hub_errors(ref: HubRef | str, what: str = "read") -> Iterator[None]:
         if status == 403:
             raise HubError(f"the token may not {what} this repo (403 Forbidden)", where) from None
         raise HubError(f"the Hub answered {status} on {what}", where) from None
-    except OSError as e:
-        if "Consistency check failed" in str(e):
-            raise HubError("a downloaded file does not match its size in the repo's file listing", where) from None
-        if _is_network_error(e):
-            raise HubError(f"cannot reach the Hub at {_endpoint()} and not in the Hugging Face cache", where) from None
-        raise
     except Exception as e:
+        if isinstance(e, OSError) and "Consistency check failed" in str(e):
+            raise HubError("a downloaded file does not match its size in the repo's file listing", where) from None
         if _is_network_error(e):
             raise HubError(f"cannot reach the Hub at {_endpoint()} and not in the Hugging Face cache", where) from None
         raise
@@ -193,9 +188,10 @@ def _storage(repo_id: str) -> Path:
     return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
-def _listing(api: Any, ref: HubRef) -> tuple[str, dict[str, tuple[int, str | None]], bool]:
+def _listing(api: Any, ref: HubRef) -> tuple[str | None, dict[str, tuple[int, str | None]], bool]:
     """The commit, ``path → (size, lfs sha256 or None)`` of ``ref``'s revision, and whether that came from the Hub
-    (else from the cache: offline, or the Hub unreachable)."""
+    (else from the cache: offline, or the Hub unreachable; the commit is then None — only ranged reads need it, and
+    they need the Hub)."""
     from huggingface_hub import constants, get_cached_repo_tree
 
     if not constants.is_offline_mode():
@@ -209,11 +205,7 @@ def _listing(api: Any, ref: HubRef) -> tuple[str, dict[str, tuple[int, str | Non
             listing = {f.path: (f.size, f.lfs.sha256 if f.lfs else None) for f in files if hasattr(f, "size")}
             return info.sha, listing, True
     cached = get_cached_repo_tree(ref.repo_id, revision=ref.revision)
-    if ref.revision and _COMMIT.fullmatch(ref.revision):
-        commit = ref.revision
-    else:
-        commit = (_storage(ref.repo_id) / "refs" / (ref.revision or "main")).read_text().strip()
-    return commit, {f.path: (f.size, None) for f in cached}, False
+    return None, {f.path: (f.size, None) for f in cached}, False
 
 
 def fetch(ref: HubRef, *, token: str | None = None, verify_all: bool = False) -> tuple[Path, list[str]]:
@@ -222,11 +214,11 @@ def fetch(ref: HubRef, *, token: str | None = None, verify_all: bool = False) ->
     Sizes are always checked against the listing; the sha256 of LFS files is checked for files this call
     downloaded (``verify_all``: for every file). A file that does not match is removed from the cache.
     """
-    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
     api = HfApi(token=token)
     with _hub_errors(ref):
-        commit, listing, online = _listing(api, ref)
+        _, listing, online = _listing(api, ref)
         selected = select_files(list(listing), ref.subpath, ref)
         blobs = _storage(ref.repo_id) / "blobs"
         before = set(os.listdir(blobs)) if blobs.is_dir() else set()
@@ -235,7 +227,7 @@ def fetch(ref: HubRef, *, token: str | None = None, verify_all: bool = False) ->
             revision=ref.revision,
             allow_patterns=[_pattern(p) for p in selected],
             token=token,
-            local_files_only=not online or constants.is_offline_mode(),
+            local_files_only=not online,  # offline or unreachable: _listing read the cache
         )
     folder_p = Path(folder)
     for rel in selected:
@@ -428,15 +420,15 @@ def push(
         from capmerge.errors import CheckpointNotFoundError
 
         raise CheckpointNotFoundError("no such file or directory", local)
+    tok = _token(token)  # before the card, which reads every tensor
+    if not tok:
+        raise HubError("pushing needs a token: pass --token or set HF_TOKEN (or run `hf auth login`)", h.repo_id)
     ck = open_checkpoint(local)
     try:
         files = _push_files(local, ck)
         card = model_card(ck, h.repo_id, recommended_alpha=recommended_alpha)
     finally:
         ck.close()
-    tok = _token(token)
-    if not tok:
-        raise HubError("pushing needs a token: pass --token or set HF_TOKEN (or run `hf auth login`)", h.repo_id)
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(token=tok)

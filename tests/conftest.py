@@ -111,20 +111,25 @@ def perturb(tensors: dict[str, torch.Tensor], seed: int, scale: float = 0.05) ->
     return out
 
 
-@pytest.fixture
-def ckpts(tmp_path: Path) -> dict[str, Path]:
-    """S (sft) and A (aux) bf16 single files plus P (pretrained) sharded with config files."""
+def make_ckpts(root: Path) -> dict[str, Path]:
+    """Under ``root``: S (sft) and A (aux) bf16 single files plus P (pretrained) sharded with config files and a
+    subfolder."""
     p = model_tensors(0)
     s = perturb(p, 1)
     a = perturb(s, 2)
-    pdir = save_sharded(tmp_path / "P", p, 2)
+    pdir = save_sharded(root / "P", p, 2)
     (pdir / "config.json").write_text('{"model_type": "toy"}')
     (pdir / "tokenizer.json").write_text("{}")
     (pdir / "sub").mkdir()
     (pdir / "sub" / "extra.txt").write_text("x")
     return {
         "P": pdir,
-        "S": save_single(tmp_path / "S" / "model.safetensors", s),
-        "A": save_single(tmp_path / "A.safetensors", a),
-        "tmp": tmp_path,
+        "S": save_single(root / "S" / "model.safetensors", s),
+        "A": save_single(root / "A.safetensors", a),
     }
+
+
+@pytest.fixture
+def ckpts(tmp_path: Path) -> dict[str, Path]:
+    """:func:`make_ckpts` in the test's tmp_path (``tmp``)."""
+    return {**make_ckpts(tmp_path), "tmp": tmp_path}

@@ -48,6 +48,7 @@ class Repo:
     private: bool
     commits: dict[str, dict[str, Entry]] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)  # branch or refs/pr/N -> commit
+    messages: dict[str, str] = field(default_factory=dict)  # commit -> its summary line
     prs: int = 0
 
 
@@ -64,6 +65,7 @@ class HubState:
         blob = json.dumps([parent, message, sorted((p, e.oid) for p, e in files.items()), len(repo.commits)])
         sha = hashlib.sha1(blob.encode()).hexdigest()
         repo.commits[sha] = files
+        repo.messages[sha] = message
         return sha
 
 

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import model_tensors, perturb, save_sharded, save_single
+from conftest import make_ckpts, tree_digest
 from hubserver import HubServer
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,15 +37,9 @@ def hub():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """:func:`make_ckpts` once for the module (``dir``: their folder)."""
     d = tmp_path_factory.mktemp("hubdata")
-    p = model_tensors(0)
-    s = perturb(p, 1)
-    a = perturb(s, 2)
-    pdir = save_sharded(d / "P", p, 2)
-    (pdir / "config.json").write_text('{"model_type": "toy"}')
-    (pdir / "tokenizer.json").write_text("{}")
-    return {"P": pdir, "S": save_single(d / "S" / "model.safetensors", s), "A": save_single(d / "A.safetensors", a),
-            "dir": d}  # fmt: skip
+    return {**make_ckpts(d), "dir": d}
 
 
 def run(args: list[str], home: Path, hub: HubServer | None = None, **env: str) -> subprocess.CompletedProcess[str]:
@@ -68,6 +63,7 @@ def err(r: subprocess.CompletedProcess[str], *needles: str) -> str:
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert r.stdout == "", r.stdout  # no partial output
     for n in needles:
         assert n in lines[0], lines[0]
     assert "Traceback" not in r.stderr
@@ -130,6 +126,19 @@ def test_card_front_matter_and_stats(hub, pushed, data, tmp_path: Path) -> None:
     assert "base_model" not in meta  # local inputs are not hub ids
     assert f"capmerge diff {data['S']} {data['A']} -o {pushed['tau']} -q" in text
     assert "capmerge apply <pretrained> hf://org/tau -o merged/ --alpha 0.5" in text
+    # size, dtypes and the provenance keys of the header metadata, read with safetensors itself
+    with safe_open(str(pushed["tau"]), "pt") as f:
+        header_meta = f.metadata()
+        names = list(f.keys())
+        dtypes = {str(f.get_slice(k).get_dtype()) for k in names}
+        numel = sum(math.prod(f.get_slice(k).get_shape()) for k in names)
+    count = len(names)
+    assert f"{count} tensors, {numel:,} parameters" in text
+    (dtype,) = dtypes
+    assert f"dtypes: {dtype} ({count} tensors)" in text
+    for k, v in header_meta.items():
+        if k.startswith("capmerge.") and k != "capmerge.command" and len(v) <= 200:
+            assert f"| `{k}` |" in text, k
     # per-layer table against numpy: sum of squares per block index, share of the total
     tau = {k: v.float().numpy() for k, v in load_file(str(pushed["tau"])).items()}
     sums: dict[str, float] = {}
@@ -170,7 +179,11 @@ def test_revision_branch_and_pr(hub, pushed, data, tmp_path: Path) -> None:
     home = tmp_path / "hf"
     tau2 = tmp_path / "tau2.safetensors"
     ok(run(["diff", str(data["A"]), str(data["S"]), "-o", str(tau2), "-q"], home))  # −τ: other bytes
-    ok(run(["push", str(tau2), "org/tau", "--revision", "dev", "-q"], home, hub, HF_TOKEN=TOKEN))
+    ok(run(["push", str(tau2), "org/tau", "--revision", "dev", "--commit-message", "minus tau", "-q"], home, hub,
+           HF_TOKEN=TOKEN))  # fmt: skip
+    repo = hub.state.repos["org/tau"]
+    assert repo.messages[repo.refs["dev"]] == "minus tau"
+    assert repo.messages[repo.refs["main"]] == "Upload capability-vector with capmerge"  # the default
     dev = Path(ok(run(["pull", "hf://org/tau@dev"], home, hub)))
     assert sha(dev / "capvector.safetensors") == sha(tau2)
     main = Path(ok(run(["pull", "org/tau"], home, hub)))
@@ -197,6 +210,7 @@ def test_private_repo_needs_token(hub, pushed, tmp_path: Path) -> None:
 
 def test_push_token_errors_never_print_the_token(hub, pushed, tmp_path: Path) -> None:
     home = tmp_path / "hf"
+    before = tree_digest(pushed["tau"])
     err(run(["push", str(pushed["tau"]), "org/new"], home, hub), "needs a token", "HF_TOKEN")
     err(run(["push", str(pushed["tau"]), "org/new", "--token", TOKEN], home, hub, HF_HUB_OFFLINE="1"), "offline")
     r = run(["push", str(pushed["tau"]), "org/new", "--token", BAD_TOKEN], home, hub)
@@ -206,6 +220,7 @@ def test_push_token_errors_never_print_the_token(hub, pushed, tmp_path: Path) ->
     err(r, "rejected the token")
     assert BAD_TOKEN not in r.stdout + r.stderr
     assert "org/new" not in hub.state.repos
+    assert tree_digest(pushed["tau"]) == before  # the input is untouched
 
 
 def test_not_found_and_no_safetensors(hub, pushed, tmp_path: Path) -> None:

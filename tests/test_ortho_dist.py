@@ -161,6 +161,8 @@ def worker(rank: int, port: int, out: str) -> None:
     finally:
         if rank == 0 or "error" in results:
             Path(out + (f".{rank}" if "error" in results else "")).write_text(json.dumps(results))
+        if "error" not in results:
+            dist.barrier()  # both ranks done before teardown: gloo can abort a rank torn down while its peer works
         dist.destroy_process_group()
 
 

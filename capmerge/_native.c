@@ -666,6 +666,117 @@ static int run_merge(const out_t *outs, int n_out, const void *base, int base_dt
                                    k, sign, normalize, elem_offset + (uint64_t)n16, tiles);
 }
 
+/* |x| bit patterns of 16-bit values counted into four interleaved 32-bit sub-histograms of 32768 bins (the sign bit
+ * masked off), so that runs of equal bins do not serialise on one counter. The caller sums the four and empties them
+ * before any counter can overflow (at most 2^32 - 1 elements in all). */
+MULTIVERSION
+static void run_hist16(const uint16_t *s, Py_ssize_t n, uint32_t *sub) {
+    Py_ssize_t j;
+    for (j = 0; j + 4 <= n; j += 4) {
+        uint64_t x;
+        memcpy(&x, s + j, 8); /* little-endian: element j in the low 16 bits */
+        sub[x & 0x7fffu]++;
+        sub[32768 + ((x >> 16) & 0x7fffu)]++;
+        sub[2 * 32768 + ((x >> 32) & 0x7fffu)]++;
+        sub[3 * 32768 + ((x >> 48) & 0x7fffu)]++;
+    }
+    for (; j < n; j++) sub[s[j] & 0x7fffu]++;
+}
+
+/* Level-0 bins (see run_hist) of any supported dtype into four interleaved sub-histograms, as run_hist16. */
+MULTIVERSION
+static void run_hist0(const void *src, int dt, Py_ssize_t n, uint32_t *sub) {
+    Py_ssize_t j;
+    const uint32_t *s = (const uint32_t *)src;
+    if (dt != DT_F32) {
+        run_hist16((const uint16_t *)src, n, sub);
+        return;
+    }
+    for (j = 0; j + 4 <= n; j += 4) {
+        sub[(s[j] & 0x7fffffffu) >> 16]++;
+        sub[32768 + ((s[j + 1] & 0x7fffffffu) >> 16)]++;
+        sub[2 * 32768 + ((s[j + 2] & 0x7fffffffu) >> 16)]++;
+        sub[3 * 32768 + ((s[j + 3] & 0x7fffffffu) >> 16)]++;
+    }
+    for (; j < n; j++) sub[(s[j] & 0x7fffffffu) >> 16]++;
+}
+
+/* The threshold pass once a sample has bracketed the threshold's bin in [lo, hi]: returns how many elements have a
+ * level-0 bin above hi and counts only the bins inside the bracket (into sub, as run_hist0). The portable loop: */
+static uint64_t bracket_loop(const void *src, int dt, Py_ssize_t n, int lo, int hi, uint32_t *sub) {
+    uint64_t above = 0;
+    Py_ssize_t j;
+    for (j = 0; j < n; j++) {
+        int b = dt == DT_F32 ? (int)((((const uint32_t *)src)[j] & 0x7fffffffu) >> 16)
+                             : (int)(((const uint16_t *)src)[j] & 0x7fffu);
+        if (b > hi)
+            above++;
+        else if (b >= lo)
+            sub[b]++;
+    }
+    return above;
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HAVE_BRACKET_AVX512 1
+#define BRACKET_TMP 4096
+/* AVX-512: compare 32 (16-bit) or 16 (32-bit) bins at once, count those above with a popcount, and compress the bins
+ * inside the bracket (a few percent of them) into a small buffer that run_hist16 then counts. No branch per element. */
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) static uint64_t
+bracket_avx512(const void *src, int dt, Py_ssize_t n, int lo, int hi, uint32_t *sub) {
+    uint16_t tmp[BRACKET_TMP + 32];
+    uint64_t above = 0;
+    Py_ssize_t j = 0, c = 0;
+    if (dt == DT_F32) {
+        const uint32_t *s = (const uint32_t *)src;
+        const __m512i mask = _mm512_set1_epi32(0x7fffffff), vhi = _mm512_set1_epi32(hi), vlo = _mm512_set1_epi32(lo);
+        for (; j + 16 <= n; j += 16) {
+            __m512i v = _mm512_srli_epi32(_mm512_and_si512(_mm512_loadu_si512((const void *)(s + j)), mask), 16);
+            __mmask16 gt = _mm512_cmpgt_epu32_mask(v, vhi);
+            __mmask16 in = _mm512_mask_cmpge_epu32_mask((__mmask16)~gt, v, vlo);
+            above += (uint64_t)__builtin_popcount(gt);
+            _mm256_storeu_si256((__m256i *)(tmp + c), _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(in, v)));
+            c += __builtin_popcount(in);
+            if (c >= BRACKET_TMP) {
+                run_hist16(tmp, c, sub);
+                c = 0;
+            }
+        }
+    } else {
+        const uint16_t *s = (const uint16_t *)src;
+        const __m512i mask = _mm512_set1_epi16(0x7fff), vhi = _mm512_set1_epi16((short)hi),
+                      vlo = _mm512_set1_epi16((short)lo);
+        for (; j + 32 <= n; j += 32) {
+            __m512i v = _mm512_and_si512(_mm512_loadu_si512((const void *)(s + j)), mask);
+            __mmask32 gt = _mm512_cmpgt_epu16_mask(v, vhi);
+            __mmask32 in = _mm512_mask_cmpge_epu16_mask((__mmask32)~gt, v, vlo);
+            above += (uint64_t)__builtin_popcount(gt);
+            _mm512_storeu_si512((void *)(tmp + c), _mm512_maskz_compress_epi16(in, v));
+            c += __builtin_popcount(in);
+            if (c >= BRACKET_TMP) {
+                run_hist16(tmp, c, sub);
+                c = 0;
+            }
+        }
+    }
+    if (c) run_hist16(tmp, c, sub);
+    return above + bracket_loop((const char *)src + j * dt_size(dt), dt, n - j, lo, hi, sub);
+}
+
+static int avx512_ok(void) {
+    static int ok = -1;
+    if (ok < 0) {
+        __builtin_cpu_init();
+        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("popcnt");
+    }
+    return ok;
+}
+#else
+#define HAVE_BRACKET_AVX512 0
+static int avx512_ok(void) { return 0; }
+#endif
+
 /* Histogram of |x| bit patterns for exact k-th-largest-magnitude selection (linear time, no sort).
  * level 0: bins = top 15 bits of |x| (bf16/fp16: the whole pattern; fp32: bits 16..30);
  * level 1 (fp32 only): for elements whose top bits equal `prefix`, bins = the low 16 bits. */
@@ -680,27 +791,18 @@ static void run_hist(const void *src, int dt, Py_ssize_t n, int level, uint32_t 
             for (j = 0; j < n; j++)
                 if (((s[j] & 0x7fffffffu) >> 16) == prefix) hist[s[j] & 0xffffu]++;
     } else {
-        const uint16_t *s = (const uint16_t *)src;
-        /* four interleaved 32-bit sub-histograms (32768 bins each: the sign bit is masked off), so that runs of
-         * equal bins do not serialise on one counter; summed into hist every 2^30 elements (no overflow) */
+        /* 16-bit: sub-histograms of this call only (hist16 keeps the caller's across calls) */
         uint32_t *sub = (uint32_t *)calloc(4 * 32768, sizeof(uint32_t));
         Py_ssize_t start;
+        int b;
         if (!sub) {
+            const uint16_t *s = (const uint16_t *)src;
             for (j = 0; j < n; j++) hist[s[j] & 0x7fffu]++;
             return;
         }
         for (start = 0; start < n; start += (Py_ssize_t)1 << 30) {
-            Py_ssize_t end = n - start < ((Py_ssize_t)1 << 30) ? n : start + ((Py_ssize_t)1 << 30);
-            int b;
-            for (j = start; j + 4 <= end; j += 4) {
-                uint64_t x;
-                memcpy(&x, s + j, 8); /* little-endian: element j in the low 16 bits */
-                sub[x & 0x7fffu]++;
-                sub[32768 + ((x >> 16) & 0x7fffu)]++;
-                sub[2 * 32768 + ((x >> 32) & 0x7fffu)]++;
-                sub[3 * 32768 + ((x >> 48) & 0x7fffu)]++;
-            }
-            for (; j < end; j++) sub[s[j] & 0x7fffu]++;
+            Py_ssize_t m = n - start < ((Py_ssize_t)1 << 30) ? n - start : ((Py_ssize_t)1 << 30);
+            run_hist16((const uint16_t *)src + start, m, sub);
             for (b = 0; b < 32768; b++) {
                 hist[b] += (uint64_t)sub[b] + sub[32768 + b] + sub[2 * 32768 + b] + sub[3 * 32768 + b];
                 sub[b] = sub[32768 + b] = sub[2 * 32768 + b] = sub[3 * 32768 + b] = 0;
@@ -867,6 +969,68 @@ static PyObject *native_hist(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static int sub_args(Py_buffer *src, int dt, Py_ssize_t n, Py_buffer *sub) {
+    if (!check_dt(dt) || !check_len(src, dt, n, "input") || sub->len < 4 * 32768 * 4) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "sub-histograms need 4 x 32768 uint32 bins");
+        PyBuffer_Release(src);
+        PyBuffer_Release(sub);
+        return 0;
+    }
+    return 1;
+}
+
+/* hist0(buf, dt, n, sub) — level-0 bins counted into the caller's 4 x 32768 uint32 sub-histograms, kept across calls
+ * (the caller sums the four, and empties them before 2^32 elements). */
+static PyObject *native_hist0(PyObject *self, PyObject *args) {
+    Py_buffer src, sub;
+    int dt;
+    Py_ssize_t n;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*inw*", &src, &dt, &n, &sub) || !sub_args(&src, dt, n, &sub)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    run_hist0(src.buf, dt, n, (uint32_t *)sub.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&sub);
+    Py_RETURN_NONE;
+}
+
+/* bracket(buf, dt, n, lo, hi, sub, portable) -> elements with a level-0 bin above hi; bins lo..hi counted into sub
+ * (as hist0). portable=1 forces the plain loop (tests compare both). */
+static PyObject *native_bracket(PyObject *self, PyObject *args) {
+    Py_buffer src, sub;
+    int dt, lo, hi, portable;
+    Py_ssize_t n;
+    uint64_t above;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iniiw*p", &src, &dt, &n, &lo, &hi, &sub, &portable) ||
+        !sub_args(&src, dt, n, &sub))
+        return NULL;
+    if (lo < 0 || hi < lo || hi > 32767) {
+        PyErr_SetString(PyExc_ValueError, "bracket needs 0 <= lo <= hi <= 32767");
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&sub);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+#if HAVE_BRACKET_AVX512
+    if (!portable && avx512_ok())
+        above = bracket_avx512(src.buf, dt, n, lo, hi, (uint32_t *)sub.buf);
+    else
+#endif
+        above = bracket_loop(src.buf, dt, n, lo, hi, (uint32_t *)sub.buf);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&sub);
+    return PyLong_FromUnsignedLongLong(above);
+}
+
+/* fast_bracket() -> whether bracket() has its vector loop on this CPU (else a plain histogram pass is faster). */
+static PyObject *native_fast_bracket(PyObject *self, PyObject *unused) {
+    (void)self, (void)unused;
+    return PyBool_FromLong(avx512_ok());
+}
+
 /* philox(key, start, n, out_float32_buffer): tl.rand(key, start + arange(n)) on the CPU (tests, reference). */
 static PyObject *native_philox(PyObject *self, PyObject *args) {
     unsigned long long key, start;
@@ -907,6 +1071,11 @@ static PyMethodDef methods[] = {
     {"merge", native_merge, METH_VARARGS,
      "merge(outs, base, base_dt, n, terms, sign, normalize, elem_offset) -> flags (see capmerge/compute.py)"},
     {"hist", native_hist, METH_VARARGS, "hist(buf, dt, n, level, prefix, hist) -> None; |x| bit-pattern histogram"},
+    {"hist0", native_hist0, METH_VARARGS,
+     "hist0(buf, dt, n, sub) -> None; level-0 |x| bins counted into 4 x 32768 uint32 sub-histograms"},
+    {"bracket", native_bracket, METH_VARARGS,
+     "bracket(buf, dt, n, lo, hi, sub, portable) -> count of bins above hi; bins lo..hi counted into sub"},
+    {"fast_bracket", native_fast_bracket, METH_NOARGS, "fast_bracket() -> bool; bracket() has a vector loop here"},
     {"philox", native_philox, METH_VARARGS, "philox(key, start, n, out) -> None; tl.rand(key, start + arange(n))"},
     {NULL, NULL, 0, NULL},
 };

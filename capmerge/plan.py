@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from capmerge import compute
 from capmerge.checkpoint import Checkpoint, TensorInfo
@@ -19,6 +20,11 @@ from capmerge.methods import MergeOptions, keep_count, tensor_key
 
 Read = Callable[[int, int, int], memoryview]
 HIST_BLOCK = 1 << 21
+BRACKET: bool | None = None  # sampled bracket for long tensors: None = where the CPU has its vector loop, True = always
+BRACKET_MIN = 1 << 20  # elements: shorter tensors are counted in full
+SAMPLE_PIECES = 64  # the sample: this many pieces spread evenly over the tensor ...
+SAMPLE_PIECE = 2048  # ... of this many elements each
+BRACKET_SLACK = 0.03  # the bracket spans ranks k/n ± this fraction of the sample (+ 4 σ)
 
 
 @dataclass
@@ -122,7 +128,13 @@ class MergeKernel:
 def kth_largest_abs_stream(
     read: Read, ia: int, ca: str, ib: int | None, cb: str, n: int, ks: Sequence[int]
 ) -> dict[int, float]:
-    """The k-th largest |τ| for each k in ``ks`` (τ = input ia, or ia − ib), exactly, streaming in blocks."""
+    """The k-th largest |τ| for each k in ``ks`` (τ = input ia, or ia − ib), exactly, streaming in blocks.
+
+    Level 0 counts the top 15 bits of |τ| (the whole pattern of a 16-bit τ); a float32 τ then counts the low 16 bits
+    within the bin found (level 1). On CPUs with the vector loop (:data:`BRACKET`), a long tensor's level 0 first
+    reads a sample (:data:`SAMPLE_PIECES` pieces spread over the tensor), brackets each threshold's bin from it, and
+    then counts only the bins inside the bracket plus how many lie above it; should a threshold fall outside (an
+    unrepresentative sample), the full count is made. Either way the result is exact."""
     out: dict[int, float] = {k: math.inf for k in ks if k <= 0}
     ks = [k for k in ks if k > 0]
     if not ks:
@@ -137,11 +149,12 @@ def kth_largest_abs_stream(
     assert _native is not None
     wide = ib is not None or ca == "F32"
     code = "F32" if wide else ca
+    dt = compute.NATIVE_CODES[code]
     scratch = bytearray(min(n, HIST_BLOCK) * 4) if ib is not None else None
+    whole = [(s, min(n, s + HIST_BLOCK)) for s in range(0, n, HIST_BLOCK)]
 
-    def blocks():  # yields (buffer, n) of |τ| sources in the histogram's dtype
-        for s in range(0, n, HIST_BLOCK):
-            e = min(n, s + HIST_BLOCK)
+    def blocks(ranges: list[tuple[int, int]]):  # yields (buffer, n) of |τ| sources in the histogram's dtype
+        for s, e in ranges:
             va = read(ia, s, e)
             if ib is None:
                 yield va, e - s
@@ -152,14 +165,31 @@ def kth_largest_abs_stream(
                 compute.diff_block(sv, "F32", va, ca, vb, cb, e - s)
                 yield sv, e - s
 
-    hist = np.zeros(65536, dtype=np.uint64)
-    for buf, cnt in blocks():
-        _native.hist(buf, compute.NATIVE_CODES[code], cnt, 0, 0, hist)
-    top = np.cumsum(hist[::-1])  # top[i] = count of elements in the i+1 highest bins
-    found: dict[int, tuple[int, int]] = {}  # k -> (bin, count above the bin)
-    for k in ks:
-        i = int(np.searchsorted(top, k))
-        found[k] = (65535 - i, int(top[i - 1]) if i else 0)
+    def level0(ranges: list[tuple[int, int]], bracket: tuple[int, int] | None = None) -> tuple[Any, int]:
+        """Counts of the level-0 bins (inside ``bracket`` only, if given) and how many elements lie above it."""
+        sub = np.zeros(4 * 32768, dtype=np.uint32)  # four interleaved sub-histograms, kept across blocks
+        counts = np.zeros(32768, dtype=np.int64)
+        above = since = 0
+        for buf, cnt in blocks(ranges):
+            if since + cnt >= 1 << 32:  # fold before any uint32 counter could overflow
+                counts += sub.reshape(4, 32768).sum(0, dtype=np.int64)
+                sub[:] = 0
+                since = 0
+            if bracket is None:
+                _native.hist0(buf, dt, cnt, sub)
+            else:
+                above += _native.bracket(buf, dt, cnt, bracket[0], bracket[1], sub, False)
+            since += cnt
+        return counts + sub.reshape(4, 32768).sum(0, dtype=np.int64), above
+
+    found = None  # k -> (level-0 bin, count of elements above the bin)
+    if n >= BRACKET_MIN and (BRACKET is True or (BRACKET is None and _native.fast_bracket())):
+        starts = [j * (n - SAMPLE_PIECE) // (SAMPLE_PIECES - 1) for j in range(SAMPLE_PIECES)]
+        counts, _ = level0([(s, s + SAMPLE_PIECE) for s in starts])
+        found = _locate(*level0(whole, _bracket(counts, n, ks)), ks)
+    if found is None:
+        found = _locate(*level0(whole), ks)
+        assert found is not None
     if not wide:
         for k, (b, _) in found.items():
             if code == "BF16":
@@ -169,7 +199,7 @@ def kth_largest_abs_stream(
         return out
     for b in sorted({b for b, _ in found.values()}):
         low = np.zeros(65536, dtype=np.uint64)
-        for buf, cnt in blocks():
+        for buf, cnt in blocks(whole):
             _native.hist(buf, compute.NATIVE_CODES["F32"], cnt, 1, b, low)
         ltop = np.cumsum(low[::-1])
         for k, (bk, above) in found.items():
@@ -178,6 +208,35 @@ def kth_largest_abs_stream(
                 bits = (b << 16) | (65535 - j)
                 out[k] = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
     return out
+
+
+def _bracket(counts: Any, n: int, ks: Sequence[int]) -> tuple[int, int]:
+    """Level-0 bins [lo, hi] that hold, in the sample ``counts``, the ranks k/n ± BRACKET_SLACK (+ 4 σ) of every k."""
+    import numpy as np
+
+    top = np.cumsum(counts[::-1])  # top[i] = sample elements in bins >= 32767 - i
+    m = int(top[-1])
+    lo, hi = 32767, 0
+    for k in ks:
+        r = k * m / n
+        d = BRACKET_SLACK * m + 4 * math.sqrt(r + 1)
+        hi = max(hi, 32767 if r - d < 1 else 32767 - int(np.searchsorted(top, r - d)))
+        lo = min(lo, 0 if r + d > m else 32767 - int(np.searchsorted(top, r + d)))
+    return lo, max(lo, hi)
+
+
+def _locate(counts: Any, above: int, ks: Sequence[int]) -> dict[int, tuple[int, int]] | None:
+    """k -> (the bin of the k-th largest, elements above that bin); None if some k lies outside the counted bins."""
+    import numpy as np
+
+    top = above + np.cumsum(counts[::-1])  # top[i] = elements in bins >= 32767 - i (or above the bracket)
+    found = {}
+    for k in ks:
+        if k <= above or k > int(top[-1]):
+            return None
+        i = int(np.searchsorted(top, k))
+        found[k] = (32767 - i, int(top[i - 1]) if i else above)
+    return found
 
 
 def _kth_largest_torch(

@@ -11,7 +11,7 @@ from conftest import load_any, save_sharded, save_single, tree_digest
 from typer.testing import CliRunner
 
 import capmerge
-from capmerge import compute, engine, methods
+from capmerge import compute, engine, methods, plan
 from capmerge import functional as F
 from capmerge.cli import app
 from capmerge.errors import UsageError
@@ -111,8 +111,26 @@ def test_options_override_preset(tmp_path: Path) -> None:
     _assert_equal(load_any(tmp_path / "O"), ref)
 
 
+@pytest.fixture(params=[False, True], ids=["full-count", "bracketed"])
+def bracket(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Threshold passes with or without the sampled bracket (forced on, for tensors from 4 Ki elements); yields the
+    outcome of every count, in order: "miss" (a threshold outside the bracket: counted again in full) or "hit"."""
+    outcomes: list[str] = []
+    monkeypatch.setattr(plan, "BRACKET", request.param)
+    monkeypatch.setattr(plan, "BRACKET_MIN", 1 << 12)
+    locate = plan._locate
+
+    def spy(counts, above, ks):  # type: ignore[no-untyped-def]
+        found = locate(counts, above, ks)
+        outcomes.append("miss" if found is None else "hit")
+        return found
+
+    monkeypatch.setattr(plan, "_locate", spy)
+    return outcomes
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_histogram_threshold_equals_topk(tmp_path: Path, dtype: torch.dtype) -> None:
+def test_histogram_threshold_equals_topk(tmp_path: Path, dtype: torch.dtype, bracket: list[str]) -> None:
     """The linear-time k-th largest |τ| equals torch.topk's, including many ties (bf16) and two-level fp32."""
     g = torch.Generator().manual_seed(1)
     t = (torch.randn(300_001, generator=g) * torch.exp2(torch.randint(-8, 8, (300_001,), generator=g))).to(dtype)
@@ -123,6 +141,54 @@ def test_histogram_threshold_equals_topk(tmp_path: Path, dtype: torch.dtype) -> 
                        method="magnitude", density=d, force=True)  # fmt: skip
         got = load_any(tmp_path / "o.safetensors")["w"]
         assert torch.equal(got, F.magnitude_prune(t, d)), d
+
+
+def test_bracket_falls_back_when_the_sample_misleads(tmp_path: Path, bracket: list[str]) -> None:
+    """A tensor whose large entries all lie between the sample's pieces: the bracket from the sample misses the
+    threshold, the pass counts everything again, and the result is still exact (also for a density sweep, two
+    thresholds in one pass, and for the float32 difference of --add/--sub)."""
+    n = 200_000
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(n, generator=g) * 1e-3
+    starts = [j * (n - plan.SAMPLE_PIECE) // (plan.SAMPLE_PIECES - 1) for j in range(plan.SAMPLE_PIECES)]
+    in_sample = torch.zeros(n, dtype=torch.bool)
+    for s in starts:
+        in_sample[s : s + plan.SAMPLE_PIECE] = True
+    t[~in_sample] *= 1000  # ~35 % of the entries, all outside the sample
+    save_single(tmp_path / "p.safetensors", {"w": torch.zeros(n).bfloat16()})
+    save_single(tmp_path / "v.safetensors", {"w": t.bfloat16()})
+    save_single(tmp_path / "s.safetensors", {"w": (0.5 * t).bfloat16()})
+    capmerge.apply(tmp_path / "p.safetensors", tmp_path / "v.safetensors", tmp_path / "o.safetensors",
+                   method="magnitude", density=0.2)  # fmt: skip
+    assert torch.equal(load_any(tmp_path / "o.safetensors")["w"], F.magnitude_prune(t.bfloat16(), 0.2))
+    assert bracket == (["miss", "hit"] if plan.BRACKET else ["hit"])
+    bracket.clear()
+    capmerge.apply(tmp_path / "p.safetensors", tmp_path / "v.safetensors", tmp_path / "d-{density}.safetensors",
+                   method="magnitude", density=[0.1, 0.6])  # fmt: skip
+    for d in (0.1, 0.6):
+        got = load_any(tmp_path / f"d-{d}.safetensors")["w"]
+        assert torch.equal(got, F.magnitude_prune(t.bfloat16(), d)), d
+    assert bracket == (["miss", "hit"] if plan.BRACKET else ["hit"])
+    bracket.clear()
+    capmerge.apply(tmp_path / "p.safetensors", output=tmp_path / "a.safetensors", add=[tmp_path / "v.safetensors"],
+                   sub=[tmp_path / "s.safetensors"], method="magnitude", density=0.3)  # fmt: skip
+    tau = t.bfloat16().float() - (0.5 * t).bfloat16().float()
+    ref = F.merge(torch.zeros(n).bfloat16(), [F.magnitude_prune(tau, 0.3)])
+    assert torch.equal(load_any(tmp_path / "a.safetensors")["w"], ref)
+    assert bracket == (["miss", "hit"] if plan.BRACKET else ["hit"])
+
+
+def test_bracket_holds_for_a_representative_sample(tmp_path: Path, bracket: list[str]) -> None:
+    """Entries of the same spread everywhere: the sampled bracket holds (no second count) and the result is exact."""
+    n = 300_000
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(n, generator=g).bfloat16()
+    save_single(tmp_path / "p.safetensors", {"w": torch.zeros(n).bfloat16()})
+    save_single(tmp_path / "v.safetensors", {"w": t})
+    capmerge.apply(tmp_path / "p.safetensors", tmp_path / "v.safetensors", tmp_path / "o.safetensors",
+                   method="magnitude", density=0.3)  # fmt: skip
+    assert torch.equal(load_any(tmp_path / "o.safetensors")["w"], F.magnitude_prune(t, 0.3))
+    assert bracket == ["hit"]  # bracketed or not: counted once
 
 
 def test_add_sub_one_pass(tmp_path: Path, kernel_path: bool) -> None:

@@ -86,3 +86,41 @@ def test_flags() -> None:
 def test_small_buffers_are_refused() -> None:
     with pytest.raises(ValueError, match="too small"):
         compute.diff_block(memoryview(bytearray(4)), "F32", _mv(torch.zeros(4)), "F32", _mv(torch.zeros(4)), "F32", 4)
+
+
+def _level0_bins(t: torch.Tensor) -> np.ndarray:
+    """The threshold pass's level-0 bins by hand: the top 15 bits of |x| (the whole |x| pattern of a 16-bit value)."""
+    if t.dtype == torch.float32:
+        return (t.view(torch.int32).numpy().astype(np.int64) & 0x7FFFFFFF) >> 16
+    return t.view(torch.int16).numpy().astype(np.int64) & 0x7FFF
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [0, 5, 31, 32, 33, 4097, 70_001])
+def test_bracketed_counts_match_numpy(dtype: torch.dtype, n: int) -> None:
+    """bracket() counts the bins inside [lo, hi] and how many lie above — vector loop and plain loop alike — and
+    hist0() counts every bin; checked against numpy's bincount, with NaN, ±inf, zeros and both bracket ends."""
+    from capmerge import _native
+
+    g = torch.Generator().manual_seed(n)
+    t = (torch.randn(n, generator=g) * 0.01).to(dtype)
+    if n > 100:
+        t[::97], t[::89], t[::83] = float("nan"), -float("inf"), 0.0
+    bins = _level0_bins(t)
+    code = compute.NATIVE_CODES[{torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]]
+    med = int(np.median(bins)) if n else 100
+    for lo, hi in [(0, 32767), (0, 0), (32767, 32767), (med, med + 40), (med - 30, med), (med + 1, med + 1)]:
+        for portable in (False, True):
+            sub = np.zeros(4 * 32768, dtype=np.uint32)
+            above = _native.bracket(_mv(t), code, n, lo, hi, sub, portable)
+            assert above == int((bins > hi).sum())
+            inside = bins[(bins >= lo) & (bins <= hi)]
+            assert np.array_equal(sub.reshape(4, 32768).sum(0), np.bincount(inside, minlength=32768))
+    sub = np.zeros(4 * 32768, dtype=np.uint32)
+    _native.hist0(_mv(t), code, n, sub)
+    _native.hist0(_mv(t), code, n, sub)  # counts add up across calls
+    assert np.array_equal(sub.reshape(4, 32768).sum(0), 2 * np.bincount(bins, minlength=32768))
+    with pytest.raises(ValueError, match="bracket"):
+        _native.bracket(_mv(t), code, n, 10, 9, sub, False)
+    with pytest.raises(ValueError, match="4 x 32768"):
+        _native.hist0(_mv(t), code, n, np.zeros(100, dtype=np.uint32))

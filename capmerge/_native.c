@@ -683,7 +683,8 @@ static void run_hist16(const uint16_t *s, Py_ssize_t n, uint32_t *sub) {
     for (; j < n; j++) sub[s[j] & 0x7fffu]++;
 }
 
-/* Level-0 bins (see run_hist) of any supported dtype into four interleaved sub-histograms, as run_hist16. */
+/* Level 0 of the threshold pass (exact k-th largest |x|, linear time, no sort): bins = the top 15 bits of |x| (the
+ * whole pattern of a 16-bit value), counted into four interleaved sub-histograms as in run_hist16. */
 MULTIVERSION
 static void run_hist0(const void *src, int dt, Py_ssize_t n, uint32_t *sub) {
     Py_ssize_t j;
@@ -777,39 +778,12 @@ static int avx512_ok(void) {
 static int avx512_ok(void) { return 0; }
 #endif
 
-/* Histogram of |x| bit patterns for exact k-th-largest-magnitude selection (linear time, no sort).
- * level 0: bins = top 15 bits of |x| (bf16/fp16: the whole pattern; fp32: bits 16..30);
- * level 1 (fp32 only): for elements whose top bits equal `prefix`, bins = the low 16 bits. */
-MULTIVERSION
-static void run_hist(const void *src, int dt, Py_ssize_t n, int level, uint32_t prefix, uint64_t *hist) {
+/* Level 1 of the float32 threshold pass: for the elements whose level-0 bin (bits 16..30 of |x|) equals `prefix`,
+ * counts the low 16 bits into a uint64 histogram of 65536 bins. */
+static void run_hist1(const uint32_t *s, Py_ssize_t n, uint32_t prefix, uint64_t *hist) {
     Py_ssize_t j;
-    if (dt == DT_F32) {
-        const uint32_t *s = (const uint32_t *)src;
-        if (level == 0)
-            for (j = 0; j < n; j++) hist[(s[j] & 0x7fffffffu) >> 16]++;
-        else
-            for (j = 0; j < n; j++)
-                if (((s[j] & 0x7fffffffu) >> 16) == prefix) hist[s[j] & 0xffffu]++;
-    } else {
-        /* 16-bit: sub-histograms of this call only (hist16 keeps the caller's across calls) */
-        uint32_t *sub = (uint32_t *)calloc(4 * 32768, sizeof(uint32_t));
-        Py_ssize_t start;
-        int b;
-        if (!sub) {
-            const uint16_t *s = (const uint16_t *)src;
-            for (j = 0; j < n; j++) hist[s[j] & 0x7fffu]++;
-            return;
-        }
-        for (start = 0; start < n; start += (Py_ssize_t)1 << 30) {
-            Py_ssize_t m = n - start < ((Py_ssize_t)1 << 30) ? n - start : ((Py_ssize_t)1 << 30);
-            run_hist16((const uint16_t *)src + start, m, sub);
-            for (b = 0; b < 32768; b++) {
-                hist[b] += (uint64_t)sub[b] + sub[32768 + b] + sub[2 * 32768 + b] + sub[3 * 32768 + b];
-                sub[b] = sub[32768 + b] = sub[2 * 32768 + b] = sub[3 * 32768 + b] = 0;
-            }
-        }
-        free(sub);
-    }
+    for (j = 0; j < n; j++)
+        if (((s[j] & 0x7fffffffu) >> 16) == prefix) hist[s[j] & 0xffffu]++;
 }
 
 static int check_dt(int dt) {
@@ -947,22 +921,21 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
     return PyLong_FromLong(flags);
 }
 
-/* hist(buf, dt, n, level, prefix, hist_buffer) — adds counts into a uint64 buffer of 65536 bins. */
-static PyObject *native_hist(PyObject *self, PyObject *args) {
+/* hist1(buf, n, prefix, hist_buffer) — float32: level-1 counts added into a uint64 buffer of 65536 bins. */
+static PyObject *native_hist1(PyObject *self, PyObject *args) {
     Py_buffer src, hist;
-    int dt, level;
     Py_ssize_t n;
     unsigned int prefix;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*iniIw*", &src, &dt, &n, &level, &prefix, &hist)) return NULL;
-    if (!check_dt(dt) || !check_len(&src, dt, n, "input") || hist.len < 65536 * 8) {
+    if (!PyArg_ParseTuple(args, "y*nIw*", &src, &n, &prefix, &hist)) return NULL;
+    if (!check_len(&src, DT_F32, n, "input") || hist.len < 65536 * 8) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "histogram buffer needs 65536 uint64 bins");
         PyBuffer_Release(&src);
         PyBuffer_Release(&hist);
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    run_hist(src.buf, dt, n, level, prefix, (uint64_t *)hist.buf);
+    run_hist1((const uint32_t *)src.buf, n, prefix, (uint64_t *)hist.buf);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&src);
     PyBuffer_Release(&hist);
@@ -1070,7 +1043,7 @@ static PyMethodDef methods[] = {
     {"diff", native_diff, METH_VARARGS, "diff(out, out_dt, a, a_dt, b, b_dt, n) -> flags; out = round(a - b)"},
     {"merge", native_merge, METH_VARARGS,
      "merge(outs, base, base_dt, n, terms, sign, normalize, elem_offset) -> flags (see capmerge/compute.py)"},
-    {"hist", native_hist, METH_VARARGS, "hist(buf, dt, n, level, prefix, hist) -> None; |x| bit-pattern histogram"},
+    {"hist1", native_hist1, METH_VARARGS, "hist1(buf, n, prefix, hist) -> None; float32 level-1 |x| histogram"},
     {"hist0", native_hist0, METH_VARARGS,
      "hist0(buf, dt, n, sub) -> None; level-0 |x| bins counted into 4 x 32768 uint32 sub-histograms"},
     {"bracket", native_bracket, METH_VARARGS,

@@ -200,7 +200,7 @@ def kth_largest_abs_stream(
     for b in sorted({b for b, _ in found.values()}):
         low = np.zeros(65536, dtype=np.uint64)
         for buf, cnt in blocks(whole):
-            _native.hist(buf, compute.NATIVE_CODES["F32"], cnt, 1, b, low)
+            _native.hist1(buf, cnt, b, low)
         ltop = np.cumsum(low[::-1])
         for k, (bk, above) in found.items():
             if bk == b:

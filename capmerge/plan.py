@@ -24,7 +24,8 @@ BRACKET: bool | None = None  # sampled bracket for long tensors: None = where th
 BRACKET_MIN = 1 << 20  # elements: shorter tensors are counted in full
 SAMPLE_PIECES = 64  # the sample: this many pieces spread evenly over the tensor ...
 SAMPLE_PIECE = 2048  # ... of this many elements each
-BRACKET_SLACK = 0.03  # the bracket spans ranks k/n ± this fraction of the sample (+ 4 σ)
+BRACKET_SIGMAS = 6.0  # the bracket spans ranks k/n ± (BRACKET_SIGMAS standard errors + BRACKET_SLACK) ...
+BRACKET_SLACK = 0.005  # ... as fractions of the tensor
 
 
 @dataclass
@@ -132,9 +133,9 @@ def kth_largest_abs_stream(
 
     Level 0 counts the top 15 bits of |τ| (the whole pattern of a 16-bit τ); a float32 τ then counts the low 16 bits
     within the bin found (level 1). On CPUs with the vector loop (:data:`BRACKET`), a long tensor's level 0 first
-    reads a sample (:data:`SAMPLE_PIECES` pieces spread over the tensor), brackets each threshold's bin from it, and
-    then counts only the bins inside the bracket plus how many lie above it; should a threshold fall outside (an
-    unrepresentative sample), the full count is made. Either way the result is exact."""
+    reads a sample (:data:`SAMPLE_PIECES` pieces spread over the tensor), brackets each threshold's bin from it
+    (:func:`_bracket`), and then counts only the bins inside the bracket plus how many lie above it; should a
+    threshold fall outside (an unrepresentative sample), the full count is made. Either way the result is exact."""
     out: dict[int, float] = {k: math.inf for k in ks if k <= 0}
     ks = [k for k in ks if k > 0]
     if not ks:
@@ -184,9 +185,12 @@ def kth_largest_abs_stream(
 
     found = None  # k -> (level-0 bin, count of elements above the bin)
     if n >= BRACKET_MIN and (BRACKET is True or (BRACKET is None and _native.fast_bracket())):
+        piece = SAMPLE_PIECE * (4 if wide else 2)  # bytes
+        sample = bytearray(SAMPLE_PIECES * piece)
         starts = [j * (n - SAMPLE_PIECE) // (SAMPLE_PIECES - 1) for j in range(SAMPLE_PIECES)]
-        counts, _ = level0([(s, s + SAMPLE_PIECE) for s in starts])
-        found = _locate(*level0(whole, _bracket(counts, n, ks)), ks)
+        for j, (buf, _) in enumerate(blocks([(s, s + SAMPLE_PIECE) for s in starts])):
+            sample[j * piece : (j + 1) * piece] = buf
+        found = _locate(*level0(whole, _bracket(sample, dt, n, ks)), ks)
     if found is None:
         found = _locate(*level0(whole), ks)
         assert found is not None
@@ -210,16 +214,30 @@ def kth_largest_abs_stream(
     return out
 
 
-def _bracket(counts: Any, n: int, ks: Sequence[int]) -> tuple[int, int]:
-    """Level-0 bins [lo, hi] that hold, in the sample ``counts``, the ranks k/n ± BRACKET_SLACK (+ 4 σ) of every k."""
+def _bracket(sample: bytearray, dt: int, n: int, ks: Sequence[int]) -> tuple[int, int]:
+    """Level-0 bins [lo, hi] that hold, in the sample, the ranks k/n ± (BRACKET_SIGMAS standard errors + BRACKET_SLACK)
+    of every k. The standard error comes from how much the pieces disagree (cluster sampling): the fraction of each
+    piece above the sample's own threshold bin varies little for entries of one spread, a lot when rows differ in
+    scale — and the bracket widens with it."""
     import numpy as np
 
-    top = np.cumsum(counts[::-1])  # top[i] = sample elements in bins >= 32767 - i
-    m = int(top[-1])
+    from capmerge.compute import _native
+
+    assert _native is not None
+    m = SAMPLE_PIECES * SAMPLE_PIECE
+    sub = np.zeros(4 * 32768, dtype=np.uint32)
+    _native.hist0(sample, dt, m, sub)
+    top = np.cumsum(sub.reshape(4, 32768).sum(0, dtype=np.int64)[::-1])  # top[i]: sample entries in bins >= 32767 - i
+    view = memoryview(sample)
+    step = len(sample) // SAMPLE_PIECES
     lo, hi = 32767, 0
     for k in ks:
         r = k * m / n
-        d = BRACKET_SLACK * m + 4 * math.sqrt(r + 1)
+        b = 32767 - int(np.searchsorted(top, max(r, 1.0)))
+        # each piece's fraction above bin b (sub, already summed into top, takes the uncounted bin b as scratch)
+        above = np.array([_native.bracket(view[j * step : (j + 1) * step], dt, SAMPLE_PIECE, b, b, sub, False)
+                          for j in range(SAMPLE_PIECES)]) / SAMPLE_PIECE  # fmt: skip
+        d = (BRACKET_SIGMAS * float(above.std()) / math.sqrt(SAMPLE_PIECES) + BRACKET_SLACK) * m
         hi = max(hi, 32767 if r - d < 1 else 32767 - int(np.searchsorted(top, r - d)))
         lo = min(lo, 0 if r + d > m else 32767 - int(np.searchsorted(top, r + d)))
     return lo, max(lo, hi)

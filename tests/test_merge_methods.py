@@ -191,6 +191,27 @@ def test_bracket_holds_for_a_representative_sample(tmp_path: Path, bracket: list
     assert bracket == ["hit"]  # bracketed or not: counted once
 
 
+def test_bracket_widens_when_rows_differ_in_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of log-normal scale: a fixed ±3 % bracket from the sample misses the threshold, the bracket sized by the
+    pieces' disagreement holds it; the k-th largest equals torch.topk's either way."""
+    monkeypatch.setattr(plan, "BRACKET", True)
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(2048, 1024, generator=g) * torch.exp(1.5 * torch.randn(2048, 1, generator=g))).bfloat16()
+    raw = memoryview(bytearray(t.view(torch.uint8).numpy().tobytes()))
+    n, k = t.numel(), methods.keep_count(0.3, t.numel())
+    ref = float(torch.topk(t.float().abs().flatten(), k).values[-1])
+    outcomes: list[bool] = []
+    locate = plan._locate
+    monkeypatch.setattr(plan, "_locate", lambda c, a, ks: outcomes.append(locate(c, a, ks) is None) or locate(c, a, ks))
+    for sigmas, slack, missed in [(0.0, 0.03, True), (plan.BRACKET_SIGMAS, plan.BRACKET_SLACK, False)]:
+        monkeypatch.setattr(plan, "BRACKET_SIGMAS", sigmas)
+        monkeypatch.setattr(plan, "BRACKET_SLACK", slack)
+        outcomes.clear()
+        got = plan.kth_largest_abs_stream(lambda i, s, e: raw[2 * s : 2 * e], 0, "BF16", None, "", n, [k])
+        assert got[k] == ref
+        assert outcomes[0] is missed
+
+
 def test_add_sub_one_pass(tmp_path: Path, kernel_path: bool) -> None:
     g = torch.Generator().manual_seed(2)
     p = {n: torch.randn(s, generator=g).bfloat16() for n, s in zip(NAMES, SHAPES, strict=True)}

@@ -173,7 +173,7 @@ def kth_largest_abs_stream(
         above = since = 0
         for buf, cnt in blocks(ranges):
             if since + cnt >= 1 << 32:  # fold before any uint32 counter could overflow
-                counts += sub.reshape(4, 32768).sum(0, dtype=np.int64)
+                counts += _fold(sub)
                 sub[:] = 0
                 since = 0
             if bracket is None:
@@ -181,7 +181,7 @@ def kth_largest_abs_stream(
             else:
                 above += _native.bracket(buf, dt, cnt, bracket[0], bracket[1], sub, False)
             since += cnt
-        return counts + sub.reshape(4, 32768).sum(0, dtype=np.int64), above
+        return counts + _fold(sub), above
 
     found = None  # k -> (level-0 bin, count of elements above the bin)
     if n >= BRACKET_MIN and (BRACKET is True or (BRACKET is None and _native.fast_bracket())):
@@ -227,7 +227,7 @@ def _bracket(sample: bytearray, dt: int, n: int, ks: Sequence[int]) -> tuple[int
     m = SAMPLE_PIECES * SAMPLE_PIECE
     sub = np.zeros(4 * 32768, dtype=np.uint32)
     _native.hist0(sample, dt, m, sub)
-    top = np.cumsum(sub.reshape(4, 32768).sum(0, dtype=np.int64)[::-1])  # top[i]: sample entries in bins >= 32767 - i
+    top = np.cumsum(_fold(sub)[::-1])  # top[i]: sample entries in bins >= 32767 - i
     view = memoryview(sample)
     step = len(sample) // SAMPLE_PIECES
     lo, hi = 32767, 0
@@ -241,6 +241,13 @@ def _bracket(sample: bytearray, dt: int, n: int, ks: Sequence[int]) -> tuple[int
         hi = max(hi, 32767 if r - d < 1 else 32767 - int(np.searchsorted(top, r - d)))
         lo = min(lo, 0 if r + d > m else 32767 - int(np.searchsorted(top, r + d)))
     return lo, max(lo, hi)
+
+
+def _fold(sub: Any) -> Any:
+    """The four interleaved uint32 sub-histograms of hist0/bracket summed into one int64 count per bin."""
+    import numpy as np
+
+    return sub.reshape(4, 32768).sum(0, dtype=np.int64)
 
 
 def _locate(counts: Any, above: int, ks: Sequence[int]) -> dict[int, tuple[int, int]] | None:

@@ -115,9 +115,14 @@ def test_options_override_preset(tmp_path: Path) -> None:
 def bracket(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Threshold passes with or without the sampled bracket (forced on, for tensors from 4 Ki elements); yields the
     outcome of every count, in order: "miss" (a threshold outside the bracket: counted again in full) or "hit"."""
-    outcomes: list[str] = []
     monkeypatch.setattr(plan, "BRACKET", request.param)
     monkeypatch.setattr(plan, "BRACKET_MIN", 1 << 12)
+    return _count_outcomes(monkeypatch)
+
+
+def _count_outcomes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records, in order, whether each count of a threshold pass held every threshold ("hit") or not ("miss")."""
+    outcomes: list[str] = []
     locate = plan._locate
 
     def spy(counts, above, ks):  # type: ignore[no-untyped-def]
@@ -200,16 +205,14 @@ def test_bracket_widens_when_rows_differ_in_scale(monkeypatch: pytest.MonkeyPatc
     raw = memoryview(bytearray(t.view(torch.uint8).numpy().tobytes()))
     n, k = t.numel(), methods.keep_count(0.3, t.numel())
     ref = float(torch.topk(t.float().abs().flatten(), k).values[-1])
-    outcomes: list[bool] = []
-    locate = plan._locate
-    monkeypatch.setattr(plan, "_locate", lambda c, a, ks: outcomes.append(locate(c, a, ks) is None) or locate(c, a, ks))
-    for sigmas, slack, missed in [(0.0, 0.03, True), (plan.BRACKET_SIGMAS, plan.BRACKET_SLACK, False)]:
+    outcomes = _count_outcomes(monkeypatch)
+    for sigmas, slack, first in [(0.0, 0.03, "miss"), (plan.BRACKET_SIGMAS, plan.BRACKET_SLACK, "hit")]:
         monkeypatch.setattr(plan, "BRACKET_SIGMAS", sigmas)
         monkeypatch.setattr(plan, "BRACKET_SLACK", slack)
         outcomes.clear()
         got = plan.kth_largest_abs_stream(lambda i, s, e: raw[2 * s : 2 * e], 0, "BF16", None, "", n, [k])
         assert got[k] == ref
-        assert outcomes[0] is missed
+        assert outcomes[0] == first
 
 
 def test_add_sub_one_pass(tmp_path: Path, kernel_path: bool) -> None:

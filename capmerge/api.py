@@ -211,7 +211,7 @@ def diff(
         A :class:`Summary`. All-zero differences (frozen tensors) are left out of the file and listed in
         ``zero_tensors``; non-floating tensors are skipped and listed in ``skipped``.
     """
-    from capmerge.kernels import resolve_device
+    from capmerge.kernels.device import resolve_device
 
     t0 = time.perf_counter()
     code = parse_dtype(dtype, allow_auto=True)

@@ -40,7 +40,7 @@ def diff_block(
     out: memoryview, out_code: str, a: memoryview, a_code: str, b: memoryview, b_code: str, n: int, device: str = "cpu"
 ) -> int:
     """``out[:n] = round(a[:n] - b[:n])``; returns flags (NONZERO | OVERFLOW | NONFINITE). ``device`` is a resolved
-    device (:func:`capmerge.kernels.resolve_device`); on a GPU the Triton kernels compute the same values."""
+    device (:func:`capmerge.kernels.device.resolve_device`); on a GPU the Triton kernels compute the same values."""
     if device != "cpu":
         from capmerge.kernels.dispatch import diff_block as gpu_diff_block
 

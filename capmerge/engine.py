@@ -452,8 +452,8 @@ def run(
 ) -> RunStats:
     """Stream ``jobs`` into the files of ``sink`` (or of every sink of a list: one output per sink, e.g. an α sweep).
 
-    ``device`` (resolved, see :func:`capmerge.kernels.resolve_device`) only picks the kind of block buffers; the jobs'
-    kernels carry their own device. Raises the first error of any stage; the caller cleans up the outputs.
+    ``device`` (resolved, see :func:`capmerge.kernels.device.resolve_device`) only picks the kind of block buffers;
+    the jobs' kernels carry their own device. Raises the first error of any stage; the caller cleans up the outputs.
     """
     sinks = sink if isinstance(sink, list) else [sink]
     pipe = _Pipeline(

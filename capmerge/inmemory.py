@@ -89,7 +89,7 @@ def apply_to_state_dict(
     """
     import torch
 
-    from capmerge.kernels import is_available, resolve_device, torch_device
+    from capmerge.kernels.device import is_available, resolve_device, torch_device
     from capmerge.masks import TensorMask, count_layers
     from capmerge.methods import resolve
     from capmerge.overrides import Overrides

@@ -163,7 +163,7 @@ def apply(
     Returns:
         A :class:`~capmerge.api.Summary`; ``outputs`` lists every output of a sweep.
     """
-    from capmerge.kernels import resolve_device
+    from capmerge.kernels.device import resolve_device
 
     t0 = time.perf_counter()
     if output is None:

@@ -56,7 +56,7 @@ class MergeKernel:
     numel: int
     term_ids: list[int] = field(default_factory=list)  # the terms' indices in the whole merge (DARE streams)
     params: list[list[tuple[int, float, float, int]]] = field(default_factory=list)
-    device: str = "cpu"  # a resolved device (capmerge.kernels.resolve_device): where the blocks are computed
+    device: str = "cpu"  # a resolved device (capmerge.kernels.device.resolve_device): where the blocks are computed
 
     def __post_init__(self) -> None:
         o = self.options

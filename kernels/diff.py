@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from capmerge.kernels.utils import BLOCK, LAUNCH, check_tensors, grid, load_f32, store_round
 
 

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from capmerge.kernels import MAX_TERMS, torch_device
-from capmerge.kernels.diff import diff as _diff
-from capmerge.kernels.merge import Term
-from capmerge.kernels.merge import merge as _merge
 
 from capmerge import compute
 from capmerge._torch import as_tensor
+from capmerge.kernels.device import MAX_TERMS, torch_device
+from capmerge.kernels.diff import diff as _diff
+from capmerge.kernels.merge import Term
+from capmerge.kernels.merge import merge as _merge
 
 KERNEL_CODES = ("F32", "BF16", "F16")
 CHUNK = 1 << 19  # elements per transfer/compute step of a block (1 MiB of bf16)

@@ -14,11 +14,11 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from capmerge.kernels import MAX_TERMS
-from capmerge.kernels.utils import BLOCK, LAUNCH, check_tensors, grid, load_f32, store_round
 
 from capmerge.compute import PRUNE_BAND, PRUNE_MAGNITUDE, PRUNE_NONE, PRUNE_RANDOM, SIGN_CODES
 from capmerge.errors import UsageError
+from capmerge.kernels.device import MAX_TERMS
+from capmerge.kernels.utils import BLOCK, LAUNCH, check_tensors, grid, load_f32, store_round
 
 
 class Term(NamedTuple):

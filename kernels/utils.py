@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from capmerge.kernels import interpreting
 
 from capmerge.errors import UsageError
+from capmerge.kernels.device import interpreting
 
 BLOCK = 1024
 NUM_WARPS = 4

@@ -17,12 +17,12 @@ import torch
 
 pytest.importorskip("triton", reason="triton is a dependency on Linux x86-64 only")
 
-from capmerge.kernels import resolve_device  # noqa: E402
 from conftest import listing, load_any, model_tensors, perturb, save_single, tree_digest  # noqa: E402
 
 import capmerge  # noqa: E402
 from capmerge.cli import main  # noqa: E402
 from capmerge.errors import UsageError  # noqa: E402
+from capmerge.kernels.device import resolve_device  # noqa: E402
 
 GPU = "cuda"  # the kernels: on the GPU, or interpreted on the CPU
 

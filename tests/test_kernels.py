@@ -21,14 +21,14 @@ pytest.importorskip("triton", reason="triton is a dependency on Linux x86-64 onl
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from capmerge.kernels.diff import diff  # noqa: E402
-from capmerge.kernels.merge import Term, merge  # noqa: E402
-from capmerge.kernels.utils import BLOCK  # noqa: E402
 
 from capmerge import compute  # noqa: E402
 from capmerge import functional as F  # noqa: E402
 from capmerge._torch import SAFETENSORS_CODES  # noqa: E402
 from capmerge.errors import UsageError  # noqa: E402
+from capmerge.kernels.diff import diff  # noqa: E402
+from capmerge.kernels.merge import Term, merge  # noqa: E402
+from capmerge.kernels.utils import BLOCK  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTS = [torch.float32, torch.bfloat16, torch.float16]

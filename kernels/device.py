@@ -1,12 +1,16 @@
-"""capmerge.kernels: Triton GPU kernels (installed from the top-level ``kernels/`` folder) and the device rule.
+"""capmerge.kernels.device: the device rule, and the package map of the Triton GPU kernels.
+
+``kernels/`` is installed as ``capmerge.kernels``. It has no ``__init__.py`` on purpose: a namespace portion never
+shadows the installed ``kernels`` distribution (which transformers >= 5 imports) when Python runs from the repository
+root, and ``capmerge/kernels`` is a symlink to it so that editable installs find it under ``capmerge``.
 
 Layout (Liger-Kernel style): ``utils.py`` holds the ``@triton.jit`` building blocks (float32 loads, round-once
 stores) and the launchers' checks; ``diff.py`` / ``merge.py`` a kernel each plus its typed launcher; ``dispatch.py``
 the one place that decides between these launchers and the CPU path (:mod:`capmerge.compute`,
 :mod:`capmerge.functional`).
 
-Triton and torch are imported lazily: ``import capmerge.kernels`` and :func:`resolve_device` on a machine without a GPU
-import neither, so ``capmerge --help`` and a CPU ``capmerge apply`` stay fast.
+Triton and torch are imported lazily: ``import capmerge.kernels.device`` and :func:`resolve_device` on a machine
+without a GPU import neither, so ``capmerge --help`` and a CPU ``capmerge apply`` stay fast.
 
 With ``TRITON_INTERPRET=1`` (and no GPU) the kernels run in Triton's interpreter on CPU tensors; ``--device cuda``
 then means "the Triton kernels, interpreted" — slow, for tests only.

@@ -1,1 +1,0 @@
-"""capmerge.recipes: YAML merge recipes shipped with capmerge (installed from the top-level ``recipes/`` folder)."""

@@ -85,9 +85,9 @@ class Timer:
 
 
 def kernel_cases(n: int, dev: torch.device, timer: Timer) -> list[dict[str, object]]:
-    from capmerge import compute
     from capmerge import functional as F
     from capmerge.kernels.merge import Term, merge
+    from capmerge.merge import compute
 
     g = torch.Generator(device=dev).manual_seed(0)
     bf = torch.bfloat16

@@ -11,27 +11,27 @@ from capmerge._version import __version__
 
 _EXPORTS = {
     "diff": "capmerge.api",
-    "apply": "capmerge.merging",
-    "list_tensors": "capmerge.merging",
-    "MergeOptions": "capmerge.methods",
+    "apply": "capmerge.merge.apply",
+    "list_tensors": "capmerge.merge.apply",
+    "MergeOptions": "capmerge.merge.methods",
     "Summary": "capmerge.api",
     "parse_size": "capmerge.api",
-    "open_checkpoint": "capmerge.checkpoint",
-    "Checkpoint": "capmerge.checkpoint",
-    "TensorInfo": "capmerge.checkpoint",
+    "open_checkpoint": "capmerge.io.checkpoint",
+    "Checkpoint": "capmerge.io.checkpoint",
+    "TensorInfo": "capmerge.io.checkpoint",
     "load_vector": "capmerge.inmemory",
     "apply_to_state_dict": "capmerge.inmemory",
     "apply_to_model": "capmerge.inmemory",
     "CapmergeError": "capmerge.errors",
-    "compress": "capmerge.compression",
-    "CompressionSummary": "capmerge.compression",
-    "compression_info": "capmerge.compression_record",
+    "compress": "capmerge.io.compression",
+    "CompressionSummary": "capmerge.io.compression",
+    "compression_info": "capmerge.io.compression_record",
     "OrthogonalityLoss": "capmerge.ortho",
     "project_gradients": "capmerge.ortho",
-    "inspect": "capmerge.analysis",
-    "run_recipe": "capmerge.recipe",
-    "push": "capmerge.hub",
-    "pull": "capmerge.hub",
+    "inspect": "capmerge.analysis.stats",
+    "run_recipe": "capmerge.recipes.recipe",
+    "push": "capmerge.io.hub",
+    "pull": "capmerge.io.hub",
 }
 
 __all__ = [
@@ -61,18 +61,18 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from capmerge.analysis import inspect
+    from capmerge.analysis.stats import inspect
     from capmerge.api import Summary, diff, parse_size
-    from capmerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
-    from capmerge.compression import CompressionSummary, compress
-    from capmerge.compression_record import compression_info
     from capmerge.errors import CapmergeError
-    from capmerge.hub import pull, push
     from capmerge.inmemory import apply_to_model, apply_to_state_dict, load_vector
-    from capmerge.merging import apply, list_tensors
-    from capmerge.methods import MergeOptions
+    from capmerge.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+    from capmerge.io.compression import CompressionSummary, compress
+    from capmerge.io.compression_record import compression_info
+    from capmerge.io.hub import pull, push
+    from capmerge.merge.apply import apply, list_tensors
+    from capmerge.merge.methods import MergeOptions
     from capmerge.ortho import OrthogonalityLoss, project_gradients
-    from capmerge.recipe import run_recipe
+    from capmerge.recipes.recipe import run_recipe
 
 
 def __getattr__(name: str) -> Any:

@@ -11,13 +11,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from capmerge import compute
 from capmerge._version import __version__
-from capmerge.checkpoint import DTYPE_NAMES, Checkpoint, open_checkpoint
-from capmerge.engine import Job, Sink, run
 from capmerge.errors import MismatchError, UsageError
-from capmerge.names import normalise
-from capmerge.writer import Output, SafetensorsFile
+from capmerge.io.checkpoint import DTYPE_NAMES, Checkpoint, open_checkpoint
+from capmerge.io.names import normalise
+from capmerge.io.writer import Output, SafetensorsFile
+from capmerge.merge import compute
+from capmerge.merge.engine import Job, Sink, run
 
 PathLike = str | os.PathLike[str]
 VECTOR_NAME = "capvector"
@@ -357,8 +357,8 @@ def _diff_adapters(
     t0: float,
     opts: dict[str, Any],
 ) -> Summary:
-    """τ between two LoRA adapters of one base (see :func:`capmerge.lora.diff_adapters`)."""
-    from capmerge.lora import diff_adapters
+    """τ between two LoRA adapters of one base (see :func:`capmerge.io.lora.diff_adapters`)."""
+    from capmerge.io.lora import diff_adapters
 
     if not (_is_adapter(ck_b) and _is_adapter(ck_a)):
         one = ck_b if _is_adapter(ck_b) else ck_a
@@ -384,7 +384,11 @@ def _diff_adapters(
 def _diff_kernel(
     out_code: str, a_code: str, b_code: str, device: str, views: list, outs: list, n: int, offset: int
 ) -> int:
-    return compute.diff_block(outs[0], out_code, views[0], a_code, views[1], b_code, n, device)
+    if device == "cpu":
+        return compute.diff_block(outs[0], out_code, views[0], a_code, views[1], b_code, n)
+    from capmerge.kernels.dispatch import diff_block
+
+    return diff_block(device, outs[0], out_code, views[0], a_code, views[1], b_code, n)
 
 
 def _name_mismatch(a: list[str], a_label: str, b: list[str], b_label: str) -> str:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from capmerge.methods import keep_count, tensor_key  # noqa: F401 - torch-free, re-exported here
+from capmerge.merge.methods import keep_count, tensor_key  # noqa: F401 - torch-free, re-exported here
 
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85

@@ -6,8 +6,8 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from capmerge.checkpoint import Checkpoint, open_checkpoint
 from capmerge.errors import MismatchError
+from capmerge.io.checkpoint import Checkpoint, open_checkpoint
 
 
 class LazyVector(Mapping[str, Any]):
@@ -84,15 +84,15 @@ def apply_to_state_dict(
     copy, no temporaries beyond the vector), torch ops elsewhere; ``cpu`` / ``cuda[:N]`` compute there (copying
     tensors that live elsewhere there and back). Every device gives the same values.
 
-    ``overrides``: per-tensor α, weights, densities, γ (:mod:`capmerge.overrides`, as in :func:`capmerge.apply`);
+    ``overrides``: per-tensor α, weights, densities, γ (:mod:`capmerge.merge.overrides`, as in :func:`capmerge.apply`);
     an override that changes nothing is reported with :func:`warnings.warn`.
     """
     import torch
 
     from capmerge.kernels.device import is_available, resolve_device, torch_device
-    from capmerge.masks import TensorMask, count_layers
-    from capmerge.methods import resolve
-    from capmerge.overrides import Overrides
+    from capmerge.merge.masks import TensorMask, count_layers
+    from capmerge.merge.methods import resolve
+    from capmerge.merge.overrides import Overrides
 
     vecs = [_as_mapping(v) for v in (vector if isinstance(vector, list | tuple) else [vector])]
     opts = resolve(method, density=density, gamma=gamma, sign=sign, normalize=normalize, rescale=rescale, seed=seed,
@@ -183,10 +183,10 @@ def _merge_with_torch(x: Any, name: str, raw: list[tuple[Any, float, float, int]
 def _merge_with_kernels(x: Any, name: str, raw: list[tuple[Any, float, float, int]], alpha: float, opts: Any) -> bool:
     """The fused Triton merge, in place on ``x``; thresholds found on the device (exact k-th largest |τ|).
     False when the kernels cannot take these tensors (the caller then uses the torch path)."""
-    from capmerge import compute
     from capmerge import functional as F
     from capmerge.kernels.dispatch import merge_tensors
     from capmerge.kernels.merge import Term
+    from capmerge.merge import compute
 
     terms = []
     for t, wi, d, i in raw:

@@ -6,7 +6,7 @@ root, and ``capmerge/kernels`` is a symlink to it so that editable installs find
 
 Layout (Liger-Kernel style): ``utils.py`` holds the ``@triton.jit`` building blocks (float32 loads, round-once
 stores) and the launchers' checks; ``diff.py`` / ``merge.py`` a kernel each plus its typed launcher; ``dispatch.py``
-the one place that decides between these launchers and the CPU path (:mod:`capmerge.compute`,
+the one place that decides between these launchers and the CPU path (:mod:`capmerge.merge.compute`,
 :mod:`capmerge.functional`).
 
 Triton and torch are imported lazily: ``import capmerge.kernels.device`` and :func:`resolve_device` on a machine

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from capmerge import compute
 from capmerge._torch import as_tensor
 from capmerge.kernels.device import MAX_TERMS, torch_device
 from capmerge.kernels.diff import diff as _diff
 from capmerge.kernels.merge import Term
 from capmerge.kernels.merge import merge as _merge
+from capmerge.merge import compute
 
 KERNEL_CODES = ("F32", "BF16", "F16")
 CHUNK = 1 << 19  # elements per transfer/compute step of a block (1 MiB of bf16)
@@ -83,7 +83,7 @@ def _run_chunks(device: str, n: int, step: Any) -> int:
 def diff_block(
     device: str, out: memoryview, out_code: str, a: memoryview, a_code: str, b: memoryview, b_code: str, n: int
 ) -> int:
-    """:func:`capmerge.compute.diff_block` on the device."""
+    """:func:`capmerge.merge.compute.diff_block` on the device."""
     if not all(c in KERNEL_CODES for c in (out_code, a_code, b_code)):
         return compute.diff_block(out, out_code, a, a_code, b, b_code, n)
     tdev = torch_device(device)
@@ -121,7 +121,7 @@ def merge_block(
     normalize: bool = False,
     offset: int = 0,
 ) -> int:
-    """:func:`capmerge.compute.merge_block` on the device (same arguments, same results)."""
+    """:func:`capmerge.merge.compute.merge_block` on the device (same arguments, same results)."""
     codes = [base_code, *(c for _, c, _ in outs), *(t[1] for t in terms), *(t[3] for t in terms if t[2] is not None)]
     if len(terms) > MAX_TERMS or not all(c in KERNEL_CODES for c in codes):
         return compute.merge_block(outs, base, base_code, n, terms, sign=sign, normalize=normalize, offset=offset)

@@ -15,14 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from capmerge.compute import PRUNE_BAND, PRUNE_MAGNITUDE, PRUNE_NONE, PRUNE_RANDOM, SIGN_CODES
 from capmerge.errors import UsageError
 from capmerge.kernels.device import MAX_TERMS
 from capmerge.kernels.utils import BLOCK, LAUNCH, check_tensors, grid, load_f32, store_round
+from capmerge.merge.compute import PRUNE_BAND, PRUNE_MAGNITUDE, PRUNE_NONE, PRUNE_RANDOM, SIGN_CODES
 
 
 class Term(NamedTuple):
-    """One vector of a merge: ``a`` (τ) or ``a − b``, its weight and pruning (modes of :mod:`capmerge.compute`):
+    """One vector of a merge: ``a`` (τ) or ``a − b``, its weight and pruning (modes of :mod:`capmerge.merge.compute`):
     magnitude keeps |τ| ≥ p1; random keeps tl.rand(key, index) < p1 and divides kept entries by p2 when p2 ≠ 0;
     band keeps p1 ≤ |τ| < p2."""
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import save_sharded, save_single
 
-from capmerge.checkpoint import open_checkpoint
+from capmerge.io.checkpoint import open_checkpoint
 
 
 def _rchar() -> int:

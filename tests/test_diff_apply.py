@@ -12,7 +12,7 @@ from conftest import DTYPES, SHAPES, listing, load_any, model_tensors, perturb, 
 from safetensors import safe_open
 
 import capmerge
-from capmerge import compute
+from capmerge.merge import compute
 
 
 def _ref_diff(a: torch.Tensor, b: torch.Tensor, out: torch.dtype) -> torch.Tensor:
@@ -170,7 +170,7 @@ def test_diff_leaves_out_zero_and_non_float(ckpts: dict[str, Path]) -> None:
 
 def test_zero_prefix_blocks_are_written_when_tensor_is_nonzero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tensor whose first blocks are all zero but not the last must be stored in full."""
-    from capmerge import engine
+    from capmerge.merge import engine
 
     monkeypatch.setattr(engine, "BLOCK_ELEMS", 1000)
     b = torch.zeros(5500)

@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from capmerge import compute
 from capmerge import functional as F
+from capmerge.merge import compute
 
 
 def test_keep_count() -> None:

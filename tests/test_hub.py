@@ -318,7 +318,7 @@ def test_push_merged_model_directory(hub, pushed, data, tmp_path: Path) -> None:
 
 
 def test_parse_ref_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from capmerge.hub import HubRef, parse_ref
+    from capmerge.io.hub import HubRef, parse_ref
 
     assert parse_ref("hf://org/name") == HubRef("org/name")
     assert parse_ref("hf://org/name@v2/sub/dir") == HubRef("org/name", "v2", "sub/dir")

@@ -16,7 +16,7 @@ from conftest import listing, model_tensors, perturb, rchar, save_sharded, save_
 from typer.testing import CliRunner
 
 import capmerge
-from capmerge import analysis
+from capmerge.analysis import stats as analysis
 from capmerge.cli import app
 
 runner = CliRunner()

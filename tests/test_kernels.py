@@ -2,7 +2,8 @@
 
 Without a GPU these run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set in conftest before triton
 is imported); with a GPU the same tests compile the kernels and run them on it. References are computed independently:
-``capmerge.functional`` (torch ops), the native CPU kernel of the engine (``capmerge.compute``), and plain torch casts.
+``capmerge.functional`` (torch ops), the native CPU kernel of the engine
+(``capmerge.merge.compute``), and plain torch casts.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ pytest.importorskip("triton", reason="triton is a dependency on Linux x86-64 onl
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from capmerge import compute  # noqa: E402
 from capmerge import functional as F  # noqa: E402
 from capmerge._torch import SAFETENSORS_CODES  # noqa: E402
 from capmerge.errors import UsageError  # noqa: E402
 from capmerge.kernels.diff import diff  # noqa: E402
 from capmerge.kernels.merge import Term, merge  # noqa: E402
 from capmerge.kernels.utils import BLOCK  # noqa: E402
+from capmerge.merge import compute  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTS = [torch.float32, torch.bfloat16, torch.float16]

@@ -1,4 +1,4 @@
-"""capmerge.masks: option parsing, block indices, tensor masks, per-layer α, sweep templates (hand-made cases)."""
+"""capmerge.merge.masks: option parsing, block indices, tensor masks, per-layer α, sweep templates (hand-made cases)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from capmerge.errors import CapmergeError, UsageError
-from capmerge.masks import (
+from capmerge.merge.masks import (
     TensorMask,
     alpha_for,
     check_template,
@@ -525,5 +525,5 @@ def test_check_template_colliding_names() -> None:
 
 
 def test_masks_does_not_import_torch() -> None:
-    code = "import sys, capmerge.masks; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, capmerge.merge.masks; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

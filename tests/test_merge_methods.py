@@ -11,10 +11,10 @@ from conftest import load_any, save_sharded, save_single, tree_digest
 from typer.testing import CliRunner
 
 import capmerge
-from capmerge import compute, engine, methods, plan
 from capmerge import functional as F
 from capmerge.cli import app
 from capmerge.errors import UsageError
+from capmerge.merge import compute, engine, methods, plan
 
 runner = CliRunner()
 NAMES = ["model.embed.weight", "model.layers.0.w", "model.layers.1.w", "model.layers.2.b", "lm_head.weight"]
@@ -364,7 +364,7 @@ def test_all_zero_vectors_and_sign_ties(tmp_path: Path) -> None:
 def test_library_validation() -> None:
     with pytest.raises(UsageError):
         capmerge.MergeOptions  # noqa: B018 - the public name exists
-        from capmerge.methods import resolve
+        from capmerge.merge.methods import resolve
 
         resolve("ties", density=0.0)
 

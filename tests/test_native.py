@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from capmerge import compute
+from capmerge.merge import compute
 
 pytestmark = pytest.mark.skipif(not compute.native_available(), reason="native kernel not built")
 

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 import capmerge
 from capmerge.cli import app
 from capmerge.errors import UsageError
-from capmerge.overrides import Overrides, parse_cli
-from capmerge.recipe import RecipeError, load
+from capmerge.merge.overrides import Overrides, parse_cli
+from capmerge.recipes.recipe import RecipeError, load
 
 runner = CliRunner()
 NAMES = ["embed.weight", "layers.0.attn.w", "layers.0.mlp.w", "layers.1.attn.w", "layers.1.mlp.w",

@@ -34,7 +34,8 @@ def test_wheel_contains_kernels_under_capmerge(tmp_path: Path) -> None:
 def test_import_is_light() -> None:
     """`import capmerge` and the CLI module do not import torch, numpy or triton."""
     code = (
-        "import sys, capmerge, capmerge.cli, capmerge.kernels.device, capmerge.api, capmerge.merging, capmerge.plan;"
+        "import sys, capmerge, capmerge.cli, capmerge.kernels.device, capmerge.api, capmerge.merge.apply;"
+        "import capmerge.merge.plan;"
         "bad = [m for m in ('torch', 'numpy', 'triton', 'transformers', 'safetensors') if m in sys.modules];"
         "print(','.join(bad))"
     )

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import capmerge
 from capmerge.cli import app
-from capmerge.recipe import RecipeError, load, shipped
+from capmerge.recipes.recipe import RecipeError, load, shipped
 
 runner = CliRunner()
 SHIPPED = ["capvector", "capvector-llm-only", "dare-sweep", "ties-multi"]

@@ -104,7 +104,7 @@ def apply_cmd(
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
-    from capmerge.masks import parse_float_list
+    from capmerge.merge.masks import parse_float_list
 
     with handle_errors():
         alphas = parse_float_list(alpha, "--alpha")
@@ -112,7 +112,7 @@ def apply_cmd(
         weight_list = parse_float_list(weights, "--weights") if weights else None
         densities = parse_float_list(density, "--density") if density else None
         if list_tensors:
-            from capmerge.merging import list_tensors as _list
+            from capmerge.merge.apply import list_tensors as _list
 
             desc = _list(base, vectors or [], include=include, exclude=exclude, layers=layers,
                          layer_pattern=layer_pattern, add=add, sub=sub, rename=rename, key=key,
@@ -122,7 +122,7 @@ def apply_cmd(
             return
         if not output:
             raise fail("missing option -o/--output (a .safetensors file or a directory)")
-        from capmerge.merging import apply
+        from capmerge.merge.apply import apply
 
         progress = Progress(not quiet, "apply")
         try:
@@ -189,7 +189,7 @@ def _print_listing(desc: dict, as_json: bool, show_params: bool = False) -> None
 
 def _params_text(p: dict) -> str:
     """``alpha=0.5 weights=1 density=0.3 gamma=0.01 [override 1: alpha, density]``."""
-    from capmerge.masks import format_number
+    from capmerge.merge.masks import format_number
 
     def fmt(v: object) -> str:
         if isinstance(v, list):

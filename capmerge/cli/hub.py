@@ -51,7 +51,7 @@ def push_cmd(
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
-    from capmerge.hub import push
+    from capmerge.io.hub import push
 
     with handle_errors():
         url = push(vector, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
@@ -74,7 +74,7 @@ def pull_cmd(
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag, commit or refs/pr/N.")] = None,
     token: Token = None,
 ) -> None:
-    from capmerge.hub import pull
+    from capmerge.io.hub import pull
 
     with handle_errors():
         path = pull(repo_id, output=output, revision=revision, token=token)

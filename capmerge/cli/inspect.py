@@ -86,7 +86,7 @@ def inspect_cmd(
         if top < 0:
             raise UsageError(f"--top must be 0 or more, got {top}")
         if plot is not None:
-            from capmerge.report import require_matplotlib
+            from capmerge.analysis.report import require_matplotlib
 
             if headers_only:
                 raise UsageError("--plot needs tensor data; it cannot be combined with --headers-only")
@@ -102,12 +102,12 @@ def inspect_cmd(
         for out in (target, plot):
             if out not in (None, "-") and os.path.abspath(out) in inputs:
                 raise UsageError("the output would overwrite an input", out)
-        from capmerge.analysis import inspect
+        from capmerge.analysis.stats import inspect
 
         result = inspect(paths, against=against, task=task, capability=capability, by=by, spectrum=spectrum,
                          headers_only=headers_only, layer_pattern=layer_pattern)  # fmt: skip
         if plot is not None:
-            from capmerge.report import plot as write_plot
+            from capmerge.analysis.report import plot as write_plot
 
             write_plot(result, plot)
         text = json.dumps(result, indent=2)
@@ -119,7 +119,7 @@ def inspect_cmd(
                 f.write(text + "\n")
             os.replace(tmp, target)
     if target != "-" and not quiet:
-        from capmerge.report import print_report
+        from capmerge.analysis.report import print_report
 
         print_report(result, top=top)
     if not quiet:

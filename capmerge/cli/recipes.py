@@ -49,7 +49,7 @@ def run_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the run (or plan) as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
 ) -> None:
-    from capmerge.recipe import parse_overrides, run_recipe
+    from capmerge.recipes.recipe import parse_overrides, run_recipe
 
     with handle_errors():
         values = parse_overrides(overrides or [])
@@ -74,7 +74,7 @@ def run_cmd(
 
 @recipes_app.command("list", help="List the shipped recipes.")
 def list_cmd() -> None:
-    from capmerge.recipe import describe, shipped
+    from capmerge.recipes.recipe import describe, shipped
 
     for name, path in shipped().items():
         print(f"{name:<22} {describe(path)}")
@@ -82,7 +82,7 @@ def list_cmd() -> None:
 
 @recipes_app.command("show", help="Print a shipped recipe.")
 def show_cmd(name: Annotated[str, typer.Argument(help="Recipe name (see `capmerge recipes list`).")]) -> None:
-    from capmerge.recipe import shipped_path
+    from capmerge.recipes.recipe import shipped_path
 
     with handle_errors():
         path = shipped_path(name)
@@ -96,7 +96,7 @@ def copy_cmd(
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace an existing file.")] = False,
 ) -> None:
     from capmerge.errors import OutputExistsError, UsageError
-    from capmerge.recipe import shipped_path
+    from capmerge.recipes.recipe import shipped_path
 
     with handle_errors():
         src = shipped_path(name)
@@ -115,7 +115,7 @@ def validate_cmd(
     recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="Variable values: name=value ...")] = None,
 ) -> None:
-    from capmerge.recipe import load, parse_overrides
+    from capmerge.recipes.recipe import load, parse_overrides
 
     with handle_errors():
         r = load(recipe, parse_overrides(overrides or []), require_values=False)

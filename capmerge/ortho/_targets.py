@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from capmerge.errors import MismatchError, UsageError
-from capmerge.masks import TensorMask
+from capmerge.merge.masks import TensorMask
 
 __all__ = [
     "LoraFactors",
@@ -69,8 +69,8 @@ def _shown(names: Sequence[str]) -> str:
 def load_vectors(vector: Any) -> list[Mapping[str, Any]]:
     """One mapping name → tensor per vector: a path (any capmerge checkpoint reference, read lazily), a mapping, or
     a list/tuple of those."""
-    from capmerge.checkpoint import Checkpoint
     from capmerge.inmemory import load_vector
+    from capmerge.io.checkpoint import Checkpoint
 
     items = list(vector) if isinstance(vector, list | tuple) else [vector]
     if not items:

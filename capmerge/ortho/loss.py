@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from capmerge.errors import MismatchError, UsageError
-from capmerge.masks import TensorMask, layer_index
+from capmerge.merge.masks import TensorMask, layer_index
 from capmerge.ortho._dist import all_reduce_sum, local, reduce_key, shard_like
 from capmerge.ortho._math import Target, check_lora_sharding, group_stats, safe_sqrt
 from capmerge.ortho._targets import canonical_name, directions, dot64, load_vectors, match
@@ -91,7 +91,7 @@ class OrthogonalityLoss(nn.Module):
         mode: ``"cosine2"``, ``"projection2"`` or ``"abs"``.
         reduction: ``"sum"`` or ``"mean"`` over tensors.
         eps: ε of ``cosine2``, in units of ‖Δ‖.
-        include, exclude, layers, layer_pattern: The merge masks (:class:`capmerge.masks.TensorMask`), applied to
+        include, exclude, layers, layer_pattern: The merge masks (:class:`capmerge.merge.masks.TensorMask`), applied to
             the vector's tensor names.
         reference: θ_ref: ``None`` (the parameters now, e.g. θ_meta) or a checkpoint path / mapping. Ignored for LoRA
             layers, whose reference is the base weight.

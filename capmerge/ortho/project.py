@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from capmerge.errors import MismatchError, UsageError
-from capmerge.masks import TensorMask
+from capmerge.merge.masks import TensorMask
 from capmerge.ortho._dist import all_reduce_sum, is_dtensor, local, reduce_key, shard_like
 from capmerge.ortho._math import mv_acc
 from capmerge.ortho._targets import directions, load_vectors, match

@@ -137,7 +137,7 @@ def upstream(cfg: Config, cache: Path, seed: int) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     import capmerge
-    from capmerge.report import plot
+    from capmerge.analysis.report import plot
 
     from . import policy as P
 

@@ -5,7 +5,7 @@ Three stages overlap, each in its own thread, connected by bounded queues over a
     reader thread  --(input slots)-->  compute (caller's thread)  --(output blocks)-->  writer thread
 
 * the reader fills input slots with ``preadv`` (a copy out of the page cache, GIL released);
-* compute runs one block kernel (:mod:`capmerge.compute`, GIL released) into an output block;
+* compute runs one block kernel (:mod:`capmerge.merge.compute`, GIL released) into an output block;
 * the writer ``pwrite``\\ s blocks at their final offsets; tensors copied through unchanged go from file to file
   with ``copy_file_range`` (no user-space copy at all).
 
@@ -26,10 +26,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from capmerge import compute
-from capmerge.checkpoint import DTYPES, Checkpoint, TensorInfo
 from capmerge.errors import CapmergeError, NonFiniteError, WriteError
-from capmerge.writer import SafetensorsFile, _write_error
+from capmerge.io.checkpoint import DTYPES, Checkpoint, TensorInfo
+from capmerge.io.writer import SafetensorsFile, _write_error
+from capmerge.merge import compute
 
 BLOCK_ELEMS = 1 << 19  # elements per block on the CPU: 1 MiB of bf16 per input, the buffer pool stays in L3
 GPU_BLOCK_ELEMS = 1 << 21  # elements per block when a GPU computes: fewer, larger host <-> device transfers

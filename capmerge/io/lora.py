@@ -8,7 +8,7 @@ returns it as a lazy view of the dense ΔW under the base model's weight names (
 are deltas only against a base: :meth:`AdapterCheckpoint.with_base` binds one (``apply`` does it with its BASE).
 
 :func:`diff_adapters` writes τ = s_a·B_a·A_a − s_s·B_s·A_s per module exactly as the rank r_a + r_s product
-[s_a·B_a, −s_s·B_s]·[A_a; A_s] (a low-rank vector, :mod:`capmerge.compression` format), or dense with ``dense=True``.
+[s_a·B_a, −s_s·B_s]·[A_a; A_s] (a low-rank vector, :mod:`capmerge.io.compression` format), or dense with ``dense=True``.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capmerge.checkpoint import Checkpoint, TensorInfo, read_header
 from capmerge.errors import CheckpointError, CheckpointNotFoundError, MismatchError, UsageError
-from capmerge.lazy import LazyCheckpoint, digest_of
+from capmerge.io.checkpoint import Checkpoint, TensorInfo, read_header
+from capmerge.io.lazy import LazyCheckpoint, digest_of
 
 PEFT_PREFIX = "base_model.model."
 _LORA_RE = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
@@ -109,7 +109,7 @@ def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
         raw: Checkpoint = Checkpoint(str(path / "adapter_model.safetensors"), [hdr.path], hdr.tensors, hdr.metadata,
                                      headers=[hdr])  # fmt: skip
     elif (path / "adapter_model.bin").is_file():
-        from capmerge.pickles import open_pickle
+        from capmerge.io.pickles import open_pickle
 
         raw = open_pickle(str(path / "adapter_model.bin"), path / "adapter_model.bin")
     else:
@@ -196,7 +196,7 @@ def _factors(raw: Checkpoint, a_name: str, b_name: str, scale: float, transposed
 
 def _dense(factors: Callable[[], tuple[Any, Any]], code: str, shape: tuple[int, ...]) -> Callable[[], Any]:
     def load() -> Any:
-        from capmerge.compression import lowrank_dense
+        from capmerge.io.compression import lowrank_dense
 
         b, a = factors()
         return lowrank_dense(b, a, code, shape)
@@ -221,7 +221,7 @@ def diff_adapters(
 
     from capmerge._torch import torch_dtype
     from capmerge._version import __version__
-    from capmerge.compression import lowrank_dense, vector_metadata, write_vector
+    from capmerge.io.compression import lowrank_dense, vector_metadata, write_vector
 
     t0 = time.perf_counter()
     needing = sorted({n for n in sft.full} ^ {n for n in aux.full})

@@ -12,7 +12,8 @@ blocks whatever the tensor sizes; sums in float64), gives per tensor and per lay
 
 Compressed vectors (low-rank, sparse, LoRA adapters and τ of two adapters) are read through their dense view τ̂, one
 tensor rebuilt at a time: the statistics are those of τ̂ (``dense_view_of`` says so), and each input's header record
-holds :func:`capmerge.compression_record.compression_info` (kind, ranks / nnz, size ratio, recorded error and cosine).
+holds
+:func:`capmerge.io.compression_record.compression_info` (kind, ranks / nnz, size ratio, recorded error and cosine).
 
 Comparisons: ``against`` (every path compared with one vector) or ``task=(P, S), capability=(S, A)``, which builds
 τ_task = S − P and τ_cap = A − S on the fly (nothing written) and compares them: per tensor, layer, module and in
@@ -31,10 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capmerge._version import __version__
-from capmerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint
-from capmerge.compression_record import compression_info
 from capmerge.errors import MismatchError, UsageError
-from capmerge.masks import BLOCK_CONTAINERS, PatternLike, layer_index
+from capmerge.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from capmerge.io.compression_record import compression_info
+from capmerge.merge.masks import BLOCK_CONTAINERS, PatternLike, layer_index
 
 PathLike = str | os.PathLike[str]
 CHUNK = 1 << 20  # elements per block read: 4 MiB of float32 per input
@@ -303,7 +304,7 @@ def inspect(
         spectrum: also compute the top singular values of 2-D tensors (randomized SVD for large ones).
         headers_only: stop after the headers: read no tensor data.
         spectrum_k: how many singular values ``spectrum`` computes per tensor.
-        layer_pattern: a regex whose first group is the block index (default: :func:`capmerge.masks.layer_index`).
+        layer_pattern: a regex whose first group is the block index (default: :func:`capmerge.merge.masks.layer_index`).
 
     Returns:
         ``{"capmerge_version", "by", "inputs": [header info...], "vectors": [stats...], "comparisons": [...]}``;

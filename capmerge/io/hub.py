@@ -73,7 +73,7 @@ def parse_ref(ref: str | os.PathLike[str]) -> HubRef | None:
     m = _BARE.fullmatch(ref)
     if m is None or os.path.exists(ref) or os.path.isdir(ref.split("/")[0]):
         return None
-    from capmerge.checkpoint import WEIGHT_SUFFIXES
+    from capmerge.io.checkpoint import WEIGHT_SUFFIXES
 
     if ref.split("@")[0].endswith((*WEIGHT_SUFFIXES, ".json")):
         return None
@@ -280,12 +280,12 @@ def resolve(ref: str | os.PathLike[str] | HubRef, *, token: str | None = None) -
 
 
 def open_headers(ref: str | HubRef, *, token: str | None = None) -> Any:
-    """A header-only :class:`~capmerge.checkpoint.Checkpoint` of a hub reference from HTTP range reads of each
+    """A header-only :class:`~capmerge.io.checkpoint.Checkpoint` of a hub reference from HTTP range reads of each
     safetensors header (8-byte length, then the JSON); None when the server ignores ranges or the layout needs the
     files (adapters, ambiguous directories) — the caller then fetches them."""
     from huggingface_hub import HfApi, constants, hf_hub_download
 
-    from capmerge.checkpoint import KNOWN_SINGLE_NAMES, Checkpoint, read_weight_map
+    from capmerge.io.checkpoint import KNOWN_SINGLE_NAMES, Checkpoint, read_weight_map
 
     h = ref if isinstance(ref, HubRef) else parse_ref(ref)
     if h is None or constants.is_offline_mode():
@@ -340,7 +340,7 @@ def _ranged_header(h: HubRef, commit: str, path: str, token: str | None) -> Any:
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session
 
-    from capmerge.checkpoint import MAX_HEADER, CheckpointError, parse_header
+    from capmerge.io.checkpoint import MAX_HEADER, CheckpointError, parse_header
 
     url = hf_hub_url(h.repo_id, path, revision=commit)
     session = get_session()
@@ -409,8 +409,8 @@ def push(
     Raises:
         HubError: no token, token rejected, Hub unreachable. CheckpointError: ``path`` is not a checkpoint.
     """
-    from capmerge.card import model_card
-    from capmerge.checkpoint import open_checkpoint
+    from capmerge.analysis.card import model_card
+    from capmerge.io.checkpoint import open_checkpoint
 
     h = _repo_id(repo_id)
     if h.subpath or h.revision:
@@ -448,7 +448,7 @@ def _push_files(local: str, ck: Any) -> list[tuple[str, str]]:
     ``model.safetensors``, the names a checkpoint directory is opened by; a directory with everything but a README
     (the card replaces it) and hidden files."""
     if os.path.isfile(local):
-        from capmerge.checkpoint import KNOWN_SINGLE_NAMES
+        from capmerge.io.checkpoint import KNOWN_SINGLE_NAMES
 
         name = os.path.basename(local)
         if name not in KNOWN_SINGLE_NAMES:

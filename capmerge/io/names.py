@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from capmerge.checkpoint import Checkpoint, TensorInfo
 from capmerge.errors import MismatchError, UsageError
+from capmerge.io.checkpoint import Checkpoint, TensorInfo
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.", "model.")
 Renames = list[tuple[re.Pattern[str], str]]

@@ -13,7 +13,7 @@ matches:
 **First match per parameter** (as mergekit resolves its ``filter`` lists): for each tensor and each parameter, the
 first override in order whose filter matches the tensor *and* that sets the parameter decides it; parameters no
 override sets keep the merge's global value. A gradient decides only tensors inside a block (see
-:func:`capmerge.masks.layer_index`); for tensors outside any block (embeddings, heads) the search goes on to later
+:func:`capmerge.merge.masks.layer_index`); for tensors outside any block (embeddings, heads) the search goes on to later
 overrides, then the global value.
 
 **Sweeps**: a parameter set by an override is pinned: with ``--alpha 0.2,0.5`` a tensor whose α comes from an
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from capmerge.errors import UsageError
-from capmerge.masks import alpha_for, layer_index
+from capmerge.merge.masks import alpha_for, layer_index
 
 __all__ = ["KEYS", "Override", "OverrideError", "Overrides", "TensorParams", "parse_cli"]
 
@@ -207,7 +207,7 @@ class TensorParams:
         return v if len(v) > 1 else v * n
 
     def merge_options(self, opts: Any) -> Any:
-        """The merge's :class:`~capmerge.methods.MergeOptions` with this tensor's γ."""
+        """The merge's :class:`~capmerge.merge.methods.MergeOptions` with this tensor's γ."""
         return opts if self.gamma is None else replace(opts, gamma=self.gamma)
 
 
@@ -262,7 +262,7 @@ class Overrides:
 
     def resolve(self, name: str, *, n_layers: int = 0, layer_pattern: str | None = None) -> TensorParams:
         """The parameters of tensor ``name``: for each parameter, the first matching override that sets it
-        (a gradient only for tensors inside a block; ``n_layers`` as :func:`capmerge.masks.count_layers`), and
+        (a gradient only for tensors inside a block; ``n_layers`` as :func:`capmerge.merge.masks.count_layers`), and
         for α no override sets, the ``alpha_gradient`` value at the tensor's block."""
         out = TensorParams()
         out.matched = [i for i, o in enumerate(self.items) if o.pattern.search(name)]

@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from capmerge import compute
-from capmerge.checkpoint import Checkpoint, TensorInfo
-from capmerge.engine import Job
-from capmerge.methods import MergeOptions, keep_count, tensor_key
+from capmerge.io.checkpoint import Checkpoint, TensorInfo
+from capmerge.merge import compute
+from capmerge.merge.engine import Job
+from capmerge.merge.methods import MergeOptions, keep_count, tensor_key
 
 Read = Callable[[int, int, int], memoryview]
 HIST_BLOCK = 1 << 21
@@ -119,10 +119,13 @@ class MergeKernel:
                 for (ia, ca, ib, cb, w), (mode, p1, p2, key) in zip(self.terms, row, strict=True)
             ]
             vouts = [(outs[vi * na + ai], self.out_code, a) for ai, a in enumerate(self.alphas)]
-            flags |= compute.merge_block(
-                vouts, views[0], self.base_code, n, terms, sign=o.sign, normalize=o.normalize, offset=offset,
-                device=self.device,
-            )  # fmt: skip
+            kw = {"sign": o.sign, "normalize": o.normalize, "offset": offset}
+            if self.device == "cpu":
+                flags |= compute.merge_block(vouts, views[0], self.base_code, n, terms, **kw)
+            else:  # the kernels' dispatch (it falls back to compute for what the kernels do not take)
+                from capmerge.kernels.dispatch import merge_block
+
+                flags |= merge_block(self.device, vouts, views[0], self.base_code, n, terms, **kw)
         return flags
 
 
@@ -145,7 +148,7 @@ def kth_largest_abs_stream(
         return {**out, **_kth_largest_torch(read, ia, ca, ib, cb, n, ks)}
     import numpy as np
 
-    from capmerge.compute import _native
+    from capmerge.merge.compute import _native
 
     assert _native is not None
     wide = ib is not None or ca == "F32"
@@ -221,7 +224,7 @@ def _bracket(sample: bytearray, dt: int, n: int, ks: Sequence[int]) -> tuple[int
     scale — and the bracket widens with it."""
     import numpy as np
 
-    from capmerge.compute import _native
+    from capmerge.merge.compute import _native
 
     assert _native is not None
     m = SAMPLE_PIECES * SAMPLE_PIECE

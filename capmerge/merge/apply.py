@@ -14,15 +14,15 @@ from typing import Any
 
 from capmerge._version import __version__
 from capmerge.api import PathLike, Summary, _finish_files, _name_mismatch, _refs, _start_progress, parse_dtype
-from capmerge.checkpoint import Checkpoint, open_checkpoint
-from capmerge.engine import Job, Sink, run
 from capmerge.errors import MismatchError, UsageError
-from capmerge.masks import TensorMask, check_template, count_layers, expand_template
-from capmerge.methods import MergeOptions, resolve
-from capmerge.names import normalise
-from capmerge.overrides import Overrides, TensorParams
-from capmerge.plan import Term, merge_job
-from capmerge.writer import Output
+from capmerge.io.checkpoint import Checkpoint, open_checkpoint
+from capmerge.io.names import normalise
+from capmerge.io.writer import Output
+from capmerge.merge.engine import Job, Sink, run
+from capmerge.merge.masks import TensorMask, check_template, count_layers, expand_template
+from capmerge.merge.methods import MergeOptions, resolve
+from capmerge.merge.overrides import Overrides, TensorParams
+from capmerge.merge.plan import Term, merge_job
 
 
 def _as_list(x: Any) -> list[Any]:
@@ -56,7 +56,7 @@ def build_terms(
 ) -> tuple[Checkpoint, list[Term], list[str], dict[str, str]]:
     """Vectors (τ files) first, then ``--add``/``--sub`` pairs (τ = A − S; A − BASE when no ``--sub`` is given).
 
-    Returns the base and the terms as views whose names pair with the base's (:func:`capmerge.names.normalise`),
+    Returns the base and the terms as views whose names pair with the base's (:func:`capmerge.io.names.normalise`),
     the notes on what was renamed, and the tied weights. LoRA adapters' full weights are bound to the base.
     """
     if sub and len(sub) != len(add):
@@ -148,10 +148,10 @@ def apply(
             ``breadcrumbs_ties``, ``magnitude``); the options below override it.
         weights: one weight w_i per vector (default 1).
         density: one density for all vectors, one per vector, or — with ``{density}`` in ``output`` — a sweep.
-        gamma / sign / normalize / rescale / seed: pruning and election options (see :mod:`capmerge.methods`).
+        gamma / sign / normalize / rescale / seed: pruning and election options (see :mod:`capmerge.merge.methods`).
         include / exclude / layers / layer_pattern: which tensors are merged; the others are copied bit-exactly.
         alpha_gradient: per-layer α interpolated linearly over the block index (tensors outside blocks use α).
-        overrides: per-tensor parameters (:mod:`capmerge.overrides`): a list of ``"REGEX:key=value,..."`` strings,
+        overrides: per-tensor parameters (:mod:`capmerge.merge.overrides`): a list of ``"REGEX:key=value,..."`` strings,
             ``{"filter": REGEX, "alpha": ..., "weight": ..., "density": ..., "gamma": ...}`` mappings or
             ``(REGEX, {...})`` pairs; for each tensor and parameter the first matching override that sets it wins;
             an overridden α or density is pinned across a sweep. Overrides that change nothing are reported in

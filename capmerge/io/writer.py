@@ -20,8 +20,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from capmerge.checkpoint import DTYPES, WEIGHT_SUFFIXES, Checkpoint
 from capmerge.errors import OutputExistsError, UsageError, WriteError
+from capmerge.io.checkpoint import DTYPES, WEIGHT_SUFFIXES, Checkpoint
 
 
 @dataclass

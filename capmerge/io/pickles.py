@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from capmerge.checkpoint import TensorInfo, read_weight_map
 from capmerge.errors import CheckpointError
-from capmerge.lazy import LazyCheckpoint, digest_of
+from capmerge.io.checkpoint import TensorInfo, read_weight_map
+from capmerge.io.lazy import LazyCheckpoint, digest_of
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:

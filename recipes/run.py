@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from capmerge.errors import CapmergeError, UsageError
-from capmerge.recipe import INPUT, INPUTS, PAIR, SCHEMA, Recipe, Step, StepRef, file_identity, step_key
+from capmerge.recipes.recipe import INPUT, INPUTS, PAIR, SCHEMA, Recipe, Step, StepRef, file_identity, step_key
 
 STAMPS = ".capmerge-steps"
 
@@ -154,7 +154,7 @@ class _Runner:
             s = diff(o.pop("base"), o.pop("aux"), o.pop("output"), **o)
             return [s.output], s.to_dict()
         if step.op == "apply":
-            from capmerge.merging import apply
+            from capmerge.merge.apply import apply
 
             o = dict(opts)
             for k in ("layers",):
@@ -179,12 +179,12 @@ class _Runner:
         raise AssertionError(step.op)
 
     def _inspect(self, opts: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-        from capmerge.analysis import inspect
+        from capmerge.analysis.stats import inspect
 
         o = dict(opts)
         json_out, plot_out = o.pop("json"), o.pop("plot", None)
         if plot_out is not None:
-            from capmerge.report import require_matplotlib
+            from capmerge.analysis.report import require_matplotlib
 
             require_matplotlib()
         result = inspect(o.pop("paths", []), **o)
@@ -196,7 +196,7 @@ class _Runner:
         os.replace(tmp, json_out)
         outs = [json_out]
         if plot_out:
-            from capmerge.report import plot
+            from capmerge.analysis.report import plot
 
             plot(result, plot_out)
             outs.append(plot_out)
@@ -233,7 +233,7 @@ def _planned_outputs(step: Step, opts: dict[str, Any]) -> list[str]:
         return [p for p in (opts.get("json"), opts.get("plot")) if p]
     out = opts["output"]
     if step.op == "apply":
-        from capmerge.masks import expand_template
+        from capmerge.merge.masks import expand_template
 
         alphas = opts.get("alpha", 1.0)
         alphas = alphas if isinstance(alphas, list) else [alphas]
@@ -244,7 +244,7 @@ def _planned_outputs(step: Step, opts: dict[str, Any]) -> list[str]:
 
 
 def _printable(v: Any) -> Any:
-    from capmerge.recipe import _plain
+    from capmerge.recipes.recipe import _plain
 
     return _plain(v)
 

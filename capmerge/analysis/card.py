@@ -7,7 +7,7 @@ import json
 import shlex
 from typing import Any
 
-from capmerge.checkpoint import Checkpoint
+from capmerge.io.checkpoint import Checkpoint
 
 TOP_LAYERS = 40  # rows of the per-layer table (largest share first); the rest are summed in one row
 
@@ -16,13 +16,13 @@ def _hub_id(ref: str | None) -> str | None:
     """``org/name`` when a checkpoint reference names a Hub repo (``hf://org/name[@rev][/sub]`` or ``org/name``)."""
     if not ref:
         return None
-    from capmerge.hub import parse_ref
+    from capmerge.io.hub import parse_ref
 
     try:
         if ref.startswith("hf://"):
             h = parse_ref(ref)
         else:
-            from capmerge.hub import _BARE
+            from capmerge.io.hub import _BARE
 
             m = _BARE.fullmatch(ref)
             h = parse_ref("hf://" + ref) if m else None
@@ -43,7 +43,7 @@ def model_card(ck: Checkpoint, repo_id: str, *, recommended_alpha: float | None 
     """The README.md text for ``ck`` pushed to ``repo_id`` (reads the tensors once for the per-layer table)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from capmerge.analysis import inspect
+    from capmerge.analysis.stats import inspect
 
     meta = dict(ck.metadata)
     kind = meta.get("capmerge.kind") or ("merged" if "capmerge.merge" in meta else "checkpoint")

@@ -5,8 +5,8 @@ File format (also in the README, "Formats"). The header's ``__metadata__`` holds
 * ``capmerge.vector_format``: ``lowrank`` or ``sparse`` (absent or ``dense``: a plain vector, one tensor per name);
 * ``capmerge.tensors``: JSON ``{name: {"dtype": "BF16", "shape": [m, n], "storage": "dense" | "lowrank" | "sparse"}}``
   — the dense tensors the file stands for;
-* ``capmerge.compression`` and ``capmerge.compression_report``: what ``compress`` ran with and achieved (see
-  :mod:`capmerge.compression_record`, which writes them and reads them back: ``compression_info``).
+* ``capmerge.io.compression`` and ``capmerge.compression_report``: what ``compress`` ran with and achieved (see
+  :mod:`capmerge.io.compression_record`, which writes them and reads them back: ``compression_info``).
 
 and per tensor ``name`` of that map:
 
@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from capmerge._version import __version__
-from capmerge.checkpoint import DTYPES, VECTOR_FORMAT_KEY, Checkpoint, TensorInfo, open_checkpoint
-from capmerge.compression_record import OPTIONS_KEY, REPORT_KEY, report_json
 from capmerge.errors import CheckpointError, UsageError
-from capmerge.lazy import LazyCheckpoint
+from capmerge.io.checkpoint import DTYPES, VECTOR_FORMAT_KEY, Checkpoint, TensorInfo, open_checkpoint
+from capmerge.io.compression_record import OPTIONS_KEY, REPORT_KEY, report_json
+from capmerge.io.lazy import LazyCheckpoint
 
 TENSORS_KEY = "capmerge.tensors"
 KINDS = ("dense", "lowrank", "sparse")
@@ -180,7 +180,7 @@ def write_vector(
 
     from capmerge._torch import SAFETENSORS_CODES
     from capmerge.api import VECTOR_NAME, _finish_files
-    from capmerge.writer import Output, SafetensorsFile, _pwrite_all, _write_error
+    from capmerge.io.writer import Output, SafetensorsFile, _pwrite_all, _write_error
 
     out = Output(output, inputs, force=force)
     try:
@@ -315,7 +315,7 @@ def _compress_one(t: Any, code: str, kind: str, rank: int | None, energy: float 
     import torch
 
     from capmerge._torch import torch_dtype
-    from capmerge.methods import keep_count
+    from capmerge.merge.methods import keep_count
 
     dt = torch_dtype(code)
     numel = t.numel()

@@ -1,11 +1,11 @@
 """Open any checkpoint as a lazy view: tensor name → (shape, dtype, shard, byte range).
 
-Only headers are read here; tensor data is read on demand (``Checkpoint.read_into`` / ``read_tensor``).
-Accepted references: a ``.safetensors`` file, a ``*.safetensors.index.json`` file, or a directory holding
-``model.safetensors`` (or ``capvector.safetensors``) or one sharded layout; PyTorch pickles (:mod:`capmerge.pickles`),
-LoRA adapters (:mod:`capmerge.lora`) and compressed vectors (:mod:`capmerge.compression`) open as lazy views with the
-same interface. Other sources (hub ids) plug in through :func:`register_resolver`: a resolver maps a reference to a
-local path or ``None``.
+Only headers are read here; tensor data is read on demand (``Checkpoint.read_into`` / ``read_tensor``). Accepted
+references: a ``.safetensors`` file, a ``*.safetensors.index.json`` file, or a directory holding ``model.safetensors``
+(or ``capvector.safetensors``) or one sharded layout; PyTorch pickles (:mod:`capmerge.io.pickles`), LoRA adapters
+(:mod:`capmerge.io.lora`) and compressed vectors (:mod:`capmerge.io.compression`) open as lazy views with the same
+interface. Other sources (hub ids) plug in through :func:`register_resolver`: a resolver maps a reference to a local
+path or ``None``.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ Resolver = Callable[[str], "str | None"]
 
 def _hub_resolver(ref: str) -> str | None:
     """Hub references (``hf://org/name[@rev][/sub]``, or a bare ``org/name``): fetched and verified first."""
-    from capmerge import hub
+    from capmerge.io import hub
 
     return hub.resolve(ref) if hub.parse_ref(ref) is not None else None
 
@@ -353,7 +353,7 @@ def open_checkpoint(
     path = Path(ref_s)
     if not path.exists():
         if headers_only:
-            from capmerge import hub
+            from capmerge.io import hub
 
             remote = hub.open_headers(ref_s) if hub.parse_ref(ref_s) is not None else None
             if remote is not None:
@@ -372,11 +372,11 @@ def open_checkpoint(
     if name.endswith(".safetensors.index.json"):
         return _vector_view(_open_index(ref_s, path))
     if name.endswith(".bin.index.json") or name.endswith(".pt.index.json"):
-        from capmerge.pickles import open_pickle_index
+        from capmerge.io.pickles import open_pickle_index
 
         return open_pickle_index(ref_s, path, **opts)
     if name.endswith(PICKLE_SUFFIXES):
-        from capmerge.pickles import open_pickle
+        from capmerge.io.pickles import open_pickle
 
         return open_pickle(ref_s, path, **opts)
     hdr = read_header(path)
@@ -387,7 +387,7 @@ def _vector_view(ck: Checkpoint) -> Checkpoint:
     """Compressed vectors (header key ``capmerge.vector_format``) open as a lazy view of their dense tensors."""
     if ck.metadata.get(VECTOR_FORMAT_KEY, "dense") == "dense":
         return ck
-    from capmerge.compression import open_compressed
+    from capmerge.io.compression import open_compressed
 
     return open_compressed(ck)
 
@@ -395,7 +395,7 @@ def _vector_view(ck: Checkpoint) -> Checkpoint:
 def _open_dir(ref: str, path: Path, opts: dict[str, Any]) -> Checkpoint:
     files = sorted(p.name for p in path.iterdir() if p.is_file())
     if "adapter_config.json" in files:
-        from capmerge.lora import open_adapter
+        from capmerge.io.lora import open_adapter
 
         return open_adapter(ref, path)
     indexes = [f for f in files if f.endswith(".safetensors.index.json")]
@@ -424,7 +424,7 @@ def _open_dir(ref: str, path: Path, opts: dict[str, Any]) -> Checkpoint:
     pickle_indexes = [f for f in files if f.endswith((".bin.index.json", ".pt.index.json"))]
     pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if len(pickle_indexes) == 1:
-        from capmerge.pickles import open_pickle_index
+        from capmerge.io.pickles import open_pickle_index
 
         ck: Checkpoint = open_pickle_index(ref, path / pickle_indexes[0], **opts)
         ck.root = str(path)
@@ -433,7 +433,7 @@ def _open_dir(ref: str, path: Path, opts: dict[str, Any]) -> Checkpoint:
         shown = ", ".join((pickle_indexes or pickles)[:5])
         raise AmbiguousCheckpointError(f"directory holds several weight sets ({shown}); pass the one to use", ref)
     if pickles:
-        from capmerge.pickles import open_pickle
+        from capmerge.io.pickles import open_pickle
 
         ck = open_pickle(ref, path / pickles[0], **opts)
         ck.root = str(path)

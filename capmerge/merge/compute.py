@@ -36,15 +36,10 @@ def use_native(*codes: str) -> bool:
     return native_available() and all(c in NATIVE_CODES for c in codes)
 
 
-def diff_block(
-    out: memoryview, out_code: str, a: memoryview, a_code: str, b: memoryview, b_code: str, n: int, device: str = "cpu"
-) -> int:
-    """``out[:n] = round(a[:n] - b[:n])``; returns flags (NONZERO | OVERFLOW | NONFINITE). ``device`` is a resolved
-    device (:func:`capmerge.kernels.device.resolve_device`); on a GPU the Triton kernels compute the same values."""
-    if device != "cpu":
-        from capmerge.kernels.dispatch import diff_block as gpu_diff_block
-
-        return gpu_diff_block(device, out, out_code, a, a_code, b, b_code, n)
+def diff_block(out: memoryview, out_code: str, a: memoryview, a_code: str, b: memoryview, b_code: str, n: int) -> int:
+    """``out[:n] = round(a[:n] - b[:n])`` on the CPU; returns flags (NONZERO | OVERFLOW | NONFINITE). On a GPU,
+    :func:`capmerge.kernels.dispatch.diff_block` computes the same values (it depends on this module, not the reverse).
+    """
     if use_native(out_code, a_code, b_code):
         assert _native is not None
         return int(_native.diff(out, NATIVE_CODES[out_code], a, NATIVE_CODES[a_code], b, NATIVE_CODES[b_code], n))
@@ -71,15 +66,11 @@ def merge_block(
     sign: str = "none",
     normalize: bool = False,
     offset: int = 0,
-    device: str = "cpu",
 ) -> int:
     """For each (out, code, α) in ``outs``: ``out[:n] = round(base + α·δ)`` with δ the pruned, sign-elected,
     combined terms (see :mod:`capmerge.functional`). ``offset`` is the element index of ``base[0]`` in its tensor
-    (DARE masks depend on it). Returns flags OR-ed over the outputs. ``device``: as in :func:`diff_block`."""
-    if device != "cpu":
-        from capmerge.kernels.dispatch import merge_block as gpu_merge_block
-
-        return gpu_merge_block(device, outs, base, base_code, n, terms, sign=sign, normalize=normalize, offset=offset)
+    (DARE masks depend on it). Returns flags OR-ed over the outputs. On a GPU:
+    :func:`capmerge.kernels.dispatch.merge_block`."""
     codes = [base_code, *(c for _, c, _ in outs), *(t[1] for t in terms), *(t[3] for t in terms if t[2] is not None)]
     if use_native(*codes) and len(terms) <= 64 and len(outs) <= 64:
         assert _native is not None

@@ -1,6 +1,6 @@
 """A checkpoint whose tensors are produced by code: PyTorch pickles, LoRA adapters, compressed vectors.
 
-:class:`LazyCheckpoint` has the same interface as a safetensors :class:`~capmerge.checkpoint.Checkpoint` (names,
+:class:`LazyCheckpoint` has the same interface as a safetensors :class:`~capmerge.io.checkpoint.Checkpoint` (names,
 shapes, dtypes, ``read_into``/``read_tensor``), so the engine, ``diff``, ``apply`` and every merge method work on it
 unchanged. Each tensor has a *loader* that returns it as a CPU tensor (an mmap-backed view of a pickle, one B·A
 product of a low-rank vector, one scattered sparse tensor). A tensor is built when it is first read and kept until
@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from capmerge.checkpoint import Checkpoint, TensorInfo
 from capmerge.errors import CheckpointError
+from capmerge.io.checkpoint import Checkpoint, TensorInfo
 
 Loader = Callable[[], Any]  # () -> torch.Tensor with the shape and dtype of its TensorInfo
 

@@ -39,8 +39,8 @@ from typing import Any
 
 import yaml
 
-from capmerge import _yaml
 from capmerge.errors import CapmergeError
+from capmerge.recipes import yaml_lines as _yaml
 
 PathLike = str | os.PathLike[str]
 TOP_KEYS = ("description", "vars", "workdir", "steps")
@@ -53,7 +53,7 @@ _ENUMS = {
 
 
 def _methods() -> tuple[str, ...]:
-    from capmerge.methods import PRESETS
+    from capmerge.merge.methods import PRESETS
 
     return tuple(PRESETS)
 
@@ -289,7 +289,7 @@ def _fmt(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
-        from capmerge.masks import format_number
+        from capmerge.merge.masks import format_number
 
         return format_number(v)
     if isinstance(v, list):
@@ -371,7 +371,7 @@ def load(path: PathLike, overrides: Mapping[str, Any] | None = None, *, require_
     Raises:
         RecipeError: listing every problem with file, line and key.
     """
-    from capmerge._recipe_check import check
+    from capmerge.recipes.check import check
 
     p = find(path)
     where = str(path) if Path(path).is_file() else str(p)
@@ -439,7 +439,7 @@ def run_recipe(
         ``{"recipe", "workdir", "steps": [{"step", "op", "key", "status": "ran" | "cached" | "planned",
         "outputs": [...], "result": {...}}]}``.
     """
-    from capmerge._recipe_run import execute
+    from capmerge.recipes.run import execute
 
     recipe = load(path, overrides)
     if workdir is not None:

@@ -7,9 +7,16 @@ import os
 import re
 from typing import Any
 
-from capmerge import _yaml
-from capmerge.overrides import MERGEKIT_PARAMS, Override, OverrideError, Overrides, from_filter_list, is_filter_list
-from capmerge.recipe import (
+from capmerge.merge.overrides import (
+    MERGEKIT_PARAMS,
+    Override,
+    OverrideError,
+    Overrides,
+    from_filter_list,
+    is_filter_list,
+)
+from capmerge.recipes import yaml_lines as _yaml
+from capmerge.recipes.recipe import (
     _ENUMS,
     INPUT,
     INPUTS,
@@ -309,7 +316,7 @@ def _check_value(key: str, kind: str, typ: str, v: Any) -> str | None:
             return f"{key}: {e}"
         return None
     if typ == "layers":
-        from capmerge.masks import parse_layers
+        from capmerge.merge.masks import parse_layers
 
         try:
             parse_layers(str(v) if not isinstance(v, list) else ",".join(map(str, v)))
@@ -335,7 +342,7 @@ def _missing_input(x: Any) -> str | None:
         return None
     if os.path.exists(x):
         return None
-    from capmerge.checkpoint import WEIGHT_SUFFIXES
+    from capmerge.io.checkpoint import WEIGHT_SUFFIXES
 
     looks_local = x.endswith((*WEIGHT_SUFFIXES, ".json")) or os.path.isdir(x.split("/")[0])
     if _HUB_ID.fullmatch(x) and (x.startswith("hf://") or not looks_local):

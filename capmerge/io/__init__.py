@@ -1,0 +1,1 @@
+"""Input formats, tensor-name normalisation and the streaming writer (see docs/architecture.md)."""

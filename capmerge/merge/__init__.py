@@ -1,0 +1,1 @@
+"""The plan, the streaming engine, the CPU compute, masks, overrides and the method registry."""

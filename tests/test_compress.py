@@ -135,7 +135,7 @@ def test_apply_reads_compressed_vectors(tmp_path: Path) -> None:
     s = capmerge.compress(tmp_path / "c.safetensors", tmp_path / "cc.safetensors", density=0.5)
     assert s.kind == "sparse"
     meta = capmerge.open_checkpoint(tmp_path / "cc.safetensors").metadata
-    assert json.loads(meta["capmerge.io.compression"]) == {"kind": "sparse", "density": 0.5}
+    assert json.loads(meta["capmerge.compression"]) == {"kind": "sparse", "density": 0.5}
 
 
 def test_the_function_is_not_shadowed_by_its_module(tmp_path: Path) -> None:

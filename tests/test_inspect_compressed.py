@@ -90,7 +90,7 @@ def test_compress_records_what_numpy_recomputes(tmp_path: Path, case: str) -> No
     info = capmerge.compression_info(out)
     assert info is not None and info["recorded"] is True and info["exact"] is False
     assert info["kind"] == ("lowrank" if case in ("rank", "energy") else "sparse")
-    assert info["options"] == json.loads(meta["capmerge.io.compression"])
+    assert info["options"] == json.loads(meta["capmerge.compression"])
     sums = np.zeros(4)
     ranks = []
     for name, t in v.items():
@@ -237,7 +237,7 @@ def test_unreadable_record_is_reported_as_not_recorded(tmp_path: Path) -> None:
     with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
         raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     save_file(raw, str(tmp_path / "bad.safetensors"), {**meta, "capmerge.compression_report": "{not json",
-                                                        "capmerge.io.compression": "[1]"})  # fmt: skip
+                                                        "capmerge.compression": "[1]"})  # fmt: skip
     info = capmerge.compression_info(tmp_path / "bad.safetensors")
     assert info is not None and info["recorded"] is False and info["options"] is None
     assert info["rel_error"] is None and info["cosine"] is None

@@ -118,7 +118,7 @@ def test_stages_chain_through_the_public_api(tmp_path: Path) -> None:
     used = set().union(*(_capmerge_uses(ast.parse(f.read_text())) for f in pkg.glob("*.py")))
     documented = set(capmerge.__all__) | {
         "capmerge.analysis.report.plot"
-    }  # README, Inspect: capmerge.analysis.report.plot
+    }  # docs/cli.md, inspect: capmerge.analysis.report.plot
     assert used and used <= documented, used - documented
     assert {"diff", "apply", "inspect", "OrthogonalityLoss"} <= used
 

@@ -1,11 +1,11 @@
 """Compressed capability vectors: low-rank and sparse, each a valid safetensors file.
 
-File format (also in the README, "Formats"). The header's ``__metadata__`` holds
+File format (also in docs/formats.md, "Vector file format"). The header's ``__metadata__`` holds
 
 * ``capmerge.vector_format``: ``lowrank`` or ``sparse`` (absent or ``dense``: a plain vector, one tensor per name);
 * ``capmerge.tensors``: JSON ``{name: {"dtype": "BF16", "shape": [m, n], "storage": "dense" | "lowrank" | "sparse"}}``
   — the dense tensors the file stands for;
-* ``capmerge.io.compression`` and ``capmerge.compression_report``: what ``compress`` ran with and achieved (see
+* ``capmerge.compression`` and ``capmerge.compression_report``: what ``compress`` ran with and achieved (see
   :mod:`capmerge.io.compression_record`, which writes them and reads them back: ``compression_info``).
 
 and per tensor ``name`` of that map:

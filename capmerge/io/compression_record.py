@@ -1,8 +1,8 @@
 """The compression record: what ``compress`` writes into a vector's header about itself, and how it is read back.
 
-Two ``__metadata__`` keys (the file format is in :mod:`capmerge.io.compression` and the README, "Formats"):
+Two ``__metadata__`` keys (the file format is in :mod:`capmerge.io.compression` and docs/formats.md):
 
-* ``capmerge.io.compression``: JSON of the options ``compress`` ran with;
+* ``capmerge.compression``: JSON of the options ``compress`` ran with;
 * ``capmerge.compression_report``: compact JSON of what it achieved, ``{"bytes_before", "bytes_after", "ratio",
   "rel_error", "cosine", "tensors": {name: {"storage", "rank" | "nnz" [, "bits"], "method", "rel_error",
   "cosine"}}}`` — totals, and per tensor stored compressed (dense-stored ones are exact and left out).
@@ -22,7 +22,7 @@ from capmerge.io.checkpoint import Checkpoint, open_checkpoint
 if TYPE_CHECKING:
     from capmerge.io.compression import CompressionSummary
 
-OPTIONS_KEY = "capmerge.io.compression"  # the options compress ran with
+OPTIONS_KEY = "capmerge.compression"  # the options compress ran with
 REPORT_KEY = "capmerge.compression_report"  # what it achieved: totals and per compressed tensor
 PathLike = str | os.PathLike[str]
 

@@ -1,0 +1,62 @@
+"""The registry of merge methods: every family module's ``METHODS``, by name.
+
+This is what the CLI (``--method``), recipes, and :func:`capmerge.apply` / ``apply_to_state_dict`` read to know which
+methods exist and which parameters they take. Adding a method: a ``Method`` in its family's module (or a new family
+module listed in ``_FAMILIES``), and its block kernel mode if it needs a new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from capmerge.errors import UsageError
+from capmerge.merge.methods import breadcrumbs, dare, linear, ties
+from capmerge.merge.methods.base import PRUNES, SIGNS, MergeOptions, Method
+
+_FAMILIES = (linear, ties, dare, breadcrumbs)
+
+METHODS: dict[str, Method] = {m.name: m for family in _FAMILIES for m in family.METHODS}
+PRESETS: dict[str, dict[str, object]] = {name: m.preset() for name, m in METHODS.items()}
+"""name → the options the method sets (kept for callers that read presets as mappings)."""
+
+
+def get(name: str) -> Method:
+    """The method called ``name``; an unknown name is a :class:`~capmerge.errors.UsageError` listing the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UsageError(f"unknown method {name!r} (choose from {', '.join(METHODS)})") from None
+
+
+def resolve(
+    method: str | None = None,
+    *,
+    prune: str | None = None,
+    density: float | tuple[float, ...] | list[float] | None = None,
+    gamma: float | None = None,
+    sign: str | None = None,
+    normalize: bool | None = None,
+    rescale: bool | None = None,
+    seed: int | None = None,
+    n_vectors: int | None = None,
+) -> MergeOptions:
+    """A preset (default ``task_arithmetic``) with the explicitly given options on top, validated."""
+    name = method or "task_arithmetic"
+    opts = replace(MergeOptions(method=name), **get(name).preset())  # type: ignore[arg-type]
+    given = {"prune": prune, "gamma": gamma, "sign": sign, "normalize": normalize, "rescale": rescale, "seed": seed}
+    opts = replace(opts, **{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
+    if density is not None:
+        dens = (float(density),) if isinstance(density, int | float) else tuple(float(d) for d in density)
+        opts = replace(opts, density=dens)
+    if opts.prune not in PRUNES:
+        raise UsageError(f"unknown prune mode {opts.prune!r} (choose from {', '.join(PRUNES)})")
+    if opts.sign not in SIGNS:
+        raise UsageError(f"unknown --sign {opts.sign!r} (choose from {', '.join(SIGNS)})")
+    for d in opts.density:
+        if not 0.0 < d <= 1.0:
+            raise UsageError(f"--density must be in (0, 1], got {d:g}")
+    if not 0.0 <= opts.gamma < 1.0:
+        raise UsageError(f"--gamma must be in [0, 1), got {opts.gamma:g}")
+    if n_vectors is not None and len(opts.density) not in (1, n_vectors):
+        raise UsageError(f"--density has {len(opts.density)} values for {n_vectors} vectors")
+    return opts

@@ -84,6 +84,7 @@ class Summary:
     tensors_skipped: int = 0
     zero_tensors: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    files_skipped: dict[str, str] = field(default_factory=dict)  # side files of BASE not copied, and why
     bytes_read: int = 0
     bytes_written: int = 0
     seconds: float = 0.0

@@ -108,3 +108,5 @@ def report(summary: Any, *, quiet: bool, as_json: bool) -> None:
             shown = list(summary.skipped.items())[:10]
             more = f" (+{len(summary.skipped) - 10} more)" if len(summary.skipped) > 10 else ""
             print("skipped: " + "; ".join(f"{n}: {why}" for n, why in shown) + more, file=sys.stderr)
+        for name, why in getattr(summary, "files_skipped", {}).items():
+            print(f"warning: {name} not copied into the output: {why}", file=sys.stderr)

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capmerge.io.checkpoint import Checkpoint, TensorInfo, read_header, require_regular_file
 from capmerge.errors import CheckpointError, CheckpointNotFoundError, MismatchError, UsageError
-from capmerge.io.checkpoint import Checkpoint, TensorInfo, read_header
 from capmerge.io.lazy import LazyCheckpoint, digest_of
 
 PEFT_PREFIX = "base_model.model."
@@ -94,6 +94,7 @@ def _needs_base(name: str, ref: str) -> Callable[[], Any]:
 def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
     """Open a PEFT LoRA adapter directory as a lazy vector of ΔW under the base model's names."""
     cfg_path = path / "adapter_config.json"
+    require_regular_file(cfg_path)
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
         assert isinstance(config, dict)
@@ -104,11 +105,11 @@ def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
         raise CheckpointError(f"unsupported PEFT adapter type {peft_type} (only LoRA)", str(cfg_path))
     if config.get("use_dora"):
         raise CheckpointError("DoRA adapters are not a low-rank difference (use_dora: true)", str(cfg_path))
-    if (path / "adapter_model.safetensors").is_file():
+    if (path / "adapter_model.safetensors").exists():
         hdr = read_header(path / "adapter_model.safetensors")
         raw: Checkpoint = Checkpoint(str(path / "adapter_model.safetensors"), [hdr.path], hdr.tensors, hdr.metadata,
                                      headers=[hdr])  # fmt: skip
-    elif (path / "adapter_model.bin").is_file():
+    elif (path / "adapter_model.bin").exists():
         from capmerge.io.pickles import open_pickle
 
         raw = open_pickle(str(path / "adapter_model.bin"), path / "adapter_model.bin")

@@ -293,7 +293,9 @@ def apply(
                                                                     strict=True)), metadata, index_name)  # fmt: skip
                 if not out.single_file:
                     if ck_b.root:
-                        files_written += out.copy_non_weight_files(ck_b.root)
+                        copied, not_copied = out.copy_non_weight_files(ck_b.root)
+                        files_written += copied
+                        summary.files_skipped.update(not_copied)
                     out.write_text("capmerge.json", json.dumps(record, indent=2) + "\n")
                     files_written.append("capmerge.json")
                 summary.files += files_written

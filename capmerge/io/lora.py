@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capmerge.io.checkpoint import Checkpoint, TensorInfo, read_header, require_regular_file
 from capmerge.errors import CheckpointError, CheckpointNotFoundError, MismatchError, UsageError
+from capmerge.io.checkpoint import Checkpoint, TensorInfo, read_header, require_regular_file
 from capmerge.io.lazy import LazyCheckpoint, digest_of
 
 PEFT_PREFIX = "base_model.model."

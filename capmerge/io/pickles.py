@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from capmerge.io.checkpoint import TensorInfo, read_weight_map, require_regular_file
 from capmerge.errors import CheckpointError
+from capmerge.io.checkpoint import TensorInfo, read_weight_map, require_regular_file
 from capmerge.io.lazy import LazyCheckpoint, digest_of
 
 

@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from capmerge.errors import CheckpointError, OutputExistsError, UsageError, WriteError
 from capmerge.io.checkpoint import (
     DTYPES,
     WEIGHT_SUFFIXES,
@@ -28,7 +29,6 @@ from capmerge.io.checkpoint import (
     leads_outside,
     parse_header,
 )
-from capmerge.errors import CheckpointError, OutputExistsError, UsageError, WriteError
 
 
 @dataclass

@@ -8,7 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-Output = Annotated[str | None, typer.Option("--output", "-o", help="Output: a .safetensors file, or a directory.")]
+Output = Annotated[
+    str | None, typer.Option("--output", "-o", metavar="PATH", help="Output: a .safetensors file, or a directory.")
+]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output (atomically).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary on stderr.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]

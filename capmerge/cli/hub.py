@@ -79,7 +79,8 @@ def push_cmd(
 def pull_cmd(
     repo_id: Annotated[str, typer.Argument(help="org/name or hf://org/name[@revision][/subpath].")],
     output: Annotated[
-        str | None, typer.Option("--output", "-o", help="Directory to fill (must not exist or be empty).")
+        str | None,
+        typer.Option("--output", "-o", metavar="DIR", help="Directory to fill (must not exist or be empty)."),
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag, commit or refs/pr/N.")] = None,
     token: Token = None,

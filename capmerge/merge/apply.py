@@ -317,7 +317,7 @@ def apply(
     summary.tensors_changed = stats.tensors_computed
     summary.tensors_unchanged = stats.tensors_copied
     summary.tensors_skipped = len(summary.skipped)
-    summary.bytes_read = stats.bytes_read
+    summary.bytes_read, summary.bytes_reread = stats.bytes_read, stats.bytes_reread
     summary.seconds = time.perf_counter() - t0
     return summary
 

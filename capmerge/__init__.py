@@ -30,8 +30,8 @@ _EXPORTS = {
     "project_gradients": "capmerge.ortho",
     "inspect": "capmerge.analysis.stats",
     "run_recipe": "capmerge.recipes.recipe",
-    "push": "capmerge.io.hub",
-    "pull": "capmerge.io.hub",
+    "push": "capmerge.share",
+    "pull": "capmerge.share",
 }
 
 __all__ = [
@@ -65,14 +65,15 @@ if TYPE_CHECKING:
     from capmerge.api import Summary, diff, parse_size
     from capmerge.errors import CapmergeError
     from capmerge.inmemory import apply_to_model, apply_to_state_dict, load_vector
-    from capmerge.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+    from capmerge.io.checkpoint import Checkpoint, TensorInfo
     from capmerge.io.compression import CompressionSummary, compress
     from capmerge.io.compression_record import compression_info
-    from capmerge.io.hub import pull, push
+    from capmerge.io.open import open_checkpoint
     from capmerge.merge.apply import apply, list_tensors
     from capmerge.merge.methods import MergeOptions
     from capmerge.ortho import OrthogonalityLoss, project_gradients
     from capmerge.recipes.recipe import run_recipe
+    from capmerge.share import pull, push
 
 
 def __getattr__(name: str) -> Any:

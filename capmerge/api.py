@@ -13,8 +13,9 @@ from typing import Any
 
 from capmerge._version import __version__
 from capmerge.errors import MismatchError, UsageError
-from capmerge.io.checkpoint import DTYPE_NAMES, Checkpoint, open_checkpoint
+from capmerge.io.checkpoint import DTYPE_NAMES, Checkpoint
 from capmerge.io.names import normalise
+from capmerge.io.open import open_checkpoint
 from capmerge.io.writer import Output, SafetensorsFile
 from capmerge.merge import compute
 from capmerge.merge.engine import Job, Sink, read_total, run

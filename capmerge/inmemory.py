@@ -7,7 +7,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from capmerge.errors import MismatchError
-from capmerge.io.checkpoint import Checkpoint, open_checkpoint
+from capmerge.io.checkpoint import Checkpoint
+from capmerge.io.open import open_checkpoint
 
 
 class LazyVector(Mapping[str, Any]):

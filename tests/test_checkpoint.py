@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import save_sharded, save_single
 
-from capmerge.io.checkpoint import open_checkpoint
+from capmerge.io.open import open_checkpoint
 
 
 def _rchar() -> int:

@@ -33,8 +33,9 @@ from typing import Any
 
 from capmerge._version import __version__
 from capmerge.errors import MismatchError, UsageError
-from capmerge.io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from capmerge.io.checkpoint import Checkpoint, TensorInfo
 from capmerge.io.compression_record import compression_info
+from capmerge.io.open import open_checkpoint
 from capmerge.merge.masks import BLOCK_CONTAINERS, PatternLike, layer_index
 
 PathLike = str | os.PathLike[str]

@@ -52,7 +52,7 @@ def push_cmd(
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
-    from capmerge.io.hub import push
+    from capmerge.share import push
 
     with handle_errors(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -85,7 +85,7 @@ def pull_cmd(
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag, commit or refs/pr/N.")] = None,
     token: Token = None,
 ) -> None:
-    from capmerge.io.hub import pull
+    from capmerge.share import pull
 
     with handle_errors():
         path = pull(repo_id, output=output, revision=revision, token=token)

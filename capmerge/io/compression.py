@@ -32,9 +32,10 @@ from typing import Any
 
 from capmerge._version import __version__
 from capmerge.errors import CheckpointError, UsageError
-from capmerge.io.checkpoint import DTYPES, VECTOR_FORMAT_KEY, Checkpoint, TensorInfo, open_checkpoint
+from capmerge.io.checkpoint import DTYPES, VECTOR_FORMAT_KEY, Checkpoint, TensorInfo
 from capmerge.io.compression_record import OPTIONS_KEY, REPORT_KEY, report_json
 from capmerge.io.lazy import LazyCheckpoint
+from capmerge.io.open import open_checkpoint
 
 TENSORS_KEY = "capmerge.tensors"
 KINDS = ("dense", "lowrank", "sparse")

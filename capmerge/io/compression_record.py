@@ -17,7 +17,8 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
-from capmerge.io.checkpoint import Checkpoint, open_checkpoint
+from capmerge.io.checkpoint import Checkpoint
+from capmerge.io.open import open_checkpoint
 
 if TYPE_CHECKING:
     from capmerge.io.compression import CompressionSummary

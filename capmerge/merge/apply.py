@@ -15,8 +15,9 @@ from typing import Any
 from capmerge._version import __version__
 from capmerge.api import PathLike, Summary, _finish_files, _name_mismatch, _refs, _start_progress, parse_dtype
 from capmerge.errors import MismatchError, UsageError
-from capmerge.io.checkpoint import Checkpoint, open_checkpoint
+from capmerge.io.checkpoint import Checkpoint
 from capmerge.io.names import normalise
+from capmerge.io.open import open_checkpoint
 from capmerge.io.writer import Output
 from capmerge.merge.engine import Job, Sink, run
 from capmerge.merge.masks import TensorMask, check_template, count_layers, expand_template

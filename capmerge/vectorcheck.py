@@ -110,24 +110,29 @@ def header_verdict(ck: Checkpoint) -> str | None:
     return None
 
 
-def _reason(kind: str | None, median: float, n: int) -> str:
-    if kind is not None:
-        return f"its header says capmerge.kind={kind}"
+def _judge(ck: Checkpoint | None, names: Callable[[], Sequence[str]], pieces: Pieces) -> str | None:
+    """Why ``ck`` (or a mapping without a header, ``ck`` None) is a model, or None: its header first, else the
+    median distance over the sample of ``names()``."""
+    verdict = header_verdict(ck) if ck is not None else None
+    if verdict == "vector":
+        return None
+    if verdict == "model":
+        assert ck is not None
+        return f"its header says capmerge.kind={ck.metadata.get('capmerge.kind')}"
+    median, n = median_distance(names(), pieces)
+    if not median < MODEL_DISTANCE:
+        return None
     return (
-        f"it lies close to BASE (median ‖v − base‖/‖base‖ = {median:.3g} over {n} tensor{'s' if n != 1 else ''}, below "
-        f"{MODEL_DISTANCE:g}; a vector's is about 1)"
+        f"it lies close to BASE (median ‖v − base‖/‖base‖ = {median:.3g} over {n} tensor{'s' if n != 1 else ''}, "
+        f"below {MODEL_DISTANCE:g}; a vector's is about 1)"
     )
 
 
 def check_checkpoint(vector: Checkpoint, base: Checkpoint) -> None:
     """Raise :class:`ModelAsVectorError` if ``vector`` (names already paired with ``base``'s) is evidently a model."""
-    verdict = header_verdict(vector)
-    if verdict == "vector":
-        return
-    kind = vector.metadata.get("capmerge.kind") if verdict == "model" else None
-    median, n = math.nan, 0
-    if verdict is None:
-        names = [
+
+    def names() -> list[str]:
+        return [
             name
             for name, info in vector.tensors.items()
             if info.dtype in _NUMPY_CODES
@@ -137,45 +142,39 @@ def check_checkpoint(vector: Checkpoint, base: Checkpoint) -> None:
             and info.numel
         ]
 
-        def pieces(name: str) -> tuple[Any, Any]:
-            return _read_pieces(vector, vector.tensors[name]), _read_pieces(base, base.tensors[name])
+    def pieces(name: str) -> tuple[Any, Any]:
+        return _read_pieces(vector, vector.tensors[name]), _read_pieces(base, base.tensors[name])
 
-        median, n = median_distance(names, pieces)
-        if not median < MODEL_DISTANCE:
-            return
-    raise _error(_reason(kind, median, n), vector.ref, "cli")
+    reason = _judge(vector, names, pieces)
+    if reason is not None:
+        raise _error(reason, vector.ref, "cli")
 
 
 def check_state_dict(state_dict: Mapping[str, Any], vector: Mapping[str, Any], *, label: str) -> None:
     """The same rule for in-memory vectors (:func:`capmerge.apply_to_state_dict`): ``vector`` a mapping of tensors
     or a :class:`~capmerge.inmemory.LazyVector` (its header is read, and only the sampled pieces of its tensors)."""
     ck = getattr(vector, "checkpoint", None)
-    verdict = header_verdict(ck) if ck is not None else None
-    if verdict == "vector":
-        return
-    kind = ck.metadata.get("capmerge.kind") if verdict == "model" and ck is not None else None
-    median, n = math.nan, 0
-    if verdict is None:
-        names = [k for k in vector if k in state_dict and state_dict[k].is_floating_point()]
 
-        def pieces(name: str) -> tuple[Any, Any] | None:
-            b = state_dict[name]
-            if ck is not None:
-                info = ck.tensors[name]
-                if info.dtype not in _NUMPY_CODES or tuple(info.shape) != tuple(b.shape):
-                    return None
-                v = _read_pieces(ck, info)
-            else:
-                t = vector[name]
-                if not t.is_floating_point() or tuple(t.shape) != tuple(b.shape):
-                    return None
-                v = _tensor_pieces(t)
-            return v, _tensor_pieces(b)
+    def names() -> list[str]:
+        return [k for k in vector if k in state_dict and state_dict[k].is_floating_point()]
 
-        median, n = median_distance(names, pieces)
-        if not median < MODEL_DISTANCE:
-            return
-    raise _error(_reason(kind, median, n), getattr(ck, "ref", None) or label, "memory")
+    def pieces(name: str) -> tuple[Any, Any] | None:
+        b = state_dict[name]
+        if ck is not None:
+            info = ck.tensors[name]
+            if info.dtype not in _NUMPY_CODES or tuple(info.shape) != tuple(b.shape):
+                return None
+            v = _read_pieces(ck, info)
+        else:
+            t = vector[name]
+            if not t.is_floating_point() or tuple(t.shape) != tuple(b.shape):
+                return None
+            v = _tensor_pieces(t)
+        return v, _tensor_pieces(b)
+
+    reason = _judge(ck, names, pieces)
+    if reason is not None:
+        raise _error(reason, getattr(ck, "ref", None) or label, "memory")
 
 
 def _error(reason: str, ref: str, form: str, step: str | None = None) -> ModelAsVectorError:

@@ -68,3 +68,10 @@ class HubNotFoundError(HubError, FileNotFoundError):
 
 class SkippedFileWarning(UserWarning):
     """A file left out of what is written or uploaded (e.g. a symlink leading outside the checkpoint directory)."""
+
+
+class ModelAsVectorError(UsageError):
+    """A whole model given where a capability vector belongs (θ instead of τ = θ − θ_base); ``reason`` says how
+    it was recognised (:mod:`capmerge.merge.vectorcheck`)."""
+
+    reason: str = ""

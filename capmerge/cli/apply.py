@@ -100,6 +100,14 @@ def apply_cmd(
     ] = "auto",
     allow_missing: AllowMissing = False,
     allow_nonfinite: AllowNonfinite = False,
+    allow_model_as_vector: Annotated[
+        bool,
+        typer.Option(
+            "--allow-model-as-vector",
+            help="Add a VECTOR that is evidently a whole model as it is (refused by default: pass a model as "
+            "--add MODEL, which adds MODEL − BASE).",
+        ),
+    ] = False,
     force: Force = False,
     device: Device = "auto",
     rename: Rename = None,
@@ -160,6 +168,7 @@ def apply_cmd(
                 rename=rename,
                 key=key,
                 trust_pickle=trust_pickle,
+                allow_model_as_vector=allow_model_as_vector,
             )
         finally:
             progress.close()

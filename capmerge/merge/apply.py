@@ -135,6 +135,7 @@ def apply(
     rename: Sequence[str] | str | None = None,
     key: str | None = None,
     trust_pickle: bool = False,
+    allow_model_as_vector: bool = False,
 ) -> Summary:
     """Merge vectors into ``base``: θ_out = θ + α·δ (formulas in :mod:`capmerge.functional`).
 
@@ -160,6 +161,12 @@ def apply(
         add / sub: three-checkpoint form, τ_j = add_j − sub_j (add_j − base without ``sub``), computed on the fly.
         allow_missing / force / allow_nonfinite / progress / device / rename / key / trust_pickle: as in
             :func:`capmerge.diff` (vector names are paired with the base's; the output keeps the base's names).
+        allow_model_as_vector: add a checkpoint of ``vectors`` that is evidently a whole model as it is, instead
+            of refusing it (:mod:`capmerge.merge.vectorcheck`; a model belongs in ``add``, which takes τ = model − base);
+            integer buffers of vectors (a model's position ids) are then left out, as for ``add``.
+
+    Raises:
+        ModelAsVectorError: a checkpoint of ``vectors`` is evidently a model (before anything is written).
 
     Returns:
         A :class:`~capmerge.api.Summary`; ``outputs`` lists every output of a sweep.
@@ -198,6 +205,12 @@ def apply(
     n_layers = count_layers(ck_b.tensors, layer_pattern) if ovr.needs_layers else 0
     summary = Summary("apply", out_tmpl, notes=notes, tied=ties)
     resolved: list[TensorParams] = []
+    if not allow_model_as_vector:  # first: a model's other mismatches (names, buffers) would only mislead
+        from capmerge.merge.vectorcheck import check_checkpoint
+
+        for t in terms:
+            if t.b is None:
+                check_checkpoint(t.a, ck_b)
     _check_names(ck_b, terms, allow_missing, summary.skipped)
     single_file = out_tmpl.endswith(".safetensors")
     jobs: list[Job] = []
@@ -226,8 +239,8 @@ def apply(
                     summary.skipped[name] = f"shape {list(info.shape)} in {t.label} vs {list(ib.shape)} in BASE"
                     break
                 if not (info.is_float and ib.is_float):
-                    if t.b is not None and not info.is_float and not ib.is_float:
-                        break  # integer buffers of a checkpoint pair are not part of τ
+                    if (t.b is not None or allow_model_as_vector) and not info.is_float and not ib.is_float:
+                        break  # integer buffers of a checkpoint pair (or of a model added as is) are not part of τ
                     raise MismatchError(f"cannot add a {info.dtype} vector tensor to a {ib.dtype} base tensor", name)
             else:
                 touching.append((ti, t, ia, ibb))

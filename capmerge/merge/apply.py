@@ -162,8 +162,8 @@ def apply(
         allow_missing / force / allow_nonfinite / progress / device / rename / key / trust_pickle: as in
             :func:`capmerge.diff` (vector names are paired with the base's; the output keeps the base's names).
         allow_model_as_vector: add a checkpoint of ``vectors`` that is evidently a whole model as it is, instead
-            of refusing it (:mod:`capmerge.merge.vectorcheck`; a model belongs in ``add``, which takes τ = model − base);
-            integer buffers of vectors (a model's position ids) are then left out, as for ``add``.
+            of refusing it (:mod:`capmerge.merge.vectorcheck`; a model belongs in ``add``, which takes
+            τ = model − base); integer buffers of vectors (a model's position ids) are then left out, as for ``add``.
 
     Raises:
         ModelAsVectorError: a checkpoint of ``vectors`` is evidently a model (before anything is written).

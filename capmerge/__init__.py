@@ -62,15 +62,17 @@ __all__ = [
 
 if TYPE_CHECKING:
     from capmerge.analysis.stats import inspect
-    from capmerge.api import Summary, diff, parse_size
+    from capmerge.api import diff
     from capmerge.errors import CapmergeError
     from capmerge.inmemory import apply_to_model, apply_to_state_dict, load_vector
     from capmerge.io.checkpoint import Checkpoint, TensorInfo
     from capmerge.io.compression import CompressionSummary, compress
     from capmerge.io.compression_record import compression_info
     from capmerge.io.open import open_checkpoint
+    from capmerge.io.writer import parse_size
     from capmerge.merge.apply import apply, list_tensors
     from capmerge.merge.methods import MergeOptions
+    from capmerge.merge.summary import Summary
     from capmerge.ortho import OrthogonalityLoss, project_gradients
     from capmerge.recipes.recipe import run_recipe
     from capmerge.share import pull, push

@@ -5,119 +5,19 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from capmerge._version import __version__
 from capmerge.errors import MismatchError, UsageError
-from capmerge.io.checkpoint import DTYPE_NAMES, Checkpoint
-from capmerge.io.names import normalise
+from capmerge.io.checkpoint import Checkpoint, PathLike, parse_dtype
+from capmerge.io.names import name_filter, name_mismatch, normalise
 from capmerge.io.open import open_checkpoint
-from capmerge.io.writer import Output, SafetensorsFile
+from capmerge.io.writer import VECTOR_NAME, Output, SafetensorsFile, finish_files, parse_size
 from capmerge.merge import compute
-from capmerge.merge.engine import Job, Sink, read_total, run
-
-PathLike = str | os.PathLike[str]
-VECTOR_NAME = "capvector"
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-
-
-def parse_size(size: int | str) -> int:
-    """``5GB`` → 5·10⁹, ``2GiB`` → 2·2³⁰, ``500MB``, plain integers = bytes (as huggingface_hub does)."""
-    if isinstance(size, int):
-        n = size
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), flags=re.IGNORECASE)
-        if not m or m.group(2).upper() not in _SIZE_UNITS:
-            raise UsageError(f"invalid size {size!r} (use e.g. 5GB, 500MB, 2GiB)")
-        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
-    if n <= 0:
-        raise UsageError(f"size must be positive: {size!r}")
-    return n
-
-
-def parse_dtype(dtype: str | None, *, allow_auto: bool) -> str | None:
-    """``auto``/None → None (keep each tensor's dtype); ``bfloat16`` etc. → safetensors code."""
-    if dtype is None or (allow_auto and dtype == "auto"):
-        return None
-    code = DTYPE_NAMES.get(str(dtype).lower().replace("torch.", ""))
-    if code is None:
-        choices = ("auto, " if allow_auto else "") + "float32, bfloat16, float16"
-        raise UsageError(f"invalid dtype {dtype!r} (choose from {choices})")
-    return code
-
-
-def _compile(patterns: Iterable[str] | str | None, what: str) -> list[re.Pattern[str]]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    out = []
-    for p in patterns:
-        try:
-            out.append(re.compile(p))
-        except re.error as e:
-            raise UsageError(f"invalid {what} regex {p!r}: {e}") from None
-    return out
-
-
-def name_filter(include: Iterable[str] | str | None, exclude: Iterable[str] | str | None) -> Callable[[str], bool]:
-    """``re.search`` semantics: a name enters when it matches any include (or there is none) and no exclude."""
-    inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
-    return lambda n: (not inc or any(p.search(n) for p in inc)) and not any(p.search(n) for p in exc)
-
-
-@dataclass
-class Summary:
-    """What a diff/apply did. ``to_dict()`` is what ``--json`` prints."""
-
-    command: str
-    output: str
-    files: list[str] = field(default_factory=list)
-    outputs: list[str] = field(default_factory=list)
-    tensors_written: int = 0
-    tensors_changed: int = 0
-    tensors_unchanged: int = 0
-    tensors_skipped: int = 0
-    zero_tensors: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)
-    files_skipped: dict[str, str] = field(default_factory=dict)  # side files of BASE not copied, and why
-    bytes_read: int = 0  # tensor data read from the inputs, each tensor once, as stored (what the progress bar counts)
-    bytes_reread: int = 0  # read a second time by the pruning passes (ties, dare, breadcrumbs, magnitude)
-    bytes_written: int = 0
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)  # renames, prefix normalisation, tied weights, unwrapped pickles
-    warnings: list[str] = field(default_factory=list)  # options that had no effect (e.g. an unmatched override)
-    tied: dict[str, str] = field(default_factory=dict)  # alias → the tensor it shares (written once)
-
-    @property
-    def gb_per_s(self) -> float:
-        return (self.bytes_read + self.bytes_written) / 1e9 / self.seconds if self.seconds > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["gb_per_s"] = round(self.gb_per_s, 3)
-        d["seconds"] = round(self.seconds, 4)
-        return d
-
-    def line(self) -> str:
-        """A one-line human summary (what the CLI prints on stderr)."""
-        parts = [f"{self.tensors_changed} tensors changed"]
-        if self.command == "diff":
-            parts.append(f"{len(self.zero_tensors)} unchanged (zero, left out)")
-        else:
-            parts.append(f"{self.tensors_unchanged} copied unchanged")
-        parts.append(f"{self.tensors_skipped} skipped")
-        gb = 1e9
-        reread = f" (+{self.bytes_reread / gb:.2f} GB re-read by the pruning pass)" if self.bytes_reread else ""
-        return (
-            f"{self.command}: {', '.join(parts)}; read {self.bytes_read / gb:.2f} GB{reread}, wrote "
-            f"{self.bytes_written / gb:.2f} GB in {self.seconds:.2f} s ({self.gb_per_s:.2f} GB/s) -> {self.output}"
-        )
+from capmerge.merge.engine import Job, Sink, run
+from capmerge.merge.summary import Summary, start_progress
 
 
 class _SizeShardedSink(Sink):
@@ -135,35 +35,6 @@ class _SizeShardedSink(Sink):
             cur = self.out.open_file(f"{VECTOR_NAME}-part{len(self.files) + 1}.safetensors", remaining)
             self.files.append(cur)
         return cur
-
-
-def _start_progress(progress: Any, jobs: list[Job]) -> None:
-    if hasattr(progress, "set_total"):
-        progress.set_total(read_total(jobs), len(jobs))  # the same count as the summary's bytes_read
-
-
-def _refs(ck: Checkpoint) -> dict[str, str]:
-    return {"ref": ck.ref, "fingerprint": ck.fingerprint()}
-
-
-def _finish_files(
-    out: Output, files: list[tuple[str, SafetensorsFile]], metadata: dict[str, str], index_name: str | None
-) -> tuple[list[str], int]:
-    """Write headers, then the index when there are several files. Returns (file names, bytes written)."""
-    names, written, weight_map, total = [], 0, {}, 0
-    for name, f in files:
-        for e in f.entries:
-            weight_map[e.name] = name
-            total += e.end - e.begin
-        written += f.finish(metadata)
-        names.append(name)
-    if index_name is not None:
-        index = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
-        text = json.dumps(index, indent=2) + "\n"
-        out.write_text(index_name, text)
-        written += len(text.encode())
-        names.append(index_name)
-    return names, written
 
 
 def diff(
@@ -247,7 +118,7 @@ def diff(
             names.remove(n)
             summary.skipped[n] = f"non-floating ({ck.tensors[n].dtype}), only in {side}"
     if (only_base or only_aux) and not allow_missing:
-        raise MismatchError(_name_mismatch(only_base, "BASE", only_aux, "AUX") + "; use --allow-missing to skip them")
+        raise MismatchError(name_mismatch(only_base, "BASE", only_aux, "AUX") + "; use --allow-missing to skip them")
     for n in only_base:
         summary.skipped[n] = "only in BASE"
     for n in only_aux:
@@ -275,7 +146,7 @@ def diff(
             sink = Sink([out.open_file(VECTOR_NAME + ".safetensors", planned)])
         else:
             sink = _SizeShardedSink(out, planned, max_shard)
-        _start_progress(progress, jobs)
+        start_progress(progress, jobs)
         stats = run(jobs, sink, allow_nonfinite=allow_nonfinite, progress=progress, device=dev)
         metadata = {
             "format": "pt",
@@ -314,7 +185,7 @@ def diff(
                 f.path = str(out.path_for(name))
                 named.append((name, f))
             index_name = VECTOR_NAME + ".safetensors.index.json"
-        summary.files, summary.bytes_written = _finish_files(out, named, metadata, index_name)
+        summary.files, summary.bytes_written = finish_files(out, named, metadata, index_name)
         out.commit()
     except BaseException:
         out.abort()
@@ -404,12 +275,3 @@ def _diff_kernel(
     from capmerge.kernels.dispatch import diff_block
 
     return diff_block(device, outs[0], out_code, views[0], a_code, views[1], b_code, n)
-
-
-def _name_mismatch(a: list[str], a_label: str, b: list[str], b_label: str) -> str:
-    parts = []
-    for names, label in ((a, a_label), (b, b_label)):
-        if names:
-            shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-            parts.append(f"{len(names)} only in {label} ({shown})")
-    return "tensor names differ: " + "; ".join(parts)

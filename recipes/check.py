@@ -84,7 +84,7 @@ def check(doc: Any, where: str, stem: str, overrides: dict[str, Any], require_va
                 steps.append(step)
     names = {s.name for s in steps}
     for s in steps:
-        for key, ref, line in _refs(s):
+        for key, ref, line in input_ref(s):
             if ref.step not in names:
                 known = ", ".join(sorted(names))
                 ctx.err(f"${{steps.{ref.step}}} names no step (steps: {known})", line, f"steps.{s.name}.{key}")
@@ -103,7 +103,7 @@ def check(doc: Any, where: str, stem: str, overrides: dict[str, Any], require_va
                   sorted(ctx.unset))  # fmt: skip
 
 
-def _refs(step: Step) -> list[tuple[str, StepRef, int]]:
+def input_ref(step: Step) -> list[tuple[str, StepRef, int]]:
     out = []
     for key, v in step.options.items():
         for x in v if isinstance(v, list) else [v]:
@@ -308,7 +308,7 @@ def _check_value(key: str, kind: str, typ: str, v: Any) -> str | None:
                     return f"{key}: invalid regex {x!r} ({e})"
         return None if ok else f"{key}: expected a string or a list of strings, got {_plain_repr(v)}"
     if typ == "size":
-        from capmerge.api import parse_size
+        from capmerge.io.writer import parse_size
 
         try:
             parse_size(v if isinstance(v, int | str) else str(v))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capmerge.errors import CheckpointError, CheckpointNotFoundError
+from capmerge.errors import CheckpointError, CheckpointNotFoundError, UsageError
 
 # safetensors dtype code -> (item size in bytes, is floating point)
 DTYPES: dict[str, tuple[int, bool]] = {
@@ -46,6 +46,7 @@ DTYPES: dict[str, tuple[int, bool]] = {
 # Dtypes the format defines that capmerge does not compute with (refused as "unsupported", not "unknown").
 OTHER_FORMAT_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "C64"})
 # Names users pass on the command line -> safetensors codes.
+PathLike = str | os.PathLike[str]
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 # Single-file weight names a directory may hold (any other .safetensors name is ambiguous).
 KNOWN_SINGLE_NAMES = ("model.safetensors", "capvector.safetensors")
@@ -525,3 +526,14 @@ def open_index(ref: str, index: Path) -> Checkpoint:
         index_path=str(index),
         headers=hdrs,
     )
+
+
+def parse_dtype(dtype: str | None, *, allow_auto: bool) -> str | None:
+    """``auto``/None → None (keep each tensor's dtype); ``bfloat16`` etc. → safetensors code."""
+    if dtype is None or (allow_auto and dtype == "auto"):
+        return None
+    code = DTYPE_NAMES.get(str(dtype).lower().replace("torch.", ""))
+    if code is None:
+        choices = ("auto, " if allow_auto else "") + "float32, bfloat16, float16"
+        raise UsageError(f"invalid dtype {dtype!r} (choose from {choices})")
+    return code

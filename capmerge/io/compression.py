@@ -180,8 +180,7 @@ def write_vector(
     import torch
 
     from capmerge._torch import SAFETENSORS_CODES
-    from capmerge.api import VECTOR_NAME, _finish_files
-    from capmerge.io.writer import Output, SafetensorsFile, _pwrite_all, _write_error
+    from capmerge.io.writer import VECTOR_NAME, Output, SafetensorsFile, _pwrite_all, _write_error, finish_files
 
     out = Output(output, inputs, force=force)
     try:
@@ -197,7 +196,7 @@ def write_vector(
                     _pwrite_all(f.fd, t.reshape(-1).view(torch.uint8).numpy().data, off)
                 except OSError as e:
                     raise _write_error(e, f.path) from e
-        names, written = _finish_files(out, [(os.path.basename(out.out) if out.single_file else rel, f)],
+        names, written = finish_files(out, [(os.path.basename(out.out) if out.single_file else rel, f)],
                                        metadata(), None)  # fmt: skip
         out.commit()
     except BaseException:
@@ -382,7 +381,7 @@ def compress(
         A :class:`CompressionSummary`: per tensor and in total, bytes before/after, relative Frobenius error
         ‖τ − τ̂‖/‖τ‖ and cosine(τ, τ̂) of what a reader of the output gets back.
     """
-    from capmerge.api import name_filter
+    from capmerge.io.names import name_filter
 
     t0 = time.perf_counter()
     kind = _check_options(rank, energy, density, bits)

@@ -15,7 +15,7 @@ plain equality.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from capmerge.errors import MismatchError, UsageError
 from capmerge.io.checkpoint import Checkpoint, TensorInfo
@@ -169,3 +169,32 @@ def _drop_tied(
     if ties:
         cks = [ck.renamed({n: t for n, t in ck.tensors.items() if n not in ties}) for ck in cks]
     return cks[0], cks[1:], notes, ties
+
+
+def _compile(patterns: Iterable[str] | str | None, what: str) -> list[re.Pattern[str]]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise UsageError(f"invalid {what} regex {p!r}: {e}") from None
+    return out
+
+
+def name_filter(include: Iterable[str] | str | None, exclude: Iterable[str] | str | None) -> Callable[[str], bool]:
+    """``re.search`` semantics: a name enters when it matches any include (or there is none) and no exclude."""
+    inc, exc = _compile(include, "--include"), _compile(exclude, "--exclude")
+    return lambda n: (not inc or any(p.search(n) for p in inc)) and not any(p.search(n) for p in exc)
+
+
+def name_mismatch(a: list[str], a_label: str, b: list[str], b_label: str) -> str:
+    parts = []
+    for names, label in ((a, a_label), (b, b_label)):
+        if names:
+            shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+            parts.append(f"{len(names)} only in {label} ({shown})")
+    return "tensor names differ: " + "; ".join(parts)

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -332,3 +333,42 @@ def _rename_exchange(a: Path, b: Path) -> bool:
     at_fdcwd, rename_exchange = -100, 2
     rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
     return rc == 0
+
+
+VECTOR_NAME = "capvector"  # the stem of a vector's files: capvector.safetensors, capvector-partN.safetensors
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+def parse_size(size: int | str) -> int:
+    """``5GB`` → 5·10⁹, ``2GiB`` → 2·2³⁰, ``500MB``, plain integers = bytes (as huggingface_hub does)."""
+    if isinstance(size, int):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), flags=re.IGNORECASE)
+        if not m or m.group(2).upper() not in _SIZE_UNITS:
+            raise UsageError(f"invalid size {size!r} (use e.g. 5GB, 500MB, 2GiB)")
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise UsageError(f"size must be positive: {size!r}")
+    return n
+
+
+def finish_files(
+    out: Output, files: list[tuple[str, SafetensorsFile]], metadata: dict[str, str], index_name: str | None
+) -> tuple[list[str], int]:
+    """Write headers, then the index when there are several files. Returns (file names, bytes written)."""
+    names, written, weight_map, total = [], 0, {}, 0
+    for name, f in files:
+        for e in f.entries:
+            weight_map[e.name] = name
+            total += e.end - e.begin
+        written += f.finish(metadata)
+        names.append(name)
+    if index_name is not None:
+        index = {"metadata": {"total_size": total, **metadata}, "weight_map": dict(sorted(weight_map.items()))}
+        text = json.dumps(index, indent=2) + "\n"
+        out.write_text(index_name, text)
+        written += len(text.encode())
+        names.append(index_name)
+    return names, written

@@ -13,17 +13,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from capmerge._version import __version__
-from capmerge.api import PathLike, Summary, _finish_files, _name_mismatch, _refs, _start_progress, parse_dtype
 from capmerge.errors import MismatchError, UsageError
-from capmerge.io.checkpoint import Checkpoint
-from capmerge.io.names import normalise
+from capmerge.io.checkpoint import Checkpoint, PathLike, parse_dtype
+from capmerge.io.names import name_mismatch, normalise
 from capmerge.io.open import open_checkpoint
-from capmerge.io.writer import Output
+from capmerge.io.writer import Output, finish_files
 from capmerge.merge.engine import Job, Sink, run
 from capmerge.merge.masks import TensorMask, check_template, count_layers, expand_template
 from capmerge.merge.methods import MergeOptions, resolve
 from capmerge.merge.overrides import Overrides, TensorParams
 from capmerge.merge.plan import Term, merge_job
+from capmerge.merge.summary import Summary, input_ref, start_progress
 
 
 def _as_list(x: Any) -> list[Any]:
@@ -93,13 +93,13 @@ def _check_names(base: Checkpoint, terms: list[Term], allow_missing: bool, skipp
             fb = {n for n, i in t.b.tensors.items() if i.is_float}
             if fa != fb and not allow_missing:
                 raise MismatchError(
-                    _name_mismatch(sorted(fa - fb), t.a.ref, sorted(fb - fa), t.b.ref) + "; use --allow-missing",
+                    name_mismatch(sorted(fa - fb), t.a.ref, sorted(fb - fa), t.b.ref) + "; use --allow-missing",
                     t.label,
                 )
         for ck in sides:
             missing = [n for n, i in ck.tensors.items() if n not in base.tensors and i.is_float]
             if missing and not allow_missing:
-                raise MismatchError(_name_mismatch(missing, "the vector", [], "") + "; use --allow-missing", ck.ref)
+                raise MismatchError(name_mismatch(missing, "the vector", [], "") + "; use --allow-missing", ck.ref)
             for n in missing:
                 skipped[n] = f"not in BASE ({ck.ref})"
 
@@ -169,7 +169,7 @@ def apply(
         ModelAsVectorError: a checkpoint of ``vectors`` is evidently a model (before anything is written).
 
     Returns:
-        A :class:`~capmerge.api.Summary`; ``outputs`` lists every output of a sweep.
+        A :class:`~capmerge.merge.summary.Summary`; ``outputs`` lists every output of a sweep.
     """
     from capmerge.kernels.device import resolve_device
 
@@ -283,7 +283,7 @@ def apply(
                 files = [out.open_file(s, [(j.name, j.out_dtype, j.shape) for j in jobs if j.sink == i])
                          for i, s in enumerate(shard_names)]  # fmt: skip
             sinks.append(Sink(files))
-        _start_progress(progress, jobs)
+        start_progress(progress, jobs)
         stats = run(jobs, sinks, allow_nonfinite=allow_nonfinite, progress=progress, device=dev)
         for vi, v in enumerate(variants):
             for ai, a in enumerate(alphas):
@@ -303,7 +303,7 @@ def apply(
                 index_name = None
                 if not out.single_file and ck_b.sharded:
                     index_name = safetensors_name(os.path.basename(ck_b.index_path or "model.safetensors.index.json"))
-                files_written, nbytes = _finish_files(out, list(zip(names, sinks[vi * len(alphas) + ai].files,
+                files_written, nbytes = finish_files(out, list(zip(names, sinks[vi * len(alphas) + ai].files,
                                                                     strict=True)), metadata, index_name)  # fmt: skip
                 if not out.single_file:
                     if ck_b.root:
@@ -352,14 +352,14 @@ def _record(
     """What ``capmerge.json`` (and the ``capmerge.merge`` header key) records: enough to reproduce the output."""
     vecs = []
     for i, t in enumerate(terms):
-        v: dict[str, Any] = {**_refs(t.a), "weight": t.weight, "density": densities[i] if densities else 1.0}
+        v: dict[str, Any] = {**input_ref(t.a), "weight": t.weight, "density": densities[i] if densities else 1.0}
         if t.b is not None:
-            v["minus"] = _refs(t.b)
+            v["minus"] = input_ref(t.b)
         vecs.append(v)
     return {
         "capmerge_version": __version__,
         "command": "apply",
-        "base": _refs(base),
+        "base": input_ref(base),
         "vectors": vecs,
         "alpha": alpha,
         "alpha_gradient": list(alpha_gradient) if alpha_gradient is not None else None,

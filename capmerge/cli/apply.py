@@ -123,53 +123,28 @@ def apply_cmd(
         gradient = parse_float_list(alpha_gradient, "--alpha-gradient") if alpha_gradient else None
         weight_list = parse_float_list(weights, "--weights") if weights else None
         densities = parse_float_list(density, "--density") if density else None
-        if list_tensors:
-            from capmerge.merge.apply import list_tensors as _list
+        from capmerge.merge.options import ApplyOptions
 
-            desc = _list(base, vectors or [], include=include, exclude=exclude, layers=layers,
-                         layer_pattern=layer_pattern, add=add, sub=sub, rename=rename, key=key,
-                         trust_pickle=trust_pickle, alpha=alphas, alpha_gradient=gradient, method=method,
-                         weights=weight_list, density=densities, gamma=gamma, overrides=override)  # fmt: skip
+        opts = ApplyOptions(
+            alpha=alphas, dtype=dtype, method=method, weights=weight_list, density=densities, gamma=gamma, sign=sign,
+            normalize=normalize, rescale=rescale, seed=seed, include=include, exclude=exclude, layers=layers,
+            layer_pattern=layer_pattern, alpha_gradient=gradient, overrides=override, add=add or [], sub=sub or [],
+            allow_missing=allow_missing, force=force, allow_nonfinite=allow_nonfinite, device=device, rename=rename,
+            key=key, trust_pickle=trust_pickle, allow_model_as_vector=allow_model_as_vector,
+        )  # fmt: skip
+        if list_tensors:
+            from capmerge.merge.apply import describe
+
+            desc = describe(base, vectors or [], opts)
             _print_listing(desc, as_json, show_params=bool(override or alpha_gradient))
             return
         if not output:
             raise fail("missing option -o/--output (a .safetensors file or a directory)")
-        from capmerge.merge.apply import apply
+        from capmerge.merge.apply import run_apply
 
         progress = Progress(not quiet, "apply")
         try:
-            summary = apply(
-                base,
-                vectors or [],
-                output,
-                alpha=alphas,
-                dtype=dtype,
-                method=method,
-                weights=weight_list,
-                density=densities,
-                gamma=gamma,
-                sign=sign,
-                normalize=normalize,
-                rescale=rescale,
-                seed=seed,
-                include=include,
-                exclude=exclude,
-                layers=layers,
-                layer_pattern=layer_pattern,
-                alpha_gradient=gradient,
-                overrides=override,
-                add=add or [],
-                sub=sub or [],
-                allow_missing=allow_missing,
-                force=force,
-                allow_nonfinite=allow_nonfinite,
-                progress=progress,
-                device=device,
-                rename=rename,
-                key=key,
-                trust_pickle=trust_pickle,
-                allow_model_as_vector=allow_model_as_vector,
-            )
+            summary = run_apply(base, vectors or [], output, opts, progress=progress)
         finally:
             progress.close()
     report(summary, quiet=quiet, as_json=as_json)

@@ -10,28 +10,22 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from capmerge._version import __version__
 from capmerge.errors import MismatchError, UsageError
-from capmerge.io.checkpoint import Checkpoint, PathLike, parse_dtype
+from capmerge.io.checkpoint import Checkpoint, PathLike, TensorInfo, parse_dtype
 from capmerge.io.names import name_mismatch, normalise
 from capmerge.io.open import open_checkpoint
 from capmerge.io.writer import Output, finish_files
 from capmerge.merge.engine import Job, Sink, run
 from capmerge.merge.masks import TensorMask, check_template, count_layers, expand_template
 from capmerge.merge.methods import MergeOptions, resolve
-from capmerge.merge.overrides import Overrides, TensorParams
+from capmerge.merge.options import ApplyOptions, as_list
+from capmerge.merge.overrides import Overrides
 from capmerge.merge.plan import Term, merge_job
 from capmerge.merge.summary import Summary, input_ref, start_progress
-
-
-def _as_list(x: Any) -> list[Any]:
-    if x is None:
-        return []
-    if isinstance(x, str | os.PathLike | Checkpoint | int | float):
-        return [x]
-    return list(x)
 
 
 def safetensors_name(name: str) -> str:
@@ -171,211 +165,292 @@ def apply(
     Returns:
         A :class:`~capmerge.merge.summary.Summary`; ``outputs`` lists every output of a sweep.
     """
-    from capmerge.kernels.device import resolve_device
+    opts = ApplyOptions(
+        alpha=alpha,
+        dtype=dtype,
+        method=method,
+        weights=weights,
+        density=density,
+        gamma=gamma,
+        sign=sign,
+        normalize=normalize,
+        rescale=rescale,
+        seed=seed,
+        include=include,
+        exclude=exclude,
+        layers=layers,
+        layer_pattern=layer_pattern,
+        alpha_gradient=alpha_gradient,
+        overrides=overrides,
+        add=add,
+        sub=sub,
+        allow_missing=allow_missing,
+        force=force,
+        allow_nonfinite=allow_nonfinite,
+        device=device,
+        rename=rename,
+        key=key,
+        trust_pickle=trust_pickle,
+        allow_model_as_vector=allow_model_as_vector,
+    )
+    return run_apply(base, vectors, output, opts, progress=progress)
 
+
+@dataclass
+class _Merge:
+    """A planned merge: the opened inputs, the resolved options and one job per base tensor."""
+
+    base: Checkpoint
+    terms: list[Term]
+    opts: ApplyOptions
+    out_tmpl: str
+    code: str | None
+    device: str
+    summary: Summary
+    ties: dict[str, str]
+    options: MergeOptions = field(default_factory=MergeOptions)
+    variants: list[tuple[float, ...]] = field(default_factory=list)
+    mask: TensorMask = field(default_factory=TensorMask.build)
+    ovr: Overrides = field(default_factory=lambda: Overrides.build(None))
+    jobs: list[Job] = field(default_factory=list)
+    shard_names: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.base.close()
+        for t in self.terms:
+            t.a.close()
+            if t.b is not None and t.b is not self.base:
+                t.b.close()
+
+
+def run_apply(
+    base: PathLike | Checkpoint,
+    vectors: Sequence[PathLike | Checkpoint] | PathLike | Checkpoint,
+    output: PathLike | None,
+    opts: ApplyOptions,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> Summary:
+    """:func:`apply` with its options gathered in one :class:`ApplyOptions` (what the CLI and recipes call)."""
     t0 = time.perf_counter()
     if output is None:
         raise UsageError("no output given")
-    out_tmpl = os.fspath(output)
-    code = parse_dtype(dtype, allow_auto=True)
-    dev = resolve_device(device)
-    alphas = [float(a) for a in _as_list(alpha)] or [1.0]
-    opts = {"key": key, "trust_pickle": trust_pickle}
-    ck_b = open_checkpoint(base, **opts)
-    ck_b, terms, notes, ties = build_terms(ck_b, _as_list(vectors), _as_list(add), _as_list(sub), weights,
-                                           rename=rename, opts=opts)  # fmt: skip
-    dens_list = [float(d) for d in _as_list(density)]
-    density_sweep = "{density}" in out_tmpl
-    check_template(out_tmpl, "alpha", alphas)
-    check_template(out_tmpl, "density", dens_list if density_sweep else [0.0])
-    options = resolve(
-        method, prune=None, density=None if density_sweep or not dens_list else dens_list, gamma=gamma, sign=sign,
-        normalize=normalize, rescale=rescale, seed=seed, n_vectors=len(terms),
+    m = _open(base, vectors, os.fspath(output), opts)
+    try:
+        _plan(m)
+        stats = _write(m, progress)
+    finally:
+        m.close()
+    s = m.summary
+    s.tensors_written, s.tensors_changed = stats.tensors_written, stats.tensors_computed
+    s.tensors_unchanged, s.tensors_skipped = stats.tensors_copied, len(s.skipped)
+    s.bytes_read, s.bytes_reread = stats.bytes_read, stats.bytes_reread
+    s.seconds = time.perf_counter() - t0
+    return s
+
+
+def _open(base: PathLike | Checkpoint, vectors: Any, out_tmpl: str, opts: ApplyOptions) -> _Merge:
+    """Open BASE and the vectors, pair their names, resolve the method, the sweep, the mask and the overrides."""
+    from capmerge.kernels.device import resolve_device
+
+    code = parse_dtype(opts.dtype, allow_auto=True)
+    dev = resolve_device(opts.device)
+    ck_b = open_checkpoint(base, **opts.open_opts)
+    ck_b, terms, notes, ties = build_terms(ck_b, as_list(vectors), opts.add, opts.sub, opts.weights,
+                                           rename=opts.rename, opts=opts.open_opts)  # fmt: skip
+    m = _Merge(ck_b, terms, opts, out_tmpl, code, dev, Summary("apply", out_tmpl, notes=notes, tied=ties), ties)
+    try:
+        _resolve(m)
+    except BaseException:
+        m.close()
+        raise
+    return m
+
+
+def _resolve(m: _Merge) -> None:
+    o, alphas, dens_list = m.opts, m.opts.alpha, list(m.opts.density)
+    density_sweep = "{density}" in m.out_tmpl
+    check_template(m.out_tmpl, "alpha", list(alphas))
+    check_template(m.out_tmpl, "density", dens_list if density_sweep else [0.0])
+    m.options = resolve(
+        o.method, prune=None, density=None if density_sweep or not dens_list else dens_list, gamma=o.gamma,
+        sign=o.sign, normalize=o.normalize, rescale=o.rescale, seed=o.seed, n_vectors=len(m.terms),
     )  # fmt: skip
     if density_sweep:
         for d in dens_list:
-            resolve(method, density=d)  # validates each swept value
-        variants = [tuple(d for _ in terms) for d in dens_list or [1.0]]
+            resolve(o.method, density=d)  # validates each swept value
+        m.variants = [tuple(d for _ in m.terms) for d in dens_list or [1.0]]
     else:
-        variants = [tuple(options.density_for(i) for i in range(len(terms)))]
-    if alpha_gradient is not None and len(alphas) > 1:
+        m.variants = [tuple(m.options.density_for(i) for i in range(len(m.terms)))]
+    if o.alpha_gradient is not None and len(alphas) > 1:
         raise UsageError("--alpha-gradient cannot be combined with an --alpha sweep")
-    mask = TensorMask.build(include=include, exclude=exclude, layers=layers, layer_pattern=layer_pattern)
-    ovr = Overrides.build(overrides, n_vectors=len(terms), alpha_gradient=alpha_gradient)
-    n_layers = count_layers(ck_b.tensors, layer_pattern) if ovr.needs_layers else 0
-    summary = Summary("apply", out_tmpl, notes=notes, tied=ties)
-    resolved: list[TensorParams] = []
-    if not allow_model_as_vector:  # first: a model's other mismatches (names, buffers) would only mislead
+    m.mask = TensorMask.build(include=o.include, exclude=o.exclude, layers=o.layers, layer_pattern=o.layer_pattern)
+    m.ovr = Overrides.build(o.overrides, n_vectors=len(m.terms), alpha_gradient=o.alpha_gradient)
+    if not o.allow_model_as_vector:  # first: a model's other mismatches (names, buffers) would only mislead
         from capmerge.merge.vectorcheck import check_checkpoint
 
-        for t in terms:
+        for t in m.terms:
             if t.b is None:
-                check_checkpoint(t.a, ck_b)
-    _check_names(ck_b, terms, allow_missing, summary.skipped)
-    single_file = out_tmpl.endswith(".safetensors")
-    jobs: list[Job] = []
-    shard_names: list[str] = []
-    sink_of: dict[str, int] = {}
-    selected = 0
-    for name, ib in ck_b.tensors.items():
-        shard = safetensors_name(os.path.basename(ib.shard)) if ck_b.root is not None else "model.safetensors"
-        if shard not in sink_of:
-            sink_of[shard] = len(shard_names)
-            shard_names.append(shard)
-        sink = 0 if single_file else sink_of[shard]
-        touching = []
-        for ti, t in enumerate(terms):
-            ia = t.a.tensors.get(name)
-            ibb = t.b.tensors.get(name) if t.b is not None else None
-            if ia is None or (t.b is not None and ibb is None):
+                check_checkpoint(t.a, m.base)
+    _check_names(m.base, m.terms, o.allow_missing, m.summary.skipped)
+
+
+def _touching(m: _Merge, name: str, ib: TensorInfo) -> list[tuple[int, Term, TensorInfo, TensorInfo | None]] | None:
+    """The terms that change base tensor ``name`` (None: skipped for a shape mismatch under --allow-missing)."""
+    touching = []
+    for ti, t in enumerate(m.terms):
+        ia = t.a.tensors.get(name)
+        ibb = t.b.tensors.get(name) if t.b is not None else None
+        if ia is None or (t.b is not None and ibb is None):
+            continue
+        for info in (ia, ibb):
+            if info is None:
                 continue
-            for info in (ia, ibb):
-                if info is None:
-                    continue
-                if info.shape != ib.shape:
-                    if not allow_missing:
-                        raise MismatchError(f"shape mismatch: {list(ib.shape)} in BASE vs {list(info.shape)} in "
-                                            f"{t.label}", name)  # fmt: skip
-                    summary.skipped[name] = f"shape {list(info.shape)} in {t.label} vs {list(ib.shape)} in BASE"
-                    break
-                if not (info.is_float and ib.is_float):
-                    if (t.b is not None or allow_model_as_vector) and not info.is_float and not ib.is_float:
-                        break  # integer buffers of a checkpoint pair (or of a model added as is) are not part of τ
-                    raise MismatchError(f"cannot add a {info.dtype} vector tensor to a {ib.dtype} base tensor", name)
-            else:
-                touching.append((ti, t, ia, ibb))
-        is_selected = mask.selects(name)
-        if touching and is_selected:
-            selected += 1
-        out_dtype = code if (code and ib.is_float) else ib.dtype
+            if info.shape != ib.shape:
+                if not m.opts.allow_missing:
+                    raise MismatchError(f"shape mismatch: {list(ib.shape)} in BASE vs {list(info.shape)} in "
+                                        f"{t.label}", name)  # fmt: skip
+                m.summary.skipped[name] = f"shape {list(info.shape)} in {t.label} vs {list(ib.shape)} in BASE"
+                return None
+            if not (info.is_float and ib.is_float):
+                if (t.b is not None or m.opts.allow_model_as_vector) and not info.is_float and not ib.is_float:
+                    break  # integer buffers of a checkpoint pair (or of a model added as is) are not part of τ
+                raise MismatchError(f"cannot add a {info.dtype} vector tensor to a {ib.dtype} base tensor", name)
+        else:
+            touching.append((ti, t, ia, ibb))
+    return touching
+
+
+def _plan(m: _Merge) -> None:
+    """One job per base tensor, in the base's order: a copy, a cast, or a merge with its resolved parameters."""
+    o, alphas = m.opts, list(m.opts.alpha)
+    n_layers = count_layers(m.base.tensors, o.layer_pattern) if m.ovr.needs_layers else 0
+    single_file, sink_of, selected, resolved = m.out_tmpl.endswith(".safetensors"), {}, 0, []
+    for name, ib in m.base.tensors.items():
+        shard = safetensors_name(os.path.basename(ib.shard)) if m.base.root is not None else "model.safetensors"
+        if shard not in sink_of:
+            sink_of[shard] = len(m.shard_names)
+            m.shard_names.append(shard)
+        sink = 0 if single_file else sink_of[shard]
+        touching = _touching(m, name, ib) or []
+        is_selected = m.mask.selects(name)
+        selected += bool(touching and is_selected)
+        out_dtype = m.code if (m.code and ib.is_float) else ib.dtype
         if not touching or not is_selected:
             if out_dtype == ib.dtype:
-                jobs.append(Job(name, "copy", ib.dtype, ib.shape, [(ck_b, ib)], sink=sink))
+                m.jobs.append(Job(name, "copy", ib.dtype, ib.shape, [(m.base, ib)], sink=sink))
             else:  # a pure cast (no terms)
-                jobs.append(merge_job(name, (ck_b, ib), [], out_code=out_dtype, options=options, variants=[()],
-                                      alphas=[1.0] * len(alphas) * len(variants), sink=sink, device=dev))  # fmt: skip
+                m.jobs.append(merge_job(name, (m.base, ib), [], out_code=out_dtype, options=m.options, variants=[()],
+                                        alphas=[1.0] * len(alphas) * len(m.variants), sink=sink,
+                                        device=m.device))  # fmt: skip
             continue
-        p = ovr.resolve(name, n_layers=n_layers, layer_pattern=layer_pattern)
+        p = m.ovr.resolve(name, n_layers=n_layers, layer_pattern=o.layer_pattern)
         resolved.append(p)
         # an overridden α (or the gradient's) and an overridden density are pinned: the same in every sweep output
         tensor_alphas = alphas if p.alpha is None else [p.alpha] * len(alphas)
-        dens = p.per_vector("density", len(terms))
-        t_variants = variants if dens is None else [dens] * len(variants)
-        jobs.append(merge_job(name, (ck_b, ib), touching, out_code=out_dtype, options=p.merge_options(options),
-                              variants=t_variants, alphas=tensor_alphas, sink=sink, device=dev,
-                              weights=p.per_vector("weight", len(terms))))  # fmt: skip
-    if not mask.is_trivial and selected == 0:
+        dens = p.per_vector("density", len(m.terms))
+        t_variants = m.variants if dens is None else [dens] * len(m.variants)
+        m.jobs.append(merge_job(name, (m.base, ib), touching, out_code=out_dtype, options=p.merge_options(m.options),
+                                variants=t_variants, alphas=tensor_alphas, sink=sink, device=m.device,
+                                weights=p.per_vector("weight", len(m.terms))))  # fmt: skip
+    if not m.mask.is_trivial and selected == 0:
         raise UsageError("mask selects no tensors (check --include/--exclude/--layers)")
-    summary.warnings += ovr.unused(resolved)
-    outs_paths = [expand_template(out_tmpl, alpha=a, density=v[0] if v else 1.0) for v in variants for a in alphas]
-    if len(set(outs_paths)) != len(outs_paths):
+    m.summary.warnings += m.ovr.unused(resolved)
+
+
+def _write(m: _Merge, progress: Any) -> Any:
+    """Open one output per sweep point, stream every job into all of them, finish their files and commit."""
+    alphas = list(m.opts.alpha)
+    paths = [expand_template(m.out_tmpl, alpha=a, density=v[0] if v else 1.0) for v in m.variants for a in alphas]
+    if len(set(paths)) != len(paths):
         raise UsageError("the output template gives several outputs the same name")
-    inputs = [ck_b] + [c for t in terms for c in (t.a, t.b) if c is not None]
+    inputs = [m.base] + [c for t in m.terms for c in (t.a, t.b) if c is not None]
     outs: list[Output] = []
     try:
-        for p in outs_paths:
-            outs.append(Output(p, inputs, force=force))
-        sinks = []
-        for out in outs:
-            if out.single_file:
-                files = [out.open_file("", [(j.name, j.out_dtype, j.shape) for j in jobs])]
-            else:
-                files = [out.open_file(s, [(j.name, j.out_dtype, j.shape) for j in jobs if j.sink == i])
-                         for i, s in enumerate(shard_names)]  # fmt: skip
-            sinks.append(Sink(files))
-        start_progress(progress, jobs)
-        stats = run(jobs, sinks, allow_nonfinite=allow_nonfinite, progress=progress, device=dev)
-        for vi, v in enumerate(variants):
+        for p in paths:
+            outs.append(Output(p, inputs, force=m.opts.force))
+        sinks = [Sink(_open_files(m, out)) for out in outs]
+        start_progress(progress, m.jobs)
+        stats = run(m.jobs, sinks, allow_nonfinite=m.opts.allow_nonfinite, progress=progress, device=m.device)
+        for vi, v in enumerate(m.variants):
             for ai, a in enumerate(alphas):
-                out = outs[vi * len(alphas) + ai]
-                record = _record(ck_b, terms, options, v, a, alpha_gradient, mask, code, dtype, allow_missing, summary)
-                record["overrides"] = ovr.to_list() or None
-                metadata = {
-                    **ck_b.metadata,
-                    "format": "pt",
-                    "capmerge.kind": "merged",
-                    "capmerge.version": __version__,
-                    "capmerge.merge": json.dumps(record, separators=(",", ":")),
-                }
-                if ties:
-                    metadata["capmerge.tied"] = json.dumps(ties)
-                names = [os.path.basename(out.out)] if out.single_file else shard_names
-                index_name = None
-                if not out.single_file and ck_b.sharded:
-                    index_name = safetensors_name(os.path.basename(ck_b.index_path or "model.safetensors.index.json"))
-                files_written, nbytes = finish_files(out, list(zip(names, sinks[vi * len(alphas) + ai].files,
-                                                                    strict=True)), metadata, index_name)  # fmt: skip
-                if not out.single_file:
-                    if ck_b.root:
-                        copied, not_copied = out.copy_non_weight_files(ck_b.root)
-                        files_written += copied
-                        summary.files_skipped.update(not_copied)
-                    out.write_text("capmerge.json", json.dumps(record, indent=2) + "\n")
-                    files_written.append("capmerge.json")
-                summary.files += files_written
-                summary.bytes_written += nbytes
+                k = vi * len(alphas) + ai
+                _finish_output(m, outs[k], sinks[k], v, a)
         for out in outs:
             out.commit()
     except BaseException:
         for out in outs:
             out.abort()
         raise
-    finally:
-        ck_b.close()
-        for t in terms:
-            t.a.close()
-            if t.b is not None and t.b is not ck_b:
-                t.b.close()
-    summary.outputs = outs_paths
-    summary.tensors_written = stats.tensors_written
-    summary.tensors_changed = stats.tensors_computed
-    summary.tensors_unchanged = stats.tensors_copied
-    summary.tensors_skipped = len(summary.skipped)
-    summary.bytes_read, summary.bytes_reread = stats.bytes_read, stats.bytes_reread
-    summary.seconds = time.perf_counter() - t0
-    return summary
+    m.summary.outputs = paths
+    return stats
 
 
-def _record(
-    base: Checkpoint,
-    terms: list[Term],
-    options: MergeOptions,
-    densities: tuple[float, ...],
-    alpha: float,
-    alpha_gradient: Sequence[float] | None,
-    mask: TensorMask,
-    code: str | None,
-    dtype: str | None,
-    allow_missing: bool,
-    summary: Summary,
-) -> dict[str, Any]:
+def _open_files(m: _Merge, out: Output) -> list[Any]:
+    if out.single_file:
+        return [out.open_file("", [(j.name, j.out_dtype, j.shape) for j in m.jobs])]
+    return [out.open_file(s, [(j.name, j.out_dtype, j.shape) for j in m.jobs if j.sink == i])
+            for i, s in enumerate(m.shard_names)]  # fmt: skip
+
+
+def _finish_output(m: _Merge, out: Output, sink: Sink, densities: tuple[float, ...], alpha: float) -> None:
+    """Headers (with the merge record), the index, the base's side files and ``capmerge.json`` of one output."""
+    record = _record(m, densities, alpha)
+    metadata = {
+        **m.base.metadata,
+        "format": "pt",
+        "capmerge.kind": "merged",
+        "capmerge.version": __version__,
+        "capmerge.merge": json.dumps(record, separators=(",", ":")),
+    }
+    if m.ties:
+        metadata["capmerge.tied"] = json.dumps(m.ties)
+    names = [os.path.basename(out.out)] if out.single_file else m.shard_names
+    index_name = None
+    if not out.single_file and m.base.sharded:
+        index_name = safetensors_name(os.path.basename(m.base.index_path or "model.safetensors.index.json"))
+    written, nbytes = finish_files(out, list(zip(names, sink.files, strict=True)), metadata, index_name)
+    if not out.single_file:
+        if m.base.root:
+            copied, not_copied = out.copy_non_weight_files(m.base.root)
+            written += copied
+            m.summary.files_skipped.update(not_copied)
+        out.write_text("capmerge.json", json.dumps(record, indent=2) + "\n")
+        written.append("capmerge.json")
+    m.summary.files += written
+    m.summary.bytes_written += nbytes
+
+
+def _record(m: _Merge, densities: tuple[float, ...], alpha: float) -> dict[str, Any]:
     """What ``capmerge.json`` (and the ``capmerge.merge`` header key) records: enough to reproduce the output."""
     vecs = []
-    for i, t in enumerate(terms):
+    for i, t in enumerate(m.terms):
         v: dict[str, Any] = {**input_ref(t.a), "weight": t.weight, "density": densities[i] if densities else 1.0}
         if t.b is not None:
             v["minus"] = input_ref(t.b)
         vecs.append(v)
+    o, opt = m.opts, m.options
     return {
         "capmerge_version": __version__,
         "command": "apply",
-        "base": input_ref(base),
+        "base": input_ref(m.base),
         "vectors": vecs,
         "alpha": alpha,
-        "alpha_gradient": list(alpha_gradient) if alpha_gradient is not None else None,
-        "method": options.method,
+        "alpha_gradient": list(o.alpha_gradient) if o.alpha_gradient is not None else None,
+        "method": opt.method,
         "options": {
-            "prune": options.prune,
-            "gamma": options.gamma,
-            "sign": options.sign,
-            "normalize": options.normalize,
-            "rescale": options.rescale,
-            "seed": options.seed,
-        },
-        "mask": None if mask.is_trivial else repr(mask),
-        "dtype": dtype or "base",
-        "allow_missing": allow_missing,
-        "skipped": summary.skipped,
+            "prune": opt.prune,
+            "gamma": opt.gamma,
+            "sign": opt.sign,
+            "normalize": opt.normalize,
+            "rescale": opt.rescale,
+            "seed": opt.seed,
+        },  # fmt: skip
+        "mask": None if m.mask.is_trivial else repr(m.mask),
+        "dtype": o.dtype or "base",
+        "allow_missing": o.allow_missing,
+        "skipped": m.summary.skipped,
+        "overrides": m.ovr.to_list() or None,
     }
 
 
@@ -408,16 +483,39 @@ def list_tensors(
     ``density`` (one per vector; a list per vector for a ``{density}`` sweep is not expanded: the global values),
     ``gamma`` and ``overrides`` (parameter → 1-based number of the override that set it); ``warnings`` lists
     overrides that change nothing."""
-    opts = {"key": key, "trust_pickle": trust_pickle}
-    ck_b = open_checkpoint(base, **opts)
-    ck_b, terms, notes, ties = build_terms(ck_b, _as_list(vectors), _as_list(add), _as_list(sub), weights,
-                                           rename=rename, opts=opts)  # fmt: skip
-    mask = TensorMask.build(include=include, exclude=exclude, layers=layers, layer_pattern=layer_pattern)
+    opts = ApplyOptions(
+        include=include,
+        exclude=exclude,
+        layers=layers,
+        layer_pattern=layer_pattern,
+        add=add,
+        sub=sub,
+        rename=rename,
+        key=key,
+        trust_pickle=trust_pickle,
+        alpha=alpha,
+        alpha_gradient=alpha_gradient,
+        method=method,
+        weights=weights,
+        density=density,
+        gamma=gamma,
+        overrides=overrides,
+    )
+    return describe(base, vectors, opts)
+
+
+def describe(base: PathLike | Checkpoint, vectors: Any, opts: ApplyOptions) -> dict[str, Any]:
+    """:func:`list_tensors` with its options gathered in one :class:`ApplyOptions` (what the CLI calls)."""
+    o = opts
+    ck_b = open_checkpoint(base, **o.open_opts)
+    ck_b, terms, notes, ties = build_terms(ck_b, as_list(vectors), o.add, o.sub, o.weights, rename=o.rename,
+                                           opts=o.open_opts)  # fmt: skip
+    mask = TensorMask.build(include=o.include, exclude=o.exclude, layers=o.layers, layer_pattern=o.layer_pattern)
     touched = [n for n in ck_b.tensors if any(n in t.a.tensors for t in terms)]
     desc = mask.describe(touched)
     desc["params"], desc["warnings"] = _effective_params(
-        ck_b, desc["selected"], [t.weight for t in terms], alpha=alpha, alpha_gradient=alpha_gradient,
-        method=method, density=density, gamma=gamma, overrides=overrides, layer_pattern=layer_pattern,
+        ck_b, desc["selected"], [t.weight for t in terms], alpha=o.alpha, alpha_gradient=o.alpha_gradient,
+        method=o.method, density=o.density or None, gamma=o.gamma, overrides=o.overrides, layer_pattern=o.layer_pattern,
     )  # fmt: skip
     desc["untouched"] = [n for n in ck_b.tensors if n not in set(touched)]
     desc["counts"]["untouched"] = len(desc["untouched"])
@@ -449,8 +547,8 @@ def _effective_params(
     """Each selected tensor's α, weights (``weights``: the global one of each vector), densities and γ after
     ``--alpha-gradient`` and overrides."""
     n_vectors = len(weights)
-    alphas = [float(a) for a in _as_list(alpha)] or [1.0]
-    dens = [float(d) for d in _as_list(density)]
+    alphas = [float(a) for a in as_list(alpha)] or [1.0]
+    dens = [float(d) for d in as_list(density)]
     options = resolve(method, density=dens if len(dens) in (1, n_vectors) and dens else None, gamma=gamma)
     ovr = Overrides.build(overrides, n_vectors=n_vectors, alpha_gradient=alpha_gradient)
     n_layers = count_layers(base.tensors, layer_pattern) if ovr.needs_layers else 0

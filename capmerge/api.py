@@ -98,17 +98,48 @@ def diff(
     if _is_adapter(ck_b) or _is_adapter(ck_a):
         return _diff_adapters(ck_b, ck_a, summary, dense=dense, adapter_base=adapter_base, force=force, t0=t0,
                               opts={"key": key, "trust_pickle": trust_pickle})  # fmt: skip
-    if adapter_base is not None:  # it would change nothing: say so instead of ignoring it
-        ck_b.close()
+    try:
+        if adapter_base is not None:  # it would change nothing: say so instead of ignoring it
+            raise UsageError(
+                "--base is the base model of two LoRA adapters, but BASE and AUX are not adapters "
+                "(τ = AUX − BASE needs no other model: drop --base)",
+                os.fspath(adapter_base) if not isinstance(adapter_base, Checkpoint) else adapter_base.ref,
+            )
+        ck_b, (ck_a,), summary.notes, summary.tied = normalise(ck_b, [ck_a], rename=rename, labels=["BASE", "AUX"],
+                                                               symmetric=True)  # fmt: skip
+        summary.notes[:0] = [n for ck in (ck_b, ck_a) for n in getattr(ck, "notes", [])]
+        _pair_names(ck_b, ck_a, keep, allow_missing, summary)
+        jobs = _diff_jobs(ck_b, ck_a, keep, code, dev, summary)
+        out = Output(output, [ck_b, ck_a], force=force)
+        try:
+            planned = [(j.name, j.out_dtype, j.shape) for j in jobs]
+            if out.single_file:
+                sink = Sink([out.open_file(VECTOR_NAME + ".safetensors", planned)])
+            else:
+                sink = _SizeShardedSink(out, planned, max_shard)
+            start_progress(progress, jobs)
+            stats = run(jobs, sink, allow_nonfinite=allow_nonfinite, progress=progress, device=dev)
+            meta = _vector_metadata(ck_b, ck_a, dtype, code, stats, summary, command)
+            summary.files, summary.bytes_written = _finish_vector(out, sink, meta)
+            out.commit()
+        except BaseException:
+            out.abort()
+            raise
+    finally:
         ck_a.close()
-        raise UsageError(
-            "--base is the base model of two LoRA adapters, but BASE and AUX are not adapters "
-            "(τ = AUX − BASE needs no other model: drop --base)",
-            os.fspath(adapter_base) if not isinstance(adapter_base, Checkpoint) else adapter_base.ref,
-        )
-    ck_b, (ck_a,), summary.notes, summary.tied = normalise(ck_b, [ck_a], rename=rename, labels=["BASE", "AUX"],
-                                                           symmetric=True)  # fmt: skip
-    summary.notes[:0] = [n for ck in (ck_b, ck_a) for n in getattr(ck, "notes", [])]
+        ck_b.close()
+    summary.outputs = [summary.output]
+    summary.tensors_written = summary.tensors_changed = stats.tensors_written
+    summary.zero_tensors = stats.tensors_dropped
+    summary.tensors_unchanged = len(stats.tensors_dropped)
+    summary.bytes_read, summary.bytes_reread = stats.bytes_read, stats.bytes_reread
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _pair_names(ck_b: Checkpoint, ck_a: Checkpoint, keep: Callable[[str], bool], allow_missing: bool,
+                summary: Summary) -> None:  # fmt: skip
+    """Names on one side only: an error (or skipped with --allow-missing); integer buffers only reported."""
     only_base = [n for n in ck_b.tensors if n not in ck_a.tensors and keep(n)]
     only_aux = [n for n in ck_a.tensors if n not in ck_b.tensors and keep(n)]
     # Integer/bool buffers never enter a vector, so one present on one side only (e.g. a position_ids buffer that
@@ -123,6 +154,11 @@ def diff(
         summary.skipped[n] = "only in BASE"
     for n in only_aux:
         summary.skipped[n] = "only in AUX"
+
+
+def _diff_jobs(ck_b: Checkpoint, ck_a: Checkpoint, keep: Callable[[str], bool], code: str | None, dev: str,
+               summary: Summary) -> list[Job]:  # fmt: skip
+    """One difference job per floating tensor both sides hold, in AUX's order (all-zero results are dropped)."""
     jobs: list[Job] = []
     for name, ia in ck_a.tensors.items():
         if name not in ck_b.tensors or not keep(name):
@@ -139,68 +175,51 @@ def diff(
         kernel = functools.partial(_diff_kernel, out_code, ia.dtype, ib.dtype, dev)
         jobs.append(Job(name, "compute", out_code, ia.shape, [(ck_a, ia), (ck_b, ib)], kernel=kernel, drop_zero=True))
     summary.tensors_skipped = len(summary.skipped)
-    out = Output(output, [ck_b, ck_a], force=force)
-    try:
-        planned = [(j.name, j.out_dtype, j.shape) for j in jobs]
-        if out.single_file:
-            sink = Sink([out.open_file(VECTOR_NAME + ".safetensors", planned)])
-        else:
-            sink = _SizeShardedSink(out, planned, max_shard)
-        start_progress(progress, jobs)
-        stats = run(jobs, sink, allow_nonfinite=allow_nonfinite, progress=progress, device=dev)
-        metadata = {
-            "format": "pt",
-            "capmerge.kind": "capability-vector",
-            "capmerge.version": __version__,
-            "capmerge.base": ck_b.ref,
-            "capmerge.aux": ck_a.ref,
-            "capmerge.base_fingerprint": ck_b.fingerprint(),
-            "capmerge.aux_fingerprint": ck_a.fingerprint(),
-            "capmerge.dtype": dtype if code is None else str(dtype),
-            "capmerge.zero_tensors": str(len(stats.tensors_dropped)),
-            "capmerge.skipped_tensors": str(summary.tensors_skipped),
-        }
-        if summary.tied:
-            metadata["capmerge.tied"] = json.dumps(summary.tied)
-        if command:
-            metadata["capmerge.command"] = command
-        files = [f for f in sink.files if f.entries or len(sink.files) == 1]
-        for f in sink.files:
-            if f not in files:
-                f.close()
-                os.unlink(f.path)
-        if out.single_file:
-            named = [(os.path.basename(out.out), files[0])]
-            index_name = None
-        elif len(files) == 1:
-            os.rename(files[0].path, out.path_for(VECTOR_NAME + ".safetensors"))
-            files[0].path = str(out.path_for(VECTOR_NAME + ".safetensors"))
-            named = [(VECTOR_NAME + ".safetensors", files[0])]
-            index_name = None
-        else:
-            named = []
-            for i, f in enumerate(files):
-                name = f"{VECTOR_NAME}-{i + 1:05d}-of-{len(files):05d}.safetensors"
-                os.rename(f.path, out.path_for(name))
-                f.path = str(out.path_for(name))
-                named.append((name, f))
-            index_name = VECTOR_NAME + ".safetensors.index.json"
-        summary.files, summary.bytes_written = finish_files(out, named, metadata, index_name)
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
-    finally:
-        ck_a.close()
-        ck_b.close()
-    summary.outputs = [summary.output]
-    summary.tensors_written = stats.tensors_written
-    summary.tensors_changed = stats.tensors_written
-    summary.zero_tensors = stats.tensors_dropped
-    summary.tensors_unchanged = len(stats.tensors_dropped)
-    summary.bytes_read, summary.bytes_reread = stats.bytes_read, stats.bytes_reread
-    summary.seconds = time.perf_counter() - t0
-    return summary
+    return jobs
+
+
+def _vector_metadata(ck_b: Checkpoint, ck_a: Checkpoint, dtype: str, code: str | None, stats: Any, summary: Summary,
+                     command: str | None) -> dict[str, str]:  # fmt: skip
+    """The header's ``__metadata__`` of a capability vector: its kind, provenance and what was left out."""
+    metadata = {
+        "format": "pt",
+        "capmerge.kind": "capability-vector",
+        "capmerge.version": __version__,
+        "capmerge.base": ck_b.ref,
+        "capmerge.aux": ck_a.ref,
+        "capmerge.base_fingerprint": ck_b.fingerprint(),
+        "capmerge.aux_fingerprint": ck_a.fingerprint(),
+        "capmerge.dtype": dtype if code is None else str(dtype),
+        "capmerge.zero_tensors": str(len(stats.tensors_dropped)),
+        "capmerge.skipped_tensors": str(summary.tensors_skipped),
+    }
+    if summary.tied:
+        metadata["capmerge.tied"] = json.dumps(summary.tied)
+    if command:
+        metadata["capmerge.command"] = command
+    return metadata
+
+
+def _finish_vector(out: Output, sink: Sink, metadata: dict[str, str]) -> tuple[list[str], int]:
+    """Name the vector's files (one file, or numbered shards and an index), drop empty parts, write the headers."""
+    files = [f for f in sink.files if f.entries or len(sink.files) == 1]
+    for f in sink.files:
+        if f not in files:
+            f.close()
+            os.unlink(f.path)
+    if out.single_file:
+        return finish_files(out, [(os.path.basename(out.out), files[0])], metadata, None)
+    if len(files) == 1:
+        os.rename(files[0].path, out.path_for(VECTOR_NAME + ".safetensors"))
+        files[0].path = str(out.path_for(VECTOR_NAME + ".safetensors"))
+        return finish_files(out, [(VECTOR_NAME + ".safetensors", files[0])], metadata, None)
+    named = []
+    for i, f in enumerate(files):
+        name = f"{VECTOR_NAME}-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        os.rename(f.path, out.path_for(name))
+        f.path = str(out.path_for(name))
+        named.append((name, f))
+    return finish_files(out, named, metadata, VECTOR_NAME + ".safetensors.index.json")
 
 
 def diff_pairs(

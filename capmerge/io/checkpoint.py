@@ -216,6 +216,23 @@ def parse_header(path: str, head: bytes, raw_json: bytes, size: int) -> Header:
     n = header_length(path, head, size, raw_json[:1])
     if len(raw_json) != n:
         raise CheckpointError(f"header length field ({n} bytes) is larger than the file ({size} bytes)", path)
+    hdr = _decode_json(path, raw_json)
+    data_start = 8 + n
+    metadata = hdr.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError("invalid __metadata__ (must map strings to strings)", path)
+    entries = sorted(_entry(path, name, e) for name, e in hdr.items())
+    _check_layout(path, entries, size - data_start)
+    tensors = {
+        name: TensorInfo(name, dtype, shape, path, data_start + b, e - b) for b, e, name, dtype, shape in entries
+    }
+    return Header(path, head + raw_json, dict(metadata), tensors)
+
+
+def _decode_json(path: str, raw_json: bytes) -> dict[str, Any]:
+    """The header's JSON as serde_json reads it: UTF-8, no duplicate keys, no NaN, no lone surrogate, an object."""
     try:
         hdr = json.loads(
             raw_json.decode("utf-8"),
@@ -241,44 +258,41 @@ def parse_header(path: str, head: bytes, raw_json: bytes, size: int) -> Header:
             ) from None
     if not isinstance(hdr, dict):
         raise CheckpointError("not a safetensors file (header is not a JSON object)", path)
-    data_start = 8 + n
-    data_len = size - data_start
-    metadata = hdr.pop("__metadata__", None)
-    if metadata is None:
-        metadata = {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CheckpointError("invalid __metadata__ (must map strings to strings)", path)
-    entries: list[tuple[int, int, str, str, tuple[int, ...]]] = []
-    for name, e in hdr.items():
-        tensor = f"tensor {shown(name)}"
-        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
-            raise CheckpointError(f"invalid header entry for {tensor} (needs dtype, shape and data_offsets)", path)
-        dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            what = "unsupported" if isinstance(dtype, str) and dtype in OTHER_FORMAT_DTYPES else "unknown"
-            raise CheckpointError(f"{what} dtype {shown(dtype)} of {tensor}", path)
-        if not isinstance(shape, list) or not all(_u64(s) for s in shape):
-            raise CheckpointError(f"invalid shape {shown(shape)} of {tensor} (integers from 0 to 2**64-1)", path)
-        if not isinstance(offs, list) or len(offs) != 2 or not all(_u64(o) for o in offs):
-            raise CheckpointError(
-                f"invalid data_offsets {shown(offs)} of {tensor} (two integers from 0 to 2**64-1)", path
-            )
-        if offs[0] > offs[1]:
-            raise CheckpointError(f"invalid data_offsets {offs} of {tensor} (end before begin)", path)
-        numel = 1
-        for s in shape:  # in the reference's order: a 0 after an overflowing prefix does not save it
-            numel *= s
-            if numel >= _U64:
-                raise CheckpointError(f"shape {shown(shape)} of {tensor} overflows 64 bits", path)
-        nbits = numel * DTYPES[dtype][0] * 8
-        if nbits >= _U64:
+    return hdr
+
+
+def _entry(path: str, name: str, e: Any) -> tuple[int, int, str, str, tuple[int, ...]]:
+    """One tensor's entry checked as the reference checks it: (begin, end, name, dtype, shape)."""
+    tensor = f"tensor {shown(name)}"
+    if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+        raise CheckpointError(f"invalid header entry for {tensor} (needs dtype, shape and data_offsets)", path)
+    dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        what = "unsupported" if isinstance(dtype, str) and dtype in OTHER_FORMAT_DTYPES else "unknown"
+        raise CheckpointError(f"{what} dtype {shown(dtype)} of {tensor}", path)
+    if not isinstance(shape, list) or not all(_u64(s) for s in shape):
+        raise CheckpointError(f"invalid shape {shown(shape)} of {tensor} (integers from 0 to 2**64-1)", path)
+    if not isinstance(offs, list) or len(offs) != 2 or not all(_u64(o) for o in offs):
+        raise CheckpointError(f"invalid data_offsets {shown(offs)} of {tensor} (two integers from 0 to 2**64-1)", path)
+    if offs[0] > offs[1]:
+        raise CheckpointError(f"invalid data_offsets {offs} of {tensor} (end before begin)", path)
+    numel = 1
+    for s in shape:  # in the reference's order: a 0 after an overflowing prefix does not save it
+        numel *= s
+        if numel >= _U64:
             raise CheckpointError(f"shape {shown(shape)} of {tensor} overflows 64 bits", path)
-        if offs[1] - offs[0] != nbits // 8:
-            raise CheckpointError(
-                f"data_offsets {offs} of {tensor} do not match its shape {shown(shape)} and dtype {dtype}", path
-            )
-        entries.append((offs[0], offs[1], name, dtype, tuple(shape)))
-    entries.sort()
+    nbits = numel * DTYPES[dtype][0] * 8
+    if nbits >= _U64:
+        raise CheckpointError(f"shape {shown(shape)} of {tensor} overflows 64 bits", path)
+    if offs[1] - offs[0] != nbits // 8:
+        raise CheckpointError(
+            f"data_offsets {offs} of {tensor} do not match its shape {shown(shape)} and dtype {dtype}", path
+        )
+    return (offs[0], offs[1], name, dtype, tuple(shape))
+
+
+def _check_layout(path: str, entries: list[tuple[int, int, str, str, tuple[int, ...]]], data_len: int) -> None:
+    """Sorted by offset, the tensors tile the data exactly: no overlap, no hole, nothing past or after the end."""
     expected, prev_name = 0, None
     for b, e, name, _, _ in entries:
         if b < expected:
@@ -305,10 +319,6 @@ def parse_header(path: str, head: bytes, raw_json: bytes, size: int) -> Header:
             "(data_offsets must cover the data)",
             path,
         )
-    tensors = {
-        name: TensorInfo(name, dtype, shape, path, data_start + b, e - b) for b, e, name, dtype, shape in entries
-    }
-    return Header(path, head + raw_json, dict(metadata), tensors)
 
 
 @dataclass

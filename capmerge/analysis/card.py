@@ -48,6 +48,17 @@ def model_card(ck: Checkpoint, repo_id: str, *, recommended_alpha: float | None 
     meta = dict(ck.metadata)
     kind = meta.get("capmerge.kind") or ("merged" if "capmerge.merge" in meta else "checkpoint")
     is_vector = kind == "capability-vector" or getattr(ck, "kind", "dense") != "dense"
+    card_data = ModelCardData(**_card_data(meta, is_vector, recommended_alpha))
+    result = inspect([ck], by="layer")
+    lines = [f"# {repo_id.split('/')[-1]}", ""]
+    lines += _intro(meta, is_vector) + _size_and_layers(ck, result) + _usage(repo_id, is_vector, recommended_alpha)
+    card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n",
+                                   body="\n".join(lines))  # fmt: skip
+    return str(card)
+
+
+def _card_data(meta: dict[str, str], is_vector: bool, recommended_alpha: float | None) -> dict[str, Any]:
+    """The YAML front matter: library, tags, the Hub ids of the base models (and the relation for a merge)."""
     refs = [meta.get("capmerge.base"), meta.get("capmerge.aux")]
     if "capmerge.merge" in meta:  # a merged model: its base and the vectors merged into it
         try:
@@ -67,16 +78,12 @@ def model_card(ck: Checkpoint, repo_id: str, *, recommended_alpha: float | None 
             data["base_model_relation"] = "merge"
     if recommended_alpha is not None:
         data["recommended_alpha"] = recommended_alpha
-    card_data = ModelCardData(**data)
+    return data
 
-    result = inspect([ck], by="layer")
-    vec = result["vectors"][0]
-    layers = sorted(vec["layers"], key=lambda r: -r["share"])
-    rows = layers[:TOP_LAYERS]
-    dtypes = ", ".join(f"{d} ({v['tensors']} tensors)" for d, v in result["inputs"][0]["dtypes"].items())
-    params = result["inputs"][0]["params"]
 
-    lines = [f"# {repo_id.split('/')[-1]}", ""]
+def _intro(meta: dict[str, str], is_vector: bool) -> list[str]:
+    """What the repo holds, how it was made and the provenance keys of its header."""
+    lines: list[str] = []
     if is_vector:
         lines += [
             "A **capability vector** made with [capmerge](https://github.com/capmerge/capmerge): the weight "
@@ -97,7 +104,17 @@ def model_card(ck: Checkpoint, repo_id: str, *, recommended_alpha: float | None 
         lines += ["## Provenance (header metadata)", "", "| key | value |", "|---|---|"]
         lines += [f"| `{k}` | `{_cell(v)}` |" for k, v in prov if len(v) <= 200]
         lines += [""]
-    lines += [
+    return lines
+
+
+def _size_and_layers(ck: Checkpoint, result: dict[str, Any]) -> list[str]:
+    """Sizes, dtypes, fingerprint and the layers that hold most of ‖τ‖²."""
+    vec = result["vectors"][0]
+    layers = sorted(vec["layers"], key=lambda r: -r["share"])
+    rows = layers[:TOP_LAYERS]
+    dtypes = ", ".join(f"{d} ({v['tensors']} tensors)" for d, v in result["inputs"][0]["dtypes"].items())
+    params = result["inputs"][0]["params"]
+    lines = [
         "## Size",
         "",
         f"{len(ck.tensors)} tensors, {params:,} parameters, {_size(ck.nbytes)} of tensor data; dtypes: {dtypes}; "
@@ -114,7 +131,12 @@ def model_card(ck: Checkpoint, repo_id: str, *, recommended_alpha: float | None 
         share = sum(r["share"] for r in rest)
         lines += [f"| … {len(rest)} more | {sum(r['tensors'] for r in rest)} | {sum(r['numel'] for r in rest):,} "
                   f"| | {share:.4f} |"]  # fmt: skip
-    lines += [""]
+    return lines + [""]
+
+
+def _usage(repo_id: str, is_vector: bool, recommended_alpha: float | None) -> list[str]:
+    """How to apply the vector (or pull the model)."""
+    lines: list[str] = []
     if is_vector:
         alpha = recommended_alpha if recommended_alpha is not None else 0.5
         lines += [
@@ -132,9 +154,7 @@ def model_card(ck: Checkpoint, repo_id: str, *, recommended_alpha: float | None 
             lines += ["No recommended α was given; sweep a few values (`--alpha 0.3,0.5,0.8 -o 'out-{alpha}'`).", ""]
     else:
         lines += ["## How to use it", "", "```bash", f"capmerge pull {repo_id} -o model/", "```", ""]
-    card = ModelCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}\n",
-                                   body="\n".join(lines))  # fmt: skip
-    return str(card)
+    return lines
 
 
 def _cell(v: str) -> str:

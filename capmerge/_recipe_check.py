@@ -114,7 +114,7 @@ def _check_step(ctx: _Ctx, name: Any, body: Any, line: int) -> Step | None:
         ctx.err("a step is a mapping with an op: key", line, key)
         return None
     op = body.get("op")
-    if op not in SCHEMA:
+    if not isinstance(op, str) or op not in SCHEMA:
         what = "missing op:" if op is None else f"unknown op {op!r}"
         ctx.err(f"{what} (choose from {', '.join(SCHEMA)})", _yaml.line_of(body, "op") if op else line, f"{key}.op")
         return None

@@ -53,7 +53,7 @@ def model_card(ck: Checkpoint, repo_id: str, *, recommended_alpha: float | None 
         try:
             rec = json.loads(meta["capmerge.merge"])
             refs = [rec["base"]["ref"], *(v.get("ref") for v in rec.get("vectors", []))]
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             refs = []
     bases = list(dict.fromkeys(b for b in map(_hub_id, refs) if b))
     data: dict[str, Any] = {"library_name": "capmerge"}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capmerge import _json
 from capmerge.errors import AmbiguousCheckpointError, CheckpointError, CheckpointNotFoundError
 
 # safetensors dtype code -> (item size in bytes, is floating point)
@@ -113,10 +113,7 @@ def parse_header(path: str, head: bytes, raw_json: bytes, size: int) -> Header:
     """Validate a safetensors header given as bytes: the 8-byte length field, the JSON, and the file's size
     (for headers read without the file at hand, e.g. by ranged reads from the Hub)."""
     n = len(raw_json)
-    try:
-        hdr = json.loads(raw_json.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError("not a safetensors file (header is not valid JSON)", path) from None
+    hdr = _json.loads(raw_json, "not a safetensors file: the header", path)
     if not isinstance(hdr, dict):
         raise CheckpointError("not a safetensors file (header is not a JSON object)", path)
     data_start = 8 + n
@@ -129,7 +126,7 @@ def parse_header(path: str, head: bytes, raw_json: bytes, size: int) -> Header:
         if not isinstance(e, dict):
             raise CheckpointError(f"invalid header entry for tensor {name}", path)
         dtype, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"unsupported dtype {dtype!r} of tensor {name}", path)
         if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
             raise CheckpointError(f"invalid shape {shape!r} of tensor {name}", path)
@@ -451,9 +448,10 @@ def _open_dir(ref: str, path: Path, opts: dict[str, Any]) -> Checkpoint:
 def read_weight_map(index: Path) -> dict[str, str]:
     """The ``weight_map`` (tensor name → shard file) of a ``*.index.json``, validated."""
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read index: {e}", str(index)) from None
+        raw = index.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read index: {e.strerror or e}", str(index)) from None
+    data = _json.loads(raw, "index", str(index))
     wmap = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
         raise CheckpointError("index has no valid weight_map", str(index))

@@ -13,7 +13,6 @@ are deltas only against a base: :meth:`AdapterCheckpoint.with_base` binds one (`
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capmerge import _json
 from capmerge.checkpoint import Checkpoint, TensorInfo, read_header
 from capmerge.errors import CheckpointError, CheckpointNotFoundError, MismatchError, UsageError
 from capmerge.lazy import LazyCheckpoint, digest_of
@@ -95,10 +95,12 @@ def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
     """Open a PEFT LoRA adapter directory as a lazy vector of ΔW under the base model's names."""
     cfg_path = path / "adapter_config.json"
     try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        assert isinstance(config, dict)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError):
-        raise CheckpointError("adapter_config.json is not a valid JSON object", str(cfg_path)) from None
+        raw = cfg_path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read adapter_config.json: {e.strerror or e}", str(cfg_path)) from None
+    config = _json.loads(raw, "adapter_config.json", str(cfg_path))
+    if not isinstance(config, dict):
+        raise CheckpointError("adapter_config.json is not a valid JSON object", str(cfg_path))
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise CheckpointError(f"unsupported PEFT adapter type {peft_type} (only LoRA)", str(cfg_path))

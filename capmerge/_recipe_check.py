@@ -225,7 +225,7 @@ def _check_overrides(
             continue
         options[target] = _plainish(default)
         lines.setdefault(target, lines[k])
-    vectors = [*(options.get("vectors") or []), *(options.get("add") or [])]
+    vectors = [x for k in ("vectors", "add") for x in _items(options.get(k))]
     n_vectors = len(vectors) if vectors and all(isinstance(v, str) for v in vectors) else None
     plain: list[Any] = []
     for spec, line, where, keymap in entries:
@@ -246,6 +246,11 @@ def _check_overrides(
     if plain:
         options["overrides"] = plain
         lines.setdefault("overrides", min(lines[k] for k in lists))
+
+
+def _items(v: Any) -> list[Any]:
+    """An option's value as a list (a single ${steps.x} or unset ${var} stands for one or more items)."""
+    return [] if v is None else v if isinstance(v, list) else [v]
 
 
 def _plainish(v: Any) -> Any:

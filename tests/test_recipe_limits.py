@@ -232,3 +232,29 @@ def test_variables_referring_down_a_long_chain_stop_at_the_nesting_limit(tmp_pat
     m = re.fullmatch(r"error: value nests more than 64 levels deep .*\(r\.yaml:(\d+): vars\.(v\d+)\)\n", r.stderr)
     assert m, r.stderr
     assert int(m.group(1)) == line_of(text, f"  {m.group(2)}: "), r.stderr
+
+
+def test_filter_list_with_vectors_from_an_unset_variable_or_a_step(tmp_path: Path) -> None:
+    """``add: ${v}`` (unset) or ``add: ${steps.x}`` next to a filter list once failed with ``TypeError: Value after *
+    must be an iterable``: the number of vectors is unknown until the run, so per-vector counts are checked then."""
+    base, aux, _ = _pair(tmp_path)
+    path = tmp_path / "r.yaml"
+    for add in ("'${v}'", "'${steps.vec}'"):
+        path.write_text(textwrap.dedent(f"""\
+            vars:
+              v: null
+            steps:
+              vec: {{op: diff, base: {base}, aux: {aux}}}
+              merged:
+                op: apply
+                base: {base}
+                add: {add}
+                weights: [{{filter: w, value: 1.0}}, {{value: 0.5}}]
+            """))  # fmt: skip
+        r = runner.invoke(app, ["recipes", "validate", str(path)])
+        assert r.exit_code == 0 and r.stdout.startswith(f"ok: {path}: 2 steps"), (add, r.stderr)
+    r = runner.invoke(app, ["run", str(path), "--plan"])  # v has no value: that is the one error
+    assert (
+        r.exit_code == 2
+        and r.stderr == f"error: variable 'v' has no value (give v=... on the command line) ({path}:2: vars.v)\n"
+    )

@@ -121,15 +121,19 @@ def test_hostile_recipe_fails_fast_with_file_and_line(name: str, tmp_path: Path,
     if name == "alias bomb":
         assert len(text) < 700  # the 600-byte document
     before = tree_digest(tmp_path)
-    for args in (["recipes", "validate", "r.yaml"], ["run", "r.yaml", "--workdir", "work"]):
-        r = _capmerge(args, tmp_path, timeout)  # raises TimeoutExpired past the limit
-        assert r.returncode == 2, (args, r.stderr[:500])
-        lines = r.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[:1000]
-        assert message in lines[0], lines[0][:500]
-        assert lines[0].endswith(f" (r.yaml:{line})") or f" (r.yaml:{line}: " in lines[0], (line, lines[0][:500])
-        assert "Traceback" not in r.stderr and not r.stdout
+    r = _capmerge(["run", "r.yaml", "--workdir", "work"], tmp_path, timeout)  # TimeoutExpired past the limit
+    assert r.returncode == 2, r.stderr[:500]
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[:1000]
+    assert message in lines[0], lines[0][:500]
+    assert lines[0].endswith(f" (r.yaml:{line})") or f" (r.yaml:{line}: " in lines[0], (line, lines[0][:500])
+    assert "Traceback" not in r.stderr and not r.stdout
     assert tree_digest(tmp_path) == before and not (tmp_path / "work").exists()
+    # validating (the same reading of the file, in this process) gives the same line
+    v = runner.invoke(app, ["recipes", "validate", str(tmp_path / "r.yaml")])
+    assert v.exit_code == 2 and v.stderr == lines[0].replace("(r.yaml:", f"({tmp_path / 'r.yaml'}:") + "\n", v.stderr[
+        :500
+    ]
 
 
 def test_override_of_5000_digits_is_one_error(tmp_path: Path, timeout: float) -> None:

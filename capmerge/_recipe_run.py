@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from capmerge.errors import CapmergeError, UsageError
+from capmerge.errors import CapmergeError, ModelAsVectorError, UsageError
 from capmerge.recipe import INPUT, INPUTS, PAIR, SCHEMA, Recipe, Step, StepRef, file_identity, step_key
 
 STAMPS = ".capmerge-steps"
@@ -181,7 +181,13 @@ class _Runner:
                     o[k] = ",".join(map(str, o[k]))
                 elif isinstance(o.get(k), int):
                     o[k] = str(o[k])
-            s = apply(o.pop("base"), o.pop("vectors", []), o.pop("output"), **o)
+            try:
+                s = apply(o.pop("base"), o.pop("vectors", []), o.pop("output"), **o)
+            except ModelAsVectorError as e:  # the fix spelled in recipe keys, at the step's place in the recipe
+                from capmerge.vectorcheck import for_recipe
+
+                line = step.lines.get("vectors", step.line)
+                raise for_recipe(e, f"{step.name} ({self.recipe.path}:{line})") from None
             return list(s.outputs), s.to_dict()
         if step.op == "inspect":
             return self._inspect(opts)

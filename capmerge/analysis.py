@@ -211,10 +211,12 @@ def header_info(ck: Checkpoint) -> dict[str, Any]:
         params += info.numel
     size = sum(os.path.getsize(f) for f in ck.files if os.path.isfile(f))
     meta = dict(ck.metadata)
-    kind = getattr(ck, "kind", None) or meta.get("capmerge.kind") or "checkpoint"
     info: dict[str, Any] = {
         "ref": ck.ref,
-        "kind": kind,
+        # what the file is, from its header (capmerge.kind: capability-vector, merged, lora-adapter; "checkpoint"
+        # for files capmerge did not write) and how its tensors are stored (dense, lowrank, sparse)
+        "kind": meta.get("capmerge.kind") or ("merged" if "capmerge.merge" in meta else "checkpoint"),
+        "storage": getattr(ck, "kind", None) or "dense",
         "files": list(ck.files),
         "sharded": ck.sharded,
         "size_on_disk": size,

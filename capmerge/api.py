@@ -14,7 +14,7 @@ from typing import Any
 from capmerge import compute
 from capmerge._version import __version__
 from capmerge.checkpoint import DTYPE_NAMES, Checkpoint, open_checkpoint
-from capmerge.engine import Job, Sink, run
+from capmerge.engine import Job, Sink, read_total, run
 from capmerge.errors import MismatchError, UsageError
 from capmerge.names import normalise
 from capmerge.writer import Output, SafetensorsFile
@@ -90,7 +90,9 @@ class Summary:
     tensors_skipped: int = 0
     zero_tensors: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-    bytes_read: int = 0
+    files_skipped: dict[str, str] = field(default_factory=dict)  # side files of BASE not copied, and why
+    bytes_read: int = 0  # tensor data read from the inputs, each tensor once, as stored (what the progress bar counts)
+    bytes_reread: int = 0  # read a second time by the pruning passes (ties, dare, breadcrumbs, magnitude)
     bytes_written: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # renames, prefix normalisation, tied weights, unwrapped pickles
@@ -116,8 +118,9 @@ class Summary:
             parts.append(f"{self.tensors_unchanged} copied unchanged")
         parts.append(f"{self.tensors_skipped} skipped")
         gb = 1e9
+        reread = f" (+{self.bytes_reread / gb:.2f} GB re-read by the pruning pass)" if self.bytes_reread else ""
         return (
-            f"{self.command}: {', '.join(parts)}; read {self.bytes_read / gb:.2f} GB, wrote "
+            f"{self.command}: {', '.join(parts)}; read {self.bytes_read / gb:.2f} GB{reread}, wrote "
             f"{self.bytes_written / gb:.2f} GB in {self.seconds:.2f} s ({self.gb_per_s:.2f} GB/s) -> {self.output}"
         )
 
@@ -141,8 +144,7 @@ class _SizeShardedSink(Sink):
 
 def _start_progress(progress: Any, jobs: list[Job]) -> None:
     if hasattr(progress, "set_total"):
-        total = sum(info.nbytes for j in jobs for _, info in (j.inputs if j.op != "copy" else j.inputs[:1]))
-        progress.set_total(total, len(jobs))
+        progress.set_total(read_total(jobs), len(jobs))  # the same count as the summary's bytes_read
 
 
 def _refs(ck: Checkpoint) -> dict[str, str]:
@@ -230,6 +232,14 @@ def diff(
     if _is_adapter(ck_b) or _is_adapter(ck_a):
         return _diff_adapters(ck_b, ck_a, summary, dense=dense, adapter_base=adapter_base, force=force, t0=t0,
                               opts={"key": key, "trust_pickle": trust_pickle})  # fmt: skip
+    if adapter_base is not None:  # it would change nothing: say so instead of ignoring it
+        ck_b.close()
+        ck_a.close()
+        raise UsageError(
+            "--base is the base model of two LoRA adapters, but BASE and AUX are not adapters "
+            "(τ = AUX − BASE needs no other model: drop --base)",
+            os.fspath(adapter_base) if not isinstance(adapter_base, Checkpoint) else adapter_base.ref,
+        )
     ck_b, (ck_a,), summary.notes, summary.tied = normalise(ck_b, [ck_a], rename=rename, labels=["BASE", "AUX"],
                                                            symmetric=True)  # fmt: skip
     summary.notes[:0] = [n for ck in (ck_b, ck_a) for n in getattr(ck, "notes", [])]
@@ -317,11 +327,12 @@ def diff(
     finally:
         ck_a.close()
         ck_b.close()
+    summary.outputs = [summary.output]
     summary.tensors_written = stats.tensors_written
     summary.tensors_changed = stats.tensors_written
     summary.zero_tensors = stats.tensors_dropped
     summary.tensors_unchanged = len(stats.tensors_dropped)
-    summary.bytes_read = stats.bytes_read
+    summary.bytes_read, summary.bytes_reread = stats.bytes_read, stats.bytes_reread
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -379,8 +390,11 @@ def _diff_adapters(
     finally:
         if base_ck is not None:
             base_ck.close()
-    summary.files, summary.bytes_written = res["files"], res["bytes_written"]
+    summary.files, summary.bytes_written, summary.bytes_read = res["files"], res["bytes_written"], res["bytes_read"]
+    summary.outputs = [summary.output]
     summary.tensors_written = summary.tensors_changed = res["tensors_written"]
+    summary.zero_tensors = res["zero_tensors"]
+    summary.tensors_unchanged = len(summary.zero_tensors)
     form = "dense" if dense else f"low rank ({res['lowrank']} factor pairs, {res['dense']} dense)"
     summary.notes.append(f"LoRA adapters: τ = ΔW_aux − ΔW_sft written exactly in {form}")
     summary.seconds = time.perf_counter() - t0

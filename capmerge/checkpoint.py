@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
+import re
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,12 +44,16 @@ DTYPES: dict[str, tuple[int, bool]] = {
     "U8": (1, False),
     "BOOL": (1, False),
 }
+# Dtypes the format defines that capmerge does not compute with (refused as "unsupported", not "unknown").
+OTHER_FORMAT_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "C64"})
 # Names users pass on the command line -> safetensors codes.
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 # Single-file weight names a directory may hold (any other .safetensors name is ambiguous).
 KNOWN_SINGLE_NAMES = ("model.safetensors", "capvector.safetensors")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-MAX_HEADER = 100 * 1024 * 1024
+# The reference loader's limit on the header length (safetensors' MAX_HEADER_SIZE).
+MAX_HEADER = 100_000_000
+_U64 = 1 << 64
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Header key of capmerge vectors telling how tensors are stored: dense (absent), lowrank or sparse.
 VECTOR_FORMAT_KEY = "capmerge.vector_format"
@@ -88,85 +96,219 @@ class Header:
     tensors: dict[str, TensorInfo]  # in data-offset order
 
 
+def require_regular_file(path: str | os.PathLike[str]) -> os.stat_result:
+    """Refuse a FIFO, device, socket or directory before it is opened (opening a FIFO blocks until a writer comes;
+    a device never ends). Follows symlinks: a symlink to a regular file is fine."""
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError("no such file or directory", path) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read file: {e.strerror or e}", path) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"not a regular file ({_file_kind(st.st_mode)})", path)
+    return st
+
+
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):  # fmt: skip
+        if test(mode):
+            return what
+    return "not a plain file"
+
+
 def read_header(path: str | os.PathLike[str]) -> Header:
     """Read and validate the header of one safetensors file without reading tensor data."""
     path = os.fspath(path)
+    require_regular_file(path)
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError("not a safetensors file (shorter than 8 bytes)", path)
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > MAX_HEADER:
-                first = f.read(1)
-                if first != b"{":
-                    raise CheckpointError("not a safetensors file (no JSON header)", path)
-                raise CheckpointError(f"header length field ({n} bytes) is larger than the file ({size} bytes)", path)
-            raw_json = f.read(n)
+        # O_NONBLOCK: should the path have become a FIFO since the check, opening it still does not hang.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(f"not a regular file ({_file_kind(st.st_mode)})", path)
+            head, first = f.read(8), f.read(1)
+            n = header_length(path, head, st.st_size, first)
+            raw_json = first + f.read(n - 1)
     except OSError as e:
         raise CheckpointError(f"cannot read file: {e.strerror or e}", path) from e
-    return parse_header(path, head, raw_json, size)
+    return parse_header(path, head, raw_json, st.st_size)
+
+
+def header_length(path: str, head: bytes, size: int, first: bytes) -> int:
+    """The header length ``N`` from the first 8 bytes of a file of ``size`` bytes whose byte 8 is ``first``,
+    checked as the reference loader checks it (at least 8 bytes, ``N`` ≤ 100 000 000 and within the file) and
+    against the format's rule that the header begins with ``{``."""
+    if len(head) < 8:
+        raise CheckpointError("not a safetensors file (shorter than 8 bytes)", path)
+    (n,) = struct.unpack("<Q", head)
+    if n == 0:
+        raise CheckpointError("not a safetensors file (empty header)", path)
+    if first != b"{":
+        raise CheckpointError("not a safetensors file (the header does not begin with '{')", path)
+    if n > MAX_HEADER:
+        raise CheckpointError(f"header length field ({n} bytes) is over the format's limit of {MAX_HEADER}", path)
+    if n > size - 8:
+        raise CheckpointError(f"header length field ({n} bytes) is larger than the file ({size} bytes)", path)
+    return n
+
+
+class _BadJson(Exception):
+    """What makes a header's JSON invalid for the format although Python's json would take it."""
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook``: a key given twice is an error (the format forbids it; json.loads keeps the last)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _BadJson(f"duplicate name {shown(json.dumps(k))} in the header (the format forbids it)")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    # Python's json takes NaN and Infinity; JSON (and serde_json) does not
+    raise _BadJson(f"not a safetensors file (header is not valid JSON: {name} is no JSON number)")
+
+
+def _parse_int(text: str) -> Any:
+    # Past 20 digits a number cannot be a u64 anyway: read it as serde_json does (a float; out of range past ~1e308),
+    # which also spares int()'s 4300-digit limit.
+    if len(text) <= 20:
+        return int(text)
+    return _parse_float(text)
+
+
+def _parse_float(text: str) -> float:
+    x = float(text)
+    if math.isinf(x):
+        raise _BadJson("not a safetensors file (header is not valid JSON: a number out of range)")
+    return x
+
+
+def shown(x: Any, limit: int = 80) -> str:
+    """``x`` for an error line: strings quoted only when they hold control characters, JSON for the rest, cut to
+    ``limit`` characters (a hostile header may hold megabyte names or newlines)."""
+    text = x if isinstance(x, str) and x.isprintable() else json.dumps(x) if not isinstance(x, str) else repr(x)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _u64(x: Any) -> bool:
+    """A JSON integer the reference reads as ``usize``: not a bool, not a float, 0 ≤ x < 2**64."""
+    return type(x) is int and 0 <= x < _U64
 
 
 def parse_header(path: str, head: bytes, raw_json: bytes, size: int) -> Header:
     """Validate a safetensors header given as bytes: the 8-byte length field, the JSON, and the file's size
-    (for headers read without the file at hand, e.g. by ranged reads from the Hub)."""
-    n = len(raw_json)
-    hdr = _json.loads(raw_json, "not a safetensors file: the header", path)
+    (for headers read without the file at hand, e.g. by ranged reads from the Hub).
+
+    The one validation of the format in capmerge: the rules of the format's specification (header begins with
+    ``{``, no duplicate keys, ``__metadata__`` a string→string map, data offsets tiling the byte buffer with no
+    hole) and of the reference loader (``safetensors``' ``SafeTensors::read_metadata`` and ``Metadata::validate``:
+    JSON as serde_json reads it, shape entries and offsets unsigned 64-bit integers, byte counts that do not
+    overflow 64 bits, the last offset at the end of the file). A file that passes loads with ``safetensors``; one
+    that fails gets a message naming the tensor.
+    """
+    n = header_length(path, head, size, raw_json[:1])
+    if len(raw_json) != n:
+        raise CheckpointError(f"header length field ({n} bytes) is larger than the file ({size} bytes)", path)
+    try:
+        hdr = json.loads(
+            raw_json.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+        )
+    except UnicodeDecodeError:
+        raise CheckpointError("not a safetensors file (header is not valid UTF-8)", path) from None
+    except _BadJson as e:
+        raise CheckpointError(str(e), path) from None
+    except RecursionError:
+        raise CheckpointError("not a safetensors file (header is not valid JSON: nested too deeply)", path) from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"not a safetensors file (header is not valid JSON: {e.msg})", path) from None
+    if b"\\u" in raw_json:  # an escaped lone surrogate decodes to no Unicode string (serde_json refuses it)
+        try:
+            json.dumps(hdr, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise CheckpointError(
+                "not a safetensors file (header is not valid JSON: a \\u escape that is no character)", path
+            ) from None
     if not isinstance(hdr, dict):
         raise CheckpointError("not a safetensors file (header is not a JSON object)", path)
     data_start = 8 + n
     data_len = size - data_start
-    metadata = hdr.pop("__metadata__", None) or {}
+    metadata = hdr.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError("invalid __metadata__ (must map strings to strings)", path)
     entries: list[tuple[int, int, str, str, tuple[int, ...]]] = []
     for name, e in hdr.items():
-        if not isinstance(e, dict):
-            raise CheckpointError(f"invalid header entry for tensor {name}", path)
-        dtype, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+        tensor = f"tensor {shown(name)}"
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+            raise CheckpointError(f"invalid header entry for {tensor} (needs dtype, shape and data_offsets)", path)
+        dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise CheckpointError(f"unsupported dtype {dtype!r} of tensor {name}", path)
-        if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-            raise CheckpointError(f"invalid shape {shape!r} of tensor {name}", path)
-        if (
-            not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(isinstance(o, int) and o >= 0 for o in offs)
-            or offs[0] > offs[1]
-        ):
-            raise CheckpointError(f"invalid data_offsets {offs!r} of tensor {name}", path)
-        numel = 1
-        for s in shape:
-            numel *= s
-        if offs[1] - offs[0] != numel * DTYPES[dtype][0]:
+            what = "unsupported" if isinstance(dtype, str) and dtype in OTHER_FORMAT_DTYPES else "unknown"
+            raise CheckpointError(f"{what} dtype {shown(dtype)} of {tensor}", path)
+        if not isinstance(shape, list) or not all(_u64(s) for s in shape):
+            raise CheckpointError(f"invalid shape {shown(shape)} of {tensor} (integers from 0 to 2**64-1)", path)
+        if not isinstance(offs, list) or len(offs) != 2 or not all(_u64(o) for o in offs):
             raise CheckpointError(
-                f"data_offsets {offs} of tensor {name} do not match its shape {shape} and dtype {dtype}", path
+                f"invalid data_offsets {shown(offs)} of {tensor} (two integers from 0 to 2**64-1)", path
+            )
+        if offs[0] > offs[1]:
+            raise CheckpointError(f"invalid data_offsets {offs} of {tensor} (end before begin)", path)
+        numel = 1
+        for s in shape:  # in the reference's order: a 0 after an overflowing prefix does not save it
+            numel *= s
+            if numel >= _U64:
+                raise CheckpointError(f"shape {shown(shape)} of {tensor} overflows 64 bits", path)
+        nbits = numel * DTYPES[dtype][0] * 8
+        if nbits >= _U64:
+            raise CheckpointError(f"shape {shown(shape)} of {tensor} overflows 64 bits", path)
+        if offs[1] - offs[0] != nbits // 8:
+            raise CheckpointError(
+                f"data_offsets {offs} of {tensor} do not match its shape {shown(shape)} and dtype {dtype}", path
             )
         entries.append((offs[0], offs[1], name, dtype, tuple(shape)))
     entries.sort()
-    expected = 0
-    contiguous = True
-    prev_end, prev_name = 0, None
+    expected, prev_name = 0, None
     for b, e, name, _, _ in entries:
-        if b < prev_end and e > b:
-            raise CheckpointError(f"overlapping data_offsets: tensor {name} overlaps tensor {prev_name}", path)
-        contiguous = contiguous and b == expected
-        expected = e
-        if e > b:
-            prev_end, prev_name = max(prev_end, e), name
-    if entries and max(e for _, e, *_ in entries) > data_len:
-        if contiguous:
+        if b < expected:
             raise CheckpointError(
-                f"truncated data: the header needs {expected} bytes of tensor data, the file holds {data_len}", path
+                f"overlapping data_offsets: tensor {shown(name)} overlaps tensor {shown(prev_name)}", path
             )
-        bad = next(name for _, e, name, *_ in entries if e > data_len)
-        raise CheckpointError(f"data_offsets of tensor {bad} point past the end of the file", path)
+        if e > data_len:
+            if b == expected:
+                raise CheckpointError(
+                    f"truncated data: the header needs {e} bytes of tensor data, the file holds {data_len}", path
+                )
+            raise CheckpointError(f"data_offsets of tensor {shown(name)} point past the end of the file", path)
+        if b > expected:
+            where = f"between tensor {shown(prev_name)} and " if prev_name is not None else "before "
+            raise CheckpointError(
+                f"{b - expected} bytes of data {where}tensor {shown(name)} belong to no tensor "
+                "(data_offsets must cover the data)",
+                path,
+            )
+        expected, prev_name = e, name
+    if expected != data_len:
+        raise CheckpointError(
+            f"{data_len - expected} bytes after the last tensor's data belong to no tensor "
+            "(data_offsets must cover the data)",
+            path,
+        )
     tensors = {
         name: TensorInfo(name, dtype, shape, path, data_start + b, e - b) for b, e, name, dtype, shape in entries
     }
-    return Header(path, head + raw_json, {str(k): v for k, v in metadata.items()}, tensors)
+    return Header(path, head + raw_json, dict(metadata), tensors)
 
 
 @dataclass
@@ -242,7 +384,7 @@ class Checkpoint:
         fd = self._fds.get(path)
         if fd is None:
             try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
             except OSError as e:
                 raise CheckpointError(f"cannot open: {e.strerror or e}", path) from e
             prev = self._fds.setdefault(path, fd)  # two threads may open it at once: keep one descriptor
@@ -365,6 +507,7 @@ def open_checkpoint(
     opts = {"key": key, "trust_pickle": trust_pickle}
     if path.is_dir():
         return _vector_view(_open_dir(ref_s, path, opts))
+    require_regular_file(path)
     name = path.name
     if name.endswith(".safetensors.index.json"):
         return _vector_view(_open_index(ref_s, path))
@@ -390,7 +533,8 @@ def _vector_view(ck: Checkpoint) -> Checkpoint:
 
 
 def _open_dir(ref: str, path: Path, opts: dict[str, Any]) -> Checkpoint:
-    files = sorted(p.name for p in path.iterdir() if p.is_file())
+    # Everything but subdirectories: a FIFO or device under a weight name is refused by name when opened, not skipped.
+    files = sorted(p.name for p in path.iterdir() if not p.is_dir())
     if "adapter_config.json" in files:
         from capmerge.lora import open_adapter
 
@@ -446,7 +590,9 @@ def _open_dir(ref: str, path: Path, opts: dict[str, Any]) -> Checkpoint:
 
 
 def read_weight_map(index: Path) -> dict[str, str]:
-    """The ``weight_map`` (tensor name → shard file) of a ``*.index.json``, validated."""
+    """The ``weight_map`` (tensor name → shard file) of a ``*.index.json``, validated: every shard is a plain file
+    name, so that an index never leads outside its own directory."""
+    require_regular_file(index)
     try:
         raw = index.read_bytes()
     except OSError as e:
@@ -455,7 +601,45 @@ def read_weight_map(index: Path) -> dict[str, str]:
     wmap = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
         raise CheckpointError("index has no valid weight_map", str(index))
+    for name, shard in wmap.items():
+        if not is_plain_name(shard):
+            raise CheckpointError(
+                f"index names shard {shown(json.dumps(shard))} for tensor {shown(name)}: a shard must be a plain "
+                "file name in the index's directory (no path separator, no '..', not absolute)",
+                str(index),
+            )
     return wmap
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name with no directory part: no separator (``/`` or ``\\``), not ``.``/``..``, not empty, no NUL."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0") and not os.path.isabs(name)
+
+
+_HUB_CACHE_ENTRY = re.compile(r"(models|datasets|spaces)--.+")
+
+
+def checkpoint_bounds(root: str | os.PathLike[str]) -> list[str]:
+    """The real directories that files of the checkpoint directory ``root`` may lead into by symlinks: ``root``
+    itself and, when ``root`` is a snapshot of the Hugging Face cache, its cache entry (the ``models--org--name/``
+    folder holding ``snapshots/`` and ``blobs/``: the snapshot's files are symlinks into ``blobs/``)."""
+    bounds = [os.path.realpath(root)]
+    for start in (Path(os.path.abspath(root)), Path(bounds[0])):
+        for up in start.parents:
+            if up.name == "snapshots" and _HUB_CACHE_ENTRY.fullmatch(up.parent.name) and (up.parent / "blobs").is_dir():
+                bounds.append(os.path.realpath(up.parent))
+                break
+    return bounds
+
+
+def leads_outside(path: str | os.PathLike[str], bounds: list[str]) -> str | None:
+    """Where ``path`` really leads (symlinks resolved) when that is outside every directory of ``bounds``;
+    None when it stays inside one."""
+    real = os.path.realpath(path)
+    for b in bounds:
+        if real == b or real.startswith(b.rstrip(os.sep) + os.sep):
+            return None
+    return real
 
 
 def _open_index(ref: str, index: Path) -> Checkpoint:
@@ -465,7 +649,7 @@ def _open_index(ref: str, index: Path) -> Checkpoint:
     headers: dict[str, Header] = {}
     for s in shard_names:
         p = base / s
-        if not p.is_file():
+        if not p.exists():
             raise CheckpointError(f"index names a shard that does not exist: {s}", str(index))
         headers[s] = read_header(p)
     tensors: dict[str, TensorInfo] = {}

@@ -1,6 +1,6 @@
 """Compressed capability vectors: low-rank and sparse, each a valid safetensors file.
 
-File format (also in the README, "Formats"). The header's ``__metadata__`` holds
+File format (also in docs/formats.md, "Vector file format"). The header's ``__metadata__`` holds
 
 * ``capmerge.vector_format``: ``lowrank`` or ``sparse`` (absent or ``dense``: a plain vector, one tensor per name);
 * ``capmerge.tensors``: JSON ``{name: {"dtype": "BF16", "shape": [m, n], "storage": "dense" | "lowrank" | "sparse"}}``

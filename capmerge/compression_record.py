@@ -1,6 +1,6 @@
 """The compression record: what ``compress`` writes into a vector's header about itself, and how it is read back.
 
-Two ``__metadata__`` keys (the file format is in :mod:`capmerge.compression` and the README, "Formats"):
+Two ``__metadata__`` keys (the file format is in :mod:`capmerge.compression` and docs/formats.md):
 
 * ``capmerge.compression``: JSON of the options ``compress`` ran with;
 * ``capmerge.compression_report``: compact JSON of what it achieved, ``{"bytes_before", "bytes_after", "ratio",

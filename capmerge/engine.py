@@ -91,6 +91,23 @@ class Job:
     def out_nbytes(self) -> int:
         return self.numel * DTYPES[self.out_dtype][0]
 
+    @property
+    def read_nbytes(self) -> int:
+        """Bytes this job reads from its inputs, each once: what the progress bar and the summary's "read" count."""
+        return sum(stored_nbytes(ck, info) for ck, info in (self.inputs[:1] if self.op == "copy" else self.inputs))
+
+
+def stored_nbytes(ck: Checkpoint, info: TensorInfo) -> int:
+    """Bytes of tensor ``info`` as ``ck`` stores it: the factors of a low-rank tensor, the kept entries of a sparse one
+    (a compressed vector or a LoRA adapter is read as its factors, not as the dense view built from them)."""
+    stored = (getattr(ck, "storages", None) or {}).get(info.name)
+    return int(stored["nbytes"]) if stored and "nbytes" in stored else info.nbytes
+
+
+def read_total(jobs: list[Job]) -> int:
+    """Bytes ``run(jobs, ...)`` reports as read (``RunStats.bytes_read``), known before it starts."""
+    return sum(j.read_nbytes for j in jobs)
+
 
 class Sink:
     """Decides which file each output tensor goes to. The default: a fixed list of files."""
@@ -108,7 +125,8 @@ class RunStats:
     tensors_copied: int = 0
     tensors_computed: int = 0
     tensors_dropped: list[str] = field(default_factory=list)
-    bytes_read: int = 0
+    bytes_read: int = 0  # each input tensor once, as stored (see Job.read_nbytes); equals read_total(jobs)
+    bytes_reread: int = 0  # read again by prepare passes (pruning thresholds), on top of bytes_read
     seconds: float = 0.0
 
 
@@ -343,7 +361,7 @@ class _Pipeline:
                 t.join()
         if self.errors:
             raise self.errors[0]
-        self.stats.bytes_read += self._prepare_bytes
+        self.stats.bytes_reread += self._prepare_bytes
         self.stats.seconds = time.perf_counter() - t0
         return self.stats
 
@@ -379,7 +397,7 @@ class _Pipeline:
         files: list[SafetensorsFile] = []
         seen_nonzero = False
         skipped = 0
-        done_bytes = 0
+        done_bytes = job_start = 0
         while True:
             item = self._get(self.to_compute)
             if item is None:
@@ -393,14 +411,15 @@ class _Pipeline:
                     self._put(self.to_write, ("copy", f, off, ck, info))
                 st.tensors_copied += 1
                 st.tensors_written += 1
-                st.bytes_read += info.nbytes
-                done_bytes += info.nbytes
+                done_bytes += job.read_nbytes
+                st.bytes_read = done_bytes
                 self.progress(done_bytes, 1)
                 continue
             _, ji, s, e, slot, views = item
             job = self.jobs[ji]
             if ji != cur:
                 cur = ji
+                job_start = done_bytes
                 files = [sink.file_for(job) for sink in self.sinks]
                 offsets = [f.place(job.name, job.out_dtype, job.shape, job.out_nbytes) for f in files]
                 seen_nonzero = False
@@ -428,8 +447,9 @@ class _Pipeline:
                         self._put(self.to_write, ("zero", f, off, skipped))
                     self._put(self.to_write, ("write", f, off + s * osize, o, nbytes))
                 seen_nonzero = True
-            st.bytes_read += sum(len(v) for v in views)
-            done_bytes += sum(len(v) for v in views)
+            # the job's stored bytes, spread over its blocks (a low-rank input is read as its factors)
+            done_bytes = job_start + (job.read_nbytes * e // job.numel if job.numel else job.read_nbytes)
+            st.bytes_read = done_bytes
             last = e >= job.numel
             if last:
                 st.tensors_computed += 1

@@ -64,3 +64,14 @@ class HubError(CapmergeError, OSError):
 
 class HubNotFoundError(HubError, FileNotFoundError):
     """A Hub repo, revision or path that does not exist (or is private and no valid token was given)."""
+
+
+class SkippedFileWarning(UserWarning):
+    """A file left out of what is written or uploaded (e.g. a symlink leading outside the checkpoint directory)."""
+
+
+class ModelAsVectorError(UsageError):
+    """A whole model given where a capability vector belongs (θ instead of τ = θ − θ_base); ``reason`` says how
+    it was recognised (:mod:`capmerge.vectorcheck`)."""
+
+    reason: str = ""

@@ -20,7 +20,6 @@ import hashlib
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,14 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from capmerge.errors import CapmergeError, HubError, HubNotFoundError, OutputExistsError, UsageError
+from capmerge.errors import (
+    CapmergeError,
+    HubError,
+    HubNotFoundError,
+    OutputExistsError,
+    SkippedFileWarning,
+    UsageError,
+)
 
 PREFIX = "hf://"
 # What a checkpoint directory needs besides its weights: configs, tokenizer files, remote code, the card.
@@ -343,7 +349,7 @@ def _ranged_header(h: HubRef, commit: str, path: str, token: str | None) -> Any:
     from huggingface_hub import hf_hub_url
     from huggingface_hub.utils import build_hf_headers, get_session
 
-    from capmerge.checkpoint import MAX_HEADER, CheckpointError, parse_header
+    from capmerge.checkpoint import header_length, parse_header
 
     url = hf_hub_url(h.repo_id, path, revision=commit)
     session = get_session()
@@ -360,15 +366,12 @@ def _ranged_header(h: HubRef, commit: str, path: str, token: str | None) -> Any:
             total = int(r.headers.get("Content-Range", "/0").rsplit("/", 1)[-1] or 0)
             return data, total
 
-    first = get(0, 7)
+    first = get(0, 8)
     if first is None:
         return None
-    head, size = first
-    if len(head) != 8:
-        raise CheckpointError("not a safetensors file (shorter than 8 bytes)", url)
-    (n,) = struct.unpack("<Q", head)
-    if n > size - 8 or n > MAX_HEADER:
-        raise CheckpointError(f"header length field ({n} bytes) is larger than the file ({size} bytes)", url)
+    (data, size) = first
+    head = data[:8]
+    n = header_length(url, head, size, data[8:9])
     second = get(8, 8 + n - 1)
     if second is None:
         return None
@@ -449,7 +452,8 @@ def push(
 def _push_files(local: str, ck: Any) -> list[tuple[str, str]]:
     """(name in repo, local path): a single file goes up as ``capvector.safetensors`` (a vector) or
     ``model.safetensors``, the names a checkpoint directory is opened by; a directory with everything but a README
-    (the card replaces it) and hidden files."""
+    (the card replaces it), hidden files and side files that are symlinks leading outside the directory (or outside
+    its Hub cache entry), each of which is named in a :class:`~capmerge.errors.SkippedFileWarning`."""
     if os.path.isfile(local):
         from capmerge.checkpoint import KNOWN_SINGLE_NAMES
 
@@ -458,9 +462,24 @@ def _push_files(local: str, ck: Any) -> list[tuple[str, str]]:
             vector = ck.metadata.get("capmerge.kind") == "capability-vector" or getattr(ck, "kind", "dense") != "dense"
             name = "capvector.safetensors" if vector else "model.safetensors"
         return [(name, local)]
+    import warnings
+
+    from capmerge.checkpoint import checkpoint_bounds, leads_outside
+
     out = []
+    bounds = checkpoint_bounds(local)
+    # The checkpoint's own weights and index may be symlinks to anywhere (they were opened and checked as such).
+    weights = {os.path.realpath(f) for f in [*ck.files, *([ck.index_path] if ck.index_path else [])]}
     for p in sorted(Path(local).iterdir()):
         if p.is_file() and not p.name.startswith(".") and p.name != "README.md":
+            outside = leads_outside(p, bounds) if os.path.realpath(p) not in weights else None
+            if outside is not None:  # its content is not the checkpoint's: never upload it
+                warnings.warn(
+                    f"{p.name} not uploaded: a symlink leading outside {local} (to {outside})",
+                    SkippedFileWarning,
+                    stacklevel=3,
+                )
+                continue
             out.append((p.name, str(p)))
     return out
 

@@ -71,6 +71,7 @@ def apply_to_state_dict(
     alpha_gradient: Sequence[float] | None = None,
     overrides: Any = None,
     device: str | None = "auto",
+    allow_model_as_vector: bool = False,
 ) -> list[str]:
     """θ ← θ + α·δ in place, δ the merge of one or several vectors (mappings or checkpoint references).
 
@@ -86,6 +87,11 @@ def apply_to_state_dict(
 
     ``overrides``: per-tensor α, weights, densities, γ (:mod:`capmerge.overrides`, as in :func:`capmerge.apply`);
     an override that changes nothing is reported with :func:`warnings.warn`.
+
+    A vector that is evidently a whole model (the base's own finetune, not θ − θ_base) raises
+    :class:`~capmerge.errors.ModelAsVectorError` before anything changes, as in :func:`capmerge.apply`
+    (:mod:`capmerge.vectorcheck`); ``allow_model_as_vector=True`` adds it as it is (leaving out its integer
+    buffers).
     """
     import torch
 
@@ -106,6 +112,11 @@ def apply_to_state_dict(
     n_layers = count_layers(state_dict, layer_pattern) if ovr.needs_layers else 0
     params: dict[str, Any] = {}
     names: list[str] = []
+    if not allow_model_as_vector:  # first: a model's other mismatches (names, buffers) would only mislead
+        from capmerge.vectorcheck import check_state_dict
+
+        for i, vec in enumerate(vecs):
+            check_state_dict(state_dict, vec, label=f"vector {i + 1} of {len(vecs)}")
     for vec in vecs:
         missing = [n for n in vec if n not in state_dict]
         if missing and not allow_missing:
@@ -121,6 +132,8 @@ def apply_to_state_dict(
                     f"shape mismatch: {list(p.shape)} in the state dict vs {list(shape)} in the vector", n
                 )
             if not p.is_floating_point():
+                if allow_model_as_vector and not _is_float(vec, n):
+                    continue  # a model's integer buffers (position ids) are not part of the vector
                 raise MismatchError(f"cannot add a vector to a {p.dtype} tensor", n)
             if n not in names and mask.selects(n):
                 names.append(n)
@@ -153,6 +166,12 @@ def apply_to_state_dict(
                 p.copy_(x)
             done.append(n)
     return done
+
+
+def _is_float(vec: Mapping[str, Any], name: str) -> bool:
+    if isinstance(vec, LazyVector):
+        return vec.checkpoint.tensors[name].is_float
+    return bool(vec[name].is_floating_point())
 
 
 def _merge_with_torch(x: Any, name: str, raw: list[tuple[Any, float, float, int]], alpha: float, opts: Any) -> None:

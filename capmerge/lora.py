@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from capmerge import _json
-from capmerge.checkpoint import Checkpoint, TensorInfo, read_header
+from capmerge.checkpoint import Checkpoint, TensorInfo, read_header, require_regular_file
 from capmerge.errors import CheckpointError, CheckpointNotFoundError, MismatchError, UsageError
 from capmerge.lazy import LazyCheckpoint, digest_of
 
@@ -94,6 +94,7 @@ def _needs_base(name: str, ref: str) -> Callable[[], Any]:
 def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
     """Open a PEFT LoRA adapter directory as a lazy vector of ΔW under the base model's names."""
     cfg_path = path / "adapter_config.json"
+    require_regular_file(cfg_path)
     try:
         raw = cfg_path.read_bytes()
     except OSError as e:
@@ -106,11 +107,11 @@ def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
         raise CheckpointError(f"unsupported PEFT adapter type {peft_type} (only LoRA)", str(cfg_path))
     if config.get("use_dora"):
         raise CheckpointError("DoRA adapters are not a low-rank difference (use_dora: true)", str(cfg_path))
-    if (path / "adapter_model.safetensors").is_file():
+    if (path / "adapter_model.safetensors").exists():
         hdr = read_header(path / "adapter_model.safetensors")
         raw: Checkpoint = Checkpoint(str(path / "adapter_model.safetensors"), [hdr.path], hdr.tensors, hdr.metadata,
                                      headers=[hdr])  # fmt: skip
-    elif (path / "adapter_model.bin").is_file():
+    elif (path / "adapter_model.bin").exists():
         from capmerge.pickles import open_pickle
 
         raw = open_pickle(str(path / "adapter_model.bin"), path / "adapter_model.bin")
@@ -196,6 +197,21 @@ def _factors(raw: Checkpoint, a_name: str, b_name: str, scale: float, transposed
     return load
 
 
+def _zero_product(bs: list[Any], as_: list[Any]) -> bool:
+    """Whether Σ B_i·A_i (the terms of τ) is exactly zero without forming it: every term has a zero factor, or the
+    two terms are one adapter's factors against the other's, bit for bit (the same module in two adapters, e.g. the
+    same adapter saved twice). Forming the product instead would not always cancel to 0 in floating point."""
+    import torch
+
+    live = [(b, a) for b, a in zip(bs, as_, strict=True) if b.any() and a.any()]
+    if not live:
+        return True
+    if len(live) == 2:
+        (b1, a1), (b2, a2) = live
+        return torch.equal(b1, -b2) and torch.equal(a1, a2)
+    return False
+
+
 def _dense(factors: Callable[[], tuple[Any, Any]], code: str, shape: tuple[int, ...]) -> Callable[[], Any]:
     def load() -> Any:
         from capmerge.compression import lowrank_dense
@@ -260,6 +276,7 @@ def diff_adapters(
         else:
             planned.append((n, code, info.shape))
     ranks: dict[str, int] = {}
+    zero: list[str] = []  # τ is exactly zero: left out, as diff leaves out unchanged tensors
 
     def produce():
         for n in names:
@@ -273,6 +290,9 @@ def diff_adapters(
                     b, a = sft.factors[n]()
                     bs.append(-b)
                     as_.append(a)
+                if _zero_product(bs, as_):
+                    zero.append(n)
+                    continue
                 ranks[n] = sum(a.shape[0] for a in as_)
                 yield f"{n}.lora_B", torch.cat(bs, dim=1)
                 yield f"{n}.lora_A", torch.cat(as_, dim=0)
@@ -281,6 +301,9 @@ def diff_adapters(
             if n in aux.factors and n in sft.factors:  # dense, but still one exact product
                 ba, aa = aux.factors[n]()
                 bs_, as_s = sft.factors[n]()
+                if _zero_product([ba, -bs_], [aa, as_s]):  # the product in floating point might not cancel
+                    zero.append(n)
+                    continue
                 t = lowrank_dense(torch.cat([ba, -bs_], 1), torch.cat([aa, as_s], 0), code, shape)
             else:
                 acc = torch.zeros(shape, dtype=torch.float32)
@@ -290,9 +313,14 @@ def diff_adapters(
                         value = side.raw.read_tensor(side.full[n]) if both_full else side.read_tensor(n)
                         acc += sign * value.float()
                 t = acc.to(torch_dtype(code))
+            if not t.any():
+                zero.append(n)
+                continue
             yield n, t
 
     def metadata() -> dict[str, str]:
+        for n in zero:  # every tensor is written before this is called
+            del table[n]
         return vector_metadata("dense" if dense else "lowrank", table, {
             "capmerge.base": sft.ref,
             "capmerge.aux": aux.ref,
@@ -305,11 +333,15 @@ def diff_adapters(
     files, written = write_vector(output, [sft, aux, *([base] if base else [])], planned, produce(), metadata,
                                   force=force)  # fmt: skip
     return {
-        "tensors_written": len(names),
+        "tensors_written": len(names) - len(zero),
+        "zero_tensors": zero,
         "lowrank": sum(1 for e in table.values() if e["storage"] == "lowrank"),
         "dense": sum(1 for e in table.values() if e["storage"] == "dense"),
         "ranks": ranks,
         "files": files,
         "bytes_written": written,
+        # every stored tensor of both adapters is read once, and the base's weights that one-sided full weights need
+        "bytes_read": sum(i.nbytes for s in (sft, aux) for i in s.raw.tensors.values())  # type: ignore[union-attr]
+        + (sum(base.tensors[n].nbytes for n in needing if n in base.tensors) if base is not None else 0),
         "seconds": time.perf_counter() - t0,
     }

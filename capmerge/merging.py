@@ -134,6 +134,7 @@ def apply(
     rename: Sequence[str] | str | None = None,
     key: str | None = None,
     trust_pickle: bool = False,
+    allow_model_as_vector: bool = False,
 ) -> Summary:
     """Merge vectors into ``base``: θ_out = θ + α·δ (formulas in :mod:`capmerge.functional`).
 
@@ -159,6 +160,12 @@ def apply(
         add / sub: three-checkpoint form, τ_j = add_j − sub_j (add_j − base without ``sub``), computed on the fly.
         allow_missing / force / allow_nonfinite / progress / device / rename / key / trust_pickle: as in
             :func:`capmerge.diff` (vector names are paired with the base's; the output keeps the base's names).
+        allow_model_as_vector: add a checkpoint of ``vectors`` that is evidently a whole model as it is, instead
+            of refusing it (:mod:`capmerge.vectorcheck`; a model belongs in ``add``, which takes τ = model − base);
+            integer buffers of vectors (a model's position ids) are then left out, as for ``add``.
+
+    Raises:
+        ModelAsVectorError: a checkpoint of ``vectors`` is evidently a model (before anything is written).
 
     Returns:
         A :class:`~capmerge.api.Summary`; ``outputs`` lists every output of a sweep.
@@ -197,6 +204,12 @@ def apply(
     n_layers = count_layers(ck_b.tensors, layer_pattern) if ovr.needs_layers else 0
     summary = Summary("apply", out_tmpl, notes=notes, tied=ties)
     resolved: list[TensorParams] = []
+    if not allow_model_as_vector:  # first: a model's other mismatches (names, buffers) would only mislead
+        from capmerge.vectorcheck import check_checkpoint
+
+        for t in terms:
+            if t.b is None:
+                check_checkpoint(t.a, ck_b)
     _check_names(ck_b, terms, allow_missing, summary.skipped)
     single_file = out_tmpl.endswith(".safetensors")
     jobs: list[Job] = []
@@ -225,8 +238,8 @@ def apply(
                     summary.skipped[name] = f"shape {list(info.shape)} in {t.label} vs {list(ib.shape)} in BASE"
                     break
                 if not (info.is_float and ib.is_float):
-                    if t.b is not None and not info.is_float and not ib.is_float:
-                        break  # integer buffers of a checkpoint pair are not part of τ
+                    if (t.b is not None or allow_model_as_vector) and not info.is_float and not ib.is_float:
+                        break  # integer buffers of a checkpoint pair (or of a model added as is) are not part of τ
                     raise MismatchError(f"cannot add a {info.dtype} vector tensor to a {ib.dtype} base tensor", name)
             else:
                 touching.append((ti, t, ia, ibb))
@@ -293,7 +306,9 @@ def apply(
                                                                     strict=True)), metadata, index_name)  # fmt: skip
                 if not out.single_file:
                     if ck_b.root:
-                        files_written += out.copy_non_weight_files(ck_b.root)
+                        copied, not_copied = out.copy_non_weight_files(ck_b.root)
+                        files_written += copied
+                        summary.files_skipped.update(not_copied)
                     out.write_text("capmerge.json", json.dumps(record, indent=2) + "\n")
                     files_written.append("capmerge.json")
                 summary.files += files_written
@@ -315,7 +330,7 @@ def apply(
     summary.tensors_changed = stats.tensors_computed
     summary.tensors_unchanged = stats.tensors_copied
     summary.tensors_skipped = len(summary.skipped)
-    summary.bytes_read = stats.bytes_read
+    summary.bytes_read, summary.bytes_reread = stats.bytes_read, stats.bytes_reread
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from capmerge.checkpoint import TensorInfo, read_weight_map
+from capmerge.checkpoint import TensorInfo, read_weight_map, require_regular_file
 from capmerge.errors import CheckpointError
 from capmerge.lazy import LazyCheckpoint, digest_of
 
@@ -225,11 +225,8 @@ def _infos_of(tensors: dict[str, Any], path: str, where: str) -> tuple[dict[str,
 
 def open_pickle(ref: str, path: Path, *, key: str | None = None, trust_pickle: bool = False) -> LazyCheckpoint:
     """Open one ``.bin``/``.pt``/``.pth`` state dict as a lazy checkpoint (no tensor data read)."""
-    try:
-        if path.stat().st_size == 0:
-            raise CheckpointError("empty file, not a PyTorch checkpoint", str(path))
-    except OSError as e:
-        raise CheckpointError(f"cannot read file: {e.strerror or e}", str(path)) from None
+    if require_regular_file(path).st_size == 0:
+        raise CheckpointError("empty file, not a PyTorch checkpoint", str(path))
     obj = _torch_load(path, trust_pickle)
     tensors, notes = select_state_dict(obj, key, str(path))
     infos, tied = _infos_of(tensors, str(path), str(path))
@@ -258,7 +255,7 @@ def open_pickle_index(ref: str, index: Path, *, key: str | None = None, trust_pi
     files = []
     for shard in sorted(set(wmap.values())):
         p = index.parent / shard
-        if not p.is_file():
+        if not p.exists():
             raise CheckpointError(f"index names a shard that does not exist: {shard}", str(index))
         part = open_pickle(os.fspath(p), p, key=key, trust_pickle=trust_pickle)
         files.append(str(p))

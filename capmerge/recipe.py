@@ -96,6 +96,7 @@ SCHEMA: dict[str, dict[str, tuple[str, str, bool]]] = {
         "overrides": (OPTION, "overrides", False),
         "allow_missing": (OPTION, "bool", False),
         "allow_nonfinite": (OPTION, "bool", False),
+        "allow_model_as_vector": (OPTION, "bool", False),
         "force": (OPTION, "bool", False),
     },
     "inspect": {

@@ -116,14 +116,18 @@ def print_report(result: dict[str, Any], *, top: int = 20, file: Any = None) -> 
     """Print headers, per-group statistics and comparisons as rich tables (on stdout unless ``file``)."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     out = file if file is not None else sys.stdout
     # Not a terminal (a pipe, a log): wide enough that the columns keep their headers.
-    console = Console(file=out, highlight=False, width=None if out.isatty() else 160)
+    # markup off: paths, tensor names and labels print verbatim ("run[/x]/v.safetensors" is not a closing tag)
+    console = Console(file=out, highlight=False, markup=False, width=None if out.isatty() else 160)
     by = result.get("by", "layer")
     for inp in result["inputs"]:
         dtypes = ", ".join(f"{k} ×{v['tensors']}" for k, v in inp["dtypes"].items())
-        console.print(f"[bold]{inp['ref']}[/bold]  kind: {inp['kind']}")
+        storage = {"lowrank": "low-rank", "dense": ""}.get(inp.get("storage", "dense"), inp.get("storage"))
+        kind = inp["kind"] + (f" ({storage})" if storage else "")
+        console.print(Text.assemble((inp["ref"], "bold"), f"  kind: {kind}"))
         console.print(
             f"  {inp['tensors']} tensors, {human_count(inp['params'])} parameters, "
             f"{human_bytes(inp['size_on_disk'])} on disk in {len(inp['files'])} file(s); dtypes: {dtypes}"
@@ -132,7 +136,7 @@ def print_report(result: dict[str, Any], *, top: int = 20, file: Any = None) -> 
             console.print(f"  compression: {compression_line(inp['compression'])}")
         for k, v in inp["metadata"].items():
             if k.startswith("capmerge.") and k not in ("capmerge.merge", "capmerge.kind"):
-                console.print(f"  {k}: {meta_value(v)}", markup=False)
+                console.print(f"  {k}: {meta_value(v)}")
         console.print(f"  fingerprint: {_shorten_hash(inp['fingerprint'])}")
     for vec in result.get("vectors", []):
         rows, caption = _rows(vec, by, top)
@@ -168,7 +172,7 @@ def print_report(result: dict[str, Any], *, top: int = 20, file: Any = None) -> 
                   *(["", "", ""] if spectrum else []), *(["", "", ""] if stored else []))  # fmt: skip
         console.print(t)
         if tot["nonfinite"]:
-            console.print(f"[red]warning: {tot['nonfinite']} NaN/Inf values[/red]")
+            console.print(f"warning: {tot['nonfinite']} NaN/Inf values", style="red")
         if vec["skipped"]:
             console.print(f"  skipped {len(vec['skipped'])} tensor(s): " + ", ".join(list(vec["skipped"])[:5]))
     for comp in result.get("comparisons", []):

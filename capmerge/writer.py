@@ -20,8 +20,15 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from capmerge.checkpoint import DTYPES, WEIGHT_SUFFIXES, Checkpoint
-from capmerge.errors import OutputExistsError, UsageError, WriteError
+from capmerge.checkpoint import (
+    DTYPES,
+    WEIGHT_SUFFIXES,
+    Checkpoint,
+    checkpoint_bounds,
+    leads_outside,
+    parse_header,
+)
+from capmerge.errors import CheckpointError, OutputExistsError, UsageError, WriteError
 
 
 @dataclass
@@ -105,10 +112,15 @@ class SafetensorsFile:
         raw = json.dumps(hdr, separators=(",", ":")).encode("utf-8")
         if len(raw) > self.reserve:
             raise WriteError(f"header ({len(raw)} bytes) does not fit its reserved room ({self.reserve})", self.path)
-        raw += b" " * (self.reserve - len(raw))
+        raw += b" " * (self.reserve - len(raw))  # reserve % 8 == 0: the data starts 8-aligned, as the reference pads
         size = self.data_start + self.pos
+        head = struct.pack("<Q", self.reserve)
+        try:  # the same validation as every input gets: never write a header that a loader would refuse
+            parse_header(self.path, head, raw, size)
+        except CheckpointError as e:
+            raise WriteError(f"refusing to write an invalid header: {e.what}", self.path) from None
         try:
-            _pwrite_all(self.fd, struct.pack("<Q", self.reserve) + raw, 0)
+            _pwrite_all(self.fd, head + raw, 0)
             os.ftruncate(self.fd, size)
         except OSError as e:
             raise _write_error(e, self.path) from e
@@ -212,15 +224,32 @@ class Output:
         except OSError as e:
             raise _write_error(e, str(self.out / relname)) from e
 
-    def copy_non_weight_files(self, root: str) -> list[str]:
-        """Copy every non-weight file of a checkpoint directory (configs, tokenizer, code, cards...)."""
-        copied = []
+    def copy_non_weight_files(self, root: str) -> tuple[list[str], dict[str, str]]:
+        """Copy every non-weight file of a checkpoint directory (configs, tokenizer, code, cards...).
+
+        A file that is a symlink leading outside the checkpoint directory (and outside its Hub cache entry, see
+        :func:`~capmerge.checkpoint.checkpoint_bounds`) is not copied: its content is not the checkpoint's, and an
+        output is what ``push`` uploads. Neither is anything that is not a regular file (FIFO, socket, device).
+
+        Returns:
+            (the relative paths copied, relative path → why it was skipped).
+        """
+        copied: list[str] = []
+        skipped: dict[str, str] = {}
         src_root = Path(root)
+        bounds = checkpoint_bounds(root)
         for src in sorted(src_root.rglob("*")):
             rel = src.relative_to(src_root)
-            if any(part.startswith(".") for part in rel.parts) or not src.is_file():
+            if any(part.startswith(".") for part in rel.parts) or src.is_dir():
                 continue
             if is_weight_file(src.name) or rel.as_posix() == "capmerge.json":
+                continue
+            outside = leads_outside(src, bounds)
+            if outside is not None:
+                skipped[rel.as_posix()] = f"a symlink leading outside the checkpoint directory (to {outside})"
+                continue
+            if not src.is_file():
+                skipped[rel.as_posix()] = "not a regular file" if src.exists() else "a broken symlink"
                 continue
             dst = self.tmp / rel
             try:
@@ -229,7 +258,7 @@ class Output:
             except OSError as e:
                 raise _write_error(e, str(self.out / rel)) from e
             copied.append(rel.as_posix())
-        return copied
+        return copied, skipped
 
     def commit(self) -> None:
         """Move the finished output into place; with ``force`` an existing OUT is replaced."""

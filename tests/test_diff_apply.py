@@ -292,7 +292,7 @@ def test_fp16_overflow_allowed(tmp_path: Path) -> None:
 def test_nonfinite_inputs_pass_through(tmp_path: Path) -> None:
     """NaN/Inf already present in an input is not an error (e.g. masks stored as -inf)."""
     save_single(tmp_path / "b.safetensors", {"m": torch.tensor([float("-inf"), 0.0]), "w": torch.ones(2)})
-    save_single(tmp_path / "v.safetensors", {"m": torch.tensor([1.0, 1.0]), "w": torch.ones(2)})
+    save_single(tmp_path / "v.safetensors", {"m": torch.tensor([1.0, 1.0]), "w": torch.full((2,), 0.25)})
     capmerge.apply(tmp_path / "b.safetensors", tmp_path / "v.safetensors", tmp_path / "o.safetensors")
     o = load_any(tmp_path / "o.safetensors")
     assert torch.isinf(o["m"][0]) and o["m"][1] == 1.0

@@ -152,7 +152,7 @@ def test_shape_mismatch(tmp_path: Path, good: Path) -> None:
 
 
 def test_vector_tensor_not_in_base(tmp_path: Path, good: Path) -> None:
-    vec = save_single(tmp_path / "v.safetensors", {"w": torch.ones(4), "extra": torch.ones(1)})
+    vec = save_single(tmp_path / "v.safetensors", {"w": torch.full((4,), 0.1), "extra": torch.ones(1)})
     check_error(tmp_path, ["apply", good, vec, "-o", tmp_path / "m.safetensors"], "1 only in the vector (extra)",
                 str(vec))  # fmt: skip
 

@@ -1,7 +1,7 @@
 """The bar on the bundled MiniLM: two real finetunes from one start, τ compressed at --energy 0.9.
 
 The model merged with the compressed vector must be closer (cosine of sentence embeddings) to the model merged with
-the dense vector than the unmerged model is. The numbers are printed (run with -s) and quoted in the README.
+the dense vector than the unmerged model is. The numbers are printed (run with -s) and quoted in docs/formats.md.
 """
 
 from __future__ import annotations

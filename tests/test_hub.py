@@ -317,6 +317,28 @@ def test_push_merged_model_directory(hub, pushed, data, tmp_path: Path) -> None:
     assert pulled == src
 
 
+def test_push_skips_symlinks_leading_outside(hub, data, tmp_path: Path) -> None:
+    """A file of the pushed directory that is a symlink leading outside it is not uploaded (and said so)."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the Hub")
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "model.safetensors").symlink_to(data["A"])  # the weights themselves may lead anywhere
+    (d / "config.json").write_text('{"model_type": "toy"}')
+    (d / "notes.txt").symlink_to(secret)
+    (d / "vocab.txt").symlink_to("config.json")  # inside: uploaded
+    r = run(["push", str(d), "org/links", "--json"], tmp_path / "hf", hub, HF_TOKEN=TOKEN)
+    assert r.returncode == 0, r.stderr
+    skipped = json.loads(r.stdout)["skipped"]
+    assert len(skipped) == 1 and skipped[0].startswith("notes.txt not uploaded") and str(secret) in skipped[0]
+    assert f"warning: {skipped[0]}" in r.stderr
+    repo = hub.state.repos["org/links"]
+    stored = repo.commits[repo.refs["main"]]
+    assert sorted(n for n in stored if n != ".gitattributes") == ["README.md", "config.json", "model.safetensors",
+                                                                  "vocab.txt"]  # fmt: skip
+    assert stored["model.safetensors"].lfs == sha(data["A"])
+
+
 def test_parse_ref_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from capmerge.hub import HubRef, parse_ref
 

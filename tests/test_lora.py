@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,11 @@ def test_diff_of_two_adapters_is_exact_and_low_rank(adapters: dict[str, Path], t
     assert meta["q.weight"] == {"dtype": "F32", "shape": [12, 8], "storage": "lowrank"}
     for n in ck.tensors:
         torch.testing.assert_close(ck.read_tensor(n), ma[n] - ms[n], atol=2e-6, rtol=0, msg=n)
-    assert summary.tensors_written == 5 and any("low rank" in n for n in summary.notes)
+    # the untrained head.bias (a modules_to_save copy equal to the base's) differs by zero: left out, like diff does
+    changed = {n for n in ma if not torch.equal(ma[n], ms[n])}
+    assert set(ck.tensors) == changed and len(changed) == 4
+    assert summary.tensors_written == summary.tensors_changed == 4 and summary.zero_tensors == ["head.bias"]
+    assert any("low rank" in n for n in summary.notes)
 
 
 def test_dense_diff_and_apply_match_low_rank(adapters: dict[str, Path], tmp_path: Path) -> None:
@@ -177,3 +182,51 @@ def test_adapter_errors(adapters: dict[str, Path], tmp_path: Path, capsys: pytes
         capmerge.open_checkpoint(bad)
     with pytest.raises(UsageError):
         capmerge.diff(adapters["sft"], adapters["aux"], tmp_path / "x.safetensors")
+
+
+def _module_weights(adapter: Path) -> set[str]:
+    """The base weight names an adapter changes, read from its saved tensor names (PEFT's naming)."""
+    out = set()
+    for k in load_file(str(adapter / "adapter_model.safetensors")):
+        k = k.removeprefix("base_model.model.")
+        if k.endswith((".lora_B.weight", ".lora_embedding_B")):
+            continue
+        for part in (".lora_A.weight", ".lora_embedding_A"):
+            k = k.removesuffix(part) + ".weight" if k.endswith(part) else k
+        out.add(k.replace(".modules_to_save.default.", "."))  # modules_to_save: stored in full
+    return out
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("name", ["sft", "aux"])  # aux: rslora, patterns, modules_to_save in both
+def test_diff_of_identical_adapters_changes_nothing(
+    adapters: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, dense: bool
+) -> None:
+    twin = tmp_path / "twin"
+    shutil.copytree(adapters[name], twin)  # the same adapter saved twice: equal bytes, another file
+    out = tmp_path / "t.safetensors"
+    assert (
+        main(["diff", str(adapters[name]), str(twin), "-o", str(out), "--json", *(["--dense"] if dense else [])]) == 0
+    )
+    cap = capsys.readouterr()
+    d = json.loads(cap.out)
+    modules = _module_weights(adapters[name])
+    assert len(modules) >= 3
+    assert d["tensors_changed"] == 0 and sorted(d["zero_tensors"]) == sorted(modules)
+    assert f"diff: 0 tensors changed, {len(modules)} unchanged (zero, left out)" in cap.err
+    assert d["outputs"] == [str(out)] and load_file(str(out)) == {}
+    data = adapters[name] / "adapter_model.safetensors"
+    raw = data.read_bytes()
+    assert d["bytes_read"] == 2 * (len(raw) - 8 - int.from_bytes(raw[:8], "little"))  # both adapters' tensor data
+    # the empty τ leaves a model as it is
+    capmerge.apply(adapters["base"], [out], tmp_path / "m.safetensors")
+    base, m = torch.load(adapters["base"], weights_only=True), load_file(str(tmp_path / "m.safetensors"))
+    assert all(torch.equal(base[k], m[k]) for k in base) and set(m) == set(base)
+
+
+def test_inspect_kind_of_an_adapter_and_of_its_difference(adapters: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "tau.safetensors"
+    capmerge.diff(adapters["sft"], adapters["aux"], out, adapter_base=adapters["base"])
+    r = capmerge.inspect([adapters["sft"], out], headers_only=True)
+    assert [(i["kind"], i["storage"]) for i in r["inputs"]] == [("lora-adapter", "lowrank"),
+                                                                 ("capability-vector", "lowrank")]  # fmt: skip

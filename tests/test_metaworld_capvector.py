@@ -116,7 +116,7 @@ def _capmerge_uses(tree: ast.AST) -> set[str]:
 def test_stages_chain_through_the_public_api(tmp_path: Path) -> None:
     pkg = Path(pipeline.__file__).parent
     used = set().union(*(_capmerge_uses(ast.parse(f.read_text())) for f in pkg.glob("*.py")))
-    documented = set(capmerge.__all__) | {"capmerge.report.plot"}  # README, Inspect: capmerge.report.plot
+    documented = set(capmerge.__all__) | {"capmerge.report.plot"}  # docs/cli.md, inspect: capmerge.report.plot
     assert used and used <= documented, used - documented
     assert {"diff", "apply", "inspect", "OrthogonalityLoss"} <= used
 

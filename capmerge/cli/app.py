@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import typer
 
+from capmerge.cli.helptext import Group
+
 HELP = """Model merging by weight arithmetic: capability vectors, streamed tensor by tensor.
 
 Examples:
@@ -25,6 +27,8 @@ Examples:
 
 app = typer.Typer(
     name="capmerge",
+    cls=Group,  # conventional placeholders (BASE, VECTOR..., FLOAT) and markup-safe help on every command
+    rich_markup_mode="rich",
     help=HELP,
     no_args_is_help=True,
     add_completion=False,
@@ -117,6 +121,11 @@ def _run(argv: list[str] | None) -> int:
     except Exception as e:
         if _debug():
             raise
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare `capmerge`/`capmerge recipes`: the help, no error line
+            text = e.format_message().strip()  # type: ignore[attr-defined]  # empty when rich printed the help
+            if text:
+                print(text, file=sys.stderr)
+            return 2
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # the CLI parser's usage errors
             print(f"error: {e.format_message()}", file=sys.stderr)
             return int(getattr(e, "exit_code", 2) or 2)

@@ -46,7 +46,7 @@ Examples:
 @app.command("apply", help=HELP)
 def apply_cmd(
     base: Annotated[str, typer.Argument(help="Checkpoint to merge into (e.g. the pretrained model).")],
-    vectors: Annotated[list[str] | None, typer.Argument(help="Capability vectors τ_i.")] = None,
+    vectors: Annotated[list[str] | None, typer.Argument(metavar="VECTOR...", help="Capability vectors τ_i.")] = None,
     output: Output = None,
     alpha: Annotated[
         str, typer.Option("--alpha", "-a", help="Global scale α, or a list for a sweep (-o needs {alpha}).")
@@ -86,8 +86,12 @@ def apply_cmd(
             "For each tensor and parameter the first matching --override wins.",
         ),
     ] = None,
-    add: Annotated[list[str] | None, typer.Option(help="Three-checkpoint form: τ = ADD − SUB (repeatable).")] = None,
-    sub: Annotated[list[str] | None, typer.Option(help="Paired with --add in order (default: BASE).")] = None,
+    add: Annotated[
+        list[str] | None, typer.Option(metavar="PATH", help="Three-checkpoint form: τ = ADD − SUB (repeatable).")
+    ] = None,
+    sub: Annotated[
+        list[str] | None, typer.Option(metavar="PATH", help="Paired with --add in order (default: BASE).")
+    ] = None,
     list_tensors: Annotated[
         bool, typer.Option("--list-tensors", help="Dry run: print which tensors the mask selects (no data read).")
     ] = False,
@@ -96,6 +100,14 @@ def apply_cmd(
     ] = "auto",
     allow_missing: AllowMissing = False,
     allow_nonfinite: AllowNonfinite = False,
+    allow_model_as_vector: Annotated[
+        bool,
+        typer.Option(
+            "--allow-model-as-vector",
+            help="Add a VECTOR that is evidently a whole model as it is (refused by default: pass a model as "
+            "--add MODEL, which adds MODEL − BASE).",
+        ),
+    ] = False,
     force: Force = False,
     device: Device = "auto",
     rename: Rename = None,
@@ -156,6 +168,7 @@ def apply_cmd(
                 rename=rename,
                 key=key,
                 trust_pickle=trust_pickle,
+                allow_model_as_vector=allow_model_as_vector,
             )
         finally:
             progress.close()

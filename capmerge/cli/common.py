@@ -8,7 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
-Output = Annotated[str | None, typer.Option("--output", "-o", help="Output: a .safetensors file, or a directory.")]
+Output = Annotated[
+    str | None, typer.Option("--output", "-o", metavar="PATH", help="Output: a .safetensors file, or a directory.")
+]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output (atomically).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary on stderr.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
@@ -108,3 +110,5 @@ def report(summary: Any, *, quiet: bool, as_json: bool) -> None:
             shown = list(summary.skipped.items())[:10]
             more = f" (+{len(summary.skipped) - 10} more)" if len(summary.skipped) > 10 else ""
             print("skipped: " + "; ".join(f"{n}: {why}" for n, why in shown) + more, file=sys.stderr)
+        for name, why in getattr(summary, "files_skipped", {}).items():
+            print(f"warning: {name} not copied into the output: {why}", file=sys.stderr)

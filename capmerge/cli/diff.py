@@ -55,7 +55,11 @@ def diff_cmd(
     ] = False,
     adapter_base: Annotated[
         str | None,
-        typer.Option("--base", help="LoRA adapters: the base model, for modules_to_save weights in one adapter only."),
+        typer.Option(
+            "--base",
+            metavar="PATH",
+            help="LoRA adapters: the base model, for modules_to_save weights in one adapter only.",
+        ),
     ] = None,
     list_tensors: Annotated[
         bool, typer.Option("--list-tensors", help="Dry run: print the final pairing of tensor names (no data read).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from typing import Annotated
 
 import typer
@@ -53,14 +54,23 @@ def push_cmd(
 ) -> None:
     from capmerge.hub import push
 
-    with handle_errors():
+    with handle_errors(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         url = push(vector, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
                    create_pr=create_pr, recommended_alpha=recommended_alpha)  # fmt: skip
+    from capmerge.errors import SkippedFileWarning
+
+    skipped = [str(w.message) for w in caught if issubclass(w.category, SkippedFileWarning)]
+    for w in caught:
+        if not issubclass(w.category, SkippedFileWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if as_json:
-        print(json.dumps({"repo_id": repo_id, "url": url, "pull_request": create_pr}))
+        print(json.dumps({"repo_id": repo_id, "url": url, "pull_request": create_pr, "skipped": skipped}))
     else:
         print(url)
     if not quiet:
+        for line in skipped:
+            print(f"warning: {line}", file=sys.stderr)
         what = "opened a pull request" if create_pr else "committed"
         print(f"push: {what} on {repo_id}", file=sys.stderr)
 
@@ -69,7 +79,8 @@ def push_cmd(
 def pull_cmd(
     repo_id: Annotated[str, typer.Argument(help="org/name or hf://org/name[@revision][/subpath].")],
     output: Annotated[
-        str | None, typer.Option("--output", "-o", help="Directory to fill (must not exist or be empty).")
+        str | None,
+        typer.Option("--output", "-o", metavar="DIR", help="Directory to fill (must not exist or be empty)."),
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag, commit or refs/pr/N.")] = None,
     token: Token = None,

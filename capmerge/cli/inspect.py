@@ -47,15 +47,22 @@ def _json_target(as_json: bool, paths: list[str]) -> str | None:
 
 @app.command("inspect", help=HELP)
 def inspect_cmd(
-    paths: Annotated[list[str] | None, typer.Argument(help="Checkpoints or vectors (file, directory, index).")] = None,
+    paths: Annotated[
+        list[str] | None, typer.Argument(metavar="PATH...", help="Checkpoints or vectors (file, directory, index).")
+    ] = None,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the results as JSON on stdout; --json FILE.json writes FILE.json.")
+        bool,
+        typer.Option(
+            "--json", metavar="[FILE]", help="Print the results as JSON on stdout; --json FILE.json writes FILE.json."
+        ),
     ] = False,
     plot: Annotated[
-        str | None, typer.Option("--plot", help="Write a PNG: per-layer norms and cosines (needs matplotlib).")
+        str | None,
+        typer.Option("--plot", metavar="FILE", help="Write a PNG: per-layer norms and cosines (needs matplotlib)."),
     ] = None,
     against: Annotated[
-        str | None, typer.Option("--against", help="Compare every PATH with this vector: cosines, norm ratios.")
+        str | None,
+        typer.Option("--against", metavar="PATH", help="Compare every PATH with this vector: cosines, norm ratios."),
     ] = None,
     task: Annotated[
         tuple[str, str] | None,

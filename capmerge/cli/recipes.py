@@ -42,9 +42,13 @@ def _progress(quiet: bool) -> Any:
 @app.command("run", help=RUN_HELP)
 def run_cmd(
     recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe.")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="Variable values: name=value ...")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(metavar="KEY=VALUE...", help="Variable values: name=value ...")
+    ] = None,
     plan: Annotated[bool, typer.Option("--plan", help="Validate and print the resolved steps; run nothing.")] = False,
-    workdir: Annotated[str | None, typer.Option("--workdir", help="Work directory (overrides workdir:).")] = None,
+    workdir: Annotated[
+        str | None, typer.Option("--workdir", metavar="DIR", help="Work directory (overrides workdir:).")
+    ] = None,
     rerun: Annotated[bool, typer.Option("--rerun", help="Ignore cached step outputs; run every step.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run (or plan) as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
@@ -113,7 +117,9 @@ def copy_cmd(
 @recipes_app.command("validate", help="Check a recipe (schema, variables, inputs, step graph) without running it.")
 def validate_cmd(
     recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe.")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="Variable values: name=value ...")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(metavar="KEY=VALUE...", help="Variable values: name=value ...")
+    ] = None,
 ) -> None:
     from capmerge.recipe import load, parse_overrides
 

@@ -159,5 +159,6 @@ def unexpected(e: BaseException) -> str:
     command = next((a for a in _ARGV if not a.startswith("-")), "")
     inputs = [a if len(a) <= 80 else a[:79] + "…" for a in _ARGV[1:] if not a.startswith("-") and os.path.exists(a)]
     on = f" on {', '.join(inputs[:4])}{', ...' if len(inputs) > 4 else ''}" if inputs else ""
-    return (f"unexpected failure in `capmerge {command}`{on}: {words} [{type(e).__name__}; CAPMERGE_DEBUG=1 shows "
-            "the traceback; please report it]")  # fmt: skip
+    kind = type(e).__qualname__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__qualname__}"
+    return (f"unexpected failure in `capmerge {command}`{on}: {words} [{kind}; CAPMERGE_DEBUG=1 shows the traceback; "
+            "please report it]")  # fmt: skip

@@ -21,7 +21,8 @@ from conftest import save_single, tree_digest
 
 from capmerge.cli import main
 
-CLASS_NAME = re.compile(r"^error: [A-Z][A-Za-z]*(Error|Exception)\b")
+# ^error: [A-Z][A-Za-z]*(Error|Exception)\b, widened to private and dotted names (torch's _LinAlgError)
+CLASS_NAME = re.compile(r"^error: [A-Za-z_][A-Za-z_.]*(Error|Exception)\b")
 DEEP = "[" * 100_000 + "]" * 100_000  # far past any parser's recursion limit
 BIG = "9" * 5000  # past Python's 4300-digit limit for int(str)
 

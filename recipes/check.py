@@ -121,7 +121,7 @@ def _check_step(ctx: _Ctx, name: Any, body: Any, line: int) -> Step | None:
         ctx.err("a step is a mapping with an op: key", line, key)
         return None
     op = body.get("op")
-    if op not in SCHEMA:
+    if not isinstance(op, str) or op not in SCHEMA:
         what = "missing op:" if op is None else f"unknown op {op!r}"
         ctx.err(f"{what} (choose from {', '.join(SCHEMA)})", _yaml.line_of(body, "op") if op else line, f"{key}.op")
         return None
@@ -232,7 +232,7 @@ def _check_overrides(
             continue
         options[target] = _plainish(default)
         lines.setdefault(target, lines[k])
-    vectors = [*(options.get("vectors") or []), *(options.get("add") or [])]
+    vectors = [x for k in ("vectors", "add") for x in _items(options.get(k))]
     n_vectors = len(vectors) if vectors and all(isinstance(v, str) for v in vectors) else None
     plain: list[Any] = []
     for spec, line, where, keymap in entries:
@@ -253,6 +253,11 @@ def _check_overrides(
     if plain:
         options["overrides"] = plain
         lines.setdefault("overrides", min(lines[k] for k in lists))
+
+
+def _items(v: Any) -> list[Any]:
+    """An option's value as a list (a single ${steps.x} or unset ${var} stands for one or more items)."""
+    return [] if v is None else v if isinstance(v, list) else [v]
 
 
 def _plainish(v: Any) -> Any:

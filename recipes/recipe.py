@@ -202,8 +202,19 @@ _VAR = re.compile(r"\$\$|\$\{([^}]*)\}")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
+MAX_EXPANDED = 1_000_000
+"""Largest value a ``${...}`` expansion may build: characters of a string; a list or mapping counts its items'
+sizes (a variable used twice counts twice). Recipes hold paths and numbers: a few hundred characters."""
+MAX_NESTING = 64
+"""Deepest nesting of a value once variables are expanded (variables referring to variables count as levels)."""
+
+
+class _TooLarge(Exception):
+    pass
+
+
 class _Ctx:
-    """Collects errors and resolves ``${...}`` against the variables."""
+    """Collects errors and resolves ``${...}`` against the variables (bounded by MAX_EXPANDED and MAX_NESTING)."""
 
     def __init__(self, path: str, defaults: dict[str, Any], lines: dict[str, int], overrides: dict[str, Any]):
         self.path = path
@@ -213,9 +224,30 @@ class _Ctx:
         self.values: dict[str, Any] = {}
         self.resolving: list[str] = []
         self.unset: set[str] = set()
+        self.depth = 0
+        self._sizes: dict[int, tuple[Any, int]] = {}  # id(container built here) -> (container, expanded size)
 
     def err(self, what: str, line: int, key: str) -> None:
         self.errors.append((what, f"{self.path}:{line}: {key}"))
+
+    def size(self, value: Any) -> int:
+        """The expanded size of a value :meth:`subst` returned (shared sub-values count each time they appear)."""
+        if isinstance(value, str):
+            return len(value)
+        known = self._sizes.get(id(value))
+        return known[1] if known is not None and known[0] is value else 1
+
+    def refuse(self, what: str, line: int, key: str) -> RecipeError:
+        """An error that stops validation at once (what follows would only repeat it, or be as large)."""
+        self.err(what, line, key)
+        return RecipeError(self.errors)
+
+    def _built(self, container: Any, size: int, line: int, key: str) -> Any:
+        if size > MAX_EXPANDED:
+            what = f"value expands to more than {MAX_EXPANDED} characters (variables used inside each other?)"
+            raise self.refuse(what, line, key)
+        self._sizes[id(container)] = (container, size)
+        return container
 
     def var(self, name: str, line: int, key: str) -> Any:
         if name in self.values:
@@ -240,11 +272,22 @@ class _Ctx:
         return value
 
     def subst(self, value: Any, line: int, key: str) -> Any:
+        if self.depth >= MAX_NESTING:
+            what = f"value nests more than {MAX_NESTING} levels deep (counting variables used in variables)"
+            raise self.refuse(what, line, key)
+        self.depth += 1
+        try:
+            return self._subst(value, line, key)
+        finally:
+            self.depth -= 1
+
+    def _subst(self, value: Any, line: int, key: str) -> Any:
         if isinstance(value, str):
             m = _VAR.fullmatch(value)
             if m and m.group(1) is not None:
                 return self._lookup(m.group(1).strip(), line, key)
             unset: list[Unset] = []
+            total = [len(value)]
 
             def fill(m: re.Match[str]) -> str:
                 if m.group(0) == "$$":
@@ -256,21 +299,29 @@ class _Ctx:
                 if isinstance(v, Unset):
                     unset.append(v)
                     return ""
+                total[0] += self.size(v)
+                if total[0] > MAX_EXPANDED:  # stop before building it
+                    raise _TooLarge
                 return _fmt(v)
 
-            out = _VAR.sub(fill, value)
+            try:
+                out = _VAR.sub(fill, value)
+            except _TooLarge:
+                return self._built(value, total[0], line, key)
             return unset[0] if unset else out
         if isinstance(value, _yaml.LineDict):
             d = _yaml.LineDict()
             d.line, d.lines = value.line, value.lines
+            size = 1
             for k, v in value.items():
                 d[k] = self.subst(v, value.lines.get(k, line), f"{key}.{k}")
-            return d
+                size += 1 + self.size(d[k])
+            return self._built(d, size, line, key)
         if isinstance(value, list):
             lines = getattr(value, "lines", [line] * len(value))
             out_l = _yaml.LineList(self.subst(v, lines[i], f"{key}[{i}]") for i, v in enumerate(value))
             out_l.line, out_l.lines = getattr(value, "line", line), lines
-            return out_l
+            return self._built(out_l, 1 + sum(self.size(v) for v in out_l), line, key)
         return value
 
     def _lookup(self, expr: str, line: int, key: str) -> Any:
@@ -298,6 +349,14 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _plain_yaml(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_plain_yaml(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain_yaml(x) for k, x in v.items()}
+    return v
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["alpha=0.6", "out=runs/a"]`` → ``{"alpha": 0.6, "out": "runs/a"}`` (values parsed as YAML scalars)."""
     from capmerge.errors import UsageError
@@ -309,7 +368,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not _NAME.fullmatch(name):
             raise UsageError(f"invalid override {item!r} (expected name=value)")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = _plain_yaml(_yaml.load(text)) if text.strip() else ""  # the recipe's lines, not the text's
+        except _yaml.RecipeYAMLError as e:  # e.g. an integer that does not fit in 64 bits
+            raise UsageError(f"invalid override {name}=...: {e.what}") from None
         except yaml.YAMLError:
             value = text
         out[name] = text if value is None else value
@@ -383,11 +444,11 @@ def load(path: PathLike, overrides: Mapping[str, Any] | None = None, *, require_
     try:
         doc = _yaml.load(text)
     except yaml.YAMLError as e:
-        line = _yaml.error_line(e)
-        what = str(e).splitlines()[0] if isinstance(e, _yaml.DuplicateKey) else getattr(e, "problem", None) or str(e)
+        line = _yaml.error_line(e, text)
+        what = _yaml.error_message(e)
         if "'{'" in what:
             what += ' (quote values holding ${...} inside [ ] or { }: ["${steps.x}"])'
-        raise RecipeError([(f"invalid YAML: {what}", f"{where}:{line or 1}")]) from None
+        raise RecipeError([(what, f"{where}:{line or 1}")]) from None
     return check(doc, where, p.stem, dict(overrides or {}), require_values)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -26,6 +27,16 @@ def _default_output(step: Step, workdir: str) -> dict[str, str]:
     if step.op == "inspect":
         return {"json": base + ".json"}
     return {}
+
+
+def _missing_dirs(paths: list[str]) -> list[str]:
+    """The directories among ``paths`` and their parents that do not exist yet, deepest first."""
+    missing: set[str] = set()
+    for p in paths:
+        while p and not os.path.exists(p) and p not in missing:
+            missing.add(p)
+            p = os.path.dirname(p)
+    return sorted(missing, key=lambda d: d.count(os.sep), reverse=True)
 
 
 def _stat_tree(path: str) -> Any:
@@ -124,7 +135,15 @@ class _Runner:
                 if self.progress:
                     self.progress(step.name, "running")
                 t0 = time.perf_counter()
-                outs, result = self.execute(step, opts)
+                planned = [os.path.dirname(os.path.abspath(o)) for o in _planned_outputs(step, opts)]
+                new_dirs = _missing_dirs([os.path.abspath(self.workdir), *planned])
+                try:
+                    outs, result = self.execute(step, opts)
+                except BaseException:
+                    for d in new_dirs:  # a failed step leaves no directory behind that it created
+                        with contextlib.suppress(OSError):
+                            os.rmdir(d)  # only empty ones: never what another writer put there since
+                    raise
                 self.outputs[step.name] = outs
                 entry.update(status="ran", outputs=outs, result=result, seconds=round(time.perf_counter() - t0, 3))
                 stamp = {"key": key, "op": step.op, "outputs": {o: _stat_tree(o) for o in outs if _stat_tree(o)},

@@ -229,3 +229,102 @@ def test_pickle_error_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, (path, err)
         assert f"({path})" in err or f"({os.fspath(path)}" in err, err
     assert tree_digest(tmp_path) == before
+
+
+class SystemPayload:
+    """Unpickling this runs ``os.system`` (creating ``path`` with a shell command) if code from the pickle ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.path}",))
+
+
+def _one_refusal(code: int, err: str, path: Path) -> str:
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: pickle holds more than tensors"), err
+    assert err.rstrip("\n").endswith(f"({path})"), err
+    assert (
+        "Weights only load failed" not in err and "In PyTorch 2.6" not in err and "Check the documentation" not in err
+    )
+    return err
+
+
+@pytest.mark.parametrize("save", ["torch.save", "pickle protocol 2"])
+def test_os_system_pickle_names_the_global_and_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], save: str
+) -> None:
+    import pickle
+
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    if save == "torch.save":
+        torch.save({"w": torch.ones(2), "evil": SystemPayload(str(marker))}, path)
+    else:  # the legacy, non-zip layout torch.load also reads
+        path.write_bytes(pickle.dumps({"evil": SystemPayload(str(marker))}, protocol=2))
+    glob = f"{os.system.__module__}.{os.system.__name__}"  # posix.system here, nt.system on Windows
+    before = tree_digest(tmp_path)
+    for args in (["inspect", path], ["diff", path, path, "-o", tmp_path / "t.safetensors"]):
+        err = _one_refusal(run_cli(*args), capsys.readouterr().err, path)
+        assert f"(Unsupported global: GLOBAL {glob}" in err, err
+    assert not marker.exists(), "code from the pickle ran"
+    assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "obj, glob",
+    [
+        (torch.nn.Linear(2, 2), "torch.nn.modules.linear.Linear"),  # a module pickled whole
+        (__import__("fractions").Fraction(1, 3), "fractions.Fraction"),  # a class outside torch's allow-list
+        (__import__("shutil").rmtree, "shutil.rmtree"),  # a function that would delete files
+    ],
+    ids=["module", "Fraction", "rmtree"],
+)
+def test_other_unsupported_globals_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], obj: object, glob: str
+) -> None:
+    path = tmp_path / "x.pt"
+    torch.save({"w": torch.ones(2), "x": obj}, path)
+    err = _one_refusal(run_cli("inspect", path), capsys.readouterr().err, path)
+    assert f"(Unsupported global: GLOBAL {glob}" in err, err
+
+
+# torch's texts, as its versions word them (a reason must come out of each, and a fallback when none is given)
+_TORCH_24 = (
+    "Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely succeed, but it "
+    "can result in arbitrary code execution. Do it only if you got the file from a trusted source.\n Please file an "
+    "issue with the following so that we can make `weights_only=True` compatible with your use case: WeightsUnpickler "
+    "error: Unsupported global: GLOBAL posix.system was not an allowed global by default. Please use "
+    "`torch.serialization.add_safe_globals([system])` to allowlist this global if you trust this class/function."
+)
+_TORCH_26_BLOCKED = (
+    "Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` argument in "
+    "`torch.load` from `False` to `True`. Re-running `torch.load` with `weights_only` set to `False` will likely "
+    "succeed, but it can result in arbitrary code execution. Do it only if you got the file from a trusted source."
+    "\n\n\nTrying to load unsupported GLOBAL posix.system whose module posix is blocked.\n\nCheck the documentation "
+    "of torch.load to learn more about types accepted by default with weights_only https://pytorch.org/docs/stable/"
+    "generated/torch.load.html."
+)
+
+
+@pytest.mark.parametrize(
+    "message, refused, reason",
+    [
+        (_TORCH_24, True, "Unsupported global: GLOBAL posix.system"),
+        (_TORCH_26_BLOCKED, True, "Unsupported global: GLOBAL posix.system, whose module posix is blocked"),
+        ("Weights only load failed.\nWeightsUnpickler error: Unsupported operand 149\n", False,
+         "pickle opcode 149 (FRAME) is not supported by the weights-only unpickler"),
+        ("Weights only load failed. Re-running...\n\tWeightsUnpickler error: Unsupported class numpy.dtype. Please "
+         "file an issue", True, "Unsupported class numpy.dtype"),
+        ("Weights only load failed. In PyTorch 2.6, we changed...\n\n``torch.nested`` and ``torch._dynamo`` must be "
+         "imported to load nested jagged tensors (NJTs)\n\nCheck the documentation of torch.load",
+         False, "``torch.nested`` and ``torch._dynamo`` must be imported to load nested jagged tensors (NJTs)"),
+        ("invalid load key, 'n'.", False, "invalid load key, 'n'."),
+        ("Weights only load failed.\n\nCheck the documentation of torch.load", False,
+         "the weights-only unpickler refused it"),
+    ],
+)  # fmt: skip
+def test_refusal_reason_is_extracted_from_each_wording(message: str, refused: bool, reason: str) -> None:
+    from capmerge.io.pickles import refusal_reason
+
+    assert refusal_reason(message) == (refused, reason)

@@ -64,7 +64,7 @@ def _card_data(meta: dict[str, str], is_vector: bool, recommended_alpha: float |
         try:
             rec = json.loads(meta["capmerge.merge"])
             refs = [rec["base"]["ref"], *(v.get("ref") for v in rec.get("vectors", []))]
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             refs = []
     bases = list(dict.fromkeys(b for b in map(_hub_id, refs) if b))
     data: dict[str, Any] = {"library_name": "capmerge"}

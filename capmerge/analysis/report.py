@@ -38,6 +38,11 @@ def _num(x: float | None, fmt: str = ".4g") -> str:
     return "–" if x is None else format(x, fmt)
 
 
+def _energy(sp: dict[str, Any]) -> str:
+    """The top-k energy cell of a spectrum (none for a tensor holding NaN/Inf)."""
+    return "– (NaN/Inf)" if sp["energy_top_k"] is None else f"{sp['energy_top_k']:.1%} (k={sp['k']})"
+
+
 def _shorten_hash(v: str) -> str:
     return v[:23] + "…" if v.startswith("sha256:") and len(v) > 24 else v
 
@@ -54,7 +59,7 @@ def meta_value(v: str) -> str:
 
     try:
         parsed = json.loads(v)
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     if isinstance(parsed, dict | list):
         what = "object" if isinstance(parsed, dict) else "list"
@@ -156,7 +161,7 @@ def print_report(result: dict[str, Any], *, top: int = 20, file: Any = None) -> 
                 sp = r.get("spectrum")
                 cells += ["–", "–", "–"] if sp is None else [
                     _num(sp["stable_rank"], ".3g"), "–" if sp["rank90"] is None else str(sp["rank90"]),
-                    f"{sp['energy_top_k']:.1%} (k={sp['k']})"]  # fmt: skip
+                    _energy(sp)]  # fmt: skip
             if stored:
                 cells += _compressed_cells(r)
             t.add_row(*cells)

@@ -241,6 +241,9 @@ def _spectrum(m: Any, k: int) -> dict[str, Any]:
     rows, cols = m.shape
     fro2 = float(m.double().square().sum())
     k = min(k, rows, cols)
+    if not math.isfinite(fro2):  # NaN/Inf entries: no singular values (the SVD would not converge)
+        return {"k": k, "sigma": [], "energy_top_k": None, "stable_rank": None, "rank90": None, "exact": True,
+                "nonfinite": True}  # fmt: skip
     if k == 0 or fro2 == 0.0:
         return {"k": k, "sigma": [], "energy_top_k": 0.0, "stable_rank": 0.0, "rank90": 0 if fro2 == 0 else None,
                 "exact": True}  # fmt: skip
@@ -258,7 +261,7 @@ def _spectrum(m: Any, k: int) -> dict[str, Any]:
         "k": k,
         "sigma": [float(v) for v in s],
         "energy_top_k": float(energy[-1]),
-        "stable_rank": fro2 / float(s[0]) ** 2,
+        "stable_rank": fro2 / float(s[0]) ** 2 if float(s[0]) > 0 else None,  # σ₁ underflows for subnormal entries
         "rank90": int(above[0]) + 1 if len(above) else None,
         "exact": exact,
     }

@@ -129,6 +129,36 @@ def _run(argv: list[str] | None) -> int:
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # the CLI parser's usage errors
             print(f"error: {e.format_message()}", file=sys.stderr)
             return int(getattr(e, "exit_code", 2) or 2)
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"error: {unexpected(e)}", file=sys.stderr)
         return 1
     return rv if isinstance(rv, int) else 0
+
+
+def unexpected(e: BaseException) -> str:
+    """The one line for an exception no part of capmerge turned into a message: what went wrong in words, and
+    what was being run on which inputs (a bug to report, with the traceback CAPMERGE_DEBUG=1 shows)."""
+    import re
+
+    first = " ".join((str(e).strip().splitlines() or [""])[0].split())
+    if isinstance(e, RecursionError):
+        words = "an input is nested too deeply to process"
+    elif isinstance(e, ValueError) and "digits" in first and "integer" in first:
+        words = "an input holds an integer with more than 4300 digits"
+    elif isinstance(e, ZeroDivisionError):
+        words = "a division by zero"
+    elif isinstance(e, OverflowError):
+        words = f"a number too large to handle ({first})" if first else "a number too large to handle"
+    elif isinstance(e, re.error):
+        words = f"an invalid regular expression ({first})"
+    elif isinstance(e, IndexError | KeyError):
+        words = f"a lookup of an item that is not there ({first})" if first else "a lookup of an item that is not there"
+    else:
+        words = first or "a failure without a message"
+    if len(words) > 300:
+        words = words[:299] + "…"
+    command = next((a for a in _ARGV if not a.startswith("-")), "")
+    inputs = [a if len(a) <= 80 else a[:79] + "…" for a in _ARGV[1:] if not a.startswith("-") and os.path.exists(a)]
+    on = f" on {', '.join(inputs[:4])}{', ...' if len(inputs) > 4 else ''}" if inputs else ""
+    kind = type(e).__qualname__ if type(e).__module__ == "builtins" else f"{type(e).__module__}.{type(e).__qualname__}"
+    return (f"unexpected failure in `capmerge {command}`{on}: {words} [{kind}; CAPMERGE_DEBUG=1 shows the traceback; "
+            "please report it]")  # fmt: skip

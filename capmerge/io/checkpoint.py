@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from capmerge.errors import CheckpointError, CheckpointNotFoundError, UsageError
+from capmerge.io import jsonfile as _json
 
 # safetensors dtype code -> (item size in bytes, is floating point)
 DTYPES: dict[str, tuple[int, bool]] = {
@@ -461,9 +462,10 @@ def read_weight_map(index: Path) -> dict[str, str]:
     name, so that an index never leads outside its own directory."""
     require_regular_file(index)
     try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read index: {e}", str(index)) from None
+        raw = index.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read index: {e.strerror or e}", str(index)) from None
+    data = _json.loads(raw, "index", str(index))
     wmap = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
         raise CheckpointError("index has no valid weight_map", str(index))

@@ -82,9 +82,10 @@ def open_compressed(ck: Checkpoint) -> LazyCheckpoint:
         raise CheckpointError(f"unknown {VECTOR_FORMAT_KEY} {kind!r} (expected one of {', '.join(KINDS)})", ck.ref)
     try:
         table = json.loads(ck.metadata.get(TENSORS_KEY, ""))
-        assert isinstance(table, dict)
-    except (json.JSONDecodeError, AssertionError):
-        raise CheckpointError(f"{kind} vector without a valid {TENSORS_KEY} header entry", ck.ref) from None
+    except (ValueError, RecursionError):  # not JSON, nested too deeply, an integer over Python's digit limit
+        table = None
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{kind} vector without a valid {TENSORS_KEY} header entry", ck.ref)
     infos: dict[str, TensorInfo] = {}
     loaders: dict[str, Callable[[], Any]] = {}
     storages: dict[str, dict[str, Any]] = {}
@@ -93,7 +94,7 @@ def open_compressed(ck: Checkpoint) -> LazyCheckpoint:
             code, shape, storage = e["dtype"], tuple(int(s) for s in e["shape"]), e["storage"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"invalid {TENSORS_KEY} entry of tensor {name}", ck.ref) from None
-        if code not in DTYPES or storage not in KINDS:
+        if not isinstance(code, str) or code not in DTYPES or storage not in KINDS:
             raise CheckpointError(f"invalid dtype or storage in the {TENSORS_KEY} entry of tensor {name}", ck.ref)
         parts = _parts(name, storage)
         missing = [p for p in parts if p not in ck.tensors]
@@ -323,6 +324,8 @@ def _compress_one(t: Any, code: str, kind: str, rank: int | None, energy: float 
         if t.dim() < 2 or numel == 0:
             return "dense", [("", t)], {"why": "not a matrix"}
         m = t.reshape(t.shape[0], -1).to(torch.float64 if code == "F64" else torch.float32)
+        if not bool(torch.isfinite(m).all()):  # the SVD of NaN/Inf does not converge; the values are kept as they are
+            return "dense", [("", t)], {"why": "holds NaN or Inf"}
         rows, cols = m.shape
         limit = (rows * cols - 1) // (rows + cols)  # the largest rank that stores fewer elements than dense
         got = _svd(m, rank, energy, limit)

@@ -53,7 +53,7 @@ def _json_entry(ck: Checkpoint, key: str) -> dict[str, Any] | None:
     """The JSON object under header key ``key``, or None when it is absent or not a JSON object."""
     try:
         value = json.loads(ck.metadata.get(key, "null"))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, nested too deeply, an integer over Python's digit limit
         return None
     return value if isinstance(value, dict) else None
 

@@ -122,6 +122,9 @@ def _hub_errors(ref: HubRef | str, what: str = "read") -> Iterator[None]:
                 raise HubError(f"cannot {what} the Hub while offline (HF_HUB_OFFLINE=1)", where) from None
             raise HubError("offline (HF_HUB_OFFLINE=1) and not in the Hugging Face cache", where) from None
         raise HubError(f"cannot reach the Hub at {_endpoint()} and not in the Hugging Face cache", where) from e
+    except E.HFValidationError as e:  # a repo id or revision huggingface_hub refuses (too long, '--', '..', ...)
+        why = " ".join(str(e).split(": '")[0].split())
+        raise UsageError(f"invalid Hub repo id or revision: {why}", where[:200]) from None
     except E.HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         if status == 401:

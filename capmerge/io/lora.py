@@ -13,7 +13,6 @@ are deltas only against a base: :meth:`AdapterCheckpoint.with_base` binds one (`
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from capmerge.errors import CheckpointError, CheckpointNotFoundError, MismatchError, UsageError
+from capmerge.io import jsonfile as _json
 from capmerge.io.checkpoint import Checkpoint, TensorInfo, read_header, require_regular_file
 from capmerge.io.lazy import LazyCheckpoint, digest_of
 
@@ -96,10 +96,12 @@ def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
     cfg_path = path / "adapter_config.json"
     require_regular_file(cfg_path)
     try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-        assert isinstance(config, dict)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AssertionError):
-        raise CheckpointError("adapter_config.json is not a valid JSON object", str(cfg_path)) from None
+        raw = cfg_path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read adapter_config.json: {e.strerror or e}", str(cfg_path)) from None
+    config = _json.loads(raw, "adapter_config.json", str(cfg_path))
+    if not isinstance(config, dict):
+        raise CheckpointError("adapter_config.json is not a valid JSON object", str(cfg_path))
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise CheckpointError(f"unsupported PEFT adapter type {peft_type} (only LoRA)", str(cfg_path))

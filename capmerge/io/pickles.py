@@ -23,32 +23,34 @@ from capmerge.io.lazy import LazyCheckpoint, digest_of
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     import pickle
+    import warnings
 
     import torch
 
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            # The legacy (pre-1.6, non-zip) format cannot be memory-mapped: read it whole, still weights only.
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says what matters
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e) and "zip" not in str(e):
+                    raise
+                # The legacy (pre-1.6, non-zip) format cannot be memory-mapped: read it whole, still weights only.
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "WeightsUnpickler" not in str(e) or _refusal_reason(str(e)).startswith("Unsupported operand"):
-            why = _refusal_reason(str(e)) if "WeightsUnpickler" in str(e) else _first_line(e)
-            raise CheckpointError(f"not a readable PyTorch checkpoint ({why})", str(path)) from None
+        refused, reason = refusal_reason(str(e))
+        if not refused:
+            raise CheckpointError(f"not a readable PyTorch checkpoint ({reason})", str(path)) from None
         if not trust_pickle:
-            reason = _refusal_reason(str(e)) or "the weights-only unpickler refused it"
             raise CheckpointError(
                 f"pickle holds more than tensors and containers ({reason}); refused without running it. "
                 "Pass --trust-pickle only if you trust the file: loading it runs code from it",
                 str(path),
             ) from None
+    except RecursionError:
+        raise CheckpointError("not a readable PyTorch checkpoint (nested too deeply)", str(path)) from None
     except Exception as e:  # noqa: BLE001 - any unreadable file is one clear error
-        raise CheckpointError(
-            f"not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})", str(path)
-        ) from None
+        raise CheckpointError(f"not a readable PyTorch checkpoint ({_describe(e)})", str(path)) from None
     print(
         f"warning: loading {path} with --trust-pickle: the unpickler runs code from the file (trusted files only)",
         file=sys.stderr,
@@ -56,17 +58,54 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot load pickle ({type(e).__name__}: {_first_line(e)})", str(path)) from None
+        raise CheckpointError(f"cannot load pickle ({_describe(e)})", str(path)) from None
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
+def _describe(e: BaseException) -> str:
+    """An exception as a short phrase: its first line (cut at 200 characters), else what kind of failure it is."""
+    first = (str(e).strip().splitlines() or [""])[0].strip()
+    if len(first) > 200:
+        first = first[:199] + "…"
+    if isinstance(e, EOFError):
+        return f"unexpected end of file{': ' + first if first else ''}"
+    return first or f"{type(e).__name__} without a message"
 
 
-def _refusal_reason(msg: str) -> str:
-    """The reason torch's weights-only unpickler gives (the first line after its ``WeightsUnpickler error:``)."""
-    rest = msg.split("WeightsUnpickler error:", 1)[-1].strip()
-    return (rest.splitlines() or [""])[0].split(". Please")[0].rstrip(".")[:200]
+_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1) ", "(2) ")
+
+
+def refusal_reason(message: str) -> tuple[bool, str]:
+    """What torch's weights-only unpickler objected to, in one line, from its ``UnpicklingError`` text.
+
+    The text changes between torch versions (2.4: ``WeightsUnpickler error: Unsupported global: GLOBAL
+    posix.system was not an allowed global by default. Please use ...``; 2.6+ adds paragraphs of advice first and,
+    for modules it blocks outright, says ``Trying to load unsupported GLOBAL posix.system whose module posix is
+    blocked``). Returns ``(refused, reason)``: ``refused`` is True when the pickle is readable but needs more than
+    tensors and containers (a global: a class or function), False when it is not a pickle torch can read.
+    """
+    import pickletools
+    import re
+
+    glob = re.search(r"GLOBAL ([A-Za-z_][\w.]*\w)", message)
+    if glob:
+        blocked = re.search(r"whose module ([\w.]+\w) is blocked", message)
+        why = f", whose module {blocked.group(1)} is blocked" if blocked else ""
+        return True, f"Unsupported global: GLOBAL {glob.group(1)}{why}"
+    op = re.search(r"Unsupported operand (\d+)", message)
+    if op:
+        code = int(op.group(1)) if len(op.group(1)) < 4 else -1
+        names = {ord(o.code): o.name for o in pickletools.opcodes}
+        name = f" ({names[code]})" if code in names else ""
+        return False, f"pickle opcode {op.group(1)}{name} is not supported by the weights-only unpickler"
+    detail = message.split("WeightsUnpickler error:", 1)
+    if len(detail) == 2:
+        rest = " ".join(detail[1].split())
+        return True, (rest.split(". Please")[0].rstrip(".")[:200] or "the weights-only unpickler refused it")
+    for line in message.splitlines():
+        line = line.strip()
+        if line and not line.startswith(_BOILERPLATE):
+            return False, line[:200]
+    return False, "the weights-only unpickler refused it"
 
 
 def _is_tensor(v: Any) -> bool:
@@ -75,21 +114,33 @@ def _is_tensor(v: Any) -> bool:
     return isinstance(v, torch.Tensor)
 
 
-def _flatten(d: Mapping[Any, Any], prefix: str, out: dict[str, Any], skipped: list[str]) -> None:
+MAX_NESTING = 64  # state dicts nest a few levels ({"model": {"state_dict": {...}}}); deeper is not a checkpoint
+
+
+def _too_deep(where: str) -> CheckpointError:
+    return CheckpointError(f"state dict nested more than {MAX_NESTING} levels deep", where)
+
+
+def _flatten(d: Mapping[Any, Any], prefix: str, out: dict[str, Any], skipped: list[str], where: str, depth: int = 0
+             ) -> None:  # fmt: skip
+    if depth > MAX_NESTING:
+        raise _too_deep(where)
     for k, v in d.items():
         name = f"{prefix}{k}"
         if _is_tensor(v):
             out[name] = v
         elif isinstance(v, Mapping) and all(isinstance(kk, str) for kk in v):
-            _flatten(v, name + ".", out, skipped)
+            _flatten(v, name + ".", out, skipped, where, depth + 1)
         else:
             skipped.append(name)
 
 
-def _has_tensors(v: Any) -> bool:
+def _has_tensors(v: Any, where: str, depth: int = 0) -> bool:
     if not isinstance(v, Mapping) or not v or not all(isinstance(k, str) for k in v):
         return False
-    return any(_is_tensor(x) or _has_tensors(x) for x in v.values())
+    if depth > MAX_NESTING:
+        raise _too_deep(where)
+    return any(_is_tensor(x) or _has_tensors(x, where, depth + 1) for x in v.values())
 
 
 def select_state_dict(obj: Any, key: str | None, where: str) -> tuple[dict[str, Any], list[str]]:
@@ -111,7 +162,7 @@ def select_state_dict(obj: Any, key: str | None, where: str) -> tuple[dict[str, 
                 raise CheckpointError(f"no key {key!r} in the pickle (top-level keys: {keys})", where)
             notes.append(f"no key {key!r}: the file is already a flat state dict")
             node = obj
-        elif not _has_tensors(node):
+        elif not _has_tensors(node, where):
             raise CheckpointError(f"key {key!r} holds no tensors", where)
         else:
             notes.append(f"unwrapped key {key!r}")
@@ -119,7 +170,7 @@ def select_state_dict(obj: Any, key: str | None, where: str) -> tuple[dict[str, 
     elif top_is_flat:
         chosen = obj
     else:
-        candidates = [k for k, v in obj.items() if _has_tensors(v)]
+        candidates = [k for k, v in obj.items() if _has_tensors(v, where)]
         loose = [k for k, v in obj.items() if _is_tensor(v)]
         if len(candidates) == 1 and not loose:
             chosen = obj[candidates[0]]
@@ -133,7 +184,7 @@ def select_state_dict(obj: Any, key: str | None, where: str) -> tuple[dict[str, 
             raise CheckpointError(f"several entries hold tensors ({shown}); choose one with --key", where)
     tensors: dict[str, Any] = {}
     skipped: list[str] = []
-    _flatten(chosen, "", tensors, skipped)
+    _flatten(chosen, "", tensors, skipped, where)
     if skipped:
         shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         notes.append(f"left out {len(skipped)} non-tensor entries ({shown})")

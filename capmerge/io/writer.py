@@ -342,13 +342,19 @@ _SIZE_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
 def parse_size(size: int | str) -> int:
     """``5GB`` → 5·10⁹, ``2GiB`` → 2·2³⁰, ``500MB``, plain integers = bytes (as huggingface_hub does)."""
+    if isinstance(size, bool):
+        raise UsageError(f"invalid size {size!r} (use e.g. 5GB, 500MB, 2GiB)")
     if isinstance(size, int):
         n = size
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(size), flags=re.IGNORECASE)
         if not m or m.group(2).upper() not in _SIZE_UNITS:
             raise UsageError(f"invalid size {size!r} (use e.g. 5GB, 500MB, 2GiB)")
-        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+        scaled = float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]  # inf for a numeral too long for a float
+        n = int(scaled) if scaled < 2**63 else 2**63
+    if n >= 2**63:
+        shown = repr(size) if len(str(size)) <= 40 else f"{str(size)[:40]!r}… ({len(str(size))} characters)"
+        raise UsageError(f"size too large: {shown} (at most 2**63 - 1 bytes)")
     if n <= 0:
         raise UsageError(f"size must be positive: {size!r}")
     return n

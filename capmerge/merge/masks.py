@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from capmerge.errors import UsageError
+from capmerge.errors import CheckpointError, UsageError
 
 __all__ = [
     "BLOCK_CONTAINERS",
@@ -46,6 +46,7 @@ PLACEHOLDERS = ("alpha", "density")
 _MAX_BLOCK = 99_999
 _LAYER_ITEM = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
 _DIGITS = re.compile(r"[0-9]+")
+_INDEX_DIGITS = 18  # a block index in a tensor name fits in 64 bits
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 PatternLike = str | re.Pattern[str]
@@ -97,6 +98,8 @@ def parse_layers(spec: str) -> frozenset[int]:
         m = _LAYER_ITEM.fullmatch(item)
         if m is None:
             raise UsageError(f"invalid --layers {spec!r} (expected block indices and ranges such as 0-7,12)")
+        if max(len(g.lstrip("0")) for g in m.groups() if g is not None) > len(str(_MAX_BLOCK)):
+            raise UsageError(f"invalid --layers {spec!r} (block indices stop at {_MAX_BLOCK})")
         first = int(m.group(1))
         last = int(m.group(2)) if m.group(2) is not None else first
         if last < first:
@@ -156,12 +159,19 @@ def layer_index(name: str, pattern: PatternLike | None = None) -> int | None:
             return None
         if not _DIGITS.fullmatch(group):
             raise UsageError(f"--layer-pattern {regex.pattern!r} captured {group!r}, not a block index", name)
-        return int(group)
+        return _block_index(group, name)
     parts = name.split(".")
     for container, index in zip(parts, parts[1:], strict=False):
         if container in BLOCK_CONTAINERS and _DIGITS.fullmatch(index):
-            return int(index)
+            return _block_index(index, name)
     return None
+
+
+def _block_index(digits: str, name: str) -> int:
+    if len(digits.lstrip("0")) > _INDEX_DIGITS:  # int() would refuse past 4300 digits; no model has such blocks
+        raise CheckpointError(f"the block index in the tensor name has {len(digits)} digits (at most {_INDEX_DIGITS})",
+                              name[:200])  # fmt: skip
+    return int(digits)
 
 
 def count_layers(names: Iterable[str], pattern: PatternLike | None = None) -> int:

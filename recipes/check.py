@@ -16,7 +16,8 @@ from capmerge.merge.overrides import (
     is_filter_list,
 )
 from capmerge.recipes import yaml_lines as _yaml
-from capmerge.recipes.recipe import (
+from capmerge.recipes.expand import _Ctx
+from capmerge.recipes.schema import (
     _ENUMS,
     INPUT,
     INPUTS,
@@ -30,7 +31,6 @@ from capmerge.recipes.recipe import (
     Step,
     StepRef,
     Unset,
-    _Ctx,
     _methods,
 )
 

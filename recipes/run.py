@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from capmerge.errors import CapmergeError, ModelAsVectorError, UsageError
-from capmerge.recipes.recipe import INPUT, INPUTS, PAIR, SCHEMA, Recipe, Step, StepRef, file_identity, step_key
+from capmerge.recipes.schema import INPUT, INPUTS, PAIR, SCHEMA, Recipe, Step, StepRef, file_identity, step_key
 
 STAMPS = ".capmerge-steps"
 
@@ -232,13 +232,16 @@ class _Runner:
 
 
 def _lazy(name: str, where: str | None = None) -> Callable[..., Any]:
-    """``capmerge.compress`` / ``capmerge.push`` come from other modules; import them only when a step needs them."""
-    import capmerge
-
+    """``compress`` / ``push`` steps: their modules are imported only when a step needs them (and checked before any
+    step runs, so that a missing dependency never leaves half a pipeline behind)."""
     try:
-        return getattr(capmerge, name)
-    except AttributeError:
-        raise CapmergeError(f"the {name} step needs capmerge.{name}, which this installation lacks", where) from None
+        if name == "compress":
+            from capmerge.io.compression import compress
+
+            return compress
+        from capmerge.share import push
+
+        return push
     except ImportError as e:
         raise CapmergeError(f"the {name} step needs capmerge.{name}, which cannot be imported ({e})", where) from None
 
@@ -269,7 +272,7 @@ def _planned_outputs(step: Step, opts: dict[str, Any]) -> list[str]:
 
 
 def _printable(v: Any) -> Any:
-    from capmerge.recipes.recipe import _plain
+    from capmerge.recipes.schema import _plain
 
     return _plain(v)
 

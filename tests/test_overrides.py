@@ -20,7 +20,8 @@ import capmerge
 from capmerge.cli import app
 from capmerge.errors import UsageError
 from capmerge.merge.overrides import Overrides, parse_cli
-from capmerge.recipes.recipe import RecipeError, load
+from capmerge.recipes.recipe import load
+from capmerge.recipes.schema import RecipeError
 
 runner = CliRunner()
 NAMES = ["embed.weight", "layers.0.attn.w", "layers.0.mlp.w", "layers.1.attn.w", "layers.1.mlp.w",

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 import capmerge
 from capmerge.cli import app
-from capmerge.recipes.recipe import RecipeError, load, shipped
+from capmerge.recipes.recipe import load, shipped
+from capmerge.recipes.schema import RecipeError
 
 runner = CliRunner()
 SHIPPED = ["capvector", "capvector-llm-only", "dare-sweep", "ties-multi"]

@@ -104,6 +104,16 @@ class LowRankBlocks:
         self._tile = (start, t)
         return self._tile
 
+    def singular_values(self, rows: int, cols: int, k: int) -> tuple[Any, float, bool]:
+        """(σ of B·A, ‖B·A‖²_F, exact) from an r × r problem: with B = Q_b·R_b and Aᵀ = Q_a·R_a (Q orthonormal),
+        σ(B·A) = σ(R_b·R_aᵀ), in float64 — without building B·A (of the unrounded product)."""
+        import torch
+
+        rb = torch.linalg.qr(self.b.double(), mode="r").R
+        ra = torch.linalg.qr(self.a.double().T, mode="r").R
+        core = rb @ ra.T
+        return torch.linalg.svdvals(core), float(core.square().sum()), True
+
     def fill(self, start: int, end: int, out: Any) -> None:
         pos = start
         while pos < end:
@@ -148,6 +158,20 @@ class SparseBlocks:
         vmax = float(self.values.abs().max()) if self.values.numel() else 0.0
         self.check = _needs_check(finite, vmax * (abs(float(self.scale)) if self.scale is not None else 1.0), code)
         self.overflow = False
+
+    def singular_values(self, rows: int, cols: int, k: int) -> tuple[Any, float, bool]:
+        """(top singular values, ‖τ‖²_F, exact=False) of the dense view as a rows × cols matrix, by a randomized SVD
+        of the sparse matrix (seeded: the same values every run) — without building the dense matrix."""
+        import torch
+
+        v = self.values.to(self.acc)
+        v = (v * self.scale if self.scale is not None else v).to(self.dt).double()
+        ij = torch.stack([self.idx // cols, self.idx % cols])  # checked: in range, ascending, no repeats
+        m = torch.sparse_coo_tensor(ij, v, (rows, cols), is_coalesced=True, check_invariants=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _, s, _ = torch.svd_lowrank(m, q=min(k + 10, rows, cols), niter=4)
+        return s, float(v.square().sum()), False
 
     def fill(self, start: int, end: int, out: Any) -> None:
         import torch

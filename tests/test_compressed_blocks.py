@@ -310,3 +310,31 @@ def test_inspect_of_a_huge_declared_shape_stays_in_a_few_blocks(tmp_path: Path) 
     for g, (numel, l2) in zip(got["big"], cases, strict=True):
         assert g["numel"] == numel and g["l2"] == pytest.approx(l2, rel=1e-6)
         assert g["growth"] < numel * 8 / 4, f"peak RSS grew by {g['growth'] / 2**20:.0f} MiB of {numel * 8 >> 20} MiB"
+
+
+def test_spectrum_of_large_lowrank_and_sparse_tensors_from_their_stored_parts(tmp_path: Path) -> None:
+    """Above a block (600 × 1000 > 512 Ki elements), ``inspect --spectrum`` takes singular values from the factors
+    (exactly: an r × r problem) or from the sparse entries, not from a matrix built whole. References: numpy's SVD
+    of the dense matrices; the sparse one has its 5 entries in distinct rows and columns, so its singular values are
+    their magnitudes."""
+    rng = np.random.default_rng(2)
+    b, a = rng.standard_normal((600, 3)).astype(np.float32), rng.standard_normal((3, 1000)).astype(np.float32)
+    parts = {"w.lora_B": torch.tensor(b), "w.lora_A": torch.tensor(a)}
+    low = write_vector(tmp_path / "low.safetensors", "lowrank", parts,
+                       {"w": {"dtype": "F32", "shape": [600, 1000], "storage": "lowrank"}})  # fmt: skip
+    sp = capmerge.inspect(low, spectrum=True, spectrum_k=4)["vectors"][0]["tensors"][0]["spectrum"]
+    ref = np.linalg.svd(b.astype(np.float64) @ a.astype(np.float64), compute_uv=False)
+    assert sp["exact"] and sp["k"] == 4 and sp["sigma"][3] == 0.0  # rank 3: the fourth is zero
+    np.testing.assert_allclose(sp["sigma"][:3], ref[:3], rtol=1e-10)
+    assert sp["energy_top_k"] == pytest.approx(1.0, rel=1e-9) and sp["rank90"] == int(
+        np.searchsorted(np.cumsum(ref**2) / (ref**2).sum(), 0.9) + 1)  # fmt: skip
+    rows, cols = [3, 100, 250, 420, 799], [9, 650, 2, 333, 120]
+    vals = np.array([4.0, -3.0, 2.5, 1.0, -0.5], np.float32)
+    order = np.argsort(np.array(rows) * 700 + np.array(cols))
+    idx = (np.array(rows) * 700 + np.array(cols))[order]
+    parts = {"w.indices": torch.tensor(idx, dtype=torch.int32), "w.values": torch.tensor(vals[order])}
+    sparse_vec = write_vector(tmp_path / "sp.safetensors", "sparse", parts,
+                              {"w": {"dtype": "F32", "shape": [800, 700], "storage": "sparse"}})  # fmt: skip
+    sp = capmerge.inspect(sparse_vec, spectrum=True, spectrum_k=3)["vectors"][0]["tensors"][0]["spectrum"]
+    np.testing.assert_allclose(sp["sigma"], [4.0, 3.0, 2.5], rtol=1e-9)
+    assert sp["stable_rank"] == pytest.approx(float((vals**2).sum()) / 16.0, rel=1e-12)

@@ -162,6 +162,13 @@ _TMP_ROOM = 1 + len(TMP_MARK) + 10 + 1 + 20 + 1 + 8 + 1 + 8  # the dot and the l
 # that every run derives the same stem from the same OUT name
 
 
+def _existing_parent(path: Path) -> Path:
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
 def _name_max(directory: Path) -> int:
     try:
         return int(os.pathconf(directory, "PC_NAME_MAX"))
@@ -312,6 +319,10 @@ class Output:
                 if root == real_out or root in real_out.parents:
                     raise OutputExistsError(f"output is inside the input directory {ck.root}", raw)
         self.force = force
+        limit = _name_max(_existing_parent(self.out))
+        if len(os.fsencode(self.out.name)) > limit:
+            raise UsageError(f"output name is {len(os.fsencode(self.out.name))} bytes, longer than the file-name "
+                             f"limit ({limit})", raw)  # fmt: skip
         if os.path.lexists(self.out) and not force:
             raise OutputExistsError("output exists; pass --force to replace it", raw)
         self.created_dirs: list[Path] = []

@@ -251,3 +251,13 @@ def test_output_names_at_the_file_name_limit(tmp_path: Path, name: str, monkeypa
         assert main(["inspect", str(b), "--json", str(report), "-q"]) == 0, capsys.readouterr().err
         assert json.loads(report.read_text())["inputs"][0]["tensors"] == 2
         assert listing(out_dir) == {name, report.name}
+
+
+def test_an_output_name_past_the_limit_is_refused_up_front(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    b = save_single(tmp_path / "b.safetensors", {"x": torch.ones(3)})
+    name = "v" * 244 + ".safetensors"  # 256 bytes
+    assert main(["diff", str(b), str(b), "-o", str(tmp_path / "new" / name)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: output name is 256 bytes, longer than the file-name limit (255) ({tmp_path / 'new' / name})\n"
+    )
+    assert listing(tmp_path) == {"b.safetensors"}

@@ -1,4 +1,4 @@
-"""Ctrl-C while the capmerge command line starts up: one ``error:`` line and exit code 130, never a traceback.
+"""Ctrl-C (or SIGTERM) while the capmerge command line starts up: one ``error:`` line and exit 130, no traceback.
 
 ``import capmerge`` calls :func:`guard` first. In the process of the ``capmerge`` command (the console script, or
 ``python -m capmerge``) — and only there, so that a program importing capmerge keeps its own signal handling — it
@@ -19,7 +19,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped
 
 
 def on_interrupt(signum: int, frame: object) -> None:
-    """SIGINT during start-up: nothing is written yet; say so and leave (no cleanup to run, no traceback)."""
+    """SIGINT / SIGTERM during start-up: nothing is written yet; say so and leave (no cleanup to run)."""
     try:
         os.write(2, INTERRUPTED)
     finally:
@@ -49,10 +49,14 @@ def is_cli_process() -> bool:
 
 
 def guard() -> None:
-    """Install :func:`on_interrupt` for SIGINT in the capmerge command's process, where Python's default handler is
-    in place (an inherited "ignore", e.g. a background job, stays)."""
+    """Install :func:`on_interrupt` for SIGINT and SIGTERM in the capmerge command's process, where Python's default
+    handling is in place (an inherited "ignore", e.g. a background job's, stays)."""
     try:
-        if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler and is_cli_process():
+        if not is_cli_process():
+            return
+        if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
             _signal.signal(_signal.SIGINT, on_interrupt)
+        if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:
+            _signal.signal(_signal.SIGTERM, on_interrupt)
     except (ValueError, OSError, AttributeError):  # not the main thread, or no signals here
         pass

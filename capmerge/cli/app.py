@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(ValueError):  # not in the main thread
             for sig in (signal.SIGINT, signal.SIGTERM):
                 handler = signal.getsignal(sig)
-                if sig == signal.SIGTERM or handler in (signal.default_int_handler, _startup.on_interrupt):
+                if handler in (signal.default_int_handler, signal.SIG_DFL, _startup.on_interrupt):
                     previous[sig] = handler
                     signal.signal(sig, _interrupt)
         code = _run(argv)

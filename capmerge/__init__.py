@@ -5,9 +5,13 @@ The public API is imported lazily so that ``import capmerge`` (and the CLI) star
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from capmerge import _startup
 
-from capmerge._version import __version__
+_startup.guard()  # first: Ctrl-C while the command line starts gives one line, not a traceback
+
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
+from capmerge._version import __version__  # noqa: E402
 
 _EXPORTS = {
     "diff": "capmerge.api",

@@ -141,8 +141,8 @@ def test_inspect_json_and_dense_view_statistics(tmp_path: Path, monkeypatch: pyt
     capmerge.compress(save_single(tmp_path / "v.safetensors", v), tmp_path / "c.safetensors", rank=2)
     arrays, _, _ = stored(tmp_path / "c.safetensors")
     ck = capmerge.open_checkpoint(tmp_path / "c.safetensors")
-    # every tensor is rebuilt once, and the previous one is released before the next is built
-    live: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
+    # every tensor's block source is opened once, and the previous one is released before the next is opened
+    live: weakref.WeakSet[object] = weakref.WeakSet()
     calls: list[tuple[str, int]] = []
 
     def watch(name: str, load):  # type: ignore[no-untyped-def]
@@ -155,7 +155,7 @@ def test_inspect_json_and_dense_view_statistics(tmp_path: Path, monkeypatch: pyt
 
         return wrapped
 
-    ck.loaders = {n: watch(n, f) for n, f in ck.loaders.items()}  # type: ignore[attr-defined]
+    ck.blocks = {n: watch(n, f) for n, f in ck.blocks.items()}  # type: ignore[attr-defined]
     r = capmerge.inspect(ck, by="tensor")
     assert sorted(n for n, _ in calls) == sorted(v) and all(alive == 0 for _, alive in calls), calls
     inp = r["inputs"][0]

@@ -230,3 +230,123 @@ def test_inspect_kind_of_an_adapter_and_of_its_difference(adapters: dict[str, Pa
     r = capmerge.inspect([adapters["sft"], out], headers_only=True)
     assert [(i["kind"], i["storage"]) for i in r["inputs"]] == [("lora-adapter", "lowrank"),
                                                                  ("capability-vector", "lowrank")]  # fmt: skip
+
+
+# -- adapter_config.json validation ----------------------------------------------------------------------------------
+def edited_adapter(src: Path, dst: Path, **changes: object) -> Path:
+    """A copy of a PEFT-saved adapter directory with keys of its adapter_config.json replaced."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))  # NaN / Infinity written as JSON's extensions
+    return dst
+
+
+BAD_CONFIGS = [
+    ({"lora_alpha": "16"}, 'lora_alpha must be a number, got "16"'),
+    ({"lora_alpha": [16]}, "lora_alpha must be a number, got [16]"),
+    ({"lora_alpha": "nan"}, 'lora_alpha must be a number, got "nan"'),
+    ({"lora_alpha": True}, "lora_alpha must be a number, got true"),
+    ({"lora_alpha": None}, "lora_alpha must be a number, got null"),
+    ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number, got nan"),
+    ({"lora_alpha": float("-inf")}, "lora_alpha must be a finite number, got -inf"),
+    ({"lora_alpha": 1e39}, "lora_alpha 1e+39 is too large (the scale multiplies float32 factors)"),
+    ({"lora_alpha": 10**50}, "lora_alpha 1000000000000000000000000000000000000... is too large (the scale "
+     "multiplies float32 factors)"),
+    ({"r": 0}, "r must be a positive integer, got 0"),
+    ({"r": 2.0}, "r must be a positive integer, got 2.0"),
+    ({"r": 4, "rank_pattern": {"emb": 2, "v": 2}}, "LoRA module q has rank 2 (lora_A [2, 8]) but r gives 4"),
+    ({"r": 2, "rank_pattern": {"emb": 3}}, "LoRA module emb has rank 2 (lora_embedding_A [2, 20]) but rank_pattern "
+     "gives 3"),
+    ({"alpha_pattern": ["q"]}, 'alpha_pattern must map module-name patterns to values, got ["q"]'),
+    ({"alpha_pattern": "q"}, 'alpha_pattern must map module-name patterns to values, got "q"'),
+    ({"alpha_pattern": {"q[": 3}}, 'alpha_pattern key "q[" is not a valid regular expression: unterminated '
+     "character set at position 1"),
+    ({"alpha_pattern": {"q": "3"}}, 'alpha_pattern["q"] must be a number, got "3"'),
+    ({"alpha_pattern": {"q": float("inf")}}, 'alpha_pattern["q"] must be a finite number, got inf'),
+    ({"rank_pattern": 4}, "rank_pattern must map module-name patterns to values, got 4"),
+    ({"rank_pattern": {"(v": 2}}, 'rank_pattern key "(v" is not a valid regular expression: missing ), '
+     "unterminated subpattern at position 0"),
+    ({"rank_pattern": {"v": 0}}, 'rank_pattern["v"] must be a positive integer, got 0'),
+    ({"rank_pattern": {"v": 3}}, "LoRA module v has rank 2 (lora_A [2, 12]) but rank_pattern gives 3"),
+    ({"use_rslora": "false"}, 'use_rslora must be true or false, got "false"'),
+    ({"fan_in_fan_out": 1}, "fan_in_fan_out must be true or false, got 1"),
+    ({"use_dora": "no"}, 'use_dora must be true or false, got "no"'),
+    ({"peft_type": 3}, "unsupported PEFT adapter type 3 (only LoRA)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("changes", "what"), BAD_CONFIGS)
+def test_bad_adapter_configs_are_refused(
+    adapters: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], changes: dict, what: str
+) -> None:
+    """Each bad key of a PEFT adapter's config (sft: r 2, lora_alpha 4, targets q, v, emb): one error line naming the
+    file and the key, for apply and inspect, nothing written, the adapter untouched."""
+    bad = edited_adapter(adapters["sft"], tmp_path / "bad", **changes)
+    before = tree_digest(bad)
+    out = tmp_path / "out.safetensors"
+    expected = f"error: {what} ({bad / 'adapter_config.json'})\n"
+    assert main(["apply", str(adapters["base"]), str(bad), "-o", str(out)]) == 2
+    assert capsys.readouterr().err == expected
+    assert main(["inspect", "--headers-only", str(bad)]) == 2
+    assert capsys.readouterr().err == expected
+    assert not out.exists() and tree_digest(bad) == before
+
+
+def hand_adapter(path: Path, config: dict, a: torch.Tensor, b: torch.Tensor) -> Path:
+    """A PEFT-format adapter written by hand: one LoRA module ``q`` with factors A [r, in] and B [out, r]."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["q"], **config}))
+    save_file({"base_model.model.q.lora_A.weight": a, "base_model.model.q.lora_B.weight": b},
+              str(path / "adapter_model.safetensors"))  # fmt: skip
+    return path
+
+
+def test_rank_zero_factors_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ad = hand_adapter(tmp_path / "ad", {"lora_alpha": 4}, torch.zeros(0, 8), torch.zeros(12, 0))
+    assert main(["inspect", str(ad)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: LoRA module q has rank 0 (lora_A [0, 8]) ({ad / 'adapter_model.safetensors'})\n"
+    )
+
+
+def test_nonfinite_results_from_finite_adapters_are_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """lora_alpha 3e38, r 1: the scale times lora_B (3) is 9e38, past float32; lora_alpha 1e38 with lora_A 10: the
+    scaled factors are finite, their product 1e39 is not — the same error (and --allow-nonfinite) as for a dense
+    merge that overflows."""
+    base = tmp_path / "base.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"q.weight": torch.zeros(12, 8)}, str(base))
+    a, b = torch.full((1, 8), 10.0), torch.full((12, 1), 3.0)
+    big_scale = hand_adapter(tmp_path / "scale", {"r": 1, "lora_alpha": 3e38}, a, b)
+    out = tmp_path / "out.safetensors"
+    assert main(["apply", str(base), str(big_scale), "-o", str(out)]) == 2
+    assert capsys.readouterr().err == ("error: the LoRA factors times the scale 3e+38 (lora_alpha / r) overflow "
+                                       f"float32 (q in {big_scale / 'adapter_model.safetensors'})\n")  # fmt: skip
+    product = hand_adapter(tmp_path / "product", {"r": 1, "lora_alpha": 1e38}, a, torch.full((12, 1), 1.0))
+    assert main(["apply", str(base), str(product), "-o", str(out)]) == 2
+    assert capsys.readouterr().err == ("error: result has NaN/Inf where the inputs were finite (overflow in the "
+                                       "output dtype?); use --allow-nonfinite to keep it (q.weight)\n")  # fmt: skip
+    assert not out.exists()
+    assert main(["apply", str(base), str(product), "-o", str(out), "--allow-nonfinite", "-q"]) == 0
+    assert torch.isposinf(load_file(str(out))["q.weight"]).all()
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_peft_saved_configs_pass(adapters: dict[str, Path], tmp_path: Path, name: str) -> None:
+    """Every adapter PEFT saved (rslora, rank_pattern, alpha_pattern, fan_in_fan_out, modules_to_save) passes the
+    checks, and apply through the CLI gives PEFT's merge_and_unload() weights."""
+    from capmerge.io.lora import check_config, read_config
+
+    cfg = check_config(read_config(adapters[name] / "adapter_config.json"), "x")
+    assert cfg.alpha == ADAPTERS[name]["lora_alpha"] and cfg.r == ADAPTERS[name]["r"]
+    out = tmp_path / "m.safetensors"
+    assert main(["apply", str(adapters["base"]), str(adapters[name]), "-o", str(out), "-q"]) == 0
+    got, ref = load_file(str(out)), merged(adapters, name)
+    for n, t in ref.items():
+        torch.testing.assert_close(got[n], t, atol=2e-6, rtol=0, msg=n)

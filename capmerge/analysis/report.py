@@ -273,12 +273,10 @@ def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     title = "capmerge inspect: " + "  vs  ".join(_vlabel(v) for v in vectors)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path = os.fspath(path)
-    tmp = path + ".tmp.png"
+    from capmerge.io.writer import replace_atomically
+
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        fmt = os.path.splitext(os.fspath(path))[1][1:].lower() or "png"  # the temporary name has no extension
+        replace_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format=fmt))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

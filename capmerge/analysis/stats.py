@@ -245,8 +245,7 @@ def _spectrum(m: Any, k: int) -> dict[str, Any]:
         return {"k": k, "sigma": [], "energy_top_k": None, "stable_rank": None, "rank90": None, "exact": True,
                 "nonfinite": True}  # fmt: skip
     if k == 0 or fro2 == 0.0:
-        return {"k": k, "sigma": [], "energy_top_k": 0.0, "stable_rank": 0.0, "rank90": 0 if fro2 == 0 else None,
-                "exact": True}  # fmt: skip
+        return _summary(torch.zeros(0), fro2, k, True)
     exact = min(rows, cols) <= _EXACT_SVD_DIM
     if exact:
         s = torch.linalg.svdvals(m.double())[:k]
@@ -255,6 +254,30 @@ def _spectrum(m: Any, k: int) -> dict[str, Any]:
             torch.manual_seed(0)  # deterministic range finder
             _, s, _ = torch.svd_lowrank(m, q=min(k + 10, rows, cols), niter=4)
         s = s[:k].double()
+    return _summary(s, fro2, k, exact)
+
+
+def _structured(t: list[tuple[Checkpoint, TensorInfo, float]] | None, shape: tuple[int, ...]) -> Any:
+    """The block source of a low-rank or sparse tensor too large to build whole (more than a block), whose spectrum
+    comes from its stored parts instead; None otherwise."""
+    from capmerge.io.lazy import BLOCK_ELEMS
+
+    if t is None or len(t) != 1 or len(shape) != 2 or math.prod(shape) <= BLOCK_ELEMS:
+        return None
+    ck, info, _ = t[0]
+    opener = getattr(ck, "blocks", {}).get(info.name)
+    src = opener() if opener is not None else None
+    return src if hasattr(src, "singular_values") else None
+
+
+def _summary(s: Any, fro2: float, k: int, exact: bool) -> dict[str, Any]:
+    """What the top-k singular values ``s`` (float64, descending) of a matrix of squared norm ``fro2`` capture."""
+    import torch
+
+    s = torch.cat([s[:k].double(), torch.zeros(max(0, k - s.numel()), dtype=torch.float64)])
+    if k == 0 or fro2 == 0.0:
+        return {"k": k, "sigma": [], "energy_top_k": 0.0, "stable_rank": 0.0, "rank90": 0 if fro2 == 0 else None,
+                "exact": True}  # fmt: skip
     energy = (s.square().cumsum(0) / fro2).clamp(max=1.0)
     above = (energy >= 0.9).nonzero()
     return {
@@ -406,8 +429,10 @@ def _stream(
         n = math.prod(shape)
         accs = [Acc(tensors=1) if t is not None else None for t in terms]
         paccs = [PairAcc() if terms[i] is not None or terms[j] is not None else None for i, j in pairs]
-        full = [torch.empty(n, dtype=torch.float32) if spectrum and len(shape) == 2 and t is not None else None
-                for t in terms]  # fmt: skip
+        # the spectrum of a large low-rank or sparse tensor comes from its stored parts, not from the whole matrix
+        structured = [_structured(t, shape) if spectrum else None for t in terms]
+        full = [torch.empty(n, dtype=torch.float32) if spectrum and len(shape) == 2 and t is not None and st is None
+                else None for t, st in zip(terms, structured, strict=True)]  # fmt: skip
         for off in range(0, n, CHUNK):
             m = min(CHUNK, n - off)
             blocks: dict[tuple[int, str], Any] = {}
@@ -438,11 +463,15 @@ def _stream(
             for pi, (i, j) in enumerate(pairs):
                 if paccs[pi] is not None:
                     paccs[pi].add(values64[i], values64[j])  # type: ignore[union-attr]
-        for v, acc, f in zip(vectors, accs, full, strict=True):
+        for v, acc, f, st in zip(vectors, accs, full, structured, strict=True):
             if acc is not None:
                 v.tensors[name] = acc
                 if f is not None:
                     v.spectra[name] = _spectrum(f.view(shape), k)
+                elif st is not None:
+                    kk = min(k, *shape)
+                    sv, fro2, exact = st.singular_values(shape[0], shape[1], kk)
+                    v.spectra[name] = _summary(sv, fro2, kk, exact)
         for pi, (i, j) in enumerate(pairs):
             if paccs[pi] is None:
                 continue

@@ -60,6 +60,7 @@ def handle_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         if _debug():
             raise
+        _INTERRUPT["reported"] = True
         raise fail("interrupted; nothing was written", 130) from None
     except MemoryError:
         if _debug():
@@ -99,13 +100,61 @@ def command_line() -> str:
     return shlex.join(["capmerge", *_ARGV])
 
 
-def _sigterm(signum: int, frame: object) -> None:
+# Ctrl-C / SIGTERM while a command runs: KeyboardInterrupt (outputs clean up on the way out), then one line, exit
+# 130, wherever it landed — in a command (handle_errors reports it), or in the parser, which swallows it into a silent
+# exit 130 (reported here).
+_INTERRUPT = {"seen": False, "reported": False}
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _INTERRUPT["seen"] = True
     raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    if not _INTERRUPT["reported"]:
+        _INTERRUPT["reported"] = True
+        print("error: interrupted; nothing was written", file=sys.stderr)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (exits the process when ``argv`` is None, returns the exit code otherwise)."""
-    code = _run(argv)
+    from capmerge import _startup
+
+    code: int | None = None
+    previous = {}
+    try:
+        _INTERRUPT.update(seen=False, reported=False)
+        with contextlib.suppress(ValueError):  # not in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(sig)
+                if handler in (signal.default_int_handler, signal.SIG_DFL, _startup.on_interrupt):
+                    previous[sig] = handler
+                    signal.signal(sig, _interrupt)
+        code = _run(argv)
+        if argv is None:  # done: a late Ctrl-C changes nothing
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        if code is None:
+            code = _interrupted()
+    finally:
+        if argv is not None:  # called in-process: leave the caller's handlers as they were
+            for sig, handler in previous.items():
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(sig, handler)
+    if code == 130 and _INTERRUPT["seen"]:
+        _interrupted()
+        if argv is None:
+            # Leave at once: what was written is removed already, and Python would otherwise turn an interrupt that
+            # some C extension's embedded code saw during an import into a death by SIGINT after this line.
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(130)
     if argv is None:
         sys.exit(code)
     return code
@@ -113,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     """Usage errors of the parser are reported as one ``error:`` line too (exit 2)."""
-    with contextlib.suppress(ValueError):  # not in the main thread
-        signal.signal(signal.SIGTERM, _sigterm)
     _ARGV[:] = sys.argv[1:] if argv is None else list(argv)
     try:
         rv = app(args=argv, prog_name="capmerge", standalone_mode=False)

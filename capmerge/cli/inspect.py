@@ -121,10 +121,13 @@ def inspect_cmd(
         if target == "-":
             print(text)
         elif target is not None:
-            tmp = target + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
-            os.replace(tmp, target)
+            from capmerge.io.writer import replace_atomically
+
+            def write_json(tmp: str) -> None:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(text + "\n")
+
+            replace_atomically(target, write_json)
     if target != "-" and not quiet:
         from capmerge.analysis.report import print_report
 

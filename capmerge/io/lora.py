@@ -13,6 +13,7 @@ are deltas only against a base: :meth:`AdapterCheckpoint.with_base` binds one (`
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -22,15 +23,110 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capmerge.errors import CheckpointError, CheckpointNotFoundError, MismatchError, UsageError
+from capmerge.errors import CheckpointError, CheckpointNotFoundError, MismatchError, NonFiniteError, UsageError
 from capmerge.io import jsonfile as _json
-from capmerge.io.checkpoint import Checkpoint, TensorInfo, read_header, require_regular_file
+from capmerge.io.checkpoint import DTYPES, Checkpoint, TensorInfo, read_header, require_regular_file
 from capmerge.io.lazy import LazyCheckpoint, digest_of
 
 PEFT_PREFIX = "base_model.model."
 _LORA_RE = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 _EMB_RE = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)$")
 _UNSUPPORTED = ("lora_magnitude_vector", "lora_B.bias", "lora_A.bias")
+FLOAT32_MAX = 3.4028234663852886e38  # the scale multiplies float32 factors
+
+
+@dataclass
+class AdapterConfig:
+    """The parts of ``adapter_config.json`` that define ΔW, checked (see :func:`read_config`)."""
+
+    alpha: float
+    r: int | None
+    alpha_pattern: dict[str, float]
+    rank_pattern: dict[str, int]
+    rslora: bool
+    fan_in_fan_out: bool
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(value: Any, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CheckpointError(f"{key} must be a number, got {_shown(value)}", where)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CheckpointError(f"{key} must be a finite number, got {value}", where)
+    try:
+        x = float(value)
+    except OverflowError:  # an integer beyond float64
+        x = math.inf
+    if abs(x) > FLOAT32_MAX:
+        raise CheckpointError(f"{key} {_shown(value)} is too large (the scale multiplies float32 factors)", where)
+    return x
+
+
+def _rank(value: Any, key: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{key} must be a positive integer, got {_shown(value)}", where)
+    return value
+
+
+def _flag(config: dict[str, Any], key: str, where: str) -> bool:
+    value = config.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise CheckpointError(f"{key} must be true or false, got {_shown(value)}", where)
+    return bool(value)
+
+
+def _patterns(config: dict[str, Any], key: str, where: str, check: Callable[[Any, str, str], Any]) -> dict[str, Any]:
+    value = config.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{key} must map module-name patterns to values, got {_shown(value)}", where)
+    out = {}
+    for k, v in value.items():
+        try:
+            re.compile(rf"(.*\.)?({k})$")  # how PEFT matches it (pattern_value)
+        except (re.error, RecursionError, OverflowError):
+            try:
+                re.compile(k)
+                why = "not a valid regular expression"
+            except (re.error, RecursionError, OverflowError) as e:  # the reason, at a position in the key itself
+                why = f"not a valid regular expression: {e}"
+            raise CheckpointError(f"{key} key {json.dumps(k)} is {why}", where) from None
+        out[k] = check(v, f"{key}[{json.dumps(k)}]", where)
+    return out
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """``adapter_config.json`` as a JSON object (one ``error:`` line naming the file when it is not one)."""
+    require_regular_file(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read adapter_config.json: {e.strerror or e}", str(path)) from None
+    config = _json.loads(raw, "adapter_config.json", str(path))
+    if not isinstance(config, dict):
+        raise CheckpointError("adapter_config.json is not a valid JSON object", str(path))
+    return config
+
+
+def check_config(config: dict[str, Any], where: str) -> AdapterConfig:
+    """The keys of a LoRA ``adapter_config.json`` that define ΔW, with PEFT's defaults, each checked: ``lora_alpha``
+    (finite, within float32), ``r`` and ``rank_pattern`` values (positive integers), ``alpha_pattern`` /
+    ``rank_pattern`` (mappings whose keys are regular expressions), ``use_rslora`` / ``fan_in_fan_out`` (booleans).
+    Raises CheckpointError naming the key and ``where``."""
+    r = config.get("r")
+    return AdapterConfig(
+        alpha=_number(config.get("lora_alpha", 8), "lora_alpha", where),
+        r=None if r is None else _rank(r, "r", where),
+        alpha_pattern=_patterns(config, "alpha_pattern", where, _number),
+        rank_pattern=_patterns(config, "rank_pattern", where, _rank),
+        rslora=_flag(config, "use_rslora", where),
+        fan_in_fan_out=_flag(config, "fan_in_fan_out", where),
+    )
 
 
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -94,20 +190,14 @@ def _needs_base(name: str, ref: str) -> Callable[[], Any]:
 def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
     """Open a PEFT LoRA adapter directory as a lazy vector of ΔW under the base model's names."""
     cfg_path = path / "adapter_config.json"
-    require_regular_file(cfg_path)
-    try:
-        raw = cfg_path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"cannot read adapter_config.json: {e.strerror or e}", str(cfg_path)) from None
-    config = _json.loads(raw, "adapter_config.json", str(cfg_path))
-    if not isinstance(config, dict):
-        raise CheckpointError("adapter_config.json is not a valid JSON object", str(cfg_path))
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
+    config = read_config(cfg_path)
+    peft_type = config.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise CheckpointError(f"unsupported PEFT adapter type {peft_type} (only LoRA)", str(cfg_path))
-    if config.get("use_dora"):
+    if _flag(config, "use_dora", str(cfg_path)):
         raise CheckpointError("DoRA adapters are not a low-rank difference (use_dora: true)", str(cfg_path))
-    if (path / "adapter_model.safetensors").exists():
+    cfg = check_config(config, str(cfg_path))
+    if (path / "adapter_model.safetensors").is_file():
         hdr = read_header(path / "adapter_model.safetensors")
         raw: Checkpoint = Checkpoint(str(path / "adapter_model.safetensors"), [hdr.path], hdr.tensors, hdr.metadata,
                                      headers=[hdr])  # fmt: skip
@@ -117,10 +207,6 @@ def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
         raw = open_pickle(str(path / "adapter_model.bin"), path / "adapter_model.bin")
     else:
         raise CheckpointNotFoundError("adapter directory has no adapter_model.safetensors or adapter_model.bin", ref)
-    alpha0 = float(config.get("lora_alpha", 8))
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
-    fifo = bool(config.get("fan_in_fan_out", False))
     pairs: dict[str, dict[str, TensorInfo]] = {}
     embedding: set[str] = set()
     full: dict[str, str] = {}
@@ -138,6 +224,7 @@ def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
             embedding.add(m["module"])
     infos: dict[str, TensorInfo] = {}
     loaders: dict[str, Callable[[], Any]] = {}
+    blocks: dict[str, Callable[[], Any]] = {}
     factors: dict[str, Callable[[], tuple[Any, Any]]] = {}
     storages: dict[str, dict[str, Any]] = {}
     for module, parts in pairs.items():
@@ -152,15 +239,23 @@ def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
             raise CheckpointError(
                 f"LoRA factors of {module} do not chain: A {list(a.shape)}, B {list(b.shape)}", raw.ref
             )
-        alpha = float(pattern_value(alpha_pattern, module, alpha0))
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        transposed = emb or fifo
+        a_label = f"{'lora_embedding_A' if emb else 'lora_A'} {list(a.shape)}"
+        if r == 0:
+            raise CheckpointError(f"LoRA module {module} has rank 0 ({a_label})", raw.ref)
+        configured = pattern_value(cfg.rank_pattern, module, cfg.r)
+        if configured is not None and configured != r:
+            key = "rank_pattern" if module_matches(cfg.rank_pattern, module) else "r"
+            raise CheckpointError(f"LoRA module {module} has rank {r} ({a_label}) but {key} gives {configured}",
+                                  str(cfg_path))  # fmt: skip
+        alpha = pattern_value(cfg.alpha_pattern, module, cfg.alpha)
+        scale = alpha / math.sqrt(r) if cfg.rslora else alpha / r
+        transposed = emb or cfg.fan_in_fan_out
         shape = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
         name = f"{module}.weight"
         code = b.dtype if b.is_float else "F32"
-        factors[name] = _factors(raw, a.name, b.name, scale, transposed)
-        loaders[name] = _dense(factors[name], code, shape)
-        infos[name] = TensorInfo(name, code, shape, b.shard, 0, math.prod(shape) * b.itemsize)
+        factors[name] = _factors(raw, a.name, b.name, scale, transposed, module)
+        blocks[name] = _blocks(factors[name], code)
+        infos[name] = TensorInfo(name, code, shape, b.shard, 0, math.prod(shape) * DTYPES[code][0])
         storages[name] = {"storage": "lowrank", "rank": r, "scale": scale, "nbytes": a.nbytes + b.nbytes, "dtype": code}
     for name, raw_name in full.items():
         if name in infos:
@@ -176,6 +271,7 @@ def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
         {"format": "pt", "capmerge.kind": "lora-adapter"},
         root=str(path),
         loaders=loaders,
+        blocks=blocks,
         vector_kind="lowrank",
         storages=storages,
         source="peft-lora",
@@ -187,12 +283,25 @@ def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
     )
 
 
-def _factors(raw: Checkpoint, a_name: str, b_name: str, scale: float, transposed: bool) -> Callable[[], tuple]:
+def module_matches(patterns: dict[str, Any], module: str) -> bool:
+    return any(re.match(rf"(.*\.)?({key})$", module) for key in patterns)
+
+
+def _factors(raw: Checkpoint, a_name: str, b_name: str, scale: float, transposed: bool,
+             module: str) -> Callable[[], tuple]:  # fmt: skip
     def load() -> tuple[Any, Any]:
+        import torch
+
         a, b = raw.read_tensor(a_name).float(), raw.read_tensor(b_name).float()
+        finite = bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())
         if transposed:  # ΔW = s·(B·A)ᵀ = (s·Aᵀ)·Bᵀ
-            return (a.T * scale).contiguous(), b.T.contiguous()
-        return (b * scale).contiguous(), a.contiguous()
+            bs, as_ = (a.T * scale).contiguous(), b.T.contiguous()
+        else:
+            bs, as_ = (b * scale).contiguous(), a.contiguous()
+        if finite and not bool(torch.isfinite(bs).all()):
+            raise NonFiniteError(f"the LoRA factors times the scale {scale:g} (lora_alpha / r) overflow float32",
+                                 f"{module} in {raw.ref}")  # fmt: skip
+        return bs, as_
 
     return load
 
@@ -212,14 +321,14 @@ def _zero_product(bs: list[Any], as_: list[Any]) -> bool:
     return False
 
 
-def _dense(factors: Callable[[], tuple[Any, Any]], code: str, shape: tuple[int, ...]) -> Callable[[], Any]:
-    def load() -> Any:
-        from capmerge.io.compression import lowrank_dense
+def _blocks(factors: Callable[[], tuple[Any, Any]], code: str) -> Callable[[], Any]:
+    def open_blocks() -> Any:
+        from capmerge.io.compression import LowRankBlocks
 
         b, a = factors()
-        return lowrank_dense(b, a, code, shape)
+        return LowRankBlocks(b, a, code)
 
-    return load
+    return open_blocks
 
 
 def diff_adapters(

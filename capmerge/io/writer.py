@@ -5,19 +5,27 @@ file reserves room for its header, tensor data is written in order at known offs
 thread), and the final header — listing only the tensors actually kept — is written into the reserved room and
 padded with spaces, which the format allows. That lets ``diff`` leave out all-zero tensors without a second pass.
 
-:class:`Output` owns the temporary sibling of OUT and makes the result appear atomically (or not at all).
+:class:`Output` owns the temporary sibling of OUT and makes the result appear atomically (or not at all). The
+temporary's name says which process writes it — ``.<OUT name>.capmerge-tmp-<pid>-<start>-<boot>-<random>``, where
+``start`` is the process's start time (clock ticks since boot) and ``boot`` a short hash of the boot id — so a later
+run for the same OUT removes the temporaries of writers that are gone (killed, crashed) and never those of a writer
+still running, even when its PID was reused. Temporary names always fit the file-name limit: a long OUT name is cut
+and completed with a hash of the whole name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,11 +167,149 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES) or (name.endswith(".index.json") and any(s in name for s in WEIGHT_SUFFIXES))
 
 
+TMP_MARK = ".capmerge-tmp-"
+OLD_MARK = ".capmerge-old-"
+_OWNER_RE = re.compile(r"(?P<pid>[0-9]{1,10})-(?P<start>[0-9]{1,20})-(?P<boot>[0-9a-f]{8})-[0-9a-f]{8}")
+_TMP_ROOM = 1 + len(TMP_MARK) + 10 + 1 + 20 + 1 + 8 + 1 + 8  # the dot and the longest suffix: a fixed room, so
+# that every run derives the same stem from the same OUT name
+
+
+def _existing_parent(path: Path) -> Path:
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def _name_max(directory: Path) -> int:
+    try:
+        return int(os.pathconf(directory, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def sibling_stem(name: str, room: int) -> str:
+    """``name`` when it fits in ``room`` bytes (UTF-8), else its longest prefix that fits with ``~`` and 12 hex
+    digits of its sha256: the same stem for the same name, different stems for different names."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= room:
+        return name
+    tail = "~" + hashlib.sha256(raw).hexdigest()[:12]
+    head = raw[: max(0, room - len(tail))].decode("utf-8", "ignore")  # never cut a character in two
+    return head + tail
+
+
+@functools.lru_cache(maxsize=1)
+def _boot_tag() -> str:
+    """8 hex digits naming this boot of this machine (start times count from boot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            ident = f.read().strip()
+    except OSError:
+        import socket
+
+        ident = socket.gethostname()
+    return hashlib.sha256(ident.encode()).hexdigest()[:8]
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot, from /proc), 0 where /proc is absent, None when
+    there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        stat = b""
+    if stat:
+        try:
+            return int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22; the command name may hold spaces
+        except (ValueError, IndexError):
+            return 0
+    if os.path.isdir("/proc/self"):
+        return None
+    try:  # no /proc: a process with that PID is alive (or a PID reused; then the temporary waits)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:
+        pass
+    return 0
+
+
+def _owner_tag() -> str:
+    pid = os.getpid()
+    return f"{pid}-{_start_time(pid) or 0}-{_boot_tag()}"
+
+
+def _writer_gone(rest: str) -> bool:
+    """Whether the writer named by a temporary's suffix (``pid-start-boot-random``) has ended on this machine."""
+    m = _OWNER_RE.fullmatch(rest)
+    if m is None or m["boot"] != _boot_tag():  # not ours to judge (another machine, or another boot's PIDs)
+        return False
+    pid, start = int(m["pid"]), int(m["start"])
+    if pid == os.getpid():
+        return False
+    now = _start_time(pid)
+    return now is None or (now != 0 and start != 0 and now != start)
+
+
+def remove_stale_temporaries(out: Path, keep: tuple[Path, ...] = ()) -> list[str]:
+    """Remove the temporaries of OUT (file or directory) left by writers that are gone; returns their names.
+
+    Only names of the exact form this module writes for OUT are considered, and one of a writer still alive (same
+    PID and start time, on this boot) is never touched; ``keep`` names paths never to remove (the inputs)."""
+    parent = out.parent
+    prefix = "." + sibling_stem(out.name, _name_max(parent) - _TMP_ROOM) + TMP_MARK
+    removed = []
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+    except OSError:
+        return removed
+    kept = {os.path.realpath(k) for k in keep}
+    for n in names:
+        p = parent / n
+        if os.path.realpath(p) in kept or not _writer_gone(n[len(prefix) :]):
+            continue
+        with contextlib.suppress(OSError):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(n)
+    return removed
+
+
+def temporary_sibling(out: Path) -> Path:
+    """A new temporary name next to ``out`` (absolute), naming this process as its writer; it fits the file-name
+    limit whatever the length of ``out``'s name."""
+    stem = sibling_stem(out.name, _name_max(out.parent) - _TMP_ROOM)
+    return out.parent / f".{stem}{TMP_MARK}{_owner_tag()}-{secrets.token_hex(4)}"
+
+
+def replace_atomically(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """Write a side output (a JSON report, a plot) with ``write(temporary path)``, then rename it over ``path``; on
+    any failure (Ctrl-C included) the temporary is removed. Temporaries of ``path`` left by writers that are gone are
+    removed first, as for :class:`Output`."""
+    target = Path(os.path.abspath(path))
+    remove_stale_temporaries(target)
+    tmp = temporary_sibling(target)
+    try:
+        write(str(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 class Output:
     """The temporary sibling of OUT, made to appear at OUT atomically by :meth:`commit`.
 
     Checks up front that OUT is not an input, not inside an input directory, and does not exist unless
-    ``force``. On :meth:`abort` (any failure, Ctrl-C) everything written is removed.
+    ``force``. On :meth:`abort` (any failure, Ctrl-C) everything written is removed. Temporaries of OUT left by
+    earlier writers that are gone (see the module docstring) are removed when the run starts.
     """
 
     def __init__(self, out: str | os.PathLike[str], inputs: list[Checkpoint], *, force: bool = False) -> None:
@@ -185,6 +331,10 @@ class Output:
                 if root == real_out or root in real_out.parents:
                     raise OutputExistsError(f"output is inside the input directory {ck.root}", raw)
         self.force = force
+        limit = _name_max(_existing_parent(self.out))
+        if len(os.fsencode(self.out.name)) > limit:
+            raise UsageError(f"output name is {len(os.fsencode(self.out.name))} bytes, longer than the file-name "
+                             f"limit ({limit})", raw)  # fmt: skip
         if os.path.lexists(self.out) and not force:
             raise OutputExistsError("output exists; pass --force to replace it", raw)
         self.created_dirs: list[Path] = []
@@ -200,15 +350,19 @@ class Output:
                 self._remove_created_dirs()
                 raise _write_error(e, str(d)) from e
             self.created_dirs.append(d)
-        self.tmp = self.out.parent / f".{self.out.name}.capmerge-tmp-{secrets.token_hex(4)}"
+        keep = tuple(Path(f) for ck in inputs for f in ck.files)
+        self.stale_removed = remove_stale_temporaries(self.out, keep)
+        self.tmp = temporary_sibling(self.out)
+        self.files: list[SafetensorsFile] = []
+        self.done = False
         if not self.single_file:
             try:
                 self.tmp.mkdir()
-            except OSError as e:
+            except BaseException as e:  # Ctrl-C included: leave nothing behind
                 self._remove_created_dirs()
-                raise _write_error(e, str(self.tmp)) from e
-        self.files: list[SafetensorsFile] = []
-        self.done = False
+                if isinstance(e, OSError):
+                    raise _write_error(e, str(self.tmp)) from e
+                raise
 
     def path_for(self, relname: str) -> Path:
         """Where a file of the output goes while it is written (the single temp file, or inside the temp dir)."""
@@ -275,6 +429,8 @@ class Output:
                     _swap_into_place(self.tmp, self.out)
             else:
                 os.rename(self.tmp, self.out)
+        except OutputExistsError:  # an OSError too, but the message says it all (exit 2, not a write failure)
+            raise
         except OSError as e:
             raise _write_error(e, str(self.out)) from e
         self.done = True
@@ -301,7 +457,8 @@ def _swap_into_place(new: Path, old: Path) -> None:
     if _rename_exchange(new, old):
         _remove_path(new)  # ``new`` now holds the old content
         return
-    trash = old.parent / f".{old.name}.capmerge-old-{secrets.token_hex(4)}"
+    stem = sibling_stem(old.name, _name_max(old.parent) - 1 - len(OLD_MARK) - 8)  # the dot, the mark, 8 hex
+    trash = old.parent / f".{stem}{OLD_MARK}{secrets.token_hex(4)}"
     os.rename(old, trash)
     try:
         os.rename(new, old)

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 
 from capmerge.errors import CapmergeError, NonFiniteError, WriteError
 from capmerge.io.checkpoint import DTYPES, Checkpoint, TensorInfo
+from capmerge.io.lazy import BLOCK_ELEMS  # elements per block on the CPU (one constant for the engine and lazy views)
 from capmerge.io.writer import SafetensorsFile, _write_error
 from capmerge.merge import compute
 
-BLOCK_ELEMS = 1 << 19  # elements per block on the CPU: 1 MiB of bf16 per input, the buffer pool stays in L3
 GPU_BLOCK_ELEMS = 1 << 21  # elements per block when a GPU computes: fewer, larger host <-> device transfers
 DEPTH = 3  # buffers per stage
 SPLIT_MIN = 1 << 16  # blocks at least this long are computed in parts, one per compute thread
@@ -248,11 +248,13 @@ class _Pipeline:
                 e = min(n, s + self.block)
                 slot = self._get(self.free_slots)
                 views = []
+                overflow = False  # a lazy input (B·A, sparse entries) built NaN/Inf from finite stored parts
                 for k, (ck, info) in enumerate(job.inputs):
                     mv = memoryview(slot[k])[: (e - s) * info.itemsize]
                     ck.read_into(info, s * info.itemsize, mv)
                     views.append(mv)
-                self._put(self.to_compute, ("block", ji, s, e, slot, views))
+                    overflow = overflow or info.name in getattr(ck, "overflowed", ())
+                self._put(self.to_compute, ("block", ji, s, e, slot, views, overflow))
         self._put(self.to_compute, None)
 
     def preparer(self) -> None:
@@ -415,7 +417,7 @@ class _Pipeline:
                 st.bytes_read = done_bytes
                 self.progress(done_bytes, 1)
                 continue
-            _, ji, s, e, slot, views = item
+            _, ji, s, e, slot, views, overflow = item
             job = self.jobs[ji]
             if ji != cur:
                 cur = ji
@@ -431,7 +433,7 @@ class _Pipeline:
             assert job.kernel is not None
             flags = self._kernel(job, views, [memoryview(o)[:nbytes] for o in outs], n, s)
             self.free_slots.put(slot)
-            if flags & compute.OVERFLOW and not self.allow_nonfinite:
+            if (flags & compute.OVERFLOW or overflow) and not self.allow_nonfinite:
                 raise NonFiniteError(
                     "result has NaN/Inf where the inputs were finite (overflow in the output dtype?); "
                     "use --allow-nonfinite to keep it",

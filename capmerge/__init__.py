@@ -27,8 +27,8 @@ _EXPORTS = {
     "apply_to_state_dict": "capmerge.inmemory",
     "apply_to_model": "capmerge.inmemory",
     "CapmergeError": "capmerge.errors",
-    "compress": "capmerge.io.compression",
-    "CompressionSummary": "capmerge.io.compression",
+    "compress": "capmerge.io.compress",
+    "CompressionSummary": "capmerge.io.compression_record",
     "compression_info": "capmerge.io.compression_record",
     "OrthogonalityLoss": "capmerge.ortho",
     "project_gradients": "capmerge.ortho",
@@ -70,8 +70,8 @@ if TYPE_CHECKING:
     from capmerge.errors import CapmergeError
     from capmerge.inmemory import apply_to_model, apply_to_state_dict, load_vector
     from capmerge.io.checkpoint import Checkpoint, TensorInfo
-    from capmerge.io.compression import CompressionSummary, compress
-    from capmerge.io.compression_record import compression_info
+    from capmerge.io.compress import compress
+    from capmerge.io.compression_record import CompressionSummary, compression_info
     from capmerge.io.open import open_checkpoint
     from capmerge.io.writer import parse_size
     from capmerge.merge.apply import apply, list_tensors

@@ -236,7 +236,7 @@ def _lazy(name: str, where: str | None = None) -> Callable[..., Any]:
     step runs, so that a missing dependency never leaves half a pipeline behind)."""
     try:
         if name == "compress":
-            from capmerge.io.compression import compress
+            from capmerge.io.compress import compress
 
             return compress
         from capmerge.share import push

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import capmerge
 from capmerge.cli import main
 from capmerge.errors import UsageError
-from capmerge.io import compression as compress_mod
+from capmerge.io import compress as compress_mod
 
 
 def vector(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -48,7 +48,7 @@ def compress_cmd(
     with handle_errors():
         if not output:
             raise fail("missing option -o/--output (a .safetensors file or a directory)")
-        from capmerge.io.compression import compress
+        from capmerge.io.compress import compress
 
         summary = compress(vector, output, rank=rank, energy=energy, density=density, bits=bits, include=include,
                            exclude=exclude, force=force)  # fmt: skip

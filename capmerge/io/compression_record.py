@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from capmerge.io.checkpoint import Checkpoint
 from capmerge.io.open import open_checkpoint
-
-if TYPE_CHECKING:
-    from capmerge.io.compression import CompressionSummary
 
 OPTIONS_KEY = "capmerge.compression"  # the options compress ran with
 REPORT_KEY = "capmerge.compression_report"  # what it achieved: totals and per compressed tensor
@@ -130,3 +128,41 @@ def compression_info(ck: Checkpoint | PathLike) -> dict[str, Any] | None:
         "cosine": report.get("cosine") if report else None,
         "tensors": tensors,
     }
+
+
+@dataclass
+class CompressionSummary:
+    """What ``compress`` did: per tensor and in total, size before/after, relative error, cosine. ``to_dict()`` is
+    what ``--json`` prints."""
+
+    output: str
+    kind: str
+    tensors: list[dict[str, Any]] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    rel_error: float = 0.0
+    cosine: float = 1.0
+    files: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        """Stored size / dense size."""
+        return self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ratio"] = self.ratio
+        return d
+
+    def line(self) -> str:
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            counts[t["storage"]] = counts.get(t["storage"], 0) + 1
+        how = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+        return (
+            f"compress ({self.kind}): {len(self.tensors)} tensors ({how}); {self.bytes_before / 1e6:.2f} MB -> "
+            f"{self.bytes_after / 1e6:.2f} MB ({100 * self.ratio:.1f}%), relative error {self.rel_error:.4g}, "
+            f"cosine {self.cosine:.6f} in {self.seconds:.2f} s -> {self.output}"
+        )

@@ -18,7 +18,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,66 +197,18 @@ def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
     if _flag(config, "use_dora", str(cfg_path)):
         raise CheckpointError("DoRA adapters are not a low-rank difference (use_dora: true)", str(cfg_path))
     cfg = check_config(config, str(cfg_path))
-    if (path / "adapter_model.safetensors").is_file():
-        hdr = read_header(path / "adapter_model.safetensors")
-        raw: Checkpoint = Checkpoint(str(path / "adapter_model.safetensors"), [hdr.path], hdr.tensors, hdr.metadata,
-                                     headers=[hdr])  # fmt: skip
-    elif (path / "adapter_model.bin").exists():
-        from capmerge.io.pickles import open_pickle
-
-        raw = open_pickle(str(path / "adapter_model.bin"), path / "adapter_model.bin")
-    else:
-        raise CheckpointNotFoundError("adapter directory has no adapter_model.safetensors or adapter_model.bin", ref)
-    pairs: dict[str, dict[str, TensorInfo]] = {}
-    embedding: set[str] = set()
-    full: dict[str, str] = {}
-    for raw_name, info in raw.tensors.items():
-        name = raw_name[len(PEFT_PREFIX) :] if raw_name.startswith(PEFT_PREFIX) else raw_name
-        if any(name.endswith(u) for u in _UNSUPPORTED):
-            raise CheckpointError(f"unsupported adapter tensor {raw_name} (DoRA or LoRA biases)", raw.ref)
-        m = _LORA_RE.match(name) or _EMB_RE.match(name)
-        if m is None:
-            full[name.replace(".modules_to_save.default.", ".")] = raw_name
-            continue
-        part = "A" if m["part"].endswith("A") else "B"
-        pairs.setdefault(m["module"], {})[part] = info
-        if m["part"].startswith("lora_embedding"):
-            embedding.add(m["module"])
+    raw = _weights(ref, path)
+    pairs, embedding, full = _sort_tensors(raw)
     infos: dict[str, TensorInfo] = {}
     loaders: dict[str, Callable[[], Any]] = {}
     blocks: dict[str, Callable[[], Any]] = {}
     factors: dict[str, Callable[[], tuple[Any, Any]]] = {}
     storages: dict[str, dict[str, Any]] = {}
     for module, parts in pairs.items():
-        if set(parts) != {"A", "B"}:
-            raise CheckpointError(f"LoRA module {module} lacks its lora_{'B' if 'A' in parts else 'A'} tensor", raw.ref)
-        a, b = parts["A"], parts["B"]
-        if len(a.shape) != 2 or len(b.shape) != 2:
-            raise CheckpointError(f"unsupported LoRA layer {module} (convolution factors {list(a.shape)})", raw.ref)
-        emb = module in embedding
-        r = a.shape[0]
-        if b.shape[1] != r:
-            raise CheckpointError(
-                f"LoRA factors of {module} do not chain: A {list(a.shape)}, B {list(b.shape)}", raw.ref
-            )
-        a_label = f"{'lora_embedding_A' if emb else 'lora_A'} {list(a.shape)}"
-        if r == 0:
-            raise CheckpointError(f"LoRA module {module} has rank 0 ({a_label})", raw.ref)
-        configured = pattern_value(cfg.rank_pattern, module, cfg.r)
-        if configured is not None and configured != r:
-            key = "rank_pattern" if module_matches(cfg.rank_pattern, module) else "r"
-            raise CheckpointError(f"LoRA module {module} has rank {r} ({a_label}) but {key} gives {configured}",
-                                  str(cfg_path))  # fmt: skip
-        alpha = pattern_value(cfg.alpha_pattern, module, cfg.alpha)
-        scale = alpha / math.sqrt(r) if cfg.rslora else alpha / r
-        transposed = emb or cfg.fan_in_fan_out
-        shape = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
-        name = f"{module}.weight"
-        code = b.dtype if b.is_float else "F32"
-        factors[name] = _factors(raw, a.name, b.name, scale, transposed, module)
-        blocks[name] = _blocks(factors[name], code)
-        infos[name] = TensorInfo(name, code, shape, b.shard, 0, math.prod(shape) * DTYPES[code][0])
-        storages[name] = {"storage": "lowrank", "rank": r, "scale": scale, "nbytes": a.nbytes + b.nbytes, "dtype": code}
+        name, info, storage, factors_of = _module(raw, module, parts, module in embedding, cfg, str(cfg_path))
+        factors[name] = factors_of
+        blocks[name] = _blocks(factors[name], info.dtype)
+        infos[name], storages[name] = info, storage
     for name, raw_name in full.items():
         if name in infos:
             raise CheckpointError(f"tensor {name} is both a LoRA target and stored in full", raw.ref)
@@ -281,6 +233,77 @@ def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
         raw=raw,
         config=config,
     )
+
+
+def name_of(module: str) -> str:
+    """The base weight a LoRA module changes."""
+    return f"{module}.weight"
+
+
+def _weights(ref: str, path: Path) -> Checkpoint:
+    """The adapter's tensors: adapter_model.safetensors, or the pickled adapter_model.bin."""
+    if (path / "adapter_model.safetensors").is_file():
+        hdr = read_header(path / "adapter_model.safetensors")
+        raw: Checkpoint = Checkpoint(str(path / "adapter_model.safetensors"), [hdr.path], hdr.tensors, hdr.metadata,
+                                     headers=[hdr])  # fmt: skip
+    elif (path / "adapter_model.bin").exists():
+        from capmerge.io.pickles import open_pickle
+
+        raw = open_pickle(str(path / "adapter_model.bin"), path / "adapter_model.bin")
+    else:
+        raise CheckpointNotFoundError("adapter directory has no adapter_model.safetensors or adapter_model.bin", ref)
+    return raw
+
+
+def _sort_tensors(raw: Checkpoint) -> tuple[dict[str, dict[str, TensorInfo]], set[str], dict[str, str]]:
+    """LoRA factor pairs by module, which modules are embeddings, and the weights stored in full (modules_to_save)."""
+    pairs: dict[str, dict[str, TensorInfo]] = {}
+    embedding: set[str] = set()
+    full: dict[str, str] = {}
+    for raw_name, info in raw.tensors.items():
+        name = raw_name[len(PEFT_PREFIX) :] if raw_name.startswith(PEFT_PREFIX) else raw_name
+        if any(name.endswith(u) for u in _UNSUPPORTED):
+            raise CheckpointError(f"unsupported adapter tensor {raw_name} (DoRA or LoRA biases)", raw.ref)
+        m = _LORA_RE.match(name) or _EMB_RE.match(name)
+        if m is None:
+            full[name.replace(".modules_to_save.default.", ".")] = raw_name
+            continue
+        part = "A" if m["part"].endswith("A") else "B"
+        pairs.setdefault(m["module"], {})[part] = info
+        if m["part"].startswith("lora_embedding"):
+            embedding.add(m["module"])
+    return pairs, embedding, full
+
+
+def _module(
+    raw: Checkpoint, module: str, parts: dict[str, TensorInfo], emb: bool, cfg: AdapterConfig, cfg_path: str
+) -> tuple[str, TensorInfo, dict[str, Any], Callable[[], tuple[Any, Any]]]:
+    """One LoRA module checked against the config: the ΔW it stands for (name, info, storage record, factors)."""
+    if set(parts) != {"A", "B"}:
+        raise CheckpointError(f"LoRA module {module} lacks its lora_{'B' if 'A' in parts else 'A'} tensor", raw.ref)
+    a, b = parts["A"], parts["B"]
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise CheckpointError(f"unsupported LoRA layer {module} (convolution factors {list(a.shape)})", raw.ref)
+    r = a.shape[0]
+    if b.shape[1] != r:
+        raise CheckpointError(f"LoRA factors of {module} do not chain: A {list(a.shape)}, B {list(b.shape)}", raw.ref)
+    a_label = f"{'lora_embedding_A' if emb else 'lora_A'} {list(a.shape)}"
+    if r == 0:
+        raise CheckpointError(f"LoRA module {module} has rank 0 ({a_label})", raw.ref)
+    configured = pattern_value(cfg.rank_pattern, module, cfg.r)
+    if configured is not None and configured != r:
+        key = "rank_pattern" if module_matches(cfg.rank_pattern, module) else "r"
+        raise CheckpointError(f"LoRA module {module} has rank {r} ({a_label}) but {key} gives {configured}",
+                              str(cfg_path))  # fmt: skip
+    alpha = pattern_value(cfg.alpha_pattern, module, cfg.alpha)
+    scale = alpha / math.sqrt(r) if cfg.rslora else alpha / r
+    transposed = emb or cfg.fan_in_fan_out
+    shape = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
+    name = name_of(module)
+    code = b.dtype if b.is_float else "F32"
+    info = TensorInfo(name, code, shape, b.shard, 0, math.prod(shape) * DTYPES[code][0])
+    storage = {"storage": "lowrank", "rank": r, "scale": scale, "nbytes": a.nbytes + b.nbytes, "dtype": code}
+    return name, info, storage, _factors(raw, a.name, b.name, scale, transposed, module)
 
 
 def module_matches(patterns: dict[str, Any], module: str) -> bool:
@@ -344,11 +367,8 @@ def diff_adapters(
 
     Returns a dict for the summary: tensors written, their storage, ranks, files, bytes.
     """
-    import torch
-
-    from capmerge._torch import torch_dtype
     from capmerge._version import __version__
-    from capmerge.io.compression import lowrank_dense, vector_metadata, write_vector
+    from capmerge.io.compression import vector_metadata, write_vector
 
     t0 = time.perf_counter()
     needing = sorted({n for n in sft.full} ^ {n for n in aux.full})
@@ -367,6 +387,44 @@ def diff_adapters(
         if n in aux.tensors and n in sft.tensors and aux.tensors[n].shape != sft.tensors[n].shape:
             raise MismatchError(f"shape mismatch: {list(sft.tensors[n].shape)} in SFT vs "
                                 f"{list(aux.tensors[n].shape)} in AUX", n)  # fmt: skip
+    table, planned = _layout(sft, aux, names, dense)
+    ranks: dict[str, int] = {}
+    zero: list[str] = []  # τ is exactly zero: left out, as diff leaves out unchanged tensors
+
+    def metadata() -> dict[str, str]:
+        for n in zero:  # every tensor is written before this is called
+            del table[n]
+        return vector_metadata("dense" if dense else "lowrank", table, {
+            "capmerge.base": sft.ref,
+            "capmerge.aux": aux.ref,
+            "capmerge.base_fingerprint": sft.fingerprint(),
+            "capmerge.aux_fingerprint": aux.fingerprint(),
+            "capmerge.version": __version__,
+            "capmerge.source": "lora-adapters",
+        })  # fmt: skip
+
+    files, written = write_vector(output, [sft, aux, *([base] if base else [])], planned,
+                                  _produce(sft, aux, names, table, zero, ranks), metadata, force=force)  # fmt: skip
+    return {
+        "tensors_written": len(names) - len(zero),
+        "zero_tensors": zero,
+        "lowrank": sum(1 for e in table.values() if e["storage"] == "lowrank"),
+        "dense": sum(1 for e in table.values() if e["storage"] == "dense"),
+        "ranks": ranks,
+        "files": files,
+        "bytes_written": written,
+        # every stored tensor of both adapters is read once, and the base's weights that one-sided full weights need
+        "bytes_read": sum(i.nbytes for s in (sft, aux) for i in s.raw.tensors.values())  # type: ignore[union-attr]
+        + (sum(base.tensors[n].nbytes for n in needing if n in base.tensors) if base is not None else 0),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _layout(
+    sft: AdapterCheckpoint, aux: AdapterCheckpoint, names: list[str], dense: bool
+) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str, tuple[int, ...]]]]:
+    """How each τ tensor is stored (low rank when both sides hold factors or none, else dense) and the planned file
+    entries: ``{name}.lora_B`` / ``.lora_A`` of rank r_aux + r_sft, or the dense tensor."""
     table: dict[str, dict[str, Any]] = {}
     planned: list[tuple[str, str, tuple[int, ...]]] = []
     for n in names:
@@ -384,73 +442,54 @@ def diff_adapters(
             planned += [(f"{n}.lora_B", "F32", (info.shape[0], r)), (f"{n}.lora_A", "F32", (r, info.shape[1]))]
         else:
             planned.append((n, code, info.shape))
-    ranks: dict[str, int] = {}
-    zero: list[str] = []  # τ is exactly zero: left out, as diff leaves out unchanged tensors
+    return table, planned
 
-    def produce():
-        for n in names:
-            if table[n]["storage"] == "lowrank":
-                bs, as_ = [], []
-                if n in aux.factors:
-                    b, a = aux.factors[n]()
-                    bs.append(b)
+
+def _produce(sft: AdapterCheckpoint, aux: AdapterCheckpoint, names: list[str], table: dict[str, dict[str, Any]],
+             zero: list[str], ranks: dict[str, int]) -> Iterator[tuple[str, Any]]:  # fmt: skip
+    """The tensors of τ in file order; exact zeros are recorded in ``zero`` and left out."""
+    import torch
+
+    for n in names:
+        if table[n]["storage"] == "lowrank":
+            bs, as_ = [], []
+            for side, sign in ((aux, 1.0), (sft, -1.0)):
+                if n in side.factors:
+                    b, a = side.factors[n]()
+                    bs.append(b if sign > 0 else -b)
                     as_.append(a)
-                if n in sft.factors:
-                    b, a = sft.factors[n]()
-                    bs.append(-b)
-                    as_.append(a)
-                if _zero_product(bs, as_):
-                    zero.append(n)
-                    continue
-                ranks[n] = sum(a.shape[0] for a in as_)
-                yield f"{n}.lora_B", torch.cat(bs, dim=1)
-                yield f"{n}.lora_A", torch.cat(as_, dim=0)
-                continue
-            code, shape = table[n]["dtype"], tuple(table[n]["shape"])
-            if n in aux.factors and n in sft.factors:  # dense, but still one exact product
-                ba, aa = aux.factors[n]()
-                bs_, as_s = sft.factors[n]()
-                if _zero_product([ba, -bs_], [aa, as_s]):  # the product in floating point might not cancel
-                    zero.append(n)
-                    continue
-                t = lowrank_dense(torch.cat([ba, -bs_], 1), torch.cat([aa, as_s], 0), code, shape)
-            else:
-                acc = torch.zeros(shape, dtype=torch.float32)
-                both_full = n in aux.full and n in sft.full  # τ = full_aux − full_sft, no base needed
-                for side, sign in ((aux, 1.0), (sft, -1.0)):
-                    if n in side.tensors:
-                        value = side.raw.read_tensor(side.full[n]) if both_full else side.read_tensor(n)
-                        acc += sign * value.float()
-                t = acc.to(torch_dtype(code))
-            if not t.any():
+            if _zero_product(bs, as_):
                 zero.append(n)
                 continue
-            yield n, t
+            ranks[n] = sum(a.shape[0] for a in as_)
+            yield f"{n}.lora_B", torch.cat(bs, dim=1)
+            yield f"{n}.lora_A", torch.cat(as_, dim=0)
+            continue
+        t = _dense_tau(sft, aux, n, table[n]["dtype"], tuple(table[n]["shape"]))
+        if t is None or not t.any():
+            zero.append(n)
+            continue
+        yield n, t
 
-    def metadata() -> dict[str, str]:
-        for n in zero:  # every tensor is written before this is called
-            del table[n]
-        return vector_metadata("dense" if dense else "lowrank", table, {
-            "capmerge.base": sft.ref,
-            "capmerge.aux": aux.ref,
-            "capmerge.base_fingerprint": sft.fingerprint(),
-            "capmerge.aux_fingerprint": aux.fingerprint(),
-            "capmerge.version": __version__,
-            "capmerge.source": "lora-adapters",
-        })  # fmt: skip
 
-    files, written = write_vector(output, [sft, aux, *([base] if base else [])], planned, produce(), metadata,
-                                  force=force)  # fmt: skip
-    return {
-        "tensors_written": len(names) - len(zero),
-        "zero_tensors": zero,
-        "lowrank": sum(1 for e in table.values() if e["storage"] == "lowrank"),
-        "dense": sum(1 for e in table.values() if e["storage"] == "dense"),
-        "ranks": ranks,
-        "files": files,
-        "bytes_written": written,
-        # every stored tensor of both adapters is read once, and the base's weights that one-sided full weights need
-        "bytes_read": sum(i.nbytes for s in (sft, aux) for i in s.raw.tensors.values())  # type: ignore[union-attr]
-        + (sum(base.tensors[n].nbytes for n in needing if n in base.tensors) if base is not None else 0),
-        "seconds": time.perf_counter() - t0,
-    }
+def _dense_tau(sft: AdapterCheckpoint, aux: AdapterCheckpoint, n: str, code: str, shape: tuple[int, ...]) -> Any:
+    """τ of one tensor stored dense: one exact product when both sides hold factors (None when it is exactly 0),
+    else the full weights' difference (a one-sided full weight against the base)."""
+    import torch
+
+    from capmerge._torch import torch_dtype
+    from capmerge.io.compression import lowrank_dense
+
+    if n in aux.factors and n in sft.factors:  # dense, but still one exact product
+        ba, aa = aux.factors[n]()
+        bs_, as_s = sft.factors[n]()
+        if _zero_product([ba, -bs_], [aa, as_s]):  # the product in floating point might not cancel
+            return None
+        return lowrank_dense(torch.cat([ba, -bs_], 1), torch.cat([aa, as_s], 0), code, shape)
+    acc = torch.zeros(shape, dtype=torch.float32)
+    both_full = n in aux.full and n in sft.full  # τ = full_aux − full_sft, no base needed
+    for side, sign in ((aux, 1.0), (sft, -1.0)):
+        if n in side.tensors:
+            value = side.raw.read_tensor(side.full[n]) if both_full else side.read_tensor(n)
+            acc += sign * value.float()
+    return acc.to(torch_dtype(code))

@@ -197,7 +197,7 @@ def open_adapter(ref: str, path: Path) -> AdapterCheckpoint:
     if _flag(config, "use_dora", str(cfg_path)):
         raise CheckpointError("DoRA adapters are not a low-rank difference (use_dora: true)", str(cfg_path))
     cfg = check_config(config, str(cfg_path))
-    if (path / "adapter_model.safetensors").is_file():
+    if (path / "adapter_model.safetensors").exists():  # a FIFO or device there is refused by read_header
         hdr = read_header(path / "adapter_model.safetensors")
         raw: Checkpoint = Checkpoint(str(path / "adapter_model.safetensors"), [hdr.path], hdr.tensors, hdr.metadata,
                                      headers=[hdr])  # fmt: skip

@@ -241,7 +241,7 @@ def _entry(name: str, e: Any, where: str) -> tuple[str, tuple[int, ...], str]:
         raise CheckpointError(f"invalid shape {shape!r} in the {TENSORS_KEY} entry of tensor {name}", where)
     if math.prod(shape) > MAX_NUMEL:
         raise CheckpointError(f"shape {shape} in the {TENSORS_KEY} entry of tensor {name} is too large", where)
-    if code not in DTYPES or storage not in KINDS:
+    if not isinstance(code, str) or code not in DTYPES or not isinstance(storage, str) or storage not in KINDS:
         raise CheckpointError(f"invalid dtype or storage in the {TENSORS_KEY} entry of tensor {name}", where)
     if storage != "dense" and not DTYPES[code][1]:
         raise CheckpointError(f"{storage} tensor {name} has the non-float dtype {code}", where)

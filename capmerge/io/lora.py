@@ -242,7 +242,7 @@ def name_of(module: str) -> str:
 
 def _weights(ref: str, path: Path) -> Checkpoint:
     """The adapter's tensors: adapter_model.safetensors, or the pickled adapter_model.bin."""
-    if (path / "adapter_model.safetensors").is_file():
+    if (path / "adapter_model.safetensors").exists():  # a FIFO or device there is refused by read_header
         hdr = read_header(path / "adapter_model.safetensors")
         raw: Checkpoint = Checkpoint(str(path / "adapter_model.safetensors"), [hdr.path], hdr.tensors, hdr.metadata,
                                      headers=[hdr])  # fmt: skip

@@ -25,6 +25,7 @@ from capmerge.cli.common import (
     TrustPickle,
     report,
 )
+from capmerge.merge.methods.registry import METHODS
 
 HELP = """Merge capability vectors into a checkpoint: θ_out = θ_base + α·δ, δ = Σ w_i·m_i·prune(τ_i)
 (float32 math, rounded once to the output dtype).
@@ -53,9 +54,7 @@ def apply_cmd(
     ] = "1.0",
     method: Annotated[
         str | None,
-        typer.Option(
-            help="task_arithmetic | ties | dare_linear | dare_ties | breadcrumbs | breadcrumbs_ties | magnitude"
-        ),
+        typer.Option(help="A merge method: " + " | ".join(METHODS) + " (its options can be overridden one by one)."),
     ] = None,
     weights: Annotated[str | None, typer.Option(help="One weight per vector, e.g. 0.6,0.4 (default 1).")] = None,
     density: Annotated[

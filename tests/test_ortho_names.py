@@ -37,7 +37,8 @@ def head_models():
     bert = transformers.BertConfig(vocab_size=17, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                                    intermediate_size=12, max_position_embeddings=16, num_labels=2)  # fmt: skip
     llama = transformers.LlamaConfig(vocab_size=17, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
-                                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)  # fmt: skip
+                                     num_attention_heads=2, num_key_value_heads=1,
+                                     tie_word_embeddings=False)  # fmt: skip
     gpt2 = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=13, n_positions=8)
     return {
         "bert.": (transformers.BertModel, transformers.BertForSequenceClassification, bert),
@@ -282,8 +283,14 @@ def test_cosine2_without_reference_copy_hint() -> None:
     check_value(model, reg, tau, {n: n for n in tau}, "projection2")
 
 
-@pytest.mark.parametrize(("option", "allowed"), [("mode", ("cosine2", "projection2", "abs")),
-                                                 ("reduction", ("sum", "mean")), ("basis", ("sum", "orthonormal"))])  # fmt: skip
+CHOICES = [
+    ("mode", ("cosine2", "projection2", "abs")),
+    ("reduction", ("sum", "mean")),
+    ("basis", ("sum", "orthonormal")),
+]
+
+
+@pytest.mark.parametrize(("option", "allowed"), CHOICES)
 def test_option_choices_listed_in_the_error_work(option: str, allowed: tuple[str, ...]) -> None:
     model = Tiny()
     tau = vector_for(model)

@@ -9,6 +9,7 @@ gradient with the derivative of that formula written out, and it runs in a plain
 
 from __future__ import annotations
 
+import copy
 import importlib.resources
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,9 +65,16 @@ def capvector(minilm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def classifier(minilm: Path) -> nn.Module:
+@pytest.fixture(scope="module")
+def loaded(minilm: Path) -> nn.Module:
     torch.manual_seed(0)  # the new head
     return transformers.AutoModelForSequenceClassification.from_pretrained(str(minilm), num_labels=2)
+
+
+@pytest.fixture
+def classifier(loaded: nn.Module) -> nn.Module:
+    """A fresh copy of MiniLM loaded as a sequence classifier (loaded once per module)."""
+    return copy.deepcopy(loaded)
 
 
 def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -108,12 +116,14 @@ class Wrapper(nn.Module):
 
 
 @pytest.mark.parametrize("wrap", ["plain", "module"])
-def test_bare_encoder_vector_attaches_to_the_classifier(minilm: Path, capvector: Path, wrap: str) -> None:
+def test_bare_encoder_vector_attaches_to_the_classifier(
+    minilm: Path, capvector: Path, classifier: nn.Module, wrap: str
+) -> None:
     tau = load_file(str(capvector))
     bare = load_file(str(minilm / "model.safetensors"))
     floats = [n for n, t in bare.items() if t.is_floating_point()]
     assert sorted(tau) == sorted(floats) and all(n.startswith(("embeddings.", "encoder.", "pooler.")) for n in tau)
-    inner = classifier(minilm)
+    inner = classifier
     model = inner if wrap == "plain" else Wrapper(inner)
     reg = OrthogonalityLoss(model, capvector, weight=0.1)
     names = {n: "bert." + n for n in tau}
@@ -140,9 +150,9 @@ def batch(minilm: Path, rows=SENTENCES) -> dict[str, torch.Tensor]:
     return {**enc, "labels": torch.tensor([y for _, y in rows])}
 
 
-def test_plain_training_loop(minilm: Path, capvector: Path) -> None:
+def test_plain_training_loop(minilm: Path, capvector: Path, classifier: nn.Module) -> None:
     tau = load_file(str(capvector))
-    model = classifier(minilm)
+    model = classifier
     ref = params_of(model)
     reg = OrthogonalityLoss(model, capvector, weight=0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -162,11 +172,11 @@ def test_plain_training_loop(minilm: Path, capvector: Path) -> None:
     assert not torch.equal(model.classifier.weight, ref["classifier.weight"])  # the head trains, untracked
 
 
-def test_trainer_integration(minilm: Path, capvector: Path, tmp_path: Path) -> None:
+def test_trainer_integration(minilm: Path, capvector: Path, classifier: nn.Module, tmp_path: Path) -> None:
     from capmerge.integrations import OrthogonalityTrainer
 
     tau = load_file(str(capvector))
-    model = classifier(minilm)
+    model = classifier
     ref = params_of(model)
     enc = batch(minilm, SENTENCES * 2)
     data = [{k: v[i] for k, v in enc.items()} for i in range(len(enc["labels"]))]
@@ -185,11 +195,11 @@ def test_trainer_integration(minilm: Path, capvector: Path, tmp_path: Path) -> N
     assert float(reg()) == pytest.approx(expected, rel=1e-5)
 
 
-def test_peft_lora_classifier(minilm: Path, capvector: Path) -> None:
+def test_peft_lora_classifier(capvector: Path, classifier: nn.Module) -> None:
     peft = pytest.importorskip("peft")
     tau = load_file(str(capvector))
     config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
-    model = peft.get_peft_model(classifier(minilm), config)
+    model = peft.get_peft_model(classifier, config)
     assert any(n.startswith("base_model.model.bert.encoder.layer.0.") for n, _ in model.named_parameters())
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -211,4 +221,3 @@ def test_peft_lora_classifier(minilm: Path, capvector: Path) -> None:
     value.backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert len(lora_grads) == 24 and all(gr is not None and gr.abs().sum() > 0 for gr in lora_grads)
-

@@ -128,6 +128,26 @@ def test_two_candidate_parameters_are_an_error_and_the_hint_works() -> None:
     check_value(model, reg, tau, names, "projection2")
 
 
+class Headed(nn.Module):
+    base_model_prefix = "bert"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bert = Tiny()
+
+
+def test_two_vector_tensors_for_one_parameter_hint_exclude() -> None:
+    model = Headed()
+    tau = {"model.head.bias": torch.ones(1), "head.bias": torch.full((1,), 2.0)}  # both strip to head.bias
+    with pytest.raises(MismatchError) as err:
+        OrthogonalityLoss(model, tau)
+    assert str(err.value) == ("the vector tensors model.head.bias, head.bias all pair with the model's parameter "
+                              "bert.head.bias: keep one (exclude= the others)")  # fmt: skip
+    reg = OrthogonalityLoss(model, tau, exclude=r"^model\.", mode="projection2")  # the hint, followed
+    assert reg.names == ["bert.head.bias"]
+    check_value(model, reg, {"head.bias": tau["head.bias"]}, {"head.bias": "bert.head.bias"}, "projection2")
+
+
 class Distill(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -174,6 +194,21 @@ def test_custom_wrapper_hint_gives_the_rename(options) -> None:
     names = {n: "backbone." + n for n in tau}
     assert reg.names == list(names.values()) and "cls.weight" not in reg.names
     check_value(model, reg, tau, names, "cosine2")
+
+
+def test_partly_unmatched_hint_suggests_a_rule_that_spares_the_matched_names() -> None:
+    model = Backbone()
+    tau = vector_for(Tiny())
+    tau.update({"cls.weight": torch.randn(3, 6), "cls.bias": torch.randn(3)})  # these match as they are
+    with pytest.raises(MismatchError) as err:
+        OrthogonalityLoss(model, tau)
+    message = str(err.value)
+    rule = {r"^(?=(?:big|embed|head|layers)(?:\.|$))": "backbone."}
+    assert message.endswith(f"or rename= to map their names to the model's (e.g. rename={rule!r}))"), message
+    reg = OrthogonalityLoss(model, tau, rename=rule, mode="projection2")  # the hint, followed
+    names = {n: n if n.startswith("cls.") else "backbone." + n for n in tau}
+    assert reg.names == list(names.values())
+    check_value(model, reg, tau, names, "projection2")
 
 
 def test_partly_unmatched_hints_ignore_and_rename() -> None:

@@ -210,10 +210,10 @@ def test_peft_lora_classifier(capvector: Path, classifier: nn.Module) -> None:
     lora = [n for n in tau if n.endswith(("query.weight", "value.weight"))]
     assert len(lora) == 12 and reg.names == ["bert." + n for n in lora]
     assert sorted(reg.frozen) == sorted("bert." + n for n in tau if n not in lora)  # PEFT froze the rest
-    total = 0.0
+    total, scale = 0.0, config.lora_alpha / config.r
     for n in lora:  # Δ = (α/r)·B·A, materialised here only
         layer = model.get_submodule("base_model.model.bert." + n.removesuffix(".weight"))
-        d = (2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight).double().reshape(-1)
+        d = (scale * layer.lora_B["default"].weight @ layer.lora_A["default"].weight).double().reshape(-1)
         t = tau[n].double().reshape(-1)
         total += float(d @ t) ** 2 / float(t @ t) / (float(d @ d) + EPS**2)
     value = reg()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -45,7 +45,7 @@ class Attached:
 
     ``names``: model key → the checkpoint's original tensor name; ``source``: model key → the checkpoint's canonical
     name (what masks and messages use); ``unmatched``: canonical names with no key; ``ambiguous``: canonical name →
-    the keys it could be; ``plain``: canonical name → original name, for every tensor.
+    the keys it could be; ``plain``: canonical name → original name, for every selected tensor.
     """
 
     names: dict[str, str] = field(default_factory=dict)
@@ -56,16 +56,18 @@ class Attached:
 
 
 def attach(names: Iterable[str], keys: Sequence[str], *, prefixes: Sequence[str], rename: Rename,
-           what: str = "vector") -> Attached:  # fmt: skip
+           select: Callable[[str], bool] | None = None, what: str = "vector") -> Attached:  # fmt: skip
     """Pair tensor names with the model's keys: ``rename=``, then canonical names (:func:`canonical_name`) that are
-    equal, then :func:`~capmerge.names.pair_names` with ``prefixes``.
+    equal, then :func:`~capmerge.names.pair_names` with ``prefixes``. Only names whose canonical form ``select``
+    accepts (the masks) take part.
 
     Raises:
         MismatchError: Two names that stand for one parameter (after ``rename=``).
         UsageError: A bad ``rename=``.
     """
     out = Attached()
-    renamed = rename_names(names, rename)
+    chosen = [n for n in names if select is None or select(canonical_name(n))]
+    renamed = rename_names(chosen, rename)
     by_canon: dict[str, str] = {}  # canonical renamed name → original
     for original, new in renamed.items():
         canon = canonical_name(new)
@@ -97,7 +99,7 @@ def _prefix_rule(prefix: str, to_rename: Sequence[str], others: Iterable[str]) -
     heads = sorted({n.split(".")[0] for n in to_rename})
     if any(n.split(".")[0] in heads for n in others):
         return None
-    return {f"^(?=(?:{'|'.join(re.escape(h) for h in heads)})\\.)": prefix}
+    return {f"^(?=(?:{'|'.join(re.escape(h) for h in heads)})(?:\\.|$))": prefix}
 
 
 def _suggest(unmatched: Sequence[str], keys: Iterable[str], others: Iterable[str]) -> tuple[list[str], str]:
@@ -153,6 +155,12 @@ def raise_ambiguous(att: Attached, selected: Sequence[str], *, renamed: bool) ->
         return
     first = amb[0]
     cands = att.ambiguous[first]
+    if len(cands) == 1:  # several vector tensors, one parameter
+        same = [n for n in amb if att.ambiguous[n] == cands]
+        raise MismatchError(
+            f"the vector tensors {', '.join(same)} all pair with the model's parameter {cands[0]}: keep one "
+            "(exclude= the others)"
+        )
     rule = None
     plain = all(att.plain.get(n) == n for n in amb) and not renamed
     prefixes = [k[: -len(first)] for k in cands if k.endswith("." + first)]

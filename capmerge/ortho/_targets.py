@@ -181,17 +181,16 @@ def match(
     missing: dict[str, None] = {}
     paired: dict[str, None] = {}
     plain = rename is None
-    atts = [attach(vec, keys, prefixes=prefixes, rename=rename) for vec in vectors]
+    atts = [attach(vec, keys, prefixes=prefixes, rename=rename, select=mask.selects) for vec in vectors]
     for att in atts:
-        selected = [c for c in att.plain if mask.selects(c)]
+        selected = list(att.plain)
         raise_ambiguous(att, selected, renamed=rename is not None)
         unmatched = set(att.unmatched)
         missing.update((c, None) for c in selected if c in unmatched)
         plain = plain and all(att.plain[c] == c for c in selected)
         for key, src in att.source.items():
-            if mask.selects(src):
-                seen.setdefault(key, None)
-                paired.setdefault(src, None)
+            seen.setdefault(key, None)
+            paired.setdefault(src, None)
         result.vector_names.append(att.names)
     if not seen and not missing:
         raise MismatchError("the include/exclude/layers options select no tensor of the vector")

@@ -129,15 +129,13 @@ def renamer(rename: Rename) -> Callable[[str], str] | None:
         raise UsageError(
             f"rename= must be 'REGEX=REPLACEMENT' rules, a mapping or a callable, not {type(rename).__name__}"
         )
-    if not rules:
-        return None
+    return (lambda name: _apply_rules(rules, name)) if rules else None
 
-    def apply(name: str) -> str:
-        for pattern, repl in rules:
-            name = pattern.sub(repl, name)
-        return name
 
-    return apply
+def _apply_rules(rules: Renames, name: str) -> str:
+    for pattern, repl in rules:
+        name = pattern.sub(repl, name)
+    return name
 
 
 def rename_names(names: Iterable[str], rename: Rename) -> dict[str, str]:
@@ -162,13 +160,7 @@ def rename_names(names: Iterable[str], rename: Rename) -> dict[str, str]:
 def apply_renames(ck: Checkpoint, rules: Renames) -> Checkpoint:
     if not rules:
         return ck
-    mapping = {}
-    for n in ck.tensors:
-        new = n
-        for pattern, repl in rules:
-            new = pattern.sub(repl, new)
-        if new != n:
-            mapping[n] = new
+    mapping = {n: new for n in ck.tensors if (new := _apply_rules(rules, n)) != n}
     return _rename(ck, mapping, "--rename")
 
 

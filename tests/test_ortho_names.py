@@ -343,7 +343,7 @@ def test_built_on_another_model_hint() -> None:
     with pytest.raises(MismatchError, match=r"built on another model's parameters \(build it after wrapping\)"):
         reg(wrapped)
     reg = OrthogonalityLoss(wrapped, tau)  # built after wrapping
-    assert float(reg(wrapped)) == 0.0
+    assert float(reg(wrapped).detach()) == 0.0
 
 
 def test_project_updates_needs_the_optimizer_hint() -> None:
@@ -370,4 +370,4 @@ def test_project_gradients_on_lora_hint_use_the_loss() -> None:
     with pytest.raises(UsageError, match="use OrthogonalityLoss"):
         project_gradients(wrapped, tau)
     reg = OrthogonalityLoss(wrapped, tau)  # followed
-    assert reg.names == ["layers.0.attn.weight"] and float(reg()) == 0.0  # B = 0 at init
+    assert reg.names == ["layers.0.attn.weight"] and float(reg().detach()) == 0.0  # B = 0 at init

@@ -134,8 +134,8 @@ def test_bare_encoder_vector_attaches_to_the_classifier(
     value = reg(model)
     assert value.dim() == 0 and value.requires_grad
     expected, grads = by_hand(params_of(inner), ref, tau, names, 0.1)
-    assert float(value) == pytest.approx(expected, rel=1e-5)
-    assert 0.0 < float(value) <= 0.1  # cosine2, one vector, mean over tensors: within [0, λ]
+    assert float(value.detach()) == pytest.approx(expected, rel=1e-5)
+    assert 0.0 < float(value.detach()) <= 0.1  # cosine2, one vector, mean over tensors: within [0, λ]
     value.backward()
     for n, p in inner.named_parameters():
         if n.startswith("classifier."):
@@ -161,14 +161,14 @@ def test_plain_training_loop(minilm: Path, capvector: Path, classifier: nn.Modul
     for _ in range(3):
         task = model(**data).loss
         term = reg()
-        values.append((float(task), float(term)))
+        values.append((float(task.detach()), float(term.detach())))
         opt.zero_grad()
         (task + term).backward()
         opt.step()
     assert values[0][1] == 0.0  # Δ = 0 before the first step
     assert all(0.0 < t <= 0.1 for _, t in values[1:]), values
     expected, _ = by_hand(params_of(model), ref, tau, {n: "bert." + n for n in tau}, 0.1)
-    assert float(reg()) == pytest.approx(expected, rel=1e-5)
+    assert float(reg().detach()) == pytest.approx(expected, rel=1e-5)
     assert not torch.equal(model.classifier.weight, ref["classifier.weight"])  # the head trains, untracked
 
 
@@ -192,7 +192,7 @@ def test_trainer_integration(minilm: Path, capvector: Path, classifier: nn.Modul
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 3 and logs[0]["ortho/loss"] == 0.0 and 0.0 < logs[-1]["ortho/loss"] <= 0.1, logs
     expected, _ = by_hand(params_of(model), ref, tau, {n: "bert." + n for n in tau}, 0.1)
-    assert float(reg()) == pytest.approx(expected, rel=1e-5)
+    assert float(reg().detach()) == pytest.approx(expected, rel=1e-5)
 
 
 def test_peft_lora_classifier(capvector: Path, classifier: nn.Module) -> None:
@@ -213,11 +213,11 @@ def test_peft_lora_classifier(capvector: Path, classifier: nn.Module) -> None:
     total, scale = 0.0, config.lora_alpha / config.r
     for n in lora:  # Δ = (α/r)·B·A, materialised here only
         layer = model.get_submodule("base_model.model.bert." + n.removesuffix(".weight"))
-        d = (scale * layer.lora_B["default"].weight @ layer.lora_A["default"].weight).double().reshape(-1)
+        d = (scale * layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().double().reshape(-1)
         t = tau[n].double().reshape(-1)
         total += float(d @ t) ** 2 / float(t @ t) / (float(d @ d) + EPS**2)
     value = reg()
-    assert float(value) == pytest.approx(0.1 * total / len(lora), rel=1e-5)
+    assert float(value.detach()) == pytest.approx(0.1 * total / len(lora), rel=1e-5)
     value.backward()
     lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
     assert len(lora_grads) == 24 and all(gr is not None and gr.abs().sum() > 0 for gr in lora_grads)

@@ -58,13 +58,16 @@ def finetune(model, tokenizer, pairs_list, *, aux: bool, lr: float, reg=None, ho
         task = float(loss.detach())
         if aux:
             loss = loss + masked_token_loss(model, tokenizer, [s for p in pairs for s in p], mask_gen)[0]
+        term = 0.0
         if reg is not None:
-            loss = loss + reg()
+            value = reg()
+            term = float(value.detach())
+            loss = loss + value
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if report is not None and (step % 5 == 0 or step == 1):
-            rows.append((step, task, report.report(per_tensor=False)["cos"]))
+            rows.append((step, task, report.report(per_tensor=False)["cos"], term))
     if handle is not None:
         handle.remove()
     return rows
@@ -115,10 +118,14 @@ def main() -> None:
     names = list(results)
     print(f"\ndownstream SFT from θ_meta: cos(Δ, τ) over all {len(tau)} tensors (task loss in brackets)")
     print(f"{'step':>5}  " + "  ".join(f"{n:>24}" for n in names))
-    for i, (step, _, _) in enumerate(results[names[0]][0]):
+    for i, (step, *_) in enumerate(results[names[0]][0]):
         cells = [f"{results[n][0][i][2]:+.2e} ({results[n][0][i][1]:.4f})" for n in names]
         print(f"{step:>5}  " + "  ".join(f"{c:>24}" for c in cells))
     print("per-tensor RMS cos(Δ_l, τ_l) at the end: " + ", ".join(f"{n} {results[n][2]:.2e}" for n in names))
+    step, task, _, term = results[names[1]][0][-1]
+    print(
+        f"{names[1]} at step {step}: regulariser λ·mean_l cos²(Δ_l, τ_l) = {term:.4f} next to a task loss of {task:.4f}"
+    )
     before = masked_token_eval(meta.eval(), tokenizer)[0]
     print(f"\nmasked-token loss on held-out text (the capability τ carries): θ_meta {before:.4f}, after SFT: "
           + ", ".join(f"{n} {results[n][1]:.4f}" for n in names))  # fmt: skip

@@ -68,7 +68,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def direct(params, ref, taus, *, mode, reduction="sum", basis="sum", eps=1e-12, names=None):
+def direct(params, ref, taus, *, mode, reduction="mean", basis="sum", eps=1e-12, names=None):
     """Independent float64 reference: flatten, materialise Δ, dot products; QR (not Gram–Schmidt) for the basis."""
     taus = taus if isinstance(taus, list) else [taus]
     terms = []
@@ -114,6 +114,55 @@ def test_value_matches_direct_computation(mode: str, reduction: str) -> None:
     # the functional form agrees too
     deltas = {n: p - ref[n] for n, p in model.named_parameters()}
     close(0.5 * orthogonality_penalty(deltas, tau, mode=mode, reduction=reduction), expected, rtol=2e-5)
+
+
+class Pair(nn.Module):
+    """Two 2-vectors a, b; θ_ref = 0, θ = (1, 0) and (1, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(2))
+        self.b = nn.Parameter(torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    ("mode", "reduction", "expected"),
+    [
+        # cos²: a: Δ=(1,0) vs τ1=(1,0): 1, vs τ2=(1,1): 1/2; b: Δ=(1,1) vs (0,1): 1/2, vs (1,0): 1/2.
+        # Per tensor the vectors add: a 3/2, b 1; the mean over the 2 tensors is 5/4 (not 5/8 over 4 pairs).
+        ("cosine2", None, 0.2 * 5 / 4),
+        ("cosine2", "sum", 0.2 * 5 / 2),
+        # ⟨Δ, τ̂⟩²: a: 1 and 1/2; b: ⟨(1,1),(0,1)⟩² = 1 and ⟨(1,1),(1,0)⟩² = 1 → (3/2 + 2) / 2
+        ("projection2", None, 0.2 * 7 / 4),
+        # |⟨Δ, τ̂⟩|: a: 1 + 1/√2; b: 1 + 1 → mean
+        ("abs", None, 0.2 * (1 + 2**-0.5 + 2) / 2),
+    ],
+)
+def test_default_reduction_is_the_mean_over_tensors_with_two_vectors(mode, reduction, expected) -> None:
+    model = Pair()
+    taus = [{"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 1.0])},
+            {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([1.0, 0.0])}]  # fmt: skip
+    options = {} if reduction is None else {"reduction": reduction}
+    reg = OrthogonalityLoss(model, taus, mode=mode, weight=0.2, **options)
+    with torch.no_grad():
+        model.a.copy_(torch.tensor([1.0, 0.0]))
+        model.b.copy_(torch.tensor([1.0, 1.0]))
+    close(reg(), expected, rtol=1e-6)
+    deltas = {"a": model.a.detach(), "b": model.b.detach()}
+    close(0.2 * orthogonality_penalty(deltas, taus, mode=mode, **options), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [100, 1000])
+def test_weight_means_the_same_for_100_and_1000_tensors(n: int) -> None:
+    model = nn.ParameterList([nn.Parameter(torch.zeros(2)) for _ in range(n)])
+    tau = {str(i): torch.tensor([1.0, 1.0]) for i in range(n)}
+    reg = OrthogonalityLoss(model, tau, weight=0.1)
+    total = OrthogonalityLoss(model, tau, weight=0.1, reduction="sum")
+    with torch.no_grad():
+        for p in model:
+            p.copy_(torch.tensor([1.0, 0.0]))  # cos²(Δ, τ) = 1/2 in every tensor
+    close(reg(), 0.1 * 0.5, rtol=1e-6)
+    close(total(), 0.1 * 0.5 * n, rtol=1e-6)
 
 
 @pytest.mark.parametrize("keep", [True, False])
@@ -571,8 +620,8 @@ def test_project_gradients_refuses_lora() -> None:
 
 
 @pytest.mark.parametrize(
-    ("mode", "weight", "margin"), [("cosine2", 0.1, 0.3), ("projection2", 1.0, 0.1), ("abs", 0.05, 0.1)]
-)
+    ("mode", "weight", "margin"), [("cosine2", 0.4, 0.3), ("projection2", 1.0, 0.1), ("abs", 0.2, 0.1)]
+)  # λ of the mean over the model's 4 tensors
 def test_loss_keeps_cosine_far_below_unregularised_run(mode: str, weight: float, margin: float) -> None:
     results = {}
     for use in (False, True):

@@ -76,6 +76,7 @@ def worker(rank: int, port: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from capmerge.errors import UsageError
     from capmerge.ortho import OrthogonalityLoss, project_gradients
 
     mesh = init_device_mesh("cpu", (WORLD,))
@@ -147,12 +148,31 @@ def worker(rank: int, port: int, out: str) -> None:
         model, _ = make_model()
         shard(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        try:  # parameter hooks do not see FSDP2's gradients: the error's hint is followed right below
+            project_gradients(model, tau)
+            results["hint/optimizer"] = "no error"
+        except UsageError as exc:
+            results["hint/optimizer"] = str(exc)
         handle = project_gradients(model, tau, optimizer=opt)
         task_loss(model).backward()
         opt.step()
         handle.remove()
         after = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
         results["fsdp2/project_gradients"] = [max_diff(after, snapshot(single))]
+        # A Partial parameter is refused; redistributed, as the message says, it works
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+
+        holder = torch.nn.Module()
+        holder.w = torch.nn.Parameter(DTensor.from_local(torch.tensor([1.0, 2.0, 2.0]), mesh, [Partial()]))
+        w_tau = {"w": torch.tensor([0.0, 3.0, 4.0])}  # τ̂ = (0, 0.6, 0.8)
+        try:
+            OrthogonalityLoss(holder, w_tau, mode="projection2", reference={"w": torch.zeros(3)})
+            results["hint/partial"] = "no error"
+        except UsageError as exc:
+            results["hint/partial"] = str(exc)
+        holder.w = torch.nn.Parameter(holder.w.detach().redistribute(mesh, [Replicate()]))  # sums the partials
+        reg = OrthogonalityLoss(holder, w_tau, mode="projection2", reference={"w": torch.zeros(3)})
+        results["hint/partial/value"] = float(reg())  # θ = 2·(1, 2, 2): ⟨θ, τ̂⟩² = (2·(1.2 + 1.6))² = 31.36
     except Exception as exc:  # report instead of hanging the other rank
         import traceback
 
@@ -214,3 +234,12 @@ def test_fsdp2_lora_matches_single_process(dist_results) -> None:
 
 def test_fsdp2_project_gradients_matches_single_process(dist_results) -> None:
     assert dist_results["fsdp2/project_gradients"][0] <= 1e-6
+
+
+def test_fsdp2_hints_work_when_followed(dist_results) -> None:
+    """Parameter hooks under FSDP2 → "pass optimizer=" (followed above, same result as a single process); a Partial
+    parameter → "redistribute it first" (followed: the loss of the summed tensor, computed by hand)."""
+    assert dist_results["hint/optimizer"].endswith("pass optimizer= so that .grad is projected before each step")
+    assert dist_results["fsdp2/project_gradients"][0] <= 1e-6
+    assert dist_results["hint/partial"].endswith("redistribute it first")
+    assert dist_results["hint/partial/value"] == pytest.approx((2 * (1.2 + 1.6)) ** 2, rel=1e-6)

@@ -10,18 +10,58 @@ plain equality.
    the side with the shorter names gives the names (in ``apply``: always the BASE). Each change is reported.
 3. Tied weights (a pickle whose ``lm_head.weight`` shares ``embed_tokens.weight``'s storage): the alias is dropped
    when no other input holds it as a separate tensor, so the tensor is written once; the tie is reported.
+
+The same rules pair a vector's names with a live model's parameters (:mod:`capmerge.ortho`): :func:`canonical_name`
+removes what wrappers put into parameter names, :func:`pair_names` is step 2 (there with the model's own
+base-model prefix, e.g. ``bert.``, added to :data:`WRAPPER_PREFIXES`), :func:`renamer` step 1 for the library.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from capmerge.errors import MismatchError, UsageError
 from capmerge.io.checkpoint import Checkpoint, TensorInfo
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.", "model.")
+# Prefixes a wrapper puts in front of every parameter name: DDP, torch.compile, PEFT.
+MODEL_WRAPPERS = ("module.", "_orig_mod.", "base_model.model.")
+# ... and ``model.``, the base model of transformers' causal LMs (``LlamaForCausalLM.model``).
+WRAPPER_PREFIXES = (*MODEL_WRAPPERS, "model.")
+# Containers that wrappers insert inside names (FSDP1, activation checkpointing, torch.compile of a submodule, PEFT's
+# wrapped target layer).
+INNER_WRAPPERS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "base_layer"})
 Renames = list[tuple[re.Pattern[str], str]]
+Rename = str | Sequence[str] | Mapping[str, str] | Callable[[str], str] | None
+"""A library ``rename=``: ``'REGEX=REPLACEMENT'`` rule(s) as ``--rename``, a mapping regex → replacement (applied in
+order with ``re.sub``, like transformers' ``key_mapping``), or a callable name → new name."""
+
+
+def canonical_name(name: str) -> str:
+    """A parameter (or tensor) name without the components wrappers add, so that wrapped and plain names compare equal.
+
+    ``module.`` (DDP), ``_orig_mod.`` (torch.compile) and ``base_model.model.`` (PEFT) are stripped from the front,
+    ``_orig_mod``, ``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module`` and PEFT's ``base_layer`` anywhere, and
+    PEFT's trainable copy ``X.modules_to_save.<adapter>.weight`` stands for ``X.weight``. (``model.`` stays: it is
+    a real module of causal LMs; :func:`pair_names` pairs through it.)
+
+    >>> canonical_name("module.base_model.model.encoder.layer.0.attention.self.query.base_layer.weight")
+    'encoder.layer.0.attention.self.query.weight'
+    """
+    parts = name.split(".")
+    stripped = True
+    while stripped:
+        stripped = False
+        for lead in MODEL_WRAPPERS:
+            n = lead.count(".")
+            if len(parts) > n and ".".join(parts[:n]) + "." == lead:
+                parts, stripped = parts[n:], True
+    parts = [p for p in parts if p not in INNER_WRAPPERS]
+    if "modules_to_save" in parts:
+        i = parts.index("modules_to_save")
+        if i + 2 < len(parts):
+            parts = parts[:i] + parts[i + 2 :]
+    return ".".join(parts)
 
 
 def parse_renames(specs: Iterable[str] | str | None) -> Renames:
@@ -62,44 +102,117 @@ def _rename(ck: Checkpoint, mapping: dict[str, str], what: str) -> Checkpoint:
     return view
 
 
+def renamer(rename: Rename) -> Callable[[str], str] | None:
+    """The function a :data:`Rename` stands for (``None`` for ``None`` or an empty one).
+
+    Raises:
+        UsageError: An invalid rule or regex, or something that is not a :data:`Rename`.
+    """
+    if rename is None:
+        return None
+    if callable(rename):
+        return rename
+    if isinstance(rename, Mapping):
+        rules: Renames = []
+        for pattern, repl in rename.items():
+            if not isinstance(pattern, str) or not isinstance(repl, str):
+                raise UsageError(f"rename= maps regexes to replacements (strings), not {pattern!r}: {repl!r}")
+            try:
+                compiled = re.compile(pattern)
+                compiled.sub(repl, "")  # validates group references
+            except re.error as e:
+                raise UsageError(f"invalid rename= regex {pattern!r} → {repl!r}: {e}") from None
+            rules.append((compiled, repl))
+    elif isinstance(rename, str) or (isinstance(rename, Sequence) and all(isinstance(r, str) for r in rename)):
+        rules = parse_renames(rename)
+    else:
+        raise UsageError(
+            f"rename= must be 'REGEX=REPLACEMENT' rules, a mapping or a callable, not {type(rename).__name__}"
+        )
+    return (lambda name: _apply_rules(rules, name)) if rules else None
+
+
+def _apply_rules(rules: Renames, name: str) -> str:
+    for pattern, repl in rules:
+        name = pattern.sub(repl, name)
+    return name
+
+
+def rename_names(names: Iterable[str], rename: Rename) -> dict[str, str]:
+    """name → renamed name for every name (itself without a rule).
+
+    Raises:
+        MismatchError: Two names renamed to one. UsageError: A bad :data:`Rename`, a callable returning a non-string.
+    """
+    fn = renamer(rename)
+    out: dict[str, str] = {}
+    origin: dict[str, str] = {}
+    for name in names:
+        new = name if fn is None else fn(name)
+        if not isinstance(new, str) or not new:
+            raise UsageError(f"rename= gave {new!r} for {name!r} (it must return a non-empty name)")
+        if new in origin:
+            raise MismatchError(f"rename= maps {origin[new]} and {name} to the same name {new}")
+        out[name], origin[new] = new, name
+    return out
+
+
 def apply_renames(ck: Checkpoint, rules: Renames) -> Checkpoint:
     if not rules:
         return ck
-    mapping = {}
-    for n in ck.tensors:
-        new = n
-        for pattern, repl in rules:
-            new = pattern.sub(repl, new)
-        if new != n:
-            mapping[n] = new
+    mapping = {n: new for n in ck.tensors if (new := _apply_rules(rules, n)) != n}
     return _rename(ck, mapping, "--rename")
 
 
-def strip_wrappers(name: str) -> tuple[str, str]:
+def strip_wrappers(name: str, prefixes: Sequence[str] = WRAPPER_PREFIXES) -> tuple[str, str]:
     """(name without leading wrapper prefixes, the prefixes removed)."""
     removed = ""
     changed = True
     while changed:
         changed = False
-        for p in WRAPPER_PREFIXES:
+        for p in prefixes:
             if name.startswith(p) and len(name) > len(p):
                 name, removed, changed = name[len(p) :], removed + p, True
                 break
     return name, removed
 
 
-def _prefix_map(ref: Iterable[str], other: Iterable[str]) -> dict[str, str]:
-    """other name → ref name for names of ``other`` without a partner that pair one to one through prefixes."""
-    ref_set, other_l = set(ref), list(other)
-    other_set = set(other_l)
+def pair_names(
+    ref: Iterable[str], other: Iterable[str], *, prefixes: Sequence[str] = WRAPPER_PREFIXES
+) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Pair the names of ``other`` that have no equal name in ``ref`` through their wrapper prefixes.
+
+    Two names pair when they are equal once leading ``prefixes`` are stripped (any number, any order) and no other
+    unpaired name of either side strips to the same.
+
+    Returns:
+        other name → ref name for the pairs, and other name → its candidates in ``ref`` (sorted) where the pairing
+        is not one to one (several ref names, or several other names, strip to the same name).
+    """
+    ref_l, other_l = list(ref), list(other)
+    ref_set, other_set = set(ref_l), set(other_l)
     by_canon_r: dict[str, list[str]] = {}
-    for n in ref_set - other_set:
-        by_canon_r.setdefault(strip_wrappers(n)[0], []).append(n)
+    for n in ref_l:
+        if n not in other_set:
+            by_canon_r.setdefault(strip_wrappers(n, prefixes)[0], []).append(n)
     by_canon_o: dict[str, list[str]] = {}
     for n in other_l:
         if n not in ref_set:
-            by_canon_o.setdefault(strip_wrappers(n)[0], []).append(n)
-    return {os[0]: by_canon_r[c][0] for c, os in by_canon_o.items() if len(os) == 1 and len(by_canon_r.get(c, [])) == 1}
+            by_canon_o.setdefault(strip_wrappers(n, prefixes)[0], []).append(n)
+    pairs: dict[str, str] = {}
+    ambiguous: dict[str, list[str]] = {}
+    for c, os in by_canon_o.items():
+        rs = by_canon_r.get(c, [])
+        if len(os) == 1 and len(rs) == 1:
+            pairs[os[0]] = rs[0]
+        elif rs:
+            ambiguous.update({o: sorted(rs) for o in os})
+    return pairs, ambiguous
+
+
+def _prefix_map(ref: Iterable[str], other: Iterable[str]) -> dict[str, str]:
+    """other name → ref name for names of ``other`` without a partner that pair one to one through prefixes."""
+    return pair_names(ref, other)[0]
 
 
 def _describe(mapping: dict[str, str], label_from: str, label_to: str) -> list[str]:

@@ -3,7 +3,8 @@ r"""Orthogonality constraints for finetuning after a capability vector was merge
 Downstream training keeps its update Δ = θ − θ_ref orthogonal to τ, per tensor l, so that the capability is not
 overwritten. τ̂ = τ/‖τ‖.
 
-Soft (:class:`OrthogonalityLoss`, an ``nn.Module``; ``loss = task_loss + reg()``), λ·Σ_l of:
+Soft (:class:`OrthogonalityLoss`, an ``nn.Module``; ``loss = task_loss + reg()``), λ·(1/L)·Σ_l over the L tracked
+tensors (``reduction="mean"``, the default; ``"sum"`` drops the 1/L) of:
 
 * ``"cosine2"``     cos²(Δ_l, τ_l) = ⟨Δ_l, τ̂_l⟩² / (‖Δ_l‖² + ε²)   scale-free; keeps a θ_ref copy
 * ``"projection2"`` ⟨Δ_l, τ̂_l⟩² = (⟨θ_l, τ̂_l⟩ − c_l)², c_l = ⟨θ_ref,l, τ̂_l⟩   no θ_ref copy
@@ -12,7 +13,10 @@ Soft (:class:`OrthogonalityLoss`, an ``nn.Module``; ``loss = task_loss + reg()``
 Hard (:func:`project_gradients`: g ← g − ⟨g, τ̂⟩τ̂ in gradient hooks, exact for SGD; :func:`project_updates`:
 θ ← θ − (⟨θ, τ̂⟩ − c)τ̂ after each optimizer step, exact for any optimizer).
 
-Works on plain, DDP, FSDP2 (DTensor), torch.compile and PEFT (LoRA: Δ = s·B·A, never materialised) models.
+Works on plain, DDP, FSDP2 (DTensor), torch.compile and PEFT (LoRA: Δ = s·B·A, never materialised) models. A vector
+diffed from a bare encoder (``encoder.layer.0…``) attaches to a task model (``bert.encoder.layer.0…``) as is: names
+pair like the checkpoint readers pair them (:mod:`capmerge.io.names`), plus the model's ``base_model_prefix``;
+``rename=`` covers the rest.
 
 >>> from capmerge.ortho import OrthogonalityLoss                                  # doctest: +SKIP
 >>> reg = OrthogonalityLoss(model, "capvector.safetensors", weight=0.1)            # doctest: +SKIP

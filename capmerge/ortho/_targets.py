@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from capmerge.errors import MismatchError, UsageError
+from capmerge.io.names import Rename, canonical_name
 from capmerge.merge.masks import TensorMask
+from capmerge.ortho._names import attach, model_prefixes, raise_ambiguous, raise_unmatched
 
 __all__ = [
     "LoraFactors",
@@ -26,40 +28,11 @@ __all__ = [
     "match",
 ]
 
-# Wrappers that prefix every name (DDP, torch.compile, PEFT) and containers inserted inside names (FSDP1,
-# activation checkpointing, torch.compile of a submodule, PEFT's wrapped target layer).
-_LEADING = (("module",), ("_orig_mod",), ("base_model", "model"))
-_INSIDE = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "base_layer"})
 _SHOWN = 10
 # Dot products at construction are accumulated in float64, this many elements at a time (bounded scratch memory).
 _CHUNK = 1 << 22
 # A direction whose residual after Gram–Schmidt is below this fraction of its norm lies in the span of the others.
 _RANK_RTOL = 1e-5
-
-
-def canonical_name(name: str) -> str:
-    """A parameter or vector tensor name without wrapper components, so that both sides compare equal.
-
-    ``module.`` (DDP), ``_orig_mod.`` (torch.compile) and ``base_model.model.`` (PEFT) are stripped from the front,
-    ``_orig_mod``, ``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module`` and PEFT's ``base_layer`` anywhere, and
-    PEFT's trainable copy ``X.modules_to_save.<adapter>.weight`` stands for ``X.weight``.
-
-    >>> canonical_name("module.base_model.model.encoder.layer.0.attention.self.query.base_layer.weight")
-    'encoder.layer.0.attention.self.query.weight'
-    """
-    parts = name.split(".")
-    stripped = True
-    while stripped:
-        stripped = False
-        for lead in _LEADING:
-            if len(parts) > len(lead) and tuple(parts[: len(lead)]) == lead:
-                parts, stripped = parts[len(lead) :], True
-    parts = [p for p in parts if p not in _INSIDE]
-    if "modules_to_save" in parts:
-        i = parts.index("modules_to_save")
-        if i + 2 < len(parts):
-            parts = parts[:i] + parts[i + 2 :]
-    return ".".join(parts)
 
 
 def _shown(names: Sequence[str]) -> str:
@@ -155,12 +128,12 @@ def _lora_layers(model: nn.Module) -> dict[str, LoraFactors]:
 
 @dataclass
 class Match:
-    """The outcome of matching vectors to a model.
+    """The outcome of matching vectors to a model; names are the model's canonical parameter names ("keys").
 
-    ``dense``: canonical name → trainable parameter; ``lora``: canonical name → LoRA factors; ``frozen``: names
-    whose parameter does not require a gradient (their Δ stays 0: skipped); ``unmatched``: vector names with no
-    parameter (only kept with ``ignore_unmatched``); ``aliases``: names dropped because another vector name
-    already tracks the same (tied) parameter.
+    ``dense``: key → trainable parameter; ``lora``: key → LoRA factors; ``frozen``: keys whose parameter does not
+    require a gradient (their Δ stays 0: skipped); ``unmatched``: the vector's canonical names with no parameter
+    (only kept with ``ignore_unmatched``); ``aliases``: keys dropped because another vector name already tracks the
+    same (tied) parameter; ``keys`` and ``prefixes``: what the names were paired with (for the reference).
     """
 
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -168,8 +141,10 @@ class Match:
     frozen: list[str] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     aliases: list[str] = field(default_factory=list)
-    order: list[str] = field(default_factory=list)  # tracked names (dense and LoRA) in vector order
-    vector_names: list[dict[str, str]] = field(default_factory=list)  # per vector: canonical → original name
+    order: list[str] = field(default_factory=list)  # tracked keys (dense and LoRA) in vector order
+    vector_names: list[dict[str, str]] = field(default_factory=list)  # per vector: key → original tensor name
+    keys: list[str] = field(default_factory=list)
+    prefixes: tuple[str, ...] = ()
 
 
 def match(
@@ -179,14 +154,19 @@ def match(
     *,
     ignore_unmatched: bool,
     allow_lora: bool = True,
+    rename: Rename = None,
 ) -> Match:
     """Pair every selected vector tensor with a parameter (or a LoRA layer) of ``model``.
 
+    Names pair as in :mod:`capmerge.ortho._names` (``rename=``, then equal canonical names, then wrapper and
+    base-model prefixes); masks select by the vector's canonical names.
+
     Raises:
-        MismatchError: Names that match nothing (unless ``ignore_unmatched``), shapes that differ, two vector names
-            of one vector with the same canonical name, two trainable parameters with one canonical name, or a
-            mask that selects nothing.
-        UsageError: LoRA layers where ``allow_lora`` is false (gradient projection cannot constrain B·A).
+        MismatchError: Names that match nothing (unless ``ignore_unmatched`` and some match), a name that could be
+            several parameters, shapes that differ, two vector names of one vector with the same canonical name, two
+            trainable parameters with one canonical name, or a mask that selects nothing.
+        UsageError: LoRA layers where ``allow_lora`` is false (gradient projection cannot constrain B·A), a bad
+            ``rename=``.
     """
     result = Match()
     params: dict[str, list[torch.Tensor]] = {}
@@ -195,61 +175,64 @@ def match(
         if not any(q is p for q in bucket):
             bucket.append(p)
     lora = _lora_layers(model)
-    seen: dict[str, None] = {}
-    for vec in vectors:
-        names: dict[str, str] = {}
-        for original in vec:
-            canon = canonical_name(original)
-            if canon in names:
-                raise MismatchError(f"the vector names {names[canon]!r} and {original!r} stand for one parameter")
-            names[canon] = original
-            if mask.selects(canon):
-                seen.setdefault(canon, None)
-        result.vector_names.append(names)
-    if not seen:
+    keys = result.keys = list(dict.fromkeys([*params, *lora]))
+    prefixes = result.prefixes = model_prefixes(model)
+    seen: dict[str, None] = {}  # model keys, in vector order
+    missing: dict[str, None] = {}
+    paired: dict[str, None] = {}
+    plain = rename is None
+    atts = [attach(vec, keys, prefixes=prefixes, rename=rename, select=mask.selects) for vec in vectors]
+    for att in atts:
+        selected = list(att.plain)
+        raise_ambiguous(att, selected, renamed=rename is not None)
+        unmatched = set(att.unmatched)
+        missing.update((c, None) for c in selected if c in unmatched)
+        plain = plain and all(att.plain[c] == c for c in selected)
+        for key, src in att.source.items():
+            seen.setdefault(key, None)
+            paired.setdefault(src, None)
+        result.vector_names.append(att.names)
+    if not seen and not missing:
         raise MismatchError("the include/exclude/layers options select no tensor of the vector")
+    raise_unmatched(list(missing), list(paired), keys, plain=plain, partial_ok=ignore_unmatched)
+    result.unmatched = list(missing)
     bad_shape: list[str] = []
     owner: dict[int, str] = {}
-    for canon in seen:
-        shapes = {_shape(vec, names[canon]) for vec, names in zip(vectors, result.vector_names, strict=True)
-                  if canon in names}  # fmt: skip
-        if canon in lora:
-            lf = lora[canon]
+    for key in seen:
+        shapes = {_shape(vec, names[key]) for vec, names in zip(vectors, result.vector_names, strict=True)
+                  if key in names}  # fmt: skip
+        if key in lora:
+            lf = lora[key]
             if not allow_lora:
-                raise UsageError("gradient projection cannot keep a LoRA update s·B·A orthogonal; use the loss", canon)
+                raise UsageError(
+                    "gradient projection cannot keep a LoRA update s·B·A orthogonal; use OrthogonalityLoss", key
+                )
             # B·A's shape, not the base weight's: a quantized base (QLoRA) stores packed data
             target_shape = lf.shape[::-1] if lf.transpose else lf.shape
-        elif canon in params:
-            trainable = [p for p in params[canon] if p.requires_grad]
+        else:
+            trainable = [p for p in params[key] if p.requires_grad]
             if len(trainable) > 1:
-                raise MismatchError("several trainable parameters match this vector tensor", canon)
-            target_shape = tuple(params[canon][0].shape)
-        else:
-            result.unmatched.append(canon)
-            continue
+                raise MismatchError(f"{len(trainable)} trainable parameters match this vector tensor", key)
+            target_shape = tuple(params[key][0].shape)
         if shapes != {target_shape}:
-            bad_shape.append(f"{canon} {sorted(shapes)[0]} vs {target_shape}")
+            bad_shape.append(f"{key} {sorted(shapes)[0]} vs {target_shape}")
             continue
-        if canon in lora:
-            result.lora[canon] = lora[canon]
-            result.order.append(canon)
+        if key in lora:
+            result.lora[key] = lora[key]
+            result.order.append(key)
         elif not trainable:
-            result.frozen.append(canon)
+            result.frozen.append(key)
         elif id(trainable[0]) in owner:
-            result.aliases.append(canon)  # tied weights: counted once, under the first name
+            result.aliases.append(key)  # tied weights: counted once, under the first name
         else:
-            owner[id(trainable[0])] = canon
-            result.dense[canon] = trainable[0]
-            result.order.append(canon)
+            owner[id(trainable[0])] = key
+            result.dense[key] = trainable[0]
+            result.order.append(key)
     if bad_shape:
         raise MismatchError(f"{len(bad_shape)} vector tensors differ in shape from the model: {_shown(bad_shape)}")
-    if result.unmatched and not ignore_unmatched:
-        raise MismatchError(
-            f"{len(result.unmatched)} vector tensors match no parameter of the model: {_shown(result.unmatched)}"
-            " (pass ignore_unmatched=True to skip them)"
-        )
     if not result.dense and not result.lora:
-        raise MismatchError("no trainable parameter of the model is covered by the vector")
+        frozen = f": the {len(result.frozen)} parameters it matches are frozen" if result.frozen else ""
+        raise MismatchError(f"no trainable parameter of the model is covered by the vector{frozen}")
     return result
 
 

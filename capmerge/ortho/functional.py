@@ -16,11 +16,12 @@ def orthogonality_penalty(
     vectors: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
     *,
     mode: str = "cosine2",
-    reduction: str = "sum",
+    reduction: str = "mean",
     eps: float = 1e-12,
     basis: str = "sum",
 ) -> torch.Tensor:
-    """Σ_l penalty(Δ_l, τ_l) over the names of ``deltas`` present in the vectors, in float32 (float64 for float64).
+    """mean_l (or Σ_l) penalty(Δ_l, τ_l) over the names of ``deltas`` present in the vectors, in float32 (float64
+    for float64).
 
     The same definitions as :class:`capmerge.ortho.OrthogonalityLoss` (see there), for callers that already hold Δ
     — e.g. a custom adapter type — or want the math spelled out. Costs a float32 copy per tensor.

@@ -11,10 +11,12 @@ import torch
 from torch import nn
 
 from capmerge.errors import MismatchError, UsageError
+from capmerge.io.names import Rename
 from capmerge.merge.masks import TensorMask, layer_index
 from capmerge.ortho._dist import all_reduce_sum, local, reduce_key, shard_like
 from capmerge.ortho._math import Target, check_lora_sharding, group_stats, safe_sqrt
-from capmerge.ortho._targets import canonical_name, directions, dot64, load_vectors, match
+from capmerge.ortho._names import attach
+from capmerge.ortho._targets import Match, directions, dot64, load_vectors, match
 
 __all__ = ["MODES", "OrthogonalityLoss"]
 
@@ -29,12 +31,13 @@ def _choice(value: str, allowed: Sequence[str], option: str) -> str:
     return value
 
 
-def reference_map(reference: Any) -> dict[str, Any] | None:
-    """A reference checkpoint (path or mapping) by canonical name, or ``None``."""
+def reference_map(reference: Any, found: Match, rename: Rename) -> dict[str, Any] | None:
+    """A reference checkpoint (path or mapping) by the model's keys, its names paired like the vector's; or ``None``."""
     if reference is None:
         return None
     (ref,) = load_vectors(reference if not isinstance(reference, list | tuple) else list(reference)[:1])
-    return {canonical_name(n): (ref, n) for n in ref}
+    att = attach(ref, found.keys, prefixes=found.prefixes, rename=rename, what="reference")
+    return {key: (ref, n) for key, n in att.names.items()}
 
 
 def reference_local(refs: dict[str, Any] | None, name: str, param: torch.Tensor) -> torch.Tensor:
@@ -62,7 +65,7 @@ def stored_rows(dirs: list[torch.Tensor], dtype: torch.dtype) -> tuple[list[torc
 
 
 class OrthogonalityLoss(nn.Module):
-    r"""λ·Σ_l penalty(Δ_l, τ_l): keeps the update Δ = θ − θ_ref of finetuning orthogonal to capability vectors.
+    r"""λ·mean_l penalty(Δ_l, τ_l): keeps the update Δ = θ − θ_ref of finetuning orthogonal to capability vectors.
 
     Per tracked tensor l (a parameter, or the base weight of a PEFT LoRA layer), with τ̂ = τ/‖τ‖:
 
@@ -72,7 +75,12 @@ class OrthogonalityLoss(nn.Module):
       copy of θ_ref, memory is one copy of τ.
     * ``"abs"``: |⟨Δ_l, τ̂_l⟩| (O-LoRA's L1 form).
 
-    ``reduction="sum"`` adds the per-tensor terms, ``"mean"`` averages them over tracked tensors. With several
+    The loss is ``weight`` · R, R the per-tensor terms reduced over the L tracked tensors: ``reduction="mean"``
+    (default) R = (1/L)·Σ_l term_l, ``"sum"`` R = Σ_l term_l. With the mean, λ means the same for a model with 100
+    tracked tensors and one with 1000: in ``cosine2`` with one vector every term lies in [0, 1], so the loss lies in
+    [0, λ] and equals λ·c̄², c̄² the average over tensors of cos²(Δ_l, τ_l). The divisor is the number of tensors,
+    never of (tensor, vector) pairs: with several vectors a tensor's term is the sum over its vectors (below), so a
+    second vector adds its terms rather than halving the first's. With several
     vectors, ``basis="sum"`` adds the terms of each vector; ``basis="orthonormal"`` uses an orthonormal basis
     q_1..q_K of span(τ_1..τ_K) per tensor (Gram–Schmidt, float64 sums): Σ_k ⟨Δ, q_k⟩² = ‖P_l Δ_l‖² (``"abs"``:
     ‖P_l Δ_l‖, the norm of Δ's component in the span). For a LoRA layer Δ = s·B·A (the whole adapter update, B = 0
@@ -85,11 +93,14 @@ class OrthogonalityLoss(nn.Module):
         model: The model being finetuned (plain, DDP-, FSDP2-, compile- or PEFT-wrapped). Build the loss *after*
             wrapping: it binds to the parameter objects.
         vector: A capability vector — a path (any capmerge checkpoint reference), a mapping name → tensor — or a
-            list of them. Names match the model's up to the wrappers ``module.``, ``_orig_mod.``,
-            ``base_model.model.`` (either side).
-        weight: λ.
+            list of them. Names pair with the model's as the checkpoint readers pair names (:mod:`capmerge.io.names`):
+            equal names, then names equal up to wrapper prefixes on either side — ``module.`` (DDP), ``_orig_mod.``
+            (torch.compile), ``base_model.model.`` (PEFT), ``model.`` and the ``base_model_prefix`` of transformers
+            models inside ``model`` (``bert.`` of ``BertForSequenceClassification``, ``transformer.`` of GPT-2) —
+            when one to one; a vector tensor that could be two parameters is an error. ``rename=`` does the rest.
+        weight: λ, the factor of the reduced penalty (see ``reduction``).
         mode: ``"cosine2"``, ``"projection2"`` or ``"abs"``.
-        reduction: ``"sum"`` or ``"mean"`` over tensors.
+        reduction: ``"mean"`` (default) or ``"sum"`` of the per-tensor terms over the tracked tensors.
         eps: ε of ``cosine2``, in units of ‖Δ‖.
         include, exclude, layers, layer_pattern: The merge masks (:class:`capmerge.merge.masks.TensorMask`), applied to
             the vector's tensor names.
@@ -100,9 +111,14 @@ class OrthogonalityLoss(nn.Module):
         ignore_unmatched: Skip vector tensors that match no parameter instead of raising.
         keep_reference: Keep a θ_ref copy in the projection modes too: exact ⟨Δ, τ̂⟩ (no cancellation against c_l)
             and ‖Δ‖, cos in :meth:`report`. Default: only for ``"cosine2"``.
+        rename: Renames the vector's (and the reference's) tensor names before pairing: a mapping regex →
+            replacement applied in order with ``re.sub`` (as transformers' ``key_mapping``; e.g.
+            ``{"^": "backbone."}`` puts ``backbone.`` in front of every name), a callable name → new name, or
+            ``'REGEX=REPLACEMENT'`` string(s) as ``capmerge apply --rename``.
 
     Raises:
-        MismatchError: Unmatched names (unless ``ignore_unmatched``), shape mismatches, NaN/Inf in a vector.
+        MismatchError: Unmatched names (unless ``ignore_unmatched`` and some names match), a name that could be two
+            parameters, shape mismatches, NaN/Inf in a vector.
         UsageError: Bad options, unsupported LoRA variants (DoRA, convolutions).
     """
 
@@ -113,7 +129,7 @@ class OrthogonalityLoss(nn.Module):
         *,
         weight: float = 1.0,
         mode: str = "cosine2",
-        reduction: str = "sum",
+        reduction: str = "mean",
         eps: float = 1e-12,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
@@ -124,6 +140,7 @@ class OrthogonalityLoss(nn.Module):
         basis: str = "sum",
         ignore_unmatched: bool = False,
         keep_reference: bool | None = None,
+        rename: Rename = None,
     ) -> None:
         super().__init__()
         self.weight = float(weight)
@@ -134,7 +151,10 @@ class OrthogonalityLoss(nn.Module):
         if not (self.eps >= 0 and math.isfinite(self.eps) and math.isfinite(self.weight)):
             raise UsageError(f"weight and eps must be finite and eps ≥ 0 (got weight={weight}, eps={eps})")
         if keep_reference is False and self.mode == "cosine2":
-            raise UsageError("mode='cosine2' needs ‖Δ‖, i.e. a copy of the reference (keep_reference=False)")
+            raise UsageError(
+                "mode='cosine2' needs ‖Δ‖, i.e. a copy of the reference: drop keep_reference=False, or use "
+                "mode='projection2'"
+            )
         keep = self.mode == "cosine2" if keep_reference is None else bool(keep_reference)
         self._model = weakref.ref(model)
         # τ, θ_ref and constants live here, not in registered buffers: DDP would broadcast buffers every step and
@@ -144,10 +164,10 @@ class OrthogonalityLoss(nn.Module):
         vectors = load_vectors(vector)
         self.n_vectors = len(vectors)
         mask = TensorMask.build(include=include, exclude=exclude, layers=layers, layer_pattern=layer_pattern)
-        found = match(model, vectors, mask, ignore_unmatched=ignore_unmatched)
+        found = match(model, vectors, mask, ignore_unmatched=ignore_unmatched, rename=rename)
         self.frozen, self.unmatched, self.aliases = found.frozen, found.unmatched, found.aliases
         self.zero: list[str] = []
-        refs = reference_map(reference)
+        refs = reference_map(reference, found, rename)
         orthonormal = self.basis == "orthonormal"
         targets: list[Target] = []
         c_parts: list[tuple[Any, torch.Tensor]] = []  # (reduce key, partial c of one target)

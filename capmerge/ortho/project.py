@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from capmerge.errors import MismatchError, UsageError
+from capmerge.io.names import Rename
 from capmerge.merge.masks import TensorMask
 from capmerge.ortho._dist import all_reduce_sum, is_dtensor, local, reduce_key, shard_like
 from capmerge.ortho._math import mv_acc
@@ -28,10 +29,10 @@ class GradientProjection:
     """
 
     def __init__(self, model: nn.Module, vector: Any, *, reference: Any, dtype: torch.dtype | None, mask: TensorMask,
-                 ignore_unmatched: bool, with_c: bool) -> None:  # fmt: skip
+                 ignore_unmatched: bool, with_c: bool, rename: Rename = None) -> None:  # fmt: skip
         vectors = load_vectors(vector)
-        found = match(model, vectors, mask, ignore_unmatched=ignore_unmatched, allow_lora=False)
-        refs = reference_map(reference)
+        found = match(model, vectors, mask, ignore_unmatched=ignore_unmatched, allow_lora=False, rename=rename)
+        refs = reference_map(reference, found, rename)
         self.names: list[str] = []
         self._items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # param, U, 1/‖u‖, c
         self._handles: list[Any] = []
@@ -142,6 +143,7 @@ def project_gradients(
     layer_pattern: str | None = None,
     dtype: torch.dtype | None = None,
     ignore_unmatched: bool = False,
+    rename: Rename = None,
 ) -> GradientProjection:
     """Hard mode: remove the τ̂ component from every gradient, g ← g − Σ_k ⟨g, q̂_k⟩·q̂_k (q̂ orthonormal per tensor).
 
@@ -160,6 +162,7 @@ def project_gradients(
         include, exclude, layers, layer_pattern: Masks, as for the loss.
         dtype: dtype of the stored directions (default: the parameter's).
         ignore_unmatched: Skip vector tensors that match no parameter.
+        rename: Renames the vector's tensor names before pairing, as for the loss.
 
     Returns:
         A :class:`GradientProjection`; ``.remove()`` unregisters the hooks.
@@ -169,7 +172,8 @@ def project_gradients(
             B·A orthogonal: use the loss), DTensor parameters without ``optimizer``.
     """
     proj = GradientProjection(model, vector, reference=None, dtype=dtype, ignore_unmatched=ignore_unmatched,
-                              mask=_mask(include, exclude, layers, layer_pattern), with_c=False)  # fmt: skip
+                              mask=_mask(include, exclude, layers, layer_pattern), with_c=False,
+                              rename=rename)  # fmt: skip
     if optimizer is not None:
         proj._handles.append(optimizer.register_step_pre_hook(lambda *_: proj.project_()))
         return proj
@@ -192,14 +196,16 @@ def project_updates(
     layer_pattern: str | None = None,
     dtype: torch.dtype | None = None,
     ignore_unmatched: bool = False,
+    rename: Rename = None,
 ) -> GradientProjection:
     """Hard mode for any optimizer: after each ``optimizer.step()``, θ ← θ − Σ_k (⟨θ, q̂_k⟩ − c_k)·q̂_k with
     c_k = ⟨θ_ref, q̂_k⟩, so ⟨Δ, τ⟩ = 0 after every step (AdamW, weight decay included), up to the parameter dtype's
     rounding. No reference copy is kept. Arguments as :func:`project_gradients`; ``reference`` as for the loss.
     """
     if optimizer is None:
-        raise UsageError("project_updates needs the optimizer whose steps it corrects")
+        raise UsageError("project_updates needs the optimizer whose steps it corrects: pass it as the third argument")
     proj = GradientProjection(model, vector, reference=reference, dtype=dtype, ignore_unmatched=ignore_unmatched,
-                              mask=_mask(include, exclude, layers, layer_pattern), with_c=True)  # fmt: skip
+                              mask=_mask(include, exclude, layers, layer_pattern), with_c=True,
+                              rename=rename)  # fmt: skip
     proj._handles.append(optimizer.register_step_post_hook(lambda *_: proj._project_update()))
     return proj

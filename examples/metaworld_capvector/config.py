@@ -100,7 +100,7 @@ class Config:
     aux_weight: float = 1.0  # weight of the future-state prediction loss
     alphas: tuple[float, ...] = (0.5, 1.0, 2.0)  # the one-pass sweep written by capmerge.apply
     alpha: float = 1.0  # the α used downstream (θ_meta = θ_pre + τ, the paper's construction), fixed a priori
-    ortho_weight: float = 0.1
+    ortho_weight: float = 0.1  # λ of the sum over tensors (reduction="sum", as the recorded runs used)
     ortho_mode: str = "cosine2"
     eval_steps: tuple[int, ...] = (0, 50, 200)  # held-out finetuning steps at which success is measured
     eval_episodes: int = 50  # per task, fixed seeds, the same for every variant and seed

@@ -457,15 +457,21 @@ def _pread_into(fd: int, view: memoryview, pos: int) -> int:
     return len(data)
 
 
+def read_json_file(path: Path, what: str) -> Any:
+    """A small JSON side file (an index, an adapter config): a regular file, within the JSON limits of
+    :mod:`capmerge.io.jsonfile`; any failure is one CheckpointError naming ``what`` and the file."""
+    require_regular_file(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what}: {e.strerror or e}", str(path)) from None
+    return _json.loads(raw, what, str(path))
+
+
 def read_weight_map(index: Path) -> dict[str, str]:
     """The ``weight_map`` (tensor name → shard file) of a ``*.index.json``, validated: every shard is a plain file
     name, so that an index never leads outside its own directory."""
-    require_regular_file(index)
-    try:
-        raw = index.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"cannot read index: {e.strerror or e}", str(index)) from None
-    data = _json.loads(raw, "index", str(index))
+    data = read_json_file(index, "index")
     wmap = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
         raise CheckpointError("index has no valid weight_map", str(index))

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from capmerge.errors import CheckpointError, CheckpointNotFoundError, MismatchError, NonFiniteError, UsageError
-from capmerge.io import jsonfile as _json
-from capmerge.io.checkpoint import DTYPES, Checkpoint, TensorInfo, read_header, require_regular_file
+from capmerge.io.checkpoint import DTYPES, Checkpoint, TensorInfo, read_header, read_json_file
 from capmerge.io.lazy import LazyCheckpoint, digest_of
 
 PEFT_PREFIX = "base_model.model."
@@ -102,12 +101,7 @@ def _patterns(config: dict[str, Any], key: str, where: str, check: Callable[[Any
 
 def read_config(path: Path) -> dict[str, Any]:
     """``adapter_config.json`` as a JSON object (one ``error:`` line naming the file when it is not one)."""
-    require_regular_file(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"cannot read adapter_config.json: {e.strerror or e}", str(path)) from None
-    config = _json.loads(raw, "adapter_config.json", str(path))
+    config = read_json_file(path, "adapter_config.json")
     if not isinstance(config, dict):
         raise CheckpointError("adapter_config.json is not a valid JSON object", str(path))
     return config

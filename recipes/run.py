@@ -139,10 +139,12 @@ class _Runner:
                 new_dirs = _missing_dirs([os.path.abspath(self.workdir), *planned])
                 try:
                     outs, result = self.execute(step, opts)
-                except BaseException:
+                except BaseException as e:
                     for d in new_dirs:  # a failed step leaves no directory behind that it created
                         with contextlib.suppress(OSError):
                             os.rmdir(d)  # only empty ones: never what another writer put there since
+                    if isinstance(e, CapmergeError) and not e.where:  # an option's error: at the step in the recipe
+                        e.where = f"{self.recipe.path}:{step.line}: steps.{step.name}"
                     raise
                 self.outputs[step.name] = outs
                 entry.update(status="ran", outputs=outs, result=result, seconds=round(time.perf_counter() - t0, 3))

@@ -369,7 +369,11 @@ class Output:
         return self.tmp if self.single_file else self.tmp / relname
 
     def open_file(self, relname: str, planned: list[tuple[str, str, tuple[int, ...]]]) -> SafetensorsFile:
-        f = SafetensorsFile(self.path_for(relname), planned)
+        try:
+            f = SafetensorsFile(self.path_for(relname), planned)
+        except WriteError as e:  # name OUT, not the hidden temporary (already removed) that the user never sees
+            final = self.out if self.single_file else self.out / relname
+            raise WriteError(e.what, str(final)) from None
         self.files.append(f)
         return f
 

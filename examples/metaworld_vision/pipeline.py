@@ -16,6 +16,7 @@ Every job writes its result as JSON under ``CACHE/runs-MODE/seedS``; a rerun ski
 from __future__ import annotations
 
 import math
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -346,6 +347,8 @@ def run_pipeline(cfg: VisionConfig, cache: Path, workers: int) -> dict[str, Any]
         res["alpha_choice"] = choice
         res["test"] = run_jobs(downstream, [(cfg, cache, s, "test", v, a, w) for s in cfg.seeds for v in VARIANTS],
                                workers)  # fmt: skip
-    res["seconds"] = {"total": time.perf_counter() - t0, "workers": workers}
+    cpu = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    res["seconds"] = {"total": time.perf_counter() - t0, "workers": workers,
+                      "cpu": sum(r.ru_utime + r.ru_stime for r in cpu)}  # fmt: skip
     res["date"] = time.strftime("%Y-%m-%d")
     return res

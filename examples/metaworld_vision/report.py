@@ -149,6 +149,8 @@ def write_tables(res: dict[str, Any], out: Path) -> str:
         lines.append(f"- compute: {secs['train'] / 60:.0f} min of training and {secs['eval'] / 60:.0f} min of "
                      f"simulated evaluation (summed over jobs); last invocation {res['seconds']['total'] / 60:.0f} min "
                      f"with {res['seconds']['workers']} workers")  # fmt: skip
+        if "cpu" in res["seconds"]:
+            lines[-1] += f", {res['seconds']['cpu'] / 60:.0f} min of CPU"
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     with open(out / "results.csv", "w", newline="") as f:

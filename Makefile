@@ -15,7 +15,8 @@ LOCK ?= requirements.lock
 MERGEKIT_LOCK ?= requirements-mergekit.lock
 LATEST_VENV ?= .venv-latest
 
-.PHONY: venv test lint pytest demo experiment bench clean mergekit-venv lock latest-venv test-latest
+.PHONY: venv test lint pytest demo experiment experiment-vision experiment-vision-quick bench clean mergekit-venv lock \
+	latest-venv test-latest
 
 venv: $(STAMP)
 
@@ -81,6 +82,14 @@ demo: venv
 
 experiment: venv
 	$(PY) -m examples.metaworld_capvector --workers $(WORKERS)
+
+# The vision experiment (examples/metaworld_vision): rendered demos, checkpoints and per-job results in
+# metaworld-cache/vision/, reruns resume. Quick: calibration + gate (≤ 20 min on 2 idle cores); full: ≤ 2 h.
+experiment-vision-quick: venv
+	$(PY) -m examples.metaworld_vision --quick --workers $(WORKERS)
+
+experiment-vision: venv
+	$(PY) -m examples.metaworld_vision --workers $(WORKERS)
 
 bench: venv
 	$(PY) benchmarks/bench_apply.py

@@ -68,13 +68,14 @@ INSTRUCTIONS: dict[str, str] = {
 SPLIT_SEED = 2026
 
 
-def task_split(n_pre: int, n_small: int, n_held: int) -> tuple[list[str], list[str], list[str]]:
-    """Disjoint (pretrain, small set, held-out) task lists: consecutive slices of one fixed shuffle."""
+def task_split(*counts: int) -> tuple[list[str], ...]:
+    """Disjoint task lists, e.g. (pretrain, small set, held-out): consecutive slices of one fixed shuffle."""
     names = sorted(INSTRUCTIONS)
     random.Random(SPLIT_SEED).shuffle(names)
-    if n_pre + n_small + n_held > len(names):
-        raise ValueError(f"{n_pre} + {n_small} + {n_held} tasks asked, Meta-World has {len(names)}")
-    return names[:n_pre], names[n_pre : n_pre + n_small], names[n_pre + n_small : n_pre + n_small + n_held]
+    if sum(counts) > len(names):
+        raise ValueError(f"{' + '.join(map(str, counts))} tasks asked, Meta-World has {len(names)}")
+    starts = [sum(counts[:i]) for i in range(len(counts))]
+    return tuple(names[s : s + n] for s, n in zip(starts, counts, strict=True))
 
 
 @dataclass(frozen=True)

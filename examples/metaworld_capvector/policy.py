@@ -79,18 +79,32 @@ class Block(nn.Module):
 
 
 class Policy(nn.Module):
-    """VLA-lite (≈ 130 K shared parameters with the defaults)."""
+    """VLA-lite (≈ 130 K shared parameters with the defaults).
 
-    def __init__(self, *, hidden: int = 128, chunk: int = 4, n_blocks: int = 3, aux: bool = False) -> None:
+    ``obs_dim`` is the width of the state input; ``extra_dim`` the width of further features a subclass concatenates
+    before the fusion (e.g. a visual encoder's output, :meth:`features`'s ``extra``).
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden: int = 128,
+        chunk: int = 4,
+        n_blocks: int = 3,
+        aux: bool = False,
+        obs_dim: int = OBS_DIM,
+        extra_dim: int = 0,
+    ) -> None:
         super().__init__()
         self.chunk = chunk
-        self.register_buffer("obs_mean", torch.zeros(OBS_DIM))
-        self.register_buffer("obs_std", torch.ones(OBS_DIM))
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
         self.lang_proj = nn.Linear(LANG_DIM, hidden)
-        self.state_enc = nn.Sequential(nn.Linear(OBS_DIM, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        self.blocks = nn.ModuleList([nn.Linear(2 * hidden, hidden)] + [Block(hidden) for _ in range(n_blocks - 1)])
+        self.state_enc = nn.Sequential(nn.Linear(obs_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        first = nn.Linear(2 * hidden + extra_dim, hidden)
+        self.blocks = nn.ModuleList([first] + [Block(hidden) for _ in range(n_blocks - 1)])
         self.action_head = nn.Linear(hidden, chunk * ACT_DIM)
-        self.aux_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, OBS_DIM)) if aux else None
+        self.aux_head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, obs_dim)) if aux else None
 
     def set_normalization(self, obs: np.ndarray) -> None:
         self.obs_mean.copy_(torch.as_tensor(obs.mean(0)))
@@ -99,8 +113,9 @@ class Policy(nn.Module):
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         return (obs - self.obs_mean) / self.obs_std
 
-    def features(self, obs: torch.Tensor, lang: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([self.state_enc(self.normalize(obs)), self.lang_proj(lang)], dim=-1)
+    def features(self, obs: torch.Tensor, lang: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [self.state_enc(self.normalize(obs)), self.lang_proj(lang)]
+        h = torch.cat(parts if extra is None else [*parts, extra], dim=-1)
         h = F.gelu(self.blocks[0](h))
         for block in self.blocks[1:]:
             h = block(h)
@@ -123,12 +138,15 @@ def save(model: Policy, path: Path) -> None:
     save_file(model.shared_state_dict(), str(path), metadata={"format": "pt"})
 
 
-def load(path: Path, *, hidden: int, chunk: int, aux: bool = False, seed: int = 0) -> Policy:
-    """A policy with the weights of ``path``; a requested aux head is freshly initialised (from ``seed``)."""
+def load(
+    path: Path, *, hidden: int, chunk: int, aux: bool = False, seed: int = 0, cls: type[Policy] | None = None
+) -> Policy:
+    """A policy (``cls``, default :class:`Policy`) with the weights of ``path``; a requested aux head is freshly
+    initialised (from ``seed``)."""
     from safetensors.torch import load_file
 
     torch.manual_seed(seed)
-    model = Policy(hidden=hidden, chunk=chunk, aux=aux)
+    model = (cls or Policy)(hidden=hidden, chunk=chunk, aux=aux)
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
     if unexpected or [m for m in missing if not m.startswith(AUX_PREFIX)]:
         raise ValueError(f"{path}: missing {missing}, unexpected {unexpected}")
@@ -173,16 +191,23 @@ def losses(model: Policy, data: Dataset, idx: torch.Tensor, aux_weight: float = 
     return bc + aux_weight * aux, bc, aux
 
 
+LossFn = Callable[[Any, Any, torch.Tensor, float], tuple[torch.Tensor, ...]]
+
+
 def train_step(
     model: Policy,
     opt: torch.optim.Optimizer,
-    data: Dataset,
+    data: Any,
     idx: torch.Tensor,
     aux_weight: float = 0.0,
     regularizer: Callable[[], torch.Tensor] | None = None,
+    loss_fn: LossFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimiser step on the samples ``idx``; returns its (behaviour-cloning, auxiliary, regulariser) losses."""
-    total, bc, aux = losses(model, data, idx, aux_weight)
+    """One optimiser step on the samples ``idx``; returns its (behaviour-cloning, auxiliary, regulariser) losses.
+
+    ``loss_fn(model, data, idx, aux_weight) -> (total, bc, aux)`` defaults to :func:`losses`.
+    """
+    total, bc, aux = (loss_fn or losses)(model, data, idx, aux_weight)
     reg = regularizer() if regularizer is not None else None
     opt.zero_grad(set_to_none=True)
     (total if reg is None else total + reg).backward()
@@ -192,7 +217,7 @@ def train_step(
 
 def train(
     model: Policy,
-    data: Dataset,
+    data: Any,
     *,
     steps: int,
     seed: int,
@@ -202,8 +227,11 @@ def train(
     regularizer: Callable[[], torch.Tensor] | None = None,
     eval_at: Sequence[int] = (),
     on_eval: Callable[[int, Policy], None] | None = None,
+    loss_fn: LossFn | None = None,
 ) -> dict[str, Any]:
     """AdamW behaviour cloning (+ aux loss, + regulariser). Calls ``on_eval(step, model)`` at the steps in ``eval_at``.
+
+    ``data`` needs ``len()``; ``loss_fn`` (default :func:`losses`) computes the losses on a batch of its indices.
 
     Returns the per-step BC losses, auxiliary losses and wall times (the times exclude evaluation).
     """
@@ -219,7 +247,7 @@ def train(
             break
         t0 = time.perf_counter()
         idx = torch.randint(len(data), (batch,), generator=gen)
-        bc, aux, reg = train_step(model, opt, data, idx, aux_weight, regularizer)
+        bc, aux, reg = train_step(model, opt, data, idx, aux_weight, regularizer, loss_fn)
         log["step_s"].append(time.perf_counter() - t0)
         log["bc"].append(bc.item())
         log["aux"].append(aux.item())

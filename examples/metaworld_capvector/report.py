@@ -149,7 +149,11 @@ def plot_success(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_cosines(res: dict[str, Any], path: Path) -> None:
+def plot_cosines(
+    res: dict[str, Any], path: Path, *, order: tuple[str, ...] = ("state_enc", "lang_proj", "blocks", "action_head")
+) -> None:
+    """Per-tensor cos(τ_cap, τ_task) (and the two-SFT-runs baseline), tensors sorted by the name prefixes ``order``
+    (input to output)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -157,7 +161,6 @@ def plot_cosines(res: dict[str, Any], path: Path) -> None:
 
     ups = res["upstream"]
     names = [n for n in ups[0]["cos_tensors"] if all(u["cos_tensors"].get(n) is not None for u in ups)]
-    order = ("state_enc", "lang_proj", "blocks", "action_head")  # input to output
     names.sort(key=lambda n: (next((i for i, p in enumerate(order) if n.startswith(p)), len(order)), n))
     null = res.get("null") or []
     series = [("cos(τ_cap, τ_task),  τ_cap = θ_aux − θ_sft", ups, "C3")]

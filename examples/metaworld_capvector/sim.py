@@ -37,6 +37,13 @@ def make_env(task: str) -> Any:
     return env
 
 
+def close_env(task: str) -> None:
+    """Close and forget ``task``'s environment (each holds tens of MB; a process that visits many tasks frees them)."""
+    env = _ENVS.pop(task, None)
+    if env is not None:
+        env.close()
+
+
 def reset(env: Any, seed: int) -> np.ndarray:
     """Reset ``env`` to the initial state drawn from ``seed`` (the same seed gives the same positions)."""
     env.seed(seed)
@@ -56,19 +63,30 @@ def _task_key(task: str) -> int:
     return sum((i + 1) * ord(c) for i, c in enumerate(task))
 
 
-def rollout_expert(task: str, episode: int, *, horizon: int, obs_noise: float, act_noise: float) -> dict[str, Any]:
+def rollout_expert(
+    task: str,
+    episode: int,
+    *,
+    horizon: int,
+    obs_noise: float,
+    act_noise: float,
+    observe: Callable[[Any, np.ndarray], dict[str, np.ndarray]] | None = None,
+) -> dict[str, Any]:
     """One demonstration: observations with Gaussian noise (what the policy learns from), the expert's clean actions.
 
     The expert acts on the true state; the executed action gets noise ``act_noise`` (so demos visit states off the
     expert's own path) while the recorded label is the expert's action. Everything is drawn from
-    ``(task, episode)``: the same call gives the same arrays.
+    ``(task, episode)``: the same call gives the same arrays. ``observe(env, clean_obs)``, when given, is called
+    before every recorded step; its arrays are stacked per key into the result (e.g. rendered frames).
     """
     env, pol = make_env(task), expert(task)
     rng = np.random.default_rng([_task_key(task), episode])
     obs = reset(env, DEMO_SEED_BASE + episode)
-    observations, actions, success = [], [], False
+    observations, actions, extra, success = [], [], [], False
     for _ in range(horizon):
         a = np.clip(pol.get_action(obs), -1.0, 1.0).astype(np.float32)
+        if observe is not None:
+            extra.append(observe(env, obs))
         observations.append(obs + rng.normal(0.0, obs_noise, size=obs.shape))
         actions.append(a)
         executed = np.clip(a + rng.normal(0.0, act_noise, size=a.shape), -1.0, 1.0)
@@ -78,11 +96,16 @@ def rollout_expert(task: str, episode: int, *, horizon: int, obs_noise: float, a
             break
         if truncated:
             break
-    return {
+    out = {
         "obs": np.asarray(observations, dtype=np.float32),
         "act": np.asarray(actions, dtype=np.float32),
         "success": success,
     }
+    for key in extra[0] if extra else ():
+        if key in out:
+            raise ValueError(f"observe() returned {key!r}, a key of the demonstration itself")
+        out[key] = np.stack([x[key] for x in extra])
+    return out
 
 
 def demos_for_task(task: str, n: int, *, horizon: int, obs_noise: float, act_noise: float) -> dict[str, Any]:
@@ -110,9 +133,17 @@ def cached_demos(cache: Path, task: str, n: int, *, horizon: int, obs_noise: flo
     return d
 
 
-def evaluate(act_fn: Callable[[np.ndarray], np.ndarray], task: str, *, episodes: int, horizon: int) -> dict[str, Any]:
+def evaluate(
+    act_fn: Callable[[Any], np.ndarray],
+    task: str,
+    *,
+    episodes: int,
+    horizon: int,
+    observe: Callable[[Any, np.ndarray], Any] | None = None,
+) -> dict[str, Any]:
     """Run ``episodes`` episodes (reset seeds ``EVAL_SEED_BASE + e``) with ``act_fn(obs) -> action``.
 
+    With ``observe``, the policy gets ``observe(env, obs)`` instead of the state (e.g. a rendered frame).
     Returns ``successes`` (episodes in which the env reported ``info["success"]``), ``episodes``, ``rate`` and
     ``lengths`` (steps until the first success, or the horizon).
     """
@@ -122,8 +153,8 @@ def evaluate(act_fn: Callable[[np.ndarray], np.ndarray], task: str, *, episodes:
         obs = reset(env, EVAL_SEED_BASE + e)
         steps = horizon
         for t in range(horizon):
-            a = np.clip(np.asarray(act_fn(obs), dtype=np.float64), -1.0, 1.0)
-            obs, _, _, truncated, info = env.step(a)
+            a = act_fn(obs if observe is None else observe(env, obs))
+            obs, _, _, truncated, info = env.step(np.clip(np.asarray(a, dtype=np.float64), -1.0, 1.0))
             if info["success"]:
                 successes += 1
                 steps = t + 1

@@ -173,7 +173,7 @@ def upstream(cfg: VisionConfig, cache: Path, seed: int, aux_weight: float) -> di
     from safetensors.torch import save_file
 
     import capmerge
-    from capmerge.report import plot
+    from capmerge.analysis.report import plot
     from examples.metaworld_capvector.policy import save
 
     from .policy import gradient_norms

@@ -10,14 +10,27 @@ from __future__ import annotations
 from dataclasses import replace
 
 from capmerge.errors import UsageError
-from capmerge.merge.methods import breadcrumbs, dare, linear, ties
+from capmerge.merge.methods import breadcrumbs, dare, linear, models, ties
 from capmerge.merge.methods.base import PRUNES, SIGNS, MergeOptions, Method
+from capmerge.merge.methods.models import ModelMethod
 
 _FAMILIES = (linear, ties, dare, breadcrumbs)
 
 METHODS: dict[str, Method] = {m.name: m for family in _FAMILIES for m in family.METHODS}
 PRESETS: dict[str, dict[str, object]] = {name: m.preset() for name, m in METHODS.items()}
 """name → the options the method sets (kept for callers that read presets as mappings)."""
+
+_MODEL_FAMILIES = (models,)
+MODEL_METHODS: dict[str, ModelMethod] = {m.name: m for family in _MODEL_FAMILIES for m in family.MODEL_METHODS}
+"""Model-centric methods (mergekit's merge methods) by name: ``capmerge merge`` and mergekit configurations."""
+
+
+def get_model_method(name: str) -> ModelMethod:
+    """The model-centric method called ``name``; an unknown name is a :class:`~capmerge.errors.UsageError`."""
+    try:
+        return MODEL_METHODS[name]
+    except KeyError:
+        raise UsageError(f"unknown merge method {name!r} (choose from {', '.join(MODEL_METHODS)})") from None
 
 
 def get(name: str) -> Method:

@@ -1,0 +1,65 @@
+"""Model-centric merge methods: what mergekit calls a merge method, one tensor at a time.
+
+A :class:`ModelMethod` merges the same tensor of N models (optionally relative to a base model) into one tensor.
+Its ``fn`` receives a :class:`TensorInputs` (float32 tensors of one shape, the per-model and global parameters
+already resolved for this tensor: filters and layer gradients applied, defaults filled in) and returns the merged
+float32 tensor. The streaming runner (``capmerge merge``, mergekit configurations through ``capmerge run``) and
+``apply_to_state_dict`` call the same ``fn``: one implementation per method.
+
+Family modules list theirs in ``MODEL_METHODS``; :mod:`~capmerge.merge.methods.registry` collects them by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorInputs:
+    """One tensor's inputs: ``models[i]`` with ``model_params[i]``; ``base`` is None when the method has no base."""
+
+    name: str
+    models: list[torch.Tensor]
+    model_params: list[Mapping[str, object]]
+    params: Mapping[str, object]
+    base: torch.Tensor | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelMethod:
+    """A named model-centric method.
+
+    ``base``: "required", "optional" or "unused". ``model_params`` / ``params``: the per-model and global parameters it
+    reads, with their defaults (``None``: required). ``random``: its output depends on ``seed`` (masks keyed by
+    :func:`~capmerge.merge.methods.base.tensor_key`).
+    """
+
+    name: str
+    fn: Callable[[TensorInputs], torch.Tensor]
+    base: str = "optional"
+    model_params: Mapping[str, object] = field(default_factory=dict)
+    params: Mapping[str, object] = field(default_factory=dict)
+    random: bool = False
+    summary: str = ""
+
+
+def _linear(x: TensorInputs) -> torch.Tensor:
+    """Σ w_i·θ_i, divided by Σ w_i when ``normalize`` (mergekit's default for linear)."""
+    weights = [float(p["weight"]) for p in x.model_params]  # type: ignore[arg-type]
+    out = sum(w * m for w, m in zip(weights, x.models, strict=True))
+    if x.params.get("normalize", True):
+        total = sum(weights)
+        if total == 0:
+            raise ValueError(f"tensor {x.name}: the weights sum to 0, cannot normalize")
+        out = out / total
+    return out  # type: ignore[return-value]
+
+
+MODEL_METHODS = (
+    ModelMethod("linear", _linear, base="unused", model_params={"weight": None}, params={"normalize": True},
+                summary="weighted average of the models' weights (Σ w_i·θ_i / Σ w_i)"),
+)  # fmt: skip

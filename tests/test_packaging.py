@@ -52,6 +52,16 @@ def test_importtime_of_capmerge_is_small() -> None:
     assert total_us < 1_000_000, f"import capmerge.cli took {total_us / 1e6:.2f} s"
 
 
+def test_cli_and_method_registry_import_without_torch() -> None:
+    """torch alone costs ~1.7 s: the CLI, the method registry (read for help screens) and recipes import without it."""
+    code = (
+        "import sys, capmerge.cli, capmerge.cli.app, capmerge.merge.methods.registry, capmerge.recipes.schema\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'transformers', 'huggingface_hub') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
 def test_kernels_is_available_without_gpu() -> None:
     import capmerge.kernels.device
 

@@ -7,14 +7,18 @@ float32 tensor. The streaming runner (``capmerge merge``, mergekit configuration
 ``apply_to_state_dict`` call the same ``fn``: one implementation per method.
 
 Family modules list theirs in ``MODEL_METHODS``; :mod:`~capmerge.merge.methods.registry` collects them by name.
+The registry is imported by the CLI to list the methods, so a family module imports torch only inside its functions
+(``capmerge --help`` starts without torch; tests/test_packaging.py checks it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)

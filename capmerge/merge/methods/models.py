@@ -4,17 +4,25 @@ A :class:`ModelMethod` merges the same tensor of N models (optionally relative t
 Its ``fn`` receives a :class:`TensorInputs` (float32 tensors of one shape, the per-model and global parameters
 already resolved for this tensor: filters and layer gradients applied, defaults filled in) and returns the merged
 float32 tensor. The streaming runner (``capmerge merge``, mergekit configurations through ``capmerge run``) and
-``apply_to_state_dict`` call the same ``fn``: one implementation per method.
+:func:`capmerge.merge_state_dicts` call the same ``fn``: one implementation per method.
 
-Family modules list theirs in ``MODEL_METHODS``; :mod:`~capmerge.merge.methods.registry` collects them by name.
+``models`` are mergekit's non-base inputs, in the configuration's order (the base model is never among them, even when
+a configuration also lists it under ``models``); ``model_params[i]`` belongs to ``models[i]``, and the index ``i`` keys
+the random masks of the random methods (:func:`~capmerge.merge.methods.base.tensor_key`).
+
+Family modules (one per method family: ``gta``, ``slerp``, ``karcher``, ``model_stock``, ``sce``, ``nearswap``,
+``arcee_fusion``, ``passthrough``) list theirs in ``MODEL_METHODS``; :mod:`~capmerge.merge.methods.registry` collects
+them by name. This module imports no torch (the registry and the CLI's start-up read it); the families do.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,8 @@ class ModelMethod:
 
     ``base``: "required", "optional" or "unused". ``model_params`` / ``params``: the per-model and global parameters it
     reads, with their defaults (``None``: required). ``random``: its output depends on ``seed`` (masks keyed by
-    :func:`~capmerge.merge.methods.base.tensor_key`).
+    :func:`~capmerge.merge.methods.base.tensor_key`). ``n_models``: the least and most number of (non-base) models it
+    takes (``None``: no upper bound), as mergekit checks them.
     """
 
     name: str
@@ -45,6 +54,7 @@ class ModelMethod:
     params: Mapping[str, object] = field(default_factory=dict)
     random: bool = False
     summary: str = ""
+    n_models: tuple[int, int | None] = (1, None)
 
 
 def _linear(x: TensorInputs) -> torch.Tensor:

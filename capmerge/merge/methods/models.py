@@ -17,7 +17,7 @@ them by name. This module imports no torch (the registry and the CLI's start-up 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -55,6 +55,32 @@ class ModelMethod:
     random: bool = False
     summary: str = ""
     n_models: tuple[int, int | None] = (1, None)
+
+    def resolve(
+        self, params: Mapping[str, object] | None, model_params: Sequence[Mapping[str, object] | None]
+    ) -> tuple[dict[str, object], list[dict[str, object]]]:
+        """The global and per-model parameters with the defaults filled in; an unknown or missing parameter, or a
+        number of models the method does not take, is a :class:`~capmerge.errors.UsageError`."""
+        from capmerge.errors import UsageError
+
+        lo, hi = self.n_models
+        if len(model_params) < lo or (hi is not None and len(model_params) > hi):
+            want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+            raise UsageError(f"merge method {self.name} takes {want} models besides the base, got {len(model_params)}")
+
+        def fill(given: Mapping[str, object] | None, spec: Mapping[str, object], what: str) -> dict[str, object]:
+            given = dict(given or {})
+            unknown = sorted(set(given) - set(spec))
+            if unknown:
+                known = ", ".join(spec) or "none"
+                raise UsageError(f"merge method {self.name}: unknown {what} {', '.join(unknown)} (known: {known})")
+            missing = [k for k, v in spec.items() if v is None and given.get(k) is None]
+            if missing:
+                raise UsageError(f"merge method {self.name}: {what} {', '.join(missing)} is required")
+            return {k: given[k] if given.get(k) is not None else v for k, v in spec.items()}
+
+        per_model = [fill(mp, self.model_params, "model parameter") for mp in model_params]
+        return fill(params, self.params, "parameter"), per_model
 
 
 def _linear(x: TensorInputs) -> torch.Tensor:

@@ -94,7 +94,7 @@ def _multislerp(x: TensorInputs) -> torch.Tensor:
     eps = float(x.params.get("eps", 1e-8))  # type: ignore[arg-type]
     base = None if x.base is None else x.base.float()
     vs = torch.stack([m.float() if base is None else m.float() - base for m in x.models]).reshape(len(x.models), -1)
-    w = torch.tensor([float(p["weight"]) for p in x.model_params], dtype=torch.float32)  # type: ignore[arg-type]
+    w = torch.tensor([float(p["weight"]) for p in x.model_params], dtype=torch.float32, device=vs.device)  # type: ignore[arg-type]
     if x.params.get("normalize_weights", True):
         w = w / w.sum()
     norms = torch.linalg.vector_norm(vs, dim=-1, keepdim=True)

@@ -179,3 +179,16 @@ def test_nonintegral_density_counts_as_mergekit_does(runs) -> None:
                             runs["models"]["P"]["model.norm.weight"]))  # fmt: skip
     assert int((out != runs["models"]["P"]["model.norm.weight"]).sum()) == math.floor(0.9 * 64) == 57
     assert int((tau != 0).sum()) == 64
+
+
+@pytest.mark.parametrize("case", ["ties_neg_rescale", "slerp", "model_stock"])
+def test_merge_state_dicts_is_the_per_tensor_fn_and_matches_mergekit(runs, case: str) -> None:
+    import capmerge
+
+    method, ms, base, params, tol = CASES[case]
+    models = runs["models"]
+    got = capmerge.merge_state_dicts([models[k] for k, _ in ms], base=models[base] if base else None, method=method,
+                                     parameters=params, model_parameters=[mp for _, mp in ms])  # fmt: skip
+    for n, t in runs["ours"][case].items():
+        assert torch.equal(got[n], t), f"{case} {n}: merge_state_dicts differs from the per-tensor fn"
+    compare(got, load_any(runs["tmp"] / f"mk-{case}"), tol, f"{case} (merge_state_dicts)")

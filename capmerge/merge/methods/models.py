@@ -66,7 +66,8 @@ class ModelMethod:
         lo, hi = self.n_models
         if len(model_params) < lo or (hi is not None and len(model_params) > hi):
             want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
-            raise UsageError(f"merge method {self.name} takes {want} models besides the base, got {len(model_params)}")
+            noun = "model" if lo == hi == 1 else "models"
+            raise UsageError(f"merge method {self.name} takes {want} {noun} besides the base, got {len(model_params)}")
 
         def fill(given: Mapping[str, object] | None, spec: Mapping[str, object], what: str) -> dict[str, object]:
             given = dict(given or {})

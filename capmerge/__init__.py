@@ -26,6 +26,7 @@ _EXPORTS = {
     "load_vector": "capmerge.inmemory",
     "apply_to_state_dict": "capmerge.inmemory",
     "apply_to_model": "capmerge.inmemory",
+    "merge_state_dicts": "capmerge.inmemory",
     "CapmergeError": "capmerge.errors",
     "compress": "capmerge.io.compress",
     "CompressionSummary": "capmerge.io.compression_record",
@@ -52,6 +53,7 @@ __all__ = [
     "load_vector",
     "apply_to_state_dict",
     "apply_to_model",
+    "merge_state_dicts",
     "CapmergeError",
     "compress",
     "CompressionSummary",
@@ -68,7 +70,7 @@ if TYPE_CHECKING:
     from capmerge.analysis.stats import inspect
     from capmerge.api import diff
     from capmerge.errors import CapmergeError
-    from capmerge.inmemory import apply_to_model, apply_to_state_dict, load_vector
+    from capmerge.inmemory import apply_to_model, apply_to_state_dict, load_vector, merge_state_dicts
     from capmerge.io.checkpoint import Checkpoint, TensorInfo
     from capmerge.io.compress import compress
     from capmerge.io.compression_record import CompressionSummary, compression_info

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from capmerge.merge.methods import keep_count, tensor_key  # noqa: F401 - torch-free, re-exported here
+from capmerge.merge.methods.base import keep_count, tensor_key  # noqa: F401 - torch-free, re-exported here
 
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
@@ -128,6 +128,53 @@ def breadcrumbs_prune(
     return torch.where((a >= lo) & (a < hi), x, torch.zeros_like(x))
 
 
+def rescale_l1(t: torch.Tensor, pruned: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``pruned`` scaled so that its L1 norm equals ``t``'s: pruned·(‖t‖₁ / ‖pruned‖₁), the ratio rounded to float32.
+
+    mergekit's ``rescale`` for every pruning method: unchanged when either norm is below ``eps``. (For DARE the ratio
+    is ≈ 1/d, the paper's factor, but exact in norm rather than in expectation.)
+    """
+    x, y = t.float(), pruned.float()
+    before, after = x.abs().sum(), y.abs().sum()
+    if float(before) < eps or float(after) < eps:
+        return y
+    return y * (before / after)
+
+
+def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probability of each entry: p = d − ε + 2ε·(r − 1)/(m − 1), r the rank of |t| (1 = smallest, ties
+    ranked in index order) among the m entries of its row (dim 1; a 1-D tensor is one row). float32, t's shape.
+
+    A row of one entry gets p = d.
+    """
+    x = t.float()
+    rows = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)
+    order = torch.argsort(rows.abs(), dim=-1, stable=True)
+    ranks = torch.argsort(order, dim=-1, stable=True).to(torch.float32)  # r − 1
+    m = rows.shape[-1]
+    frac = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
+    probs = (density - epsilon) + frac * (2 * epsilon)
+    return (probs.reshape(x.shape) if x.dim() < 2 else probs.movedim(-1, 1)).contiguous()
+
+
+def della_prune(t: torch.Tensor, density: float, epsilon: float, *, key: int, rescale: bool = True) -> torch.Tensor:
+    """DELLA (MagPrune): keep entry j where philox_uniform(key, j) < p_j (:func:`della_probabilities`), larger
+    magnitudes more likely; with ``rescale`` the kept entries are scaled by :func:`rescale_l1` (as mergekit does).
+
+    density ≥ 1 keeps everything (no rescale), density ≤ 0 nothing; otherwise d ± ε must lie in (0, 1).
+    """
+    x = t.float()
+    if density >= 1.0:
+        return x.clone()
+    if density <= 0.0:
+        return torch.zeros_like(x)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(f"epsilon must be chosen such that density ± epsilon is in (0, 1), got {density} ± {epsilon}")
+    u = philox_uniform(key, torch.arange(x.numel(), dtype=torch.int64, device=x.device)).reshape(x.shape)
+    kept = torch.where(u < della_probabilities(x, density, epsilon), x, torch.zeros_like(x))
+    return rescale_l1(x, kept) if rescale else kept
+
+
 def elect_sign(terms: Sequence[torch.Tensor], weights: Sequence[float], method: str = "total") -> torch.Tensor:
     """+1 where Σ w_i·τ̃_i (``total``) or Σ sign(τ̃_i) (``frequency``) is ≥ 0, else −1 (float32)."""
     s = torch.zeros(terms[0].shape, dtype=torch.float32, device=terms[0].device)
@@ -140,9 +187,16 @@ def elect_sign(terms: Sequence[torch.Tensor], weights: Sequence[float], method: 
 
 
 def disjoint_merge(
-    terms: Sequence[torch.Tensor], weights: Sequence[float], sign: torch.Tensor | None = None
+    terms: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    sign: torch.Tensor | None = None,
+    *,
+    weighted_agreement: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """δ = Σ w_i·m_i·τ̃_i and the normaliser Σ w_i·m_i, with m_i = [sign(τ̃_i) = sign] (all ones without sign)."""
+    """δ = Σ w_i·m_i·τ̃_i and the normaliser Σ w_i·m_i, with m_i = [sign(τ̃_i) = sign] (all ones without sign).
+
+    ``weighted_agreement``: m_i = [sign(w_i·τ̃_i) = sign] instead (mergekit's rule; the same unless w_i < 0).
+    """
     d = torch.zeros(terms[0].shape, dtype=torch.float32, device=terms[0].device)
     den = torch.zeros_like(d)
     for t, w in zip(terms, weights, strict=True):
@@ -152,7 +206,8 @@ def disjoint_merge(
             d = d + wt * x
             den = den + wt
         else:
-            agree = torch.where(sign > 0, x > 0, x < 0)
+            y = wt * x if weighted_agreement else x
+            agree = torch.where(sign > 0, y > 0, y < 0)
             d = d + torch.where(agree, wt * x, torch.zeros_like(x))
             den = den + torch.where(agree, wt, torch.zeros_like(x))
     return d, den

@@ -1,4 +1,4 @@
-"""In-memory helpers for trainers that already hold the weights: load a vector, add it in place."""
+"""In-memory helpers for trainers that already hold the weights: load a vector, add it in place, merge whole models."""
 
 from __future__ import annotations
 
@@ -234,3 +234,74 @@ def apply_to_model(
     vecs = vector if isinstance(vector, list | tuple) else [vector]
     vecs = [v if isinstance(v, Mapping) else LazyVector(open_checkpoint(v)) for v in vecs]
     return apply_to_state_dict(tensors, vecs, alpha=alpha, allow_missing=allow_missing, **options)
+
+
+def merge_state_dicts(
+    models: Sequence[Mapping[str, Any]],
+    *,
+    base: Mapping[str, Any] | None = None,
+    method: str = "linear",
+    parameters: Mapping[str, object] | None = None,
+    model_parameters: Sequence[Mapping[str, object] | None] | Mapping[str, object] | None = None,
+    seed: int = 0,
+    dtype: Any = None,
+) -> dict[str, Any]:
+    """Merge whole models held in memory with a model-centric method (mergekit's methods, by mergekit's names).
+
+    Every tensor goes through the same per-tensor function as ``capmerge merge`` and mergekit configurations
+    (:mod:`capmerge.merge.methods.models`): widened to float32, merged, rounded once to ``dtype`` (default: the
+    base's dtype, or the first model's).
+
+    Args:
+        models: state dicts (name → tensor), the non-base models in order; all must hold the same names and shapes.
+        base: the base model's state dict, for the methods that take one (``task_arithmetic``, ``ties``, ``slerp``…).
+        method: the method's name (``capmerge.merge.methods.registry.MODEL_METHODS``).
+        parameters: the method's global parameters (e.g. ``{"t": 0.3}``, ``{"lambda": 0.7}``); defaults filled in.
+        model_parameters: one mapping per model (e.g. ``[{"weight": 0.6, "density": 0.5}, ...]``), or one mapping
+            for all of them.
+        seed: keys the random methods' masks (with the tensor's name and the model's index).
+        dtype: the output dtype.
+
+    Returns:
+        name → merged tensor. Tensors that are not floating point (integer buffers) are copied from the base (or the
+        first model). Unknown or missing parameters and a wrong number of models are a
+        :class:`~capmerge.errors.UsageError`; names or shapes that differ, a :class:`~capmerge.errors.MismatchError`.
+    """
+    import torch
+
+    from capmerge.errors import UsageError
+    from capmerge.merge.methods.models import TensorInputs
+    from capmerge.merge.methods.registry import get_model_method
+
+    m = get_model_method(method)
+    per_model = [model_parameters] * len(models) if isinstance(model_parameters, Mapping) or model_parameters is None \
+        else list(model_parameters)  # fmt: skip
+    if len(per_model) != len(models):
+        raise UsageError(f"{len(per_model)} model parameter mappings for {len(models)} models")
+    params, mparams = m.resolve(parameters, per_model)
+    if m.base == "required" and base is None:
+        raise UsageError(f"merge method {method} needs a base model")
+    if m.base == "unused" and base is not None:
+        raise UsageError(f"merge method {method} takes no base model")
+    reference = base if base is not None else models[0] if models else None
+    if reference is None:
+        raise UsageError(f"merge method {method}: no models given")
+    for label, sd in [("the base", base), *((f"model {i + 1}", x) for i, x in enumerate(models))]:
+        if sd is None:
+            continue
+        if set(sd) != set(reference):
+            diff = sorted(set(sd) ^ set(reference))
+            raise MismatchError(f"{label} holds other tensors than the reference ({', '.join(diff[:5])})")
+        for n, t in sd.items():
+            if tuple(t.shape) != tuple(reference[n].shape):
+                raise MismatchError(f"{label}: shape {list(t.shape)} vs {list(reference[n].shape)}", n)
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for n, ref in reference.items():
+            if not ref.is_floating_point():
+                out[n] = ref.clone()
+                continue
+            x = TensorInputs(n, [sd[n].float() for sd in models], mparams, params,
+                             None if base is None else base[n].float(), seed)  # fmt: skip
+            out[n] = m.fn(x).to(dtype or ref.dtype)
+    return out

@@ -12,7 +12,6 @@ mergekit is LGPL: it is only ever run as a separate process from ``.venv-mergeki
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import subprocess
@@ -23,29 +22,26 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_any, save_single
+from mergekit_ref import (
+    OFFLINE_ENV,
+    llama_tensors,
+    mergekit_config,
+    require_mergekit,
+    save_hf,
+    start_mergekit,
+    tie_free,
+    wait_mergekit,
+)
 from safetensors.torch import load_file
 
 import capmerge
 from capmerge import functional as F
-
-REPO = Path(__file__).resolve().parent.parent
-MERGEKIT_YAML = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-GRID = 2.0**-20
 
 # d·n is an integer for d ∈ {0.25, 0.5, 0.75} and every shape: PEFT keeps int(d·n), mergekit max(1, int(d·n)),
 # capmerge max(1, ⌊d·n + ½⌋) — equal exactly when d·n is integral. "big" spans two of the engine's 2 Mi-element
 # blocks (threshold histograms and Philox offsets across a block boundary).
 SHAPES = {"layers.0.w": (48, 64), "layers.0.b": (40,), "layers.1.c": (8, 16, 4), "big": (1028, 2052)}
 WEIGHTS = [0.7, -0.3, 1.25]
-
-
-def tie_free(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Distinct magnitudes 1..n times 2⁻²⁰ in random order, random signs: no two |τ| equal, no zeros."""
-    n = math.prod(shape)
-    mags = (torch.randperm(n, generator=gen) + 1).to(torch.float32) * GRID
-    signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float32) * 2 - 1
-    return (mags * signs).reshape(shape)
 
 
 def tie_free_16(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -295,54 +291,16 @@ def test_dare_is_deterministic_and_seeded(data: Data) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- mergekit
-LLAMA = {"hidden": 64, "layers": 2, "intermediate": 128, "vocab": 256, "heads": 4}
 MK_WEIGHTS = [0.6, 0.3, 0.9]
 MK_DENSITIES = [0.25, 0.5, 0.75]  # d·n integral for every tensor (n ∈ {64, 4096, 8192, 16384})
 TA_LAMBDA = 0.7
 GAMMA = 1 / 64  # γ·n integral too: mergekit drops int(γ·n) outliers, capmerge ⌊γ·n + ½⌋
 
 
-def llama_tensors() -> dict[str, tuple[int, ...]]:
-    h, i, v = LLAMA["hidden"], LLAMA["intermediate"], LLAMA["vocab"]
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for n in range(LLAMA["layers"]):
-        p = f"model.layers.{n}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes.update({f"{p}self_attn.{x}_proj.weight": (h, h) for x in "qkvo"})
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes.update({p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h)})
-        shapes[p + "mlp.down_proj.weight"] = (h, i)
-    return {**shapes, "model.norm.weight": (h,), "lm_head.weight": (v, h)}
-
-
-def llama_config() -> dict[str, object]:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": LLAMA["hidden"],
-        "intermediate_size": LLAMA["intermediate"], "num_attention_heads": LLAMA["heads"],
-        "num_key_value_heads": LLAMA["heads"], "num_hidden_layers": LLAMA["layers"], "vocab_size": LLAMA["vocab"],
-        "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-    }  # fmt: skip
-
-
-def save_hf(directory: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    save_single(directory / "model.safetensors", tensors)
-    (directory / "config.json").write_text(json.dumps(llama_config(), indent=2))
-    return directory
-
-
-def mergekit_config(method: str, base: Path, models: list[Path], params: list[dict[str, float]], extra: str) -> str:
-    lines = [f"merge_method: {method}", f"base_model: {json.dumps(str(base))}", "models:"]
-    for m, p in zip(models, params, strict=True):
-        lines += [f"  - model: {json.dumps(str(m))}", f"    parameters: {json.dumps(p)}"]
-    return "\n".join([*lines, f"parameters: {extra}", "dtype: float32", ""])
-
-
 @pytest.fixture(scope="module")
 def mergekit_runs(tmp_path_factory: pytest.TempPathFactory):
-    """P and A1..A3 (tiny float32 Llama, A_i = P + τ_i exactly); mergekit ties and task_arithmetic run concurrently."""
-    if not MERGEKIT_YAML.exists():
-        pytest.skip(f"mergekit not installed ({MERGEKIT_YAML.relative_to(REPO)} missing): run `make mergekit-venv`")
+    """P and A1..A3 (tiny float32 Llama, A_i = P + τ_i exactly); mergekit ties and task_arithmetic (one process)."""
+    require_mergekit()
     tmp = tmp_path_factory.mktemp("mergekit")
     gen = torch.Generator().manual_seed(99)
     shapes = llama_tensors()
@@ -355,25 +313,18 @@ def mergekit_runs(tmp_path_factory: pytest.TempPathFactory):
     adirs = [save_hf(tmp / f"A{i + 1}", {n: p[n] + t[n] for n in shapes}) for i, t in enumerate(taus)]
     for a, t in zip(adirs, taus, strict=True):  # the construction really is exact
         assert all(torch.equal(load_any(a)[n] - p[n], t[n]) for n in shapes)
-    # mergekit 0.1.5 (make mergekit-venv) has these flags; probing `--help` first would cost ~5 s of imports
-    flags = ["--no-copy-tokenizer", "--no-write-model-card", "--quiet", "--no-cuda"]
     pruned = [{"weight": w, "density": d} for w, d in zip(MK_WEIGHTS, MK_DENSITIES, strict=True)]
     cases = {
-        "ties": mergekit_config("ties", pdir, adirs, pruned, "{normalize: true}"),
-        "breadcrumbs_ties": mergekit_config("breadcrumbs_ties", pdir, adirs, [{**x, "gamma": GAMMA} for x in pruned],
-                                            "{normalize: false}"),
-        "task_arithmetic": mergekit_config("task_arithmetic", pdir, adirs, [{"weight": w} for w in MK_WEIGHTS],
-                                           f"{{normalize: false, lambda: {TA_LAMBDA}}}"),
+        "ties": mergekit_config("ties", list(zip(adirs, pruned, strict=True)), base=pdir,
+                                parameters={"normalize": True}),
+        "breadcrumbs_ties": mergekit_config("breadcrumbs_ties", [(a, {**x, "gamma": GAMMA}) for a, x in
+                                            zip(adirs, pruned, strict=True)], base=pdir,
+                                            parameters={"normalize": False}),
+        "task_arithmetic": mergekit_config("task_arithmetic", [(a, {"weight": w}) for a, w in
+                                           zip(adirs, MK_WEIGHTS, strict=True)], base=pdir,
+                                           parameters={"normalize": False, "lambda": TA_LAMBDA}),
     }  # fmt: skip
-    env = {**os.environ, **OFFLINE_ENV}
-    procs = {}
-    for name, text in cases.items():
-        (tmp / f"{name}.yml").write_text(text)
-        cmd = [str(MERGEKIT_YAML), str(tmp / f"{name}.yml"), str(tmp / f"mk-{name}"), *flags]
-        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"mergekit {name} failed:\n{out[-3000:]}\n{cases[name]}"
+    wait_mergekit(start_mergekit(cases, tmp))
     return {"tmp": tmp, "P": pdir, "A": adirs, "p": p, "taus": taus}
 
 

@@ -12,6 +12,11 @@
 | magnitude | magnitude | none | no | – |
 
 Any individual option given explicitly overrides the method's.
+
+The model-centric methods (mergekit's merge methods: whole models in, one function per tensor) are
+:mod:`~capmerge.merge.methods.models` and one module per family (``gta``, ``slerp``, ``karcher``, ``model_stock``,
+``sce``, ``nearswap``, ``arcee_fusion``, ``passthrough``), collected by
+:func:`~capmerge.merge.methods.registry.get_model_method`.
 """
 
 from capmerge.merge.methods.base import PRUNES, SIGNS, MergeOptions, Method, keep_count, tensor_key

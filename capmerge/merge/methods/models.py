@@ -4,16 +4,20 @@ A :class:`ModelMethod` merges the same tensor of N models (optionally relative t
 Its ``fn`` receives a :class:`TensorInputs` (float32 tensors of one shape, the per-model and global parameters
 already resolved for this tensor: filters and layer gradients applied, defaults filled in) and returns the merged
 float32 tensor. The streaming runner (``capmerge merge``, mergekit configurations through ``capmerge run``) and
-``apply_to_state_dict`` call the same ``fn``: one implementation per method.
+:func:`capmerge.merge_state_dicts` call the same ``fn``: one implementation per method.
 
-Family modules list theirs in ``MODEL_METHODS``; :mod:`~capmerge.merge.methods.registry` collects them by name.
-The registry is imported by the CLI to list the methods, so a family module imports torch only inside its functions
-(``capmerge --help`` starts without torch; tests/test_packaging.py checks it).
+``models`` are mergekit's non-base inputs, in the configuration's order (the base model is never among them, even when
+a configuration also lists it under ``models``); ``model_params[i]`` belongs to ``models[i]``, and the index ``i`` keys
+the random masks of the random methods (:func:`~capmerge.merge.methods.base.tensor_key`).
+
+Family modules (one per method family: ``gta``, ``slerp``, ``karcher``, ``model_stock``, ``sce``, ``nearswap``,
+``arcee_fusion``, ``passthrough``) list theirs in ``MODEL_METHODS``; :mod:`~capmerge.merge.methods.registry` collects
+them by name. This module imports no torch (the registry and the CLI's start-up read it); the families do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -39,7 +43,8 @@ class ModelMethod:
 
     ``base``: "required", "optional" or "unused". ``model_params`` / ``params``: the per-model and global parameters it
     reads, with their defaults (``None``: required). ``random``: its output depends on ``seed`` (masks keyed by
-    :func:`~capmerge.merge.methods.base.tensor_key`).
+    :func:`~capmerge.merge.methods.base.tensor_key`). ``n_models``: the least and most number of (non-base) models it
+    takes (``None``: no upper bound), as mergekit checks them.
     """
 
     name: str
@@ -49,6 +54,34 @@ class ModelMethod:
     params: Mapping[str, object] = field(default_factory=dict)
     random: bool = False
     summary: str = ""
+    n_models: tuple[int, int | None] = (1, None)
+
+    def resolve(
+        self, params: Mapping[str, object] | None, model_params: Sequence[Mapping[str, object] | None]
+    ) -> tuple[dict[str, object], list[dict[str, object]]]:
+        """The global and per-model parameters with the defaults filled in; an unknown or missing parameter, or a
+        number of models the method does not take, is a :class:`~capmerge.errors.UsageError`."""
+        from capmerge.errors import UsageError
+
+        lo, hi = self.n_models
+        if len(model_params) < lo or (hi is not None and len(model_params) > hi):
+            want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+            noun = "model" if lo == hi == 1 else "models"
+            raise UsageError(f"merge method {self.name} takes {want} {noun} besides the base, got {len(model_params)}")
+
+        def fill(given: Mapping[str, object] | None, spec: Mapping[str, object], what: str) -> dict[str, object]:
+            given = dict(given or {})
+            unknown = sorted(set(given) - set(spec))
+            if unknown:
+                known = ", ".join(spec) or "none"
+                raise UsageError(f"merge method {self.name}: unknown {what} {', '.join(unknown)} (known: {known})")
+            missing = [k for k, v in spec.items() if v is None and given.get(k) is None]
+            if missing:
+                raise UsageError(f"merge method {self.name}: {what} {', '.join(missing)} is required")
+            return {k: given[k] if given.get(k) is not None else v for k, v in spec.items()}
+
+        per_model = [fill(mp, self.model_params, "model parameter") for mp in model_params]
+        return fill(params, self.params, "parameter"), per_model
 
 
 def _linear(x: TensorInputs) -> torch.Tensor:

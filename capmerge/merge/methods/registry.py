@@ -7,12 +7,16 @@ module listed in ``_FAMILIES``), and its block kernel mode if it needs a new one
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from capmerge.errors import UsageError
-from capmerge.merge.methods import breadcrumbs, dare, linear, models, ties
+from capmerge.merge.methods import breadcrumbs, dare, linear, ties
 from capmerge.merge.methods.base import PRUNES, SIGNS, MergeOptions, Method
-from capmerge.merge.methods.models import ModelMethod
+
+if TYPE_CHECKING:
+    from capmerge.merge.methods.models import ModelMethod
 
 _FAMILIES = (linear, ties, dare, breadcrumbs)
 
@@ -20,17 +24,39 @@ METHODS: dict[str, Method] = {m.name: m for family in _FAMILIES for m in family.
 PRESETS: dict[str, dict[str, object]] = {name: m.preset() for name, m in METHODS.items()}
 """name → the options the method sets (kept for callers that read presets as mappings)."""
 
-_MODEL_FAMILIES = (models,)
-MODEL_METHODS: dict[str, ModelMethod] = {m.name: m for family in _MODEL_FAMILIES for m in family.MODEL_METHODS}
-"""Model-centric methods (mergekit's merge methods) by name: ``capmerge merge`` and mergekit configurations."""
+
+@functools.cache
+def _model_methods() -> dict[str, ModelMethod]:
+    """Every model-centric family's ``MODEL_METHODS``, imported on first use: the families import torch, which
+    ``capmerge --help`` and this registry's other readers must not pay for."""
+    from capmerge.merge.methods import arcee_fusion, gta, karcher, model_stock, models, nearswap, passthrough, sce
+    from capmerge.merge.methods import slerp as slerp_family
+
+    families = (models, gta, slerp_family, karcher, model_stock, sce, nearswap, arcee_fusion, passthrough)
+    found: dict[str, ModelMethod] = {}
+    for family in families:
+        for m in family.MODEL_METHODS:
+            if m.name in found:
+                raise RuntimeError(f"model method {m.name!r} is defined twice")
+            found[m.name] = m
+    return found
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MODEL_METHODS":  # lazily: see _MODEL_FAMILIES
+        return _model_methods()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_model_method(name: str) -> ModelMethod:
-    """The model-centric method called ``name``; an unknown name is a :class:`~capmerge.errors.UsageError`."""
+    """The model-centric method called ``name`` (mergekit's merge methods, by mergekit's names); an unknown name is a
+    :class:`~capmerge.errors.UsageError`. ``MODEL_METHODS`` (this module's attribute) maps every name to its method.
+    """
+    methods = _model_methods()
     try:
-        return MODEL_METHODS[name]
+        return methods[name]
     except KeyError:
-        raise UsageError(f"unknown merge method {name!r} (choose from {', '.join(MODEL_METHODS)})") from None
+        raise UsageError(f"unknown merge method {name!r} (choose from {', '.join(methods)})") from None
 
 
 def get(name: str) -> Method:

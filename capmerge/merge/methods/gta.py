@@ -1,0 +1,125 @@
+"""Generalized task arithmetic, model-centric (mergekit's ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``,
+``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``): one function, the methods differ only in how each
+task vector is pruned and whether signs are elected.
+
+For one tensor, base θ and models θ_1..θ_K with weights w_i::
+
+    τ_i = θ_i − θ                                       (float32)
+    τ̃_i = prune(τ_i)                                    (magnitude / random / breadcrumbs / DELLA; then, with
+                                                          ``rescale``, scaled to ‖τ_i‖₁ — capmerge.functional)
+    s   = sign of Σ w_i·τ̃_i  (+ on a tie)               (TIES variants only)
+    m_i = [sign(w_i·τ̃_i) = s]                           (all ones without election)
+    δ   = Σ w_i·m_i·τ̃_i, divided elementwise by Σ w_i·m_i with ``normalize`` (a zero divisor — or, without election,
+          |Σ w_i| < 1e-8 — divides by 1)
+    out = θ + λ·δ
+
+Pruning counts are mergekit's: the magnitude methods keep k = max(1, int(d·n)) entries (breadcrumbs int(d·n) after
+dropping the int(γ·n) largest, fewer outliers when d + γ > 1); entries tied with the threshold are all kept (mergekit
+keeps an arbitrary k of them). The random methods draw counter-based Philox masks keyed by (seed, tensor name, model
+index): the same seed gives the same output on every device, never torch's global generator. ``int8_mask`` is
+accepted and ignored: in mergekit it only stores the agreement mask as int8 to save memory, which cannot change a
+float32 result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from capmerge import functional as F
+from capmerge.merge.methods.models import ModelMethod, TensorInputs
+
+Prune = Callable[[torch.Tensor, Mapping[str, object], int, TensorInputs], torch.Tensor]
+
+
+def _magnitude(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:
+    d = float(p["density"])  # type: ignore[arg-type]
+    n = tau.numel()
+    if d <= 0 or n == 0:
+        return torch.zeros_like(tau)
+    return F.magnitude_prune(tau, threshold=F.kth_largest_abs(tau, max(1, int(d * n))))
+
+
+def _random(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:
+    d = float(p["density"])  # type: ignore[arg-type]
+    return F.random_prune(tau, max(d, 0.0), key=F.tensor_key(x.seed, x.name, i), rescale=False)
+
+
+def _breadcrumbs(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:
+    d, gamma = float(p["density"]), float(p["gamma"])  # type: ignore[arg-type]
+    n = tau.numel()
+    keep, top = int(d * n), int(gamma * n)
+    if keep <= 0:
+        return torch.zeros_like(tau)
+    top = max(0, min(top, n - keep))  # the outlier cut shrinks so that `keep` entries remain
+    hi = F.kth_largest_abs(tau, top) if top > 0 else float("inf")
+    return F.breadcrumbs_prune(tau, d, thresholds=(F.kth_largest_abs(tau, top + keep), hi))
+
+
+def _della(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:
+    d, eps = float(p["density"]), float(p["epsilon"])  # type: ignore[arg-type]
+    try:
+        return F.della_prune(tau, d, eps, key=F.tensor_key(x.seed, x.name, i), rescale=False)
+    except ValueError as e:
+        raise ValueError(f"tensor {x.name}, model {i + 1}: {e}") from None
+
+
+def _pruned(prune: Prune, x: TensorInputs, base: torch.Tensor) -> list[torch.Tensor]:
+    out = []
+    for i, (model, p) in enumerate(zip(x.models, x.model_params, strict=True)):
+        tau = model.float() - base
+        if float(p["density"]) < 1.0:  # type: ignore[arg-type]  # density ≥ 1: τ as it is (no rescale)
+            kept = prune(tau, p, i, x)
+            tau = F.rescale_l1(tau, kept) if x.params.get("rescale") else kept
+        out.append(tau)
+    return out
+
+
+def generalized_task_arithmetic(x: TensorInputs, *, prune: Prune | None, elect: bool) -> torch.Tensor:
+    """θ + λ·δ for one tensor (see the module's docstring); ``prune`` None: no pruning, ``elect``: TIES election."""
+    if x.base is None:
+        raise ValueError(f"tensor {x.name}: this method needs a base model")
+    base = x.base.float()
+    if not x.models:
+        return base.clone()
+    weights = [float(p["weight"]) for p in x.model_params]  # type: ignore[arg-type]
+    taus = _pruned(prune, x, base) if prune is not None else [m.float() - base for m in x.models]
+    sign = F.elect_sign(taus, weights, "total") if elect else None
+    delta, den = F.disjoint_merge(taus, weights, sign, weighted_agreement=True)
+    if x.params.get("normalize"):
+        zero = den == 0 if elect else den.abs() < 1e-8
+        delta = delta / torch.where(zero, torch.ones_like(den), den)
+    lam = float(x.params.get("lambda", 1.0))  # type: ignore[arg-type]
+    if lam != 1.0:
+        delta = delta * lam
+    return base + delta
+
+
+def _method(name: str, prune: Prune | None, elect: bool, normalize: bool, rescale: bool, summary: str,
+            **extra: float) -> ModelMethod:  # fmt: skip
+    def fn(x: TensorInputs) -> torch.Tensor:
+        return generalized_task_arithmetic(x, prune=prune, elect=elect)
+
+    fn.__name__ = fn.__qualname__ = f"_{name}"
+    return ModelMethod(
+        name, fn, base="required", model_params={"weight": None, "density": 1.0, **extra},
+        params={"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False},
+        random=prune in (_random, _della), summary=summary, n_models=(0, None),
+    )  # fmt: skip
+
+
+MODEL_METHODS = (
+    _method("task_arithmetic", None, False, False, False, "θ + λ·Σ w_i·τ_i"),
+    _method("ties", _magnitude, True, True, False, "magnitude pruning, sign election, mean of the agreeing entries"),
+    _method("dare_linear", _random, False, False, True, "random drop to a density, L1 rescale, weighted sum"),
+    _method("dare_ties", _random, True, False, True, "random drop to a density, L1 rescale, TIES sign election"),
+    _method("breadcrumbs", _breadcrumbs, False, False, False, "drop the largest γ and the smallest, weighted sum",
+            gamma=0.01),
+    _method("breadcrumbs_ties", _breadcrumbs, True, False, False, "breadcrumbs pruning, TIES sign election",
+            gamma=0.01),
+    _method("della", _della, True, True, True, "magnitude-ranked random drop (DELLA), sign election, mean",
+            epsilon=0.15),
+    _method("della_linear", _della, False, False, True, "magnitude-ranked random drop (DELLA), weighted sum",
+            epsilon=0.15),
+)  # fmt: skip

@@ -1,0 +1,25 @@
+"""Passthrough, model-centric (mergekit's ``passthrough``): one model's tensor as it is, times its optional ``scale``.
+
+Layer slicing and stacking (mergekit's ``slices``) are the runner's job; per tensor the method only copies. The
+default scale 1.0 stands for mergekit's "no scale": x·1.0 = x exactly in floating point.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from capmerge.merge.methods.models import ModelMethod, TensorInputs
+
+
+def _passthrough(x: TensorInputs) -> torch.Tensor:
+    if len(x.models) != 1:
+        raise ValueError(f"tensor {x.name}: passthrough takes exactly one model, got {len(x.models)}")
+    scale = x.model_params[0].get("scale") if x.model_params else None
+    out = x.models[0].float()
+    return out.clone() if scale is None or float(scale) == 1.0 else out * float(scale)  # type: ignore[arg-type]
+
+
+MODEL_METHODS = (
+    ModelMethod("passthrough", _passthrough, base="unused", model_params={"scale": 1.0}, n_models=(1, 1),
+                summary="one model's tensor as it is (times its scale)"),
+)  # fmt: skip

@@ -1,0 +1,54 @@
+"""SCE, model-centric (mergekit's ``sce``; Wan et al., 2024): Select (the entries where the task vectors disagree
+most), Calculate (per-model weights from their energy), Erase (the entries against the elected sign).
+
+τ_i = θ_i − θ₀. With ``select_topk`` = s < 1: the variance over models of each entry, v = Var_i(τ_i) (population);
+keep the k = int(s·#{v ≠ 0}) entries of largest v in every τ_i (ties with the k-th kept), zero the rest (s ≤ 0 keeps
+nothing). Weights c_i = mean(τ_i²) / Σ_j mean(τ_j²) (1/K each when that sum is below 1e-6). Signs are elected on Σ τ_i
+(+ on a tie) and m_i = [sign(τ_i) = elected]; out = θ₀ + Σ c_i·m_i·τ_i / max(Σ c_i·m_i, 1e-6). ``int8_mask`` is
+accepted and ignored (a memory saving in mergekit that cannot change a float32 result).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from capmerge import functional as F
+from capmerge.merge.methods.models import ModelMethod, TensorInputs
+
+
+def select_mask(taus: list[torch.Tensor], select_topk: float) -> torch.Tensor:
+    """1.0 at the int(s·#nonzero) entries of largest variance across the task vectors (ties kept), else 0.0."""
+    if select_topk <= 0:
+        return torch.zeros_like(taus[0])
+    if select_topk >= 1:
+        return torch.ones_like(taus[0])
+    var = torch.var(torch.stack(taus), dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(var)) * select_topk)
+    if k == 0:
+        return torch.zeros_like(var)
+    return (var >= F.kth_largest_abs(var, k)).to(torch.float32)
+
+
+def _sce(x: TensorInputs) -> torch.Tensor:
+    if x.base is None:
+        raise ValueError(f"tensor {x.name}: sce needs a base model")
+    base = x.base.float()
+    if not x.models:
+        return base.clone()
+    taus = [m.float() - base for m in x.models]
+    topk = float(x.params.get("select_topk", 1.0))  # type: ignore[arg-type]
+    if topk < 1:
+        mask = select_mask(taus, topk)
+        taus = [t * mask for t in taus]
+    energy = torch.stack([t.square().reshape(-1).mean() for t in taus])
+    total = float(energy.sum())
+    c = torch.full_like(energy, 1.0 / len(taus)) if abs(total) < 1e-6 else energy / total
+    weights = [float(ci) for ci in c]
+    delta, den = F.disjoint_merge(taus, weights, F.elect_sign(taus, [1.0] * len(taus), "total"))
+    return base + delta / den.clamp(min=1e-6)
+
+
+MODEL_METHODS = (
+    ModelMethod("sce", _sce, base="required", params={"select_topk": 1.0, "int8_mask": False}, n_models=(0, None),
+                summary="variance-based selection, energy weights, sign election (SCE)"),
+)  # fmt: skip

@@ -1,0 +1,194 @@
+"""The model-centric methods (mergekit's merge methods, capmerge/merge/methods/) against mergekit 0.1.5 itself.
+
+Every configuration below runs through mergekit-yaml (all of them in one mergekit process, started first) on tiny
+float32 Llama checkpoints, and through capmerge's per-tensor ``fn`` on the same tensors with the same parameters —
+capmerge's defaults filled in by ``ModelMethod.resolve``, mergekit's by mergekit, so leaving a parameter out compares
+the defaults too. Outputs agree within float32 rounding (the tolerance is per method, relative to the tensor's
+largest magnitude).
+
+Data: P on a 2⁻¹² grid, A_i = P + τ_i with τ_i tie-free on a 2⁻¹⁶ grid (|τ| ≤ ¼: the angles between the models are
+tens of degrees, and A_i − P is exact), B_i = A_i + σ (a shared direction, so the task vectors correlate), C = 3·P
+(colinear with P: slerp's linear fallback). The random methods (DARE, DELLA) cannot share mergekit's torch.bernoulli
+draws: they are compared at density 1 here (the combination step, with mergekit's defaults) and statistically in
+tests/test_model_methods_random.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import load_any
+from mergekit_ref import (
+    llama_tensors,
+    mergekit_config,
+    require_mergekit,
+    save_hf,
+    start_mergekit,
+    tie_free,
+    wait_mergekit,
+)
+
+from capmerge.merge.methods.models import TensorInputs
+from capmerge.merge.methods.registry import MODEL_METHODS, get_model_method
+
+W = [0.6, 0.3, 0.9]
+D = [0.3, 0.5, 0.9]  # d·n not integral: capmerge counts int(d·n) as mergekit does
+
+
+def _w(models: list[str], weights: list[float] = W, **extra: object) -> list[tuple[str, dict[str, object]]]:
+    return [(m, {"weight": w, **extra}) for m, w in zip(models, weights, strict=True)]
+
+
+def _wd(models: list[str], weights: list[float] = W, **extra: object) -> list[tuple[str, dict[str, object]]]:
+    return [(m, {"weight": w, "density": d, **extra}) for m, w, d in zip(models, weights, D, strict=True)]
+
+
+A, B = ["A1", "A2", "A3"], ["B1", "B2", "B3"]
+NEG = [0.6, -0.3, 0.9]
+# name → (method, [(model, per-model parameters)], base or None, global parameters, tolerance relative to max |ref|)
+CASES: dict[str, tuple[str, list[tuple[str, dict[str, object] | None]], str | None, dict[str, object], float]] = {
+    "linear": ("linear", _w(A), None, {}, 5e-7),  # mergekit accumulates with addcmul (fused)
+    "linear_raw": ("linear", _w(A, NEG), None, {"normalize": False}, 5e-7),
+    "task_arithmetic": ("task_arithmetic", _w(A), "P", {"lambda": 0.7}, 2e-7),
+    "task_arithmetic_norm": ("task_arithmetic", _w(A, NEG), "P", {"normalize": True}, 2e-7),
+    "ties": ("ties", _wd(A), "P", {}, 2e-7),
+    "ties_neg_rescale": ("ties", _wd(A, NEG), "P", {"rescale": True, "lambda": 0.8, "int8_mask": True}, 2e-7),
+    "breadcrumbs": ("breadcrumbs", _wd(A), "P", {}, 2e-7),
+    "breadcrumbs_ties": ("breadcrumbs_ties", _wd(A, gamma=0.15), "P", {"normalize": True}, 2e-7),
+    "dare_linear_d1": ("dare_linear", _w(A), "P", {}, 2e-7),
+    "dare_ties_d1": ("dare_ties", _w(A, NEG), "P", {}, 2e-7),
+    "della_d1": ("della", _w(A), "P", {}, 2e-7),
+    "della_linear_d1": ("della_linear", _w(A), "P", {"lambda": 1.5}, 2e-7),
+    "slerp": ("slerp", [("A1", None)], "P", {"t": 0.3}, 1e-6),
+    "slerp_colinear": ("slerp", [("C", None)], "P", {"t": 0.3}, 1e-6),
+    "nuslerp": ("nuslerp", _w(A[:2], [0.4, 0.6]), "P", {}, 1e-6),
+    "nuslerp_rows": ("nuslerp", _w(A[:2], [0.4, 0.6]), None, {"nuslerp_flatten": False}, 1e-6),
+    "nuslerp_cols": (
+        "nuslerp",
+        _w(["A1", "C"], [1.0, 2.0]),
+        None,
+        {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        1e-6,
+    ),  # fmt: skip
+    "multislerp": ("multislerp", _w(B), "P", {}, 1e-6),
+    "multislerp_nobase": ("multislerp", _w(A), None, {"normalize_weights": False}, 1e-6),
+    "karcher": ("karcher", [(m, None) for m in B], None, {}, 1e-6),
+    "karcher_short": ("karcher", [(m, None) for m in A], None, {"max_iter": 2, "tol": 1e-7}, 1e-6),
+    "model_stock": ("model_stock", [(m, None) for m in B], "P", {}, 1e-6),
+    "model_stock_filter": ("model_stock", [(m, None) for m in B], "P", {"filter_wise": True}, 1e-6),
+    "sce": ("sce", [(m, None) for m in B], "P", {"select_topk": 0.3}, 1e-6),
+    "sce_all": ("sce", [(m, None) for m in A], "P", {}, 1e-6),
+    "nearswap": ("nearswap", [("A1", None)], "P", {"t": 0.05}, 2e-7),
+    "arcee_fusion": ("arcee_fusion", [("B1", None)], "P", {}, 2e-7),
+    "passthrough": ("passthrough", [("A1", {"scale": 0.5})], None, {}, 0.0),
+}
+
+
+def test_every_model_method_has_a_mergekit_case() -> None:
+    covered = {c[0] for c in CASES.values()}
+    assert covered == set(MODEL_METHODS), set(MODEL_METHODS) ^ covered
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    require_mergekit()
+    tmp = tmp_path_factory.mktemp("mk-methods")
+    gen = torch.Generator().manual_seed(2024)
+    shapes = llama_tensors()
+    p = {n: torch.randint(-2048, 2049, s, generator=gen).float() / 4096 + (1.0 if len(s) == 1 else 0.0)
+         for n, s in shapes.items()}  # fmt: skip
+    shared = {n: tie_free(s, gen) * 8 for n, s in shapes.items()}
+    models: dict[str, dict[str, torch.Tensor]] = {"P": p, "C": {n: 3 * t for n, t in p.items()}}
+    for i in range(3):
+        tau = {n: tie_free(s, gen) * 16 for n, s in shapes.items()}
+        models[f"A{i + 1}"] = {n: p[n] + tau[n] for n in shapes}
+        models[f"B{i + 1}"] = {n: p[n] + tau[n] + shared[n] for n in shapes}
+    dirs = {k: save_hf(tmp / k, v) for k, v in models.items()}
+    configs = {name: mergekit_config(method, [(dirs[m], mp) for m, mp in ms], base=dirs[b] if b else None,
+                                     parameters=params or None)
+               for name, (method, ms, b, params, _) in CASES.items()}  # fmt: skip
+    proc = start_mergekit(configs, tmp)
+    try:
+        ours = {name: capmerge_merge(models, *case[:4]) for name, case in CASES.items()}
+    finally:
+        wait_mergekit(proc)
+    return {"tmp": tmp, "models": models, "ours": ours}
+
+
+def capmerge_merge(models: dict[str, dict[str, torch.Tensor]], method: str, ms: list, base: str | None,
+                   params: dict[str, object]) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The method's fn applied tensor by tensor (defaults filled in by ModelMethod.resolve)."""
+    m = get_model_method(method)
+    gparams, mparams = m.resolve(params, [mp for _, mp in ms])
+    out = {}
+    for n in models["P"]:
+        x = TensorInputs(n, [models[k][n] for k, _ in ms], mparams, gparams, models[base][n] if base else None, 0)
+        out[n] = m.fn(x)
+    return out
+
+
+def compare(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], tol: float, what: str) -> float:
+    """The largest |got − ref| / max |ref| over the tensors; fails (saying where) above ``tol``."""
+    assert sorted(got) == sorted(ref), f"{what}: names differ"
+    worst = 0.0
+    for n, r in ref.items():
+        g = got[n]
+        assert g.shape == r.shape and r.dtype == torch.float32, f"{what} {n}: {g.shape} vs {r.shape}/{r.dtype}"
+        scale = max(float(r.abs().max()), 1e-30)
+        d = (g.double() - r.double()).abs().reshape(-1)
+        rel = float(d.max()) / scale
+        worst = max(worst, rel)
+        if not rel <= tol:
+            i = int(d.argmax())
+            raise AssertionError(
+                f"{what} {n}: {int((d > tol * scale).sum())} of {d.numel()} elements off by more than {tol:g}·max|ref| "
+                f"({scale:.4g}); worst at flat index {i}: capmerge {g.reshape(-1)[i].item()!r}, mergekit "
+                f"{r.reshape(-1)[i].item()!r}"
+            )
+    return worst
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_mergekit(runs, case: str) -> None:
+    tol = CASES[case][4]
+    mk = load_any(runs["tmp"] / f"mk-{case}")
+    worst = compare(runs["ours"][case], mk, tol, case)
+    print(f"{case}: max |capmerge − mergekit| / max |mergekit| = {worst:.3g}")
+    # the merge did something: the output is not simply one of the inputs (passthrough's is half of one)
+    models = runs["models"]
+    for k in models:
+        assert not all(torch.equal(mk[n], t) for n, t in models[k].items()), f"{case}: the output is {k}"
+
+
+def test_slerp_colinear_case_is_linear(runs) -> None:
+    # the data really exercise the fallback: C = 3·P is colinear with P, and slerp then gives (1 − t)·P + t·3P
+    got = runs["ours"]["slerp_colinear"]
+    for n, p in runs["models"]["P"].items():
+        torch.testing.assert_close(got[n], p * 1.6, rtol=2e-7, atol=0)
+
+
+def test_nonintegral_density_counts_as_mergekit_does(runs) -> None:
+    # ties at d = 0.3 on a 64-entry norm: mergekit keeps int(0.3·64) = 19 entries (capmerge apply would keep 19 too,
+    # ⌊19.2 + ½⌋); at d = 0.9 on 64 entries: int(57.6) = 57 (capmerge apply: 58) — the model method follows mergekit
+    m = get_model_method("ties")
+    tau = runs["models"]["A3"]["model.norm.weight"] - runs["models"]["P"]["model.norm.weight"]
+    gp, mp = m.resolve({}, [{"weight": 1.0, "density": 0.9}])
+    out = m.fn(TensorInputs("model.norm.weight", [runs["models"]["A3"]["model.norm.weight"]], mp, gp,
+                            runs["models"]["P"]["model.norm.weight"]))  # fmt: skip
+    assert int((out != runs["models"]["P"]["model.norm.weight"]).sum()) == math.floor(0.9 * 64) == 57
+    assert int((tau != 0).sum()) == 64
+
+
+@pytest.mark.parametrize("case", ["ties_neg_rescale", "slerp", "model_stock"])
+def test_merge_state_dicts_is_the_per_tensor_fn_and_matches_mergekit(runs, case: str) -> None:
+    import capmerge
+
+    method, ms, base, params, tol = CASES[case]
+    models = runs["models"]
+    got = capmerge.merge_state_dicts([models[k] for k, _ in ms], base=models[base] if base else None, method=method,
+                                     parameters=params, model_parameters=[mp for _, mp in ms])  # fmt: skip
+    for n, t in runs["ours"][case].items():
+        assert torch.equal(got[n], t), f"{case} {n}: merge_state_dicts differs from the per-tensor fn"
+    compare(got, load_any(runs["tmp"] / f"mk-{case}"), tol, f"{case} (merge_state_dicts)")

@@ -15,6 +15,9 @@ from safetensors.torch import load_file, save_file
 # set before triton is first imported. With a GPU the same tests compile and run the kernels natively.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# MuJoCo picks its GL backend when first imported (by metaworld, in whichever Meta-World test runs first): offscreen
+# EGL, so the vision tests can render whatever the order (the default, GLFW, aborts the process without a display).
+os.environ.setdefault("MUJOCO_GL", "egl")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHAPES = [(), (1,), (7,), (4097,), (0,), (3, 5), (2, 3, 4)]

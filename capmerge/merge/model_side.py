@@ -214,6 +214,8 @@ def card(p: Any, name: str) -> str:
     if text:
         lines += ["## Configuration", "", "The following configuration was used to produce this model:", "",
                   "```yaml", text.rstrip("\n"), "```", ""]  # fmt: skip
+    elif p.spec.command:
+        lines += ["## Command", "", "```", p.spec.command, "```", ""]
     return "\n".join(lines)
 
 

@@ -68,6 +68,7 @@ class MergeSpec:
     tokenizer_source: str | None = None
     chat_template: str | None = None
     config_text: str | None = None  # the configuration as written (model card, mergekit_config.yml)
+    command: str | None = None  # the command line of ``capmerge merge`` (model card)
     where: Mapping[str, str] = field(default_factory=dict)  # key -> "file:line" of a configuration
 
 

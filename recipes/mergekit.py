@@ -15,6 +15,7 @@ references are paths, Hub ids (``org/name@revision``) and ``MODEL+LORA``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,9 +53,13 @@ def is_config(path: str | os.PathLike[str]) -> bool:
     if not p.is_file() or p.suffix.lower() not in (".yml", ".yaml"):
         return False
     try:
-        doc = _yaml.load(p.read_text(encoding="utf-8"))
-    except Exception:  # noqa: BLE001 - not readable as YAML: the recipe loader reports it
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
         return False
+    try:
+        doc = _yaml.load(text)
+    except Exception:  # noqa: BLE001 - broken YAML: a configuration if it says so at the top level (load reports it)
+        return re.search(r"^merge_method\s*:", text, re.MULTILINE) is not None
     return isinstance(doc, dict) and "merge_method" in doc
 
 

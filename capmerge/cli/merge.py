@@ -13,9 +13,11 @@ from capmerge.cli.common import Force, Json, Progress, Quiet, report
 HELP = """Merge whole models into one, optionally relative to a base model (the model-centric methods of mergekit:
 linear, slerp, ties, dare, ...), tensor by tensor in float32. To add capability vectors to a base, use apply.
 
-Per-model parameters (--weights, --density, --param k=a,b) take one value for all models or one per model; global
-parameters (--t, --lambda, --epsilon, --param k=...) take one value or a gradient over the layers (0,0.5,1).
-The method's parameters and defaults: capmerge merge --method NAME --list-params.
+Per-model parameters (--weights, --density, --param k=a,b): one value, or one per model.
+
+Global parameters (--t, --lambda, --epsilon, --param k=...): one value, or a gradient over the layers (0,0.5,1).
+
+A method's parameters and defaults: capmerge merge --method NAME --list-params.
 
 Examples:
 

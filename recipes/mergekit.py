@@ -25,6 +25,7 @@ import yaml
 from capmerge.errors import UsageError
 from capmerge.merge.model_params import check_setting, kind_of
 from capmerge.recipes import yaml_lines as _yaml
+from capmerge.recipes.recipe import _plain_yaml
 
 if TYPE_CHECKING:  # the registry and the runner import torch: only when a configuration is loaded
     from capmerge.merge.methods.models import ModelMethod
@@ -126,7 +127,7 @@ class _Reader:
                                 f"({line}: {path}.{k})")  # fmt: skip
                 continue
             try:
-                out[k] = check_setting(_plain(v), kind_of(known[k]), k)
+                out[k] = check_setting(_plain_yaml(v), kind_of(known[k]), k)
             except ValueError as e:
                 raise self.fail(str(e), value, k, f"{path}.{k}") from None
         return out
@@ -139,14 +140,6 @@ class _Reader:
         if name not in DTYPE_NAMES:
             raise self.fail(f"unsupported {key} {v!r} (choose from float32, bfloat16, float16)", doc, key, key)
         return DTYPE_NAMES[name]
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, list):
-        return [_plain(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    return v
 
 
 def _method(r: _Reader, doc: dict) -> ModelMethod:

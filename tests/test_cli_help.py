@@ -42,7 +42,8 @@ def _help(path: tuple[str, ...], capsys: pytest.CaptureFixture[str], monkeypatch
 def test_the_tree_is_discovered() -> None:
     names = {" ".join(p) for p, _ in COMMANDS}
     # the CLI contract (CONVENTIONS.md) names these; the walk must reach a nested group's subcommands too
-    assert {"", "diff", "apply", "inspect", "push", "pull", "run", "compress", "recipes", "recipes copy"} <= names
+    contract = {"", "diff", "apply", "merge", "inspect", "push", "pull", "run", "compress", "recipes", "recipes copy"}
+    assert contract <= names
 
 
 @pytest.mark.parametrize("path", [p for p, _ in COMMANDS], ids=lambda p: " ".join(p) or "capmerge")

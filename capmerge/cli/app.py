@@ -23,6 +23,8 @@ Examples:
   capmerge diff sft/ aux/ -o capvector.safetensors          # τ = aux − sft
 
   capmerge apply pretrained/ capvector.safetensors -o meta/ --alpha 0.5   # θ = θ_pre + 0.5·τ
+
+  capmerge merge A/ B/ --method linear --weights 0.7,0.3 -o merged/       # models merged (mergekit's methods)
 """
 
 app = typer.Typer(

@@ -28,7 +28,7 @@ from capmerge.cli.common import (
 from capmerge.merge.methods.registry import METHODS
 
 HELP = """Merge capability vectors into a checkpoint: θ_out = θ_base + α·δ, δ = Σ w_i·m_i·prune(τ_i)
-(float32 math, rounded once to the output dtype).
+(float32 math, rounded once to the output dtype). To merge whole models (linear, slerp ...), use merge.
 
 Examples:
 

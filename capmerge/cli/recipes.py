@@ -11,13 +11,18 @@ from typing import Annotated, Any
 import typer
 
 from capmerge.cli.app import app, handle_errors
+from capmerge.cli.common import Force, Progress, report
+from capmerge.errors import UsageError
 
 RUN_HELP = """Run a YAML recipe: steps (diff, apply, inspect, compress, push) with named outputs, ${var} variables
-set with key=value, intermediate outputs cached in a work directory by content key.
+set with key=value, intermediate outputs cached in a work directory by content key. A mergekit configuration (a
+YAML file with a top-level merge_method) runs unchanged: capmerge run config.yml -o OUT (docs/mergekit.md).
 
 Examples:
 
   capmerge run capvector.yaml pretrained=P/ sft=S/ aux=A/ alpha=0.6
+
+  capmerge run mergekit-config.yml -o merged/     # a mergekit configuration (mergekit-yaml config.yml merged/)
 
   capmerge run my-recipe.yaml --plan          # validate and print the resolved steps; nothing runs
 
@@ -52,10 +57,22 @@ def run_cmd(
     rerun: Annotated[bool, typer.Option("--rerun", help="Ignore cached step outputs; run every step.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the run (or plan) as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    output: Annotated[
+        str | None,
+        typer.Option("--output", "-o", metavar="PATH", help="mergekit configurations: the output directory."),
+    ] = None,
+    force: Force = False,
 ) -> None:
+    from capmerge.recipes.mergekit import is_config
     from capmerge.recipes.recipe import parse_overrides, run_recipe
 
+    if is_config(recipe):
+        _run_mergekit(recipe, overrides or [], output, force=force, plan=plan, quiet=quiet, as_json=as_json)
+        return
     with handle_errors():
+        if output is not None or force:
+            raise UsageError(f"{'-o/--output' if output is not None else '--force'} is for mergekit configurations; "
+                             "a recipe names its outputs in its steps (e.g. out=DIR)")  # fmt: skip
         values = parse_overrides(overrides or [])
         result = run_recipe(recipe, workdir=workdir, plan=plan, rerun=rerun, progress=_progress(quiet), **values)
     if as_json:
@@ -74,6 +91,29 @@ def run_cmd(
         if plan and s.get("options"):
             for k, v in s["options"].items():
                 print(f"      {k}: {json.dumps(v)}", file=out)
+
+
+def _run_mergekit(config: str, rest: list[str], output: str | None, *, force: bool, plan: bool, quiet: bool,
+                  as_json: bool) -> None:  # fmt: skip
+    """``capmerge run CONFIG.yml -o OUT`` (or ``capmerge run CONFIG.yml OUT``, as ``mergekit-yaml`` takes it)."""
+    from capmerge.recipes.mergekit import load, run_config
+
+    with handle_errors():
+        if plan:
+            raise UsageError("--plan is for recipes; a mergekit configuration is checked before anything is read")
+        bad = [a for a in rest if "=" in a] or rest[1:] or ([rest[0]] if rest and output is not None else [])
+        if bad:
+            raise UsageError(f"unexpected argument {bad[0]!r} (a mergekit configuration takes -o OUT)")
+        out = output if output is not None else (rest[0] if rest else None)
+        if out is None:
+            load(config)  # a bad configuration is reported first
+            raise UsageError("missing option -o/--output (the output directory)")
+        progress = Progress(not quiet, "merge")
+        try:
+            summary = run_config(config, out, force=force, progress=progress)
+        finally:
+            progress.close()
+    report(summary, quiet=quiet, as_json=as_json)
 
 
 @recipes_app.command("list", help="List the shipped recipes.")

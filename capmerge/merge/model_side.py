@@ -1,0 +1,236 @@
+"""The files beside the weights of a merged model, laid out as mergekit lays them out.
+
+* ``config.json``: the base model's (else the first model's), with ``num_hidden_layers`` set to the output's layer
+  count when slices change the depth, and the dtype set when ``out_dtype`` is given;
+* the tokenizer files of ``tokenizer_source`` (``base``, or a model), by default the base's (else the first
+  model's), and ``generation_config.json``; ``chat_template`` as text (or ``auto``: the models' most common one);
+* ``README.md``: a model card that includes the configuration, ``mergekit_config.yml`` (the configuration as
+  written), and ``capmerge.json`` (what was merged, with fingerprints).
+
+:func:`check` runs before any tensor is read (a bad ``tokenizer_source`` or ``chat_template`` writes nothing).
+Everything here works on the :class:`~capmerge.merge.modelmerge.Planned` merge it is given (typed loosely: this
+module sits below it).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from capmerge.errors import UsageError
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+    "chat_template.json",
+)  # fmt: skip
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def _root(p: Any, ref: str) -> Path | None:
+    i = p.index.get(ref)
+    root = p.inputs[i].ck.root if i is not None else None
+    return Path(root) if root else None
+
+
+def _models(p: Any) -> list[str]:
+    spec = p.spec
+    return [s.model for s in spec.models] or [s.model for sl in spec.slices for s in sl.sources]
+
+
+def donor(p: Any) -> str:
+    """The model whose config (and, by default, tokenizer) the output takes: the base, else the first model."""
+    return p.spec.base if p.spec.base is not None else _models(p)[0]
+
+
+def _where(p: Any, key: str) -> str | None:
+    return p.spec.where.get(key)
+
+
+def tokenizer_root(p: Any) -> Path | None:
+    """The directory whose tokenizer files are copied (None: nothing to copy)."""
+    src = p.spec.tokenizer_source
+    if src is None:
+        return _root(p, donor(p))
+    if src == "union":
+        raise UsageError("tokenizer_source: union is not supported (capmerge copies one model's tokenizer and does "
+                         "not rebuild embeddings for a merged vocabulary): use base or a model",
+                         _where(p, "tokenizer_source"))  # fmt: skip
+    if src == "base":
+        if p.spec.base is None:
+            raise UsageError("tokenizer_source: base needs a base_model", _where(p, "tokenizer_source"))
+        return _root(p, p.spec.base)
+    if src in p.index:
+        return _root(p, src)
+    if os.path.isdir(src):
+        return Path(src)
+    raise UsageError(f"tokenizer_source {src!r} is neither base nor one of the models", _where(p, "tokenizer_source"))
+
+
+def _vocab(root: Path | None) -> Any:
+    """The vocabulary of a ``tokenizer.json`` (None when there is none to compare)."""
+    if root is None or not (root / "tokenizer.json").is_file():
+        return None
+    try:
+        doc = json.loads((root / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    model = doc.get("model") if isinstance(doc, dict) else None
+    added = sorted((t.get("id"), t.get("content")) for t in doc.get("added_tokens") or [] if isinstance(t, dict))
+    return (model.get("vocab") if isinstance(model, dict) else None, added)
+
+
+def check(p: Any) -> None:
+    """Refuse, before anything is read, what the side files cannot honour."""
+    root = tokenizer_root(p)
+    if p.spec.tokenizer_source is not None:
+        want = _vocab(root)
+        for ref in _models(p):
+            got = _vocab(_root(p, ref))
+            if want is not None and got is not None and got != want:
+                raise UsageError(f"tokenizer_source: the vocabulary of {ref} differs from the chosen tokenizer's; "
+                                 "capmerge does not permute embeddings between vocabularies",
+                                 _where(p, "tokenizer_source"))  # fmt: skip
+    tmpl = p.spec.chat_template
+    if tmpl is not None and tmpl != "auto" and "{" not in tmpl:
+        raise UsageError(f"chat_template {tmpl!r}: give the template text (Jinja) or auto; named templates are not "
+                         "supported", _where(p, "chat_template"))  # fmt: skip
+
+
+def _config(p: Any) -> dict[str, Any] | None:
+    root = _root(p, donor(p))
+    if root is None or not (root / "config.json").is_file():
+        return None
+    try:
+        cfg = json.loads((root / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read config.json: {e}", str(root / "config.json")) from None
+    if not isinstance(cfg, dict):
+        return None
+    if p.spec.slices:
+        target = cfg
+        if not any(k in cfg for k in LAYER_KEYS) and isinstance(cfg.get("text_config"), dict):
+            target = cfg["text_config"]
+        key = next((k for k in LAYER_KEYS if k in target), "num_hidden_layers")
+        target[key] = p.n_layers
+    if p.spec.out_dtype:
+        for k in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
+            cfg[k] = p.spec.out_dtype
+    return cfg
+
+
+def _template(p: Any) -> str | None:
+    tmpl = p.spec.chat_template
+    if tmpl != "auto":
+        return tmpl
+    found = []
+    for ref in _models(p):
+        root = _root(p, ref)
+        if root is None:
+            continue
+        if (root / "chat_template.jinja").is_file():
+            found.append((root / "chat_template.jinja").read_text(encoding="utf-8").strip())
+            continue
+        try:
+            cfg = json.loads((root / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        t = cfg.get("chat_template") if isinstance(cfg, dict) else None
+        if isinstance(t, str) and t.strip():
+            found.append(t.strip())
+    return collections.Counter(found).most_common(1)[0][0] if found else None
+
+
+def _copy(src: Path, out: Any, rel: str) -> None:
+    try:
+        shutil.copyfile(src, out.path_for(rel))
+    except OSError as e:
+        from capmerge.io.writer import WriteError
+
+        raise WriteError(f"cannot copy {src}: {e.strerror or e}", str(out.out / rel)) from e
+
+
+def write(p: Any, out: Any) -> list[str]:
+    """Write the side files into the output directory ``out`` (an :class:`~capmerge.io.writer.Output`)."""
+    written = []
+    cfg = _config(p)
+    if cfg is not None:
+        out.write_text("config.json", json.dumps(cfg, indent=2) + "\n")
+        written.append("config.json")
+    donor_root = _root(p, donor(p))
+    if donor_root is not None and (donor_root / "generation_config.json").is_file():
+        _copy(donor_root / "generation_config.json", out, "generation_config.json")
+        written.append("generation_config.json")
+    root = tokenizer_root(p)
+    for name in TOKENIZER_FILES if root is not None else ():
+        if (root / name).is_file():  # type: ignore[operator]
+            _copy(root / name, out, name)  # type: ignore[operator]
+            written.append(name)
+    tmpl = _template(p)
+    if tmpl:
+        out.write_text("chat_template.jinja", tmpl)
+        if "chat_template.jinja" not in written:
+            written.append("chat_template.jinja")
+        tc = out.path_for("tokenizer_config.json")
+        if tc.is_file():  # the template of the copied tokenizer config would hide the chosen one
+            doc = json.loads(tc.read_text(encoding="utf-8"))
+            if isinstance(doc, dict) and "chat_template" in doc:
+                doc["chat_template"] = tmpl
+                out.write_text("tokenizer_config.json", json.dumps(doc, indent=2) + "\n")
+    out.write_text("README.md", card(p, os.path.basename(out.out)))
+    written.append("README.md")
+    if p.spec.config_text is not None:
+        out.write_text("mergekit_config.yml", p.spec.config_text)
+        written.append("mergekit_config.yml")
+    out.write_text("capmerge.json", json.dumps(record(p), indent=2) + "\n")
+    written.append("capmerge.json")
+    return written
+
+
+def card(p: Any, name: str) -> str:
+    """A model card: front matter (the models, tags), how the model was merged, and the configuration."""
+    from capmerge.io.hub import parse_ref
+
+    models = list(dict.fromkeys(([p.spec.base] if p.spec.base else []) + _models(p)))
+    hub = []
+    for m in models:
+        try:
+            h = parse_ref(m.partition("+")[0])
+        except Exception:  # noqa: BLE001 - a card never fails a merge
+            h = None
+        if h is not None:
+            hub.append(h.repo_id)
+    lines = ["---"]
+    lines += ["base_model:", *(f"- {h}" for h in hub)] if hub else []
+    lines += ["library_name: transformers", "tags:", "- merge", "- capmerge", "---", f"# {name}", ""]
+    lines += [f"This model was merged with capmerge using the `{p.method.name}` method"
+              + (f", with {p.spec.base} as the base model." if p.spec.base else "."), ""]  # fmt: skip
+    lines += ["## Models merged", "", *(f"* {m}" for m in models if m != p.spec.base), ""]
+    text = p.spec.config_text
+    if text:
+        lines += ["## Configuration", "", "The following configuration was used to produce this model:", "",
+                  "```yaml", text.rstrip("\n"), "```", ""]  # fmt: skip
+    elif p.spec.command:
+        lines += ["## Command", "", "```", p.spec.command, "```", ""]
+    return "\n".join(lines)
+
+
+def record(p: Any) -> dict[str, Any]:
+    """What ``capmerge.json`` records: method, base, models with their fingerprints, layers, dtype, seed."""
+    from capmerge._version import __version__
+
+    return {
+        "capmerge_version": __version__,
+        "command": "merge",
+        "method": p.method.name,
+        "base": p.spec.base,
+        "models": [{"ref": m.ref, "fingerprint": m.ck.fingerprint()} for m in p.inputs],
+        "n_layers": p.n_layers,
+        "out_dtype": p.spec.out_dtype,
+        "seed": p.spec.seed,
+        "warnings": p.warnings,
+    }

@@ -1,0 +1,472 @@
+"""Model-centric merges (``capmerge merge``, mergekit configurations): N models, optionally a base, tensor by tensor.
+
+A :class:`MergeSpec` says which models are merged with which method and parameters — either whole models
+(``models``) or stacks of layer ranges (``slices``, mergekit's layer stacking). :func:`run_merge` opens the inputs
+(local files and directories, sharded or not, Hub references, ``MODEL+LORA`` = a LoRA adapter applied to MODEL
+first), plans one output tensor at a time with its parameters resolved (:mod:`capmerge.merge.model_params`), and
+streams the result through the one engine and the atomic writer: for each output tensor the same tensor of each
+model is read, the method's ``fn`` runs in float32, the result is rounded once to the output dtype and written.
+Memory holds one tensor per model at a time. Non-floating tensors are copied from the base (else the first model).
+Nothing is written when a model lacks a tensor, shapes differ or a parameter is missing: the plan is complete before
+the first byte is read.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from capmerge.errors import CapmergeError, MismatchError, NonFiniteError, UsageError
+from capmerge.io.checkpoint import DTYPES, Checkpoint, TensorInfo, parse_dtype
+from capmerge.io.writer import Output, finish_files, parse_size
+from capmerge.merge import model_side
+from capmerge.merge.engine import Job, Sink, run
+from capmerge.merge.masks import BLOCK_CONTAINERS, count_layers, layer_index
+from capmerge.merge.model_params import kind_of, layer_t, resolve
+from capmerge.merge.summary import Summary, start_progress
+
+if TYPE_CHECKING:
+    from capmerge.merge.methods.models import ModelMethod
+
+Settings = Mapping[str, Any]
+
+
+@dataclass
+class SourceSpec:
+    """One input of a merge: ``model`` (a reference; ``MODEL+LORA`` applies the adapter LORA first), its own
+    parameter settings, and in a slice the ``layer_range`` [start, end) it gives. ``where`` locates it in a
+    configuration file, for error messages."""
+
+    model: str
+    parameters: Settings | None = None
+    layer_range: tuple[int, int] | None = None
+    where: str | None = None
+
+
+@dataclass
+class SliceSpec:
+    """An output slice: sources of equal layer count merged layer by layer, and the slice's own parameters."""
+
+    sources: list[SourceSpec]
+    parameters: Settings | None = None
+
+
+@dataclass
+class MergeSpec:
+    """Everything a model merge takes (see :func:`run_merge`); ``models`` and ``slices`` are exclusive."""
+
+    method: str
+    models: list[SourceSpec] = field(default_factory=list)
+    slices: list[SliceSpec] = field(default_factory=list)
+    base: str | None = None
+    parameters: Settings = field(default_factory=dict)
+    out_dtype: str | None = None
+    seed: int = 0
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    config_text: str | None = None  # the configuration as written (model card, mergekit_config.yml)
+    command: str | None = None  # the command line of ``capmerge merge`` (model card)
+    where: Mapping[str, str] = field(default_factory=dict)  # key -> "file:line" of a configuration
+
+
+@dataclass
+class Entry:
+    """One model's tensor feeding an output tensor, with the settings that apply to it (most specific first)."""
+
+    input: int
+    name: str
+    scopes: tuple[Settings | None, ...]
+    source: SourceSpec
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor: its entries (the base's apart), ``t`` for gradients, and the shared settings."""
+
+    name: str
+    entries: list[Entry]
+    base: Entry | None
+    t: float
+    shared: tuple[Settings | None, ...]
+    model_params: list[dict[str, Any]] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelInput:
+    """An opened model: its checkpoint and, for ``MODEL+LORA``, the adapter whose ΔW is added when read."""
+
+    def __init__(self, ref: str, opts: Mapping[str, Any]) -> None:
+        from capmerge.io.open import open_checkpoint
+
+        self.ref = ref
+        model, plus, lora = ref.partition("+")
+        self.ck: Checkpoint = open_checkpoint(model, **opts)
+        self.lora: Checkpoint | None = None
+        if plus:
+            from capmerge.io.names import normalise
+
+            adapter = open_checkpoint(lora, **opts)
+            if getattr(adapter, "source", None) != "peft-lora":
+                raise UsageError(f"{lora} is not a LoRA adapter (MODEL+LORA applies an adapter to MODEL)", ref)
+            _, (adapter,), _, _ = normalise(self.ck, [adapter], labels=[model, lora])
+            if getattr(adapter, "full", None):
+                adapter = adapter.with_base(self.ck)  # type: ignore[attr-defined]
+            extra = [n for n in adapter.tensors if n not in self.ck.tensors]
+            if extra:
+                raise MismatchError(f"the adapter changes tensors the model lacks ({', '.join(extra[:5])})", ref)
+            self.lora = adapter
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        return [self.ck] if self.lora is None else [self.ck, self.lora]
+
+    def read(self, name: str) -> Any:
+        """Tensor ``name`` (float32 for floating tensors, with the adapter's ΔW added)."""
+        t = self.ck.read_tensor(name)
+        if not self.ck.tensors[name].is_float:
+            return t
+        t = t.float()
+        if self.lora is not None and name in self.lora.tensors:
+            t = t + self.lora.read_tensor(name).float()
+        return t
+
+    def close(self) -> None:
+        for ck in self.checkpoints:
+            ck.close()
+
+
+def rename_layer(name: str, index: int) -> str:
+    """``name`` with its block index (the component after ``layers``/``h``/``blocks``...) replaced by ``index``."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i] in BLOCK_CONTAINERS and parts[i + 1].isdigit():
+            parts[i + 1] = str(index)
+            return ".".join(parts)
+    return name
+
+
+def is_pre_layer(name: str) -> bool:
+    """Tensors outside the layers that come before them (embeddings); the others (final norm, head) come after."""
+    leaf = name.lower()
+    return any(k in leaf for k in ("embed", "wte", "wpe", "word_embeddings", "tok_embeddings"))
+
+
+@dataclass
+class Planned:
+    """A planned merge: the method, the opened inputs, one :class:`TensorPlan` per output tensor, the layer count."""
+
+    spec: MergeSpec
+    method: ModelMethod
+    inputs: list[ModelInput]
+    tensors: list[TensorPlan]
+    n_layers: int
+    index: dict[str, int] = field(default_factory=dict)  # reference -> position in ``inputs``
+    warnings: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        for m in self.inputs:
+            m.close()
+
+    def info(self, e: Entry) -> TensorInfo:
+        return self.inputs[e.input].ck.tensors[e.name]
+
+
+def _where(src: SourceSpec) -> str:
+    return f"{src.model}; {src.where}" if src.where else src.model
+
+
+def _open_inputs(spec: MergeSpec, opts: Mapping[str, Any]) -> tuple[list[ModelInput], dict[str, int]]:
+    refs: list[tuple[str, str | None]] = []
+    if spec.base is not None:
+        refs.append((spec.base, spec.where.get("base_model")))
+    for s in spec.models or [src for sl in spec.slices for src in sl.sources]:
+        refs.append((s.model, s.where))
+    inputs: list[ModelInput] = []
+    index: dict[str, int] = {}
+    try:
+        for ref, where in refs:
+            if ref in index:
+                continue
+            try:
+                inputs.append(ModelInput(ref, opts))
+            except CapmergeError as e:
+                if where:
+                    e.where = f"{e.where}; {where}" if e.where else where
+                raise
+            index[ref] = len(inputs) - 1
+    except BaseException:
+        for m in inputs:
+            m.close()
+        raise
+    return inputs, index
+
+
+def _slices(spec: MergeSpec, method: ModelMethod, warnings: list[str]) -> list[SliceSpec]:
+    """The slices form of any spec: the models form is one slice of whole models, with the base added."""
+    if spec.models and spec.slices:
+        raise UsageError("give either models or slices, not both")
+    if not spec.models and not spec.slices:
+        raise UsageError("no models to merge")
+    if spec.slices:
+        return spec.slices
+    sources = list(spec.models)
+    if spec.base is not None and all(s.model != spec.base for s in sources):
+        if method.base == "unused":
+            warnings.append(f"{method.name} does not use a base model: {spec.base} is not merged")
+        else:
+            sources.append(SourceSpec(spec.base, where=spec.where.get("base_model")))
+    return [SliceSpec(sources)]
+
+
+def _split_base(spec: MergeSpec, method: ModelMethod, entries: list[Entry]) -> tuple[list[Entry], Entry | None]:
+    if method.base == "unused" or spec.base is None:
+        return entries, None
+    base = next((e for e in entries if e.source.model == spec.base), None)
+    return [e for e in entries if e is not base], base
+
+
+def plan(spec: MergeSpec, *, open_opts: Mapping[str, Any] | None = None) -> Planned:
+    """Open the inputs and plan every output tensor (names, entries, parameters); reads headers only."""
+    from capmerge.merge.methods.registry import get_model_method
+
+    method = get_model_method(spec.method)
+    warnings: list[str] = []
+    slices = _slices(spec, method, warnings)
+    if method.base == "required" and spec.base is None:
+        raise UsageError(f"{method.name} needs a base model (base_model / --base)")
+    inputs, index = _open_inputs(spec, open_opts or {})
+    p = Planned(spec, method, inputs, [], 0, index, warnings)
+    try:
+        ref = inputs[index[spec.base]] if spec.base is not None and not spec.slices else inputs[
+            index[slices[0].sources[0].model]]  # fmt: skip
+        glob = spec.parameters
+
+        def entries(sl: SliceSpec, name_of: Callable[[SourceSpec], str]) -> list[Entry]:
+            return [Entry(index[s.model], name_of(s), (s.parameters, sl.parameters, glob), s) for s in sl.sources]
+
+        def add(out: str, sl: SliceSpec, es: list[Entry], t: float) -> None:
+            models, base = _split_base(spec, method, es)
+            p.tensors.append(TensorPlan(out, models, base, t, (sl.parameters, glob)))
+
+        if not spec.slices:
+            p.n_layers = count_layers(ref.ck.tensors)
+            for name in ref.ck.tensors:
+                add(name, slices[0], entries(slices[0], lambda s, n=name: n), layer_t(layer_index(name), p.n_layers))
+        else:
+            _plan_slices(p, slices, ref, entries, add)
+        _check(p)
+        _resolve_params(p)
+    except BaseException:
+        p.close()
+        raise
+    return p
+
+
+def _plan_slices(p: Planned, slices: list[SliceSpec], ref: ModelInput, entries: Any, add: Any) -> None:
+    """Layer stacking: pre-layer tensors from the first slice, each slice's layers renamed to their output index,
+    post-layer tensors from the last slice (as mergekit plans them)."""
+    outside = [n for n in ref.ck.tensors if layer_index(n) is None]
+    for n in (n for n in outside if is_pre_layer(n)):
+        add(n, slices[0], entries(slices[0], lambda s, n=n: n), 0.0)
+    out_layer = 0
+    for si, sl in enumerate(slices):
+        lengths = set()
+        for s in sl.sources:
+            if s.layer_range is None or len(s.layer_range) != 2 or s.layer_range[1] <= s.layer_range[0]:
+                raise UsageError(f"slices[{si}]: each source needs a layer_range [start, end) with end > start",
+                                 s.where or s.model)  # fmt: skip
+            lengths.add(s.layer_range[1] - s.layer_range[0])
+        if len(lengths) != 1:
+            raise UsageError(f"slices[{si}]: every source of a slice must span the same number of layers")
+        n = lengths.pop()
+        first = p.inputs[p.index[sl.sources[0].model]]
+        for off in range(n):
+            src = sl.sources[0].layer_range[0] + off  # type: ignore[index]
+            names = [x for x in first.ck.tensors if layer_index(x) == src]
+            if not names:
+                raise MismatchError(f"slices[{si}]: the model has no layer {src}", _where(sl.sources[0]))
+            t = off / (n - 1) if n > 1 else 1.0
+            for x in names:
+                es = entries(sl, lambda s, x=x, off=off: rename_layer(x, s.layer_range[0] + off))
+                add(rename_layer(x, out_layer), sl, es, t)
+            out_layer += 1
+    for n in (n for n in outside if not is_pre_layer(n)):
+        add(n, slices[-1], entries(slices[-1], lambda s, n=n: n), 0.0)
+    p.n_layers = out_layer
+
+
+def _check(p: Planned) -> None:
+    """Every entry's tensor exists, and the shapes of each output tensor's entries agree."""
+    for tp in p.tensors:
+        es = tp.entries + ([tp.base] if tp.base else [])
+        if not tp.entries and tp.base is None:
+            raise UsageError("no models to merge", tp.name)
+        shapes = {}
+        for e in es:
+            ck = p.inputs[e.input].ck
+            if e.name not in ck.tensors:
+                raise MismatchError(f"tensor {e.name} is missing in model {e.source.model}", _where(e.source))
+            shapes[e.source.model] = ck.tensors[e.name].shape
+        if len(set(shapes.values())) > 1:
+            shown = ", ".join(f"{list(s)} in {m}" for m, s in shapes.items())
+            raise MismatchError(f"shape mismatch: {shown}", tp.name)
+        if p.method.base == "required" and tp.base is None:
+            raise UsageError(f"{p.method.name} needs the base model among the sources of every slice", tp.name)
+
+
+def _resolve_params(p: Planned) -> None:
+    """Each tensor's per-model and global parameters (filters, gradients, defaults; required ones checked)."""
+    m = p.method
+    known = set(m.model_params) | set(m.params)
+    scopes = [p.spec.parameters] + [s.parameters for sl in p.spec.slices for s in sl.sources]
+    scopes += [sl.parameters for sl in p.spec.slices] + [s.parameters for s in p.spec.models]
+    for sc in scopes:
+        for k in sc or {}:
+            if k not in known:
+                raise UsageError(f"{m.name} has no parameter {k!r} (it takes: {', '.join(sorted(known)) or 'none'})")
+    for tp in p.tensors:
+        tp.params = {k: resolve(k, tp.shared, tp.name, tp.t, d, kind_of(d)) for k, d in m.params.items()}
+        for k, v in tp.params.items():
+            if v is None:
+                raise UsageError(f"missing parameter {k} of {m.name} (required)", tp.name)
+        tp.model_params = []
+        for e in tp.entries:
+            mp = {k: resolve(k, e.scopes, e.name, tp.t, d, kind_of(d)) for k, d in m.model_params.items()}
+            for k, v in mp.items():
+                if v is None:
+                    raise UsageError(f"missing parameter {k} of {m.name} for model {e.source.model}", tp.name)
+            tp.model_params.append(mp)
+
+
+# -------------------------------------------------------------------------------------------------------- running
+
+
+def out_code(p: Planned, tp: TensorPlan, code: str | None) -> str:
+    first = p.info(tp.base or tp.entries[0])
+    return code if code and first.is_float else first.dtype
+
+
+def _merge_loader(p: Planned, tp: TensorPlan, code: str, allow_nonfinite: bool) -> Callable[[], Any]:
+    def load() -> Any:
+        import torch
+
+        from capmerge._torch import torch_dtype
+        from capmerge.merge.methods.models import TensorInputs
+
+        models = [p.inputs[e.input].read(e.name) for e in tp.entries]
+        base = p.inputs[tp.base.input].read(tp.base.name) if tp.base else None
+        x = TensorInputs(tp.name, models, tp.model_params, tp.params, base, p.spec.seed)
+        try:
+            out = p.method.fn(x)
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(f"{p.method.name}: {e}", tp.name) from None
+        shape = tuple((base if base is not None else models[0]).shape)
+        if tuple(out.shape) != shape:
+            raise CapmergeError(f"{p.method.name} returned shape {list(out.shape)}, expected {list(shape)}", tp.name)
+        out = out.to(torch_dtype(code)).contiguous()
+        if not allow_nonfinite and not bool(torch.isfinite(out).all()):
+            ins = [*models, *([base] if base is not None else [])]
+            if all(bool(torch.isfinite(t).all()) for t in ins):
+                raise NonFiniteError("result has NaN/Inf where the inputs were finite (overflow in the output "
+                                     "dtype?); use --allow-nonfinite to keep it", tp.name)  # fmt: skip
+        return out
+
+    return load
+
+
+def _jobs(p: Planned, code: str | None, allow_nonfinite: bool) -> tuple[list[Job], Checkpoint]:
+    """One job per output tensor: a copy (non-floating tensors) or the merged tensor, built when written."""
+    from capmerge.io.lazy import LazyCheckpoint
+
+    merged = LazyCheckpoint("merge", [], {}, {})
+    jobs: list[Job] = []
+    for tp in p.tensors:
+        first = tp.base or tp.entries[0]
+        info = p.info(first)
+        if not info.is_float or any(not p.info(e).is_float for e in tp.entries):
+            jobs.append(Job(tp.name, "copy", info.dtype, info.shape, [(p.inputs[first.input].ck, info)]))
+            continue
+        c = out_code(p, tp, code)
+        nbytes = DTYPES[c][0] * info.numel
+        merged.tensors[tp.name] = TensorInfo(tp.name, c, info.shape, "", 0, nbytes)
+        merged.loaders[tp.name] = _merge_loader(p, tp, c, allow_nonfinite)
+        es = tp.entries + ([tp.base] if tp.base else [])
+        merged.storages[tp.name] = {"storage": "dense", "dtype": c, "nbytes": sum(p.info(e).nbytes for e in es)}
+        jobs.append(Job(tp.name, "copy", c, info.shape, [(merged, merged.tensors[tp.name])]))
+    return jobs, merged
+
+
+def _shard(jobs: list[Job], max_bytes: int) -> int:
+    """Assign jobs to shards of at most ``max_bytes`` (a tensor larger than that gets its own); returns the count."""
+    shard, size = 0, 0
+    for j in jobs:
+        if size and size + j.out_nbytes > max_bytes:
+            shard, size = shard + 1, 0
+        j.sink = shard
+        size += j.out_nbytes
+    return shard + 1
+
+
+def shard_names(n: int) -> list[str]:
+    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def run_merge(
+    spec: MergeSpec,
+    output: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    shard_size: int | str = "5GB",
+    open_opts: Mapping[str, Any] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Summary:
+    """Merge the models of ``spec`` into ``output``: a ``.safetensors`` file, or a directory holding the weights
+    (sharded above ``shard_size``) and the side files of :mod:`capmerge.merge.model_side` (the base's config, the
+    tokenizer, a model card). Atomic: on any error nothing is written.
+
+    Raises:
+        UsageError, MismatchError, CheckpointError...: before anything is written (the plan is made first).
+    """
+    t0 = time.perf_counter()
+    code = parse_dtype(spec.out_dtype, allow_auto=False) if spec.out_dtype else None
+    max_bytes = parse_size(shard_size)
+    out_s = os.fspath(output)
+    p = plan(spec, open_opts=open_opts)
+    summary = Summary("merge", out_s, warnings=list(p.warnings))
+    try:
+        model_side.check(p)
+        jobs, _ = _jobs(p, code, allow_nonfinite)
+        out = Output(out_s, [ck for m in p.inputs for ck in m.checkpoints], force=force)
+        try:
+            n = 1 if out.single_file else _shard(jobs, max_bytes)
+            names = [os.path.basename(out.out)] if out.single_file else shard_names(n)
+            files = [
+                out.open_file(
+                    "" if out.single_file else nm, [(j.name, j.out_dtype, j.shape) for j in jobs if j.sink == i]
+                )
+                for i, nm in enumerate(names)
+            ]
+            start_progress(progress, jobs)
+            stats = run(jobs, Sink(files), allow_nonfinite=allow_nonfinite, progress=progress)
+            meta = {"format": "pt", "capmerge.kind": "merged", "capmerge.method": p.method.name}
+            index = "model.safetensors.index.json" if n > 1 else None
+            summary.files, summary.bytes_written = finish_files(out, list(zip(names, files, strict=True)), meta, index)
+            if not out.single_file:
+                summary.files += model_side.write(p, out)
+            out.commit()
+        except BaseException:
+            out.abort()
+            raise
+    finally:
+        p.close()
+    summary.outputs = [out_s]
+    summary.tensors_written = stats.tensors_written
+    summary.tensors_changed = sum(1 for j in jobs if j.inputs[0][0].ref == "merge")
+    summary.tensors_unchanged = stats.tensors_written - summary.tensors_changed
+    summary.bytes_read = stats.bytes_read
+    summary.seconds = time.perf_counter() - t0
+    return summary

@@ -1,0 +1,296 @@
+"""mergekit configurations, run unchanged: ``capmerge run CONFIG.yml -o OUT``.
+
+A YAML file with a top-level ``merge_method`` is a mergekit configuration (anything else is a capmerge recipe).
+It is read with line numbers and checked before any tensor is read: every unknown or unsupported key or value is
+one error naming the key and ``file:line``. Method names and parameters (names, types, defaults) come from the
+registry of model-centric methods, never from a list kept here. The merge itself is
+:func:`capmerge.merge.modelmerge.run_merge`.
+
+Supported: ``merge_method``, ``base_model``, ``models`` (``model``, ``parameters``), ``slices`` (``sources``:
+``model``, ``layer_range``, ``parameters``; and the slice's ``parameters``), ``parameters``, ``dtype``,
+``out_dtype``, ``tokenizer_source`` (``base`` or a model), ``chat_template`` (template text or ``auto``). Model
+references are paths, Hub ids (``org/name@revision``) and ``MODEL+LORA``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from capmerge.errors import UsageError
+from capmerge.merge.model_params import check_setting, kind_of
+from capmerge.recipes import yaml_lines as _yaml
+from capmerge.recipes.recipe import _plain_yaml
+
+if TYPE_CHECKING:  # the registry and the runner import torch: only when a configuration is loaded
+    from capmerge.merge.methods.models import ModelMethod
+    from capmerge.merge.modelmerge import MergeSpec, SliceSpec, SourceSpec
+
+TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+            "chat_template")  # fmt: skip
+UNSUPPORTED = {
+    "modules": "per-module merges (modules:) are not supported: use models or slices",
+    "tokenizer": "the tokenizer: section (building a vocabulary, adding tokens) is not supported: use "
+    "tokenizer_source: base or a model",
+    "base_model@slice": "a slice's own base_model is not supported: set base_model at the top level",
+    "residual_weight": "residual_weight is not supported",
+}
+DTYPE_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32",
+               "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}  # fmt: skip
+
+
+class ConfigError(UsageError):
+    """A bad mergekit configuration: ``where`` is ``file:line: key``."""
+
+
+def is_config(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a YAML file whose top level is a mapping with ``merge_method`` (a mergekit config)."""
+    p = Path(path)
+    if not p.is_file() or p.suffix.lower() not in (".yml", ".yaml"):
+        return False
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    try:
+        doc = _yaml.load(text)
+    except Exception:  # noqa: BLE001 - broken YAML: a configuration if it says so at the top level (load reports it)
+        return re.search(r"^merge_method\s*:", text, re.MULTILINE) is not None
+    return isinstance(doc, dict) and "merge_method" in doc
+
+
+class _Reader:
+    """Walks a parsed configuration, raising :class:`ConfigError` with ``file:line: key`` on the first problem."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+
+    def fail(self, what: str, container: Any, key: Any, path: str) -> ConfigError:
+        return ConfigError(what, f"{self.file}:{_yaml.line_of(container, key)}: {path}")
+
+    def mapping(self, value: Any, parent: Any, key: Any, path: str, allowed: tuple[str, ...]) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(f"expected a mapping, got {value!r}", parent, key, path)
+        for k in value:
+            if k in UNSUPPORTED or f"{k}@slice" in UNSUPPORTED and path.startswith("slices"):
+                raise self.fail(UNSUPPORTED.get(f"{k}@slice") or UNSUPPORTED[k], value, k, f"{path}.{k}".lstrip("."))
+            if k not in allowed:
+                raise self.fail(f"unknown key {k!r} (expected {', '.join(allowed)})", value, k,
+                                f"{path}.{k}".lstrip("."))  # fmt: skip
+        return value
+
+    def model_ref(self, value: Any, parent: Any, key: Any, path: str) -> str:
+        if isinstance(value, dict):  # mergekit's long form: {model: {path, revision}, lora: {path, revision}}
+            self.mapping(value, parent, key, path, ("model", "lora"))
+            parts = [self._path(value[k], value, k, f"{path}.{k}") for k in ("model", "lora") if k in value]
+            if "model" not in value:
+                raise self.fail("missing model:", parent, key, path)
+            return "+".join(parts)
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(f"expected a model reference (a path or org/name), got {value!r}", parent, key, path)
+        if value.count("+") > 1:
+            raise self.fail(f"invalid model reference {value!r} (MODEL or MODEL+LORA)", parent, key, path)
+        return value
+
+    def _path(self, value: Any, parent: Any, key: Any, path: str) -> str:
+        if isinstance(value, dict):
+            self.mapping(value, parent, key, path, ("path", "revision"))
+            if not isinstance(value.get("path"), str):
+                raise self.fail("missing path:", parent, key, path)
+            rev = value.get("revision")
+            return f"{value['path']}@{rev}" if rev else value["path"]
+        if not isinstance(value, str):
+            raise self.fail(f"expected a path, got {value!r}", parent, key, path)
+        return value
+
+    def params(self, value: Any, parent: Any, key: Any, path: str, method: ModelMethod, *, per_model: bool,
+               warnings: list[str]) -> dict[str, Any] | None:  # fmt: skip
+        if value is None:
+            return None
+        known = {**method.params, **method.model_params}
+        if not isinstance(value, dict):
+            raise self.fail(f"expected a mapping of parameters, got {value!r}", parent, key, path)
+        for k in value:
+            if k not in known:
+                takes = f"it takes {', '.join(known)}" if known else "it takes none"
+                raise self.fail(f"{method.name} has no parameter {k!r} ({takes})", value, k, f"{path}.{k}")
+        out = {}
+        for k, v in value.items():
+            if per_model and k in method.params and k not in method.model_params:
+                line = f"{self.file}:{_yaml.line_of(value, k)}"
+                warnings.append(f"{k} is a global parameter of {method.name}: set per model it has no effect "
+                                f"({line}: {path}.{k})")  # fmt: skip
+                continue
+            try:
+                out[k] = check_setting(_plain_yaml(v), kind_of(known[k]), k)
+            except ValueError as e:
+                raise self.fail(str(e), value, k, f"{path}.{k}") from None
+        return out
+
+    def dtype(self, doc: dict, key: str) -> str | None:
+        v = doc.get(key)
+        if v is None:
+            return None
+        name = v.removeprefix("torch.") if isinstance(v, str) else v
+        if name not in DTYPE_NAMES:
+            raise self.fail(f"unsupported {key} {v!r} (choose from float32, bfloat16, float16)", doc, key, key)
+        return DTYPE_NAMES[name]
+
+
+def _method(r: _Reader, doc: dict) -> ModelMethod:
+    from capmerge.merge.methods.registry import MODEL_METHODS
+
+    name = doc.get("merge_method")
+    if not isinstance(name, str) or name not in MODEL_METHODS:
+        raise r.fail(f"unknown merge_method {name!r} (choose from {', '.join(MODEL_METHODS)})", doc, "merge_method",
+                     "merge_method")  # fmt: skip
+    return MODEL_METHODS[name]
+
+
+def _sources(r: _Reader, items: Any, parent: Any, key: Any, path: str, method: ModelMethod, warnings: list[str],
+             *, slice_source: bool) -> list[SourceSpec]:  # fmt: skip
+    from capmerge.merge.modelmerge import SourceSpec
+
+    if not isinstance(items, list) or not items:
+        raise r.fail("expected a non-empty list", parent, key, path)
+    out = []
+    allowed = ("model", "layer_range", "parameters") if slice_source else ("model", "parameters")
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]"
+        r.mapping(item, items, i, where, allowed)
+        if "model" not in item:
+            raise r.fail("missing model:", items, i, where)
+        ref = r.model_ref(item["model"], item, "model", f"{where}.model")
+        rng = None
+        if slice_source:
+            rng = item.get("layer_range")
+            ok = isinstance(rng, list) and len(rng) == 2 and all(type(x) is int and x >= 0 for x in rng)
+            if not ok or rng[1] <= rng[0]:  # type: ignore[index]
+                raise r.fail(f"layer_range must be [start, end) with 0 <= start < end, got {rng!r}",
+                             item if "layer_range" in item else items, "layer_range" if "layer_range" in item else i,
+                             f"{where}.layer_range")  # fmt: skip
+            rng = (rng[0], rng[1])  # type: ignore[index]
+        params = r.params(item.get("parameters"), item, "parameters", f"{where}.parameters", method, per_model=True,
+                          warnings=warnings)  # fmt: skip
+        loc = f"{r.file}:{_yaml.line_of(item, 'model')}: {where}.model"
+        out.append(SourceSpec(ref, params, rng, loc))
+    return out
+
+
+def load(path: str | os.PathLike[str]) -> tuple[MergeSpec, list[str]]:
+    """Read and check a mergekit configuration; returns the merge it describes and the warnings.
+
+    Raises:
+        ConfigError: the first problem, with ``file:line: key``.
+    """
+    from capmerge.merge.modelmerge import MergeSpec
+
+    p = Path(path)
+    file = os.fspath(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read configuration: {e}", file) from None
+    try:
+        doc = _yaml.load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(_yaml.error_message(e), f"{file}:{_yaml.error_line(e, text) or 1}") from None
+    r = _Reader(file)
+    r.mapping(doc, doc, "merge_method", "", TOP_KEYS)
+    method = _method(r, doc)
+    warnings: list[str] = []
+    spec = MergeSpec(method.name, config_text=text)
+    spec.where = {k: f"{file}:{_yaml.line_of(doc, k)}: {k}" for k in doc}
+    if doc.get("base_model") is not None:
+        spec.base = r.model_ref(doc["base_model"], doc, "base_model", "base_model")
+    if ("models" in doc) == ("slices" in doc):
+        raise r.fail("give exactly one of models or slices", doc, "merge_method", "models")
+    if "models" in doc:
+        spec.models = _sources(r, doc["models"], doc, "models", "models", method, warnings, slice_source=False)
+    else:
+        spec.slices = _slices(r, doc, method, warnings)
+    spec.parameters = r.params(doc.get("parameters"), doc, "parameters", "parameters", method, per_model=False,
+                               warnings=warnings) or {}  # fmt: skip
+    spec.out_dtype = r.dtype(doc, "out_dtype") or r.dtype(doc, "dtype")
+    _tokenizer(r, doc, spec)
+    _check_required(r, doc, spec, method)
+    return spec, warnings
+
+
+def _slices(r: _Reader, doc: dict, method: ModelMethod, warnings: list[str]) -> list[SliceSpec]:
+    from capmerge.merge.modelmerge import SliceSpec
+
+    items = doc["slices"]
+    if not isinstance(items, list) or not items:
+        raise r.fail("expected a non-empty list of slices", doc, "slices", "slices")
+    out = []
+    for i, item in enumerate(items):
+        where = f"slices[{i}]"
+        r.mapping(item, items, i, where, ("sources", "parameters"))
+        if "sources" not in item:
+            raise r.fail("missing sources:", items, i, where)
+        sources = _sources(r, item["sources"], item, "sources", f"{where}.sources", method, warnings,
+                           slice_source=True)  # fmt: skip
+        params = r.params(item.get("parameters"), item, "parameters", f"{where}.parameters", method, per_model=False,
+                          warnings=warnings)  # fmt: skip
+        out.append(SliceSpec(sources, params))
+    return out
+
+
+def _tokenizer(r: _Reader, doc: dict, spec: MergeSpec) -> None:
+    src = doc.get("tokenizer_source")
+    if src is not None:
+        if src == "union":
+            raise r.fail("tokenizer_source: union is not supported (capmerge copies one model's tokenizer; it does "
+                         "not build a merged vocabulary): use base or a model", doc, "tokenizer_source",
+                         "tokenizer_source")  # fmt: skip
+        spec.tokenizer_source = src if src == "base" else r.model_ref(src, doc, "tokenizer_source", "tokenizer_source")
+        if src == "base" and spec.base is None:
+            raise r.fail("tokenizer_source: base needs a base_model", doc, "tokenizer_source", "tokenizer_source")
+    tmpl = doc.get("chat_template")
+    if tmpl is not None:
+        if not isinstance(tmpl, str) or not (tmpl == "auto" or "{" in tmpl):
+            raise r.fail(f"chat_template {tmpl!r}: give the template text (Jinja) or auto; named templates are not "
+                         "supported", doc, "chat_template", "chat_template")  # fmt: skip
+        spec.chat_template = tmpl
+
+
+def _check_required(r: _Reader, doc: dict, spec: MergeSpec, method: ModelMethod) -> None:
+    if method.base == "required" and spec.base is None:
+        raise r.fail(f"{method.name} needs a base_model", doc, "merge_method", "base_model")
+    for sl in spec.slices or [None]:
+        for src in sl.sources if sl is not None else spec.models:
+            for k in (k for k, d in method.model_params.items() if d is None):
+                scopes = (src.parameters, sl.parameters if sl is not None else None, spec.parameters)
+                if not any(sc and k in sc for sc in scopes):
+                    raise ConfigError(f"missing parameter {k} for model {src.model} ({method.name} needs one per "
+                                      "model)", src.where)  # fmt: skip
+    required = [k for k, d in method.params.items() if d is None]
+    for k in required:
+        given = k in spec.parameters or any(sl.parameters and k in sl.parameters for sl in spec.slices)
+        if not given:
+            raise r.fail(f"{method.name} needs the parameter {k} (under parameters:)", doc, "merge_method",
+                         "parameters")  # fmt: skip
+
+
+def run_config(
+    path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Any:
+    """Run a mergekit configuration into ``output`` (a directory laid out as mergekit's, or a ``.safetensors``
+    file). Returns the :class:`~capmerge.merge.summary.Summary`, with the configuration's warnings."""
+    from capmerge.merge.modelmerge import run_merge
+
+    spec, warnings = load(path)
+    summary = run_merge(spec, output, force=force, allow_nonfinite=allow_nonfinite, progress=progress)
+    summary.warnings[:0] = warnings
+    return summary

@@ -1,0 +1,222 @@
+"""``capmerge merge`` and the checks of mergekit configurations (``capmerge run CONFIG.yml``): hand-computed values,
+parameters checked against the registry, and every bad input as one ``error:`` line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_any, save_sharded, save_single
+
+from capmerge.cli import main
+from capmerge.merge.methods import registry
+from capmerge.merge.methods.models import ModelMethod
+from capmerge.merge.model_params import Cond, check_setting, evaluate, layer_t
+
+SHAPES = {"model.embed_tokens.weight": (8, 4), "model.norm.weight": (4,), "lm_head.weight": (8, 4)}
+for _i in range(3):
+    SHAPES.update(
+        {f"model.layers.{_i}.mlp.up_proj.weight": (6, 4), f"model.layers.{_i}.self_attn.q_proj.weight": (4, 4)}
+    )
+
+
+def make(d: Path, seed: int, *, sharded: bool = False, extra: dict | None = None) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    t = {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+    t["model.pos_ids"] = torch.arange(4)
+    t.update(extra or {})
+    if sharded:
+        save_sharded(d, t)
+    else:
+        save_single(d / "model.safetensors", t)
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 3}))
+    return d
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> dict[str, Path]:
+    return {"A": make(tmp_path / "A", 1), "B": make(tmp_path / "B", 2, sharded=True), "P": make(tmp_path / "P", 3)}
+
+
+def _lerp(x):  # a test method with a base and a global parameter: base + t·(mean of the models − base)
+    t = float(x.params["t"])
+    return x.base + t * (sum(x.models) / len(x.models) - x.base)
+
+
+@pytest.fixture
+def lerp(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(registry.MODEL_METHODS, "test_lerp",
+                        ModelMethod("test_lerp", _lerp, base="required", params={"t": None}))  # fmt: skip
+
+
+def tree(p: Path) -> list[tuple[str, int]]:
+    return sorted((str(f.relative_to(p)), f.stat().st_size) for f in p.rglob("*"))
+
+
+def fails(args: list[str], tmp: Path, capsys: pytest.CaptureFixture[str], *expect: str) -> str:
+    """One error line holding every ``expect``, exit 2, nothing written."""
+    before = tree(tmp)
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for e in expect:
+        assert e in lines[0], lines[0]
+    assert tree(tmp) == before
+    return lines[0]
+
+
+def test_linear_weights_and_override(models, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    code = main(["merge", str(models["A"]), str(models["B"]), "--weights", "0.75,0.25", "--override",
+                 "mlp:weight=0.5/0.5", "--override", "mlp|q_proj:weight=0/1", "-o", str(out), "--quiet"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    got, a, b = load_any(out), load_any(models["A"]), load_any(models["B"])
+    for n in SHAPES:
+        wa, wb = (0.5, 0.5) if "mlp" in n else (0.0, 1.0) if "q_proj" in n else (0.75, 0.25)
+        assert torch.allclose(got[n], wa * a[n] + wb * b[n], atol=1e-6), n
+    assert torch.equal(got["model.pos_ids"], a["model.pos_ids"])  # not floating: copied from the first model
+    assert {"config.json", "README.md", "capmerge.json"} <= {p.name for p in out.iterdir()}
+    assert "capmerge merge" in (out / "README.md").read_text()
+
+
+def test_base_method_gradient_param_dtype_and_shards(models, lerp, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    args = ["--method", "test_lerp", "--param", "t=0,1", "--dtype", "bfloat16", "--shard-size", "200B"]
+    code = main(["merge", str(models["A"]), str(models["B"]), "--base", str(models["P"]), *args, "-o", str(out), "-q"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+    got, a, b, p = (load_any(x) for x in (out, models["A"], models["B"], models["P"]))
+    for n in SHAPES:
+        layer = int(n.split(".")[2]) if ".layers." in n else None
+        t = 0.0 if layer is None else layer / 2  # 3 layers: t = 0, 0.5, 1; outside the layers: the first value
+        want = (p[n] + t * ((a[n] + b[n]) / 2 - p[n])).to(torch.bfloat16)
+        assert got[n].dtype == torch.bfloat16 and torch.equal(got[n], want), n
+
+
+def test_single_file_output(models, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", str(models["A"]), str(models["B"]), "--weights", "1", "-o", str(out), "--quiet"]) == 0
+    got, a, b = load_any(out), load_any(models["A"]), load_any(models["B"])
+    assert torch.allclose(got["lm_head.weight"], (a["lm_head.weight"] + b["lm_head.weight"]) / 2)
+
+
+@pytest.mark.parametrize(
+    "extra,expect",
+    [
+        (["--t", "0.3"], ["linear has no parameter 't'", "--t"]),
+        (["--weights", "1,2,3"], ["weight has 3 values for 2 models"]),
+        ([], ["missing parameter weight of linear"]),
+        (["--weights", "1", "--method", "nope"], ["unknown merge method 'nope'"]),
+        (["--weights", "1", "--override", "(:weight=1"], ["invalid regex"]),
+        (["--weights", "1", "--override", "mlp:density=1"], ["linear has no parameter 'density'"]),
+        (["--weights", "x"], ["weight: invalid number 'x'"]),
+        (["--weights", "1", "--normalize", "--param", "normalize=maybe"], ["expected true or false"]),
+    ],
+)
+def test_merge_bad_options(models, tmp_path: Path, capsys, extra: list[str], expect: list[str]) -> None:
+    fails(["merge", models["A"], models["B"], *extra, "-o", tmp_path / "out"], tmp_path, capsys, *expect)
+
+
+def test_merge_bad_inputs(models, lerp, tmp_path: Path, capsys) -> None:
+    a, b = models["A"], models["B"]
+    fails(["merge", a, tmp_path / "nope", "--weights", "1", "-o", tmp_path / "o"], tmp_path, capsys, "nope")
+    fails(["merge", a, b, "--method", "test_lerp", "--t", "1", "-o", tmp_path / "o"], tmp_path, capsys,
+          "needs a base model")  # fmt: skip
+    short = make(tmp_path / "S", 4)
+    (short / "model.safetensors").unlink()
+    make(short, 4, extra={"model.norm.weight": torch.ones(5)})
+    fails(["merge", a, short, "--weights", "1", "-o", tmp_path / "o"], tmp_path, capsys, "shape mismatch",
+          "model.norm.weight")  # fmt: skip
+    (tmp_path / "o").mkdir()
+    fails(["merge", a, b, "--weights", "1", "-o", tmp_path / "o"], tmp_path, capsys, "output exists")
+
+
+def write(tmp: Path, text: str) -> Path:
+    p = tmp / "cfg.yml"
+    p.write_text(text)
+    return p
+
+
+def base_config(models: dict[str, Path]) -> str:
+    return (f"merge_method: linear\nmodels:\n  - model: {models['A']}\n    parameters:\n      weight: 0.5\n"
+            f"  - model: {models['B']}\n    parameters:\n      weight: 0.5\ndtype: float32\n")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "edit,expect",
+    [
+        (lambda t: t + "foo: 1\n", ["unknown key 'foo'", "cfg.yml:10: foo"]),
+        (
+            lambda t: t.replace("weight: 0.5\n  -", "weight: 0.5\n      wieght: 1\n  -"),
+            ["linear has no parameter 'wieght'", "cfg.yml:6: models[0].parameters.wieght"],
+        ),
+        (lambda t: t.replace("weight: 0.5\n  -", "weight: abc\n  -"), ["weight: expected a number", "cfg.yml:5"]),
+        (lambda t: t + "tokenizer_source: union\n", ["union is not supported", "cfg.yml:10: tokenizer_source"]),
+        (
+            lambda t: t.replace("merge_method: linear", "merge_method: lienar"),
+            ["unknown merge_method 'lienar'", "cfg.yml:1"],
+        ),
+        (lambda t: t + "modules: {}\n", ["modules:) are not supported", "cfg.yml:10"]),
+        (lambda t: t.replace("dtype: float32", "dtype: float8"), ["unsupported dtype 'float8'", "cfg.yml:9"]),
+        (lambda t: t + "chat_template: chatml\n", ["named templates are not supported", "cfg.yml:10"]),
+        (lambda t: t + "parameters: {x: 1}\n", ["linear has no parameter 'x'", "cfg.yml:10: parameters.x"]),
+        (
+            lambda t: t.replace("parameters:\n      weight: 0.5\ndtype", "parameters: {}\ndtype"),
+            ["missing parameter weight for model", "cfg.yml:6: models[1].model"],
+        ),
+        (lambda t: t.replace("/B\n", "/nope\n"), ["no such file or directory", "cfg.yml:6: models[1].model"]),
+        (lambda t: t + "slices: []\n", ["give exactly one of models or slices"]),
+        (lambda t: t + "bad: [\n", ["invalid YAML", "cfg.yml:"]),
+    ],
+)
+def test_config_errors(models, tmp_path: Path, capsys, edit, expect: list[str]) -> None:
+    cfg = write(tmp_path, edit(base_config(models)))
+    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, *expect)
+
+
+def test_config_slice_and_tensor_errors(models, tmp_path: Path, capsys) -> None:
+    a, b = models["A"], models["B"]
+    src = "        parameters: {weight: 1}\n"
+    head = f"merge_method: linear\nslices:\n  - sources:\n      - model: {a}\n"
+    cfg = write(
+        tmp_path, f"{head}        layer_range: [0, 2]\n{src}      - model: {b}\n        layer_range: [0, 3]\n{src}"
+    )
+    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, "same number of layers")
+    cfg = write(
+        tmp_path, f"merge_method: linear\nslices:\n  - sources:\n      - model: {a}\n        layer_range: [2, 1]\n"
+    )
+    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, "layer_range must be", "cfg.yml:5")
+    cfg = write(tmp_path, f"{head}        layer_range: [2, 5]\n{src}")
+    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, "has no layer 3")
+    lacking = make(tmp_path / "L", 5)
+    (lacking / "model.safetensors").unlink()
+    g = torch.Generator().manual_seed(0)
+    save_single(lacking / "model.safetensors", {n: torch.randn(s, generator=g) for n, s in SHAPES.items()
+                                                if n != "lm_head.weight"})  # fmt: skip
+    cfg = write(tmp_path, base_config({"A": a, "B": lacking}))
+    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, "is missing in model",
+          str(lacking), "cfg.yml:6")  # fmt: skip
+    fails(["run", write(tmp_path, base_config(models))], tmp_path, capsys, "missing option -o/--output")
+
+
+def test_run_mergekit_config_positional_output(models, tmp_path: Path, capsys) -> None:
+    cfg = write(tmp_path, base_config(models))
+    assert main(["run", str(cfg), str(tmp_path / "out"), "--quiet"]) == 0, capsys.readouterr().err
+    got, a, b = load_any(tmp_path / "out"), load_any(models["A"]), load_any(models["B"])
+    assert torch.allclose(got["lm_head.weight"], (a["lm_head.weight"] + b["lm_head.weight"]) / 2)
+    assert (tmp_path / "out" / "mergekit_config.yml").read_text() == cfg.read_text()
+
+
+def test_setting_resolution_rules() -> None:
+    s = check_setting([{"filter": "mlp", "value": [0.0, 1.0]}, {"filter": "*", "value": 2}], float, "w")
+    assert s == [Cond([0.0, 1.0], "mlp"), Cond(2, "*")]
+    assert evaluate(s, "layers.1.mlp.up", 0.5) == 0.5 and evaluate(s, "layers.1.attn", 0.5) == 2
+    assert evaluate(check_setting([{"filter": "mlp", "value": 1}], float, "w"), "attn", 0.0) is None
+    assert evaluate([1.0, 0.5, 0.0], "x", 0.75) == 0.25
+    assert layer_t(None, 4) == 0.0 and layer_t(3, 4) == 1.0 and layer_t(0, 1) == 1.0
+    with pytest.raises(ValueError, match="gradient"):
+        check_setting([True, False], bool, "normalize")

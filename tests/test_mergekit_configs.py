@@ -1,0 +1,267 @@
+"""mergekit configurations run unchanged by ``capmerge run CONFIG.yml -o OUT``, compared with mergekit's own output.
+
+Tiny float32 Llama checkpoints (4 layers) with a word-level tokenizer are built here; each configuration is run by
+``.venv-mergekit/bin/mergekit-yaml`` (a separate process: mergekit is LGPL and never imported) and by capmerge, and
+the outputs must agree within float32 rounding. The merge method is ``linear`` (the only model-centric method every
+branch has); ``passthrough`` is registered for the layer-stacking case when the registry lacks it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_any, save_single
+
+from capmerge.cli import main
+from capmerge.merge.methods import registry
+from capmerge.merge.methods.models import ModelMethod
+
+REPO = Path(__file__).resolve().parents[1]
+MERGEKIT_YAML = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+LAYERS, HIDDEN, INTER, VOCAB = 4, 16, 32, 32
+
+
+def shapes() -> dict[str, tuple[int, ...]]:
+    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for n in range(LAYERS):
+        p = f"model.layers.{n}."
+        s[p + "input_layernorm.weight"] = (HIDDEN,)
+        s.update({f"{p}self_attn.{x}_proj.weight": (HIDDEN, HIDDEN) for x in "qkvo"})
+        s[p + "post_attention_layernorm.weight"] = (HIDDEN,)
+        s.update({p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN)})
+        s[p + "mlp.down_proj.weight"] = (HIDDEN, INTER)
+    return {**s, "model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+
+
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN, "intermediate_size": INTER,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": LAYERS, "vocab_size": VOCAB,
+    "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}  # fmt: skip
+
+
+def save_tokenizer(d: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "model_max_length": 64}))  # fmt: skip
+
+
+def save_model(d: Path, gen: torch.Generator) -> Path:
+    save_single(d / "model.safetensors", {n: torch.randn(s, generator=gen) for n, s in shapes().items()})
+    (d / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    save_tokenizer(d)
+    return d
+
+
+def save_lora(d: Path, gen: torch.Generator) -> Path:
+    d.mkdir()
+    t = {}
+    for layer in range(LAYERS):
+        for m in ("q_proj", "v_proj"):
+            p = f"base_model.model.model.layers.{layer}.self_attn.{m}"
+            t[p + ".lora_A.weight"] = torch.randn(2, HIDDEN, generator=gen)
+            t[p + ".lora_B.weight"] = torch.randn(HIDDEN, 2, generator=gen)
+    save_single(d / "adapter_model.safetensors", t)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"],
+              "task_type": "CAUSAL_LM", "lora_dropout": 0.0, "bias": "none"}  # fmt: skip
+    (d / "adapter_config.json").write_text(json.dumps(config))
+    return d
+
+
+def configs(m: dict[str, Path]) -> dict[str, str]:
+    a, b, c = (json.dumps(str(m[k])) for k in ("A", "B", "C"))
+    a_lora = json.dumps(f"{m['A']}+{m['lora']}")
+    return {
+        # filters (substring, first match), a gradient over the layers, per-model vs global parameters, the base
+        # among the models, the base's tokenizer
+        "filters": f"""merge_method: linear
+base_model: {c}
+models:
+  - model: {a}
+    parameters:
+      weight:
+        - filter: self_attn
+          value: [0.2, 0.8]
+        - filter: mlp
+          value: 0.3
+        - value: 0.5
+  - model: {b}
+  - model: {c}
+    parameters:
+      weight: 0.25
+parameters:
+  weight: [1.0, 0.5, 2.0]
+  normalize: true
+tokenizer_source: base
+dtype: float32
+""",
+        "bf16": f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.3}}\n"
+        f"  - model: {b}\n    parameters: {{weight: 0.7}}\nparameters: {{normalize: false}}\nout_dtype: bfloat16\n",
+        "stack": f"""merge_method: passthrough
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, 2]
+  - sources:
+      - model: {b}
+        layer_range: [1, 4]
+dtype: float32
+""",
+        "lora": f"merge_method: linear\nmodels:\n  - model: {a_lora}\n    parameters: {{weight: 0.7}}\n"
+        f"  - model: {b}\n    parameters: {{weight: 0.3}}\ndtype: float32\n",
+    }
+
+
+def _passthrough(x):  # the layer-stacking method, for registries that do not have it yet
+    scale = x.model_params[0].get("scale", 1.0)
+    return x.models[0] if scale is None else x.models[0] * float(scale)
+
+
+@pytest.fixture(scope="module")
+def passthrough():
+    if "passthrough" in registry.MODEL_METHODS:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(registry.MODEL_METHODS, "passthrough",
+                   ModelMethod("passthrough", _passthrough, base="unused", model_params={"scale": 1.0}))  # fmt: skip
+        yield
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory):
+    """Models A, B, C, a LoRA adapter, and mergekit's output for every configuration (run concurrently)."""
+    if not MERGEKIT_YAML.exists():
+        pytest.skip(f"mergekit not installed ({MERGEKIT_YAML.relative_to(REPO)} missing): run `make mergekit-venv`")
+    tmp = tmp_path_factory.mktemp("mkconfigs")
+    gen = torch.Generator().manual_seed(7)
+    m = {k: save_model(tmp / k, gen) for k in ("A", "B", "C")}
+    m["lora"] = save_lora(tmp / "lora", gen)
+    cases = configs(m)
+    procs = {}
+    for name, text in cases.items():
+        (tmp / f"{name}.yml").write_text(text)
+        cmd = [str(MERGEKIT_YAML), str(tmp / f"{name}.yml"), str(tmp / f"mk-{name}"), "--quiet", "--no-cuda",
+               "--lora-merge-cache", str(tmp / "lora-cache")]  # fmt: skip
+        if name != "filters":
+            cmd.append("--no-copy-tokenizer")
+        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       env={**os.environ, **OFFLINE_ENV})  # fmt: skip
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"mergekit {name} failed:\n{out[-3000:]}\n{cases[name]}"
+    return {"tmp": tmp, "models": m}
+
+
+def capmerge_run(tmp: Path, name: str, capsys: pytest.CaptureFixture[str]) -> Path:
+    out = tmp / f"cm-{name}"
+    code = main(["run", str(tmp / f"{name}.yml"), "-o", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    return out
+
+
+def compare(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rtol: float) -> float:
+    """Same names and dtypes, values within ``rtol`` relative to the tensor's largest magnitude (float32: a few
+    ulps of reassociated sums and weights; bfloat16: one rounding step). Returns the largest absolute difference."""
+    assert sorted(got) == sorted(ref)
+    worst = 0.0
+    for n in ref:
+        assert got[n].dtype == ref[n].dtype, (n, got[n].dtype, ref[n].dtype)
+        diff = (got[n].float() - ref[n].float()).abs()
+        i = int(diff.argmax()) if diff.numel() else 0
+        scale = float(ref[n].float().abs().max()) or 1.0
+        assert diff.max() <= rtol * scale, (f"{n}: max abs diff {float(diff.max())} at {i}: {got[n].flatten()[i]} "
+                                            f"vs {ref[n].flatten()[i]}")  # fmt: skip
+        worst = max(worst, float(diff.max()))
+    return worst
+
+
+FP32_RTOL = 4 * 2.0**-23  # a few float32 ulps of the largest entry
+BF16_RTOL = 2.0**-7  # one bfloat16 rounding step
+
+
+@pytest.mark.parametrize("name", ["filters", "bf16", "lora"])
+def test_config_matches_mergekit(runs, name: str, capsys) -> None:
+    tmp = runs["tmp"]
+    out = capmerge_run(tmp, name, capsys)
+    got, mk = load_any(out), load_any(tmp / f"mk-{name}")
+    # float32 sums in the same order: equal, but for the LoRA product (s·(B·A) vs PEFT's order) and bf16's one
+    # rounding of the same float32 value
+    worst = compare(got, mk, BF16_RTOL if name == "bf16" else FP32_RTOL)
+    print(f"{name}: max abs diff vs mergekit {worst:.3g}")
+    cfg, mk_cfg = (json.loads((d / "config.json").read_text()) for d in (out, tmp / f"mk-{name}"))
+    assert cfg["num_hidden_layers"] == mk_cfg["num_hidden_layers"] == LAYERS
+    assert (out / "README.md").is_file() and "```yaml" in (out / "README.md").read_text()
+    assert (out / "mergekit_config.yml").read_text() == (tmp / f"{name}.yml").read_text()
+    if name == "bf16":
+        assert cfg["torch_dtype"] == "bfloat16" == mk_cfg.get("dtype", mk_cfg.get("torch_dtype"))
+
+
+def test_filters_and_gradient_values(runs, capsys) -> None:
+    """The weights capmerge resolved, checked by hand: A's filters decide first, B takes the global gradient
+    (first value outside the layers), C its own 0.25; normalised by their sum."""
+    tmp, m = runs["tmp"], runs["models"]
+    out = tmp / "cm-filters"
+    got = load_any(out if out.exists() else capmerge_run(tmp, "filters", capsys))
+    a, b, c = (load_any(m[k]) for k in "ABC")
+
+    def grad(points: list[float], t: float) -> float:
+        s = t * (len(points) - 1)
+        i0 = int(s)
+        i1 = min(len(points) - 1, i0 + 1)
+        return (1 - (s - i0)) * points[i0] + (s - i0) * points[i1]
+
+    for n in shapes():
+        layer = int(n.split(".")[2]) if ".layers." in n else None
+        t = 0.0 if layer is None else layer / (LAYERS - 1)
+        wa = grad([0.2, 0.8], t) if "self_attn" in n else 0.3 if "mlp" in n else 0.5
+        wb, wc = grad([1.0, 0.5, 2.0], t), 0.25
+        want = (wa * a[n] + wb * b[n] + wc * c[n]) / (wa + wb + wc)
+        assert torch.allclose(got[n], want, rtol=1e-6, atol=1e-6), n
+
+
+def test_tokenizer_source_base(runs, capsys) -> None:
+    tmp, m = runs["tmp"], runs["models"]
+    out = tmp / "cm-filters"
+    if not out.exists():
+        capmerge_run(tmp, "filters", capsys)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / f).read_bytes() == (m["C"] / f).read_bytes(), f  # copied as they are
+    from transformers import AutoTokenizer
+
+    ours, theirs = (AutoTokenizer.from_pretrained(str(d)) for d in (out, tmp / "mk-filters"))
+    assert ours.get_vocab() == theirs.get_vocab()
+    assert ours("w3 w4 w31")["input_ids"] == theirs("w3 w4 w31")["input_ids"]
+
+
+def test_slices_stack_layers_like_mergekit(runs, passthrough, capsys) -> None:
+    tmp = runs["tmp"]
+    out = capmerge_run(tmp, "stack", capsys)
+    got, mk = load_any(out), load_any(tmp / "mk-stack")
+    assert compare(got, mk, 0.0) == 0.0  # copies: bit for bit
+    a, b = (load_any(runs["models"][k]) for k in "AB")
+    assert torch.equal(got["model.layers.2.mlp.up_proj.weight"], b["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(got["model.layers.1.self_attn.q_proj.weight"], a["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(got["lm_head.weight"], b["lm_head.weight"])  # post-layer tensors: the last slice's model
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == json.loads((tmp / "mk-stack" / "config.json").read_text())["num_hidden_layers"]
+    assert cfg["num_hidden_layers"] == 5
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert len(model.model.layers) == 5
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 7]])).logits
+    assert logits.shape == (1, 3, VOCAB) and torch.isfinite(logits).all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,11 @@ if not torch.cuda.is_available():
 # MuJoCo picks its GL backend when first imported (by metaworld, in whichever Meta-World test runs first): offscreen
 # EGL, so the vision tests can render whatever the order (the default, GLFW, aborts the process without a display).
 os.environ.setdefault("MUJOCO_GL", "egl")
+
+# A suite started as a background job (`make test &` in a script) inherits SIGINT ignored, and so would every process
+# it starts: the interrupt tests need Python's default handling there, whatever started the suite.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHAPES = [(), (1,), (7,), (4097,), (0,), (3, 5), (2, 3, 4)]

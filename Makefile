@@ -16,7 +16,7 @@ MERGEKIT_LOCK ?= requirements-mergekit.lock
 LATEST_VENV ?= .venv-latest
 
 .PHONY: venv test lint pytest demo experiment experiment-vision experiment-vision-quick bench clean mergekit-venv lock \
-	latest-venv test-latest
+	latest-venv test-latest mutation
 
 venv: $(STAMP)
 
@@ -93,6 +93,11 @@ experiment-vision: venv
 
 bench: venv
 	$(PY) benchmarks/bench_apply.py
+
+# Mutation score of the core math and header I/O modules (benchmarks/mutation.py, an ast-based driver; ~25 min on
+# 2 cores; not in make test). Writes benchmarks/mutation.csv and prints the score per group.
+mutation: venv
+	$(PY) benchmarks/mutation.py
 
 clean:
 	rm -rf build dist *.egg-info capmerge/*.so demo-output benchmarks/work metaworld-cache

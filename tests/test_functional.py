@@ -39,6 +39,15 @@ def test_breadcrumbs() -> None:
     assert F.breadcrumbs_prune(t, 1.0, 0.3).abs().tolist() == list(range(1, 11))
 
 
+def test_breadcrumbs_gamma_zero_cuts_no_outliers() -> None:
+    t = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    # n = 4, d = 0.5 -> keep 2; gamma = 0 drops nothing from the top: keep 3 <= |t| (< inf)
+    assert F.breadcrumbs_thresholds(t, 0.5, 0.0) == (3.0, float("inf"))
+    assert F.breadcrumbs_prune(t, 0.5, 0.0).tolist() == [0.0, 0.0, 3.0, -4.0]
+    with pytest.raises(ValueError, match="needs density or threshold"):
+        F.magnitude_prune(t)
+
+
 def test_elect_sign_and_combine() -> None:
     a = torch.tensor([1.0, -2.0, 0.0, 3.0, 1.0])
     b = torch.tensor([-1.0, -1.0, 0.0, -1.0, 0.0])

@@ -102,6 +102,8 @@ HEADER_CASES = [
     ("shape-not-list", J({"a": T("F32", 4, [0, 16])}), bytes(16), None, "invalid shape 4 of tensor a", "a", True),
     # 2**62 * 4 overflows 64 bits before the 0 is reached: the reference multiplies in order and stops there
     ("shape-overflow", J({"a": T("U8", [2**62, 4, 0], [0, 0])}), b"", None, "overflows 64 bits", "a", True),
+    # 2**61 elements fit in 64 bits, their 2**61 * 64 bits do not (the reference's ValidationOverflow)
+    ("bits-overflow", J({"a": T("F64", [2**61], [0, 0])}), b"", None, "overflows 64 bits", "a", True),
     ("offsets-bool", J({"a": T("U8", [1], [False, True])}), bytes(1), None, "invalid data_offsets [false, true]",
      "a", True),
     ("offsets-three", J({"a": T("U8", [1], [0, 1, 2])}), bytes(1), None, "invalid data_offsets [0, 1, 2]", "a", True),
@@ -406,3 +408,72 @@ def test_devices_and_sockets_are_refused(tmp_path: Path) -> None:
         refused(tmp_path, ["diff", good, sock_path, "-o", out], "not a regular file (a socket)", sock_path, out)
     finally:
         sock.close()
+
+
+def test_block_reads_at_an_offset_match_the_reference_loader(tmp_path: Path) -> None:
+    """Checkpoint.read_into at byte offsets inside a tensor (how the engine reads a block of a large tensor): every
+    slice equals the same bytes of the tensor as the reference loader reads it."""
+    from capmerge.io.open import open_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    src = {"first": torch.randn(13, generator=g), "second": torch.randn(7, 9, generator=g)}
+    path = save_single(tmp_path / "m.safetensors", src)
+    ref = load_file(str(path))
+    ck = open_checkpoint(path)
+    info = ck.tensors["second"]
+    whole = ref["second"].contiguous().view(torch.uint8).numpy().tobytes()
+    for start, length in [(0, 4), (4, 8), (36, 100), (len(whole) - 4, 4)]:
+        buf = bytearray(length)
+        ck.read_into(info, start, memoryview(buf))
+        assert bytes(buf) == whole[start : start + length], (start, length)
+
+
+@pytest.mark.parametrize("size", [2**63, "9223372036854775808", "10000000000TB", "1" + "0" * 40])
+def test_shard_size_at_or_past_2_63_is_refused(size: int | str) -> None:
+    """docs/reliability.md: ``--shard-size`` is below 2**63 bytes, whether given as an integer or with a unit."""
+    from capmerge.errors import UsageError
+    from capmerge.io.writer import parse_size
+
+    with pytest.raises(UsageError, match=r"^size too large: .* \(at most 2\*\*63 - 1 bytes\)"):
+        parse_size(size)
+    assert parse_size(2**63 - 1) == 2**63 - 1
+    assert parse_size("1TB") == 10**12
+
+
+def test_shard_size_message_shows_40_characters_whole_and_cuts_longer() -> None:
+    from capmerge.errors import UsageError
+    from capmerge.io.writer import parse_size
+
+    forty, forty_one = "9" * 40, "9" * 41
+    with pytest.raises(UsageError) as exc:
+        parse_size(forty)
+    assert exc.value.what == f"size too large: '{forty}' (at most 2**63 - 1 bytes)"
+    with pytest.raises(UsageError) as exc:
+        parse_size(forty_one)
+    assert exc.value.what == f"size too large: '{forty}'… (41 characters) (at most 2**63 - 1 bytes)"
+
+
+def test_dtype_error_names_the_choices() -> None:
+    from capmerge.errors import UsageError
+    from capmerge.io.checkpoint import parse_dtype
+
+    with pytest.raises(UsageError) as exc:
+        parse_dtype("int8", allow_auto=True)
+    assert exc.value.what == "invalid dtype 'int8' (choose from auto, float32, bfloat16, float16)"
+    with pytest.raises(UsageError) as exc:
+        parse_dtype("int8", allow_auto=False)
+    assert exc.value.what == "invalid dtype 'int8' (choose from float32, bfloat16, float16)"
+    assert parse_dtype("torch.bfloat16", allow_auto=False) == "BF16"
+
+
+def test_a_file_cut_short_after_it_was_opened_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """The header was valid when read; the data then shrank under capmerge (another process truncated the file):
+    reading the tensor ends with one error naming the tensor, it does not wait for bytes that will not come."""
+    from capmerge.errors import CheckpointError
+    from capmerge.io.open import open_checkpoint
+
+    path = save_single(tmp_path / "m.safetensors", {"w": torch.arange(64, dtype=torch.float32)})
+    ck = open_checkpoint(path)
+    os.truncate(path, path.stat().st_size - 16)
+    with pytest.raises(CheckpointError, match="unexpected end of file while reading tensor w"):
+        ck.read_tensor("w")

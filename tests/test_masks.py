@@ -147,6 +147,17 @@ def test_parse_layers_huge_range_is_refused() -> None:
     assert message(exc) == "invalid --layers '0-999999999' (block indices stop at 99999)"
 
 
+@pytest.mark.parametrize(("spec", "expected"), [("99999", {99999}), ("99998-99999", {99998, 99999}),
+                                                ("0099999", {99999}), ("10000", {10000})])  # fmt: skip
+def test_parse_layers_limit_is_inclusive(spec: str, expected: set[int]) -> None:
+    """The documented limit (docs/reliability.md: "--layers indices stop at 99999") admits 99999 itself, however many
+    leading zeros it has; 100000 is the first index refused."""
+    assert parse_layers(spec) == expected
+    with pytest.raises(UsageError) as exc:
+        parse_layers("100000")
+    assert message(exc) == "invalid --layers '100000' (block indices stop at 99999)"
+
+
 # --- layer_index --------------------------------------------------------------------------------------------------
 
 

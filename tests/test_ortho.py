@@ -190,6 +190,31 @@ def test_several_vectors(mode: str, basis: str) -> None:
     close((reg()), direct(snapshot(model), ref, taus, mode=mode, basis=basis), rtol=5e-5)
 
 
+def test_abs_with_an_orthonormal_basis_is_the_norm_of_the_projection() -> None:
+    """Δ = (3, 4, 12), τ1 = (1, 0, 0), τ2 = (1, 1, 0): the basis spans the first two axes, so ‖P·Δ‖ = ‖(3, 4)‖ = 5
+    (by hand), for the module and for the functional form."""
+    model = nn.ParameterList([nn.Parameter(torch.zeros(3))])
+    taus = [{"0": torch.tensor([1.0, 0.0, 0.0])}, {"0": torch.tensor([1.0, 1.0, 0.0])}]
+    reg = OrthogonalityLoss(model, taus, mode="abs", basis="orthonormal", weight=1.0)
+    with torch.no_grad():
+        model[0].copy_(torch.tensor([3.0, 4.0, 12.0]))
+    close(reg(), 5.0, rtol=1e-6)
+    close(orthogonality_penalty({"0": model[0].detach()}, taus, mode="abs", basis="orthonormal"), 5.0, rtol=1e-6)
+
+
+def test_a_tensor_read_in_two_cpu_chunks() -> None:
+    """1.5 M elements: ‖Δ‖² is summed over two 2^20-element chunks on the CPU. Δ = 1 everywhere, τ = 1 on the first
+    three elements: cos² = ⟨Δ, τ̂⟩² / ‖Δ‖² = (3/√3)² / n = 3 / n (by hand)."""
+    n = 3 << 19
+    model = nn.ParameterList([nn.Parameter(torch.zeros(n))])
+    tau = torch.zeros(n)
+    tau[:3] = 1.0
+    reg = OrthogonalityLoss(model, {"0": tau}, mode="cosine2", weight=1.0)
+    with torch.no_grad():
+        model[0].fill_(1.0)
+    close(reg(), 3.0 / n, rtol=1e-5)
+
+
 def test_orthonormal_basis_drops_dependent_vectors() -> None:
     model = Tiny()
     tau = vector_for(model)

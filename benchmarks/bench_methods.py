@@ -123,6 +123,8 @@ def run_methods(methods: list[str], dirs: dict[str, Path], out_root: Path, *, cl
                 if r == repeats - 1 and cases[f"{method}_capmerge"].ok and cases[f"{method}_mergekit"].ok:
                     cases[f"{method}_mergekit"].notes.append(compare_note(out, mk_out, check))
             ba.clean(out, mk_out)
+        done = [f"{n} {cases[f'{method}_{n}'].runs[-1].seconds:.1f} s" for n in names]
+        print(f"    {', '.join(done)}", file=sys.stderr, flush=True)
     return cases
 
 

@@ -121,14 +121,18 @@ def llama_config(p: Preset) -> dict[str, object]:
     }  # fmt: skip
 
 
-def ensure_checkpoints(root: Path, preset: Preset, *, seed: int = 0) -> dict[str, Path]:
-    """Create (or reuse) root/{P,S,A}: bf16, sharded, HF layout. S and A are P plus independent uniform noise."""
-    dirs = {k: root / k for k in "PSA"}
+def ensure_checkpoints(root: Path, preset: Preset, *, seed: int = 0, names: str = "PSA") -> dict[str, Path]:
+    """Create (or reuse) root/{P,S,A}: bf16, sharded, HF layout. S and A are P plus independent uniform noise.
+
+    ``names``: one letter per checkpoint, the first the base and the others it plus noise (bench_methods: PABC)."""
+    dirs = {k: root / k for k in names}
     want = {"format": MARKER_FORMAT, "preset": asdict(preset), "seed": seed}
+    if names != "PSA":
+        want["names"] = names
     marker = root / MARKER
     if marker.exists() and json.loads(marker.read_text()) == want:
         return dirs
-    print(f"generating P/S/A in {root} ...", file=sys.stderr, flush=True)
+    print(f"generating {'/'.join(names)} in {root} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     marker.unlink(missing_ok=True)
     for d in dirs.values():
@@ -140,14 +144,14 @@ def ensure_checkpoints(root: Path, preset: Preset, *, seed: int = 0) -> dict[str
     total_size = 0
     for k, shard in enumerate(shards, 1):
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        tensors: dict[str, dict[str, torch.Tensor]] = {c: {} for c in "PSA"}
+        tensors: dict[str, dict[str, torch.Tensor]] = {c: {} for c in names}
         for name, shape in shard:
             if len(shape) == 1:  # RMSNorm weights live around 1
                 p = torch.empty(shape, dtype=torch.bfloat16).uniform_(0.9, 1.1, generator=gen)
             else:
                 p = torch.empty(shape, dtype=torch.bfloat16).uniform_(-0.03, 0.03, generator=gen)
-            tensors["P"][name] = p
-            for c in "SA":
+            tensors[names[0]][name] = p
+            for c in names[1:]:
                 tensors[c][name] = p + torch.empty_like(p).uniform_(-0.003, 0.003, generator=gen)
             weight_map[name] = fname
             total_size += p.numel() * p.element_size()
@@ -159,7 +163,7 @@ def ensure_checkpoints(root: Path, preset: Preset, *, seed: int = 0) -> dict[str
         (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (d / "config.json").write_text(json.dumps(llama_config(preset), indent=2) + "\n")
     marker.write_text(json.dumps(want) + "\n")
-    print(f"generated {total_size / 1e9:.2f} GB x 3 in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"generated {total_size / 1e9:.2f} GB x {len(names)} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return dirs
 
 

@@ -8,6 +8,7 @@ lists or mappings are refused while the document is read.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -134,6 +135,11 @@ def _int(loader: _Loader, node: yaml.ScalarNode) -> int:
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _sequence)
 _Loader.add_constructor("tag:yaml.org,2002:int", _int)
+# YAML 1.1 (PyYAML) reads `1e-7` (an exponent without a dot) as a string; YAML 1.2, mergekit (pydantic) and every
+# configuration writer mean a number
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def load(text: str) -> Any:

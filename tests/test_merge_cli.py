@@ -220,3 +220,32 @@ def test_setting_resolution_rules() -> None:
     assert layer_t(None, 4) == 0.0 and layer_t(3, 4) == 1.0 and layer_t(0, 1) == 1.0
     with pytest.raises(ValueError, match="gradient"):
         check_setting([True, False], bool, "normalize")
+
+
+def test_unused_base_joins_as_mergekit_merges_it_or_is_left_out(models, tmp_path: Path, capsys) -> None:
+    """A base the method does not use and the models do not list: mergekit appends it as one more input. karcher
+    merges it; linear without a global weight for it, and passthrough (one input), are refused by mergekit: capmerge
+    leaves the base out and warns."""
+    from capmerge.merge.methods.models import TensorInputs
+    from capmerge.merge.methods.registry import get_model_method
+
+    a, b, p = (str(models[k]) for k in "ABP")
+    assert main(["merge", a, b, "--base", p, "--method", "karcher", "-o", str(tmp_path / "k"), "-q"]) == 0
+    assert "does not use a base" not in capsys.readouterr().err
+    m = get_model_method("karcher")
+    got, ins = load_any(tmp_path / "k"), [load_any(models[k]) for k in "ABP"]
+    gp, mp = m.resolve({}, [{}] * 3)
+    for n in SHAPES:
+        assert torch.equal(got[n], m.fn(TensorInputs(n, [t[n] for t in ins], mp, gp))), n
+    for method, extra in (("linear", ["--weights", "1"]), ("passthrough", [])):
+        out = tmp_path / method
+        assert main(["merge", a, *([b] if extra else []), "--base", p, "--method", method, *extra, "-o", str(out)]) == 0
+        assert f"{method} does not use a base model: {p} is not merged" in capsys.readouterr().err
+        assert torch.equal(load_any(out)["lm_head.weight"], (ins[0]["lm_head.weight"] + ins[1]["lm_head.weight"]) / 2
+                           if extra else ins[0]["lm_head.weight"])  # fmt: skip
+
+
+def test_yaml_exponent_without_dot_is_a_number() -> None:
+    from capmerge.recipes import yaml_lines
+
+    assert yaml_lines.load("tol: 1e-7\nx: -2E+3\ny: 1e\n") == {"tol": 1e-7, "x": -2000.0, "y": "1e"}

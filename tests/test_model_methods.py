@@ -11,11 +11,19 @@ tens of degrees, and A_i − P is exact), B_i = A_i + σ (a shared direction, so
 (colinear with P: slerp's linear fallback). The random methods (DARE, DELLA) cannot share mergekit's torch.bernoulli
 draws: they are compared at density 1 here (the combination step, with mergekit's defaults) and statistically in
 tests/test_model_methods_random.py.
+
+The same configuration files then run through ``capmerge run`` (the configuration runner in process, one through the
+real command line in a subprocess) and must give mergekit's output too, beside configurations only the runner takes
+(filters, gradients, slices, a base listed among the models or joining them, out_dtype); every registered method runs
+through ``capmerge merge`` with its parameters as options. mergekit runs once, in the fixture.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,6 +94,57 @@ CASES: dict[str, tuple[str, list[tuple[str, dict[str, object] | None]], str | No
 }
 
 
+# Configurations that only the streaming runner can take (filters, gradients, slices, a base listed among the models, an
+# unlisted base joining a method without one, out_dtype): run by mergekit and by `capmerge run`, compared. "@X" is model
+# X's directory; the tolerance is relative to the tensor's largest magnitude (bfloat16 output: one rounding step).
+T_FILTERS = [{"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
+             {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]}, {"value": 0.5}]  # fmt: skip
+RUNNER_CASES: dict[str, tuple[dict[str, object], float]] = {
+    # mergekit's README slerp example: the base listed among the models, t by filter and gradient
+    "slerp_filters": ({"merge_method": "slerp", "base_model": "@P", "models": [{"model": "@P"}, {"model": "@A1"}],
+                       "parameters": {"t": T_FILTERS}, "dtype": "float32"}, 1e-6),
+    "ties_gradients": ({"merge_method": "ties", "base_model": "@P", "models": [
+        {"model": "@A1", "parameters": {"weight": [{"filter": "mlp", "value": [0.2, 0.9]}, {"value": 0.6}],
+                                        "density": [0.3, 0.8]}},
+        {"model": "@A2", "parameters": {"weight": 0.4}}], "parameters": {"density": 0.5, "lambda": [1.0, 0.5]},
+        "dtype": "float32"}, 2e-7),
+    "linear_base_listed": ({"merge_method": "linear", "base_model": "@P", "models": [
+        {"model": "@P", "parameters": {"weight": 0.2}}, {"model": "@A1", "parameters": {"weight": 0.5}},
+        {"model": "@A2", "parameters": {"weight": 0.3}}], "dtype": "float32"}, 5e-7),
+    "linear_base_joins": ({"merge_method": "linear", "base_model": "@P", "models": [
+        {"model": "@A1", "parameters": {"weight": 0.5}}, {"model": "@A2"}], "parameters": {"weight": 0.3},
+        "dtype": "float32"}, 5e-7),
+    "karcher_base_listed": ({"merge_method": "karcher", "base_model": "@P", "models": [
+        {"model": "@P"}, {"model": "@B1"}, {"model": "@B2"}], "dtype": "float32"}, 1e-6),
+    "karcher_base_joins": ({"merge_method": "karcher", "base_model": "@P", "models": [
+        {"model": "@B1"}, {"model": "@B2"}], "dtype": "float32"}, 1e-6),
+    "model_stock_slices": ({"merge_method": "model_stock", "base_model": "@P", "slices": [
+        {"sources": [{"model": m, "layer_range": [0, 1]} for m in ("@B1", "@B2", "@P")]},
+        {"sources": [{"model": m, "layer_range": [1, 2]} for m in ("@P", "@B1", "@B2")],
+         "parameters": {"filter_wise": True}}], "dtype": "float32"}, 1e-6),
+    "passthrough_slices": ({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": "@A1", "layer_range": [0, 2]}]},
+        {"sources": [{"model": "@B1", "layer_range": [1, 2], "parameters": {"scale": [
+            {"filter": "o_proj", "value": 0.0}, {"value": 1.5}]}}]}], "dtype": "float32"}, 0.0),
+    "sce_bf16": ({"merge_method": "sce", "base_model": "@P", "models": [{"model": f"@{m}"} for m in B],
+                  "parameters": {"select_topk": [0.2, 0.6]}, "dtype": "float32", "out_dtype": "bfloat16"}, 2.0**-8),
+    "nearswap_gradient": ({"merge_method": "nearswap", "base_model": "@P", "models": [{"model": "@A1"}],
+                           "parameters": {"t": [0.01, 0.1]}, "dtype": "float32"}, 2e-7),
+    "dare_ties_d1_gradient": ({"merge_method": "dare_ties", "base_model": "@P", "models": [
+        {"model": f"@{m}", "parameters": {"weight": [1.0, w]}} for m, w in zip(A, NEG, strict=True)],
+        "dtype": "float32"}, 2e-7),
+}  # fmt: skip
+
+
+def runner_config(cfg: object, dirs: dict[str, object]) -> object:
+    """``cfg`` with every "@X" replaced by model X's directory."""
+    if isinstance(cfg, dict):
+        return {k: runner_config(v, dirs) for k, v in cfg.items()}
+    if isinstance(cfg, list):
+        return [runner_config(v, dirs) for v in cfg]
+    return str(dirs[cfg[1:]]) if isinstance(cfg, str) and cfg.startswith("@") else cfg
+
+
 def test_every_model_method_has_a_mergekit_case() -> None:
     covered = {c[0] for c in CASES.values()}
     assert covered == set(MODEL_METHODS), set(MODEL_METHODS) ^ covered
@@ -109,12 +168,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     configs = {name: mergekit_config(method, [(dirs[m], mp) for m, mp in ms], base=dirs[b] if b else None,
                                      parameters=params or None)
                for name, (method, ms, b, params, _) in CASES.items()}  # fmt: skip
+    configs.update({name: json.dumps(runner_config(cfg, dirs), indent=1) for name, (cfg, _) in RUNNER_CASES.items()})
     proc = start_mergekit(configs, tmp)
     try:
         ours = {name: capmerge_merge(models, *case[:4]) for name, case in CASES.items()}
     finally:
         wait_mergekit(proc)
-    return {"tmp": tmp, "models": models, "ours": ours}
+    return {"tmp": tmp, "models": models, "ours": ours, "dirs": dirs}
 
 
 def capmerge_merge(models: dict[str, dict[str, torch.Tensor]], method: str, ms: list, base: str | None,
@@ -192,3 +252,94 @@ def test_merge_state_dicts_is_the_per_tensor_fn_and_matches_mergekit(runs, case:
     for n, t in runs["ours"][case].items():
         assert torch.equal(got[n], t), f"{case} {n}: merge_state_dicts differs from the per-tensor fn"
     compare(got, load_any(runs["tmp"] / f"mk-{case}"), tol, f"{case} (merge_state_dicts)")
+
+
+# ------------------------------------------------------------------ the same configuration files through `capmerge run`
+
+
+def run_config_file(tmp, case: str):
+    """``capmerge run tmp/CASE.yml -o tmp/cm-CASE`` in process (the function behind the command), once per case."""
+    from capmerge.recipes.mergekit import run_config
+
+    out = tmp / f"cm-{case}"
+    if not out.exists():
+        run_config(tmp / f"{case}.yml", out)
+    return out
+
+
+def compare_outputs(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], tol: float, what: str) -> float:
+    """:func:`compare` for outputs of any dtype (both the same): the largest difference relative to max |ref|."""
+    assert {n: t.dtype for n, t in got.items()} == {n: t.dtype for n, t in ref.items()}, f"{what}: names or dtypes"
+    return compare({n: t.float() for n, t in got.items()}, {n: t.float() for n, t in ref.items()}, tol, what)
+
+
+@pytest.mark.parametrize("case", [*CASES, *RUNNER_CASES])
+def test_capmerge_run_matches_mergekit(runs, case: str) -> None:
+    """The configuration file mergekit ran, through capmerge's configuration runner: mergekit's output."""
+    tmp = runs["tmp"]
+    tol = CASES[case][4] if case in CASES else RUNNER_CASES[case][1]
+    got, mk = load_any(run_config_file(tmp, case)), load_any(tmp / f"mk-{case}")
+    worst = compare_outputs(got, mk, tol, f"{case} (capmerge run)")
+    print(f"{case}: capmerge run vs mergekit, max diff / max |mergekit| = {worst:.3g}")
+    if case in CASES:  # the runner calls the same fn: bit for bit what the per-tensor comparison above computed
+        for n, t in runs["ours"][case].items():
+            assert torch.equal(got[n], t), f"{case} {n}: the runner differs from the per-tensor fn"
+    cfg, mk_cfg = (json.loads((d / "config.json").read_text()) for d in (tmp / f"cm-{case}", tmp / f"mk-{case}"))
+    assert cfg["num_hidden_layers"] == mk_cfg["num_hidden_layers"]
+
+
+def test_capmerge_run_cli_subprocess(runs) -> None:
+    """The real command line, in its own process, on one configuration: the in-process runner's output, bit for bit."""
+    tmp, case = runs["tmp"], "ties_gradients"
+    out = tmp / "cli-ties_gradients"
+    proc = subprocess.run([sys.executable, "-m", "capmerge", "run", str(tmp / f"{case}.yml"), "-o", str(out),
+                           "--quiet"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    got, ref = load_any(out), load_any(run_config_file(tmp, case))
+    assert all(torch.equal(got[n], t) for n, t in ref.items()) and sorted(got) == sorted(ref)
+    compare_outputs(got, load_any(tmp / f"mk-{case}"), RUNNER_CASES[case][1], f"{case} (CLI)")
+
+
+def cli_args(case: str, dirs: dict[str, object]) -> list[str]:
+    """``capmerge merge`` arguments for a case: the models, --base, per-model parameters as one value per model
+    (--weights for weight, --param k=a,b,... otherwise) and global ones as --param k=v."""
+    method, ms, base, params, _ = CASES[case]
+
+    def text(v: object) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    args = ["merge", *(str(dirs[m]) for m, _ in ms), "--method", method]
+    if base:
+        args += ["--base", str(dirs[base])]
+    keys = dict.fromkeys(k for _, mp in ms for k in mp or {})
+    for k in keys:
+        values = ",".join(text((mp or {})[k]) for _, mp in ms)
+        args += ["--weights", values] if k == "weight" else ["--param", f"{k}={values}"]
+    for k, v in params.items():
+        args += ["--param", f"{k}={text(v)}"]
+    return args
+
+
+FIRST_CASE = {
+    m: next(c for c, spec in CASES.items() if spec[0] == m) for m in dict.fromkeys(c[0] for c in CASES.values())
+}
+
+
+@pytest.mark.parametrize("method", list(FIRST_CASE))
+def test_capmerge_merge_cli_every_method(runs, method: str, capsys) -> None:
+    """``capmerge merge`` (in process) for every registered method, its parameters given as options: mergekit's
+    output for the same merge, and ``--list-params`` names every parameter."""
+    from capmerge.cli import main
+
+    m = get_model_method(method)
+    assert main(["merge", "--method", method, "--list-params"]) == 0
+    listed = capsys.readouterr().out
+    assert f"base model: {m.base}" in listed and all(k in listed for k in [*m.params, *m.model_params]), listed
+    case = FIRST_CASE[method]
+    out = runs["tmp"] / f"cli-merge-{case}"
+    code = main([*cli_args(case, runs["dirs"]), "--dtype", "float32", "-o", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    got = load_any(out)
+    for n, t in runs["ours"][case].items():
+        assert torch.equal(got[n], t), f"{case} {n}: capmerge merge differs from the per-tensor fn"
+    compare(got, load_any(runs["tmp"] / f"mk-{case}"), CASES[case][4], f"{case} (capmerge merge)")

@@ -126,3 +126,26 @@ def test_density_edges(tau: torch.Tensor) -> None:
     gp, _ = m.resolve({}, [])
     base = torch.arange(4.0)
     assert torch.equal(m.fn(TensorInputs("t", [], [], gp, base)), base), "no models: the base"
+
+
+@pytest.mark.parametrize("shape", [(7,), (64, 33), (3, 5, 4)])
+def test_masks_are_the_reference_philox_masks(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The methods draw from the native kernel on the CPU: the masks of capmerge.functional's pure-torch Philox,
+    bit for bit (and the same output without the native kernel)."""
+    g = torch.Generator().manual_seed(3)
+    base, model = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    name = "model.layers.2.mlp.up_proj.weight"
+    tau = model - base
+    for method, ref in (
+        ("dare_linear", F.random_prune(tau, 0.4, key=F.tensor_key(9, name, 0), rescale=False)),
+        ("della_linear", F.della_prune(tau, 0.4, 0.2, key=F.tensor_key(9, name, 0), rescale=False)),
+    ):
+        m = get_model_method(method)
+        mp = {"weight": 1.0, "density": 0.4, **({"epsilon": 0.2} if "della" in method else {})}
+        gp, mps = m.resolve({"rescale": False}, [mp])
+        x = TensorInputs(name, [model], mps, gp, base, 9)
+        native = m.fn(x)
+        torch.testing.assert_close(native, base + ref, rtol=0, atol=0)
+        monkeypatch.setenv("CAPMERGE_NO_NATIVE", "1")
+        assert torch.equal(m.fn(x), native), method
+        monkeypatch.delenv("CAPMERGE_NO_NATIVE")

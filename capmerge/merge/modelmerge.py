@@ -214,10 +214,18 @@ def _slices(spec: MergeSpec, method: ModelMethod, warnings: list[str]) -> list[S
         return spec.slices
     sources = list(spec.models)
     if spec.base is not None and all(s.model != spec.base for s in sources):
-        if method.base == "unused":
-            warnings.append(f"{method.name} does not use a base model: {spec.base} is not merged")
-        else:
+        # mergekit appends an unlisted base to the inputs; a method without a base then merges it as one more model
+        # (karcher, linear with a global weight), or refuses it (no weight for it, too many inputs): capmerge leaves
+        # it out with a warning in those cases instead
+        hi = method.n_models[1]
+        joins = method.base != "unused" or (
+            (hi is None or len(sources) < hi)
+            and all(k in spec.parameters for k, d in method.model_params.items() if d is None)
+        )
+        if joins:
             sources.append(SourceSpec(spec.base, where=spec.where.get("base_model")))
+        else:
+            warnings.append(f"{method.name} does not use a base model: {spec.base} is not merged")
     return [SliceSpec(sources)]
 
 

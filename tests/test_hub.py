@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import make_ckpts, tree_digest
+from conftest import load_any, make_ckpts, tree_digest
 from hubserver import HubServer
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -377,3 +377,32 @@ def test_diff_from_hub_ids_card_base_model_and_recipe_push(hub, pushed, data, tm
     c = load_file(str(got / "capvector.safetensors"))
     assert c.keys() == b.keys() and all(c[k].equal(b[k]) for k in c)
     assert yaml.safe_load((got / "README.md").read_text().split("---\n")[1])["recommended_alpha"] == 0.7
+
+
+def test_mergekit_config_with_hub_models_and_a_revision(hub, pushed, data, tmp_path: Path) -> None:
+    """A mergekit configuration naming Hub models (``org/name``, ``org/name@revision``) merges the same bytes as the
+    same configuration naming the local folders."""
+    home = tmp_path / "hf"
+    sdir = data["S"].parent  # S as a model folder (model.safetensors)
+    ok(run(["push", str(sdir), "org/sft", "--revision", "dev", "-q"], home, hub, HF_TOKEN=TOKEN))
+
+    def config(base: str, other: str) -> str:
+        return (f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {other}\n"
+                "    parameters: {weight: 0.5}\ndtype: float32\n")  # fmt: skip
+
+    (tmp_path / "local.yml").write_text(config(json.dumps(str(data["P"])), json.dumps(str(sdir))))
+    (tmp_path / "remote.yml").write_text(config("org/pre", "org/sft@dev"))
+    ok(run(["run", str(tmp_path / "local.yml"), "-o", str(tmp_path / "local")], home))
+    ok(run(["run", str(tmp_path / "remote.yml"), "-o", str(tmp_path / "remote")], home, hub))
+    a, b = load_any(tmp_path / "local"), load_any(tmp_path / "remote")
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    p, s = load_any(data["P"]), load_any(sdir)
+    k = next(n for n in p if p[n].is_floating_point())
+    expected = p[k].float() + 0.5 * (s[k].float() - p[k].float())  # task arithmetic by hand
+    assert torch.allclose(b[k].float(), expected, rtol=0, atol=1e-6)
+    # offline with an empty cache: one error line naming the model, nothing written (the filled cache would serve)
+    err(run(["run", str(tmp_path / "remote.yml"), "-o", str(tmp_path / "none")], tmp_path / "hf2", hub,
+            HF_HUB_OFFLINE="1"), "org/pre")  # fmt: skip
+    assert not (tmp_path / "none").exists()

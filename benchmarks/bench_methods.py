@@ -123,7 +123,8 @@ def run_methods(methods: list[str], dirs: dict[str, Path], out_root: Path, *, cl
                 if r == repeats - 1 and cases[f"{method}_capmerge"].ok and cases[f"{method}_mergekit"].ok:
                     cases[f"{method}_mergekit"].notes.append(compare_note(out, mk_out, check))
             ba.clean(out, mk_out)
-        done = [f"{n} {cases[f'{method}_{n}'].runs[-1].seconds:.1f} s" for n in names]
+        last = [cases[f"{method}_{n}"].runs[-1] for n in names]
+        done = [f"{n} {r.seconds:.1f} s ({r.peak_anon_mb:.0f} MB RssAnon)" for n, r in zip(names, last, strict=True)]
         print(f"    {', '.join(done)}", file=sys.stderr, flush=True)
     return cases
 

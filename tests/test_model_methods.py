@@ -273,6 +273,15 @@ def compare_outputs(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], 
     return compare({n: t.float() for n, t in got.items()}, {n: t.float() for n, t in ref.items()}, tol, what)
 
 
+def same_as_fn(got: torch.Tensor, want: torch.Tensor, case: str) -> bool:
+    """Bit for bit, except karcher: its iterations sum norms whose float32 rounding depends on the data's alignment
+    in memory (torch's vectorised reductions), so a run reading the tensor from another buffer may stop one rounding
+    apart; there it is float32 rounding of the largest value."""
+    if not case.startswith("karcher"):
+        return torch.equal(got, want)
+    return bool((got - want).abs().max() <= 4e-7 * want.abs().max())
+
+
 @pytest.mark.parametrize("case", [*CASES, *RUNNER_CASES])
 def test_capmerge_run_matches_mergekit(runs, case: str) -> None:
     """The configuration file mergekit ran, through capmerge's configuration runner: mergekit's output."""
@@ -283,7 +292,7 @@ def test_capmerge_run_matches_mergekit(runs, case: str) -> None:
     print(f"{case}: capmerge run vs mergekit, max diff / max |mergekit| = {worst:.3g}")
     if case in CASES:  # the runner calls the same fn: bit for bit what the per-tensor comparison above computed
         for n, t in runs["ours"][case].items():
-            assert torch.equal(got[n], t), f"{case} {n}: the runner differs from the per-tensor fn"
+            assert same_as_fn(got[n], t, case), f"{case} {n}: the runner differs from the per-tensor fn"
     cfg, mk_cfg = (json.loads((d / "config.json").read_text()) for d in (tmp / f"cm-{case}", tmp / f"mk-{case}"))
     assert cfg["num_hidden_layers"] == mk_cfg["num_hidden_layers"]
 
@@ -341,5 +350,5 @@ def test_capmerge_merge_cli_every_method(runs, method: str, capsys) -> None:
     assert code == 0, capsys.readouterr().err
     got = load_any(out)
     for n, t in runs["ours"][case].items():
-        assert torch.equal(got[n], t), f"{case} {n}: capmerge merge differs from the per-tensor fn"
+        assert same_as_fn(got[n], t, case), f"{case} {n}: capmerge merge differs from the per-tensor fn"
     compare(got, load_any(runs["tmp"] / f"mk-{case}"), CASES[case][4], f"{case} (capmerge merge)")

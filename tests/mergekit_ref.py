@@ -35,10 +35,16 @@ def tie_free(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     return (mags * signs).reshape(shape)
 
 
-def llama_tensors() -> dict[str, tuple[int, ...]]:
-    h, i, v = LLAMA["hidden"], LLAMA["intermediate"], LLAMA["vocab"]
+def llama_tensors(
+    hidden: int = LLAMA["hidden"],
+    intermediate: int = LLAMA["intermediate"],
+    vocab: int = LLAMA["vocab"],
+    layers: int = LLAMA["layers"],
+) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a Llama checkpoint (HF names), the tiny one by default."""
+    h, i, v = hidden, intermediate, vocab
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for n in range(LLAMA["layers"]):
+    for n in range(layers):
         p = f"model.layers.{n}."
         shapes[p + "input_layernorm.weight"] = (h,)
         shapes.update({f"{p}self_attn.{x}_proj.weight": (h, h) for x in "qkvo"})

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_any, save_single
+from mergekit_ref import llama_tensors
 
 from capmerge.cli import main
 from capmerge.merge.methods import registry
@@ -28,15 +29,7 @@ LAYERS, HIDDEN, INTER, VOCAB = 4, 16, 32, 32
 
 
 def shapes() -> dict[str, tuple[int, ...]]:
-    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for n in range(LAYERS):
-        p = f"model.layers.{n}."
-        s[p + "input_layernorm.weight"] = (HIDDEN,)
-        s.update({f"{p}self_attn.{x}_proj.weight": (HIDDEN, HIDDEN) for x in "qkvo"})
-        s[p + "post_attention_layernorm.weight"] = (HIDDEN,)
-        s.update({p + "mlp.gate_proj.weight": (INTER, HIDDEN), p + "mlp.up_proj.weight": (INTER, HIDDEN)})
-        s[p + "mlp.down_proj.weight"] = (HIDDEN, INTER)
-    return {**s, "model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+    return llama_tensors(hidden=HIDDEN, intermediate=INTER, vocab=VOCAB, layers=LAYERS)
 
 
 CONFIG = {

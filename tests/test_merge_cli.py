@@ -104,6 +104,28 @@ def test_single_file_output(models, tmp_path: Path, capsys) -> None:
     assert torch.allclose(got["lm_head.weight"], (a["lm_head.weight"] + b["lm_head.weight"]) / 2)
 
 
+def test_side_files_follow_the_copy_rules_of_apply(models, tmp_path: Path, capsys) -> None:
+    """Tokenizer and generation config come from the first model, as apply copies side files: a regular file or a
+    symlink inside the checkpoint is copied byte for byte; a symlink leading outside it is not (warning line,
+    files_skipped in --json)."""
+    a = models["A"]
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the checkpoint's")
+    (a / "tokenizer_config.json").write_text('{"model_max_length": 8}')
+    (a / "vocab.txt").symlink_to(secret)  # leads outside A/
+    (a / "real_tokenizer.json").write_text('{"version": "1.0"}')
+    (a / "tokenizer.json").symlink_to("real_tokenizer.json")  # stays inside A/
+    out = tmp_path / "out"
+    assert main(["merge", str(a), str(models["B"]), "--weights", "1", "-o", str(out), "--json"]) == 0
+    cap = capsys.readouterr()
+    summary = json.loads(cap.out)
+    assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 8}'
+    assert (out / "tokenizer.json").read_text() == '{"version": "1.0"}' and not (out / "tokenizer.json").is_symlink()
+    assert not (out / "vocab.txt").exists()
+    assert "vocab.txt" in summary["files_skipped"] and str(secret.resolve()) in summary["files_skipped"]["vocab.txt"]
+    assert any(ln.startswith("warning:") and "vocab.txt" in ln for ln in cap.err.splitlines()), cap.err
+
+
 @pytest.mark.parametrize(
     "extra,expect",
     [

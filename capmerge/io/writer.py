@@ -403,21 +403,30 @@ class Output:
                 continue
             if is_weight_file(src.name) or rel.as_posix() == "capmerge.json":
                 continue
-            outside = leads_outside(src, bounds)
-            if outside is not None:
-                skipped[rel.as_posix()] = f"a symlink leading outside the checkpoint directory (to {outside})"
-                continue
-            if not src.is_file():
-                skipped[rel.as_posix()] = "not a regular file" if src.exists() else "a broken symlink"
-                continue
-            dst = self.tmp / rel
-            try:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, dst)
-            except OSError as e:
-                raise _write_error(e, str(self.out / rel)) from e
-            copied.append(rel.as_posix())
+            why = self.copy_side_file(src_root, rel.as_posix(), bounds)
+            if why is None:
+                copied.append(rel.as_posix())
+            else:
+                skipped[rel.as_posix()] = why
         return copied, skipped
+
+    def copy_side_file(self, root: str | os.PathLike[str], rel: str, bounds: list[str] | None = None) -> str | None:
+        """Copy ``root/rel`` to ``OUT/rel`` unless it is a symlink leading outside the checkpoint (``bounds``, default
+        :func:`~capmerge.io.checkpoint.checkpoint_bounds` of ``root``) or not a regular file; returns why it was
+        skipped, or None when it was copied."""
+        src = Path(root) / rel
+        outside = leads_outside(src, checkpoint_bounds(root) if bounds is None else bounds)
+        if outside is not None:
+            return f"a symlink leading outside the checkpoint directory (to {outside})"
+        if not src.is_file():
+            return "not a regular file" if src.exists() else "a broken symlink"
+        dst = self.tmp / rel
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        except OSError as e:
+            raise _write_error(e, str(self.out / rel)) from e
+        return None
 
     def commit(self) -> None:
         """Move the finished output into place; with ``force`` an existing OUT is replaced."""

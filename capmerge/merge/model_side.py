@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -145,31 +144,30 @@ def _template(p: Any) -> str | None:
     return collections.Counter(found).most_common(1)[0][0] if found else None
 
 
-def _copy(src: Path, out: Any, rel: str) -> None:
-    try:
-        shutil.copyfile(src, out.path_for(rel))
-    except OSError as e:
-        from capmerge.io.writer import WriteError
-
-        raise WriteError(f"cannot copy {src}: {e.strerror or e}", str(out.out / rel)) from e
-
-
-def write(p: Any, out: Any) -> list[str]:
-    """Write the side files into the output directory ``out`` (an :class:`~capmerge.io.writer.Output`)."""
+def write(p: Any, out: Any, skipped: dict[str, str] | None = None) -> list[str]:
+    """Write the side files into the output directory ``out`` (an :class:`~capmerge.io.writer.Output`). Copied files
+    follow ``apply``'s rules (:meth:`~capmerge.io.writer.Output.copy_side_file`): a symlink leading outside its
+    checkpoint, or anything not a regular file, is not copied and lands in ``skipped`` (name → why)."""
     written = []
+    skipped = {} if skipped is None else skipped
     cfg = _config(p)
     if cfg is not None:
         out.write_text("config.json", json.dumps(cfg, indent=2) + "\n")
         written.append("config.json")
+    copies = []
     donor_root = _root(p, donor(p))
-    if donor_root is not None and (donor_root / "generation_config.json").is_file():
-        _copy(donor_root / "generation_config.json", out, "generation_config.json")
-        written.append("generation_config.json")
+    if donor_root is not None:
+        copies.append((donor_root, "generation_config.json"))
     root = tokenizer_root(p)
-    for name in TOKENIZER_FILES if root is not None else ():
-        if (root / name).is_file():  # type: ignore[operator]
-            _copy(root / name, out, name)  # type: ignore[operator]
+    copies += [(root, name) for name in TOKENIZER_FILES] if root is not None else []
+    for src_root, name in copies:
+        if not os.path.lexists(src_root / name):
+            continue
+        why = out.copy_side_file(src_root, name)
+        if why is None:
             written.append(name)
+        else:
+            skipped[name] = why
     tmpl = _template(p)
     if tmpl:
         out.write_text("chat_template.jinja", tmpl)

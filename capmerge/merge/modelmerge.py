@@ -464,7 +464,7 @@ def run_merge(
             index = "model.safetensors.index.json" if n > 1 else None
             summary.files, summary.bytes_written = finish_files(out, list(zip(names, files, strict=True)), meta, index)
             if not out.single_file:
-                summary.files += model_side.write(p, out)
+                summary.files += model_side.write(p, out, summary.files_skipped)
             out.commit()
         except BaseException:
             out.abort()

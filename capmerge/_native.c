@@ -803,6 +803,74 @@ static int check_len(Py_buffer *b, int dt, Py_ssize_t n, const char *what) {
 }
 
 /* diff(out, out_dt, a, a_dt, b, b_dt, n) -> flags;  out = round(a - b) */
+
+/* moments: the statistics pass of the model-centric methods (capmerge/merge/methods/blockform.py).
+ * For K vectors v_i = a_i - base (float32, rounded as the merge kernel rounds it) or a_i, over elements [0, n):
+ *   gram (K*K, row-major, symmetric): sum v_i * v_j      (when want_gram)
+ *   l1   (K):                         sum |v_i|
+ *   kept (K):                         sum |p_i|, p_i = v_i pruned by the term's mode (as run_merge_tiles prunes it)
+ * Products of two floats are exact in double; the sums are double, in a fixed order (tile by tile, four lanes), so
+ * the same blocks give the same bits. Results are added into out (float64, K*K + 2K). */
+MULTIVERSION
+static void run_moments(const term_t *terms, int k, const void *base, int base_dt, Py_ssize_t n, uint64_t elem_offset,
+                        int want_gram, int want_l1, double *out, float *tiles) {
+    float tmp[TILE];
+    Py_ssize_t off, j;
+    int i, l;
+    for (off = 0; off < n; off += TILE) {
+        Py_ssize_t m = n - off < TILE ? n - off : TILE;
+        float *bt = tiles + (size_t)k * TILE;
+        if (base) load_tile(bt, base, base_dt, off, m);
+        for (i = 0; i < k; i++) {
+            float *tt = tiles + (size_t)i * TILE;
+            const term_t *t = &terms[i];
+            double s[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0};
+            load_tile(tt, t->a, t->a_dt, off, m);
+            if (t->b)
+                for (j = 0; j < m; j++) tt[j] = tt[j] - bt[j];
+            if (want_l1) {
+                for (j = 0; j + 4 <= m; j += 4) {
+                    s[0] += (double)fabsf(tt[j]);
+                    s[1] += (double)fabsf(tt[j + 1]);
+                    s[2] += (double)fabsf(tt[j + 2]);
+                    s[3] += (double)fabsf(tt[j + 3]);
+                }
+                for (; j < m; j++) s[j & 3] += (double)fabsf(tt[j]);
+                out[(size_t)k * k + i] += (s[0] + s[1]) + (s[2] + s[3]);
+            }
+            if (t->mode == PRUNE_NONE) {
+                if (want_l1) out[(size_t)k * k + k + i] += (s[0] + s[1]) + (s[2] + s[3]);
+                continue;
+            }
+            if (t->mode == PRUNE_RANDOM) philox_tile(tmp, elem_offset + (uint64_t)off, m, t->k0, t->k1);
+            for (j = 0; j < m; j++) {
+                float a = fabsf(tt[j]);
+                int keep = (t->mode == PRUNE_MAGNITUDE && a >= t->p1) ||
+                           (t->mode == PRUNE_BAND && a >= t->p1 && a < t->p2) ||
+                           (t->mode == PRUNE_RANDOM && tmp[j] < t->p1);
+                q[j & 3] += keep ? (double)a : 0.0;
+            }
+            out[(size_t)k * k + k + i] += (q[0] + q[1]) + (q[2] + q[3]);
+        }
+        if (!want_gram) continue;
+        for (i = 0; i < k; i++)
+            for (l = i; l < k; l++) {
+                const float *x = tiles + (size_t)i * TILE, *y = tiles + (size_t)l * TILE;
+                double s[4] = {0, 0, 0, 0};
+                for (j = 0; j + 4 <= m; j += 4) {
+                    s[0] += (double)x[j] * (double)y[j];
+                    s[1] += (double)x[j + 1] * (double)y[j + 1];
+                    s[2] += (double)x[j + 2] * (double)y[j + 2];
+                    s[3] += (double)x[j + 3] * (double)y[j + 3];
+                }
+                for (; j < m; j++) s[j & 3] += (double)x[j] * (double)y[j];
+                out[(size_t)i * k + l] += (s[0] + s[1]) + (s[2] + s[3]);
+            }
+    }
+    for (i = 0; want_gram && i < k; i++)
+        for (l = 0; l < i; l++) out[(size_t)i * k + l] = out[(size_t)l * k + i];
+}
+
 static PyObject *native_diff(PyObject *self, PyObject *args) {
     Py_buffer out, a, b;
     int out_dt, a_dt, b_dt;
@@ -919,6 +987,85 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
     PyBuffer_Release(&base);
     if (!ok) return NULL;
     return PyLong_FromLong(flags);
+}
+
+
+/* moments(vectors, base_or_None, base_dt, n, elem_offset, want_gram, out) -> None
+ *   vectors: sequence of (a, a_dt, mode, p1, p2, key): v_i = a_i - base when base is given, else a_i;
+ *   want_gram: bit 0 = compute the Gram matrix, bit 1 = skip the L1 sums of vectors not pruned;
+ *   out: writable float64 buffer of K*K + 2K values, added to (see run_moments). */
+static PyObject *native_moments(PyObject *self, PyObject *args) {
+    PyObject *vec_o, *base_o, *sv = NULL;
+    Py_buffer base, out, ab[MAX_VECTORS];
+    term_t terms[MAX_VECTORS];
+    int base_dt, want_gram, k = 0, i, ok = 1, has_base = 0;
+    Py_ssize_t n;
+    unsigned long long elem_offset;
+    float *tiles = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOinKiw*", &vec_o, &base_o, &base_dt, &n, &elem_offset, &want_gram, &out))
+        return NULL;
+    sv = PySequence_Fast(vec_o, "vectors must be a sequence");
+    if (!sv) ok = 0;
+    if (ok && PySequence_Fast_GET_SIZE(sv) > MAX_VECTORS) {
+        PyErr_SetString(PyExc_ValueError, "too many vectors for the native kernel");
+        ok = 0;
+    }
+    if (ok && base_o != Py_None) {
+        if (PyObject_GetBuffer(base_o, &base, PyBUF_SIMPLE) < 0) ok = 0;
+        else {
+            has_base = 1;
+            ok = check_dt(base_dt) && check_len(&base, base_dt, n, "base");
+        }
+    }
+    for (i = 0; ok && i < PySequence_Fast_GET_SIZE(sv); i++) {
+        double p1, p2;
+        unsigned long long key;
+        term_t *t = &terms[i];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sv, i), "y*iiddK", &ab[i], &t->a_dt, &t->mode, &p1, &p2,
+                              &key)) {
+            ok = 0;
+            break;
+        }
+        k++;
+        t->a = ab[i].buf;
+        t->b = has_base ? base.buf : NULL;
+        t->b_dt = base_dt;
+        t->w = 1.0f;
+        t->p1 = (float)p1;
+        t->p2 = (float)p2;
+        t->k0 = (uint32_t)key;
+        t->k1 = (uint32_t)(key >> 32);
+        ok = check_dt(t->a_dt) && check_len(&ab[i], t->a_dt, n, "vector");
+        if (ok && (t->mode < 0 || t->mode > 3)) {
+            PyErr_Format(PyExc_ValueError, "unknown prune mode %d", t->mode);
+            ok = 0;
+        }
+    }
+    if (ok && out.len < (Py_ssize_t)(((size_t)k * k + 2 * (size_t)k) * sizeof(double))) {
+        PyErr_SetString(PyExc_ValueError, "the output buffer is too short");
+        ok = 0;
+    }
+    if (ok) {
+        tiles = (float *)malloc(((size_t)k + 1) * TILE * sizeof(float));
+        if (!tiles) {
+            PyErr_NoMemory();
+            ok = 0;
+        }
+    }
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        run_moments(terms, k, has_base ? base.buf : NULL, base_dt, n, (uint64_t)elem_offset, want_gram & 1,
+                    (want_gram & 2) == 0, (double *)out.buf, tiles);
+        Py_END_ALLOW_THREADS
+    }
+    free(tiles);
+    for (i = 0; i < k; i++) PyBuffer_Release(&ab[i]);
+    if (has_base) PyBuffer_Release(&base);
+    PyBuffer_Release(&out);
+    Py_XDECREF(sv);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
 }
 
 /* hist1(buf, n, prefix, hist_buffer) — float32: level-1 counts added into a uint64 buffer of 65536 bins. */
@@ -1049,6 +1196,8 @@ static PyMethodDef methods[] = {
     {"bracket", native_bracket, METH_VARARGS,
      "bracket(buf, dt, n, lo, hi, sub, portable) -> count of bins above hi; bins lo..hi counted into sub"},
     {"fast_bracket", native_fast_bracket, METH_NOARGS, "fast_bracket() -> bool; bracket() has a vector loop here"},
+    {"moments", native_moments, METH_VARARGS,
+     "moments(vectors, base, base_dt, n, elem_offset, want_gram, out) -> None; Gram matrix and L1 norms, added to out"},
     {"philox", native_philox, METH_VARARGS, "philox(key, start, n, out) -> None; tl.rand(key, start + arange(n))"},
     {NULL, NULL, 0, NULL},
 };

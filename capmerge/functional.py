@@ -132,10 +132,12 @@ def rescale_l1(t: torch.Tensor, pruned: torch.Tensor, eps: float = 1e-7) -> torc
     """``pruned`` scaled so that its L1 norm equals ``t``'s: pruned·(‖t‖₁ / ‖pruned‖₁), the ratio rounded to float32.
 
     mergekit's ``rescale`` for every pruning method: unchanged when either norm is below ``eps``. (For DARE the ratio
-    is ≈ 1/d, the paper's factor, but exact in norm rather than in expectation.)
+    is ≈ 1/d, the paper's factor, but exact in norm rather than in expectation.) The norms are summed in float64 and
+    rounded to float32 (mergekit sums in float32, whose rounding depends on the summation order), as the streaming
+    form of the model-centric methods sums them.
     """
     x, y = t.float(), pruned.float()
-    before, after = x.abs().sum(), y.abs().sum()
+    before, after = x.abs().double().sum().float(), y.abs().double().sum().float()
     if float(before) < eps or float(after) < eps:
         return y
     return y * (before / after)

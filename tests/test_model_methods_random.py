@@ -53,8 +53,8 @@ def test_kept_fraction_and_l1_rescale(tau: torch.Tensor, method: str, density: f
     kept = out != 0
     ok, msg = binomial_ok(kept, density)
     assert ok, f"{method} d={density}: {msg}"
-    # rescale: every kept entry is τ·c with one c = ‖τ‖₁ / ‖τ·mask‖₁ (float32 sums, as mergekit computes it)
-    c = tau.abs().sum() / torch.where(kept, tau, 0).abs().sum()
+    # rescale: every kept entry is τ·c with one c = ‖τ‖₁ / ‖τ·mask‖₁ (the norms summed in float64, then float32)
+    c = tau.abs().double().sum().float() / torch.where(kept, tau, 0).abs().double().sum().float()
     assert torch.equal(out[kept], tau[kept] * c)
     assert not out[~kept].any()
     # E‖τ·mask‖₁ = Σ p_j·|τ_j|: c ≈ 1/d for DARE (the paper's factor), less for DELLA (it keeps the larger |τ|)

@@ -385,8 +385,43 @@ def _merge_loader(p: Planned, tp: TensorPlan, code: str, allow_nonfinite: bool) 
     return load
 
 
+def _block_job(p: Planned, tp: TensorPlan, c: str) -> Job | None:
+    """The tensor as a block-kernel job (the method's form, :mod:`capmerge.merge.methods.blockform`): its statistics
+    pass as the job's prepare, then the engine's blocks. None where the form does not apply (no form, parameters it
+    does not take, LoRA inputs or dtypes other than float32/float16/bfloat16): then the method's ``fn`` runs."""
+    from capmerge.merge.methods import blockform as B
+
+    m = p.method
+    es = ([tp.base] if tp.base else []) + tp.entries
+    infos = [p.info(e) for e in es]
+    if m.form is None or any(p.inputs[e.input].lora is not None for e in es):
+        return None
+    if any(i.dtype not in B.compute.NATIVE_CODES for i in infos) or c not in B.compute.NATIVE_CODES:
+        return None
+    info = infos[0]
+    finish = m.form(B.Spec(tp.name, info.shape, tp.params, tp.model_params, tp.base is not None, p.spec.seed))
+    if finish is None:
+        return None
+    ins = [(p.inputs[e.input].ck, i) for e, i in zip(es, infos, strict=True)]
+    if isinstance(finish, B.Copy):
+        src = ins[(1 if tp.base else 0) + finish.model]
+        if src[1].dtype == c:
+            return Job(tp.name, "copy", c, info.shape, [src])
+        finish = finish.as_finish()
+
+    def checked(st: B.Stats) -> B.Combo:
+        try:
+            return finish(st)
+        except ValueError as e:
+            raise UsageError(f"{m.name}: {e}", tp.name) from None
+
+    kernel = B.ModelKernel(tp.name, checked, [i.dtype for i in infos], tp.base is not None, info.numel, c)
+    return Job(tp.name, "compute", c, info.shape, ins, kernel=kernel, prepare=kernel.prepare)
+
+
 def _jobs(p: Planned, code: str | None, allow_nonfinite: bool) -> tuple[list[Job], Checkpoint]:
-    """One job per output tensor: a copy (non-floating tensors) or the merged tensor, built when written."""
+    """One job per output tensor: a copy (non-floating tensors), a block-kernel job (methods with a form), or the
+    merged tensor from the method's ``fn``, built when written."""
     from capmerge.io.lazy import LazyCheckpoint
 
     merged = LazyCheckpoint("merge", [], {}, {})
@@ -398,6 +433,10 @@ def _jobs(p: Planned, code: str | None, allow_nonfinite: bool) -> tuple[list[Job
             jobs.append(Job(tp.name, "copy", info.dtype, info.shape, [(p.inputs[first.input].ck, info)]))
             continue
         c = out_code(p, tp, code)
+        job = _block_job(p, tp, c)
+        if job is not None:
+            jobs.append(job)
+            continue
         nbytes = DTYPES[c][0] * info.numel
         merged.tensors[tp.name] = TensorInfo(tp.name, c, info.shape, "", 0, nbytes)
         merged.loaders[tp.name] = _merge_loader(p, tp, c, allow_nonfinite)
@@ -473,7 +512,7 @@ def run_merge(
         p.close()
     summary.outputs = [out_s]
     summary.tensors_written = stats.tensors_written
-    summary.tensors_changed = sum(1 for j in jobs if j.inputs[0][0].ref == "merge")
+    summary.tensors_changed = sum(1 for j in jobs if j.op == "compute" or j.inputs[0][0].ref == "merge")
     summary.tensors_unchanged = stats.tensors_written - summary.tensors_changed
     summary.bytes_read = stats.bytes_read
     summary.seconds = time.perf_counter() - t0

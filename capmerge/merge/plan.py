@@ -16,7 +16,7 @@ from typing import Any
 from capmerge.io.checkpoint import Checkpoint, TensorInfo
 from capmerge.merge import compute
 from capmerge.merge.engine import Job
-from capmerge.merge.methods import MergeOptions, keep_count, tensor_key
+from capmerge.merge.methods.base import MergeOptions, keep_count, tensor_key
 
 Read = Callable[[int, int, int], memoryview]
 HIST_BLOCK = 1 << 21

@@ -23,12 +23,14 @@ float32 result.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 
 import torch
 
 from capmerge import functional as F
+from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
 
 Prune = Callable[[torch.Tensor, Mapping[str, object], int, TensorInputs], torch.Tensor]
@@ -126,16 +128,69 @@ def generalized_task_arithmetic(x: TensorInputs, *, prune: Prune | None, elect: 
     return base + delta
 
 
+def gta_form(prune: Prune | None, elect: bool) -> B.Form:
+    """The block form of :func:`generalized_task_arithmetic` (DELLA's rank-based keep probabilities have none; nor
+    have weights of mixed sign under election, whose agreement test mergekit makes on w_i·τ_i, a normalizer that can
+    be ≤ 0, or ``rescale`` together with ``normalize``)."""
+
+    def form(s: B.Spec) -> B.Finish | None:
+        if not s.has_base or prune is _della:
+            return None
+        weights = [float(p["weight"]) for p in s.model_params]
+        dens = [float(p["density"]) for p in s.model_params]
+        pruned = [prune is not None and d < 1.0 for d in dens]
+        normalize, rescale = bool(s.params.get("normalize")), bool(s.params.get("rescale")) and any(pruned)
+        if elect and any(w < 0 for w in weights):
+            return None
+        if normalize and ((not elect and sum(weights) < 1e-8) or rescale):
+            return None
+
+        def finish(st: B.Stats) -> B.Combo:
+            n = s.numel
+            prunes = []
+            for i, (d, p) in enumerate(zip(dens, s.model_params, strict=True)):
+                if not pruned[i]:
+                    prunes.append(B.KEEP_ALL)
+                elif prune is _magnitude:
+                    k = max(1, int(d * n))
+                    prunes.append(B.DROP_ALL if d <= 0 or n == 0 else (B.MAGNITUDE, st.kth_abs(i, [k])[k], 0.0, 0))
+                elif prune is _breadcrumbs:
+                    keep, top = int(d * n), int(float(p["gamma"]) * n)
+                    top = max(0, min(top, n - keep))
+                    if keep <= 0:
+                        prunes.append(B.DROP_ALL)
+                        continue
+                    v = st.kth_abs(i, [top + keep, *([top] if top > 0 else [])])
+                    prunes.append((B.BAND, v[top + keep], v[top] if top > 0 else math.inf, 0))
+                else:  # random
+                    prunes.append((B.RANDOM, max(d, 0.0), 0.0, F.tensor_key(s.seed, s.name, i)))
+            w = list(weights)
+            if rescale:  # pruned·(‖τ‖₁/‖pruned‖₁), the ratio in float32 as mergekit rounds it, folded into w
+                m = st.moments(relative=True, prune=prunes, gram=False, l1=True)
+                for i in (i for i in range(len(w)) if pruned[i]):
+                    before, after = B.fp32(m.l1[i]), B.fp32(m.kept[i])
+                    if before >= 1e-7 and after >= 1e-7:
+                        w[i] = w[i] * B.fp32(before / after)
+            terms = [B.Term(i, wi, pr) for i, (wi, pr) in enumerate(zip(w, prunes, strict=True))]
+            return B.Combo(terms, relative=True, with_base=True, sign="total" if elect else "none",
+                           normalize=normalize, lam=float(s.params.get("lambda", 1.0)))  # fmt: skip
+
+        return finish
+
+    return form
+
+
 def _method(name: str, prune: Prune | None, elect: bool, normalize: bool, rescale: bool, summary: str,
             **extra: float) -> ModelMethod:  # fmt: skip
-    def fn(x: TensorInputs) -> torch.Tensor:
+    def torch_fn(x: TensorInputs) -> torch.Tensor:
         return generalized_task_arithmetic(x, prune=prune, elect=elect)
 
-    fn.__name__ = fn.__qualname__ = f"_{name}"
+    torch_fn.__name__ = torch_fn.__qualname__ = f"_{name}"
+    form = gta_form(prune, elect)
     return ModelMethod(
-        name, fn, base="required", model_params={"weight": None, "density": 1.0, **extra},
+        name, B.with_form(form, torch_fn), base="required", model_params={"weight": None, "density": 1.0, **extra},
         params={"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False},
-        random=prune in (_random, _della), summary=summary, n_models=(0, None),
+        random=prune in (_random, _della), summary=summary, n_models=(0, None), form=form,
     )  # fmt: skip
 
 

@@ -11,15 +11,19 @@ mergekit computes it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
 
 
-def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], *, max_iter: int = 10,
-                 tol: float = 1e-5) -> torch.Tensor:  # fmt: skip
-    """The weighted Karcher mean of ``tensors`` (see the module's docstring); float32, the tensors' shape."""
-    xs = [t.float() for t in tensors]
+def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], *, max_iter: int = 10, tol: float = 1e-5,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """The weighted Karcher mean of ``tensors`` (see the module's docstring) computed in ``dtype`` (mergekit's
+    float32 by default: the fallback of the block form, and in float64 the tests' reference), the tensors' shape."""
+    xs = [t.to(dtype) for t in tensors]
     if len(xs) == 1:
         return xs[0].clone()
     norms = [torch.linalg.vector_norm(x) for x in xs]
@@ -61,7 +65,56 @@ def _karcher(x: TensorInputs) -> torch.Tensor:
     return karcher_mean(list(x.models), [1.0 / k] * k, max_iter=max_iter, tol=tol)
 
 
+def _form(s: B.Spec) -> B.Finish | B.Copy | None:
+    """The same iteration on coefficients: every iterate is a combination Σ c_i·θ_i, its norms and dot products
+    come from the Gram matrix of the models (float64)."""
+    k = s.n_models
+    if k == 1:
+        return B.Copy(0)
+    max_iter, tol = int(s.params.get("max_iter", 10)), float(s.params.get("tol", 1e-5))
+
+    def finish(st: B.Stats) -> B.Combo:
+        g = st.moments().gram
+        norms = [math.sqrt(max(g[i][i], 0.0)) for i in range(k)]
+
+        def dot(a: list[float], b: list[float]) -> float:
+            return sum(a[i] * g[i][j] * b[j] for i in range(k) for j in range(k))
+
+        def unit(i: int) -> list[float]:
+            return [1.0 / norms[i] if j == i else 0.0 for j in range(k)]
+
+        valid = [i for i in range(k) if norms[i] > tol]
+        if not valid:
+            return B.Combo([])
+        a = {i: (1.0 / k) / sum(1.0 / k for _ in valid) for i in valid}
+        mean = [a.get(i, 0.0) / norms[i] if i in a else 0.0 for i in range(k)]
+        mn = math.sqrt(max(dot(mean, mean), 0.0))
+        mean = unit(valid[0]) if mn < tol else [c / mn for c in mean]
+        for _ in range(max_iter):
+            tangent = [0.0] * k
+            for i in valid:
+                u = unit(i)
+                cos = min(1.0, max(-1.0, dot(mean, u)))
+                theta = math.acos(cos)
+                if theta < tol:
+                    continue
+                f = a[i] * theta / math.sin(theta)
+                tangent = [tg + f * (ui - cos * mi) for tg, ui, mi in zip(tangent, u, mean, strict=True)]
+            tn = math.sqrt(max(dot(tangent, tangent), 0.0))
+            if tn < tol:
+                break
+            mean = [math.cos(tn) * mi + math.sin(tn) * tg / tn for mi, tg in zip(mean, tangent, strict=True)]
+            un = math.sqrt(max(dot(mean, mean), 0.0))
+            if un > tol:
+                mean = [c / un for c in mean]
+        scale = sum(n / k for n in norms)
+        return B.Combo([B.Term(i, scale * c) for i, c in enumerate(mean)])
+
+    return finish
+
+
 MODEL_METHODS = (
-    ModelMethod("karcher", _karcher, base="unused", params={"max_iter": 10, "tol": 1e-5},
+    ModelMethod("karcher", B.with_form(_form, _karcher), base="unused", params={"max_iter": 10, "tol": 1e-5},
+                form=_form,
                 summary="Karcher (Riemannian) mean of the models on the hypersphere, scaled by their mean norm"),
 )  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
 
 
@@ -39,7 +40,26 @@ def _model_stock(x: TensorInputs) -> torch.Tensor:
     return (t * average + (1 - t) * w0).reshape(shape)
 
 
+def _form(s: B.Spec) -> B.Finish | None:
+    """out = θ₀ + (t/K)·Σ τ_i with cos φ from the Gram matrix of the task vectors (float64); ``filter_wise`` on a
+    tensor of more than one dimension (one ratio per row) uses the float32 ``fn``."""
+    k = s.n_models
+    if not s.has_base or k < 2 or (s.params.get("filter_wise") and len(s.shape) > 1):
+        return None
+
+    def finish(st: B.Stats) -> B.Combo:
+        m = st.moments(relative=True)
+        pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        cos = sum(min(1.0, max(-1.0, m.gram[i][j] / max(m.norm(i) * m.norm(j), 1e-6))) for i, j in pairs) / len(pairs)
+        den = 1 + (k - 1) * cos
+        t = 0.0 if abs(den) < 1e-6 else k * cos / den
+        return B.Combo([B.Term(i, t / k) for i in range(k)], relative=True, with_base=True)
+
+    return finish
+
+
 MODEL_METHODS = (
-    ModelMethod("model_stock", _model_stock, base="required", params={"filter_wise": False}, n_models=(2, None),
+    ModelMethod("model_stock", B.with_form(_form, _model_stock), base="required", params={"filter_wise": False},
+                n_models=(2, None), form=_form,
                 summary="base-to-average interpolation with a ratio from the angle between the task vectors"),
 )  # fmt: skip

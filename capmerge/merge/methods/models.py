@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +55,7 @@ class ModelMethod:
     random: bool = False
     summary: str = ""
     n_models: tuple[int, int | None] = (1, None)
+    form: Callable[[Any], Any] | None = None  # Spec -> finish | None: the block form (methods/blockform.py)
 
     def resolve(
         self, params: Mapping[str, object] | None, model_params: Sequence[Mapping[str, object] | None]
@@ -96,7 +97,25 @@ def _linear(x: TensorInputs) -> torch.Tensor:
     return out  # type: ignore[return-value]
 
 
+def _linear_form(s: Any) -> Any:
+    """Σ w_i·θ_i, the kernel dividing by Σ w_i (a sum ≤ 0 under ``normalize``: the float32 ``fn``)."""
+    from capmerge.merge.methods import blockform as B
+
+    weights = [float(p["weight"]) for p in s.model_params]
+    normalize = bool(s.params.get("normalize", True))
+    if normalize and sum(weights) <= 0:
+        return None
+    return lambda st: B.Combo([B.Term(i, w) for i, w in enumerate(weights)], normalize=normalize)
+
+
+def _linear_fn() -> Callable[[TensorInputs], torch.Tensor]:
+    from capmerge.merge.methods.blockform import with_form
+
+    return with_form(_linear_form, _linear)
+
+
 MODEL_METHODS = (
-    ModelMethod("linear", _linear, base="unused", model_params={"weight": None}, params={"normalize": True},
+    ModelMethod("linear", lambda x: _linear_fn()(x), base="unused", model_params={"weight": None},
+                params={"normalize": True}, form=_linear_form,
                 summary="weighted average of the models' weights (Σ w_i·θ_i / Σ w_i)"),
 )  # fmt: skip

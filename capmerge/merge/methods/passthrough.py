@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
 
 
@@ -19,7 +20,15 @@ def _passthrough(x: TensorInputs) -> torch.Tensor:
     return out.clone() if scale is None or float(scale) == 1.0 else out * float(scale)  # type: ignore[arg-type]
 
 
+def _form(s: B.Spec) -> B.Finish | B.Copy | None:
+    scale = s.model_params[0].get("scale") if s.model_params else None
+    if scale is None or float(scale) == 1.0:
+        return B.Copy(0)
+    return lambda st: B.Combo([B.Term(0, float(scale))])  # type: ignore[arg-type]
+
+
 MODEL_METHODS = (
-    ModelMethod("passthrough", _passthrough, base="unused", model_params={"scale": 1.0}, n_models=(1, 1),
+    ModelMethod("passthrough", B.with_form(_form, _passthrough), base="unused", model_params={"scale": 1.0},
+                n_models=(1, 1), form=_form,
                 summary="one model's tensor as it is (times its scale)"),
 )  # fmt: skip

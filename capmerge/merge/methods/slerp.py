@@ -18,8 +18,11 @@ All in float32, as mergekit computes them (its formulas and thresholds, written 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
 
 
@@ -116,13 +119,96 @@ def _multislerp(x: TensorInputs) -> torch.Tensor:
     return out if base is None else out + base
 
 
+def _slerp_coefficients(t: float, cos: float, *, colinear: bool) -> tuple[float, float]:
+    if colinear:
+        return B.fp32(1 - B.fp32(t)), t
+    theta = math.acos(cos)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
+def _slerp_form(s: B.Spec) -> B.Finish | None:
+    """out = c₀·θ₀ + c₁·θ₁ with the angle from the Gram matrix of (base, model), in float64."""
+    if not s.has_base or s.n_models != 1:
+        return None
+    t = float(s.params["t"])
+
+    def finish(st: B.Stats) -> B.Combo:
+        m = st.moments(include_base=True)
+        na, nb = (n if n > 1e-8 else 1.0 for n in (m.norm(0), m.norm(1)))
+        cos = min(1.0, max(-1.0, m.gram[0][1] / (na * nb)))
+        ca, cb = _slerp_coefficients(t, cos, colinear=abs(cos) > 0.9995)
+        return B.Combo([B.Term(-1, ca), B.Term(0, cb)])
+
+    return finish
+
+
+def _nuslerp_form(s: B.Spec) -> B.Finish | None:
+    """nuslerp over the flattened tensors (``nuslerp_flatten``, the default): two coefficients from the Gram matrix
+    of the two models (or task vectors); row-wise variants use the float32 ``fn``."""
+    if s.n_models != 2 or not s.params.get("nuslerp_flatten", True):
+        return None
+    w0, w1 = (float(p["weight"]) for p in s.model_params)
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+
+    def finish(st: B.Stats) -> B.Combo:
+        m = st.moments(relative=True)
+        na, nb = max(m.norm(0), 1e-7), max(m.norm(1), 1e-7)
+        cos = min(1.0, max(-1.0, m.gram[0][1] / (na * nb)))
+        ca, cb = _slerp_coefficients(t, cos, colinear=1 - cos * cos <= 1e-16)
+        return B.Combo([B.Term(0, ca), B.Term(1, cb)], relative=s.has_base, with_base=s.has_base)
+
+    return finish
+
+
+def _multislerp_form(s: B.Spec) -> B.Finish | B.Copy | None:
+    """The barycentre's coefficients on each model (or task vector) from their Gram matrix, in float64."""
+    if s.n_models == 1:
+        return B.Copy(0)
+    eps = float(s.params.get("eps", 1e-8))
+    w = [float(p["weight"]) for p in s.model_params]
+    if s.params.get("normalize_weights", True):
+        w = [x / sum(w) for x in w]
+    k = len(w)
+
+    def finish(st: B.Stats) -> B.Combo:
+        m = st.moments(relative=True)
+        g = m.gram
+        norms = [m.norm(i) for i in range(k)]
+
+        def quad(c: list[float]) -> float:
+            return max(0.0, sum(c[i] * g[i][j] * c[j] for i in range(k) for j in range(k)))
+
+        unit = [1.0 / (n + eps) for n in norms]  # u_i = unit[i]·v_i
+        mean = [w[i] * unit[i] for i in range(k)]
+        mean_norm = math.sqrt(quad(mean))
+        if mean_norm < eps:
+            if k != 2:
+                raise ValueError("multislerp's weighted mean of the unit vectors is zero (antipodal models with "
+                                 "balancing weights); choose other weights")  # fmt: skip
+            coef = w
+        else:
+            mean = [c / mean_norm for c in mean]
+            gm = [sum(g[i][j] * mean[j] for j in range(k)) for i in range(k)]  # v_i·m
+            along = sum(w[i] * unit[i] * gm[i] for i in range(k))  # Σ w_i (u_i·m)
+            r = [w[i] * unit[i] - along * mean[i] for i in range(k)]
+            rn = math.sqrt(quad(r)) + eps
+            scale = sum(wi * n for wi, n in zip(w, norms, strict=True))
+            coef = [(mean[i] * math.cos(rn) + r[i] * (math.sin(rn) / rn)) * scale for i in range(k)]
+        return B.Combo([B.Term(i, c) for i, c in enumerate(coef)], relative=s.has_base, with_base=s.has_base)
+
+    return finish
+
+
 MODEL_METHODS = (
-    ModelMethod("slerp", _slerp, base="required", params={"t": None}, n_models=(1, 1),
+    ModelMethod("slerp", B.with_form(_slerp_form, _slerp), base="required", params={"t": None}, n_models=(1, 1),
+                form=_slerp_form,
                 summary="spherical interpolation from the base (t = 0) to the other model (t = 1)"),
-    ModelMethod("nuslerp", _nuslerp, base="optional", model_params={"weight": None},
+    ModelMethod("nuslerp", B.with_form(_nuslerp_form, _nuslerp), base="optional", model_params={"weight": None},
+                form=_nuslerp_form,
                 params={"nuslerp_flatten": True, "nuslerp_row_wise": False}, n_models=(2, 2),
                 summary="spherical interpolation of two models (or their task vectors), t = w₂/(w₁ + w₂)"),
-    ModelMethod("multislerp", _multislerp, base="optional", model_params={"weight": None},
+    ModelMethod("multislerp", B.with_form(_multislerp_form, _multislerp), base="optional",
+                model_params={"weight": None}, form=_multislerp_form,
                 params={"normalize_weights": True, "eps": 1e-8},
                 summary="weighted barycentre of several models (or task vectors) on the hypersphere"),
 )  # fmt: skip

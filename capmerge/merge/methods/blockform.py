@@ -1,0 +1,308 @@
+"""The block form of a model-centric method: one tensor's merge as the streaming engine's block kernel computes it.
+
+Most of mergekit's methods end in the same elementwise step — a base (or zero) plus a weighted, optionally pruned and
+sign-elected sum of the models (or of their differences from the base)::
+
+    out = base + λ·δ,   δ = combine_i(w_i · prune_i(v_i)),   v_i = θ_i − base  (``relative``)  or  θ_i
+
+(:mod:`capmerge.merge.compute`'s ``merge_block``, the kernel behind ``capmerge apply``). What differs is how the
+weights and pruning thresholds are found: from the parameters alone (linear, task_arithmetic), from exact k-th largest
+magnitudes (ties, breadcrumbs), from L1 norms (``rescale``), or from the Gram matrix of the inputs (slerp, nuslerp,
+multislerp, karcher, model_stock: every one of them is, per tensor, a linear combination of its inputs with
+coefficients computed from their norms and dot products).
+
+A method's *form* (``ModelMethod.form``) maps a :class:`Spec` — what is known before a byte is read — to a ``finish``
+function, or to None where its parameters leave the form (then the method's float32 ``fn`` runs instead).
+``finish(stats)`` reads what statistics it needs through :class:`Stats` and returns the :class:`Combo`. Both callers
+use the same two steps, so they give the same bits:
+
+* the streaming runner (:mod:`capmerge.merge.modelmerge`): ``finish`` runs as the job's prepare pass (its reads are
+  blocks of the stored inputs), then the engine runs the kernel block by block, reading, computing and writing in
+  parallel, in memory that does not depend on the tensor's size;
+* the per-tensor ``fn`` (:func:`run_whole`, e.g. :func:`capmerge.merge_state_dicts`): the same ``finish`` over the
+  whole float32 tensors, then the kernel once.
+
+Statistics are exact or double precision: thresholds are exact k-th largest magnitudes; sums of products and
+magnitudes are accumulated in float64 over fixed blocks of :data:`STAT_BLOCK` elements (the same order whatever
+reads them), so the coefficients do not depend on how the data is stored or split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from capmerge.merge import compute
+
+if TYPE_CHECKING:
+    import torch
+
+TensorInputs = Any  # capmerge.merge.methods.models.TensorInputs (which imports this module)
+
+STAT_BLOCK = 1 << 19  # elements per statistics call (fixed: the float64 sums' order does not depend on the reader)
+NONE, MAGNITUDE, RANDOM, BAND = compute.PRUNE_NONE, compute.PRUNE_MAGNITUDE, compute.PRUNE_RANDOM, compute.PRUNE_BAND
+KEEP_ALL: tuple[int, float, float, int] = (NONE, 0.0, 0.0, 0)
+DROP_ALL: tuple[int, float, float, int] = (BAND, math.inf, math.inf, 0)  # inf ≤ |t| < inf holds for no entry
+
+Read = Callable[[int, int, int], memoryview]
+"""read(input, start, end): elements [start, end) of an input (0 = the base when there is one, then the models)."""
+
+
+@dataclass(frozen=True)
+class Term:
+    """w·prune(v_i) for model ``model`` (−1: the base itself); ``prune`` = (mode, p1, p2, key) as
+    :func:`compute.merge_block` takes it."""
+
+    model: int
+    weight: float
+    prune: tuple[int, float, float, int] = KEEP_ALL
+
+
+@dataclass(frozen=True)
+class Combo:
+    """One tensor's elementwise step (see the module's docstring). ``with_base``: add the base (else zero);
+    ``relative``: v_i = θ_i − base (needs the base)."""
+
+    terms: Sequence[Term]
+    relative: bool = False
+    with_base: bool = False
+    sign: str = "none"
+    normalize: bool = False
+    lam: float = 1.0
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a method's form sees before reading: the tensor and its resolved parameters."""
+
+    name: str
+    shape: tuple[int, ...]
+    params: Mapping[str, Any]
+    model_params: Sequence[Mapping[str, Any]]
+    has_base: bool
+    seed: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_models(self) -> int:
+        return len(self.model_params)
+
+
+Finish = Callable[["Stats"], Combo]
+
+
+@dataclass(frozen=True)
+class Copy:
+    """A form's answer for an output that is model ``model`` unchanged (the runner copies its bytes)."""
+
+    model: int
+
+    def as_finish(self) -> Finish:
+        return lambda st: Combo([Term(self.model, 1.0)])
+
+
+Form = Callable[[Spec], "Finish | Copy | None"]
+
+
+@dataclass
+class Moments:
+    """Sums over one tensor: ``gram[i][j]`` = Σ v_i·v_j, ``l1[i]`` = Σ|v_i|, ``kept[i]`` = Σ|prune_i(v_i)|."""
+
+    gram: list[list[float]]
+    l1: list[float]
+    kept: list[float]
+
+    def norm(self, i: int) -> float:
+        return math.sqrt(max(self.gram[i][i], 0.0))
+
+
+@dataclass
+class Stats:
+    """Statistics of one tensor's inputs, read through ``read`` (codes: each input's dtype code)."""
+
+    read: Read
+    codes: Sequence[str]
+    has_base: bool
+    numel: int
+    _cache: dict[Any, Any] = field(default_factory=dict)
+
+    def _model(self, i: int) -> int:
+        return i + 1 if self.has_base else i
+
+    def kth_abs(self, i: int, ks: Sequence[int], *, relative: bool = True) -> dict[int, float]:
+        """The k-th largest |v_i| for each k of ``ks`` (exact; k ≤ 0 gives inf)."""
+        from capmerge.merge.plan import kth_largest_abs_stream
+
+        m = self._model(i)
+        b = 0 if relative and self.has_base else None
+        cb = self.codes[0] if b is not None else "F32"
+        return kth_largest_abs_stream(self.read, m, self.codes[m], b, cb, self.numel, list(ks))
+
+    def moments(self, *, relative: bool = False, prune: Sequence[tuple[int, float, float, int]] | None = None,
+                gram: bool = True, l1: bool = False, include_base: bool = False) -> Moments:  # fmt: skip
+        """Gram matrix (``gram``) and L1 norms of the v_i (``l1``; those of pruned v_i always), in float64 over
+        blocks of STAT_BLOCK. ``include_base``: the base itself is vector 0, the models follow (then ``relative``
+        must be false). Sums not asked for are 0."""
+        ins = [self._model(i) for i in range(len(self.codes) - (1 if self.has_base else 0))]
+        if include_base and self.has_base:
+            ins = [0, *ins]
+        k = len(ins)
+        prune = list(prune) if prune is not None else [KEEP_ALL] * k
+        key = ("moments", relative, tuple(prune), gram, l1, include_base)
+        if key in self._cache:
+            return self._cache[key]
+        import numpy as np
+
+        out = np.zeros(k * k + 2 * k, dtype=np.float64)
+        base = relative and self.has_base
+        for s in range(0, self.numel, STAT_BLOCK):
+            e = min(self.numel, s + STAT_BLOCK)
+            views = [self.read(i, s, e) for i in ins]  # one scratch buffer per input
+            bview = self.read(0, s, e) if base else None
+            _moments_block(views, [self.codes[i] for i in ins], bview, self.codes[0] if base else "F32", e - s, s,
+                           int(gram) | (0 if l1 else 2), prune, out)  # fmt: skip
+        g = out[: k * k].reshape(k, k).tolist()
+        m = Moments(g, out[k * k : k * k + k].tolist(), out[k * k + k :].tolist())
+        self._cache[key] = m
+        return m
+
+
+def _moments_block(views: list[Any], codes: list[str], base: Any, base_code: str, n: int, offset: int, flags: int,
+                   prune: Sequence[tuple[int, float, float, int]], out: Any) -> None:  # fmt: skip
+    """One block's sums added into ``out``; ``flags`` bit 0: the Gram matrix, bit 1: skip the L1 sums of vectors
+    that are not pruned."""
+    if compute.use_native(*codes, base_code):
+        from capmerge import _native
+
+        vecs = [
+            (v, compute.NATIVE_CODES[c], p[0], p[1], p[2], p[3]) for v, c, p in zip(views, codes, prune, strict=True)
+        ]
+        _native.moments(vecs, base, compute.NATIVE_CODES[base_code], n, offset, flags, memoryview(out).cast("B"))
+        return
+    _torch_moments(views, codes, base, base_code, n, offset, flags, prune, out)
+
+
+def _torch_moments(views: list[Any], codes: list[str], base: Any, base_code: str, n: int, offset: int, flags: int,
+                   prune: Sequence[tuple[int, float, float, int]], out: Any) -> None:  # fmt: skip
+    """The same sums without the native kernel (float64 throughout; the order of the sums may differ)."""
+    import torch
+
+    from capmerge import functional as F
+    from capmerge._torch import as_tensor
+
+    k = len(views)
+    b = as_tensor(base, base_code)[:n].float() if base is not None else None
+    vs = []
+    for i, (v, c) in enumerate(zip(views, codes, strict=True)):
+        x = as_tensor(v, c)[:n].float()
+        x = x - b if b is not None else x
+        mode, p1, p2, key = prune[i]
+        a = x.abs()
+        if mode == MAGNITUDE:
+            keep = a >= p1
+        elif mode == BAND:
+            keep = (a >= p1) & (a < p2)
+        elif mode == RANDOM:
+            keep = F.philox_uniform(key, torch.arange(n, dtype=torch.int64) + offset) < torch.tensor(p1)
+        else:
+            keep = torch.ones_like(a, dtype=torch.bool)
+        if not flags & 2:
+            out[k * k + i] += float(a.double().sum())
+        if not flags & 2 or mode != NONE:
+            out[k * k + k + i] += float(torch.where(keep, a, torch.zeros_like(a)).double().sum())
+        vs.append(x.double())
+    if flags & 1:
+        for i in range(k):
+            for j in range(i, k):
+                out[i * k + j] += float(torch.dot(vs[i], vs[j]))
+                if j != i:
+                    out[j * k + i] = out[i * k + j]
+
+
+# ------------------------------------------------------------------------------------------------- the kernel
+
+
+class ModelKernel:
+    """The engine's kernel of one output tensor (inputs: the base first when there is one, then the models);
+    :meth:`prepare` runs the form's ``finish`` (the statistics pass), calls compute the blocks."""
+
+    def __init__(self, name: str, finish: Finish, codes: Sequence[str], has_base: bool, numel: int,
+                 out_code: str) -> None:  # fmt: skip
+        self.name, self.finish, self.codes, self.has_base, self.numel = name, finish, list(codes), has_base, numel
+        self.out_code = out_code
+        self.combo: Combo | None = None
+        self._zero: bytearray | None = None
+
+    def prepare(self, read: Read) -> None:
+        self.combo = self.finish(Stats(read, self.codes, self.has_base, self.numel))
+        if (self.combo.relative or self.combo.with_base) and not self.has_base:
+            raise ValueError(f"tensor {self.name}: the merge needs a base model")
+
+    def __call__(self, views: list[memoryview], outs: list[memoryview], n: int, offset: int) -> int:
+        c = self.combo
+        assert c is not None, "prepare() first"
+        first = 1 if self.has_base else 0
+        if c.with_base:
+            base, base_code = views[0], self.codes[0]
+        else:
+            if self._zero is None or len(self._zero) < 4 * n:
+                self._zero = bytearray(4 * n)
+            base, base_code = memoryview(self._zero)[: 4 * n], "F32"
+        bview = views[0] if c.relative else None
+        terms = [
+            (views[first + t.model], self.codes[first + t.model], bview, self.codes[0], t.weight, *t.prune)
+            for t in c.terms
+        ]
+        kw = {"sign": c.sign, "normalize": c.normalize, "offset": offset}
+        return compute.merge_block([(o, self.out_code, c.lam) for o in outs], base, base_code, n, terms, **kw)
+
+
+def spec_of(x: TensorInputs) -> Spec:
+    shape = tuple((x.base if x.base is not None else x.models[0]).shape) if (x.base is not None or x.models) else ()
+    return Spec(x.name, shape, x.params, x.model_params, x.base is not None, x.seed)
+
+
+def run_whole(finish: Finish, x: TensorInputs) -> torch.Tensor:
+    """``finish`` and the kernel over whole tensors: what the streaming runner computes, as one float32 tensor."""
+    import torch
+
+    ins = ([x.base] if x.base is not None else []) + list(x.models)
+    flat = [t.detach().to("cpu", torch.float32).contiguous().reshape(-1) for t in ins]
+    mvs = [memoryview(t.numpy()).cast("B") for t in flat]
+    shape = tuple(ins[0].shape)
+    n = flat[0].numel()
+
+    def read(i: int, s: int, e: int) -> memoryview:
+        return mvs[i][4 * s : 4 * e]
+
+    kernel = ModelKernel(x.name, finish, ["F32"] * len(ins), x.base is not None, n, "F32")
+    kernel.prepare(read)
+    out = torch.empty(n, dtype=torch.float32)
+    kernel(list(mvs), [memoryview(out.numpy()).cast("B")], n, 0)
+    return out.reshape(shape)
+
+
+def with_form(form: Form, fallback: Callable[[TensorInputs], torch.Tensor]) -> Callable[[TensorInputs], torch.Tensor]:
+    """The per-tensor ``fn`` of a method with a form: the form where it applies, else ``fallback``."""
+
+    def fn(x: TensorInputs) -> torch.Tensor:
+        finish = form(spec_of(x))
+        if isinstance(finish, Copy):
+            return x.models[finish.model].float().clone()
+        return run_whole(finish, x) if finish is not None else fallback(x)
+
+    fn.__name__ = fn.__qualname__ = getattr(fallback, "__name__", "fn")
+    return fn
+
+
+def fp32(x: float) -> float:
+    """``x`` rounded to float32, as torch rounds a float32 tensor's value."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        return float(np.float32(x))

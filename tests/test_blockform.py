@@ -1,0 +1,183 @@
+"""The block form of the model-centric methods: its statistics pass (native and torch) against numpy in float64, the
+runner taking the block path (and leaving it where the form does not apply), and the torch fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from capmerge import functional as F
+from capmerge.merge import compute
+from capmerge.merge.methods import blockform as B
+
+CODES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+
+
+def _inputs(code: str, n: int, k: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, generator=g) * (0.5 + i)).to(CODES[code]) for i in range(k)]
+
+
+def _reference(ts: list[torch.Tensor], base: torch.Tensor | None, prune, offset: int = 0):
+    """Gram, L1 and pruned L1 in float64 with numpy, v_i = float32(θ_i − base) as the kernel rounds it."""
+    vs = [(t.float() - base.float()) if base is not None else t.float() for t in ts]
+    v64 = [v.double().numpy() for v in vs]
+    gram = np.array([[float(np.dot(a, b)) for b in v64] for a in v64])
+    l1 = [float(np.abs(a).sum()) for a in v64]
+    kept = []
+    for v, a, (mode, p1, p2, key) in zip(vs, v64, prune, strict=True):
+        m = np.abs(a)
+        if mode == B.MAGNITUDE:
+            keep = m >= p1
+        elif mode == B.BAND:
+            keep = (m >= p1) & (m < p2)
+        elif mode == B.RANDOM:
+            u = F.philox_uniform(key, torch.arange(v.numel(), dtype=torch.int64) + offset).numpy()
+            keep = u < np.float32(p1)
+        else:
+            keep = np.ones_like(m, dtype=bool)
+        kept.append(float(m[keep].sum()))
+    return gram, l1, kept
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("code", ["F32", "F16", "BF16"])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_moments_match_numpy(code: str, with_base: bool, native: bool, monkeypatch) -> None:
+    if not native:
+        monkeypatch.setenv("CAPMERGE_NO_NATIVE", "1")
+    elif not compute.native_available():
+        pytest.skip("the native kernel is not built here")
+    n, k = 3000, 3  # not a multiple of the kernel's tile or its four lanes
+    ts = _inputs(code, n, k + 1)
+    base, models = (ts[0], ts[1:]) if with_base else (None, ts[1:])
+    thr = float((models[0].float() - (base.float() if base is not None else 0)).abs().median())
+    prune = [(B.MAGNITUDE, thr, 0.0, 0), (B.RANDOM, 0.3, 0.0, 987654321), (B.BAND, thr / 2, thr * 2, 0)]
+    out = np.zeros(k * k + 2 * k)
+    views = [_raw(t) for t in models]
+    B._moments_block(views, [code] * k, _raw(base) if base is not None else None, code, n, 5, 1, prune, out)
+    gram, l1, kept = _reference(models, base, prune, offset=5)
+    np.testing.assert_allclose(out[: k * k].reshape(k, k), gram, rtol=1e-12)
+    np.testing.assert_allclose(out[k * k : k * k + k], l1, rtol=1e-12)
+    np.testing.assert_allclose(out[k * k + k :], kept, rtol=1e-12)
+    assert kept[1] < l1[1] * 0.4 and kept[0] < l1[0]  # the masks dropped something
+
+
+def test_moments_skip_l1_of_unpruned_and_the_gram_on_request() -> None:
+    if not compute.native_available():
+        pytest.skip("the native kernel is not built here")
+    ts = _inputs("BF16", 1000, 2, seed=3)
+    out = np.zeros(8)
+    prune = [B.KEEP_ALL, (B.MAGNITUDE, 0.5, 0.0, 0)]
+    B._moments_block([_raw(t) for t in ts], ["BF16"] * 2, None, "F32", 1000, 0, 2, prune, out)
+    _, _, kept = _reference(ts, None, prune)
+    assert list(out[:6]) == [0.0] * 6 and out[6] == 0.0
+    np.testing.assert_allclose(out[7], kept[1], rtol=1e-12)
+
+
+def test_stats_are_the_same_for_any_reader_blocks() -> None:
+    """Sums run over fixed STAT_BLOCK blocks: bf16 storage read in its own pieces gives the bits of float32 tensors."""
+    n = B.STAT_BLOCK + 12345
+    ts = _inputs("BF16", n, 3, seed=1)
+    wide = [t.float() for t in ts]
+    raw16, raw32 = [_raw(t) for t in ts], [_raw(t) for t in wide]
+    s16 = B.Stats(lambda i, s, e: raw16[i][2 * s : 2 * e], ["BF16"] * 3, True, n)
+    s32 = B.Stats(lambda i, s, e: raw32[i][4 * s : 4 * e], ["F32"] * 3, True, n)
+    for kw in ({"relative": True}, {"include_base": True}, {"relative": True, "l1": True, "gram": False}):
+        a, b = s16.moments(**kw), s32.moments(**kw)
+        assert (a.gram, a.l1, a.kept) == (b.gram, b.l1, b.kept), kw
+    assert s16.kth_abs(0, [7, 1000]) == s32.kth_abs(0, [7, 1000])
+    tau = (wide[1] - wide[0]).abs().sort(descending=True).values
+    assert s16.kth_abs(0, [7, 1000]) == {7: float(tau[6]), 1000: float(tau[999])}
+
+
+# ------------------------------------------------------------------------------------------------- the runner
+
+
+def _models(tmp_path, n_models: int = 3):
+    g = torch.Generator().manual_seed(7)
+    shapes = {"model.embed_tokens.weight": (96, 16), "model.layers.0.mlp.up_proj.weight": (32, 16),
+              "model.layers.1.mlp.up_proj.weight": (32, 16), "model.norm.weight": (16,)}  # fmt: skip
+    base = {n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in shapes.items()}
+    paths = {"P": tmp_path / "P.safetensors"}
+    save_file(base, paths["P"])
+    for i in range(n_models):
+        m = {n: (t.float() + 0.1 * torch.randn(t.shape, generator=g)).to(torch.bfloat16) for n, t in base.items()}
+        paths[f"M{i}"] = tmp_path / f"M{i}.safetensors"
+        save_file(m, paths[f"M{i}"])
+    return paths
+
+
+def _spec(method: str, paths, params: dict | None = None, per_model: list[dict] | None = None, base: bool = True):
+    from capmerge.merge.modelmerge import MergeSpec, SourceSpec
+
+    ms = [k for k in paths if k != "P"]
+    per_model = per_model or [{}] * len(ms)
+    sources = [SourceSpec(str(paths[k]), pm or None) for k, pm in zip(ms, per_model, strict=True)]
+    return MergeSpec(method, models=sources, base=str(paths["P"]) if base else None, parameters=params or {})
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "per_model", "block"),
+    [
+        ("ties", {}, [{"weight": 1.0, "density": 0.5}] * 3, True),
+        ("ties", {}, [{"weight": -1.0, "density": 0.5}] + [{"weight": 1.0, "density": 0.5}] * 2, False),
+        ("ties", {"rescale": True}, [{"weight": 1.0, "density": 0.5}] * 3, False),
+        ("dare_linear", {}, [{"weight": 0.5, "density": 0.5}] * 3, True),
+        ("della", {}, [{"weight": 0.5, "density": 0.5}] * 3, False),
+        ("slerp", {"t": 0.4}, None, True),
+        ("model_stock", {"filter_wise": True}, None, "1-D"),  # one ratio per row; a 1-D tensor is one row
+        ("sce", {}, None, False),
+    ],
+)  # fmt: skip
+def test_runner_takes_the_block_path_where_the_form_applies(tmp_path, method, params, per_model, block) -> None:
+    from capmerge.merge.methods.models import TensorInputs
+    from capmerge.merge.methods.registry import get_model_method
+    from capmerge.merge.modelmerge import _jobs, plan, run_merge
+
+    paths = _models(tmp_path, 1 if method == "slerp" else 3)
+    spec = _spec(method, paths, params, per_model)
+    p = plan(spec)
+    try:
+        jobs, _ = _jobs(p, None, False)
+        ops = {j.name: j.op for j in jobs}
+    finally:
+        p.close()
+    for n, op in ops.items():
+        on_block = block is True or (block == "1-D" and n == "model.norm.weight")
+        assert op == ("compute" if on_block else "copy"), ops
+    out = tmp_path / "out.safetensors"
+    run_merge(spec, out)
+    got = load_file(out)
+    m = get_model_method(method)
+    models = {k: load_file(v) for k, v in paths.items()}
+    keys = [k for k in paths if k != "P"]
+    gp, mp = m.resolve(params, per_model or [None] * len(keys))
+    for n, t in got.items():  # the runner (either path) gives the per-tensor fn's bits
+        x = TensorInputs(n, [models[k][n] for k in keys], mp, gp, models["P"][n], 0)
+        assert torch.equal(t, m.fn(x).to(torch.bfloat16)), n
+
+
+def test_torch_fallback_gives_the_native_result_within_float32_rounding(tmp_path, monkeypatch) -> None:
+    if not compute.native_available():
+        pytest.skip("the native kernel is not built here")
+    from capmerge.merge.modelmerge import run_merge
+
+    paths = _models(tmp_path)
+    wd = [{"weight": 0.7, "density": 0.4}] * 3
+    for method, params, pm in [("ties", {}, wd), ("multislerp", {}, [{"weight": 1}] * 3), ("dare_ties", {}, wd)]:
+        outs = []
+        for native in ("", "1"):
+            monkeypatch.setenv("CAPMERGE_NO_NATIVE", native)
+            out = tmp_path / f"{method}{native}.safetensors"
+            run_merge(_spec(method, paths, params, pm), out, open_opts=None)
+            outs.append(load_file(out))
+        for n in outs[0]:
+            a, b = outs[0][n].float(), outs[1][n].float()
+            assert float((a - b).abs().max()) <= 2**-7 * float(a.abs().max()), f"{method} {n}"

@@ -842,14 +842,25 @@ static void run_moments(const term_t *terms, int k, const void *base, int base_d
                 if (want_l1) out[(size_t)k * k + k + i] += (s[0] + s[1]) + (s[2] + s[3]);
                 continue;
             }
-            if (t->mode == PRUNE_RANDOM) philox_tile(tmp, elem_offset + (uint64_t)off, m, t->k0, t->k1);
-            for (j = 0; j < m; j++) {
-                float a = fabsf(tt[j]);
-                int keep = (t->mode == PRUNE_MAGNITUDE && a >= t->p1) ||
-                           (t->mode == PRUNE_BAND && a >= t->p1 && a < t->p2) ||
-                           (t->mode == PRUNE_RANDOM && tmp[j] < t->p1);
-                q[j & 3] += keep ? (double)a : 0.0;
+            /* |v| where kept, else 0, into tmp (the same keep tests as run_merge_tiles), then summed as above */
+            if (t->mode == PRUNE_RANDOM) {
+                float p1 = t->p1;
+                philox_tile(tmp, elem_offset + (uint64_t)off, m, t->k0, t->k1);
+                for (j = 0; j < m; j++) tmp[j] = tmp[j] < p1 ? fabsf(tt[j]) : 0.0f;
+            } else if (t->mode == PRUNE_MAGNITUDE) {
+                float p1 = t->p1;
+                for (j = 0; j < m; j++) tmp[j] = fabsf(tt[j]) >= p1 ? fabsf(tt[j]) : 0.0f;
+            } else {
+                float p1 = t->p1, p2 = t->p2;
+                for (j = 0; j < m; j++) tmp[j] = (fabsf(tt[j]) >= p1 && fabsf(tt[j]) < p2) ? fabsf(tt[j]) : 0.0f;
             }
+            for (j = 0; j + 4 <= m; j += 4) {
+                q[0] += (double)tmp[j];
+                q[1] += (double)tmp[j + 1];
+                q[2] += (double)tmp[j + 2];
+                q[3] += (double)tmp[j + 3];
+            }
+            for (; j < m; j++) q[j & 3] += (double)tmp[j];
             out[(size_t)k * k + k + i] += (q[0] + q[1]) + (q[2] + q[3]);
         }
         if (!want_gram) continue;

@@ -152,8 +152,9 @@ def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torc
     x = t.float()
     rows = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)
     order = torch.argsort(rows.abs(), dim=-1, stable=True)
-    ranks = torch.argsort(order, dim=-1, stable=True).to(torch.float32)  # r − 1
     m = rows.shape[-1]
+    ranks = torch.empty(order.shape, dtype=torch.float32, device=x.device)  # r − 1: the inverse permutation of order
+    ranks.scatter_(-1, order, torch.arange(m, dtype=torch.float32, device=x.device).expand(order.shape))
     frac = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
     probs = (density - epsilon) + frac * (2 * epsilon)
     return (probs.reshape(x.shape) if x.dim() < 2 else probs.movedim(-1, 1)).contiguous()

@@ -181,3 +181,55 @@ def test_torch_fallback_gives_the_native_result_within_float32_rounding(tmp_path
         for n in outs[0]:
             a, b = outs[0][n].float(), outs[1][n].float()
             assert float((a - b).abs().max()) <= 2**-7 * float(a.abs().max()), f"{method} {n}"
+
+
+def _save(path, tensors: dict[str, list | float]) -> str:
+    save_file({n: torch.tensor(v, dtype=torch.float32) for n, v in tensors.items()}, str(path))
+    return str(path)
+
+
+def test_block_path_error_names_the_tensor_and_writes_nothing(tmp_path, capsys) -> None:
+    """A statistics pass that fails (multislerp: three task vectors whose weighted unit mean is zero) is one error
+    line naming the tensor, exit code 2, no output."""
+    from capmerge.cli.app import main
+
+    p = _save(tmp_path / "P.safetensors", {"w": [0.0, 0.0], "ok": [1.0, 1.0]})
+    ms = [_save(tmp_path / f"M{i}.safetensors", {"w": v, "ok": [1.0 + i, 2.0]})
+          for i, v in enumerate([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]])]  # fmt: skip
+    out = tmp_path / "out.safetensors"
+    code = main(["merge", *ms, "--base", p, "--method", "multislerp", "--weights", "1,1,1", "-o", str(out), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "w" in err[0], err
+    assert "weighted mean of the unit vectors is zero" in err[0] and not out.exists()
+
+
+def test_block_path_overflow_is_refused_unless_allowed(tmp_path, capsys) -> None:
+    from capmerge.cli.app import main
+
+    ms = [_save(tmp_path / f"M{i}.safetensors", {"w": [60000.0, 1.0]}) for i in range(2)]
+    out = tmp_path / "out.safetensors"
+    args = ["merge", *ms, "--method", "linear", "--weights", "1,1", "--no-normalize", "--dtype", "float16"]
+    assert main([*args, "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "NaN/Inf" in err and "w" in err and not out.exists()
+    assert main([*args, "--allow-nonfinite", "-o", str(out), "-q"]) == 0
+    got = load_file(out)["w"]
+    assert torch.isinf(got[0]) and float(got[1]) == 2.0
+
+
+def test_block_path_takes_empty_and_scalar_tensors(tmp_path) -> None:
+    from capmerge.merge.modelmerge import MergeSpec, SourceSpec, run_merge
+
+    def model(i: int) -> str:
+        t = {"empty": torch.zeros(0, 4), "scalar": torch.tensor(1.0 + i), "v": torch.arange(4.0) * (i + 1)}
+        save_file(t, str(tmp_path / f"M{i}.safetensors"))
+        return str(tmp_path / f"M{i}.safetensors")
+
+    base, a, b = model(0), model(1), model(2)
+    for method, params in [("ties", {"weight": 1.0, "density": 0.5}), ("multislerp", {"weight": 1.0}),
+                           ("model_stock", None)]:  # fmt: skip
+        out = tmp_path / f"{method}.safetensors"
+        run_merge(MergeSpec(method, models=[SourceSpec(a, params), SourceSpec(b, params)], base=base), out)
+        got = load_file(out)
+        assert got["empty"].shape == (0, 4) and got["scalar"].shape == () and got["v"].shape == (4,), method
+        assert torch.isfinite(got["scalar"]) and torch.isfinite(got["v"]).all(), method

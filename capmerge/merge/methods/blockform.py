@@ -30,6 +30,7 @@ reads them), so the coefficients do not depend on how the data is stored or spli
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -236,7 +237,6 @@ class ModelKernel:
         self.name, self.finish, self.codes, self.has_base, self.numel = name, finish, list(codes), has_base, numel
         self.out_code = out_code
         self.combo: Combo | None = None
-        self._zero: bytearray | None = None
 
     def prepare(self, read: Read) -> None:
         self.combo = self.finish(Stats(read, self.codes, self.has_base, self.numel))
@@ -250,9 +250,7 @@ class ModelKernel:
         if c.with_base:
             base, base_code = views[0], self.codes[0]
         else:
-            if self._zero is None or len(self._zero) < 4 * n:
-                self._zero = bytearray(4 * n)
-            base, base_code = memoryview(self._zero)[: 4 * n], "F32"
+            base, base_code = _zeros(4 * n), "F32"
         bview = views[0] if c.relative else None
         terms = [
             (views[first + t.model], self.codes[first + t.model], bview, self.codes[0], t.weight, *t.prune)
@@ -260,6 +258,18 @@ class ModelKernel:
         ]
         kw = {"sign": c.sign, "normalize": c.normalize, "offset": offset}
         return compute.merge_block([(o, self.out_code, c.lam) for o in outs], base, base_code, n, terms, **kw)
+
+
+_ZERO = bytearray()  # one zero buffer for every kernel without a base (it only grows, to the largest block)
+_ZERO_LOCK = threading.Lock()
+
+
+def _zeros(nbytes: int) -> memoryview:
+    global _ZERO
+    with _ZERO_LOCK:
+        if len(_ZERO) < nbytes:
+            _ZERO = bytearray(nbytes)
+        return memoryview(_ZERO)[:nbytes]
 
 
 def spec_of(x: TensorInputs) -> Spec:

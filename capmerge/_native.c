@@ -307,6 +307,7 @@ static inline float philox_uniform(uint64_t idx, uint32_t k0, uint32_t k1) {
 #define PRUNE_MAGNITUDE 1 /* keep |t| >= p1 */
 #define PRUNE_RANDOM 2    /* keep where u < p1; kept entries divided by p2 when p2 != 0 */
 #define PRUNE_BAND 3      /* keep p1 <= |t| < p2 */
+#define PRUNE_BITS 4      /* keep where bit (element index) of the term's bit mask is set (bits: LSB first) */
 #define SIGN_NONE 0
 #define SIGN_TOTAL 1
 #define SIGN_FREQUENCY 2
@@ -317,6 +318,7 @@ typedef struct {
     int a_dt, b_dt, mode;
     float w, p1, p2;
     uint32_t k0, k1;
+    const uint8_t *bits; /* PRUNE_BITS: one bit per element of the whole tensor, element i at bits[i / 8] >> (i % 8) */
 } term_t;
 
 typedef struct {
@@ -574,6 +576,13 @@ static int run_merge_tiles(const out_t *outs, int n_out, const void *base, int b
                     for (j = 0; j < m; j++) tt[j] = tt[j] / div;
                 /* branch-free select (random masks would defeat the branch predictor) */
                 for (j = 0; j < m; j++) tt[j] = u2f(f2u(tt[j]) & ((uint32_t)0 - (uint32_t)(tmp[j] < dens)));
+            } else if (t->mode == PRUNE_BITS) {
+                uint64_t g0 = elem_offset + (uint64_t)off;
+                for (j = 0; j < m; j++) {
+                    uint64_t g = g0 + (uint64_t)j;
+                    uint32_t keep = (uint32_t)(t->bits[g >> 3] >> (g & 7)) & 1u;
+                    tt[j] = u2f(f2u(tt[j]) & ((uint32_t)0 - keep));
+                }
             }
         }
         for (j = 0; j < m; j++) {
@@ -813,7 +822,7 @@ static int check_len(Py_buffer *b, int dt, Py_ssize_t n, const char *what) {
  * the same blocks give the same bits. Results are added into out (float64, K*K + 2K). */
 MULTIVERSION
 static void run_moments(const term_t *terms, int k, const void *base, int base_dt, Py_ssize_t n, uint64_t elem_offset,
-                        int want_gram, int want_l1, double *out, float *tiles) {
+                        int want_gram, int want_l1, double *out, float *tiles, uint8_t *const *masks) {
     float tmp[TILE];
     Py_ssize_t off, j;
     int i, l;
@@ -846,6 +855,21 @@ static void run_moments(const term_t *terms, int k, const void *base, int base_d
             if (t->mode == PRUNE_RANDOM) {
                 float p1 = t->p1;
                 philox_tile(tmp, elem_offset + (uint64_t)off, m, t->k0, t->k1);
+                if (masks && masks[i]) { /* the keep bits, for a merge pass that reuses them (PRUNE_BITS) */
+                    uint64_t g0 = elem_offset + (uint64_t)off;
+                    j = 0;
+                    if ((g0 & 7) == 0) /* whole bytes at once (block and tile starts are multiples of 8) */
+                        for (; j + 8 <= m; j += 8) {
+                            uint32_t byte = 0;
+                            int b;
+                            for (b = 0; b < 8; b++) byte |= (uint32_t)(tmp[j + b] < p1) << b;
+                            masks[i][(g0 + (uint64_t)j) >> 3] = (uint8_t)byte;
+                        }
+                    for (; j < m; j++) {
+                        uint64_t g = g0 + (uint64_t)j;
+                        masks[i][g >> 3] |= (uint8_t)((uint32_t)(tmp[j] < p1) << (g & 7));
+                    }
+                }
                 for (j = 0; j < m; j++) tmp[j] = tmp[j] < p1 ? fabsf(tt[j]) : 0.0f;
             } else if (t->mode == PRUNE_MAGNITUDE) {
                 float p1 = t->p1;
@@ -911,8 +935,8 @@ static PyObject *native_diff(PyObject *self, PyObject *args) {
  *          mode (0 none, 1 magnitude |t| >= p1, 2 random u < p1 then / p2, 3 band p1 <= |t| < p2); key: uint64 seed. */
 static PyObject *native_merge(PyObject *self, PyObject *args) {
     PyObject *outs_o, *terms_o, *so = NULL, *st = NULL;
-    Py_buffer base, ob[MAX_VECTORS], ab[MAX_VECTORS], bb[MAX_VECTORS];
-    int has_b[MAX_VECTORS];
+    Py_buffer base, ob[MAX_VECTORS], ab[MAX_VECTORS], bb[MAX_VECTORS], kb[MAX_VECTORS];
+    int has_b[MAX_VECTORS], has_k[MAX_VECTORS];
     out_t outs[MAX_VECTORS];
     term_t terms[MAX_VECTORS];
     int base_dt, sign, normalize, n_out = 0, k = 0, i, ok = 1, flags = 0;
@@ -923,6 +947,7 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Oy*inOiiK", &outs_o, &base, &base_dt, &n, &terms_o, &sign, &normalize, &elem_offset))
         return NULL;
     memset(has_b, 0, sizeof(has_b));
+    memset(has_k, 0, sizeof(has_k));
     so = PySequence_Fast(outs_o, "outs must be a sequence");
     st = so ? PySequence_Fast(terms_o, "terms must be a sequence") : NULL;
     if (!so || !st) ok = 0;
@@ -943,18 +968,19 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
         ok = check_dt(outs[i].dt) && check_len(&ob[i], outs[i].dt, n, "output");
     }
     for (i = 0; ok && i < PySequence_Fast_GET_SIZE(st); i++) {
-        PyObject *b_o;
+        PyObject *b_o, *bits_o = Py_None;
         double w, p1, p2;
         unsigned long long key;
         term_t *t = &terms[i];
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(st, i), "y*iOididdK", &ab[i], &t->a_dt, &b_o, &t->b_dt, &w,
-                              &t->mode, &p1, &p2, &key)) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(st, i), "y*iOididdK|O", &ab[i], &t->a_dt, &b_o, &t->b_dt, &w,
+                              &t->mode, &p1, &p2, &key, &bits_o)) {
             ok = 0;
             break;
         }
         k++;
         t->a = ab[i].buf;
         t->b = NULL;
+        t->bits = NULL;
         t->w = (float)w;
         t->p1 = (float)p1;
         t->p2 = (float)p2;
@@ -970,8 +996,20 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
             t->b = bb[i].buf;
             ok = check_dt(t->b_dt) && check_len(&bb[i], t->b_dt, n, "vector");
         }
-        if (ok && (t->mode < 0 || t->mode > 3)) {
-            PyErr_Format(PyExc_ValueError, "unknown prune mode %d", t->mode);
+        if (ok && bits_o != Py_None) {
+            if (PyObject_GetBuffer(bits_o, &kb[i], PyBUF_SIMPLE) < 0) {
+                ok = 0;
+                break;
+            }
+            has_k[i] = 1;
+            t->bits = (const uint8_t *)kb[i].buf;
+            if (kb[i].len < (Py_ssize_t)((elem_offset + (uint64_t)n + 7) >> 3)) {
+                PyErr_SetString(PyExc_ValueError, "a term's bit mask is shorter than its elements");
+                ok = 0;
+            }
+        }
+        if (ok && (t->mode < 0 || t->mode > 4 || (t->mode == PRUNE_BITS && !t->bits))) {
+            PyErr_Format(PyExc_ValueError, "unknown prune mode %d (or mode 4 without a bit mask)", t->mode);
             ok = 0;
         }
     }
@@ -992,6 +1030,7 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
     for (i = 0; i < k; i++) {
         PyBuffer_Release(&ab[i]);
         if (has_b[i]) PyBuffer_Release(&bb[i]);
+        if (has_k[i]) PyBuffer_Release(&kb[i]);
     }
     Py_XDECREF(so);
     Py_XDECREF(st);
@@ -1006,16 +1045,20 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
  *   want_gram: bit 0 = compute the Gram matrix, bit 1 = skip the L1 sums of vectors not pruned;
  *   out: writable float64 buffer of K*K + 2K values, added to (see run_moments). */
 static PyObject *native_moments(PyObject *self, PyObject *args) {
-    PyObject *vec_o, *base_o, *sv = NULL;
-    Py_buffer base, out, ab[MAX_VECTORS];
+    PyObject *vec_o, *base_o, *sv = NULL, *masks_o = Py_None, *sm = NULL;
+    Py_buffer base, out, ab[MAX_VECTORS], mb[MAX_VECTORS];
+    uint8_t *masks[MAX_VECTORS];
+    int has_mask[MAX_VECTORS];
     term_t terms[MAX_VECTORS];
     int base_dt, want_gram, k = 0, i, ok = 1, has_base = 0;
     Py_ssize_t n;
     unsigned long long elem_offset;
     float *tiles = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOinKiw*", &vec_o, &base_o, &base_dt, &n, &elem_offset, &want_gram, &out))
+    if (!PyArg_ParseTuple(args, "OOinKiw*|O", &vec_o, &base_o, &base_dt, &n, &elem_offset, &want_gram, &out, &masks_o))
         return NULL;
+    memset(has_mask, 0, sizeof(has_mask));
+    memset(masks, 0, sizeof(masks));
     sv = PySequence_Fast(vec_o, "vectors must be a sequence");
     if (!sv) ok = 0;
     if (ok && PySequence_Fast_GET_SIZE(sv) > MAX_VECTORS) {
@@ -1041,6 +1084,7 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
         k++;
         t->a = ab[i].buf;
         t->b = has_base ? base.buf : NULL;
+        t->bits = NULL;
         t->b_dt = base_dt;
         t->w = 1.0f;
         t->p1 = (float)p1;
@@ -1051,6 +1095,28 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
         if (ok && (t->mode < 0 || t->mode > 3)) {
             PyErr_Format(PyExc_ValueError, "unknown prune mode %d", t->mode);
             ok = 0;
+        }
+    }
+    if (ok && masks_o != Py_None) {
+        sm = PySequence_Fast(masks_o, "masks must be a sequence");
+        if (!sm) ok = 0;
+        else if (PySequence_Fast_GET_SIZE(sm) != k) {
+            PyErr_SetString(PyExc_ValueError, "masks: one entry (a buffer or None) per vector");
+            ok = 0;
+        }
+        for (i = 0; ok && i < k; i++) {
+            PyObject *o = PySequence_Fast_GET_ITEM(sm, i);
+            if (o == Py_None) continue;
+            if (PyObject_GetBuffer(o, &mb[i], PyBUF_WRITABLE) < 0) {
+                ok = 0;
+                break;
+            }
+            has_mask[i] = 1;
+            masks[i] = (uint8_t *)mb[i].buf;
+            if (mb[i].len < (Py_ssize_t)((elem_offset + (uint64_t)n + 7) >> 3)) {
+                PyErr_SetString(PyExc_ValueError, "a mask buffer is shorter than the tensor's bits");
+                ok = 0;
+            }
         }
     }
     if (ok && out.len < (Py_ssize_t)(((size_t)k * k + 2 * (size_t)k) * sizeof(double))) {
@@ -1067,14 +1133,17 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
         run_moments(terms, k, has_base ? base.buf : NULL, base_dt, n, (uint64_t)elem_offset, want_gram & 1,
-                    (want_gram & 2) == 0, (double *)out.buf, tiles);
+                    (want_gram & 2) == 0, (double *)out.buf, tiles, sm ? masks : NULL);
         Py_END_ALLOW_THREADS
     }
     free(tiles);
     for (i = 0; i < k; i++) PyBuffer_Release(&ab[i]);
+    for (i = 0; i < MAX_VECTORS; i++)
+        if (has_mask[i]) PyBuffer_Release(&mb[i]);
     if (has_base) PyBuffer_Release(&base);
     PyBuffer_Release(&out);
     Py_XDECREF(sv);
+    Py_XDECREF(sm);
     if (!ok) return NULL;
     Py_RETURN_NONE;
 }

@@ -233,3 +233,30 @@ def test_block_path_takes_empty_and_scalar_tensors(tmp_path) -> None:
         got = load_file(out)
         assert got["empty"].shape == (0, 4) and got["scalar"].shape == () and got["v"].shape == (4,), method
         assert torch.isfinite(got["scalar"]) and torch.isfinite(got["v"]).all(), method
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_keep_bits_replay_the_random_mask(native: bool, monkeypatch) -> None:
+    """DARE's statistics pass records its keep bits; a merge term of mode BITS over them gives the bytes of the same
+    term drawing its Philox numbers again (any block offset), natively and on the torch path."""
+    if not native:
+        monkeypatch.setenv("CAPMERGE_NO_NATIVE", "1")
+    elif not compute.native_available():
+        pytest.skip("the native kernel is not built here")
+    n, key, d = 5000, 424242, 0.3
+    t = _inputs("BF16", n, 1, seed=5)[0]
+    raw = _raw(t)
+    st = B.Stats(lambda i, s, e: raw[2 * s : 2 * e], ["BF16"], False, n)
+    m = st.moments(prune=[(B.RANDOM, d, 0.0, key)], gram=False, l1=True, masks=True)
+    u = F.philox_uniform(key, torch.arange(n, dtype=torch.int64))
+    bits = np.unpackbits(m.masks[0], bitorder="little")[:n].astype(bool)
+    assert np.array_equal(bits, (u < torch.tensor(d)).numpy())
+    zero = bytearray(4 * n)
+    for off in (0, 8, 13):  # a merge block may start anywhere
+        k = n - off
+        want, got = bytearray(2 * k), bytearray(2 * k)
+        rnd = (raw[2 * off :], "BF16", None, "F32", 0.7, B.RANDOM, d, 0.0, key)
+        compute.merge_block([(memoryview(want), "BF16", 1.0)], memoryview(zero)[: 4 * k], "F32", k, [rnd], offset=off)
+        rep = (raw[2 * off :], "BF16", None, "F32", 0.7, B.BITS, 0.0, 0.0, 0, m.masks[0])
+        compute.merge_block([(memoryview(got), "BF16", 1.0)], memoryview(zero)[: 4 * k], "F32", k, [rep], offset=off)
+        assert want == got, off

@@ -46,14 +46,16 @@ def diff_block(out: memoryview, out_code: str, a: memoryview, a_code: str, b: me
     return _torch_diff(out, out_code, a, a_code, b, b_code, n)
 
 
-PRUNE_NONE, PRUNE_MAGNITUDE, PRUNE_RANDOM, PRUNE_BAND = 0, 1, 2, 3
+PRUNE_NONE, PRUNE_MAGNITUDE, PRUNE_RANDOM, PRUNE_BAND, PRUNE_BITS = 0, 1, 2, 3, 4
 SIGN_CODES = {"none": 0, "total": 1, "frequency": 2}
 
 # One term of a merge: the vector a (or the difference a - b), its weight, and how it is pruned:
 # (a, a_code, b | None, b_code, weight, mode, p1, p2, key) — mode PRUNE_MAGNITUDE keeps |t| >= p1; PRUNE_RANDOM keeps
 # entries whose Philox uniform (key, element index) is < p1 and divides them by p2 when p2 != 0; PRUNE_BAND keeps
-# p1 <= |t| < p2.
-TermArgs = tuple[memoryview, str, "memoryview | None", str, float, int, float, float, int]
+# p1 <= |t| < p2; PRUNE_BITS keeps the entries whose bit is set in a tenth item, a bit mask over the whole tensor
+# (element i at byte i // 8, bit i % 8: the keep bits a statistics pass recorded, so that a merge pass need not draw
+# the same Philox numbers again).
+TermArgs = tuple  # (a, a_code, b, b_code, weight, mode, p1, p2, key[, bits])
 
 
 def merge_block(
@@ -75,8 +77,8 @@ def merge_block(
     if use_native(*codes) and len(terms) <= 64 and len(outs) <= 64:
         assert _native is not None
         native_terms = [
-            (a, NATIVE_CODES[ac], b, NATIVE_CODES.get(bc, 0), float(w), mode, float(p1), float(p2), key)
-            for a, ac, b, bc, w, mode, p1, p2, key in terms
+            (a, NATIVE_CODES[ac], b, NATIVE_CODES.get(bc, 0), float(w), mode, float(p1), float(p2), key, *bits)
+            for a, ac, b, bc, w, mode, p1, p2, key, *bits in terms
         ]
         native_outs = [(buf, NATIVE_CODES[c], float(alpha)) for buf, c, alpha in outs]
         return int(
@@ -85,6 +87,16 @@ def merge_block(
             )  # fmt: skip
         )
     return _torch_merge(outs, base, base_code, n, terms, sign, normalize, offset)
+
+
+def bit_mask(bits: Any, offset: int, n: int) -> Any:
+    """Elements [offset, offset + n) of a PRUNE_BITS mask as a torch bool tensor."""
+    import numpy as np
+    import torch
+
+    raw = np.frombuffer(bits, dtype=np.uint8)[offset // 8 : (offset + n + 7) // 8 + 1]
+    unpacked = np.unpackbits(raw, bitorder="little")[offset % 8 : offset % 8 + n]
+    return torch.from_numpy(unpacked.astype(bool))
 
 
 def _compute_dtype(*codes: str) -> Any:
@@ -136,7 +148,7 @@ def _torch_merge(
 
     cd = _compute_dtype(base_code, *(c for _, c, _ in outs), *(t[1] for t in terms))
     pruned, ins, weights = [], [], []
-    for a, ac, b, bc, w, mode, p1, p2, key in terms:
+    for a, ac, b, bc, w, mode, p1, p2, key, *bits in terms:
         t = as_tensor(a, ac)[:n].to(cd)
         ins.append(t)
         if b is not None:
@@ -151,6 +163,8 @@ def _torch_merge(
             u = F.philox_uniform(key, torch.arange(n, dtype=torch.int64) + offset)
             kept = t / torch.tensor(p2, dtype=cd) if p2 != 0 else t
             t = torch.where(u < torch.tensor(p1, dtype=torch.float32), kept, torch.zeros_like(t))
+        elif mode == PRUNE_BITS:
+            t = torch.where(bit_mask(bits[0], offset, n), t, torch.zeros_like(t))
         pruned.append(t)
         weights.append(w)
     tb = as_tensor(base, base_code)[:n].to(cd)

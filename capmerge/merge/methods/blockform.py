@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 TensorInputs = Any  # capmerge.merge.methods.models.TensorInputs (which imports this module)
 
 STAT_BLOCK = 1 << 19  # elements per statistics call (fixed: the float64 sums' order does not depend on the reader)
-NONE, MAGNITUDE, RANDOM, BAND = compute.PRUNE_NONE, compute.PRUNE_MAGNITUDE, compute.PRUNE_RANDOM, compute.PRUNE_BAND
+NONE, MAGNITUDE, RANDOM, BAND, BITS = (compute.PRUNE_NONE, compute.PRUNE_MAGNITUDE, compute.PRUNE_RANDOM,
+                                       compute.PRUNE_BAND, compute.PRUNE_BITS)  # fmt: skip
 KEEP_ALL: tuple[int, float, float, int] = (NONE, 0.0, 0.0, 0)
 DROP_ALL: tuple[int, float, float, int] = (BAND, math.inf, math.inf, 0)  # inf ≤ |t| < inf holds for no entry
 
@@ -59,6 +60,7 @@ class Term:
     model: int
     weight: float
     prune: tuple[int, float, float, int] = KEEP_ALL
+    bits: Any = None  # prune mode BITS: the keep bits of the whole tensor (Moments.masks)
 
 
 @dataclass(frozen=True)
@@ -112,11 +114,13 @@ Form = Callable[[Spec], "Finish | Copy | None"]
 
 @dataclass
 class Moments:
-    """Sums over one tensor: ``gram[i][j]`` = Σ v_i·v_j, ``l1[i]`` = Σ|v_i|, ``kept[i]`` = Σ|prune_i(v_i)|."""
+    """Sums over one tensor: ``gram[i][j]`` = Σ v_i·v_j, ``l1[i]`` = Σ|v_i|, ``kept[i]`` = Σ|prune_i(v_i)|;
+    ``masks[i]``: the keep bits of a randomly pruned v_i when asked for (else None)."""
 
     gram: list[list[float]]
     l1: list[float]
     kept: list[float]
+    masks: list[Any] = field(default_factory=list)
 
     def norm(self, i: int) -> float:
         return math.sqrt(max(self.gram[i][i], 0.0))
@@ -145,36 +149,41 @@ class Stats:
         return kth_largest_abs_stream(self.read, m, self.codes[m], b, cb, self.numel, list(ks))
 
     def moments(self, *, relative: bool = False, prune: Sequence[tuple[int, float, float, int]] | None = None,
-                gram: bool = True, l1: bool = False, include_base: bool = False) -> Moments:  # fmt: skip
+                gram: bool = True, l1: bool = False, include_base: bool = False,
+                masks: bool = False) -> Moments:  # fmt: skip
         """Gram matrix (``gram``) and L1 norms of the v_i (``l1``; those of pruned v_i always), in float64 over
         blocks of STAT_BLOCK. ``include_base``: the base itself is vector 0, the models follow (then ``relative``
-        must be false). Sums not asked for are 0."""
+        must be false). Sums not asked for are 0. ``masks``: also record the keep bits of every randomly pruned
+        vector (one bit per element, n/8 bytes each), for a merge pass that replays them instead of drawing the
+        same Philox numbers again."""
         ins = [self._model(i) for i in range(len(self.codes) - (1 if self.has_base else 0))]
         if include_base and self.has_base:
             ins = [0, *ins]
         k = len(ins)
         prune = list(prune) if prune is not None else [KEEP_ALL] * k
-        key = ("moments", relative, tuple(prune), gram, l1, include_base)
+        key = ("moments", relative, tuple(prune), gram, l1, include_base, masks)
         if key in self._cache:
             return self._cache[key]
         import numpy as np
 
         out = np.zeros(k * k + 2 * k, dtype=np.float64)
+        bits = [np.zeros((self.numel + 7) // 8, dtype=np.uint8) if masks and p[0] == RANDOM else None for p in prune]
         base = relative and self.has_base
         for s in range(0, self.numel, STAT_BLOCK):
             e = min(self.numel, s + STAT_BLOCK)
             views = [self.read(i, s, e) for i in ins]  # one scratch buffer per input
             bview = self.read(0, s, e) if base else None
             _moments_block(views, [self.codes[i] for i in ins], bview, self.codes[0] if base else "F32", e - s, s,
-                           int(gram) | (0 if l1 else 2), prune, out)  # fmt: skip
+                           int(gram) | (0 if l1 else 2), prune, out, bits if masks else None)  # fmt: skip
         g = out[: k * k].reshape(k, k).tolist()
-        m = Moments(g, out[k * k : k * k + k].tolist(), out[k * k + k :].tolist())
+        m = Moments(g, out[k * k : k * k + k].tolist(), out[k * k + k :].tolist(), bits)
         self._cache[key] = m
         return m
 
 
 def _moments_block(views: list[Any], codes: list[str], base: Any, base_code: str, n: int, offset: int, flags: int,
-                   prune: Sequence[tuple[int, float, float, int]], out: Any) -> None:  # fmt: skip
+                   prune: Sequence[tuple[int, float, float, int]], out: Any,
+                   masks: list[Any] | None = None) -> None:  # fmt: skip
     """One block's sums added into ``out``; ``flags`` bit 0: the Gram matrix, bit 1: skip the L1 sums of vectors
     that are not pruned."""
     if compute.use_native(*codes, base_code):
@@ -183,13 +192,14 @@ def _moments_block(views: list[Any], codes: list[str], base: Any, base_code: str
         vecs = [
             (v, compute.NATIVE_CODES[c], p[0], p[1], p[2], p[3]) for v, c, p in zip(views, codes, prune, strict=True)
         ]
-        _native.moments(vecs, base, compute.NATIVE_CODES[base_code], n, offset, flags, memoryview(out).cast("B"))
+        _native.moments(vecs, base, compute.NATIVE_CODES[base_code], n, offset, flags, memoryview(out).cast("B"), masks)
         return
-    _torch_moments(views, codes, base, base_code, n, offset, flags, prune, out)
+    _torch_moments(views, codes, base, base_code, n, offset, flags, prune, out, masks)
 
 
 def _torch_moments(views: list[Any], codes: list[str], base: Any, base_code: str, n: int, offset: int, flags: int,
-                   prune: Sequence[tuple[int, float, float, int]], out: Any) -> None:  # fmt: skip
+                   prune: Sequence[tuple[int, float, float, int]], out: Any,
+                   masks: list[Any] | None = None) -> None:  # fmt: skip
     """The same sums without the native kernel (float64 throughout; the order of the sums may differ)."""
     import torch
 
@@ -210,6 +220,8 @@ def _torch_moments(views: list[Any], codes: list[str], base: Any, base_code: str
             keep = (a >= p1) & (a < p2)
         elif mode == RANDOM:
             keep = F.philox_uniform(key, torch.arange(n, dtype=torch.int64) + offset) < torch.tensor(p1)
+            if masks is not None and masks[i] is not None:  # offsets are multiples of 8 but for the tail
+                _set_bits(masks[i], offset, keep.numpy())
         else:
             keep = torch.ones_like(a, dtype=torch.bool)
         if not flags & 2:
@@ -225,6 +237,16 @@ def _torch_moments(views: list[Any], codes: list[str], base: Any, base_code: str
                     out[j * k + i] = out[i * k + j]
 
 
+def _set_bits(mask: Any, offset: int, keep: Any) -> None:
+    import numpy as np
+
+    for j in np.flatnonzero(keep[: (-offset) % 8]):  # a head before the first whole byte (never, in practice)
+        mask[(offset + j) // 8] |= 1 << ((offset + j) % 8)
+    head = (-offset) % 8
+    packed = np.packbits(keep[head:], bitorder="little")
+    mask[(offset + head) // 8 : (offset + head) // 8 + len(packed)] |= packed
+
+
 # ------------------------------------------------------------------------------------------------- the kernel
 
 
@@ -237,6 +259,8 @@ class ModelKernel:
         self.name, self.finish, self.codes, self.has_base, self.numel = name, finish, list(codes), has_base, numel
         self.out_code = out_code
         self.combo: Combo | None = None
+        self._done = 0  # elements computed: the combo (and any keep bits it holds) is dropped after the last block
+        self._lock = threading.Lock()
 
     def prepare(self, read: Read) -> None:
         self.combo = self.finish(Stats(read, self.codes, self.has_base, self.numel))
@@ -253,11 +277,17 @@ class ModelKernel:
             base, base_code = _zeros(4 * n), "F32"
         bview = views[0] if c.relative else None
         terms = [
-            (views[first + t.model], self.codes[first + t.model], bview, self.codes[0], t.weight, *t.prune)
+            (views[first + t.model], self.codes[first + t.model], bview, self.codes[0], t.weight, *t.prune,
+             *([t.bits] if t.bits is not None else []))
             for t in c.terms
-        ]
+        ]  # fmt: skip
         kw = {"sign": c.sign, "normalize": c.normalize, "offset": offset}
-        return compute.merge_block([(o, self.out_code, c.lam) for o in outs], base, base_code, n, terms, **kw)
+        flags = compute.merge_block([(o, self.out_code, c.lam) for o in outs], base, base_code, n, terms, **kw)
+        with self._lock:  # the engine computes each element once (blocks may be split across threads)
+            self._done += n
+            if self._done >= self.numel:
+                self.combo = None
+        return flags
 
 
 _ZERO = bytearray()  # one zero buffer for every kernel without a base (it only grows, to the largest block)

@@ -165,13 +165,16 @@ def gta_form(prune: Prune | None, elect: bool) -> B.Form:
                 else:  # random
                     prunes.append((B.RANDOM, max(d, 0.0), 0.0, F.tensor_key(s.seed, s.name, i)))
             w = list(weights)
+            bits: list[object] = [None] * len(w)
             if rescale:  # pruned·(‖τ‖₁/‖pruned‖₁), the ratio in float32 as mergekit rounds it, folded into w
-                m = st.moments(relative=True, prune=prunes, gram=False, l1=True)
+                m = st.moments(relative=True, prune=prunes, gram=False, l1=True, masks=prune is _random)
                 for i in (i for i in range(len(w)) if pruned[i]):
                     before, after = B.fp32(m.l1[i]), B.fp32(m.kept[i])
                     if before >= 1e-7 and after >= 1e-7:
                         w[i] = w[i] * B.fp32(before / after)
-            terms = [B.Term(i, wi, pr) for i, (wi, pr) in enumerate(zip(w, prunes, strict=True))]
+                    if m.masks and m.masks[i] is not None:  # the merge replays the keep bits: no second Philox draw
+                        bits[i], prunes[i] = m.masks[i], (B.BITS, 0.0, 0.0, 0)
+            terms = [B.Term(i, wi, pr, bi) for i, (wi, pr, bi) in enumerate(zip(w, prunes, bits, strict=True))]
             return B.Combo(terms, relative=True, with_base=True, sign="total" if elect else "none",
                            normalize=normalize, lam=float(s.params.get("lambda", 1.0)))  # fmt: skip
 

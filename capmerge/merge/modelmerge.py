@@ -4,9 +4,12 @@ A :class:`MergeSpec` says which models are merged with which method and paramete
 (``models``) or stacks of layer ranges (``slices``, mergekit's layer stacking). :func:`run_merge` opens the inputs
 (local files and directories, sharded or not, Hub references, ``MODEL+LORA`` = a LoRA adapter applied to MODEL
 first), plans one output tensor at a time with its parameters resolved (:mod:`capmerge.merge.model_params`), and
-streams the result through the one engine and the atomic writer: for each output tensor the same tensor of each
-model is read, the method's ``fn`` runs in float32, the result is rounded once to the output dtype and written.
-Memory holds one tensor per model at a time. Non-floating tensors are copied from the base (else the first model).
+streams the result through the one engine and the atomic writer. A method with a block form
+(:mod:`capmerge.merge.methods.blockform`) becomes one engine job per tensor: its statistics pass as the job's prepare
+pass, then the native kernel block by block (memory: the engine's buffers, whatever the tensor's size). Otherwise the
+same tensor of each model is read whole, the method's ``fn`` runs in float32, and the result is rounded once to the
+output dtype and written (memory: one tensor per model). Non-floating tensors are copied from the base (else the first
+model).
 Nothing is written when a model lacks a tensor, shapes differ or a parameter is missing: the plan is complete before
 the first byte is read.
 """

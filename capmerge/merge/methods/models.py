@@ -3,8 +3,9 @@
 A :class:`ModelMethod` merges the same tensor of N models (optionally relative to a base model) into one tensor.
 Its ``fn`` receives a :class:`TensorInputs` (float32 tensors of one shape, the per-model and global parameters
 already resolved for this tensor: filters and layer gradients applied, defaults filled in) and returns the merged
-float32 tensor. The streaming runner (``capmerge merge``, mergekit configurations through ``capmerge run``) and
-:func:`capmerge.merge_state_dicts` call the same ``fn``: one implementation per method.
+float32 tensor. Where the method has a block form (``form``, :mod:`~capmerge.merge.methods.blockform`), ``fn`` runs it
+on whole tensors and the streaming runner (``capmerge merge``, mergekit configurations through ``capmerge run``) runs
+the same form block by block; elsewhere both call ``fn``'s float32 torch code: one implementation per method.
 
 ``models`` are mergekit's non-base inputs, in the configuration's order (the base model is never among them, even when
 a configuration also lists it under ``models``); ``model_params[i]`` belongs to ``models[i]``, and the index ``i`` keys

@@ -303,11 +303,51 @@ static inline float philox_uniform(uint64_t idx, uint32_t k0, uint32_t k1) {
     return (float)x * 4.6566127342e-10f;
 }
 
+
+/* PRUNE_NEAR on a tile: t * clamp(lim / max(|t|, 1e-6), 0, 1), each step one float32 operation (x > y ? x : y is
+ * what maxps computes, so the vector loop gives the scalar loop's bits, NaN cases included). */
+static void near_scalar(float *tt, Py_ssize_t j, Py_ssize_t m, float lim) {
+    for (; j < m; j++) {
+        float a = fabsf(tt[j]);
+        float d = a > 1e-6f ? a : 1e-6f;
+        float w = lim / d;
+        w = w > 0.0f ? w : 0.0f;
+        w = w < 1.0f ? w : 1.0f;
+        tt[j] = w * tt[j];
+    }
+}
+
+#if HAVE_F16C_PATH
+__attribute__((target("avx2"))) static void near_avx2(float *tt, Py_ssize_t m, float lim) {
+    const __m256 vl = _mm256_set1_ps(lim), eps = _mm256_set1_ps(1e-6f), zero = _mm256_setzero_ps();
+    const __m256 one = _mm256_set1_ps(1.0f), absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    Py_ssize_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+        __m256 v = _mm256_loadu_ps(tt + j);
+        __m256 w = _mm256_div_ps(vl, _mm256_max_ps(_mm256_and_ps(v, absmask), eps));
+        w = _mm256_min_ps(_mm256_max_ps(w, zero), one);
+        _mm256_storeu_ps(tt + j, _mm256_mul_ps(w, v));
+    }
+    near_scalar(tt, j, m, lim);
+}
+#endif
+
+static void near_tile(float *tt, Py_ssize_t m, float lim) {
+#if HAVE_F16C_PATH
+    if (avx2_ok()) {
+        near_avx2(tt, m, lim);
+        return;
+    }
+#endif
+    near_scalar(tt, 0, m, lim);
+}
+
 #define PRUNE_NONE 0
 #define PRUNE_MAGNITUDE 1 /* keep |t| >= p1 */
 #define PRUNE_RANDOM 2    /* keep where u < p1; kept entries divided by p2 when p2 != 0 */
 #define PRUNE_BAND 3      /* keep p1 <= |t| < p2 */
 #define PRUNE_BITS 4      /* keep where bit (element index) of the term's bit mask is set (bits: LSB first) */
+#define PRUNE_NEAR 5      /* t * clamp(p1 / max(|t|, 1e-6), 0, 1): mergekit's nearswap weight (p1 = its t) */
 #define SIGN_NONE 0
 #define SIGN_TOTAL 1
 #define SIGN_FREQUENCY 2
@@ -583,6 +623,8 @@ static int run_merge_tiles(const out_t *outs, int n_out, const void *base, int b
                     uint32_t keep = (uint32_t)(t->bits[g >> 3] >> (g & 7)) & 1u;
                     tt[j] = u2f(f2u(tt[j]) & ((uint32_t)0 - keep));
                 }
+            } else if (t->mode == PRUNE_NEAR) {
+                near_tile(tt, m, t->p1);
             }
         }
         for (j = 0; j < m; j++) {
@@ -1008,7 +1050,7 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
                 ok = 0;
             }
         }
-        if (ok && (t->mode < 0 || t->mode > 4 || (t->mode == PRUNE_BITS && !t->bits))) {
+        if (ok && (t->mode < 0 || t->mode > 5 || (t->mode == PRUNE_BITS && !t->bits))) {
             PyErr_Format(PyExc_ValueError, "unknown prune mode %d (or mode 4 without a bit mask)", t->mode);
             ok = 0;
         }

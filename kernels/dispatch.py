@@ -123,8 +123,8 @@ def merge_block(
 ) -> int:
     """:func:`capmerge.merge.compute.merge_block` on the device (same arguments, same results)."""
     codes = [base_code, *(c for _, c, _ in outs), *(t[1] for t in terms), *(t[3] for t in terms if t[2] is not None)]
-    if len(terms) > MAX_TERMS or not all(c in KERNEL_CODES for c in codes) or any(len(t) > 9 for t in terms):
-        # bit-mask terms (PRUNE_BITS) are the CPU's: they replay keep bits a CPU statistics pass recorded
+    if len(terms) > MAX_TERMS or not all(c in KERNEL_CODES for c in codes) or any(t[5] > 3 for t in terms):
+        # the model-centric modes (PRUNE_BITS: keep bits a CPU statistics pass recorded, PRUNE_NEAR) are the CPU's
         return compute.merge_block(outs, base, base_code, n, terms, sign=sign, normalize=normalize, offset=offset)
     tdev = torch_device(device)
     hbase = as_tensor(base, base_code)[:n]

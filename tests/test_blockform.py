@@ -132,6 +132,7 @@ def _spec(method: str, paths, params: dict | None = None, per_model: list[dict] 
         ("dare_linear", {}, [{"weight": 0.5, "density": 0.5}] * 3, True),
         ("della", {}, [{"weight": 0.5, "density": 0.5}] * 3, False),
         ("slerp", {"t": 0.4}, None, True),
+        ("nearswap", {"t": 0.05}, None, True),
         ("model_stock", {"filter_wise": True}, None, "1-D"),  # one ratio per row; a 1-D tensor is one row
         ("sce", {}, None, False),
     ],
@@ -141,7 +142,7 @@ def test_runner_takes_the_block_path_where_the_form_applies(tmp_path, method, pa
     from capmerge.merge.methods.registry import get_model_method
     from capmerge.merge.modelmerge import _jobs, plan, run_merge
 
-    paths = _models(tmp_path, 1 if method == "slerp" else 3)
+    paths = _models(tmp_path, 1 if method in ("slerp", "nearswap") else 3)
     spec = _spec(method, paths, params, per_model)
     p = plan(spec)
     try:
@@ -260,3 +261,20 @@ def test_keep_bits_replay_the_random_mask(native: bool, monkeypatch) -> None:
         rep = (raw[2 * off :], "BF16", None, "F32", 0.7, B.BITS, 0.0, 0.0, 0, m.masks[0])
         compute.merge_block([(memoryview(got), "BF16", 1.0)], memoryview(zero)[: 4 * k], "F32", k, [rep], offset=off)
         assert want == got, off
+
+
+def test_near_mode_native_and_torch_agree_with_the_formula(monkeypatch) -> None:
+    """Mode NEAR (nearswap): base + clamp(t / max(|τ|, 1e-6), 0, 1)·τ, natively and on the torch path, against
+    float32 arithmetic written out here."""
+    n = 4099
+    a, b = _inputs("F32", n, 2, seed=9)
+    b[:7] = a[:7]  # τ = 0: weight t/1e-6 clamped to 1, τ stays 0
+    tau = b - a
+    w = (torch.tensor(0.05) / tau.abs().clamp(min=1e-6)).clamp(0, 1)
+    want = a + w * tau
+    for native in ("", "1"):
+        monkeypatch.setenv("CAPMERGE_NO_NATIVE", native)
+        out = torch.empty(n)
+        term = (_raw(b), "F32", _raw(a), "F32", 1.0, B.NEAR, 0.05, 0.0, 0)
+        compute.merge_block([(_raw(out), "F32", 1.0)], _raw(a), "F32", n, [term])
+        assert torch.equal(out, want), native or "native"

@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 TensorInputs = Any  # capmerge.merge.methods.models.TensorInputs (which imports this module)
 
 STAT_BLOCK = 1 << 19  # elements per statistics call (fixed: the float64 sums' order does not depend on the reader)
-NONE, MAGNITUDE, RANDOM, BAND, BITS = (compute.PRUNE_NONE, compute.PRUNE_MAGNITUDE, compute.PRUNE_RANDOM,
-                                       compute.PRUNE_BAND, compute.PRUNE_BITS)  # fmt: skip
+NONE, MAGNITUDE, RANDOM, BAND, BITS, NEAR = (compute.PRUNE_NONE, compute.PRUNE_MAGNITUDE, compute.PRUNE_RANDOM,
+                                             compute.PRUNE_BAND, compute.PRUNE_BITS, compute.PRUNE_NEAR)  # fmt: skip
 KEEP_ALL: tuple[int, float, float, int] = (NONE, 0.0, 0.0, 0)
 DROP_ALL: tuple[int, float, float, int] = (BAND, math.inf, math.inf, 0)  # inf ≤ |t| < inf holds for no entry
 

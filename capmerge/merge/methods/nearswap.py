@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
 
 
@@ -19,7 +20,17 @@ def _nearswap(x: TensorInputs) -> torch.Tensor:
     return w * b + (1 - w) * a
 
 
+def _form(s: B.Spec) -> B.Finish | None:
+    """θ₀ + w·(θ₁ − θ₀), w = clamp(t / max(|θ₁ − θ₀|, 1e-6), 0, 1): one kernel pass (mode NEAR), no statistics.
+    mergekit computes w·θ₁ + (1 − w)·θ₀; the two differ by float32 rounding (a few ulps)."""
+    if not s.has_base or s.n_models != 1:
+        return None
+    t = float(s.params["t"])
+    return lambda st: B.Combo([B.Term(0, 1.0, (B.NEAR, t, 0.0, 0))], relative=True, with_base=True)
+
+
 MODEL_METHODS = (
-    ModelMethod("nearswap", _nearswap, base="required", params={"t": None}, n_models=(1, 1),
+    ModelMethod("nearswap", B.with_form(_form, _nearswap), base="required", params={"t": None}, n_models=(1, 1),
+                form=_form,
                 summary="the other model's value where it is within t of the base's, interpolated beyond"),
 )  # fmt: skip

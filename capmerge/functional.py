@@ -25,7 +25,7 @@ native kernel (``capmerge/_native.c``) computes block by block; the tests compar
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -160,9 +160,11 @@ def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torc
     return (probs.reshape(x.shape) if x.dim() < 2 else probs.movedim(-1, 1)).contiguous()
 
 
-def della_prune(t: torch.Tensor, density: float, epsilon: float, *, key: int, rescale: bool = True) -> torch.Tensor:
+def della_prune(t: torch.Tensor, density: float, epsilon: float, *, key: int, rescale: bool = True,
+                uniform: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """DELLA (MagPrune): keep entry j where philox_uniform(key, j) < p_j (:func:`della_probabilities`), larger
     magnitudes more likely; with ``rescale`` the kept entries are scaled by :func:`rescale_l1` (as mergekit does).
+    ``uniform(key, like)``: another source of the same numbers (e.g. the native kernel's), shaped like ``like``.
 
     density ≥ 1 keeps everything (no rescale), density ≤ 0 nothing; otherwise d ± ε must lie in (0, 1).
     """
@@ -173,7 +175,10 @@ def della_prune(t: torch.Tensor, density: float, epsilon: float, *, key: int, re
         return torch.zeros_like(x)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError(f"epsilon must be chosen such that density ± epsilon is in (0, 1), got {density} ± {epsilon}")
-    u = philox_uniform(key, torch.arange(x.numel(), dtype=torch.int64, device=x.device)).reshape(x.shape)
+    if uniform is not None:
+        u = uniform(key, x)
+    else:
+        u = philox_uniform(key, torch.arange(x.numel(), dtype=torch.int64, device=x.device)).reshape(x.shape)
     kept = torch.where(u < della_probabilities(x, density, epsilon), x, torch.zeros_like(x))
     return rescale_l1(x, kept) if rescale else kept
 

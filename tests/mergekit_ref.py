@@ -114,3 +114,43 @@ def start_mergekit(configs: dict[str, str], tmp: Path) -> subprocess.Popen[str]:
 def wait_mergekit(proc: subprocess.Popen[str], timeout: float = 300) -> None:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, f"mergekit failed:\n{out[-5000:]}"
+
+
+def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], *, max_iter: int = 10, tol: float = 1e-5,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """The weighted Karcher mean of ``tensors`` iterated on the tensors themselves in ``dtype`` (as mergekit does in
+    float32; in float64 the reference capmerge's karcher, which iterates on Gram-matrix coefficients, is held to):
+    see capmerge/merge/methods/karcher.py for the iteration."""
+    xs = [t.to(dtype) for t in tensors]
+    if len(xs) == 1:
+        return xs[0].clone()
+    norms = [torch.linalg.vector_norm(x) for x in xs]
+    units = [torch.zeros_like(x) if float(n) == 0.0 else x / n for x, n in zip(xs, norms, strict=True)]
+    valid = [i for i, n in enumerate(norms) if float(n) > tol]
+    if not valid:
+        return torch.zeros_like(xs[0])
+    total = sum(alphas[i] for i in valid)
+    a = [alphas[i] / total for i in valid]
+    us = [units[i] for i in valid]
+    mean = torch.zeros_like(us[0])
+    for ai, u in zip(a, us, strict=True):
+        mean += ai * u
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = us[0].clone() if float(mean_norm) < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for ai, u in zip(a, us, strict=True):
+            dot = torch.clamp(torch.dot(mean.reshape(-1), u.reshape(-1)), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
+                continue
+            tangent += ai * (theta / torch.sin(theta)) * (u - dot * mean)
+        tn = torch.linalg.vector_norm(tangent)
+        if float(tn) < tol:
+            break
+        mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)
+        un = torch.linalg.vector_norm(mean)
+        if float(un) > tol:
+            mean = mean / un
+    scale = sum(ai * n for ai, n in zip(alphas, norms, strict=True))
+    return scale * mean

@@ -29,6 +29,7 @@ import pytest
 import torch
 from conftest import load_any
 from mergekit_ref import (
+    karcher_mean,
     llama_tensors,
     mergekit_config,
     require_mergekit,
@@ -286,8 +287,6 @@ def same_as_fn(got: torch.Tensor, want: torch.Tensor, case: str) -> bool:
 @pytest.mark.parametrize("case", ["karcher", "karcher_short"])
 def test_karcher_is_the_float64_karcher_mean(runs, case: str) -> None:
     """capmerge's karcher (coefficients from the Gram matrix) against the iteration itself run on float64 tensors."""
-    from capmerge.merge.methods.karcher import karcher_mean
-
     _, ms, _, params, _ = CASES[case]
     models = runs["models"]
     kw = {"max_iter": params.get("max_iter", 10), "tol": params.get("tol", 1e-5)}

@@ -327,16 +327,21 @@ def run_whole(finish: Finish, x: TensorInputs) -> torch.Tensor:
     return out.reshape(shape)
 
 
-def with_form(form: Form, fallback: Callable[[TensorInputs], torch.Tensor]) -> Callable[[TensorInputs], torch.Tensor]:
-    """The per-tensor ``fn`` of a method with a form: the form where it applies, else ``fallback``."""
+def with_form(form: Form, fallback: Callable[[TensorInputs], torch.Tensor] | None = None,
+              *, refuse: str = "") -> Callable[[TensorInputs], torch.Tensor]:  # fmt: skip
+    """The per-tensor ``fn`` of a method with a form: the form where it applies, else ``fallback`` (a method whose
+    form takes every valid input has none: there ``refuse`` says what the inputs lack)."""
 
     def fn(x: TensorInputs) -> torch.Tensor:
         finish = form(spec_of(x))
         if isinstance(finish, Copy):
             return x.models[finish.model].float().clone()
-        return run_whole(finish, x) if finish is not None else fallback(x)
+        if finish is not None:
+            return run_whole(finish, x)
+        if fallback is None:
+            raise ValueError(f"tensor {x.name}: {refuse}")
+        return fallback(x)
 
-    fn.__name__ = fn.__qualname__ = getattr(fallback, "__name__", "fn")
     return fn
 
 

@@ -36,12 +36,25 @@ from capmerge.merge.methods.models import ModelMethod, TensorInputs
 Prune = Callable[[torch.Tensor, Mapping[str, object], int, TensorInputs], torch.Tensor]
 
 
+def magnitude_k(d: float, n: int) -> int | None:
+    """mergekit's magnitude count: the max(1, int(d·n)) largest |τ| are kept; None: nothing (d ≤ 0, n = 0)."""
+    return max(1, int(d * n)) if d > 0 and n else None
+
+
+def breadcrumbs_ks(d: float, gamma: float, n: int) -> tuple[int, int] | None:
+    """Breadcrumbs' ranks (lo, top): keep the entries below the ``top`` largest |τ| down to rank ``lo`` = top +
+    int(d·n) (no upper cut when top = 0); the outlier cut int(γ·n) shrinks so that int(d·n) entries remain.
+    None: nothing kept."""
+    keep = int(d * n)
+    if keep <= 0:
+        return None
+    top = max(0, min(int(gamma * n), n - keep))
+    return top + keep, top
+
+
 def _magnitude(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:
-    d = float(p["density"])  # type: ignore[arg-type]
-    n = tau.numel()
-    if d <= 0 or n == 0:
-        return torch.zeros_like(tau)
-    return F.magnitude_prune(tau, threshold=F.kth_largest_abs(tau, max(1, int(d * n))))
+    k = magnitude_k(float(p["density"]), tau.numel())  # type: ignore[arg-type]
+    return torch.zeros_like(tau) if k is None else F.magnitude_prune(tau, threshold=F.kth_largest_abs(tau, k))
 
 
 def _uniform(key: int, like: torch.Tensor) -> torch.Tensor:
@@ -72,29 +85,22 @@ def _random(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs)
 
 
 def _breadcrumbs(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:
-    d, gamma = float(p["density"]), float(p["gamma"])  # type: ignore[arg-type]
-    n = tau.numel()
-    keep, top = int(d * n), int(gamma * n)
-    if keep <= 0:
+    d = float(p["density"])  # type: ignore[arg-type]
+    ks = breadcrumbs_ks(d, float(p["gamma"]), tau.numel())  # type: ignore[arg-type]
+    if ks is None:
         return torch.zeros_like(tau)
-    top = max(0, min(top, n - keep))  # the outlier cut shrinks so that `keep` entries remain
+    lo, top = ks
     hi = F.kth_largest_abs(tau, top) if top > 0 else float("inf")
-    return F.breadcrumbs_prune(tau, d, thresholds=(F.kth_largest_abs(tau, top + keep), hi))
+    return F.breadcrumbs_prune(tau, d, thresholds=(F.kth_largest_abs(tau, lo), hi))
 
 
 def _della(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:
-    """``F.della_prune(tau, d, ε, key=..., rescale=False)``: keep where u < p_j."""
+    """``F.della_prune(tau, d, ε, key=..., rescale=False)`` with the native kernel's uniforms: keep where u < p_j."""
     d, eps = float(p["density"]), float(p["epsilon"])  # type: ignore[arg-type]
-    t = tau.float()
-    if d >= 1.0:
-        return t.clone()
-    if d <= 0.0:
-        return torch.zeros_like(t)
-    if d + eps >= 1 or d - eps <= 0:
-        raise ValueError(f"tensor {x.name}, model {i + 1}: epsilon must be chosen such that density ± epsilon is in "
-                         f"(0, 1), got {d} ± {eps}")  # fmt: skip
-    u = _uniform(F.tensor_key(x.seed, x.name, i), t)
-    return torch.where(u < F.della_probabilities(t, d, eps), t, torch.zeros_like(t))
+    try:
+        return F.della_prune(tau, d, eps, key=F.tensor_key(x.seed, x.name, i), rescale=False, uniform=_uniform)
+    except ValueError as e:
+        raise ValueError(f"tensor {x.name}, model {i + 1}: {e}") from None
 
 
 def _pruned(prune: Prune, x: TensorInputs, base: torch.Tensor) -> list[torch.Tensor]:
@@ -152,16 +158,16 @@ def gta_form(prune: Prune | None, elect: bool) -> B.Form:
                 if not pruned[i]:
                     prunes.append(B.KEEP_ALL)
                 elif prune is _magnitude:
-                    k = max(1, int(d * n))
-                    prunes.append(B.DROP_ALL if d <= 0 or n == 0 else (B.MAGNITUDE, st.kth_abs(i, [k])[k], 0.0, 0))
+                    k = magnitude_k(d, n)
+                    prunes.append(B.DROP_ALL if k is None else (B.MAGNITUDE, st.kth_abs(i, [k])[k], 0.0, 0))
                 elif prune is _breadcrumbs:
-                    keep, top = int(d * n), int(float(p["gamma"]) * n)
-                    top = max(0, min(top, n - keep))
-                    if keep <= 0:
+                    ks = breadcrumbs_ks(d, float(p["gamma"]), n)
+                    if ks is None:
                         prunes.append(B.DROP_ALL)
                         continue
-                    v = st.kth_abs(i, [top + keep, *([top] if top > 0 else [])])
-                    prunes.append((B.BAND, v[top + keep], v[top] if top > 0 else math.inf, 0))
+                    lo, top = ks
+                    v = st.kth_abs(i, [lo, *([top] if top > 0 else [])])
+                    prunes.append((B.BAND, v[lo], v[top] if top > 0 else math.inf, 0))
                 else:  # random
                     prunes.append((B.RANDOM, max(d, 0.0), 0.0, F.tensor_key(s.seed, s.name, i)))
             w = list(weights)

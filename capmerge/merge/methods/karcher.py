@@ -5,64 +5,20 @@ For models θ_1..θ_K (flattened, equal weights 1/K; mergekit's karcher takes no
 vectors u_i = θ_i/‖θ_i‖ (those with ‖θ_i‖ ≤ ``tol`` leave the mean); start from the normalized mean of the u_i (the
 first u_i when that mean is shorter than ``tol``), then at most ``max_iter`` times: the tangent step
 g = Σ a_i·(φ_i/sin φ_i)·(u_i − cos φ_i·m), φ_i = arccos(m·u_i) (terms with φ_i < ``tol`` skipped); stop when
-‖g‖ < ``tol``, else m ← cos‖g‖·m + sin‖g‖·g/‖g‖, renormalized. The result is (Σ_i ‖θ_i‖/K)·m. In float32, in the order
-mergekit computes it.
+‖g‖ < ``tol``, else m ← cos‖g‖·m + sin‖g‖·g/‖g‖, renormalized. The result is (Σ_i ‖θ_i‖/K)·m.
+
+Every iterate is a combination Σ c_i·θ_i, so the iteration runs on the coefficients, its norms and dot products from the
+models' Gram matrix in float64 (the block form), and the kernel applies the final combination once. mergekit iterates
+on float32 tensors; its arccos resolves angles near 0 only to ~3e-4 rad, so on nearly colinear tensors the two differ
+by up to ~3e-4 of the largest value (tests/test_model_methods.py holds capmerge to the float64 iteration instead).
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
-
 from capmerge.merge.methods import blockform as B
-from capmerge.merge.methods.models import ModelMethod, TensorInputs
-
-
-def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], *, max_iter: int = 10, tol: float = 1e-5,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
-    """The weighted Karcher mean of ``tensors`` (see the module's docstring) computed in ``dtype`` (mergekit's
-    float32 by default: the fallback of the block form, and in float64 the tests' reference), the tensors' shape."""
-    xs = [t.to(dtype) for t in tensors]
-    if len(xs) == 1:
-        return xs[0].clone()
-    norms = [torch.linalg.vector_norm(x) for x in xs]
-    units = [torch.zeros_like(x) if float(n) == 0.0 else x / n for x, n in zip(xs, norms, strict=True)]
-    valid = [i for i, n in enumerate(norms) if float(n) > tol]
-    if not valid:
-        return torch.zeros_like(xs[0])
-    total = sum(alphas[i] for i in valid)
-    a = [alphas[i] / total for i in valid]
-    us = [units[i] for i in valid]
-    mean = torch.zeros_like(us[0])
-    for ai, u in zip(a, us, strict=True):
-        mean += ai * u
-    mean_norm = torch.linalg.vector_norm(mean)
-    mean = us[0].clone() if float(mean_norm) < tol else mean / mean_norm
-    for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
-        for ai, u in zip(a, us, strict=True):
-            dot = torch.clamp(torch.dot(mean.reshape(-1), u.reshape(-1)), -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if float(theta) < tol:
-                continue
-            tangent += ai * (theta / torch.sin(theta)) * (u - dot * mean)
-        tn = torch.linalg.vector_norm(tangent)
-        if float(tn) < tol:
-            break
-        mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)
-        un = torch.linalg.vector_norm(mean)
-        if float(un) > tol:
-            mean = mean / un
-    scale = sum(ai * n for ai, n in zip(alphas, norms, strict=True))
-    return scale * mean
-
-
-def _karcher(x: TensorInputs) -> torch.Tensor:
-    k = len(x.models)
-    max_iter = int(x.params.get("max_iter", 10))  # type: ignore[call-overload]
-    tol = float(x.params.get("tol", 1e-5))  # type: ignore[arg-type]
-    return karcher_mean(list(x.models), [1.0 / k] * k, max_iter=max_iter, tol=tol)
+from capmerge.merge.methods.models import ModelMethod
 
 
 def _form(s: B.Spec) -> B.Finish | B.Copy | None:
@@ -114,7 +70,7 @@ def _form(s: B.Spec) -> B.Finish | B.Copy | None:
 
 
 MODEL_METHODS = (
-    ModelMethod("karcher", B.with_form(_form, _karcher), base="unused", params={"max_iter": 10, "tol": 1e-5},
+    ModelMethod("karcher", B.with_form(_form), base="unused", params={"max_iter": 10, "tol": 1e-5},
                 form=_form,
                 summary="Karcher (Riemannian) mean of the models on the hypersphere, scaled by their mean norm"),
 )  # fmt: skip

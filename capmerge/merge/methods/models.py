@@ -109,14 +109,15 @@ def _linear_form(s: Any) -> Any:
     return lambda st: B.Combo([B.Term(i, w) for i, w in enumerate(weights)], normalize=normalize)
 
 
-def _linear_fn() -> Callable[[TensorInputs], torch.Tensor]:
-    from capmerge.merge.methods.blockform import with_form
+def _linear_fn(x: TensorInputs) -> torch.Tensor:
+    """linear's ``fn``: its block form, else (weights summing to ≤ 0 under ``normalize``) the float32 code."""
+    from capmerge.merge.methods.blockform import with_form  # lazily: this module imports no torch
 
-    return with_form(_linear_form, _linear)
+    return with_form(_linear_form, _linear)(x)
 
 
 MODEL_METHODS = (
-    ModelMethod("linear", lambda x: _linear_fn()(x), base="unused", model_params={"weight": None},
+    ModelMethod("linear", _linear_fn, base="unused", model_params={"weight": None},
                 params={"normalize": True}, form=_linear_form,
                 summary="weighted average of the models' weights (Σ w_i·θ_i / Σ w_i)"),
 )  # fmt: skip

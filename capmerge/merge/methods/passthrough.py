@@ -6,18 +6,8 @@ default scale 1.0 stands for mergekit's "no scale": x·1.0 = x exactly in floati
 
 from __future__ import annotations
 
-import torch
-
 from capmerge.merge.methods import blockform as B
-from capmerge.merge.methods.models import ModelMethod, TensorInputs
-
-
-def _passthrough(x: TensorInputs) -> torch.Tensor:
-    if len(x.models) != 1:
-        raise ValueError(f"tensor {x.name}: passthrough takes exactly one model, got {len(x.models)}")
-    scale = x.model_params[0].get("scale") if x.model_params else None
-    out = x.models[0].float()
-    return out.clone() if scale is None or float(scale) == 1.0 else out * float(scale)  # type: ignore[arg-type]
+from capmerge.merge.methods.models import ModelMethod
 
 
 def _form(s: B.Spec) -> B.Finish | B.Copy | None:
@@ -28,7 +18,7 @@ def _form(s: B.Spec) -> B.Finish | B.Copy | None:
 
 
 MODEL_METHODS = (
-    ModelMethod("passthrough", B.with_form(_form, _passthrough), base="unused", model_params={"scale": 1.0},
+    ModelMethod("passthrough", B.with_form(_form), base="unused", model_params={"scale": 1.0},
                 n_models=(1, 1), form=_form,
                 summary="one model's tensor as it is (times its scale)"),
 )  # fmt: skip

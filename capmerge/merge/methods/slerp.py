@@ -1,6 +1,9 @@
 """Spherical interpolation, model-centric: mergekit's ``slerp``, ``nuslerp`` and ``multislerp``.
 
-All in float32, as mergekit computes them (its formulas and thresholds, written from the math):
+mergekit's formulas and thresholds, written from the math. ``slerp``, ``multislerp`` and flattened ``nuslerp`` run as
+block forms (:mod:`~capmerge.merge.methods.blockform`): each is, per tensor, a combination of its inputs whose
+coefficients come from their norms and dot products (float64 sums), applied by the float32 kernel; row-wise
+``nuslerp`` computes in float32 with torch.
 
 * ``slerp`` (base θ₀, one model θ₁, global ``t``): over the whole flattened tensor, with the angle Ω of the unit
   vectors (norms below 1e-8 count as 1), out = sin((1−t)Ω)/sin Ω·θ₀ + sin(tΩ)/sin Ω·θ₁; when |cos Ω| > 0.9995
@@ -24,26 +27,6 @@ import torch
 
 from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
-
-
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = 0.9995,
-          eps: float = 1e-8) -> torch.Tensor:  # fmt: skip
-    """mergekit's SLERP of two tensors over all their elements (see the module's docstring); float32."""
-    a, b = v0.float().reshape(-1), v1.float().reshape(-1)
-    tt = torch.tensor(t, dtype=torch.float32)
-    if a.numel() == 0:
-        return ((1 - tt) * a + tt * b).reshape(v0.shape)
-    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    na = torch.where(na > eps, na, torch.ones_like(na))
-    nb = torch.where(nb > eps, nb, torch.ones_like(nb))
-    dot = ((a / na) * (b / nb)).sum().clamp(-1, 1)
-    if float(dot.abs()) > dot_threshold:
-        ca, cb = 1 - tt, tt
-    else:
-        theta = torch.acos(dot)
-        s = torch.sin(theta)
-        ca, cb = torch.sin((1 - tt) * theta) / s, torch.sin(tt * theta) / s
-    return (ca * a + cb * b).reshape(v0.shape)
 
 
 def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int = -1, flatten: bool = False,
@@ -72,12 +55,6 @@ def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int = -1, flat
     return out.reshape(shape)
 
 
-def _slerp(x: TensorInputs) -> torch.Tensor:
-    if x.base is None or len(x.models) != 1:
-        raise ValueError(f"tensor {x.name}: slerp takes a base model and exactly one other model")
-    return slerp(float(x.params["t"]), x.base, x.models[0])  # type: ignore[arg-type]
-
-
 def _nuslerp(x: TensorInputs) -> torch.Tensor:
     if len(x.models) != 2:
         raise ValueError(f"tensor {x.name}: nuslerp takes exactly two models (besides an optional base)")
@@ -89,34 +66,6 @@ def _nuslerp(x: TensorInputs) -> torch.Tensor:
         return nuslerp(t, x.models[0], x.models[1], **kw)  # type: ignore[arg-type]
     base = x.base.float()
     return base + nuslerp(t, x.models[0].float() - base, x.models[1].float() - base, **kw)  # type: ignore[arg-type]
-
-
-def _multislerp(x: TensorInputs) -> torch.Tensor:
-    if len(x.models) == 1:
-        return x.models[0].float().clone()
-    eps = float(x.params.get("eps", 1e-8))  # type: ignore[arg-type]
-    base = None if x.base is None else x.base.float()
-    vs = torch.stack([m.float() if base is None else m.float() - base for m in x.models]).reshape(len(x.models), -1)
-    w = torch.tensor([float(p["weight"]) for p in x.model_params], dtype=torch.float32, device=vs.device)  # type: ignore[arg-type]
-    if x.params.get("normalize_weights", True):
-        w = w / w.sum()
-    norms = torch.linalg.vector_norm(vs, dim=-1, keepdim=True)
-    units = vs / (norms + eps)
-    mean = (units * w.view(-1, 1)).sum(0)
-    mean_norm = torch.linalg.vector_norm(mean)
-    if float(mean_norm) < eps:
-        if len(x.models) != 2:
-            raise ValueError(f"tensor {x.name}: multislerp's weighted mean of the unit vectors is zero (antipodal "
-                             "models with balancing weights); choose other weights")  # fmt: skip
-        out = vs[0] * w[0] + vs[1] * w[1]
-    else:
-        mean = mean / mean_norm
-        tangents = units - (units * mean).sum(-1, keepdim=True) * mean
-        r = (tangents * w.view(-1, 1)).sum(0)
-        rn = torch.linalg.vector_norm(r) + eps
-        out = (mean * torch.cos(rn) + r * (torch.sin(rn) / rn)) * (norms.squeeze(-1) * w).sum()
-    out = out.reshape(x.models[0].shape)
-    return out if base is None else out + base
 
 
 def _slerp_coefficients(t: float, cos: float, *, colinear: bool) -> tuple[float, float]:
@@ -200,14 +149,15 @@ def _multislerp_form(s: B.Spec) -> B.Finish | B.Copy | None:
 
 
 MODEL_METHODS = (
-    ModelMethod("slerp", B.with_form(_slerp_form, _slerp), base="required", params={"t": None}, n_models=(1, 1),
+    ModelMethod("slerp", B.with_form(_slerp_form, refuse="slerp takes a base model and exactly one other model"),
+                base="required", params={"t": None}, n_models=(1, 1),
                 form=_slerp_form,
                 summary="spherical interpolation from the base (t = 0) to the other model (t = 1)"),
     ModelMethod("nuslerp", B.with_form(_nuslerp_form, _nuslerp), base="optional", model_params={"weight": None},
                 form=_nuslerp_form,
                 params={"nuslerp_flatten": True, "nuslerp_row_wise": False}, n_models=(2, 2),
                 summary="spherical interpolation of two models (or their task vectors), t = w₂/(w₁ + w₂)"),
-    ModelMethod("multislerp", B.with_form(_multislerp_form, _multislerp), base="optional",
+    ModelMethod("multislerp", B.with_form(_multislerp_form), base="optional",
                 model_params={"weight": None}, form=_multislerp_form,
                 params={"normalize_weights": True, "eps": 1e-8},
                 summary="weighted barycentre of several models (or task vectors) on the hypersphere"),

@@ -288,8 +288,72 @@ static void philox_avx2(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0,
 }
 #endif
 
+#if HAVE_F16C_PATH && defined(__GNUC__) && !defined(__clang__)
+#define HAVE_PHILOX_AVX512 1
+/* Eight Philox streams per register with AVX-512, each 32-bit word kept in the low half of a 64-bit lane: one
+ * vpmuludq gives a whole 32x32->64 product (no even/odd split or blend), the next multiply ignores the high half,
+ * and vpternlogq makes each three-way xor. Same bits as the scalar code. */
+__attribute__((target("avx512f,avx512vl"))) static void philox_avx512(float *dst, uint64_t start, Py_ssize_t m,
+                                                                     uint32_t key0, uint32_t key1) {
+    const __m512i A = _mm512_set1_epi64(0xD2511F53u), B = _mm512_set1_epi64(0xCD9E8D57u);
+    const __m256 scale = _mm256_set1_ps(4.6566127342e-10f);
+    __m512i k0s[10], k1s[10];
+    Py_ssize_t j = 0;
+    int r;
+    for (r = 0; r < 10; r++) {
+        k0s[r] = _mm512_set1_epi64(key0 + (uint32_t)r * 0x9E3779B9u);
+        k1s[r] = _mm512_set1_epi64(key1 + (uint32_t)r * 0xBB67AE85u);
+    }
+#define PHILOX_V 4 /* independent vectors per iteration: the rounds of one are a dependency chain */
+    for (; j + 8 * PHILOX_V <= m; j += 8 * PHILOX_V) {
+        __m512i c0[PHILOX_V], c1[PHILOX_V], c2[PHILOX_V], c3[PHILOX_V];
+        int v;
+        for (v = 0; v < PHILOX_V; v++) { /* round 0 with c2 = c3 = 0: the B product is 0 */
+            __m512i idx = _mm512_add_epi64(_mm512_set1_epi64((long long)(start + (uint64_t)(j + 8 * v))),
+                                           _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+            __m512i pa = _mm512_mul_epu32(A, idx);
+            c0[v] = _mm512_xor_si512(_mm512_srli_epi64(idx, 32), k0s[0]);
+            c2[v] = _mm512_xor_si512(_mm512_srli_epi64(pa, 32), k1s[0]);
+            c1[v] = _mm512_setzero_si512();
+            c3[v] = pa;
+        }
+        for (r = 1; r < 10; r++)
+            for (v = 0; v < PHILOX_V; v++) {
+                __m512i pb = _mm512_mul_epu32(B, c2[v]), pa = _mm512_mul_epu32(A, c0[v]);
+                c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[v], k0s[r], 0x96);
+                c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[v], k1s[r], 0x96);
+                c1[v] = pb;
+                c3[v] = pa;
+            }
+        for (v = 0; v < PHILOX_V; v++) {
+            __m256i w = _mm512_cvtepi64_epi32(c0[v]);
+            w = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31)); /* x < 0 ? ~x : x */
+            _mm256_storeu_ps(dst + j + 8 * v, _mm256_mul_ps(_mm256_cvtepi32_ps(w), scale));
+        }
+    }
+    for (; j < m; j++) dst[j] = philox_uniform(start + (uint64_t)j, key0, key1);
+}
+
+static int philox512_ok(void) {
+    static int ok = -1;
+    if (ok < 0) {
+        __builtin_cpu_init();
+        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+    }
+    return ok;
+}
+#else
+#define HAVE_PHILOX_AVX512 0
+#endif
+
 static inline void philox_tile(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1) {
     Py_ssize_t j;
+#if HAVE_PHILOX_AVX512
+    if (philox512_ok()) {
+        philox_avx512(dst, start, m, key0, key1);
+        return;
+    }
+#endif
     if (avx2_ok()) {
         philox_avx2(dst, start, m, key0, key1);
         return;
@@ -443,16 +507,29 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 fast_de
                                                                                      int mag,
                                                                                      const __m256 *w,
                                                                                      const __m256 *thr,
-                                                                                     const __m256 *all, Py_ssize_t j) {
+                                                                                     const __m256 *hi,
+                                                                                     uint64_t g, Py_ssize_t j) {
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 tt[FAST_MAX_TERMS];
     __m256 d = zero, den = zero;
     int i;
     for (i = 0; i < k; i++) {
-        __m256 v = fast_load(terms[i].a, dt >= 0 ? dt : terms[i].a_dt, j);
-        __m256 keep = _mm256_cmp_ps(_mm256_and_ps(v, absmask), thr[i], _CMP_GE_OQ);
-        if (!mag) keep = _mm256_or_ps(keep, all[i]);
+        __m256 v = fast_load(terms[i].a, dt >= 0 ? dt : terms[i].a_dt, j), keep;
+        if (terms[i].b) v = _mm256_sub_ps(v, fast_load(terms[i].b, dt >= 0 ? dt : terms[i].b_dt, j));
+        if (mag || terms[i].mode == PRUNE_MAGNITUDE)
+            keep = _mm256_cmp_ps(_mm256_and_ps(v, absmask), thr[i], _CMP_GE_OQ);
+        else if (terms[i].mode == PRUNE_BAND) {
+            __m256 a = _mm256_and_ps(v, absmask);
+            keep = _mm256_and_ps(_mm256_cmp_ps(a, thr[i], _CMP_GE_OQ), _mm256_cmp_ps(a, hi[i], _CMP_LT_OQ));
+        } else if (terms[i].mode == PRUNE_BITS) { /* the byte of elements g+j .. g+j+7 (g + j a multiple of 8) */
+            const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+            __m256i b = _mm256_and_si256(_mm256_set1_epi32(terms[i].bits[(g + (uint64_t)j) >> 3]), sel);
+            keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, sel));
+        } else {
+            tt[i] = v;
+            continue;
+        }
         tt[i] = _mm256_and_ps(v, keep);
     }
     if (sign == SIGN_NONE) {
@@ -489,22 +566,23 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 fast_de
 static inline __attribute__((always_inline, target("avx2,f16c"))) int fast_body(const out_t *outs, int n_out,
                                                                                 const void *base, int base_dt,
                                                                                 Py_ssize_t n16, const term_t *terms,
-                                                                                int k, int sign, int normalize, int dt, int mag) {
-    __m256 w[FAST_MAX_TERMS], thr[FAST_MAX_TERMS], all[FAST_MAX_TERMS], alpha[MAX_VECTORS];
+                                                                                int k, int sign, int normalize, int dt, int mag,
+                                                                                uint64_t g) {
+    __m256 w[FAST_MAX_TERMS], thr[FAST_MAX_TERMS], hi[FAST_MAX_TERMS], alpha[MAX_VECTORS];
     Py_ssize_t off, j;
     int flags = 0, i, o;
     for (i = 0; i < k; i++) {
         w[i] = _mm256_set1_ps(terms[i].w);
         thr[i] = _mm256_set1_ps(terms[i].p1);
-        all[i] = _mm256_castsi256_ps(_mm256_set1_epi32(terms[i].mode == PRUNE_MAGNITUDE ? 0 : -1));
+        hi[i] = _mm256_set1_ps(terms[i].p2);
     }
     for (o = 0; o < n_out; o++) alpha[o] = _mm256_set1_ps(outs[o].alpha);
     for (off = 0; off < n16; off += TILE) {
         Py_ssize_t end = n16 - off < TILE ? n16 : off + TILE;
         __m256i nz = _mm256_setzero_si256(), nf = _mm256_setzero_si256();
         for (j = off; j < end; j += 16) {
-            __m256 d0 = fast_delta(terms, k, sign, normalize, dt, mag, w, thr, all, j);
-            __m256 d1 = fast_delta(terms, k, sign, normalize, dt, mag, w, thr, all, j + 8);
+            __m256 d0 = fast_delta(terms, k, sign, normalize, dt, mag, w, thr, hi, g, j);
+            __m256 d1 = fast_delta(terms, k, sign, normalize, dt, mag, w, thr, hi, g, j + 8);
             __m256 b0 = fast_load(base, dt >= 0 ? dt : base_dt, j);
             __m256 b1 = fast_load(base, dt >= 0 ? dt : base_dt, j + 8);
             for (o = 0; o < n_out; o++) {
@@ -522,7 +600,10 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) int fast_body(
             for (o = 0; o < n_out && !(flags & 2); o++)
                 for (j = off; j < end; j++) {
                     int fin = !out_finite_at(outs[o].buf, outs[o].dt, j) && is_finite_at(base, base_dt, j);
-                    for (i = 0; fin && i < k; i++) fin = is_finite_at(terms[i].a, terms[i].a_dt, j);
+                    for (i = 0; fin && i < k; i++) {
+                        fin = is_finite_at(terms[i].a, terms[i].a_dt, j);
+                        if (fin && terms[i].b) fin = is_finite_at(terms[i].b, terms[i].b_dt, j);
+                    }
                     if (fin) {
                         flags |= 2;
                         break;
@@ -535,26 +616,26 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) int fast_body(
 
 __attribute__((target("avx2,f16c"))) static int fast_merge(const out_t *outs, int n_out, const void *base, int base_dt,
                                                           Py_ssize_t n16, const term_t *terms, int k, int sign,
-                                                          int normalize) {
+                                                          int normalize, uint64_t g) {
     int i, mag = 1, bf16 = base_dt == DT_BF16;
-    for (i = 0; i < k; i++) bf16 &= terms[i].a_dt == DT_BF16;
+    for (i = 0; i < k; i++) bf16 &= terms[i].a_dt == DT_BF16 && (!terms[i].b || terms[i].b_dt == DT_BF16);
     for (i = 0; i < n_out; i++) bf16 &= outs[i].dt == DT_BF16;
     for (i = 0; i < k; i++) mag &= terms[i].mode == PRUNE_MAGNITUDE;
     if (bf16 && n_out == 1 && mag && sign == SIGN_TOTAL) { /* TIES */
-        if (k == 2) return fast_body(outs, 1, base, base_dt, n16, terms, 2, SIGN_TOTAL, normalize, DT_BF16, 1);
-        if (k == 3) return fast_body(outs, 1, base, base_dt, n16, terms, 3, SIGN_TOTAL, normalize, DT_BF16, 1);
-        if (k == 4) return fast_body(outs, 1, base, base_dt, n16, terms, 4, SIGN_TOTAL, normalize, DT_BF16, 1);
+        if (k == 2) return fast_body(outs, 1, base, base_dt, n16, terms, 2, SIGN_TOTAL, normalize, DT_BF16, 1, g);
+        if (k == 3) return fast_body(outs, 1, base, base_dt, n16, terms, 3, SIGN_TOTAL, normalize, DT_BF16, 1, g);
+        if (k == 4) return fast_body(outs, 1, base, base_dt, n16, terms, 4, SIGN_TOTAL, normalize, DT_BF16, 1, g);
     }
     if (bf16 && n_out == 1) {
-        if (k == 1) return fast_body(outs, 1, base, base_dt, n16, terms, 1, sign, normalize, DT_BF16, 0);
-        if (k == 2) return fast_body(outs, 1, base, base_dt, n16, terms, 2, sign, normalize, DT_BF16, 0);
-        if (k == 3) return fast_body(outs, 1, base, base_dt, n16, terms, 3, sign, normalize, DT_BF16, 0);
-        if (k == 4) return fast_body(outs, 1, base, base_dt, n16, terms, 4, sign, normalize, DT_BF16, 0);
+        if (k == 1) return fast_body(outs, 1, base, base_dt, n16, terms, 1, sign, normalize, DT_BF16, 0, g);
+        if (k == 2) return fast_body(outs, 1, base, base_dt, n16, terms, 2, sign, normalize, DT_BF16, 0, g);
+        if (k == 3) return fast_body(outs, 1, base, base_dt, n16, terms, 3, sign, normalize, DT_BF16, 0, g);
+        if (k == 4) return fast_body(outs, 1, base, base_dt, n16, terms, 4, sign, normalize, DT_BF16, 0, g);
     }
-    return fast_body(outs, n_out, base, base_dt, n16, terms, k, sign, normalize, -1, 0);
+    return fast_body(outs, n_out, base, base_dt, n16, terms, k, sign, normalize, -1, 0, g);
 }
 
-static int fast_merge_ok(const out_t *outs, int n_out, int base_dt, const term_t *terms, int k) {
+static int fast_merge_ok(const out_t *outs, int n_out, int base_dt, const term_t *terms, int k, uint64_t g) {
     int i, f16 = base_dt == DT_F16;
     if (!avx2_ok() || k > FAST_MAX_TERMS) return 0;
     /* non-finite weights or alphas: NaN payload/sign selection in vector multiplies may differ from the tile loops */
@@ -562,20 +643,23 @@ static int fast_merge_ok(const out_t *outs, int n_out, int base_dt, const term_t
         if (!isfinite(outs[i].alpha)) return 0;
     for (i = 0; i < k; i++) {
         if (!isfinite(terms[i].w)) return 0;
-        if (terms[i].b || (terms[i].mode != PRUNE_NONE && terms[i].mode != PRUNE_MAGNITUDE)) return 0;
-        f16 |= terms[i].a_dt == DT_F16;
+        if (terms[i].mode != PRUNE_NONE && terms[i].mode != PRUNE_MAGNITUDE && terms[i].mode != PRUNE_BAND &&
+            (terms[i].mode != PRUNE_BITS || (g & 7)))
+            return 0;
+        f16 |= terms[i].a_dt == DT_F16 || (terms[i].b && terms[i].b_dt == DT_F16);
     }
     for (i = 0; i < n_out; i++) f16 |= outs[i].dt == DT_F16;
     return !f16 || f16c_ok();
 }
 #else
-static int fast_merge_ok(const out_t *outs, int n_out, int base_dt, const term_t *terms, int k) {
-    (void)outs, (void)n_out, (void)base_dt, (void)terms, (void)k;
+static int fast_merge_ok(const out_t *outs, int n_out, int base_dt, const term_t *terms, int k, uint64_t g) {
+    (void)outs, (void)n_out, (void)base_dt, (void)terms, (void)k, (void)g;
     return 0;
 }
 static int fast_merge(const out_t *outs, int n_out, const void *base, int base_dt, Py_ssize_t n16, const term_t *terms,
-                      int k, int sign, int normalize) {
+                      int k, int sign, int normalize, uint64_t g) {
     (void)outs, (void)n_out, (void)base, (void)base_dt, (void)n16, (void)terms, (void)k, (void)sign, (void)normalize;
+    (void)g;
     return 0;
 }
 #endif
@@ -695,15 +779,17 @@ static int run_merge_tiles(const out_t *outs, int n_out, const void *base, int b
 }
 
 /* run_merge: the fused AVX2 path where it applies (all but the last n % 16 elements), the tile loops otherwise. */
+static int use_fast = 1; /* 0: the tile loops only (tests compare the two) */
+
 static int run_merge(const out_t *outs, int n_out, const void *base, int base_dt, Py_ssize_t n, const term_t *terms,
                      int k, int sign, int normalize, uint64_t elem_offset, float *tiles) {
     out_t touts[MAX_VECTORS];
     term_t tterms[MAX_VECTORS];
     Py_ssize_t n16 = n & ~(Py_ssize_t)15;
     int flags, i;
-    if (n16 == 0 || !fast_merge_ok(outs, n_out, base_dt, terms, k))
+    if (n16 == 0 || !use_fast || !fast_merge_ok(outs, n_out, base_dt, terms, k, elem_offset))
         return run_merge_tiles(outs, n_out, base, base_dt, n, terms, k, sign, normalize, elem_offset, tiles);
-    flags = fast_merge(outs, n_out, base, base_dt, n16, terms, k, sign, normalize);
+    flags = fast_merge(outs, n_out, base, base_dt, n16, terms, k, sign, normalize, elem_offset);
     if (n16 == n) return flags;
     for (i = 0; i < n_out; i++) {
         touts[i] = outs[i];
@@ -712,6 +798,7 @@ static int run_merge(const out_t *outs, int n_out, const void *base, int base_dt
     for (i = 0; i < k; i++) {
         tterms[i] = terms[i];
         tterms[i].a = (const char *)terms[i].a + n16 * dt_size(terms[i].a_dt);
+        if (terms[i].b) tterms[i].b = (const char *)terms[i].b + n16 * dt_size(terms[i].b_dt);
     }
     return flags | run_merge_tiles(touts, n_out, (const char *)base + n16 * dt_size(base_dt), base_dt, n - n16, tterms,
                                    k, sign, normalize, elem_offset + (uint64_t)n16, tiles);
@@ -753,9 +840,17 @@ static void run_hist0(const void *src, int dt, Py_ssize_t n, uint32_t *sub) {
     for (; j < n; j++) sub[(s[j] & 0x7fffffffu) >> 16]++;
 }
 
+/* Where a bracketed float32 pass also keeps the |x| patterns of the elements inside the bracket whose low 16 bits are
+ * not all zero (those of a float32 difference of two 16-bit values are, unless it is inexact in 16 bits): with them
+ * the k-th largest inside a level-0 bin is known without a level-1 pass. n = -1 once more than cap were met. */
+typedef struct {
+    uint32_t *buf;
+    Py_ssize_t cap, n;
+} collect_t;
+
 /* The threshold pass once a sample has bracketed the threshold's bin in [lo, hi]: returns how many elements have a
  * level-0 bin above hi and counts only the bins inside the bracket (into sub, as run_hist0). The portable loop: */
-static uint64_t bracket_loop(const void *src, int dt, Py_ssize_t n, int lo, int hi, uint32_t *sub) {
+static uint64_t bracket_loop(const void *src, int dt, Py_ssize_t n, int lo, int hi, uint32_t *sub, collect_t *col) {
     uint64_t above = 0;
     Py_ssize_t j;
     for (j = 0; j < n; j++) {
@@ -763,8 +858,15 @@ static uint64_t bracket_loop(const void *src, int dt, Py_ssize_t n, int lo, int 
                              : (int)(((const uint16_t *)src)[j] & 0x7fffu);
         if (b > hi)
             above++;
-        else if (b >= lo)
+        else if (b >= lo) {
             sub[b]++;
+            if (col && col->n >= 0 && (((const uint32_t *)src)[j] & 0xffffu)) {
+                if (col->n < col->cap)
+                    col->buf[col->n++] = ((const uint32_t *)src)[j] & 0x7fffffffu;
+                else
+                    col->n = -1;
+            }
+        }
     }
     return above;
 }
@@ -775,18 +877,30 @@ static uint64_t bracket_loop(const void *src, int dt, Py_ssize_t n, int lo, int 
 /* AVX-512: compare 32 (16-bit) or 16 (32-bit) bins at once, count those above with a popcount, and compress the bins
  * inside the bracket (a few percent of them) into a small buffer that run_hist16 then counts. No branch per element. */
 __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) static uint64_t
-bracket_avx512(const void *src, int dt, Py_ssize_t n, int lo, int hi, uint32_t *sub) {
+bracket_avx512(const void *src, int dt, Py_ssize_t n, int lo, int hi, uint32_t *sub, collect_t *col) {
     uint16_t tmp[BRACKET_TMP + 32];
     uint64_t above = 0;
     Py_ssize_t j = 0, c = 0;
     if (dt == DT_F32) {
         const uint32_t *s = (const uint32_t *)src;
-        const __m512i mask = _mm512_set1_epi32(0x7fffffff), vhi = _mm512_set1_epi32(hi), vlo = _mm512_set1_epi32(lo);
+        const __m512i mask = _mm512_set1_epi32(0x7fffffff), vhi = _mm512_set1_epi32(hi), vlo = _mm512_set1_epi32(lo),
+                      low = _mm512_set1_epi32(0xffff);
         for (; j + 16 <= n; j += 16) {
-            __m512i v = _mm512_srli_epi32(_mm512_and_si512(_mm512_loadu_si512((const void *)(s + j)), mask), 16);
+            __m512i a = _mm512_and_si512(_mm512_loadu_si512((const void *)(s + j)), mask);
+            __m512i v = _mm512_srli_epi32(a, 16);
             __mmask16 gt = _mm512_cmpgt_epu32_mask(v, vhi);
             __mmask16 in = _mm512_mask_cmpge_epu32_mask((__mmask16)~gt, v, vlo);
             above += (uint64_t)__builtin_popcount(gt);
+            if (col && in) {
+                __mmask16 inexact = _mm512_mask_test_epi32_mask(in, a, low);
+                if (inexact && col->n >= 0) {
+                    if (col->n + 16 <= col->cap) {
+                        _mm512_storeu_si512((void *)(col->buf + col->n), _mm512_maskz_compress_epi32(inexact, a));
+                        col->n += __builtin_popcount(inexact);
+                    } else
+                        col->n = -1;
+                }
+            }
             _mm256_storeu_si256((__m256i *)(tmp + c), _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(in, v)));
             c += __builtin_popcount(in);
             if (c >= BRACKET_TMP) {
@@ -812,7 +926,53 @@ bracket_avx512(const void *src, int dt, Py_ssize_t n, int lo, int hi, uint32_t *
         }
     }
     if (c) run_hist16(tmp, c, sub);
-    return above + bracket_loop((const char *)src + j * dt_size(dt), dt, n - j, lo, hi, sub);
+    return above + bracket_loop((const char *)src + j * dt_size(dt), dt, n - j, lo, hi, sub, col);
+}
+
+/* bracket_avx512 of the float32 difference a - b of two 16-bit inputs, converted and subtracted in registers. */
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) static uint64_t
+bracket_diff_avx512(const uint16_t *a, int a_dt, const uint16_t *b, int b_dt, Py_ssize_t n, int lo, int hi,
+                    uint32_t *sub, collect_t *col) {
+    uint16_t tmp[BRACKET_TMP + 32];
+    uint64_t above = 0;
+    Py_ssize_t j = 0, c = 0;
+    const __m512i mask = _mm512_set1_epi32(0x7fffffff), vhi = _mm512_set1_epi32(hi), vlo = _mm512_set1_epi32(lo),
+                  low = _mm512_set1_epi32(0xffff);
+    for (; j + 16 <= n; j += 16) {
+        __m256i ra = _mm256_loadu_si256((const __m256i *)(a + j)), rb = _mm256_loadu_si256((const __m256i *)(b + j));
+        __m512 fa = a_dt == DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(ra), 16))
+                                    : _mm512_cvtph_ps(ra);
+        __m512 fb = b_dt == DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rb), 16))
+                                    : _mm512_cvtph_ps(rb);
+        __m512i x = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(fa, fb)), mask);
+        __m512i v = _mm512_srli_epi32(x, 16);
+        __mmask16 gt = _mm512_cmpgt_epu32_mask(v, vhi);
+        __mmask16 in = _mm512_mask_cmpge_epu32_mask((__mmask16)~gt, v, vlo);
+        __mmask16 inexact = _mm512_mask_test_epi32_mask(in, x, low);
+        above += (uint64_t)__builtin_popcount(gt);
+        if (__builtin_expect(inexact != 0, 0) && col->n >= 0) {
+            if (col->n + 16 <= col->cap) {
+                _mm512_storeu_si512((void *)(col->buf + col->n), _mm512_maskz_compress_epi32(inexact, x));
+                col->n += __builtin_popcount(inexact);
+            } else
+                col->n = -1;
+        }
+        _mm256_storeu_si256((__m256i *)(tmp + c), _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(in, v)));
+        c += __builtin_popcount(in);
+        if (c >= BRACKET_TMP) {
+            run_hist16(tmp, c, sub);
+            c = 0;
+        }
+    }
+    if (c) run_hist16(tmp, c, sub);
+    if (j < n) {
+        float ta[16], tb[16];
+        load_tile(ta, a, a_dt, j, n - j);
+        load_tile(tb, b, b_dt, j, n - j);
+        for (c = 0; c < n - j; c++) ta[c] = ta[c] - tb[c];
+        above += bracket_loop(ta, DT_F32, n - j, lo, hi, sub, col);
+    }
+    return above;
 }
 
 static int avx512_ok(void) {
@@ -855,6 +1015,95 @@ static int check_len(Py_buffer *b, int dt, Py_ssize_t n, const char *what) {
 
 /* diff(out, out_dt, a, a_dt, b, b_dt, n) -> flags;  out = round(a - b) */
 
+/* Float64 sums for run_moments, in one fixed order on every CPU: eight partial sums (element j into sum j % 8),
+ * combined as ((s0+s4) + (s1+s5)) + ((s2+s6) + (s3+s7)). sum_abs: Σ|x|; random_kept: Σ|x| where u < p1 (DARE's keep
+ * test), with the keep bits written a byte per eight elements when bits is not NULL (m a multiple of 8 then). */
+static double sum8_combine(const double *s) { return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])); }
+
+static double sum_abs_plain(const float *x, Py_ssize_t m) {
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    Py_ssize_t j;
+    for (j = 0; j < m; j++) s[j & 7] += (double)fabsf(x[j]);
+    return sum8_combine(s);
+}
+
+static double random_kept_plain(const float *u, const float *x, Py_ssize_t m, float p1, uint8_t *bits) {
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    Py_ssize_t j;
+    for (j = 0; j < m; j++) {
+        int keep = u[j] < p1;
+        if (bits) {
+            if ((j & 7) == 0) bits[j >> 3] = 0;
+            bits[j >> 3] |= (uint8_t)(keep << (j & 7));
+        }
+        s[j & 7] += keep ? (double)fabsf(x[j]) : 0.0;
+    }
+    return sum8_combine(s);
+}
+
+#if HAVE_F16C_PATH
+static inline __attribute__((always_inline, target("avx2"))) double sum8_avx2(__m256d lo, __m256d hi, const float *x,
+                                                                              Py_ssize_t j, Py_ssize_t m, double *s) {
+    _mm256_storeu_pd(s, lo);
+    _mm256_storeu_pd(s + 4, hi);
+    for (; j < m; j++) s[j & 7] += (double)fabsf(x[j]);
+    return sum8_combine(s);
+}
+
+__attribute__((target("avx2"))) static double sum_abs_avx2(const float *x, Py_ssize_t m) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    double s[8];
+    Py_ssize_t j;
+    for (j = 0; j + 8 <= m; j += 8) {
+        __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + j), absmask);
+        lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+        hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    }
+    return sum8_avx2(lo, hi, x, j, m, s);
+}
+
+__attribute__((target("avx2"))) static double random_kept_avx2(const float *u, const float *x, Py_ssize_t m,
+                                                               float p1, uint8_t *bits) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), vp = _mm256_set1_ps(p1);
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    double s[8];
+    Py_ssize_t j;
+    for (j = 0; j + 8 <= m; j += 8) {
+        __m256 keep = _mm256_cmp_ps(_mm256_loadu_ps(u + j), vp, _CMP_LT_OQ);
+        __m256 v = _mm256_and_ps(_mm256_and_ps(_mm256_loadu_ps(x + j), absmask), keep);
+        if (bits) bits[j >> 3] = (uint8_t)_mm256_movemask_ps(keep);
+        lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+        hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    }
+    _mm256_storeu_pd(s, lo);
+    _mm256_storeu_pd(s + 4, hi);
+    for (; j < m; j++) {
+        int keep = u[j] < p1;
+        if (bits) {
+            if ((j & 7) == 0) bits[j >> 3] = 0;
+            bits[j >> 3] |= (uint8_t)(keep << (j & 7));
+        }
+        s[j & 7] += keep ? (double)fabsf(x[j]) : 0.0;
+    }
+    return sum8_combine(s);
+}
+#endif
+
+static double sum_abs(const float *x, Py_ssize_t m) {
+#if HAVE_F16C_PATH
+    if (avx2_ok()) return sum_abs_avx2(x, m);
+#endif
+    return sum_abs_plain(x, m);
+}
+
+static double random_kept(const float *u, const float *x, Py_ssize_t m, float p1, uint8_t *bits) {
+#if HAVE_F16C_PATH
+    if (avx2_ok()) return random_kept_avx2(u, x, m, p1, bits);
+#endif
+    return random_kept_plain(u, x, m, p1, bits);
+}
+
 /* moments: the statistics pass of the model-centric methods (capmerge/merge/methods/blockform.py).
  * For K vectors v_i = a_i - base (float32, rounded as the merge kernel rounds it) or a_i, over elements [0, n):
  *   gram (K*K, row-major, symmetric): sum v_i * v_j      (when want_gram)
@@ -875,44 +1124,31 @@ static void run_moments(const term_t *terms, int k, const void *base, int base_d
         for (i = 0; i < k; i++) {
             float *tt = tiles + (size_t)i * TILE;
             const term_t *t = &terms[i];
-            double s[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0};
+            double l1 = 0.0;
             load_tile(tt, t->a, t->a_dt, off, m);
             if (t->b)
                 for (j = 0; j < m; j++) tt[j] = tt[j] - bt[j];
             if (want_l1) {
-                for (j = 0; j + 4 <= m; j += 4) {
-                    s[0] += (double)fabsf(tt[j]);
-                    s[1] += (double)fabsf(tt[j + 1]);
-                    s[2] += (double)fabsf(tt[j + 2]);
-                    s[3] += (double)fabsf(tt[j + 3]);
-                }
-                for (; j < m; j++) s[j & 3] += (double)fabsf(tt[j]);
-                out[(size_t)k * k + i] += (s[0] + s[1]) + (s[2] + s[3]);
+                l1 = sum_abs(tt, m);
+                out[(size_t)k * k + i] += l1;
             }
             if (t->mode == PRUNE_NONE) {
-                if (want_l1) out[(size_t)k * k + k + i] += (s[0] + s[1]) + (s[2] + s[3]);
+                if (want_l1) out[(size_t)k * k + k + i] += l1;
                 continue;
             }
             /* |v| where kept, else 0, into tmp (the same keep tests as run_merge_tiles), then summed as above */
             if (t->mode == PRUNE_RANDOM) {
-                float p1 = t->p1;
-                philox_tile(tmp, elem_offset + (uint64_t)off, m, t->k0, t->k1);
-                if (masks && masks[i]) { /* the keep bits, for a merge pass that reuses them (PRUNE_BITS) */
-                    uint64_t g0 = elem_offset + (uint64_t)off;
-                    j = 0;
-                    if ((g0 & 7) == 0) /* whole bytes at once (block and tile starts are multiples of 8) */
-                        for (; j + 8 <= m; j += 8) {
-                            uint32_t byte = 0;
-                            int b;
-                            for (b = 0; b < 8; b++) byte |= (uint32_t)(tmp[j + b] < p1) << b;
-                            masks[i][(g0 + (uint64_t)j) >> 3] = (uint8_t)byte;
-                        }
-                    for (; j < m; j++) {
-                        uint64_t g = g0 + (uint64_t)j;
-                        masks[i][g >> 3] |= (uint8_t)((uint32_t)(tmp[j] < p1) << (g & 7));
-                    }
+                uint64_t g0 = elem_offset + (uint64_t)off;
+                philox_tile(tmp, g0, m, t->k0, t->k1);
+                if (masks && masks[i] && (g0 & 7) == 0 && (m & 7) == 0) { /* whole bytes (block, tile starts: x8) */
+                    out[(size_t)k * k + k + i] += random_kept(tmp, tt, m, t->p1, masks[i] + (g0 >> 3));
+                    continue;
                 }
-                for (j = 0; j < m; j++) tmp[j] = tmp[j] < p1 ? fabsf(tt[j]) : 0.0f;
+                if (masks && masks[i]) /* the keep bits, for a merge pass that reuses them (PRUNE_BITS) */
+                    for (j = 0; j < m; j++)
+                        masks[i][(g0 + (uint64_t)j) >> 3] |= (uint8_t)((uint32_t)(tmp[j] < t->p1) << ((g0 + j) & 7));
+                out[(size_t)k * k + k + i] += random_kept(tmp, tt, m, t->p1, NULL);
+                continue;
             } else if (t->mode == PRUNE_MAGNITUDE) {
                 float p1 = t->p1;
                 for (j = 0; j < m; j++) tmp[j] = fabsf(tt[j]) >= p1 ? fabsf(tt[j]) : 0.0f;
@@ -920,14 +1156,7 @@ static void run_moments(const term_t *terms, int k, const void *base, int base_d
                 float p1 = t->p1, p2 = t->p2;
                 for (j = 0; j < m; j++) tmp[j] = (fabsf(tt[j]) >= p1 && fabsf(tt[j]) < p2) ? fabsf(tt[j]) : 0.0f;
             }
-            for (j = 0; j + 4 <= m; j += 4) {
-                q[0] += (double)tmp[j];
-                q[1] += (double)tmp[j + 1];
-                q[2] += (double)tmp[j + 2];
-                q[3] += (double)tmp[j + 3];
-            }
-            for (; j < m; j++) q[j & 3] += (double)tmp[j];
-            out[(size_t)k * k + k + i] += (q[0] + q[1]) + (q[2] + q[3]);
+            out[(size_t)k * k + k + i] += sum_abs(tmp, m);
         }
         if (!want_gram) continue;
         for (i = 0; i < k; i++)
@@ -995,13 +1224,13 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
     if (!so || !st) ok = 0;
     if (ok && (PySequence_Fast_GET_SIZE(so) > MAX_VECTORS || PySequence_Fast_GET_SIZE(st) > MAX_VECTORS)) {
         PyErr_SetString(PyExc_ValueError, "too many outputs or terms for the native kernel");
-        ok = 0;
+        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
     }
     ok = ok && check_dt(base_dt) && check_len(&base, base_dt, n, "base");
     for (i = 0; ok && i < PySequence_Fast_GET_SIZE(so); i++) {
         double alpha;
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(so, i), "w*id", &ob[i], &outs[i].dt, &alpha)) {
-            ok = 0;
+            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
             break;
         }
         n_out++;
@@ -1016,7 +1245,7 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
         term_t *t = &terms[i];
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(st, i), "y*iOididdK|O", &ab[i], &t->a_dt, &b_o, &t->b_dt, &w,
                               &t->mode, &p1, &p2, &key, &bits_o)) {
-            ok = 0;
+            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
             break;
         }
         k++;
@@ -1031,7 +1260,7 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
         ok = check_dt(t->a_dt) && check_len(&ab[i], t->a_dt, n, "vector");
         if (ok && b_o != Py_None) {
             if (PyObject_GetBuffer(b_o, &bb[i], PyBUF_SIMPLE) < 0) {
-                ok = 0;
+                ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
                 break;
             }
             has_b[i] = 1;
@@ -1040,26 +1269,26 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
         }
         if (ok && bits_o != Py_None) {
             if (PyObject_GetBuffer(bits_o, &kb[i], PyBUF_SIMPLE) < 0) {
-                ok = 0;
+                ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
                 break;
             }
             has_k[i] = 1;
             t->bits = (const uint8_t *)kb[i].buf;
             if (kb[i].len < (Py_ssize_t)((elem_offset + (uint64_t)n + 7) >> 3)) {
                 PyErr_SetString(PyExc_ValueError, "a term's bit mask is shorter than its elements");
-                ok = 0;
+                ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
             }
         }
         if (ok && (t->mode < 0 || t->mode > 5 || (t->mode == PRUNE_BITS && !t->bits))) {
             PyErr_Format(PyExc_ValueError, "unknown prune mode %d (or mode 4 without a bit mask)", t->mode);
-            ok = 0;
+            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
         }
     }
     if (ok && k > 0) {
         tiles = (float *)malloc((size_t)k * TILE * sizeof(float));
         if (!tiles) {
             PyErr_NoMemory();
-            ok = 0;
+            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
         }
     }
     if (ok) {
@@ -1105,7 +1334,7 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
     if (!sv) ok = 0;
     if (ok && PySequence_Fast_GET_SIZE(sv) > MAX_VECTORS) {
         PyErr_SetString(PyExc_ValueError, "too many vectors for the native kernel");
-        ok = 0;
+        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
     }
     if (ok && base_o != Py_None) {
         if (PyObject_GetBuffer(base_o, &base, PyBUF_SIMPLE) < 0) ok = 0;
@@ -1120,7 +1349,7 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
         term_t *t = &terms[i];
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sv, i), "y*iiddK", &ab[i], &t->a_dt, &t->mode, &p1, &p2,
                               &key)) {
-            ok = 0;
+            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
             break;
         }
         k++;
@@ -1136,7 +1365,7 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
         ok = check_dt(t->a_dt) && check_len(&ab[i], t->a_dt, n, "vector");
         if (ok && (t->mode < 0 || t->mode > 3)) {
             PyErr_Format(PyExc_ValueError, "unknown prune mode %d", t->mode);
-            ok = 0;
+            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
         }
     }
     if (ok && masks_o != Py_None) {
@@ -1144,32 +1373,32 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
         if (!sm) ok = 0;
         else if (PySequence_Fast_GET_SIZE(sm) != k) {
             PyErr_SetString(PyExc_ValueError, "masks: one entry (a buffer or None) per vector");
-            ok = 0;
+            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
         }
         for (i = 0; ok && i < k; i++) {
             PyObject *o = PySequence_Fast_GET_ITEM(sm, i);
             if (o == Py_None) continue;
             if (PyObject_GetBuffer(o, &mb[i], PyBUF_WRITABLE) < 0) {
-                ok = 0;
+                ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
                 break;
             }
             has_mask[i] = 1;
             masks[i] = (uint8_t *)mb[i].buf;
             if (mb[i].len < (Py_ssize_t)((elem_offset + (uint64_t)n + 7) >> 3)) {
                 PyErr_SetString(PyExc_ValueError, "a mask buffer is shorter than the tensor's bits");
-                ok = 0;
+                ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
             }
         }
     }
     if (ok && out.len < (Py_ssize_t)(((size_t)k * k + 2 * (size_t)k) * sizeof(double))) {
         PyErr_SetString(PyExc_ValueError, "the output buffer is too short");
-        ok = 0;
+        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
     }
     if (ok) {
         tiles = (float *)malloc(((size_t)k + 1) * TILE * sizeof(float));
         if (!tiles) {
             PyErr_NoMemory();
-            ok = 0;
+            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
         }
     }
     if (ok) {
@@ -1237,34 +1466,107 @@ static PyObject *native_hist0(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* bracket(buf, dt, n, lo, hi, sub, portable) -> elements with a level-0 bin above hi; bins lo..hi counted into sub
- * (as hist0). portable=1 forces the plain loop (tests compare both). */
+/* bracket(buf, dt, n, lo, hi, sub, portable[, col, ncol]) -> elements with a level-0 bin above hi; bins lo..hi
+ * counted into sub (as hist0). portable=1 forces the plain loop (tests compare both). With a uint32 buffer col
+ * (float32 only) and the count ncol already in it, the inexact |x| patterns inside the bracket are appended (see
+ * collect_t) and the result is (above, ncol), ncol = -1 once col overflowed (or was -1 already). */
 static PyObject *native_bracket(PyObject *self, PyObject *args) {
-    Py_buffer src, sub;
+    Py_buffer src, sub, colbuf = {0};
     int dt, lo, hi, portable;
-    Py_ssize_t n;
+    Py_ssize_t n, ncol = 0;
     uint64_t above;
+    collect_t col, *cp = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*iniiw*p", &src, &dt, &n, &lo, &hi, &sub, &portable) ||
-        !sub_args(&src, dt, n, &sub))
+    if (!PyArg_ParseTuple(args, "y*iniiw*p|w*n", &src, &dt, &n, &lo, &hi, &sub, &portable, &colbuf, &ncol) ||
+        !sub_args(&src, dt, n, &sub)) {
+        if (colbuf.obj) PyBuffer_Release(&colbuf);
         return NULL;
-    if (lo < 0 || hi < lo || hi > 32767) {
-        PyErr_SetString(PyExc_ValueError, "bracket needs 0 <= lo <= hi <= 32767");
+    }
+    if (lo < 0 || hi < lo || hi > 32767 || (colbuf.obj && (dt != DT_F32 || ncol < -1 || ncol > colbuf.len / 4))) {
+        PyErr_SetString(PyExc_ValueError, colbuf.obj && (dt != DT_F32 || ncol < -1 || ncol > colbuf.len / 4)
+                                              ? "bracket collects float32 only, 0 <= ncol <= len(col) or -1"
+                                              : "bracket needs 0 <= lo <= hi <= 32767");
         PyBuffer_Release(&src);
         PyBuffer_Release(&sub);
+        if (colbuf.obj) PyBuffer_Release(&colbuf);
         return NULL;
+    }
+    if (colbuf.obj) {
+        col.buf = (uint32_t *)colbuf.buf;
+        col.cap = colbuf.len / 4;
+        col.n = ncol;
+        cp = &col;
     }
     Py_BEGIN_ALLOW_THREADS
 #if HAVE_BRACKET_AVX512
     if (!portable && avx512_ok())
-        above = bracket_avx512(src.buf, dt, n, lo, hi, (uint32_t *)sub.buf);
+        above = bracket_avx512(src.buf, dt, n, lo, hi, (uint32_t *)sub.buf, cp);
     else
 #endif
-        above = bracket_loop(src.buf, dt, n, lo, hi, (uint32_t *)sub.buf);
+        above = bracket_loop(src.buf, dt, n, lo, hi, (uint32_t *)sub.buf, cp);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&src);
     PyBuffer_Release(&sub);
-    return PyLong_FromUnsignedLongLong(above);
+    if (!cp) return PyLong_FromUnsignedLongLong(above);
+    PyBuffer_Release(&colbuf);
+    return Py_BuildValue("Kn", (unsigned long long)above, col.n);
+}
+
+/* bracket_diff(a, a_dt, b, b_dt, n, lo, hi, sub, portable, col, ncol) -> (above, ncol): bracket() of the float32
+ * difference a - b (diff()'s values), made a few thousand elements at a time in a buffer that stays in L1 instead
+ * of a whole block written out and read back; collects into col as bracket() does (ncol = -1: no collecting). */
+#define DIFF_CHUNK 2048
+static PyObject *native_bracket_diff(PyObject *self, PyObject *args) {
+    Py_buffer a, b, sub, colbuf;
+    int a_dt, b_dt, lo, hi, portable;
+    Py_ssize_t n, ncol, off;
+    uint64_t above = 0;
+    collect_t col;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iy*iniiw*pw*n", &a, &a_dt, &b, &b_dt, &n, &lo, &hi, &sub, &portable, &colbuf,
+                          &ncol))
+        return NULL;
+    if (!check_dt(a_dt) || !check_dt(b_dt) || !check_len(&a, a_dt, n, "a") || !check_len(&b, b_dt, n, "b") ||
+        sub.len < 4 * 32768 * 4 || lo < 0 || hi < lo || hi > 32767 || ncol < -1 || ncol > colbuf.len / 4) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "bracket_diff needs 4 x 32768 uint32 bins, 0 <= lo <= hi <= 32767 and "
+                                              "0 <= ncol <= len(col) or -1");
+        PyBuffer_Release(&a);
+        PyBuffer_Release(&b);
+        PyBuffer_Release(&sub);
+        PyBuffer_Release(&colbuf);
+        return NULL;
+    }
+    col.buf = (uint32_t *)colbuf.buf;
+    col.cap = colbuf.len / 4;
+    col.n = ncol;
+    Py_BEGIN_ALLOW_THREADS
+    float tmp[DIFF_CHUNK] __attribute__((aligned(64)));
+#if HAVE_BRACKET_AVX512
+    if (!portable && avx512_ok() && a_dt != DT_F32 && b_dt != DT_F32 && ((a_dt != DT_F16 && b_dt != DT_F16) || f16c_ok())) {
+        above = bracket_diff_avx512((const uint16_t *)a.buf, a_dt, (const uint16_t *)b.buf, b_dt, n, lo, hi,
+                                    (uint32_t *)sub.buf, &col);
+        off = n;
+    } else
+#endif
+        off = 0;
+    for (; off < n; off += DIFF_CHUNK) {
+        Py_ssize_t m = n - off < DIFF_CHUNK ? n - off : DIFF_CHUNK;
+        run_diff(tmp, DT_F32, (const char *)a.buf + off * dt_size(a_dt), a_dt,
+                 (const char *)b.buf + off * dt_size(b_dt), b_dt, m);
+#if HAVE_BRACKET_AVX512
+        if (!portable && avx512_ok())
+            above += bracket_avx512(tmp, DT_F32, m, lo, hi, (uint32_t *)sub.buf, &col);
+        else
+#endif
+            above += bracket_loop(tmp, DT_F32, m, lo, hi, (uint32_t *)sub.buf, &col);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&sub);
+    PyBuffer_Release(&colbuf);
+    return Py_BuildValue("Kn", (unsigned long long)above, col.n);
 }
 
 /* fast_bracket() -> whether bracket() has its vector loop on this CPU (else a plain histogram pass is faster). */
@@ -1294,6 +1596,15 @@ static PyObject *native_philox(PyObject *self, PyObject *args) {
 }
 
 /* use_hardware_f16(flag) -> previous: switch the F16C path off/on (tests run both conversion paths). */
+/* use_fast_merge(flag) -> previous flag: whether merge() may take its vector fast path (tests compare the two). */
+static PyObject *native_use_fast_merge(PyObject *self, PyObject *arg) {
+    int prev = use_fast, want = PyObject_IsTrue(arg);
+    (void)self;
+    if (want < 0) return NULL;
+    use_fast = want;
+    return PyBool_FromLong(prev);
+}
+
 static PyObject *native_use_hardware_f16(PyObject *self, PyObject *arg) {
     int prev = f16c_ok();
     int want = PyObject_IsTrue(arg);
@@ -1307,6 +1618,7 @@ static PyObject *native_use_hardware_f16(PyObject *self, PyObject *arg) {
 }
 
 static PyMethodDef methods[] = {
+    {"use_fast_merge", native_use_fast_merge, METH_O, "use_fast_merge(flag) -> previous; merge()'s vector fast path"},
     {"use_hardware_f16", native_use_hardware_f16, METH_O,
      "use_hardware_f16(flag) -> previous; use the F16C instructions for float16 when the CPU has them"},
     {"diff", native_diff, METH_VARARGS, "diff(out, out_dt, a, a_dt, b, b_dt, n) -> flags; out = round(a - b)"},
@@ -1317,6 +1629,8 @@ static PyMethodDef methods[] = {
      "hist0(buf, dt, n, sub) -> None; level-0 |x| bins counted into 4 x 32768 uint32 sub-histograms"},
     {"bracket", native_bracket, METH_VARARGS,
      "bracket(buf, dt, n, lo, hi, sub, portable) -> count of bins above hi; bins lo..hi counted into sub"},
+    {"bracket_diff", native_bracket_diff, METH_VARARGS,
+     "bracket_diff(a, a_dt, b, b_dt, n, lo, hi, sub, portable, col, ncol) -> (above, ncol); bracket() of a - b"},
     {"fast_bracket", native_fast_bracket, METH_NOARGS, "fast_bracket() -> bool; bracket() has a vector loop here"},
     {"moments", native_moments, METH_VARARGS,
      "moments(vectors, base, base_dt, n, elem_offset, want_gram, out) -> None; Gram matrix and L1 norms, added to out"},

@@ -196,6 +196,47 @@ def test_bracket_holds_for_a_representative_sample(tmp_path: Path, bracket: list
     assert bracket == ["hit"]  # bracketed or not: counted once
 
 
+def test_thresholds_of_several_models_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kth_largest_abs_many over three models against one base equals torch.topk of each float32 τ_i: τ mostly exact
+    in bf16 (settled from level 0 and the collected patterns, no level-1 pass), τ mostly inexact (the collection
+    overflows: level 1); the base is read once per block for all of them."""
+    monkeypatch.setattr(plan, "BRACKET", True)
+    monkeypatch.setattr(plan, "BRACKET_MIN", 1 << 12)
+    n = 200_003
+    g = torch.Generator().manual_seed(7)
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    models = [
+        (base.float() + torch.randn(n, generator=g) * 0.001).bfloat16(),  # small deltas: exact in bf16 mostly
+        (torch.randn(n, generator=g) * 0.02).bfloat16(),  # unrelated: mostly inexact
+        # within a factor of 2 of the base (so τ is exact in bf16), larger changes in the first third
+        (base.float() * (1 + (torch.rand(n, generator=g) - 0.5) * (torch.arange(n) < n // 3) * 0.8)).bfloat16(),
+    ]
+    raw = [memoryview(bytearray(t.view(torch.uint8).numpy().tobytes())) for t in (base, *models)]
+    reads: list[int] = []  # inputs read in whole blocks (not sample pieces)
+
+    def read(i: int, s: int, e: int) -> memoryview:
+        if e - s > plan.SAMPLE_PIECE:
+            reads.append(i)
+        return raw[i][2 * s : 2 * e]
+
+    level1: list[int] = []
+    hist1 = compute._native.hist1
+    monkeypatch.setattr(compute._native, "hist1", lambda *a: (level1.append(1), hist1(*a))[1])
+    wanted = [[methods.keep_count(0.3, n)], [1, n // 2, n], [n // 10, n // 100]]
+    got = plan.kth_largest_abs_many(read, [(i + 1, "BF16", ks) for i, ks in enumerate(wanted)], 0, "BF16", n)
+    for m, ks, values in zip(models, wanted, got, strict=True):
+        ref = torch.sort((m.float() - base.float()).abs(), descending=True).values
+        assert values == {k: float(ref[k - 1]) for k in ks}
+    # one bracketed pass read the base once for all three; only model 2 (inputs 2) made further passes (level 1)
+    assert n <= plan.HIST_BLOCK and reads.count(1) == reads.count(3) == 1 < reads.count(2) == reads.count(0)
+    assert level1
+    level1.clear()
+    got = plan.kth_largest_abs_many(read, [(1, "BF16", wanted[0]), (3, "BF16", wanted[2])], 0, "BF16", n)
+    assert not level1  # both settled from the collected patterns
+    ref = [torch.sort((models[i].float() - base.float()).abs(), descending=True).values for i in (0, 2)]
+    assert got == [{k: float(r[k - 1]) for k in ks} for r, ks in zip(ref, (wanted[0], wanted[2]), strict=True)]
+
+
 def test_bracket_widens_when_rows_differ_in_scale(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows of log-normal scale: a fixed ±3 % bracket from the sample misses the threshold, the bracket sized by the
     pieces' disagreement holds it; the k-th largest equals torch.topk's either way."""

@@ -124,3 +124,91 @@ def test_bracketed_counts_match_numpy(dtype: torch.dtype, n: int) -> None:
         _native.bracket(_mv(t), code, n, 10, 9, sub, False)
     with pytest.raises(ValueError, match="4 x 32768"):
         _native.hist0(_mv(t), code, n, np.zeros(100, dtype=np.uint32))
+
+
+_CODE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+@pytest.mark.parametrize(("da", "db"), [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                        (torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16)])  # fmt: skip
+@pytest.mark.parametrize("n", [0, 7, 16, 33, 4097, 70_001])
+def test_bracket_diff_counts_and_collects_like_numpy(da: torch.dtype, db: torch.dtype, n: int) -> None:
+    """bracket_diff() = bracket() of the float32 a − b, and it collects exactly the |a − b| patterns inside the
+    bracket whose low 16 bits are not zero (vector and plain loop; numpy by hand), with NaN, ±inf and zeros."""
+    from capmerge import _native
+
+    g = torch.Generator().manual_seed(n + 1)
+    b = (torch.randn(n, generator=g) * 0.02).to(db)
+    a = (b.float() + torch.randn(n, generator=g) * 0.002 * (torch.rand(n, generator=g) < 0.9)).to(da)
+    if n > 100:
+        a[::97], b[::89], a[::83] = float("nan"), -float("inf"), 0.0
+    tau = a.float() - b.float()
+    bits = tau.view(torch.int32).numpy().astype(np.int64) & 0x7FFFFFFF
+    bins = bits >> 16
+    med = int(np.median(bins)) if n else 100
+    ca, cb = compute.NATIVE_CODES[_CODE[da]], compute.NATIVE_CODES[_CODE[db]]
+    f32 = compute.NATIVE_CODES["F32"]
+    for lo, hi in [(0, 32767), (med, med + 40), (max(0, med - 30), med), (32767, 32767)]:
+        inside = (bins >= lo) & (bins <= hi)
+        want = np.sort(bits[inside & ((bits & 0xFFFF) != 0)])
+        for portable in (False, True):
+            sub, col = np.zeros(4 * 32768, dtype=np.uint32), np.zeros(n + 64, dtype=np.uint32)
+            above, ncol = _native.bracket_diff(_mv(a), ca, _mv(b), cb, n, lo, hi, sub, portable, col, 0)
+            assert above == int((bins > hi).sum())
+            assert np.array_equal(sub.reshape(4, 32768).sum(0), np.bincount(bins[inside], minlength=32768))
+            assert np.array_equal(np.sort(col[:ncol].astype(np.int64)), want)
+            # bracket() on the float32 difference collects the same
+            sub2, col2 = np.zeros(4 * 32768, dtype=np.uint32), np.zeros(n + 64, dtype=np.uint32)
+            up2, n2 = _native.bracket(_mv(tau), f32, n, lo, hi, sub2, portable, col2, 0)
+            assert (up2, n2) == (above, ncol)
+            assert np.array_equal(np.sort(col2[:n2].astype(np.int64)), want)
+            # a buffer too small says so (-1) and still counts; -1 in means nothing is collected
+            if len(want) > 40:
+                sub3 = np.zeros(4 * 32768, dtype=np.uint32)
+                small = np.zeros(len(want) // 2, dtype=np.uint32)
+                assert _native.bracket_diff(_mv(a), ca, _mv(b), cb, n, lo, hi, sub3, portable, small, 0) == (above, -1)
+                assert np.array_equal(sub3.reshape(4, 32768).sum(0), sub.reshape(4, 32768).sum(0))
+            assert _native.bracket_diff(_mv(a), ca, _mv(b), cb, n, lo, hi, sub, portable, col, -1)[1] == -1
+    sub = np.zeros(4 * 32768, dtype=np.uint32)
+    with pytest.raises(ValueError, match="ncol"):
+        _native.bracket_diff(_mv(a), ca, _mv(b), cb, n, 0, 10, sub, False, np.zeros(4, dtype=np.uint32), 5)
+    with pytest.raises(ValueError, match="float32 only"):
+        _native.bracket(_mv(b), cb, n, 0, 10, sub, False, np.zeros(4, dtype=np.uint32), 0)
+
+
+@pytest.mark.parametrize("codes", [("BF16", "BF16", "BF16"), ("F16", "F32", "BF16"), ("BF16", "BF16", "F32")])
+@pytest.mark.parametrize("modes", [(1, 1, 1), (0, 0, 0), (1, 3, 4), (4, 0, 3)])
+@pytest.mark.parametrize("sign", ["none", "total", "frequency"])
+def test_fast_merge_path_equals_the_tile_loops(codes: tuple[str, str, str], modes: tuple[int, ...], sign: str) -> None:
+    """merge()'s vector path (relative terms a − b, magnitude, band and keep-bit pruning) writes the bytes and flags
+    of its plain tile loops, for any length (vector body + tail), block offset (keep bits at an offset that is not
+    a multiple of 8 go to the tile loops) and normalize; inputs with NaN, ±inf and zeros. codes: models, base, out."""
+    from capmerge import _native
+
+    mc, bc, oc = codes
+    tdt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    g = torch.Generator().manual_seed(sum(modes) + len(sign))
+    n_all = 4099 + 13
+    base = (torch.randn(n_all, generator=g) * 0.02).to(tdt[bc])
+    models = [(base.float() + torch.randn(n_all, generator=g) * 0.003).to(tdt[mc]) for _ in modes]
+    models[0][::101], models[1][::103], base[::107] = float("nan"), float("inf"), 0.0
+    bits = np.packbits(torch.rand(n_all, generator=g).numpy() < 0.4, bitorder="little")
+    thr = [float(torch.quantile((m.float() - base.float()).abs().nan_to_num(posinf=1.0), q)) for m, q in
+           zip(models, (0.3, 0.5, 0.7), strict=True)]  # fmt: skip
+    for n in (16, 37, 1029, 4099):
+        for off in (0, 8, 3):
+            raw_base = _mv(base[off : off + n])
+            terms = [(_mv(m[off : off + n]), mc, raw_base, bc, w, mode, t, 2.5 * t, 0, bits)
+                     for m, w, mode, t in zip(models, (0.5, 0.3, -0.2), modes, thr, strict=True)]  # fmt: skip
+            for normalize in (False, True):
+                got = []
+                for fast in (True, False):
+                    prev = _native.use_fast_merge(fast)
+                    try:
+                        out = bytearray(n * (4 if oc == "F32" else 2))
+                        flags = compute.merge_block([(memoryview(out), oc, 0.8)], raw_base, bc, n, terms, sign=sign,
+                                                    normalize=normalize, offset=off)  # fmt: skip
+                    finally:
+                        _native.use_fast_merge(prev)
+                    got.append((bytes(out), flags))
+                assert got[0] == got[1], (n, off, normalize)

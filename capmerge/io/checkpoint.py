@@ -49,6 +49,7 @@ OTHER_FORMAT_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3
 # Names users pass on the command line -> safetensors codes.
 PathLike = str | os.PathLike[str]
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+MAP_WINDOW = 1 << 24  # bytes of a tensor mapped at a time (Checkpoint.map_tensor)
 # Single-file weight names a directory may hold (any other .safetensors name is ambiguous).
 KNOWN_SINGLE_NAMES = ("model.safetensors", "capvector.safetensors")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -416,6 +417,20 @@ class Checkpoint:
             view = view[got:]
             pos += got
 
+    def map_tensor(self, info: TensorInfo) -> TensorMap | None:
+        """Read-only views of the bytes of ``info`` mapped from its file (no copy), or None where they cannot be (no
+        mmap here, the file shorter than the header says: :meth:`read_into` then reports it)."""
+        if info.nbytes == 0 or not self.direct or type(self).read_into is not Checkpoint.read_into:
+            return None  # a lazy view (low-rank product, sparse entries): its bytes are not the file's
+        try:
+            import mmap  # noqa: F401
+
+            if os.fstat(self.fd(info.shard)).st_size < info.start + info.nbytes:
+                return None
+        except (ImportError, OSError):
+            return None
+        return TensorMap(self.fd(info.shard), info.start, info.nbytes)
+
     def read_bytes(self, name: str) -> bytearray:
         info = self._info(name)
         buf = bytearray(info.nbytes)
@@ -449,6 +464,32 @@ class Checkpoint:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+class TensorMap:
+    """One tensor's bytes, mapped from its file a window of :data:`MAP_WINDOW` bytes at a time: :meth:`view` gives
+    byte ranges relative to the tensor. A window stays mapped while a view of it lives, so what is mapped (RSS) is
+    bounded by the windows in flight, not by the tensor's size."""
+
+    def __init__(self, fd: int, start: int, nbytes: int) -> None:
+        self._fd, self._start, self._nbytes = fd, start, nbytes
+        self._win: tuple[int, int, memoryview] | None = None  # (first, end) tensor bytes of the window, its view
+
+    def view(self, start: int, end: int) -> memoryview:
+        w = self._win
+        if w is None or start < w[0] or end > w[1]:
+            import mmap
+
+            pos = self._start + start
+            first = pos - pos % mmap.ALLOCATIONGRANULARITY
+            last = min(self._start + self._nbytes, max(self._start + end, first + MAP_WINDOW))
+            mm = mmap.mmap(self._fd, last - first, offset=first, access=mmap.ACCESS_READ)
+            w = self._win = (first - self._start, last - self._start, memoryview(mm))
+        return w[2][start - w[0] : end - w[0]]
+
+    def close(self) -> None:
+        """Drop the current window (unmapped once no view of it lives)."""
+        self._win = None
 
 
 def _pread_into(fd: int, view: memoryview, pos: int) -> int:

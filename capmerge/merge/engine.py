@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from capmerge.errors import CapmergeError, NonFiniteError, WriteError
 from capmerge.io.checkpoint import DTYPES, Checkpoint, TensorInfo
@@ -36,6 +37,8 @@ GPU_BLOCK_ELEMS = 1 << 21  # elements per block when a GPU computes: fewer, larg
 DEPTH = 3  # buffers per stage
 SPLIT_MIN = 1 << 16  # blocks at least this long are computed in parts, one per compute thread
 SPLIT_ALIGN = 4096  # part boundaries, in elements
+MAP_PREPARE = True  # prepare passes read mapped files where they can (False: copies into scratch buffers)
+MAP_READS = True  # so does the merge pass on the CPU (False: copies into the pool's buffers)
 PREPARE_AHEAD = 2  # jobs whose prepare pass may be done before the reader reaches them
 
 
@@ -145,6 +148,7 @@ class _Pipeline:
         device: str = "cpu",
     ):
         self.jobs = jobs
+        self.device = device
         self.sinks = sinks
         self.allow_nonfinite = allow_nonfinite
         self.progress = progress
@@ -242,16 +246,21 @@ class _Pipeline:
                 self._until(self.prepared[ji].wait)
                 self.prepare_slots.release()
             elif job.prepare is not None:
-                job.prepare(functools.partial(self._read_scratch, job))
+                self._prepare(job)
             starts = range(0, n, self.block) if n else [0]
+            maps: dict[int, Any] | None = {} if MAP_READS and self.device == "cpu" else None
             for s in starts:
                 e = min(n, s + self.block)
                 slot = self._get(self.free_slots)
                 views = []
                 overflow = False  # a lazy input (B·A, sparse entries) built NaN/Inf from finite stored parts
                 for k, (ck, info) in enumerate(job.inputs):
-                    mv = memoryview(slot[k])[: (e - s) * info.itemsize]
-                    ck.read_into(info, s * info.itemsize, mv)
+                    m = self._map(maps, k, ck, info) if maps is not None else None
+                    if m is not None:  # a view of the mapped file (it stays mapped while a view lives)
+                        mv = m.view(s * info.itemsize, e * info.itemsize)
+                    else:
+                        mv = memoryview(slot[k])[: (e - s) * info.itemsize]
+                        ck.read_into(info, s * info.itemsize, mv)
                     views.append(mv)
                     overflow = overflow or info.name in getattr(ck, "overflowed", ())
                 self._put(self.to_compute, ("block", ji, s, e, slot, views, overflow))
@@ -262,15 +271,40 @@ class _Pipeline:
         for ji, event in self.prepared.items():
             self._until(lambda t: self.prepare_slots.acquire(timeout=t))
             job = self.jobs[ji]
-            assert job.prepare is not None
-            job.prepare(functools.partial(self._read_scratch, job))
+            self._prepare(job)
             event.set()
 
-    def _read_scratch(self, job: Job, i: int, start: int, end: int) -> memoryview:
-        """Elements [start, end) of input i of ``job`` in a scratch buffer (for prepare passes, reader thread)."""
+    @staticmethod
+    def _map(maps: dict[int, Any], k: int, ck: Checkpoint, info: TensorInfo) -> Any:
+        """Input k's tensor mapped from its file (:meth:`Checkpoint.map_tensor`), once per job; None: read it."""
+        if k not in maps:
+            mapper = getattr(ck, "map_tensor", None)
+            maps[k] = mapper(info) if mapper is not None else None
+        return maps[k]
+
+    def _prepare(self, job: Job) -> None:
+        """Run ``job``'s prepare pass. Its reads are views of the inputs' files mapped into memory where an input
+        can be (:meth:`Checkpoint.map_tensor`: no copy; a statistics pass reads each input once or twice before
+        the merge reads it again), else copies into a scratch buffer; the maps close when the pass ends."""
+        assert job.prepare is not None
+        maps: dict[int, Any] = {}
+        try:
+            job.prepare(functools.partial(self._read_scratch, job, maps if MAP_PREPARE else None))
+        finally:
+            for m in maps.values():
+                if m is not None:
+                    m.close()
+
+    def _read_scratch(self, job: Job, maps: dict[int, Any] | None, i: int, start: int, end: int) -> memoryview:
+        """Elements [start, end) of input i of ``job``: a view of its mapped file (``maps``, see :meth:`_prepare`)
+        or a copy in a scratch buffer (for prepare passes, reader or preparer thread)."""
         if self.abort.is_set():
             raise _Abort
         ck, info = job.inputs[i]
+        if maps is not None and self._map(maps, i, ck, info) is not None:
+            with self._count_lock:
+                self._prepare_bytes += (end - start) * info.itemsize
+            return maps[i].view(start * info.itemsize, end * info.itemsize)
         need = (end - start) * info.itemsize
         scratch: dict[int, bytearray] = self._tls.__dict__.setdefault("scratch", {})
         buf = scratch.get(i)

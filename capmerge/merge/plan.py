@@ -2,8 +2,9 @@
 
 A *term* is one vector of the merge: a checkpoint holding τ, or a pair (A, S) meaning τ = A − S computed on the fly
 (``capmerge apply P --add A --sub S``). Magnitude and breadcrumbs thresholds are exact k-th largest magnitudes, found
-in linear time from a histogram of the |τ| bit patterns (one pass for 16-bit vectors, two for float32) while the
-engine's reader streams the tensor — no sort, memory still flat.
+in linear time from a histogram of the |τ| bit patterns (one pass for 16-bit vectors and, mostly, for the float32
+difference of two 16-bit inputs; two for other float32) while the engine's reader streams the tensor — no sort,
+memory still flat.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ SAMPLE_PIECES = 64  # the sample: this many pieces spread evenly over the tensor
 SAMPLE_PIECE = 2048  # ... of this many elements each
 BRACKET_SIGMAS = 6.0  # the bracket spans ranks k/n ± (BRACKET_SIGMAS standard errors + BRACKET_SLACK) ...
 BRACKET_SLACK = 0.005  # ... as fractions of the tensor
+COLLECT_MIN, COLLECT_SHARE = 1 << 14, 64  # a float32 bracket collects up to max(MIN, n / SHARE) inexact patterns
 
 
 @dataclass
@@ -135,29 +137,40 @@ def kth_largest_abs_stream(
     """The k-th largest |τ| for each k in ``ks`` (τ = input ia, or ia − ib), exactly, streaming in blocks.
 
     Level 0 counts the top 15 bits of |τ| (the whole pattern of a 16-bit τ); a float32 τ then counts the low 16 bits
-    within the bin found (level 1). On CPUs with the vector loop (:data:`BRACKET`), a long tensor's level 0 first
-    reads a sample (:data:`SAMPLE_PIECES` pieces spread over the tensor), brackets each threshold's bin from it
-    (:func:`_bracket`), and then counts only the bins inside the bracket plus how many lie above it; should a
-    threshold fall outside (an unrepresentative sample), the full count is made. Either way the result is exact."""
-    out: dict[int, float] = {k: math.inf for k in ks if k <= 0}
-    ks = [k for k in ks if k > 0]
-    if not ks:
-        return out
-    codes = [ca] if ib is None else [ca, cb]
-    if not compute.use_native(*codes):
-        return {**out, **_kth_largest_torch(read, ia, ca, ib, cb, n, ks)}
+    within the bin found (level 1) — unless a bracketed level 0 kept every pattern inside its bracket whose low bits
+    are not zero (:func:`_collected_kth`: a difference of two 16-bit models is mostly exact in 16 bits, so these are
+    few), which settles the rank within the bin without a second pass. On CPUs with the vector loop
+    (:data:`BRACKET`), a long tensor's level 0 first reads a sample (:data:`SAMPLE_PIECES` pieces spread over the
+    tensor), brackets each threshold's bin from it (:func:`_bracket`), and then counts only the bins inside the
+    bracket plus how many lie above it; should a threshold fall outside (an unrepresentative sample), the full count
+    is made. Either way the result is exact."""
+    return kth_largest_abs_many(read, [(ia, ca, ks)], ib, cb, n)[0]
+
+
+def kth_largest_abs_many(
+    read: Read, items: Sequence[tuple[int, str, Sequence[int]]], ib: int | None, cb: str, n: int
+) -> list[dict[int, float]]:
+    """:func:`kth_largest_abs_stream` for several inputs (ia, ca, ks) against one ``ib``: their bracketed level-0
+    passes run together, reading each block of ``ib`` once for all of them."""
+    outs: list[dict[int, float]] = [{k: math.inf for k in ks if k <= 0} for _, _, ks in items]
+    todo = [(j, ia, ca, sorted({k for k in ks if k > 0})) for j, (ia, ca, ks) in enumerate(items)]
+    todo = [t for t in todo if t[3]]
+    for j, ia, ca, ks in [t for t in todo if not compute.use_native(t[2], *([cb] if ib is not None else []))]:
+        outs[j].update(_kth_largest_torch(read, ia, ca, ib, cb, n, ks))
+    todo = [t for t in todo if compute.use_native(t[2], *([cb] if ib is not None else []))]
+    if not todo:
+        return outs
     import numpy as np
 
     from capmerge.merge.compute import _native
 
     assert _native is not None
-    wide = ib is not None or ca == "F32"
-    code = "F32" if wide else ca
-    dt = compute.NATIVE_CODES[code]
     scratch = bytearray(min(n, HIST_BLOCK) * 4) if ib is not None else None
     whole = [(s, min(n, s + HIST_BLOCK)) for s in range(0, n, HIST_BLOCK)]
+    wide = {j: ib is not None or ca == "F32" for j, _, ca, _ in todo}
+    dts = {j: compute.NATIVE_CODES["F32" if wide[j] else ca] for j, _, ca, _ in todo}
 
-    def blocks(ranges: list[tuple[int, int]]):  # yields (buffer, n) of |τ| sources in the histogram's dtype
+    def blocks(ia: int, ca: str, ranges: list[tuple[int, int]]):  # (buffer, n) of |τ| sources in the histogram's dtype
         for s, e in ranges:
             va = read(ia, s, e)
             if ib is None:
@@ -169,51 +182,114 @@ def kth_largest_abs_stream(
                 compute.diff_block(sv, "F32", va, ca, vb, cb, e - s)
                 yield sv, e - s
 
-    def level0(ranges: list[tuple[int, int]], bracket: tuple[int, int] | None = None) -> tuple[Any, int]:
-        """Counts of the level-0 bins (inside ``bracket`` only, if given) and how many elements lie above it."""
+    def full_count(j: int, ia: int, ca: str) -> tuple[Any, int]:
+        """Counts of every level-0 bin (nothing above)."""
         sub = np.zeros(4 * 32768, dtype=np.uint32)  # four interleaved sub-histograms, kept across blocks
         counts = np.zeros(32768, dtype=np.int64)
-        above = since = 0
-        for buf, cnt in blocks(ranges):
+        since = 0
+        for buf, cnt in blocks(ia, ca, whole):
             if since + cnt >= 1 << 32:  # fold before any uint32 counter could overflow
                 counts += _fold(sub)
                 sub[:] = 0
                 since = 0
-            if bracket is None:
-                _native.hist0(buf, dt, cnt, sub)
-            else:
-                above += _native.bracket(buf, dt, cnt, bracket[0], bracket[1], sub, False)
+            _native.hist0(buf, dts[j], cnt, sub)
             since += cnt
-        return counts + _fold(sub), above
+        return counts + _fold(sub), 0
 
-    found = None  # k -> (level-0 bin, count of elements above the bin)
+    found: dict[int, dict[int, tuple[int, int]] | None] = {j: None for j, _, _, _ in todo}
     if n >= BRACKET_MIN and (BRACKET is True or (BRACKET is None and _native.fast_bracket())):
-        piece = SAMPLE_PIECE * (4 if wide else 2)  # bytes
+        found = _bracketed(read, todo, ib, cb, n, whole, dts, wide, blocks, outs)
+    for j, ia, ca, ks in todo:
+        if j in found and found[j] is None:
+            found[j] = _locate(*full_count(j, ia, ca), ks)
+            assert found[j] is not None
+        got = found.get(j)
+        if got is None:  # settled by the bracketed pass
+            continue
+        if not wide[j]:
+            for k, (b, _) in got.items():
+                if ca == "BF16":
+                    outs[j][k] = float(np.array([b << 16], dtype=np.uint32).view(np.float32)[0])
+                else:
+                    outs[j][k] = float(np.array([b], dtype=np.uint16).view(np.float16)[0])
+            continue
+        for b in sorted({b for b, _ in got.values()}):
+            low = np.zeros(65536, dtype=np.uint64)
+            for buf, cnt in blocks(ia, ca, whole):
+                _native.hist1(buf, cnt, b, low)
+            ltop = np.cumsum(low[::-1])
+            for k, (bk, above) in got.items():
+                if bk == b:
+                    i = int(np.searchsorted(ltop, k - above))
+                    bits = (b << 16) | (65535 - i)
+                    outs[j][k] = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+    return outs
+
+
+def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int | None, cb: str, n: int,
+               whole: list[tuple[int, int]], dts: dict[int, int], wide: dict[int, bool], blocks: Any,
+               outs: list[dict[int, float]]) -> dict[int, dict[int, tuple[int, int]] | None]:  # fmt: skip
+    """The sampled bracket and one level-0 pass over the bracket for every input of ``todo`` (``ib`` read once per
+    block, the difference made in the kernel). Returns j -> the bins found (a float32 τ still needs level 1), or
+    None (a threshold outside the bracket: count in full); a j settled from the collected patterns is left out, its
+    values written into ``outs[j]``."""
+    import numpy as np
+
+    from capmerge.merge.compute import _native
+
+    assert _native is not None
+    state = {}
+    for j, ia, ca, ks in todo:
+        piece = SAMPLE_PIECE * (4 if wide[j] else 2)  # bytes
         sample = bytearray(SAMPLE_PIECES * piece)
-        starts = [j * (n - SAMPLE_PIECE) // (SAMPLE_PIECES - 1) for j in range(SAMPLE_PIECES)]
-        for j, (buf, _) in enumerate(blocks([(s, s + SAMPLE_PIECE) for s in starts])):
-            sample[j * piece : (j + 1) * piece] = buf
-        found = _locate(*level0(whole, _bracket(sample, dt, n, ks)), ks)
-    if found is None:
-        found = _locate(*level0(whole), ks)
-        assert found is not None
-    if not wide:
-        for k, (b, _) in found.items():
-            if code == "BF16":
-                out[k] = float(np.array([b << 16], dtype=np.uint32).view(np.float32)[0])
+        starts = [i * (n - SAMPLE_PIECE) // (SAMPLE_PIECES - 1) for i in range(SAMPLE_PIECES)]
+        for i, (buf, _) in enumerate(blocks(ia, ca, [(s, s + SAMPLE_PIECE) for s in starts])):
+            sample[i * piece : (i + 1) * piece] = buf
+        # a difference of two 16-bit inputs: collect its inexact patterns inside the bracket (few, see above)
+        collect = ib is not None and ca != "F32" and cb != "F32"
+        col = np.empty(max(COLLECT_MIN, n // COLLECT_SHARE) if collect else 1, dtype=np.uint32)
+        state[j] = [_bracket(sample, dts[j], n, ks), np.zeros(4 * 32768, dtype=np.uint32),
+                    np.zeros(32768, dtype=np.int64), 0, 0, col, 0 if collect else -1]  # fmt: skip
+    for s, e in whole:
+        cnt = e - s
+        vb = read(ib, s, e) if ib is not None else None
+        for j, ia, ca, _ in todo:
+            st = state[j]
+            (lo, hi), sub = st[0], st[1]
+            if st[4] + cnt >= 1 << 32:  # fold before any uint32 counter could overflow
+                st[2] += _fold(sub)
+                sub[:] = 0
+                st[4] = 0
+            va = read(ia, s, e)
+            if vb is None:
+                st[3] += _native.bracket(va, dts[j], cnt, lo, hi, sub, False)
             else:
-                out[k] = float(np.array([b], dtype=np.uint16).view(np.float16)[0])
-        return out
-    for b in sorted({b for b, _ in found.values()}):
-        low = np.zeros(65536, dtype=np.uint64)
-        for buf, cnt in blocks(whole):
-            _native.hist1(buf, cnt, b, low)
-        ltop = np.cumsum(low[::-1])
-        for k, (bk, above) in found.items():
-            if bk == b:
-                j = int(np.searchsorted(ltop, k - above))
-                bits = (b << 16) | (65535 - j)
-                out[k] = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+                up, st[6] = _native.bracket_diff(va, compute.NATIVE_CODES[ca], vb, compute.NATIVE_CODES[cb], cnt, lo,
+                                                 hi, sub, False, st[5], st[6])  # fmt: skip
+                st[3] += up
+            st[4] += cnt
+    found: dict[int, dict[int, tuple[int, int]] | None] = {}
+    for j, _, _, ks in todo:
+        st = state[j]
+        got = _locate(st[2] + _fold(st[1]), st[3], ks)
+        if got is not None and st[6] >= 0:
+            outs[j].update(_collected_kth(st[5][: st[6]], got))
+        else:
+            found[j] = got
+    return found
+
+
+def _collected_kth(col: Any, found: dict[int, tuple[int, int]]) -> dict[int, float]:
+    """The k-th largest from level 0 alone: within bin b, the collected inexact patterns rank first (their low 16
+    bits are non-zero) and every other element of the bin is the pattern b << 16 itself."""
+    import numpy as np
+
+    out = {}
+    for k, (b, above) in found.items():
+        inside = np.sort(col[(col >> 16) == b])[::-1]
+        r = k - above  # 1-based rank inside the bin
+        bits = int(inside[r - 1]) if r <= len(inside) else b << 16
+        out[k] = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
     return out
 
 

@@ -148,6 +148,16 @@ class Stats:
         cb = self.codes[0] if b is not None else "F32"
         return kth_largest_abs_stream(self.read, m, self.codes[m], b, cb, self.numel, list(ks))
 
+    def kth_abs_many(self, wanted: dict[int, Sequence[int]], *, relative: bool = True) -> dict[int, dict[int, float]]:
+        """:meth:`kth_abs` for several models (i -> ks) in one pass, reading the base once per block for all."""
+        from capmerge.merge.plan import kth_largest_abs_many
+
+        b = 0 if relative and self.has_base else None
+        cb = self.codes[0] if b is not None else "F32"
+        items = [(self._model(i), self.codes[self._model(i)], list(ks)) for i, ks in wanted.items()]
+        got = kth_largest_abs_many(self.read, items, b, cb, self.numel)
+        return dict(zip(wanted, got, strict=True))
+
     def moments(self, *, relative: bool = False, prune: Sequence[tuple[int, float, float, int]] | None = None,
                 gram: bool = True, l1: bool = False, include_base: bool = False,
                 masks: bool = False) -> Moments:  # fmt: skip

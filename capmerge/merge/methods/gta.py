@@ -153,21 +153,28 @@ def gta_form(prune: Prune | None, elect: bool) -> B.Form:
 
         def finish(st: B.Stats) -> B.Combo:
             n = s.numel
-            prunes = []
+            ranks: dict[int, tuple[int, int] | None] = {}  # model -> the ranks of its thresholds (None: drop all)
             for i, (d, p) in enumerate(zip(dens, s.model_params, strict=True)):
+                if pruned[i] and prune is _magnitude:
+                    k = magnitude_k(d, n)
+                    ranks[i] = None if k is None else (k, 0)
+                elif pruned[i] and prune is _breadcrumbs:
+                    ranks[i] = breadcrumbs_ks(d, float(p["gamma"]), n)
+            # every model's thresholds in one pass over the base and the models
+            v = st.kth_abs_many({i: [r for r in ks if r > 0] for i, ks in ranks.items() if ks is not None})
+            prunes = []
+            for i, d in enumerate(dens):
                 if not pruned[i]:
                     prunes.append(B.KEEP_ALL)
-                elif prune is _magnitude:
-                    k = magnitude_k(d, n)
-                    prunes.append(B.DROP_ALL if k is None else (B.MAGNITUDE, st.kth_abs(i, [k])[k], 0.0, 0))
-                elif prune is _breadcrumbs:
-                    ks = breadcrumbs_ks(d, float(p["gamma"]), n)
+                elif i in ranks:
+                    ks = ranks[i]
                     if ks is None:
                         prunes.append(B.DROP_ALL)
-                        continue
-                    lo, top = ks
-                    v = st.kth_abs(i, [lo, *([top] if top > 0 else [])])
-                    prunes.append((B.BAND, v[lo], v[top] if top > 0 else math.inf, 0))
+                    elif prune is _magnitude:
+                        prunes.append((B.MAGNITUDE, v[i][ks[0]], 0.0, 0))
+                    else:
+                        lo, top = ks
+                        prunes.append((B.BAND, v[i][lo], v[i][top] if top > 0 else math.inf, 0))
                 else:  # random
                     prunes.append((B.RANDOM, max(d, 0.0), 0.0, F.tensor_key(s.seed, s.name, i)))
             w = list(weights)

@@ -207,13 +207,15 @@ def _merge_with_kernels(x: Any, name: str, raw: list[tuple[Any, float, float, in
     from capmerge.kernels.dispatch import merge_tensors
     from capmerge.kernels.merge import Term
     from capmerge.merge import compute
+    from capmerge.merge.plan import kth_largest_abs_tensor
 
     terms = []
     for t, wi, d, i in raw:
         t = t.contiguous()
         key = F.tensor_key(opts.seed, name, i)
         if opts.prune == "magnitude" and d < 1.0:
-            terms.append(Term(t, None, wi, compute.PRUNE_MAGNITUDE, F.magnitude_threshold(t, d), 0.0, key))
+            k = F.keep_count(d, t.numel())
+            terms.append(Term(t, None, wi, compute.PRUNE_MAGNITUDE, kth_largest_abs_tensor(t, [k])[k], 0.0, key))
         elif opts.prune == "random" and d < 1.0:
             terms.append(Term(t, None, wi, compute.PRUNE_RANDOM, d, d if opts.rescale else 0.0, key))
         elif opts.prune == "breadcrumbs":

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from capmerge import functional as F
-from capmerge.merge import compute
+from capmerge.merge import compute, plan
 from capmerge.merge.methods import blockform as B
 
 CODES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -95,6 +95,67 @@ def test_stats_are_the_same_for_any_reader_blocks() -> None:
     assert s16.kth_abs(0, [7, 1000]) == s32.kth_abs(0, [7, 1000])
     tau = (wide[1] - wide[0]).abs().sort(descending=True).values
     assert s16.kth_abs(0, [7, 1000]) == {7: float(tau[6]), 1000: float(tau[999])}
+
+
+def test_stats_are_the_same_on_any_number_of_threads(monkeypatch) -> None:
+    """A statistics pass dealt out to threads (blocks summed in order) gives the bits of one thread: Gram, L1,
+    kept L1, DARE's keep bits, and the thresholds of a bracketed pass."""
+    n = 5 * B.STAT_BLOCK + 1234
+    ts = _inputs("BF16", n, 4, seed=2)
+    raw = [_raw(t) for t in ts]
+    prune = [(B.RANDOM, 0.3, 0.0, 99), (B.MAGNITUDE, 0.01, 0.0, 0), B.KEEP_ALL]
+    got = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("CAPMERGE_THREADS", threads)
+        monkeypatch.setattr(B, "STAT_PARALLEL_MIN", 1)
+        monkeypatch.setattr(plan, "THRESHOLD_PARALLEL_MIN", 1)
+        st = B.Stats(lambda i, s, e: raw[i][2 * s : 2 * e], ["BF16"] * 4, True, n)
+        m = st.moments(relative=True, prune=prune, l1=True, masks=True)
+        got.append((m.gram, m.l1, m.kept, bytes(m.masks[0]), st.kth_abs_many({0: [5, n // 3], 2: [n // 100]})))
+    assert got[0] == got[1]
+    tau = (ts[1].float() - ts[0].float()).abs().sort(descending=True).values
+    assert got[0][4][0] == {5: float(tau[4]), n // 3: float(tau[n // 3 - 1])}
+
+
+@pytest.mark.parametrize("case", ["spread", "ties", "negative", "nan", "tiny"])
+def test_arcee_fusion_quantiles_are_the_sorted_elements(case: str) -> None:
+    """arcee_fusion's exact quantiles (native selection for entries ≥ 0, torch.kthvalue otherwise) are the elements
+    of those ranks in torch.sort's order."""
+    from capmerge.merge.methods.arcee_fusion import ranked
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(3_000_001, generator=g) * torch.exp2(torch.randint(-20, 20, (3_000_001,), generator=g))).abs()
+    if case == "ties":
+        x = x.bfloat16().float()
+    elif case == "negative":
+        x[::7] *= -1
+    elif case == "nan":
+        x[::1000] = float("nan")
+    elif case == "tiny":
+        x = x[:3]
+    n = x.numel()
+    ranks = [int(q * (n - 1)) for q in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    want = torch.sort(x).values[ranks]
+    got = ranked(x, ranks)
+    assert torch.equal(got, want) or (case == "nan" and torch.equal(got[:-1], want[:-1]) and got[-1].isnan())
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_sce_variance_is_torch_var(k: int) -> None:
+    """sce's elementwise variance gives torch.var's bits (population, over the models), for spreads of every scale,
+    zeros, and ±inf/NaN entries."""
+    from capmerge.merge.methods.sce import population_variance
+
+    g = torch.Generator().manual_seed(k)
+    shape = (1000, 257)
+    taus = [
+        (torch.randn(shape, generator=g) * torch.exp2(torch.randint(-30, 30, shape, generator=g))) for _ in range(k)
+    ]
+    taus[0][::7] = 0.0
+    taus[-1][3, :5] = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e38, -1e38])
+    ref = torch.var(torch.stack(taus), dim=0, unbiased=False)
+    got = population_variance(taus)
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got[~ref.isnan()], ref[~ref.isnan()])
 
 
 # ------------------------------------------------------------------------------------------------- the runner

@@ -196,7 +196,17 @@ def test_bracket_holds_for_a_representative_sample(tmp_path: Path, bracket: list
     assert bracket == ["hit"]  # bracketed or not: counted once
 
 
-def test_thresholds_of_several_models_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(params=["one thread", "threads"])
+def pass_threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The bracketed pass on the calling thread, or dealt out to three threads in blocks of 16 Ki elements."""
+    if request.param == "threads":
+        monkeypatch.setenv("CAPMERGE_THREADS", "3")
+        monkeypatch.setattr(plan, "THRESHOLD_PARALLEL_MIN", 1)
+        monkeypatch.setattr(plan, "HIST_BLOCK", 1 << 14)
+    return request.param
+
+
+def test_thresholds_of_several_models_in_one_pass(monkeypatch: pytest.MonkeyPatch, pass_threads: str) -> None:
     """kth_largest_abs_many over three models against one base equals torch.topk of each float32 τ_i: τ mostly exact
     in bf16 (settled from level 0 and the collected patterns, no level-1 pass), τ mostly inexact (the collection
     overflows: level 1); the base is read once per block for all of them."""
@@ -228,7 +238,8 @@ def test_thresholds_of_several_models_in_one_pass(monkeypatch: pytest.MonkeyPatc
         ref = torch.sort((m.float() - base.float()).abs(), descending=True).values
         assert values == {k: float(ref[k - 1]) for k in ks}
     # one bracketed pass read the base once for all three; only model 2 (inputs 2) made further passes (level 1)
-    assert n <= plan.HIST_BLOCK and reads.count(1) == reads.count(3) == 1 < reads.count(2) == reads.count(0)
+    blocks = -(-n // plan.HIST_BLOCK)
+    assert reads.count(1) == reads.count(3) == blocks < reads.count(2) == reads.count(0)
     assert level1
     level1.clear()
     got = plan.kth_largest_abs_many(read, [(1, "BF16", wanted[0]), (3, "BF16", wanted[2])], 0, "BF16", n)

@@ -23,7 +23,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,17 @@ SPLIT_ALIGN = 4096  # part boundaries, in elements
 MAP_PREPARE = True  # prepare passes read mapped files where they can (False: copies into scratch buffers)
 MAP_READS = True  # so does the merge pass on the CPU (False: copies into the pool's buffers)
 PREPARE_AHEAD = 2  # jobs whose prepare pass may be done before the reader reaches them
+
+
+def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], *, parallel: bool = True) -> list[Any]:
+    """``[fn(x) for x in items]``, on up to :func:`compute_threads` threads when ``parallel`` (the native kernels
+    release the GIL): a statistics pass beside the merge uses the cores the merge leaves idle. Callers make their
+    result independent of the thread count (per-item results combined in order)."""
+    workers = min(compute_threads(), len(items)) if parallel else 1
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="capmerge-stats") as pool:
+        return list(pool.map(fn, items))
 
 
 def compute_threads(reserved: int = 0) -> int:

@@ -27,6 +27,7 @@ SAMPLE_PIECES = 64  # the sample: this many pieces spread evenly over the tensor
 SAMPLE_PIECE = 2048  # ... of this many elements each
 BRACKET_SIGMAS = 6.0  # the bracket spans ranks k/n ± (BRACKET_SIGMAS standard errors + BRACKET_SLACK) ...
 BRACKET_SLACK = 0.005  # ... as fractions of the tensor
+THRESHOLD_PARALLEL_MIN = 4  # blocks: a bracketed pass over at least this many runs on compute_threads() threads
 COLLECT_MIN, COLLECT_SHARE = 1 << 14, 64  # a float32 bracket collects up to max(MIN, n / SHARE) inexact patterns
 
 
@@ -147,6 +148,22 @@ def kth_largest_abs_stream(
     return kth_largest_abs_many(read, [(ia, ca, ks)], ib, cb, n)[0]
 
 
+def kth_largest_abs_tensor(t: Any, ks: Sequence[int]) -> dict[int, float]:
+    """:func:`kth_largest_abs_stream` of a CPU tensor in memory (float32/bf16/fp16; 1 ≤ k ≤ numel): the value of
+    ``capmerge.functional.kth_largest_abs`` (torch.topk, NaN largest) in linear time; other tensors go to that."""
+    import torch
+
+    code = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}.get(t.dtype)
+    if code is None or t.device.type != "cpu" or not compute.use_native(code) or t.numel() == 0:
+        from capmerge import functional as F
+
+        return {k: F.kth_largest_abs(t, k) for k in ks}
+    flat = t.detach().reshape(-1).contiguous()
+    raw = memoryview(flat.view(torch.uint8).numpy())
+    size = flat.element_size()
+    return kth_largest_abs_stream(lambda i, s, e: raw[size * s : size * e], 0, code, None, code, flat.numel(), ks)
+
+
 def kth_largest_abs_many(
     read: Read, items: Sequence[tuple[int, str, Sequence[int]]], ib: int | None, cb: str, n: int
 ) -> list[dict[int, float]]:
@@ -238,42 +255,63 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
     from capmerge.merge.compute import _native
 
     assert _native is not None
-    state = {}
+    brackets: dict[int, tuple[int, int]] = {}
+    collect: dict[int, bool] = {}
     for j, ia, ca, ks in todo:
         piece = SAMPLE_PIECE * (4 if wide[j] else 2)  # bytes
         sample = bytearray(SAMPLE_PIECES * piece)
         starts = [i * (n - SAMPLE_PIECE) // (SAMPLE_PIECES - 1) for i in range(SAMPLE_PIECES)]
         for i, (buf, _) in enumerate(blocks(ia, ca, [(s, s + SAMPLE_PIECE) for s in starts])):
             sample[i * piece : (i + 1) * piece] = buf
+        brackets[j] = _bracket(sample, dts[j], n, ks)
         # a difference of two 16-bit inputs: collect its inexact patterns inside the bracket (few, see above)
-        collect = ib is not None and ca != "F32" and cb != "F32"
-        col = np.empty(max(COLLECT_MIN, n // COLLECT_SHARE) if collect else 1, dtype=np.uint32)
-        state[j] = [_bracket(sample, dts[j], n, ks), np.zeros(4 * 32768, dtype=np.uint32),
-                    np.zeros(32768, dtype=np.int64), 0, 0, col, 0 if collect else -1]  # fmt: skip
-    for s, e in whole:
-        cnt = e - s
-        vb = read(ib, s, e) if ib is not None else None
-        for j, ia, ca, _ in todo:
-            st = state[j]
-            (lo, hi), sub = st[0], st[1]
-            if st[4] + cnt >= 1 << 32:  # fold before any uint32 counter could overflow
-                st[2] += _fold(sub)
-                sub[:] = 0
-                st[4] = 0
-            va = read(ia, s, e)
-            if vb is None:
-                st[3] += _native.bracket(va, dts[j], cnt, lo, hi, sub, False)
-            else:
-                up, st[6] = _native.bracket_diff(va, compute.NATIVE_CODES[ca], vb, compute.NATIVE_CODES[cb], cnt, lo,
-                                                 hi, sub, False, st[5], st[6])  # fmt: skip
-                st[3] += up
-            st[4] += cnt
+        collect[j] = ib is not None and ca != "F32" and cb != "F32"
+
+    def count(ranges: list[tuple[int, int]]) -> dict[int, list[Any]]:
+        """The pass over ``ranges``: j -> [level-0 counts, above, collected patterns, how many (-1: too many)]."""
+        acc = {}
+        for j, _, _, _ in todo:
+            col = np.empty(max(COLLECT_MIN, n // COLLECT_SHARE) if collect[j] else 1, dtype=np.uint32)
+            acc[j] = [np.zeros(4 * 32768, dtype=np.uint32), np.zeros(32768, dtype=np.int64), 0, col,
+                      0 if collect[j] else -1, 0]  # fmt: skip
+        for s, e in ranges:
+            cnt = e - s
+            vb = read(ib, s, e) if ib is not None else None
+            for j, ia, ca, _ in todo:
+                st, (lo, hi) = acc[j], brackets[j]
+                sub = st[0]
+                if st[5] + cnt >= 1 << 32:  # fold before any uint32 counter could overflow
+                    st[1] += _fold(sub)
+                    sub[:] = 0
+                    st[5] = 0
+                va = read(ia, s, e)
+                if vb is None:
+                    st[2] += _native.bracket(va, dts[j], cnt, lo, hi, sub, False)
+                else:
+                    up, st[4] = _native.bracket_diff(va, compute.NATIVE_CODES[ca], vb, compute.NATIVE_CODES[cb], cnt,
+                                                     lo, hi, sub, False, st[3], st[4])  # fmt: skip
+                    st[2] += up
+                st[5] += cnt
+        return {j: [st[1] + _fold(st[0]), st[2], st[3], st[4]] for j, st in acc.items()}
+
+    from capmerge.merge.engine import compute_threads, parallel_map
+
+    # the blocks dealt out in turn to the threads (neighbouring blocks share the mapped windows); results combined
+    # in thread order, so they do not depend on how many there were
+    workers = min(compute_threads(), len(whole)) if len(whole) >= THRESHOLD_PARALLEL_MIN else 1
+    parts = parallel_map(count, [whole[w::workers] for w in range(workers)])
+    state = {}
+    for j, _, _, _ in todo:
+        ps = [p[j] for p in parts]
+        ncol = -1 if any(p[3] < 0 for p in ps) else sum(p[3] for p in ps)
+        col = np.concatenate([p[2][: p[3]] for p in ps]) if ncol >= 0 else None
+        state[j] = (sum(p[0] for p in ps), sum(p[1] for p in ps), col, ncol)
     found: dict[int, dict[int, tuple[int, int]] | None] = {}
     for j, _, _, ks in todo:
-        st = state[j]
-        got = _locate(st[2] + _fold(st[1]), st[3], ks)
-        if got is not None and st[6] >= 0:
-            outs[j].update(_collected_kth(st[5][: st[6]], got))
+        counts, above, col, ncol = state[j]
+        got = _locate(counts, above, ks)
+        if got is not None and ncol >= 0:
+            outs[j].update(_collected_kth(col, got))
         else:
             found[j] = got
     return found

@@ -176,19 +176,31 @@ class Stats:
             return self._cache[key]
         import numpy as np
 
-        out = np.zeros(k * k + 2 * k, dtype=np.float64)
         bits = [np.zeros((self.numel + 7) // 8, dtype=np.uint8) if masks and p[0] == RANDOM else None for p in prune]
         base = relative and self.has_base
-        for s in range(0, self.numel, STAT_BLOCK):
+
+        def block(s: int) -> Any:  # one block's sums (the keep bits go straight into their own bytes of ``bits``)
             e = min(self.numel, s + STAT_BLOCK)
+            part = np.zeros(k * k + 2 * k, dtype=np.float64)
             views = [self.read(i, s, e) for i in ins]  # one scratch buffer per input
             bview = self.read(0, s, e) if base else None
             _moments_block(views, [self.codes[i] for i in ins], bview, self.codes[0] if base else "F32", e - s, s,
-                           int(gram) | (0 if l1 else 2), prune, out, bits if masks else None)  # fmt: skip
+                           int(gram) | (0 if l1 else 2), prune, part, bits if masks else None)  # fmt: skip
+            return part
+
+        out = np.zeros(k * k + 2 * k, dtype=np.float64)
+        from capmerge.merge.engine import parallel_map
+
+        starts = range(0, self.numel, STAT_BLOCK)
+        for part in parallel_map(block, starts, parallel=len(starts) >= STAT_PARALLEL_MIN):
+            out += part  # in block order, whichever thread computed the block
         g = out[: k * k].reshape(k, k).tolist()
         m = Moments(g, out[k * k : k * k + k].tolist(), out[k * k + k :].tolist(), bits)
         self._cache[key] = m
         return m
+
+
+STAT_PARALLEL_MIN = 4  # blocks: a statistics pass over fewer runs on the calling thread alone
 
 
 def _moments_block(views: list[Any], codes: list[str], base: Any, base_code: str, n: int, offset: int, flags: int,

@@ -32,6 +32,7 @@ import torch
 from capmerge import functional as F
 from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
+from capmerge.merge.plan import kth_largest_abs_tensor
 
 Prune = Callable[[torch.Tensor, Mapping[str, object], int, TensorInputs], torch.Tensor]
 
@@ -54,7 +55,7 @@ def breadcrumbs_ks(d: float, gamma: float, n: int) -> tuple[int, int] | None:
 
 def _magnitude(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:
     k = magnitude_k(float(p["density"]), tau.numel())  # type: ignore[arg-type]
-    return torch.zeros_like(tau) if k is None else F.magnitude_prune(tau, threshold=F.kth_largest_abs(tau, k))
+    return torch.zeros_like(tau) if k is None else F.magnitude_prune(tau, threshold=kth_largest_abs_tensor(tau, [k])[k])
 
 
 def _uniform(key: int, like: torch.Tensor) -> torch.Tensor:
@@ -90,8 +91,8 @@ def _breadcrumbs(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorIn
     if ks is None:
         return torch.zeros_like(tau)
     lo, top = ks
-    hi = F.kth_largest_abs(tau, top) if top > 0 else float("inf")
-    return F.breadcrumbs_prune(tau, d, thresholds=(F.kth_largest_abs(tau, lo), hi))
+    v = kth_largest_abs_tensor(tau, [lo, *([top] if top > 0 else [])])
+    return F.breadcrumbs_prune(tau, d, thresholds=(v[lo], v[top] if top > 0 else float("inf")))
 
 
 def _della(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:

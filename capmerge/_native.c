@@ -876,6 +876,32 @@ static uint64_t bracket_loop(const void *src, int dt, Py_ssize_t n, int lo, int 
 #define BRACKET_TMP 4096
 /* AVX-512: compare 32 (16-bit) or 16 (32-bit) bins at once, count those above with a popcount, and compress the bins
  * inside the bracket (a few percent of them) into a small buffer that run_hist16 then counts. No branch per element. */
+/* Sixteen float32 |x| patterns (sign cleared) of a bracketed pass: counts those whose bin is above hi, compresses the
+ * bins inside [lo, hi] into tmp (run_hist16 counts them once BRACKET_TMP have gathered), and appends the inexact
+ * patterns inside (low 16 bits not zero) to col (see collect_t; col may be NULL). */
+static inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vbmi2,popcnt"))) void
+bracket16(__m512i x, __m512i vlo, __m512i vhi, __m512i low, uint64_t *above, uint16_t *tmp, Py_ssize_t *c,
+          uint32_t *sub, collect_t *col) {
+    __m512i v = _mm512_srli_epi32(x, 16);
+    __mmask16 gt = _mm512_cmpgt_epu32_mask(v, vhi);
+    __mmask16 in = _mm512_mask_cmpge_epu32_mask((__mmask16)~gt, v, vlo);
+    __mmask16 inexact = col ? _mm512_mask_test_epi32_mask(in, x, low) : 0;
+    *above += (uint64_t)__builtin_popcount(gt);
+    if (__builtin_expect(inexact != 0, 0) && col->n >= 0) {
+        if (col->n + 16 <= col->cap) {
+            _mm512_storeu_si512((void *)(col->buf + col->n), _mm512_maskz_compress_epi32(inexact, x));
+            col->n += __builtin_popcount(inexact);
+        } else
+            col->n = -1;
+    }
+    _mm256_storeu_si256((__m256i *)(tmp + *c), _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(in, v)));
+    *c += __builtin_popcount(in);
+    if (*c >= BRACKET_TMP) {
+        run_hist16(tmp, *c, sub);
+        *c = 0;
+    }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) static uint64_t
 bracket_avx512(const void *src, int dt, Py_ssize_t n, int lo, int hi, uint32_t *sub, collect_t *col) {
     uint16_t tmp[BRACKET_TMP + 32];
@@ -887,26 +913,7 @@ bracket_avx512(const void *src, int dt, Py_ssize_t n, int lo, int hi, uint32_t *
                       low = _mm512_set1_epi32(0xffff);
         for (; j + 16 <= n; j += 16) {
             __m512i a = _mm512_and_si512(_mm512_loadu_si512((const void *)(s + j)), mask);
-            __m512i v = _mm512_srli_epi32(a, 16);
-            __mmask16 gt = _mm512_cmpgt_epu32_mask(v, vhi);
-            __mmask16 in = _mm512_mask_cmpge_epu32_mask((__mmask16)~gt, v, vlo);
-            above += (uint64_t)__builtin_popcount(gt);
-            if (col && in) {
-                __mmask16 inexact = _mm512_mask_test_epi32_mask(in, a, low);
-                if (inexact && col->n >= 0) {
-                    if (col->n + 16 <= col->cap) {
-                        _mm512_storeu_si512((void *)(col->buf + col->n), _mm512_maskz_compress_epi32(inexact, a));
-                        col->n += __builtin_popcount(inexact);
-                    } else
-                        col->n = -1;
-                }
-            }
-            _mm256_storeu_si256((__m256i *)(tmp + c), _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(in, v)));
-            c += __builtin_popcount(in);
-            if (c >= BRACKET_TMP) {
-                run_hist16(tmp, c, sub);
-                c = 0;
-            }
+            bracket16(a, vlo, vhi, low, &above, tmp, &c, sub, col);
         }
     } else {
         const uint16_t *s = (const uint16_t *)src;
@@ -944,25 +951,8 @@ bracket_diff_avx512(const uint16_t *a, int a_dt, const uint16_t *b, int b_dt, Py
                                     : _mm512_cvtph_ps(ra);
         __m512 fb = b_dt == DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rb), 16))
                                     : _mm512_cvtph_ps(rb);
-        __m512i x = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(fa, fb)), mask);
-        __m512i v = _mm512_srli_epi32(x, 16);
-        __mmask16 gt = _mm512_cmpgt_epu32_mask(v, vhi);
-        __mmask16 in = _mm512_mask_cmpge_epu32_mask((__mmask16)~gt, v, vlo);
-        __mmask16 inexact = _mm512_mask_test_epi32_mask(in, x, low);
-        above += (uint64_t)__builtin_popcount(gt);
-        if (__builtin_expect(inexact != 0, 0) && col->n >= 0) {
-            if (col->n + 16 <= col->cap) {
-                _mm512_storeu_si512((void *)(col->buf + col->n), _mm512_maskz_compress_epi32(inexact, x));
-                col->n += __builtin_popcount(inexact);
-            } else
-                col->n = -1;
-        }
-        _mm256_storeu_si256((__m256i *)(tmp + c), _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(in, v)));
-        c += __builtin_popcount(in);
-        if (c >= BRACKET_TMP) {
-            run_hist16(tmp, c, sub);
-            c = 0;
-        }
+        bracket16(_mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(fa, fb)), mask), vlo, vhi, low, &above, tmp, &c,
+                  sub, col);
     }
     if (c) run_hist16(tmp, c, sub);
     if (j < n) {

@@ -49,7 +49,7 @@ OTHER_FORMAT_DTYPES = frozenset({"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "F8_E4M3
 # Names users pass on the command line -> safetensors codes.
 PathLike = str | os.PathLike[str]
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
-MAP_WINDOW = 1 << 24  # bytes of a tensor mapped at a time (Checkpoint.map_tensor)
+MAP_WINDOW = 1 << 26  # bytes of a tensor mapped at a time (Checkpoint.map_tensor)
 # Single-file weight names a directory may hold (any other .safetensors name is ambiguous).
 KNOWN_SINGLE_NAMES = ("model.safetensors", "capvector.safetensors")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")

@@ -278,3 +278,31 @@ def test_an_output_name_past_the_limit_is_refused_up_front(tmp_path: Path, capsy
         f"error: output name is 256 bytes, longer than the file-name limit (255) ({tmp_path / 'new' / name})\n"
     )
     assert listing(tmp_path) == {"b.safetensors"}
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT") or os.name != "posix", reason="POSIX signals")
+def test_an_interrupt_inside_a_finalizer_is_not_lost(tmp_path: Path) -> None:
+    """A Ctrl-C that lands while a finalizer runs (Python would print "Exception ignored … Traceback" and go on) is
+    signalled again and stops the command: exit 130, the one line, no traceback, nothing written."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import importlib, sys\n"
+        "app = importlib.import_module('capmerge.cli.app')\n"
+        "class Bomb:\n"
+        "    def __del__(self):\n"
+        "        raise KeyboardInterrupt\n"
+        "real = app._run\n"
+        "def run(argv):\n"
+        "    Bomb()  # collected at once: its KeyboardInterrupt is unraisable\n"
+        "    import time; time.sleep(0.2)\n"
+        "    return real(argv)\n"
+        "app._run = run\n"
+        f"sys.exit(app.main(['diff', {str(tmp_path / 'missing-a')!r}, {str(tmp_path / 'missing-b')!r}, '-o', "
+        f"{str(tmp_path / 'o.safetensors')!r}]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 130, p.stderr
+    assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "error: interrupted; nothing was written"
+    assert not (tmp_path / "o.safetensors").exists()

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import typer
 
@@ -113,6 +114,24 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _unraisable(unraisable: Any) -> None:
+    """sys.unraisablehook while a command runs: a Ctrl-C that lands inside a finalizer or a weakref callback (thread
+    pools collect their threads through one) would be printed as "Exception ignored … Traceback" and then lost, the
+    command running on; it is signalled again instead, so that the command's own code stops at its next step."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) or unraisable.exc_type is KeyboardInterrupt:
+        import _thread
+        import threading
+        import time
+
+        def again() -> None:  # from another thread, once this hook has returned: the handler then runs in the
+            time.sleep(0.001)  # interrupted code, at its next step
+            _thread.interrupt_main()
+
+        threading.Thread(target=again, daemon=True).start()
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _interrupted() -> int:
     if not _INTERRUPT["reported"]:
         _INTERRUPT["reported"] = True
@@ -134,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                 if handler in (signal.default_int_handler, signal.SIG_DFL, _startup.on_interrupt):
                     previous[sig] = handler
                     signal.signal(sig, _interrupt)
-        code = _run(argv)
+        hook, sys.unraisablehook = sys.unraisablehook, _unraisable
+        try:
+            code = _run(argv)
+        finally:
+            sys.unraisablehook = hook
         if argv is None:  # done: a late Ctrl-C changes nothing
             with contextlib.suppress(ValueError):
                 signal.signal(signal.SIGINT, signal.SIG_IGN)

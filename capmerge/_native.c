@@ -1017,10 +1017,11 @@ static double sum_abs_plain(const float *x, Py_ssize_t m) {
     return sum8_combine(s);
 }
 
-static double random_kept_plain(const float *u, const float *x, Py_ssize_t m, float p1, uint8_t *bits) {
-    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+/* Elements j0 .. m-1 of random_kept added into the partial sums s; returns their combination. */
+static double random_kept_from(const float *u, const float *x, Py_ssize_t j0, Py_ssize_t m, float p1, uint8_t *bits,
+                               double *s) {
     Py_ssize_t j;
-    for (j = 0; j < m; j++) {
+    for (j = j0; j < m; j++) {
         int keep = u[j] < p1;
         if (bits) {
             if ((j & 7) == 0) bits[j >> 3] = 0;
@@ -1029,6 +1030,11 @@ static double random_kept_plain(const float *u, const float *x, Py_ssize_t m, fl
         s[j & 7] += keep ? (double)fabsf(x[j]) : 0.0;
     }
     return sum8_combine(s);
+}
+
+static double random_kept_plain(const float *u, const float *x, Py_ssize_t m, float p1, uint8_t *bits) {
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    return random_kept_from(u, x, 0, m, p1, bits, s);
 }
 
 #if HAVE_F16C_PATH
@@ -1068,15 +1074,7 @@ __attribute__((target("avx2"))) static double random_kept_avx2(const float *u, c
     }
     _mm256_storeu_pd(s, lo);
     _mm256_storeu_pd(s + 4, hi);
-    for (; j < m; j++) {
-        int keep = u[j] < p1;
-        if (bits) {
-            if ((j & 7) == 0) bits[j >> 3] = 0;
-            bits[j >> 3] |= (uint8_t)(keep << (j & 7));
-        }
-        s[j & 7] += keep ? (double)fabsf(x[j]) : 0.0;
-    }
-    return sum8_combine(s);
+    return random_kept_from(u, x, j, m, p1, bits, s);
 }
 #endif
 

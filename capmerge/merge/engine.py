@@ -300,13 +300,13 @@ class _Pipeline:
         assert job.prepare is not None
         maps: dict[int, Any] = {}
         try:
-            job.prepare(functools.partial(self._read_scratch, job, maps if MAP_PREPARE else None))
+            job.prepare(functools.partial(self._read_prepare, job, maps if MAP_PREPARE else None))
         finally:
             for m in maps.values():
                 if m is not None:
                     m.close()
 
-    def _read_scratch(self, job: Job, maps: dict[int, Any] | None, i: int, start: int, end: int) -> memoryview:
+    def _read_prepare(self, job: Job, maps: dict[int, Any] | None, i: int, start: int, end: int) -> memoryview:
         """Elements [start, end) of input i of ``job``: a view of its mapped file (``maps``, see :meth:`_prepare`)
         or a copy in a scratch buffer (for prepare passes, reader or preparer thread)."""
         if self.abort.is_set():

@@ -171,10 +171,10 @@ def kth_largest_abs_many(
     passes run together, reading each block of ``ib`` once for all of them."""
     outs: list[dict[int, float]] = [{k: math.inf for k in ks if k <= 0} for _, _, ks in items]
     todo = [(j, ia, ca, sorted({k for k in ks if k > 0})) for j, (ia, ca, ks) in enumerate(items)]
-    todo = [t for t in todo if t[3]]
-    for j, ia, ca, ks in [t for t in todo if not compute.use_native(t[2], *([cb] if ib is not None else []))]:
+    native = [t for t in todo if t[3] and compute.use_native(t[2], *([cb] if ib is not None else []))]
+    for j, ia, ca, ks in (t for t in todo if t[3] and t not in native):
         outs[j].update(_kth_largest_torch(read, ia, ca, ib, cb, n, ks))
-    todo = [t for t in todo if compute.use_native(t[2], *([cb] if ib is not None else []))]
+    todo = native
     if not todo:
         return outs
     import numpy as np
@@ -201,17 +201,10 @@ def kth_largest_abs_many(
 
     def full_count(j: int, ia: int, ca: str) -> tuple[Any, int]:
         """Counts of every level-0 bin (nothing above)."""
-        sub = np.zeros(4 * 32768, dtype=np.uint32)  # four interleaved sub-histograms, kept across blocks
-        counts = np.zeros(32768, dtype=np.int64)
-        since = 0
+        h = _Level0()
         for buf, cnt in blocks(ia, ca, whole):
-            if since + cnt >= 1 << 32:  # fold before any uint32 counter could overflow
-                counts += _fold(sub)
-                sub[:] = 0
-                since = 0
-            _native.hist0(buf, dts[j], cnt, sub)
-            since += cnt
-        return counts + _fold(sub), 0
+            _native.hist0(buf, dts[j], cnt, h.sub_for(cnt))
+        return h.counts(), 0
 
     found: dict[int, dict[int, tuple[int, int]] | None] = {j: None for j, _, _, _ in todo}
     if n >= BRACKET_MIN and (BRACKET is True or (BRACKET is None and _native.fast_bracket())):
@@ -269,30 +262,24 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
 
     def count(ranges: list[tuple[int, int]]) -> dict[int, list[Any]]:
         """The pass over ``ranges``: j -> [level-0 counts, above, collected patterns, how many (-1: too many)]."""
-        acc = {}
+        acc = {}  # j -> [level-0 histogram, above, collect buffer, collected]
         for j, _, _, _ in todo:
             col = np.empty(max(COLLECT_MIN, n // COLLECT_SHARE) if collect[j] else 1, dtype=np.uint32)
-            acc[j] = [np.zeros(4 * 32768, dtype=np.uint32), np.zeros(32768, dtype=np.int64), 0, col,
-                      0 if collect[j] else -1, 0]  # fmt: skip
+            acc[j] = [_Level0(), 0, col, 0 if collect[j] else -1]
         for s, e in ranges:
             cnt = e - s
             vb = read(ib, s, e) if ib is not None else None
             for j, ia, ca, _ in todo:
                 st, (lo, hi) = acc[j], brackets[j]
-                sub = st[0]
-                if st[5] + cnt >= 1 << 32:  # fold before any uint32 counter could overflow
-                    st[1] += _fold(sub)
-                    sub[:] = 0
-                    st[5] = 0
+                sub = st[0].sub_for(cnt)
                 va = read(ia, s, e)
                 if vb is None:
-                    st[2] += _native.bracket(va, dts[j], cnt, lo, hi, sub, False)
+                    st[1] += _native.bracket(va, dts[j], cnt, lo, hi, sub, False)
                 else:
-                    up, st[4] = _native.bracket_diff(va, compute.NATIVE_CODES[ca], vb, compute.NATIVE_CODES[cb], cnt,
-                                                     lo, hi, sub, False, st[3], st[4])  # fmt: skip
-                    st[2] += up
-                st[5] += cnt
-        return {j: [st[1] + _fold(st[0]), st[2], st[3], st[4]] for j, st in acc.items()}
+                    up, st[3] = _native.bracket_diff(va, compute.NATIVE_CODES[ca], vb, compute.NATIVE_CODES[cb], cnt,
+                                                     lo, hi, sub, False, st[2], st[3])  # fmt: skip
+                    st[1] += up
+        return {j: [st[0].counts(), st[1], st[2], st[3]] for j, st in acc.items()}
 
     from capmerge.merge.engine import compute_threads, parallel_map
 
@@ -358,6 +345,30 @@ def _bracket(sample: bytearray, dt: int, n: int, ks: Sequence[int]) -> tuple[int
         hi = max(hi, 32767 if r - d < 1 else 32767 - int(np.searchsorted(top, r - d)))
         lo = min(lo, 0 if r + d > m else 32767 - int(np.searchsorted(top, r + d)))
     return lo, max(lo, hi)
+
+
+class _Level0:
+    """Level-0 bin counts: four interleaved uint32 sub-histograms for the kernels (runs of equal bins do not
+    serialise on one counter), folded into int64 counts before any counter could overflow."""
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.sub = np.zeros(4 * 32768, dtype=np.uint32)
+        self.total = np.zeros(32768, dtype=np.int64)
+        self.since = 0
+
+    def sub_for(self, cnt: int) -> Any:
+        """The sub-histograms, with room for ``cnt`` more elements."""
+        if self.since + cnt >= 1 << 32:
+            self.total += _fold(self.sub)
+            self.sub[:] = 0
+            self.since = 0
+        self.since += cnt
+        return self.sub
+
+    def counts(self) -> Any:
+        return self.total + _fold(self.sub)
 
 
 def _fold(sub: Any) -> Any:

@@ -141,12 +141,7 @@ class Stats:
 
     def kth_abs(self, i: int, ks: Sequence[int], *, relative: bool = True) -> dict[int, float]:
         """The k-th largest |v_i| for each k of ``ks`` (exact; k ≤ 0 gives inf)."""
-        from capmerge.merge.plan import kth_largest_abs_stream
-
-        m = self._model(i)
-        b = 0 if relative and self.has_base else None
-        cb = self.codes[0] if b is not None else "F32"
-        return kth_largest_abs_stream(self.read, m, self.codes[m], b, cb, self.numel, list(ks))
+        return self.kth_abs_many({i: ks}, relative=relative)[i]
 
     def kth_abs_many(self, wanted: dict[int, Sequence[int]], *, relative: bool = True) -> dict[int, dict[int, float]]:
         """:meth:`kth_abs` for several models (i -> ks) in one pass, reading the base once per block for all."""

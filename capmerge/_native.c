@@ -1212,13 +1212,13 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
     if (!so || !st) ok = 0;
     if (ok && (PySequence_Fast_GET_SIZE(so) > MAX_VECTORS || PySequence_Fast_GET_SIZE(st) > MAX_VECTORS)) {
         PyErr_SetString(PyExc_ValueError, "too many outputs or terms for the native kernel");
-        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+        ok = 0;
     }
     ok = ok && check_dt(base_dt) && check_len(&base, base_dt, n, "base");
     for (i = 0; ok && i < PySequence_Fast_GET_SIZE(so); i++) {
         double alpha;
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(so, i), "w*id", &ob[i], &outs[i].dt, &alpha)) {
-            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+            ok = 0;
             break;
         }
         n_out++;
@@ -1233,7 +1233,7 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
         term_t *t = &terms[i];
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(st, i), "y*iOididdK|O", &ab[i], &t->a_dt, &b_o, &t->b_dt, &w,
                               &t->mode, &p1, &p2, &key, &bits_o)) {
-            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+            ok = 0;
             break;
         }
         k++;
@@ -1248,7 +1248,7 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
         ok = check_dt(t->a_dt) && check_len(&ab[i], t->a_dt, n, "vector");
         if (ok && b_o != Py_None) {
             if (PyObject_GetBuffer(b_o, &bb[i], PyBUF_SIMPLE) < 0) {
-                ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+                ok = 0;
                 break;
             }
             has_b[i] = 1;
@@ -1257,26 +1257,26 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
         }
         if (ok && bits_o != Py_None) {
             if (PyObject_GetBuffer(bits_o, &kb[i], PyBUF_SIMPLE) < 0) {
-                ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+                ok = 0;
                 break;
             }
             has_k[i] = 1;
             t->bits = (const uint8_t *)kb[i].buf;
             if (kb[i].len < (Py_ssize_t)((elem_offset + (uint64_t)n + 7) >> 3)) {
                 PyErr_SetString(PyExc_ValueError, "a term's bit mask is shorter than its elements");
-                ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+                ok = 0;
             }
         }
         if (ok && (t->mode < 0 || t->mode > 5 || (t->mode == PRUNE_BITS && !t->bits))) {
             PyErr_Format(PyExc_ValueError, "unknown prune mode %d (or mode 4 without a bit mask)", t->mode);
-            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+            ok = 0;
         }
     }
     if (ok && k > 0) {
         tiles = (float *)malloc((size_t)k * TILE * sizeof(float));
         if (!tiles) {
             PyErr_NoMemory();
-            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+            ok = 0;
         }
     }
     if (ok) {
@@ -1322,7 +1322,7 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
     if (!sv) ok = 0;
     if (ok && PySequence_Fast_GET_SIZE(sv) > MAX_VECTORS) {
         PyErr_SetString(PyExc_ValueError, "too many vectors for the native kernel");
-        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+        ok = 0;
     }
     if (ok && base_o != Py_None) {
         if (PyObject_GetBuffer(base_o, &base, PyBUF_SIMPLE) < 0) ok = 0;
@@ -1337,7 +1337,7 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
         term_t *t = &terms[i];
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sv, i), "y*iiddK", &ab[i], &t->a_dt, &t->mode, &p1, &p2,
                               &key)) {
-            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+            ok = 0;
             break;
         }
         k++;
@@ -1353,7 +1353,7 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
         ok = check_dt(t->a_dt) && check_len(&ab[i], t->a_dt, n, "vector");
         if (ok && (t->mode < 0 || t->mode > 3)) {
             PyErr_Format(PyExc_ValueError, "unknown prune mode %d", t->mode);
-            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+            ok = 0;
         }
     }
     if (ok && masks_o != Py_None) {
@@ -1361,32 +1361,32 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
         if (!sm) ok = 0;
         else if (PySequence_Fast_GET_SIZE(sm) != k) {
             PyErr_SetString(PyExc_ValueError, "masks: one entry (a buffer or None) per vector");
-            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+            ok = 0;
         }
         for (i = 0; ok && i < k; i++) {
             PyObject *o = PySequence_Fast_GET_ITEM(sm, i);
             if (o == Py_None) continue;
             if (PyObject_GetBuffer(o, &mb[i], PyBUF_WRITABLE) < 0) {
-                ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+                ok = 0;
                 break;
             }
             has_mask[i] = 1;
             masks[i] = (uint8_t *)mb[i].buf;
             if (mb[i].len < (Py_ssize_t)((elem_offset + (uint64_t)n + 7) >> 3)) {
                 PyErr_SetString(PyExc_ValueError, "a mask buffer is shorter than the tensor's bits");
-                ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+                ok = 0;
             }
         }
     }
     if (ok && out.len < (Py_ssize_t)(((size_t)k * k + 2 * (size_t)k) * sizeof(double))) {
         PyErr_SetString(PyExc_ValueError, "the output buffer is too short");
-        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+        ok = 0;
     }
     if (ok) {
         tiles = (float *)malloc(((size_t)k + 1) * TILE * sizeof(float));
         if (!tiles) {
             PyErr_NoMemory();
-            ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+            ok = 0;
         }
     }
     if (ok) {

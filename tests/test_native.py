@@ -88,6 +88,24 @@ def test_small_buffers_are_refused() -> None:
         compute.diff_block(memoryview(bytearray(4)), "F32", _mv(torch.zeros(4)), "F32", _mv(torch.zeros(4)), "F32", 4)
 
 
+def test_bad_arguments_raise_from_merge_and_moments() -> None:
+    """Every refused argument of merge() and moments() raises its own error (never a result with an error set)."""
+    from capmerge import _native
+
+    x = _mv(torch.ones(8))
+    out = memoryview(bytearray(32))
+    with pytest.raises(ValueError, match="unknown prune mode"):
+        _native.moments([(x, 0, 9, 0.0, 0.0, 0)], None, 0, 8, 0, 1, memoryview(bytearray(64)))
+    with pytest.raises(ValueError, match="too short"):
+        _native.moments([(x, 0, 0, 0.0, 0.0, 0)], None, 0, 8, 0, 1, memoryview(bytearray(8)))
+    with pytest.raises(ValueError, match="mask buffer"):
+        _native.moments([(x, 0, 2, 0.5, 0.0, 0)], None, 0, 8, 0, 1, memoryview(bytearray(64)), [bytearray(0)])
+    with pytest.raises(ValueError):
+        _native.merge([(out, 0, 1.0)], x, 0, 8, [(x, 0, None, 0, 1.0, 9, 0.0, 0.0, 0)], 0, 0, 0)
+    with pytest.raises(ValueError):
+        _native.merge([(out, 0, 1.0)], x, 0, 8, [(x, 0, None, 0, 1.0, 4, 0.0, 0.0, 0)], 0, 0, 0)  # BITS, no bits
+
+
 def _level0_bins(t: torch.Tensor) -> np.ndarray:
     """The threshold pass's level-0 bins by hand: the top 15 bits of |x| (the whole |x| pattern of a 16-bit value)."""
     if t.dtype == torch.float32:

@@ -410,7 +410,8 @@ static void near_tile(float *tt, Py_ssize_t m, float lim) {
 #define PRUNE_MAGNITUDE 1 /* keep |t| >= p1 */
 #define PRUNE_RANDOM 2    /* keep where u < p1; kept entries divided by p2 when p2 != 0 */
 #define PRUNE_BAND 3      /* keep p1 <= |t| < p2 */
-#define PRUNE_BITS 4      /* keep where bit (element index) of the term's bit mask is set (bits: LSB first) */
+#define PRUNE_BITS 4      /* keep where bit (element index) of the term's bit mask is set (bits: LSB first); kept
+                           * entries multiplied by p1 when p1 != 0 */
 #define PRUNE_NEAR 5      /* t * clamp(p1 / max(|t|, 1e-6), 0, 1): mergekit's nearswap weight (p1 = its t) */
 #define SIGN_NONE 0
 #define SIGN_TOTAL 1
@@ -526,6 +527,7 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 fast_de
             const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
             __m256i b = _mm256_and_si256(_mm256_set1_epi32(terms[i].bits[(g + (uint64_t)j) >> 3]), sel);
             keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, sel));
+            if (terms[i].p1 != 0.0f) v = _mm256_mul_ps(v, thr[i]); /* the kept entries' scale */
         } else {
             tt[i] = v;
             continue;
@@ -702,6 +704,8 @@ static int run_merge_tiles(const out_t *outs, int n_out, const void *base, int b
                 for (j = 0; j < m; j++) tt[j] = u2f(f2u(tt[j]) & ((uint32_t)0 - (uint32_t)(tmp[j] < dens)));
             } else if (t->mode == PRUNE_BITS) {
                 uint64_t g0 = elem_offset + (uint64_t)off;
+                if (t->p1 != 0.0f)
+                    for (j = 0; j < m; j++) tt[j] = tt[j] * t->p1;
                 for (j = 0; j < m; j++) {
                     uint64_t g = g0 + (uint64_t)j;
                     uint32_t keep = (uint32_t)(t->bits[g >> 3] >> (g & 7)) & 1u;
@@ -1165,6 +1169,117 @@ static void run_moments(const term_t *terms, int k, const void *base, int base_d
         for (l = 0; l < i; l++) out[(size_t)i * k + l] = out[(size_t)l * k + i];
 }
 
+/* della: DELLA's keep bits for rows [0, rows) of m elements of v = a - b (float32; b may be NULL), elements
+ * elem_offset .. elem_offset + rows*m of their tensor (elem_offset a multiple of 8). Entry j of a row is kept where
+ * philox(key, elem_offset + j) < table[r], r its 0-based rank by |v| within the row (ties in index order, NaN above
+ * everything: torch's stable ascending argsort of |v|) and table the keep probability of each rank. The ranks come
+ * from a stable LSD radix sort of the |v| bit patterns (three digits of 11, 11 and 9 bits; a digit that every entry
+ * shares is skipped). Kept bits go to bits[elem_offset / 8 ...]; returns sum |v| and sum |v| over kept entries
+ * (float64, eight partial sums, as moments() sums them). */
+static int run_della(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t rows, Py_ssize_t m,
+                     uint64_t elem_offset, uint32_t k0, uint32_t k1, const float *table, uint8_t *bits, double *sums) {
+    Py_ssize_t n = rows * m, r, j, off;
+    float *v = (float *)malloc((size_t)n * sizeof(float)), *u = (float *)malloc((size_t)n * sizeof(float));
+    float *tmp = (float *)malloc(TILE * sizeof(float));
+    uint64_t *x = (uint64_t *)malloc((size_t)m * sizeof(uint64_t)), *y = (uint64_t *)malloc((size_t)m * sizeof(uint64_t));
+    uint32_t *hist = (uint32_t *)malloc(3 * 2048 * sizeof(uint32_t));
+    if (!v || !u || !tmp || !x || !y || !hist) {
+        free(v), free(u), free(tmp), free(x), free(y), free(hist);
+        return -1;
+    }
+    for (off = 0; off < n; off += TILE) {
+        Py_ssize_t t = n - off < TILE ? n - off : TILE;
+        load_tile(v + off, a, a_dt, off, t);
+        if (b) {
+            load_tile(tmp, b, b_dt, off, t);
+            for (j = 0; j < t; j++) v[off + j] = v[off + j] - tmp[j];
+        }
+        philox_tile(u + off, elem_offset + (uint64_t)off, t, k0, k1);
+    }
+    for (r = 0; r < rows; r++) {
+        const float *vr = v + r * m;
+        float *ur = u + r * m;
+        static const int shift[3] = {0, 11, 22};
+        int d;
+        memset(hist, 0, 3 * 2048 * sizeof(uint32_t));
+        for (j = 0; j < m; j++) {
+            uint32_t key = f2u(vr[j]) & 0x7fffffffu;
+            if (key > 0x7f800000u) key = 0x7fc00000u; /* every NaN ranks as one value, above +inf */
+            x[j] = ((uint64_t)key << 32) | (uint64_t)j;
+            hist[key & 2047]++;
+            hist[2048 + ((key >> 11) & 2047)]++;
+            hist[4096 + (key >> 22)]++;
+        }
+        for (d = 0; d < 3; d++) {
+            uint32_t *h = hist + 2048 * d, sum = 0, c;
+            uint64_t *t;
+            if (h[(x[0] >> (32 + shift[d])) & 2047] == (uint32_t)m) continue; /* one digit for all: order kept */
+            for (c = 0; c < 2048; c++) {
+                uint32_t cnt = h[c];
+                h[c] = sum;
+                sum += cnt;
+            }
+            for (j = 0; j < m; j++) y[h[(x[j] >> (32 + shift[d])) & 2047]++] = x[j];
+            t = x, x = y, y = t;
+        }
+        for (j = 0; j < m; j++) { /* keep where u < p exactly where u - p < 0 (a nonzero difference never rounds to 0) */
+            uint32_t at = (uint32_t)x[j];
+            ur[at] = ur[at] - table[j];
+        }
+    }
+    sums[0] += sum_abs(v, n);
+    sums[1] += random_kept(u, v, n, 0.0f, bits + (elem_offset >> 3));
+    free(v), free(u), free(tmp), free(x), free(y), free(hist);
+    return 0;
+}
+
+/* della(a, a_dt, b | None, b_dt, rows, m, elem_offset, key, table, bits) -> (sum |v|, sum |v| kept); see run_della. */
+static PyObject *native_della(PyObject *self, PyObject *args) {
+    PyObject *b_o;
+    Py_buffer a, b, table, bits;
+    int a_dt, b_dt, has_b = 0, ok = 1, rc = 0;
+    Py_ssize_t rows, m;
+    unsigned long long offset, key;
+    double sums[2] = {0.0, 0.0};
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iOinnKKy*w*", &a, &a_dt, &b_o, &b_dt, &rows, &m, &offset, &key, &table, &bits))
+        return NULL;
+    if (b_o != Py_None) {
+        if (PyObject_GetBuffer(b_o, &b, PyBUF_SIMPLE) < 0) ok = 0;
+        else has_b = 1;
+    }
+    if (ok && (rows < 0 || m < 1 || (offset & 7))) {
+        PyErr_SetString(PyExc_ValueError, "della: rows >= 0, m >= 1 and an offset that is a multiple of 8");
+        ok = 0;
+    }
+    if (ok) ok = check_dt(a_dt) && check_len(&a, a_dt, rows * m, "vector");
+    if (ok && has_b) ok = check_dt(b_dt) && check_len(&b, b_dt, rows * m, "base");
+    if (ok && table.len < m * (Py_ssize_t)sizeof(float)) {
+        PyErr_SetString(PyExc_ValueError, "della: the probability table needs one float32 per rank");
+        ok = 0;
+    }
+    if (ok && bits.len < (Py_ssize_t)((offset + (uint64_t)(rows * m) + 7) >> 3)) {
+        PyErr_SetString(PyExc_ValueError, "a mask buffer is shorter than the tensor's bits");
+        ok = 0;
+    }
+    if (ok && rows > 0) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = run_della(a.buf, a_dt, has_b ? b.buf : NULL, b_dt, rows, m, (uint64_t)offset, (uint32_t)key,
+                       (uint32_t)(key >> 32), (const float *)table.buf, (uint8_t *)bits.buf, sums);
+        Py_END_ALLOW_THREADS
+        if (rc < 0) {
+            PyErr_NoMemory();
+            ok = 0;
+        }
+    }
+    PyBuffer_Release(&a);
+    if (has_b) PyBuffer_Release(&b);
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&bits);
+    if (!ok) return NULL;
+    return Py_BuildValue("(dd)", sums[0], sums[1]);
+}
+
 static PyObject *native_diff(PyObject *self, PyObject *args) {
     Py_buffer out, a, b;
     int out_dt, a_dt, b_dt;
@@ -1622,6 +1737,8 @@ static PyMethodDef methods[] = {
     {"fast_bracket", native_fast_bracket, METH_NOARGS, "fast_bracket() -> bool; bracket() has a vector loop here"},
     {"moments", native_moments, METH_VARARGS,
      "moments(vectors, base, base_dt, n, elem_offset, want_gram, out) -> None; Gram matrix and L1 norms, added to out"},
+    {"della", native_della, METH_VARARGS,
+     "della(a, a_dt, b, b_dt, rows, m, elem_offset, key, table, bits) -> (l1, kept); DELLA's keep bits by row rank"},
     {"philox", native_philox, METH_VARARGS, "philox(key, start, n, out) -> None; tl.rand(key, start + arange(n))"},
     {NULL, NULL, 0, NULL},
 };

@@ -143,6 +143,14 @@ def rescale_l1(t: torch.Tensor, pruned: torch.Tensor, eps: float = 1e-7) -> torc
     return y * (before / after)
 
 
+def della_table(m: int, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probability of each 0-based rank r of a row of m entries: d − ε + 2ε·r/(m − 1) (float32, each
+    step rounded as torch rounds it; d for a row of one entry)."""
+    ranks = torch.arange(m, dtype=torch.float32)
+    frac = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
+    return (density - epsilon) + frac * (2 * epsilon)
+
+
 def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's keep probability of each entry: p = d − ε + 2ε·(r − 1)/(m − 1), r the rank of |t| (1 = smallest, ties
     ranked in index order) among the m entries of its row (dim 1; a 1-D tensor is one row). float32, t's shape.
@@ -153,10 +161,9 @@ def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torc
     rows = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)
     order = torch.argsort(rows.abs(), dim=-1, stable=True)
     m = rows.shape[-1]
-    ranks = torch.empty(order.shape, dtype=torch.float32, device=x.device)  # r − 1: the inverse permutation of order
-    ranks.scatter_(-1, order, torch.arange(m, dtype=torch.float32, device=x.device).expand(order.shape))
-    frac = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
-    probs = (density - epsilon) + frac * (2 * epsilon)
+    ranks = torch.empty(order.shape, dtype=torch.int64, device=x.device)  # r − 1: the inverse permutation of order
+    ranks.scatter_(-1, order, torch.arange(m, dtype=torch.int64, device=x.device).expand(order.shape))
+    probs = della_table(m, density, epsilon).to(x.device)[ranks]
     return (probs.reshape(x.shape) if x.dim() < 2 else probs.movedim(-1, 1)).contiguous()
 
 

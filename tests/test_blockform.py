@@ -191,7 +191,8 @@ def _spec(method: str, paths, params: dict | None = None, per_model: list[dict] 
         ("ties", {}, [{"weight": -1.0, "density": 0.5}] + [{"weight": 1.0, "density": 0.5}] * 2, False),
         ("ties", {"rescale": True}, [{"weight": 1.0, "density": 0.5}] * 3, False),
         ("dare_linear", {}, [{"weight": 0.5, "density": 0.5}] * 3, True),
-        ("della", {}, [{"weight": 0.5, "density": 0.5}] * 3, False),
+        ("della", {}, [{"weight": 0.5, "density": 0.5}] * 3, True),
+        ("della_linear", {}, [{"weight": 0.5, "density": 0.4, "epsilon": 0.3}] * 3, True),
         ("slerp", {"t": 0.4}, None, True),
         ("nearswap", {"t": 0.05}, None, True),
         ("model_stock", {"filter_wise": True}, None, "1-D"),  # one ratio per row; a 1-D tensor is one row

@@ -230,3 +230,78 @@ def test_fast_merge_path_equals_the_tile_loops(codes: tuple[str, str, str], mode
                         _native.use_fast_merge(prev)
                     got.append((bytes(out), flags))
                 assert got[0] == got[1], (n, off, normalize)
+
+
+@pytest.mark.parametrize("codes", [("BF16", "BF16"), ("F16", "F32"), ("F32", None)])
+@pytest.mark.parametrize("m", [1, 7, 256, 2053])
+def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], m: int) -> None:
+    """della(): entry j of a row kept where Philox(key, offset + j) < table[rank of |v_j| in its row] — the ranks
+    from torch's stable argsort (ties in index order: many equal |v| here, zeros, NaN, ±inf), the uniforms from the
+    torch Philox reference; the sums Σ|v|, Σ|kept| against numpy's float64 sums."""
+    from capmerge import _native
+    from capmerge import functional as F
+
+    ac, bc = codes
+    tdt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    g = torch.Generator().manual_seed(m)
+    rows = 9
+    n = rows * m
+    a = (torch.randint(-4, 5, (n,), generator=g).float() * 0.25 + torch.randn(n, generator=g) * (m % 3)).to(tdt[ac])
+    a[::13], a[::29], a[5::31] = float("nan"), float("inf"), float("-inf")
+    b = (torch.randn(n, generator=g) * 0.1).to(tdt[bc]) if bc else None
+    v = a.float() - b.float() if b is not None else a.float()
+    table = F.della_table(m, 0.4, 0.3)
+    order = torch.argsort(v.abs().reshape(rows, m), dim=-1, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(m).expand(order.shape)).reshape(-1)
+    for offset in (0, 8, 4096):
+        keep = (F.philox_uniform(77, torch.arange(n) + offset) < table[ranks]).numpy()
+        bits = np.zeros((offset + n + 7) // 8 + 3, dtype=np.uint8)
+        bits[offset // 8 - 1 if offset else -1] = 0xA5  # bytes outside the block stay as they are
+        l1, kept = _native.della(_mv(a), compute.NATIVE_CODES[ac], _mv(b) if b is not None else None,
+                                 compute.NATIVE_CODES.get(bc, 0), rows, m, offset, 77,
+                                 memoryview(table.numpy()).cast("B"), bits)  # fmt: skip
+        got = np.unpackbits(bits, bitorder="little")[offset : offset + n].astype(bool)
+        assert np.array_equal(got, keep)
+        assert bits[offset // 8 - 1 if offset else -1] == 0xA5
+        av = np.abs(v.numpy().astype(np.float64))
+        with np.errstate(invalid="ignore"):
+            assert l1 == pytest.approx(av.sum(), rel=1e-12, nan_ok=True)
+            assert kept == pytest.approx(np.where(keep, av, 0.0).sum(), rel=1e-12, nan_ok=True)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _native.della(_mv(a), 0, None, 0, rows, m, 3, 77, memoryview(table.numpy()).cast("B"), bits)
+    with pytest.raises(ValueError, match="one float32 per rank"):
+        _native.della(_mv(a), compute.NATIVE_CODES[ac], None, 0, rows, m, 0, 77, memoryview(bytearray(0)), bits)
+
+
+def test_kept_bits_scale_like_the_torch_path() -> None:
+    """merge()'s PRUNE_BITS multiplies the kept entries by p1 (≠ 0) before weighting — what the torch path and
+    capmerge.functional.rescale_l1 compute (pruned·ratio, then w·that), bit for bit."""
+
+    g = torch.Generator().manual_seed(5)
+    n = 1000
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    models = [(base.float() + torch.randn(n, generator=g) * 0.003).bfloat16() for _ in range(3)]
+    bits = [np.packbits(torch.rand(n, generator=g).numpy() < 0.5, bitorder="little") for _ in models]
+    raw = _mv(base)
+    for sign, normalize in (("none", False), ("total", True)):
+        terms = [(_mv(m), "BF16", raw, "BF16", w, compute.PRUNE_BITS, s, 0.0, 0, bt)
+                 for m, w, s, bt in zip(models, (0.5, 0.3, 0.4), (1.9, 0.0, 2.3), bits, strict=True)]  # fmt: skip
+        outs = []
+        for native in (True, False):
+            out = bytearray(4 * n)
+            if native:
+                compute.merge_block([(memoryview(out), "F32", 1.0)], raw, "BF16", n, terms, sign=sign,
+                                    normalize=normalize)  # fmt: skip
+            else:
+                compute._torch_merge([(memoryview(out), "F32", 1.0)], raw, "BF16", n, terms, sign, normalize, 0)
+            outs.append(np.frombuffer(bytes(out), dtype=np.float32))
+        assert np.array_equal(outs[0], outs[1])
+        # by hand: the scaled kept entries of model 0, where no other model is kept
+        keep = [np.unpackbits(b, bitorder="little")[:n].astype(bool) for b in bits]
+        only0 = keep[0] & ~keep[1] & ~keep[2]
+        tau0 = models[0].float().numpy() - base.float().numpy()
+        want = base.float().numpy() + np.float32(0.5) * (tau0 * np.float32(1.9))
+        if normalize:
+            want = base.float().numpy() + (np.float32(0.5) * (tau0 * np.float32(1.9))) / np.float32(0.5)
+            only0 &= tau0 != 0
+        assert np.array_equal(outs[0][only0], want[only0].astype(np.float32))

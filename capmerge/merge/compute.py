@@ -54,7 +54,8 @@ SIGN_CODES = {"none": 0, "total": 1, "frequency": 2}
 # entries whose Philox uniform (key, element index) is < p1 and divides them by p2 when p2 != 0; PRUNE_BAND keeps
 # p1 <= |t| < p2; PRUNE_BITS keeps the entries whose bit is set in a tenth item, a bit mask over the whole tensor
 # (element i at byte i // 8, bit i % 8: the keep bits a statistics pass recorded, so that a merge pass need not draw
-# the same Philox numbers again); PRUNE_NEAR scales t by clamp(p1 / max(|t|, 1e-6), 0, 1) (mergekit's nearswap).
+# the same Philox numbers again) and multiplies them by p1 when p1 != 0 (a rescale); PRUNE_NEAR scales t by
+# clamp(p1 / max(|t|, 1e-6), 0, 1) (mergekit's nearswap).
 TermArgs = tuple  # (a, a_code, b, b_code, weight, mode, p1, p2, key[, bits])
 
 
@@ -164,7 +165,8 @@ def _torch_merge(
             kept = t / torch.tensor(p2, dtype=cd) if p2 != 0 else t
             t = torch.where(u < torch.tensor(p1, dtype=torch.float32), kept, torch.zeros_like(t))
         elif mode == PRUNE_BITS:
-            t = torch.where(bit_mask(bits[0], offset, n), t, torch.zeros_like(t))
+            kept = t * torch.tensor(p1, dtype=cd) if p1 != 0 else t
+            t = torch.where(bit_mask(bits[0], offset, n), kept, torch.zeros_like(t))
         elif mode == PRUNE_NEAR:
             near = torch.tensor(p1, dtype=cd) / t.abs().clamp(min=torch.tensor(1e-6, dtype=cd))
             t = near.clamp(min=0, max=1) * t

@@ -194,6 +194,42 @@ class Stats:
         self._cache[key] = m
         return m
 
+    def della(self, i: int, table: Any, key: int, m: int) -> tuple[float, float, Any]:
+        """DELLA's keep bits of v_i = θ_i − base over rows of ``m`` consecutive elements: entry j is kept where
+        Philox(key, j) < table[r], r the 0-based rank of |v_j| within its row (ties in index order; ``table``: the
+        float32 keep probability of each rank, :func:`capmerge.functional.della_table`). Returns (Σ|v_i|, Σ|kept|,
+        bits); the sums are float64 over blocks of whole rows (a multiple of 8 elements), summed in block order."""
+        import numpy as np
+
+        from capmerge.merge.compute import _native
+        from capmerge.merge.engine import parallel_map
+
+        mi = self._model(i)
+        rows = self.numel // m
+        step = max(1, STAT_BLOCK // m)
+        q = 8 // math.gcd(m, 8)  # blocks start on whole bytes of the keep bits
+        step = max(q, step - step % q)
+        bits = np.zeros((self.numel + 7) // 8, dtype=np.uint8)
+        tab = memoryview(np.ascontiguousarray(table, dtype=np.float32)).cast("B")
+        base, bc = (0, compute.NATIVE_CODES.get(self.codes[0], 0)) if self.has_base else (None, 0)
+        native = compute.use_native(self.codes[mi], *self.codes[:1])
+
+        def block(r0: int) -> tuple[float, float]:
+            r1 = min(rows, r0 + step)
+            s, e = r0 * m, r1 * m
+            bview = self.read(base, s, e) if base is not None else None
+            if native:
+                return _native.della(self.read(mi, s, e), compute.NATIVE_CODES[self.codes[mi]], bview, bc, r1 - r0,
+                                     m, s, key, tab, bits)  # fmt: skip
+            return _torch_della(self.read(mi, s, e), self.codes[mi], bview, self.codes[0], r1 - r0, m, s, key,
+                                table, bits)  # fmt: skip
+
+        starts = range(0, rows, step)
+        l1 = kept = 0.0
+        for a, b in parallel_map(block, starts, parallel=len(starts) >= STAT_PARALLEL_MIN):
+            l1, kept = l1 + a, kept + b
+        return l1, kept, bits
+
 
 STAT_PARALLEL_MIN = 4  # blocks: a statistics pass over fewer runs on the calling thread alone
 
@@ -252,6 +288,28 @@ def _torch_moments(views: list[Any], codes: list[str], base: Any, base_code: str
                 out[i * k + j] += float(torch.dot(vs[i], vs[j]))
                 if j != i:
                     out[j * k + i] = out[i * k + j]
+
+
+def _torch_della(view: Any, code: str, base: Any, base_code: str, rows: int, m: int, offset: int, key: int,
+                 table: Any, bits: Any) -> tuple[float, float]:  # fmt: skip
+    """:meth:`Stats.della`'s block without the native kernel (the same keep bits; float64 sums in torch's order)."""
+    import torch
+
+    from capmerge import functional as F
+    from capmerge._torch import as_tensor
+
+    n = rows * m
+    v = as_tensor(view, code)[:n].float()
+    if base is not None:
+        v = v - as_tensor(base, base_code)[:n].float()
+    a = v.abs()
+    order = torch.argsort(a.reshape(rows, m), dim=-1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(m, dtype=torch.int64).expand(order.shape))
+    p = torch.as_tensor(table, dtype=torch.float32)[ranks.reshape(-1)]
+    keep = F.philox_uniform(key, torch.arange(n, dtype=torch.int64) + offset) < p
+    _set_bits(bits, offset, keep.numpy())
+    return float(a.double().sum()), float(torch.where(keep, a, torch.zeros_like(a)).double().sum())
 
 
 def _set_bits(mask: Any, offset: int, keep: Any) -> None:

@@ -136,21 +136,29 @@ def generalized_task_arithmetic(x: TensorInputs, *, prune: Prune | None, elect: 
 
 
 def gta_form(prune: Prune | None, elect: bool) -> B.Form:
-    """The block form of :func:`generalized_task_arithmetic` (DELLA's rank-based keep probabilities have none; nor
-    have weights of mixed sign under election, whose agreement test mergekit makes on w_i·τ_i, a normalizer that can
-    be ≤ 0, or ``rescale`` together with ``normalize``)."""
+    """The block form of :func:`generalized_task_arithmetic`. Random and DELLA pruning record their keep bits in the
+    statistics pass (DELLA ranks each row there) and the merge replays them, scaled by the ``rescale`` ratio. None
+    (the float32 function runs instead) for weights of mixed sign under election, whose agreement test mergekit makes
+    on w_i·τ_i; a normalizer that can be ≤ 0; ``rescale`` together with ``normalize`` for the magnitude methods (their
+    ratio is folded into the weights); DELLA over a tensor of more than two dimensions (rows along dim 1) or with
+    an invalid ε (the function reports it)."""
 
     def form(s: B.Spec) -> B.Finish | None:
-        if not s.has_base or prune is _della:
+        if not s.has_base:
             return None
         weights = [float(p["weight"]) for p in s.model_params]
         dens = [float(p["density"]) for p in s.model_params]
         pruned = [prune is not None and d < 1.0 for d in dens]
         normalize, rescale = bool(s.params.get("normalize")), bool(s.params.get("rescale")) and any(pruned)
+        bitwise = prune in (_random, _della)  # kept entries replayed from keep bits, the rescale as their scale
         if elect and any(w < 0 for w in weights):
             return None
-        if normalize and ((not elect and sum(weights) < 1e-8) or rescale):
+        if normalize and ((not elect and sum(weights) < 1e-8) or (rescale and not bitwise)):
             return None
+        if prune is _della:
+            eps = [float(p["epsilon"]) for p in s.model_params]
+            if len(s.shape) > 2 or any(0 < d < 1 and not 0 < d - e < d + e < 1 for d, e in zip(dens, eps, strict=True)):
+                return None
 
         def finish(st: B.Stats) -> B.Combo:
             n = s.numel
@@ -176,18 +184,35 @@ def gta_form(prune: Prune | None, elect: bool) -> B.Form:
                     else:
                         lo, top = ks
                         prunes.append((B.BAND, v[i][lo], v[i][top] if top > 0 else math.inf, 0))
-                else:  # random
-                    prunes.append((B.RANDOM, max(d, 0.0), 0.0, F.tensor_key(s.seed, s.name, i)))
+                elif d <= 0 or n == 0:
+                    prunes.append(B.DROP_ALL)
+                else:  # random, DELLA
+                    prunes.append((B.RANDOM, d, 0.0, F.tensor_key(s.seed, s.name, i)))
             w = list(weights)
             bits: list[object] = [None] * len(w)
-            if rescale:  # pruned·(‖τ‖₁/‖pruned‖₁), the ratio in float32 as mergekit rounds it, folded into w
-                m = st.moments(relative=True, prune=prunes, gram=False, l1=True, masks=prune is _random)
+            sums: dict[int, tuple[float, float]] = {}  # model -> (Σ|τ|, Σ|kept τ|)
+            if prune is _della:  # ranks within rows of dim 1 (a tensor of one dimension is one row)
+                m = s.shape[1] if len(s.shape) == 2 else n
+                for i in (i for i, p in enumerate(prunes) if p[0] == B.RANDOM):
+                    table = F.della_table(m, dens[i], float(s.model_params[i]["epsilon"])).numpy()
+                    l1, kept, bits[i] = st.della(i, table, prunes[i][3], m)
+                    sums[i], prunes[i] = (l1, kept), (B.BITS, 0.0, 0.0, 0)
+            elif rescale:
+                mo = st.moments(relative=True, prune=prunes, gram=False, l1=True, masks=prune is _random)
                 for i in (i for i in range(len(w)) if pruned[i]):
-                    before, after = B.fp32(m.l1[i]), B.fp32(m.kept[i])
-                    if before >= 1e-7 and after >= 1e-7:
-                        w[i] = w[i] * B.fp32(before / after)
-                    if m.masks and m.masks[i] is not None:  # the merge replays the keep bits: no second Philox draw
-                        bits[i], prunes[i] = m.masks[i], (B.BITS, 0.0, 0.0, 0)
+                    sums[i] = (mo.l1[i], mo.kept[i])
+                    if mo.masks and mo.masks[i] is not None:  # the merge replays the keep bits: no second draw
+                        bits[i], prunes[i] = mo.masks[i], (B.BITS, 0.0, 0.0, 0)
+            for i, (l1, kept) in sums.items() if rescale else ():
+                # pruned·(‖τ‖₁/‖pruned‖₁), the ratio in float32 as mergekit rounds it: the keep bits' scale, or
+                # folded into the weight (magnitude, breadcrumbs)
+                before, after = B.fp32(l1), B.fp32(kept)
+                if before >= 1e-7 and after >= 1e-7:
+                    ratio = B.fp32(before / after)
+                    if prunes[i][0] == B.BITS:
+                        prunes[i] = (B.BITS, ratio, 0.0, 0)
+                    else:
+                        w[i] = w[i] * ratio
             terms = [B.Term(i, wi, pr, bi) for i, (wi, pr, bi) in enumerate(zip(w, prunes, bits, strict=True))]
             return B.Combo(terms, relative=True, with_base=True, sign="total" if elect else "none",
                            normalize=normalize, lam=float(s.params.get("lambda", 1.0)))  # fmt: skip

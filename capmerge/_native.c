@@ -416,6 +416,9 @@ static void near_tile(float *tt, Py_ssize_t m, float lim) {
 #define SIGN_NONE 0
 #define SIGN_TOTAL 1
 #define SIGN_FREQUENCY 2
+#define SIGN_SUM 3 /* elected on the unweighted sum of the pruned terms (SCE), combined with the weights */
+#define NORMALIZE_POSITIVE 1 /* divide by the sum of the agreeing weights where it is > 0 */
+#define NORMALIZE_FLOOR 2    /* divide by max(that sum, 1e-6) (SCE) */
 
 typedef struct {
     const void *a;
@@ -543,6 +546,8 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 fast_de
         __m256 tmp = zero, neg;
         if (sign == SIGN_TOTAL)
             for (i = 0; i < k; i++) tmp = _mm256_add_ps(tmp, _mm256_mul_ps(w[i], tt[i]));
+        else if (sign == SIGN_SUM)
+            for (i = 0; i < k; i++) tmp = _mm256_add_ps(tmp, tt[i]);
         else
             for (i = 0; i < k; i++) {
                 __m256i gt = _mm256_castps_si256(_mm256_cmp_ps(tt[i], zero, _CMP_GT_OQ));
@@ -558,7 +563,9 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 fast_de
             den = _mm256_add_ps(den, _mm256_and_ps(w[i], agree));
         }
     }
-    if (normalize) /* divide by 1 (exact) where den <= 0 */
+    if (normalize == NORMALIZE_FLOOR) /* max(den, 1e-6): den is never NaN (finite weights) */
+        d = _mm256_div_ps(d, _mm256_max_ps(den, _mm256_set1_ps(1e-6f)));
+    else if (normalize) /* divide by 1 (exact) where den <= 0 */
         d = _mm256_div_ps(d, _mm256_blendv_ps(one, den, _mm256_cmp_ps(den, zero, _CMP_GT_OQ)));
     return d;
 }
@@ -734,6 +741,8 @@ static int run_merge_tiles(const out_t *outs, int n_out, const void *base, int b
                 float w = terms[i].w;
                 if (sign == SIGN_TOTAL)
                     for (j = 0; j < m; j++) tmp[j] = tmp[j] + w * tt[j];
+                else if (sign == SIGN_SUM)
+                    for (j = 0; j < m; j++) tmp[j] = tmp[j] + tt[j];
                 else
                     for (j = 0; j < m; j++) tmp[j] = tmp[j] + (float)((tt[j] > 0.0f) - (tt[j] < 0.0f));
             }
@@ -751,7 +760,9 @@ static int run_merge_tiles(const out_t *outs, int n_out, const void *base, int b
                 }
             }
         }
-        if (normalize)
+        if (normalize == NORMALIZE_FLOOR)
+            for (j = 0; j < m; j++) d[j] = d[j] / (den[j] > 1e-6f ? den[j] : 1e-6f);
+        else if (normalize)
             for (j = 0; j < m; j++) { /* branch-free: divide by 1 (exact) where den <= 0 */
                 uint32_t keep = (uint32_t)0 - (uint32_t)(den[j] > 0.0f);
                 d[j] = d[j] / u2f((f2u(den[j]) & keep) | (0x3f800000u & ~keep));
@@ -1233,6 +1244,234 @@ static int run_della(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_
     return 0;
 }
 
+#if HAVE_F16C_PATH
+/* welford's first 4*floor(m/4) elements in AVX2 (the same IEEE operations, four lanes); returns where it stopped */
+__attribute__((target("avx2"))) static Py_ssize_t welford_avx2(float *t, const float *b, double *mean, double *m2,
+                                                               Py_ssize_t m, double cnt, double mul) {
+    const __m256d vc = _mm256_set1_pd(cnt), vm = _mm256_set1_pd(mul);
+    Py_ssize_t j;
+    for (j = 0; j + 4 <= m; j += 4) {
+        __m128 tf = _mm_sub_ps(_mm_loadu_ps(t + j), _mm_loadu_ps(b + j));
+        __m256d x = _mm256_cvtps_pd(tf), mu = _mm256_loadu_pd(mean + j), d = _mm256_sub_pd(x, mu);
+        _mm_storeu_ps(t + j, tf);
+        mu = _mm256_add_pd(mu, mul != 0.0 ? _mm256_mul_pd(d, vm) : _mm256_div_pd(d, vc));
+        _mm256_storeu_pd(mean + j, mu);
+        _mm256_storeu_pd(m2 + j, _mm256_add_pd(_mm256_loadu_pd(m2 + j), _mm256_mul_pd(d, _mm256_sub_pd(x, mu))));
+    }
+    return j;
+}
+
+/* var = (float)(m2 / k) for the first 4*floor(m/4) elements in AVX2; returns where it stopped */
+__attribute__((target("avx2"))) static Py_ssize_t variance_avx2(const double *m2, float *var, Py_ssize_t m, double k) {
+    const __m256d vk = _mm256_set1_pd(k);
+    Py_ssize_t j;
+    for (j = 0; j + 4 <= m; j += 4) _mm_storeu_ps(var + j, _mm256_cvtpd_ps(_mm256_div_pd(_mm256_loadu_pd(m2 + j), vk)));
+    return j;
+}
+#endif
+
+/* The rest of run_sce's tile in AVX2 (elements 0 .. 8*floor(m/8)): the count of var != 0, the keep bytes and the
+ * masked sums of squares in the scalar loops' order (lane l of a four-lane sum takes j = l mod 4); returns where it
+ * stopped. */
+__attribute__((target("avx2"))) static Py_ssize_t sce_tile_avx2(const float *var, Py_ssize_t m, float thr,
+                                                                uint8_t *bits, const float *tiles, int k,
+                                                                double *acc, Py_ssize_t *nnz) {
+    const __m256 zero = _mm256_setzero_ps(), vt = _mm256_set1_ps(thr);
+    const __m128 one = _mm_set1_ps(1.0f);
+    Py_ssize_t j, c = 0;
+    int i;
+    for (j = 0; j + 8 <= m; j += 8) {
+        __m256 v = _mm256_loadu_ps(var + j);
+        c += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)));
+        if (bits) bits[j >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(v, vt, _CMP_GE_OQ));
+    }
+    *nnz += c;
+    if (!acc) return j;
+    for (i = 0; i < k; i++) {
+        const float *tt = tiles + (size_t)i * TILE;
+        __m256d s = _mm256_loadu_pd(acc + 4 * i);
+        Py_ssize_t q;
+        for (q = 0; q < j; q += 4) {
+            __m256d x = _mm256_cvtps_pd(_mm_loadu_ps(tt + q)), sq = _mm256_mul_pd(x, x);
+            if (bits)
+                sq = _mm256_mul_pd(
+                    _mm256_cvtps_pd(_mm_and_ps(_mm_cmpge_ps(_mm_loadu_ps(var + q), _mm256_castps256_ps128(vt)), one)),
+                    sq);
+            s = _mm256_add_pd(s, sq);
+        }
+        _mm256_storeu_pd(acc + 4 * i, s);
+    }
+    return j;
+}
+
+/* One Welford step of run_sce over a tile: t -= b, then the float64 update with x = t (mul: 1 / cnt when that is
+ * exact, a power of two; else 0 and a division). */
+static inline __attribute__((always_inline)) void welford(float *restrict t, const float *restrict b,
+                                                          double *restrict mean, double *restrict m2, Py_ssize_t m,
+                                                          double cnt, double mul) {
+    Py_ssize_t j = 0, j0;
+#if HAVE_F16C_PATH
+    if (avx2_ok()) {
+        j = welford_avx2(t, b, mean, m2, m, cnt, mul);
+        if (j == m) return;
+    }
+#endif
+    j0 = j;
+    for (j = j0; j < m; j++) t[j] = t[j] - b[j];
+    if (mul != 0.0)
+        for (j = j0; j < m; j++) {
+            double x = (double)t[j], d = x - mean[j];
+            mean[j] = mean[j] + d * mul;
+            m2[j] = m2[j] + d * (x - mean[j]);
+        }
+    else
+        for (j = j0; j < m; j++) {
+            double x = (double)t[j], d = x - mean[j];
+            mean[j] = mean[j] + d / cnt;
+            m2[j] = m2[j] + d * (x - mean[j]);
+        }
+}
+
+/* sce: SCE's statistics over elements [0, n) of the K task vectors v_i = a_i - base (float32):
+ * var = the population variance over i of v_i, Welford's update in float64 (mean += d / i; m2 += d * (x - mean);
+ * var = m2 / K) rounded to float32 — torch.var(unbiased=False)'s steps on the CPU, the same bits — written to
+ * var_out when not NULL; returns the count of var != 0 (NaN included). With sums (K float64): sums[i] += sum v_i^2
+ * (float64, exact products) over every element, or, with bits, over the elements where var >= thr, whose bits are
+ * set (bits[(elem_offset + j) / 8], elem_offset a multiple of 8). */
+MULTIVERSION
+static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base_dt, Py_ssize_t n, float *var_out,
+                          float thr, uint8_t *bits, double *sums, float *tiles) {
+    double mean[TILE], m2[TILE], acc[4 * MAX_VECTORS];
+    float *bt = tiles + (size_t)k * TILE, var[TILE];
+    Py_ssize_t off, j, q, nnz = 0;
+    int i;
+    for (off = 0; off < n; off += TILE) {
+        Py_ssize_t m = n - off < TILE ? n - off : TILE;
+        load_tile(bt, base, base_dt, off, m);
+        for (j = 0; j < m; j++) mean[j] = m2[j] = 0.0;
+        for (i = 0; i < k; i++) {
+            float *tt = tiles + (size_t)i * TILE;
+            double cnt = (double)(i + 1), inv = 1.0 / cnt;
+            load_tile(tt, terms[i].a, terms[i].a_dt, off, m);
+            welford(tt, bt, mean, m2, m, cnt, (i & (i + 1)) == 0 ? inv : 0.0);
+        }
+        j = 0;
+#if HAVE_F16C_PATH
+        if (avx2_ok()) j = variance_avx2(m2, var, m, (double)k);
+#endif
+        for (; j < m; j++) var[j] = (float)(m2[j] / (double)k);
+        if (var_out) memcpy(var_out + off, var, (size_t)m * sizeof(float));
+        /* the count, the keep bits (off and the block's offset are multiples of 8) and the sums of squares (masked:
+         * keep * v^2, so a dropped inf or NaN gives NaN, as torch's (v * mask)^2 does), four lanes per model */
+        for (i = 0; sums && i < 4 * k; i++) acc[i] = 0.0;
+        j = 0;
+#if HAVE_F16C_PATH
+        if (avx2_ok()) j = sce_tile_avx2(var, m, thr, bits ? bits + (off >> 3) : NULL, tiles, k, sums ? acc : NULL, &nnz);
+#endif
+        for (q = j; q < m; q++) nnz += var[q] != 0.0f;
+        if (bits && j < m) { /* the tail: whole bytes, then the last partial one */
+            for (q = j; q < m; q++) {
+                if ((q & 7) == 0) bits[(off + q) >> 3] = 0;
+                bits[(off + q) >> 3] |= (uint8_t)((var[q] >= thr) << (q & 7));
+            }
+        }
+        if (!sums) continue;
+        for (i = 0; i < k; i++) {
+            const float *tt = tiles + (size_t)i * TILE;
+            double *s = acc + 4 * i;
+            for (q = j; q < m; q++) {
+                double x = (double)tt[q];
+                s[q & 3] += bits ? (double)(var[q] >= thr) * (x * x) : x * x;
+            }
+            sums[i] += (s[0] + s[1]) + (s[2] + s[3]);
+        }
+    }
+    return nnz;
+}
+
+/* sce(models, base, base_dt, n, elem_offset, var_out, thr, bits, sums) -> count of var != 0; see run_sce.
+ * models: a sequence of (buffer, dtype); var_out, bits and sums may be None. */
+static PyObject *native_sce(PyObject *self, PyObject *args) {
+    PyObject *models_o, *var_o, *bits_o, *sums_o, *sv = NULL;
+    Py_buffer base, ab[MAX_VECTORS], vb, bb, sb;
+    term_t terms[MAX_VECTORS];
+    int base_dt, k = 0, i, ok = 1, has_v = 0, has_bits = 0, has_s = 0;
+    Py_ssize_t n, nnz = 0;
+    unsigned long long offset;
+    double thr;
+    float *tiles = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Oy*inKOdOO", &models_o, &base, &base_dt, &n, &offset, &var_o, &thr, &bits_o, &sums_o))
+        return NULL;
+    sv = PySequence_Fast(models_o, "models must be a sequence");
+    if (!sv) ok = 0;
+    if (ok && (PySequence_Fast_GET_SIZE(sv) < 1 || PySequence_Fast_GET_SIZE(sv) > MAX_VECTORS)) {
+        PyErr_SetString(PyExc_ValueError, "sce: 1 to 64 models");
+        ok = 0;
+    }
+    if (ok && (n < 0 || (offset & 7))) {
+        PyErr_SetString(PyExc_ValueError, "sce: n >= 0 and an offset that is a multiple of 8");
+        ok = 0;
+    }
+    ok = ok && check_dt(base_dt) && check_len(&base, base_dt, n, "base");
+    for (i = 0; ok && i < PySequence_Fast_GET_SIZE(sv); i++) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(sv, i), "y*i", &ab[i], &terms[i].a_dt)) {
+            ok = 0;
+            break;
+        }
+        k++;
+        terms[i].a = ab[i].buf;
+        ok = check_dt(terms[i].a_dt) && check_len(&ab[i], terms[i].a_dt, n, "model");
+    }
+    if (ok && var_o != Py_None) {
+        if (PyObject_GetBuffer(var_o, &vb, PyBUF_WRITABLE) < 0) ok = 0;
+        else {
+            has_v = 1;
+            ok = check_len(&vb, DT_F32, n, "variance");
+        }
+    }
+    if (ok && bits_o != Py_None) {
+        if (PyObject_GetBuffer(bits_o, &bb, PyBUF_WRITABLE) < 0) ok = 0;
+        else if ((has_bits = 1) && bb.len < (Py_ssize_t)((offset + (uint64_t)n + 7) >> 3)) {
+            PyErr_SetString(PyExc_ValueError, "a mask buffer is shorter than the tensor's bits");
+            ok = 0;
+        }
+    }
+    if (ok && sums_o != Py_None) {
+        if (PyObject_GetBuffer(sums_o, &sb, PyBUF_WRITABLE) < 0) ok = 0;
+        else if ((has_s = 1) && sb.len < (Py_ssize_t)(k * sizeof(double))) {
+            PyErr_SetString(PyExc_ValueError, "sce: one float64 sum per model");
+            ok = 0;
+        }
+    }
+    if (ok && has_bits && !has_s) {
+        PyErr_SetString(PyExc_ValueError, "sce: keep bits come with the sums");
+        ok = 0;
+    }
+    if (ok) {
+        tiles = (float *)malloc(((size_t)k + 1) * TILE * sizeof(float));
+        if (!tiles) {
+            PyErr_NoMemory();
+            ok = 0;
+        }
+    }
+    if (ok) {
+        Py_BEGIN_ALLOW_THREADS
+        nnz = run_sce(terms, k, base.buf, base_dt, n, has_v ? (float *)vb.buf : NULL, (float)thr,
+                      has_bits ? (uint8_t *)bb.buf + (offset >> 3) : NULL, has_s ? (double *)sb.buf : NULL, tiles);
+        Py_END_ALLOW_THREADS
+    }
+    free(tiles);
+    for (i = 0; i < k; i++) PyBuffer_Release(&ab[i]);
+    PyBuffer_Release(&base);
+    if (has_v) PyBuffer_Release(&vb);
+    if (has_bits) PyBuffer_Release(&bb);
+    if (has_s) PyBuffer_Release(&sb);
+    Py_XDECREF(sv);
+    if (!ok) return NULL;
+    return PyLong_FromSsize_t(nnz);
+}
+
 /* della(a, a_dt, b | None, b_dt, rows, m, elem_offset, key, table, bits) -> (sum |v|, sum |v| kept); see run_della. */
 static PyObject *native_della(PyObject *self, PyObject *args) {
     PyObject *b_o;
@@ -1327,6 +1566,10 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
     if (!so || !st) ok = 0;
     if (ok && (PySequence_Fast_GET_SIZE(so) > MAX_VECTORS || PySequence_Fast_GET_SIZE(st) > MAX_VECTORS)) {
         PyErr_SetString(PyExc_ValueError, "too many outputs or terms for the native kernel");
+        ok = 0;
+    }
+    if (ok && (sign < SIGN_NONE || sign > SIGN_SUM || normalize < 0 || normalize > NORMALIZE_FLOOR)) {
+        PyErr_Format(PyExc_ValueError, "unknown sign (%d) or normalize (%d) mode", sign, normalize);
         ok = 0;
     }
     ok = ok && check_dt(base_dt) && check_len(&base, base_dt, n, "base");
@@ -1737,6 +1980,8 @@ static PyMethodDef methods[] = {
     {"fast_bracket", native_fast_bracket, METH_NOARGS, "fast_bracket() -> bool; bracket() has a vector loop here"},
     {"moments", native_moments, METH_VARARGS,
      "moments(vectors, base, base_dt, n, elem_offset, want_gram, out) -> None; Gram matrix and L1 norms, added to out"},
+    {"sce", native_sce, METH_VARARGS,
+     "sce(models, base, base_dt, n, elem_offset, var_out, thr, bits, sums) -> nnz; SCE's variance, mask and energies"},
     {"della", native_della, METH_VARARGS,
      "della(a, a_dt, b, b_dt, rows, m, elem_offset, key, table, bits) -> (l1, kept); DELLA's keep bits by row rank"},
     {"philox", native_philox, METH_VARARGS, "philox(key, start, n, out) -> None; tl.rand(key, start + arange(n))"},

@@ -196,7 +196,8 @@ def _spec(method: str, paths, params: dict | None = None, per_model: list[dict] 
         ("slerp", {"t": 0.4}, None, True),
         ("nearswap", {"t": 0.05}, None, True),
         ("model_stock", {"filter_wise": True}, None, "1-D"),  # one ratio per row; a 1-D tensor is one row
-        ("sce", {}, None, False),
+        ("sce", {}, None, True),
+        ("sce", {"select_topk": 0.3}, None, True),
     ],
 )  # fmt: skip
 def test_runner_takes_the_block_path_where_the_form_applies(tmp_path, method, params, per_model, block) -> None:

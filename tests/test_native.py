@@ -196,7 +196,7 @@ def test_bracket_diff_counts_and_collects_like_numpy(da: torch.dtype, db: torch.
 
 @pytest.mark.parametrize("codes", [("BF16", "BF16", "BF16"), ("F16", "F32", "BF16"), ("BF16", "BF16", "F32")])
 @pytest.mark.parametrize("modes", [(1, 1, 1), (0, 0, 0), (1, 3, 4), (4, 0, 3)])
-@pytest.mark.parametrize("sign", ["none", "total", "frequency"])
+@pytest.mark.parametrize("sign", ["none", "total", "frequency", "sum"])
 def test_fast_merge_path_equals_the_tile_loops(codes: tuple[str, str, str], modes: tuple[int, ...], sign: str) -> None:
     """merge()'s vector path (relative terms a − b, magnitude, band and keep-bit pruning) writes the bytes and flags
     of its plain tile loops, for any length (vector body + tail), block offset (keep bits at an offset that is not
@@ -218,7 +218,7 @@ def test_fast_merge_path_equals_the_tile_loops(codes: tuple[str, str, str], mode
             raw_base = _mv(base[off : off + n])
             terms = [(_mv(m[off : off + n]), mc, raw_base, bc, w, mode, t, 2.5 * t, 0, bits)
                      for m, w, mode, t in zip(models, (0.5, 0.3, -0.2), modes, thr, strict=True)]  # fmt: skip
-            for normalize in (False, True):
+            for normalize in (False, True, compute.NORMALIZE_FLOOR):
                 got = []
                 for fast in (True, False):
                     prev = _native.use_fast_merge(fast)
@@ -305,3 +305,83 @@ def test_kept_bits_scale_like_the_torch_path() -> None:
             want = base.float().numpy() + (np.float32(0.5) * (tau0 * np.float32(1.9))) / np.float32(0.5)
             only0 &= tau0 != 0
         assert np.array_equal(outs[0][only0], want[only0].astype(np.float32))
+
+
+@pytest.mark.parametrize("weights", [(0.5, 0.3, 0.2), (4e-7, 3e-7, 0.0)])
+def test_sce_election_and_divisor_floor_match_torch(weights: tuple[float, ...]) -> None:
+    """Sign "sum" elects on Σ τ̃_i whatever the weights, and NORMALIZE_FLOOR divides by max(Σ w_i·m_i, 1e-6):
+    mergekit's SCE step, computed by hand with torch, against both kernel paths (weights below the floor too)."""
+    g = torch.Generator().manual_seed(11)
+    n = 1000
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    models = [(base.float() + torch.randn(n, generator=g) * (0.003 * (i + 1))).bfloat16() for i in range(3)]
+    raw = _mv(base)
+    terms = [(_mv(m), "BF16", raw, "BF16", w, compute.PRUNE_NONE, 0.0, 0.0, 0)
+             for m, w in zip(models, weights, strict=True)]  # fmt: skip
+    taus = [m.float() - base.float() for m in models]
+    s = torch.where(sum(taus[1:], taus[0]) >= 0, 1.0, -1.0)  # ((τ0 + τ1) + τ2), + on a tie
+    d = torch.zeros(n)
+    den = torch.zeros(n)
+    for t, w in zip(taus, weights, strict=True):
+        agree = torch.where(s > 0, t > 0, t < 0)
+        d = d + torch.where(agree, torch.tensor(w) * t, torch.zeros(n))
+        den = den + torch.where(agree, torch.tensor(w), torch.zeros(n))
+    want = (base.float() + d / den.clamp(min=1e-6)).numpy()
+    for path in ("fast", "tiles", "torch"):
+        out = bytearray(4 * n)
+        if path == "torch":
+            compute._torch_merge([(memoryview(out), "F32", 1.0)], raw, "BF16", n, terms, "sum",
+                                 compute.NORMALIZE_FLOOR, 0)  # fmt: skip
+        else:
+            from capmerge import _native
+
+            prev = _native.use_fast_merge(path == "fast")
+            try:
+                compute.merge_block([(memoryview(out), "F32", 1.0)], raw, "BF16", n, terms, sign="sum",
+                                    normalize=compute.NORMALIZE_FLOOR)  # fmt: skip
+            finally:
+                _native.use_fast_merge(prev)
+        assert np.array_equal(np.frombuffer(bytes(out), dtype=np.float32), want), path
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("n", [1, 13, 1024, 3001])
+def test_sce_variance_mask_and_energies_against_torch(k: int, n: int) -> None:
+    """sce(): the per-element population variance of v_i = a_i − base is torch.var(unbiased=False)'s bits; the count
+    of var ≠ 0 (NaN counts); keep bits of var ≥ thr at a block offset; Σ v_i² (all, or masked: keep·v², so a dropped
+    inf gives NaN as torch's (v·mask)² does) against numpy float64."""
+    from capmerge import _native
+
+    g = torch.Generator().manual_seed(k * 7919 + n)
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    models = [(base.float() + torch.randn(n, generator=g) * 0.001 * torch.randint(0, 2, (n,), generator=g))
+              .to(torch.bfloat16 if i % 2 == 0 else torch.float32) for i in range(k)]  # fmt: skip
+    if n > 100:
+        models[0][7], models[-1][50] = float("nan"), float("inf")
+    taus = [m.float() - base.float() for m in models]
+    want = torch.var(torch.stack(taus), dim=0, unbiased=False)
+    ins = [(_mv(m), compute.NATIVE_CODES["BF16" if m.dtype == torch.bfloat16 else "F32"]) for m in models]
+    var = torch.empty(n)
+    nnz = _native.sce(ins, _mv(base), 2, n, 0, memoryview(var.numpy()).cast("B"), 0.0, None, None)
+    assert torch.equal(var.view(torch.int32), want.view(torch.int32)) or torch.equal(
+        torch.nan_to_num(var, nan=-1.0), torch.nan_to_num(want, nan=-1.0)
+    )
+    assert nnz == int(torch.count_nonzero(want))
+    thr = float(want.nan_to_num(nan=0.0).median())
+    x = [t.double().numpy() for t in taus]
+    for offset in (0, 16):
+        bits = np.full((offset + n + 7) // 8 + 2, 0xFF, dtype=np.uint8)
+        sums = np.zeros(k)
+        _native.sce(ins, _mv(base), 2, n, offset, None, thr, bits, sums)
+        keep = (want >= thr).numpy()
+        assert np.array_equal(np.unpackbits(bits, bitorder="little")[offset : offset + n].astype(bool), keep)
+        assert bits[-1] == 0xFF and (offset == 0 or bits[0] == 0xFF)  # bytes outside the block untouched
+        with np.errstate(invalid="ignore"):
+            for i in range(k):
+                assert sums[i] == pytest.approx((keep * (x[i] * x[i])).sum(), rel=1e-12, nan_ok=True)
+        all_sums = np.zeros(k)
+        _native.sce(ins, _mv(base), 2, n, 0, None, 0.0, None, all_sums)
+        for i in range(k):
+            assert all_sums[i] == pytest.approx((x[i] * x[i]).sum(), rel=1e-12, nan_ok=True)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _native.sce(ins, _mv(base), 2, n, 3, None, thr, bits, np.zeros(k))

@@ -47,7 +47,11 @@ def diff_block(out: memoryview, out_code: str, a: memoryview, a_code: str, b: me
 
 
 PRUNE_NONE, PRUNE_MAGNITUDE, PRUNE_RANDOM, PRUNE_BAND, PRUNE_BITS, PRUNE_NEAR = 0, 1, 2, 3, 4, 5
-SIGN_CODES = {"none": 0, "total": 1, "frequency": 2}
+SIGN_CODES = {"none": 0, "total": 1, "frequency": 2, "sum": 3}
+# sign "sum": elected on the unweighted sum of the pruned terms (SCE), which are then combined with their weights.
+# normalize: False/0 none, True/1 divide by Σ w_i·m_i where it is > 0 (else by 1), NORMALIZE_FLOOR divide by
+# max(Σ w_i·m_i, 1e-6) (SCE).
+NORMALIZE_FLOOR = 2
 
 # One term of a merge: the vector a (or the difference a - b), its weight, and how it is pruned:
 # (a, a_code, b | None, b_code, weight, mode, p1, p2, key) — mode PRUNE_MAGNITUDE keeps |t| >= p1; PRUNE_RANDOM keeps
@@ -67,7 +71,7 @@ def merge_block(
     terms: list[TermArgs],
     *,
     sign: str = "none",
-    normalize: bool = False,
+    normalize: bool | int = False,
     offset: int = 0,
 ) -> int:
     """For each (out, code, α) in ``outs``: ``out[:n] = round(base + α·δ)`` with δ the pruned, sign-elected,
@@ -179,8 +183,17 @@ def _torch_merge(
         d = torch.zeros(n, dtype=cd)
         for t, w in zip(pruned, weights, strict=True):
             d = d + torch.tensor(w, dtype=cd) * t
-    elif pruned:
-        d = F.combine(pruned, weights, sign=sign, normalize=normalize).to(cd)
+    elif pruned:  # F.combine, with the SCE variants (election on the unweighted sum, a floor under the divisor)
+        elected = None
+        if sign != "none":
+            elected = F.elect_sign(pruned, [1.0] * len(pruned) if sign == "sum" else weights,
+                                   "frequency" if sign == "frequency" else "total")  # fmt: skip
+        d, den = F.disjoint_merge(pruned, weights, elected)
+        if normalize == NORMALIZE_FLOOR:
+            d = d / den.clamp(min=1e-6)
+        elif normalize:
+            d = torch.where(den > 0, d / torch.where(den > 0, den, torch.ones_like(den)), d)
+        d = d.to(cd)
     flags = 0
     for buf, code, alpha in outs:
         to = as_tensor(buf, code)[:n]

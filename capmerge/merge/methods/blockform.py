@@ -72,7 +72,7 @@ class Combo:
     relative: bool = False
     with_base: bool = False
     sign: str = "none"
-    normalize: bool = False
+    normalize: bool | int = False  # or compute.NORMALIZE_FLOOR
     lam: float = 1.0
 
 
@@ -194,6 +194,64 @@ class Stats:
         self._cache[key] = m
         return m
 
+    def sce(self, thr: float | None = None, *, sums: bool = True) -> tuple[int, list[float], Any]:
+        """SCE's statistics of the task vectors v_i = θ_i − base (all models): var = their population variance per
+        element (torch.var's float64 Welford steps, rounded to float32). Returns (#{var ≠ 0}, Σ v_i² per model over
+        every element — or, with ``thr``, over the elements where var ≥ thr —, the keep bits of var ≥ thr or None);
+        ``sums`` False: the count only. Sums in float64 over STAT_BLOCK blocks, added in block order."""
+        import numpy as np
+
+        from capmerge.merge.engine import parallel_map
+
+        k = len(self.codes) - 1
+        bits = np.zeros((self.numel + 7) // 8, dtype=np.uint8) if thr is not None else None
+
+        def block(s: int) -> tuple[int, Any]:
+            e = min(self.numel, s + STAT_BLOCK)
+            part = np.zeros(k, dtype=np.float64) if sums or thr is not None else None
+            nnz = self._sce_block(s, e, None, thr, bits, part)
+            return nnz, part
+
+        starts = range(0, self.numel, STAT_BLOCK)
+        count, total = 0, np.zeros(k, dtype=np.float64)
+        for nnz, part in parallel_map(block, starts, parallel=len(starts) >= STAT_PARALLEL_MIN):
+            count += nnz
+            if part is not None:
+                total += part
+        return count, total.tolist(), bits
+
+    def sce_variance_kth(self, ks: Sequence[int]) -> dict[int, float]:
+        """The k-th largest of SCE's per-element variance (exact, :meth:`sce`'s float32 values) for each k of ``ks``:
+        a threshold pass over the variance computed block by block, never stored whole."""
+        from capmerge.merge.plan import kth_largest_abs_many
+
+        local = threading.local()
+
+        def read(i: int, s: int, e: int) -> memoryview:
+            buf = getattr(local, "buf", None)
+            if buf is None or len(buf) < 4 * (e - s):
+                buf = local.buf = bytearray(4 * max(e - s, STAT_BLOCK))
+            out = memoryview(buf)[: 4 * (e - s)]
+            self._sce_block(s, e, out, None, None, None)
+            return out
+
+        return kth_largest_abs_many(read, [(0, "F32", list(ks))], None, "F32", self.numel)[0]
+
+    def _sce_block(self, s: int, e: int, var: Any, thr: float | None, bits: Any, sums: Any) -> int:
+        """Elements [s, e) of :meth:`sce`: the variance into ``var`` (a float32 buffer, or None), the keep bits of
+        var ≥ ``thr`` and the sums into ``sums``; returns #{var ≠ 0} there."""
+        k = len(self.codes) - 1
+        views = [self.read(i, s, e) for i in range(1, k + 1)]
+        base = self.read(0, s, e)
+        if compute.use_native(*self.codes):
+            from capmerge.merge.compute import _native
+
+            out = memoryview(sums).cast("B") if sums is not None else None
+            return _native.sce([(v, compute.NATIVE_CODES[c]) for v, c in zip(views, self.codes[1:], strict=True)],
+                               base, compute.NATIVE_CODES[self.codes[0]], e - s, s if bits is not None else 0, var,
+                               math.nan if thr is None else thr, bits, out)  # fmt: skip
+        return _torch_sce(views, self.codes[1:], base, self.codes[0], e - s, s, var, thr, bits, sums)
+
     def della(self, i: int, table: Any, key: int, m: int) -> tuple[float, float, Any]:
         """DELLA's keep bits of v_i = θ_i − base over rows of ``m`` consecutive elements: entry j is kept where
         Philox(key, j) < table[r], r the 0-based rank of |v_j| within its row (ties in index order; ``table``: the
@@ -310,6 +368,29 @@ def _torch_della(view: Any, code: str, base: Any, base_code: str, rows: int, m: 
     keep = F.philox_uniform(key, torch.arange(n, dtype=torch.int64) + offset) < p
     _set_bits(bits, offset, keep.numpy())
     return float(a.double().sum()), float(torch.where(keep, a, torch.zeros_like(a)).double().sum())
+
+
+def _torch_sce(views: list[Any], codes: Sequence[str], base: Any, base_code: str, n: int, offset: int, var: Any,
+               thr: float | None, bits: Any, sums: Any) -> int:  # fmt: skip
+    """:meth:`Stats._sce_block` without the native kernel (the same variance and bits; sums in torch's order)."""
+    import torch
+
+    from capmerge._torch import as_tensor
+    from capmerge.merge.methods.sce import population_variance
+
+    b = as_tensor(base, base_code)[:n].float()
+    taus = [as_tensor(v, c)[:n].float() - b for v, c in zip(views, codes, strict=True)]
+    v = population_variance(taus)
+    if var is not None:
+        as_tensor(var, "F32")[:n].copy_(v)
+    if sums is not None:
+        keep = (v >= thr) if thr is not None else None
+        if keep is not None and bits is not None:
+            _set_bits(bits, offset, keep.numpy())
+        for i, t in enumerate(taus):
+            x = t.double()
+            sums[i] += float((x * x if keep is None else keep.double() * (x * x)).sum())
+    return int(torch.count_nonzero(v))
 
 
 def _set_bits(mask: Any, offset: int, keep: Any) -> None:

@@ -10,9 +10,12 @@ accepted and ignored (a memory saving in mergekit that cannot change a float32 r
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from capmerge import functional as F
+from capmerge.merge import compute
+from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
 
 
@@ -64,7 +67,40 @@ def _sce(x: TensorInputs) -> torch.Tensor:
     return base + delta / den.clamp(min=1e-6)
 
 
+def _form(s: B.Spec) -> B.Finish | None:
+    """The block form: a count pass (#{v ≠ 0}), a threshold pass over the variance (computed block by block, never
+    stored), a pass for the keep bits of v ≥ threshold and the energies; then the kernel's merge with the bits, the
+    weights c_i, signs elected on the unweighted sum (``sum``) and the divisor floored at 1e-6. The energies are
+    float64 sums (rounded once), where ``fn``'s fallback takes torch's float32 mean."""
+    if not s.has_base:
+        return None
+    topk = float(s.params.get("select_topk", 1.0))
+
+    def finish(st: B.Stats) -> B.Combo:
+        k, n = s.n_models, s.numel
+        if k == 0 or n == 0:
+            return B.Combo([], with_base=True)
+        bits = None
+        if topk >= 1:
+            _, sums, _ = st.sce()
+        else:
+            nnz = st.sce(sums=False)[0] if topk > 0 else 0
+            kk = int(nnz * topk)
+            if kk == 0:  # nothing selected: θ₀ (every term dropped)
+                return B.Combo([B.Term(i, 1.0 / k, B.DROP_ALL) for i in range(k)], relative=True, with_base=True)
+            _, sums, bits = st.sce(st.sce_variance_kth([kk])[kk])
+        energy = np.array([x / n for x in sums], dtype=np.float32)
+        total = np.float32(energy.sum(dtype=np.float32))
+        c = np.full(k, np.float32(1.0 / k)) if abs(float(total)) < 1e-6 else (energy / total).astype(np.float32)
+        prune = (B.BITS, 0.0, 0.0, 0) if bits is not None else B.KEEP_ALL
+        terms = [B.Term(i, float(c[i]), prune, bits) for i in range(k)]
+        return B.Combo(terms, relative=True, with_base=True, sign="sum", normalize=compute.NORMALIZE_FLOOR)
+
+    return finish
+
+
 MODEL_METHODS = (
-    ModelMethod("sce", _sce, base="required", params={"select_topk": 1.0, "int8_mask": False}, n_models=(0, None),
+    ModelMethod("sce", B.with_form(_form, _sce), base="required", form=_form,
+                params={"select_topk": 1.0, "int8_mask": False}, n_models=(0, None),
                 summary="variance-based selection, energy weights, sign election (SCE)"),
 )  # fmt: skip

@@ -10,6 +10,7 @@ memory still flat.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,9 +181,10 @@ def kth_largest_abs_many(
     import numpy as np
 
     from capmerge.merge.compute import _native
+    from capmerge.merge.engine import compute_threads, parallel_map
 
     assert _native is not None
-    scratch = bytearray(min(n, HIST_BLOCK) * 4) if ib is not None else None
+    local = threading.local()  # each thread's scratch for the differences (the level-1 pass runs on several)
     whole = [(s, min(n, s + HIST_BLOCK)) for s in range(0, n, HIST_BLOCK)]
     wide = {j: ib is not None or ca == "F32" for j, _, ca, _ in todo}
     dts = {j: compute.NATIVE_CODES["F32" if wide[j] else ca] for j, _, ca, _ in todo}
@@ -194,8 +196,9 @@ def kth_largest_abs_many(
                 yield va, e - s
             else:
                 vb = read(ib, s, e)
-                assert scratch is not None
-                sv = memoryview(scratch)[: (e - s) * 4]
+                if getattr(local, "scratch", None) is None:
+                    local.scratch = bytearray(min(n, HIST_BLOCK) * 4)
+                sv = memoryview(local.scratch)[: (e - s) * 4]
                 compute.diff_block(sv, "F32", va, ca, vb, cb, e - s)
                 yield sv, e - s
 
@@ -224,9 +227,16 @@ def kth_largest_abs_many(
                     outs[j][k] = float(np.array([b], dtype=np.uint16).view(np.float16)[0])
             continue
         for b in sorted({b for b, _ in got.values()}):
-            low = np.zeros(65536, dtype=np.uint64)
-            for buf, cnt in blocks(ia, ca, whole):
-                _native.hist1(buf, cnt, b, low)
+
+            def level1(ranges: list[tuple[int, int]], ia: int = ia, ca: str = ca, b: int = b) -> Any:
+                low = np.zeros(65536, dtype=np.uint64)
+                for buf, cnt in blocks(ia, ca, ranges):
+                    _native.hist1(buf, cnt, b, low)
+                return low
+
+            # the blocks dealt out to the threads as in the bracketed pass; integer counts: any order, the same sum
+            workers = min(compute_threads(), len(whole)) if len(whole) >= THRESHOLD_PARALLEL_MIN else 1
+            low = sum(parallel_map(level1, [whole[w::workers] for w in range(workers)]))
             ltop = np.cumsum(low[::-1])
             for k, (bk, above) in got.items():
                 if bk == b:
@@ -257,8 +267,10 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
         for i, (buf, _) in enumerate(blocks(ia, ca, [(s, s + SAMPLE_PIECE) for s in starts])):
             sample[i * piece : (i + 1) * piece] = buf
         brackets[j] = _bracket(sample, dts[j], n, ks)
-        # a difference of two 16-bit inputs: collect its inexact patterns inside the bracket (few, see above)
-        collect[j] = ib is not None and ca != "F32" and cb != "F32"
+        # every float32 bracket collects its inexact patterns: few for a difference of two 16-bit inputs (see
+        # above), and for other float32 values (SCE's variance, arcee_fusion's importance) as many as the bracket
+        # holds, often under the cap; past it, level 1 runs as before
+        collect[j] = wide[j]
 
     def count(ranges: list[tuple[int, int]]) -> dict[int, list[Any]]:
         """The pass over ``ranges``: j -> [level-0 counts, above, collected patterns, how many (-1: too many)]."""
@@ -273,8 +285,11 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
                 st, (lo, hi) = acc[j], brackets[j]
                 sub = st[0].sub_for(cnt)
                 va = read(ia, s, e)
-                if vb is None:
+                if vb is None and not collect[j]:
                     st[1] += _native.bracket(va, dts[j], cnt, lo, hi, sub, False)
+                elif vb is None:
+                    up, st[3] = _native.bracket(va, dts[j], cnt, lo, hi, sub, False, st[2], st[3])
+                    st[1] += up
                 else:
                     up, st[3] = _native.bracket_diff(va, compute.NATIVE_CODES[ca], vb, compute.NATIVE_CODES[cb], cnt,
                                                      lo, hi, sub, False, st[2], st[3])  # fmt: skip

@@ -1472,6 +1472,75 @@ static PyObject *native_sce(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(nnz);
 }
 
+/* importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits) -> None: arcee_fusion's importance of elements
+ * offset .. offset+n of a tensor of rows of m: I_j = |a_j - b_j| * scale[(offset + j) / m] (float32: the difference
+ * rounded, then the product), written to out (float32, n) when not None; with bits, the bits of I >= thr (element j
+ * at bits[(offset + j) / 8], offset a multiple of 8). */
+static PyObject *native_importance(PyObject *self, PyObject *args) {
+    PyObject *out_o, *bits_o;
+    Py_buffer a, b, scale, out, bits;
+    int a_dt, b_dt, ok = 1, has_out = 0, has_bits = 0;
+    Py_ssize_t n, m, off, j;
+    unsigned long long offset;
+    double thr;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iy*inKny*dOO", &a, &a_dt, &b, &b_dt, &n, &offset, &m, &scale, &thr, &out_o, &bits_o))
+        return NULL;
+    if (n < 0 || m < 1) {
+        PyErr_SetString(PyExc_ValueError, "importance: n >= 0 and m >= 1");
+        ok = 0;
+    }
+    ok = ok && check_dt(a_dt) && check_len(&a, a_dt, n, "model") && check_dt(b_dt) && check_len(&b, b_dt, n, "base");
+    if (ok && n > 0 && scale.len < (Py_ssize_t)(((offset + (uint64_t)n - 1) / (uint64_t)m + 1) * sizeof(float))) {
+        PyErr_SetString(PyExc_ValueError, "importance: one float32 scale per row");
+        ok = 0;
+    }
+    if (ok && out_o != Py_None) {
+        if (PyObject_GetBuffer(out_o, &out, PyBUF_WRITABLE) < 0) ok = 0;
+        else if ((has_out = 1)) ok = check_len(&out, DT_F32, n, "output");
+    }
+    if (ok && bits_o != Py_None) {
+        if (PyObject_GetBuffer(bits_o, &bits, PyBUF_WRITABLE) < 0) ok = 0;
+        else if ((has_bits = 1) && ((offset & 7) || bits.len < (Py_ssize_t)((offset + (uint64_t)n + 7) >> 3))) {
+            PyErr_SetString(PyExc_ValueError, "importance: bits need an offset that is a multiple of 8 and a mask "
+                                              "buffer as long as the tensor's bits");
+            ok = 0;
+        }
+    }
+    if (ok) {
+        const float *sc = (const float *)scale.buf, th = (float)thr;
+        uint8_t *bt = has_bits ? (uint8_t *)bits.buf + (offset >> 3) : NULL;
+        float *o = has_out ? (float *)out.buf : NULL;
+        Py_BEGIN_ALLOW_THREADS
+        float ta[TILE], tb[TILE];
+        for (off = 0; off < n; off += TILE) {
+            Py_ssize_t t = n - off < TILE ? n - off : TILE;
+            uint64_t g = offset + (uint64_t)off, row = g / (uint64_t)m, left = (uint64_t)m - g % (uint64_t)m;
+            load_tile(ta, a.buf, a_dt, off, t);
+            load_tile(tb, b.buf, b_dt, off, t);
+            for (j = 0; j < t; j++) {
+                if (left == 0) row++, left = (uint64_t)m;
+                ta[j] = fabsf(ta[j] - tb[j]) * sc[row];
+                left--;
+            }
+            if (o) memcpy(o + off, ta, (size_t)t * sizeof(float));
+            if (bt)
+                for (j = 0; j < t; j++) {
+                    if (((off + j) & 7) == 0) bt[(off + j) >> 3] = 0;
+                    bt[(off + j) >> 3] |= (uint8_t)((ta[j] >= th) << ((off + j) & 7));
+                }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&scale);
+    if (has_out) PyBuffer_Release(&out);
+    if (has_bits) PyBuffer_Release(&bits);
+    if (!ok) return NULL;
+    Py_RETURN_NONE;
+}
+
 /* della(a, a_dt, b | None, b_dt, rows, m, elem_offset, key, table, bits) -> (sum |v|, sum |v| kept); see run_della. */
 static PyObject *native_della(PyObject *self, PyObject *args) {
     PyObject *b_o;
@@ -1982,6 +2051,8 @@ static PyMethodDef methods[] = {
      "moments(vectors, base, base_dt, n, elem_offset, want_gram, out) -> None; Gram matrix and L1 norms, added to out"},
     {"sce", native_sce, METH_VARARGS,
      "sce(models, base, base_dt, n, elem_offset, var_out, thr, bits, sums) -> nnz; SCE's variance, mask and energies"},
+    {"importance", native_importance, METH_VARARGS,
+     "importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits) -> None; |a - b| * scale[row] (arcee_fusion)"},
     {"della", native_della, METH_VARARGS,
      "della(a, a_dt, b, b_dt, rows, m, elem_offset, key, table, bits) -> (l1, kept); DELLA's keep bits by row rank"},
     {"philox", native_philox, METH_VARARGS, "philox(key, start, n, out) -> None; tl.rand(key, start + arange(n))"},

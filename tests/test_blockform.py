@@ -198,6 +198,7 @@ def _spec(method: str, paths, params: dict | None = None, per_model: list[dict] 
         ("model_stock", {"filter_wise": True}, None, "1-D"),  # one ratio per row; a 1-D tensor is one row
         ("sce", {}, None, True),
         ("sce", {"select_topk": 0.3}, None, True),
+        ("arcee_fusion", {}, None, True),
     ],
 )  # fmt: skip
 def test_runner_takes_the_block_path_where_the_form_applies(tmp_path, method, params, per_model, block) -> None:
@@ -205,7 +206,7 @@ def test_runner_takes_the_block_path_where_the_form_applies(tmp_path, method, pa
     from capmerge.merge.methods.registry import get_model_method
     from capmerge.merge.modelmerge import _jobs, plan, run_merge
 
-    paths = _models(tmp_path, 1 if method in ("slerp", "nearswap") else 3)
+    paths = _models(tmp_path, 1 if method in ("slerp", "nearswap", "arcee_fusion") else 3)
     spec = _spec(method, paths, params, per_model)
     p = plan(spec)
     try:

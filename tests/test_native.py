@@ -385,3 +385,35 @@ def test_sce_variance_mask_and_energies_against_torch(k: int, n: int) -> None:
             assert all_sums[i] == pytest.approx((x[i] * x[i]).sum(), rel=1e-12, nan_ok=True)
     with pytest.raises(ValueError, match="multiple of 8"):
         _native.sce(ins, _mv(base), 2, n, 3, None, thr, bits, np.zeros(k))
+
+
+@pytest.mark.parametrize("m", [1, 7, 1000, 5000])
+def test_importance_is_the_scaled_difference_of_each_row(m: int) -> None:
+    """importance(): |a − b|·scale[row] in float32 (torch's rounding) for a block starting mid-row, written out, and
+    the bits of ≥ thr at a byte-aligned offset."""
+    from capmerge import _native
+
+    g = torch.Generator().manual_seed(m)
+    rows = 7
+    n_all = rows * m
+    a = torch.randn(n_all, generator=g).bfloat16()
+    b = torch.randn(n_all, generator=g).to(torch.float16)
+    scale = torch.rand(rows, generator=g) * 3
+    want = (a.float() - b.float()).abs() * scale.repeat_interleave(m)
+    sc = memoryview(scale.numpy()).cast("B")
+    for start, end in ((0, n_all), (m // 2 + 3, n_all - 1), (8, min(n_all, 8 + 3 * m))):
+        n = end - start
+        if n <= 0:
+            continue
+        out = torch.empty(n)
+        _native.importance(_mv(a[start:end]), 2, _mv(b[start:end]), 1, n, start, m, sc, 0.0,
+                           memoryview(out.numpy()).cast("B"), None)  # fmt: skip
+        assert torch.equal(out, want[start:end])
+        if start % 8 == 0:
+            thr = float(want.median())
+            bits = np.zeros((n_all + 7) // 8, dtype=np.uint8)
+            _native.importance(_mv(a[start:end]), 2, _mv(b[start:end]), 1, n, start, m, sc, thr, None, bits)
+            got = np.unpackbits(bits, bitorder="little")[start:end].astype(bool)
+            assert np.array_equal(got, (want[start:end] >= thr).numpy())
+    with pytest.raises(ValueError, match="one float32 scale per row"):
+        _native.importance(_mv(a), 2, _mv(b), 1, n_all, 0, m, memoryview(bytearray(4)), 0.0, None, None)

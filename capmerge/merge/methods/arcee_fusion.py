@@ -11,16 +11,19 @@ output — varies from run to run.
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import torch
 
+from capmerge.merge import compute
+from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
 
 
 def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """|θ₁ − θ₀| times the row's KL divergence between the softmaxes of θ₁ and θ₀ (see the module's docstring)."""
-    p = torch.softmax(model, dim=-1) + 1e-8
-    q = torch.softmax(base, dim=-1) + 1e-8
-    return (model - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    return (model - base).abs() * row_kl(model, base).unsqueeze(-1)
 
 
 def ranked(flat: torch.Tensor, ranks: list[int]) -> torch.Tensor:
@@ -47,7 +50,95 @@ def _arcee_fusion(x: TensorInputs) -> torch.Tensor:
     return base + (model - base) * mask
 
 
+def row_kl(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(θ₁) + 1e-8 ‖ softmax(θ₀) + 1e-8) of each row (the last dimension), as :func:`importance` takes it."""
+    p = torch.softmax(model, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    return torch.sum(p * torch.log(p / q), dim=-1)
+
+
+def _form(s: B.Spec) -> B.Finish | None:
+    """The block form: the rows' KL from blocks of whole rows (torch, float32, one number per row kept); the three
+    quantiles of I = |θ₁ − θ₀|·KL_row by an exact threshold pass over I made block by block (native
+    ``importance``, never stored whole); a pass for the keep bits of I ≥ threshold; the kernel adds the kept
+    changes to θ₀. Without the native kernel, a tensor of no dimension or an empty one: ``fn``'s torch code."""
+    if not s.has_base or s.n_models != 1 or not s.shape or s.numel == 0 or not compute.native_available():
+        return None
+    m, n = s.shape[-1], s.numel
+
+    def finish(st: B.Stats) -> B.Combo:
+        if not compute.use_native(*st.codes):
+            return B.Combo([B.Term(0, 1.0, (B.BITS, 0.0, 0.0, 0), _torch_bits(st, s))], relative=True,
+                           with_base=True)  # fmt: skip
+        from capmerge.merge.compute import _native
+        from capmerge.merge.engine import parallel_map
+        from capmerge.merge.plan import kth_largest_abs_many
+
+        kl = _kl_rows(st, m)
+        klb = memoryview(kl).cast("B")
+        codes = [compute.NATIVE_CODES[c] for c in st.codes]
+        local = threading.local()
+
+        def importance_of(i: int, a: int, e: int) -> memoryview:  # the virtual input of the threshold pass
+            buf = getattr(local, "buf", None)
+            if buf is None or len(buf) < 4 * (e - a):
+                buf = local.buf = bytearray(4 * max(e - a, B.STAT_BLOCK))
+            out = memoryview(buf)[: 4 * (e - a)]
+            _native.importance(st.read(1, a, e), codes[1], st.read(0, a, e), codes[0], e - a, a, m, klb, 0.0, out,
+                               None)  # fmt: skip
+            return out
+
+        ranks = [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)]
+        got = kth_largest_abs_many(importance_of, [(0, "F32", [n - r for r in ranks])], None, "F32", n)[0]
+        q1, median, q3 = (np.float32(got[n - r]) for r in ranks)
+        thr = float(median + np.float32(1.5) * (q3 - q1))
+        bits = np.zeros((n + 7) // 8, dtype=np.uint8)
+
+        def block(a: int) -> None:
+            e = min(n, a + B.STAT_BLOCK)
+            _native.importance(st.read(1, a, e), codes[1], st.read(0, a, e), codes[0], e - a, a, m, klb, thr, None,
+                               bits)  # fmt: skip
+
+        starts = range(0, n, B.STAT_BLOCK)
+        parallel_map(block, starts, parallel=len(starts) >= B.STAT_PARALLEL_MIN)
+        return B.Combo([B.Term(0, 1.0, (B.BITS, 0.0, 0.0, 0), bits)], relative=True, with_base=True)
+
+    return finish
+
+
+def _kl_rows(st: B.Stats, m: int) -> np.ndarray:
+    """:func:`row_kl` of every row, from blocks of whole rows (on the compute threads; float32, one per row)."""
+    from capmerge._torch import as_tensor
+    from capmerge.merge.engine import parallel_map
+
+    rows = st.numel // m
+    step = max(1, B.STAT_BLOCK // m)
+
+    def block(r0: int) -> np.ndarray:
+        r1 = min(rows, r0 + step)
+        a, e = r0 * m, r1 * m
+        x = as_tensor(st.read(1, a, e), st.codes[1])[: e - a].float().reshape(r1 - r0, m)
+        b = as_tensor(st.read(0, a, e), st.codes[0])[: e - a].float().reshape(r1 - r0, m)
+        return row_kl(x, b).numpy()
+
+    starts = range(0, rows, step)
+    parts = parallel_map(block, starts, parallel=len(starts) >= B.STAT_PARALLEL_MIN)
+    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+
+
+def _torch_bits(st: B.Stats, s: B.Spec) -> np.ndarray:
+    """The keep bits from whole float32 tensors (inputs the native kernel does not read: float64, float8)."""
+    from capmerge._torch import as_tensor
+
+    x = as_tensor(st.read(1, 0, s.numel), st.codes[1])[: s.numel].float().reshape(s.shape)
+    b = as_tensor(st.read(0, 0, s.numel), st.codes[0])[: s.numel].float().reshape(s.shape)
+    scores = importance(x, b).reshape(-1)
+    q1, median, q3 = ranked(scores, [int(q * (s.numel - 1)) for q in (0.25, 0.5, 0.75)])
+    keep = (scores >= median + 1.5 * (q3 - q1)).numpy()
+    return np.packbits(keep, bitorder="little")
+
+
 MODEL_METHODS = (
-    ModelMethod("arcee_fusion", _arcee_fusion, base="required", n_models=(1, 1),
+    ModelMethod("arcee_fusion", B.with_form(_form, _arcee_fusion), base="required", n_models=(1, 1), form=_form,
                 summary="the other model's changes where their importance (change × KL) is an upper outlier"),
 )  # fmt: skip

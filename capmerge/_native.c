@@ -1514,21 +1514,30 @@ static PyObject *native_importance(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         float ta[TILE], tb[TILE];
         for (off = 0; off < n; off += TILE) {
-            Py_ssize_t t = n - off < TILE ? n - off : TILE;
-            uint64_t g = offset + (uint64_t)off, row = g / (uint64_t)m, left = (uint64_t)m - g % (uint64_t)m;
+            Py_ssize_t t = n - off < TILE ? n - off : TILE, j0 = 0;
+            uint64_t g = offset + (uint64_t)off, row = g / (uint64_t)m;
             load_tile(ta, a.buf, a_dt, off, t);
             load_tile(tb, b.buf, b_dt, off, t);
-            for (j = 0; j < t; j++) {
-                if (left == 0) row++, left = (uint64_t)m;
-                ta[j] = fabsf(ta[j] - tb[j]) * sc[row];
-                left--;
+            while (j0 < t) { /* one row's run of the tile at a time: a constant scale (the loop vectorizes) */
+                Py_ssize_t j1 = j0 + (Py_ssize_t)((uint64_t)m - (g + (uint64_t)j0) % (uint64_t)m);
+                float f = sc[row++];
+                if (j1 > t) j1 = t;
+                for (j = j0; j < j1; j++) ta[j] = fabsf(ta[j] - tb[j]) * f;
+                j0 = j1;
             }
             if (o) memcpy(o + off, ta, (size_t)t * sizeof(float));
-            if (bt)
-                for (j = 0; j < t; j++) {
-                    if (((off + j) & 7) == 0) bt[(off + j) >> 3] = 0;
-                    bt[(off + j) >> 3] |= (uint8_t)((ta[j] >= th) << ((off + j) & 7));
+            if (bt) {
+                for (j = 0; j + 8 <= t; j += 8) { /* off is a multiple of 8 (TILE is) */
+                    uint32_t byte = 0, q;
+                    for (q = 0; q < 8; q++) byte |= (uint32_t)(ta[j + q] >= th) << q;
+                    bt[(off + j) >> 3] = (uint8_t)byte;
                 }
+                if (j < t) {
+                    uint32_t byte = 0, q;
+                    for (q = 0; j + q < t; q++) byte |= (uint32_t)(ta[j + q] >= th) << q;
+                    bt[(off + j) >> 3] = (uint8_t)byte;
+                }
+            }
         }
         Py_END_ALLOW_THREADS
     }

@@ -226,18 +226,20 @@ def kth_largest_abs_many(
                 else:
                     outs[j][k] = float(np.array([b], dtype=np.uint16).view(np.float16)[0])
             continue
-        for b in sorted({b for b, _ in got.values()}):
+        bins = sorted({b for b, _ in got.values()})
 
-            def level1(ranges: list[tuple[int, int]], ia: int = ia, ca: str = ca, b: int = b) -> Any:
-                low = np.zeros(65536, dtype=np.uint64)
-                for buf, cnt in blocks(ia, ca, ranges):
-                    _native.hist1(buf, cnt, b, low)
-                return low
+        def level1(ranges: list[tuple[int, int]], ia: int = ia, ca: str = ca, bins: list[int] = bins) -> Any:
+            low = np.zeros((len(bins), 65536), dtype=np.uint64)
+            for buf, cnt in blocks(ia, ca, ranges):  # each block read (or made) once for every bin
+                for row, b in enumerate(bins):
+                    _native.hist1(buf, cnt, b, low[row])
+            return low
 
-            # the blocks dealt out to the threads as in the bracketed pass; integer counts: any order, the same sum
-            workers = min(compute_threads(), len(whole)) if len(whole) >= THRESHOLD_PARALLEL_MIN else 1
-            low = sum(parallel_map(level1, [whole[w::workers] for w in range(workers)]))
-            ltop = np.cumsum(low[::-1])
+        # the blocks dealt out to the threads as in the bracketed pass; integer counts: any order, the same sum
+        workers = min(compute_threads(), len(whole)) if len(whole) >= THRESHOLD_PARALLEL_MIN else 1
+        lows = sum(parallel_map(level1, [whole[w::workers] for w in range(workers)]))
+        for row, b in enumerate(bins):
+            ltop = np.cumsum(lows[row][::-1])
             for k, (bk, above) in got.items():
                 if bk == b:
                     i = int(np.searchsorted(ltop, k - above))

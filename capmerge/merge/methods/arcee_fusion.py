@@ -52,9 +52,10 @@ def _arcee_fusion(x: TensorInputs) -> torch.Tensor:
 
 def row_kl(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """KL(softmax(θ₁) + 1e-8 ‖ softmax(θ₀) + 1e-8) of each row (the last dimension), as :func:`importance` takes it."""
-    p = torch.softmax(model, dim=-1) + 1e-8
-    q = torch.softmax(base, dim=-1) + 1e-8
-    return torch.sum(p * torch.log(p / q), dim=-1)
+    p = torch.softmax(model, dim=-1).add_(1e-8)
+    q = torch.softmax(base, dim=-1).add_(1e-8)
+    q = torch.div(p, q, out=q).log_().mul_(p)  # in place: p·log(p/q), the same operations without new buffers
+    return torch.sum(q, dim=-1)
 
 
 def _form(s: B.Spec) -> B.Finish | None:
@@ -107,9 +108,8 @@ def _form(s: B.Spec) -> B.Finish | None:
 
 
 def _kl_rows(st: B.Stats, m: int) -> np.ndarray:
-    """:func:`row_kl` of every row, from blocks of whole rows (on the compute threads; float32, one per row)."""
+    """:func:`row_kl` of every row, from blocks of whole rows (float32, one per row)."""
     from capmerge._torch import as_tensor
-    from capmerge.merge.engine import parallel_map
 
     rows = st.numel // m
     step = max(1, B.STAT_BLOCK // m)
@@ -121,9 +121,9 @@ def _kl_rows(st: B.Stats, m: int) -> np.ndarray:
         b = as_tensor(st.read(0, a, e), st.codes[0])[: e - a].float().reshape(r1 - r0, m)
         return row_kl(x, b).numpy()
 
-    starts = range(0, rows, step)
-    parts = parallel_map(block, starts, parallel=len(starts) >= B.STAT_PARALLEL_MIN)
-    return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+    # one block at a time: torch's own threads split each block's rows (faster here than blocks on threads, which
+    # then contend with torch's); a row's values never depend on the split
+    return np.ascontiguousarray(np.concatenate([block(r0) for r0 in range(0, rows, step)]), dtype=np.float32)
 
 
 def _torch_bits(st: B.Stats, s: B.Spec) -> np.ndarray:

@@ -232,23 +232,48 @@ def test_fast_merge_path_equals_the_tile_loops(codes: tuple[str, str, str], mode
                 assert got[0] == got[1], (n, off, normalize)
 
 
-@pytest.mark.parametrize("codes", [("BF16", "BF16"), ("F16", "F32"), ("F32", None)])
+def _della_rows(
+    kind: str, ac: str, bc: str | None, n: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inputs for the DELLA rank test: kinds of |v| rows (specials, repeated values, one narrow range, subnormals, a
+    wide range of magnitudes)."""
+    tdt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    if kind == "specials":  # NaN and ±inf, many equal |v|
+        a = (torch.randint(-4, 5, (n,), generator=g).float() * 0.25 + torch.randn(n, generator=g)).to(tdt[ac])
+        a[::13], a[::29], a[5::31] = float("nan"), float("inf"), float("-inf")
+    elif kind == "model_diffs":  # θ − θ₀ of 16-bit models: mostly 16-bit-exact (radix digits skipped), zeros
+        base = torch.randn(n, generator=g) * 0.02
+        a = (base + torch.randn(n, generator=g) * 0.002 * torch.randint(0, 2, (n,), generator=g)).to(tdt[ac])
+        return a, base.to(tdt[bc]) if bc else base
+    elif kind == "narrow":  # one range of the top bits, every low half different
+        a = (1.0 + torch.rand(n, generator=g) * 2**-9).to(tdt[ac])
+        a[::3] = 1.0
+    elif kind == "tiny":  # subnormals and zeros
+        a = (torch.randn(n, generator=g) * 1e-41 * torch.randint(0, 2, (n,), generator=g)).to(tdt[ac])
+    else:  # "wide": magnitudes from 2^-100 to 2^60
+        a = (torch.randn(n, generator=g) * torch.exp2(torch.randint(-100, 60, (n,), generator=g).float())).to(tdt[ac])
+    b = (torch.randn(n, generator=g) * 0.1).to(tdt[bc]) if bc and kind == "specials" else None
+    return a, b
+
+
+_DELLA_CASES = [(c, k) for c in (("BF16", "BF16"), ("F16", "F32"), ("F32", None)) for k in ("specials", "model_diffs")]
+_DELLA_CASES += [(("F32", None), k) for k in ("narrow", "tiny", "wide")]  # float32 patterns
+
+
+@pytest.mark.parametrize(("codes", "kind"), _DELLA_CASES)
 @pytest.mark.parametrize("m", [1, 7, 256, 2053])
-def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], m: int) -> None:
+def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], kind: str, m: int) -> None:
     """della(): entry j of a row kept where Philox(key, offset + j) < table[rank of |v_j| in its row] — the ranks
-    from torch's stable argsort (ties in index order: many equal |v| here, zeros, NaN, ±inf), the uniforms from the
-    torch Philox reference; the sums Σ|v|, Σ|kept| against numpy's float64 sums."""
+    from torch's stable argsort (ties in index order), the uniforms from the torch Philox reference; the sums Σ|v|,
+    Σ|kept| against numpy's float64 sums, for several kinds of rows."""
     from capmerge import _native
     from capmerge import functional as F
 
     ac, bc = codes
-    tdt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
     g = torch.Generator().manual_seed(m)
     rows = 9
     n = rows * m
-    a = (torch.randint(-4, 5, (n,), generator=g).float() * 0.25 + torch.randn(n, generator=g) * (m % 3)).to(tdt[ac])
-    a[::13], a[::29], a[5::31] = float("nan"), float("inf"), float("-inf")
-    b = (torch.randn(n, generator=g) * 0.1).to(tdt[bc]) if bc else None
+    a, b = _della_rows(kind, ac, bc, n, g)
     v = a.float() - b.float() if b is not None else a.float()
     table = F.della_table(m, 0.4, 0.3)
     order = torch.argsort(v.abs().reshape(rows, m), dim=-1, stable=True)

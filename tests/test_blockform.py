@@ -236,7 +236,9 @@ def test_torch_fallback_gives_the_native_result_within_float32_rounding(tmp_path
 
     paths = _models(tmp_path)
     wd = [{"weight": 0.7, "density": 0.4}] * 3
-    for method, params, pm in [("ties", {}, wd), ("multislerp", {}, [{"weight": 1}] * 3), ("dare_ties", {}, wd)]:
+    cases = [("ties", {}, wd), ("multislerp", {}, [{"weight": 1}] * 3), ("dare_ties", {}, wd), ("della", {}, wd),
+             ("della_linear", {}, wd), ("sce", {"select_topk": 0.3}, None), ("sce", {}, None)]  # fmt: skip
+    for method, params, pm in cases:
         outs = []
         for native in ("", "1"):
             monkeypatch.setenv("CAPMERGE_NO_NATIVE", native)
@@ -246,6 +248,21 @@ def test_torch_fallback_gives_the_native_result_within_float32_rounding(tmp_path
         for n in outs[0]:
             a, b = outs[0][n].float(), outs[1][n].float()
             assert float((a - b).abs().max()) <= 2**-7 * float(a.abs().max()), f"{method} {n}"
+
+
+def test_arcee_fusion_torch_fallback_matches(tmp_path, monkeypatch) -> None:
+    """arcee_fusion without the native kernel (the per-tensor torch function) gives the block path's bits."""
+    from capmerge.merge.modelmerge import run_merge
+
+    paths = _models(tmp_path, 1)
+    outs = []
+    for native in ("", "1"):
+        monkeypatch.setenv("CAPMERGE_NO_NATIVE", native)
+        out = tmp_path / f"arcee{native}.safetensors"
+        run_merge(_spec("arcee_fusion", paths), out, open_opts=None)
+        outs.append(load_file(out))
+    for n in outs[0]:
+        assert torch.equal(outs[0][n], outs[1][n]), n
 
 
 def _save(path, tensors: dict[str, list | float]) -> str:

@@ -62,15 +62,13 @@ def _form(s: B.Spec) -> B.Finish | None:
     """The block form: the rows' KL from blocks of whole rows (torch, float32, one number per row kept); the three
     quantiles of I = |θ₁ − θ₀|·KL_row by an exact threshold pass over I made block by block (native
     ``importance``, never stored whole); a pass for the keep bits of I ≥ threshold; the kernel adds the kept
-    changes to θ₀. Without the native kernel, a tensor of no dimension or an empty one: ``fn``'s torch code."""
+    changes to θ₀. Without the native kernel, a tensor of no dimension or an empty one: ``fn``'s torch code (the
+    runner gives the form float32/16/bf16 inputs only, and ``fn`` gives it float32)."""
     if not s.has_base or s.n_models != 1 or not s.shape or s.numel == 0 or not compute.native_available():
         return None
     m, n = s.shape[-1], s.numel
 
     def finish(st: B.Stats) -> B.Combo:
-        if not compute.use_native(*st.codes):
-            return B.Combo([B.Term(0, 1.0, (B.BITS, 0.0, 0.0, 0), _torch_bits(st, s))], relative=True,
-                           with_base=True)  # fmt: skip
         from capmerge.merge.compute import _native
         from capmerge.merge.engine import parallel_map
         from capmerge.merge.plan import kth_largest_abs_many
@@ -124,18 +122,6 @@ def _kl_rows(st: B.Stats, m: int) -> np.ndarray:
     # one block at a time: torch's own threads split each block's rows (faster here than blocks on threads, which
     # then contend with torch's); a row's values never depend on the split
     return np.ascontiguousarray(np.concatenate([block(r0) for r0 in range(0, rows, step)]), dtype=np.float32)
-
-
-def _torch_bits(st: B.Stats, s: B.Spec) -> np.ndarray:
-    """The keep bits from whole float32 tensors (inputs the native kernel does not read: float64, float8)."""
-    from capmerge._torch import as_tensor
-
-    x = as_tensor(st.read(1, 0, s.numel), st.codes[1])[: s.numel].float().reshape(s.shape)
-    b = as_tensor(st.read(0, 0, s.numel), st.codes[0])[: s.numel].float().reshape(s.shape)
-    scores = importance(x, b).reshape(-1)
-    q1, median, q3 = ranked(scores, [int(q * (s.numel - 1)) for q in (0.25, 0.5, 0.75)])
-    keep = (scores >= median + 1.5 * (q3 - q1)).numpy()
-    return np.packbits(keep, bitorder="little")
 
 
 MODEL_METHODS = (

@@ -144,7 +144,7 @@ def test_arcee_fusion_quantiles_are_the_sorted_elements(case: str) -> None:
 def test_sce_variance_is_torch_var(k: int) -> None:
     """sce's elementwise variance gives torch.var's bits (population, over the models), for spreads of every scale,
     zeros, and ±inf/NaN entries."""
-    from capmerge.merge.methods.sce import population_variance
+    from capmerge.functional import population_variance
 
     g = torch.Generator().manual_seed(k)
     shape = (1000, 257)
@@ -238,11 +238,11 @@ def test_torch_fallback_gives_the_native_result_within_float32_rounding(tmp_path
     wd = [{"weight": 0.7, "density": 0.4}] * 3
     cases = [("ties", {}, wd), ("multislerp", {}, [{"weight": 1}] * 3), ("dare_ties", {}, wd), ("della", {}, wd),
              ("della_linear", {}, wd), ("sce", {"select_topk": 0.3}, None), ("sce", {}, None)]  # fmt: skip
-    for method, params, pm in cases:
+    for c, (method, params, pm) in enumerate(cases):
         outs = []
         for native in ("", "1"):
             monkeypatch.setenv("CAPMERGE_NO_NATIVE", native)
-            out = tmp_path / f"{method}{native}.safetensors"
+            out = tmp_path / f"{c}-{method}{native}.safetensors"
             run_merge(_spec(method, paths, params, pm), out, open_opts=None)
             outs.append(load_file(out))
         for n in outs[0]:

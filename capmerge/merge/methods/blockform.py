@@ -376,7 +376,7 @@ def _torch_sce(views: list[Any], codes: Sequence[str], base: Any, base_code: str
     import torch
 
     from capmerge._torch import as_tensor
-    from capmerge.merge.methods.sce import population_variance
+    from capmerge.functional import population_variance
 
     b = as_tensor(base, base_code)[:n].float()
     taus = [as_tensor(v, c)[:n].float() - b for v, c in zip(views, codes, strict=True)]

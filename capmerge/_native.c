@@ -1304,6 +1304,13 @@ __attribute__((target("avx2"))) static Py_ssize_t sce_tile_avx2(const float *var
     return j;
 }
 
+/* Scratch of `count` tiles for a kernel call, or NULL with MemoryError set. */
+static float *alloc_tiles(size_t count) {
+    float *t = (float *)malloc(count * TILE * sizeof(float));
+    if (!t) PyErr_NoMemory();
+    return t;
+}
+
 /* One Welford step of run_sce over a tile: t -= b, then the float64 update with x = t (mul: 1 / cnt when that is
  * exact, a power of two; else 0 and a division). */
 static inline __attribute__((always_inline)) void welford(float *restrict t, const float *restrict b,
@@ -1448,13 +1455,7 @@ static PyObject *native_sce(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "sce: keep bits come with the sums");
         ok = 0;
     }
-    if (ok) {
-        tiles = (float *)malloc(((size_t)k + 1) * TILE * sizeof(float));
-        if (!tiles) {
-            PyErr_NoMemory();
-            ok = 0;
-        }
-    }
+    if (ok && !(tiles = alloc_tiles((size_t)k + 1))) ok = 0;
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
         nnz = run_sce(terms, k, base.buf, base_dt, n, has_v ? (float *)vb.buf : NULL, (float)thr,
@@ -1708,13 +1709,7 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
             ok = 0;
         }
     }
-    if (ok && k > 0) {
-        tiles = (float *)malloc((size_t)k * TILE * sizeof(float));
-        if (!tiles) {
-            PyErr_NoMemory();
-            ok = 0;
-        }
-    }
+    if (ok && k > 0 && !(tiles = alloc_tiles((size_t)k))) ok = 0;
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
         flags = run_merge(outs, n_out, base.buf, base_dt, n, terms, k, sign, normalize, (uint64_t)elem_offset, tiles);
@@ -1818,13 +1813,7 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "the output buffer is too short");
         ok = 0;
     }
-    if (ok) {
-        tiles = (float *)malloc(((size_t)k + 1) * TILE * sizeof(float));
-        if (!tiles) {
-            PyErr_NoMemory();
-            ok = 0;
-        }
-    }
+    if (ok && !(tiles = alloc_tiles((size_t)k + 1))) ok = 0;
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
         run_moments(terms, k, has_base ? base.buf : NULL, base_dt, n, (uint64_t)elem_offset, want_gram & 1,

@@ -1473,22 +1473,25 @@ static PyObject *native_sce(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(nnz);
 }
 
-/* importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits) -> None: arcee_fusion's importance of elements
- * offset .. offset+n of a tensor of rows of m: I_j = |a_j - b_j| * scale[(offset + j) / m] (float32: the difference
- * rounded, then the product), written to out (float32, n) when not None; with bits, the bits of I >= thr (element j
- * at bits[(offset + j) / 8], offset a multiple of 8). */
+/* importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits[, part]) -> count of I < 0: arcee_fusion's
+ * importance of elements offset .. offset+n of a tensor of rows of m: I_j = |a_j - b_j| * scale[(offset + j) / m]
+ * (float32: the difference rounded, then the product; a scale, a KL divergence, can round below 0). Written to out
+ * (float32, n) when not None: I itself (part 0), max(I, 0) (part 1: what lies at or above 0, NaN kept) or -min(I, 0)
+ * (part 2: the magnitudes of what lies below 0); with bits, the bits of I >= thr (element j at bits[(offset + j) /
+ * 8], offset a multiple of 8). */
 static PyObject *native_importance(PyObject *self, PyObject *args) {
     PyObject *out_o, *bits_o;
     Py_buffer a, b, scale, out, bits;
-    int a_dt, b_dt, ok = 1, has_out = 0, has_bits = 0;
-    Py_ssize_t n, m, off, j;
+    int a_dt, b_dt, ok = 1, has_out = 0, has_bits = 0, part = 0;
+    Py_ssize_t n, m, off, j, neg = 0;
     unsigned long long offset;
     double thr;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*iy*inKny*dOO", &a, &a_dt, &b, &b_dt, &n, &offset, &m, &scale, &thr, &out_o, &bits_o))
+    if (!PyArg_ParseTuple(args, "y*iy*inKny*dOO|i", &a, &a_dt, &b, &b_dt, &n, &offset, &m, &scale, &thr, &out_o,
+                          &bits_o, &part))
         return NULL;
-    if (n < 0 || m < 1) {
-        PyErr_SetString(PyExc_ValueError, "importance: n >= 0 and m >= 1");
+    if (n < 0 || m < 1 || part < 0 || part > 2) {
+        PyErr_SetString(PyExc_ValueError, "importance: n >= 0, m >= 1 and part 0, 1 or 2");
         ok = 0;
     }
     ok = ok && check_dt(a_dt) && check_len(&a, a_dt, n, "model") && check_dt(b_dt) && check_len(&b, b_dt, n, "base");
@@ -1526,7 +1529,13 @@ static PyObject *native_importance(PyObject *self, PyObject *args) {
                 for (j = j0; j < j1; j++) ta[j] = fabsf(ta[j] - tb[j]) * f;
                 j0 = j1;
             }
-            if (o) memcpy(o + off, ta, (size_t)t * sizeof(float));
+            for (j = 0; j < t; j++) neg += ta[j] < 0.0f;
+            if (o && part == 0)
+                memcpy(o + off, ta, (size_t)t * sizeof(float));
+            else if (o && part == 1)
+                for (j = 0; j < t; j++) o[off + j] = ta[j] < 0.0f ? 0.0f : ta[j];
+            else if (o)
+                for (j = 0; j < t; j++) o[off + j] = ta[j] < 0.0f ? -ta[j] : 0.0f;
             if (bt) {
                 for (j = 0; j + 8 <= t; j += 8) { /* off is a multiple of 8 (TILE is) */
                     uint32_t byte = 0, q;
@@ -1548,7 +1557,7 @@ static PyObject *native_importance(PyObject *self, PyObject *args) {
     if (has_out) PyBuffer_Release(&out);
     if (has_bits) PyBuffer_Release(&bits);
     if (!ok) return NULL;
-    Py_RETURN_NONE;
+    return PyLong_FromSsize_t(neg);
 }
 
 /* della(a, a_dt, b | None, b_dt, rows, m, elem_offset, key, table, bits) -> (sum |v|, sum |v| kept); see run_della. */
@@ -2050,7 +2059,8 @@ static PyMethodDef methods[] = {
     {"sce", native_sce, METH_VARARGS,
      "sce(models, base, base_dt, n, elem_offset, var_out, thr, bits, sums) -> nnz; SCE's variance, mask and energies"},
     {"importance", native_importance, METH_VARARGS,
-     "importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits) -> None; |a - b| * scale[row] (arcee_fusion)"},
+     "importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits[, part]) -> count of I < 0; I = |a - b| * "
+     "scale[row] (arcee_fusion)"},
     {"della", native_della, METH_VARARGS,
      "della(a, a_dt, b, b_dt, rows, m, elem_offset, key, table, bits) -> (l1, kept); DELLA's keep bits by row rank"},
     {"philox", native_philox, METH_VARARGS, "philox(key, start, n, out) -> None; tl.rand(key, start + arange(n))"},

@@ -140,6 +140,25 @@ def test_arcee_fusion_quantiles_are_the_sorted_elements(case: str) -> None:
     assert torch.equal(got, want) or (case == "nan" and torch.equal(got[:-1], want[:-1]) and got[-1].isnan())
 
 
+@pytest.mark.parametrize("shape", [(64, 384), (4097,), (300, 33)])
+def test_arcee_fusion_block_form_with_kl_below_zero(shape: tuple[int, ...]) -> None:
+    """A model within rounding of the base: many rows' KL rounds below 0, so I does too (a 1-D tensor is one such
+    row: every I ≤ 0). The block form ranks those first by magnitude, as the sorted order does: the torch
+    function's bits."""
+    from capmerge.merge.methods import arcee_fusion as A
+    from capmerge.merge.methods.models import TensorInputs
+
+    for seed in range(100):  # the first draw with a row whose KL rounds below 0
+        g = torch.Generator().manual_seed(seed)
+        base = torch.randn(shape, generator=g)
+        model = base + 1e-4 * torch.randn(shape, generator=g)
+        if bool((A.row_kl(model, base) < 0).any()):
+            break
+    assert bool((A.row_kl(model, base) < 0).any())
+    x = TensorInputs("w", [model], [{}], {}, base=base)
+    assert torch.equal(A.MODEL_METHODS[0].fn(x), A._arcee_fusion(x))
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_sce_variance_is_torch_var(k: int) -> None:
     """sce's elementwise variance gives torch.var's bits (population, over the models), for spreads of every scale,

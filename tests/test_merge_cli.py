@@ -131,7 +131,8 @@ def test_side_files_follow_the_copy_rules_of_apply(models, tmp_path: Path, capsy
     [
         (["--t", "0.3"], ["linear has no parameter 't'", "--t"]),
         (["--weights", "1,2,3"], ["weight has 3 values for 2 models"]),
-        ([], ["missing parameter weight of linear"]),
+        ([], ["linear needs weight for every model (one value, or one per model): pass --weights W"]),
+        (["--method", "slerp"], ["slerp needs t (one value, or a gradient): pass --t T"]),
         (["--weights", "1", "--method", "nope"], ["unknown merge method 'nope'"]),
         (["--weights", "1", "--override", "(:weight=1"], ["invalid regex"]),
         (["--weights", "1", "--override", "mlp:density=1"], ["linear has no parameter 'density'"]),

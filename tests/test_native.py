@@ -414,8 +414,9 @@ def test_sce_variance_mask_and_energies_against_torch(k: int, n: int) -> None:
 
 @pytest.mark.parametrize("m", [1, 7, 1000, 5000])
 def test_importance_is_the_scaled_difference_of_each_row(m: int) -> None:
-    """importance(): |a − b|·scale[row] in float32 (torch's rounding) for a block starting mid-row, written out, and
-    the bits of ≥ thr at a byte-aligned offset."""
+    """importance(): |a − b|·scale[row] in float32 (torch's rounding) for a block starting mid-row, written out as
+    it is, above 0 or as the magnitudes below 0, with the count below 0; and the bits of ≥ thr at a byte-aligned
+    offset."""
     from capmerge import _native
 
     g = torch.Generator().manual_seed(m)
@@ -423,17 +424,19 @@ def test_importance_is_the_scaled_difference_of_each_row(m: int) -> None:
     n_all = rows * m
     a = torch.randn(n_all, generator=g).bfloat16()
     b = torch.randn(n_all, generator=g).to(torch.float16)
-    scale = torch.rand(rows, generator=g) * 3
+    scale = torch.rand(rows, generator=g) * 3 - 1  # a KL divergence can round below 0
     want = (a.float() - b.float()).abs() * scale.repeat_interleave(m)
     sc = memoryview(scale.numpy()).cast("B")
     for start, end in ((0, n_all), (m // 2 + 3, n_all - 1), (8, min(n_all, 8 + 3 * m))):
         n = end - start
         if n <= 0:
             continue
-        out = torch.empty(n)
-        _native.importance(_mv(a[start:end]), 2, _mv(b[start:end]), 1, n, start, m, sc, 0.0,
-                           memoryview(out.numpy()).cast("B"), None)  # fmt: skip
-        assert torch.equal(out, want[start:end])
+        w = want[start:end]
+        for part, expect in ((0, w), (1, torch.where(w < 0, 0.0, w)), (2, torch.where(w < 0, -w, 0.0))):
+            out = torch.empty(n)
+            neg = _native.importance(_mv(a[start:end]), 2, _mv(b[start:end]), 1, n, start, m, sc, 0.0,
+                                     memoryview(out.numpy()).cast("B"), None, part)  # fmt: skip
+            assert torch.equal(out, expect) and neg == int((w < 0).sum())
         if start % 8 == 0:
             thr = float(want.median())
             bits = np.zeros((n_all + 7) // 8, dtype=np.uint8)

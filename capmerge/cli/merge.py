@@ -163,6 +163,10 @@ def _values(text: Any, kind: type, key: str, sep: str) -> list[Any]:
     return [_value(x, kind, key) for x in str(text).split(sep)]
 
 
+_OPTIONS = {"weight": "--weights W", "density": "--density D", "t": "--t T", "lambda": "--lambda L",
+            "epsilon": "--epsilon E", "gamma": "--gamma G", "select_topk": "--select-topk K"}  # fmt: skip
+
+
 def build_spec(m: Any, models: list[str], base: str | None, values: dict[str, Any], overrides: list[str]) -> Any:
     """The :class:`~capmerge.merge.modelmerge.MergeSpec` of a command line, every parameter checked against the
     method's (per-model lists: one value or one per model; global lists: a gradient)."""
@@ -218,5 +222,11 @@ def build_spec(m: Any, models: list[str], base: str | None, values: dict[str, An
                 own[i].setdefault(key, []).append(Cond(v))
         else:
             glob.setdefault(key, []).append(Cond(vals if len(vals) > 1 else vals[0]))
+    for key in (k for k, d in known.items() if d is None):  # required, and given nowhere: say which option sets it
+        if not glob.get(key) and not any(o.get(key) for o in own):
+            opt = _OPTIONS.get(key, f"--param {key}=V")
+            per = key in m.model_params
+            scope = "for every model (one value, or one per model)" if per else "(one value, or a gradient)"
+            raise UsageError(f"{m.name} needs {key} {scope}: pass {opt}")
     return MergeSpec(m.name, models=[SourceSpec(ref, own[i]) for i, ref in enumerate(models)], base=base,
                      parameters=glob)  # fmt: skip

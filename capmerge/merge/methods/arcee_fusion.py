@@ -61,8 +61,8 @@ def row_kl(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 def _form(s: B.Spec) -> B.Finish | None:
     """The block form: the rows' KL from blocks of whole rows (torch, float32, one number per row kept); the three
     quantiles of I = |θ₁ − θ₀|·KL_row by an exact threshold pass over I made block by block (native
-    ``importance``, never stored whole); a pass for the keep bits of I ≥ threshold; the kernel adds the kept
-    changes to θ₀. Without the native kernel, a tensor of no dimension or an empty one: ``fn``'s torch code (the
+    ``importance``, never stored whole; a KL that rounds below 0 puts its row's I below 0, ranked first by magnitude
+    as in the sorted order); a pass for the keep bits of I ≥ threshold; the kernel adds the kept changes to θ₀. Without the native kernel, a tensor of no dimension or an empty one: ``fn``'s torch code (the
     runner gives the form float32/16/bf16 inputs only, and ``fn`` gives it float32)."""
     if not s.has_base or s.n_models != 1 or not s.shape or s.numel == 0 or not compute.native_available():
         return None
@@ -77,19 +77,30 @@ def _form(s: B.Spec) -> B.Finish | None:
         klb = memoryview(kl).cast("B")
         codes = [compute.NATIVE_CODES[c] for c in st.codes]
         local = threading.local()
+        starts = range(0, n, B.STAT_BLOCK)
+        parallel = len(starts) >= B.STAT_PARALLEL_MIN
 
-        def importance_of(i: int, a: int, e: int) -> memoryview:  # the virtual input of the threshold pass
+        def importance_of(i: int, a: int, e: int) -> memoryview:
+            """The threshold pass's virtual inputs: 0 = max(I, 0), 1 = −min(I, 0) (I itself when nothing is < 0)."""
             buf = getattr(local, "buf", None)
             if buf is None or len(buf) < 4 * (e - a):
                 buf = local.buf = bytearray(4 * max(e - a, B.STAT_BLOCK))
             out = memoryview(buf)[: 4 * (e - a)]
             _native.importance(st.read(1, a, e), codes[1], st.read(0, a, e), codes[0], e - a, a, m, klb, 0.0, out,
-                               None)  # fmt: skip
+                               None, i + 1)  # fmt: skip
             return out
 
+        def count_negative(a: int) -> int:
+            e = min(n, a + B.STAT_BLOCK)
+            return _native.importance(st.read(1, a, e), codes[1], st.read(0, a, e), codes[0], e - a, a, m, klb, 0.0,
+                                      None, None)  # fmt: skip
+
+        # a KL divergence can round below 0, and then so can I: those entries rank first, by their magnitude
+        z = sum(parallel_map(count_negative, starts, parallel=parallel)) if bool((kl < 0).any()) else 0
         ranks = [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)]
-        got = kth_largest_abs_many(importance_of, [(0, "F32", [n - r for r in ranks])], None, "F32", n)[0]
-        q1, median, q3 = (np.float32(got[n - r]) for r in ranks)
+        items = [(0, "F32", [n - r for r in ranks if r >= z]), (1, "F32", [r + 1 for r in ranks if r < z])]
+        top, low = kth_largest_abs_many(importance_of, items, None, "F32", n)
+        q1, median, q3 = (np.float32(top[n - r] if r >= z else -low[r + 1]) for r in ranks)
         thr = float(median + np.float32(1.5) * (q3 - q1))
         bits = np.zeros((n + 7) // 8, dtype=np.uint8)
 
@@ -98,8 +109,7 @@ def _form(s: B.Spec) -> B.Finish | None:
             _native.importance(st.read(1, a, e), codes[1], st.read(0, a, e), codes[0], e - a, a, m, klb, thr, None,
                                bits)  # fmt: skip
 
-        starts = range(0, n, B.STAT_BLOCK)
-        parallel_map(block, starts, parallel=len(starts) >= B.STAT_PARALLEL_MIN)
+        parallel_map(block, starts, parallel=parallel)
         return B.Combo([B.Term(0, 1.0, (B.BITS, 0.0, 0.0, 0), bits)], relative=True, with_base=True)
 
     return finish

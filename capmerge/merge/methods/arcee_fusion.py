@@ -62,8 +62,9 @@ def _form(s: B.Spec) -> B.Finish | None:
     """The block form: the rows' KL from blocks of whole rows (torch, float32, one number per row kept); the three
     quantiles of I = |θ₁ − θ₀|·KL_row by an exact threshold pass over I made block by block (native
     ``importance``, never stored whole; a KL that rounds below 0 puts its row's I below 0, ranked first by magnitude
-    as in the sorted order); a pass for the keep bits of I ≥ threshold; the kernel adds the kept changes to θ₀. Without the native kernel, a tensor of no dimension or an empty one: ``fn``'s torch code (the
-    runner gives the form float32/16/bf16 inputs only, and ``fn`` gives it float32)."""
+    as in the sorted order); a pass for the keep bits of I ≥ threshold; the kernel adds the kept changes to θ₀.
+    Without the native kernel, a tensor of no dimension or an empty one: ``fn``'s torch code (the runner gives the
+    form float32/16/bf16 inputs only, and ``fn`` gives it float32)."""
     if not s.has_base or s.n_models != 1 or not s.shape or s.numel == 0 or not compute.native_available():
         return None
     m, n = s.shape[-1], s.numel

@@ -74,7 +74,7 @@ def _form(s: B.Spec) -> B.Finish | None:
         from capmerge.merge.engine import parallel_map
         from capmerge.merge.plan import kth_largest_abs_many
 
-        kl = _kl_rows(st, m)
+        kl, z = _kl_rows(st, m)  # z: how many entries of I are below 0 (they rank first, by their magnitude)
         klb = memoryview(kl).cast("B")
         codes = [compute.NATIVE_CODES[c] for c in st.codes]
         local = threading.local()
@@ -91,13 +91,6 @@ def _form(s: B.Spec) -> B.Finish | None:
                                None, i + 1)  # fmt: skip
             return out
 
-        def count_negative(a: int) -> int:
-            e = min(n, a + B.STAT_BLOCK)
-            return _native.importance(st.read(1, a, e), codes[1], st.read(0, a, e), codes[0], e - a, a, m, klb, 0.0,
-                                      None, None)  # fmt: skip
-
-        # a KL divergence can round below 0, and then so can I: those entries rank first, by their magnitude
-        z = sum(parallel_map(count_negative, starts, parallel=parallel)) if bool((kl < 0).any()) else 0
         ranks = [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)]
         items = [(0, "F32", [n - r for r in ranks if r >= z]), (1, "F32", [r + 1 for r in ranks if r < z])]
         top, low = kth_largest_abs_many(importance_of, items, None, "F32", n)
@@ -116,23 +109,31 @@ def _form(s: B.Spec) -> B.Finish | None:
     return finish
 
 
-def _kl_rows(st: B.Stats, m: int) -> np.ndarray:
-    """:func:`row_kl` of every row, from blocks of whole rows (float32, one per row)."""
+def _kl_rows(st: B.Stats, m: int) -> tuple[np.ndarray, int]:
+    """:func:`row_kl` of every row, from blocks of whole rows (float32, one per row), and how many entries of I are
+    below 0 (in the rows whose KL rounded below 0: I = |θ₁ − θ₀|·KL, the same float32 product as ``importance``)."""
     from capmerge._torch import as_tensor
 
     rows = st.numel // m
     step = max(1, B.STAT_BLOCK // m)
+    below = 0
 
     def block(r0: int) -> np.ndarray:
+        nonlocal below
         r1 = min(rows, r0 + step)
         a, e = r0 * m, r1 * m
         x = as_tensor(st.read(1, a, e), st.codes[1])[: e - a].float().reshape(r1 - r0, m)
         b = as_tensor(st.read(0, a, e), st.codes[0])[: e - a].float().reshape(r1 - r0, m)
-        return row_kl(x, b).numpy()
+        kl = row_kl(x, b)
+        neg = kl < 0
+        if bool(neg.any()):
+            below += int(((x[neg] - b[neg]).abs() * kl[neg].unsqueeze(-1) < 0).sum())
+        return kl.numpy()
 
     # one block at a time: torch's own threads split each block's rows (faster here than blocks on threads, which
     # then contend with torch's); a row's values never depend on the split
-    return np.ascontiguousarray(np.concatenate([block(r0) for r0 in range(0, rows, step)]), dtype=np.float32)
+    kl = np.ascontiguousarray(np.concatenate([block(r0) for r0 in range(0, rows, step)]), dtype=np.float32)
+    return kl, below
 
 
 MODEL_METHODS = (

@@ -1347,7 +1347,7 @@ static inline __attribute__((always_inline)) void welford(float *restrict t, con
  * set (bits[(elem_offset + j) / 8], elem_offset a multiple of 8). */
 MULTIVERSION
 static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base_dt, Py_ssize_t n, float *var_out,
-                          float thr, uint8_t *bits, double *sums, float *tiles) {
+                          float thr, uint8_t *bits, double *sums, float *tiles, int want_count) {
     double mean[TILE], m2[TILE], acc[4 * MAX_VECTORS];
     float *bt = tiles + (size_t)k * TILE, var[TILE];
     Py_ssize_t off, j, q, nnz = 0;
@@ -1355,6 +1355,19 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
     for (off = 0; off < n; off += TILE) {
         Py_ssize_t m = n - off < TILE ? n - off : TILE;
         load_tile(bt, base, base_dt, off, m);
+        if (!want_count && !var_out && !bits) { /* the sums alone (no selection): no variance, in the same order */
+            for (i = 0; sums && i < k; i++) {
+                float *tt = tiles + (size_t)i * TILE;
+                double s[4] = {0.0, 0.0, 0.0, 0.0};
+                load_tile(tt, terms[i].a, terms[i].a_dt, off, m);
+                for (j = 0; j < m; j++) {
+                    double x = (double)(tt[j] - bt[j]);
+                    s[j & 3] += x * x;
+                }
+                sums[i] += (s[0] + s[1]) + (s[2] + s[3]);
+            }
+            continue;
+        }
         for (j = 0; j < m; j++) mean[j] = m2[j] = 0.0;
         for (i = 0; i < k; i++) {
             float *tt = tiles + (size_t)i * TILE;
@@ -1396,19 +1409,21 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
     return nnz;
 }
 
-/* sce(models, base, base_dt, n, elem_offset, var_out, thr, bits, sums) -> count of var != 0; see run_sce.
- * models: a sequence of (buffer, dtype); var_out, bits and sums may be None. */
+/* sce(models, base, base_dt, n, elem_offset, var_out, thr, bits, sums[, count]) -> count of var != 0; see run_sce.
+ * models: a sequence of (buffer, dtype); var_out, bits and sums may be None. count false, with neither var_out nor
+ * bits: the sums alone (no variance is computed; returns 0). */
 static PyObject *native_sce(PyObject *self, PyObject *args) {
     PyObject *models_o, *var_o, *bits_o, *sums_o, *sv = NULL;
     Py_buffer base, ab[MAX_VECTORS], vb, bb, sb;
     term_t terms[MAX_VECTORS];
-    int base_dt, k = 0, i, ok = 1, has_v = 0, has_bits = 0, has_s = 0;
+    int base_dt, k = 0, i, ok = 1, has_v = 0, has_bits = 0, has_s = 0, want_count = 1;
     Py_ssize_t n, nnz = 0;
     unsigned long long offset;
     double thr;
     float *tiles = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "Oy*inKOdOO", &models_o, &base, &base_dt, &n, &offset, &var_o, &thr, &bits_o, &sums_o))
+    if (!PyArg_ParseTuple(args, "Oy*inKOdOO|p", &models_o, &base, &base_dt, &n, &offset, &var_o, &thr, &bits_o, &sums_o,
+                          &want_count))
         return NULL;
     sv = PySequence_Fast(models_o, "models must be a sequence");
     if (!sv) ok = 0;
@@ -1459,7 +1474,8 @@ static PyObject *native_sce(PyObject *self, PyObject *args) {
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
         nnz = run_sce(terms, k, base.buf, base_dt, n, has_v ? (float *)vb.buf : NULL, (float)thr,
-                      has_bits ? (uint8_t *)bb.buf + (offset >> 3) : NULL, has_s ? (double *)sb.buf : NULL, tiles);
+                      has_bits ? (uint8_t *)bb.buf + (offset >> 3) : NULL, has_s ? (double *)sb.buf : NULL, tiles,
+                      want_count);
         Py_END_ALLOW_THREADS
     }
     free(tiles);

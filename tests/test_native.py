@@ -404,10 +404,13 @@ def test_sce_variance_mask_and_energies_against_torch(k: int, n: int) -> None:
         with np.errstate(invalid="ignore"):
             for i in range(k):
                 assert sums[i] == pytest.approx((keep * (x[i] * x[i])).sum(), rel=1e-12, nan_ok=True)
-        all_sums = np.zeros(k)
+        all_sums, only_sums = np.zeros(k), np.zeros(k)
         _native.sce(ins, _mv(base), 2, n, 0, None, 0.0, None, all_sums)
         for i in range(k):
             assert all_sums[i] == pytest.approx((x[i] * x[i]).sum(), rel=1e-12, nan_ok=True)
+        # without the count (no selection): no variance, the same sums bit for bit
+        assert _native.sce(ins, _mv(base), 2, n, 0, None, 0.0, None, only_sums, False) == 0
+        assert np.array_equal(only_sums, all_sums, equal_nan=True)
     with pytest.raises(ValueError, match="multiple of 8"):
         _native.sce(ins, _mv(base), 2, n, 3, None, thr, bits, np.zeros(k))
 

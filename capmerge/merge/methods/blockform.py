@@ -194,11 +194,12 @@ class Stats:
         self._cache[key] = m
         return m
 
-    def sce(self, thr: float | None = None, *, sums: bool = True) -> tuple[int, list[float], Any]:
+    def sce(self, thr: float | None = None, *, sums: bool = True, count: bool = True) -> tuple[int, list[float], Any]:
         """SCE's statistics of the task vectors v_i = θ_i − base (all models): var = their population variance per
         element (torch.var's float64 Welford steps, rounded to float32). Returns (#{var ≠ 0}, Σ v_i² per model over
         every element — or, with ``thr``, over the elements where var ≥ thr —, the keep bits of var ≥ thr or None);
-        ``sums`` False: the count only. Sums in float64 over STAT_BLOCK blocks, added in block order."""
+        ``sums`` False: the count only; ``count`` False (no ``thr``): the sums only, without the variance (the count
+        reads 0). Sums in float64 over STAT_BLOCK blocks, added in block order."""
         import numpy as np
 
         from capmerge.merge.engine import parallel_map
@@ -209,16 +210,16 @@ class Stats:
         def block(s: int) -> tuple[int, Any]:
             e = min(self.numel, s + STAT_BLOCK)
             part = np.zeros(k, dtype=np.float64) if sums or thr is not None else None
-            nnz = self._sce_block(s, e, None, thr, bits, part)
+            nnz = self._sce_block(s, e, None, thr, bits, part, count or thr is not None)
             return nnz, part
 
         starts = range(0, self.numel, STAT_BLOCK)
-        count, total = 0, np.zeros(k, dtype=np.float64)
+        nonzero, total = 0, np.zeros(k, dtype=np.float64)
         for nnz, part in parallel_map(block, starts, parallel=len(starts) >= STAT_PARALLEL_MIN):
-            count += nnz
+            nonzero += nnz
             if part is not None:
                 total += part
-        return count, total.tolist(), bits
+        return nonzero, total.tolist(), bits
 
     def sce_variance_kth(self, ks: Sequence[int]) -> dict[int, float]:
         """The k-th largest of SCE's per-element variance (exact, :meth:`sce`'s float32 values) for each k of ``ks``:
@@ -237,7 +238,7 @@ class Stats:
 
         return kth_largest_abs_many(read, [(0, "F32", list(ks))], None, "F32", self.numel)[0]
 
-    def _sce_block(self, s: int, e: int, var: Any, thr: float | None, bits: Any, sums: Any) -> int:
+    def _sce_block(self, s: int, e: int, var: Any, thr: float | None, bits: Any, sums: Any, count: bool = True) -> int:
         """Elements [s, e) of :meth:`sce`: the variance into ``var`` (a float32 buffer, or None), the keep bits of
         var ≥ ``thr`` and the sums into ``sums``; returns #{var ≠ 0} there."""
         k = len(self.codes) - 1
@@ -249,7 +250,7 @@ class Stats:
             out = memoryview(sums).cast("B") if sums is not None else None
             return _native.sce([(v, compute.NATIVE_CODES[c]) for v, c in zip(views, self.codes[1:], strict=True)],
                                base, compute.NATIVE_CODES[self.codes[0]], e - s, s if bits is not None else 0, var,
-                               math.nan if thr is None else thr, bits, out)  # fmt: skip
+                               math.nan if thr is None else thr, bits, out, count)  # fmt: skip
         return _torch_sce(views, self.codes[1:], base, self.codes[0], e - s, s, var, thr, bits, sums)
 
     def della(self, i: int, table: Any, key: int, m: int) -> tuple[float, float, Any]:

@@ -69,7 +69,7 @@ def _form(s: B.Spec) -> B.Finish | None:
             return B.Combo([], with_base=True)
         bits = None
         if topk >= 1:
-            _, sums, _ = st.sce()
+            _, sums, _ = st.sce(count=False)
         else:
             nnz = st.sce(sums=False)[0] if topk > 0 else 0
             kk = int(nnz * topk)

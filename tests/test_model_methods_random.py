@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from capmerge import functional as F
+from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import TensorInputs
 from capmerge.merge.methods.registry import get_model_method
 
@@ -149,3 +150,25 @@ def test_masks_are_the_reference_philox_masks(shape: tuple[int, ...], monkeypatc
         monkeypatch.setenv("CAPMERGE_NO_NATIVE", "1")
         assert torch.equal(m.fn(x), native), method
         monkeypatch.delenv("CAPMERGE_NO_NATIVE")
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear", "dare_ties", "dare_linear"])
+@pytest.mark.parametrize("params", [{}, {"normalize": True, "rescale": True}, {"rescale": False, "lambda": 0.7}])
+@pytest.mark.parametrize("shape", [(9,), (40, 257)])
+def test_block_form_is_the_float32_function(method: str, params: dict, shape: tuple[int, ...]) -> None:
+    """The random methods' block form (keep bits from the statistics pass — DELLA's from each row's ranks —, the
+    rescale ratio as the bits' scale, so normalize with rescale too) gives the plain float32 function's bits, for
+    three models of different densities."""
+    from capmerge.merge.methods import gta
+
+    g = torch.Generator().manual_seed(len(shape) + len(params))
+    base = torch.randn(shape, generator=g).bfloat16().float()
+    models = [(base + 0.01 * torch.randn(shape, generator=g)).bfloat16().float() for _ in range(3)]
+    m = get_model_method(method)
+    dens = ({"density": 0.3}, {"density": 0.6}, {"density": 1.0})
+    gp, mps = m.resolve(params, [{"weight": w, **d} for w, d in zip((0.5, 0.3, 0.4), dens, strict=True)])
+    x = TensorInputs("model.layers.0.mlp.up_proj.weight", models, mps, gp, base, 4)
+    prune = gta._della if "della" in method else gta._random
+    want = gta.generalized_task_arithmetic(x, prune=prune, elect=method in ("della", "dare_ties"))
+    assert gta.gta_form(prune, method in ("della", "dare_ties"))(B.spec_of(x)) is not None
+    assert torch.equal(m.fn(x), want)

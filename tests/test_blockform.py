@@ -99,8 +99,8 @@ def test_stats_are_the_same_for_any_reader_blocks() -> None:
 
 def test_stats_are_the_same_on_any_number_of_threads(monkeypatch) -> None:
     """A statistics pass dealt out to threads (blocks summed in order) gives the bits of one thread: Gram, L1,
-    kept L1, DARE's keep bits, and the thresholds of a bracketed pass."""
-    n = 5 * B.STAT_BLOCK + 1234
+    kept L1, DARE's keep bits, the thresholds of a bracketed pass, DELLA's and SCE's statistics."""
+    n = 5 * B.STAT_BLOCK + 2000
     ts = _inputs("BF16", n, 4, seed=2)
     raw = [_raw(t) for t in ts]
     prune = [(B.RANDOM, 0.3, 0.0, 99), (B.MAGNITUDE, 0.01, 0.0, 0), B.KEEP_ALL]
@@ -112,6 +112,12 @@ def test_stats_are_the_same_on_any_number_of_threads(monkeypatch) -> None:
         st = B.Stats(lambda i, s, e: raw[i][2 * s : 2 * e], ["BF16"] * 4, True, n)
         m = st.moments(relative=True, prune=prune, l1=True, masks=True)
         got.append((m.gram, m.l1, m.kept, bytes(m.masks[0]), st.kth_abs_many({0: [5, n // 3], 2: [n // 100]})))
+        # the statistics of DELLA (rows of 240: n = 10931 rows), SCE (count, variance threshold, bits, energies)
+        assert n % 240 == 0
+        l1, kept, bits = st.della(1, F.della_table(240, 0.4, 0.2).numpy(), 77, 240)
+        nnz = st.sce(sums=False)[0]
+        thr = st.sce_variance_kth([nnz // 3])[nnz // 3]
+        got[-1] += (l1, kept, bytes(bits), nnz, thr, st.sce(thr)[1], bytes(st.sce(thr)[2]))
     assert got[0] == got[1]
     tau = (ts[1].float() - ts[0].float()).abs().sort(descending=True).values
     assert got[0][4][0] == {5: float(tau[4]), n // 3: float(tau[n // 3 - 1])}

@@ -263,6 +263,8 @@ class Stats:
         from capmerge.merge.compute import _native
         from capmerge.merge.engine import parallel_map
 
+        if m < 1 or self.numel % m:
+            raise ValueError(f"della: {self.numel} entries are not rows of {m}")
         mi = self._model(i)
         rows = self.numel // m
         step = max(1, STAT_BLOCK // m)

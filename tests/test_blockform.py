@@ -165,6 +165,29 @@ def test_arcee_fusion_block_form_with_kl_below_zero(shape: tuple[int, ...]) -> N
     assert torch.equal(A.MODEL_METHODS[0].fn(x), A._arcee_fusion(x))
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (5, 1), (1, 7), (3, 4, 5), (0, 3)])
+def test_statistics_methods_keep_every_shape(shape: tuple[int, ...]) -> None:
+    """della, sce and arcee_fusion on scalars, single rows and columns, 3-D and empty tensors: the input's shape out,
+    and what the formulas give there (sce over one model selects nothing: θ₀; DARE at density 0: θ₀)."""
+    from capmerge.merge.methods.models import TensorInputs
+    from capmerge.merge.methods.registry import get_model_method
+
+    g = torch.Generator().manual_seed(len(shape))
+    b = torch.randn(shape, generator=g)
+    ms = [b + 0.1 * torch.randn(shape, generator=g) for _ in range(2)]
+
+    def run(name: str, models: list, params: dict, mp: list) -> torch.Tensor:
+        m = get_model_method(name)
+        gp, mps = m.resolve(params, mp)
+        return m.fn(TensorInputs("t", models, mps, gp, b, 0))
+
+    for out in (run("della", ms, {}, [{"weight": 0.5, "density": 0.5}] * 2),
+                run("sce", ms, {"select_topk": 0.5}, [None] * 2), run("arcee_fusion", ms[:1], {}, [None])):  # fmt: skip
+        assert out.shape == b.shape
+    assert torch.equal(run("sce", ms[:1], {"select_topk": 0.5}, [None]), b)
+    assert torch.equal(run("dare_ties", ms, {"normalize": True}, [{"weight": 0.5, "density": 0.0}] * 2), b)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 5])
 def test_sce_variance_is_torch_var(k: int) -> None:
     """sce's elementwise variance gives torch.var's bits (population, over the models), for spreads of every scale,

@@ -23,7 +23,8 @@ from capmerge.merge.methods.models import ModelMethod, TensorInputs
 
 def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """|θ₁ − θ₀| times the row's KL divergence between the softmaxes of θ₁ and θ₀ (see the module's docstring)."""
-    return (model - base).abs() * row_kl(model, base).unsqueeze(-1)
+    kl = row_kl(model, base)
+    return (model - base).abs() * (kl.unsqueeze(-1) if model.dim() else kl)  # a 0-d tensor is its own row
 
 
 def ranked(flat: torch.Tensor, ranks: list[int]) -> torch.Tensor:

@@ -356,10 +356,12 @@ def test_block_path_takes_empty_and_scalar_tensors(tmp_path) -> None:
         return str(tmp_path / f"M{i}.safetensors")
 
     base, a, b = model(0), model(1), model(2)
-    for method, params in [("ties", {"weight": 1.0, "density": 0.5}), ("multislerp", {"weight": 1.0}),
-                           ("model_stock", None)]:  # fmt: skip
+    wd = {"weight": 1.0, "density": 0.5}
+    for method, params in [("ties", wd), ("multislerp", {"weight": 1.0}), ("model_stock", None), ("della", wd),
+                           ("dare_ties", wd), ("sce", None), ("arcee_fusion", None)]:  # fmt: skip
         out = tmp_path / f"{method}.safetensors"
-        run_merge(MergeSpec(method, models=[SourceSpec(a, params), SourceSpec(b, params)], base=base), out)
+        sources = [SourceSpec(a, params)] + ([SourceSpec(b, params)] if method != "arcee_fusion" else [])
+        run_merge(MergeSpec(method, models=sources, base=base), out)
         got = load_file(out)
         assert got["empty"].shape == (0, 4) and got["scalar"].shape == () and got["v"].shape == (4,), method
         assert torch.isfinite(got["scalar"]) and torch.isfinite(got["v"]).all(), method

@@ -34,6 +34,17 @@
 #define TILE 1024
 #define MAX_VECTORS 64
 
+/* static int NAME(void): whether the CPU has what EXPR asks (__builtin_cpu_supports), found once */
+#define CPU_CHECK(name, expr)                                                                                          \
+    static int name(void) {                                                                                            \
+        static int ok = -1;                                                                                            \
+        if (ok < 0) {                                                                                                  \
+            __builtin_cpu_init();                                                                                      \
+            ok = (expr);                                                                                               \
+        }                                                                                                              \
+        return ok;                                                                                                     \
+    }
+
 static inline uint32_t f2u(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
@@ -273,14 +284,7 @@ __attribute__((target("avx2"))) static void philox_avx2(float *dst, uint64_t sta
     for (; j < m; j++) dst[j] = philox_uniform(start + (uint64_t)j, key0, key1);
 }
 
-static int avx2_ok(void) {
-    static int ok = -1;
-    if (ok < 0) {
-        __builtin_cpu_init();
-        ok = __builtin_cpu_supports("avx2");
-    }
-    return ok;
-}
+CPU_CHECK(avx2_ok, __builtin_cpu_supports("avx2"))
 #else
 static int avx2_ok(void) { return 0; }
 static void philox_avx2(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1) {
@@ -334,14 +338,7 @@ __attribute__((target("avx512f,avx512vl"))) static void philox_avx512(float *dst
     for (; j < m; j++) dst[j] = philox_uniform(start + (uint64_t)j, key0, key1);
 }
 
-static int philox512_ok(void) {
-    static int ok = -1;
-    if (ok < 0) {
-        __builtin_cpu_init();
-        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
-    }
-    return ok;
-}
+CPU_CHECK(philox512_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
 #else
 #define HAVE_PHILOX_AVX512 0
 #endif
@@ -980,15 +977,8 @@ bracket_diff_avx512(const uint16_t *a, int a_dt, const uint16_t *b, int b_dt, Py
     return above;
 }
 
-static int avx512_ok(void) {
-    static int ok = -1;
-    if (ok < 0) {
-        __builtin_cpu_init();
-        ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("popcnt");
-    }
-    return ok;
-}
+CPU_CHECK(avx512_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("popcnt"))
 #else
 #define HAVE_BRACKET_AVX512 0
 static int avx512_ok(void) { return 0; }
@@ -1304,6 +1294,17 @@ __attribute__((target("avx2"))) static Py_ssize_t sce_tile_avx2(const float *var
     return j;
 }
 
+/* The keep bits of x[j] >= thr for j in [j0, m) (j0 a multiple of 8; element j at bits[j / 8], bit j % 8): whole
+ * bytes written, the last partial one too (its bits past m are 0). NaN is never kept. */
+static void set_bits_ge(const float *x, Py_ssize_t j0, Py_ssize_t m, float thr, uint8_t *bits) {
+    Py_ssize_t j;
+    for (j = j0; j < m; j += 8) {
+        uint32_t byte = 0, q;
+        for (q = 0; q < 8 && j + (Py_ssize_t)q < m; q++) byte |= (uint32_t)(x[j + q] >= thr) << q;
+        bits[j >> 3] = (uint8_t)byte;
+    }
+}
+
 /* Scratch of `count` tiles for a kernel call, or NULL with MemoryError set. */
 static float *alloc_tiles(size_t count) {
     float *t = (float *)malloc(count * TILE * sizeof(float));
@@ -1389,12 +1390,7 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
         if (avx2_ok()) j = sce_tile_avx2(var, m, thr, bits ? bits + (off >> 3) : NULL, tiles, k, sums ? acc : NULL, &nnz);
 #endif
         for (q = j; q < m; q++) nnz += var[q] != 0.0f;
-        if (bits && j < m) { /* the tail: whole bytes, then the last partial one */
-            for (q = j; q < m; q++) {
-                if ((q & 7) == 0) bits[(off + q) >> 3] = 0;
-                bits[(off + q) >> 3] |= (uint8_t)((var[q] >= thr) << (q & 7));
-            }
-        }
+        if (bits) set_bits_ge(var, j, m, thr, bits + (off >> 3)); /* the tail the vector loop left */
         if (!sums) continue;
         for (i = 0; i < k; i++) {
             const float *tt = tiles + (size_t)i * TILE;
@@ -1552,18 +1548,7 @@ static PyObject *native_importance(PyObject *self, PyObject *args) {
                 for (j = 0; j < t; j++) o[off + j] = ta[j] < 0.0f ? 0.0f : ta[j];
             else if (o)
                 for (j = 0; j < t; j++) o[off + j] = ta[j] < 0.0f ? -ta[j] : 0.0f;
-            if (bt) {
-                for (j = 0; j + 8 <= t; j += 8) { /* off is a multiple of 8 (TILE is) */
-                    uint32_t byte = 0, q;
-                    for (q = 0; q < 8; q++) byte |= (uint32_t)(ta[j + q] >= th) << q;
-                    bt[(off + j) >> 3] = (uint8_t)byte;
-                }
-                if (j < t) {
-                    uint32_t byte = 0, q;
-                    for (q = 0; j + q < t; q++) byte |= (uint32_t)(ta[j + q] >= th) << q;
-                    bt[(off + j) >> 3] = (uint8_t)byte;
-                }
-            }
+            if (bt) set_bits_ge(ta, 0, t, th, bt + (off >> 3)); /* off is a multiple of 8 (TILE is) */
         }
         Py_END_ALLOW_THREADS
     }

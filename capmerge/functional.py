@@ -165,6 +165,15 @@ def della_table(m: int, density: float, epsilon: float) -> torch.Tensor:
     return (density - epsilon) + frac * (2 * epsilon)
 
 
+def row_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """The 0-based rank of each entry within its row (the last dimension), ascending, ties in index order (a stable
+    argsort; NaN last): int64, ``rows``' shape."""
+    order = torch.argsort(rows, dim=-1, stable=True)
+    ranks = torch.empty_like(order)  # the inverse permutation of order
+    m = rows.shape[-1]
+    return ranks.scatter_(-1, order, torch.arange(m, dtype=torch.int64, device=rows.device).expand(order.shape))
+
+
 def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's keep probability of each entry: p = d − ε + 2ε·(r − 1)/(m − 1), r the rank of |t| (1 = smallest, ties
     ranked in index order) among the m entries of its row (dim 1; a 1-D tensor is one row). float32, t's shape.
@@ -173,11 +182,7 @@ def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torc
     """
     x = t.float()
     rows = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)
-    order = torch.argsort(rows.abs(), dim=-1, stable=True)
-    m = rows.shape[-1]
-    ranks = torch.empty(order.shape, dtype=torch.int64, device=x.device)  # r − 1: the inverse permutation of order
-    ranks.scatter_(-1, order, torch.arange(m, dtype=torch.int64, device=x.device).expand(order.shape))
-    probs = della_table(m, density, epsilon).to(x.device)[ranks]
+    probs = della_table(rows.shape[-1], density, epsilon).to(x.device)[row_ranks(rows.abs())]
     return (probs.reshape(x.shape) if x.dim() < 2 else probs.movedim(-1, 1)).contiguous()
 
 
@@ -205,13 +210,16 @@ def della_prune(t: torch.Tensor, density: float, epsilon: float, *, key: int, re
 
 
 def elect_sign(terms: Sequence[torch.Tensor], weights: Sequence[float], method: str = "total") -> torch.Tensor:
-    """+1 where Σ w_i·τ̃_i (``total``) or Σ sign(τ̃_i) (``frequency``) is ≥ 0, else −1 (float32)."""
+    """+1 where Σ w_i·τ̃_i (``total``), Σ τ̃_i (``sum``: the weights ignored, SCE's election) or Σ sign(τ̃_i)
+    (``frequency``) is ≥ 0, else −1 (float32)."""
+    if method not in ("total", "sum", "frequency"):
+        raise ValueError(f"unknown sign method {method!r}")
     s = torch.zeros(terms[0].shape, dtype=torch.float32, device=terms[0].device)
     for t, w in zip(terms, weights, strict=True):
         x = t.float()
-        s = s + (torch.tensor(w, dtype=torch.float32, device=x.device) * x if method == "total" else torch.sign(x))
-    if method not in ("total", "frequency"):
-        raise ValueError(f"unknown sign method {method!r}")
+        if method == "total":
+            x = torch.tensor(w, dtype=torch.float32, device=x.device) * x
+        s = s + (torch.sign(x) if method == "frequency" else x)
     return torch.where(s >= 0, 1.0, -1.0).to(torch.float32)
 
 
@@ -243,12 +251,20 @@ def disjoint_merge(
 
 
 def combine(
-    terms: Sequence[torch.Tensor], weights: Sequence[float], *, sign: str = "none", normalize: bool = False
+    terms: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    sign: str = "none",
+    normalize: bool = False,
+    floor: float = 0.0,
 ) -> torch.Tensor:
-    """Steps 2–3: elect signs (``none``/``total``/``frequency``), combine, optionally normalize."""
+    """Steps 2–3: elect signs (``none``/``total``/``sum``/``frequency``), combine, optionally normalize: divide by
+    Σ w_i·m_i where it is > 0, or, with ``floor`` > 0, by max(Σ w_i·m_i, floor) (SCE's 1e-6)."""
     elected = None if sign == "none" else elect_sign(terms, weights, sign)
     d, den = disjoint_merge(terms, weights, elected)
-    if normalize:
+    if floor > 0:
+        d = d / den.clamp(min=floor)
+    elif normalize:
         d = torch.where(den > 0, d / torch.where(den > 0, den, torch.ones_like(den)), d)
     return d
 

@@ -183,17 +183,9 @@ def _torch_merge(
         d = torch.zeros(n, dtype=cd)
         for t, w in zip(pruned, weights, strict=True):
             d = d + torch.tensor(w, dtype=cd) * t
-    elif pruned:  # F.combine, with the SCE variants (election on the unweighted sum, a floor under the divisor)
-        elected = None
-        if sign != "none":
-            elected = F.elect_sign(pruned, [1.0] * len(pruned) if sign == "sum" else weights,
-                                   "frequency" if sign == "frequency" else "total")  # fmt: skip
-        d, den = F.disjoint_merge(pruned, weights, elected)
-        if normalize == NORMALIZE_FLOOR:
-            d = d / den.clamp(min=1e-6)
-        elif normalize:
-            d = torch.where(den > 0, d / torch.where(den > 0, den, torch.ones_like(den)), d)
-        d = d.to(cd)
+    elif pruned:
+        floor = 1e-6 if normalize == NORMALIZE_FLOOR else 0.0
+        d = F.combine(pruned, weights, sign=sign, normalize=bool(normalize), floor=floor).to(cd)
     flags = 0
     for buf, code, alpha in outs:
         to = as_tensor(buf, code)[:n]

@@ -181,10 +181,9 @@ def kth_largest_abs_many(
     import numpy as np
 
     from capmerge.merge.compute import _native
-    from capmerge.merge.engine import compute_threads, parallel_map
 
     assert _native is not None
-    local = threading.local()  # each thread's scratch for the differences (the level-1 pass runs on several)
+    scratch = ThreadScratch()  # each thread's own, for the differences (the passes run on several)
     whole = [(s, min(n, s + HIST_BLOCK)) for s in range(0, n, HIST_BLOCK)]
     wide = {j: ib is not None or ca == "F32" for j, _, ca, _ in todo}
     dts = {j: compute.NATIVE_CODES["F32" if wide[j] else ca] for j, _, ca, _ in todo}
@@ -196,9 +195,7 @@ def kth_largest_abs_many(
                 yield va, e - s
             else:
                 vb = read(ib, s, e)
-                if getattr(local, "scratch", None) is None:
-                    local.scratch = bytearray(min(n, HIST_BLOCK) * 4)
-                sv = memoryview(local.scratch)[: (e - s) * 4]
+                sv = scratch.get((e - s) * 4)
                 compute.diff_block(sv, "F32", va, ca, vb, cb, e - s)
                 yield sv, e - s
 
@@ -235,9 +232,7 @@ def kth_largest_abs_many(
                     _native.hist1(buf, cnt, b, low[row])
             return low
 
-        # the blocks dealt out to the threads as in the bracketed pass; integer counts: any order, the same sum
-        workers = min(compute_threads(), len(whole)) if len(whole) >= THRESHOLD_PARALLEL_MIN else 1
-        lows = sum(parallel_map(level1, [whole[w::workers] for w in range(workers)]))
+        lows = sum(_dealt(level1, whole))  # integer counts: any order, the same sum
         for row, b in enumerate(bins):
             ltop = np.cumsum(lows[row][::-1])
             for k, (bk, above) in got.items():
@@ -261,7 +256,6 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
 
     assert _native is not None
     brackets: dict[int, tuple[int, int]] = {}
-    collect: dict[int, bool] = {}
     for j, ia, ca, ks in todo:
         piece = SAMPLE_PIECE * (4 if wide[j] else 2)  # bytes
         sample = bytearray(SAMPLE_PIECES * piece)
@@ -269,17 +263,16 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
         for i, (buf, _) in enumerate(blocks(ia, ca, [(s, s + SAMPLE_PIECE) for s in starts])):
             sample[i * piece : (i + 1) * piece] = buf
         brackets[j] = _bracket(sample, dts[j], n, ks)
-        # every float32 bracket collects its inexact patterns: few for a difference of two 16-bit inputs (see
-        # above), and for other float32 values (SCE's variance, arcee_fusion's importance) as many as the bracket
-        # holds, often under the cap; past it, level 1 runs as before
-        collect[j] = wide[j]
 
     def count(ranges: list[tuple[int, int]]) -> dict[int, list[Any]]:
-        """The pass over ``ranges``: j -> [level-0 counts, above, collected patterns, how many (-1: too many)]."""
+        """The pass over ``ranges``: j -> [level-0 counts, above, collected patterns, how many (-1: too many)]. Every
+        float32 bracket collects its inexact patterns: few for a difference of two 16-bit inputs (see above), and for
+        other float32 values (SCE's variance, arcee_fusion's importance) as many as the bracket holds, often under
+        the cap; past it, level 1 runs as before."""
         acc = {}  # j -> [level-0 histogram, above, collect buffer, collected]
         for j, _, _, _ in todo:
-            col = np.empty(max(COLLECT_MIN, n // COLLECT_SHARE) if collect[j] else 1, dtype=np.uint32)
-            acc[j] = [_Level0(), 0, col, 0 if collect[j] else -1]
+            col = np.empty(max(COLLECT_MIN, n // COLLECT_SHARE) if wide[j] else 1, dtype=np.uint32)
+            acc[j] = [_Level0(), 0, col, 0 if wide[j] else -1]
         for s, e in ranges:
             cnt = e - s
             vb = read(ib, s, e) if ib is not None else None
@@ -287,7 +280,7 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
                 st, (lo, hi) = acc[j], brackets[j]
                 sub = st[0].sub_for(cnt)
                 va = read(ia, s, e)
-                if vb is None and not collect[j]:
+                if vb is None and not wide[j]:
                     st[1] += _native.bracket(va, dts[j], cnt, lo, hi, sub, False)
                 elif vb is None:
                     up, st[3] = _native.bracket(va, dts[j], cnt, lo, hi, sub, False, st[2], st[3])
@@ -298,12 +291,7 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
                     st[1] += up
         return {j: [st[0].counts(), st[1], st[2], st[3]] for j, st in acc.items()}
 
-    from capmerge.merge.engine import compute_threads, parallel_map
-
-    # the blocks dealt out in turn to the threads (neighbouring blocks share the mapped windows); results combined
-    # in thread order, so they do not depend on how many there were
-    workers = min(compute_threads(), len(whole)) if len(whole) >= THRESHOLD_PARALLEL_MIN else 1
-    parts = parallel_map(count, [whole[w::workers] for w in range(workers)])
+    parts = _dealt(count, whole)
     state = {}
     for j, _, _, _ in todo:
         ps = [p[j] for p in parts]
@@ -362,6 +350,30 @@ def _bracket(sample: bytearray, dt: int, n: int, ks: Sequence[int]) -> tuple[int
         hi = max(hi, 32767 if r - d < 1 else 32767 - int(np.searchsorted(top, r - d)))
         lo = min(lo, 0 if r + d > m else 32767 - int(np.searchsorted(top, r + d)))
     return lo, max(lo, hi)
+
+
+def _dealt(fn: Callable[[list[tuple[int, int]]], Any], whole: list[tuple[int, int]]) -> list[Any]:
+    """``fn`` over the blocks ``whole`` dealt out in turn to the compute threads (neighbouring blocks share the mapped
+    windows), one call per thread; the results in thread order, so that callers combining them in order do not
+    depend on how many there were."""
+    from capmerge.merge.engine import compute_threads, parallel_map
+
+    workers = min(compute_threads(), len(whole)) if len(whole) >= THRESHOLD_PARALLEL_MIN else 1
+    return parallel_map(fn, [whole[w::workers] for w in range(workers)])
+
+
+class ThreadScratch:
+    """A bytearray per thread, grown on demand: the scratch of a pass whose blocks run on several threads."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, nbytes: int) -> memoryview:
+        """``nbytes`` of this thread's buffer (its contents are whatever the thread last left there)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = self._local.buf = bytearray(nbytes)
+        return memoryview(buf)[:nbytes]
 
 
 class _Level0:

@@ -11,8 +11,6 @@ output — varies from run to run.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
@@ -72,22 +70,16 @@ def _form(s: B.Spec) -> B.Finish | None:
 
     def finish(st: B.Stats) -> B.Combo:
         from capmerge.merge.compute import _native
-        from capmerge.merge.engine import parallel_map
-        from capmerge.merge.plan import kth_largest_abs_many
+        from capmerge.merge.plan import ThreadScratch, kth_largest_abs_many
 
         kl, z = _kl_rows(st, m)  # z: how many entries of I are below 0 (they rank first, by their magnitude)
         klb = memoryview(kl).cast("B")
         codes = [compute.NATIVE_CODES[c] for c in st.codes]
-        local = threading.local()
-        starts = range(0, n, B.STAT_BLOCK)
-        parallel = len(starts) >= B.STAT_PARALLEL_MIN
+        scratch = ThreadScratch()
 
         def importance_of(i: int, a: int, e: int) -> memoryview:
             """The threshold pass's virtual inputs: 0 = max(I, 0), 1 = −min(I, 0) (I itself when nothing is < 0)."""
-            buf = getattr(local, "buf", None)
-            if buf is None or len(buf) < 4 * (e - a):
-                buf = local.buf = bytearray(4 * max(e - a, B.STAT_BLOCK))
-            out = memoryview(buf)[: 4 * (e - a)]
+            out = scratch.get(4 * (e - a))
             _native.importance(st.read(1, a, e), codes[1], st.read(0, a, e), codes[0], e - a, a, m, klb, 0.0, out,
                                None, i + 1)  # fmt: skip
             return out
@@ -104,7 +96,7 @@ def _form(s: B.Spec) -> B.Finish | None:
             _native.importance(st.read(1, a, e), codes[1], st.read(0, a, e), codes[0], e - a, a, m, klb, thr, None,
                                bits)  # fmt: skip
 
-        parallel_map(block, starts, parallel=parallel)
+        B.map_blocks(block, range(0, n, B.STAT_BLOCK))
         return B.Combo([B.Term(0, 1.0, (B.BITS, 0.0, 0.0, 0), bits)], relative=True, with_base=True)
 
     return finish

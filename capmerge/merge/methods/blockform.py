@@ -184,10 +184,7 @@ class Stats:
             return part
 
         out = np.zeros(k * k + 2 * k, dtype=np.float64)
-        from capmerge.merge.engine import parallel_map
-
-        starts = range(0, self.numel, STAT_BLOCK)
-        for part in parallel_map(block, starts, parallel=len(starts) >= STAT_PARALLEL_MIN):
+        for part in map_blocks(block, range(0, self.numel, STAT_BLOCK)):
             out += part  # in block order, whichever thread computed the block
         g = out[: k * k].reshape(k, k).tolist()
         m = Moments(g, out[k * k : k * k + k].tolist(), out[k * k + k :].tolist(), bits)
@@ -202,8 +199,6 @@ class Stats:
         reads 0). Sums in float64 over STAT_BLOCK blocks, added in block order."""
         import numpy as np
 
-        from capmerge.merge.engine import parallel_map
-
         k = len(self.codes) - 1
         bits = np.zeros((self.numel + 7) // 8, dtype=np.uint8) if thr is not None else None
 
@@ -213,9 +208,8 @@ class Stats:
             nnz = self._sce_block(s, e, None, thr, bits, part, count or thr is not None)
             return nnz, part
 
-        starts = range(0, self.numel, STAT_BLOCK)
         nonzero, total = 0, np.zeros(k, dtype=np.float64)
-        for nnz, part in parallel_map(block, starts, parallel=len(starts) >= STAT_PARALLEL_MIN):
+        for nnz, part in map_blocks(block, range(0, self.numel, STAT_BLOCK)):
             nonzero += nnz
             if part is not None:
                 total += part
@@ -224,15 +218,12 @@ class Stats:
     def sce_variance_kth(self, ks: Sequence[int]) -> dict[int, float]:
         """The k-th largest of SCE's per-element variance (exact, :meth:`sce`'s float32 values) for each k of ``ks``:
         a threshold pass over the variance computed block by block, never stored whole."""
-        from capmerge.merge.plan import kth_largest_abs_many
+        from capmerge.merge.plan import ThreadScratch, kth_largest_abs_many
 
-        local = threading.local()
+        scratch = ThreadScratch()
 
         def read(i: int, s: int, e: int) -> memoryview:
-            buf = getattr(local, "buf", None)
-            if buf is None or len(buf) < 4 * (e - s):
-                buf = local.buf = bytearray(4 * max(e - s, STAT_BLOCK))
-            out = memoryview(buf)[: 4 * (e - s)]
+            out = scratch.get(4 * (e - s))
             self._sce_block(s, e, out, None, None, None)
             return out
 
@@ -261,7 +252,6 @@ class Stats:
         import numpy as np
 
         from capmerge.merge.compute import _native
-        from capmerge.merge.engine import parallel_map
 
         if m < 1 or self.numel % m:
             raise ValueError(f"della: {self.numel} entries are not rows of {m}")
@@ -285,14 +275,21 @@ class Stats:
             return _torch_della(self.read(mi, s, e), self.codes[mi], bview, self.codes[0], r1 - r0, m, s, key,
                                 table, bits)  # fmt: skip
 
-        starts = range(0, rows, step)
         l1 = kept = 0.0
-        for a, b in parallel_map(block, starts, parallel=len(starts) >= STAT_PARALLEL_MIN):
+        for a, b in map_blocks(block, range(0, rows, step)):
             l1, kept = l1 + a, kept + b
         return l1, kept, bits
 
 
 STAT_PARALLEL_MIN = 4  # blocks: a statistics pass over fewer runs on the calling thread alone
+
+
+def map_blocks(fn: Callable[[int], Any], starts: Sequence[int]) -> list[Any]:
+    """``fn`` of each block start of a statistics pass, in block order: on the compute threads from
+    :data:`STAT_PARALLEL_MIN` blocks on (callers combine the results in this order, the same on any thread count)."""
+    from capmerge.merge.engine import parallel_map
+
+    return parallel_map(fn, starts, parallel=len(starts) >= STAT_PARALLEL_MIN)
 
 
 def _moments_block(views: list[Any], codes: list[str], base: Any, base_code: str, n: int, offset: int, flags: int,
@@ -364,10 +361,7 @@ def _torch_della(view: Any, code: str, base: Any, base_code: str, rows: int, m: 
     if base is not None:
         v = v - as_tensor(base, base_code)[:n].float()
     a = v.abs()
-    order = torch.argsort(a.reshape(rows, m), dim=-1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(m, dtype=torch.int64).expand(order.shape))
-    p = torch.as_tensor(table, dtype=torch.float32)[ranks.reshape(-1)]
+    p = torch.as_tensor(table, dtype=torch.float32)[F.row_ranks(a.reshape(rows, m)).reshape(-1)]
     keep = F.philox_uniform(key, torch.arange(n, dtype=torch.int64) + offset) < p
     _set_bits(bits, offset, keep.numpy())
     return float(a.double().sum()), float(torch.where(keep, a, torch.zeros_like(a)).double().sum())

@@ -49,9 +49,7 @@ def _sce(x: TensorInputs) -> torch.Tensor:
     energy = torch.stack([t.square().reshape(-1).mean() for t in taus])
     total = float(energy.sum())
     c = torch.full_like(energy, 1.0 / len(taus)) if abs(total) < 1e-6 else energy / total
-    weights = [float(ci) for ci in c]
-    delta, den = F.disjoint_merge(taus, weights, F.elect_sign(taus, [1.0] * len(taus), "total"))
-    return base + delta / den.clamp(min=1e-6)
+    return base + F.combine(taus, [float(ci) for ci in c], sign="sum", floor=1e-6)
 
 
 def _form(s: B.Spec) -> B.Finish | None:

@@ -25,6 +25,7 @@ import yaml
 from capmerge.errors import UsageError
 from capmerge.merge.model_params import check_setting, kind_of
 from capmerge.recipes import yaml_lines as _yaml
+from capmerge.recipes.mergekit_cli import CommandOptions
 from capmerge.recipes.recipe import _plain_yaml
 
 if TYPE_CHECKING:  # the registry and the runner import torch: only when a configuration is loaded
@@ -285,12 +286,20 @@ def run_config(
     force: bool = False,
     allow_nonfinite: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    options: CommandOptions | None = None,
 ) -> Any:
     """Run a mergekit configuration into ``output`` (a directory laid out as mergekit's, or a ``.safetensors``
-    file). Returns the :class:`~capmerge.merge.summary.Summary`, with the configuration's warnings."""
+    file), with mergekit-yaml's ``options`` (:mod:`capmerge.recipes.mergekit_cli`: seed, bytes per weight file,
+    tokenizer copy, model card). Returns the :class:`~capmerge.merge.summary.Summary`, with the configuration's
+    warnings."""
     from capmerge.merge.modelmerge import run_merge
 
     spec, warnings = load(path)
-    summary = run_merge(spec, output, force=force, allow_nonfinite=allow_nonfinite, progress=progress)
+    opts = options or CommandOptions()
+    if opts.seed is not None:
+        spec.seed = opts.seed
+    spec.copy_tokenizer, spec.model_card = opts.copy_tokenizer, opts.model_card
+    summary = run_merge(spec, output, force=force, allow_nonfinite=allow_nonfinite, progress=progress,
+                        shard_size=opts.shard_bytes)  # fmt: skip
     summary.warnings[:0] = warnings
     return summary

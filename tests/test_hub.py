@@ -406,3 +406,15 @@ def test_mergekit_config_with_hub_models_and_a_revision(hub, pushed, data, tmp_p
     err(run(["run", str(tmp_path / "remote.yml"), "-o", str(tmp_path / "none")], tmp_path / "hf2", hub,
             HF_HUB_OFFLINE="1"), "org/pre")  # fmt: skip
     assert not (tmp_path / "none").exists()
+
+
+def test_mergekit_config_fetches_into_transformers_cache(hub, pushed, data, tmp_path: Path) -> None:
+    """``capmerge run CONFIG OUT --transformers-cache DIR`` (mergekit-yaml's option): Hub models land in DIR."""
+    cfg = tmp_path / "linear.yml"
+    cfg.write_text("merge_method: linear\nmodels:\n  - model: org/pre\n    parameters:\n      weight: 1.0\n")
+    cache, home = tmp_path / "mk-cache", tmp_path / "hf"
+    ok(run(["run", str(cfg), str(tmp_path / "out"), "--transformers-cache", str(cache), "-q"], home, hub))
+    assert (cache / "models--org--pre").is_dir()
+    assert not (home / "hub" / "models--org--pre").exists()
+    got, want = load_any(tmp_path / "out"), load_any(data["P"])
+    assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)

@@ -16,7 +16,8 @@ from capmerge.errors import UsageError
 
 RUN_HELP = """Run a YAML recipe: steps (diff, apply, inspect, compress, push) with named outputs, ${var} variables
 set with key=value, intermediate outputs cached in a work directory by content key. A mergekit configuration (a
-YAML file with a top-level merge_method) runs unchanged: capmerge run config.yml -o OUT (docs/mergekit.md).
+YAML file with a top-level merge_method) runs unchanged: capmerge run config.yml -o OUT, or as mergekit-yaml takes
+it: capmerge run config.yml OUT [--cuda --out-shard-size 1B ...: its options] (docs/mergekit.md).
 
 Examples:
 
@@ -44,7 +45,7 @@ def _progress(quiet: bool) -> Any:
     return show
 
 
-@app.command("run", help=RUN_HELP)
+@app.command("run", help=RUN_HELP, context_settings={"ignore_unknown_options": True})
 def run_cmd(
     recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe.")],
     overrides: Annotated[
@@ -70,6 +71,9 @@ def run_cmd(
         _run_mergekit(recipe, overrides or [], output, force=force, plan=plan, quiet=quiet, as_json=as_json)
         return
     with handle_errors():
+        unknown = [a for a in overrides or [] if a.startswith("-") and a != "-"]
+        if unknown:
+            raise UsageError(f"no such option: {unknown[0]}")
         if output is not None or force:
             raise UsageError(f"{'-o/--output' if output is not None else '--force'} is for mergekit configurations; "
                              "a recipe names its outputs in its steps (e.g. out=DIR)")  # fmt: skip
@@ -95,12 +99,16 @@ def run_cmd(
 
 def _run_mergekit(config: str, rest: list[str], output: str | None, *, force: bool, plan: bool, quiet: bool,
                   as_json: bool) -> None:  # fmt: skip
-    """``capmerge run CONFIG.yml -o OUT`` (or ``capmerge run CONFIG.yml OUT``, as ``mergekit-yaml`` takes it)."""
+    """``capmerge run CONFIG.yml -o OUT`` (or ``capmerge run CONFIG.yml OUT [mergekit-yaml options]``, as
+    ``mergekit-yaml`` takes it: :mod:`capmerge.recipes.mergekit_cli`)."""
     from capmerge.recipes.mergekit import load, run_config
+    from capmerge.recipes.mergekit_cli import split_options
 
     with handle_errors():
         if plan:
             raise UsageError("--plan is for recipes; a mergekit configuration is checked before anything is read")
+        rest, opts = split_options(rest)
+        quiet = quiet or opts.quiet
         bad = [a for a in rest if "=" in a] or rest[1:] or ([rest[0]] if rest and output is not None else [])
         if bad:
             raise UsageError(f"unexpected argument {bad[0]!r} (a mergekit configuration takes -o OUT)")
@@ -108,12 +116,26 @@ def _run_mergekit(config: str, rest: list[str], output: str | None, *, force: bo
         if out is None:
             load(config)  # a bad configuration is reported first
             raise UsageError("missing option -o/--output (the output directory)")
+        for note in opts.notes:
+            if not quiet:
+                print(f"note: {note}", file=sys.stderr)
+        if opts.threads is not None:
+            os.environ["CAPMERGE_THREADS"] = str(opts.threads)
+        if opts.hub_cache is not None:
+            _use_hub_cache(opts.hub_cache)
         progress = Progress(not quiet, "merge")
         try:
-            summary = run_config(config, out, force=force, progress=progress)
+            summary = run_config(config, out, force=force, progress=progress, options=opts)
         finally:
             progress.close()
     report(summary, quiet=quiet, as_json=as_json)
+
+
+def _use_hub_cache(path: str) -> None:
+    """Fetch Hub models into ``path`` for this command (mergekit's --transformers-cache)."""
+    os.environ["HF_HUB_CACHE"] = path
+    if "huggingface_hub.constants" in sys.modules:
+        sys.modules["huggingface_hub.constants"].HF_HUB_CACHE = path
 
 
 @recipes_app.command("list", help="List the shipped recipes.")

@@ -54,7 +54,7 @@ def tokenizer_root(p: Any) -> Path | None:
     """The directory whose tokenizer files are copied (None: nothing to copy)."""
     src = p.spec.tokenizer_source
     if src is None:
-        return _root(p, donor(p))
+        return _root(p, donor(p)) if getattr(p.spec, "copy_tokenizer", True) else None
     if src == "union":
         raise UsageError("tokenizer_source: union is not supported (capmerge copies one model's tokenizer and does "
                          "not rebuild embeddings for a merged vocabulary): use base or a model",
@@ -179,8 +179,9 @@ def write(p: Any, out: Any, skipped: dict[str, str] | None = None) -> list[str]:
             if isinstance(doc, dict) and "chat_template" in doc:
                 doc["chat_template"] = tmpl
                 out.write_text("tokenizer_config.json", json.dumps(doc, indent=2) + "\n")
-    out.write_text("README.md", card(p, os.path.basename(out.out)))
-    written.append("README.md")
+    if p.spec.model_card:
+        out.write_text("README.md", card(p, os.path.basename(out.out)))
+        written.append("README.md")
     if p.spec.config_text is not None:
         out.write_text("mergekit_config.yml", p.spec.config_text)
         written.append("mergekit_config.yml")

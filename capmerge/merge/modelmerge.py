@@ -69,6 +69,8 @@ class MergeSpec:
     out_dtype: str | None = None
     seed: int = 0
     tokenizer_source: str | None = None
+    copy_tokenizer: bool = True  # without tokenizer_source: copy the base's (else the first model's) tokenizer
+    model_card: bool = True  # write README.md
     chat_template: str | None = None
     config_text: str | None = None  # the configuration as written (model card, mergekit_config.yml)
     command: str | None = None  # the command line of ``capmerge merge`` (model card)

@@ -1,0 +1,134 @@
+"""mergekit-yaml's command-line options on ``capmerge run CONFIG.yml OUT``: a mergekit command runs as typed.
+
+Each option either does what mergekit does with it (the shard layout is compared with mergekit's own output), is
+accepted with one ``note:`` line where it changes nothing in capmerge, or is refused with one ``error:`` line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_any
+from test_mergekit_configs import MERGEKIT_YAML, OFFLINE_ENV, save_model
+
+from capmerge.cli import main
+from capmerge.errors import UsageError
+from capmerge.recipes.mergekit_cli import parse_shard_size, split_options
+
+
+def test_split_options_reads_each_option() -> None:
+    rest, o = split_options(["out", "--cuda", "--random-seed", "7", "--out-shard-size=500M", "-j", "3", "-vv",
+                             "--no-copy-tokenizer", "--no-write-model-card", "--lazy-unpickle", "--no-cuda",
+                             "--transformers-cache", "/x", "--quiet", "--cuda", "--safe-serialization"])  # fmt: skip
+    assert rest == ["out"]
+    assert (o.seed, o.shard_bytes, o.threads, o.hub_cache) == (7, 500_000_000, 3, "/x")
+    assert (o.copy_tokenizer, o.model_card, o.quiet) == (False, False, True)
+    assert [n.split(" ", 1)[0] for n in o.notes] == ["--cuda", "--lazy-unpickle"]  # once each, defaults silent
+    rest, o = split_options(["--copy-tokenizer", "--write-model-card", "--no-quiet", "--device", "cuda:1", "o"])
+    assert rest == ["o"] and (o.copy_tokenizer, o.model_card, o.quiet, o.seed) == (True, True, False, None)
+    assert o.shard_bytes == 5 * 10**9 and [n.split(" ", 1)[0] for n in o.notes] == ["--device"]
+
+
+@pytest.mark.parametrize(("text", "want"), [("5B", 5 * 10**9), ("500m", 5 * 10**8), ("5K", 5000), ("123", 123),
+                                            ("0", 2**62)])  # fmt: skip
+def test_shard_size_as_mergekit_reads_it(text: str, want: int) -> None:
+    assert parse_shard_size(text) == want
+
+
+@pytest.mark.parametrize("text", ["1.5B", "5GB", "-1", "", "B", "99999999999B"])
+def test_bad_shard_size(text: str) -> None:
+    with pytest.raises(UsageError, match="--out-shard-size"):
+        parse_shard_size(text)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("mkopts")
+    gen = torch.Generator().manual_seed(3)
+    m = {k: save_model(tmp / k, gen) for k in ("P", "A", "B")}
+    (tmp / "linear.yml").write_text(f"merge_method: linear\nmodels:\n  - model: {m['A']}\n"
+                                    f"    parameters: {{weight: 0.6}}\n  - model: {m['B']}\n"
+                                    "    parameters: {weight: 0.4}\ndtype: float32\n")  # fmt: skip
+    (tmp / "dare.yml").write_text(f"merge_method: dare_ties\nbase_model: {m['P']}\nmodels:\n"
+                                  f"  - model: {m['A']}\n    parameters: {{weight: 0.6, density: 0.5}}\n"
+                                  f"  - model: {m['B']}\n    parameters: {{weight: 0.4, density: 0.5}}\n")  # fmt: skip
+    return {**m, "tmp": tmp}
+
+
+def test_options_take_effect(models, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("CAPMERGE_THREADS", "2")  # restored after the test: -j sets it for the command
+    cfg = models["tmp"] / "dare.yml"
+    out = tmp_path / "seeded"
+    code = main(["run", str(cfg), str(out), "--random-seed", "7", "--no-copy-tokenizer", "--no-write-model-card",
+                 "--cuda", "--lazy-unpickle", "-j", "1", "--allow-crimes"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert [n.split()[1] for n in notes] == ["--cuda", "--lazy-unpickle", "--allow-crimes"], err
+    assert os.environ["CAPMERGE_THREADS"] == "1"
+    names = {p.name for p in out.iterdir()}
+    assert "README.md" not in names and not names & {"tokenizer.json", "tokenizer_config.json"}, names
+    assert {"config.json", "mergekit_config.yml", "model.safetensors"} <= names
+    # the same merge through the other front end (capmerge merge --seed 7), and a different seed
+    for seed, name in ((7, "same"), (0, "other")):
+        assert main(["merge", str(models["A"]), str(models["B"]), "--base", str(models["P"]), "--method", "dare_ties",
+                     "--weights", "0.6,0.4", "--density", "0.5", "--seed", str(seed), "-o", str(tmp_path / name),
+                     "-q"]) == 0  # fmt: skip
+    got, same, other = (load_any(d) for d in (out, tmp_path / "same", tmp_path / "other"))
+    assert sorted(got) == sorted(same)
+    assert all(torch.equal(got[n], same[n]) for n in got)
+    assert any(not torch.equal(got[n], other[n]) for n in got if n.endswith("proj.weight"))
+    # the defaults: tokenizer and model card written, no note
+    assert main(["run", str(cfg), str(tmp_path / "plain"), "--copy-tokenizer", "--no-cuda", "-q"]) == 0
+    names = {p.name for p in (tmp_path / "plain").iterdir()}
+    assert {"README.md", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--no-safe-serialization"], "capmerge writes safetensors only"),
+    (["--unsafe-truncate-embeddings"], "--unsafe-truncate-embeddings is not supported"),
+    (["--bogus"], "no such option: --bogus (a mergekit configuration also takes mergekit-yaml's: --allow-crimes"),
+    (["--random-seed"], "--random-seed needs a value"),
+    (["--random-seed", "x"], "--random-seed: expected an integer of at least 0, got 'x'"),
+    (["-j", "0"], "--num-threads: expected an integer of at least 1"),
+    (["--out-shard-size", "2GB"], "--out-shard-size: invalid size '2GB'"),
+])  # fmt: skip
+def test_refused_options(models, tmp_path: Path, capsys, args: list[str], needle: str) -> None:
+    out = tmp_path / "out"
+    code = main(["run", str(models["tmp"] / "linear.yml"), str(out), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not out.exists()
+
+
+def test_recipes_still_refuse_unknown_options(capsys) -> None:
+    assert main(["run", "capvector", "--cuda"]) == 2
+    assert capsys.readouterr().err.strip() == "error: no such option: --cuda"
+
+
+def test_shards_like_mergekit(models, tmp_path: Path, capsys) -> None:
+    """--out-shard-size: the same files holding the same tensors as mergekit's (its writer counts bytes)."""
+    if not MERGEKIT_YAML.exists():
+        pytest.skip(f"mergekit not installed ({MERGEKIT_YAML} missing): run `make mergekit-venv`")
+    cfg = models["tmp"] / "linear.yml"
+    for size in ("5K", "20000"):
+        mk, cm = tmp_path / f"mk{size}", tmp_path / f"cm{size}"
+        r = subprocess.run([str(MERGEKIT_YAML), str(cfg), str(mk), "--out-shard-size", size, "--quiet"],
+                           env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert main(["run", str(cfg), str(cm), "--out-shard-size", size, "-q"]) == 0, capsys.readouterr().err
+        maps = [json.loads((d / "model.safetensors.index.json").read_text())["weight_map"] for d in (mk, cm)]
+        assert maps[0] == maps[1]
+        assert len(set(maps[1].values())) > 2
+        limit = parse_shard_size(size)
+        for f in set(maps[1].values()):
+            tensors = [n for n, v in maps[1].items() if v == f]
+            assert len(tensors) == 1 or sum(load_any(cm / f)[n].numel() * 4 for n in tensors) <= limit
+        got, ref = load_any(cm), load_any(mk)
+        assert all(torch.allclose(got[n], ref[n], rtol=0, atol=4 * 2.0**-23 * float(ref[n].abs().max())) for n in ref)

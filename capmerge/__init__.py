@@ -35,6 +35,8 @@ _EXPORTS = {
     "project_gradients": "capmerge.ortho",
     "inspect": "capmerge.analysis.stats",
     "run_recipe": "capmerge.recipes.recipe",
+    "run_mergekit": "capmerge.recipes.mergekit",
+    "merge_models": "capmerge.recipes.mergekit",
     "push": "capmerge.share",
     "pull": "capmerge.share",
 }
@@ -62,6 +64,8 @@ __all__ = [
     "project_gradients",
     "inspect",
     "run_recipe",
+    "run_mergekit",
+    "merge_models",
     "push",
     "pull",
 ]
@@ -80,6 +84,7 @@ if TYPE_CHECKING:
     from capmerge.merge.methods import MergeOptions
     from capmerge.merge.summary import Summary
     from capmerge.ortho import OrthogonalityLoss, project_gradients
+    from capmerge.recipes.mergekit import merge_models, run_mergekit
     from capmerge.recipes.recipe import run_recipe
     from capmerge.share import pull, push
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -183,20 +183,43 @@ def _sources(r: _Reader, items: Any, parent: Any, key: Any, path: str, method: M
     return out
 
 
-def load(path: str | os.PathLike[str]) -> tuple[MergeSpec, list[str]]:
-    """Read and check a mergekit configuration; returns the merge it describes and the warnings.
+Config = str | os.PathLike[str] | Mapping[str, Any]
+"""A mergekit configuration: its file, its YAML text (several lines), or the mapping ``yaml.safe_load`` gives."""
+
+
+def _plain(x: Any) -> Any:
+    """``x`` with paths as strings (a mapping written in Python may hold Path objects)."""
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _read(config: Config) -> tuple[str, str]:
+    """(YAML text, the name its errors give) of a configuration."""
+    if isinstance(config, Mapping):
+        return yaml.safe_dump(_plain(config), sort_keys=False), "<configuration>"
+    if isinstance(config, str) and "\n" in config:
+        return config, "<configuration>"
+    file = os.fspath(config)
+    try:
+        return Path(file).read_text(encoding="utf-8"), file
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read configuration: {e}", file) from None
+
+
+def load(config: Config) -> tuple[MergeSpec, list[str]]:
+    """Read and check a mergekit configuration (:data:`Config`); returns the merge it describes and the warnings.
 
     Raises:
         ConfigError: the first problem, with ``file:line: key``.
     """
     from capmerge.merge.modelmerge import MergeSpec
 
-    p = Path(path)
-    file = os.fspath(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read configuration: {e}", file) from None
+    text, file = _read(config)
     try:
         doc = _yaml.load(text)
     except yaml.YAMLError as e:
@@ -280,7 +303,7 @@ def _check_required(r: _Reader, doc: dict, spec: MergeSpec, method: ModelMethod)
 
 
 def run_config(
-    path: str | os.PathLike[str],
+    config: Config,
     output: str | os.PathLike[str],
     *,
     force: bool = False,
@@ -288,13 +311,13 @@ def run_config(
     progress: Callable[[int, int], None] | None = None,
     options: CommandOptions | None = None,
 ) -> Any:
-    """Run a mergekit configuration into ``output`` (a directory laid out as mergekit's, or a ``.safetensors``
-    file), with mergekit-yaml's ``options`` (:mod:`capmerge.recipes.mergekit_cli`: seed, bytes per weight file,
+    """Run a mergekit configuration (:data:`Config`) into ``output`` (a directory laid out as mergekit's, or a
+    ``.safetensors`` file), with mergekit-yaml's ``options`` (:mod:`capmerge.recipes.mergekit_cli`: seed, bytes per weight file,
     tokenizer copy, model card). Returns the :class:`~capmerge.merge.summary.Summary`, with the configuration's
     warnings."""
     from capmerge.merge.modelmerge import run_merge
 
-    spec, warnings = load(path)
+    spec, warnings = load(config)
     opts = options or CommandOptions()
     if opts.seed is not None:
         spec.seed = opts.seed
@@ -303,3 +326,86 @@ def run_config(
                         shard_size=opts.shard_bytes)  # fmt: skip
     summary.warnings[:0] = warnings
     return summary
+
+
+def run_mergekit(
+    config: Config,
+    output: str | os.PathLike[str],
+    *,
+    seed: int | None = None,
+    shard_size: int | str = "5GB",
+    copy_tokenizer: bool = True,
+    model_card: bool = True,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Any:
+    """Run a mergekit configuration from Python, as ``capmerge run CONFIG -o OUT`` does; ``config``: a file, YAML
+    text, or a mapping (``{"merge_method": "slerp", "base_model": "A", "models": [{"model": "B"}], "parameters":
+    {"t": 0.5}}``). ``seed``: of DARE's and DELLA's masks (default: the configuration's merge, seed 0);
+    ``shard_size``: the largest weight file (``5GB``, ``500MB``, bytes); ``copy_tokenizer``: without
+    ``tokenizer_source``, copy the base's (else the first model's) tokenizer; ``model_card``: write README.md.
+
+    Returns the :class:`~capmerge.merge.summary.Summary` (its ``warnings`` hold the configuration's). Raises a
+    :class:`~capmerge.errors.CapmergeError` (``ConfigError`` naming the key and line) before anything is written."""
+    from capmerge.io.writer import parse_size
+
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+    opts = CommandOptions(seed=seed, shard_bytes=parse_size(shard_size), copy_tokenizer=copy_tokenizer,
+                          model_card=model_card)  # fmt: skip
+    return run_config(config, output, force=force, allow_nonfinite=allow_nonfinite, progress=progress, options=opts)
+
+
+def merge_models(
+    models: list[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    *,
+    method: str = "linear",
+    base: str | os.PathLike[str] | None = None,
+    dtype: str | None = None,
+    tokenizer_source: str | None = None,
+    seed: int = 0,
+    shard_size: int | str = "5GB",
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    **parameters: Any,
+) -> Any:
+    """``capmerge merge MODEL... [--base B] --method NAME ... -o OUT`` from Python: whole models merged, optionally
+    relative to ``base``. ``parameters``: the method's (``weight``/``weights``, ``density``, ``t`` ...); a per-model
+    parameter takes one value or a list of one per model, a global one a value or a list (a gradient over the
+    layers). The merge runs as the mergekit configuration it amounts to (written into the output's
+    ``mergekit_config.yml`` and model card). Returns the :class:`~capmerge.merge.summary.Summary`."""
+    from capmerge.merge.methods.registry import get_model_method
+
+    m = get_model_method(method)
+    if not models:
+        raise UsageError("no models given")
+    own: list[dict[str, Any]] = [{} for _ in models]
+    glob: dict[str, Any] = {}
+    for key, value in parameters.items():
+        key = "weight" if key == "weights" else key
+        if key in m.model_params:
+            vals = list(value) if isinstance(value, list | tuple) else [value]
+            if len(vals) not in (1, len(models)):
+                raise UsageError(f"{key} has {len(vals)} values for {len(models)} models")
+            for i, d in enumerate(own):
+                d[key] = vals[i] if len(vals) > 1 else vals[0]
+        elif key in m.params:
+            glob[key] = list(value) if isinstance(value, tuple) else value
+        else:
+            takes = ", ".join([*m.model_params, *m.params]) or "none"
+            raise UsageError(f"{m.name} has no parameter {key!r} (it takes: {takes})")
+    doc: dict[str, Any] = {"merge_method": m.name}
+    if base is not None:
+        doc["base_model"] = os.fspath(base)
+    doc["models"] = [{"model": os.fspath(x), **({"parameters": d} if d else {})} for x, d in zip(models, own)]
+    if glob:
+        doc["parameters"] = glob
+    if dtype is not None:
+        doc["dtype"] = dtype
+    if tokenizer_source is not None:
+        doc["tokenizer_source"] = tokenizer_source
+    return run_mergekit(doc, output, seed=seed, shard_size=shard_size, force=force, allow_nonfinite=allow_nonfinite,
+                        progress=progress)  # fmt: skip

@@ -132,3 +132,71 @@ def test_shards_like_mergekit(models, tmp_path: Path, capsys) -> None:
             assert len(tensors) == 1 or sum(load_any(cm / f)[n].numel() * 4 for n in tensors) <= limit
         got, ref = load_any(cm), load_any(mk)
         assert all(torch.allclose(got[n], ref[n], rtol=0, atol=4 * 2.0**-23 * float(ref[n].abs().max())) for n in ref)
+
+
+def test_run_mergekit_from_python(models, tmp_path: Path, capsys) -> None:
+    """``capmerge.run_mergekit``: a mapping (Path values too) or YAML text gives what ``capmerge run FILE`` gives,
+    and linear's output is 0.6·A + 0.4·B computed here."""
+    import capmerge
+
+    assert main(["run", str(models["tmp"] / "linear.yml"), str(tmp_path / "cli"), "-q"]) == 0, capsys.readouterr()
+    doc = {"merge_method": "linear", "models": [{"model": models["A"], "parameters": {"weight": 0.6}},
+                                                {"model": models["B"], "parameters": {"weight": 0.4}}],
+           "dtype": "float32"}  # fmt: skip
+    s = capmerge.run_mergekit(doc, tmp_path / "dict")
+    assert s.tensors_changed == len(load_any(models["A"]))
+    capmerge.run_mergekit((models["tmp"] / "linear.yml").read_text(), tmp_path / "text", model_card=False)
+    cli, a, b = load_any(tmp_path / "cli"), load_any(models["A"]), load_any(models["B"])
+    for d in ("dict", "text"):
+        got = load_any(tmp_path / d)
+        assert sorted(got) == sorted(cli) and all(torch.equal(got[n], cli[n]) for n in cli)
+    for n, t in cli.items():
+        want = 0.6 * a[n].double() + 0.4 * b[n].double()
+        assert torch.allclose(t.double(), want, rtol=0, atol=2.0**-22 * float(want.abs().max())), n
+    assert (tmp_path / "dict" / "README.md").is_file() and not (tmp_path / "text" / "README.md").exists()
+    # seed and shard size as the command line's --random-seed and --out-shard-size
+    assert main(["run", str(models["tmp"] / "dare.yml"), str(tmp_path / "cli7"), "--random-seed", "7", "-q"]) == 0
+    capmerge.run_mergekit(models["tmp"] / "dare.yml", tmp_path / "py7", seed=7, shard_size="20KB")
+    files = json.loads((tmp_path / "py7" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(files.values())) > 2
+    for f in set(files.values()):
+        part = load_any(tmp_path / "py7" / f)
+        assert len(part) == 1 or sum(t.numel() * t.element_size() for t in part.values()) <= 20_000
+    got, want = load_any(tmp_path / "py7"), load_any(tmp_path / "cli7")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_merge_models_from_python(models, tmp_path: Path, capsys) -> None:
+    """``capmerge.merge_models`` = ``capmerge merge`` (per-model lists, a global gradient, the base)."""
+    import capmerge
+
+    a, b, p = (str(models[k]) for k in ("A", "B", "P"))
+    capmerge.merge_models([a, b], tmp_path / "py", method="ties", base=p, weights=(0.6, 0.4), density=0.5)
+    assert main(["merge", a, b, "--base", p, "--method", "ties", "--weights", "0.6,0.4", "--density", "0.5", "-o",
+                 str(tmp_path / "cli"), "-q"]) == 0, capsys.readouterr().err  # fmt: skip
+    capmerge.merge_models([b], tmp_path / "py-slerp", method="slerp", base=a, t=[0, 0.5, 1], dtype="bfloat16")
+    assert main(["merge", b, "--base", a, "--method", "slerp", "--t", "0,0.5,1", "--dtype", "bfloat16", "-o",
+                 str(tmp_path / "cli-slerp"), "-q"]) == 0, capsys.readouterr().err  # fmt: skip
+    for d in ("", "-slerp"):
+        got, want = load_any(tmp_path / f"py{d}"), load_any(tmp_path / f"cli{d}")
+        assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want), d
+    assert "merge_method: ties" in (tmp_path / "py" / "mergekit_config.yml").read_text()
+
+
+@pytest.mark.parametrize(("call", "needle"), [
+    (lambda c, m, o: c.merge_models([m["A"], m["B"]], o, method="ties", base=m["P"], weights=[1, 2, 3]),
+     "weight has 3 values for 2 models"),
+    (lambda c, m, o: c.merge_models([m["A"]], o, method="linear", wieght=1), "linear has no parameter 'wieght'"),
+    (lambda c, m, o: c.run_mergekit({"merge_method": "linear", "models": [{"model": m["A"], "parameters":
+                                    {"weight": "x"}}]}, o), "<configuration>:"),  # fmt: skip
+    (lambda c, m, o: c.run_mergekit(m["tmp"] / "dare.yml", o, seed=-1), "seed must be a non-negative integer"),
+    (lambda c, m, o: c.run_mergekit(m["tmp"] / "nope.yml", o), "cannot read configuration"),
+])  # fmt: skip
+def test_python_api_errors(models, tmp_path: Path, call, needle: str) -> None:
+    import capmerge
+
+    out = tmp_path / "out"
+    with pytest.raises(capmerge.CapmergeError) as e:
+        call(capmerge, models, out)
+    assert needle in str(e.value)
+    assert not out.exists()

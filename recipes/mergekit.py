@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +63,7 @@ def is_config(path: str | os.PathLike[str]) -> bool:
         doc = _yaml.load(text)
     except Exception:  # noqa: BLE001 - broken YAML: a configuration if it says so at the top level (load reports it)
         return re.search(r"^merge_method\s*:", text, re.MULTILINE) is not None
-    return isinstance(doc, dict) and "merge_method" in doc
+    return isinstance(doc, dict) and ("merge_method" in doc or any(k in doc for k in OTHER_TOOLS))
 
 
 class _Reader:
@@ -211,24 +212,91 @@ def _read(config: Config) -> tuple[str, str]:
         raise ConfigError(f"cannot read configuration: {e}", file) from None
 
 
-def load(config: Config) -> tuple[MergeSpec, list[str]]:
-    """Read and check a mergekit configuration (:data:`Config`); returns the merge it describes and the warnings.
+@dataclass
+class Document:
+    """One merge of a configuration: its spec, warnings and ``name`` (mergekit-multi's: other merges name it as a
+    model)."""
+
+    spec: MergeSpec
+    warnings: list[str]
+    name: str | None = None
+    line: int = 1  # where the document starts
+
+
+_DOC_START = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
+OTHER_TOOLS = {  # top-level keys of other mergekit tools' configurations -> what to say
+    "experts": "a mergekit-moe configuration (experts:, gate_mode:) builds a mixture of experts; capmerge merges "
+    "weights by arithmetic and does not build one",
+    "genome": "a mergekit-evolve configuration (genome:, tasks:) searches merge parameters by evaluating models; "
+    "capmerge runs merges, not that search",
+}
+
+
+def load_all(config: Config) -> list[Document]:
+    """Read and check every document of a mergekit configuration (:data:`Config`; several documents, separated by
+    ``---``, are mergekit-multi's stages): every problem of any document is raised before anything runs.
 
     Raises:
         ConfigError: the first problem, with ``file:line: key``.
     """
+    text, file = _read(config)
+    marks = list(_DOC_START.finditer(text))
+    bounds = zip([0, *(m.end() for m in marks)], [*(m.start() for m in marks), len(text)], strict=True)
+    docs = []
+    for a, b in bounds:
+        piece = text[a:b]
+        if _has_content(piece):
+            skip = text.count("\n", 0, a)
+            docs.append(_load_doc("\n" * skip + piece, piece, file, skip + 1 + _blank_lines(piece)))
+    if not docs:
+        raise ConfigError("the configuration is empty", f"{file}:1")
+    return docs
+
+
+def _has_content(piece: str) -> bool:
+    return any(line.strip() and not line.lstrip().startswith("#") for line in piece.splitlines())
+
+
+def _blank_lines(piece: str) -> int:
+    """Lines before a document's first line of content (the rest of a ``---`` line is the first)."""
+    lines = piece.split("\n")
+    return next(i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#"))
+
+
+def load(config: Config) -> tuple[MergeSpec, list[str]]:
+    """Read and check a mergekit configuration of one document; returns the merge it describes and the warnings.
+
+    Raises:
+        ConfigError: the first problem, with ``file:line: key`` (several documents: run them with
+            :func:`run_config`).
+    """
+    docs = load_all(config)
+    if len(docs) > 1:
+        raise ConfigError(f"{len(docs)} documents: run them with run_config (mergekit-multi's stages)",
+                          f"{_read(config)[1]}:{docs[1].line}")  # fmt: skip
+    return docs[0].spec, docs[0].warnings
+
+
+def _load_doc(text: str, own_text: str, file: str, line: int) -> Document:
+    """One document; ``text`` is padded with blank lines so that its lines count from the file's start."""
     from capmerge.merge.modelmerge import MergeSpec
 
-    text, file = _read(config)
     try:
         doc = _yaml.load(text)
     except yaml.YAMLError as e:
         raise ConfigError(_yaml.error_message(e), f"{file}:{_yaml.error_line(e, text) or 1}") from None
+    if isinstance(doc, dict) and "merge_method" not in doc:
+        for key, what in OTHER_TOOLS.items():
+            if key in doc:
+                raise ConfigError(what, f"{file}:{_yaml.line_of(doc, key)}: {key}")
     r = _Reader(file)
-    r.mapping(doc, doc, "merge_method", "", TOP_KEYS)
+    r.mapping(doc, doc, "merge_method", "", (*TOP_KEYS, "name"))
+    name = doc.get("name")
+    if "name" in doc and (not isinstance(name, str) or not name.strip() or "+" in name):
+        raise r.fail(f"expected a merge name (a string without '+'), got {name!r}", doc, "name", "name")
     method = _method(r, doc)
     warnings: list[str] = []
-    spec = MergeSpec(method.name, config_text=text)
+    spec = MergeSpec(method.name, config_text=own_text.strip("\n") + "\n")
     spec.where = {k: f"{file}:{_yaml.line_of(doc, k)}: {k}" for k in doc}
     if doc.get("base_model") is not None:
         spec.base = r.model_ref(doc["base_model"], doc, "base_model", "base_model")
@@ -243,7 +311,7 @@ def load(config: Config) -> tuple[MergeSpec, list[str]]:
     spec.out_dtype = r.dtype(doc, "out_dtype") or r.dtype(doc, "dtype")
     _tokenizer(r, doc, spec)
     _check_required(r, doc, spec, method)
-    return spec, warnings
+    return Document(spec, warnings, name, line)
 
 
 def _slices(r: _Reader, doc: dict, method: ModelMethod, warnings: list[str]) -> list[SliceSpec]:
@@ -311,27 +379,136 @@ def run_config(
     progress: Callable[[int, int], None] | None = None,
     options: CommandOptions | None = None,
 ) -> Any:
-    """Run a mergekit configuration (:data:`Config`) into ``output`` (a directory laid out as mergekit's, or a
-    ``.safetensors`` file), with mergekit-yaml's ``options`` (:mod:`capmerge.recipes.mergekit_cli`: seed, bytes per weight file,
-    tokenizer copy, model card). Returns the :class:`~capmerge.merge.summary.Summary`, with the configuration's
-    warnings."""
+    """Run a mergekit configuration of one document (:data:`Config`) into ``output`` (a directory laid out as
+    mergekit's, or a ``.safetensors`` file), with mergekit-yaml's ``options`` (:mod:`capmerge.recipes.mergekit_cli`:
+    seed, bytes per weight file, tokenizer copy, model card). Returns the :class:`~capmerge.merge.summary.Summary`,
+    with the configuration's warnings."""
+    spec, warnings = load(config)
+    return _run_one(Document(spec, warnings), output, force=force, allow_nonfinite=allow_nonfinite, progress=progress,
+                    options=options)  # fmt: skip
+
+
+def _run_one(doc: Document, output: str | os.PathLike[str], *, force: bool, allow_nonfinite: bool,
+             progress: Callable[[int, int], None] | None, options: CommandOptions | None) -> Any:  # fmt: skip
     from capmerge.merge.modelmerge import run_merge
 
-    spec, warnings = load(config)
-    opts = options or CommandOptions()
+    spec, opts = doc.spec, options or CommandOptions()
     if opts.seed is not None:
         spec.seed = opts.seed
     spec.copy_tokenizer, spec.model_card = opts.copy_tokenizer, opts.model_card
     summary = run_merge(spec, output, force=force, allow_nonfinite=allow_nonfinite, progress=progress,
                         shard_size=opts.shard_bytes)  # fmt: skip
-    summary.warnings[:0] = warnings
+    summary.warnings[:0] = doc.warnings
     return summary
+
+
+def _exists(d: Path) -> bool:
+    """Whether ``d`` holds a merged model (a config and weights), as mergekit-multi's lazy check has it."""
+    return (d / "config.json").is_file() and any((d / n).is_file() for n in ("model.safetensors",
+                                                                            "model.safetensors.index.json"))  # fmt: skip
+
+
+def stages(config: Config, output: str | os.PathLike[str] | None, intermediate_dir: str | os.PathLike[str] | None,
+           ) -> list[tuple[Document, str]]:  # fmt: skip
+    """The merges of a configuration in the order they run, each with its output: mergekit-multi's rules — a merge
+    with ``name: N`` goes to ``intermediate_dir/N``, where the others find it as the model ``N``; the one merge
+    without a name goes to ``output``. One document without ``intermediate_dir`` is a plain configuration."""
+    docs = load_all(config)
+    file = _read(config)[1]
+    if len(docs) == 1 and intermediate_dir is None:
+        if output is None:
+            raise UsageError("missing option -o/--output (the output directory)")
+        return [(docs[0], os.fspath(output))]
+    by_name: dict[str, Document] = {}
+    unnamed = [d for d in docs if d.name is None]
+    for d in docs:
+        if d.name is not None:
+            if d.name in by_name:
+                raise ConfigError(f"two merges named {d.name!r}", d.spec.where.get("name", f"{file}:{d.line}"))
+            by_name[d.name] = d
+    if len(unnamed) > 1:
+        raise ConfigError("more than one merge without a name: give every merge but the final one a name:",
+                          f"{file}:{unnamed[1].line}")  # fmt: skip
+    if unnamed and output is None:
+        raise UsageError("missing option -o/--output: the configuration's merge without a name is written there")
+    if not unnamed and output is not None:
+        raise UsageError("-o/--output: every merge of the configuration has a name (each goes to the intermediate "
+                         "directory); leave the final merge without a name to write it to the output")  # fmt: skip
+    if by_name and intermediate_dir is None:
+        raise UsageError("merges with a name (mergekit-multi's stages) need -I/--intermediate-dir DIR, where each "
+                         "is written as DIR/NAME")  # fmt: skip
+    inter = os.fspath(intermediate_dir) if intermediate_dir is not None else ""
+    needs: dict[int, set[str]] = {}
+    for i, d in enumerate(docs):
+        needs[i] = _use_stages(d.spec, by_name, inter)
+        if d.name is not None and d.name in needs[i]:
+            raise ConfigError(f"the merge {d.name!r} takes itself as a model", d.spec.where.get("name", file))
+    order: list[int] = []
+    done: set[str] = set()
+    while len(order) < len(docs):
+        ready = [i for i in range(len(docs)) if i not in order and needs[i] <= done]
+        if not ready:
+            stuck = [str(docs[i].name) for i in range(len(docs)) if i not in order and docs[i].name is not None]
+            raise ConfigError(f"merges that take each other as models (a cycle): {', '.join(stuck)}", file)
+        order.append(ready[0])
+        if docs[ready[0]].name is not None:
+            done.add(docs[ready[0]].name or "")
+    out = os.fspath(output) if output is not None else ""
+    return [(docs[i], os.path.join(inter, docs[i].name) if docs[i].name is not None else out) for i in order]
+
+
+def _use_stages(spec: MergeSpec, by_name: Mapping[str, Document], inter: str) -> set[str]:
+    """Point the model references of ``spec`` that name another merge at its directory; returns those names."""
+    used: set[str] = set()
+
+    def swap(ref: str | None) -> str | None:
+        if ref is None:
+            return None
+        model, plus, lora = ref.partition("+")
+        if model in by_name:
+            used.add(model)
+            return os.path.join(inter, model) + plus + lora
+        return ref
+
+    spec.base = swap(spec.base)
+    for src in [*spec.models, *(s for sl in spec.slices for s in sl.sources)]:
+        src.model = swap(src.model) or src.model
+    if spec.tokenizer_source not in (None, "base", "union"):
+        spec.tokenizer_source = swap(spec.tokenizer_source)
+    return used
+
+
+def run_configs(
+    config: Config,
+    output: str | os.PathLike[str] | None,
+    *,
+    intermediate_dir: str | os.PathLike[str] | None = None,
+    lazy: bool = True,
+    force: bool = False,
+    allow_nonfinite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    options: CommandOptions | None = None,
+) -> list[tuple[str, Any]]:
+    """Run every merge of a configuration (:func:`stages`), in order: (output, its Summary), or (output, None) for
+    a named merge whose directory already holds a model (``lazy``, as mergekit-multi's default). Every document is
+    checked before the first merge starts; the merges to intermediate directories replace what is there."""
+    ran = []
+    for doc, out in stages(config, output, intermediate_dir):
+        if doc.name is not None and lazy and _exists(Path(out)):
+            ran.append((out, None))
+            continue
+        named = doc.name is not None
+        ran.append((out, _run_one(doc, out, force=force or named, allow_nonfinite=allow_nonfinite, progress=progress,
+                                  options=options)))  # fmt: skip
+    return ran
 
 
 def run_mergekit(
     config: Config,
-    output: str | os.PathLike[str],
+    output: str | os.PathLike[str] | None,
     *,
+    intermediate_dir: str | os.PathLike[str] | None = None,
+    lazy: bool = True,
     seed: int | None = None,
     shard_size: int | str = "5GB",
     copy_tokenizer: bool = True,
@@ -345,6 +522,9 @@ def run_mergekit(
     {"t": 0.5}}``). ``seed``: of DARE's and DELLA's masks (default: the configuration's merge, seed 0);
     ``shard_size``: the largest weight file (``5GB``, ``500MB``, bytes); ``copy_tokenizer``: without
     ``tokenizer_source``, copy the base's (else the first model's) tokenizer; ``model_card``: write README.md.
+    Several documents (``---``) are mergekit-multi's stages: a merge with ``name: N`` goes to
+    ``intermediate_dir/N`` (kept if a model is there already, ``lazy``) and is the model ``N`` of the later ones;
+    the merge without a name goes to ``output``; then the result is a list of Summaries (None for a kept stage).
 
     Returns the :class:`~capmerge.merge.summary.Summary` (its ``warnings`` hold the configuration's). Raises a
     :class:`~capmerge.errors.CapmergeError` (``ConfigError`` naming the key and line) before anything is written."""
@@ -354,7 +534,9 @@ def run_mergekit(
         raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
     opts = CommandOptions(seed=seed, shard_bytes=parse_size(shard_size), copy_tokenizer=copy_tokenizer,
                           model_card=model_card)  # fmt: skip
-    return run_config(config, output, force=force, allow_nonfinite=allow_nonfinite, progress=progress, options=opts)
+    ran = run_configs(config, output, intermediate_dir=intermediate_dir, lazy=lazy, force=force,
+                      allow_nonfinite=allow_nonfinite, progress=progress, options=opts)  # fmt: skip
+    return ran[0][1] if len(ran) == 1 and intermediate_dir is None else [summary for _, summary in ran]
 
 
 def merge_models(

@@ -1,4 +1,5 @@
-"""mergekit-yaml's command-line options on ``capmerge run CONFIG.yml OUT``, so that a mergekit command runs as typed.
+"""mergekit-yaml's (and mergekit-multi's) command-line options on ``capmerge run CONFIG.yml OUT``, so that a
+mergekit command runs as typed.
 
 ``mergekit-yaml config.yml merged/ --cuda --copy-tokenizer --out-shard-size 1B --lazy-unpickle`` becomes
 ``capmerge run config.yml merged/ --cuda --copy-tokenizer --out-shard-size 1B --lazy-unpickle``. Each option of
@@ -24,6 +25,9 @@ EFFECTIVE = {
     "--quiet / --no-quiet, -v": "no progress on stderr / the default (-v adds nothing)",
     "-j N, --num-threads N": "compute threads (as CAPMERGE_THREADS)",
     "--transformers-cache DIR": "the Hugging Face Hub cache the models are fetched into (HF_HUB_CACHE)",
+    "-I DIR, --intermediate-dir DIR": "mergekit-multi's: where each merge with a name is written (DIR/NAME)",
+    "--out-path DIR": "mergekit-multi's: the output of the merge without a name (as -o)",
+    "--lazy / --no-lazy": "mergekit-multi's: keep a named merge whose directory holds a model already (default)",
 }
 _GPU = "capmerge merges models on the CPU (docs/benchmarks.md: its times against mergekit's)"
 NO_EFFECT = {  # option -> why it changes nothing here
@@ -49,10 +53,10 @@ REFUSED = {
     "vocabulary size (or use tokenizer_source with models whose vocabularies match)",
 }
 _VALUED = {"random-seed", "out-shard-size", "num-threads", "transformers-cache", "device", "write-threads",
-           "lora-merge-cache", "lora-merge-dtype"}  # fmt: skip
+           "lora-merge-cache", "lora-merge-dtype", "intermediate-dir", "out-path"}  # fmt: skip
 _FLAGS = {"copy-tokenizer", "write-model-card", "quiet", "cuda", "gpu-rich", "read-to-gpu", "multi-gpu",
           "low-cpu-memory", "lazy-unpickle", "async-write", "clone-tensors", "allow-crimes", "trust-remote-code",
-          "safe-serialization", "unsafe-truncate-embeddings"}  # fmt: skip
+          "safe-serialization", "unsafe-truncate-embeddings", "lazy"}  # fmt: skip
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}
 
 
@@ -67,6 +71,9 @@ class CommandOptions:
     quiet: bool = False
     threads: int | None = None
     hub_cache: str | None = None
+    intermediate_dir: str | None = None
+    out_path: str | None = None
+    lazy: bool = True
     notes: list[str] = field(default_factory=list)
 
 
@@ -104,8 +111,8 @@ def split_options(args: list[str]) -> tuple[list[str], CommandOptions]:
             continue
         if re.fullmatch(r"-v+", word) or word in ("--verbose", "--no-quiet"):
             continue
-        if word == "-j":
-            word = "--num-threads"
+        if word in ("-j", "-I"):
+            word = "--num-threads" if word == "-j" else "--intermediate-dir"
         name, eq, value = word[2:].partition("=") if word.startswith("--") else ("", "", "")
         negated = name.startswith("no-") and name[3:] in _FLAGS
         if name in REFUSED:
@@ -129,6 +136,12 @@ def split_options(args: list[str]) -> tuple[list[str], CommandOptions]:
             opts.threads = _int(name, value, least=1)
         elif name == "transformers-cache":
             opts.hub_cache = value
+        elif name == "intermediate-dir":
+            opts.intermediate_dir = value
+        elif name == "out-path":
+            opts.out_path = value
+        elif name == "lazy":
+            opts.lazy = value == "true"
         elif name == "copy-tokenizer":
             opts.copy_tokenizer = value == "true"
         elif name == "write-model-card":

@@ -100,8 +100,8 @@ def run_cmd(
 def _run_mergekit(config: str, rest: list[str], output: str | None, *, force: bool, plan: bool, quiet: bool,
                   as_json: bool) -> None:  # fmt: skip
     """``capmerge run CONFIG.yml -o OUT`` (or ``capmerge run CONFIG.yml OUT [mergekit-yaml options]``, as
-    ``mergekit-yaml`` takes it: :mod:`capmerge.recipes.mergekit_cli`)."""
-    from capmerge.recipes.mergekit import load, run_config
+    ``mergekit-yaml`` takes it: :mod:`capmerge.recipes.mergekit_cli`; several documents: mergekit-multi's stages)."""
+    from capmerge.recipes.mergekit import load_all, run_configs
     from capmerge.recipes.mergekit_cli import split_options
 
     with handle_errors():
@@ -109,12 +109,16 @@ def _run_mergekit(config: str, rest: list[str], output: str | None, *, force: bo
             raise UsageError("--plan is for recipes; a mergekit configuration is checked before anything is read")
         rest, opts = split_options(rest)
         quiet = quiet or opts.quiet
+        if opts.out_path is not None:
+            if output is not None and output != opts.out_path:
+                raise UsageError("give the output once: -o/--output or --out-path")
+            output = opts.out_path
         bad = [a for a in rest if "=" in a] or rest[1:] or ([rest[0]] if rest and output is not None else [])
         if bad:
             raise UsageError(f"unexpected argument {bad[0]!r} (a mergekit configuration takes -o OUT)")
         out = output if output is not None else (rest[0] if rest else None)
-        if out is None:
-            load(config)  # a bad configuration is reported first
+        if out is None and opts.intermediate_dir is None:
+            load_all(config)  # a bad configuration is reported first
             raise UsageError("missing option -o/--output (the output directory)")
         for note in opts.notes:
             if not quiet:
@@ -125,10 +129,16 @@ def _run_mergekit(config: str, rest: list[str], output: str | None, *, force: bo
             _use_hub_cache(opts.hub_cache)
         progress = Progress(not quiet, "merge")
         try:
-            summary = run_config(config, out, force=force, progress=progress, options=opts)
+            ran = run_configs(config, out, intermediate_dir=opts.intermediate_dir, lazy=opts.lazy, force=force,
+                              progress=progress, options=opts)  # fmt: skip
         finally:
             progress.close()
-    report(summary, quiet=quiet, as_json=as_json)
+    for path, summary in ran:
+        if summary is None:
+            if not quiet:
+                print(f"merge: kept {path} (it holds a model; --no-lazy merges it again)", file=sys.stderr)
+        else:
+            report(summary, quiet=quiet, as_json=as_json)
 
 
 def _use_hub_cache(path: str) -> None:

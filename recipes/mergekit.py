@@ -404,8 +404,8 @@ def _run_one(doc: Document, output: str | os.PathLike[str], *, force: bool, allo
 
 def _exists(d: Path) -> bool:
     """Whether ``d`` holds a merged model (a config and weights), as mergekit-multi's lazy check has it."""
-    return (d / "config.json").is_file() and any((d / n).is_file() for n in ("model.safetensors",
-                                                                            "model.safetensors.index.json"))  # fmt: skip
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    return (d / "config.json").is_file() and any((d / n).is_file() for n in weights)
 
 
 def stages(config: Config, output: str | os.PathLike[str] | None, intermediate_dir: str | os.PathLike[str] | None,
@@ -582,7 +582,9 @@ def merge_models(
     doc: dict[str, Any] = {"merge_method": m.name}
     if base is not None:
         doc["base_model"] = os.fspath(base)
-    doc["models"] = [{"model": os.fspath(x), **({"parameters": d} if d else {})} for x, d in zip(models, own)]
+    doc["models"] = [
+        {"model": os.fspath(x), **({"parameters": d} if d else {})} for x, d in zip(models, own, strict=True)
+    ]
     if glob:
         doc["parameters"] = glob
     if dtype is not None:

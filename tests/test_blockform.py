@@ -409,3 +409,31 @@ def test_near_mode_native_and_torch_agree_with_the_formula(monkeypatch) -> None:
         term = (_raw(b), "F32", _raw(a), "F32", 1.0, B.NEAR, 0.05, 0.0, 0)
         compute.merge_block([(_raw(out), "F32", 1.0)], _raw(a), "F32", n, [term])
         assert torch.equal(out, want), native or "native"
+
+
+@pytest.mark.parametrize("layout", ["spread", "between-samples", "all-zero"])
+@pytest.mark.parametrize("bracket", [True, False])
+def test_sce_selection_counts_in_its_threshold_pass(monkeypatch, layout: str, bracket: bool) -> None:
+    """SCE's rank k = int(select_topk · #{var ≠ 0}) and the k-th largest variance from one threshold pass that also
+    counts (the bracket chosen for the sampled share; a share the sample misses costs one more pass), against torch:
+    the population variance of the task vectors, count_nonzero, topk."""
+    if not compute.native_available():
+        pytest.skip("the native kernel is not built here")
+    monkeypatch.setattr(plan, "BRACKET", bracket)
+    n = (1 << 20) + 3000
+    gen = torch.Generator().manual_seed(5)
+    base = (torch.randn(n, generator=gen) * 0.02).bfloat16()
+    models = [(base.float() + torch.randn(n, generator=gen) * 0.002).bfloat16() for _ in range(3)]
+    same = torch.ones(n, dtype=torch.bool)  # where every model equals the base (variance 0)
+    if layout == "spread":
+        same = torch.rand(n, generator=gen) < 0.4
+    elif layout == "between-samples":  # nonzero only between two of the sampled pieces: the sample sees none
+        s = 5 * (n - plan.SAMPLE_PIECE) // (plan.SAMPLE_PIECES - 1) + plan.SAMPLE_PIECE + 100
+        same[s : s + 10_000] = False
+    models = [torch.where(same, base, t) for t in models]
+    raw = [_raw(t) for t in [base, *models]]
+    st = B.Stats(lambda i, s, e: raw[i][2 * s : 2 * e], ["BF16"] * 4, True, n)
+    var = torch.var(torch.stack([t.float() - base.float() for t in models]), dim=0, correction=0)
+    k = int(int(torch.count_nonzero(var)) * 0.3)
+    want = float(torch.topk(var, k).values[-1]) if k else float("inf")
+    assert st.sce_selection(0.3) == (k, want)

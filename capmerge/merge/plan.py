@@ -166,16 +166,40 @@ def kth_largest_abs_tensor(t: Any, ks: Sequence[int]) -> dict[int, float]:
 
 
 def kth_largest_abs_many(
-    read: Read, items: Sequence[tuple[int, str, Sequence[int]]], ib: int | None, cb: str, n: int
+    read: Read,
+    items: Sequence[tuple[int, str, Sequence[int]]],
+    ib: int | None,
+    cb: str,
+    n: int,
+    *,
+    after_pass: Callable[[], dict[int, list[int]]] | None = None,
 ) -> list[dict[int, float]]:
     """:func:`kth_largest_abs_stream` for several inputs (ia, ca, ks) against one ``ib``: their bracketed level-0
-    passes run together, reading each block of ``ib`` once for all of them."""
+    passes run together, reading each block of ``ib`` once for all of them.
+
+    ``after_pass``: ranks that the first full pass itself settles (e.g. a share of the entries it counts as nonzero,
+    SCE's ``select_topk``): called once that pass has read every block, it returns j -> the ranks wanted, and
+    ``items``' ks are then only the estimate the bracket is chosen for (a rank outside it costs one more pass).
+    Native inputs only."""
     outs: list[dict[int, float]] = [{k: math.inf for k in ks if k <= 0} for _, _, ks in items]
     todo = [(j, ia, ca, sorted({k for k in ks if k > 0})) for j, (ia, ca, ks) in enumerate(items)]
-    native = [t for t in todo if t[3] and compute.use_native(t[2], *([cb] if ib is not None else []))]
+    native = [t for t in todo if (t[3] or after_pass) and compute.use_native(t[2], *([cb] if ib is not None else []))]
+    if after_pass is not None and len(native) < len(todo):
+        raise ValueError("after_pass needs native inputs")
     for j, ia, ca, ks in (t for t in todo if t[3] and t not in native):
         outs[j].update(_kth_largest_torch(read, ia, ca, ib, cb, n, ks))
     todo = native
+    settled = False
+
+    def settle() -> list[tuple[int, int, str, list[int]]]:  # the ranks after_pass gives, after the first full pass
+        nonlocal todo, settled
+        if after_pass is not None and not settled:
+            settled, final = True, after_pass()
+            for j, _, _, _ in todo:
+                outs[j] = {k: math.inf for k in final[j] if k <= 0}
+            todo = [(j, ia, ca, sorted({k for k in final[j] if k > 0})) for j, ia, ca, _ in todo]
+        return todo
+
     if not todo:
         return outs
     import numpy as np
@@ -208,10 +232,17 @@ def kth_largest_abs_many(
 
     found: dict[int, dict[int, tuple[int, int]] | None] = {j: None for j, _, _, _ in todo}
     if n >= BRACKET_MIN and (BRACKET is True or (BRACKET is None and _native.fast_bracket())):
-        found = _bracketed(read, todo, ib, cb, n, whole, dts, wide, blocks, outs)
-    for j, ia, ca, ks in todo:
+        found = _bracketed(read, todo, ib, cb, n, whole, dts, wide, blocks, outs, settle)
+        todo = [t for t in todo if t[3]] if settled else todo
+    for j, ia, ca, ks in list(todo):
         if j in found and found[j] is None:
-            found[j] = _locate(*full_count(j, ia, ca), ks)
+            full = full_count(j, ia, ca)
+            settle()
+            ks = next(t[3] for t in todo if t[0] == j)
+            if not ks:
+                found.pop(j)
+                continue
+            found[j] = _locate(*full, ks)
             assert found[j] is not None
         got = found.get(j)
         if got is None:  # settled by the bracketed pass
@@ -245,11 +276,13 @@ def kth_largest_abs_many(
 
 def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int | None, cb: str, n: int,
                whole: list[tuple[int, int]], dts: dict[int, int], wide: dict[int, bool], blocks: Any,
-               outs: list[dict[int, float]]) -> dict[int, dict[int, tuple[int, int]] | None]:  # fmt: skip
+               outs: list[dict[int, float]], settle: Callable[[], list[Any]] | None = None,
+               ) -> dict[int, dict[int, tuple[int, int]] | None]:  # fmt: skip
     """The sampled bracket and one level-0 pass over the bracket for every input of ``todo`` (``ib`` read once per
     block, the difference made in the kernel). Returns j -> the bins found (a float32 τ still needs level 1), or
     None (a threshold outside the bracket: count in full); a j settled from the collected patterns is left out, its
-    values written into ``outs[j]``."""
+    values written into ``outs[j]``. ``settle`` runs after the pass and gives ``todo`` with the final ranks (see
+    ``after_pass`` of :func:`kth_largest_abs_many`)."""
     import numpy as np
 
     from capmerge.merge.compute import _native
@@ -292,6 +325,8 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
         return {j: [st[0].counts(), st[1], st[2], st[3]] for j, st in acc.items()}
 
     parts = _dealt(count, whole)
+    if settle is not None:
+        todo = settle()
     state = {}
     for j, _, _, _ in todo:
         ps = [p[j] for p in parts]

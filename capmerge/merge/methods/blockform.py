@@ -229,6 +229,41 @@ class Stats:
 
         return kth_largest_abs_many(read, [(0, "F32", list(ks))], None, "F32", self.numel)[0]
 
+    def sce_selection(self, share: float) -> tuple[int, float]:
+        """SCE's selection: k = int(share · #{var ≠ 0}) and the k-th largest variance (inf for k = 0), in one
+        threshold pass that also counts the nonzero variances (native inputs; else a count pass, then
+        :meth:`sce_variance_kth`). The bracket is chosen for k estimated from the nonzero share of a sample."""
+        from capmerge.merge.plan import HIST_BLOCK, SAMPLE_PIECE, SAMPLE_PIECES, ThreadScratch, kth_largest_abs_many
+
+        n = self.numel
+        if not compute.use_native(*self.codes) or n < SAMPLE_PIECES * SAMPLE_PIECE:
+            k = int(self.sce(sums=False)[0] * share)
+            return k, (self.sce_variance_kth([k])[k] if k > 0 else math.inf)
+        import numpy as np
+
+        scratch = ThreadScratch()
+        nonzero: dict[tuple[int, int], int] = {}  # block -> #{var ≠ 0}: each block of the pass once, however often read
+
+        def read(i: int, s: int, e: int) -> memoryview:
+            out = scratch.get(4 * (e - s))
+            nonzero[(s, e)] = self._sce_block(s, e, out, None, None, None)
+            return out
+
+        est = 0
+        for p in range(SAMPLE_PIECES):
+            s = p * (n - SAMPLE_PIECE) // (SAMPLE_PIECES - 1)
+            est += self._sce_block(s, s + SAMPLE_PIECE, np.empty(SAMPLE_PIECE, dtype=np.float32), None, None, None)
+        whole = [(s, min(n, s + HIST_BLOCK)) for s in range(0, n, HIST_BLOCK)]
+        got: list[int] = []
+
+        def after() -> dict[int, list[int]]:
+            got.append(int(sum(nonzero[b] for b in whole) * share))
+            return {0: got}
+
+        k_est = max(1, int(est / (SAMPLE_PIECES * SAMPLE_PIECE) * n * share))
+        vals = kth_largest_abs_many(read, [(0, "F32", [k_est])], None, "F32", n, after_pass=after)[0]
+        return got[0], vals[got[0]]
+
     def _sce_block(self, s: int, e: int, var: Any, thr: float | None, bits: Any, sums: Any, count: bool = True) -> int:
         """Elements [s, e) of :meth:`sce`: the variance into ``var`` (a float32 buffer, or None), the keep bits of
         var ≥ ``thr`` and the sums into ``sums``; returns #{var ≠ 0} there."""

@@ -10,6 +10,8 @@ accepted and ignored (a memory saving in mergekit that cannot change a float32 r
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -53,8 +55,9 @@ def _sce(x: TensorInputs) -> torch.Tensor:
 
 
 def _form(s: B.Spec) -> B.Finish | None:
-    """The block form: a count pass (#{v ≠ 0}), a threshold pass over the variance (computed block by block, never
-    stored), a pass for the keep bits of v ≥ threshold and the energies; then the kernel's merge with the bits, the
+    """The block form: a threshold pass over the variance (computed block by block, never stored) that also counts
+    #{var ≠ 0}, whose share is the rank (:meth:`~capmerge.merge.methods.blockform.Stats.sce_selection`), a pass for
+    the keep bits of var ≥ threshold and the energies; then the kernel's merge with the bits, the
     weights c_i, signs elected on the unweighted sum (``sum``) and the divisor floored at 1e-6. The energies are
     float64 sums (rounded once), where ``fn``'s fallback takes torch's float32 mean."""
     if not s.has_base:
@@ -69,11 +72,10 @@ def _form(s: B.Spec) -> B.Finish | None:
         if topk >= 1:
             _, sums, _ = st.sce(count=False)
         else:
-            nnz = st.sce(sums=False)[0] if topk > 0 else 0
-            kk = int(nnz * topk)
+            kk, thr = st.sce_selection(topk) if topk > 0 else (0, math.inf)
             if kk == 0:  # nothing selected: θ₀ (every term dropped)
                 return B.Combo([B.Term(i, 1.0 / k, B.DROP_ALL) for i in range(k)], relative=True, with_base=True)
-            _, sums, bits = st.sce(st.sce_variance_kth([kk])[kk])
+            _, sums, bits = st.sce(thr)
         energy = np.array([x / n for x in sums], dtype=np.float32)
         total = np.float32(energy.sum(dtype=np.float32))
         c = np.full(k, np.float32(1.0 / k)) if abs(float(total)) < 1e-6 else (energy / total).astype(np.float32)

@@ -357,6 +357,8 @@ def _check_required(r: _Reader, doc: dict, spec: MergeSpec, method: ModelMethod)
         raise r.fail(f"{method.name} needs a base_model", doc, "merge_method", "base_model")
     for sl in spec.slices or [None]:
         for src in sl.sources if sl is not None else spec.models:
+            if method.base != "unused" and src.model == spec.base:
+                continue  # the base listed among the models (as mergekit's examples do): its parameters go unused
             for k in (k for k, d in method.model_params.items() if d is None):
                 scopes = (src.parameters, sl.parameters if sl is not None else None, spec.parameters)
                 if not any(sc and k in sc for sc in scopes):

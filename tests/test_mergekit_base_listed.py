@@ -57,9 +57,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
     procs = {}
     for name in CASES:
         (tmp / f"{name}.yml").write_text(config(name, m))
-        procs[name] = subprocess.Popen([str(MERGEKIT_YAML), str(tmp / f"{name}.yml"), str(tmp / f"mk-{name}"),
-                                        "--quiet", "--no-copy-tokenizer"], stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, text=True, env={**os.environ, **OFFLINE_ENV})  # fmt: skip
+        cmd = [str(MERGEKIT_YAML), str(tmp / f"{name}.yml"), str(tmp / f"mk-{name}"), "--quiet", "--no-copy-tokenizer"]
+        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       env={**os.environ, **OFFLINE_ENV})  # fmt: skip
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"mergekit {name} failed:\n{out[-3000:]}"

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from capmerge.errors import UsageError
+from capmerge.errors import CapmergeError, UsageError
 from capmerge.merge.model_params import check_setting, kind_of
 from capmerge.recipes import yaml_lines as _yaml
 from capmerge.recipes.mergekit_cli import CommandOptions
@@ -480,6 +480,36 @@ def _use_stages(spec: MergeSpec, by_name: Mapping[str, Document], inter: str) ->
     return used
 
 
+def _check_inputs(todo: list[tuple[Document, str]], intermediate_dir: str | os.PathLike[str] | None) -> None:
+    """Before the first merge of several: plan each merge that takes no other merge's output (names, shapes,
+    parameters: headers only), and open the other merges' own inputs, so that a missing or mismatched model of a
+    later merge is reported before an earlier one is written."""
+    from capmerge.merge.modelmerge import ModelInput, plan
+
+    inter = os.path.abspath(os.fspath(intermediate_dir)) if intermediate_dir is not None else None
+
+    def staged(ref: str) -> bool:
+        return inter is not None and os.path.dirname(os.path.abspath(ref.partition("+")[0])) == inter
+
+    for doc, _ in todo:
+        spec = doc.spec
+        refs = [(spec.base, spec.where.get("base_model"))] if spec.base is not None else []
+        refs += [(src.model, src.where) for src in [*spec.models, *(s for sl in spec.slices for s in sl.sources)]]
+        if not any(staged(r) for r, _ in refs):
+            plan(spec).close()
+            continue
+        seen: set[str] = set()
+        for ref, where in refs:
+            if staged(ref) or ref in seen:
+                continue
+            seen.add(ref)
+            try:
+                ModelInput(ref, {}).close()
+            except CapmergeError as e:
+                e.where = f"{e.where}; {where}" if e.where and where else (where or e.where)
+                raise
+
+
 def run_configs(
     config: Config,
     output: str | os.PathLike[str] | None,
@@ -494,8 +524,11 @@ def run_configs(
     """Run every merge of a configuration (:func:`stages`), in order: (output, its Summary), or (output, None) for
     a named merge whose directory already holds a model (``lazy``, as mergekit-multi's default). Every document is
     checked before the first merge starts; the merges to intermediate directories replace what is there."""
+    todo = stages(config, output, intermediate_dir)
+    if len(todo) > 1:
+        _check_inputs(todo, intermediate_dir)
     ran = []
-    for doc, out in stages(config, output, intermediate_dir):
+    for doc, out in todo:
         if doc.name is not None and lazy and _exists(Path(out)):
             ran.append((out, None))
             continue

@@ -120,6 +120,11 @@ A_STAGE = "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weig
     ("name: x\n" + A_STAGE + "---\n# the final one\n\nmerge_method: linear\nmodels:\n  - model: x\n    parameters: "
      "{{wieght: 1}}\n", ["-o", "O", "-I", "I"], "has no parameter 'wieght'|c.yml:12: models[0].parameters.wieght)"),
     ("name: [1]\n" + A_STAGE, ["-o", "O", "-I", "I"], "expected a merge name|c.yml:1: name)"),
+    ("name: x\n" + A_STAGE + "---\nmerge_method: linear\nmodels:\n  - model: x\n    parameters: {{weight: 1}}\n"
+     "  - model: /nonexistent/m\n    parameters: {{weight: 1}}\n", ["-o", "O", "-I", "I"],
+     "no such file or directory (/nonexistent/m; |c.yml:11: models[1].model)"),
+    ("name: x\n" + A_STAGE.replace("{a}", "/nonexistent/m") + "---\n" + A_STAGE.replace("{a}", "x"),
+     ["-o", "O", "-I", "I"], "no such file or directory (/nonexistent/m; |c.yml:4: models[0].model)"),
     ("base_model: {a}\ngate_mode: hidden\nexperts:\n  - source_model: {a}\n", ["-o", "O"], "mergekit-moe"),
     ("genome:\n  models: [{a}]\n  merge_method: ties\ntasks: []\n", ["-o", "O"], "mergekit-evolve"),
 ])  # fmt: skip

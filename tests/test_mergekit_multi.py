@@ -136,3 +136,16 @@ def test_bad_stages(models, tmp_path: Path, capsys, text: str, args: list[str], 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and all(n in err[0] for n in needle.split("|")), err
     assert not (tmp_path / "O").exists() and not (tmp_path / "I").exists()
+
+
+def test_json_lists_the_merges(models, tmp_path: Path, capsys) -> None:
+    import json
+
+    cfg, inter = models["tmp"] / "multi.yml", tmp_path / "inter"
+    for run in range(2):
+        assert main(["run", str(cfg), str(tmp_path / f"out{run}"), "-I", str(inter), "--json", "-q"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert [d["outputs"] if "outputs" in d else d for d in got] == [
+            [str(inter / "blend")] if run == 0 else {"output": str(inter / "blend"), "kept": True},
+            [str(tmp_path / f"out{run}")],
+        ]

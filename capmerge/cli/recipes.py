@@ -133,12 +133,15 @@ def _run_mergekit(config: str, rest: list[str], output: str | None, *, force: bo
                               progress=progress, options=opts)  # fmt: skip
         finally:
             progress.close()
+    several = len(ran) > 1 or opts.intermediate_dir is not None
     for path, summary in ran:
         if summary is None:
             if not quiet:
                 print(f"merge: kept {path} (it holds a model; --no-lazy merges it again)", file=sys.stderr)
         else:
-            report(summary, quiet=quiet, as_json=as_json)
+            report(summary, quiet=quiet, as_json=as_json and not several)
+    if as_json and several:  # one JSON document: the merges in the order they ran
+        print(json.dumps([s.to_dict() if s is not None else {"output": p, "kept": True} for p, s in ran], indent=2))
 
 
 def _use_hub_cache(path: str) -> None:

@@ -145,7 +145,7 @@ def test_json_lists_the_merges(models, tmp_path: Path, capsys) -> None:
     for run in range(2):
         assert main(["run", str(cfg), str(tmp_path / f"out{run}"), "-I", str(inter), "--json", "-q"]) == 0
         got = json.loads(capsys.readouterr().out)
-        assert [d["outputs"] if "outputs" in d else d for d in got] == [
+        assert [d.get("outputs", d) for d in got] == [
             [str(inter / "blend")] if run == 0 else {"output": str(inter / "blend"), "kept": True},
             [str(tmp_path / f"out{run}")],
         ]

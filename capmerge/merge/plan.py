@@ -9,6 +9,7 @@ memory still flat.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -254,24 +255,38 @@ def kth_largest_abs_many(
                 else:
                     outs[j][k] = float(np.array([b], dtype=np.uint16).view(np.float16)[0])
             continue
-        bins = sorted({b for b, _ in got.values()})
-
-        def level1(ranges: list[tuple[int, int]], ia: int = ia, ca: str = ca, bins: list[int] = bins) -> Any:
-            low = np.zeros((len(bins), 65536), dtype=np.uint64)
-            for buf, cnt in blocks(ia, ca, ranges):  # each block read (or made) once for every bin
-                for row, b in enumerate(bins):
-                    _native.hist1(buf, cnt, b, low[row])
-            return low
-
-        lows = sum(_dealt(level1, whole))  # integer counts: any order, the same sum
-        for row, b in enumerate(bins):
-            ltop = np.cumsum(lows[row][::-1])
-            for k, (bk, above) in got.items():
-                if bk == b:
-                    i = int(np.searchsorted(ltop, k - above))
-                    bits = (b << 16) | (65535 - i)
-                    outs[j][k] = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+        outs[j].update(_level1(functools.partial(blocks, ia, ca), whole, got))
     return outs
+
+
+def _level1(blocks: Callable[[list[tuple[int, int]]], Any], whole: list[tuple[int, int]],
+            got: dict[int, tuple[int, int]]) -> dict[int, float]:  # fmt: skip
+    """The k-th largest float32 values within their level-0 bins (``got``: k -> (bin, elements above it)): one pass
+    that histograms the low 16 bits of every wanted bin from each block (``blocks(ranges)``: (buffer, n))."""
+    import numpy as np
+
+    from capmerge.merge.compute import _native
+
+    assert _native is not None
+    bins = sorted({b for b, _ in got.values()})
+
+    def level1(ranges: list[tuple[int, int]]) -> Any:
+        low = np.zeros((len(bins), 65536), dtype=np.uint64)
+        for buf, cnt in blocks(ranges):  # each block read (or made) once for every bin
+            for row, b in enumerate(bins):
+                _native.hist1(buf, cnt, b, low[row])
+        return low
+
+    lows = sum(_dealt(level1, whole))  # integer counts: any order, the same sum
+    out = {}
+    for row, b in enumerate(bins):
+        ltop = np.cumsum(lows[row][::-1])
+        for k, (bk, above) in got.items():
+            if bk == b:
+                i = int(np.searchsorted(ltop, k - above))
+                bits = (b << 16) | (65535 - i)
+                out[k] = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+    return out
 
 
 def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int | None, cb: str, n: int,

@@ -4,14 +4,12 @@ the per-model parameters. Compared with ``.venv-mergekit/bin/mergekit-yaml`` on 
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_any
-from test_mergekit_configs import FP32_RTOL, MERGEKIT_YAML, OFFLINE_ENV, compare, save_model
+from test_mergekit_configs import FP32_RTOL, compare, mergekit_outputs, require_mergekit, save_model
 
 from capmerge.cli import main
 
@@ -49,20 +47,11 @@ def config(name: str, m: dict[str, Path]) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory):
-    if not MERGEKIT_YAML.exists():
-        pytest.skip(f"mergekit not installed ({MERGEKIT_YAML} missing): run `make mergekit-venv`")
+    require_mergekit()
     tmp = tmp_path_factory.mktemp("baselisted")
     gen = torch.Generator().manual_seed(4)
     m = {k: save_model(tmp / k, gen) for k in "PAB"}
-    procs = {}
-    for name in CASES:
-        (tmp / f"{name}.yml").write_text(config(name, m))
-        cmd = [str(MERGEKIT_YAML), str(tmp / f"{name}.yml"), str(tmp / f"mk-{name}"), "--quiet", "--no-copy-tokenizer"]
-        procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                       env={**os.environ, **OFFLINE_ENV})  # fmt: skip
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, f"mergekit {name} failed:\n{out[-3000:]}"
+    mergekit_outputs(tmp, {name: config(name, m) for name in CASES}, lambda name: ["--no-copy-tokenizer"])
     return tmp
 
 

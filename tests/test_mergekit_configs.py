@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -133,28 +134,35 @@ def passthrough():
         yield
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory):
-    """Models A, B, C, a LoRA adapter, and mergekit's output for every configuration (run concurrently)."""
+def require_mergekit() -> None:
     if not MERGEKIT_YAML.exists():
         pytest.skip(f"mergekit not installed ({MERGEKIT_YAML.relative_to(REPO)} missing): run `make mergekit-venv`")
-    tmp = tmp_path_factory.mktemp("mkconfigs")
-    gen = torch.Generator().manual_seed(7)
-    m = {k: save_model(tmp / k, gen) for k in ("A", "B", "C")}
-    m["lora"] = save_lora(tmp / "lora", gen)
-    cases = configs(m)
+
+
+def mergekit_outputs(tmp: Path, cases: dict[str, str], options: Callable[[str], list[str]]) -> None:
+    """Write each configuration to tmp/NAME.yml and run mergekit-yaml on all of them at once into tmp/mk-NAME
+    (``options(name)``: its extra command-line options)."""
     procs = {}
     for name, text in cases.items():
         (tmp / f"{name}.yml").write_text(text)
-        cmd = [str(MERGEKIT_YAML), str(tmp / f"{name}.yml"), str(tmp / f"mk-{name}"), "--quiet", "--no-cuda",
-               "--lora-merge-cache", str(tmp / "lora-cache")]  # fmt: skip
-        if name != "filters":
-            cmd.append("--no-copy-tokenizer")
+        cmd = [str(MERGEKIT_YAML), str(tmp / f"{name}.yml"), str(tmp / f"mk-{name}"), "--quiet", *options(name)]
         procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        env={**os.environ, **OFFLINE_ENV})  # fmt: skip
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"mergekit {name} failed:\n{out[-3000:]}\n{cases[name]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory):
+    """Models A, B, C, a LoRA adapter, and mergekit's output for every configuration (run concurrently)."""
+    require_mergekit()
+    tmp = tmp_path_factory.mktemp("mkconfigs")
+    gen = torch.Generator().manual_seed(7)
+    m = {k: save_model(tmp / k, gen) for k in ("A", "B", "C")}
+    m["lora"] = save_lora(tmp / "lora", gen)
+    lora = ["--no-cuda", "--lora-merge-cache", str(tmp / "lora-cache")]
+    mergekit_outputs(tmp, configs(m), lambda name: lora + ([] if name == "filters" else ["--no-copy-tokenizer"]))
     return {"tmp": tmp, "models": m}
 
 

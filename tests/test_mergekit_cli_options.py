@@ -98,6 +98,8 @@ def test_options_take_effect(models, tmp_path: Path, capsys, monkeypatch) -> Non
     (["--random-seed", "x"], "--random-seed: expected an integer of at least 0, got 'x'"),
     (["-j", "0"], "--num-threads: expected an integer of at least 1"),
     (["--out-shard-size", "2GB"], "--out-shard-size: invalid size '2GB'"),
+    (["--cuda", "--lazy-unpickle", "--bogus"], "no such option: --bogus"),
+    (["--cuda", "--transformers-cache"], "--transformers-cache needs a value"),
 ])  # fmt: skip
 def test_refused_options(models, tmp_path: Path, capsys, args: list[str], needle: str) -> None:
     out = tmp_path / "out"
@@ -200,3 +202,13 @@ def test_python_api_errors(models, tmp_path: Path, call, needle: str) -> None:
         call(capmerge, models, out)
     assert needle in str(e.value)
     assert not out.exists()
+
+
+def test_a_failed_merge_says_its_error_alone(models, tmp_path: Path, capsys) -> None:
+    """The notes of options that change nothing come after a merge: a failed one prints its error line only."""
+    cfg = tmp_path / "bad.yml"
+    cfg.write_text((models["tmp"] / "linear.yml").read_text().replace(str(models["B"]), str(tmp_path / "missing")))
+    assert main(["run", str(cfg), str(tmp_path / "out"), "--cuda", "--lazy-unpickle"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no such file or directory"), err
+    assert not (tmp_path / "out").exists()

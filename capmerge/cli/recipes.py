@@ -120,9 +120,6 @@ def _run_mergekit(config: str, rest: list[str], output: str | None, *, force: bo
         if out is None and opts.intermediate_dir is None:
             load_all(config)  # a bad configuration is reported first
             raise UsageError("missing option -o/--output (the output directory)")
-        for note in opts.notes:
-            if not quiet:
-                print(f"note: {note}", file=sys.stderr)
         if opts.threads is not None:
             os.environ["CAPMERGE_THREADS"] = str(opts.threads)
         if opts.hub_cache is not None:
@@ -133,6 +130,8 @@ def _run_mergekit(config: str, rest: list[str], output: str | None, *, force: bo
                               progress=progress, options=opts)  # fmt: skip
         finally:
             progress.close()
+    for note in opts.notes if not quiet else []:  # after the merge: a failed one says its error alone
+        print(f"note: {note}", file=sys.stderr)
     several = len(ran) > 1 or opts.intermediate_dir is not None
     for path, summary in ran:
         if summary is None:

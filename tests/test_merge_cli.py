@@ -156,6 +156,10 @@ def test_merge_bad_inputs(models, lerp, tmp_path: Path, capsys) -> None:
           "model.norm.weight")  # fmt: skip
     (tmp_path / "o").mkdir()
     fails(["merge", a, b, "--weights", "1", "-o", tmp_path / "o"], tmp_path, capsys, "output exists")
+    # the base among MODELS with one weight per other model: say that the base is not one of the merged models
+    fails(["merge", a, a, b, "--base", a, "--method", "ties", "--weights", "0.6,0.3", "--density", "0.5", "-o",
+           tmp_path / "o2"], tmp_path, capsys, "weight has 2 values for 3 models",
+          f"({a} is the base: the base model is not merged as one of MODELS, leave it out of them)")  # fmt: skip
 
 
 def write(tmp: Path, text: str) -> Path:

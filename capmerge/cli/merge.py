@@ -186,7 +186,9 @@ def build_spec(m: Any, models: list[str], base: str | None, values: dict[str, An
 
     def per_model(key: str, vals: list[Any], where: str) -> list[Any]:
         if len(vals) not in (1, n):
-            raise UsageError(f"{key} has {len(vals)} values for {n} models", where)
+            hint = (f" ({base} is the base: the base model is not merged as one of MODELS, leave it out of them)"
+                    if base is not None and base in models and len(vals) == n - 1 else "")  # fmt: skip
+            raise UsageError(f"{key} has {len(vals)} values for {n} models{hint}", where)
         return vals * n if len(vals) == 1 else vals
 
     own: list[dict[str, Any]] = [{} for _ in models]

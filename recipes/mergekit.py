@@ -219,8 +219,9 @@ class Document:
 
     spec: MergeSpec
     warnings: list[str]
-    name: str | None = None
-    line: int = 1  # where the document starts
+    name: str | None
+    file: str  # the configuration's file (or <configuration>)
+    line: int  # where the document starts
 
 
 _DOC_START = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
@@ -245,36 +246,20 @@ def load_all(config: Config) -> list[Document]:
     docs = []
     for a, b in bounds:
         piece = text[a:b]
-        if _has_content(piece):
+        first = _first_content(piece)
+        if first is not None:
             skip = text.count("\n", 0, a)
-            docs.append(_load_doc("\n" * skip + piece, piece, file, skip + 1 + _blank_lines(piece)))
+            docs.append(_load_doc("\n" * skip + piece, piece, file, skip + 1 + first))
     if not docs:
         raise ConfigError("the configuration is empty", f"{file}:1")
     return docs
 
 
-def _has_content(piece: str) -> bool:
-    return any(line.strip() and not line.lstrip().startswith("#") for line in piece.splitlines())
-
-
-def _blank_lines(piece: str) -> int:
-    """Lines before a document's first line of content (the rest of a ``---`` line is the first)."""
+def _first_content(piece: str) -> int | None:
+    """The index of a document's first line that is neither blank nor a comment (the rest of a ``---`` line is
+    line 0), or None for a document without content."""
     lines = piece.split("\n")
-    return next(i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#"))
-
-
-def load(config: Config) -> tuple[MergeSpec, list[str]]:
-    """Read and check a mergekit configuration of one document; returns the merge it describes and the warnings.
-
-    Raises:
-        ConfigError: the first problem, with ``file:line: key`` (several documents: run them with
-            :func:`run_config`).
-    """
-    docs = load_all(config)
-    if len(docs) > 1:
-        raise ConfigError(f"{len(docs)} documents: run them with run_config (mergekit-multi's stages)",
-                          f"{_read(config)[1]}:{docs[1].line}")  # fmt: skip
-    return docs[0].spec, docs[0].warnings
+    return next((i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")), None)
 
 
 def _load_doc(text: str, own_text: str, file: str, line: int) -> Document:
@@ -311,7 +296,7 @@ def _load_doc(text: str, own_text: str, file: str, line: int) -> Document:
     spec.out_dtype = r.dtype(doc, "out_dtype") or r.dtype(doc, "dtype")
     _tokenizer(r, doc, spec)
     _check_required(r, doc, spec, method)
-    return Document(spec, warnings, name, line)
+    return Document(spec, warnings, name, file, line)
 
 
 def _slices(r: _Reader, doc: dict, method: ModelMethod, warnings: list[str]) -> list[SliceSpec]:
@@ -372,24 +357,6 @@ def _check_required(r: _Reader, doc: dict, spec: MergeSpec, method: ModelMethod)
                          "parameters")  # fmt: skip
 
 
-def run_config(
-    config: Config,
-    output: str | os.PathLike[str],
-    *,
-    force: bool = False,
-    allow_nonfinite: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-    options: CommandOptions | None = None,
-) -> Any:
-    """Run a mergekit configuration of one document (:data:`Config`) into ``output`` (a directory laid out as
-    mergekit's, or a ``.safetensors`` file), with mergekit-yaml's ``options`` (:mod:`capmerge.recipes.mergekit_cli`:
-    seed, bytes per weight file, tokenizer copy, model card). Returns the :class:`~capmerge.merge.summary.Summary`,
-    with the configuration's warnings."""
-    spec, warnings = load(config)
-    return _run_one(Document(spec, warnings), output, force=force, allow_nonfinite=allow_nonfinite, progress=progress,
-                    options=options)  # fmt: skip
-
-
 def _run_one(doc: Document, output: str | os.PathLike[str], *, force: bool, allow_nonfinite: bool,
              progress: Callable[[int, int], None] | None, options: CommandOptions | None) -> Any:  # fmt: skip
     from capmerge.merge.modelmerge import run_merge
@@ -416,7 +383,7 @@ def stages(config: Config, output: str | os.PathLike[str] | None, intermediate_d
     with ``name: N`` goes to ``intermediate_dir/N``, where the others find it as the model ``N``; the one merge
     without a name goes to ``output``. One document without ``intermediate_dir`` is a plain configuration."""
     docs = load_all(config)
-    file = _read(config)[1]
+    file = docs[0].file
     if len(docs) == 1 and intermediate_dir is None:
         if output is None:
             raise UsageError("missing option -o/--output (the output directory)")
@@ -453,8 +420,9 @@ def stages(config: Config, output: str | os.PathLike[str] | None, intermediate_d
             stuck = [str(docs[i].name) for i in range(len(docs)) if i not in order and docs[i].name is not None]
             raise ConfigError(f"merges that take each other as models (a cycle): {', '.join(stuck)}", file)
         order.append(ready[0])
-        if docs[ready[0]].name is not None:
-            done.add(docs[ready[0]].name or "")
+        name = docs[ready[0]].name
+        if name is not None:
+            done.add(name)
     out = os.fspath(output) if output is not None else ""
     return [(docs[i], os.path.join(inter, docs[i].name) if docs[i].name is not None else out) for i in order]
 
@@ -480,29 +448,25 @@ def _use_stages(spec: MergeSpec, by_name: Mapping[str, Document], inter: str) ->
     return used
 
 
-def _check_inputs(todo: list[tuple[Document, str]], intermediate_dir: str | os.PathLike[str] | None) -> None:
+def _check_inputs(todo: list[tuple[Document, str]]) -> None:
     """Before the first merge of several: plan each merge that takes no other merge's output (names, shapes,
     parameters: headers only), and open the other merges' own inputs, so that a missing or mismatched model of a
     later merge is reported before an earlier one is written."""
     from capmerge.merge.modelmerge import ModelInput, plan
 
-    inter = os.path.abspath(os.fspath(intermediate_dir)) if intermediate_dir is not None else None
-
-    def staged(ref: str) -> bool:
-        return inter is not None and os.path.dirname(os.path.abspath(ref.partition("+")[0])) == inter
-
+    staged = {out for doc, out in todo if doc.name is not None}  # where the references to other merges now point
     for doc, _ in todo:
         spec = doc.spec
         refs = [(spec.base, spec.where.get("base_model"))] if spec.base is not None else []
         refs += [(src.model, src.where) for src in [*spec.models, *(s for sl in spec.slices for s in sl.sources)]]
-        if not any(staged(r) for r, _ in refs):
+        own: dict[str, str | None] = {}  # each input from outside the file, where it is first named
+        for ref, where in refs:
+            if ref.partition("+")[0] not in staged:
+                own.setdefault(ref, where)
+        if len(own) == len({ref for ref, _ in refs}):
             plan(spec).close()
             continue
-        seen: set[str] = set()
-        for ref, where in refs:
-            if staged(ref) or ref in seen:
-                continue
-            seen.add(ref)
+        for ref, where in own.items():
             try:
                 ModelInput(ref, {}).close()
             except CapmergeError as e:
@@ -526,7 +490,7 @@ def run_configs(
     checked before the first merge starts; the merges to intermediate directories replace what is there."""
     todo = stages(config, output, intermediate_dir)
     if len(todo) > 1:
-        _check_inputs(todo, intermediate_dir)
+        _check_inputs(todo)
     ran = []
     for doc, out in todo:
         if doc.name is not None and lazy and _exists(Path(out)):
@@ -595,31 +559,28 @@ def merge_models(
     layers). The merge runs as the mergekit configuration it amounts to (written into the output's
     ``mergekit_config.yml`` and model card). Returns the :class:`~capmerge.merge.summary.Summary`."""
     from capmerge.merge.methods.registry import get_model_method
+    from capmerge.merge.model_params import check_param, per_model
 
     m = get_model_method(method)
     if not models:
         raise UsageError("no models given")
+    refs = [os.fspath(x) for x in models]
     own: list[dict[str, Any]] = [{} for _ in models]
     glob: dict[str, Any] = {}
     for key, value in parameters.items():
         key = "weight" if key == "weights" else key
+        check_param(m, key)
         if key in m.model_params:
             vals = list(value) if isinstance(value, list | tuple) else [value]
-            if len(vals) not in (1, len(models)):
-                raise UsageError(f"{key} has {len(vals)} values for {len(models)} models")
-            for i, d in enumerate(own):
-                d[key] = vals[i] if len(vals) > 1 else vals[0]
-        elif key in m.params:
-            glob[key] = list(value) if isinstance(value, tuple) else value
+            base_ref = os.fspath(base) if base is not None else None
+            for d, v in zip(own, per_model(key, vals, refs, base_ref), strict=True):
+                d[key] = v
         else:
-            takes = ", ".join([*m.model_params, *m.params]) or "none"
-            raise UsageError(f"{m.name} has no parameter {key!r} (it takes: {takes})")
+            glob[key] = list(value) if isinstance(value, tuple) else value
     doc: dict[str, Any] = {"merge_method": m.name}
     if base is not None:
         doc["base_model"] = os.fspath(base)
-    doc["models"] = [
-        {"model": os.fspath(x), **({"parameters": d} if d else {})} for x, d in zip(models, own, strict=True)
-    ]
+    doc["models"] = [{"model": x, **({"parameters": d} if d else {})} for x, d in zip(refs, own, strict=True)]
     if glob:
         doc["parameters"] = glob
     if dtype is not None:

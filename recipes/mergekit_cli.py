@@ -3,32 +3,21 @@ mergekit command runs as typed.
 
 ``mergekit-yaml config.yml merged/ --cuda --copy-tokenizer --out-shard-size 1B --lazy-unpickle`` becomes
 ``capmerge run config.yml merged/ --cuda --copy-tokenizer --out-shard-size 1B --lazy-unpickle``. Each option of
-mergekit 0.1.5 either does what it does in mergekit (:data:`EFFECTIVE`), changes nothing here and says so in one
+mergekit 0.1.5 either does what it does in mergekit (:data:`_SET`), changes nothing here and says so in one
 ``note:`` line (:data:`NO_EFFECT`: capmerge streams, runs on the CPU threads and writes safetensors anyway), or is
 refused with one ``error:`` line (:data:`REFUSED`: it would change the output in a way capmerge does not do).
+docs/mergekit.md has the table.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from capmerge.errors import UsageError
 
-EFFECTIVE = {
-    "--random-seed N": "the seed of the random methods (DARE, DELLA: counter-based masks of seed and tensor name)",
-    "--out-shard-size SIZE": "the largest weight file: 1B = 10⁹ bytes, 500M, 5K or a number; 0: one file (default 5B). "
-    "mergekit's help says parameters, but its writer counts bytes: so does capmerge",
-    "--copy-tokenizer / --no-copy-tokenizer": "copy the base's (else the first model's) tokenizer when the "
-    "configuration has no tokenizer_source (default: copy)",
-    "--write-model-card / --no-write-model-card": "write README.md (default: write)",
-    "--quiet / --no-quiet, -v": "no progress on stderr / the default (-v adds nothing)",
-    "-j N, --num-threads N": "compute threads (as CAPMERGE_THREADS)",
-    "--transformers-cache DIR": "the Hugging Face Hub cache the models are fetched into (HF_HUB_CACHE)",
-    "-I DIR, --intermediate-dir DIR": "mergekit-multi's: where each merge with a name is written (DIR/NAME)",
-    "--out-path DIR": "mergekit-multi's: the output of the merge without a name (as -o)",
-    "--lazy / --no-lazy": "mergekit-multi's: keep a named merge whose directory holds a model already (default)",
-}
 _GPU = "capmerge merges models on the CPU (docs/benchmarks.md: its times against mergekit's)"
 NO_EFFECT = {  # option -> why it changes nothing here
     "cuda": _GPU,
@@ -97,6 +86,24 @@ def _int(name: str, text: str, *, least: int) -> int:
     return n
 
 
+def _flag(value: str) -> bool:
+    return value == "true"
+
+
+_SET: dict[str, tuple[str, Callable[[str], Any]]] = {  # the options that take effect: -> (attribute, its value)
+    "random-seed": ("seed", lambda v: _int("random-seed", v, least=0)),  # DARE's and DELLA's masks
+    "out-shard-size": ("shard_bytes", parse_shard_size),
+    "num-threads": ("threads", lambda v: _int("num-threads", v, least=1)),  # as CAPMERGE_THREADS
+    "transformers-cache": ("hub_cache", str),  # as HF_HUB_CACHE
+    "intermediate-dir": ("intermediate_dir", str),  # mergekit-multi's
+    "out-path": ("out_path", str),  # mergekit-multi's
+    "lazy": ("lazy", _flag),  # mergekit-multi's
+    "copy-tokenizer": ("copy_tokenizer", _flag),
+    "write-model-card": ("model_card", _flag),
+    "quiet": ("quiet", _flag),
+}
+
+
 def split_options(args: list[str]) -> tuple[list[str], CommandOptions]:
     """Split mergekit-yaml's options off ``args`` (the words after ``capmerge run CONFIG``): returns the other
     words, in order, and the options. An option that is neither mergekit's nor capmerge's is one UsageError."""
@@ -109,7 +116,7 @@ def split_options(args: list[str]) -> tuple[list[str], CommandOptions]:
         if not word.startswith("-") or word == "-":
             rest.append(word)
             continue
-        if re.fullmatch(r"-v+", word) or word in ("--verbose", "--no-quiet"):
+        if re.fullmatch(r"-v+", word) or word == "--verbose":
             continue
         if word in ("-j", "-I"):
             word = "--num-threads" if word == "-j" else "--intermediate-dir"
@@ -128,26 +135,9 @@ def split_options(args: list[str]) -> tuple[list[str], CommandOptions]:
         else:
             known = ", ".join(f"--{n}" for n in sorted(_VALUED | _FLAGS))
             raise UsageError(f"no such option: {word} (a mergekit configuration also takes mergekit-yaml's: {known})")
-        if name == "random-seed":
-            opts.seed = _int(name, value, least=0)
-        elif name == "out-shard-size":
-            opts.shard_bytes = parse_shard_size(value)
-        elif name == "num-threads":
-            opts.threads = _int(name, value, least=1)
-        elif name == "transformers-cache":
-            opts.hub_cache = value
-        elif name == "intermediate-dir":
-            opts.intermediate_dir = value
-        elif name == "out-path":
-            opts.out_path = value
-        elif name == "lazy":
-            opts.lazy = value == "true"
-        elif name == "copy-tokenizer":
-            opts.copy_tokenizer = value == "true"
-        elif name == "write-model-card":
-            opts.model_card = value == "true"
-        elif name == "quiet":
-            opts.quiet = value == "true"
+        if name in _SET:
+            attr, parse = _SET[name]
+            setattr(opts, attr, parse(value))
         elif value != "false" and NO_EFFECT.get(name):
             note = f"--{name} changes nothing here: {NO_EFFECT[name]}"
             if note not in opts.notes:

@@ -265,11 +265,11 @@ def test_merge_state_dicts_is_the_per_tensor_fn_and_matches_mergekit(runs, case:
 
 def run_config_file(tmp, case: str):
     """``capmerge run tmp/CASE.yml -o tmp/cm-CASE`` in process (the function behind the command), once per case."""
-    from capmerge.recipes.mergekit import run_config
+    from capmerge.recipes.mergekit import run_configs
 
     out = tmp / f"cm-{case}"
     if not out.exists():
-        run_config(tmp / f"{case}.yml", out)
+        run_configs(tmp / f"{case}.yml", out)
     return out
 
 

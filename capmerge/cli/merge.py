@@ -173,23 +173,10 @@ def build_spec(m: Any, models: list[str], base: str | None, values: dict[str, An
     import re
 
     from capmerge.errors import UsageError
-    from capmerge.merge.model_params import Cond, kind_of
+    from capmerge.merge.model_params import Cond, check_param, kind_of, per_model
     from capmerge.merge.modelmerge import MergeSpec, SourceSpec
 
-    n = len(models)
     known = {**m.params, **m.model_params}
-
-    def check_key(key: str, where: str) -> None:
-        if key not in known:
-            takes = ", ".join(known) or "none"
-            raise UsageError(f"{m.name} has no parameter {key!r} (it takes: {takes})", where)
-
-    def per_model(key: str, vals: list[Any], where: str) -> list[Any]:
-        if len(vals) not in (1, n):
-            hint = (f" ({base} is the base: the base model is not merged as one of MODELS, leave it out of them)"
-                    if base is not None and base in models and len(vals) == n - 1 else "")  # fmt: skip
-            raise UsageError(f"{key} has {len(vals)} values for {n} models{hint}", where)
-        return vals * n if len(vals) == 1 else vals
 
     own: list[dict[str, Any]] = [{} for _ in models]
     glob: dict[str, Any] = {}
@@ -208,19 +195,19 @@ def build_spec(m: Any, models: list[str], base: str | None, values: dict[str, An
             key = "weight" if key == "weights" else key
             if not eq:
                 raise UsageError(f"invalid parameter {item.strip()!r} (expected key=value)", where)
-            check_key(key, where)
+            check_param(m, key, where)
             vals = _values(value, kind_of(known[key]), key, "/")
             if key in m.model_params:
-                for i, v in enumerate(per_model(key, vals, where)):
+                for i, v in enumerate(per_model(key, vals, models, base, where)):
                     own[i].setdefault(key, []).append(Cond(v, filt, regex=True))
             else:
                 glob.setdefault(key, []).append(Cond(vals if len(vals) > 1 else vals[0], filt, regex=True))
     for key, text in values.items():
         where = f"--{key.replace('_', '-')}" if key != "weight" else "--weights"
-        check_key(key, where)
+        check_param(m, key, where)
         vals = _values(text, kind_of(known[key]), key, ",")
         if key in m.model_params:
-            for i, v in enumerate(per_model(key, vals, where)):
+            for i, v in enumerate(per_model(key, vals, models, base, where)):
                 own[i].setdefault(key, []).append(Cond(v))
         else:
             glob.setdefault(key, []).append(Cond(vals if len(vals) > 1 else vals[0]))

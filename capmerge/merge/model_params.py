@@ -147,3 +147,27 @@ def layer_t(index: int | None, n_layers: int) -> float:
     if index is None:
         return 0.0
     return index / (n_layers - 1) if n_layers > 1 else 1.0
+
+
+def check_param(method: Any, key: str, where: str | None = None) -> None:
+    """Refuse a parameter the model method does not take (UsageError naming the ones it does)."""
+    from capmerge.errors import UsageError
+
+    known = {**method.params, **method.model_params}
+    if key not in known:
+        raise UsageError(f"{method.name} has no parameter {key!r} (it takes: {', '.join(known) or 'none'})", where)
+
+
+def per_model(
+    key: str, vals: list[Any], models: Sequence[str], base: str | None, where: str | None = None
+) -> list[Any]:
+    """A per-model parameter's values, one per model: one value for all, or one each (else a UsageError, which
+    says so when the base is among ``models`` and the values are one short)."""
+    from capmerge.errors import UsageError
+
+    n = len(models)
+    if len(vals) not in (1, n):
+        hint = (f" ({base} is the base: the base model is not merged as one of MODELS, leave it out of them)"
+                if base is not None and base in models and len(vals) == n - 1 else "")  # fmt: skip
+        raise UsageError(f"{key} has {len(vals)} values for {n} models{hint}", where)
+    return vals * n if len(vals) == 1 else list(vals)

@@ -173,15 +173,15 @@ def kth_largest_abs_many(
     cb: str,
     n: int,
     *,
-    after_pass: Callable[[], dict[int, list[int]]] | None = None,
+    after_pass: Callable[[list[tuple[int, int]]], dict[int, list[int]]] | None = None,
 ) -> list[dict[int, float]]:
     """:func:`kth_largest_abs_stream` for several inputs (ia, ca, ks) against one ``ib``: their bracketed level-0
     passes run together, reading each block of ``ib`` once for all of them.
 
     ``after_pass``: ranks that the first full pass itself settles (e.g. a share of the entries it counts as nonzero,
-    SCE's ``select_topk``): called once that pass has read every block, it returns j -> the ranks wanted, and
-    ``items``' ks are then only the estimate the bracket is chosen for (a rank outside it costs one more pass).
-    Native inputs only."""
+    SCE's ``select_topk``): called with the pass's blocks once it has read every one, it returns j -> the ranks
+    wanted, and ``items``' ks are then only the estimate the bracket is chosen for (a rank outside it costs one
+    more pass). Native inputs only."""
     outs: list[dict[int, float]] = [{k: math.inf for k in ks if k <= 0} for _, _, ks in items]
     todo = [(j, ia, ca, sorted({k for k in ks if k > 0})) for j, (ia, ca, ks) in enumerate(items)]
     native = [t for t in todo if (t[3] or after_pass) and compute.use_native(t[2], *([cb] if ib is not None else []))]
@@ -192,13 +192,16 @@ def kth_largest_abs_many(
     todo = native
     settled = False
 
-    def settle() -> list[tuple[int, int, str, list[int]]]:  # the ranks after_pass gives, after the first full pass
+    def settle() -> list[tuple[int, int, str, list[int]]]:
+        """``todo`` with the ranks after_pass gives (once the first full pass is done); an input left with no rank
+        above 0 is answered in ``outs`` and leaves ``todo``."""
         nonlocal todo, settled
         if after_pass is not None and not settled:
-            settled, final = True, after_pass()
+            settled, final = True, after_pass(whole)
             for j, _, _, _ in todo:
                 outs[j] = {k: math.inf for k in final[j] if k <= 0}
-            todo = [(j, ia, ca, sorted({k for k in final[j] if k > 0})) for j, ia, ca, _ in todo]
+            ranks = {j: sorted({k for k in final[j] if k > 0}) for j, _, _, _ in todo}
+            todo = [(j, ia, ca, ranks[j]) for j, ia, ca, _ in todo if ranks[j]]
         return todo
 
     if not todo:
@@ -234,16 +237,10 @@ def kth_largest_abs_many(
     found: dict[int, dict[int, tuple[int, int]] | None] = {j: None for j, _, _, _ in todo}
     if n >= BRACKET_MIN and (BRACKET is True or (BRACKET is None and _native.fast_bracket())):
         found = _bracketed(read, todo, ib, cb, n, whole, dts, wide, blocks, outs, settle)
-        todo = [t for t in todo if t[3]] if settled else todo
-    for j, ia, ca, ks in list(todo):
-        if j in found and found[j] is None:
-            full = full_count(j, ia, ca)
-            settle()
-            ks = next(t[3] for t in todo if t[0] == j)
-            if not ks:
-                found.pop(j)
-                continue
-            found[j] = _locate(*full, ks)
+    full = {j: full_count(j, ia, ca) for j, ia, ca, _ in todo if j in found and found[j] is None}
+    for j, ia, ca, ks in settle():
+        if j in full:
+            found[j] = _locate(*full[j], ks)
             assert found[j] is not None
         got = found.get(j)
         if got is None:  # settled by the bracketed pass
@@ -307,8 +304,7 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
     for j, ia, ca, ks in todo:
         piece = SAMPLE_PIECE * (4 if wide[j] else 2)  # bytes
         sample = bytearray(SAMPLE_PIECES * piece)
-        starts = [i * (n - SAMPLE_PIECE) // (SAMPLE_PIECES - 1) for i in range(SAMPLE_PIECES)]
-        for i, (buf, _) in enumerate(blocks(ia, ca, [(s, s + SAMPLE_PIECE) for s in starts])):
+        for i, (buf, _) in enumerate(blocks(ia, ca, sample_pieces(n))):
             sample[i * piece : (i + 1) * piece] = buf
         brackets[j] = _bracket(sample, dts[j], n, ks)
 
@@ -371,6 +367,13 @@ def _collected_kth(col: Any, found: dict[int, tuple[int, int]]) -> dict[int, flo
         bits = int(inside[r - 1]) if r <= len(inside) else b << 16
         out[k] = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
     return out
+
+
+def sample_pieces(n: int) -> list[tuple[int, int]]:
+    """The element ranges of a bracket's sample: SAMPLE_PIECES pieces of SAMPLE_PIECE spread evenly over ``n``
+    (n ≥ SAMPLE_PIECES · SAMPLE_PIECE)."""
+    starts = [i * (n - SAMPLE_PIECE) // (SAMPLE_PIECES - 1) for i in range(SAMPLE_PIECES)]
+    return [(s, s + SAMPLE_PIECE) for s in starts]
 
 
 def _bracket(sample: bytearray, dt: int, n: int, ks: Sequence[int]) -> tuple[int, int]:

@@ -232,15 +232,13 @@ class Stats:
     def sce_selection(self, share: float) -> tuple[int, float]:
         """SCE's selection: k = int(share · #{var ≠ 0}) and the k-th largest variance (inf for k = 0), in one
         threshold pass that also counts the nonzero variances (native inputs; else a count pass, then
-        :meth:`sce_variance_kth`). The bracket is chosen for k estimated from the nonzero share of a sample."""
-        from capmerge.merge.plan import HIST_BLOCK, SAMPLE_PIECE, SAMPLE_PIECES, ThreadScratch, kth_largest_abs_many
+        :meth:`sce_variance_kth`). A bracket is chosen for k estimated from the nonzero share of its sample."""
+        from capmerge.merge.plan import SAMPLE_PIECE, SAMPLE_PIECES, ThreadScratch, kth_largest_abs_many, sample_pieces
 
         n = self.numel
-        if not compute.use_native(*self.codes) or n < SAMPLE_PIECES * SAMPLE_PIECE:
+        if not compute.use_native(*self.codes):
             k = int(self.sce(sums=False)[0] * share)
             return k, (self.sce_variance_kth([k])[k] if k > 0 else math.inf)
-        import numpy as np
-
         scratch = ThreadScratch()
         nonzero: dict[tuple[int, int], int] = {}  # block -> #{var ≠ 0}: each block of the pass once, however often read
 
@@ -249,18 +247,18 @@ class Stats:
             nonzero[(s, e)] = self._sce_block(s, e, out, None, None, None)
             return out
 
-        est = 0
-        for p in range(SAMPLE_PIECES):
-            s = p * (n - SAMPLE_PIECE) // (SAMPLE_PIECES - 1)
-            est += self._sce_block(s, s + SAMPLE_PIECE, np.empty(SAMPLE_PIECE, dtype=np.float32), None, None, None)
-        whole = [(s, min(n, s + HIST_BLOCK)) for s in range(0, n, HIST_BLOCK)]
+        k_est = 1  # no bracket below BRACKET_MIN (the sample's size): any estimate
+        if n >= SAMPLE_PIECES * SAMPLE_PIECE:
+            pieces = sample_pieces(n)
+            for s, e in pieces:
+                read(0, s, e)
+            k_est = max(1, int(sum(nonzero[p] for p in pieces) / (SAMPLE_PIECES * SAMPLE_PIECE) * n * share))
         got: list[int] = []
 
-        def after() -> dict[int, list[int]]:
+        def after(whole: list[tuple[int, int]]) -> dict[int, list[int]]:
             got.append(int(sum(nonzero[b] for b in whole) * share))
             return {0: got}
 
-        k_est = max(1, int(est / (SAMPLE_PIECES * SAMPLE_PIECE) * n * share))
         vals = kth_largest_abs_many(read, [(0, "F32", [k_est])], None, "F32", n, after_pass=after)[0]
         return got[0], vals[got[0]]
 

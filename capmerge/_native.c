@@ -296,44 +296,87 @@ static void philox_avx2(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0,
 #define HAVE_PHILOX_AVX512 1
 /* Eight Philox streams per register with AVX-512, each 32-bit word kept in the low half of a 64-bit lane: one
  * vpmuludq gives a whole 32x32->64 product (no even/odd split or blend), the next multiply ignores the high half,
- * and vpternlogq makes each three-way xor. Same bits as the scalar code. */
-__attribute__((target("avx512f,avx512vl"))) static void philox_avx512(float *dst, uint64_t start, Py_ssize_t m,
-                                                                     uint32_t key0, uint32_t key1) {
-    const __m512i A = _mm512_set1_epi64(0xD2511F53u), B = _mm512_set1_epi64(0xCD9E8D57u);
-    const __m256 scale = _mm256_set1_ps(4.6566127342e-10f);
+ * and vpternlogq makes each three-way xor. Same bits as the scalar code.
+ *
+ * Where the indices of a call share their high word (every tensor under 2^32 elements), rounds 0 and 1 are cheaper:
+ * the counter is (lo, hi, 0, 0), so after round 0 the word c0 = hi ^ k0 is the same in every lane, and round 1's
+ * A product with it is a constant (philox_keys_t.same_hi). */
+typedef struct {
     __m512i k0s[10], k1s[10];
-    Py_ssize_t j = 0;
+    __m512i c3r1, hk1; /* same_hi: round 1's lo(A * c0) and hi(A * c0) ^ k1[1], the same in every lane */
+    __m512i hi;        /* the indices' high word (not same_hi: unused) */
+    int same_hi;
+} philox_keys_t;
+
+__attribute__((target("avx512f,avx512vl"))) static void philox_keys(philox_keys_t *K, uint32_t key0, uint32_t key1,
+                                                                    uint64_t first, uint64_t last) {
     int r;
     for (r = 0; r < 10; r++) {
-        k0s[r] = _mm512_set1_epi64(key0 + (uint32_t)r * 0x9E3779B9u);
-        k1s[r] = _mm512_set1_epi64(key1 + (uint32_t)r * 0xBB67AE85u);
+        K->k0s[r] = _mm512_set1_epi64(key0 + (uint32_t)r * 0x9E3779B9u);
+        K->k1s[r] = _mm512_set1_epi64(key1 + (uint32_t)r * 0xBB67AE85u);
     }
-#define PHILOX_V 4 /* independent vectors per iteration: the rounds of one are a dependency chain */
-    for (; j + 8 * PHILOX_V <= m; j += 8 * PHILOX_V) {
-        __m512i c0[PHILOX_V], c1[PHILOX_V], c2[PHILOX_V], c3[PHILOX_V];
-        int v;
-        for (v = 0; v < PHILOX_V; v++) { /* round 0 with c2 = c3 = 0: the B product is 0 */
-            __m512i idx = _mm512_add_epi64(_mm512_set1_epi64((long long)(start + (uint64_t)(j + 8 * v))),
-                                           _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
-            __m512i pa = _mm512_mul_epu32(A, idx);
-            c0[v] = _mm512_xor_si512(_mm512_srli_epi64(idx, 32), k0s[0]);
-            c2[v] = _mm512_xor_si512(_mm512_srli_epi64(pa, 32), k1s[0]);
+    K->same_hi = (first >> 32) == (last >> 32);
+    {
+        uint64_t pa1 = (uint64_t)0xD2511F53u * ((uint32_t)(first >> 32) ^ key0);
+        K->c3r1 = _mm512_set1_epi64((uint32_t)pa1);
+        K->hk1 = _mm512_set1_epi64((uint32_t)(pa1 >> 32) ^ (key1 + 0xBB67AE85u));
+        K->hi = _mm512_set1_epi64((long long)(first >> 32));
+    }
+}
+
+/* The first output words of NV vectors of eight streams, lanes at indices start + 8v + l (NV a constant after
+ * inlining: the rounds of one vector are a dependency chain, so several run side by side), as tl.rand's int32. */
+static inline __attribute__((always_inline, target("avx512f,avx512vl"))) void
+philox_words(__m256i *out, int nv, uint64_t start, const philox_keys_t *K) {
+    const __m512i A = _mm512_set1_epi64(0xD2511F53u), B = _mm512_set1_epi64(0xCD9E8D57u);
+    const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i c0[4], c1[4], c2[4], c3[4];
+    int v, r, r0;
+    for (v = 0; v < nv; v++) {
+        __m512i idx = _mm512_add_epi64(_mm512_set1_epi64((long long)(start + 8 * (uint64_t)v)), lanes);
+        __m512i pa = _mm512_mul_epu32(A, idx); /* round 0, c2 = c3 = 0: the B product is 0 */
+        __m512i c2r0 = _mm512_xor_si512(_mm512_srli_epi64(pa, 32), K->k1s[0]);
+        if (K->same_hi) { /* round 1: c0 = hi ^ k0 in every lane, c1 = 0 */
+            __m512i pb = _mm512_mul_epu32(B, c2r0);
+            c0[v] = _mm512_xor_si512(_mm512_srli_epi64(pb, 32), K->k0s[1]);
+            c2[v] = _mm512_xor_si512(pa, K->hk1); /* low half: lo(pa) ^ hi(A * c0) ^ k1 */
+            c1[v] = pb;
+            c3[v] = K->c3r1;
+        } else {
+            c0[v] = _mm512_xor_si512(_mm512_srli_epi64(idx, 32), K->k0s[0]);
+            c2[v] = c2r0;
             c1[v] = _mm512_setzero_si512();
             c3[v] = pa;
         }
-        for (r = 1; r < 10; r++)
-            for (v = 0; v < PHILOX_V; v++) {
-                __m512i pb = _mm512_mul_epu32(B, c2[v]), pa = _mm512_mul_epu32(A, c0[v]);
-                c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[v], k0s[r], 0x96);
-                c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[v], k1s[r], 0x96);
-                c1[v] = pb;
-                c3[v] = pa;
-            }
-        for (v = 0; v < PHILOX_V; v++) {
-            __m256i w = _mm512_cvtepi64_epi32(c0[v]);
-            w = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31)); /* x < 0 ? ~x : x */
-            _mm256_storeu_ps(dst + j + 8 * v, _mm256_mul_ps(_mm256_cvtepi32_ps(w), scale));
+    }
+    r0 = K->same_hi ? 2 : 1;
+    for (r = r0; r < 10; r++)
+        for (v = 0; v < nv; v++) {
+            __m512i pb = _mm512_mul_epu32(B, c2[v]), pa = _mm512_mul_epu32(A, c0[v]);
+            c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[v], K->k0s[r], 0x96);
+            c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[v], K->k1s[r], 0x96);
+            c1[v] = pb;
+            c3[v] = pa;
         }
+    for (v = 0; v < nv; v++) out[v] = _mm512_cvtepi64_epi32(c0[v]);
+}
+
+/* tl.rand's float from its int32 word: x < 0 ? ~x : x, times 2^-31 */
+static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __m256 philox_float(__m256i w) {
+    w = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(w), _mm256_set1_ps(4.6566127342e-10f));
+}
+
+__attribute__((target("avx512f,avx512vl"))) static void philox_avx512(float *dst, uint64_t start, Py_ssize_t m,
+                                                                     uint32_t key0, uint32_t key1) {
+    philox_keys_t K;
+    __m256i w[4];
+    Py_ssize_t j = 0;
+    int v;
+    philox_keys(&K, key0, key1, start, start + (uint64_t)(m > 0 ? m - 1 : 0));
+    for (; j + 32 <= m; j += 32) {
+        philox_words(w, 4, start + (uint64_t)j, &K);
+        for (v = 0; v < 4; v++) _mm256_storeu_ps(dst + j + 8 * v, philox_float(w[v]));
     }
     for (; j < m; j++) dst[j] = philox_uniform(start + (uint64_t)j, key0, key1);
 }
@@ -1097,6 +1140,65 @@ static double random_kept(const float *u, const float *x, Py_ssize_t m, float p1
     return random_kept_plain(u, x, m, p1, bits);
 }
 
+#if HAVE_PHILOX_AVX512
+/* Eight elements of a bf16 or float32 input as float32 (exact). */
+static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __m256 load8_exact(const void *src, int dt,
+                                                                                            Py_ssize_t i) {
+    if (dt == DT_BF16)
+        return _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)src + i))), 16));
+    return _mm256_loadu_ps((const float *)src + i);
+}
+
+/* DARE's statistics of one tile in one pass (run_moments, PRUNE_RANDOM with keep bits): v = a - bt (bt NULL: v = a)
+ * for elements off .. off+m-1 of a (bf16 or float32), the sums of |v| and of |v| where philox(key, g0 + j) < p1 into
+ * *l1 and *kept, and the keep bits (one byte per eight elements, from bits[0]); m a multiple of 8. The values, the
+ * eight double lanes and their order are those of sum_abs and random_kept (which read v from a tile): the same bits. */
+__attribute__((target("avx512f,avx512vl"))) static void dare_tile_avx512(const void *a, int a_dt, Py_ssize_t off,
+                                                                        const float *bt, Py_ssize_t m, uint64_t g0,
+                                                                        uint32_t k0, uint32_t k1, float p1,
+                                                                        uint8_t *bits, double *l1, double *kept) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), vp = _mm256_set1_ps(p1);
+    __m512d s1 = _mm512_setzero_pd(), s2 = _mm512_setzero_pd();
+    double s[8];
+    philox_keys_t K;
+    __m256i w[4];
+    Py_ssize_t j = 0;
+    int v, nv;
+    philox_keys(&K, k0, k1, g0, g0 + (uint64_t)m - 1);
+    for (; j < m; j += 8 * nv) {
+        if (j + 32 <= m) {
+            nv = 4;
+            philox_words(w, 4, g0 + (uint64_t)j, &K);
+        } else {
+            nv = 1;
+            philox_words(w, 1, g0 + (uint64_t)j, &K);
+        }
+        for (v = 0; v < nv; v++) {
+            Py_ssize_t q = j + 8 * v;
+            __m256 x = load8_exact(a, a_dt, off + q);
+            __m512d d;
+            __mmask8 keep = _mm256_cmp_ps_mask(philox_float(w[v]), vp, _CMP_LT_OQ);
+            if (bt) x = _mm256_sub_ps(x, _mm256_loadu_ps(bt + q));
+            d = _mm512_cvtps_pd(_mm256_and_ps(x, absmask));
+            s1 = _mm512_add_pd(s1, d);
+            s2 = _mm512_mask_add_pd(s2, keep, s2, d); /* random_kept adds +0.0 where not kept: the same sum */
+            bits[q >> 3] = (uint8_t)keep;
+        }
+    }
+    _mm512_storeu_pd(s, s1);
+    *l1 = sum8_combine(s);
+    _mm512_storeu_pd(s, s2);
+    *kept = sum8_combine(s);
+}
+
+/* Whether run_moments can take dare_tile_avx512 for term t over a tile at element g0 of m elements. */
+static int dare_fused(const term_t *t, int want_gram, uint8_t *const *masks, int i, uint64_t g0, Py_ssize_t m) {
+    return t->mode == PRUNE_RANDOM && !want_gram && masks && masks[i] && (g0 & 7) == 0 && (m & 7) == 0 && m > 0 &&
+           (t->a_dt == DT_BF16 || t->a_dt == DT_F32) && philox512_ok();
+}
+#endif
+
 /* moments: the statistics pass of the model-centric methods (capmerge/merge/methods/blockform.py).
  * For K vectors v_i = a_i - base (float32, rounded as the merge kernel rounds it) or a_i, over elements [0, n):
  *   gram (K*K, row-major, symmetric): sum v_i * v_j      (when want_gram)
@@ -1118,6 +1220,17 @@ static void run_moments(const term_t *terms, int k, const void *base, int base_d
             float *tt = tiles + (size_t)i * TILE;
             const term_t *t = &terms[i];
             double l1 = 0.0;
+#if HAVE_PHILOX_AVX512
+            if (dare_fused(t, want_gram, masks, i, elem_offset + (uint64_t)off, m)) {
+                uint64_t g0 = elem_offset + (uint64_t)off;
+                double kept;
+                dare_tile_avx512(t->a, t->a_dt, off, t->b ? bt : NULL, m, g0, t->k0, t->k1, t->p1, masks[i] + (g0 >> 3),
+                                 &l1, &kept);
+                if (want_l1) out[(size_t)k * k + i] += l1;
+                out[(size_t)k * k + k + i] += kept;
+                continue;
+            }
+#endif
             load_tile(tt, t->a, t->a_dt, off, m);
             if (t->b)
                 for (j = 0; j < m; j++) tt[j] = tt[j] - bt[j];

@@ -69,6 +69,46 @@ def test_moments_match_numpy(code: str, with_base: bool, native: bool, monkeypat
     assert kept[1] < l1[1] * 0.4 and kept[0] < l1[0]  # the masks dropped something
 
 
+@pytest.mark.parametrize("code", ["F32", "BF16"])
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize(
+    ("n", "offset"),
+    [
+        (3003, 8),  # a tail that is not whole bytes of keep bits (the tile loop takes the last tile)
+        (2056, 1024),  # whole bytes: the fused loop over every tile, 32 and then 8 elements at a time
+        (4104, 2**32 - 1032),  # the high word of the indices changes inside a tile (Philox's general first rounds)
+    ],
+)
+def test_dare_statistics_with_keep_bits_match_numpy(code: str, with_base: bool, n: int, offset: int) -> None:
+    """DARE's statistics pass (random pruning, keep bits recorded, no Gram matrix: one fused loop per tile where
+    the CPU has AVX-512) against numpy: the L1 sums, the kept L1 sums and every keep bit, a NaN and zeros included."""
+    if not compute.native_available():
+        pytest.skip("the native kernel is not built here")
+    k = 3
+    ts = _inputs(code, n, k + 1, seed=4)
+    ts[2][17] = float("nan")
+    ts[3][: n // 5] = ts[0][: n // 5]  # zero differences
+    base, models = (ts[0], ts[1:]) if with_base else (None, ts[1:])
+    prune = [(B.RANDOM, p, 0.0, key) for p, key in ((0.3, 11), (0.9, 2**40 + 5), (0.05, 2**63 + 77))]
+    out = np.zeros(k * k + 2 * k)
+    masks = [np.zeros((offset + n + 7) // 8, np.uint8) for _ in range(k)]  # calloc: untouched pages stay unmapped
+    views = [_raw(t) for t in models]
+    B._moments_block(views, [code] * k, _raw(base) if base is not None else None, code, n, offset, 0, prune, out, masks)
+    _, l1, kept = _reference(models, base, prune, offset=offset)
+    vs = [(t.float() - base.float()) if base is not None else t.float() for t in models]
+    for i, (v, (_, p1, _, key)) in enumerate(zip(vs, prune, strict=True)):
+        u = F.philox_uniform(key, torch.arange(n, dtype=torch.int64) + offset).numpy()
+        keep = u < np.float32(p1)
+        bits = np.unpackbits(masks[i][offset // 8 :], bitorder="little")[offset % 8 : offset % 8 + n]
+        assert np.array_equal(bits.astype(bool), keep), i
+        if torch.isnan(v).any():
+            assert np.isnan(out[k * k + i]) and np.isnan(out[k * k + k + i]) == bool(keep[17])
+            continue
+        np.testing.assert_allclose(out[k * k + i], l1[i], rtol=1e-12)
+        np.testing.assert_allclose(out[k * k + k + i], kept[i], rtol=1e-12)
+    assert list(out[: k * k]) == [0.0] * (k * k)
+
+
 def test_moments_skip_l1_of_unpruned_and_the_gram_on_request() -> None:
     if not compute.native_available():
         pytest.skip("the native kernel is not built here")

@@ -304,24 +304,20 @@ static void philox_avx2(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0,
 typedef struct {
     __m512i k0s[10], k1s[10];
     __m512i c3r1, hk1; /* same_hi: round 1's lo(A * c0) and hi(A * c0) ^ k1[1], the same in every lane */
-    __m512i hi;        /* the indices' high word (not same_hi: unused) */
     int same_hi;
 } philox_keys_t;
 
 __attribute__((target("avx512f,avx512vl"))) static void philox_keys(philox_keys_t *K, uint32_t key0, uint32_t key1,
                                                                     uint64_t first, uint64_t last) {
+    uint64_t pa1 = (uint64_t)0xD2511F53u * ((uint32_t)(first >> 32) ^ key0); /* round 1's A product (same_hi) */
     int r;
     for (r = 0; r < 10; r++) {
         K->k0s[r] = _mm512_set1_epi64(key0 + (uint32_t)r * 0x9E3779B9u);
         K->k1s[r] = _mm512_set1_epi64(key1 + (uint32_t)r * 0xBB67AE85u);
     }
     K->same_hi = (first >> 32) == (last >> 32);
-    {
-        uint64_t pa1 = (uint64_t)0xD2511F53u * ((uint32_t)(first >> 32) ^ key0);
-        K->c3r1 = _mm512_set1_epi64((uint32_t)pa1);
-        K->hk1 = _mm512_set1_epi64((uint32_t)(pa1 >> 32) ^ (key1 + 0xBB67AE85u));
-        K->hi = _mm512_set1_epi64((long long)(first >> 32));
-    }
+    K->c3r1 = _mm512_set1_epi64((uint32_t)pa1);
+    K->hk1 = _mm512_set1_epi64((uint32_t)(pa1 >> 32) ^ (key1 + 0xBB67AE85u));
 }
 
 /* The first output words of NV vectors of eight streams, lanes at indices start + 8v + l (NV a constant after

@@ -217,6 +217,9 @@ class _Pipeline:
         self._prepared_maps: dict[int, dict[int, Any]] = {}  # id(job) -> the maps of its prepare pass, for its merge
         # the threshold pass keeps one core busy: on 2 cores, splitting the merge as well was slower (2.40 vs 2.31 s)
         self.parts = compute_threads(1 if self.prepared else 0) if device == "cpu" and computed else 1
+        # once every prepare pass is done (the last tensors' merges), the merge takes every core
+        self.parts_after = compute_threads() if device == "cpu" and computed else 1
+        self.prepared_all = threading.Event()
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.to_compute: queue.Queue[tuple | None] = queue.Queue(maxsize=2 * DEPTH)
         self.to_write: queue.Queue[tuple | None] = queue.Queue(maxsize=4 * DEPTH)
@@ -304,6 +307,7 @@ class _Pipeline:
             job = self.jobs[ji]
             self._prepare(job)
             event.set()
+        self.prepared_all.set()
 
     @staticmethod
     def _map(maps: dict[int, Any], k: int, ck: Checkpoint, info: TensorInfo) -> Any:
@@ -420,8 +424,10 @@ class _Pipeline:
             threads.append(self._stage(self.preparer))
         for t in threads:
             t.start()
-        if self.parts > 1:
-            self.pool = concurrent.futures.ThreadPoolExecutor(self.parts - 1, thread_name_prefix="capmerge-compute")
+        if self.parts_after > 1:
+            self.pool = concurrent.futures.ThreadPoolExecutor(
+                self.parts_after - 1, thread_name_prefix="capmerge-compute"
+            )
         try:
             self._compute_loop()
             self._put(self.to_write, None)
@@ -445,9 +451,10 @@ class _Pipeline:
     def _kernel(self, job: Job, views: list[memoryview], outs: list[memoryview], n: int, offset: int) -> int:
         """``job.kernel`` over one block: in parts on the compute threads when the block is long enough."""
         assert job.kernel is not None
-        if self.pool is None or n < SPLIT_MIN:
+        parts = self.parts_after if self.prepared_all.is_set() or not self.prepared else self.parts
+        if self.pool is None or parts <= 1 or n < SPLIT_MIN:
             return job.kernel(views, outs, n, offset)
-        step = -(-n // self.parts)
+        step = -(-n // parts)
         step = -(-step // SPLIT_ALIGN) * SPLIT_ALIGN
         isz = [info.itemsize for _, info in job.inputs]
         osz = DTYPES[job.out_dtype][0]

@@ -29,7 +29,7 @@ SAMPLE_PIECES = 64  # the sample: this many pieces spread evenly over the tensor
 SAMPLE_PIECE = 2048  # ... of this many elements each
 BRACKET_SIGMAS = 6.0  # the bracket spans ranks k/n ± (BRACKET_SIGMAS standard errors + BRACKET_SLACK) ...
 BRACKET_SLACK = 0.005  # ... as fractions of the tensor
-THRESHOLD_PARALLEL_MIN = 4  # blocks: a bracketed pass over at least this many runs on compute_threads() threads
+THRESHOLD_PARALLEL_MIN = 2  # HIST_BLOCK blocks: a bracketed pass over as many runs on compute_threads() threads
 COLLECT_MIN, COLLECT_SHARE = 1 << 14, 64  # a float32 bracket collects up to max(MIN, n / SHARE) inexact patterns
 
 

@@ -314,7 +314,7 @@ class Stats:
         return l1, kept, bits
 
 
-STAT_PARALLEL_MIN = 4  # blocks: a statistics pass over fewer runs on the calling thread alone
+STAT_PARALLEL_MIN = 2  # blocks: a statistics pass over fewer runs on the calling thread alone
 
 
 def map_blocks(fn: Callable[[int], Any], starts: Sequence[int]) -> list[Any]:

@@ -548,7 +548,8 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 fast_de
                                                                                      const __m256 *w,
                                                                                      const __m256 *thr,
                                                                                      const __m256 *hi,
-                                                                                     uint64_t g, Py_ssize_t j) {
+                                                                                     uint64_t g, Py_ssize_t j,
+                                                                                     const int *same, __m256 bv) {
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 tt[FAST_MAX_TERMS];
@@ -556,7 +557,8 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 fast_de
     int i;
     for (i = 0; i < k; i++) {
         __m256 v = fast_load(terms[i].a, dt >= 0 ? dt : terms[i].a_dt, j), keep;
-        if (terms[i].b) v = _mm256_sub_ps(v, fast_load(terms[i].b, dt >= 0 ? dt : terms[i].b_dt, j));
+        if (terms[i].b) /* same[i]: b is the base, loaded once for every term that subtracts it (bv) */
+            v = _mm256_sub_ps(v, same[i] ? bv : fast_load(terms[i].b, dt >= 0 ? dt : terms[i].b_dt, j));
         if (mag || terms[i].mode == PRUNE_MAGNITUDE)
             keep = _mm256_cmp_ps(_mm256_and_ps(v, absmask), thr[i], _CMP_GE_OQ);
         else if (terms[i].mode == PRUNE_BAND) {
@@ -615,8 +617,9 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) int fast_body(
                                                                                 uint64_t g) {
     __m256 w[FAST_MAX_TERMS], thr[FAST_MAX_TERMS], hi[FAST_MAX_TERMS], alpha[MAX_VECTORS];
     Py_ssize_t off, j;
-    int flags = 0, i, o;
+    int flags = 0, i, o, same[FAST_MAX_TERMS];
     for (i = 0; i < k; i++) {
+        same[i] = terms[i].b == base && (dt >= 0 || terms[i].b_dt == base_dt);
         w[i] = _mm256_set1_ps(terms[i].w);
         thr[i] = _mm256_set1_ps(terms[i].p1);
         hi[i] = _mm256_set1_ps(terms[i].p2);
@@ -626,10 +629,10 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) int fast_body(
         Py_ssize_t end = n16 - off < TILE ? n16 : off + TILE;
         __m256i nz = _mm256_setzero_si256(), nf = _mm256_setzero_si256();
         for (j = off; j < end; j += 16) {
-            __m256 d0 = fast_delta(terms, k, sign, normalize, dt, mag, w, thr, hi, g, j);
-            __m256 d1 = fast_delta(terms, k, sign, normalize, dt, mag, w, thr, hi, g, j + 8);
             __m256 b0 = fast_load(base, dt >= 0 ? dt : base_dt, j);
             __m256 b1 = fast_load(base, dt >= 0 ? dt : base_dt, j + 8);
+            __m256 d0 = fast_delta(terms, k, sign, normalize, dt, mag, w, thr, hi, g, j, same, b0);
+            __m256 d1 = fast_delta(terms, k, sign, normalize, dt, mag, w, thr, hi, g, j + 8, same, b1);
             for (o = 0; o < n_out; o++) {
                 __m256 acc0 = b0, acc1 = b1;
                 if (k > 0) { /* no terms: a pure cast, so -0.0 stays -0.0 */

@@ -205,26 +205,6 @@ def test_arcee_fusion_block_form_with_kl_below_zero(shape: tuple[int, ...]) -> N
     assert torch.equal(A.MODEL_METHODS[0].fn(x), A._arcee_fusion(x))
 
 
-def test_arcee_fusion_kl_blocks_on_threads(monkeypatch) -> None:
-    """The rows' KL dealt out to three threads in blocks of 10 rows, torch on one thread meanwhile: the torch
-    function's bits (rows whose KL rounds below 0 in many blocks, their counts summed), and torch's thread count
-    back as it was."""
-    from capmerge.merge.methods import arcee_fusion as A
-    from capmerge.merge.methods.models import TensorInputs
-
-    monkeypatch.setenv("CAPMERGE_THREADS", "3")
-    monkeypatch.setattr(B, "STAT_PARALLEL_MIN", 1)
-    monkeypatch.setattr(B, "STAT_BLOCK", 10 * 384)
-    g = torch.Generator().manual_seed(7)
-    base = torch.randn(300, 384, generator=g)
-    model = base + 1e-4 * torch.randn(300, 384, generator=g)
-    assert int((A.row_kl(model, base) < 0).sum()) > 10
-    threads = torch.get_num_threads()
-    x = TensorInputs("w", [model], [{}], {}, base=base)
-    assert torch.equal(A.MODEL_METHODS[0].fn(x), A._arcee_fusion(x))
-    assert torch.get_num_threads() == threads
-
-
 @pytest.mark.parametrize("shape", [(), (1,), (5, 1), (1, 7), (3, 4, 5), (0, 3)])
 def test_statistics_methods_keep_every_shape(shape: tuple[int, ...]) -> None:
     """della, sce and arcee_fusion on scalars, single rows and columns, 3-D and empty tensors: the input's shape out,

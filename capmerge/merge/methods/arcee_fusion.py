@@ -11,10 +11,6 @@ output — varies from run to run.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 
@@ -113,46 +109,24 @@ def _kl_rows(st: B.Stats, m: int) -> tuple[np.ndarray, int]:
 
     rows = st.numel // m
     step = max(1, B.STAT_BLOCK // m)
+    below = 0
 
-    def block(r0: int) -> tuple[np.ndarray, int]:
+    def block(r0: int) -> np.ndarray:
+        nonlocal below
         r1 = min(rows, r0 + step)
         a, e = r0 * m, r1 * m
         x = as_tensor(st.read(1, a, e), st.codes[1])[: e - a].float().reshape(r1 - r0, m)
         b = as_tensor(st.read(0, a, e), st.codes[0])[: e - a].float().reshape(r1 - r0, m)
         kl = row_kl(x, b)
         neg = kl < 0
-        below = int(((x[neg] - b[neg]).abs() * kl[neg].unsqueeze(-1) < 0).sum()) if bool(neg.any()) else 0
-        return kl.numpy(), below
+        if bool(neg.any()):
+            below += int(((x[neg] - b[neg]).abs() * kl[neg].unsqueeze(-1) < 0).sum())
+        return kl.numpy()
 
-    # blocks of rows dealt out to the statistics threads, each running torch on one thread (torch's own threads
-    # splitting each block's rows were 15 % slower: the blocks' small ops wait on each other); a row's values never
-    # depend on the split, and the blocks are joined in order
-    with _torch_single_threaded():
-        parts = B.map_blocks(block, range(0, rows, step))
-    kl = np.ascontiguousarray(np.concatenate([p[0] for p in parts]), dtype=np.float32)
-    return kl, sum(p[1] for p in parts)
-
-
-_THREADS_LOCK = threading.Lock()
-_THREADS_USERS = [0, 0]  # passes inside _torch_single_threaded, torch's thread count before the first
-
-
-@contextlib.contextmanager
-def _torch_single_threaded() -> Iterator[None]:
-    """torch's intra-op threads set to one while a pass deals its blocks out to threads of its own (torch's setting is
-    the process's: the first pass to enter saves it, the last to leave restores it)."""
-    with _THREADS_LOCK:
-        if _THREADS_USERS[0] == 0:
-            _THREADS_USERS[1] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _THREADS_USERS[0] += 1
-    try:
-        yield
-    finally:
-        with _THREADS_LOCK:
-            _THREADS_USERS[0] -= 1
-            if _THREADS_USERS[0] == 0:
-                torch.set_num_threads(_THREADS_USERS[1])
+    # one block at a time: torch's own threads split each block's rows (faster here than blocks on threads, which
+    # then contend with torch's); a row's values never depend on the split
+    kl = np.ascontiguousarray(np.concatenate([block(r0) for r0 in range(0, rows, step)]), dtype=np.float32)
+    return kl, below
 
 
 MODEL_METHODS = (

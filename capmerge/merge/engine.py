@@ -214,6 +214,7 @@ class _Pipeline:
             if j.op != "copy" and j.prepare and all(getattr(ck, "direct", False) for ck, _ in j.inputs)
         }
         self.prepare_slots = threading.Semaphore(PREPARE_AHEAD)
+        self.map_reads = MAP_READS and device == "cpu"  # the merge pass reads mapped files (else the pool's buffers)
         self._prepared_maps: dict[int, dict[int, Any]] = {}  # id(job) -> the maps of its prepare pass, for its merge
         # the threshold pass keeps one core busy: on 2 cores, splitting the merge as well was slower (2.40 vs 2.31 s)
         self.parts = compute_threads(1 if self.prepared else 0) if device == "cpu" and computed else 1
@@ -280,9 +281,7 @@ class _Pipeline:
             elif job.prepare is not None:
                 self._prepare(job)
             starts = range(0, n, self.block) if n else [0]
-            maps: dict[int, Any] | None = None
-            if MAP_READS and self.device == "cpu":
-                maps = self._prepared_maps.pop(id(job), {})
+            maps = self._prepared_maps.pop(id(job), {}) if self.map_reads else None
             for s in starts:
                 e = min(n, s + self.block)
                 slot = self._get(self.free_slots)
@@ -329,7 +328,7 @@ class _Pipeline:
             job.prepare(functools.partial(self._read_prepare, job, maps if MAP_PREPARE else None))
             done = True
         finally:
-            if done and MAP_READS and self.device == "cpu":
+            if done and self.map_reads:
                 self._prepared_maps[id(job)] = maps  # the merge pass reads through them (no second page faults)
             else:
                 for m in maps.values():
@@ -451,7 +450,7 @@ class _Pipeline:
     def _kernel(self, job: Job, views: list[memoryview], outs: list[memoryview], n: int, offset: int) -> int:
         """``job.kernel`` over one block: in parts on the compute threads when the block is long enough."""
         assert job.kernel is not None
-        parts = self.parts_after if self.prepared_all.is_set() or not self.prepared else self.parts
+        parts = self.parts_after if self.prepared_all.is_set() else self.parts  # equal without prepare passes
         if self.pool is None or parts <= 1 or n < SPLIT_MIN:
             return job.kernel(views, outs, n, offset)
         step = -(-n // parts)

@@ -1057,16 +1057,15 @@ static int check_len(Py_buffer *b, int dt, Py_ssize_t n, const char *what) {
  * test), with the keep bits written a byte per eight elements when bits is not NULL (m a multiple of 8 then). */
 static double sum8_combine(const double *s) { return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])); }
 
-static double sum_abs_plain(const float *x, Py_ssize_t m) {
-    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+/* The _acc forms add elements 0 .. m-1 into the caller's partial sums s (element j into s[j % 8]), so a range split
+ * at multiples of 8 gives the same sums as one call. */
+static void sum_abs_acc_plain(const float *x, Py_ssize_t m, double *s) {
     Py_ssize_t j;
     for (j = 0; j < m; j++) s[j & 7] += (double)fabsf(x[j]);
-    return sum8_combine(s);
 }
 
-/* Elements j0 .. m-1 of random_kept added into the partial sums s; returns their combination. */
-static double random_kept_from(const float *u, const float *x, Py_ssize_t j0, Py_ssize_t m, float p1, uint8_t *bits,
-                               double *s) {
+static void random_kept_from(const float *u, const float *x, Py_ssize_t j0, Py_ssize_t m, float p1, uint8_t *bits,
+                             double *s) {
     Py_ssize_t j;
     for (j = j0; j < m; j++) {
         int keep = u[j] < p1;
@@ -1076,41 +1075,27 @@ static double random_kept_from(const float *u, const float *x, Py_ssize_t j0, Py
         }
         s[j & 7] += keep ? (double)fabsf(x[j]) : 0.0;
     }
-    return sum8_combine(s);
-}
-
-static double random_kept_plain(const float *u, const float *x, Py_ssize_t m, float p1, uint8_t *bits) {
-    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    return random_kept_from(u, x, 0, m, p1, bits, s);
 }
 
 #if HAVE_F16C_PATH
-static inline __attribute__((always_inline, target("avx2"))) double sum8_avx2(__m256d lo, __m256d hi, const float *x,
-                                                                              Py_ssize_t j, Py_ssize_t m, double *s) {
-    _mm256_storeu_pd(s, lo);
-    _mm256_storeu_pd(s + 4, hi);
-    for (; j < m; j++) s[j & 7] += (double)fabsf(x[j]);
-    return sum8_combine(s);
-}
-
-__attribute__((target("avx2"))) static double sum_abs_avx2(const float *x, Py_ssize_t m) {
+__attribute__((target("avx2"))) static void sum_abs_acc_avx2(const float *x, Py_ssize_t m, double *s) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
-    double s[8];
+    __m256d lo = _mm256_loadu_pd(s), hi = _mm256_loadu_pd(s + 4);
     Py_ssize_t j;
     for (j = 0; j + 8 <= m; j += 8) {
         __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + j), absmask);
         lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
         hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
     }
-    return sum8_avx2(lo, hi, x, j, m, s);
+    _mm256_storeu_pd(s, lo);
+    _mm256_storeu_pd(s + 4, hi);
+    for (; j < m; j++) s[j & 7] += (double)fabsf(x[j]);
 }
 
-__attribute__((target("avx2"))) static double random_kept_avx2(const float *u, const float *x, Py_ssize_t m,
-                                                               float p1, uint8_t *bits) {
+__attribute__((target("avx2"))) static void random_kept_acc_avx2(const float *u, const float *x, Py_ssize_t m,
+                                                                 float p1, uint8_t *bits, double *s) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), vp = _mm256_set1_ps(p1);
-    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
-    double s[8];
+    __m256d lo = _mm256_loadu_pd(s), hi = _mm256_loadu_pd(s + 4);
     Py_ssize_t j;
     for (j = 0; j + 8 <= m; j += 8) {
         __m256 keep = _mm256_cmp_ps(_mm256_loadu_ps(u + j), vp, _CMP_LT_OQ);
@@ -1121,22 +1106,40 @@ __attribute__((target("avx2"))) static double random_kept_avx2(const float *u, c
     }
     _mm256_storeu_pd(s, lo);
     _mm256_storeu_pd(s + 4, hi);
-    return random_kept_from(u, x, j, m, p1, bits, s);
+    random_kept_from(u, x, j, m, p1, bits, s);
 }
 #endif
 
-static double sum_abs(const float *x, Py_ssize_t m) {
+static void sum_abs_acc(const float *x, Py_ssize_t m, double *s) {
 #if HAVE_F16C_PATH
-    if (avx2_ok()) return sum_abs_avx2(x, m);
+    if (avx2_ok()) {
+        sum_abs_acc_avx2(x, m, s);
+        return;
+    }
 #endif
-    return sum_abs_plain(x, m);
+    sum_abs_acc_plain(x, m, s);
+}
+
+static void random_kept_acc(const float *u, const float *x, Py_ssize_t m, float p1, uint8_t *bits, double *s) {
+#if HAVE_F16C_PATH
+    if (avx2_ok()) {
+        random_kept_acc_avx2(u, x, m, p1, bits, s);
+        return;
+    }
+#endif
+    random_kept_from(u, x, 0, m, p1, bits, s);
+}
+
+static double sum_abs(const float *x, Py_ssize_t m) {
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    sum_abs_acc(x, m, s);
+    return sum8_combine(s);
 }
 
 static double random_kept(const float *u, const float *x, Py_ssize_t m, float p1, uint8_t *bits) {
-#if HAVE_F16C_PATH
-    if (avx2_ok()) return random_kept_avx2(u, x, m, p1, bits);
-#endif
-    return random_kept_plain(u, x, m, p1, bits);
+    double s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    random_kept_acc(u, x, m, p1, bits, s);
+    return sum8_combine(s);
 }
 
 #if HAVE_PHILOX_AVX512
@@ -1282,67 +1285,226 @@ static void run_moments(const term_t *terms, int k, const void *base, int base_d
         for (l = 0; l < i; l++) out[(size_t)i * k + l] = out[(size_t)l * k + i];
 }
 
+/* della_row_sort: the keep tests of one row of m elements by sorting it: u[j] becomes u[j] - table[r_j], r_j the
+ * 0-based rank of |v[j]| (ties in index order, NaN above everything), from a stable LSD radix sort of the |v| bit
+ * patterns (three digits of 11, 11 and 9 bits; a digit that every entry shares is skipped). Keep where the result is
+ * negative: u < p exactly where u - p < 0 (a nonzero difference never rounds to 0). x, y: m scratch words each. */
+static void della_row_sort(const float *vr, float *ur, Py_ssize_t m, const float *table, uint64_t *x, uint64_t *y,
+                           uint32_t *hist) {
+    static const int shift[3] = {0, 11, 22};
+    Py_ssize_t j;
+    int d;
+    memset(hist, 0, 3 * 2048 * sizeof(uint32_t));
+    for (j = 0; j < m; j++) {
+        uint32_t key = f2u(vr[j]) & 0x7fffffffu;
+        if (key > 0x7f800000u) key = 0x7fc00000u; /* every NaN ranks as one value, above +inf */
+        x[j] = ((uint64_t)key << 32) | (uint64_t)j;
+        hist[key & 2047]++;
+        hist[2048 + ((key >> 11) & 2047)]++;
+        hist[4096 + (key >> 22)]++;
+    }
+    for (d = 0; d < 3; d++) {
+        uint32_t *h = hist + 2048 * d, sum = 0, c;
+        uint64_t *t;
+        if (h[(x[0] >> (32 + shift[d])) & 2047] == (uint32_t)m) continue; /* one digit for all: order kept */
+        for (c = 0; c < 2048; c++) {
+            uint32_t cnt = h[c];
+            h[c] = sum;
+            sum += cnt;
+        }
+        for (j = 0; j < m; j++) y[h[(x[j] >> (32 + shift[d])) & 2047]++] = x[j];
+        t = x, x = y, y = t;
+    }
+    for (j = 0; j < m; j++) {
+        uint32_t at = (uint32_t)x[j];
+        ur[at] = ur[at] - table[j];
+    }
+}
+
+#define DELLA_GROUP 16384 /* entries of v and u made at a time, then ranked */
+#define DELLA_MAX_UNSURE 64 /* rows with more undecided entries are sorted (each costs a pass over the row) */
+
+/* DELLA's buckets (della_row_fast): |v| as its bits k (ordered as the magnitudes are); bucket 0 holds the zeros,
+ * bucket 1 + ((k - kmin) >> sh) the rest, kmin the row's least nonzero k: a fixed number of buckets per octave, so
+ * rows whose magnitudes span many octaves still spread out. */
+static inline uint32_t della_bucket(uint32_t k, uint32_t kmin, int sh) { return k ? 1 + ((k - kmin) >> sh) : 0; }
+
+/* della_classify: for entries [j0, m) of a row, w[j] = -1 where u[j] < plo[b] (kept whatever its rank), 1 where
+ * u[j] >= phi[b] (dropped), 0 where undecided, b the entry's bucket. The undecided nonzero entries' indices go to
+ * unsure[n ...] (up to DELLA_MAX_UNSURE); returns n plus their count. *zeros counts the undecided zeros. */
+static int della_classify_plain(const uint32_t *k, const float *u, Py_ssize_t j0, Py_ssize_t m, uint32_t kmin,
+                                int sh, const float *plo, const float *phi, float *w, Py_ssize_t *unsure, int n,
+                                int *zeros) {
+    Py_ssize_t j;
+    for (j = j0; j < m; j++) {
+        uint32_t b = della_bucket(k[j], kmin, sh);
+        int keep = u[j] < plo[b], drop = !(u[j] < phi[b]);
+        w[j] = (float)(drop - keep);
+        if (!(keep | drop)) {
+            if (!k[j]) {
+                ++*zeros;
+                continue;
+            }
+            if (n < DELLA_MAX_UNSURE) unsure[n] = j;
+            n++;
+        }
+    }
+    return n;
+}
+
+#if HAVE_F16C_PATH
+__attribute__((target("avx2"))) static int della_classify_avx2(const uint32_t *k, const float *u, Py_ssize_t m,
+                                                               uint32_t kmin, int sh, const float *plo,
+                                                               const float *phi, float *w, Py_ssize_t *unsure,
+                                                               int *zeros) {
+    const __m256 one = _mm256_set1_ps(1.0f), minus = _mm256_set1_ps(-1.0f);
+    const __m256i vmin = _mm256_set1_epi32((int)kmin), vone = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
+    const __m128i vsh = _mm_cvtsi32_si128(sh);
+    Py_ssize_t j;
+    int n = 0;
+    for (j = 0; j + 8 <= m; j += 8) {
+        __m256i kk = _mm256_loadu_si256((const __m256i *)(k + j)), iz = _mm256_cmpeq_epi32(kk, zero);
+        __m256 uu = _mm256_loadu_ps(u + j);
+        __m256i bk = _mm256_add_epi32(_mm256_srl_epi32(_mm256_sub_epi32(kk, vmin), vsh), vone);
+        __m256 keep, below;
+        unsigned und, uz;
+        bk = _mm256_andnot_si256(iz, bk); /* della_bucket */
+        keep = _mm256_cmp_ps(uu, _mm256_i32gather_ps(plo, bk, 4), _CMP_LT_OQ);
+        below = _mm256_cmp_ps(uu, _mm256_i32gather_ps(phi, bk, 4), _CMP_LT_OQ);
+        und = (unsigned)_mm256_movemask_ps(_mm256_andnot_ps(keep, below));
+        _mm256_storeu_ps(w + j, _mm256_blendv_ps(_mm256_andnot_ps(below, one), minus, keep));
+        if (!und) continue;
+        uz = und & (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(iz));
+        *zeros += __builtin_popcount(uz);
+        for (und &= ~uz; und; und &= und - 1) {
+            if (n < DELLA_MAX_UNSURE) unsure[n] = j + __builtin_ctz(und);
+            n++;
+        }
+    }
+    return della_classify_plain(k, u, j, m, kmin, sh, plo, phi, w, unsure, n, zeros);
+}
+#endif
+
+static int della_classify(const uint32_t *k, const float *u, Py_ssize_t m, uint32_t kmin, int sh, const float *plo,
+                          const float *phi, float *w, Py_ssize_t *unsure, int *zeros) {
+#if HAVE_F16C_PATH
+    if (avx2_ok()) return della_classify_avx2(k, u, m, kmin, sh, plo, phi, w, unsure, zeros);
+#endif
+    return della_classify_plain(k, u, 0, m, kmin, sh, plo, phi, w, unsure, 0, zeros);
+}
+
+/* della_row_fast: the same keep tests as della_row_sort without sorting the row (table non-decreasing). An entry of
+ * bucket b (della_bucket) has a rank between lo = (entries in lower buckets) and hi = lo + (entries in b) - 1, and so
+ * is kept where u < table[lo] and dropped where u >= table[hi] whatever its rank. The few left between are ranked
+ * exactly: a zero by the zeros before it, another entry by counting the entries below it (ties in index order).
+ * u[j] becomes -1 (keep) or 1 (drop). Returns 0, or -1 with u untouched when the row needs the sort: a NaN or
+ * infinity, no nonzero entry, or more than DELLA_MAX_UNSURE undecided nonzero entries. k: m words; cnt: m + 1
+ * words; w: m floats; plo, phi: m + 1 floats each. */
+MULTIVERSION
+static int della_row_fast(const float *vr, float *ur, Py_ssize_t m, const float *table, uint32_t *k, uint32_t *cnt,
+                          float *w, float *plo, float *phi) {
+    Py_ssize_t j, i, unsure[DELLA_MAX_UNSURE];
+    int n_unsure, zeros = 0, sh = 0, q;
+    uint32_t kmax = 0, kmin = 0xffffffffu, sum = 0, top = (uint32_t)m - 1, nb;
+    for (j = 0; j < m; j++) { /* kmin - 1: the least k - 1, a zero's wrapping to the top (a vector min) */
+        uint32_t kj = f2u(vr[j]) & 0x7fffffffu;
+        k[j] = kj;
+        kmax = kj > kmax ? kj : kmax;
+        kmin = kj - 1 < kmin ? kj - 1 : kmin;
+    }
+    kmin++;
+    if (kmax == 0 || kmax >= 0x7f800000u) return -1;
+    /* about m / 4 buckets: fewer cost less to fill and leave more entries undecided */
+    while (((kmax - kmin) >> sh) >= (m >= 8 ? (uint32_t)m / 4 : 1u)) sh++;
+    nb = 2 + ((kmax - kmin) >> sh);
+    memset(cnt, 0, (size_t)nb * sizeof(uint32_t));
+    for (j = 0; j < m; j++) cnt[della_bucket(k[j], kmin, sh)]++;
+    for (j = 0; j < (Py_ssize_t)nb; j++) { /* each bucket's probabilities at its lowest and highest rank */
+        uint32_t lo = sum < top ? sum : top;
+        sum += cnt[j];
+        plo[j] = table[lo];
+        phi[j] = table[sum > 0 ? sum - 1 : 0];
+    }
+    n_unsure = della_classify(k, ur, m, kmin, sh, plo, phi, w, unsure, &zeros);
+    if (n_unsure > DELLA_MAX_UNSURE) return -1;
+    for (q = 0; q < n_unsure; q++) {
+        uint32_t kj, r = 0;
+        j = unsure[q];
+        kj = k[j];
+        for (i = 0; i < j; i++) r += k[i] <= kj;
+        for (i = j + 1; i < m; i++) r += k[i] < kj;
+        w[j] = ur[j] < table[r] ? -1.0f : 1.0f;
+    }
+    for (j = 0, sum = 0; zeros > 0; j++) { /* an undecided zero's rank: the zeros before it */
+        if (k[j]) continue;
+        if (w[j] == 0.0f) {
+            w[j] = ur[j] < table[sum] ? -1.0f : 1.0f;
+            zeros--;
+        }
+        sum++;
+    }
+    memcpy(ur, w, (size_t)m * sizeof(float));
+    return 0;
+}
+
 /* della: DELLA's keep bits for rows [0, rows) of m elements of v = a - b (float32; b may be NULL), elements
  * elem_offset .. elem_offset + rows*m of their tensor (elem_offset a multiple of 8). Entry j of a row is kept where
  * philox(key, elem_offset + j) < table[r], r its 0-based rank by |v| within the row (ties in index order, NaN above
- * everything: torch's stable ascending argsort of |v|) and table the keep probability of each rank. The ranks come
- * from a stable LSD radix sort of the |v| bit patterns (three digits of 11, 11 and 9 bits; a digit that every entry
- * shares is skipped). Kept bits go to bits[elem_offset / 8 ...]; returns sum |v| and sum |v| over kept entries
- * (float64, eight partial sums, as moments() sums them). */
+ * everything: torch's stable ascending argsort of |v|) and table the keep probability of each rank. Rows are decided
+ * by della_row_fast where the table is non-decreasing (d - e + 2e r/(m-1) with e >= 0), else by della_row_sort.
+ * Kept bits go to bits[elem_offset / 8 ...]; returns sum |v| and sum |v| over kept entries (float64, eight partial
+ * sums, as moments() sums them). */
 static int run_della(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t rows, Py_ssize_t m,
                      uint64_t elem_offset, uint32_t k0, uint32_t k1, const float *table, uint8_t *bits, double *sums) {
-    Py_ssize_t n = rows * m, r, j, off;
-    float *v = (float *)malloc((size_t)n * sizeof(float)), *u = (float *)malloc((size_t)n * sizeof(float));
-    float *tmp = (float *)malloc(TILE * sizeof(float));
-    uint64_t *x = (uint64_t *)malloc((size_t)m * sizeof(uint64_t)), *y = (uint64_t *)malloc((size_t)m * sizeof(uint64_t));
-    uint32_t *hist = (uint32_t *)malloc(3 * 2048 * sizeof(uint32_t));
-    if (!v || !u || !tmp || !x || !y || !hist) {
-        free(v), free(u), free(tmp), free(x), free(y), free(hist);
+    /* rows in groups of about DELLA_GROUP entries, ranked while v and u are in cache; a group's rows are a multiple
+     * of 8 / gcd(m, 8), so every group starts at a multiple of 8 (the sums' lanes and the bits' bytes go on) */
+    Py_ssize_t q = 8 / (m & 7 ? (m & 3 ? (m & 1 ? 1 : 2) : 4) : 8), g = DELLA_GROUP / m, r, r0, r1, j, off;
+    double s1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int sorted_table = 1;
+    float *v, *u, *tmp, *w;
+    uint64_t *x, *y;
+    uint32_t *hist;
+    g = g > q ? (g + q - 1) / q * q : q;
+    g = g < rows ? g : rows;
+    v = (float *)malloc((size_t)(g * m) * sizeof(float)), u = (float *)malloc((size_t)(g * m) * sizeof(float));
+    tmp = (float *)malloc(TILE * sizeof(float)), w = (float *)malloc((size_t)m * sizeof(float));
+    x = (uint64_t *)malloc((size_t)(m + 1) * sizeof(uint64_t));
+    y = (uint64_t *)malloc((size_t)(m + 1) * sizeof(uint64_t));
+    hist = (uint32_t *)malloc(3 * 2048 * sizeof(uint32_t));
+    if (!v || !u || !tmp || !w || !x || !y || !hist) {
+        free(v), free(u), free(tmp), free(w), free(x), free(y), free(hist);
         return -1;
     }
-    for (off = 0; off < n; off += TILE) {
-        Py_ssize_t t = n - off < TILE ? n - off : TILE;
-        load_tile(v + off, a, a_dt, off, t);
-        if (b) {
-            load_tile(tmp, b, b_dt, off, t);
-            for (j = 0; j < t; j++) v[off + j] = v[off + j] - tmp[j];
-        }
-        philox_tile(u + off, elem_offset + (uint64_t)off, t, k0, k1);
-    }
-    for (r = 0; r < rows; r++) {
-        const float *vr = v + r * m;
-        float *ur = u + r * m;
-        static const int shift[3] = {0, 11, 22};
-        int d;
-        memset(hist, 0, 3 * 2048 * sizeof(uint32_t));
-        for (j = 0; j < m; j++) {
-            uint32_t key = f2u(vr[j]) & 0x7fffffffu;
-            if (key > 0x7f800000u) key = 0x7fc00000u; /* every NaN ranks as one value, above +inf */
-            x[j] = ((uint64_t)key << 32) | (uint64_t)j;
-            hist[key & 2047]++;
-            hist[2048 + ((key >> 11) & 2047)]++;
-            hist[4096 + (key >> 22)]++;
-        }
-        for (d = 0; d < 3; d++) {
-            uint32_t *h = hist + 2048 * d, sum = 0, c;
-            uint64_t *t;
-            if (h[(x[0] >> (32 + shift[d])) & 2047] == (uint32_t)m) continue; /* one digit for all: order kept */
-            for (c = 0; c < 2048; c++) {
-                uint32_t cnt = h[c];
-                h[c] = sum;
-                sum += cnt;
+    for (j = 1; j < m; j++)
+        if (!(table[j] >= table[j - 1])) sorted_table = 0;
+    for (r0 = 0; r0 < rows; r0 = r1) {
+        Py_ssize_t start = r0 * m, len;
+        r1 = r0 + g < rows ? r0 + g : rows;
+        len = r1 * m - start;
+        for (off = 0; off < len; off += TILE) {
+            Py_ssize_t t = len - off < TILE ? len - off : TILE;
+            load_tile(v + off, a, a_dt, start + off, t);
+            if (b) {
+                load_tile(tmp, b, b_dt, start + off, t);
+                for (j = 0; j < t; j++) v[off + j] = v[off + j] - tmp[j];
             }
-            for (j = 0; j < m; j++) y[h[(x[j] >> (32 + shift[d])) & 2047]++] = x[j];
-            t = x, x = y, y = t;
+            philox_tile(u + off, elem_offset + (uint64_t)(start + off), t, k0, k1);
         }
-        for (j = 0; j < m; j++) { /* keep where u < p exactly where u - p < 0 (a nonzero difference never rounds to 0) */
-            uint32_t at = (uint32_t)x[j];
-            ur[at] = ur[at] - table[j];
+        for (r = 0; r < r1 - r0; r++) {
+            const float *vr = v + r * m;
+            float *ur = u + r * m;
+            /* x and y (2m + 2 words each) hold della_row_fast's k, cnt and probabilities */
+            if (sorted_table && della_row_fast(vr, ur, m, table, (uint32_t *)x, (uint32_t *)x + m, w, (float *)y,
+                                               (float *)y + m + 1) == 0)
+                continue;
+            della_row_sort(vr, ur, m, table, x, y, hist);
         }
+        sum_abs_acc(v, len, s1);
+        random_kept_acc(u, v, len, 0.0f, bits + ((elem_offset + (uint64_t)start) >> 3), s2);
     }
-    sums[0] += sum_abs(v, n);
-    sums[1] += random_kept(u, v, n, 0.0f, bits + (elem_offset >> 3));
-    free(v), free(u), free(tmp), free(x), free(y), free(hist);
+    sums[0] += sum8_combine(s1);
+    sums[1] += sum8_combine(s2);
+    free(v), free(u), free(tmp), free(w), free(x), free(y), free(hist);
     return 0;
 }
 

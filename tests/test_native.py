@@ -265,7 +265,9 @@ _DELLA_CASES += [(("F32", None), k) for k in ("narrow", "tiny", "wide")]  # floa
 def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], kind: str, m: int) -> None:
     """della(): entry j of a row kept where Philox(key, offset + j) < table[rank of |v_j| in its row] — the ranks
     from torch's stable argsort (ties in index order), the uniforms from the torch Philox reference; the sums Σ|v|,
-    Σ|kept| against numpy's float64 sums, for several kinds of rows."""
+    Σ|kept| against numpy's float64 sums, for several kinds of rows. The kinds reach both ways the kernel decides a
+    row: by magnitude buckets (model_diffs: ties ranked by counting) and by sorting it (specials: NaN and inf; narrow,
+    tiny, wide: too many entries left undecided by the buckets; a decreasing table, ε < 0: always)."""
     from capmerge import _native
     from capmerge import functional as F
 
@@ -275,10 +277,10 @@ def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], kin
     n = rows * m
     a, b = _della_rows(kind, ac, bc, n, g)
     v = a.float() - b.float() if b is not None else a.float()
-    table = F.della_table(m, 0.4, 0.3)
     order = torch.argsort(v.abs().reshape(rows, m), dim=-1, stable=True)
     ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(m).expand(order.shape)).reshape(-1)
-    for offset in (0, 8, 4096):
+    for offset, eps in ((0, 0.3), (8, 0.3), (4096, 0.3), (8, -0.3)):
+        table = F.della_table(m, 0.4, eps)
         keep = (F.philox_uniform(77, torch.arange(n) + offset) < table[ranks]).numpy()
         bits = np.zeros((offset + n + 7) // 8 + 3, dtype=np.uint8)
         bits[offset // 8 - 1 if offset else -1] = 0xA5  # bytes outside the block stay as they are

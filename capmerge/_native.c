@@ -1454,6 +1454,7 @@ static int della_row_fast(const float *vr, float *ur, Py_ssize_t m, const float 
  * by della_row_fast where the table is non-decreasing (d - e + 2e r/(m-1) with e >= 0), else by della_row_sort.
  * Kept bits go to bits[elem_offset / 8 ...]; returns sum |v| and sum |v| over kept entries (float64, eight partial
  * sums, as moments() sums them). */
+MULTIVERSION
 static int run_della(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t rows, Py_ssize_t m,
                      uint64_t elem_offset, uint32_t k0, uint32_t k1, const float *table, uint8_t *bits, double *sums) {
     /* rows in groups of about DELLA_GROUP entries, ranked while v and u are in cache; a group's rows are a multiple

@@ -1512,16 +1512,17 @@ static int run_della(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_
 #if HAVE_F16C_PATH
 /* welford's first 4*floor(m/4) elements in AVX2 (the same IEEE operations, four lanes); returns where it stopped */
 __attribute__((target("avx2"))) static Py_ssize_t welford_avx2(float *t, const float *b, double *mean, double *m2,
-                                                               Py_ssize_t m, double cnt, double mul) {
-    const __m256d vc = _mm256_set1_pd(cnt), vm = _mm256_set1_pd(mul);
+                                                               Py_ssize_t m, double cnt, double mul, int first) {
+    const __m256d vc = _mm256_set1_pd(cnt), vm = _mm256_set1_pd(mul), z = _mm256_setzero_pd();
     Py_ssize_t j;
     for (j = 0; j + 4 <= m; j += 4) {
         __m128 tf = _mm_sub_ps(_mm_loadu_ps(t + j), _mm_loadu_ps(b + j));
-        __m256d x = _mm256_cvtps_pd(tf), mu = _mm256_loadu_pd(mean + j), d = _mm256_sub_pd(x, mu);
+        __m256d x = _mm256_cvtps_pd(tf), mu = first ? z : _mm256_loadu_pd(mean + j), d = _mm256_sub_pd(x, mu);
         _mm_storeu_ps(t + j, tf);
         mu = _mm256_add_pd(mu, mul != 0.0 ? _mm256_mul_pd(d, vm) : _mm256_div_pd(d, vc));
         _mm256_storeu_pd(mean + j, mu);
-        _mm256_storeu_pd(m2 + j, _mm256_add_pd(_mm256_loadu_pd(m2 + j), _mm256_mul_pd(d, _mm256_sub_pd(x, mu))));
+        x = _mm256_mul_pd(d, _mm256_sub_pd(x, mu));
+        _mm256_storeu_pd(m2 + j, _mm256_add_pd(first ? z : _mm256_loadu_pd(m2 + j), x));
     }
     return j;
 }
@@ -1588,19 +1589,22 @@ static float *alloc_tiles(size_t count) {
 }
 
 /* One Welford step of run_sce over a tile: t -= b, then the float64 update with x = t (mul: 1 / cnt when that is
- * exact, a power of two; else 0 and a division). */
+ * exact, a power of two; else 0 and a division). The first step (first != 0) takes mean and m2 as 0.0 without
+ * reading them: the same operations on the same values, no zeroing pass. */
 static inline __attribute__((always_inline)) void welford(float *restrict t, const float *restrict b,
                                                           double *restrict mean, double *restrict m2, Py_ssize_t m,
-                                                          double cnt, double mul) {
+                                                          double cnt, double mul, int first) {
     Py_ssize_t j = 0, j0;
 #if HAVE_F16C_PATH
     if (avx2_ok()) {
-        j = welford_avx2(t, b, mean, m2, m, cnt, mul);
+        j = welford_avx2(t, b, mean, m2, m, cnt, mul, first);
         if (j == m) return;
     }
 #endif
     j0 = j;
     for (j = j0; j < m; j++) t[j] = t[j] - b[j];
+    if (first)
+        for (j = j0; j < m; j++) mean[j] = m2[j] = 0.0;
     if (mul != 0.0)
         for (j = j0; j < m; j++) {
             double x = (double)t[j], d = x - mean[j];
@@ -1644,12 +1648,11 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
             }
             continue;
         }
-        for (j = 0; j < m; j++) mean[j] = m2[j] = 0.0;
         for (i = 0; i < k; i++) {
             float *tt = tiles + (size_t)i * TILE;
             double cnt = (double)(i + 1), inv = 1.0 / cnt;
             load_tile(tt, terms[i].a, terms[i].a_dt, off, m);
-            welford(tt, bt, mean, m2, m, cnt, (i & (i + 1)) == 0 ? inv : 0.0);
+            welford(tt, bt, mean, m2, m, cnt, (i & (i + 1)) == 0 ? inv : 0.0, i == 0);
         }
         j = 0;
 #if HAVE_F16C_PATH

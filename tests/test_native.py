@@ -266,8 +266,9 @@ def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], kin
     """della(): entry j of a row kept where Philox(key, offset + j) < table[rank of |v_j| in its row] — the ranks
     from torch's stable argsort (ties in index order), the uniforms from the torch Philox reference; the sums Σ|v|,
     Σ|kept| against numpy's float64 sums, for several kinds of rows. The kinds reach both ways the kernel decides a
-    row: by magnitude buckets (model_diffs: ties ranked by counting) and by sorting it (specials: NaN and inf; narrow,
-    tiny, wide: too many entries left undecided by the buckets; a decreasing table, ε < 0: always)."""
+    row: by magnitude buckets (most rows of every kind without NaN/inf: model_diffs' ties and zeros ranked by
+    counting, wide's 160 octaves) and by sorting it (specials: NaN and inf; some narrow and tiny rows: too many
+    entries left undecided by the buckets; a decreasing table, ε < 0: always)."""
     from capmerge import _native
     from capmerge import functional as F
 

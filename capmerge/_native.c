@@ -1458,8 +1458,9 @@ MULTIVERSION
 static int run_della(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t rows, Py_ssize_t m,
                      uint64_t elem_offset, uint32_t k0, uint32_t k1, const float *table, uint8_t *bits, double *sums) {
     /* rows in groups of about DELLA_GROUP entries, ranked while v and u are in cache; a group's rows are a multiple
-     * of 8 / gcd(m, 8), so every group starts at a multiple of 8 (the sums' lanes and the bits' bytes go on) */
-    Py_ssize_t q = 8 / (m & 7 ? (m & 3 ? (m & 1 ? 1 : 2) : 4) : 8), g = DELLA_GROUP / m, r, r0, r1, j, off;
+     * of q = 8 / gcd(m, 8) (gcd(m, 8): m's lowest set bit, at most 8), so every group starts at a multiple of 8 (the
+     * sums' lanes and the bits' bytes go on) */
+    Py_ssize_t low = m & -m, q = 8 / (low < 8 ? low : 8), g = DELLA_GROUP / m, r, r0, r1, j, off;
     double s1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int sorted_table = 1;
     float *v, *u, *tmp, *w;

@@ -1026,12 +1026,67 @@ CPU_CHECK(avx512_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports
 static int avx512_ok(void) { return 0; }
 #endif
 
-/* Level 1 of the float32 threshold pass: for the elements whose level-0 bin (bits 16..30 of |x|) equals `prefix`,
- * counts the low 16 bits into a uint64 histogram of 65536 bins. */
-static void run_hist1(const uint32_t *s, Py_ssize_t n, uint32_t prefix, uint64_t *hist) {
+/* Level 1 of the float32 threshold pass: for the elements whose level-0 bin (bits 16..30 of |x|) is one of the
+ * `nb` bins `prefix` (distinct, at most HIST1_BINS), counts the low 16 bits into that bin's row of `hist` (uint64,
+ * nb rows of 65536 bins), in one pass for all of them. The portable loop: */
+#define HIST1_BINS 16
+static void hist1_loop(const uint32_t *s, Py_ssize_t n, const uint32_t *prefix, int nb, uint64_t *hist) {
+    uint32_t lo = 0xffffffffu, hi = 0;
     Py_ssize_t j;
-    for (j = 0; j < n; j++)
-        if (((s[j] & 0x7fffffffu) >> 16) == prefix) hist[s[j] & 0xffffu]++;
+    int r;
+    for (r = 0; r < nb; r++) {
+        lo = prefix[r] < lo ? prefix[r] : lo;
+        hi = prefix[r] > hi ? prefix[r] : hi;
+    }
+    for (j = 0; j < n; j++) {
+        uint32_t b = (s[j] & 0x7fffffffu) >> 16;
+        if (b < lo || b > hi) continue;
+        for (r = 0; r < nb; r++)
+            if (b == prefix[r]) {
+                hist[(size_t)r * 65536 + (s[j] & 0xffffu)]++;
+                break;
+            }
+    }
+}
+
+#if HAVE_BRACKET_AVX512
+/* AVX-512: sixteen bins compared with every wanted bin at once; the few elements inside one (a level-0 bin holds a
+ * small share of a tensor) go to the portable loop. */
+__attribute__((target("avx512f,avx512bw,avx512vbmi2,popcnt"))) static void
+hist1_avx512(const uint32_t *s, Py_ssize_t n, const uint32_t *prefix, int nb, uint64_t *hist) {
+    uint32_t tmp[BRACKET_TMP + 16];
+    __m512i want[HIST1_BINS];
+    const __m512i mask = _mm512_set1_epi32(0x7fffffff);
+    Py_ssize_t j = 0, c = 0;
+    int r;
+    for (r = 0; r < nb; r++) want[r] = _mm512_set1_epi32((int)prefix[r]);
+    for (; j + 16 <= n; j += 16) {
+        __m512i x = _mm512_loadu_si512((const void *)(s + j)), v = _mm512_srli_epi32(_mm512_and_si512(x, mask), 16);
+        __mmask16 in = 0;
+        for (r = 0; r < nb; r++) in |= _mm512_cmpeq_epi32_mask(v, want[r]);
+        if (in) {
+            _mm512_storeu_si512((void *)(tmp + c), _mm512_maskz_compress_epi32(in, x));
+            c += __builtin_popcount(in);
+            if (c >= BRACKET_TMP) {
+                hist1_loop(tmp, c, prefix, nb, hist);
+                c = 0;
+            }
+        }
+    }
+    hist1_loop(tmp, c, prefix, nb, hist);
+    hist1_loop(s + j, n - j, prefix, nb, hist);
+}
+#endif
+
+static void run_hist1(const uint32_t *s, Py_ssize_t n, const uint32_t *prefix, int nb, uint64_t *hist,
+                      int portable) {
+#if HAVE_BRACKET_AVX512
+    if (!portable && avx512_ok()) {
+        hist1_avx512(s, n, prefix, nb, hist);
+        return;
+    }
+#endif
+    hist1_loop(s, n, prefix, nb, hist);
 }
 
 static int check_dt(int dt) {
@@ -1764,6 +1819,36 @@ static PyObject *native_sce(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(nnz);
 }
 
+/* The loop of importance() below (see there): returns how many I < 0. */
+MULTIVERSION
+static Py_ssize_t run_importance(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t n, uint64_t offset,
+                                 Py_ssize_t m, const float *sc, float th, float *o, int part, uint8_t *bt) {
+    float ta[TILE], tb[TILE];
+    Py_ssize_t off, j, neg = 0;
+    for (off = 0; off < n; off += TILE) {
+        Py_ssize_t t = n - off < TILE ? n - off : TILE, j0 = 0;
+        uint64_t g = offset + (uint64_t)off, row = g / (uint64_t)m;
+        load_tile(ta, a, a_dt, off, t);
+        load_tile(tb, b, b_dt, off, t);
+        while (j0 < t) { /* one row's run of the tile at a time: a constant scale (the loop vectorizes) */
+            Py_ssize_t j1 = j0 + (Py_ssize_t)((uint64_t)m - (g + (uint64_t)j0) % (uint64_t)m);
+            float f = sc[row++];
+            if (j1 > t) j1 = t;
+            for (j = j0; j < j1; j++) ta[j] = fabsf(ta[j] - tb[j]) * f;
+            j0 = j1;
+        }
+        for (j = 0; j < t; j++) neg += ta[j] < 0.0f;
+        if (o && part == 0)
+            memcpy(o + off, ta, (size_t)t * sizeof(float));
+        else if (o && part == 1)
+            for (j = 0; j < t; j++) o[off + j] = ta[j] < 0.0f ? 0.0f : ta[j];
+        else if (o)
+            for (j = 0; j < t; j++) o[off + j] = ta[j] < 0.0f ? -ta[j] : 0.0f;
+        if (bt) set_bits_ge(ta, 0, t, th, bt + (off >> 3)); /* off is a multiple of 8 (TILE is) */
+    }
+    return neg;
+}
+
 /* importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits[, part]) -> count of I < 0: arcee_fusion's
  * importance of elements offset .. offset+n of a tensor of rows of m: I_j = |a_j - b_j| * scale[(offset + j) / m]
  * (float32: the difference rounded, then the product; a scale, a KL divergence, can round below 0). Written to out
@@ -1774,7 +1859,7 @@ static PyObject *native_importance(PyObject *self, PyObject *args) {
     PyObject *out_o, *bits_o;
     Py_buffer a, b, scale, out, bits;
     int a_dt, b_dt, ok = 1, has_out = 0, has_bits = 0, part = 0;
-    Py_ssize_t n, m, off, j, neg = 0;
+    Py_ssize_t n, m, neg = 0;
     unsigned long long offset;
     double thr;
     (void)self;
@@ -1807,28 +1892,7 @@ static PyObject *native_importance(PyObject *self, PyObject *args) {
         uint8_t *bt = has_bits ? (uint8_t *)bits.buf + (offset >> 3) : NULL;
         float *o = has_out ? (float *)out.buf : NULL;
         Py_BEGIN_ALLOW_THREADS
-        float ta[TILE], tb[TILE];
-        for (off = 0; off < n; off += TILE) {
-            Py_ssize_t t = n - off < TILE ? n - off : TILE, j0 = 0;
-            uint64_t g = offset + (uint64_t)off, row = g / (uint64_t)m;
-            load_tile(ta, a.buf, a_dt, off, t);
-            load_tile(tb, b.buf, b_dt, off, t);
-            while (j0 < t) { /* one row's run of the tile at a time: a constant scale (the loop vectorizes) */
-                Py_ssize_t j1 = j0 + (Py_ssize_t)((uint64_t)m - (g + (uint64_t)j0) % (uint64_t)m);
-                float f = sc[row++];
-                if (j1 > t) j1 = t;
-                for (j = j0; j < j1; j++) ta[j] = fabsf(ta[j] - tb[j]) * f;
-                j0 = j1;
-            }
-            for (j = 0; j < t; j++) neg += ta[j] < 0.0f;
-            if (o && part == 0)
-                memcpy(o + off, ta, (size_t)t * sizeof(float));
-            else if (o && part == 1)
-                for (j = 0; j < t; j++) o[off + j] = ta[j] < 0.0f ? 0.0f : ta[j];
-            else if (o)
-                for (j = 0; j < t; j++) o[off + j] = ta[j] < 0.0f ? -ta[j] : 0.0f;
-            if (bt) set_bits_ge(ta, 0, t, th, bt + (off >> 3)); /* off is a multiple of 8 (TILE is) */
-        }
+        neg = run_importance(a.buf, a_dt, b.buf, b_dt, n, offset, m, sc, th, o, part, bt);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&a);
@@ -2123,21 +2187,26 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
 
 /* hist1(buf, n, prefix, hist_buffer) — float32: level-1 counts added into a uint64 buffer of 65536 bins. */
 static PyObject *native_hist1(PyObject *self, PyObject *args) {
-    Py_buffer src, hist;
-    Py_ssize_t n;
-    unsigned int prefix;
+    Py_buffer src, bins, hist;
+    Py_ssize_t n, nb;
+    int portable = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*nIw*", &src, &n, &prefix, &hist)) return NULL;
-    if (!check_len(&src, DT_F32, n, "input") || hist.len < 65536 * 8) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "histogram buffer needs 65536 uint64 bins");
+    if (!PyArg_ParseTuple(args, "y*ny*w*|p", &src, &n, &bins, &hist, &portable)) return NULL;
+    nb = bins.len / 4;
+    if (!check_len(&src, DT_F32, n, "input") || nb < 1 || nb > HIST1_BINS || bins.len % 4 ||
+        hist.len < nb * 65536 * 8) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "hist1 takes 1 to 16 uint32 bins and 65536 uint64 counts per bin");
         PyBuffer_Release(&src);
+        PyBuffer_Release(&bins);
         PyBuffer_Release(&hist);
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    run_hist1((const uint32_t *)src.buf, n, prefix, (uint64_t *)hist.buf);
+    run_hist1((const uint32_t *)src.buf, n, (const uint32_t *)bins.buf, (int)nb, (uint64_t *)hist.buf, portable);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&src);
+    PyBuffer_Release(&bins);
     PyBuffer_Release(&hist);
     Py_RETURN_NONE;
 }
@@ -2326,7 +2395,9 @@ static PyMethodDef methods[] = {
     {"diff", native_diff, METH_VARARGS, "diff(out, out_dt, a, a_dt, b, b_dt, n) -> flags; out = round(a - b)"},
     {"merge", native_merge, METH_VARARGS,
      "merge(outs, base, base_dt, n, terms, sign, normalize, elem_offset) -> flags (see capmerge/compute.py)"},
-    {"hist1", native_hist1, METH_VARARGS, "hist1(buf, n, prefix, hist) -> None; float32 level-1 |x| histogram"},
+    {"hist1", native_hist1, METH_VARARGS,
+     "hist1(buf, n, bins, hist[, portable]) -> None; float32 level-1 |x| histograms of up to 16 level-0 bins (uint32) "
+     "in one pass"},
     {"hist0", native_hist0, METH_VARARGS,
      "hist0(buf, dt, n, sub) -> None; level-0 |x| bins counted into 4 x 32768 uint32 sub-histograms"},
     {"bracket", native_bracket, METH_VARARGS,

@@ -3,6 +3,8 @@ runner taking the block path (and leaving it where the form does not apply), and
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -185,13 +187,20 @@ def test_arcee_fusion_quantiles_are_the_sorted_elements(case: str) -> None:
     assert torch.equal(got, want) or (case == "nan" and torch.equal(got[:-1], want[:-1]) and got[-1].isnan())
 
 
+@pytest.mark.parametrize("blocks", ["one block", "blocks on 3 threads"])
 @pytest.mark.parametrize("shape", [(64, 384), (4097,), (300, 33)])
-def test_arcee_fusion_block_form_with_kl_below_zero(shape: tuple[int, ...]) -> None:
+def test_arcee_fusion_block_form_with_kl_below_zero(shape: tuple[int, ...], blocks: str, monkeypatch) -> None:
     """A model within rounding of the base: many rows' KL rounds below 0, so I does too (a 1-D tensor is one such
     row: every I ≤ 0). The block form ranks those first by magnitude, as the sorted order does: the torch
-    function's bits."""
+    function's bits — also with the rows' KL made in blocks of a few rows dealt out to three threads (torch on one
+    core each there; the process's torch thread count as it was after)."""
     from capmerge.merge.methods import arcee_fusion as A
     from capmerge.merge.methods.models import TensorInputs
+
+    if blocks != "one block":
+        monkeypatch.setattr(A, "KL_BLOCK", 3 * shape[-1] - 1)  # two whole rows per block
+        monkeypatch.setenv("CAPMERGE_THREADS", "3")
+    threads = torch.get_num_threads()
 
     for seed in range(100):  # the first draw with a row whose KL rounds below 0
         g = torch.Generator().manual_seed(seed)
@@ -202,6 +211,25 @@ def test_arcee_fusion_block_form_with_kl_below_zero(shape: tuple[int, ...]) -> N
     assert bool((A.row_kl(model, base) < 0).any())
     x = TensorInputs("w", [model], [{}], {}, base=base)
     assert torch.equal(A.MODEL_METHODS[0].fn(x), A._arcee_fusion(x))
+    assert torch.get_num_threads() == threads
+
+
+def test_thread_scratch_passes_buffers_to_the_next_threads(monkeypatch) -> None:
+    """A pass's threads end with it; the next pass's threads take their buffers instead of making new ones."""
+    from capmerge.merge.engine import parallel_map
+
+    monkeypatch.setenv("CAPMERGE_THREADS", "2")
+    scratch = plan.ThreadScratch()
+
+    def used(_: int) -> int:
+        view = scratch.get(1000)
+        view[:] = b"x" * 1000  # written before read, as callers do
+        time.sleep(0.05)  # both threads hold a buffer at once
+        return id(view.obj)
+
+    first = set(parallel_map(used, [0, 1]))
+    assert len(first) == 2
+    assert set(parallel_map(used, [0, 1])) == first
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (5, 1), (1, 7), (3, 4, 5), (0, 3)])

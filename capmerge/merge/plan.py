@@ -266,12 +266,13 @@ def _level1(blocks: Callable[[list[tuple[int, int]]], Any], whole: list[tuple[in
 
     assert _native is not None
     bins = sorted({b for b, _ in got.values()})
+    wanted = np.array(bins, dtype=np.uint32)
 
     def level1(ranges: list[tuple[int, int]]) -> Any:
         low = np.zeros((len(bins), 65536), dtype=np.uint64)
-        for buf, cnt in blocks(ranges):  # each block read (or made) once for every bin
-            for row, b in enumerate(bins):
-                _native.hist1(buf, cnt, b, low[row])
+        for buf, cnt in blocks(ranges):  # each block read (or made) once, up to 16 bins counted per scan of it
+            for c in range(0, len(bins), 16):
+                _native.hist1(buf, cnt, wanted[c : c + 16], low[c : c + 16])
         return low
 
     lows = sum(_dealt(level1, whole))  # integer counts: any order, the same sum
@@ -416,17 +417,38 @@ def _dealt(fn: Callable[[list[tuple[int, int]]], Any], whole: list[tuple[int, in
 
 
 class ThreadScratch:
-    """A bytearray per thread, grown on demand: the scratch of a pass whose blocks run on several threads."""
+    """A buffer per thread, grown on demand: the scratch of passes whose blocks run on several threads. The passes'
+    threads are new ones each time (:func:`~capmerge.merge.engine.parallel_map`): a thread that ends gives its buffer
+    back for the next pass's threads, so a tensor's passes make them once rather than once per pass and thread."""
 
     def __init__(self) -> None:
         self._local = threading.local()
+        self._free: list[Any] = []
 
     def get(self, nbytes: int) -> memoryview:
-        """``nbytes`` of this thread's buffer (its contents are whatever the thread last left there)."""
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < nbytes:
-            buf = self._local.buf = bytearray(nbytes)
-        return memoryview(buf)[:nbytes]
+        """``nbytes`` of this thread's buffer (its contents are whatever was last left there: callers write first)."""
+        held = getattr(self._local, "held", None)
+        if held is None or len(held.buf) < nbytes:
+            import numpy as np
+
+            try:
+                buf = self._free.pop()
+            except IndexError:
+                buf = None
+            if buf is None or len(buf) < nbytes:
+                buf = np.empty(nbytes, dtype=np.uint8)  # not zeroed: nothing reads what it has not written
+            held = self._local.held = _Held(buf, self._free)
+        return memoryview(held.buf)[:nbytes]
+
+
+class _Held:
+    """A thread's scratch buffer; given back to ``free`` when the thread ends (and drops its thread-local values)."""
+
+    def __init__(self, buf: Any, free: list[Any]) -> None:
+        self.buf, self._free = buf, free
+
+    def __del__(self) -> None:
+        self._free.append(self.buf)
 
 
 class _Level0:

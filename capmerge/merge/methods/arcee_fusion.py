@@ -103,7 +103,7 @@ def _form(s: B.Spec) -> B.Finish | None:
     return finish
 
 
-KL_BLOCK = 1 << 17  # entries per block of the rows' KL (whole rows): one thread's torch buffers stay in its cache
+KL_BLOCK = 1 << 18  # entries per block of the rows' KL (whole rows): one thread's torch buffers stay in its cache
 
 
 def _kl_rows(st: B.Stats, m: int) -> tuple[np.ndarray, int]:

@@ -1637,6 +1637,27 @@ static void set_bits_ge(const float *x, Py_ssize_t j0, Py_ssize_t m, float thr, 
     }
 }
 
+#if HAVE_F16C_PATH
+/* set_bits_ge from j0 = 0, eight compares and a movemask per byte */
+__attribute__((target("avx2"))) static void set_bits_ge_avx2(const float *x, Py_ssize_t m, float thr, uint8_t *bits) {
+    const __m256 vt = _mm256_set1_ps(thr);
+    Py_ssize_t j;
+    for (j = 0; j + 8 <= m; j += 8)
+        bits[j >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), vt, _CMP_GE_OQ));
+    set_bits_ge(x, j, m, thr, bits);
+}
+#endif
+
+static void set_bits_ge_fast(const float *x, Py_ssize_t m, float thr, uint8_t *bits) {
+#if HAVE_F16C_PATH
+    if (avx2_ok()) {
+        set_bits_ge_avx2(x, m, thr, bits);
+        return;
+    }
+#endif
+    set_bits_ge(x, 0, m, thr, bits);
+}
+
 /* Scratch of `count` tiles for a kernel call, or NULL with MemoryError set. */
 static float *alloc_tiles(size_t count) {
     float *t = (float *)malloc(count * TILE * sizeof(float));
@@ -1819,10 +1840,18 @@ static PyObject *native_sce(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(nnz);
 }
 
+typedef struct { /* importance()'s band: the entries with lo <= I < thr, their indices and values */
+    float lo;
+    uint64_t *idx;
+    float *val;
+    Py_ssize_t cap, n; /* n counts past cap: the caller sees that the buffers were too small */
+} band_t;
+
 /* The loop of importance() below (see there): returns how many I < 0. */
 MULTIVERSION
 static Py_ssize_t run_importance(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t n, uint64_t offset,
-                                 Py_ssize_t m, const float *sc, float th, float *o, int part, uint8_t *bt) {
+                                 Py_ssize_t m, const float *sc, float th, float *o, int part, uint8_t *bt,
+                                 band_t *band) {
     float ta[TILE], tb[TILE];
     Py_ssize_t off, j, neg = 0;
     for (off = 0; off < n; off += TILE) {
@@ -1844,7 +1873,19 @@ static Py_ssize_t run_importance(const void *a, int a_dt, const void *b, int b_d
             for (j = 0; j < t; j++) o[off + j] = ta[j] < 0.0f ? 0.0f : ta[j];
         else if (o)
             for (j = 0; j < t; j++) o[off + j] = ta[j] < 0.0f ? -ta[j] : 0.0f;
-        if (bt) set_bits_ge(ta, 0, t, th, bt + (off >> 3)); /* off is a multiple of 8 (TILE is) */
+        if (bt) set_bits_ge_fast(ta, t, th, bt + (off >> 3)); /* off is a multiple of 8 (TILE is) */
+        if (band) {
+            int any = 0; /* most tiles hold no band entry: a vector test first */
+            for (j = 0; j < t; j++) any |= (ta[j] >= band->lo) & (ta[j] < th);
+            for (j = 0; any && j < t; j++)
+                if (ta[j] >= band->lo && ta[j] < th) {
+                    if (band->n < band->cap) {
+                        band->idx[band->n] = offset + (uint64_t)(off + j);
+                        band->val[band->n] = ta[j];
+                    }
+                    band->n++;
+                }
+        }
     }
     return neg;
 }
@@ -1854,18 +1895,31 @@ static Py_ssize_t run_importance(const void *a, int a_dt, const void *b, int b_d
  * (float32: the difference rounded, then the product; a scale, a KL divergence, can round below 0). Written to out
  * (float32, n) when not None: I itself (part 0), max(I, 0) (part 1: what lies at or above 0, NaN kept) or -min(I, 0)
  * (part 2: the magnitudes of what lies below 0); with bits, the bits of I >= thr (element j at bits[(offset + j) /
- * 8], offset a multiple of 8). */
+ * 8], offset a multiple of 8). With band_lo and two buffers (uint64 indices, float32 values), the entries with
+ * band_lo <= I < thr are listed there too (element index offset + j, and I) and the call returns (count of I < 0,
+ * entries in the band); a count above the buffers' room means that the later ones were not written. */
 static PyObject *native_importance(PyObject *self, PyObject *args) {
     PyObject *out_o, *bits_o;
-    Py_buffer a, b, scale, out, bits;
+    Py_buffer a, b, scale, out, bits, bidx = {0}, bval = {0};
     int a_dt, b_dt, ok = 1, has_out = 0, has_bits = 0, part = 0;
     Py_ssize_t n, m, neg = 0;
     unsigned long long offset;
-    double thr;
+    double thr, band_lo = 0.0;
+    band_t band = {0}, *bp = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*iy*inKny*dOO|i", &a, &a_dt, &b, &b_dt, &n, &offset, &m, &scale, &thr, &out_o,
-                          &bits_o, &part))
+    if (!PyArg_ParseTuple(args, "y*iy*inKny*dOO|idw*w*", &a, &a_dt, &b, &b_dt, &n, &offset, &m, &scale, &thr, &out_o,
+                          &bits_o, &part, &band_lo, &bidx, &bval))
         return NULL;
+    if (bidx.obj && !bval.obj) {
+        PyErr_SetString(PyExc_ValueError, "importance: a band needs index and value buffers");
+        ok = 0;
+    } else if (bidx.obj) {
+        band.lo = (float)band_lo;
+        band.idx = (uint64_t *)bidx.buf;
+        band.val = (float *)bval.buf;
+        band.cap = bidx.len / 8 < bval.len / 4 ? bidx.len / 8 : bval.len / 4;
+        bp = &band;
+    }
     if (n < 0 || m < 1 || part < 0 || part > 2) {
         PyErr_SetString(PyExc_ValueError, "importance: n >= 0, m >= 1 and part 0, 1 or 2");
         ok = 0;
@@ -1892,7 +1946,7 @@ static PyObject *native_importance(PyObject *self, PyObject *args) {
         uint8_t *bt = has_bits ? (uint8_t *)bits.buf + (offset >> 3) : NULL;
         float *o = has_out ? (float *)out.buf : NULL;
         Py_BEGIN_ALLOW_THREADS
-        neg = run_importance(a.buf, a_dt, b.buf, b_dt, n, offset, m, sc, th, o, part, bt);
+        neg = run_importance(a.buf, a_dt, b.buf, b_dt, n, offset, m, sc, th, o, part, bt, bp);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&a);
@@ -1900,7 +1954,10 @@ static PyObject *native_importance(PyObject *self, PyObject *args) {
     PyBuffer_Release(&scale);
     if (has_out) PyBuffer_Release(&out);
     if (has_bits) PyBuffer_Release(&bits);
+    if (bidx.obj) PyBuffer_Release(&bidx);
+    if (bval.obj) PyBuffer_Release(&bval);
     if (!ok) return NULL;
+    if (bp) return Py_BuildValue("nn", neg, band.n);
     return PyLong_FromSsize_t(neg);
 }
 
@@ -2410,8 +2467,8 @@ static PyMethodDef methods[] = {
     {"sce", native_sce, METH_VARARGS,
      "sce(models, base, base_dt, n, elem_offset, var_out, thr, bits, sums) -> nnz; SCE's variance, mask and energies"},
     {"importance", native_importance, METH_VARARGS,
-     "importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits[, part]) -> count of I < 0; I = |a - b| * "
-     "scale[row] (arcee_fusion)"},
+     "importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits[, part[, band_lo, band_idx, band_val]]) -> "
+     "count of I < 0 (and the band's count); I = |a - b| * scale[row] (arcee_fusion)"},
     {"della", native_della, METH_VARARGS,
      "della(a, a_dt, b, b_dt, rows, m, elem_offset, key, table, bits) -> (l1, kept); DELLA's keep bits by row rank"},
     {"philox", native_philox, METH_VARARGS, "philox(key, start, n, out) -> None; tl.rand(key, start + arange(n))"},

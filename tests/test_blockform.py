@@ -214,6 +214,39 @@ def test_arcee_fusion_block_form_with_kl_below_zero(shape: tuple[int, ...], bloc
     assert torch.get_num_threads() == threads
 
 
+@pytest.mark.parametrize("room", ["enough", "too little"])
+@pytest.mark.parametrize("bracket", [True, False])
+@pytest.mark.parametrize("change", ["large", "small"])
+def test_arcee_fusion_keep_bits_from_the_level1_pass(monkeypatch, room: str, bracket: bool, change: str) -> None:
+    """The keep bits made in the quartiles' level-1 pass from the threshold's bounds (the entries between them
+    decided once it is known), or — a block with no room for its undecided entries — by a pass of their own: the
+    torch function's bits either way, from the sampled bracket or the full count, and with rows whose KL rounds
+    below 0 (small changes: the first quartile among the I < 0) or none."""
+    from capmerge.merge.methods import arcee_fusion as A
+    from capmerge.merge.methods.models import TensorInputs
+
+    monkeypatch.setattr(plan, "BRACKET", bracket)
+    monkeypatch.setattr(plan, "BRACKET_MIN", 1 << 12)
+    monkeypatch.setattr(plan, "HIST_BLOCK", 1 << 14)  # several blocks, on several threads
+    monkeypatch.setenv("CAPMERGE_THREADS", "3")
+    if room != "enough":
+        monkeypatch.setattr(A, "BAND_MIN", 1)
+        monkeypatch.setattr(A, "BAND_SHARE", 1 << 30)
+    settled: list[bool] = []
+    settles = A._Band.settles
+    monkeypatch.setattr(A._Band, "settles", lambda self, n, thr: settled.append(settles(self, n, thr)) or settled[-1])
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(300, 700, generator=g) * (1.0 if change == "large" else 0.05)
+    model = base + torch.randn(300, 700, generator=g) * torch.rand(300, 1, generator=g) * (
+        1.0 if change == "large" else 3e-4
+    )
+    below = float(((model - base).abs() * A.row_kl(model, base).unsqueeze(-1) < 0).float().mean())
+    assert below == 0.0 if change == "large" else 0.25 < below < 0.5  # small: Q(¼) among the I < 0, Q(½) not
+    x = TensorInputs("w", [model], [{}], {}, base=base)
+    assert torch.equal(A.MODEL_METHODS[0].fn(x), A._arcee_fusion(x))
+    assert settled == [room == "enough"]
+
+
 def test_thread_scratch_passes_buffers_to_the_next_threads(monkeypatch) -> None:
     """A pass's threads end with it; the next pass's threads take their buffers instead of making new ones."""
     from capmerge.merge.engine import parallel_map

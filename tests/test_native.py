@@ -452,7 +452,7 @@ def test_sce_variance_mask_and_energies_against_torch(k: int, n: int) -> None:
 def test_importance_is_the_scaled_difference_of_each_row(m: int) -> None:
     """importance(): |a − b|·scale[row] in float32 (torch's rounding) for a block starting mid-row, written out as
     it is, above 0 or as the magnitudes below 0, with the count below 0; and the bits of ≥ thr at a byte-aligned
-    offset."""
+    offset, also with the entries of a band [lo, thr) listed beside them."""
     from capmerge import _native
 
     g = torch.Generator().manual_seed(m)
@@ -479,5 +479,23 @@ def test_importance_is_the_scaled_difference_of_each_row(m: int) -> None:
             _native.importance(_mv(a[start:end]), 2, _mv(b[start:end]), 1, n, start, m, sc, thr, None, bits)
             got = np.unpackbits(bits, bitorder="little")[start:end].astype(bool)
             assert np.array_equal(got, (want[start:end] >= thr).numpy())
+            # with a band [lo, thr): the same bits, and the entries inside listed (index in the tensor, I) in order;
+            # with room for two only, the count still says how many there were
+            lo = float(want.quantile(0.3))
+            inside = torch.nonzero((w >= lo) & (w < thr)).flatten()
+            for room in (n, 2):
+                bits[:] = 0
+                idx, val = np.zeros(room, dtype=np.uint64), np.zeros(room, dtype=np.float32)
+                out = torch.empty(n)
+                neg, count = _native.importance(_mv(a[start:end]), 2, _mv(b[start:end]), 1, n, start, m, sc, thr,
+                                                memoryview(out.numpy()).cast("B"), bits, 1, lo, idx, val)  # fmt: skip
+                assert count == len(inside) and neg == int((w < 0).sum())
+                assert torch.equal(out, torch.where(w < 0, 0.0, w))
+                assert np.array_equal(np.unpackbits(bits, bitorder="little")[start:end].astype(bool), got)
+                listed = min(room, count)
+                assert np.array_equal(idx[:listed], (inside[:listed] + start).numpy())
+                assert np.array_equal(val[:listed], w[inside[:listed]].numpy())
+    with pytest.raises(ValueError, match="index and value"):
+        _native.importance(_mv(a), 2, _mv(b), 1, n_all, 0, m, sc, 0.0, None, None, 1, 0.0, np.zeros(4, np.uint64))
     with pytest.raises(ValueError, match="one float32 scale per row"):
         _native.importance(_mv(a), 2, _mv(b), 1, n_all, 0, m, memoryview(bytearray(4)), 0.0, None, None)

@@ -174,6 +174,7 @@ def kth_largest_abs_many(
     n: int,
     *,
     after_pass: Callable[[list[tuple[int, int]]], dict[int, list[int]]] | None = None,
+    before_level1: Callable[[dict[int, dict[int, tuple[int, int]]], list[dict[int, float]]], None] | None = None,
 ) -> list[dict[int, float]]:
     """:func:`kth_largest_abs_stream` for several inputs (ia, ca, ks) against one ``ib``: their bracketed level-0
     passes run together, reading each block of ``ib`` once for all of them.
@@ -181,7 +182,12 @@ def kth_largest_abs_many(
     ``after_pass``: ranks that the first full pass itself settles (e.g. a share of the entries it counts as nonzero,
     SCE's ``select_topk``): called with the pass's blocks once it has read every one, it returns j -> the ranks
     wanted, and ``items``' ks are then only the estimate the bracket is chosen for (a rank outside it costs one
-    more pass). Native inputs only."""
+    more pass). Native inputs only.
+
+    ``before_level1(bins, values)``: called once before a level-1 pass, with j -> {k: (level-0 bin, elements above
+    it)} for the ranks that pass settles and ``values`` (the outputs so far: the ranks already known), so that a
+    caller can do more work in the pass's reads of its blocks (arcee_fusion's keep bits, from the threshold's
+    bounds)."""
     outs: list[dict[int, float]] = [{k: math.inf for k in ks if k <= 0} for _, _, ks in items]
     todo = [(j, ia, ca, sorted({k for k in ks if k > 0})) for j, (ia, ca, ks) in enumerate(items)]
     native = [t for t in todo if (t[3] or after_pass) and compute.use_native(t[2], *([cb] if ib is not None else []))]
@@ -238,6 +244,7 @@ def kth_largest_abs_many(
     if n >= BRACKET_MIN and (BRACKET is True or (BRACKET is None and _native.fast_bracket())):
         found = _bracketed(read, todo, ib, cb, n, whole, dts, wide, blocks, outs, settle)
     full = {j: full_count(j, ia, ca) for j, ia, ca, _ in todo if j in found and found[j] is None}
+    level1 = []
     for j, ia, ca, ks in settle():
         if j in full:
             found[j] = _locate(*full[j], ks)
@@ -252,6 +259,10 @@ def kth_largest_abs_many(
                 else:
                     outs[j][k] = float(np.array([b], dtype=np.uint16).view(np.float16)[0])
             continue
+        level1.append((j, ia, ca, got))
+    if level1 and before_level1 is not None:
+        before_level1({j: got for j, _, _, got in level1}, outs)
+    for j, ia, ca, got in level1:
         outs[j].update(_level1(functools.partial(blocks, ia, ca), whole, got))
     return outs
 

@@ -11,6 +11,8 @@ output — varies from run to run.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -77,30 +79,98 @@ def _form(s: B.Spec) -> B.Finish | None:
         klb = memoryview(kl).cast("B")
         codes = [compute.NATIVE_CODES[c] for c in st.codes]
         scratch = ThreadScratch()
+        bits = np.zeros((n + 7) // 8, dtype=np.uint8)
+        band = _Band()
 
         def importance_of(i: int, a: int, e: int) -> memoryview:
-            """The threshold pass's virtual inputs: 0 = max(I, 0), 1 = −min(I, 0) (I itself when nothing is < 0)."""
+            """The threshold pass's virtual inputs: 0 = max(I, 0), 1 = −min(I, 0) (I itself when nothing is < 0);
+            the first level-1 pass also sets the keep bits the threshold's bounds decide (see _Band)."""
             out = scratch.get(4 * (e - a))
-            _native.importance(st.read(1, a, e), codes[1], st.read(0, a, e), codes[0], e - a, a, m, klb, 0.0, out,
-                               None, i + 1)  # fmt: skip
+            args = (st.read(1, a, e), codes[1], st.read(0, a, e), codes[0], e - a, a, m, klb)
+            if band.bounds is None or i != band.input:
+                _native.importance(*args, 0.0, out, None, i + 1)
+                return out
+            lo, hi = band.bounds
+            cap = max(BAND_MIN, (e - a) // BAND_SHARE)
+            idx, val = np.empty(cap, dtype=np.uint64), np.empty(cap, dtype=np.float32)
+            _, count = _native.importance(*args, hi, out, bits, i + 1, lo, idx, val)
+            band.add(e - a, idx[:count], val[:count], count <= cap)
             return out
 
         ranks = [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)]
+
+        quartiles = [(0, n - r) if r >= z else (1, r + 1) for r in ranks]  # (input, k) of Q(¼), Q(½), Q(¾)
+
+        def before_level1(found: dict[int, dict[int, tuple[int, int]]], known: list[dict[int, float]]) -> None:
+            band.input = min(found)  # the first level-1 pass (inputs in order) reads every block once
+            band.bounds = _threshold_bounds(quartiles, found, known)
+
         items = [(0, "F32", [n - r for r in ranks if r >= z]), (1, "F32", [r + 1 for r in ranks if r < z])]
-        top, low = kth_largest_abs_many(importance_of, items, None, "F32", n)
+        top, low = kth_largest_abs_many(importance_of, items, None, "F32", n, before_level1=before_level1)
         q1, median, q3 = (np.float32(top[n - r] if r >= z else -low[r + 1]) for r in ranks)
         thr = float(median + np.float32(1.5) * (q3 - q1))
-        bits = np.zeros((n + 7) // 8, dtype=np.uint8)
+        if band.settles(n, thr):
+            kept = band.kept(np.float32(thr))
+            np.bitwise_or.at(bits, kept >> 3, np.left_shift(1, kept & 7).astype(np.uint8))
+        else:
 
-        def block(a: int) -> None:
-            e = min(n, a + B.STAT_BLOCK)
-            _native.importance(st.read(1, a, e), codes[1], st.read(0, a, e), codes[0], e - a, a, m, klb, thr, None,
-                               bits)  # fmt: skip
+            def block(a: int) -> None:
+                e = min(n, a + B.STAT_BLOCK)
+                _native.importance(st.read(1, a, e), codes[1], st.read(0, a, e), codes[0], e - a, a, m, klb, thr,
+                                   None, bits)  # fmt: skip
 
-        B.map_blocks(block, range(0, n, B.STAT_BLOCK))
+            B.map_blocks(block, range(0, n, B.STAT_BLOCK))
         return B.Combo([B.Term(0, 1.0, (B.BITS, 0.0, 0.0, 0), bits)], relative=True, with_base=True)
 
     return finish
+
+
+BAND_MIN, BAND_SHARE = 1 << 12, 16  # a level-1 block lists up to max(MIN, its entries / SHARE) undecided entries
+
+
+class _Band:
+    """The keep bits made in the level-1 pass of the threshold's quantiles, before the threshold is known: its
+    level-0 bins bound each quartile, so the threshold Q(½) + 1.5·(Q(¾) − Q(¼)) lies in [lo, hi] (the same float32
+    operations on the bounds: each is monotone). Entries with I ≥ hi are kept whatever the threshold, those below lo
+    dropped; the few between are listed (index, I) and decided once it is known. Should a block list more than its
+    room, the bits are made by a pass of their own as before."""
+
+    def __init__(self) -> None:
+        self.bounds: tuple[float, float] | None = None
+        self.input = 0  # the virtual input whose level-1 pass makes the bits
+        self.parts: list[tuple[int, Any, Any, bool]] = []  # (entries read, indices, values, all listed)
+
+    def add(self, count: int, idx: Any, val: Any, complete: bool) -> None:
+        self.parts.append((count, idx.copy(), val.copy(), complete))  # list.append: safe from the pass's threads
+
+    def settles(self, n: int, thr: float) -> bool:
+        """Whether the level-1 pass read all ``n`` entries with room for every undecided one, thr within bounds."""
+        return (self.bounds is not None and sum(p[0] for p in self.parts) == n and all(p[3] for p in self.parts)
+                and self.bounds[0] <= thr <= self.bounds[1])  # fmt: skip
+
+    def kept(self, thr: Any) -> Any:
+        """The listed entries with I ≥ thr (float32, as importance()'s bits compare)."""
+        idx = np.concatenate([p[1] for p in self.parts])
+        return idx[np.concatenate([p[2] for p in self.parts]) >= thr]
+
+
+def _threshold_bounds(quartiles: list[tuple[int, int]], bins: dict[int, dict[int, tuple[int, int]]],
+                      known: list[dict[int, float]]) -> tuple[float, float] | None:  # fmt: skip
+    """[lo, hi] holding the threshold Q(½) + 1.5·(Q(¾) − Q(¼)) from the quartiles' values where known, else their
+    level-0 bins' ranges (``quartiles``: (input, k) of Q(¼), Q(½), Q(¾): the k-th largest of input 0, I ≥ 0, or of
+    input 1, the magnitudes of I < 0); None if a bound is not finite."""
+    lows, highs = [], []
+    for j, k in quartiles:
+        if k in known[j]:
+            lo = hi = np.float32(known[j][k])
+        else:
+            b = bins[j][k][0]
+            lo, hi = np.array([b << 16, (b << 16) | 0xFFFF], dtype=np.uint32).view(np.float32)
+        lows.append(lo if j == 0 else -hi)
+        highs.append(hi if j == 0 else -lo)
+    lo = lows[1] + np.float32(1.5) * (lows[2] - highs[0])
+    hi = highs[1] + np.float32(1.5) * (highs[2] - lows[0])
+    return (float(lo), float(hi)) if np.isfinite(lo) and np.isfinite(hi) else None
 
 
 KL_BLOCK = 1 << 18  # entries per block of the rows' KL (whole rows): one thread's torch buffers stay in its cache

@@ -249,7 +249,8 @@ def plan(spec: MergeSpec, *, open_opts: Mapping[str, Any] | None = None) -> Plan
     warnings: list[str] = []
     slices = _slices(spec, method, warnings)
     if method.base == "required" and spec.base is None:
-        raise UsageError(f"{method.name} needs a base model (base_model / --base)")
+        raise UsageError(f"{method.name} needs a base model, the one the others are merged relative to (base_model "
+                         "in a configuration, --base MODEL for capmerge merge)")  # fmt: skip
     inputs, index = _open_inputs(spec, open_opts or {})
     p = Planned(spec, method, inputs, [], 0, index, warnings)
     try:

@@ -184,10 +184,10 @@ def kth_largest_abs_many(
     wanted, and ``items``' ks are then only the estimate the bracket is chosen for (a rank outside it costs one
     more pass). Native inputs only.
 
-    ``before_level1(bins, values)``: called once before a level-1 pass, with j -> {k: (level-0 bin, elements above
-    it)} for the ranks that pass settles and ``values`` (the outputs so far: the ranks already known), so that a
-    caller can do more work in the pass's reads of its blocks (arcee_fusion's keep bits, from the threshold's
-    bounds)."""
+    ``before_level1(bins, values)``: called once, before the level-1 passes (one per input that needs it, in input
+    order), with j -> {k: (level-0 bin, elements above it)} for the ranks they settle and ``values`` (the outputs so
+    far: the ranks already known), so that a caller can do more work in their reads of its blocks (arcee_fusion's
+    keep bits, from the threshold's bounds)."""
     outs: list[dict[int, float]] = [{k: math.inf for k in ks if k <= 0} for _, _, ks in items]
     todo = [(j, ia, ca, sorted({k for k in ks if k > 0})) for j, (ia, ca, ks) in enumerate(items)]
     native = [t for t in todo if (t[3] or after_pass) and compute.use_native(t[2], *([cb] if ib is not None else []))]

@@ -1599,7 +1599,6 @@ __attribute__((target("avx2"))) static Py_ssize_t sce_tile_avx2(const float *var
                                                                 uint8_t *bits, const float *tiles, int k,
                                                                 double *acc, Py_ssize_t *nnz) {
     const __m256 zero = _mm256_setzero_ps(), vt = _mm256_set1_ps(thr);
-    const __m128 one = _mm_set1_ps(1.0f);
     Py_ssize_t j, c = 0;
     int i;
     for (j = 0; j + 8 <= m; j += 8) {
@@ -1615,10 +1614,10 @@ __attribute__((target("avx2"))) static Py_ssize_t sce_tile_avx2(const float *var
         Py_ssize_t q;
         for (q = 0; q < j; q += 4) {
             __m256d x = _mm256_cvtps_pd(_mm_loadu_ps(tt + q)), sq = _mm256_mul_pd(x, x);
-            if (bits)
-                sq = _mm256_mul_pd(
-                    _mm256_cvtps_pd(_mm_and_ps(_mm_cmpge_ps(_mm_loadu_ps(var + q), _mm256_castps256_ps128(vt)), one)),
-                    sq);
+            if (bits) /* a dropped entry adds 0, even an inf or NaN one */
+                sq = _mm256_and_pd(_mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm_castps_si128(
+                                       _mm_cmpge_ps(_mm_loadu_ps(var + q), _mm256_castps256_ps128(vt))))),
+                                   sq);
             s = _mm256_add_pd(s, sq);
         }
         _mm256_storeu_pd(acc + 4 * i, s);
@@ -1737,8 +1736,8 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
 #endif
         for (; j < m; j++) var[j] = (float)(m2[j] / (double)k);
         if (var_out) memcpy(var_out + off, var, (size_t)m * sizeof(float));
-        /* the count, the keep bits (off and the block's offset are multiples of 8) and the sums of squares (masked:
-         * keep * v^2, so a dropped inf or NaN gives NaN, as torch's (v * mask)^2 does), four lanes per model */
+        /* the count, the keep bits (off and the block's offset are multiples of 8) and the sums of squares over the
+         * kept entries (a dropped one adds 0, even where v is inf or NaN), four lanes per model */
         for (i = 0; sums && i < 4 * k; i++) acc[i] = 0.0;
         j = 0;
 #if HAVE_F16C_PATH
@@ -1752,7 +1751,7 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
             double *s = acc + 4 * i;
             for (q = j; q < m; q++) {
                 double x = (double)tt[q];
-                s[q & 3] += bits ? (double)(var[q] >= thr) * (x * x) : x * x;
+                s[q & 3] += bits && !(var[q] >= thr) ? 0.0 : x * x;
             }
             sums[i] += (s[0] + s[1]) + (s[2] + s[3]);
         }

@@ -247,6 +247,34 @@ def test_arcee_fusion_keep_bits_from_the_level1_pass(monkeypatch, room: str, bra
     assert settled == [room == "enough"]
 
 
+@pytest.mark.parametrize("method", ["arcee_fusion", "sce"])
+@pytest.mark.parametrize("bracket", [True, False])
+def test_non_finite_changes_that_are_dropped_leave_the_base(monkeypatch, method: str, bracket: bool) -> None:
+    """A model holding NaN and inf (a NaN row, scattered NaN, one inf): the block form gives the per-tensor torch
+    function's bits — a dropped change is 0 on both paths, whether or not it is finite — and the dropped NaN/inf
+    entries give the base's value."""
+    from capmerge.merge.methods import arcee_fusion, sce
+    from capmerge.merge.methods.models import TensorInputs
+    from capmerge.merge.methods.registry import get_model_method
+
+    monkeypatch.setattr(plan, "BRACKET", bracket)
+    monkeypatch.setattr(plan, "BRACKET_MIN", 1 << 12)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300, 700, generator=g)
+    models = [base + torch.randn(300, 700, generator=g) * torch.rand(300, 1, generator=g) for _ in range(3)]
+    models[0][9] = float("nan")
+    models[0][5, ::50] = float("nan")
+    models[-1][7, 3] = float("inf")
+    m = get_model_method(method)
+    gp, mp = m.resolve({"select_topk": 0.3} if method == "sce" else {}, [None] * (1 if method != "sce" else 3))
+    x = TensorInputs("w", models[:1] if method != "sce" else models, mp, gp, base, 0)
+    got = m.fn(x)
+    want = arcee_fusion._arcee_fusion(x) if method != "sce" else sce._sce(x)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    if method != "sce":  # the rows holding NaN or inf have a NaN KL: dropped whole
+        assert torch.equal(got[9], base[9]) and torch.equal(got[5], base[5]) and not got.isnan().any()
+
+
 def test_thread_scratch_passes_buffers_to_the_next_threads(monkeypatch) -> None:
     """A pass's threads end with it; the next pass's threads take their buffers instead of making new ones."""
     from capmerge.merge.engine import parallel_map

@@ -406,8 +406,8 @@ def test_sce_election_and_divisor_floor_match_torch(weights: tuple[float, ...]) 
 @pytest.mark.parametrize("n", [1, 13, 1024, 3001])
 def test_sce_variance_mask_and_energies_against_torch(k: int, n: int) -> None:
     """sce(): the per-element population variance of v_i = a_i − base is torch.var(unbiased=False)'s bits; the count
-    of var ≠ 0 (NaN counts); keep bits of var ≥ thr at a block offset; Σ v_i² (all, or masked: keep·v², so a dropped
-    inf gives NaN as torch's (v·mask)² does) against numpy float64."""
+    of var ≠ 0 (NaN counts); keep bits of var ≥ thr at a block offset; Σ v_i² (all, or over the kept entries: a
+    dropped inf or NaN adds 0, as the merge drops it) against numpy float64."""
     from capmerge import _native
 
     g = torch.Generator().manual_seed(k * 7919 + n)
@@ -436,7 +436,7 @@ def test_sce_variance_mask_and_energies_against_torch(k: int, n: int) -> None:
         assert bits[-1] == 0xFF and (offset == 0 or bits[0] == 0xFF)  # bytes outside the block untouched
         with np.errstate(invalid="ignore"):
             for i in range(k):
-                assert sums[i] == pytest.approx((keep * (x[i] * x[i])).sum(), rel=1e-12, nan_ok=True)
+                assert sums[i] == pytest.approx(np.where(keep, x[i] * x[i], 0.0).sum(), rel=1e-12, nan_ok=True)
         all_sums, only_sums = np.zeros(k), np.zeros(k)
         _native.sce(ins, _mv(base), 2, n, 0, None, 0.0, None, all_sums)
         for i in range(k):

@@ -3,7 +3,8 @@
 For base θ₀ and model θ₁: importance I = |θ₁ − θ₀|·KL, KL = Σ p·log(p/q) over the last dimension with
 p = softmax(θ₁) + 1e-8, q = softmax(θ₀) + 1e-8 (a 1-D tensor is one row); with Q(x) the element of rank
 ⌊x·(n − 1)⌋ (0-based) of the sorted I, the threshold is Q(½) + 1.5·(Q(¾) − Q(¼)) and
-out = θ₀ + (θ₁ − θ₀)·[I ≥ threshold].
+out = θ₀ + (θ₁ − θ₀)·[I ≥ threshold] (a dropped change is 0 even where it is NaN or inf, as in every pruning method
+here; mergekit multiplies by the mask, NaN·0 = NaN).
 In float32. The quantiles are exact for every size (a linear-time selection, no sort); mergekit estimates them from
 a random sample of 10⁶ entries (with replacement) once a tensor has more, so for such tensors its threshold — and
 output — varies from run to run.
@@ -48,8 +49,8 @@ def _arcee_fusion(x: TensorInputs) -> torch.Tensor:
     if scores.numel() == 0:
         return base
     q1, median, q3 = ranked(scores.reshape(-1), [int(q * (scores.numel() - 1)) for q in (0.25, 0.5, 0.75)])
-    mask = (scores >= median + 1.5 * (q3 - q1)).to(torch.float32)
-    return base + (model - base) * mask
+    keep = scores >= median + 1.5 * (q3 - q1)
+    return base + torch.where(keep, model - base, 0.0)  # a dropped change is 0, even one that is not finite
 
 
 def row_kl(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ def _sce(x: TensorInputs) -> torch.Tensor:
     topk = float(x.params.get("select_topk", 1.0))  # type: ignore[arg-type]
     if topk < 1:
         mask = select_mask(taus, topk)
-        taus = [t * mask for t in taus]
+        taus = [torch.where(mask > 0, t, 0.0) for t in taus]  # dropped: 0, even where not finite
     energy = torch.stack([t.square().reshape(-1).mean() for t in taus])
     total = float(energy.sum())
     c = torch.full_like(energy, 1.0 / len(taus)) if abs(total) < 1e-6 else energy / total

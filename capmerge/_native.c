@@ -1626,8 +1626,8 @@ __attribute__((target("avx2"))) static Py_ssize_t sce_tile_avx2(const float *var
 }
 
 /* The keep bits of x[j] >= thr for j in [j0, m) (j0 a multiple of 8; element j at bits[j / 8], bit j % 8): whole
- * bytes written, the last partial one too (its bits past m are 0). NaN is never kept. */
-static void set_bits_ge(const float *x, Py_ssize_t j0, Py_ssize_t m, float thr, uint8_t *bits) {
+ * bytes written, the last partial one too (its bits past m are 0). NaN is never kept. The portable loop: */
+static void set_bits_ge_plain(const float *x, Py_ssize_t j0, Py_ssize_t m, float thr, uint8_t *bits) {
     Py_ssize_t j;
     for (j = j0; j < m; j += 8) {
         uint32_t byte = 0, q;
@@ -1637,24 +1637,25 @@ static void set_bits_ge(const float *x, Py_ssize_t j0, Py_ssize_t m, float thr, 
 }
 
 #if HAVE_F16C_PATH
-/* set_bits_ge from j0 = 0, eight compares and a movemask per byte */
-__attribute__((target("avx2"))) static void set_bits_ge_avx2(const float *x, Py_ssize_t m, float thr, uint8_t *bits) {
+/* ... and with AVX2: eight compares and a movemask per byte */
+__attribute__((target("avx2"))) static void set_bits_ge_avx2(const float *x, Py_ssize_t j0, Py_ssize_t m, float thr,
+                                                             uint8_t *bits) {
     const __m256 vt = _mm256_set1_ps(thr);
     Py_ssize_t j;
-    for (j = 0; j + 8 <= m; j += 8)
+    for (j = j0; j + 8 <= m; j += 8)
         bits[j >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), vt, _CMP_GE_OQ));
-    set_bits_ge(x, j, m, thr, bits);
+    set_bits_ge_plain(x, j, m, thr, bits);
 }
 #endif
 
-static void set_bits_ge_fast(const float *x, Py_ssize_t m, float thr, uint8_t *bits) {
+static void set_bits_ge(const float *x, Py_ssize_t j0, Py_ssize_t m, float thr, uint8_t *bits) {
 #if HAVE_F16C_PATH
     if (avx2_ok()) {
-        set_bits_ge_avx2(x, m, thr, bits);
+        set_bits_ge_avx2(x, j0, m, thr, bits);
         return;
     }
 #endif
-    set_bits_ge(x, 0, m, thr, bits);
+    set_bits_ge_plain(x, j0, m, thr, bits);
 }
 
 /* Scratch of `count` tiles for a kernel call, or NULL with MemoryError set. */
@@ -1872,7 +1873,7 @@ static Py_ssize_t run_importance(const void *a, int a_dt, const void *b, int b_d
             for (j = 0; j < t; j++) o[off + j] = ta[j] < 0.0f ? 0.0f : ta[j];
         else if (o)
             for (j = 0; j < t; j++) o[off + j] = ta[j] < 0.0f ? -ta[j] : 0.0f;
-        if (bt) set_bits_ge_fast(ta, t, th, bt + (off >> 3)); /* off is a multiple of 8 (TILE is) */
+        if (bt) set_bits_ge(ta, 0, t, th, bt + (off >> 3)); /* off is a multiple of 8 (TILE is) */
         if (band) {
             int any = 0; /* most tiles hold no band entry: a vector test first */
             for (j = 0; j < t; j++) any |= (ta[j] >= band->lo) & (ta[j] < th);
@@ -2241,7 +2242,8 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* hist1(buf, n, prefix, hist_buffer) — float32: level-1 counts added into a uint64 buffer of 65536 bins. */
+/* hist1(buf, n, bins, hist[, portable]) — float32: level-1 counts of up to HIST1_BINS level-0 bins (uint32), added
+ * into hist, 65536 uint64 per bin; see run_hist1. */
 static PyObject *native_hist1(PyObject *self, PyObject *args) {
     Py_buffer src, bins, hist;
     Py_ssize_t n, nb;

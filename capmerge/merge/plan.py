@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -255,7 +256,7 @@ def kth_largest_abs_many(
         if not wide[j]:
             for k, (b, _) in got.items():
                 if ca == "BF16":
-                    outs[j][k] = float(np.array([b << 16], dtype=np.uint32).view(np.float32)[0])
+                    outs[j][k] = float32_of(b << 16)
                 else:
                     outs[j][k] = float(np.array([b], dtype=np.uint16).view(np.float16)[0])
             continue
@@ -294,7 +295,7 @@ def _level1(blocks: Callable[[list[tuple[int, int]]], Any], whole: list[tuple[in
             if bk == b:
                 i = int(np.searchsorted(ltop, k - above))
                 bits = (b << 16) | (65535 - i)
-                out[k] = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+                out[k] = float32_of(bits)
     return out
 
 
@@ -377,7 +378,7 @@ def _collected_kth(col: Any, found: dict[int, tuple[int, int]]) -> dict[int, flo
         inside = np.sort(col[(col >> 16) == b])[::-1]
         r = k - above  # 1-based rank inside the bin
         bits = int(inside[r - 1]) if r <= len(inside) else b << 16
-        out[k] = float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+        out[k] = float32_of(bits)
     return out
 
 
@@ -505,6 +506,11 @@ def _locate(counts: Any, above: int, ks: Sequence[int]) -> dict[int, tuple[int, 
         i = int(np.searchsorted(top, k))
         found[k] = (32767 - i, int(top[i - 1]) if i else above)
     return found
+
+
+def float32_of(bits: int) -> float:
+    """The float32 value of a 32-bit pattern (a level-0 bin b is the patterns b << 16 .. (b << 16) | 0xFFFF)."""
+    return float(struct.unpack("<f", struct.pack("<I", bits))[0])
 
 
 def _kth_largest_torch(

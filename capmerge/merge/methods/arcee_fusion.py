@@ -21,6 +21,7 @@ from capmerge.merge import compute
 from capmerge.merge.engine import compute_threads, parallel_map
 from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
+from capmerge.merge.plan import float32_of
 
 
 def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -166,7 +167,7 @@ def _threshold_bounds(quartiles: list[tuple[int, int]], bins: dict[int, dict[int
             lo = hi = np.float32(known[j][k])
         else:
             b = bins[j][k][0]
-            lo, hi = np.array([b << 16, (b << 16) | 0xFFFF], dtype=np.uint32).view(np.float32)
+            lo, hi = np.float32(float32_of(b << 16)), np.float32(float32_of((b << 16) | 0xFFFF))
         lows.append(lo if j == 0 else -hi)
         highs.append(hi if j == 0 else -lo)
     lo = lows[1] + np.float32(1.5) * (lows[2] - highs[0])

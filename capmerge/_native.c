@@ -220,10 +220,10 @@ static int run_diff(void *out, int out_dt, const void *a, int a_dt, const void *
     return flags;
 }
 
-/* Philox4x32-10 exactly as Triton's tl.rand(seed, offset) with an int64 offset: counter (idx_lo, idx_hi, 0, 0),
- * key (seed_lo, seed_hi); the first output word becomes a float in [0, 1) the way tl.rand does it. */
-static inline uint32_t philox_word(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
-    uint32_t c2 = 0, c3 = 0;
+/* Philox4x32-10 exactly as Triton's randint4x(seed, offset) with an int64 offset: counter (q_lo, q_hi, 0, 0), key
+ * (seed_lo, seed_hi); its four output words into w. */
+static inline void philox4(uint64_t q, uint32_t k0, uint32_t k1, uint32_t w[4]) {
+    uint32_t c0 = (uint32_t)q, c1 = (uint32_t)(q >> 32), c2 = 0, c3 = 0;
     int r;
     for (r = 0; r < 10; r++) {
         uint64_t pb = (uint64_t)0xCD9E8D57u * c2, pa = (uint64_t)0xD2511F53u * c0;
@@ -236,29 +236,62 @@ static inline uint32_t philox_word(uint32_t c0, uint32_t c1, uint32_t k0, uint32
         k0 += 0x9E3779B9u;
         k1 += 0xBB67AE85u;
     }
-    return c0;
+    w[0] = c0, w[1] = c1, w[2] = c2, w[3] = c3;
 }
 
-/* A tile of uniforms for indices start .. start+m-1, written as plain loops over 32-bit lanes so that the
- * compiler can vectorise the ten rounds (32x32->64-bit multiplies). */
-static inline float philox_uniform(uint64_t idx, uint32_t k0, uint32_t k1);
+/* Element idx's uniform in [0, 1): word idx % 4 of counter idx / 4 — Triton's tl.rand4x(key, idx // 4)[idx % 4] —
+ * made a float the way tl.rand does it (as int32 x: x < 0 ? ~x : x, times 2^-31). Each Philox call serves four
+ * consecutive elements. */
+static inline float philox_float1(uint32_t w) {
+    int32_t x = (int32_t)w;
+    if (x < 0) x = ~x;
+    return (float)x * 4.6566127342e-10f;
+}
+
+static inline float philox_uniform(uint64_t idx, uint32_t k0, uint32_t k1) {
+    uint32_t w[4];
+    philox4(idx >> 2, k0, k1, w);
+    return philox_float1(w[idx & 3]);
+}
+
+/* Uniforms for elements start .. start+m-1 in plain C: one Philox call per whole counter. */
+static void philox_scalar(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1) {
+    uint32_t w[4];
+    Py_ssize_t j = 0;
+    int l;
+    for (; j < m && ((start + (uint64_t)j) & 3); j++) dst[j] = philox_uniform(start + (uint64_t)j, key0, key1);
+    for (; j + 4 <= m; j += 4) {
+        philox4((start + (uint64_t)j) >> 2, key0, key1, w);
+        for (l = 0; l < 4; l++) dst[j + l] = philox_float1(w[l]);
+    }
+    for (; j < m; j++) dst[j] = philox_uniform(start + (uint64_t)j, key0, key1);
+}
 
 #if HAVE_F16C_PATH
-/* Eight Philox streams at once with AVX2 (32x32->64-bit multiplies on even/odd lanes). Same bits as the scalar code. */
+/* tl.rand's float of eight int32 words */
+static inline __attribute__((always_inline, target("avx2"))) __m256 philox_float(__m256i w) {
+    w = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(w), _mm256_set1_ps(4.6566127342e-10f));
+}
+
+/* Eight Philox counters at once with AVX2 (32x32->64-bit multiplies on even/odd lanes), their 32 words stored in
+ * element order (counter by counter, four words each). Same bits as the scalar code. */
 __attribute__((target("avx2"))) static void philox_avx2(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0,
                                                          uint32_t key1) {
     const __m256i A = _mm256_set1_epi32((int)0xD2511F53u), B = _mm256_set1_epi32((int)0xCD9E8D57u);
-    const __m256 scale = _mm256_set1_ps(4.6566127342e-10f);
-    Py_ssize_t j = 0;
-    for (; j + 8 <= m; j += 8) {
+    Py_ssize_t j = (Py_ssize_t)((4 - (start & 3)) & 3); /* the head up to a whole counter */
+    if (j > m) j = m;
+    philox_scalar(dst, start, j, key0, key1);
+    for (; j + 32 <= m; j += 32) {
         uint32_t lo[8], hi[8];
         int l, r;
         __m256i c0, c1, c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+        __m256 f0, f1, f2, f3, t0, t1, t2, t3, u0, u1, u2, u3;
         uint32_t k0 = key0, k1 = key1;
         for (l = 0; l < 8; l++) {
-            uint64_t idx = start + (uint64_t)(j + l);
-            lo[l] = (uint32_t)idx;
-            hi[l] = (uint32_t)(idx >> 32);
+            uint64_t q = ((start + (uint64_t)j) >> 2) + (uint64_t)l;
+            lo[l] = (uint32_t)q;
+            hi[l] = (uint32_t)(q >> 32);
         }
         c0 = _mm256_loadu_si256((const __m256i *)lo);
         c1 = _mm256_loadu_si256((const __m256i *)hi);
@@ -278,10 +311,22 @@ __attribute__((target("avx2"))) static void philox_avx2(float *dst, uint64_t sta
             k0 += 0x9E3779B9u;
             k1 += 0xBB67AE85u;
         }
-        c0 = _mm256_xor_si256(c0, _mm256_srai_epi32(c0, 31)); /* x < 0 ? ~x : x */
-        _mm256_storeu_ps(dst + j, _mm256_mul_ps(_mm256_cvtepi32_ps(c0), scale));
+        /* words w0..w3 of counters 0..7 -> element order: a 4x8 transpose */
+        f0 = philox_float(c0), f1 = philox_float(c1), f2 = philox_float(c2), f3 = philox_float(c3);
+        t0 = _mm256_unpacklo_ps(f0, f1); /* w0 w1 of counters 0 1 | 4 5 */
+        t1 = _mm256_unpackhi_ps(f0, f1); /* 2 3 | 6 7 */
+        t2 = _mm256_unpacklo_ps(f2, f3); /* w2 w3 of 0 1 | 4 5 */
+        t3 = _mm256_unpackhi_ps(f2, f3);
+        u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)); /* counter 0 | 4 */
+        u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)); /* 1 | 5 */
+        u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)); /* 2 | 6 */
+        u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)); /* 3 | 7 */
+        _mm256_storeu_ps(dst + j, _mm256_permute2f128_ps(u0, u1, 0x20));
+        _mm256_storeu_ps(dst + j + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
+        _mm256_storeu_ps(dst + j + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
+        _mm256_storeu_ps(dst + j + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
     }
-    for (; j < m; j++) dst[j] = philox_uniform(start + (uint64_t)j, key0, key1);
+    philox_scalar(dst + j, start + (uint64_t)j, m - j, key0, key1);
 }
 
 CPU_CHECK(avx2_ok, __builtin_cpu_supports("avx2"))
@@ -294,11 +339,11 @@ static void philox_avx2(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0,
 
 #if HAVE_F16C_PATH && defined(__GNUC__) && !defined(__clang__)
 #define HAVE_PHILOX_AVX512 1
-/* Eight Philox streams per register with AVX-512, each 32-bit word kept in the low half of a 64-bit lane: one
+/* Eight Philox counters per register with AVX-512, each 32-bit word kept in the low half of a 64-bit lane: one
  * vpmuludq gives a whole 32x32->64 product (no even/odd split or blend), the next multiply ignores the high half,
  * and vpternlogq makes each three-way xor. Same bits as the scalar code.
  *
- * Where the indices of a call share their high word (every tensor under 2^32 elements), rounds 0 and 1 are cheaper:
+ * Where the counters of a call share their high word (every tensor under 2^34 elements), rounds 0 and 1 are cheaper:
  * the counter is (lo, hi, 0, 0), so after round 0 the word c0 = hi ^ k0 is the same in every lane, and round 1's
  * A product with it is a constant (philox_keys_t.same_hi). */
 typedef struct {
@@ -307,6 +352,7 @@ typedef struct {
     int same_hi;
 } philox_keys_t;
 
+/* The round keys for counters first .. last (lanes past last may be computed, their words are not used). */
 __attribute__((target("avx512f,avx512vl"))) static void philox_keys(philox_keys_t *K, uint32_t key0, uint32_t key1,
                                                                     uint64_t first, uint64_t last) {
     uint64_t pa1 = (uint64_t)0xD2511F53u * ((uint32_t)(first >> 32) ^ key0); /* round 1's A product (same_hi) */
@@ -320,16 +366,18 @@ __attribute__((target("avx512f,avx512vl"))) static void philox_keys(philox_keys_
     K->hk1 = _mm512_set1_epi64((uint32_t)(pa1 >> 32) ^ (key1 + 0xBB67AE85u));
 }
 
-/* The first output words of NV vectors of eight streams, lanes at indices start + 8v + l (NV a constant after
- * inlining: the rounds of one vector are a dependency chain, so several run side by side), as tl.rand's int32. */
+/* The words of NV vectors of eight counters, q0 + 8v + l (NV a constant after inlining: the rounds of one vector are a
+ * dependency chain, so several run side by side), as tl.rand's int32 in element order: out[2v] holds elements
+ * 4 q0 + 32v .. +15, out[2v + 1] the next sixteen. */
 static inline __attribute__((always_inline, target("avx512f,avx512vl"))) void
-philox_words(__m256i *out, int nv, uint64_t start, const philox_keys_t *K) {
+philox_words(__m512i *out, int nv, uint64_t q0, const philox_keys_t *K) {
     const __m512i A = _mm512_set1_epi64(0xD2511F53u), B = _mm512_set1_epi64(0xCD9E8D57u);
     const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i first = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), second = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
     __m512i c0[4], c1[4], c2[4], c3[4];
     int v, r, r0;
     for (v = 0; v < nv; v++) {
-        __m512i idx = _mm512_add_epi64(_mm512_set1_epi64((long long)(start + 8 * (uint64_t)v)), lanes);
+        __m512i idx = _mm512_add_epi64(_mm512_set1_epi64((long long)(q0 + 8 * (uint64_t)v)), lanes);
         __m512i pa = _mm512_mul_epu32(A, idx); /* round 0, c2 = c3 = 0: the B product is 0 */
         __m512i c2r0 = _mm512_xor_si512(_mm512_srli_epi64(pa, 32), K->k1s[0]);
         if (K->same_hi) { /* round 1: c0 = hi ^ k0 in every lane, c1 = 0 */
@@ -354,27 +402,40 @@ philox_words(__m256i *out, int nv, uint64_t start, const philox_keys_t *K) {
             c1[v] = pb;
             c3[v] = pa;
         }
-    for (v = 0; v < nv; v++) out[v] = _mm512_cvtepi64_epi32(c0[v]);
+    for (v = 0; v < nv; v++) { /* lane l: (w0, w1) in p, (w2, w3) in q; then counter by counter */
+        __m512i p = _mm512_mask_blend_epi32(0xAAAA, c0[v], _mm512_slli_epi64(c1[v], 32));
+        __m512i q = _mm512_mask_blend_epi32(0xAAAA, c2[v], _mm512_slli_epi64(c3[v], 32));
+        out[2 * v] = _mm512_permutex2var_epi64(p, first, q);
+        out[2 * v + 1] = _mm512_permutex2var_epi64(p, second, q);
+    }
 }
 
-/* tl.rand's float from its int32 word: x < 0 ? ~x : x, times 2^-31 */
-static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __m256 philox_float(__m256i w) {
-    w = _mm256_xor_si256(w, _mm256_srai_epi32(w, 31));
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(w), _mm256_set1_ps(4.6566127342e-10f));
+/* tl.rand's float of sixteen int32 words */
+static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __m512 philox_float16(__m512i w) {
+    w = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(w), _mm512_set1_ps(4.6566127342e-10f));
 }
 
 __attribute__((target("avx512f,avx512vl"))) static void philox_avx512(float *dst, uint64_t start, Py_ssize_t m,
                                                                      uint32_t key0, uint32_t key1) {
     philox_keys_t K;
-    __m256i w[4];
+    __m512i w[8];
     Py_ssize_t j = 0;
     int v;
-    philox_keys(&K, key0, key1, start, start + (uint64_t)(m > 0 ? m - 1 : 0));
-    for (; j + 32 <= m; j += 32) {
-        philox_words(w, 4, start + (uint64_t)j, &K);
-        for (v = 0; v < 4; v++) _mm256_storeu_ps(dst + j + 8 * v, philox_float(w[v]));
+    for (; j < m && ((start + (uint64_t)j) & 3); j++) dst[j] = philox_uniform(start + (uint64_t)j, key0, key1);
+    if (j >= m) return;
+    philox_keys(&K, key0, key1, (start + (uint64_t)j) >> 2, (start + (uint64_t)m - 1) >> 2);
+    for (; j + 128 <= m; j += 128) {
+        philox_words(w, 4, (start + (uint64_t)j) >> 2, &K);
+        for (v = 0; v < 8; v++) _mm512_storeu_ps(dst + j + 16 * v, philox_float16(w[v]));
     }
-    for (; j < m; j++) dst[j] = philox_uniform(start + (uint64_t)j, key0, key1);
+    for (; j < m; j += 32) { /* the last 32 or fewer: a whole vector, the words past m not stored */
+        float tmp[32];
+        philox_words(w, 1, (start + (uint64_t)j) >> 2, &K);
+        _mm512_storeu_ps(tmp, philox_float16(w[0]));
+        _mm512_storeu_ps(tmp + 16, philox_float16(w[1]));
+        memcpy(dst + j, tmp, (size_t)(m - j < 32 ? m - j : 32) * sizeof(float));
+    }
 }
 
 CPU_CHECK(philox512_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
@@ -383,7 +444,6 @@ CPU_CHECK(philox512_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_suppo
 #endif
 
 static inline void philox_tile(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1) {
-    Py_ssize_t j;
 #if HAVE_PHILOX_AVX512
     if (philox512_ok()) {
         philox_avx512(dst, start, m, key0, key1);
@@ -394,14 +454,9 @@ static inline void philox_tile(float *dst, uint64_t start, Py_ssize_t m, uint32_
         philox_avx2(dst, start, m, key0, key1);
         return;
     }
-    for (j = 0; j < m; j++) dst[j] = philox_uniform(start + (uint64_t)j, key0, key1);
+    philox_scalar(dst, start, m, key0, key1);
 }
 
-static inline float philox_uniform(uint64_t idx, uint32_t k0, uint32_t k1) {
-    int32_t x = (int32_t)philox_word((uint32_t)idx, (uint32_t)(idx >> 32), k0, k1);
-    if (x < 0) x = ~x;
-    return (float)x * 4.6566127342e-10f;
-}
 
 
 /* PRUNE_NEAR on a tile: t * clamp(lim / max(|t|, 1e-6), 0, 1), each step one float32 operation (x > y ? x : y is
@@ -1219,23 +1274,24 @@ __attribute__((target("avx512f,avx512vl"))) static void dare_tile_avx512(const v
     __m512d s1 = _mm512_setzero_pd(), s2 = _mm512_setzero_pd();
     double s[8];
     philox_keys_t K;
-    __m256i w[4];
+    __m512i w[8];
     Py_ssize_t j = 0;
     int v, nv;
-    philox_keys(&K, k0, k1, g0, g0 + (uint64_t)m - 1);
-    for (; j < m; j += 8 * nv) {
-        if (j + 32 <= m) {
-            nv = 4;
-            philox_words(w, 4, g0 + (uint64_t)j, &K);
+    philox_keys(&K, k0, k1, g0 >> 2, (g0 + (uint64_t)m - 1) >> 2);
+    for (; j < m; j += 8 * nv) { /* nv vectors of eight elements: 16 from four Philox vectors, else up to 4 from one */
+        if (j + 128 <= m) {
+            nv = 16;
+            philox_words(w, 4, (g0 + (uint64_t)j) >> 2, &K);
         } else {
-            nv = 1;
-            philox_words(w, 1, g0 + (uint64_t)j, &K);
+            nv = m - j >= 32 ? 4 : (int)((m - j) >> 3);
+            philox_words(w, 1, (g0 + (uint64_t)j) >> 2, &K);
         }
         for (v = 0; v < nv; v++) {
             Py_ssize_t q = j + 8 * v;
+            __m256i wv = v & 1 ? _mm512_extracti64x4_epi64(w[v >> 1], 1) : _mm512_castsi512_si256(w[v >> 1]);
             __m256 x = load8_exact(a, a_dt, off + q);
             __m512d d;
-            __mmask8 keep = _mm256_cmp_ps_mask(philox_float(w[v]), vp, _CMP_LT_OQ);
+            __mmask8 keep = _mm256_cmp_ps_mask(philox_float(wv), vp, _CMP_LT_OQ);
             if (bt) x = _mm256_sub_ps(x, _mm256_loadu_ps(bt + q));
             d = _mm512_cvtps_pd(_mm256_and_ps(x, absmask));
             s1 = _mm512_add_pd(s1, d);
@@ -2404,13 +2460,16 @@ static PyObject *native_fast_bracket(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(avx512_ok());
 }
 
-/* philox(key, start, n, out_float32_buffer): tl.rand(key, start + arange(n)) on the CPU (tests, reference). */
+/* philox(key, start, n, out_float32_buffer[, path]): the uniforms of elements start .. start+n-1 (tl.rand4x(key,
+ * i // 4)[i % 4]) on the CPU (tests, reference). path 0: the fastest loop this CPU has; 1: AVX2 (where the CPU has
+ * it); 2: plain C — the tests compare them. */
 static PyObject *native_philox(PyObject *self, PyObject *args) {
     unsigned long long key, start;
     Py_ssize_t n, j;
     Py_buffer out;
+    int path = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKnw*", &key, &start, &n, &out)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKnw*|i", &key, &start, &n, &out, &path)) return NULL;
     if (out.len < n * 4) {
         PyBuffer_Release(&out);
         PyErr_SetString(PyExc_ValueError, "output buffer too small");
@@ -2418,7 +2477,14 @@ static PyObject *native_philox(PyObject *self, PyObject *args) {
     }
     for (j = 0; j < n; j += TILE) {
         Py_ssize_t m = n - j < TILE ? n - j : TILE;
-        philox_tile((float *)out.buf + j, (uint64_t)start + (uint64_t)j, m, (uint32_t)key, (uint32_t)(key >> 32));
+        float *dst = (float *)out.buf + j;
+        uint64_t g = (uint64_t)start + (uint64_t)j;
+        if (path == 1 && avx2_ok())
+            philox_avx2(dst, g, m, (uint32_t)key, (uint32_t)(key >> 32));
+        else if (path != 0)
+            philox_scalar(dst, g, m, (uint32_t)key, (uint32_t)(key >> 32));
+        else
+            philox_tile(dst, g, m, (uint32_t)key, (uint32_t)(key >> 32));
     }
     PyBuffer_Release(&out);
     Py_RETURN_NONE;
@@ -2472,7 +2538,8 @@ static PyMethodDef methods[] = {
      "count of I < 0 (and the band's count); I = |a - b| * scale[row] (arcee_fusion)"},
     {"della", native_della, METH_VARARGS,
      "della(a, a_dt, b, b_dt, rows, m, elem_offset, key, table, bits) -> (l1, kept); DELLA's keep bits by row rank"},
-    {"philox", native_philox, METH_VARARGS, "philox(key, start, n, out) -> None; tl.rand(key, start + arange(n))"},
+    {"philox", native_philox, METH_VARARGS,
+     "philox(key, start, n, out[, path]) -> None; tl.rand4x(key, i // 4)[i % 4] for i in start .. start+n-1"},
     {NULL, NULL, 0, NULL},
 };
 

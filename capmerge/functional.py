@@ -6,8 +6,8 @@ For one base tensor θ and vectors τ_1..τ_K with weights w_i and global scale 
 
    * ``magnitude``: keep |τ| ≥ v_k, the k-th largest |τ|, k = max(1, ⌊d·n + ½⌋); ties at the threshold are kept, so
      slightly more than k entries can survive when several share the threshold value.
-   * ``random`` (DARE): keep an entry when u < d, u = Philox uniform of (key, element index) — the same stream as
-     Triton's ``tl.rand(key, index)``; with ``rescale`` kept entries are divided by d.
+   * ``random`` (DARE): keep an entry when u < d, u = Philox uniform of (key, element index) (:func:`philox_uniform`:
+     Triton's ``tl.rand4x(key, index // 4)[index % 4]``); with ``rescale`` kept entries are divided by d.
    * ``breadcrumbs``: drop the ⌊γ·n + ½⌋ largest magnitudes (ties at that threshold dropped with them) and the
      smallest, so that k entries remain: keep v_lo ≤ |τ| < v_hi.
 
@@ -39,12 +39,15 @@ _M32 = 0xFFFFFFFF
 
 
 def philox_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
-    """Uniform float32 in [0, 1) for each int64 element index: Philox4x32-10 as Triton's ``tl.rand(key, index)``.
+    """Uniform float32 in [0, 1) for each int64 element index: word ``index % 4`` of Philox4x32-10 at counter
+    ``index // 4`` — Triton's ``tl.rand4x(key, index // 4)[index % 4]`` — so that one Philox call serves four
+    consecutive elements.
 
     Written with int64 torch ops (products of two 32-bit words fit in 63 bits after splitting) so it runs anywhere.
     """
     idx = index.to(torch.int64)
-    c0, c1 = idx & _M32, (idx >> 32) & _M32
+    q = idx >> 2
+    c0, c1 = q & _M32, (q >> 32) & _M32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0, k1 = key & _M32, (key >> 32) & _M32
@@ -64,7 +67,8 @@ def philox_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
         c0, c2, c1, c3 = hb ^ c1 ^ k0, ha ^ c3 ^ k1, lb, la
         k0 = (k0 + PHILOX_KEY_A) & _M32
         k1 = (k1 + PHILOX_KEY_B) & _M32
-    x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # as int32
+    word = torch.stack((c0, c1, c2, c3)).gather(0, (idx & 3).unsqueeze(0)).squeeze(0)
+    x = torch.where(word >= 2**31, word - 2**32, word)  # as int32
     x = torch.where(x < 0, -x - 1, x)
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=x.device)
 

@@ -17,13 +17,13 @@ import triton.language as tl
 
 from capmerge.errors import UsageError
 from capmerge.kernels.device import MAX_TERMS
-from capmerge.kernels.utils import BLOCK, LAUNCH, check_tensors, grid, load_f32, store_round
+from capmerge.kernels.utils import BLOCK, LAUNCH, check_tensors, grid, load_f32, philox_uniform, store_round
 from capmerge.merge.compute import PRUNE_BAND, PRUNE_MAGNITUDE, PRUNE_NONE, PRUNE_RANDOM, SIGN_CODES
 
 
 class Term(NamedTuple):
     """One vector of a merge: ``a`` (τ) or ``a − b``, its weight and pruning (modes of :mod:`capmerge.merge.compute`):
-    magnitude keeps |τ| ≥ p1; random keeps tl.rand(key, index) < p1 and divides kept entries by p2 when p2 ≠ 0;
+    magnitude keeps |τ| ≥ p1; random keeps philox_uniform(key, index) < p1 and divides kept entries by p2 when p2 ≠ 0;
     band keeps p1 ≤ |τ| < p2."""
 
     a: torch.Tensor
@@ -54,10 +54,10 @@ def _merge_kernel(
         elif MODES[i] == 3:  # band (breadcrumbs)
             t = tl.where((tl.abs(t) >= P1[i]) & (tl.abs(t) < P2[i]), t, 0.0)
         elif MODES[i] == 2:  # random (DARE)
-            # tl.rand(key, int64 index) = Philox4x32-10 of counter (idx_lo, idx_hi) and key (key_lo, key_hi)
+            # Philox4x32-10 of counter index // 4 and key (key_lo, key_hi), word index % 4
             k_lo = tl.load(keys_ptr + 2 * i).to(tl.uint32).to(tl.uint64)
             k_hi = tl.load(keys_ptr + 2 * i + 1).to(tl.uint32).to(tl.uint64)
-            u = tl.rand((k_hi << 32) | k_lo, offs + offset)
+            u = philox_uniform((k_hi << 32) | k_lo, offs + offset)
             t = tl.math.div_rn(t, tl.where(P2[i] != 0.0, P2[i], 1.0))  # rescale (÷1 is exact)
             t = tl.where(u < P1[i], t, 0.0)
         terms = terms + (t,)

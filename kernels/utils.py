@@ -49,6 +49,15 @@ def store_round(ptr, offs, x, mask):
         tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def philox_uniform(key, index):
+    """capmerge's uniform for each int64 element ``index``: word ``index % 4`` of ``tl.rand4x(key, index // 4)`` (one
+    Philox4x32-10 counter serves four consecutive elements; the CPU computes each counter once)."""
+    r0, r1, r2, r3 = tl.rand4x(key, index >> 2)
+    w = index & 3
+    return tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+
+
 def check_tensors(what: str, tensors: dict[str, Any], n: int | None = None) -> int:
     """Validate kernel arguments: float32/bfloat16/float16, contiguous, one device (CUDA, or CPU when interpreted),
     equal element counts. Returns the element count."""

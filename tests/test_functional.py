@@ -1,4 +1,4 @@
-"""The reference math of capmerge.functional on hand-made cases, and Philox against Triton's tl.rand."""
+"""The reference math of capmerge.functional on hand-made cases, and Philox against Triton's tl.rand4x."""
 
 from __future__ import annotations
 
@@ -76,14 +76,16 @@ def test_random_prune_statistics_and_determinism() -> None:
 
 @pytest.mark.skipif(not compute.native_available(), reason="native kernel not built")
 @pytest.mark.parametrize("key", [0, 12345, 2**40 + 17, 2**64 - 1])
-@pytest.mark.parametrize("start", [0, 2**32 - 5])
-def test_philox_native_equals_torch(key: int, start: int) -> None:
+@pytest.mark.parametrize("start", [0, 3, 2**32 - 5, 2**34 - 70])  # 2^34: the counters' high word changes
+@pytest.mark.parametrize("path", [0, 1, 2])  # the fastest loop, AVX2, plain C
+def test_philox_native_equals_torch(key: int, start: int, path: int) -> None:
     from capmerge import _native
 
-    out = bytearray(4096 * 4)
-    _native.philox(key, start, 4096, out)
+    n = 4096 + 29  # a tail past the vector loops' 32 and 128 elements
+    out = bytearray(n * 4)
+    _native.philox(key, start, n, out, path)
     got = torch.frombuffer(out, dtype=torch.float32)
-    ref = F.philox_uniform(key, torch.arange(start, start + 4096, dtype=torch.int64))
+    ref = F.philox_uniform(key, torch.arange(start, start + n, dtype=torch.int64))
     assert torch.equal(got, ref)
     assert float(got.min()) >= 0.0 and float(got.max()) < 1.0
 
@@ -95,31 +97,39 @@ TRITON_SCRIPT = textwrap.dedent(
     import torch, triton, triton.language as tl
 
     @triton.jit
-    def rand_kernel(out_ptr, seed, start, N: tl.constexpr):
+    def rand4x_kernel(out_ptr, seed, first, N: tl.constexpr):
         i = tl.arange(0, N)
-        tl.store(out_ptr + i, tl.rand(seed, start + i.to(tl.int64)))
+        r0, r1, r2, r3 = tl.rand4x(seed, first + i.to(tl.int64))
+        tl.store(out_ptr + i, r0)
+        tl.store(out_ptr + N + i, r1)
+        tl.store(out_ptr + 2 * N + i, r2)
+        tl.store(out_ptr + 3 * N + i, r3)
 
     res = {}
-    for key, start in json.loads(sys.argv[1]):
-        out = torch.empty(256, dtype=torch.float32)
-        rand_kernel[(1,)](out, key, start, N=256)
-        res[f"{key},{start}"] = out.tolist()
+    for key, first in json.loads(sys.argv[1]):
+        out = torch.empty(4 * 128, dtype=torch.float32)
+        rand4x_kernel[(1,)](out, key, first, N=128)
+        res[f"{key},{first}"] = out.tolist()
     print(json.dumps(res))
     """
 )
 
 
-def test_philox_matches_triton_tl_rand() -> None:
-    """The CPU stream is bit-for-bit Triton's tl.rand (run under the Triton interpreter)."""
+def test_philox_matches_triton_tl_rand4x() -> None:
+    """Element i's uniform is word i % 4 of Triton's tl.rand4x(key, i // 4) (run under the Triton interpreter), bit
+    for bit: the four words of each counter laid out one after another."""
     pytest.importorskip("triton", reason="triton is a dependency on Linux x86-64 only")
     import json
 
-    cases = [(1234, 0), (2**40 + 3, 2**32 - 100), (F.tensor_key(0, "model.layers.0.mlp.up_proj.weight", 1), 4096)]
-    r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, json.dumps(cases)], capture_output=True, text=True,
+    cases = [(1234, 0), (2**40 + 3, 2**32 - 102), (F.tensor_key(0, "model.layers.0.mlp.up_proj.weight", 1), 4098)]
+    counters = [(key, start // 4) for key, start in cases]
+    r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, json.dumps(counters)], capture_output=True, text=True,
                        timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    for key, start in cases:
+    for (key, start), (_, first) in zip(cases, counters, strict=True):
+        words = torch.tensor(res[f"{key},{first}"], dtype=torch.float32).reshape(4, 128)
+        stream = words.t().reshape(-1)  # counter by counter, its words 0..3: elements 4·first, 4·first + 1, ...
+        got = stream[start - 4 * first : start - 4 * first + 256]
         ref = F.philox_uniform(key, torch.arange(start, start + 256, dtype=torch.int64))
-        got = torch.tensor(res[f"{key},{start}"], dtype=torch.float32)
         assert torch.equal(got, ref), (key, start, (got != ref).nonzero()[:5])

@@ -28,7 +28,7 @@ from capmerge._torch import SAFETENSORS_CODES  # noqa: E402
 from capmerge.errors import UsageError  # noqa: E402
 from capmerge.kernels.diff import diff  # noqa: E402
 from capmerge.kernels.merge import Term, merge  # noqa: E402
-from capmerge.kernels.utils import BLOCK  # noqa: E402
+from capmerge.kernels.utils import BLOCK, philox_uniform  # noqa: E402
 from capmerge.merge import compute  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,16 +54,16 @@ def rand(n: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Ten
     return (torch.randn(n, generator=g) * scale).to(dtype).to(DEV)
 
 
-# -- Philox: tl.rand is the CPU stream ---------------------------------------------------------------------------------
+# -- Philox: the kernels' uniforms are the CPU stream ------------------------------------------------------------------
 @triton.jit
 def _rand_kernel(out_ptr, key_lo, key_hi, start, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     seed = (key_hi.to(tl.uint32).to(tl.uint64) << 32) | key_lo.to(tl.uint32).to(tl.uint64)
-    tl.store(out_ptr + offs, tl.rand(seed, start + offs), mask=offs < n)
+    tl.store(out_ptr + offs, philox_uniform(seed, start + offs), mask=offs < n)
 
 
-@pytest.mark.parametrize("start", [0, 2**31 - 100, 2**32 - 100, 2**40 + 5])
-def test_tl_rand_is_functional_philox(start: int) -> None:
+@pytest.mark.parametrize("start", [0, 2**31 - 100, 2**32 - 101, 2**34 - 98, 2**40 + 5])
+def test_kernel_philox_is_functional_philox(start: int) -> None:
     key = F.tensor_key(7, "model.layers.3.mlp.down_proj.weight", 2)
     lo, hi = key & 0xFFFFFFFF, key >> 32
     out = torch.empty(300, dtype=torch.float32, device=DEV)

@@ -38,15 +38,10 @@ PHILOX_ROUND_B = 0xCD9E8D57
 _M32 = 0xFFFFFFFF
 
 
-def philox_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
-    """Uniform float32 in [0, 1) for each int64 element index: word ``index % 4`` of Philox4x32-10 at counter
-    ``index // 4`` — Triton's ``tl.rand4x(key, index // 4)[index % 4]`` — so that one Philox call serves four
-    consecutive elements.
-
-    Written with int64 torch ops (products of two 32-bit words fit in 63 bits after splitting) so it runs anywhere.
-    """
-    idx = index.to(torch.int64)
-    q = idx >> 2
+def _philox4(key: int, q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four output words (int64 holding uint32) of Philox4x32-10 at counters ``q``: counter (q_lo, q_hi, 0, 0),
+    key (key_lo, key_hi) — Triton's ``randint4x(key, q)``. Written with int64 torch ops (products of two 32-bit words
+    fit in 63 bits after splitting) so it runs anywhere."""
     c0, c1 = q & _M32, (q >> 32) & _M32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -67,10 +62,35 @@ def philox_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
         c0, c2, c1, c3 = hb ^ c1 ^ k0, ha ^ c3 ^ k1, lb, la
         k0 = (k0 + PHILOX_KEY_A) & _M32
         k1 = (k1 + PHILOX_KEY_B) & _M32
-    word = torch.stack((c0, c1, c2, c3)).gather(0, (idx & 3).unsqueeze(0)).squeeze(0)
-    x = torch.where(word >= 2**31, word - 2**32, word)  # as int32
+    return c0, c1, c2, c3
+
+
+def _uniform_of(word: torch.Tensor) -> torch.Tensor:
+    """tl.rand's float of a uint32 word (held in int64): as int32 x, (x < 0 ? -x - 1 : x) · 2^-31."""
+    x = torch.where(word >= 2**31, word - 2**32, word)
     x = torch.where(x < 0, -x - 1, x)
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=x.device)
+
+
+def philox_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
+    """Uniform float32 in [0, 1) for each int64 element index: word ``index % 4`` of Philox4x32-10 at counter
+    ``index // 4`` — Triton's ``tl.rand4x(key, index // 4)[index % 4]`` — so that one Philox call serves four
+    consecutive elements. For a run of consecutive indices :func:`philox_range` gives the same numbers with each
+    counter computed once."""
+    idx = index.to(torch.int64)
+    words = torch.stack(_philox4(key, idx >> 2))
+    return _uniform_of(words.gather(0, (idx & 3).unsqueeze(0)).squeeze(0))
+
+
+def philox_range(key: int, start: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``philox_uniform(key, arange(start, start + n))``: the counters the run covers, each computed once, their
+    four words laid out in element order."""
+    if n <= 0:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    first = start >> 2
+    q = torch.arange(first, ((start + n - 1) >> 2) + 1, dtype=torch.int64, device=device)
+    stream = torch.stack(_philox4(key, q), dim=1).reshape(-1)
+    return _uniform_of(stream[start - 4 * first : start - 4 * first + n])
 
 
 def kth_largest_abs(t: torch.Tensor, k: int) -> float:
@@ -102,7 +122,7 @@ def random_prune(t: torch.Tensor, density: float, *, key: int, offset: int = 0, 
     x = t.float().reshape(-1)
     if density >= 1.0:
         return x.reshape(t.shape).clone()
-    u = philox_uniform(key, torch.arange(x.numel(), dtype=torch.int64, device=x.device) + offset)
+    u = philox_range(key, offset, x.numel(), x.device)
     dens = torch.tensor(density, dtype=torch.float32, device=x.device)
     kept = x / dens if rescale else x
     return torch.where(u < dens, kept, torch.zeros_like(x)).reshape(t.shape)
@@ -205,10 +225,7 @@ def della_prune(t: torch.Tensor, density: float, epsilon: float, *, key: int, re
         return torch.zeros_like(x)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError(f"epsilon must be chosen such that density ± epsilon is in (0, 1), got {density} ± {epsilon}")
-    if uniform is not None:
-        u = uniform(key, x)
-    else:
-        u = philox_uniform(key, torch.arange(x.numel(), dtype=torch.int64, device=x.device)).reshape(x.shape)
+    u = uniform(key, x) if uniform is not None else philox_range(key, 0, x.numel(), x.device).reshape(x.shape)
     kept = torch.where(u < della_probabilities(x, density, epsilon), x, torch.zeros_like(x))
     return rescale_l1(x, kept) if rescale else kept
 

@@ -133,3 +133,13 @@ def test_philox_matches_triton_tl_rand4x() -> None:
         got = stream[start - 4 * first : start - 4 * first + 256]
         ref = F.philox_uniform(key, torch.arange(start, start + 256, dtype=torch.int64))
         assert torch.equal(got, ref), (key, start, (got != ref).nonzero()[:5])
+
+
+@pytest.mark.parametrize("start", [0, 1, 2, 3, 4097, 2**34 - 6])
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 64, 301])
+def test_philox_range_is_philox_uniform_of_the_range(start: int, n: int) -> None:
+    """The run form (each counter once, its words laid out in order) draws the numbers of the element-wise form."""
+    got = F.philox_range(2**40 + 17, start, n)
+    ref = F.philox_uniform(2**40 + 17, torch.arange(start, start + n, dtype=torch.int64))
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    assert torch.equal(got, ref)

@@ -165,7 +165,7 @@ def _torch_merge(
         elif mode == PRUNE_BAND:
             t = torch.where((t.abs() >= p1) & (t.abs() < p2), t, torch.zeros_like(t))
         elif mode == PRUNE_RANDOM:
-            u = F.philox_uniform(key, torch.arange(n, dtype=torch.int64) + offset)
+            u = F.philox_range(key, offset, n)
             kept = t / torch.tensor(p2, dtype=cd) if p2 != 0 else t
             t = torch.where(u < torch.tensor(p1, dtype=torch.float32), kept, torch.zeros_like(t))
         elif mode == PRUNE_BITS:

@@ -363,7 +363,7 @@ def _torch_moments(views: list[Any], codes: list[str], base: Any, base_code: str
         elif mode == BAND:
             keep = (a >= p1) & (a < p2)
         elif mode == RANDOM:
-            keep = F.philox_uniform(key, torch.arange(n, dtype=torch.int64) + offset) < torch.tensor(p1)
+            keep = F.philox_range(key, offset, n) < torch.tensor(p1)
             if masks is not None and masks[i] is not None:  # offsets are multiples of 8 but for the tail
                 _set_bits(masks[i], offset, keep.numpy())
         else:
@@ -395,7 +395,7 @@ def _torch_della(view: Any, code: str, base: Any, base_code: str, rows: int, m: 
         v = v - as_tensor(base, base_code)[:n].float()
     a = v.abs()
     p = torch.as_tensor(table, dtype=torch.float32)[F.row_ranks(a.reshape(rows, m)).reshape(-1)]
-    keep = F.philox_uniform(key, torch.arange(n, dtype=torch.int64) + offset) < p
+    keep = F.philox_range(key, offset, n) < p
     _set_bits(bits, offset, keep.numpy())
     return float(a.double().sum()), float(torch.where(keep, a, torch.zeros_like(a)).double().sum())
 

@@ -60,7 +60,7 @@ def _magnitude(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInpu
 
 def _uniform(key: int, like: torch.Tensor) -> torch.Tensor:
     """``F.philox_uniform(key, arange(n))`` shaped like ``like``: on the CPU from the native kernel (the same numbers,
-    tests/test_functional.py; ~100× faster than the int64 torch reference), else the reference."""
+    tests/test_functional.py; ~100× faster than the int64 torch reference), else ``F.philox_range``."""
     n = like.numel()
     if like.device.type == "cpu" and n and not os.environ.get("CAPMERGE_NO_NATIVE"):
         try:
@@ -71,7 +71,7 @@ def _uniform(key: int, like: torch.Tensor) -> torch.Tensor:
             out = torch.empty(n, dtype=torch.float32)
             _native.philox(key, 0, n, out.numpy())
             return out.reshape(like.shape)
-    return F.philox_uniform(key, torch.arange(n, dtype=torch.int64, device=like.device)).reshape(like.shape)
+    return F.philox_range(key, 0, n, like.device).reshape(like.shape)
 
 
 def _random(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:

@@ -239,32 +239,32 @@ static inline void philox4(uint64_t q, uint32_t k0, uint32_t k1, uint32_t w[4]) 
     w[0] = c0, w[1] = c1, w[2] = c2, w[3] = c3;
 }
 
-/* Element idx's uniform in [0, 1): word idx % 4 of counter idx / 4 — Triton's tl.rand4x(key, idx // 4)[idx % 4] —
- * made a float the way tl.rand does it (as int32 x: x < 0 ? ~x : x, times 2^-31). Each Philox call serves four
- * consecutive elements. */
+/* tl.rand's float in [0, 1) of a word: as int32 x, x < 0 ? ~x : x, times 2^-31 */
 static inline float philox_float1(uint32_t w) {
     int32_t x = (int32_t)w;
     if (x < 0) x = ~x;
     return (float)x * 4.6566127342e-10f;
 }
 
-static inline float philox_uniform(uint64_t idx, uint32_t k0, uint32_t k1) {
-    uint32_t w[4];
-    philox4(idx >> 2, k0, k1, w);
-    return philox_float1(w[idx & 3]);
-}
-
-/* Uniforms for elements start .. start+m-1 in plain C: one Philox call per whole counter. */
+/* The uniforms of elements start .. start+m-1 in plain C. Element i's is word i % 4 of counter i / 4 — Triton's
+ * tl.rand4x(key, i // 4)[i % 4] — so that one Philox call serves four consecutive elements. */
 static void philox_scalar(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1) {
     uint32_t w[4];
     Py_ssize_t j = 0;
-    int l;
-    for (; j < m && ((start + (uint64_t)j) & 3); j++) dst[j] = philox_uniform(start + (uint64_t)j, key0, key1);
-    for (; j + 4 <= m; j += 4) {
-        philox4((start + (uint64_t)j) >> 2, key0, key1, w);
-        for (l = 0; l < 4; l++) dst[j + l] = philox_float1(w[l]);
+    while (j < m) {
+        uint64_t g = start + (uint64_t)j;
+        Py_ssize_t l = (Py_ssize_t)(g & 3), end = j + 4 - l < m ? j + 4 - l : m; /* this counter's elements */
+        philox4(g >> 2, key0, key1, w);
+        for (; j < end; j++, l++) dst[j] = philox_float1(w[l]);
     }
-    for (; j < m; j++) dst[j] = philox_uniform(start + (uint64_t)j, key0, key1);
+}
+
+/* The elements before the first whole counter of a run: how many (at most m), their uniforms written. */
+static Py_ssize_t philox_head(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1) {
+    Py_ssize_t j = (Py_ssize_t)((4 - (start & 3)) & 3);
+    j = j < m ? j : m;
+    philox_scalar(dst, start, j, key0, key1);
+    return j;
 }
 
 #if HAVE_F16C_PATH
@@ -279,9 +279,7 @@ static inline __attribute__((always_inline, target("avx2"))) __m256 philox_float
 __attribute__((target("avx2"))) static void philox_avx2(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0,
                                                          uint32_t key1) {
     const __m256i A = _mm256_set1_epi32((int)0xD2511F53u), B = _mm256_set1_epi32((int)0xCD9E8D57u);
-    Py_ssize_t j = (Py_ssize_t)((4 - (start & 3)) & 3); /* the head up to a whole counter */
-    if (j > m) j = m;
-    philox_scalar(dst, start, j, key0, key1);
+    Py_ssize_t j = philox_head(dst, start, m, key0, key1);
     for (; j + 32 <= m; j += 32) {
         uint32_t lo[8], hi[8];
         int l, r;
@@ -373,7 +371,8 @@ static inline __attribute__((always_inline, target("avx512f,avx512vl"))) void
 philox_words(__m512i *out, int nv, uint64_t q0, const philox_keys_t *K) {
     const __m512i A = _mm512_set1_epi64(0xD2511F53u), B = _mm512_set1_epi64(0xCD9E8D57u);
     const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512i first = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), second = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+    const __m512i first = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0); /* p0 q0 p1 q1 ..: counters 0-3 */
+    const __m512i second = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4); /* counters 4-7 */
     __m512i c0[4], c1[4], c2[4], c3[4];
     int v, r, r0;
     for (v = 0; v < nv; v++) {
@@ -420,9 +419,8 @@ __attribute__((target("avx512f,avx512vl"))) static void philox_avx512(float *dst
                                                                      uint32_t key0, uint32_t key1) {
     philox_keys_t K;
     __m512i w[8];
-    Py_ssize_t j = 0;
+    Py_ssize_t j = philox_head(dst, start, m, key0, key1);
     int v;
-    for (; j < m && ((start + (uint64_t)j) & 3); j++) dst[j] = philox_uniform(start + (uint64_t)j, key0, key1);
     if (j >= m) return;
     philox_keys(&K, key0, key1, (start + (uint64_t)j) >> 2, (start + (uint64_t)m - 1) >> 2);
     for (; j + 128 <= m; j += 128) {
@@ -456,8 +454,6 @@ static inline void philox_tile(float *dst, uint64_t start, Py_ssize_t m, uint32_
     }
     philox_scalar(dst, start, m, key0, key1);
 }
-
-
 
 /* PRUNE_NEAR on a tile: t * clamp(lim / max(|t|, 1e-6), 0, 1), each step one float32 operation (x > y ? x : y is
  * what maxps computes, so the vector loop gives the scalar loop's bits, NaN cases included). */

@@ -79,8 +79,9 @@ def test_moments_match_numpy(code: str, with_base: bool, native: bool, monkeypat
     ("n", "offset"),
     [
         (3003, 8),  # a tail that is not whole bytes of keep bits (the tile loop takes the last tile)
-        (2056, 1024),  # whole bytes: the fused loop over every tile, 32 and then 8 elements at a time
-        (4104, 2**32 - 1032),  # the high word of the indices changes inside a tile (Philox's general first rounds)
+        (2056, 1024),  # whole bytes: the fused loop over every tile, 128 and then 8 elements at a time
+        (2120, 8),  # a tail of 72 elements: 32, 32, then 8
+        (4104, 2**34 - 1032),  # the high word of the counters (index // 4) changes inside a tile (the general rounds)
     ],
 )
 def test_dare_statistics_with_keep_bits_match_numpy(code: str, with_base: bool, n: int, offset: int) -> None:

@@ -1492,11 +1492,76 @@ __attribute__((target("avx2"))) static int della_classify_avx2(const uint32_t *k
 }
 #endif
 
-static int della_classify(const uint32_t *k, const float *u, Py_ssize_t m, uint32_t kmin, int sh, const float *plo,
-                          const float *phi, float *w, Py_ssize_t *unsure, int *zeros) {
-#if HAVE_F16C_PATH
-    if (avx2_ok()) return della_classify_avx2(k, u, m, kmin, sh, plo, phi, w, unsure, zeros);
+#if HAVE_PHILOX_AVX512
+/* della_classify with AVX-512 in two steps. The table is non-decreasing, so plo[b] >= table[0] = tmin and
+ * phi[b] <= table[m - 1] = tmax: an entry with u < tmin is kept and one with u >= tmax dropped whatever its bucket
+ * (with DELLA's table d - e + 2e r/(m - 1), all but about 2e of the entries). The vector loop decides those sixteen
+ * at a time and lists the others in mid (m words); only they are looked up in their bucket's bounds. The same w,
+ * unsure list (in index order) and zeros as della_classify_plain. */
+__attribute__((target("avx512f,avx512vl"))) static int della_classify_avx512(const uint32_t *k, const float *u,
+                                                                            Py_ssize_t m, uint32_t kmin, int sh,
+                                                                            const float *plo, const float *phi,
+                                                                            float tmin, float tmax, float *w,
+                                                                            uint32_t *mid, Py_ssize_t *unsure,
+                                                                            int *zeros) {
+    const __m512 lo = _mm512_set1_ps(tmin), hi = _mm512_set1_ps(tmax), one = _mm512_set1_ps(1.0f);
+    const __m512 minus = _mm512_set1_ps(-1.0f), zero = _mm512_setzero_ps();
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    Py_ssize_t j, nmid = 0, q;
+    int n = 0;
+    for (j = 0; j + 16 <= m; j += 16) {
+        __m512 uu = _mm512_loadu_ps(u + j);
+        __mmask16 keep = _mm512_cmp_ps_mask(uu, lo, _CMP_LT_OQ), drop = _mm512_cmp_ps_mask(uu, hi, _CMP_NLT_UQ);
+        __mmask16 rest = (__mmask16) ~(keep | drop);
+        __m512i at = _mm512_add_epi32(_mm512_set1_epi32((int)j), lanes);
+        _mm512_storeu_ps(w + j, _mm512_mask_blend_ps(keep, _mm512_mask_blend_ps(drop, zero, one), minus));
+        /* compressed in a register, stored whole (nmid + 16 <= j + 16 <= m): a compressing store to memory is
+         * microcoded and slow on some CPUs (AMD Zen 4) */
+        _mm512_storeu_si512(mid + nmid, _mm512_maskz_compress_epi32(rest, at));
+        nmid += __builtin_popcount((unsigned)rest);
+    }
+    for (; j < m; j++) {
+        int keep = u[j] < tmin, drop = !(u[j] < tmax);
+        w[j] = (float)(drop - keep);
+        if (!(keep | drop)) mid[nmid++] = (uint32_t)j;
+    }
+    for (q = 0; q < nmid; q += 16) { /* the listed entries, sixteen at a time: gathered, decided, scattered back */
+        __mmask16 live = q + 16 <= nmid ? (__mmask16)0xffff : (__mmask16)((1u << (nmid - q)) - 1u);
+        __m512i idx = _mm512_maskz_loadu_epi32(live, mid + q);
+        __m512i kk = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, idx, k, 4);
+        __m512 uu = _mm512_mask_i32gather_ps(zero, live, idx, u, 4), wv;
+        __mmask16 nz = _mm512_test_epi32_mask(kk, kk), keep, below, und;
+        __m512i bk = _mm512_maskz_add_epi32(
+            nz, _mm512_srl_epi32(_mm512_sub_epi32(kk, _mm512_set1_epi32((int)kmin)), _mm_cvtsi32_si128(sh)),
+            _mm512_set1_epi32(1)); /* della_bucket */
+        keep = _mm512_mask_cmp_ps_mask(live, uu, _mm512_mask_i32gather_ps(zero, live, bk, plo, 4), _CMP_LT_OQ);
+        below = _mm512_mask_cmp_ps_mask(live, uu, _mm512_mask_i32gather_ps(zero, live, bk, phi, 4), _CMP_LT_OQ);
+        wv = _mm512_mask_blend_ps(keep, _mm512_mask_blend_ps(below, one, zero), minus);
+        _mm512_mask_i32scatter_ps(w, live, idx, wv, 4);
+        und = (__mmask16)(live & below & ~keep);
+        *zeros += __builtin_popcount((unsigned)(und & ~nz));
+        for (und &= nz; und; und &= und - 1) { /* in index order: the list is */
+            if (n < DELLA_MAX_UNSURE) unsure[n] = (Py_ssize_t)mid[q + __builtin_ctz((unsigned)und)];
+            n++;
+        }
+    }
+    return n;
+}
 #endif
+
+/* path: 0 the fastest loop this CPU has, 1 AVX2 (where it has it), 2 plain C (native della()'s argument, for tests).
+ * table: the row's probabilities (non-decreasing); mid: m scratch words. */
+static int della_classify(const uint32_t *k, const float *u, Py_ssize_t m, uint32_t kmin, int sh, const float *plo,
+                          const float *phi, const float *table, float *w, uint32_t *mid, Py_ssize_t *unsure,
+                          int *zeros, int path) {
+#if HAVE_PHILOX_AVX512
+    if (path == 0 && philox512_ok())
+        return della_classify_avx512(k, u, m, kmin, sh, plo, phi, table[0], table[m - 1], w, mid, unsure, zeros);
+#endif
+#if HAVE_F16C_PATH
+    if (path <= 1 && avx2_ok()) return della_classify_avx2(k, u, m, kmin, sh, plo, phi, w, unsure, zeros);
+#endif
+    (void)table, (void)mid;
     return della_classify_plain(k, u, 0, m, kmin, sh, plo, phi, w, unsure, 0, zeros);
 }
 
@@ -1506,10 +1571,11 @@ static int della_classify(const uint32_t *k, const float *u, Py_ssize_t m, uint3
  * exactly: a zero by the zeros before it, another entry by counting the entries below it (ties in index order).
  * u[j] becomes -1 (keep) or 1 (drop). Returns 0, or -1 with u untouched when the row needs the sort: a NaN or
  * infinity, no nonzero entry, or more than DELLA_MAX_UNSURE undecided nonzero entries. k: m words; cnt: m + 1
- * words; w: m floats; plo, phi: m + 1 floats each. */
+ * words (the bucket counts, then della_classify's scratch); w: m floats; plo, phi: m + 1 floats each; path: as
+ * della_classify's. */
 MULTIVERSION
 static int della_row_fast(const float *vr, float *ur, Py_ssize_t m, const float *table, uint32_t *k, uint32_t *cnt,
-                          float *w, float *plo, float *phi) {
+                          float *w, float *plo, float *phi, int path) {
     Py_ssize_t j, i, unsure[DELLA_MAX_UNSURE];
     int n_unsure, zeros = 0, sh = 0, q;
     uint32_t kmax = 0, kmin = 0xffffffffu, sum = 0, top = (uint32_t)m - 1, nb;
@@ -1532,7 +1598,7 @@ static int della_row_fast(const float *vr, float *ur, Py_ssize_t m, const float 
         plo[j] = table[lo];
         phi[j] = table[sum > 0 ? sum - 1 : 0];
     }
-    n_unsure = della_classify(k, ur, m, kmin, sh, plo, phi, w, unsure, &zeros);
+    n_unsure = della_classify(k, ur, m, kmin, sh, plo, phi, table, w, cnt, unsure, &zeros, path); /* cnt: free now */
     if (n_unsure > DELLA_MAX_UNSURE) return -1;
     for (q = 0; q < n_unsure; q++) {
         uint32_t kj, r = 0;
@@ -1563,7 +1629,8 @@ static int della_row_fast(const float *vr, float *ur, Py_ssize_t m, const float 
  * sums, as moments() sums them). */
 MULTIVERSION
 static int run_della(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t rows, Py_ssize_t m,
-                     uint64_t elem_offset, uint32_t k0, uint32_t k1, const float *table, uint8_t *bits, double *sums) {
+                     uint64_t elem_offset, uint32_t k0, uint32_t k1, const float *table, uint8_t *bits, double *sums,
+                     int path) {
     /* rows in groups of about DELLA_GROUP entries, ranked while v and u are in cache; a group's rows are a multiple
      * of q = 8 / gcd(m, 8) (gcd(m, 8): m's lowest set bit, at most 8), so every group starts at a multiple of 8 (the
      * sums' lanes and the bits' bytes go on) */
@@ -1604,7 +1671,7 @@ static int run_della(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_
             float *ur = u + r * m;
             /* x and y (2m + 2 words each) hold della_row_fast's k, cnt and probabilities */
             if (sorted_table && della_row_fast(vr, ur, m, table, (uint32_t *)x, (uint32_t *)x + m, w, (float *)y,
-                                               (float *)y + m + 1) == 0)
+                                               (float *)y + m + 1, path) == 0)
                 continue;
             della_row_sort(vr, ur, m, table, x, y, hist);
         }
@@ -2013,16 +2080,18 @@ static PyObject *native_importance(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(neg);
 }
 
-/* della(a, a_dt, b | None, b_dt, rows, m, elem_offset, key, table, bits) -> (sum |v|, sum |v| kept); see run_della. */
+/* della(a, a_dt, b | None, b_dt, rows, m, elem_offset, key, table, bits[, path]) -> (sum |v|, sum |v| kept); see
+ * run_della. path (tests): della_classify's loop, 0 the fastest this CPU has. */
 static PyObject *native_della(PyObject *self, PyObject *args) {
     PyObject *b_o;
     Py_buffer a, b, table, bits;
-    int a_dt, b_dt, has_b = 0, ok = 1, rc = 0;
+    int a_dt, b_dt, has_b = 0, ok = 1, rc = 0, path = 0;
     Py_ssize_t rows, m;
     unsigned long long offset, key;
     double sums[2] = {0.0, 0.0};
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*iOinnKKy*w*", &a, &a_dt, &b_o, &b_dt, &rows, &m, &offset, &key, &table, &bits))
+    if (!PyArg_ParseTuple(args, "y*iOinnKKy*w*|i", &a, &a_dt, &b_o, &b_dt, &rows, &m, &offset, &key, &table, &bits,
+                          &path))
         return NULL;
     if (b_o != Py_None) {
         if (PyObject_GetBuffer(b_o, &b, PyBUF_SIMPLE) < 0) ok = 0;
@@ -2045,7 +2114,7 @@ static PyObject *native_della(PyObject *self, PyObject *args) {
     if (ok && rows > 0) {
         Py_BEGIN_ALLOW_THREADS
         rc = run_della(a.buf, a_dt, has_b ? b.buf : NULL, b_dt, rows, m, (uint64_t)offset, (uint32_t)key,
-                       (uint32_t)(key >> 32), (const float *)table.buf, (uint8_t *)bits.buf, sums);
+                       (uint32_t)(key >> 32), (const float *)table.buf, (uint8_t *)bits.buf, sums, path);
         Py_END_ALLOW_THREADS
         if (rc < 0) {
             PyErr_NoMemory();
@@ -2533,7 +2602,8 @@ static PyMethodDef methods[] = {
      "importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits[, part[, band_lo, band_idx, band_val]]) -> "
      "count of I < 0 (and the band's count); I = |a - b| * scale[row] (arcee_fusion)"},
     {"della", native_della, METH_VARARGS,
-     "della(a, a_dt, b, b_dt, rows, m, elem_offset, key, table, bits) -> (l1, kept); DELLA's keep bits by row rank"},
+     "della(a, a_dt, b, b_dt, rows, m, elem_offset, key, table, bits[, path]) -> (l1, kept); DELLA's keep bits by row "
+     "rank (path 0: the fastest loops, 1: AVX2, 2: plain C)"},
     {"philox", native_philox, METH_VARARGS,
      "philox(key, start, n, out[, path]) -> None; tl.rand4x(key, i // 4)[i % 4] for i in start .. start+n-1"},
     {NULL, NULL, 0, NULL},

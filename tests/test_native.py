@@ -292,13 +292,15 @@ _DELLA_CASES += [(("F32", None), k) for k in ("narrow", "tiny", "wide")]  # floa
 
 @pytest.mark.parametrize(("codes", "kind"), _DELLA_CASES)
 @pytest.mark.parametrize("m", [1, 7, 256, 2053])
-def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], kind: str, m: int) -> None:
+@pytest.mark.parametrize("path", [0, 1, 2])  # the classification's loops: the fastest (AVX-512), AVX2, plain C
+def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], kind: str, m: int, path: int) -> None:
     """della(): entry j of a row kept where Philox(key, offset + j) < table[rank of |v_j| in its row] — the ranks
     from torch's stable argsort (ties in index order), the uniforms from the torch Philox reference; the sums Σ|v|,
     Σ|kept| against numpy's float64 sums, for several kinds of rows. The kinds reach both ways the kernel decides a
     row: by magnitude buckets (most rows of every kind without NaN/inf: model_diffs' ties and zeros ranked by
     counting, wide's 160 octaves) and by sorting it (specials: NaN and inf; some narrow and tiny rows: too many
-    entries left undecided by the buckets; a decreasing table, ε < 0: always)."""
+    entries left undecided by the buckets; a decreasing table, ε < 0: always). ε from 0 (every entry decided by the
+    table's ends) to 0.3 (60 % of the entries between them, looked up in their buckets)."""
     from capmerge import _native
     from capmerge import functional as F
 
@@ -310,14 +312,14 @@ def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], kin
     v = a.float() - b.float() if b is not None else a.float()
     order = torch.argsort(v.abs().reshape(rows, m), dim=-1, stable=True)
     ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(m).expand(order.shape)).reshape(-1)
-    for offset, eps in ((0, 0.3), (8, 0.3), (4096, 0.3), (8, -0.3)):
+    for offset, eps in ((0, 0.3), (8, 0.3), (4096, 0.3), (8, -0.3), (16, 0.05), (0, 0.0)):
         table = F.della_table(m, 0.4, eps)
         keep = (F.philox_uniform(77, torch.arange(n) + offset) < table[ranks]).numpy()
         bits = np.zeros((offset + n + 7) // 8 + 3, dtype=np.uint8)
         bits[offset // 8 - 1 if offset else -1] = 0xA5  # bytes outside the block stay as they are
         l1, kept = _native.della(_mv(a), compute.NATIVE_CODES[ac], _mv(b) if b is not None else None,
                                  compute.NATIVE_CODES.get(bc, 0), rows, m, offset, 77,
-                                 memoryview(table.numpy()).cast("B"), bits)  # fmt: skip
+                                 memoryview(table.numpy()).cast("B"), bits, path)  # fmt: skip
         got = np.unpackbits(bits, bitorder="little")[offset : offset + n].astype(bool)
         assert np.array_equal(got, keep)
         assert bits[offset // 8 - 1 if offset else -1] == 0xA5

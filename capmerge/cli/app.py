@@ -16,6 +16,7 @@ from typing import Any
 
 import typer
 
+from capmerge import _interrupts
 from capmerge.cli.helptext import Group
 
 HELP = """Model merging by weight arithmetic: capability vectors, streamed tensor by tensor.
@@ -112,7 +113,7 @@ _INTERRUPT = {"seen": False, "reported": False}
 
 def _interrupt(signum: int, frame: object) -> None:
     _INTERRUPT["seen"] = True
-    raise KeyboardInterrupt
+    _interrupts.interrupt()  # raises here, or at the end of a threaded region (the engine's run)
 
 
 def _unraisable(unraisable: Any) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from capmerge import _interrupts
 from capmerge.errors import CapmergeError, NonFiniteError, WriteError
 from capmerge.io.checkpoint import DTYPES, Checkpoint, TensorInfo
 from capmerge.io.lazy import BLOCK_ELEMS  # elements per block on the CPU (one constant for the engine and lazy views)
@@ -51,8 +52,17 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], *, parallel: bo
     workers = min(compute_threads(), len(items)) if parallel else 1
     if workers <= 1:
         return [fn(x) for x in items]
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="capmerge-stats") as pool:
-        return list(pool.map(fn, items))
+
+    def one(x: Any) -> Any:  # items not begun when a signal arrives are skipped (see capmerge._interrupts)
+        if _interrupts.pending():
+            raise KeyboardInterrupt
+        return fn(x)
+
+    with (
+        _interrupts.deferred(),
+        concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="capmerge-stats") as pool,
+    ):
+        return list(pool.map(one, items))
 
 
 @contextlib.contextmanager
@@ -230,20 +240,22 @@ class _Pipeline:
     # -- helpers -------------------------------------------------------------------------------------------------
     def _get(self, q: queue.Queue):  # type: ignore[type-arg]
         while True:
-            try:
+            if self._stopping():  # checked before each item too: a full queue never times out
+                raise _Abort
+            with contextlib.suppress(queue.Empty):
                 return q.get(timeout=0.05)
-            except queue.Empty:
-                if self.abort.is_set():
-                    raise _Abort from None
 
     def _put(self, q: queue.Queue, item: object) -> None:  # type: ignore[type-arg]
         while True:
-            try:
+            if self._stopping():
+                raise _Abort
+            with contextlib.suppress(queue.Full):
                 q.put(item, timeout=0.05)
                 return
-            except queue.Full:
-                if self.abort.is_set():
-                    raise _Abort from None
+
+    def _stopping(self) -> bool:
+        """Whether the stages should stop: one failed, or a signal arrived (see :mod:`capmerge._interrupts`)."""
+        return self.abort.is_set() or _interrupts.pending()
 
     def _fail(self, e: BaseException) -> None:
         self.errors.append(e)
@@ -252,7 +264,7 @@ class _Pipeline:
     def _until(self, ready: Callable[[float], bool]) -> None:
         """Poll ``ready(timeout)`` until it is true; leave with _Abort once another stage failed."""
         while not ready(0.05):
-            if self.abort.is_set():
+            if self._stopping():
                 raise _Abort
 
     def _stage(self, body: Callable[[], None]) -> threading.Thread:
@@ -338,7 +350,7 @@ class _Pipeline:
     def _read_prepare(self, job: Job, maps: dict[int, Any] | None, i: int, start: int, end: int) -> memoryview:
         """Elements [start, end) of input i of ``job``: a view of its mapped file (``maps``, see :meth:`_prepare`)
         or a copy in a scratch buffer (for prepare passes, reader or preparer thread)."""
-        if self.abort.is_set():
+        if self._stopping():
             raise _Abort
         ck, info = job.inputs[i]
         if maps is not None and self._map(maps, i, ck, info) is not None:
@@ -413,7 +425,7 @@ class _Pipeline:
 
     # -- stage 2: compute (caller's thread) ------------------------------------------------------------------------
     def run(self) -> RunStats:
-        with _objects_frozen():
+        with _interrupts.deferred(), _objects_frozen():
             return self._run()
 
     def _run(self) -> RunStats:

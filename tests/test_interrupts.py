@@ -146,3 +146,26 @@ def test_a_signal_right_after_a_lock_is_taken_stops_the_run(tmp_path: Path) -> N
     assert {r[2] for r in rows} >= {"get", "put"}  # the signal did land inside the queues' operations
     assert p.stderr.count("error: interrupted; nothing was written") == len(ks)
     assert listing(out.parent) == set()
+
+
+@POSIX
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_command_finished_changes_nothing(tmp_path: Path, sig: str) -> None:
+    """The command line's process once its command is done (here a usage error, exit 2): a signal that arrives while
+    Python shuts down neither kills it (SIGTERM's default would, exit -15) nor changes its exit code."""
+    script = (
+        "import os, signal, sys\n"
+        "from capmerge.cli.app import main\n"
+        "sys.argv = ['capmerge', 'merge', 'missing-model', '--method', 'ties', '-o', 'out']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        f"    os.kill(os.getpid(), signal.{sig})\n"
+        "    raise\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=120)  # fmt: skip
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, p.stderr
+    assert listing(tmp_path) == set()

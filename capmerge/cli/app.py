@@ -160,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             code = _run(argv)
         finally:
             sys.unraisablehook = hook
-        if argv is None:  # done: a late Ctrl-C changes nothing
-            with contextlib.suppress(ValueError):
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if argv is None:  # done: a late Ctrl-C or SIGTERM changes nothing (Python would restore SIGTERM's default
+            with contextlib.suppress(ValueError):  # while it shuts down, and die by it instead of exiting with code)
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, signal.SIG_IGN)
     except KeyboardInterrupt:
         if _debug():
             raise

@@ -286,7 +286,7 @@ def test_thread_scratch_passes_buffers_to_the_next_threads(monkeypatch) -> None:
     def used(_: int) -> int:
         view = scratch.get(1000)
         view[:] = b"x" * 1000  # written before read, as callers do
-        time.sleep(0.05)  # both threads hold a buffer at once
+        time.sleep(0.2)  # both threads hold a buffer at once (a descheduled submitter could otherwise reuse one)
         return id(view.obj)
 
     first = set(parallel_map(used, [0, 1]))

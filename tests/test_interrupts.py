@@ -143,7 +143,7 @@ def test_a_signal_right_after_a_lock_is_taken_stops_the_run(tmp_path: Path) -> N
     assert [r[0] for r in rows] == ks
     for k, code, where, locked, alive, written in rows:
         assert (code, locked, alive, written) == (130, [False] * 4, [], False), (k, where)
-    assert {r[2] for r in rows} >= {"get", "put"}  # the signal did land inside the queues' operations
+    assert any(r[2] in ("get", "put") for r in rows), rows  # the signal did land inside a queue's operations
     assert p.stderr.count("error: interrupted; nothing was written") == len(ks)
     assert listing(out.parent) == set()
 

@@ -98,7 +98,7 @@ def test_masked_mse_ignores_absent_objects() -> None:
     loss.backward()
     np.testing.assert_allclose(pred.grad[0, 3:].numpy(), 0.0)
     np.testing.assert_allclose(pred.grad[0, :3].numpy(), 2 * np.array([0.0, 1.0, 2.0]) / 9, rtol=1e-6)
-    assert float(masked_mse(pred, target, torch.zeros_like(mask))) == 0.0
+    assert float(masked_mse(pred, target, torch.zeros_like(mask)).detach()) == 0.0
 
 
 @pytest.fixture

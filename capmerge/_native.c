@@ -1578,7 +1578,7 @@ static int della_row_fast(const float *vr, float *ur, Py_ssize_t m, const float 
                           float *w, float *plo, float *phi, int path) {
     Py_ssize_t j, i, unsure[DELLA_MAX_UNSURE];
     int n_unsure, zeros = 0, sh = 0, q;
-    uint32_t kmax = 0, kmin = 0xffffffffu, sum = 0, top = (uint32_t)m - 1, nb;
+    uint32_t kmax = 0, kmin = 0xffffffffu, sum = 0, top = (uint32_t)m - 1, nb, *c2, *bi = (uint32_t *)w;
     for (j = 0; j < m; j++) { /* kmin - 1: the least k - 1, a zero's wrapping to the top (a vector min) */
         uint32_t kj = f2u(vr[j]) & 0x7fffffffu;
         k[j] = kj;
@@ -1590,8 +1590,19 @@ static int della_row_fast(const float *vr, float *ur, Py_ssize_t m, const float 
     /* about m / 4 buckets: fewer cost less to fill and leave more entries undecided */
     while (((kmax - kmin) >> sh) >= (m >= 8 ? (uint32_t)m / 4 : 1u)) sh++;
     nb = 2 + ((kmax - kmin) >> sh);
+    /* the buckets' indices first (a vector loop; w is free until della_classify), then the counts, in two arrays
+     * where cnt's m + 1 words hold both: neighbours in one bucket then do not wait on each other's store */
+    for (j = 0; j < m; j++) bi[j] = della_bucket(k[j], kmin, sh);
+    c2 = 2 * (Py_ssize_t)nb <= m + 1 ? cnt + nb : cnt;
     memset(cnt, 0, (size_t)nb * sizeof(uint32_t));
-    for (j = 0; j < m; j++) cnt[della_bucket(k[j], kmin, sh)]++;
+    memset(c2, 0, (size_t)nb * sizeof(uint32_t));
+    for (j = 0; j + 1 < m; j += 2) {
+        cnt[bi[j]]++;
+        c2[bi[j + 1]]++;
+    }
+    if (j < m) cnt[bi[j]]++;
+    if (c2 != cnt)
+        for (j = 0; j < (Py_ssize_t)nb; j++) cnt[j] += c2[j];
     for (j = 0; j < (Py_ssize_t)nb; j++) { /* each bucket's probabilities at its lowest and highest rank */
         uint32_t lo = sum < top ? sum : top;
         sum += cnt[j];

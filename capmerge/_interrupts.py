@@ -48,15 +48,14 @@ def deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    installed = False
-    if _STATE["depth"] == 0:
+    outer = _STATE["depth"] == 0
+    if outer:
         _STATE["pending"] = False
-        with contextlib.suppress(ValueError, TypeError):
-            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-                signal.signal(signal.SIGINT, _deferring_handler)
-                installed = True
-    _STATE["depth"] += 1
+    _STATE["depth"] += 1  # before the handler is swapped: a signal from here on is noted
+    installed = False
     try:
+        if outer:  # once swapped, the handler raises nothing while the depth is above 0
+            installed = _swap(signal.default_int_handler, _deferring_handler)
         yield
     except BaseException as e:
         if _leave(installed) and not isinstance(e, KeyboardInterrupt):
@@ -66,12 +65,21 @@ def deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def _swap(old: object, new: object) -> bool:
+    """Install ``new`` for SIGINT where ``old`` is the handler; whether it did."""
+    with contextlib.suppress(ValueError, TypeError):
+        if signal.getsignal(signal.SIGINT) is old:
+            signal.signal(signal.SIGINT, new)  # type: ignore[arg-type]
+            return True
+    return False
+
+
 def _leave(installed: bool) -> bool:
-    """Leave a region; whether a signal arrived in the outermost one (the flag is cleared)."""
-    _STATE["depth"] -= 1
+    """Leave a region; whether a signal arrived in the outermost one (the flag is cleared). The default handler is
+    back before the depth drops, so that a signal in between is noted rather than lost."""
     if installed:
-        with contextlib.suppress(ValueError, TypeError):
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        _swap(_deferring_handler, signal.default_int_handler)
+    _STATE["depth"] -= 1
     if _STATE["depth"] or not _STATE["pending"]:
         return False
     _STATE["pending"] = False

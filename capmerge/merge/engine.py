@@ -262,7 +262,7 @@ class _Pipeline:
         self.abort.set()
 
     def _until(self, ready: Callable[[float], bool]) -> None:
-        """Poll ``ready(timeout)`` until it is true; leave with _Abort once another stage failed."""
+        """Poll ``ready(timeout)`` until it is true; leave with _Abort once another stage failed or a signal came."""
         while not ready(0.05):
             if self._stopping():
                 raise _Abort

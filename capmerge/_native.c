@@ -336,7 +336,9 @@ static void philox_avx2(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0,
 #endif
 
 #if HAVE_F16C_PATH && defined(__GNUC__) && !defined(__clang__)
-#define HAVE_PHILOX_AVX512 1
+/* HAVE_AVX512VL_PATH and avx512vl_ok(): the AVX-512F/VL loops (Philox, DARE's fused loop, DELLA's classification
+ * and ranks); the loops that also need BW/VBMI2 check avx512_ok(). */
+#define HAVE_AVX512VL_PATH 1
 /* Eight Philox counters per register with AVX-512, each 32-bit word kept in the low half of a 64-bit lane: one
  * vpmuludq gives a whole 32x32->64 product (no even/odd split or blend), the next multiply ignores the high half,
  * and vpternlogq makes each three-way xor. Same bits as the scalar code.
@@ -436,14 +438,14 @@ __attribute__((target("avx512f,avx512vl"))) static void philox_avx512(float *dst
     }
 }
 
-CPU_CHECK(philox512_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+CPU_CHECK(avx512vl_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
 #else
-#define HAVE_PHILOX_AVX512 0
+#define HAVE_AVX512VL_PATH 0
 #endif
 
 static inline void philox_tile(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1) {
-#if HAVE_PHILOX_AVX512
-    if (philox512_ok()) {
+#if HAVE_AVX512VL_PATH
+    if (avx512vl_ok()) {
         philox_avx512(dst, start, m, key0, key1);
         return;
     }
@@ -1248,7 +1250,7 @@ static double random_kept(const float *u, const float *x, Py_ssize_t m, float p1
     return sum8_combine(s);
 }
 
-#if HAVE_PHILOX_AVX512
+#if HAVE_AVX512VL_PATH
 /* Eight elements of a bf16 or float32 input as float32 (exact). */
 static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __m256 load8_exact(const void *src, int dt,
                                                                                             Py_ssize_t i) {
@@ -1304,7 +1306,7 @@ __attribute__((target("avx512f,avx512vl"))) static void dare_tile_avx512(const v
 /* Whether run_moments can take dare_tile_avx512 for term t over a tile at element g0 of m elements. */
 static int dare_fused(const term_t *t, int want_gram, uint8_t *const *masks, int i, uint64_t g0, Py_ssize_t m) {
     return t->mode == PRUNE_RANDOM && !want_gram && masks && masks[i] && (g0 & 7) == 0 && (m & 7) == 0 && m > 0 &&
-           (t->a_dt == DT_BF16 || t->a_dt == DT_F32) && philox512_ok();
+           (t->a_dt == DT_BF16 || t->a_dt == DT_F32) && avx512vl_ok();
 }
 #endif
 
@@ -1329,7 +1331,7 @@ static void run_moments(const term_t *terms, int k, const void *base, int base_d
             float *tt = tiles + (size_t)i * TILE;
             const term_t *t = &terms[i];
             double l1 = 0.0;
-#if HAVE_PHILOX_AVX512
+#if HAVE_AVX512VL_PATH
             if (dare_fused(t, want_gram, masks, i, elem_offset + (uint64_t)off, m)) {
                 uint64_t g0 = elem_offset + (uint64_t)off;
                 double kept;
@@ -1492,7 +1494,7 @@ __attribute__((target("avx2"))) static int della_classify_avx2(const uint32_t *k
 }
 #endif
 
-#if HAVE_PHILOX_AVX512
+#if HAVE_AVX512VL_PATH
 /* della_classify with AVX-512 in two steps. The table is non-decreasing, so plo[b] >= table[0] = tmin and
  * phi[b] <= table[m - 1] = tmax: an entry with u < tmin is kept and one with u >= tmax dropped whatever its bucket
  * (with DELLA's table d - e + 2e r/(m - 1), all but about 2e of the entries). The vector loop decides those sixteen
@@ -1554,8 +1556,8 @@ __attribute__((target("avx512f,avx512vl"))) static int della_classify_avx512(con
 static int della_classify(const uint32_t *k, const float *u, Py_ssize_t m, uint32_t kmin, int sh, const float *plo,
                           const float *phi, const float *table, float *w, uint32_t *mid, Py_ssize_t *unsure,
                           int *zeros, int path) {
-#if HAVE_PHILOX_AVX512
-    if (path == 0 && philox512_ok())
+#if HAVE_AVX512VL_PATH
+    if (path == 0 && avx512vl_ok())
         return della_classify_avx512(k, u, m, kmin, sh, plo, phi, table[0], table[m - 1], w, mid, unsure, zeros);
 #endif
 #if HAVE_F16C_PATH
@@ -1568,7 +1570,7 @@ static int della_classify(const uint32_t *k, const float *u, Py_ssize_t m, uint3
 /* della_rank: entry j's 0-based rank in its row by k, ties in index order: the entries before j with k at most k[j]
  * and those after it with k below k[j]. path: as della_classify's (AVX-512: sixteen compares into a mask each, the
  * counts kept in a register). */
-#if HAVE_PHILOX_AVX512
+#if HAVE_AVX512VL_PATH
 __attribute__((target("avx512f,avx512vl"))) static uint32_t della_rank_avx512(const uint32_t *k, Py_ssize_t m,
                                                                                Py_ssize_t j) {
     const __m512i kj = _mm512_set1_epi32((int)k[j]), one = _mm512_set1_epi32(1);
@@ -1595,8 +1597,8 @@ __attribute__((target("avx512f,avx512vl"))) static uint32_t della_rank_avx512(co
 static inline uint32_t della_rank(const uint32_t *k, Py_ssize_t m, Py_ssize_t j, int path) {
     uint32_t kj = k[j], r = 0;
     Py_ssize_t i;
-#if HAVE_PHILOX_AVX512
-    if (path == 0 && philox512_ok()) return della_rank_avx512(k, m, j);
+#if HAVE_AVX512VL_PATH
+    if (path == 0 && avx512vl_ok()) return della_rank_avx512(k, m, j);
 #endif
     (void)path;
     for (i = 0; i < j; i++) r += k[i] <= kj;

@@ -1733,16 +1733,40 @@ static int run_della(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_
 }
 
 #if HAVE_F16C_PATH
-/* welford's first 4*floor(m/4) elements in AVX2 (the same IEEE operations, four lanes); returns where it stopped */
-__attribute__((target("avx2"))) static Py_ssize_t welford_avx2(float *t, const float *b, double *mean, double *m2,
-                                                               Py_ssize_t m, double cnt, double mul, int first) {
-    const __m256d vc = _mm256_set1_pd(cnt), vm = _mm256_set1_pd(mul), z = _mm256_setzero_pd();
+CPU_CHECK(fma_ok, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+
+/* d / c rounded to nearest, without a division, where y = RN(1 / c) is within 2^-54 of 1 / c relatively (see
+ * recip_for): q = RN(d y) is then within an ulp of d / c, r = d - c q is exact (one FMA), and RN(q + r y) is RN(d / c)
+ * (Markstein's theorem), for |q| from 2^-960 (no underflow in r) to the largest finite double. Lanes outside that
+ * (0, inf, NaN, tiny: none in a run of finite weights) take the division. */
+__attribute__((target("avx2,fma"))) static inline __m256d div_recip4(__m256d d, __m256d c, __m256d y) {
+    const __m256d abs_mask = _mm256_castsi256_pd(_mm256_set1_epi64x(INT64_MAX));
+    __m256d q = _mm256_mul_pd(d, y), q1 = _mm256_fmadd_pd(_mm256_fnmadd_pd(q, c, d), y, q);
+    __m256d a = _mm256_and_pd(q, abs_mask);
+    __m256d ok = _mm256_and_pd(_mm256_cmp_pd(a, _mm256_set1_pd(INFINITY), _CMP_LT_OQ),
+                               _mm256_cmp_pd(a, _mm256_set1_pd(0x1p-960), _CMP_GE_OQ));
+    return _mm256_movemask_pd(ok) == 0xF ? q1 : _mm256_blendv_pd(_mm256_div_pd(d, c), q1, ok);
+}
+
+/* RN(1 / c) where it is within 2^-54 of 1 / c relatively (every c <= 64 but 49), for div_recip4; else 0 (divide) */
+static double recip_for(double c) {
+    double y = 1.0 / c;
+    return fabs(fma(y, c, -1.0)) <= 0x1p-54 ? y : 0.0;
+}
+
+/* welford's first 4*floor(m/4) elements in AVX2 (the same IEEE operations, four lanes; the division by cnt as
+ * div_recip4 with rcp = recip_for(cnt) when that is not 0); returns where it stopped */
+__attribute__((target("avx2,fma"))) static Py_ssize_t welford_avx2(float *t, const float *b, double *mean, double *m2,
+                                                                   Py_ssize_t m, double cnt, double mul, double rcp,
+                                                                   int first) {
+    const __m256d vc = _mm256_set1_pd(cnt), vm = _mm256_set1_pd(mul), vr = _mm256_set1_pd(rcp), z = _mm256_setzero_pd();
     Py_ssize_t j;
     for (j = 0; j + 4 <= m; j += 4) {
         __m128 tf = _mm_sub_ps(_mm_loadu_ps(t + j), _mm_loadu_ps(b + j));
         __m256d x = _mm256_cvtps_pd(tf), mu = first ? z : _mm256_loadu_pd(mean + j), d = _mm256_sub_pd(x, mu);
         _mm_storeu_ps(t + j, tf);
-        mu = _mm256_add_pd(mu, mul != 0.0 ? _mm256_mul_pd(d, vm) : _mm256_div_pd(d, vc));
+        mu = _mm256_add_pd(mu, mul != 0.0 ? _mm256_mul_pd(d, vm) : rcp != 0.0 ? div_recip4(d, vc, vr)
+                                                                               : _mm256_div_pd(d, vc));
         _mm256_storeu_pd(mean + j, mu);
         x = _mm256_mul_pd(d, _mm256_sub_pd(x, mu));
         _mm256_storeu_pd(m2 + j, _mm256_add_pd(first ? z : _mm256_loadu_pd(m2 + j), x));
@@ -1750,11 +1774,24 @@ __attribute__((target("avx2"))) static Py_ssize_t welford_avx2(float *t, const f
     return j;
 }
 
-/* var = (float)(m2 / k) for the first 4*floor(m/4) elements in AVX2; returns where it stopped */
-__attribute__((target("avx2"))) static Py_ssize_t variance_avx2(const double *m2, float *var, Py_ssize_t m, double k) {
-    const __m256d vk = _mm256_set1_pd(k);
+/* d[0 .. n) /= c by div_recip4 (n a multiple of 4; recip_for(c) not 0): divide_by's loop */
+__attribute__((target("avx2,fma"))) static void divide4(double *d, Py_ssize_t n, double c) {
+    const __m256d vc = _mm256_set1_pd(c), vy = _mm256_set1_pd(recip_for(c));
+    Py_ssize_t i;
+    for (i = 0; i < n; i += 4) _mm256_storeu_pd(d + i, div_recip4(_mm256_loadu_pd(d + i), vc, vy));
+}
+
+/* var = (float)(m2 / k) for the first 4*floor(m/4) elements in AVX2 (div_recip4 as welford_avx2); returns where it
+ * stopped */
+__attribute__((target("avx2,fma"))) static Py_ssize_t variance_avx2(const double *m2, float *var, Py_ssize_t m,
+                                                                    double k) {
+    const __m256d vk = _mm256_set1_pd(k), vr = _mm256_set1_pd(recip_for(k));
+    const int fast = recip_for(k) != 0.0;
     Py_ssize_t j;
-    for (j = 0; j + 4 <= m; j += 4) _mm_storeu_ps(var + j, _mm256_cvtpd_ps(_mm256_div_pd(_mm256_loadu_pd(m2 + j), vk)));
+    for (j = 0; j + 4 <= m; j += 4) {
+        __m256d x = _mm256_loadu_pd(m2 + j);
+        _mm_storeu_ps(var + j, _mm256_cvtpd_ps(fast ? div_recip4(x, vk, vr) : _mm256_div_pd(x, vk)));
+    }
     return j;
 }
 #endif
@@ -1832,6 +1869,119 @@ static float *alloc_tiles(size_t count) {
     return t;
 }
 
+#if HAVE_AVX512VL_PATH
+CPU_CHECK(sce512_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512bw"))
+
+#define AVX512_SCE __attribute__((target("avx512f,avx512vl,avx512bw")))
+
+/* div_recip4's quotient on eight lanes without its check: run_sce's dividends are NaN, +0 or finite with |d| >= 2^-298
+ * (differences of float32 values and their products; see sce_tile_avx512), where q + r y is d / c rounded (+0 for +0),
+ * and NaN stays NaN */
+static inline __attribute__((always_inline)) AVX512_SCE __m512d div_recip8(__m512d d, __m512d c, __m512d y) {
+    __m512d q = _mm512_mul_pd(d, y);
+    return _mm512_fmadd_pd(_mm512_fnmadd_pd(q, c, d), y, q);
+}
+
+/* d[0 .. n) /= c by div_recip8 (n a multiple of 8; recip_for(c) not 0): divide_by's loop */
+static AVX512_SCE void divide8(double *d, Py_ssize_t n, double c) {
+    const __m512d vc = _mm512_set1_pd(c), vy = _mm512_set1_pd(recip_for(c));
+    Py_ssize_t i;
+    for (i = 0; i < n; i += 8) _mm512_storeu_pd(d + i, div_recip8(_mm512_loadu_pd(d + i), vc, vy));
+}
+
+/* The first `lanes` of sixteen elements (from element i) of a bf16, fp16 or float32 input as float32, zeros after */
+static inline __attribute__((always_inline)) AVX512_SCE __m512 load16_z(const void *src, int dt, Py_ssize_t i,
+                                                                        __mmask16 lanes) {
+    if (dt == DT_F32) return _mm512_maskz_loadu_ps(lanes, (const float *)src + i);
+    __m256i h = _mm256_maskz_loadu_epi16(lanes, (const uint16_t *)src + i);
+    if (dt == DT_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+
+/* Lane half (0: elements 0-7, 1: 8-15) of sixteen floats as doubles */
+static inline __attribute__((always_inline)) AVX512_SCE __m512d half_pd(__m512 v, int half) {
+    return _mm512_cvtps_pd(half ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))
+                                : _mm512_castps512_ps256(v));
+}
+
+/* One tile of run_sce (elements off .. off+m-1; not the sums-alone form) fused in AVX-512: sixteen elements at a
+ * time, each model's v = a - base and its float64 Welford step in registers, then the variance, the count, var_out,
+ * the keep bits and the sums of squares. The same operations on the same values as the tile loops (welford,
+ * variance, sce_tile_avx2 and the scalar tails), and the sums in their order (lane l of four takes j = l mod 4):
+ * the same bits, but for NaN payloads. The divisions by a non-power of two are div_recip8's: the Welford step's
+ * d = x - mean is finite or NaN but where x or mean is inf, and there m2 turns NaN in the same step either way (inf *
+ * (inf - inf)); mean and m2 start at +0 and are sums with +0, never -0; m2 of float32 values cannot overflow. */
+static AVX512_SCE Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const void *base, int base_dt,
+                                             Py_ssize_t off, Py_ssize_t m, float *var_out, float thr, uint8_t *bits,
+                                             double *sums) {
+    float tv[MAX_VECTORS][16];
+    double mul[MAX_VECTORS], rc[MAX_VECTORS]; /* model i's step: d * mul, else div_recip8 with rc, else d / (i + 1) */
+    __m256d acc[MAX_VECTORS];
+    const __m512d z = _mm512_setzero_pd(), vk = _mm512_set1_pd((double)k);
+    const double rk = recip_for((double)k);
+    const __m512 vt = _mm512_set1_ps(thr);
+    Py_ssize_t j, nnz = 0;
+    int i, h;
+    for (i = 0; i < k; i++) {
+        mul[i] = (i & (i + 1)) == 0 ? 1.0 / (double)(i + 1) : 0.0;
+        rc[i] = mul[i] != 0.0 ? 0.0 : recip_for((double)(i + 1));
+        if (sums) acc[i] = _mm256_setzero_pd();
+    }
+    for (j = 0; j < m; j += 16) {
+        const __mmask16 lanes = m - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - j)) - 1u);
+        const __m512 bv = load16_z(base, base_dt, off + j, lanes);
+        __m512d mean[2] = {z, z}, m2[2] = {z, z};
+        __m512 var;
+        __mmask16 keep;
+        for (i = 0; i < k; i++) {
+            const __m512 t = _mm512_sub_ps(load16_z(terms[i].a, terms[i].a_dt, off + j, lanes), bv);
+            const __m512d cnt = _mm512_set1_pd((double)(i + 1));
+            if (sums) _mm512_storeu_ps(tv[i], t);
+            for (h = 0; h < 2; h++) {
+                __m512d x = half_pd(t, h), mu = i == 0 ? z : mean[h], d = _mm512_sub_pd(x, mu);
+                mu = _mm512_add_pd(mu, mul[i] != 0.0 ? _mm512_mul_pd(d, _mm512_set1_pd(mul[i]))
+                                   : rc[i] != 0.0    ? div_recip8(d, cnt, _mm512_set1_pd(rc[i]))
+                                                     : _mm512_div_pd(d, cnt));
+                mean[h] = mu;
+                m2[h] = _mm512_add_pd(i == 0 ? z : m2[h], _mm512_mul_pd(d, _mm512_sub_pd(x, mu)));
+            }
+        }
+        for (h = 0; h < 2; h++)
+            m2[h] = rk != 0.0 ? div_recip8(m2[h], vk, _mm512_set1_pd(rk)) : _mm512_div_pd(m2[h], vk);
+        var = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm512_cvtpd_ps(m2[0]))),
+                                                  _mm256_castps_pd(_mm512_cvtpd_ps(m2[1])), 1));
+        nnz += __builtin_popcount(_mm512_mask_cmp_ps_mask(lanes, var, _mm512_setzero_ps(), _CMP_NEQ_UQ));
+        if (var_out) _mm512_mask_storeu_ps(var_out + off + j, lanes, var);
+        keep = _mm512_mask_cmp_ps_mask(lanes, var, vt, _CMP_GE_OQ);
+        if (bits) {
+            uint8_t *o = bits + ((off + j) >> 3);
+            o[0] = (uint8_t)keep;
+            if (m - j > 8) o[1] = (uint8_t)(keep >> 8);
+        }
+        if (!sums) continue;
+        for (i = 0; i < k; i++) {
+            const __m512 t = _mm512_loadu_ps(tv[i]);
+            __m256d s = acc[i];
+            for (h = 0; h < 2; h++) {
+                __m512d x = half_pd(t, h), sq = _mm512_mul_pd(x, x);
+                /* a dropped entry adds 0, even an inf or NaN one; so does a lane past m (its v is 0) */
+                if (bits) sq = _mm512_maskz_mov_pd((__mmask8)(keep >> (8 * h)), sq);
+                s = _mm256_add_pd(s, _mm512_castpd512_pd256(sq));
+                s = _mm256_add_pd(s, _mm512_extractf64x4_pd(sq, 1));
+            }
+            acc[i] = s;
+        }
+    }
+    for (i = 0; sums && i < k; i++) {
+        double a[4];
+        _mm256_storeu_pd(a, acc[i]);
+        sums[i] += (a[0] + a[1]) + (a[2] + a[3]);
+    }
+    return nnz;
+}
+#endif
+
 /* One Welford step of run_sce over a tile: t -= b, then the float64 update with x = t (mul: 1 / cnt when that is
  * exact, a power of two; else 0 and a division). The first step (first != 0) takes mean and m2 as 0.0 without
  * reading them: the same operations on the same values, no zeroing pass. */
@@ -1840,8 +1990,8 @@ static inline __attribute__((always_inline)) void welford(float *restrict t, con
                                                           double cnt, double mul, int first) {
     Py_ssize_t j = 0, j0;
 #if HAVE_F16C_PATH
-    if (avx2_ok()) {
-        j = welford_avx2(t, b, mean, m2, m, cnt, mul, first);
+    if (fma_ok()) {
+        j = welford_avx2(t, b, mean, m2, m, cnt, mul, mul != 0.0 ? 0.0 : recip_for(cnt), first);
         if (j == m) return;
     }
 #endif
@@ -1876,8 +2026,17 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
     float *bt = tiles + (size_t)k * TILE, var[TILE];
     Py_ssize_t off, j, q, nnz = 0;
     int i;
+#if HAVE_AVX512VL_PATH
+    const int fused = use_fast && sce512_ok() && (want_count || var_out || bits);
+#endif
     for (off = 0; off < n; off += TILE) {
         Py_ssize_t m = n - off < TILE ? n - off : TILE;
+#if HAVE_AVX512VL_PATH
+        if (fused) {
+            nnz += sce_tile_avx512(terms, k, base, base_dt, off, m, var_out, thr, bits, sums);
+            continue;
+        }
+#endif
         load_tile(bt, base, base_dt, off, m);
         if (!want_count && !var_out && !bits) { /* the sums alone (no selection): no variance, in the same order */
             for (i = 0; sums && i < k; i++) {
@@ -1900,7 +2059,7 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
         }
         j = 0;
 #if HAVE_F16C_PATH
-        if (avx2_ok()) j = variance_avx2(m2, var, m, (double)k);
+        if (fma_ok()) j = variance_avx2(m2, var, m, (double)k);
 #endif
         for (; j < m; j++) var[j] = (float)(m2[j] / (double)k);
         if (var_out) memcpy(var_out + off, var, (size_t)m * sizeof(float));
@@ -2603,8 +2762,32 @@ static PyObject *native_philox(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* use_hardware_f16(flag) -> previous: switch the F16C path off/on (tests run both conversion paths). */
-/* use_fast_merge(flag) -> previous flag: whether merge() may take its vector fast path (tests compare the two). */
+/* divide_by(buf, c, lanes) -> whether it ran: buf (float64, a multiple of `lanes` long) /= c in place by div_recip4
+ * (lanes 4; any dividend) or div_recip8 (8: finite dividends, no -0), where recip_for(c) is not 0 and the CPU has
+ * the path; tests check them against a division. */
+static PyObject *native_divide_by(PyObject *self, PyObject *args) {
+    Py_buffer b;
+    double c;
+    int lanes, ran = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*di", &b, &c, &lanes)) return NULL;
+    if ((lanes != 4 && lanes != 8) || b.len % (lanes * 8)) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "divide_by: lanes 4 or 8, a buffer of whole vectors");
+        return NULL;
+    }
+#if HAVE_F16C_PATH
+    if (recip_for(c) != 0.0 && lanes == 4 && fma_ok()) ran = (divide4((double *)b.buf, b.len / 8, c), 1);
+#endif
+#if HAVE_AVX512VL_PATH
+    if (recip_for(c) != 0.0 && lanes == 8 && sce512_ok()) ran = (divide8((double *)b.buf, b.len / 8, c), 1);
+#endif
+    PyBuffer_Release(&b);
+    return PyBool_FromLong(ran);
+}
+
+/* use_fast_merge(flag) -> previous flag: whether merge() and sce() may take their fused vector paths (fast_merge,
+ * sce_tile_avx512; tests compare them with the tile loops). */
 static PyObject *native_use_fast_merge(PyObject *self, PyObject *arg) {
     int prev = use_fast, want = PyObject_IsTrue(arg);
     (void)self;
@@ -2613,6 +2796,7 @@ static PyObject *native_use_fast_merge(PyObject *self, PyObject *arg) {
     return PyBool_FromLong(prev);
 }
 
+/* use_hardware_f16(flag) -> previous: switch the F16C path off/on (tests run both conversion paths). */
 static PyObject *native_use_hardware_f16(PyObject *self, PyObject *arg) {
     int prev = f16c_ok();
     int want = PyObject_IsTrue(arg);
@@ -2626,7 +2810,9 @@ static PyObject *native_use_hardware_f16(PyObject *self, PyObject *arg) {
 }
 
 static PyMethodDef methods[] = {
-    {"use_fast_merge", native_use_fast_merge, METH_O, "use_fast_merge(flag) -> previous; merge()'s vector fast path"},
+    {"divide_by", native_divide_by, METH_VARARGS, "divide_by(buf, c, lanes) -> ran; run_sce's division (tests)"},
+    {"use_fast_merge", native_use_fast_merge, METH_O,
+     "use_fast_merge(flag) -> previous; merge()'s and sce()'s fused vector paths"},
     {"use_hardware_f16", native_use_hardware_f16, METH_O,
      "use_hardware_f16(flag) -> previous; use the F16C instructions for float16 when the CPU has them"},
     {"diff", native_diff, METH_VARARGS, "diff(out, out_dt, a, a_dt, b, b_dt, n) -> flags; out = round(a - b)"},

@@ -404,23 +404,40 @@ def test_sce_election_and_divisor_floor_match_torch(weights: tuple[float, ...]) 
         assert np.array_equal(np.frombuffer(bytes(out), dtype=np.float32), want), path
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 5])
+_SCE_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 7, 49])
 @pytest.mark.parametrize("n", [1, 13, 1024, 3001])
-def test_sce_variance_mask_and_energies_against_torch(k: int, n: int) -> None:
+def test_sce_variance_mask_and_energies_against_torch(k: int, n: int, fused: bool) -> None:
     """sce(): the per-element population variance of v_i = a_i − base is torch.var(unbiased=False)'s bits; the count
     of var ≠ 0 (NaN counts); keep bits of var ≥ thr at a block offset; Σ v_i² (all, or over the kept entries: a
-    dropped inf or NaN adds 0, as the merge drops it) against numpy float64."""
+    dropped inf or NaN adds 0, as the merge drops it) against numpy float64. Both paths: the fused AVX-512 one (where
+    the CPU has it; its divisions by 3, 5, 7 … without a division, by 49 with one) and the tile loops; bf16, float32
+    and float16 models, differences of every scale."""
     from capmerge import _native
 
     g = torch.Generator().manual_seed(k * 7919 + n)
     base = (torch.randn(n, generator=g) * 0.02).bfloat16()
-    models = [(base.float() + torch.randn(n, generator=g) * 0.001 * torch.randint(0, 2, (n,), generator=g))
-              .to(torch.bfloat16 if i % 2 == 0 else torch.float32) for i in range(k)]  # fmt: skip
+    scale = torch.exp2(torch.randint(-20, 4, (n,), generator=g).float()) * torch.randint(0, 2, (n,), generator=g)
+    models = [(base.float() + torch.randn(n, generator=g) * 0.001 * scale)
+              .to(list(_SCE_DTYPES)[i % 3]) for i in range(k)]  # fmt: skip
     if n > 100:
         models[0][7], models[-1][50] = float("nan"), float("inf")
     taus = [m.float() - base.float() for m in models]
     want = torch.var(torch.stack(taus), dim=0, unbiased=False)
-    ins = [(_mv(m), compute.NATIVE_CODES["BF16" if m.dtype == torch.bfloat16 else "F32"]) for m in models]
+    ins = [(_mv(m), compute.NATIVE_CODES[_SCE_DTYPES[m.dtype]]) for m in models]
+    prev = _native.use_fast_merge(fused)
+    try:
+        _check_sce(ins, base, taus, want, k, n)
+    finally:
+        _native.use_fast_merge(prev)
+
+
+def _check_sce(ins: list, base: torch.Tensor, taus: list, want: torch.Tensor, k: int, n: int) -> None:
+    from capmerge import _native
+
     var = torch.empty(n)
     nnz = _native.sce(ins, _mv(base), 2, n, 0, memoryview(var.numpy()).cast("B"), 0.0, None, None)
     assert torch.equal(var.view(torch.int32), want.view(torch.int32)) or torch.equal(
@@ -448,6 +465,63 @@ def test_sce_variance_mask_and_energies_against_torch(k: int, n: int) -> None:
         assert np.array_equal(only_sums, all_sums, equal_nan=True)
     with pytest.raises(ValueError, match="multiple of 8"):
         _native.sce(ins, _mv(base), 2, n, 3, None, thr, bits, np.zeros(k))
+
+
+@pytest.mark.parametrize("lanes", [4, 8])
+def test_sce_division_without_a_divider_is_the_division(lanes: int) -> None:
+    """run_sce's d / c as q = d·RN(1/c), then q + (d − c·q)·RN(1/c) with FMAs: numpy's correctly rounded quotient,
+    bit for bit, for every count c up to 64 where RN(1/c) is within 2^-54 of 1/c (all but 49, which divides), on
+    random doubles of every scale, differences of float32 values and quotients a hair off a rounding tie (c times
+    the midpoint of two doubles, give or take a few ulps); the four-lane form also on ±0, ±inf, NaN and subnormals
+    (which it divides), the eight-lane one (for finite dividends above 2^-960 or +0) on +0."""
+    from capmerge import _native
+
+    rng = np.random.default_rng(lanes)
+    n = 1 << 14
+    wide = rng.standard_normal(n) * np.exp2(rng.integers(-200, 200, n).astype(np.float64))
+    f32 = (rng.standard_normal(n).astype(np.float32) * np.float32(1e-3)).astype(np.float64) - rng.standard_normal(
+        n
+    ).astype(np.float32).astype(np.float64) * 1e-3
+    lo = rng.uniform(1, 2, n) * np.exp2(rng.integers(-100, 100, n).astype(np.float64))
+    ran = []
+    for c in range(1, 65):
+        near = (np.float64(c) * lo + np.float64(c) * (np.nextafter(lo, np.inf) - lo) / 2).view(np.int64)
+        near = (near + rng.integers(-3, 4, n)).view(np.float64)  # c · (lo + ulp / 2), a few ulps either way
+        d = np.concatenate([wide, f32, near, -near])
+        special = [0.0, -0.0, np.inf, -np.inf, np.nan, 5e-324, 1e-310, 1e308] if lanes == 4 else [0.0] * 8
+        d = np.concatenate([d, special])
+        got = d.copy()
+        ran.append(_native.divide_by(got, float(c), lanes))
+        if ran[-1]:
+            want = d / np.float64(c)
+            assert np.array_equal(got.view(np.int64)[~np.isnan(want)], want.view(np.int64)[~np.isnan(want)]), c
+            assert np.array_equal(np.isnan(got), np.isnan(want)), c
+    if ran[3]:  # the path exists on this CPU: every c but 49
+        assert ran == [c != 49 for c in range(1, 65)]
+
+
+def test_sce_fused_path_gives_the_tile_loops_bits() -> None:
+    """sce()'s fused AVX-512 tile and its tile loops: the same variance, count, keep bits and float64 sums, bit for
+    bit (the sums in the same order), on rows long enough for several tiles and a tail."""
+    from capmerge import _native
+
+    g = torch.Generator().manual_seed(3)
+    n = 5 * 1024 + 37
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    for k in (3, 5, 6):
+        ins = [(_mv((base.float() + torch.randn(n, generator=g) * 1e-3).bfloat16()), 2) for _ in range(k)]
+        got = []
+        for fused in (True, False):
+            prev = _native.use_fast_merge(fused)
+            try:
+                var, bits, sums = np.zeros(n, np.float32), np.zeros((n + 7) // 8, np.uint8), np.zeros(k)
+                nnz = _native.sce(ins, _mv(base), 2, n, 0, var, 0.0, None, None)
+                thr = float(np.quantile(var, 0.6))
+                nnz2 = _native.sce(ins, _mv(base), 2, n, 0, None, thr, bits, sums)
+                got.append((nnz, nnz2, var.tobytes(), bits.tobytes(), sums.tobytes()))
+            finally:
+                _native.use_fast_merge(prev)
+        assert got[0] == got[1], k
 
 
 @pytest.mark.parametrize("m", [1, 7, 1000, 5000])

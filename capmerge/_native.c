@@ -1869,6 +1869,17 @@ static float *alloc_tiles(size_t count) {
     return t;
 }
 
+/* run_sce's list of the entries with lo <= var < thr (the bracket of SCE's threshold, below the bits' own bound):
+ * their element index (from the call's first), var and v_i (model i's at tau[i * stride + j]); room for `cap`, and
+ * 16 more words each for the vector stores. Once full, `overflow` is set and nothing more is listed. */
+typedef struct {
+    uint32_t *idx;
+    float *var, *tau;
+    float lo;
+    Py_ssize_t cap, stride, cnt;
+    int overflow;
+} sce_list_t;
+
 #if HAVE_AVX512VL_PATH
 CPU_CHECK(sce512_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                          __builtin_cpu_supports("avx512bw"))
@@ -1914,7 +1925,7 @@ static inline __attribute__((always_inline)) AVX512_SCE __m512d half_pd(__m512 v
  * (inf - inf)); mean and m2 start at +0 and are sums with +0, never -0; m2 of float32 values cannot overflow. */
 static AVX512_SCE Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const void *base, int base_dt,
                                              Py_ssize_t off, Py_ssize_t m, float *var_out, float thr, uint8_t *bits,
-                                             double *sums) {
+                                             double *sums, sce_list_t *list) {
     float tv[MAX_VECTORS][16];
     double mul[MAX_VECTORS], rc[MAX_VECTORS]; /* model i's step: d * mul, else div_recip8 with rc, else d / (i + 1) */
     __m256d acc[MAX_VECTORS];
@@ -1958,6 +1969,21 @@ static AVX512_SCE Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const v
             uint8_t *o = bits + ((off + j) >> 3);
             o[0] = (uint8_t)keep;
             if (m - j > 8) o[1] = (uint8_t)(keep >> 8);
+        }
+        if (list && !list->overflow) { /* lo <= var < thr (not NaN), packed to the front and stored whole */
+            const __mmask16 mid = _mm512_mask_cmp_ps_mask(lanes, var, _mm512_set1_ps(list->lo), _CMP_GE_OQ) & ~keep;
+            const int c = __builtin_popcount(mid);
+            if (c && list->cnt + c > list->cap) list->overflow = 1;
+            else if (c) {
+                const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+                const __m512i ix = _mm512_add_epi32(_mm512_set1_epi32((int)(off + j)), lane);
+                _mm512_storeu_si512(list->idx + list->cnt, _mm512_maskz_compress_epi32(mid, ix));
+                _mm512_storeu_ps(list->var + list->cnt, _mm512_maskz_compress_ps(mid, var));
+                for (i = 0; i < k; i++)
+                    _mm512_storeu_ps(list->tau + (size_t)i * list->stride + list->cnt,
+                                     _mm512_maskz_compress_ps(mid, _mm512_loadu_ps(tv[i])));
+                list->cnt += c;
+            }
         }
         if (!sums) continue;
         for (i = 0; i < k; i++) {
@@ -2021,7 +2047,7 @@ static inline __attribute__((always_inline)) void welford(float *restrict t, con
  * set (bits[(elem_offset + j) / 8], elem_offset a multiple of 8). */
 MULTIVERSION
 static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base_dt, Py_ssize_t n, float *var_out,
-                          float thr, uint8_t *bits, double *sums, float *tiles, int want_count) {
+                          float thr, uint8_t *bits, double *sums, float *tiles, int want_count, sce_list_t *list) {
     double mean[TILE], m2[TILE], acc[4 * MAX_VECTORS];
     float *bt = tiles + (size_t)k * TILE, var[TILE];
     Py_ssize_t off, j, q, nnz = 0;
@@ -2033,7 +2059,7 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
         Py_ssize_t m = n - off < TILE ? n - off : TILE;
 #if HAVE_AVX512VL_PATH
         if (fused) {
-            nnz += sce_tile_avx512(terms, k, base, base_dt, off, m, var_out, thr, bits, sums);
+            nnz += sce_tile_avx512(terms, k, base, base_dt, off, m, var_out, thr, bits, sums, list);
             continue;
         }
 #endif
@@ -2072,6 +2098,16 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
 #endif
         for (q = j; q < m; q++) nnz += var[q] != 0.0f;
         if (bits) set_bits_ge(var, j, m, thr, bits + (off >> 3)); /* the tail the vector loop left */
+        for (q = 0; list && q < m; q++)
+            if (var[q] >= list->lo && !(var[q] >= thr) && !list->overflow) {
+                if (list->cnt == list->cap) {
+                    list->overflow = 1;
+                    break;
+                }
+                list->idx[list->cnt] = (uint32_t)(off + q), list->var[list->cnt] = var[q];
+                for (i = 0; i < k; i++) list->tau[(size_t)i * list->stride + list->cnt] = tiles[(size_t)i * TILE + q];
+                list->cnt++;
+            }
         if (!sums) continue;
         for (i = 0; i < k; i++) {
             const float *tt = tiles + (size_t)i * TILE;
@@ -2086,12 +2122,18 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
     return nnz;
 }
 
-/* sce(models, base, base_dt, n, elem_offset, var_out, thr, bits, sums[, count]) -> count of var != 0; see run_sce.
- * models: a sequence of (buffer, dtype); var_out, bits and sums may be None. count false, with neither var_out nor
- * bits: the sums alone (no variance is computed; returns 0). */
+/* sce(models, base, base_dt, n, elem_offset, var_out, thr, bits, sums[, count[, lo, idx, var, tau]]) -> count of
+ * var != 0; see run_sce. models: a sequence of (buffer, dtype); var_out, bits and sums may be None. count false, with
+ * neither var_out nor bits: the sums alone (no variance is computed; returns 0). With lo and the three list buffers
+ * (uint32 idx and float32 var of cap + 16 words, float32 tau of k rows of stride = its length / k words, with sums):
+ * the entries with lo <= var < thr are listed too (sce_list_t), and the result is (count, listed), listed = -1 when
+ * they did not fit. */
 static PyObject *native_sce(PyObject *self, PyObject *args) {
-    PyObject *models_o, *var_o, *bits_o, *sums_o, *sv = NULL;
-    Py_buffer base, ab[MAX_VECTORS], vb, bb, sb;
+    PyObject *models_o, *var_o, *bits_o, *sums_o, *sv = NULL, *li_o = NULL, *lv_o = NULL, *lt_o = NULL;
+    Py_buffer base, ab[MAX_VECTORS], vb, bb, sb, lb[3];
+    sce_list_t list = {0}, *lp = NULL;
+    double lo = 0.0;
+    int nl = 0;
     term_t terms[MAX_VECTORS];
     int base_dt, k = 0, i, ok = 1, has_v = 0, has_bits = 0, has_s = 0, want_count = 1;
     Py_ssize_t n, nnz = 0;
@@ -2099,8 +2141,8 @@ static PyObject *native_sce(PyObject *self, PyObject *args) {
     double thr;
     float *tiles = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "Oy*inKOdOO|p", &models_o, &base, &base_dt, &n, &offset, &var_o, &thr, &bits_o, &sums_o,
-                          &want_count))
+    if (!PyArg_ParseTuple(args, "Oy*inKOdOO|pdOOO", &models_o, &base, &base_dt, &n, &offset, &var_o, &thr, &bits_o,
+                          &sums_o, &want_count, &lo, &li_o, &lv_o, &lt_o))
         return NULL;
     sv = PySequence_Fast(models_o, "models must be a sequence");
     if (!sv) ok = 0;
@@ -2147,12 +2189,25 @@ static PyObject *native_sce(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "sce: keep bits come with the sums");
         ok = 0;
     }
+    if (ok && lt_o) {
+        PyObject *lo_bufs[3] = {li_o, lv_o, lt_o};
+        for (; ok && nl < 3; nl++)
+            if (PyObject_GetBuffer(lo_bufs[nl], &lb[nl], PyBUF_WRITABLE) < 0) ok = 0;
+        if (ok) {
+            list.idx = (uint32_t *)lb[0].buf, list.var = (float *)lb[1].buf, list.tau = (float *)lb[2].buf;
+            list.lo = (float)lo, list.cap = lb[0].len / 4 - 16, list.stride = lb[2].len / 4 / k, lp = &list;
+        }
+        if (ok && (list.cap < 0 || lb[1].len / 4 - 16 < list.cap || list.stride < list.cap + 16 || !has_s)) {
+            PyErr_SetString(PyExc_ValueError, "sce: list buffers of cap + 16 words (tau: k rows), with the sums");
+            ok = 0;
+        }
+    }
     if (ok && !(tiles = alloc_tiles((size_t)k + 1))) ok = 0;
     if (ok) {
         Py_BEGIN_ALLOW_THREADS
         nnz = run_sce(terms, k, base.buf, base_dt, n, has_v ? (float *)vb.buf : NULL, (float)thr,
                       has_bits ? (uint8_t *)bb.buf + (offset >> 3) : NULL, has_s ? (double *)sb.buf : NULL, tiles,
-                      want_count);
+                      want_count, lp);
         Py_END_ALLOW_THREADS
     }
     free(tiles);
@@ -2161,8 +2216,10 @@ static PyObject *native_sce(PyObject *self, PyObject *args) {
     if (has_v) PyBuffer_Release(&vb);
     if (has_bits) PyBuffer_Release(&bb);
     if (has_s) PyBuffer_Release(&sb);
+    while (nl > 0) PyBuffer_Release(&lb[--nl]);
     Py_XDECREF(sv);
     if (!ok) return NULL;
+    if (lp) return Py_BuildValue("nn", nnz, list.overflow ? (Py_ssize_t)-1 : list.cnt);
     return PyLong_FromSsize_t(nnz);
 }
 
@@ -2762,6 +2819,42 @@ static PyObject *native_philox(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* sce_finish(idx, var, tau, count, thr, bits, sums): the listed entries j < count (sce's list) with var >= thr: their
+ * bit set (bits[idx / 8], bit idx % 8; bits from the list's first element) and sums[i] += (double)tau_i^2, in list
+ * order. tau: k = len(sums) / 8 rows of len(tau) / k words. */
+static PyObject *native_sce_finish(PyObject *self, PyObject *args) {
+    Py_buffer ib, vb, tb, bb, sb;
+    Py_ssize_t cnt, j, stride;
+    double thr;
+    int i, k;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*ndw*w*", &ib, &vb, &tb, &cnt, &thr, &bb, &sb)) return NULL;
+    k = (int)(sb.len / 8);
+    stride = k ? tb.len / 4 / k : 0;
+    if (k < 1 || cnt < 0 || ib.len / 4 < cnt || vb.len / 4 < cnt || stride < cnt) {
+        PyErr_SetString(PyExc_ValueError, "sce_finish: count within the lists, one float64 sum per model");
+        k = -1;
+    }
+    for (j = 0; k > 0 && j < cnt; j++)
+        if ((Py_ssize_t)(((const uint32_t *)ib.buf)[j] >> 3) >= bb.len) {
+            PyErr_SetString(PyExc_ValueError, "sce_finish: an index past the bits");
+            k = -1;
+        }
+    for (i = 0; i < k; i++) { /* one model at a time, its sum in a register; a dropped entry adds 0.0 (no branch) */
+        const float *t = (const float *)tb.buf + (size_t)i * stride, *v = (const float *)vb.buf, f = (float)thr;
+        double acc = ((double *)sb.buf)[i];
+        for (j = 0; j < cnt; j++) acc += v[j] >= f ? (double)t[j] * (double)t[j] : 0.0;
+        ((double *)sb.buf)[i] = acc;
+    }
+    for (j = 0; k > 0 && j < cnt; j++) {
+        const uint32_t x = ((const uint32_t *)ib.buf)[j];
+        ((uint8_t *)bb.buf)[x >> 3] |= (uint8_t)((((const float *)vb.buf)[j] >= (float)thr) << (x & 7));
+    }
+    PyBuffer_Release(&ib), PyBuffer_Release(&vb), PyBuffer_Release(&tb), PyBuffer_Release(&bb), PyBuffer_Release(&sb);
+    if (k < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
 /* divide_by(buf, c, lanes) -> whether it ran: buf (float64, a multiple of `lanes` long) /= c in place by div_recip4
  * (lanes 4; any dividend) or div_recip8 (8: finite dividends, no -0), where recip_for(c) is not 0 and the CPU has
  * the path; tests check them against a division. */
@@ -2810,6 +2903,7 @@ static PyObject *native_use_hardware_f16(PyObject *self, PyObject *arg) {
 }
 
 static PyMethodDef methods[] = {
+    {"sce_finish", native_sce_finish, METH_VARARGS, "sce_finish(idx, var, tau, count, thr, bits, sums); see sce()"},
     {"divide_by", native_divide_by, METH_VARARGS, "divide_by(buf, c, lanes) -> ran; run_sce's division (tests)"},
     {"use_fast_merge", native_use_fast_merge, METH_O,
      "use_fast_merge(flag) -> previous; merge()'s and sce()'s fused vector paths"},

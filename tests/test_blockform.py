@@ -540,6 +540,40 @@ def test_near_mode_native_and_torch_agree_with_the_formula(monkeypatch) -> None:
         assert torch.equal(out, want), native or "native"
 
 
+@pytest.mark.parametrize("case", ["early", "no bracket", "list too long"])
+def test_sce_keep_bits_and_energies_from_the_selection_pass(monkeypatch, case: str) -> None:
+    """After SCE's selection, its keep bits (var ≥ the k-th largest) and energies Σ v_i² over the kept entries come
+    from the selection's own pass (bits and sums above the bracket, the entries inside listed and finished once the
+    threshold is known), against torch/numpy float64; without a bracket, or with a list that outgrows its room, from a
+    pass of their own — the same bits, sums within float64 rounding."""
+    if not compute.native_available():
+        pytest.skip("the native kernel is not built here")
+    monkeypatch.setattr(plan, "BRACKET", case != "no bracket")
+    if case == "list too long":
+        monkeypatch.setattr(B._SceEarly, "LIST_SHARE", 1 << 16)
+    n = (1 << 21) + (1 << 20) + 5000  # two full pass blocks and a short one
+    gen = torch.Generator().manual_seed(11)
+    base = (torch.randn(n, generator=gen) * 0.02).bfloat16()
+    models = [(base.float() + torch.randn(n, generator=gen) * 0.002 * (i + 1)).to(dt)
+              for i, dt in enumerate([torch.bfloat16, torch.float32, torch.bfloat16])]  # fmt: skip
+    models[1][77] = float("nan")
+    raw = [_raw(t) for t in [base, *models]]
+    st = B.Stats(lambda i, s, e: raw[i][(2 if i != 2 else 4) * s : (2 if i != 2 else 4) * e],
+                 ["BF16", "BF16", "F32", "BF16"], True, n)  # fmt: skip
+    taus = [t.float() - base.float() for t in models]
+    var = torch.var(torch.stack(taus), dim=0, correction=0)
+    k, thr = st.sce_selection(0.3)
+    assert k == int(int(torch.count_nonzero(var)) * 0.3)
+    early = st._cache.get("sce_early")
+    assert (early is not None and early.covers(thr)) == (case == "early")
+    _, sums, bits = st.sce(thr)
+    keep = (var >= thr).numpy()
+    assert np.array_equal(np.unpackbits(bits, bitorder="little")[:n].astype(bool), keep)
+    for i, t in enumerate(taus):
+        x = t.double().numpy()
+        assert sums[i] == pytest.approx(np.where(keep, x * x, 0.0).sum(), rel=1e-12)
+
+
 @pytest.mark.parametrize("layout", ["spread", "between-samples", "all-zero"])
 @pytest.mark.parametrize("bracket", [True, False])
 def test_sce_selection_counts_in_its_threshold_pass(monkeypatch, layout: str, bracket: bool) -> None:

@@ -500,6 +500,51 @@ def test_sce_division_without_a_divider_is_the_division(lanes: int) -> None:
         assert ran == [c != 49 for c in range(1, 65)]
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_sce_lists_the_bracket_and_finishes_it(fused: bool) -> None:
+    """sce() with a list: the keep bits and sums of var ≥ thr as without, and the entries with lo ≤ var < thr (lo one
+    of the variances itself: ≥, not >) listed in order with their index, var and v_i; a list past its room reads −1.
+    sce_finish() then sets the bits of the listed entries at or above a threshold t inside and adds their v_i² in
+    float64: together, the bits and sums of var ≥ t (numpy)."""
+    from capmerge import _native
+
+    g = torch.Generator().manual_seed(17)
+    n, k = 5000, 3
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    models = [(base.float() + torch.randn(n, generator=g) * 1e-3).bfloat16() for _ in range(k)]
+    models[2][9] = float("nan")
+    taus = [m.float() - base.float() for m in models]
+    var = torch.var(torch.stack(taus), dim=0, unbiased=False).numpy()
+    ordered = np.sort(var[~np.isnan(var)])
+    lo, t, hi = float(ordered[3000]), float(ordered[3100]), float(ordered[3300])
+    ins = [(_mv(m), 2) for m in models]
+    prev = _native.use_fast_merge(fused)
+    try:
+        room = 400 + 16
+        idx, lv, tau = np.zeros(room, np.uint32), np.zeros(room, np.float32), np.zeros(k * room, np.float32)
+        bits, sums = np.zeros(n // 8 + 1, np.uint8), np.zeros(k)
+        nnz, listed = _native.sce(ins, _mv(base), 2, n, 0, None, hi, bits, sums, True, lo, idx, lv, tau)
+        small = [np.zeros(16 + 16, np.uint32), np.zeros(32, np.float32), np.zeros(k * 32, np.float32)]
+        assert (
+            _native.sce(ins, _mv(base), 2, n, 0, None, hi, np.zeros_like(bits), np.zeros(k), True, lo, *small)[1] == -1
+        )
+    finally:
+        _native.use_fast_merge(prev)
+    inside = np.flatnonzero((var >= lo) & (var < hi))
+    assert nnz == int(np.count_nonzero(var)) and listed == len(inside)
+    assert np.array_equal(idx[:listed], inside) and np.array_equal(lv[:listed], var[inside])
+    for i in range(k):
+        assert np.array_equal(tau.reshape(k, room)[i, :listed], taus[i].numpy()[inside])
+    assert np.array_equal(np.unpackbits(bits, bitorder="little")[:n].astype(bool), var >= hi)
+    taus_kept = np.ascontiguousarray(tau.reshape(k, room)[:, :listed])
+    _native.sce_finish(idx[:listed].copy(), lv[:listed].copy(), taus_kept, listed, t, bits, sums)
+    keep = var >= t
+    assert np.array_equal(np.unpackbits(bits, bitorder="little")[:n].astype(bool), keep)
+    for i in range(k):
+        x = taus[i].double().numpy()
+        assert sums[i] == pytest.approx(np.where(keep, x * x, 0.0).sum(), rel=1e-12)
+
+
 def test_sce_fused_path_gives_the_tile_loops_bits() -> None:
     """sce()'s fused AVX-512 tile and its tile loops: the same variance, count, keep bits and float64 sums, bit for
     bit (the sums in the same order), on rows long enough for several tiles and a tail."""

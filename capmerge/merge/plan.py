@@ -176,6 +176,7 @@ def kth_largest_abs_many(
     *,
     after_pass: Callable[[list[tuple[int, int]]], dict[int, list[int]]] | None = None,
     before_level1: Callable[[dict[int, dict[int, tuple[int, int]]], list[dict[int, float]]], None] | None = None,
+    on_bracket: Callable[[int, float, float], None] | None = None,
 ) -> list[dict[int, float]]:
     """:func:`kth_largest_abs_stream` for several inputs (ia, ca, ks) against one ``ib``: their bracketed level-0
     passes run together, reading each block of ``ib`` once for all of them.
@@ -188,7 +189,12 @@ def kth_largest_abs_many(
     ``before_level1(bins, values)``: called once, before the level-1 passes (one per input that needs it, in input
     order), with j -> {k: (level-0 bin, elements above it)} for the ranks they settle and ``values`` (the outputs so
     far: the ranks already known), so that a caller can do more work in their reads of its blocks (arcee_fusion's
-    keep bits, from the threshold's bounds)."""
+    keep bits, from the threshold's bounds).
+
+    ``on_bracket(j, lo, hi)``: called once the sample has chosen input j's bracket, before its pass over the whole
+    (native inputs of at least BRACKET_MIN elements): every rank the bracket settles lies in [lo, hi) (float32
+    values of |x|); a caller can then do the work of the values above and list those inside in its reads of the
+    pass (SCE's keep bits and energies)."""
     outs: list[dict[int, float]] = [{k: math.inf for k in ks if k <= 0} for _, _, ks in items]
     todo = [(j, ia, ca, sorted({k for k in ks if k > 0})) for j, (ia, ca, ks) in enumerate(items)]
     native = [t for t in todo if (t[3] or after_pass) and compute.use_native(t[2], *([cb] if ib is not None else []))]
@@ -243,7 +249,7 @@ def kth_largest_abs_many(
 
     found: dict[int, dict[int, tuple[int, int]] | None] = {j: None for j, _, _, _ in todo}
     if n >= BRACKET_MIN and (BRACKET is True or (BRACKET is None and _native.fast_bracket())):
-        found = _bracketed(read, todo, ib, cb, n, whole, dts, wide, blocks, outs, settle)
+        found = _bracketed(read, todo, ib, cb, n, whole, dts, wide, blocks, outs, settle, on_bracket)
     full = {j: full_count(j, ia, ca) for j, ia, ca, _ in todo if j in found and found[j] is None}
     level1 = []
     for j, ia, ca, ks in settle():
@@ -302,6 +308,7 @@ def _level1(blocks: Callable[[list[tuple[int, int]]], Any], whole: list[tuple[in
 def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int | None, cb: str, n: int,
                whole: list[tuple[int, int]], dts: dict[int, int], wide: dict[int, bool], blocks: Any,
                outs: list[dict[int, float]], settle: Callable[[], list[Any]] | None = None,
+               on_bracket: Callable[[int, float, float], None] | None = None,
                ) -> dict[int, dict[int, tuple[int, int]] | None]:  # fmt: skip
     """The sampled bracket and one level-0 pass over the bracket for every input of ``todo`` (``ib`` read once per
     block, the difference made in the kernel). Returns j -> the bins found (a float32 τ still needs level 1), or
@@ -320,6 +327,9 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
         for i, (buf, _) in enumerate(blocks(ia, ca, sample_pieces(n))):
             sample[i * piece : (i + 1) * piece] = buf
         brackets[j] = _bracket(sample, dts[j], n, ks)
+        if on_bracket is not None:  # bins lo .. hi: |x| patterns from lo << 16 to below (hi + 1) << 16
+            lo, hi = brackets[j]
+            on_bracket(j, float32_of(lo << 16), float32_of((hi + 1) << 16) if hi + 1 <= 0x7F80 else math.inf)
 
     def count(ranges: list[tuple[int, int]]) -> dict[int, list[Any]]:
         """The pass over ``ranges``: j -> [level-0 counts, above, collected patterns, how many (-1: too many)]. Every

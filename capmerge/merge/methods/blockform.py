@@ -200,6 +200,9 @@ class Stats:
         import numpy as np
 
         k = len(self.codes) - 1
+        early = self._cache.pop("sce_early", None)
+        if thr is not None and sums and early is not None and early.covers(thr):
+            return early.finish(thr)
         bits = np.zeros((self.numel + 7) // 8, dtype=np.uint8) if thr is not None else None
 
         def block(s: int) -> tuple[int, Any]:
@@ -242,9 +245,15 @@ class Stats:
         scratch = ThreadScratch()
         nonzero: dict[tuple[int, int], int] = {}  # block -> #{var ≠ 0}: each block of the pass once, however often read
 
+        pre = _SceEarly(len(self.codes) - 1, n)
+        lists = ThreadScratch()
+
         def read(i: int, s: int, e: int) -> memoryview:
             out = scratch.get(4 * (e - s))
-            nonzero[(s, e)] = self._sce_block(s, e, out, None, None, None)
+            if pre.hi is None:  # the samples (before the bracket)
+                nonzero[(s, e)] = self._sce_block(s, e, out, None, None, None)
+            else:  # the pass over the whole: the keep bits and energies above the bracket, the entries inside listed
+                nonzero[(s, e)] = pre.block(self, s, e, out, lists)
             return out
 
         k_est = 1  # no bracket below BRACKET_MIN (the sample's size): any estimate
@@ -259,12 +268,25 @@ class Stats:
             got.append(int(sum(nonzero[b] for b in whole) * share))
             return {0: got}
 
-        vals = kth_largest_abs_many(read, [(0, "F32", [k_est])], None, "F32", n, after_pass=after)[0]
+        vals = kth_largest_abs_many(read, [(0, "F32", [k_est])], None, "F32", n, after_pass=after,
+                                    on_bracket=lambda j, lo, hi: pre.set_bracket(lo, hi))[0]  # fmt: skip
+        self._cache["sce_early"] = pre
         return got[0], vals[got[0]]
 
-    def _sce_block(self, s: int, e: int, var: Any, thr: float | None, bits: Any, sums: Any, count: bool = True) -> int:
+    def _sce_block(
+        self,
+        s: int,
+        e: int,
+        var: Any,
+        thr: float | None,
+        bits: Any,
+        sums: Any,
+        count: bool = True,
+        listing: tuple[float, Any, Any, Any] | None = None,
+    ) -> Any:
         """Elements [s, e) of :meth:`sce`: the variance into ``var`` (a float32 buffer, or None), the keep bits of
-        var ≥ ``thr`` and the sums into ``sums``; returns #{var ≠ 0} there."""
+        var ≥ ``thr`` and the sums into ``sums``; returns #{var ≠ 0} there. ``listing`` (lo, idx, var, tau; native
+        only): the entries with lo ≤ var < thr listed too, and the result is (#{var ≠ 0}, how many, −1: too many)."""
         k = len(self.codes) - 1
         views = [self.read(i, s, e) for i in range(1, k + 1)]
         base = self.read(0, s, e)
@@ -274,7 +296,7 @@ class Stats:
             out = memoryview(sums).cast("B") if sums is not None else None
             return _native.sce([(v, compute.NATIVE_CODES[c]) for v, c in zip(views, self.codes[1:], strict=True)],
                                base, compute.NATIVE_CODES[self.codes[0]], e - s, s if bits is not None else 0, var,
-                               math.nan if thr is None else thr, bits, out, count)  # fmt: skip
+                               math.nan if thr is None else thr, bits, out, count, *(listing or ()))  # fmt: skip
         return _torch_sce(views, self.codes[1:], base, self.codes[0], e - s, s, var, thr, bits, sums)
 
     def della(self, i: int, table: Any, key: int, m: int) -> tuple[float, float, Any]:
@@ -315,6 +337,77 @@ class Stats:
 
 
 STAT_PARALLEL_MIN = 2  # blocks: a statistics pass over fewer runs on the calling thread alone
+
+
+class _SceEarly:
+    """SCE's keep bits and energies made in its selection's pass (:meth:`Stats.sce_selection`), in place of a pass of
+    their own. Once the sample has bracketed the threshold in [lo, hi) (every rank it settles lies there), each block
+    of the pass over the whole sets the bits of var ≥ hi and adds their v_i² (float64, in the kernel's order, per
+    block) and lists the entries with lo ≤ var < hi (index, var, v_i: a share of a per cent or so); :meth:`finish`,
+    given the threshold, adds the listed ones at or above it. Blocks read again (a later pass) are simply redone; a
+    list that outgrows its room, or a threshold outside the bracket, leaves :meth:`Stats.sce` to its own pass."""
+
+    LIST_SHARE = 16  # room for 1/16 of a block's entries in its list
+
+    def __init__(self, k: int, n: int) -> None:
+        import numpy as np
+
+        self.k, self.n = k, n
+        self.lo: float | None = None
+        self.hi: float | None = None
+        self.bits = np.zeros((n + 7) // 8, dtype=np.uint8)
+        self.blocks: dict[int, tuple[int, Any, Any, Any, Any] | None] = {}  # start -> (nnz, sums, idx, var, tau)
+        self._lock = threading.Lock()
+
+    def set_bracket(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+
+    def block(self, st: Stats, s: int, e: int, out: Any, lists: Any) -> int:
+        """The pass's block [s, e): the variance into ``out`` (for the bracket), bits and sums above, the list."""
+        import numpy as np
+
+        assert self.lo is not None and self.hi is not None
+        k, cap = self.k, (e - s) // self.LIST_SHARE
+        room = cap + 16
+        buf = np.frombuffer(lists.get(4 * room * (k + 2)), dtype=np.uint32, count=room * (k + 2))
+        idx, var, tau = buf[:room], buf[room : 2 * room].view(np.float32), buf[2 * room :].view(np.float32)
+        sums = np.zeros(k, dtype=np.float64)
+        nnz, listed = st._sce_block(s, e, out, self.hi, self.bits, sums, True, (self.lo, idx, var, tau))
+        got = None
+        if listed >= 0:
+            tau_kept = tau.reshape(k, room)[:, :listed].copy()
+            got = (nnz, sums, idx[:listed].copy(), var[:listed].copy(), tau_kept)
+        with self._lock:
+            self.blocks[s] = got
+        return nnz
+
+    def covers(self, thr: float) -> bool:
+        """Whether the pass made everything for threshold ``thr``: inside the bracket, every block listed in full."""
+        from capmerge.merge.plan import HIST_BLOCK
+
+        starts = range(0, self.n, HIST_BLOCK)
+        if self.lo is None or self.hi is None or not self.lo <= thr < self.hi or len(self.blocks) != len(starts):
+            return False
+        return all(self.blocks.get(s) is not None for s in starts)
+
+    def finish(self, thr: float) -> tuple[int, list[float], Any]:
+        """:meth:`Stats.sce`'s result for ``thr``: the sums above the bracket block by block, then the listed entries
+        at or above ``thr`` in block and list order (their bits set)."""
+        import numpy as np
+
+        from capmerge.merge.compute import _native
+
+        assert _native is not None
+        order = sorted(self.blocks)
+        total, nonzero = np.zeros(self.k, dtype=np.float64), 0
+        for s in order:
+            nnz, sums, _, _, _ = self.blocks[s]  # type: ignore[misc]
+            total += sums
+            nonzero += nnz
+        for s in order:
+            _, _, idx, var, tau = self.blocks[s]  # type: ignore[misc]
+            _native.sce_finish(idx, var, tau, len(idx), thr, memoryview(self.bits)[s >> 3 :], total)
+        return nonzero, total.tolist(), self.bits
 
 
 def map_blocks(fn: Callable[[int], Any], starts: Sequence[int]) -> list[Any]:

@@ -366,3 +366,44 @@ def test_capmerge_merge_cli_every_method(runs, method: str, capsys) -> None:
     for n, t in runs["ours"][case].items():
         assert same_as_fn(got[n], t, case), f"{case} {n}: capmerge merge differs from the per-tensor fn"
     compare(got, load_any(runs["tmp"] / f"mk-{case}"), CASES[case][4], f"{case} (capmerge merge)")
+
+
+def test_sce_on_tensors_past_the_bracket_matches_mergekit(tmp_path) -> None:
+    """SCE on tensors of 1 Mi entries and more (a 16384 × 64 vocabulary), where the keep bits and energies come from
+    the selection's own pass (the sampled bracket): ``capmerge run`` gives mergekit's output, and the early path
+    was taken for them."""
+    require_mergekit()
+    from capmerge.merge.methods import blockform as B
+    from capmerge.recipes.mergekit import run_configs
+
+    gen = torch.Generator().manual_seed(99)
+    shapes = llama_tensors(vocab=16384)
+    p = {n: torch.randint(-2048, 2049, s, generator=gen).float() / 4096 for n, s in shapes.items()}
+    dirs = {"P": save_hf(tmp_path / "P", p)}
+    for i in range(3):  # spreads that differ by model and entry, as finetunes do
+        scale = torch.rand(1, generator=gen).item() + 0.5
+        dirs[f"M{i}"] = save_hf(
+            tmp_path / f"M{i}", {n: p[n] + tie_free(s, gen) * 16 * scale for n, s in shapes.items()}
+        )
+    for d in dirs.values():  # the vocabulary the tensors have
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, "vocab_size": 16384}))
+    config = mergekit_config("sce", [(dirs[f"M{i}"], None) for i in range(3)], base=dirs["P"],
+                             parameters={"select_topk": 0.3})  # fmt: skip
+    proc = start_mergekit({"sce_long": config}, tmp_path)
+    early = []
+    finish = B._SceEarly.finish
+
+    def counted(self, thr):
+        early.append(self.n)
+        return finish(self, thr)
+
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(B._SceEarly, "finish", counted)
+            run_configs(tmp_path / "sce_long.yml", tmp_path / "cm")
+    finally:
+        wait_mergekit(proc)
+    assert sorted(early) == [16384 * 64, 16384 * 64]  # embed_tokens and lm_head
+    worst = compare_outputs(load_any(tmp_path / "cm"), load_any(tmp_path / "mk-sce_long"), 1e-6, "sce_long")
+    print(f"sce on long tensors: max |capmerge − mergekit| / max |mergekit| = {worst:.3g}")

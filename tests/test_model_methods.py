@@ -373,6 +373,7 @@ def test_sce_on_tensors_past_the_bracket_matches_mergekit(tmp_path) -> None:
     the selection's own pass (the sampled bracket): ``capmerge run`` gives mergekit's output, and the early path
     was taken for them."""
     require_mergekit()
+    from capmerge.merge import plan
     from capmerge.merge.methods import blockform as B
     from capmerge.recipes.mergekit import run_configs
 
@@ -401,6 +402,7 @@ def test_sce_on_tensors_past_the_bracket_matches_mergekit(tmp_path) -> None:
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(B._SceEarly, "finish", counted)
+            mp.setattr(plan, "BRACKET", True)  # the sampled bracket on any CPU (by default where it is fast)
             run_configs(tmp_path / "sce_long.yml", tmp_path / "cm")
     finally:
         wait_mergekit(proc)

@@ -137,6 +137,10 @@ def test_side_files_follow_the_copy_rules_of_apply(models, tmp_path: Path, capsy
         (["--weights", "1", "--override", "(:weight=1"], ["invalid regex"]),
         (["--weights", "1", "--override", "mlp:density=1"], ["linear has no parameter 'density'"]),
         (["--weights", "x"], ["weight: invalid number 'x'"]),
+        # nan and inf: refused as a configuration's values are, before anything is read (they ran, or failed late)
+        (["--weights", "0.5,nan"], ["weight: invalid number 'nan' (expected a finite number)"]),
+        (["--weights", "1", "--method", "ties", "--density", "inf"], ["density: invalid number 'inf'"]),
+        (["--weights", "1", "--override", "mlp:weight=-inf"], ["weight: invalid number '-inf'"]),
         (["--weights", "1", "--normalize", "--param", "normalize=maybe"], ["expected true or false"]),
     ],
 )

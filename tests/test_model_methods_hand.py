@@ -159,6 +159,10 @@ def test_merge_state_dicts_checks_its_inputs() -> None:
         capmerge.merge_state_dicts([a], base=b, model_parameters=[{"weight": 1.0}])
     with pytest.raises(UsageError, match="1 model parameter mappings for 2 models"):
         capmerge.merge_state_dicts([a, b], model_parameters=[{"weight": 1.0}])
+    with pytest.raises(UsageError, match="sce: parameter select_topk must be a finite number, got nan"):
+        capmerge.merge_state_dicts([a, b], base=b, method="sce", parameters={"select_topk": float("nan")})
+    with pytest.raises(UsageError, match=r"model parameter weight must be a finite number, got \[0.5, inf\]"):
+        capmerge.merge_state_dicts([a, b], model_parameters={"weight": [0.5, float("inf")]})
     with pytest.raises(MismatchError, match="model 2 holds other tensors"):
         capmerge.merge_state_dicts([a, {"w": b["w"]}], model_parameters={"weight": 1.0})
     with pytest.raises(MismatchError, match=r"model 2: shape \[3\] vs \[2, 2\]"):

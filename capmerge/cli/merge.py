@@ -3,6 +3,7 @@ relative to a base (mergekit's merge methods), beside ``apply`` (vectors added t
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 import typer
@@ -152,9 +153,12 @@ def _value(text: str, kind: type, key: str) -> Any:
     if kind is str:
         return text
     try:
-        return float(text) if kind is float or "." in text or "e" in text.lower() else int(text)
+        value = float(text) if kind is float or "." in text or "e" in text.lower() else int(text)
     except ValueError:
         raise UsageError(f"{key}: invalid number {text!r}") from None
+    if not math.isfinite(value):  # nan, inf: as a configuration's value, refused before anything is read
+        raise UsageError(f"{key}: invalid number {text!r} (expected a finite number)")
+    return value
 
 
 def _values(text: Any, kind: type, key: str, sep: str) -> list[Any]:

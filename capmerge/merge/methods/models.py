@@ -18,6 +18,7 @@ them by name. This module imports no torch (the registry and the CLI's start-up 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,11 @@ class ModelMethod:
             if unknown:
                 known = ", ".join(spec) or "none"
                 raise UsageError(f"merge method {self.name}: unknown {what} {', '.join(unknown)} (known: {known})")
+            for k, v in given.items():  # nan or inf: refused as the CLI and configurations refuse them
+                if any(
+                    isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, list | tuple) else [v])
+                ):
+                    raise UsageError(f"merge method {self.name}: {what} {k} must be a finite number, got {v!r}")
             missing = [k for k, v in spec.items() if v is None and given.get(k) is None]
             if missing:
                 raise UsageError(f"merge method {self.name}: {what} {', '.join(missing)} is required")

@@ -350,16 +350,17 @@ class _SceEarly:
     LIST_SHARE = 16  # room for 1/16 of a block's entries in its list
 
     def __init__(self, k: int, n: int) -> None:
-        import numpy as np
-
         self.k, self.n = k, n
         self.lo: float | None = None
         self.hi: float | None = None
-        self.bits = np.zeros((n + 7) // 8, dtype=np.uint8)
+        self.bits: Any = None  # the tensor's keep bits, once there is a bracket
         self.blocks: dict[int, tuple[int, Any, Any, Any, Any] | None] = {}  # start -> (nnz, sums, idx, var, tau)
         self._lock = threading.Lock()
 
     def set_bracket(self, lo: float, hi: float) -> None:
+        import numpy as np
+
+        self.bits = np.zeros((self.n + 7) // 8, dtype=np.uint8)
         self.lo, self.hi = lo, hi
 
     def block(self, st: Stats, s: int, e: int, out: Any, lists: Any) -> int:

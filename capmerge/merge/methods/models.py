@@ -79,9 +79,8 @@ class ModelMethod:
                 known = ", ".join(spec) or "none"
                 raise UsageError(f"merge method {self.name}: unknown {what} {', '.join(unknown)} (known: {known})")
             for k, v in given.items():  # nan or inf: refused as the CLI and configurations refuse them
-                if any(
-                    isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, list | tuple) else [v])
-                ):
+                values = v if isinstance(v, list | tuple) else [v]
+                if any(isinstance(x, float) and not math.isfinite(x) for x in values):
                     raise UsageError(f"merge method {self.name}: {what} {k} must be a finite number, got {v!r}")
             missing = [k for k, v in spec.items() if v is None and given.get(k) is None]
             if missing:

@@ -1732,6 +1732,24 @@ static int run_della(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_
     return 0;
 }
 
+/* RN(1 / c) where it is within 2^-54 of 1 / c relatively (every c <= 64 but 49), for div_recip4/8; else 0 (divide) */
+static double recip_for(double c) {
+    double y = 1.0 / c;
+    return fabs(fma(y, c, -1.0)) <= 0x1p-54 ? y : 0.0;
+}
+
+/* run_sce's divisions, decided once a call: model i's Welford step (count i + 1) takes mean += d * mul[i] where
+ * 1 / (i + 1) is exact (a power of two), else d / (i + 1) (by div_recip4/8 with rc[i] where recip_for gives one);
+ * var = m2 / k by div_recip with *rk where that is not 0. */
+static void sce_steps(int k, double *mul, double *rc, double *rk) {
+    int i;
+    for (i = 0; i < k; i++) {
+        mul[i] = (i & (i + 1)) == 0 ? 1.0 / (double)(i + 1) : 0.0;
+        rc[i] = mul[i] != 0.0 ? 0.0 : recip_for((double)(i + 1));
+    }
+    *rk = recip_for((double)k);
+}
+
 #if HAVE_F16C_PATH
 CPU_CHECK(fma_ok, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
 
@@ -1748,14 +1766,8 @@ __attribute__((target("avx2,fma"))) static inline __m256d div_recip4(__m256d d, 
     return _mm256_movemask_pd(ok) == 0xF ? q1 : _mm256_blendv_pd(_mm256_div_pd(d, c), q1, ok);
 }
 
-/* RN(1 / c) where it is within 2^-54 of 1 / c relatively (every c <= 64 but 49), for div_recip4; else 0 (divide) */
-static double recip_for(double c) {
-    double y = 1.0 / c;
-    return fabs(fma(y, c, -1.0)) <= 0x1p-54 ? y : 0.0;
-}
-
 /* welford's first 4*floor(m/4) elements in AVX2 (the same IEEE operations, four lanes; the division by cnt as
- * div_recip4 with rcp = recip_for(cnt) when that is not 0); returns where it stopped */
+ * div_recip4 with rcp when that is not 0, see sce_steps); returns where it stopped */
 __attribute__((target("avx2,fma"))) static Py_ssize_t welford_avx2(float *t, const float *b, double *mean, double *m2,
                                                                    Py_ssize_t m, double cnt, double mul, double rcp,
                                                                    int first) {
@@ -1781,16 +1793,15 @@ __attribute__((target("avx2,fma"))) static void divide4(double *d, Py_ssize_t n,
     for (i = 0; i < n; i += 4) _mm256_storeu_pd(d + i, div_recip4(_mm256_loadu_pd(d + i), vc, vy));
 }
 
-/* var = (float)(m2 / k) for the first 4*floor(m/4) elements in AVX2 (div_recip4 as welford_avx2); returns where it
- * stopped */
+/* var = (float)(m2 / k) for the first 4*floor(m/4) elements in AVX2 (by div_recip4 with rk when that is not 0, see
+ * sce_steps); returns where it stopped */
 __attribute__((target("avx2,fma"))) static Py_ssize_t variance_avx2(const double *m2, float *var, Py_ssize_t m,
-                                                                    double k) {
-    const __m256d vk = _mm256_set1_pd(k), vr = _mm256_set1_pd(recip_for(k));
-    const int fast = recip_for(k) != 0.0;
+                                                                    double k, double rk) {
+    const __m256d vk = _mm256_set1_pd(k), vr = _mm256_set1_pd(rk);
     Py_ssize_t j;
     for (j = 0; j + 4 <= m; j += 4) {
         __m256d x = _mm256_loadu_pd(m2 + j);
-        _mm_storeu_ps(var + j, _mm256_cvtpd_ps(fast ? div_recip4(x, vk, vr) : _mm256_div_pd(x, vk)));
+        _mm_storeu_ps(var + j, _mm256_cvtpd_ps(rk != 0.0 ? div_recip4(x, vk, vr) : _mm256_div_pd(x, vk)));
     }
     return j;
 }
@@ -1916,29 +1927,24 @@ static inline __attribute__((always_inline)) AVX512_SCE __m512d half_pd(__m512 v
                                 : _mm512_castps512_ps256(v));
 }
 
-/* One tile of run_sce (elements off .. off+m-1; not the sums-alone form) fused in AVX-512: sixteen elements at a
- * time, each model's v = a - base and its float64 Welford step in registers, then the variance, the count, var_out,
- * the keep bits and the sums of squares. The same operations on the same values as the tile loops (welford,
- * variance, sce_tile_avx2 and the scalar tails), and the sums in their order (lane l of four takes j = l mod 4):
- * the same bits, but for NaN payloads. The divisions by a non-power of two are div_recip8's: the Welford step's
- * d = x - mean is finite or NaN but where x or mean is inf, and there m2 turns NaN in the same step either way (inf *
+/* One tile of run_sce (elements off .. off+m-1; not the sums-alone form) fused in AVX-512: sixteen elements at a time,
+ * each model's v = a - base and its float64 Welford step in registers (mul, rc, rk: sce_steps), then the variance, the
+ * count, var_out, the keep bits and the sums of squares. The same operations on the same values as the tile loops
+ * (welford, variance, sce_tile_avx2 and the scalar tails), and the sums in their order (lane l of four takes j = l mod
+ * 4): the same bits, but for NaN payloads. The divisions by a non-power of two are div_recip8's: the Welford step's d
+ * = x - mean is finite or NaN but where x or mean is inf, and there m2 turns NaN in the same step either way (inf *
  * (inf - inf)); mean and m2 start at +0 and are sums with +0, never -0; m2 of float32 values cannot overflow. */
 static AVX512_SCE Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const void *base, int base_dt,
                                              Py_ssize_t off, Py_ssize_t m, float *var_out, float thr, uint8_t *bits,
-                                             double *sums, sce_list_t *list) {
+                                             double *sums, const double *mul, const double *rc, double rk,
+                                             sce_list_t *list) {
     float tv[MAX_VECTORS][16];
-    double mul[MAX_VECTORS], rc[MAX_VECTORS]; /* model i's step: d * mul, else div_recip8 with rc, else d / (i + 1) */
     __m256d acc[MAX_VECTORS];
     const __m512d z = _mm512_setzero_pd(), vk = _mm512_set1_pd((double)k);
-    const double rk = recip_for((double)k);
     const __m512 vt = _mm512_set1_ps(thr);
     Py_ssize_t j, nnz = 0;
     int i, h;
-    for (i = 0; i < k; i++) {
-        mul[i] = (i & (i + 1)) == 0 ? 1.0 / (double)(i + 1) : 0.0;
-        rc[i] = mul[i] != 0.0 ? 0.0 : recip_for((double)(i + 1));
-        if (sums) acc[i] = _mm256_setzero_pd();
-    }
+    for (i = 0; sums && i < k; i++) acc[i] = _mm256_setzero_pd();
     for (j = 0; j < m; j += 16) {
         const __mmask16 lanes = m - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - j)) - 1u);
         const __m512 bv = load16_z(base, base_dt, off + j, lanes);
@@ -2009,15 +2015,15 @@ static AVX512_SCE Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const v
 #endif
 
 /* One Welford step of run_sce over a tile: t -= b, then the float64 update with x = t (mul: 1 / cnt when that is
- * exact, a power of two; else 0 and a division). The first step (first != 0) takes mean and m2 as 0.0 without
- * reading them: the same operations on the same values, no zeroing pass. */
+ * exact, a power of two; else 0 and a division, rc: see sce_steps). The first step (first != 0) takes mean and m2 as
+ * 0.0 without reading them: the same operations on the same values, no zeroing pass. */
 static inline __attribute__((always_inline)) void welford(float *restrict t, const float *restrict b,
                                                           double *restrict mean, double *restrict m2, Py_ssize_t m,
-                                                          double cnt, double mul, int first) {
+                                                          double cnt, double mul, double rc, int first) {
     Py_ssize_t j = 0, j0;
 #if HAVE_F16C_PATH
     if (fma_ok()) {
-        j = welford_avx2(t, b, mean, m2, m, cnt, mul, mul != 0.0 ? 0.0 : recip_for(cnt), first);
+        j = welford_avx2(t, b, mean, m2, m, cnt, mul, rc, first);
         if (j == m) return;
     }
 #endif
@@ -2048,10 +2054,11 @@ static inline __attribute__((always_inline)) void welford(float *restrict t, con
 MULTIVERSION
 static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base_dt, Py_ssize_t n, float *var_out,
                           float thr, uint8_t *bits, double *sums, float *tiles, int want_count, sce_list_t *list) {
-    double mean[TILE], m2[TILE], acc[4 * MAX_VECTORS];
+    double mean[TILE], m2[TILE], acc[4 * MAX_VECTORS], mul[MAX_VECTORS], rc[MAX_VECTORS], rk;
     float *bt = tiles + (size_t)k * TILE, var[TILE];
     Py_ssize_t off, j, q, nnz = 0;
     int i;
+    sce_steps(k, mul, rc, &rk);
 #if HAVE_AVX512VL_PATH
     const int fused = use_fast && sce512_ok() && (want_count || var_out || bits);
 #endif
@@ -2059,7 +2066,7 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
         Py_ssize_t m = n - off < TILE ? n - off : TILE;
 #if HAVE_AVX512VL_PATH
         if (fused) {
-            nnz += sce_tile_avx512(terms, k, base, base_dt, off, m, var_out, thr, bits, sums, list);
+            nnz += sce_tile_avx512(terms, k, base, base_dt, off, m, var_out, thr, bits, sums, mul, rc, rk, list);
             continue;
         }
 #endif
@@ -2079,13 +2086,12 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
         }
         for (i = 0; i < k; i++) {
             float *tt = tiles + (size_t)i * TILE;
-            double cnt = (double)(i + 1), inv = 1.0 / cnt;
             load_tile(tt, terms[i].a, terms[i].a_dt, off, m);
-            welford(tt, bt, mean, m2, m, cnt, (i & (i + 1)) == 0 ? inv : 0.0, i == 0);
+            welford(tt, bt, mean, m2, m, (double)(i + 1), mul[i], rc[i], i == 0);
         }
         j = 0;
 #if HAVE_F16C_PATH
-        if (fma_ok()) j = variance_avx2(m2, var, m, (double)k);
+        if (fma_ok()) j = variance_avx2(m2, var, m, (double)k, rk);
 #endif
         for (; j < m; j++) var[j] = (float)(m2[j] / (double)k);
         if (var_out) memcpy(var_out + off, var, (size_t)m * sizeof(float));

@@ -1750,6 +1750,16 @@ static void sce_steps(int k, double *mul, double *rc, double *rk) {
     *rk = recip_for((double)k);
 }
 
+/* run_sce's sums of squares: per tile and model, element j of the tile into lane j % SCE_LANES (sixteen independent
+ * sums: the fused tile's two registers of eight, no chain of adds in a row), then the lanes added in this order. */
+#define SCE_LANES 16
+static double sum_lanes16(const double *a) {
+    double s[4];
+    int l;
+    for (l = 0; l < 4; l++) s[l] = (a[l] + a[l + 8]) + (a[l + 4] + a[l + 12]);
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
 #if HAVE_F16C_PATH
 CPU_CHECK(fma_ok, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
 
@@ -1808,8 +1818,7 @@ __attribute__((target("avx2,fma"))) static Py_ssize_t variance_avx2(const double
 #endif
 
 /* The rest of run_sce's tile in AVX2 (elements 0 .. 8*floor(m/8)): the count of var != 0, the keep bytes and the
- * masked sums of squares in the scalar loops' order (lane l of a four-lane sum takes j = l mod 4); returns where it
- * stopped. */
+ * masked sums of squares in the scalar loops' order (lane j % SCE_LANES); returns where it stopped. */
 __attribute__((target("avx2"))) static Py_ssize_t sce_tile_avx2(const float *var, Py_ssize_t m, float thr,
                                                                 uint8_t *bits, const float *tiles, int k,
                                                                 double *acc, Py_ssize_t *nnz) {
@@ -1823,19 +1832,21 @@ __attribute__((target("avx2"))) static Py_ssize_t sce_tile_avx2(const float *var
     }
     *nnz += c;
     if (!acc) return j;
-    for (i = 0; i < k; i++) {
+    for (i = 0; i < k; i++) { /* element q in lane q % SCE_LANES: four registers of four lanes */
         const float *tt = tiles + (size_t)i * TILE;
-        __m256d s = _mm256_loadu_pd(acc + 4 * i);
+        __m256d s[4];
         Py_ssize_t q;
+        int g;
+        for (g = 0; g < 4; g++) s[g] = _mm256_loadu_pd(acc + SCE_LANES * i + 4 * g);
         for (q = 0; q < j; q += 4) {
             __m256d x = _mm256_cvtps_pd(_mm_loadu_ps(tt + q)), sq = _mm256_mul_pd(x, x);
             if (bits) /* a dropped entry adds 0, even an inf or NaN one */
                 sq = _mm256_and_pd(_mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm_castps_si128(
                                        _mm_cmpge_ps(_mm_loadu_ps(var + q), _mm256_castps256_ps128(vt))))),
                                    sq);
-            s = _mm256_add_pd(s, sq);
+            s[(q >> 2) & 3] = _mm256_add_pd(s[(q >> 2) & 3], sq);
         }
-        _mm256_storeu_pd(acc + 4 * i, s);
+        for (g = 0; g < 4; g++) _mm256_storeu_pd(acc + SCE_LANES * i + 4 * g, s[g]);
     }
     return j;
 }
@@ -1930,8 +1941,8 @@ static inline __attribute__((always_inline)) AVX512_SCE __m512d half_pd(__m512 v
 /* One tile of run_sce (elements off .. off+m-1; not the sums-alone form) fused in AVX-512: sixteen elements at a time,
  * each model's v = a - base and its float64 Welford step in registers (mul, rc, rk: sce_steps), then the variance, the
  * count, var_out, the keep bits and the sums of squares. The same operations on the same values as the tile loops
- * (welford, variance, sce_tile_avx2 and the scalar tails), and the sums in their order (lane l of four takes j = l mod
- * 4): the same bits, but for NaN payloads. The divisions by a non-power of two are div_recip8's: the Welford step's d
+ * (welford, variance, sce_tile_avx2 and the scalar tails), and the sums in their order (element j in lane j %
+ * SCE_LANES): the same bits, but for NaN payloads. The divisions by a non-power of two are div_recip8's: the Welford step's d
  * = x - mean is finite or NaN but where x or mean is inf, and there m2 turns NaN in the same step either way (inf *
  * (inf - inf)); mean and m2 start at +0 and are sums with +0, never -0; m2 of float32 values cannot overflow. */
 static AVX512_SCE Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const void *base, int base_dt,
@@ -1939,12 +1950,12 @@ static AVX512_SCE Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const v
                                              double *sums, const double *mul, const double *rc, double rk,
                                              sce_list_t *list) {
     float tv[MAX_VECTORS][16];
-    __m256d acc[MAX_VECTORS];
+    __m512d acc[MAX_VECTORS][2]; /* lanes 0-7 and 8-15 of SCE_LANES */
     const __m512d z = _mm512_setzero_pd(), vk = _mm512_set1_pd((double)k);
     const __m512 vt = _mm512_set1_ps(thr);
     Py_ssize_t j, nnz = 0;
     int i, h;
-    for (i = 0; sums && i < k; i++) acc[i] = _mm256_setzero_pd();
+    for (i = 0; sums && i < k; i++) acc[i][0] = acc[i][1] = z;
     for (j = 0; j < m; j += 16) {
         const __mmask16 lanes = m - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - j)) - 1u);
         const __m512 bv = load16_z(base, base_dt, off + j, lanes);
@@ -1994,21 +2005,19 @@ static AVX512_SCE Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const v
         if (!sums) continue;
         for (i = 0; i < k; i++) {
             const __m512 t = _mm512_loadu_ps(tv[i]);
-            __m256d s = acc[i];
+            /* acc += x * x, the FMA rounding as the product and the sum would (x * x is exact in float64); a dropped
+             * entry adds nothing, even an inf or NaN one, nor does a lane past m (its v is 0) */
             for (h = 0; h < 2; h++) {
-                __m512d x = half_pd(t, h), sq = _mm512_mul_pd(x, x);
-                /* a dropped entry adds 0, even an inf or NaN one; so does a lane past m (its v is 0) */
-                if (bits) sq = _mm512_maskz_mov_pd((__mmask8)(keep >> (8 * h)), sq);
-                s = _mm256_add_pd(s, _mm512_castpd512_pd256(sq));
-                s = _mm256_add_pd(s, _mm512_extractf64x4_pd(sq, 1));
+                const __m512d x = half_pd(t, h);
+                acc[i][h] = bits ? _mm512_mask3_fmadd_pd(x, x, acc[i][h], (__mmask8)(keep >> (8 * h)))
+                                 : _mm512_fmadd_pd(x, x, acc[i][h]);
             }
-            acc[i] = s;
         }
     }
     for (i = 0; sums && i < k; i++) {
-        double a[4];
-        _mm256_storeu_pd(a, acc[i]);
-        sums[i] += (a[0] + a[1]) + (a[2] + a[3]);
+        double a[SCE_LANES];
+        _mm512_storeu_pd(a, acc[i][0]), _mm512_storeu_pd(a + 8, acc[i][1]);
+        sums[i] += sum_lanes16(a);
     }
     return nnz;
 }
@@ -2054,7 +2063,7 @@ static inline __attribute__((always_inline)) void welford(float *restrict t, con
 MULTIVERSION
 static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base_dt, Py_ssize_t n, float *var_out,
                           float thr, uint8_t *bits, double *sums, float *tiles, int want_count, sce_list_t *list) {
-    double mean[TILE], m2[TILE], acc[4 * MAX_VECTORS], mul[MAX_VECTORS], rc[MAX_VECTORS], rk;
+    double mean[TILE], m2[TILE], acc[SCE_LANES * MAX_VECTORS], mul[MAX_VECTORS], rc[MAX_VECTORS], rk;
     float *bt = tiles + (size_t)k * TILE, var[TILE];
     Py_ssize_t off, j, q, nnz = 0;
     int i;
@@ -2074,13 +2083,13 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
         if (!want_count && !var_out && !bits) { /* the sums alone (no selection): no variance, in the same order */
             for (i = 0; sums && i < k; i++) {
                 float *tt = tiles + (size_t)i * TILE;
-                double s[4] = {0.0, 0.0, 0.0, 0.0};
+                double s[SCE_LANES] = {0.0};
                 load_tile(tt, terms[i].a, terms[i].a_dt, off, m);
                 for (j = 0; j < m; j++) {
                     double x = (double)(tt[j] - bt[j]);
-                    s[j & 3] += x * x;
+                    s[j & (SCE_LANES - 1)] += x * x;
                 }
-                sums[i] += (s[0] + s[1]) + (s[2] + s[3]);
+                sums[i] += sum_lanes16(s);
             }
             continue;
         }
@@ -2097,7 +2106,7 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
         if (var_out) memcpy(var_out + off, var, (size_t)m * sizeof(float));
         /* the count, the keep bits (off and the block's offset are multiples of 8) and the sums of squares over the
          * kept entries (a dropped one adds 0, even where v is inf or NaN), four lanes per model */
-        for (i = 0; sums && i < 4 * k; i++) acc[i] = 0.0;
+        for (i = 0; sums && i < SCE_LANES * k; i++) acc[i] = 0.0;
         j = 0;
 #if HAVE_F16C_PATH
         if (avx2_ok()) j = sce_tile_avx2(var, m, thr, bits ? bits + (off >> 3) : NULL, tiles, k, sums ? acc : NULL, &nnz);
@@ -2117,12 +2126,12 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
         if (!sums) continue;
         for (i = 0; i < k; i++) {
             const float *tt = tiles + (size_t)i * TILE;
-            double *s = acc + 4 * i;
+            double *s = acc + SCE_LANES * i;
             for (q = j; q < m; q++) {
                 double x = (double)tt[q];
-                s[q & 3] += bits && !(var[q] >= thr) ? 0.0 : x * x;
+                s[q & (SCE_LANES - 1)] += bits && !(var[q] >= thr) ? 0.0 : x * x;
             }
-            sums[i] += (s[0] + s[1]) + (s[2] + s[3]);
+            sums[i] += sum_lanes16(s);
         }
     }
     return nnz;
@@ -2846,10 +2855,18 @@ static PyObject *native_sce_finish(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "sce_finish: an index past the bits");
             k = -1;
         }
-    for (i = 0; i < k; i++) { /* one model at a time, its sum in a register; a dropped entry adds 0.0 (no branch) */
+    for (i = 0; i < k; i++) { /* one model at a time, its sum in a register; a dropped entry adds +0.0 (the sums are
+                                * never -0.0), its square masked off: a branch here was taken at random */
         const float *t = (const float *)tb.buf + (size_t)i * stride, *v = (const float *)vb.buf, f = (float)thr;
         double acc = ((double *)sb.buf)[i];
-        for (j = 0; j < cnt; j++) acc += v[j] >= f ? (double)t[j] * (double)t[j] : 0.0;
+        for (j = 0; j < cnt; j++) {
+            double sq = (double)t[j] * (double)t[j];
+            uint64_t u;
+            memcpy(&u, &sq, sizeof u);
+            u &= (uint64_t)0 - (uint64_t)(v[j] >= f);
+            memcpy(&sq, &u, sizeof sq);
+            acc += sq;
+        }
         ((double *)sb.buf)[i] = acc;
     }
     for (j = 0; k > 0 && j < cnt; j++) {

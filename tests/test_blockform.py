@@ -574,6 +574,44 @@ def test_sce_keep_bits_and_energies_from_the_selection_pass(monkeypatch, case: s
         assert sums[i] == pytest.approx(np.where(keep, x * x, 0.0).sum(), rel=1e-12)
 
 
+def test_sce_selection_through_a_reader_that_reuses_its_buffer(monkeypatch) -> None:
+    """SCE's selection and early keep bits as the engine's copying reader gives its inputs: each read into one buffer
+    per input, valid until that input's next read (the sample's pieces are gathered one by one; its last piece differs
+    from the rest), on a tensor whose last pass block is exactly as long as a sample piece and starts where the last
+    piece does — against torch."""
+    if not compute.native_available():
+        pytest.skip("the native kernel is not built here")
+    monkeypatch.setattr(plan, "BRACKET", True)
+    n = plan.HIST_BLOCK + plan.SAMPLE_PIECE
+    gen = torch.Generator().manual_seed(17)
+    base = (torch.randn(n, generator=gen) * 0.02).bfloat16()
+    spread = torch.full((n,), 0.002)
+    spread[-plan.SAMPLE_PIECE :] = 0.0024  # the last piece alone would put the bracket well above the threshold
+    models = [(base.float() + torch.randn(n, generator=gen) * spread * (i + 1)).bfloat16() for i in range(3)]
+    raw = [_raw(t) for t in [base, *models]]
+    bufs = [bytearray(2 * n) for _ in raw]
+
+    def read(i: int, s: int, e: int) -> memoryview:
+        view = memoryview(bufs[i])[: 2 * (e - s)]
+        view[:] = raw[i][2 * s : 2 * e]
+        return view
+
+    st = B.Stats(read, ["BF16"] * 4, True, n)
+    taus = [t.float() - base.float() for t in models]
+    var = torch.var(torch.stack(taus), dim=0, correction=0)
+    k = int(int(torch.count_nonzero(var)) * 0.3)
+    assert st.sce_selection(0.3) == (k, float(torch.topk(var, k).values[-1]))
+    thr = float(torch.topk(var, k).values[-1])
+    early = st._cache.get("sce_early")
+    assert early is not None and early.covers(thr)
+    _, sums, bits = st.sce(thr)
+    keep = (var >= thr).numpy()
+    assert np.array_equal(np.unpackbits(bits, bitorder="little")[:n].astype(bool), keep)
+    for i, t in enumerate(taus):
+        x = t.double().numpy()
+        assert sums[i] == pytest.approx(np.where(keep, x * x, 0.0).sum(), rel=1e-12)
+
+
 @pytest.mark.parametrize("layout", ["spread", "between-samples", "all-zero"])
 @pytest.mark.parametrize("bracket", [True, False])
 def test_sce_selection_counts_in_its_threshold_pass(monkeypatch, layout: str, bracket: bool) -> None:

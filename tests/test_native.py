@@ -569,6 +569,55 @@ def test_sce_fused_path_gives_the_tile_loops_bits() -> None:
         assert got[0] == got[1], k
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_sce_sums_are_added_in_sixteen_lanes_per_tile(fused: bool) -> None:
+    """sce()'s float64 sums of squares, bit for bit, in their documented order: per tile of 1024 elements, element j
+    of the tile into lane j % 16 in order, the lanes added as ((l0 + l8) + (l4 + l12)) + ((l1 + l9) + (l5 + l13)) + …,
+    the tiles in order; with keep bits (a dropped entry adds nothing) and without. Values of a few scales, so that
+    another order rounds differently (the test checks that it does)."""
+    from capmerge import _native
+
+    g = torch.Generator().manual_seed(11)
+    n, k, tile = 3 * 1024 + 37, 3, 1024
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    scale = torch.exp2(torch.randint(-3, 3, (n,), generator=g).float())
+    models = [base.float() + torch.randn(n, generator=g) * scale for _ in range(k)]  # float32: 24-bit differences
+    taus = [m - base.float() for m in models]
+    var = torch.var(torch.stack(taus), dim=0, unbiased=False)
+    thr = float(var.median())
+    ins = [(_mv(m), compute.NATIVE_CODES["F32"]) for m in models]
+
+    def ordered(x: list[float], keep: list[bool]) -> float:
+        total = 0.0
+        for t0 in range(0, n, tile):
+            lanes = [0.0] * 16
+            for j in range(t0, min(n, t0 + tile)):
+                if keep[j]:
+                    lanes[(j - t0) % 16] += x[j] * x[j]  # exact product of float32 values in float64
+            quads = [(lanes[q] + lanes[q + 8]) + (lanes[q + 4] + lanes[q + 12]) for q in range(4)]
+            total += (quads[0] + quads[1]) + (quads[2] + quads[3])
+        return total
+
+    keep = (var >= thr).tolist()
+    prev = _native.use_fast_merge(fused)
+    differs = False
+    try:
+        for bits in (np.zeros((n + 7) // 8, np.uint8), None):
+            sums = np.zeros(k)
+            _native.sce(ins, _mv(base), 2, n, 0, None, thr if bits is not None else 0.0, bits, sums)
+            for i in range(k):
+                x = taus[i].double().tolist()
+                want = ordered(x, keep if bits is not None else [True] * n)
+                assert sums[i] == want, (i, bits is None)
+                plain = 0.0  # one sum in element order
+                for v, kp in zip(x, keep, strict=True):
+                    plain += v * v if kp or bits is None else 0.0
+                differs = differs or plain != want
+    finally:
+        _native.use_fast_merge(prev)
+    assert differs  # the data tells the orders apart
+
+
 @pytest.mark.parametrize("m", [1, 7, 1000, 5000])
 def test_importance_is_the_scaled_difference_of_each_row(m: int) -> None:
     """importance(): |a − b|·scale[row] in float32 (torch's rounding) for a block starting mid-row, written out as

@@ -247,10 +247,13 @@ class Stats:
 
         pre = _SceEarly(len(self.codes) - 1, n)
         lists = ThreadScratch()
+        sampled: dict[tuple[int, int], memoryview] = {}  # the sample's pieces -> their variance (float32 bytes)
 
         def read(i: int, s: int, e: int) -> memoryview:
+            if pre.hi is None and (s, e) in sampled:  # the bracket's sample
+                return sampled[(s, e)]
             out = scratch.get(4 * (e - s))
-            if pre.hi is None:  # the samples (before the bracket)
+            if pre.hi is None:  # a pass over the whole without a bracket
                 nonzero[(s, e)] = self._sce_block(s, e, out, None, None, None)
             else:  # the pass over the whole: the keep bits and energies above the bracket, the entries inside listed
                 nonzero[(s, e)] = pre.block(self, s, e, out, lists)
@@ -259,9 +262,8 @@ class Stats:
         k_est = 1  # no bracket below BRACKET_MIN (the sample's size): any estimate
         if n >= SAMPLE_PIECES * SAMPLE_PIECE:
             pieces = sample_pieces(n)
-            for s, e in pieces:
-                read(0, s, e)
-            k_est = max(1, int(sum(nonzero[p] for p in pieces) / (SAMPLE_PIECES * SAMPLE_PIECE) * n * share))
+            nnz = self._sce_sample(pieces, sampled)
+            k_est = max(1, int(nnz / (SAMPLE_PIECES * SAMPLE_PIECE) * n * share))
         got: list[int] = []
 
         def after(whole: list[tuple[int, int]]) -> dict[int, list[int]]:
@@ -291,13 +293,40 @@ class Stats:
         views = [self.read(i, s, e) for i in range(1, k + 1)]
         base = self.read(0, s, e)
         if compute.use_native(*self.codes):
-            from capmerge.merge.compute import _native
-
-            out = memoryview(sums).cast("B") if sums is not None else None
-            return _native.sce([(v, compute.NATIVE_CODES[c]) for v, c in zip(views, self.codes[1:], strict=True)],
-                               base, compute.NATIVE_CODES[self.codes[0]], e - s, s if bits is not None else 0, var,
-                               math.nan if thr is None else thr, bits, out, count, *(listing or ()))  # fmt: skip
+            return self._native_sce(views, base, e - s, s if bits is not None else 0, var, thr, bits, sums, count,
+                                    listing)  # fmt: skip
         return _torch_sce(views, self.codes[1:], base, self.codes[0], e - s, s, var, thr, bits, sums)
+
+    def _native_sce(self, views: list[Any], base: Any, n: int, offset: int, var: Any, thr: float | None, bits: Any,
+                    sums: Any, count: bool = True, listing: tuple[float, Any, Any, Any] | None = None,
+                    ) -> Any:  # fmt: skip
+        """The native ``sce`` call over the models' ``views`` and the ``base`` (n elements; see :meth:`_sce_block`)."""
+        from capmerge.merge.compute import _native
+
+        out = memoryview(sums).cast("B") if sums is not None else None
+        return _native.sce([(v, compute.NATIVE_CODES[c]) for v, c in zip(views, self.codes[1:], strict=True)],
+                           base, compute.NATIVE_CODES[self.codes[0]], n, offset, var,
+                           math.nan if thr is None else thr, bits, out, count, *(listing or ()))  # fmt: skip
+
+    def _sce_sample(self, pieces: Sequence[tuple[int, int]], into: dict[tuple[int, int], memoryview]) -> int:
+        """The variance of the bracket's sample (native inputs): the pieces of every input joined, one native call
+        over them (a call per piece spent more in Python than in the kernel); each piece's variance (float32 bytes)
+        into ``into``. Returns #{var ≠ 0} over the sample."""
+        import numpy as np
+
+        k = len(self.codes) - 1
+        joined = [bytearray() for _ in range(k + 1)]
+        for i, buf in enumerate(joined):
+            for s, e in pieces:
+                buf += self.read(i, s, e)  # copied at once: a read into a scratch buffer lasts until the next
+        m = sum(e - s for s, e in pieces)
+        var = np.empty(m, dtype=np.float32)
+        nnz = self._native_sce(joined[1:], joined[0], m, 0, var, None, None, None)
+        flat, o = memoryview(var).cast("B"), 0
+        for s, e in pieces:
+            into[(s, e)] = flat[4 * o : 4 * (o + e - s)]
+            o += e - s
+        return int(nnz)
 
     def della(self, i: int, table: Any, key: int, m: int) -> tuple[float, float, Any]:
         """DELLA's keep bits of v_i = θ_i − base over rows of ``m`` consecutive elements: entry j is kept where

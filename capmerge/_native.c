@@ -1893,12 +1893,15 @@ static float *alloc_tiles(size_t count) {
 
 /* run_sce's list of the entries with lo <= var < thr (the bracket of SCE's threshold, below the bits' own bound):
  * their element index (from the call's first), var and v_i (model i's at tau[i * stride + j]); room for `cap`, and
- * 16 more words each for the vector stores. Once full, `overflow` is set and nothing more is listed. */
+ * 16 more words each for the vector stores. Once full, `overflow` is set and nothing more is listed. `above` counts
+ * the entries whose |var| bit pattern is at least `top` (thr's): var >= thr and every NaN, the level-0 bins above a
+ * bracket that ends at thr (see bracket()); with the list, the pass's histogram needs no variance written out. */
 typedef struct {
     uint32_t *idx;
     float *var, *tau;
     float lo;
-    Py_ssize_t cap, stride, cnt;
+    uint32_t top;
+    Py_ssize_t cap, stride, cnt, above;
     int overflow;
 } sce_list_t;
 
@@ -1941,10 +1944,11 @@ static inline __attribute__((always_inline)) AVX512_SCE __m512d half_pd(__m512 v
 /* One tile of run_sce (elements off .. off+m-1; not the sums-alone form) fused in AVX-512: sixteen elements at a time,
  * each model's v = a - base and its float64 Welford step in registers (mul, rc, rk: sce_steps), then the variance, the
  * count, var_out, the keep bits and the sums of squares. The same operations on the same values as the tile loops
- * (welford, variance, sce_tile_avx2 and the scalar tails), and the sums in their order (element j in lane j %
- * SCE_LANES): the same bits, but for NaN payloads. The divisions by a non-power of two are div_recip8's: the Welford step's d
- * = x - mean is finite or NaN but where x or mean is inf, and there m2 turns NaN in the same step either way (inf *
- * (inf - inf)); mean and m2 start at +0 and are sums with +0, never -0; m2 of float32 values cannot overflow. */
+ * (welford, variance, sce_tile_avx2 and the scalar tails), and the sums in their order (element j in lane
+ * j % SCE_LANES): the same bits, but for NaN payloads. The divisions by a non-power of two are div_recip8's: the
+ * Welford step's d = x - mean is finite or NaN but where x or mean is inf, and there m2 turns NaN in the same step
+ * either way (inf * (inf - inf)); mean and m2 start at +0 and are sums with +0, never -0; m2 of float32 values cannot
+ * overflow. */
 static AVX512_SCE Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const void *base, int base_dt,
                                              Py_ssize_t off, Py_ssize_t m, float *var_out, float thr, uint8_t *bits,
                                              double *sums, const double *mul, const double *rc, double rk,
@@ -1986,6 +1990,11 @@ static AVX512_SCE Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const v
             uint8_t *o = bits + ((off + j) >> 3);
             o[0] = (uint8_t)keep;
             if (m - j > 8) o[1] = (uint8_t)(keep >> 8);
+        }
+        if (list) {
+            const __m512i pat = _mm512_and_si512(_mm512_castps_si512(var), _mm512_set1_epi32(0x7FFFFFFF)),
+                          top = _mm512_set1_epi32((int)list->top);
+            list->above += __builtin_popcount(_mm512_mask_cmpge_epu32_mask(lanes, pat, top));
         }
         if (list && !list->overflow) { /* lo <= var < thr (not NaN), packed to the front and stored whole */
             const __mmask16 mid = _mm512_mask_cmp_ps_mask(lanes, var, _mm512_set1_ps(list->lo), _CMP_GE_OQ) & ~keep;
@@ -2113,6 +2122,7 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
 #endif
         for (q = j; q < m; q++) nnz += var[q] != 0.0f;
         if (bits) set_bits_ge(var, j, m, thr, bits + (off >> 3)); /* the tail the vector loop left */
+        for (q = 0; list && q < m; q++) list->above += (f2u(var[q]) & 0x7FFFFFFFu) >= list->top;
         for (q = 0; list && q < m; q++)
             if (var[q] >= list->lo && !(var[q] >= thr) && !list->overflow) {
                 if (list->cnt == list->cap) {
@@ -2141,8 +2151,8 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
  * var != 0; see run_sce. models: a sequence of (buffer, dtype); var_out, bits and sums may be None. count false, with
  * neither var_out nor bits: the sums alone (no variance is computed; returns 0). With lo and the three list buffers
  * (uint32 idx and float32 var of cap + 16 words, float32 tau of k rows of stride = its length / k words, with sums):
- * the entries with lo <= var < thr are listed too (sce_list_t), and the result is (count, listed), listed = -1 when
- * they did not fit. */
+ * the entries with lo <= var < thr are listed too (sce_list_t), and the result is (count, listed, above), listed = -1
+ * when they did not fit, above: the entries with |var|'s bit pattern at least thr's (var >= thr, and NaN). */
 static PyObject *native_sce(PyObject *self, PyObject *args) {
     PyObject *models_o, *var_o, *bits_o, *sums_o, *sv = NULL, *li_o = NULL, *lv_o = NULL, *lt_o = NULL;
     Py_buffer base, ab[MAX_VECTORS], vb, bb, sb, lb[3];
@@ -2210,7 +2220,8 @@ static PyObject *native_sce(PyObject *self, PyObject *args) {
             if (PyObject_GetBuffer(lo_bufs[nl], &lb[nl], PyBUF_WRITABLE) < 0) ok = 0;
         if (ok) {
             list.idx = (uint32_t *)lb[0].buf, list.var = (float *)lb[1].buf, list.tau = (float *)lb[2].buf;
-            list.lo = (float)lo, list.cap = lb[0].len / 4 - 16, list.stride = lb[2].len / 4 / k, lp = &list;
+            list.lo = (float)lo, list.top = f2u((float)thr) & 0x7FFFFFFFu;
+            list.cap = lb[0].len / 4 - 16, list.stride = lb[2].len / 4 / k, lp = &list;
         }
         if (ok && (list.cap < 0 || lb[1].len / 4 - 16 < list.cap || list.stride < list.cap + 16 || !has_s)) {
             PyErr_SetString(PyExc_ValueError, "sce: list buffers of cap + 16 words (tau: k rows), with the sums");
@@ -2234,7 +2245,7 @@ static PyObject *native_sce(PyObject *self, PyObject *args) {
     while (nl > 0) PyBuffer_Release(&lb[--nl]);
     Py_XDECREF(sv);
     if (!ok) return NULL;
-    if (lp) return Py_BuildValue("nn", nnz, list.overflow ? (Py_ssize_t)-1 : list.cnt);
+    if (lp) return Py_BuildValue("nnn", nnz, list.overflow ? (Py_ssize_t)-1 : list.cnt, list.above);
     return PyLong_FromSsize_t(nnz);
 }
 

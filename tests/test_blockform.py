@@ -632,6 +632,8 @@ def test_sce_selection_counts_in_its_threshold_pass(monkeypatch, layout: str, br
         s = 5 * (n - plan.SAMPLE_PIECE) // (plan.SAMPLE_PIECES - 1) + plan.SAMPLE_PIECE + 100
         same[s : s + 10_000] = False
     models = [torch.where(same, base, t) for t in models]
+    if layout == "spread":  # NaN variances: nonzero, and above every other value (as topk ranks them)
+        models[1][range(1000, n, 997)] = float("nan")
     raw = [_raw(t) for t in [base, *models]]
     st = B.Stats(lambda i, s, e: raw[i][2 * s : 2 * e], ["BF16"] * 4, True, n)
     var = torch.var(torch.stack([t.float() - base.float() for t in models]), dim=0, correction=0)

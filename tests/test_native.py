@@ -503,7 +503,8 @@ def test_sce_division_without_a_divider_is_the_division(lanes: int) -> None:
 @pytest.mark.parametrize("fused", [True, False])
 def test_sce_lists_the_bracket_and_finishes_it(fused: bool) -> None:
     """sce() with a list: the keep bits and sums of var ≥ thr as without, and the entries with lo ≤ var < thr (lo one
-    of the variances itself: ≥, not >) listed in order with their index, var and v_i; a list past its room reads −1.
+    of the variances itself: ≥, not >) listed in order with their index, var and v_i; a list past its room reads −1;
+    the count of var ≥ thr and NaN (the level-0 bins above a bracket ending at thr).
     sce_finish() then sets the bits of the listed entries at or above a threshold t inside and adds their v_i² in
     float64: together, the bits and sums of var ≥ t (numpy)."""
     from capmerge import _native
@@ -523,7 +524,7 @@ def test_sce_lists_the_bracket_and_finishes_it(fused: bool) -> None:
         room = 400 + 16
         idx, lv, tau = np.zeros(room, np.uint32), np.zeros(room, np.float32), np.zeros(k * room, np.float32)
         bits, sums = np.zeros(n // 8 + 1, np.uint8), np.zeros(k)
-        nnz, listed = _native.sce(ins, _mv(base), 2, n, 0, None, hi, bits, sums, True, lo, idx, lv, tau)
+        nnz, listed, above = _native.sce(ins, _mv(base), 2, n, 0, None, hi, bits, sums, True, lo, idx, lv, tau)
         small = [np.zeros(16 + 16, np.uint32), np.zeros(32, np.float32), np.zeros(k * 32, np.float32)]
         assert (
             _native.sce(ins, _mv(base), 2, n, 0, None, hi, np.zeros_like(bits), np.zeros(k), True, lo, *small)[1] == -1
@@ -532,6 +533,7 @@ def test_sce_lists_the_bracket_and_finishes_it(fused: bool) -> None:
         _native.use_fast_merge(prev)
     inside = np.flatnonzero((var >= lo) & (var < hi))
     assert nnz == int(np.count_nonzero(var)) and listed == len(inside)
+    assert above == int(np.count_nonzero((var >= hi) | np.isnan(var)))  # NaN above every bracket
     assert np.array_equal(idx[:listed], inside) and np.array_equal(lv[:listed], var[inside])
     for i in range(k):
         assert np.array_equal(tau.reshape(k, room)[i, :listed], taus[i].numpy()[inside])

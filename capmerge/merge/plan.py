@@ -194,7 +194,8 @@ def kth_largest_abs_many(
     ``on_bracket(j, lo, hi)``: called once the sample has chosen input j's bracket, before its pass over the whole
     (native inputs of at least BRACKET_MIN elements): every rank the bracket settles lies in [lo, hi) (float32
     values of |x|); a caller can then do the work of the values above and list those inside in its reads of the
-    pass (SCE's keep bits and energies)."""
+    pass (SCE's keep bits and energies), and answer a float32 input's reads of that pass (each block once) with an
+    :class:`Inside` where hi is finite: the histogram is then made from the listed values alone."""
     outs: list[dict[int, float]] = [{k: math.inf for k in ks if k <= 0} for _, _, ks in items]
     todo = [(j, ia, ca, sorted({k for k in ks if k > 0})) for j, (ia, ca, ks) in enumerate(items)]
     native = [t for t in todo if (t[3] or after_pass) and compute.use_native(t[2], *([cb] if ib is not None else []))]
@@ -347,7 +348,10 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
                 st, (lo, hi) = acc[j], brackets[j]
                 sub = st[0].sub_for(cnt)
                 va = read(ia, s, e)
-                if vb is None and not wide[j]:
+                if isinstance(va, Inside):  # the histogram of the values inside, the count above the bracket
+                    up, st[3] = _native.bracket(va.values, dts[j], len(va.values), lo, hi, sub, False, st[2], st[3])
+                    st[1] += up + va.above
+                elif vb is None and not wide[j]:
                     st[1] += _native.bracket(va, dts[j], cnt, lo, hi, sub, False)
                 elif vb is None:
                     up, st[3] = _native.bracket(va, dts[j], cnt, lo, hi, sub, False, st[2], st[3])
@@ -436,6 +440,17 @@ def _dealt(fn: Callable[[list[tuple[int, int]]], Any], whole: list[tuple[int, in
 
     workers = min(compute_threads(), len(whole)) if len(whole) >= THRESHOLD_PARALLEL_MIN else 1
     return parallel_map(fn, [whole[w::workers] for w in range(workers)])
+
+
+@dataclass(frozen=True)
+class Inside:
+    """What a read may give for a block of the bracketed pass in place of its float32 values, once ``on_bracket``
+    has told the reader the bracket [lo, hi) (see :func:`kth_largest_abs_many`): ``above``, the count of values whose
+    |x| bit pattern is at least hi's (x ≥ hi and NaN: the level-0 bins above the bracket), and ``values``, the values
+    inside the bracket in block order; the block's other values lie below it."""
+
+    above: int
+    values: Any  # float32
 
 
 class ThreadScratch:

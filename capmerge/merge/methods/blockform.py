@@ -253,10 +253,10 @@ class Stats:
             if pre.hi is None and (s, e) in sampled:  # the bracket's sample
                 return sampled[(s, e)]
             out = scratch.get(4 * (e - s))
-            if pre.hi is None:  # a pass over the whole without a bracket
-                nonzero[(s, e)] = self._sce_block(s, e, out, None, None, None)
-            else:  # the pass over the whole: the keep bits and energies above the bracket, the entries inside listed
-                nonzero[(s, e)] = pre.block(self, s, e, out, lists)
+            if pre.hi is not None and s not in pre.blocks:  # the bracketed pass: bits and energies, the list
+                nonzero[(s, e)], got = pre.block(self, s, e, out, lists)
+                return got
+            nonzero[(s, e)] = self._sce_block(s, e, out, None, None, None)  # no bracket, or a pass after it
             return out
 
         k_est = 1  # no bracket below BRACKET_MIN (the sample's size): any estimate
@@ -288,7 +288,8 @@ class Stats:
     ) -> Any:
         """Elements [s, e) of :meth:`sce`: the variance into ``var`` (a float32 buffer, or None), the keep bits of
         var ≥ ``thr`` and the sums into ``sums``; returns #{var ≠ 0} there. ``listing`` (lo, idx, var, tau; native
-        only): the entries with lo ≤ var < thr listed too, and the result is (#{var ≠ 0}, how many, −1: too many)."""
+        only): the entries with lo ≤ var < thr listed too, and the result is (#{var ≠ 0}, how many, −1: too many,
+        #{|var|'s bit pattern ≥ thr's}: var ≥ thr and NaN)."""
         k = len(self.codes) - 1
         views = [self.read(i, s, e) for i in range(1, k + 1)]
         base = self.read(0, s, e)
@@ -392,9 +393,14 @@ class _SceEarly:
         self.bits = np.zeros((self.n + 7) // 8, dtype=np.uint8)
         self.lo, self.hi = lo, hi
 
-    def block(self, st: Stats, s: int, e: int, out: Any, lists: Any) -> int:
-        """The pass's block [s, e): the variance into ``out`` (for the bracket), bits and sums above, the list."""
+    def block(self, st: Stats, s: int, e: int, out: Any, lists: Any) -> tuple[int, Any]:
+        """The pass's block [s, e): bits and sums above the bracket, the entries inside it listed. Returns #{var ≠ 0}
+        and the block for the bracket's histogram: a :class:`~capmerge.merge.plan.Inside` made from the list (no
+        variance written out), or the variance in ``out`` where the list outgrew its room or the bracket has no
+        finite top."""
         import numpy as np
+
+        from capmerge.merge.plan import Inside
 
         assert self.lo is not None and self.hi is not None
         k, cap = self.k, (e - s) // self.LIST_SHARE
@@ -402,14 +408,20 @@ class _SceEarly:
         buf = np.frombuffer(lists.get(4 * room * (k + 2)), dtype=np.uint32, count=room * (k + 2))
         idx, var, tau = buf[:room], buf[room : 2 * room].view(np.float32), buf[2 * room :].view(np.float32)
         sums = np.zeros(k, dtype=np.float64)
-        nnz, listed = st._sce_block(s, e, out, self.hi, self.bits, sums, True, (self.lo, idx, var, tau))
+        summary = math.isfinite(self.hi)
+        nnz, listed, above = st._sce_block(s, e, None if summary else out, self.hi, self.bits, sums, True,
+                                           (self.lo, idx, var, tau))  # fmt: skip
         got = None
         if listed >= 0:
             tau_kept = tau.reshape(k, room)[:, :listed].copy()
             got = (nnz, sums, idx[:listed].copy(), var[:listed].copy(), tau_kept)
         with self._lock:
             self.blocks[s] = got
-        return nnz
+        if summary and got is not None:
+            return nnz, Inside(above, got[3])
+        if summary:
+            st._sce_block(s, e, out, None, None, None)
+        return nnz, out
 
     def covers(self, thr: float) -> bool:
         """Whether the pass made everything for threshold ``thr``: inside the bracket, every block listed in full."""

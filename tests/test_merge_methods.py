@@ -248,6 +248,52 @@ def test_thresholds_of_several_models_in_one_pass(monkeypatch: pytest.MonkeyPatc
     assert got == [{k: float(r[k - 1]) for k in ks} for r, ks in zip(ref, (wanted[0], wanted[2]), strict=True)]
 
 
+@pytest.mark.parametrize("answer", ["every block", "one block", "after the pass: a rank outside the bracket"])
+def test_thresholds_from_blocks_read_as_inside(monkeypatch: pytest.MonkeyPatch, pass_threads: str, answer: str) -> None:
+    """A reader that answers the bracketed pass's blocks with plan.Inside (the count above the bracket, the values
+    inside it) once on_bracket has given it the bracket: the k-th largest |x| as torch.sort gives it (NaN first) —
+    from the listed values alone or from those and the other blocks' histograms, in that one pass, and, for a rank
+    that after_pass moves outside the bracket, from the pass after it (read in full)."""
+    import numpy as np
+
+    monkeypatch.setattr(plan, "BRACKET", True)
+    monkeypatch.setattr(plan, "BRACKET_MIN", 1 << 12)
+    n = 200_003
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-8, 8, (n,), generator=g).float())
+    x[range(500, n, 4001)] = float("nan")
+    raw = memoryview(bytearray(x.numpy().tobytes()))
+    absx = x.abs().numpy()
+    bracket: list[float] = []
+    answered: set[int] = set()
+
+    whole: list[int] = []  # block reads (not sample pieces)
+
+    def read(i: int, s: int, e: int) -> object:
+        first = s not in answered and e - s > plan.SAMPLE_PIECE
+        if e - s > plan.SAMPLE_PIECE:
+            whole.append(s)
+        if bracket and first and (answer != "one block" or s == 0):
+            answered.add(s)
+            a, lo, hi = absx[s:e], *bracket
+            with np.errstate(invalid="ignore"):
+                return plan.Inside(int(np.count_nonzero((a >= hi) | np.isnan(a))), x.numpy()[s:e][(a >= lo) & (a < hi)])
+        return raw[4 * s : 4 * e]
+
+    ks = [n // 3, n // 3 + 7]
+    after = None
+    if answer.startswith("after"):
+        ks, after = [n // 3], lambda whole: {0: [n // 50]}
+    got = plan.kth_largest_abs_many(read, [(0, "F32", ks)], None, "F32", n, after_pass=after,
+                                    on_bracket=lambda j, lo, hi: bracket.extend([lo, hi]))[0]  # fmt: skip
+    ref = torch.sort(x.abs().nan_to_num(nan=float("inf")), descending=True).values
+    final = [n // 50] if after else ks
+    assert got == {k: float(ref[k - 1]) for k in final}
+    assert answered and (answer != "one block" or answered == {0})
+    if not after:  # one pass over the blocks settled them
+        assert sorted(whole) == list(range(0, n, plan.HIST_BLOCK))
+
+
 def test_bracket_widens_when_rows_differ_in_scale(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows of log-normal scale: a fixed ±3 % bracket from the sample misses the threshold, the bracket sized by the
     pieces' disagreement holds it; the k-th largest equals torch.topk's either way."""

@@ -333,25 +333,27 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
             on_bracket(j, float32_of(lo << 16), float32_of((hi + 1) << 16) if hi + 1 <= 0x7F80 else math.inf)
 
     def count(ranges: list[tuple[int, int]]) -> dict[int, list[Any]]:
-        """The pass over ``ranges``: j -> [level-0 counts, above, collected patterns, how many (-1: too many)]. Every
-        float32 bracket collects its inexact patterns: few for a difference of two 16-bit inputs (see above), and for
-        other float32 values (SCE's variance, arcee_fusion's importance) as many as the bracket holds, often under
-        the cap; past it, level 1 runs as before."""
-        acc = {}  # j -> [level-0 histogram, above, collect buffer, collected]
+        """The pass over ``ranges``: j -> [level-0 counts (0: none made), above, collected patterns, how many (-1:
+        too many), the blocks read as an :class:`Inside`]. Every float32 bracket collects its inexact patterns: few
+        for a difference of two 16-bit inputs (see above), and for other float32 values (SCE's variance,
+        arcee_fusion's importance) as many as the bracket holds, often under the cap; past it, level 1 runs as
+        before."""
+        acc = {}  # j -> [level-0 histogram (made at its first block of values), above, collect, collected, Insides]
         for j, _, _, _ in todo:
             col = np.empty(max(COLLECT_MIN, n // COLLECT_SHARE) if wide[j] else 1, dtype=np.uint32)
-            acc[j] = [_Level0(), 0, col, 0 if wide[j] else -1]
+            acc[j] = [None, 0, col, 0 if wide[j] else -1, []]
         for s, e in ranges:
             cnt = e - s
             vb = read(ib, s, e) if ib is not None else None
             for j, ia, ca, _ in todo:
                 st, (lo, hi) = acc[j], brackets[j]
-                sub = st[0].sub_for(cnt)
                 va = read(ia, s, e)
-                if isinstance(va, Inside):  # the histogram of the values inside, the count above the bracket
-                    up, st[3] = _native.bracket(va.values, dts[j], len(va.values), lo, hi, sub, False, st[2], st[3])
-                    st[1] += up + va.above
-                elif vb is None and not wide[j]:
+                if isinstance(va, Inside):  # kept aside (see _inside_kth)
+                    st[4].append(va)
+                    continue
+                st[0] = st[0] or _Level0()
+                sub = st[0].sub_for(cnt)
+                if vb is None and not wide[j]:
                     st[1] += _native.bracket(va, dts[j], cnt, lo, hi, sub, False)
                 elif vb is None:
                     up, st[3] = _native.bracket(va, dts[j], cnt, lo, hi, sub, False, st[2], st[3])
@@ -360,26 +362,62 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
                     up, st[3] = _native.bracket_diff(va, compute.NATIVE_CODES[ca], vb, compute.NATIVE_CODES[cb], cnt,
                                                      lo, hi, sub, False, st[2], st[3])  # fmt: skip
                     st[1] += up
-        return {j: [st[0].counts(), st[1], st[2], st[3]] for j, st in acc.items()}
+        return {j: [st[0].counts() if st[0] else 0, *st[1:]] for j, st in acc.items()}
 
     parts = _dealt(count, whole)
     if settle is not None:
         todo = settle()
-    state = {}
-    for j, _, _, _ in todo:
-        ps = [p[j] for p in parts]
-        ncol = -1 if any(p[3] < 0 for p in ps) else sum(p[3] for p in ps)
-        col = np.concatenate([p[2][: p[3]] for p in ps]) if ncol >= 0 else None
-        state[j] = (sum(p[0] for p in ps), sum(p[1] for p in ps), col, ncol)
     found: dict[int, dict[int, tuple[int, int]] | None] = {}
     for j, _, _, ks in todo:
-        counts, above, col, ncol = state[j]
-        got = _locate(counts, above, ks)
+        ps = [p[j] for p in parts]
+        insides = [x for p in ps for x in p[4]]
+        if len(insides) == len(whole):  # every block read as an Inside: its values alone settle the ranks
+            direct = _inside_kth(insides, ks)
+            if direct is None:
+                found[j] = None
+            else:
+                outs[j].update(direct)
+            continue
+        if insides:
+            ps.append(_insides_counted(insides, brackets[j], dts[j], n))
+        ncol = -1 if any(p[3] < 0 for p in ps) else sum(p[3] for p in ps)
+        col = np.concatenate([p[2][: p[3]] for p in ps]) if ncol >= 0 else None
+        got = _locate(sum(p[0] for p in ps), sum(p[1] for p in ps), ks)
         if got is not None and ncol >= 0:
             outs[j].update(_collected_kth(col, got))
         else:
             found[j] = got
     return found
+
+
+def _inside_kth(insides: list[Inside], ks: Sequence[int]) -> dict[int, float] | None:
+    """The k-th largest |x| for each k of a pass read block by block as :class:`Inside`: the (k − above)-th largest
+    of the values inside the bracket, without a histogram; None when some k lies outside it (above or below)."""
+    import numpy as np
+
+    above = sum(x.above for x in insides)
+    vals = np.abs(np.concatenate([np.asarray(x.values, dtype=np.float32) for x in insides]))
+    ranks = {k: k - above for k in ks}
+    if any(r < 1 or r > len(vals) for r in ranks.values()):
+        return None
+    part = np.partition(vals, sorted({len(vals) - r for r in ranks.values()}))
+    return {k: float(part[len(vals) - r]) for k, r in ranks.items()}
+
+
+def _insides_counted(insides: list[Inside], bracket: tuple[int, int], dt: int, n: int) -> list[Any]:
+    """Blocks read as :class:`Inside` (float32) as a part of the bracketed pass counts them: [level-0 counts, above,
+    collected patterns, how many]. For a pass that read only some of its blocks so."""
+    import numpy as np
+
+    from capmerge.merge.compute import _native
+
+    assert _native is not None
+    h, above, ncol = _Level0(), 0, 0
+    col = np.empty(max(COLLECT_MIN, n // COLLECT_SHARE), dtype=np.uint32)
+    for x in insides:
+        up, ncol = _native.bracket(x.values, dt, len(x.values), *bracket, h.sub_for(len(x.values)), False, col, ncol)
+        above += up + x.above
+    return [h.counts(), above, col, ncol]
 
 
 def _collected_kth(col: Any, found: dict[int, tuple[int, int]]) -> dict[int, float]:

@@ -13,7 +13,7 @@ import functools
 import math
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -275,7 +275,7 @@ def kth_largest_abs_many(
     return outs
 
 
-def _level1(blocks: Callable[[list[tuple[int, int]]], Any], whole: list[tuple[int, int]],
+def _level1(blocks: Callable[[Iterable[tuple[int, int]]], Any], whole: list[tuple[int, int]],
             got: dict[int, tuple[int, int]]) -> dict[int, float]:  # fmt: skip
     """The k-th largest float32 values within their level-0 bins (``got``: k -> (bin, elements above it)): one pass
     that histograms the low 16 bits of every wanted bin from each block (``blocks(ranges)``: (buffer, n))."""
@@ -287,7 +287,7 @@ def _level1(blocks: Callable[[list[tuple[int, int]]], Any], whole: list[tuple[in
     bins = sorted({b for b, _ in got.values()})
     wanted = np.array(bins, dtype=np.uint32)
 
-    def level1(ranges: list[tuple[int, int]]) -> Any:
+    def level1(ranges: Iterable[tuple[int, int]]) -> Any:
         low = np.zeros((len(bins), 65536), dtype=np.uint64)
         for buf, cnt in blocks(ranges):  # each block read (or made) once, up to 16 bins counted per scan of it
             for c in range(0, len(bins), 16):
@@ -332,7 +332,7 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
             lo, hi = brackets[j]
             on_bracket(j, float32_of(lo << 16), float32_of((hi + 1) << 16) if hi + 1 <= 0x7F80 else math.inf)
 
-    def count(ranges: list[tuple[int, int]]) -> dict[int, list[Any]]:
+    def count(ranges: Iterable[tuple[int, int]]) -> dict[int, list[Any]]:
         """The pass over ``ranges``: j -> [level-0 counts (0: none made), above, collected patterns, how many (-1:
         too many), the blocks read as an :class:`Inside`]. Every float32 bracket collects its inexact patterns: few
         for a difference of two 16-bit inputs (see above), and for other float32 values (SCE's variance,
@@ -470,14 +470,27 @@ def _bracket(sample: bytearray, dt: int, n: int, ks: Sequence[int]) -> tuple[int
     return lo, max(lo, hi)
 
 
-def _dealt(fn: Callable[[list[tuple[int, int]]], Any], whole: list[tuple[int, int]]) -> list[Any]:
-    """``fn`` over the blocks ``whole`` dealt out in turn to the compute threads (neighbouring blocks share the mapped
-    windows), one call per thread; the results in thread order, so that callers combining them in order do not
-    depend on how many there were."""
+def _dealt(fn: Callable[[Iterable[tuple[int, int]]], Any], whole: list[tuple[int, int]]) -> list[Any]:
+    """``fn`` over the blocks ``whole``, one call per compute thread, each thread taking the next block not yet taken
+    as it goes (one done early takes more: no core waits while another still has blocks to read, as with blocks
+    dealt out in turn); the results in thread order. Which thread reads which block depends on timing: callers
+    combine the results so that it does not matter (sums of counts, values sorted or partitioned afterwards)."""
     from capmerge.merge.engine import compute_threads, parallel_map
 
     workers = min(compute_threads(), len(whole)) if len(whole) >= THRESHOLD_PARALLEL_MIN else 1
-    return parallel_map(fn, [whole[w::workers] for w in range(workers)])
+    if workers <= 1:
+        return [fn(whole)]
+    lock, pending = threading.Lock(), iter(whole)
+
+    def taken() -> Iterator[tuple[int, int]]:
+        while True:
+            with lock:
+                r = next(pending, None)
+            if r is None:
+                return
+            yield r
+
+    return parallel_map(fn, [taken() for _ in range(workers)])
 
 
 @dataclass(frozen=True)

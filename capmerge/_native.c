@@ -2866,6 +2866,7 @@ static PyObject *native_sce_finish(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "sce_finish: an index past the bits");
             k = -1;
         }
+    Py_BEGIN_ALLOW_THREADS
     for (i = 0; i < k; i++) { /* one model at a time, its sum in a register; a dropped entry adds +0.0 (the sums are
                                 * never -0.0), its square masked off: a branch here was taken at random */
         const float *t = (const float *)tb.buf + (size_t)i * stride, *v = (const float *)vb.buf, f = (float)thr;
@@ -2884,6 +2885,7 @@ static PyObject *native_sce_finish(PyObject *self, PyObject *args) {
         const uint32_t x = ((const uint32_t *)ib.buf)[j];
         ((uint8_t *)bb.buf)[x >> 3] |= (uint8_t)((((const float *)vb.buf)[j] >= (float)thr) << (x & 7));
     }
+    Py_END_ALLOW_THREADS
     PyBuffer_Release(&ib), PyBuffer_Release(&vb), PyBuffer_Release(&tb), PyBuffer_Release(&bb), PyBuffer_Release(&sb);
     if (k < 0) return NULL;
     Py_RETURN_NONE;

@@ -661,6 +661,24 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 fast_de
     return d;
 }
 
+/* 2 (OVERFLOW) where some output element in [off, end) is NaN/Inf although the base and every term's inputs are
+ * finite there, else 0: the fast paths' check of a tile whose outputs hold a NaN/Inf (the tile loops' rule). */
+static int overflow_in(const out_t *outs, int n_out, const void *base, int base_dt, const term_t *terms, int k,
+                       Py_ssize_t off, Py_ssize_t end) {
+    Py_ssize_t j;
+    int o, i;
+    for (o = 0; o < n_out; o++)
+        for (j = off; j < end; j++) {
+            int fin = !out_finite_at(outs[o].buf, outs[o].dt, j) && is_finite_at(base, base_dt, j);
+            for (i = 0; fin && i < k; i++) {
+                fin = is_finite_at(terms[i].a, terms[i].a_dt, j);
+                if (fin && terms[i].b) fin = is_finite_at(terms[i].b, terms[i].b_dt, j);
+            }
+            if (fin) return 2;
+        }
+    return 0;
+}
+
 /* Elements 0 .. n16-1 (n16 a multiple of 16) of run_merge; returns its flags. Inlined with constant k / dt (dt >= 0:
  * every input and output has that dtype) by fast_merge below, so that the term loops unroll. */
 static inline __attribute__((always_inline, target("avx2,f16c"))) int fast_body(const out_t *outs, int n_out,
@@ -696,24 +714,145 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) int fast_body(
             }
         }
         if (!_mm256_testz_si256(nz, _mm256_set1_epi32(0x7fff7fff))) flags |= 1;
-        if (!_mm256_testz_si256(nf, nf)) {
-            flags |= 4;
-            for (o = 0; o < n_out && !(flags & 2); o++)
-                for (j = off; j < end; j++) {
-                    int fin = !out_finite_at(outs[o].buf, outs[o].dt, j) && is_finite_at(base, base_dt, j);
-                    for (i = 0; fin && i < k; i++) {
-                        fin = is_finite_at(terms[i].a, terms[i].a_dt, j);
-                        if (fin && terms[i].b) fin = is_finite_at(terms[i].b, terms[i].b_dt, j);
-                    }
-                    if (fin) {
-                        flags |= 2;
-                        break;
-                    }
-                }
-        }
+        if (!_mm256_testz_si256(nf, nf)) flags |= 4 | (flags & 2 ? 0 : overflow_in(outs, n_out, base, base_dt, terms, k,
+                                                                                  off, end));
     }
     return flags;
 }
+
+#if HAVE_AVX512VL_PATH
+/* The same in AVX-512 for bf16 inputs and outputs: sixteen elements a register, keep masks in mask registers (keep
+ * bits read as they are stored, two bytes at a time), the same float32 operations on the same values in the same
+ * order as fast_delta / fast_body, the same bytes and flags (tests compare them with the tile loops). */
+CPU_CHECK(merge512_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                           __builtin_cpu_supports("avx512bw"))
+#define AVX512_MERGE __attribute__((target("avx512f,avx512vl,avx512bw,avx2,f16c")))
+
+static inline __attribute__((always_inline)) AVX512_MERGE __m512 add_nan_first16(__m512 a, __m512 b) {
+    __m512 r;
+    __asm__("vaddps %2, %1, %0" : "=v"(r) : "v"(a), "v"(b));
+    return r;
+}
+
+static inline __attribute__((always_inline)) AVX512_MERGE __m512 load_bf16x16(const void *src, Py_ssize_t i) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline __attribute__((always_inline)) AVX512_MERGE __m512 xor16(__m512 a, __m512 b) {
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+}
+
+/* δ of sixteen elements starting at j (fast_delta's steps) */
+static inline __attribute__((always_inline)) AVX512_MERGE __m512 fast_delta16(const term_t *terms, int k, int sign,
+                                                                              int normalize, int mag, const __m512 *w,
+                                                                              const __m512 *thr, const __m512 *hi,
+                                                                              uint64_t g, Py_ssize_t j,
+                                                                              const int *same, __m512 bv) {
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    __m512 tt[FAST_MAX_TERMS], d = zero, den = zero;
+    int i;
+    for (i = 0; i < k; i++) {
+        __m512 v = load_bf16x16(terms[i].a, j);
+        __mmask16 keep;
+        if (terms[i].b) v = _mm512_sub_ps(v, same[i] ? bv : load_bf16x16(terms[i].b, j));
+        if (mag || terms[i].mode == PRUNE_MAGNITUDE)
+            keep = _mm512_cmp_ps_mask(_mm512_abs_ps(v), thr[i], _CMP_GE_OQ);
+        else if (terms[i].mode == PRUNE_BAND) {
+            __m512 a = _mm512_abs_ps(v);
+            keep = _mm512_cmp_ps_mask(a, thr[i], _CMP_GE_OQ) & _mm512_cmp_ps_mask(a, hi[i], _CMP_LT_OQ);
+        } else if (terms[i].mode == PRUNE_BITS) { /* elements g+j .. g+j+15 (g + j a multiple of 8) */
+            const uint8_t *b = terms[i].bits + ((g + (uint64_t)j) >> 3);
+            keep = (__mmask16)(b[0] | (unsigned)b[1] << 8);
+            if (terms[i].p1 != 0.0f) v = _mm512_mul_ps(v, thr[i]);
+        } else {
+            tt[i] = v;
+            continue;
+        }
+        tt[i] = _mm512_maskz_mov_ps(keep, v);
+    }
+    if (sign == SIGN_NONE) {
+        for (i = 0; i < k; i++) {
+            d = add_nan_first16(_mm512_mul_ps(w[i], tt[i]), d);
+            den = _mm512_add_ps(den, w[i]);
+        }
+    } else {
+        __m512 tmp = zero, neg;
+        if (sign == SIGN_TOTAL)
+            for (i = 0; i < k; i++) tmp = _mm512_add_ps(tmp, _mm512_mul_ps(w[i], tt[i]));
+        else if (sign == SIGN_SUM)
+            for (i = 0; i < k; i++) tmp = _mm512_add_ps(tmp, tt[i]);
+        else /* +1 / -1 / 0 per term: sums of small integers, exact in any order */
+            for (i = 0; i < k; i++)
+                tmp = _mm512_add_ps(tmp, _mm512_sub_ps(
+                                             _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(tt[i], zero, _CMP_GT_OQ), one),
+                                             _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(tt[i], zero, _CMP_LT_OQ), one)));
+        neg = _mm512_maskz_mov_ps((__mmask16)~_mm512_cmp_ps_mask(tmp, zero, _CMP_GE_OQ), _mm512_set1_ps(-0.0f));
+        for (i = 0; i < k; i++) {
+            __mmask16 agree = _mm512_cmp_ps_mask(xor16(tt[i], neg), zero, _CMP_GT_OQ);
+            d = add_nan_first16(_mm512_maskz_mov_ps(agree, _mm512_mul_ps(w[i], tt[i])), d);
+            den = _mm512_add_ps(den, _mm512_maskz_mov_ps(agree, w[i]));
+        }
+    }
+    if (normalize == NORMALIZE_FLOOR)
+        d = _mm512_div_ps(d, _mm512_max_ps(den, _mm512_set1_ps(1e-6f)));
+    else if (normalize)
+        d = _mm512_div_ps(d, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(den, zero, _CMP_GT_OQ), one, den));
+    return d;
+}
+
+/* fast_body for bf16 everywhere, sixteen elements a step */
+static inline __attribute__((always_inline)) AVX512_MERGE int fast_body16(const out_t *outs, int n_out,
+                                                                          const void *base, Py_ssize_t n16,
+                                                                          const term_t *terms, int k, int sign,
+                                                                          int normalize, int mag, uint64_t g) {
+    __m512 w[FAST_MAX_TERMS], thr[FAST_MAX_TERMS], hi[FAST_MAX_TERMS], alpha[MAX_VECTORS];
+    const __m512i half = _mm512_set1_epi32(0x7fff), lsb = _mm512_set1_epi32(1), quiet = _mm512_set1_epi32(0x40);
+    Py_ssize_t off, j;
+    int flags = 0, i, o, same[FAST_MAX_TERMS];
+    for (i = 0; i < k; i++) {
+        same[i] = terms[i].b == base;
+        w[i] = _mm512_set1_ps(terms[i].w);
+        thr[i] = _mm512_set1_ps(terms[i].p1);
+        hi[i] = _mm512_set1_ps(terms[i].p2);
+    }
+    for (o = 0; o < n_out; o++) alpha[o] = _mm512_set1_ps(outs[o].alpha);
+    for (off = 0; off < n16; off += TILE) {
+        Py_ssize_t end = n16 - off < TILE ? n16 : off + TILE;
+        __m256i nz = _mm256_setzero_si256(), nf = _mm256_setzero_si256();
+        for (j = off; j < end; j += 16) {
+            const __m512 b = load_bf16x16(base, j);
+            const __m512 d = fast_delta16(terms, k, sign, normalize, mag, w, thr, hi, g, j, same, b);
+            for (o = 0; o < n_out; o++) { /* fast_bf16's rounding; no terms: a pure cast (-0.0 stays -0.0) */
+                const __m512 acc = k > 0 ? add_nan_first16(_mm512_mul_ps(alpha[o], d), b) : b;
+                const __m512i x = _mm512_castps_si512(acc), top = _mm512_srli_epi32(x, 16);
+                __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(x, half), _mm512_and_si512(top, lsb)),
+                                              16);
+                __m256i h;
+                r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(acc, acc, _CMP_UNORD_Q), _mm512_or_si512(top, quiet));
+                h = _mm512_cvtepi32_epi16(r);
+                _mm256_storeu_si256((__m256i *)((uint16_t *)outs[o].buf + j), h);
+                nz = _mm256_or_si256(nz, h);
+                nf = _mm256_or_si256(nf, _mm256_cmpeq_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7f80)),
+                                                            _mm256_set1_epi16(0x7f80)));
+            }
+        }
+        if (!_mm256_testz_si256(nz, _mm256_set1_epi32(0x7fff7fff))) flags |= 1;
+        if (!_mm256_testz_si256(nf, nf)) flags |= 4 | (flags & 2 ? 0 : overflow_in(outs, n_out, base, DT_BF16, terms, k,
+                                                                                  off, end));
+    }
+    return flags;
+}
+
+static AVX512_MERGE int fast_merge16(const out_t *outs, int n_out, const void *base, Py_ssize_t n16,
+                                     const term_t *terms, int k, int sign, int normalize, int mag, uint64_t g) {
+    if (k == 1) return fast_body16(outs, n_out, base, n16, terms, 1, sign, normalize, mag, g);
+    if (k == 2) return fast_body16(outs, n_out, base, n16, terms, 2, sign, normalize, mag, g);
+    if (k == 3) return fast_body16(outs, n_out, base, n16, terms, 3, sign, normalize, mag, g);
+    if (k == 4) return fast_body16(outs, n_out, base, n16, terms, 4, sign, normalize, mag, g);
+    return fast_body16(outs, n_out, base, n16, terms, k, sign, normalize, mag, g);
+}
+#endif
 
 __attribute__((target("avx2,f16c"))) static int fast_merge(const out_t *outs, int n_out, const void *base, int base_dt,
                                                           Py_ssize_t n16, const term_t *terms, int k, int sign,
@@ -722,6 +861,9 @@ __attribute__((target("avx2,f16c"))) static int fast_merge(const out_t *outs, in
     for (i = 0; i < k; i++) bf16 &= terms[i].a_dt == DT_BF16 && (!terms[i].b || terms[i].b_dt == DT_BF16);
     for (i = 0; i < n_out; i++) bf16 &= outs[i].dt == DT_BF16;
     for (i = 0; i < k; i++) mag &= terms[i].mode == PRUNE_MAGNITUDE;
+#if HAVE_AVX512VL_PATH
+    if (bf16 && merge512_ok()) return fast_merge16(outs, n_out, base, n16, terms, k, sign, normalize, mag, g);
+#endif
     if (bf16 && n_out == 1 && mag && sign == SIGN_TOTAL) { /* TIES */
         if (k == 2) return fast_body(outs, 1, base, base_dt, n16, terms, 2, SIGN_TOTAL, normalize, DT_BF16, 1, g);
         if (k == 3) return fast_body(outs, 1, base, base_dt, n16, terms, 3, SIGN_TOTAL, normalize, DT_BF16, 1, g);

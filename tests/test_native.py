@@ -262,6 +262,42 @@ def test_fast_merge_path_equals_the_tile_loops(codes: tuple[str, str, str], mode
                 assert got[0] == got[1], (n, off, normalize)
 
 
+@pytest.mark.parametrize("k", [0, 1, 2, 4])
+@pytest.mark.parametrize("n_out", [1, 2])
+def test_fast_merge_path_in_bf16_equals_the_tile_loops(k: int, n_out: int) -> None:
+    """merge()'s vector path in bf16 (its sixteen-lane form where the CPU has AVX-512) for every number of terms it
+    unrolls, none included (a pure cast: -0.0 stays), and several outputs: the bytes and flags of the tile loops,
+    with NaN, ±inf and zeros among the inputs, each pruning mode and sign election, any normalize."""
+    from capmerge import _native
+
+    g = torch.Generator().manual_seed(31 * k + n_out)
+    n = 2 * 1024 + 64 + 21
+    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
+    base[::97], base[5] = float("nan"), -0.0
+    base.view(torch.int16)[7] = 0x7F81  # a signalling NaN: quietened on the way out
+    models = [(base.float() + torch.randn(n, generator=g) * 0.003).bfloat16() for _ in range(k)]
+    if k:
+        models[0][::89], models[-1][::83] = float("-inf"), 0.0
+    bits = np.packbits(torch.rand(n, generator=g).numpy() < 0.4, bitorder="little")
+    modes = [compute.PRUNE_NONE, compute.PRUNE_MAGNITUDE, compute.PRUNE_BAND, compute.PRUNE_BITS]
+    for sign in ("none", "total", "frequency", "sum"):
+        for normalize in (False, True, compute.NORMALIZE_FLOOR):
+            raw_base = _mv(base)
+            terms = [(_mv(m), "BF16", raw_base, "BF16", 0.7 - 0.3 * i, modes[(i + len(sign)) % 4], 0.001, 0.004, 0,
+                      bits) for i, m in enumerate(models)]  # fmt: skip
+            got = []
+            for fast in (True, False):
+                prev = _native.use_fast_merge(fast)
+                try:
+                    outs = [bytearray(2 * n) for _ in range(n_out)]
+                    flags = compute.merge_block([(memoryview(o), "BF16", 0.8 + 0.1 * i) for i, o in enumerate(outs)],
+                                                raw_base, "BF16", n, terms, sign=sign, normalize=normalize)  # fmt: skip
+                finally:
+                    _native.use_fast_merge(prev)
+                got.append(([bytes(o) for o in outs], flags))
+            assert got[0] == got[1], (sign, normalize)
+
+
 def _della_rows(
     kind: str, ac: str, bc: str | None, n: int, g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -540,6 +540,16 @@ def test_near_mode_native_and_torch_agree_with_the_formula(monkeypatch) -> None:
         assert torch.equal(out, want), native or "native"
 
 
+def _check_sce_bits_and_sums(st: B.Stats, thr: float, var: torch.Tensor, taus: list[torch.Tensor]) -> None:
+    """st.sce(thr)'s keep bits are var ≥ thr and its sums Σ v_i² over them (numpy float64)."""
+    _, sums, bits = st.sce(thr)
+    keep = (var >= thr).numpy()
+    assert np.array_equal(np.unpackbits(bits, bitorder="little")[: len(keep)].astype(bool), keep)
+    for i, t in enumerate(taus):
+        x = t.double().numpy()
+        assert sums[i] == pytest.approx(np.where(keep, x * x, 0.0).sum(), rel=1e-12)
+
+
 @pytest.mark.parametrize("case", ["early", "no bracket", "list too long"])
 def test_sce_keep_bits_and_energies_from_the_selection_pass(monkeypatch, case: str) -> None:
     """After SCE's selection, its keep bits (var ≥ the k-th largest) and energies Σ v_i² over the kept entries come
@@ -566,12 +576,7 @@ def test_sce_keep_bits_and_energies_from_the_selection_pass(monkeypatch, case: s
     assert k == int(int(torch.count_nonzero(var)) * 0.3)
     early = st._cache.get("sce_early")
     assert (early is not None and early.covers(thr)) == (case == "early")
-    _, sums, bits = st.sce(thr)
-    keep = (var >= thr).numpy()
-    assert np.array_equal(np.unpackbits(bits, bitorder="little")[:n].astype(bool), keep)
-    for i, t in enumerate(taus):
-        x = t.double().numpy()
-        assert sums[i] == pytest.approx(np.where(keep, x * x, 0.0).sum(), rel=1e-12)
+    _check_sce_bits_and_sums(st, thr, var, taus)
 
 
 def test_sce_selection_through_a_reader_that_reuses_its_buffer(monkeypatch) -> None:
@@ -604,12 +609,7 @@ def test_sce_selection_through_a_reader_that_reuses_its_buffer(monkeypatch) -> N
     thr = float(torch.topk(var, k).values[-1])
     early = st._cache.get("sce_early")
     assert early is not None and early.covers(thr)
-    _, sums, bits = st.sce(thr)
-    keep = (var >= thr).numpy()
-    assert np.array_equal(np.unpackbits(bits, bitorder="little")[:n].astype(bool), keep)
-    for i, t in enumerate(taus):
-        x = t.double().numpy()
-        assert sums[i] == pytest.approx(np.where(keep, x * x, 0.0).sum(), rel=1e-12)
+    _check_sce_bits_and_sums(st, thr, var, taus)
 
 
 @pytest.mark.parametrize("layout", ["spread", "between-samples", "all-zero"])

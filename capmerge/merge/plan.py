@@ -195,7 +195,8 @@ def kth_largest_abs_many(
     (native inputs of at least BRACKET_MIN elements): every rank the bracket settles lies in [lo, hi) (float32
     values of |x|); a caller can then do the work of the values above and list those inside in its reads of the
     pass (SCE's keep bits and energies), and answer a float32 input's reads of that pass (each block once) with an
-    :class:`Inside` where hi is finite: the histogram is then made from the listed values alone."""
+    :class:`Inside` where hi is finite: a pass answered so throughout settles its ranks from the listed values alone,
+    without a histogram."""
     outs: list[dict[int, float]] = [{k: math.inf for k in ks if k <= 0} for _, _, ks in items]
     todo = [(j, ia, ca, sorted({k for k in ks if k > 0})) for j, (ia, ca, ks) in enumerate(items)]
     native = [t for t in todo if (t[3] or after_pass) and compute.use_native(t[2], *([cb] if ib is not None else []))]
@@ -472,9 +473,9 @@ def _bracket(sample: bytearray, dt: int, n: int, ks: Sequence[int]) -> tuple[int
 
 def _dealt(fn: Callable[[Iterable[tuple[int, int]]], Any], whole: list[tuple[int, int]]) -> list[Any]:
     """``fn`` over the blocks ``whole``, one call per compute thread, each thread taking the next block not yet taken
-    as it goes (one done early takes more: no core waits while another still has blocks to read, as with blocks
-    dealt out in turn); the results in thread order. Which thread reads which block depends on timing: callers
-    combine the results so that it does not matter (sums of counts, values sorted or partitioned afterwards)."""
+    as it goes (a thread done early takes more, where blocks dealt out in turn left it waiting for the other's last
+    one); the results in thread order. Which thread reads which block depends on timing: callers combine the results
+    so that it does not matter (sums of counts, values sorted or partitioned afterwards)."""
     from capmerge.merge.engine import compute_threads, parallel_map
 
     workers = min(compute_threads(), len(whole)) if len(whole) >= THRESHOLD_PARALLEL_MIN else 1

@@ -14,7 +14,7 @@ one), dtype bfloat16, and with the inputs read into the page cache first (untime
 
     floor      plain copies: read every input of the configuration, write one model's bytes (the faster of cat and dd)
     capmerge   capmerge run CONFIG.yml -o OUT (a process, the Hub offline); steady = seconds − the same configuration
-               on the tiny preset (start-up: python, torch, planning)
+               on the tiny preset (start-up: python, torch, planning; the median of as many runs)
     mergekit   mergekit-yaml CONFIG.yml OUT (when .venv-mergekit exists), × = mergekit seconds / capmerge seconds
 
 Memory is the peak RssAnon (and VmRSS) of the process tree, sampled from /proc every 20 ms. With --memory-depth the
@@ -226,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     print("start-up (tiny preset)", file=sys.stderr)
     tiny_root = work / f"methods-tiny-L{tiny.layers}"
     tiny_dirs = ba.ensure_checkpoints(tiny_root, tiny, names="PABC")
-    startup = run_methods(methods, tiny_dirs, tiny_root / "out", cli=cli, mergekit=False, floor=False, repeats=1)
+    # the start-up as a median of as many runs as the timed ones: one run of it on a noisy machine could read more
+    # than the whole steady part of a fast method (task_arithmetic's steady ratio read 0.6x)
+    startup = run_methods(methods, tiny_dirs, tiny_root / "out", cli=cli, mergekit=False, floor=False,
+                          repeats=args.repeats)  # fmt: skip
     by_depth: dict[int, list[dict[str, object]]] = {}
     for layers in depths:
         preset = ba.Preset(**{**asdict(base), "layers": layers})

@@ -724,27 +724,28 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) int fast_body(
 /* The same in AVX-512 for bf16 inputs and outputs: sixteen elements a register, keep masks in mask registers (keep
  * bits read as they are stored, two bytes at a time), the same float32 operations on the same values in the same
  * order as fast_delta / fast_body, the same bytes and flags (tests compare them with the tile loops). */
-CPU_CHECK(merge512_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                           __builtin_cpu_supports("avx512bw"))
-#define AVX512_MERGE __attribute__((target("avx512f,avx512vl,avx512bw,avx2,f16c")))
+CPU_CHECK(avx512vlbw_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                             __builtin_cpu_supports("avx512bw"))
+/* the AVX-512F/VL/BW loops: this vector merge and SCE's fused tile (avx512vlbw_ok) */
+#define AVX512_VLBW __attribute__((target("avx512f,avx512vl,avx512bw,avx2,f16c")))
 
-static inline __attribute__((always_inline)) AVX512_MERGE __m512 add_nan_first16(__m512 a, __m512 b) {
+static inline __attribute__((always_inline)) AVX512_VLBW __m512 add_nan_first16(__m512 a, __m512 b) {
     __m512 r;
     __asm__("vaddps %2, %1, %0" : "=v"(r) : "v"(a), "v"(b));
     return r;
 }
 
-static inline __attribute__((always_inline)) AVX512_MERGE __m512 load_bf16x16(const void *src, Py_ssize_t i) {
+static inline __attribute__((always_inline)) AVX512_VLBW __m512 load_bf16x16(const void *src, Py_ssize_t i) {
     __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-static inline __attribute__((always_inline)) AVX512_MERGE __m512 xor16(__m512 a, __m512 b) {
+static inline __attribute__((always_inline)) AVX512_VLBW __m512 xor16(__m512 a, __m512 b) {
     return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
 }
 
 /* δ of sixteen elements starting at j (fast_delta's steps) */
-static inline __attribute__((always_inline)) AVX512_MERGE __m512 fast_delta16(const term_t *terms, int k, int sign,
+static inline __attribute__((always_inline)) AVX512_VLBW __m512 fast_delta16(const term_t *terms, int k, int sign,
                                                                               int normalize, int mag, const __m512 *w,
                                                                               const __m512 *thr, const __m512 *hi,
                                                                               uint64_t g, Py_ssize_t j,
@@ -802,7 +803,7 @@ static inline __attribute__((always_inline)) AVX512_MERGE __m512 fast_delta16(co
 }
 
 /* fast_body for bf16 everywhere, sixteen elements a step */
-static inline __attribute__((always_inline)) AVX512_MERGE int fast_body16(const out_t *outs, int n_out,
+static inline __attribute__((always_inline)) AVX512_VLBW int fast_body16(const out_t *outs, int n_out,
                                                                           const void *base, Py_ssize_t n16,
                                                                           const term_t *terms, int k, int sign,
                                                                           int normalize, int mag, uint64_t g) {
@@ -844,7 +845,7 @@ static inline __attribute__((always_inline)) AVX512_MERGE int fast_body16(const 
     return flags;
 }
 
-static AVX512_MERGE int fast_merge16(const out_t *outs, int n_out, const void *base, Py_ssize_t n16,
+static AVX512_VLBW int fast_merge16(const out_t *outs, int n_out, const void *base, Py_ssize_t n16,
                                      const term_t *terms, int k, int sign, int normalize, int mag, uint64_t g) {
     if (k == 1) return fast_body16(outs, n_out, base, n16, terms, 1, sign, normalize, mag, g);
     if (k == 2) return fast_body16(outs, n_out, base, n16, terms, 2, sign, normalize, mag, g);
@@ -862,7 +863,7 @@ __attribute__((target("avx2,f16c"))) static int fast_merge(const out_t *outs, in
     for (i = 0; i < n_out; i++) bf16 &= outs[i].dt == DT_BF16;
     for (i = 0; i < k; i++) mag &= terms[i].mode == PRUNE_MAGNITUDE;
 #if HAVE_AVX512VL_PATH
-    if (bf16 && merge512_ok()) return fast_merge16(outs, n_out, base, n16, terms, k, sign, normalize, mag, g);
+    if (bf16 && avx512vlbw_ok()) return fast_merge16(outs, n_out, base, n16, terms, k, sign, normalize, mag, g);
 #endif
     if (bf16 && n_out == 1 && mag && sign == SIGN_TOTAL) { /* TIES */
         if (k == 2) return fast_body(outs, 1, base, base_dt, n16, terms, 2, SIGN_TOTAL, normalize, DT_BF16, 1, g);
@@ -1896,10 +1897,10 @@ static void sce_steps(int k, double *mul, double *rc, double *rk) {
  * sums: the fused tile's two registers of eight, no chain of adds in a row), then the lanes added in this order. */
 #define SCE_LANES 16
 static double sum_lanes16(const double *a) {
-    double s[4];
+    double b[8];
     int l;
-    for (l = 0; l < 4; l++) s[l] = (a[l] + a[l + 8]) + (a[l + 4] + a[l + 12]);
-    return (s[0] + s[1]) + (s[2] + s[3]);
+    for (l = 0; l < 8; l++) b[l] = a[l] + a[l + 8];
+    return sum8_combine(b); /* ((a0 + a8) + (a4 + a12)) + ((a1 + a9) + (a5 + a13)) + ... */
 }
 
 #if HAVE_F16C_PATH
@@ -2048,28 +2049,23 @@ typedef struct {
 } sce_list_t;
 
 #if HAVE_AVX512VL_PATH
-CPU_CHECK(sce512_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bw"))
-
-#define AVX512_SCE __attribute__((target("avx512f,avx512vl,avx512bw")))
-
 /* div_recip4's quotient on eight lanes without its check: run_sce's dividends are NaN, +0 or finite with |d| >= 2^-298
  * (differences of float32 values and their products; see sce_tile_avx512), where q + r y is d / c rounded (+0 for +0),
  * and NaN stays NaN */
-static inline __attribute__((always_inline)) AVX512_SCE __m512d div_recip8(__m512d d, __m512d c, __m512d y) {
+static inline __attribute__((always_inline)) AVX512_VLBW __m512d div_recip8(__m512d d, __m512d c, __m512d y) {
     __m512d q = _mm512_mul_pd(d, y);
     return _mm512_fmadd_pd(_mm512_fnmadd_pd(q, c, d), y, q);
 }
 
 /* d[0 .. n) /= c by div_recip8 (n a multiple of 8; recip_for(c) not 0): divide_by's loop */
-static AVX512_SCE void divide8(double *d, Py_ssize_t n, double c) {
+static AVX512_VLBW void divide8(double *d, Py_ssize_t n, double c) {
     const __m512d vc = _mm512_set1_pd(c), vy = _mm512_set1_pd(recip_for(c));
     Py_ssize_t i;
     for (i = 0; i < n; i += 8) _mm512_storeu_pd(d + i, div_recip8(_mm512_loadu_pd(d + i), vc, vy));
 }
 
 /* The first `lanes` of sixteen elements (from element i) of a bf16, fp16 or float32 input as float32, zeros after */
-static inline __attribute__((always_inline)) AVX512_SCE __m512 load16_z(const void *src, int dt, Py_ssize_t i,
+static inline __attribute__((always_inline)) AVX512_VLBW __m512 load16_z(const void *src, int dt, Py_ssize_t i,
                                                                         __mmask16 lanes) {
     if (dt == DT_F32) return _mm512_maskz_loadu_ps(lanes, (const float *)src + i);
     __m256i h = _mm256_maskz_loadu_epi16(lanes, (const uint16_t *)src + i);
@@ -2078,7 +2074,7 @@ static inline __attribute__((always_inline)) AVX512_SCE __m512 load16_z(const vo
 }
 
 /* Lane half (0: elements 0-7, 1: 8-15) of sixteen floats as doubles */
-static inline __attribute__((always_inline)) AVX512_SCE __m512d half_pd(__m512 v, int half) {
+static inline __attribute__((always_inline)) AVX512_VLBW __m512d half_pd(__m512 v, int half) {
     return _mm512_cvtps_pd(half ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))
                                 : _mm512_castps512_ps256(v));
 }
@@ -2091,7 +2087,7 @@ static inline __attribute__((always_inline)) AVX512_SCE __m512d half_pd(__m512 v
  * Welford step's d = x - mean is finite or NaN but where x or mean is inf, and there m2 turns NaN in the same step
  * either way (inf * (inf - inf)); mean and m2 start at +0 and are sums with +0, never -0; m2 of float32 values cannot
  * overflow. */
-static AVX512_SCE Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const void *base, int base_dt,
+static AVX512_VLBW Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const void *base, int base_dt,
                                              Py_ssize_t off, Py_ssize_t m, float *var_out, float thr, uint8_t *bits,
                                              double *sums, const double *mul, const double *rc, double rk,
                                              sce_list_t *list) {
@@ -2220,7 +2216,7 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
     int i;
     sce_steps(k, mul, rc, &rk);
 #if HAVE_AVX512VL_PATH
-    const int fused = use_fast && sce512_ok() && (want_count || var_out || bits);
+    const int fused = use_fast && avx512vlbw_ok() && (want_count || var_out || bits);
 #endif
     for (off = 0; off < n; off += TILE) {
         Py_ssize_t m = n - off < TILE ? n - off : TILE;
@@ -3051,7 +3047,7 @@ static PyObject *native_divide_by(PyObject *self, PyObject *args) {
     if (recip_for(c) != 0.0 && lanes == 4 && fma_ok()) ran = (divide4((double *)b.buf, b.len / 8, c), 1);
 #endif
 #if HAVE_AVX512VL_PATH
-    if (recip_for(c) != 0.0 && lanes == 8 && sce512_ok()) ran = (divide8((double *)b.buf, b.len / 8, c), 1);
+    if (recip_for(c) != 0.0 && lanes == 8 && avx512vlbw_ok()) ran = (divide8((double *)b.buf, b.len / 8, c), 1);
 #endif
     PyBuffer_Release(&b);
     return PyBool_FromLong(ran);

@@ -3,6 +3,7 @@ runner taking the block path (and leaving it where the form does not apply), and
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -581,9 +582,9 @@ def test_sce_keep_bits_and_energies_from_the_selection_pass(monkeypatch, case: s
 
 def test_sce_selection_through_a_reader_that_reuses_its_buffer(monkeypatch) -> None:
     """SCE's selection and early keep bits as the engine's copying reader gives its inputs: each read into one buffer
-    per input, valid until that input's next read (the sample's pieces are gathered one by one; its last piece differs
-    from the rest), on a tensor whose last pass block is exactly as long as a sample piece and starts where the last
-    piece does — against torch."""
+    per input and thread, valid until that input's next read on that thread (the sample's pieces are gathered one by
+    one; its last piece differs from the rest), on a tensor whose last pass block is exactly as long as a sample piece
+    and starts where the last piece does — against torch."""
     if not compute.native_available():
         pytest.skip("the native kernel is not built here")
     monkeypatch.setattr(plan, "BRACKET", True)
@@ -594,9 +595,10 @@ def test_sce_selection_through_a_reader_that_reuses_its_buffer(monkeypatch) -> N
     spread[-plan.SAMPLE_PIECE :] = 0.0024  # the last piece alone would put the bracket well above the threshold
     models = [(base.float() + torch.randn(n, generator=gen) * spread * (i + 1)).bfloat16() for i in range(3)]
     raw = [_raw(t) for t in [base, *models]]
-    bufs = [bytearray(2 * n) for _ in raw]
+    local = threading.local()  # one buffer per input and thread, as the engine's reader keeps them
 
     def read(i: int, s: int, e: int) -> memoryview:
+        bufs = local.__dict__.setdefault("bufs", [bytearray(2 * n) for _ in raw])
         view = memoryview(bufs[i])[: 2 * (e - s)]
         view[:] = raw[i][2 * s : 2 * e]
         return view

@@ -8,7 +8,7 @@ registry of model-centric methods, never from a list kept here. The merge itself
 
 Supported: ``merge_method``, ``base_model``, ``models`` (``model``, ``parameters``), ``slices`` (``sources``:
 ``model``, ``layer_range``, ``parameters``; and the slice's ``parameters``), ``parameters``, ``dtype``,
-``out_dtype``, ``tokenizer_source`` (``base`` or a model), ``chat_template`` (template text or ``auto``). Model
+``out_dtype``, ``tokenizer_source`` (``base`` or a model), ``chat_template`` (a name, template text or ``auto``). Model
 references are paths, Hub ids (``org/name@revision``) and ``MODEL+LORA``.
 """
 
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from capmerge.errors import CapmergeError, UsageError
+from capmerge.merge import chat_templates
 from capmerge.merge.model_params import check_setting, kind_of
 from capmerge.recipes import yaml_lines as _yaml
 from capmerge.recipes.mergekit_cli import CommandOptions
@@ -331,9 +332,9 @@ def _tokenizer(r: _Reader, doc: dict, spec: MergeSpec) -> None:
             raise r.fail("tokenizer_source: base needs a base_model", doc, "tokenizer_source", "tokenizer_source")
     tmpl = doc.get("chat_template")
     if tmpl is not None:
-        if not isinstance(tmpl, str) or not (tmpl == "auto" or "{" in tmpl):
-            raise r.fail(f"chat_template {tmpl!r}: give the template text (Jinja) or auto; named templates are not "
-                         "supported", doc, "chat_template", "chat_template")  # fmt: skip
+        why = chat_templates.problem(tmpl)
+        if why:
+            raise r.fail(why, doc, "chat_template", "chat_template")
         spec.chat_template = tmpl
 
 

@@ -193,7 +193,10 @@ def base_config(models: dict[str, Path]) -> str:
         ),
         (lambda t: t + "modules: {}\n", ["modules:) are not supported", "cfg.yml:10"]),
         (lambda t: t.replace("dtype: float32", "dtype: float8"), ["unsupported dtype 'float8'", "cfg.yml:9"]),
-        (lambda t: t + "chat_template: chatml\n", ["named templates are not supported", "cfg.yml:10"]),
+        (
+            lambda t: t + "chat_template: chatmll\n",
+            ["chat_template 'chatmll'", "alpaca, chatml, exaone, llama3, mistral", "cfg.yml:10"],
+        ),
         (lambda t: t + "parameters: {x: 1}\n", ["linear has no parameter 'x'", "cfg.yml:10: parameters.x"]),
         (
             lambda t: t.replace("parameters:\n      weight: 0.5\ndtype", "parameters: {}\ndtype"),

@@ -3,7 +3,8 @@
 * ``config.json``: the base model's (else the first model's), with ``num_hidden_layers`` set to the output's layer
   count when slices change the depth, and the dtype set when ``out_dtype`` is given;
 * the tokenizer files of ``tokenizer_source`` (``base``, or a model), by default the base's (else the first
-  model's), and ``generation_config.json``; ``chat_template`` as text (or ``auto``: the models' most common one);
+  model's), and ``generation_config.json``; ``chat_template`` as text, a name
+  (:mod:`~capmerge.merge.chat_templates`) or ``auto`` (the models' most common one);
 * ``README.md``: a model card that includes the configuration, ``mergekit_config.yml`` (the configuration as
   written), and ``capmerge.json`` (what was merged, with fingerprints).
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from capmerge.errors import UsageError
+from capmerge.merge import chat_templates
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
@@ -95,9 +97,9 @@ def check(p: Any) -> None:
                                  "capmerge does not permute embeddings between vocabularies",
                                  _where(p, "tokenizer_source"))  # fmt: skip
     tmpl = p.spec.chat_template
-    if tmpl is not None and tmpl != "auto" and "{" not in tmpl:
-        raise UsageError(f"chat_template {tmpl!r}: give the template text (Jinja) or auto; named templates are not "
-                         "supported", _where(p, "chat_template"))  # fmt: skip
+    why = None if tmpl is None else chat_templates.problem(tmpl)
+    if why:
+        raise UsageError(why, _where(p, "chat_template"))
 
 
 def _config(p: Any) -> dict[str, Any] | None:
@@ -125,7 +127,7 @@ def _config(p: Any) -> dict[str, Any] | None:
 def _template(p: Any) -> str | None:
     tmpl = p.spec.chat_template
     if tmpl != "auto":
-        return tmpl
+        return None if tmpl is None else chat_templates.resolve(tmpl)
     found = []
     for ref in _models(p):
         root = _root(p, ref)

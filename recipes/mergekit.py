@@ -547,6 +547,7 @@ def merge_models(
     base: str | os.PathLike[str] | None = None,
     dtype: str | None = None,
     tokenizer_source: str | None = None,
+    chat_template: str | None = None,
     seed: int = 0,
     shard_size: int | str = "5GB",
     force: bool = False,
@@ -557,7 +558,8 @@ def merge_models(
     """``capmerge merge MODEL... [--base B] --method NAME ... -o OUT`` from Python: whole models merged, optionally
     relative to ``base``. ``parameters``: the method's (``weight``/``weights``, ``density``, ``t`` ...); a per-model
     parameter takes one value or a list of one per model, a global one a value or a list (a gradient over the
-    layers). The merge runs as the mergekit configuration it amounts to (written into the output's
+    layers); ``chat_template``: a name, the template text or ``auto``, as the configuration key. The merge runs as
+    the mergekit configuration it amounts to (written into the output's
     ``mergekit_config.yml`` and model card). Returns the :class:`~capmerge.merge.summary.Summary`."""
     from capmerge.merge.methods.registry import get_model_method
     from capmerge.merge.model_params import check_param, per_model
@@ -588,5 +590,7 @@ def merge_models(
         doc["dtype"] = dtype
     if tokenizer_source is not None:
         doc["tokenizer_source"] = tokenizer_source
+    if chat_template is not None:
+        doc["chat_template"] = chat_template
     return run_mergekit(doc, output, seed=seed, shard_size=shard_size, force=force, allow_nonfinite=allow_nonfinite,
                         progress=progress)  # fmt: skip

@@ -14,8 +14,9 @@ import jinja2
 import pytest
 import transformers
 from mergekit_ref import REPO, require_mergekit
-from test_merge_cli import make
+from test_merge_cli import fails, make
 
+import capmerge
 from capmerge.cli import main
 from capmerge.merge.chat_templates import NAMED
 
@@ -156,3 +157,23 @@ def test_run_auto_takes_the_most_common_and_text_as_given(tmp_path: Path) -> Non
     shutil.rmtree(out)
     out = run_config(tmp_path, ms, "{{ 'three' }}")
     assert (out / "chat_template.jinja").read_text() == "{{ 'three' }}"
+
+
+def test_merge_command_and_merge_models_take_a_chat_template(tmp_path: Path, capsys) -> None:
+    a, b = with_tokenizer(make(tmp_path / "A", 1)), make(tmp_path / "B", 2)
+    out = tmp_path / "cli"
+    args = ["merge", a, b, "--method", "linear", "--weights", "1", "--chat-template", "mistral", "-o", out, "-q"]
+    assert main([str(x) for x in args]) == 0
+    got = transformers.AutoTokenizer.from_pretrained(str(out)).apply_chat_template(
+        SYS, tokenize=False, add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
+    )
+    assert got == EXPECTED[("mistral", "sys", True)]
+    shutil.rmtree(out)
+    bad = [str(x) for x in args]
+    bad[bad.index("mistral")] = "mistrl"
+    fails(bad, tmp_path, capsys, "chat_template 'mistrl'", "alpaca, chatml, exaone, llama3, mistral")
+    py = tmp_path / "py"
+    capmerge.merge_models([a, b], py, weights=1.0, chat_template="alpaca")
+    assert "chat_template: alpaca" in (py / "mergekit_config.yml").read_text()
+    got = transformers.AutoTokenizer.from_pretrained(str(py)).apply_chat_template(SYS, tokenize=False)
+    assert got == EXPECTED[("alpaca", "sys", False)]

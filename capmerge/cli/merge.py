@@ -77,6 +77,13 @@ def merge_cmd(
         str | None,
         typer.Option(help="Tokenizer to copy: base or a model (default: the base's, else the first model's)."),
     ] = None,
+    chat_template: Annotated[
+        str | None,
+        typer.Option(
+            help="Chat template of the output tokenizer: a name (chatml, llama3, mistral, alpaca, exaone), the "
+            "template text, or auto (the models' most common).",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of random methods (masks depend on seed and tensor name).")] = 0,
     shard_size: Annotated[
         str, typer.Option(help="Largest weight file of a directory output (5GB, 500MB ...).")
@@ -116,10 +123,11 @@ def merge_cmd(
         from capmerge.cli.app import command_line
         from capmerge.merge.modelmerge import run_merge
 
-        spec.out_dtype, spec.seed, spec.tokenizer_source, spec.command = (
+        spec.out_dtype, spec.seed, spec.tokenizer_source, spec.chat_template, spec.command = (
             out_dtype,
             seed,
             tokenizer_source,
+            chat_template,
             command_line(),
         )
         progress = Progress(not quiet, "merge")

@@ -116,7 +116,7 @@ def test_against_mergekit(tokenizer, name: str, conv: str, generation: bool) -> 
     assert ours == theirs
 
 
-def with_tokenizer(d: Path, template: str | None = None) -> Path:
+def with_tokenizer(d: Path, template: str | list | None = None) -> Path:
     for name in TOKENIZER_FILES:
         shutil.copy(MINILM / name, d / name)
     if template is not None:
@@ -157,6 +157,17 @@ def test_run_auto_takes_the_most_common_and_text_as_given(tmp_path: Path) -> Non
     shutil.rmtree(out)
     out = run_config(tmp_path, ms, "{{ 'three' }}")
     assert (out / "chat_template.jinja").read_text() == "{{ 'three' }}"
+
+
+def test_run_auto_reads_the_default_of_several_named_templates(tmp_path: Path) -> None:
+    """tokenizer_config.json may hold a list of named templates (transformers' form): auto counts the default."""
+    t1, t2 = "{{ 'one' }}", "{{ 'two' }}"
+    several = [{"name": "tool_use", "template": t1}, {"name": "default", "template": t2}]
+    ms = [
+        with_tokenizer(make(tmp_path / n, i), t) for i, (n, t) in enumerate([("A", t1), ("B", several), ("C", several)])
+    ]
+    out = run_config(tmp_path, ms, "auto")
+    assert (out / "chat_template.jinja").read_text() == t2
 
 
 def test_merge_command_and_merge_models_take_a_chat_template(tmp_path: Path, capsys) -> None:

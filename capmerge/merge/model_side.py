@@ -141,6 +141,8 @@ def _template(p: Any) -> str | None:
         except (OSError, ValueError):
             continue
         t = cfg.get("chat_template") if isinstance(cfg, dict) else None
+        if isinstance(t, list):  # several named templates (transformers' list form): the one named default
+            t = next((d.get("template") for d in t if isinstance(d, dict) and d.get("name") == "default"), None)
         if isinstance(t, str) and t.strip():
             found.append(t.strip())
     return collections.Counter(found).most_common(1)[0][0] if found else None

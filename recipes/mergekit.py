@@ -8,8 +8,9 @@ registry of model-centric methods, never from a list kept here. The merge itself
 
 Supported: ``merge_method``, ``base_model``, ``models`` (``model``, ``parameters``), ``slices`` (``sources``:
 ``model``, ``layer_range``, ``parameters``; and the slice's ``parameters``), ``parameters``, ``dtype``,
-``out_dtype``, ``tokenizer_source`` (``base`` or a model), ``chat_template`` (a name, template text or ``auto``). Model
-references are paths, Hub ids (``org/name@revision``) and ``MODEL+LORA``.
+``out_dtype``, ``tokenizer_source`` (``base``, a model, or ``union`` of models with one vocabulary),
+``chat_template`` (a name, template text or ``auto``). Model references are paths, Hub ids
+(``org/name@revision``) and ``MODEL+LORA``.
 """
 
 from __future__ import annotations
@@ -323,11 +324,8 @@ def _slices(r: _Reader, doc: dict, method: ModelMethod, warnings: list[str]) -> 
 def _tokenizer(r: _Reader, doc: dict, spec: MergeSpec) -> None:
     src = doc.get("tokenizer_source")
     if src is not None:
-        if src == "union":
-            raise r.fail("tokenizer_source: union is not supported (capmerge copies one model's tokenizer; it does "
-                         "not build a merged vocabulary): use base or a model", doc, "tokenizer_source",
-                         "tokenizer_source")  # fmt: skip
-        spec.tokenizer_source = src if src == "base" else r.model_ref(src, doc, "tokenizer_source", "tokenizer_source")
+        keyword = src in ("base", "union")  # union: every model of one vocabulary (checked before the merge)
+        spec.tokenizer_source = src if keyword else r.model_ref(src, doc, "tokenizer_source", "tokenizer_source")
         if src == "base" and spec.base is None:
             raise r.fail("tokenizer_source: base needs a base_model", doc, "tokenizer_source", "tokenizer_source")
     tmpl = doc.get("chat_template")

@@ -186,7 +186,10 @@ def base_config(models: dict[str, Path]) -> str:
             ["linear has no parameter 'wieght'", "cfg.yml:6: models[0].parameters.wieght"],
         ),
         (lambda t: t.replace("weight: 0.5\n  -", "weight: abc\n  -"), ["weight: expected a number", "cfg.yml:5"]),
-        (lambda t: t + "tokenizer_source: union\n", ["union is not supported", "cfg.yml:10: tokenizer_source"]),
+        (
+            lambda t: t + "tokenizer_source: union\n",
+            ["union:", "has no tokenizer.json to compare", "cfg.yml:10: tokenizer_source"],
+        ),
         (
             lambda t: t.replace("merge_method: linear", "merge_method: lienar"),
             ["unknown merge_method 'lienar'", "cfg.yml:1"],

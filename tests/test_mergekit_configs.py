@@ -113,6 +113,9 @@ slices:
         layer_range: [1, 4]
 dtype: float32
 """,
+        # every model of one vocabulary: mergekit's union of it is that vocabulary, its embeddings unpermuted
+        "union": f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.6}}\n"
+        f"  - model: {b}\n    parameters: {{weight: 0.4}}\ntokenizer_source: union\ndtype: float32\n",
         "lora": f"merge_method: linear\nmodels:\n  - model: {a_lora}\n    parameters: {{weight: 0.7}}\n"
         f"  - model: {b}\n    parameters: {{weight: 0.3}}\ndtype: float32\n",
     }
@@ -162,7 +165,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
     m = {k: save_model(tmp / k, gen) for k in ("A", "B", "C")}
     m["lora"] = save_lora(tmp / "lora", gen)
     lora = ["--no-cuda", "--lora-merge-cache", str(tmp / "lora-cache")]
-    mergekit_outputs(tmp, configs(m), lambda name: lora + ([] if name == "filters" else ["--no-copy-tokenizer"]))
+    mergekit_outputs(
+        tmp, configs(m), lambda name: lora + ([] if name in ("filters", "union") else ["--no-copy-tokenizer"])
+    )
     return {"tmp": tmp, "models": m}
 
 
@@ -193,7 +198,7 @@ FP32_RTOL = 4 * 2.0**-23  # a few float32 ulps of the largest entry
 BF16_RTOL = 2.0**-7  # one bfloat16 rounding step
 
 
-@pytest.mark.parametrize("name", ["filters", "bf16", "lora"])
+@pytest.mark.parametrize("name", ["filters", "bf16", "lora", "union"])
 def test_config_matches_mergekit(runs, name: str, capsys) -> None:
     tmp = runs["tmp"]
     out = capmerge_run(tmp, name, capsys)
@@ -245,6 +250,37 @@ def test_tokenizer_source_base(runs, capsys) -> None:
     ours, theirs = (AutoTokenizer.from_pretrained(str(d)) for d in (out, tmp / "mk-filters"))
     assert ours.get_vocab() == theirs.get_vocab()
     assert ours("w3 w4 w31")["input_ids"] == theirs("w3 w4 w31")["input_ids"]
+
+
+def test_tokenizer_source_union_of_one_vocabulary(runs, capsys) -> None:
+    """Models of one vocabulary: the first model's tokenizer files (no base) as they are, the vocabulary of
+    mergekit's union."""
+    tmp, m = runs["tmp"], runs["models"]
+    out = tmp / "cm-union"
+    if not out.exists():
+        capmerge_run(tmp, "union", capsys)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / f).read_bytes() == (m["A"] / f).read_bytes(), f
+    from transformers import AutoTokenizer
+
+    ours, theirs = (AutoTokenizer.from_pretrained(str(d)) for d in (out, tmp / "mk-union"))
+    assert ours.get_vocab() == theirs.get_vocab()
+    assert ours("w5 w9 w30")["input_ids"] == theirs("w5 w9 w30")["input_ids"]
+
+
+def test_tokenizer_source_union_refuses_two_vocabularies(tmp_path: Path, capsys) -> None:
+    from test_merge_cli import fails
+
+    gen = torch.Generator().manual_seed(3)
+    a, b = save_model(tmp_path / "A", gen), save_model(tmp_path / "B", gen)
+    tok = json.loads((b / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["w31x"] = tok["model"]["vocab"].pop("w31")  # one token renamed
+    (b / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = tmp_path / "u.yml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n"
+                   f"  - model: {b}\n    parameters: {{weight: 1}}\ntokenizer_source: union\n")  # fmt: skip
+    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, f"the vocabulary of {b} differs from {a}'s",
+          "u.yml:7: tokenizer_source")  # fmt: skip
 
 
 def test_slices_stack_layers_like_mergekit(runs, passthrough, capsys) -> None:

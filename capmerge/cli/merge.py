@@ -75,7 +75,10 @@ def merge_cmd(
     ] = None,
     tokenizer_source: Annotated[
         str | None,
-        typer.Option(help="Tokenizer to copy: base or a model (default: the base's, else the first model's)."),
+        typer.Option(
+            help="Tokenizer to copy: base, a model, or union (models of one vocabulary) (default: the base's, else "
+            "the first model's).",
+        ),
     ] = None,
     chat_template: Annotated[
         str | None,

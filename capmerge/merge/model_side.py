@@ -2,9 +2,10 @@
 
 * ``config.json``: the base model's (else the first model's), with ``num_hidden_layers`` set to the output's layer
   count when slices change the depth, and the dtype set when ``out_dtype`` is given;
-* the tokenizer files of ``tokenizer_source`` (``base``, or a model), by default the base's (else the first
-  model's), and ``generation_config.json``; ``chat_template`` as text, a name
-  (:mod:`~capmerge.merge.chat_templates`) or ``auto`` (the models' most common one);
+* the tokenizer files of ``tokenizer_source`` (``base``, or a model; ``union`` where every model has the same
+  vocabulary: that one, the base's else the first model's), by default the base's (else the first model's), and
+  ``generation_config.json``; ``chat_template`` as text, a name (:mod:`~capmerge.merge.chat_templates`) or
+  ``auto`` (the models' most common one);
 * ``README.md``: a model card that includes the configuration, ``mergekit_config.yml`` (the configuration as
   written), and ``capmerge.json`` (what was merged, with fingerprints).
 
@@ -57,10 +58,8 @@ def tokenizer_root(p: Any) -> Path | None:
     src = p.spec.tokenizer_source
     if src is None:
         return _root(p, donor(p)) if getattr(p.spec, "copy_tokenizer", True) else None
-    if src == "union":
-        raise UsageError("tokenizer_source: union is not supported (capmerge copies one model's tokenizer and does "
-                         "not rebuild embeddings for a merged vocabulary): use base or a model",
-                         _where(p, "tokenizer_source"))  # fmt: skip
+    if src == "union":  # of models with one vocabulary (check): the union is that vocabulary, the donor's files
+        return _root(p, donor(p))
     if src == "base":
         if p.spec.base is None:
             raise UsageError("tokenizer_source: base needs a base_model", _where(p, "tokenizer_source"))
@@ -88,13 +87,24 @@ def _vocab(root: Path | None) -> Any:
 def check(p: Any) -> None:
     """Refuse, before anything is read, what the side files cannot honour."""
     root = tokenizer_root(p)
-    if p.spec.tokenizer_source is not None:
+    src = p.spec.tokenizer_source
+    if src is not None:
         want = _vocab(root)
-        for ref in _models(p):
+        refs = list(dict.fromkeys(([p.spec.base] if p.spec.base is not None else []) + _models(p)))
+        for ref in refs if src == "union" else _models(p):
             got = _vocab(_root(p, ref))
+            if src == "union" and (want is None or got is None):
+                raise UsageError(f"tokenizer_source: union: {donor(p) if want is None else ref} has no tokenizer.json "
+                                 "to compare; capmerge takes union only for models of one vocabulary (it does not "
+                                 "build a merged vocabulary)", _where(p, "tokenizer_source"))  # fmt: skip
             if want is not None and got is not None and got != want:
-                raise UsageError(f"tokenizer_source: the vocabulary of {ref} differs from the chosen tokenizer's; "
-                                 "capmerge does not permute embeddings between vocabularies",
+                what = (
+                    f"{ref} differs from {donor(p)}'s"
+                    if src == "union"
+                    else f"{ref} differs from the chosen tokenizer's"
+                )
+                raise UsageError(f"tokenizer_source: the vocabulary of {what}; capmerge does not build a merged "
+                                 "vocabulary or permute embeddings between vocabularies",
                                  _where(p, "tokenizer_source"))  # fmt: skip
     tmpl = p.spec.chat_template
     why = None if tmpl is None else chat_templates.problem(tmpl)

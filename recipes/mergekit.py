@@ -8,9 +8,9 @@ registry of model-centric methods, never from a list kept here. The merge itself
 
 Supported: ``merge_method``, ``base_model``, ``models`` (``model``, ``parameters``), ``slices`` (``sources``:
 ``model``, ``layer_range``, ``parameters``; and the slice's ``parameters``), ``parameters``, ``dtype``,
-``out_dtype``, ``tokenizer_source`` (``base``, a model, or ``union`` of models with one vocabulary),
-``chat_template`` (a name, template text or ``auto``). Model references are paths, Hub ids
-(``org/name@revision``) and ``MODEL+LORA``.
+``out_dtype``, ``tokenizer_source`` (``base``, a model, or ``union`` of models with one vocabulary; or the
+``tokenizer:`` section's ``source``), ``chat_template`` (a name, template text or ``auto``). Model references are
+paths, Hub ids (``org/name@revision``) and ``MODEL+LORA``.
 """
 
 from __future__ import annotations
@@ -36,11 +36,9 @@ if TYPE_CHECKING:  # the registry and the runner import torch: only when a confi
     from capmerge.merge.modelmerge import MergeSpec, SliceSpec, SourceSpec
 
 TOP_KEYS = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
-            "chat_template")  # fmt: skip
+            "tokenizer", "chat_template")  # fmt: skip
 UNSUPPORTED = {
     "modules": "per-module merges (modules:) are not supported: use models or slices",
-    "tokenizer": "the tokenizer: section (building a vocabulary, adding tokens) is not supported: use "
-    "tokenizer_source: base or a model",
     "base_model@slice": "a slice's own base_model is not supported: set base_model at the top level",
     "residual_weight": "residual_weight is not supported",
 }
@@ -322,12 +320,25 @@ def _slices(r: _Reader, doc: dict, method: ModelMethod, warnings: list[str]) -> 
 
 
 def _tokenizer(r: _Reader, doc: dict, spec: MergeSpec) -> None:
-    src = doc.get("tokenizer_source")
+    src, at, key, path = doc.get("tokenizer_source"), doc, "tokenizer_source", "tokenizer_source"
+    section = doc.get("tokenizer")
+    if "tokenizer" in doc:  # mergekit's tokenizer: section; its source alone is tokenizer_source
+        r.mapping(section, doc, "tokenizer", "tokenizer", ("source", "tokens", "pad_to_multiple_of"))
+        if "tokenizer_source" in doc:
+            raise r.fail("give tokenizer_source or tokenizer:, not both", doc, "tokenizer", "tokenizer")
+        for k in ("tokens", "pad_to_multiple_of"):
+            if section.get(k) is not None:
+                raise r.fail(f"tokenizer.{k} is not supported (capmerge copies one model's tokenizer; it does not add "
+                             "tokens or resize embeddings): give tokenizer.source alone", section, k,
+                             f"tokenizer.{k}")  # fmt: skip
+        src, at, key, path = section.get("source"), section, "source", "tokenizer.source"
+        if src is not None:
+            spec.where["tokenizer_source"] = f"{r.file}:{_yaml.line_of(section, 'source')}: tokenizer.source"
     if src is not None:
         keyword = src in ("base", "union")  # union: every model of one vocabulary (checked before the merge)
-        spec.tokenizer_source = src if keyword else r.model_ref(src, doc, "tokenizer_source", "tokenizer_source")
+        spec.tokenizer_source = src if keyword else r.model_ref(src, at, key, path)
         if src == "base" and spec.base is None:
-            raise r.fail("tokenizer_source: base needs a base_model", doc, "tokenizer_source", "tokenizer_source")
+            raise r.fail(f"{path}: base needs a base_model", at, key, path)
     tmpl = doc.get("chat_template")
     if tmpl is not None:
         why = chat_templates.problem(tmpl)

@@ -187,6 +187,27 @@ def base_config(models: dict[str, Path]) -> str:
         ),
         (lambda t: t.replace("weight: 0.5\n  -", "weight: abc\n  -"), ["weight: expected a number", "cfg.yml:5"]),
         (
+            lambda t: t + "tokenizer:\n  source: base\n",
+            ["tokenizer.source: base needs a base_model", "cfg.yml:11: tokenizer.source"],
+        ),
+        (
+            lambda t: t + "tokenizer:\n  source: union\n  pad_to_multiple_of: 8\n",
+            ["tokenizer.pad_to_multiple_of is not supported", "cfg.yml:12: tokenizer.pad_to_multiple_of"],
+        ),
+        (
+            lambda t: t + "tokenizer:\n  tokens:\n    x: {source: base}\n",
+            ["tokenizer.tokens is not supported", "cfg.yml:11: tokenizer.tokens"],
+        ),
+        (lambda t: t + "tokenizer:\n  sourc: base\n", ["unknown key 'sourc'", "cfg.yml:11: tokenizer.sourc"]),
+        (
+            lambda t: t + "tokenizer_source: base\ntokenizer:\n  source: base\n",
+            ["give tokenizer_source or tokenizer:, not both", "cfg.yml:11: tokenizer"],
+        ),
+        (
+            lambda t: t + "tokenizer:\n  source: union\n",
+            ["union:", "has no tokenizer.json to compare", "cfg.yml:11: tokenizer.source"],
+        ),
+        (
             lambda t: t + "tokenizer_source: union\n",
             ["union:", "has no tokenizer.json to compare", "cfg.yml:10: tokenizer_source"],
         ),

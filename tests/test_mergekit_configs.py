@@ -116,6 +116,9 @@ dtype: float32
         # every model of one vocabulary: mergekit's union of it is that vocabulary, its embeddings unpermuted
         "union": f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.6}}\n"
         f"  - model: {b}\n    parameters: {{weight: 0.4}}\ntokenizer_source: union\ndtype: float32\n",
+        # mergekit's tokenizer: section with a source alone, of models of one vocabulary
+        "section": f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.3}}\n"
+        f"  - model: {b}\n    parameters: {{weight: 0.7}}\ntokenizer:\n  source: union\ndtype: float32\n",
         "lora": f"merge_method: linear\nmodels:\n  - model: {a_lora}\n    parameters: {{weight: 0.7}}\n"
         f"  - model: {b}\n    parameters: {{weight: 0.3}}\ndtype: float32\n",
     }
@@ -198,7 +201,7 @@ FP32_RTOL = 4 * 2.0**-23  # a few float32 ulps of the largest entry
 BF16_RTOL = 2.0**-7  # one bfloat16 rounding step
 
 
-@pytest.mark.parametrize("name", ["filters", "bf16", "lora", "union"])
+@pytest.mark.parametrize("name", ["filters", "bf16", "lora", "union", "section"])
 def test_config_matches_mergekit(runs, name: str, capsys) -> None:
     tmp = runs["tmp"]
     out = capmerge_run(tmp, name, capsys)
@@ -252,18 +255,19 @@ def test_tokenizer_source_base(runs, capsys) -> None:
     assert ours("w3 w4 w31")["input_ids"] == theirs("w3 w4 w31")["input_ids"]
 
 
-def test_tokenizer_source_union_of_one_vocabulary(runs, capsys) -> None:
+@pytest.mark.parametrize("name", ["union", "section"])
+def test_tokenizer_source_union_of_one_vocabulary(runs, capsys, name: str) -> None:
     """Models of one vocabulary: the first model's tokenizer files (no base) as they are, the vocabulary of
-    mergekit's union."""
+    mergekit's union (``tokenizer_source: union``, and ``tokenizer: {source: union}``)."""
     tmp, m = runs["tmp"], runs["models"]
-    out = tmp / "cm-union"
+    out = tmp / f"cm-{name}"
     if not out.exists():
-        capmerge_run(tmp, "union", capsys)
+        capmerge_run(tmp, name, capsys)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         assert (out / f).read_bytes() == (m["A"] / f).read_bytes(), f
     from transformers import AutoTokenizer
 
-    ours, theirs = (AutoTokenizer.from_pretrained(str(d)) for d in (out, tmp / "mk-union"))
+    ours, theirs = (AutoTokenizer.from_pretrained(str(d)) for d in (out, tmp / f"mk-{name}"))
     assert ours.get_vocab() == theirs.get_vocab()
     assert ours("w5 w9 w30")["input_ids"] == theirs("w5 w9 w30")["input_ids"]
 

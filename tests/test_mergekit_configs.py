@@ -306,3 +306,71 @@ def test_slices_stack_layers_like_mergekit(runs, passthrough, capsys) -> None:
     with torch.no_grad():
         logits = model(torch.tensor([[1, 5, 7]])).logits
     assert logits.shape == (1, 3, VOCAB) and torch.isfinite(logits).all()
+
+
+def save_tokens(d: Path, ids: list[int]) -> None:
+    """A word-level tokenizer.json of tokens ``w<id>`` at ``ids`` (the model's embeddings keep their VOCAB rows)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    names = {0: "<unk>", 1: "<s>", 2: "</s>"}  # the special tokens tokenizer_config.json names
+    vocab = {names.get(i, f"w{i}"): i for i in ids}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+
+
+PADDED = 30  # tokens of the padded models' tokenizer: their embeddings have VOCAB = 32 rows
+
+
+@pytest.fixture(scope="module")
+def padded(tmp_path_factory: pytest.TempPathFactory):
+    """Two models whose embeddings have two rows more than their tokenizer has tokens (as Qwen2's are padded), and
+    mergekit's output with the tokenizer chosen three ways: it keeps one row per token and sets vocab_size."""
+    require_mergekit()
+    tmp = tmp_path_factory.mktemp("padded")
+    gen = torch.Generator().manual_seed(11)
+    m = {k: save_model(tmp / k, gen) for k in "AB"}
+    for d in m.values():
+        save_tokens(d, list(range(PADDED)))
+    head = f"merge_method: linear\nmodels:\n  - model: {m['A']}\n    parameters: {{weight: 0.7}}\n"
+    head += f"  - model: {m['B']}\n    parameters: {{weight: 0.3}}\ndtype: float32\n"
+    cases = {"union": head + "tokenizer_source: union\n", "model": head + f"tokenizer_source: {m['B']}\n",
+             "section": head + "tokenizer:\n  source: union\n", "none": head}  # fmt: skip
+    mergekit_outputs(tmp, cases, lambda name: ["--no-cuda"])
+    return tmp, m
+
+
+@pytest.mark.parametrize("name", ["union", "model", "section", "none"])
+def test_padded_embeddings_keep_a_row_per_token_like_mergekit(padded, name: str, capsys) -> None:
+    tmp, _ = padded
+    out = capmerge_run(tmp, name, capsys)
+    got, mk = load_any(out), load_any(tmp / f"mk-{name}")
+    compare(got, mk, FP32_RTOL)  # the same names and shapes, values within float32 rounding (mergekit's FMA)
+    rows = VOCAB if name == "none" else PADDED  # without a chosen tokenizer, mergekit keeps every row
+    assert got["model.embed_tokens.weight"].shape == got["lm_head.weight"].shape == (rows, HIDDEN)
+    cfg, mk_cfg = (json.loads((d / "config.json").read_text()) for d in (out, tmp / f"mk-{name}"))
+    assert cfg["vocab_size"] == mk_cfg["vocab_size"] == rows
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(str(out)).get_input_embeddings().weight.shape == (rows, HIDDEN)
+
+
+@pytest.mark.parametrize(
+    "ids,expect",
+    [
+        ([*range(PADDED), 33], "1 token(s) at ids >= vocab_size 32 (first 33)"),
+        ([i for i in range(PADDED) if i != 7], "are not 0 .. 28"),
+        ([0, *range(3, PADDED)], "declares special tokens its tokenizer.json lacks (</s>, <s>)"),
+    ],
+)
+def test_tokenizer_ids_mergekit_would_rewrite_are_refused(tmp_path: Path, capsys, ids: list[int], expect: str) -> None:
+    from test_merge_cli import fails
+
+    gen = torch.Generator().manual_seed(5)
+    a = save_model(tmp_path / "A", gen)
+    save_tokens(a, ids)
+    cfg = tmp_path / "t.yml"
+    cfg.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\ntokenizer_source: {a}\n"
+    )
+    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, expect, "t.yml:5: tokenizer_source")

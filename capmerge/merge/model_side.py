@@ -112,7 +112,101 @@ def check(p: Any) -> None:
         raise UsageError(why, _where(p, "chat_template"))
 
 
-def _config(p: Any) -> dict[str, Any] | None:
+def _vocab_key(cfg: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
+    """The mapping holding a config's ``vocab_size`` (the config, else its ``text_config``) and the key."""
+    if isinstance(cfg.get("vocab_size"), int):
+        return cfg, "vocab_size"
+    text = cfg.get("text_config")
+    return (text, "vocab_size") if isinstance(text, dict) and isinstance(text.get("vocab_size"), int) else None
+
+
+def vocabulary_rows(p: Any) -> tuple[int, int] | None:
+    """Where a chosen tokenizer (``tokenizer_source``) holds fewer tokens than the embeddings have rows (padded
+    embeddings, e.g. Qwen2's), mergekit writes the vocabulary tensors with one row per token and sets
+    ``vocab_size`` to the token count: (rows, tokens) then, else None. Refused where the ids are not 0 .. N − 1 or
+    some lie past the rows (mergekit removes those tokens from the tokenizer it writes; capmerge copies tokenizers
+    as they are)."""
+    if p.spec.tokenizer_source is None:
+        return None
+    root = tokenizer_root(p)
+    cfg = _raw_config(p)
+    found = _vocab_key(cfg) if cfg is not None else None
+    if root is None or found is None or not (root / "tokenizer.json").is_file():
+        return None
+    rows = found[0][found[1]]
+    try:
+        doc = json.loads((root / "tokenizer.json").read_text(encoding="utf-8"))
+        model = doc.get("model") or {}
+        vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else {}
+        added = {str(t["content"]): int(t["id"]) for t in doc.get("added_tokens") or []}
+        ids = {int(i) for i in vocab.values()} | set(added.values())
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    where = _where(p, "tokenizer_source")
+    if len(ids) < rows:  # transformers adds the declared special tokens a tokenizer.json lacks: count them too
+        missing = sorted(t for t in _special_tokens(root) if t not in vocab and t not in added)
+        if missing:
+            raise UsageError(f"tokenizer_source: the tokenizer in {root} declares special tokens its tokenizer.json "
+                             f"lacks ({', '.join(missing[:3])}): transformers adds them, so its vocabulary size is "
+                             "not that of tokenizer.json", where)  # fmt: skip
+    past = sorted(i for i in ids if i >= rows)
+    if past:
+        raise UsageError(f"tokenizer_source: the tokenizer in {root} has {len(past)} token(s) at ids >= vocab_size "
+                         f"{rows} (first {past[0]}): mergekit removes them from the tokenizer it writes; capmerge "
+                         "copies tokenizers as they are", where)  # fmt: skip
+    if ids != set(range(len(ids))):
+        raise UsageError(f"tokenizer_source: the token ids of {root / 'tokenizer.json'} are not 0 .. {len(ids) - 1} "
+                         "(mergekit renumbers them; capmerge does not)", where)  # fmt: skip
+    return (rows, len(ids)) if len(ids) < rows else None
+
+
+def _special_tokens(root: Path) -> set[str]:
+    """The special tokens ``tokenizer_config.json`` and ``special_tokens_map.json`` declare."""
+    found: set[str] = set()
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            cfg = json.loads((root / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(cfg, dict):
+            continue
+        keys = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+        values = [cfg.get(k) for k in keys] + list(cfg.get("additional_special_tokens") or [])
+        for v in values:
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                found.add(v)
+    return found
+
+
+def fit_vocabulary(p: Any) -> None:
+    """Give the vocabulary tensors one row per token of the chosen tokenizer, as mergekit writes them
+    (:func:`vocabulary_rows`): the two-dimensional tensors outside the layers with ``rows`` rows are read as their
+    first ``tokens`` rows (a prefix of their bytes). Only plain safetensors inputs without an adapter on them."""
+    fit = vocabulary_rows(p)
+    p.vocab_rows = fit
+    if fit is None:
+        return
+    import dataclasses
+
+    from capmerge.io.checkpoint import Checkpoint
+    from capmerge.merge.masks import layer_index
+
+    rows, tokens = fit
+    for m in p.inputs:
+        ck = m.ck
+        for name, info in list(ck.tensors.items()):
+            if layer_index(name) is not None or len(info.shape) != 2 or info.shape[0] != rows:
+                continue
+            if not ck.direct or type(ck).read_into is not Checkpoint.read_into or (m.lora and name in m.lora.tensors):
+                raise UsageError(f"tokenizer_source: {name} would keep {tokens} of its {rows} rows (one per token, "
+                                 "as mergekit writes it); capmerge does that for safetensors inputs without an adapter "
+                                 "on the tensor", m.ref)  # fmt: skip
+            ck.tensors[name] = dataclasses.replace(info, shape=(tokens, info.shape[1]),
+                                                   nbytes=tokens * info.shape[1] * info.itemsize)  # fmt: skip
+
+
+def _raw_config(p: Any) -> dict[str, Any] | None:
     root = _root(p, donor(p))
     if root is None or not (root / "config.json").is_file():
         return None
@@ -120,8 +214,17 @@ def _config(p: Any) -> dict[str, Any] | None:
         cfg = json.loads((root / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read config.json: {e}", str(root / "config.json")) from None
-    if not isinstance(cfg, dict):
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _config(p: Any) -> dict[str, Any] | None:
+    cfg = _raw_config(p)
+    if cfg is None:
         return None
+    fit = getattr(p, "vocab_rows", None)
+    found = _vocab_key(cfg) if fit else None
+    if found:
+        found[0][found[1]] = fit[1]
     if p.spec.slices:
         target = cfg
         if not any(k in cfg for k in LAYER_KEYS) and isinstance(cfg.get("text_config"), dict):

@@ -170,6 +170,7 @@ class Planned:
     n_layers: int
     index: dict[str, int] = field(default_factory=dict)  # reference -> position in ``inputs``
     warnings: list[str] = field(default_factory=list)
+    vocab_rows: tuple[int, int] | None = None  # (rows, tokens): vocabulary tensors cut to the tokenizer's tokens
 
     def close(self) -> None:
         for m in self.inputs:
@@ -492,6 +493,7 @@ def run_merge(
     summary = Summary("merge", out_s, warnings=list(p.warnings))
     try:
         model_side.check(p)
+        model_side.fit_vocabulary(p)
         jobs, _ = _jobs(p, code, allow_nonfinite)
         out = Output(out_s, [ck for m in p.inputs for ck in m.checkpoints], force=force)
         try:

@@ -329,7 +329,7 @@ def _tokenizer(r: _Reader, doc: dict, spec: MergeSpec) -> None:
         for k in ("tokens", "pad_to_multiple_of"):
             if section.get(k) is not None:
                 raise r.fail(f"tokenizer.{k} is not supported (capmerge copies one model's tokenizer; it does not add "
-                             "tokens or resize embeddings): give tokenizer.source alone", section, k,
+                             "tokens or pad embeddings): give tokenizer.source alone", section, k,
                              f"tokenizer.{k}")  # fmt: skip
         src, at, key, path = section.get("source"), section, "source", "tokenizer.source"
         if src is not None:

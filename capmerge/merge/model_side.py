@@ -71,15 +71,23 @@ def tokenizer_root(p: Any) -> Path | None:
     raise UsageError(f"tokenizer_source {src!r} is neither base nor one of the models", _where(p, "tokenizer_source"))
 
 
-def _vocab(root: Path | None) -> Any:
-    """The vocabulary of a ``tokenizer.json`` (None when there is none to compare)."""
+def _tokenizer_json(root: Path | None) -> dict[str, Any] | None:
+    """The parsed ``tokenizer.json`` of ``root`` (None when there is none, or it cannot be read)."""
     if root is None or not (root / "tokenizer.json").is_file():
         return None
     try:
         doc = json.loads((root / "tokenizer.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    model = doc.get("model") if isinstance(doc, dict) else None
+    return doc if isinstance(doc, dict) else None
+
+
+def _vocab(root: Path | None) -> Any:
+    """The vocabulary of a ``tokenizer.json`` (None when there is none to compare)."""
+    doc = _tokenizer_json(root)
+    if doc is None:
+        return None
+    model = doc.get("model")
     added = sorted((t.get("id"), t.get("content")) for t in doc.get("added_tokens") or [] if isinstance(t, dict))
     return (model.get("vocab") if isinstance(model, dict) else None, added)
 
@@ -131,16 +139,16 @@ def vocabulary_rows(p: Any) -> tuple[int, int] | None:
     root = tokenizer_root(p)
     cfg = _raw_config(p)
     found = _vocab_key(cfg) if cfg is not None else None
-    if root is None or found is None or not (root / "tokenizer.json").is_file():
+    doc = _tokenizer_json(root)
+    if root is None or found is None or doc is None:
         return None
     rows = found[0][found[1]]
     try:
-        doc = json.loads((root / "tokenizer.json").read_text(encoding="utf-8"))
         model = doc.get("model") or {}
         vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else {}
         added = {str(t["content"]): int(t["id"]) for t in doc.get("added_tokens") or []}
         ids = {int(i) for i in vocab.values()} | set(added.values())
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None
     where = _where(p, "tokenizer_source")
     if len(ids) < rows:  # transformers adds the declared special tokens a tokenizer.json lacks: count them too

@@ -320,27 +320,33 @@ def save_tokens(d: Path, ids: list[int]) -> None:
 
 
 PADDED = 30  # tokens of the padded models' tokenizer: their embeddings have VOCAB = 32 rows
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 @pytest.fixture(scope="module")
 def padded(tmp_path_factory: pytest.TempPathFactory):
     """Two models whose embeddings have two rows more than their tokenizer has tokens (as Qwen2's are padded), and
-    mergekit's output with the tokenizer chosen three ways: it keeps one row per token and sets vocab_size."""
+    mergekit's output with the tokenizer chosen three ways (it keeps one row per token and sets vocab_size), not
+    at all, and over A and a model C whose embeddings have one row per token already."""
     require_mergekit()
     tmp = tmp_path_factory.mktemp("padded")
     gen = torch.Generator().manual_seed(11)
-    m = {k: save_model(tmp / k, gen) for k in "AB"}
+    m = {k: save_model(tmp / k, gen) for k in "ABC"}
     for d in m.values():
         save_tokens(d, list(range(PADDED)))
+    c = load_any(m["C"])  # C's embeddings resized to its tokens (as a trainer's resize_token_embeddings leaves them)
+    save_single(m["C"] / "model.safetensors", {n: t[:PADDED] if n in VOCAB_TENSORS else t for n, t in c.items()})
+    (m["C"] / "config.json").write_text(json.dumps({**CONFIG, "vocab_size": PADDED}))
     head = f"merge_method: linear\nmodels:\n  - model: {m['A']}\n    parameters: {{weight: 0.7}}\n"
     head += f"  - model: {m['B']}\n    parameters: {{weight: 0.3}}\ndtype: float32\n"
     cases = {"union": head + "tokenizer_source: union\n", "model": head + f"tokenizer_source: {m['B']}\n",
-             "section": head + "tokenizer:\n  source: union\n", "none": head}  # fmt: skip
+             "section": head + "tokenizer:\n  source: union\n", "none": head,
+             "mixed": head.replace(str(m["B"]), str(m["C"])) + "tokenizer_source: union\n"}  # fmt: skip
     mergekit_outputs(tmp, cases, lambda name: ["--no-cuda"])
     return tmp, m
 
 
-@pytest.mark.parametrize("name", ["union", "model", "section", "none"])
+@pytest.mark.parametrize("name", ["union", "model", "section", "none", "mixed"])
 def test_padded_embeddings_keep_a_row_per_token_like_mergekit(padded, name: str, capsys) -> None:
     tmp, _ = padded
     out = capmerge_run(tmp, name, capsys)

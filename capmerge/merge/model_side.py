@@ -128,21 +128,26 @@ def _vocab_key(cfg: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
     return (text, "vocab_size") if isinstance(text, dict) and isinstance(text.get("vocab_size"), int) else None
 
 
-def vocabulary_rows(p: Any) -> tuple[int, int] | None:
-    """Where a chosen tokenizer (``tokenizer_source``) holds fewer tokens than the embeddings have rows (padded
-    embeddings, e.g. Qwen2's), mergekit writes the vocabulary tensors with one row per token and sets
-    ``vocab_size`` to the token count: (rows, tokens) then, else None. Refused where the ids are not 0 .. N − 1 or
-    some lie past the rows (mergekit removes those tokens from the tokenizer it writes; capmerge copies tokenizers
-    as they are)."""
+def _config_rows(root: Path | None) -> int | None:
+    """``vocab_size`` of the config.json in ``root`` (or of its ``text_config``); None without one."""
+    cfg = _read_config(root)
+    found = _vocab_key(cfg) if cfg is not None else None
+    return found[0][found[1]] if found else None
+
+
+def vocabulary_tokens(p: Any) -> int | None:
+    """The tokens of a chosen tokenizer (``tokenizer_source``), where some model's embeddings have more rows
+    (padded, e.g. Qwen2's, or not resized after tokens were dropped): mergekit writes the vocabulary tensors with
+    one row per token and sets ``vocab_size`` to the count. None where no model has more rows (or there is no
+    tokenizer.json, no config to tell). Refused where the ids are not 0 .. N − 1, some lie past the tokenizer's own
+    model's ``vocab_size`` (mergekit removes those tokens from the tokenizer it writes; capmerge copies tokenizers
+    as they are), or transformers would add special tokens the file lacks."""
     if p.spec.tokenizer_source is None:
         return None
     root = tokenizer_root(p)
-    cfg = _raw_config(p)
-    found = _vocab_key(cfg) if cfg is not None else None
-    doc = _tokenizer_json(root)
-    if root is None or found is None or doc is None:
+    doc, rows = _tokenizer_json(root), _config_rows(_root(p, donor(p)))
+    if root is None or doc is None or rows is None:
         return None
-    rows = found[0][found[1]]
     try:
         model = doc.get("model") or {}
         vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else {}
@@ -150,13 +155,15 @@ def vocabulary_rows(p: Any) -> tuple[int, int] | None:
         ids = {int(i) for i in vocab.values()} | set(added.values())
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
+    most = max([rows] + [r for m in p.inputs if (r := _config_rows(_ck_root(m))) is not None])
+    if len(ids) >= most:
+        return None
     where = _where(p, "tokenizer_source")
-    if len(ids) < rows:  # transformers adds the declared special tokens a tokenizer.json lacks: count them too
-        missing = sorted(t for t in _special_tokens(root) if t not in vocab and t not in added)
-        if missing:
-            raise UsageError(f"tokenizer_source: the tokenizer in {root} declares special tokens its tokenizer.json "
-                             f"lacks ({', '.join(missing[:3])}): transformers adds them, so its vocabulary size is "
-                             "not that of tokenizer.json", where)  # fmt: skip
+    missing = sorted(t for t in _special_tokens(root) if t not in vocab and t not in added)
+    if missing:  # transformers adds the declared special tokens a tokenizer.json lacks
+        raise UsageError(f"tokenizer_source: the tokenizer in {root} declares special tokens its tokenizer.json "
+                         f"lacks ({', '.join(missing[:3])}): transformers adds them, so its vocabulary size is not "
+                         "that of tokenizer.json", where)  # fmt: skip
     past = sorted(i for i in ids if i >= rows)
     if past:
         raise UsageError(f"tokenizer_source: the tokenizer in {root} has {len(past)} token(s) at ids >= vocab_size "
@@ -165,7 +172,7 @@ def vocabulary_rows(p: Any) -> tuple[int, int] | None:
     if ids != set(range(len(ids))):
         raise UsageError(f"tokenizer_source: the token ids of {root / 'tokenizer.json'} are not 0 .. {len(ids) - 1} "
                          "(mergekit renumbers them; capmerge does not)", where)  # fmt: skip
-    return (rows, len(ids)) if len(ids) < rows else None
+    return len(ids)
 
 
 def _special_tokens(root: Path) -> set[str]:
@@ -189,20 +196,22 @@ def _special_tokens(root: Path) -> set[str]:
 
 def fit_vocabulary(p: Any) -> None:
     """Give the vocabulary tensors one row per token of the chosen tokenizer, as mergekit writes them
-    (:func:`vocabulary_rows`): the two-dimensional tensors outside the layers with ``rows`` rows are read as their
-    first ``tokens`` rows (a prefix of their bytes). Only plain safetensors inputs without an adapter on them."""
-    fit = vocabulary_rows(p)
-    p.vocab_rows = fit
-    if fit is None:
+    (:func:`vocabulary_tokens`): in each model whose config has more rows than that, the two-dimensional tensors
+    outside the layers with its ``vocab_size`` rows are read as their first rows (a prefix of their bytes). Only
+    plain safetensors inputs without an adapter on those tensors."""
+    tokens = vocabulary_tokens(p)
+    p.vocab_rows = tokens
+    if tokens is None:
         return
     import dataclasses
 
     from capmerge.io.checkpoint import Checkpoint
     from capmerge.merge.masks import layer_index
 
-    rows, tokens = fit
     for m in p.inputs:
-        ck = m.ck
+        ck, rows = m.ck, _config_rows(_ck_root(m))
+        if rows is None or rows <= tokens:
+            continue
         for name, info in list(ck.tensors.items()):
             if layer_index(name) is not None or len(info.shape) != 2 or info.shape[0] != rows:
                 continue
@@ -214,8 +223,11 @@ def fit_vocabulary(p: Any) -> None:
                                                    nbytes=tokens * info.shape[1] * info.itemsize)  # fmt: skip
 
 
-def _raw_config(p: Any) -> dict[str, Any] | None:
-    root = _root(p, donor(p))
+def _ck_root(m: Any) -> Path | None:
+    return Path(m.ck.root) if m.ck.root else None
+
+
+def _read_config(root: Path | None) -> dict[str, Any] | None:
     if root is None or not (root / "config.json").is_file():
         return None
     try:
@@ -226,13 +238,13 @@ def _raw_config(p: Any) -> dict[str, Any] | None:
 
 
 def _config(p: Any) -> dict[str, Any] | None:
-    cfg = _raw_config(p)
+    cfg = _read_config(_root(p, donor(p)))
     if cfg is None:
         return None
-    fit = getattr(p, "vocab_rows", None)
-    found = _vocab_key(cfg) if fit else None
-    if found:
-        found[0][found[1]] = fit[1]
+    tokens = getattr(p, "vocab_rows", None)
+    found = _vocab_key(cfg) if tokens else None
+    if found and found[0][found[1]] > tokens:
+        found[0][found[1]] = tokens
     if p.spec.slices:
         target = cfg
         if not any(k in cfg for k in LAYER_KEYS) and isinstance(cfg.get("text_config"), dict):

@@ -170,7 +170,7 @@ class Planned:
     n_layers: int
     index: dict[str, int] = field(default_factory=dict)  # reference -> position in ``inputs``
     warnings: list[str] = field(default_factory=list)
-    vocab_rows: tuple[int, int] | None = None  # (rows, tokens): vocabulary tensors cut to the tokenizer's tokens
+    vocab_rows: int | None = None  # the chosen tokenizer's tokens: vocabulary tensors with more rows are cut to it
 
     def close(self) -> None:
         for m in self.inputs:
@@ -255,6 +255,7 @@ def plan(spec: MergeSpec, *, open_opts: Mapping[str, Any] | None = None) -> Plan
     inputs, index = _open_inputs(spec, open_opts or {})
     p = Planned(spec, method, inputs, [], 0, index, warnings)
     try:
+        model_side.fit_vocabulary(p)  # before the shapes are compared: the models' padded rows may differ
         ref = inputs[index[spec.base]] if spec.base is not None and not spec.slices else inputs[
             index[slices[0].sources[0].model]]  # fmt: skip
         glob = spec.parameters
@@ -493,7 +494,6 @@ def run_merge(
     summary = Summary("merge", out_s, warnings=list(p.warnings))
     try:
         model_side.check(p)
-        model_side.fit_vocabulary(p)
         jobs, _ = _jobs(p, code, allow_nonfinite)
         out = Output(out_s, [ck for m in p.inputs for ck in m.checkpoints], force=force)
         try:

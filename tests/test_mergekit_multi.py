@@ -149,3 +149,29 @@ def test_json_lists_the_merges(models, tmp_path: Path, capsys) -> None:
             [str(inter / "blend")] if run == 0 else {"output": str(inter / "blend"), "kept": True},
             [str(tmp_path / f"out{run}")],
         ]
+
+
+def test_tokenizer_from_another_merge(models, tmp_path: Path, capsys) -> None:
+    """A merge whose models are all outside the file but whose tokenizer comes from another merge's output: planned
+    before that output exists (its tokenizer is looked at once it does), then given its files."""
+    m = models
+    cfg = tmp_path / "tok.yml"
+    cfg.write_text(f"""merge_method: linear
+models:
+  - model: {m["A"]}
+    parameters: {{weight: 0.5}}
+  - model: {m["C"]}
+    parameters: {{weight: 0.5}}
+tokenizer_source: blend
+dtype: float32
+---
+name: blend
+merge_method: linear
+models:
+  - model: {m["B"]}
+    parameters: {{weight: 1.0}}
+dtype: float32
+""")
+    out = tmp_path / "out"
+    assert main(["run", str(cfg), str(out), "-I", str(tmp_path / "inter"), "-q"]) == 0, capsys.readouterr().err
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "inter" / "blend" / "tokenizer.json").read_bytes()

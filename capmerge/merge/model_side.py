@@ -142,8 +142,9 @@ def vocabulary_tokens(p: Any) -> int | None:
     tokenizer.json, no config to tell). Refused where the ids are not 0 .. N − 1, some lie past the tokenizer's own
     model's ``vocab_size`` (mergekit removes those tokens from the tokenizer it writes; capmerge copies tokenizers
     as they are), or transformers would add special tokens the file lacks."""
-    if p.spec.tokenizer_source is None:
-        return None
+    src = p.spec.tokenizer_source
+    if src is None or not (src in ("base", "union") or src in p.index or os.path.isdir(src)):
+        return None  # a source that is not there yet (another merge's output, before it is made): check() tells
     root = tokenizer_root(p)
     doc, rows = _tokenizer_json(root), _config_rows(_root(p, donor(p)))
     if root is None or doc is None or rows is None:

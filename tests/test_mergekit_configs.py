@@ -41,13 +41,19 @@ CONFIG = {
 }  # fmt: skip
 
 
-def save_tokenizer(d: Path) -> None:
+def save_tokens(d: Path, ids: list[int]) -> None:
+    """A word-level tokenizer.json of tokens at ``ids``: ``<unk>``, ``<s>``, ``</s>`` at 0–2, ``w<id>`` after."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    names = {0: "<unk>", 1: "<s>", 2: "</s>"}  # the special tokens tokenizer_config.json names
+    vocab = {names.get(i, f"w{i}"): i for i in ids}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(d / "tokenizer.json"))
+
+
+def save_tokenizer(d: Path) -> None:
+    save_tokens(d, list(range(VOCAB)))
     (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
         "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "model_max_length": 64}))  # fmt: skip
 
@@ -306,17 +312,6 @@ def test_slices_stack_layers_like_mergekit(runs, passthrough, capsys) -> None:
     with torch.no_grad():
         logits = model(torch.tensor([[1, 5, 7]])).logits
     assert logits.shape == (1, 3, VOCAB) and torch.isfinite(logits).all()
-
-
-def save_tokens(d: Path, ids: list[int]) -> None:
-    """A word-level tokenizer.json of tokens ``w<id>`` at ``ids`` (the model's embeddings keep their VOCAB rows)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    names = {0: "<unk>", 1: "<s>", 2: "</s>"}  # the special tokens tokenizer_config.json names
-    vocab = {names.get(i, f"w{i}"): i for i in ids}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(d / "tokenizer.json"))
 
 
 PADDED = 30  # tokens of the padded models' tokenizer: their embeddings have VOCAB = 32 rows

@@ -135,7 +135,7 @@ def _config_rows(root: Path | None) -> int | None:
     return found[0][found[1]] if found else None
 
 
-def vocabulary_tokens(p: Any) -> int | None:
+def vocabulary_tokens(p: Any, rows_of: list[int | None]) -> int | None:
     """The tokens of a chosen tokenizer (``tokenizer_source``), where some model's embeddings have more rows
     (padded, e.g. Qwen2's, or not resized after tokens were dropped): mergekit writes the vocabulary tensors with
     one row per token and sets ``vocab_size`` to the count. None where no model has more rows (or there is no
@@ -145,8 +145,8 @@ def vocabulary_tokens(p: Any) -> int | None:
     src = p.spec.tokenizer_source
     if src is None or not (src in ("base", "union") or src in p.index or os.path.isdir(src)):
         return None  # a source that is not there yet (another merge's output, before it is made): check() tells
-    root = tokenizer_root(p)
-    doc, rows = _tokenizer_json(root), _config_rows(_root(p, donor(p)))
+    root, at = tokenizer_root(p), p.index.get(donor(p))
+    doc, rows = _tokenizer_json(root), rows_of[at] if at is not None else None
     if root is None or doc is None or rows is None:
         return None
     try:
@@ -156,7 +156,7 @@ def vocabulary_tokens(p: Any) -> int | None:
         ids = {int(i) for i in vocab.values()} | set(added.values())
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
-    most = max([rows] + [r for m in p.inputs if (r := _config_rows(_ck_root(m))) is not None])
+    most = max(r for r in rows_of if r is not None)
     if len(ids) >= most:
         return None
     where = _where(p, "tokenizer_source")
@@ -200,8 +200,9 @@ def fit_vocabulary(p: Any) -> None:
     (:func:`vocabulary_tokens`): in each model whose config has more rows than that, the two-dimensional tensors
     outside the layers with its ``vocab_size`` rows are read as their first rows (a prefix of their bytes). Only
     plain safetensors inputs without an adapter on those tensors."""
-    tokens = vocabulary_tokens(p)
-    p.vocab_rows = tokens
+    rows_of = [_config_rows(Path(m.ck.root) if m.ck.root else None) for m in p.inputs]  # each model's vocab_size
+    tokens = vocabulary_tokens(p, rows_of)
+    p.vocab_tokens = tokens
     if tokens is None:
         return
     import dataclasses
@@ -209,8 +210,8 @@ def fit_vocabulary(p: Any) -> None:
     from capmerge.io.checkpoint import Checkpoint
     from capmerge.merge.masks import layer_index
 
-    for m in p.inputs:
-        ck, rows = m.ck, _config_rows(_ck_root(m))
+    for m, rows in zip(p.inputs, rows_of, strict=True):
+        ck = m.ck
         if rows is None or rows <= tokens:
             continue
         for name, info in list(ck.tensors.items()):
@@ -222,10 +223,6 @@ def fit_vocabulary(p: Any) -> None:
                                  "on the tensor", m.ref)  # fmt: skip
             ck.tensors[name] = dataclasses.replace(info, shape=(tokens, info.shape[1]),
                                                    nbytes=tokens * info.shape[1] * info.itemsize)  # fmt: skip
-
-
-def _ck_root(m: Any) -> Path | None:
-    return Path(m.ck.root) if m.ck.root else None
 
 
 def _read_config(root: Path | None) -> dict[str, Any] | None:
@@ -242,7 +239,7 @@ def _config(p: Any) -> dict[str, Any] | None:
     cfg = _read_config(_root(p, donor(p)))
     if cfg is None:
         return None
-    tokens = getattr(p, "vocab_rows", None)
+    tokens = p.vocab_tokens
     found = _vocab_key(cfg) if tokens else None
     if found and found[0][found[1]] > tokens:
         found[0][found[1]] = tokens

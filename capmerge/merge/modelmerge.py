@@ -170,7 +170,7 @@ class Planned:
     n_layers: int
     index: dict[str, int] = field(default_factory=dict)  # reference -> position in ``inputs``
     warnings: list[str] = field(default_factory=list)
-    vocab_rows: int | None = None  # the chosen tokenizer's tokens: vocabulary tensors with more rows are cut to it
+    vocab_tokens: int | None = None  # the chosen tokenizer's tokens: vocabulary tensors with more rows are cut to it
 
     def close(self) -> None:
         for m in self.inputs:

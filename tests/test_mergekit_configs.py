@@ -375,3 +375,87 @@ def test_tokenizer_ids_mergekit_would_rewrite_are_refused(tmp_path: Path, capsys
         f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\ntokenizer_source: {a}\n"
     )
     fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, expect, "t.yml:5: tokenizer_source")
+
+
+HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def save_tied(d: Path, gen: torch.Generator, tied: bool) -> Path:
+    """A model whose config ties its head to its embeddings (no lm_head.weight saved, as transformers saves Qwen2's
+    small models or Llama 3.2 1B), or one with its own head."""
+    save_model(d, gen)
+    t = load_any(d)
+    save_single(d / "model.safetensors", {n: v for n, v in t.items() if n != HEAD or not tied})
+    (d / "config.json").write_text(json.dumps({**CONFIG, "tie_word_embeddings": tied}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory: pytest.TempPathFactory):
+    """Tied models T1, T2 and untied U1, U2, and mergekit's output for a base that has its head with tied models
+    (``untied_base``, the tied model's head weighted by a filter on lm_head), and a tied base with an untied model
+    (``tied_base``: mergekit merges and writes the head)."""
+    require_mergekit()
+    tmp = tmp_path_factory.mktemp("tied")
+    gen = torch.Generator().manual_seed(13)
+    m = {k: save_tied(tmp / k, gen, k.startswith("T")) for k in ("T1", "T2", "U1", "U2")}
+    weight = "[{filter: lm_head, value: 0.2}, {value: 0.6}]"
+    cases = {
+        "untied_base": f"merge_method: ties\nbase_model: {m['U1']}\nmodels:\n"
+        f"  - model: {m['T1']}\n    parameters: {{weight: {weight}, density: 0.5}}\n"
+        f"  - model: {m['U2']}\n    parameters: {{weight: 0.4, density: 0.7}}\ndtype: float32\n",
+        "tied_base": f"merge_method: slerp\nbase_model: {m['T1']}\nmodels:\n  - model: {m['T1']}\n"
+        f"  - model: {m['U1']}\nparameters: {{t: 0.3}}\ndtype: float32\n",
+        "all_tied": f"merge_method: task_arithmetic\nbase_model: {m['T1']}\nmodels:\n"
+        f"  - model: {m['T2']}\n    parameters: {{weight: 0.5}}\ndtype: float32\n",
+    }
+    mergekit_outputs(tmp, cases, lambda name: ["--no-cuda", "--no-copy-tokenizer"])
+    return tmp, m
+
+
+@pytest.mark.parametrize("name", ["untied_base", "tied_base", "all_tied"])
+def test_tied_embeddings_merge_like_mergekit(tied, name: str, capsys) -> None:
+    """A tied model's head is its embedding matrix (transformers, mergekit): merged with models that have a head of
+    their own, the same output as mergekit's, the filter on lm_head applied to the tied model's head too."""
+    from transformers import AutoModelForCausalLM
+
+    tmp, m = tied
+    out = capmerge_run(tmp, name, capsys)
+    got, mk = load_any(out), load_any(tmp / f"mk-{name}")
+    compare(got, mk, FP32_RTOL)
+    assert (HEAD in got) == (name != "all_tied")
+    if name == "untied_base":  # by hand: ties over τ = head − U1's head, T1's head its embeddings, weight 0.2 there
+        t1, u1, u2 = (load_any(m[k]) for k in ("T1", "U1", "U2"))
+        from capmerge import functional as F
+
+        taus = [F.magnitude_prune(t1[EMBED] - u1[HEAD], 0.5), F.magnitude_prune(u2[HEAD] - u1[HEAD], 0.7)]
+        weighted = [0.2 * taus[0], 0.4 * taus[1]]
+        sign = torch.where(weighted[0] + weighted[1] >= 0, 1.0, -1.0)
+        agree = [(torch.sign(w) == sign) & (w != 0) for w in weighted]
+        num = sum(torch.where(a, w, 0.0) for a, w in zip(agree, weighted, strict=True))
+        den = sum(torch.where(a, c, 0.0) for a, c in zip(agree, (0.2, 0.4), strict=True)).clamp(min=1e-30)
+        torch.testing.assert_close(got[HEAD], u1[HEAD] + torch.where(den > 0.0, num / den, 0.0), rtol=0, atol=1e-6)
+    cfg = json.loads((out / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    if name == "tied_base":  # the merged head written beside embeddings the base ties: the config unties them
+        assert cfg["tie_word_embeddings"] is False
+        assert torch.equal(model.get_output_embeddings().weight, got[HEAD])
+        assert not torch.equal(got[HEAD], got[EMBED])
+    else:
+        assert cfg["tie_word_embeddings"] is (name == "all_tied")
+        want = got[EMBED] if name == "all_tied" else got[HEAD]
+        assert torch.equal(model.get_output_embeddings().weight, want)
+
+
+def test_a_missing_head_of_an_untied_model_is_refused(tmp_path: Path, capsys) -> None:
+    """A model without lm_head.weight whose config says tie_word_embeddings: false lacks a tensor: refused."""
+    from test_merge_cli import fails
+
+    gen = torch.Generator().manual_seed(17)
+    base, a = save_tied(tmp_path / "B", gen, False), save_tied(tmp_path / "A", gen, True)
+    (a / "config.json").write_text(json.dumps({**CONFIG, "tie_word_embeddings": False}))
+    cfg = tmp_path / "t.yml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+                   "    parameters: {weight: 1}\n")  # fmt: skip
+    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, f"tensor {HEAD} is missing in model {a}",
+          "t.yml:4: models[0].model")  # fmt: skip

@@ -1,7 +1,8 @@
 """The files beside the weights of a merged model, laid out as mergekit lays them out.
 
 * ``config.json``: the base model's (else the first model's), with ``num_hidden_layers`` set to the output's layer
-  count when slices change the depth, and the dtype set when ``out_dtype`` is given;
+  count when slices change the depth, the dtype set when ``out_dtype`` is given, and ``tie_word_embeddings`` false
+  when a head that config ties is written;
 * the tokenizer files of ``tokenizer_source`` (``base``, or a model; ``union`` where every model has the same
   vocabulary: that one, the base's else the first model's), by default the base's (else the first model's), and
   ``generation_config.json``; ``chat_template`` as text, a name (:mod:`~capmerge.merge.chat_templates`) or
@@ -130,7 +131,7 @@ def _vocab_key(cfg: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
 
 def _config_rows(root: Path | None) -> int | None:
     """``vocab_size`` of the config.json in ``root`` (or of its ``text_config``); None without one."""
-    cfg = _read_config(root)
+    cfg = read_config(root)
     found = _vocab_key(cfg) if cfg is not None else None
     return found[0][found[1]] if found else None
 
@@ -225,7 +226,7 @@ def fit_vocabulary(p: Any) -> None:
                                                    nbytes=tokens * info.shape[1] * info.itemsize)  # fmt: skip
 
 
-def _read_config(root: Path | None) -> dict[str, Any] | None:
+def read_config(root: Path | None) -> dict[str, Any] | None:
     if root is None or not (root / "config.json").is_file():
         return None
     try:
@@ -236,7 +237,7 @@ def _read_config(root: Path | None) -> dict[str, Any] | None:
 
 
 def _config(p: Any) -> dict[str, Any] | None:
-    cfg = _read_config(_root(p, donor(p)))
+    cfg = read_config(_root(p, donor(p)))
     if cfg is None:
         return None
     tokens = p.vocab_tokens
@@ -249,6 +250,10 @@ def _config(p: Any) -> dict[str, Any] | None:
             target = cfg["text_config"]
         key = next((k for k in LAYER_KEYS if k in target), "num_hidden_layers")
         target[key] = p.n_layers
+    if getattr(p, "untied", False):  # a head written beside embeddings the donor's config ties
+        text = cfg.get("text_config")
+        target = text if isinstance(text, dict) and "tie_word_embeddings" in text else cfg
+        target["tie_word_embeddings"] = False
     if p.spec.out_dtype:
         for k in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
             cfg[k] = p.spec.out_dtype

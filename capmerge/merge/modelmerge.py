@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capmerge.errors import CapmergeError, MismatchError, NonFiniteError, UsageError
@@ -85,6 +86,7 @@ class Entry:
     name: str
     scopes: tuple[Settings | None, ...]
     source: SourceSpec
+    match: str | None = None  # the name its parameters' filters see, where it is read under another (a tied head)
 
 
 @dataclass
@@ -171,6 +173,7 @@ class Planned:
     index: dict[str, int] = field(default_factory=dict)  # reference -> position in ``inputs``
     warnings: list[str] = field(default_factory=list)
     vocab_tokens: int | None = None  # the chosen tokenizer's tokens: vocabulary tensors with more rows are cut to it
+    untied: bool = False  # a head the reference model ties is written: the output's config unties it
 
     def close(self) -> None:
         for m in self.inputs:
@@ -273,6 +276,7 @@ def plan(spec: MergeSpec, *, open_opts: Mapping[str, Any] | None = None) -> Plan
                 add(name, slices[0], entries(slices[0], lambda s, n=name: n), layer_t(layer_index(name), p.n_layers))
         else:
             _plan_slices(p, slices, ref, entries, add)
+        _tie_heads(p, ref, slices[-1], entries, add)
         _check(p)
         _resolve_params(p)
     except BaseException:
@@ -314,6 +318,51 @@ def _plan_slices(p: Planned, slices: list[SliceSpec], ref: ModelInput, entries: 
     p.n_layers = out_layer
 
 
+OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")  # a language model's head (after any prefix)
+INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
+
+
+def _ends_with(name: str, tails: tuple[str, ...]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in tails)
+
+
+def tied_embedding(m: ModelInput) -> str | None:
+    """The input embedding that a model without its head ties to it (transformers' ``tie_word_embeddings``: the
+    head is the embedding matrix, not saved): its one tensor outside the layers named like an input embedding; None
+    where its config unties them or there is no single such tensor."""
+    cfg = model_side.read_config(Path(m.ck.root) if m.ck.root else None) or {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    if cfg.get("tie_word_embeddings", text.get("tie_word_embeddings")) is False:
+        return None
+    found = [n for n in m.ck.tensors if layer_index(n) is None and _ends_with(n, INPUT_EMBEDDINGS)]
+    return found[0] if len(found) == 1 else None
+
+
+def _tie_heads(p: Planned, ref: ModelInput, last: SliceSpec, entries: Any, add: Any) -> None:
+    """Heads of models with tied embeddings, as transformers and mergekit read them: a model without its head
+    (``lm_head.weight``) gives its input embedding in its place; a head that the reference model (the base, else
+    the first) ties but another model has on its own is merged and written, with ``tie_word_embeddings`` set false
+    in the output's config (:func:`model_side.write`)."""
+    planned = {tp.name for tp in p.tensors}
+    heads = dict.fromkeys(n for s in last.sources for n in p.inputs[p.index[s.model]].ck.tensors
+                          if _ends_with(n, OUTPUT_EMBEDDINGS) and layer_index(n) is None)  # fmt: skip
+    for name in heads:
+        if name not in planned and tied_embedding(ref) is not None:
+            add(name, last, entries(last, lambda s, n=name: n), 0.0)
+            p.untied = True
+            p.warnings.append(f"{name}: the reference model ties it to its embeddings, another model has its own: "
+                              "merged and written, tie_word_embeddings set false (as mergekit writes it)")  # fmt: skip
+    for tp in p.tensors:
+        if not _ends_with(tp.name, OUTPUT_EMBEDDINGS):
+            continue
+        for e in tp.entries + ([tp.base] if tp.base else []):
+            m = p.inputs[e.input]
+            alias = tied_embedding(m) if e.name not in m.ck.tensors else None
+            if alias is not None:
+                p.warnings.append(f"{e.source.model} ties {e.name} to its embeddings: {alias} is read in its place")
+                e.match, e.name = e.name, alias
+
+
 def _check(p: Planned) -> None:
     """Every entry's tensor exists, and the shapes of each output tensor's entries agree."""
     for tp in p.tensors:
@@ -350,7 +399,7 @@ def _resolve_params(p: Planned) -> None:
                 raise UsageError(f"missing parameter {k} of {m.name} (required)", tp.name)
         tp.model_params = []
         for e in tp.entries:
-            mp = {k: resolve(k, e.scopes, e.name, tp.t, d, kind_of(d)) for k, d in m.model_params.items()}
+            mp = {k: resolve(k, e.scopes, e.match or e.name, tp.t, d, kind_of(d)) for k, d in m.model_params.items()}
             for k, v in mp.items():
                 if v is None:
                     raise UsageError(f"missing parameter {k} of {m.name} for model {e.source.model}", tp.name)

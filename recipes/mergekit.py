@@ -118,11 +118,16 @@ class _Reader:
         if not isinstance(value, dict):
             raise self.fail(f"expected a mapping of parameters, got {value!r}", parent, key, path)
         for k in value:
-            if k not in known:
+            if k not in known and k not in _other_methods_params():
                 takes = f"it takes {', '.join(known)}" if known else "it takes none"
                 raise self.fail(f"{method.name} has no parameter {k!r} ({takes})", value, k, f"{path}.{k}")
         out = {}
         for k, v in value.items():
+            if k not in known:  # another method's (a configuration adapted from one): mergekit ignores it too
+                line = f"{self.file}:{_yaml.line_of(value, k)}"
+                warnings.append(f"{method.name} takes no parameter {k} (other methods do): it has no effect, as in "
+                                f"mergekit ({line}: {path}.{k})")  # fmt: skip
+                continue
             if per_model and k in method.params and k not in method.model_params:
                 line = f"{self.file}:{_yaml.line_of(value, k)}"
                 warnings.append(f"{k} is a global parameter of {method.name}: set per model it has no effect "
@@ -142,6 +147,13 @@ class _Reader:
         if name not in DTYPE_NAMES:
             raise self.fail(f"unsupported {key} {v!r} (choose from float32, bfloat16, float16)", doc, key, key)
         return DTYPE_NAMES[name]
+
+
+def _other_methods_params() -> set[str]:
+    """Every parameter some model method takes."""
+    from capmerge.merge.methods.registry import MODEL_METHODS
+
+    return {k for m in MODEL_METHODS.values() for k in (*m.params, *m.model_params)}
 
 
 def _method(r: _Reader, doc: dict) -> ModelMethod:

@@ -125,6 +125,9 @@ dtype: float32
         # mergekit's tokenizer: section with a source alone, of models of one vocabulary
         "section": f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.3}}\n"
         f"  - model: {b}\n    parameters: {{weight: 0.7}}\ntokenizer:\n  source: union\ndtype: float32\n",
+        # parameters of other methods left in a configuration adapted from theirs: mergekit ignores them
+        "others": f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.3, density: 0.5}}\n"
+        f"  - model: {b}\n    parameters: {{weight: 0.7}}\nparameters: {{t: 0.2, epsilon: 0.1}}\ndtype: float32\n",
         "lora": f"merge_method: linear\nmodels:\n  - model: {a_lora}\n    parameters: {{weight: 0.7}}\n"
         f"  - model: {b}\n    parameters: {{weight: 0.3}}\ndtype: float32\n",
     }
@@ -207,7 +210,7 @@ FP32_RTOL = 4 * 2.0**-23  # a few float32 ulps of the largest entry
 BF16_RTOL = 2.0**-7  # one bfloat16 rounding step
 
 
-@pytest.mark.parametrize("name", ["filters", "bf16", "lora", "union", "section"])
+@pytest.mark.parametrize("name", ["filters", "bf16", "lora", "union", "section", "others"])
 def test_config_matches_mergekit(runs, name: str, capsys) -> None:
     tmp = runs["tmp"]
     out = capmerge_run(tmp, name, capsys)
@@ -222,6 +225,22 @@ def test_config_matches_mergekit(runs, name: str, capsys) -> None:
     assert (out / "mergekit_config.yml").read_text() == (tmp / f"{name}.yml").read_text()
     if name == "bf16":
         assert cfg["torch_dtype"] == "bfloat16" == mk_cfg.get("dtype", mk_cfg.get("torch_dtype"))
+
+
+def test_parameters_of_other_methods_have_no_effect(runs, capsys) -> None:
+    """linear given density (a ties parameter), t and epsilon: a warning each with its line, the plain weighted
+    mean (by hand); a name no method takes stays an error (test_merge_cli)."""
+    tmp, m = runs["tmp"], runs["models"]
+    out = tmp / "cm-others-warned"
+    assert main(["run", str(tmp / "others.yml"), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    for key, where in (("density", "others.yml:4: models[0].parameters.density"), ("t", "others.yml:7: parameters.t"),
+                       ("epsilon", "others.yml:7: parameters.epsilon")):  # fmt: skip
+        assert f"warning: linear takes no parameter {key} (other methods do): it has no effect" in err, err
+        assert where in err, err
+    a, b, got = load_any(m["A"]), load_any(m["B"]), load_any(out)
+    for n in a:
+        torch.testing.assert_close(got[n], (0.3 * a[n] + 0.7 * b[n]) / 1.0, rtol=0, atol=1e-6)
 
 
 def test_filters_and_gradient_values(runs, capsys) -> None:

@@ -197,3 +197,42 @@ def test_cli_diff_and_half_alpha_apply(pretrained_dir: Path, perturbed_dir: Path
     record = out / "capmerge.json"
     assert record.is_file(), f"no capmerge.json in {out}: {sorted(x.name for x in out.iterdir())}"
     assert isinstance(json.loads(record.read_text()), dict)
+
+
+def test_merged_sentence_transformer_keeps_its_modules(pretrained_dir: Path, perturbed_dir: Path,
+                                                       tmp_path: Path) -> None:  # fmt: skip
+    """`capmerge merge` of two sentence-transformers models: the output loads with sentence-transformers as the same
+    pipeline (Transformer, Pooling, Normalize: the modules' files come from the base), and its embeddings are the
+    merged weights' mean-pooled hidden states, normalised (computed here with transformers alone)."""
+    st = pytest.importorskip("sentence_transformers")
+    out = tmp_path / "merged"
+    capmerge_cli("merge", str(pretrained_dir), str(perturbed_dir), "--weights", "0.5", "-o", str(out))
+    for name in ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json",
+                 "1_Pooling/config.json"):  # fmt: skip
+        assert (out / name).read_bytes() == (pretrained_dir / name).read_bytes(), name
+    model = st.SentenceTransformer(str(out), device="cpu", local_files_only=True)
+    assert [type(m).__name__ for m in model] == ["Transformer", "Pooling", "Normalize"]
+    got = model.encode(SENTENCES, convert_to_tensor=True)
+    want = torch.nn.functional.normalize(embeddings(out), dim=-1)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    p, q, merged = (load_file(str(d / "model.safetensors")) for d in (pretrained_dir, perturbed_dir, out))
+    for n, t in p.items():  # linear, weights normalised: the plain mean (the int64 buffer copied)
+        want_t = t if not t.is_floating_point() else (0.5 * t + 0.5 * q[n]) / 1.0
+        torch.testing.assert_close(merged[n], want_t, rtol=0, atol=1e-6)
+
+
+def test_sentence_transformer_module_weights_are_copied_with_a_warning(pretrained_dir: Path, tmp_path: Path) -> None:
+    """A module with weights of its own (a Dense layer) is not merged: copied from the base, with a warning."""
+    base = tmp_path / "base"
+    shutil.copytree(pretrained_dir, base)
+    mods = json.loads((base / "modules.json").read_text())
+    mods.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
+    (base / "modules.json").write_text(json.dumps(mods))
+    (base / "3_Dense").mkdir()
+    save_file({"linear.weight": torch.ones(4, 384)}, str(base / "3_Dense" / "model.safetensors"))
+    (base / "3_Dense" / "config.json").write_text('{"in_features": 384, "out_features": 4}')
+    out = tmp_path / "merged"
+    proc = capmerge_cli("merge", str(base), str(pretrained_dir), "--weights", "0.5", "-o", str(out))
+    assert f"sentence-transformers module 3_Dense of {base} holds weights of its own: copied" in proc.stderr
+    for name in ("3_Dense/model.safetensors", "3_Dense/config.json", "modules.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes(), name

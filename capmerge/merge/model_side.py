@@ -7,6 +7,8 @@
   vocabulary: that one, the base's else the first model's), by default the base's (else the first model's), and
   ``generation_config.json``; ``chat_template`` as text, a name (:mod:`~capmerge.merge.chat_templates`) or
   ``auto`` (the models' most common one);
+* a sentence-transformers model's ``modules.json``, its module folders (``1_Pooling``, ...) and its two configs,
+  from the base (else the first model), so that it loads with its pooling and normalisation;
 * ``README.md``: a model card that includes the configuration, ``mergekit_config.yml`` (the configuration as
   written), and ``capmerge.json`` (what was merged, with fingerprints).
 
@@ -32,6 +34,24 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )  # fmt: skip
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+ST_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+
+
+def st_module_files(root: Path | None) -> dict[str, list[str]]:
+    """A sentence-transformers model's module folders (the paths of modules.json other than the model's own
+    directory) → their files, relative to ``root``; empty where there is no modules.json."""
+    try:
+        mods = json.loads((root / "modules.json").read_text(encoding="utf-8")) if root is not None else None
+    except (OSError, ValueError):
+        return {}
+    found: dict[str, list[str]] = {}
+    for m in mods if isinstance(mods, list) else []:
+        d = m.get("path") if isinstance(m, dict) else None
+        if not isinstance(d, str) or not d or Path(d).is_absolute() or ".." in Path(d).parts:
+            continue
+        files = sorted(f for f in (root / d).rglob("*") if not any(x.startswith(".") for x in f.parts[-1:]))
+        found[d] = [f.relative_to(root).as_posix() for f in files if f.is_file()]
+    return found
 
 
 def _root(p: Any, ref: str) -> Path | None:
@@ -119,6 +139,12 @@ def check(p: Any) -> None:
     why = None if tmpl is None else chat_templates.problem(tmpl)
     if why:
         raise UsageError(why, _where(p, "chat_template"))
+    from capmerge.io.writer import is_weight_file
+
+    for d, files in st_module_files(_root(p, donor(p))).items():
+        if any(is_weight_file(f) or f.endswith((".bin", ".pt", ".pth")) for f in files):
+            p.warnings.append(f"sentence-transformers module {d} of {donor(p)} holds weights of its own: copied as "
+                              "they are, not merged")  # fmt: skip
 
 
 def _vocab_key(cfg: dict[str, Any]) -> tuple[dict[str, Any], str] | None:
@@ -298,6 +324,9 @@ def write(p: Any, out: Any, skipped: dict[str, str] | None = None) -> list[str]:
     donor_root = _root(p, donor(p))
     if donor_root is not None:
         copies.append((donor_root, "generation_config.json"))
+        # a sentence-transformers model's modules (pooling, normalisation): without them it loads as another model
+        copies += [(donor_root, name) for name in ST_FILES]
+        copies += [(donor_root, f) for files in st_module_files(donor_root).values() for f in files]
     root = tokenizer_root(p)
     copies += [(root, name) for name in TOKENIZER_FILES] if root is not None else []
     for src_root, name in copies:

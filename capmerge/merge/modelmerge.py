@@ -540,9 +540,9 @@ def run_merge(
     max_bytes = parse_size(shard_size)
     out_s = os.fspath(output)
     p = plan(spec, open_opts=open_opts)
-    summary = Summary("merge", out_s, warnings=list(p.warnings))
     try:
         model_side.check(p)
+        summary = Summary("merge", out_s, warnings=list(p.warnings))
         jobs, _ = _jobs(p, code, allow_nonfinite)
         out = Output(out_s, [ck for m in p.inputs for ck in m.checkpoints], force=force)
         try:

@@ -307,3 +307,20 @@ def test_yaml_exponent_without_dot_is_a_number() -> None:
     from capmerge.recipes import yaml_lines
 
     assert yaml_lines.load("tol: 1e-7\nx: -2E+3\ny: 1e\n") == {"tol": 1e-7, "x": -2000.0, "y": "1e"}
+
+
+def test_tensors_only_other_models_have_are_left_out_with_a_warning(models, tmp_path: Path, capsys) -> None:
+    """The output has the first model's (the base's) tensors: another model's extra ones (a head one finetune added)
+    are left out, as mergekit leaves them, with a warning naming them; the other way round the first model's tensor
+    is missing in the other (refused, test_config_slice_and_tensor_errors)."""
+    extra = make(tmp_path / "X", 4, extra={"score.weight": torch.ones(2, 8), "score.bias": torch.zeros(2)})
+    out = tmp_path / "out"
+    assert main(["merge", str(models["A"]), str(extra), "--weights", "0.5", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("warning: 2 tensor(s)"))
+    assert f"of {extra} that {models['A']} lacks are not merged (" in line and "score.weight" in line, line
+    assert "score.bias" in line, line
+    got, a, x = load_any(out), load_any(models["A"]), load_any(extra)
+    assert sorted(got) == sorted(a)
+    for n in SHAPES:
+        torch.testing.assert_close(got[n], 0.5 * a[n] + 0.5 * x[n], rtol=0, atol=1e-6)

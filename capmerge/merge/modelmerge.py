@@ -277,6 +277,8 @@ def plan(spec: MergeSpec, *, open_opts: Mapping[str, Any] | None = None) -> Plan
         else:
             _plan_slices(p, slices, ref, entries, add)
         _tie_heads(p, ref, slices[-1], entries, add)
+        if not spec.slices:
+            _report_extra(p, ref)
         _check(p)
         _resolve_params(p)
     except BaseException:
@@ -361,6 +363,18 @@ def _tie_heads(p: Planned, ref: ModelInput, last: SliceSpec, entries: Any, add: 
             if alias is not None:
                 p.warnings.append(f"{e.source.model} ties {e.name} to its embeddings: {alias} is read in its place")
                 e.match, e.name = e.name, alias
+
+
+def _report_extra(p: Planned, ref: ModelInput) -> None:
+    """A warning for each model holding tensors that the output, made of the reference model's tensors, leaves out (a
+    classification head one finetune added, say): mergekit leaves them out too, silently."""
+    used = {(e.input, e.name) for tp in p.tensors for e in tp.entries + ([tp.base] if tp.base else [])}
+    for i, m in enumerate(p.inputs):
+        extra = [n for n in m.ck.tensors if (i, n) not in used and n not in ref.ck.tensors]
+        if extra and m is not ref:
+            shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
+            p.warnings.append(f"{len(extra)} tensor(s) of {m.ref} that {ref.ref} lacks are not merged ({shown}): the "
+                              f"output has the tensors of {ref.ref}")  # fmt: skip
 
 
 def _check(p: Planned) -> None:

@@ -297,19 +297,128 @@ def test_tokenizer_source_union_of_one_vocabulary(runs, capsys, name: str) -> No
     assert ours("w5 w9 w30")["input_ids"] == theirs("w5 w9 w30")["input_ids"]
 
 
-def test_tokenizer_source_union_refuses_two_vocabularies(tmp_path: Path, capsys) -> None:
+def save_vocab_model(d: Path, gen: torch.Generator, names: list[str], special: tuple[str, ...] = ()) -> Path:
+    """A model whose word-level tokenizer has ``names`` at ids 0 .. and the ``special`` tokens after them as added
+    tokens, its embeddings and head one row per token."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    d.mkdir()
+    n = len(names) + len(special)
+    shapes = llama_tensors(hidden=HIDDEN, intermediate=INTER, vocab=n, layers=LAYERS)
+    save_single(d / "model.safetensors", {k: torch.randn(s, generator=gen) for k, s in shapes.items()})
+    (d / "config.json").write_text(json.dumps({**CONFIG, "vocab_size": n}))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(x, special=True, normalized=False) for x in special])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "model_max_length": 64}))  # fmt: skip
+    return d
+
+
+WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, VOCAB)]
+
+
+@pytest.fixture(scope="module")
+def vocabularies(tmp_path_factory: pytest.TempPathFactory):
+    """Models of different vocabularies: P and A of WORDS; B with two more words and an added special token (as a
+    chat finetune adds <|im_start|>); C with w5 and w6 swapped, w31 dropped and x2, y9 added. mergekit's output for
+    union (with and without a base), base and a model as tokenizer_source."""
+    require_mergekit()
+    tmp = tmp_path_factory.mktemp("vocab")
+    gen = torch.Generator().manual_seed(19)
+    m = {"P": save_vocab_model(tmp / "P", gen, WORDS), "A": save_vocab_model(tmp / "A", gen, WORDS),
+         "B": save_vocab_model(tmp / "B", gen, [*WORDS, "x1", "x2"], ("<|im_start|>",)),
+         "C": save_vocab_model(tmp / "C", gen, [*WORDS[:5], WORDS[6], WORDS[5], *WORDS[7:31], "x2", "y9"])}  # fmt: skip
+    ms = lambda *ws: "models:\n" + "".join(f"  - model: {m[k]}\n    parameters: {{weight: {w}, density: 0.6}}\n"  # noqa: E731
+                                          for k, w in ws)  # fmt: skip
+    cases = {
+        "union_linear": "merge_method: linear\n" + ms(("A", 0.5), ("B", 0.3), ("C", 0.2)) + "tokenizer_source: union\n",
+        "union_ta": f"merge_method: task_arithmetic\nbase_model: {m['P']}\n" + ms(("B", 0.5), ("C", 0.7))
+        + "tokenizer_source: union\n",
+        "base_ties": f"merge_method: ties\nbase_model: {m['P']}\n" + ms(("B", 0.5), ("C", 0.7))
+        + "tokenizer_source: base\n",
+        "model_b": f"merge_method: slerp\nbase_model: {m['A']}\nmodels:\n  - model: {m['A']}\n"
+        f"  - model: {m['B']}\n"
+        + f"parameters: {{t: 0.3}}\ntokenizer_source: {m['B']}\n",
+    }  # fmt: skip
+    cases = {k: v.replace(", density: 0.6", "" if "ties" not in k else ", density: 0.6") + "dtype: float32\n"
+             for k, v in cases.items()}  # fmt: skip
+    mergekit_outputs(tmp, cases, lambda name: ["--no-cuda"])
+    return tmp, m
+
+
+@pytest.mark.parametrize("name", ["union_linear", "union_ta", "base_ties", "model_b"])
+def test_vocabularies_aligned_like_mergekit(vocabularies, name: str, capsys) -> None:
+    """Each token's embedding and head row (found through each output's own tokenizer: mergekit numbers a union's
+    new regular tokens in hash order, capmerge in model order) is mergekit's; every other tensor too; both
+    tokenizers split text into the same tokens, and the output loads with transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp, m = vocabularies
+    out = capmerge_run(tmp, name, capsys)
+    got, mk = load_any(out), load_any(tmp / f"mk-{name}")
+    tok, mk_tok = AutoTokenizer.from_pretrained(str(out)), AutoTokenizer.from_pretrained(str(tmp / f"mk-{name}"))
+    vocab, mk_vocab = tok.get_vocab(), mk_tok.get_vocab()
+    assert set(vocab) == set(mk_vocab) and sorted(vocab.values()) == list(range(len(vocab)))
+    order = sorted(vocab, key=vocab.__getitem__)
+    mk_rows = torch.tensor([mk_vocab[t] for t in order])
+    compare(got, {n: t[mk_rows] if n in VOCAB_TENSORS else t for n, t in mk.items()}, FP32_RTOL)
+    text = "<|im_start|> w5 x1 y9 w6 w31 zz"
+    assert tok.convert_ids_to_tokens(tok(text)["input_ids"]) == mk_tok.convert_ids_to_tokens(mk_tok(text)["input_ids"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_size"] == len(vocab) == json.loads((tmp / f"mk-{name}" / "config.json").read_text())["vocab_size"]
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.get_input_embeddings().weight.shape == (len(vocab), HIDDEN)
+
+
+def test_union_rows_by_hand(vocabularies, capsys) -> None:
+    """union_linear's rows, by mergekit's rules: a token every model has is the weighted mean of their rows (by
+    token, whatever its id: C's w5 and w6 are swapped); one that only B has is B's row in every model (so its row
+    in the output); x2, which B and C have, the mean of their two rows in A; w31, which C lacks, the mean of A's
+    and B's rows in C; the added token comes after the regular ones, special as in B."""
+    tmp, m = vocabularies
+    out = tmp / "cm-union_linear"
+    if not out.exists():  # run here when the parity test did not
+        capmerge_run(tmp, "union_linear", capsys)
+    got = load_any(out)["model.embed_tokens.weight"]
+    ids = json.loads((out / "tokenizer.json").read_text())
+    vocab = {**ids["model"]["vocab"], **{t["content"]: t["id"] for t in ids["added_tokens"]}}
+    assert [vocab[t] for t in ("x1", "x2", "y9", "<|im_start|>")] == [32, 33, 34, 35]
+    assert ids["added_tokens"][-1]["special"] is True and ids["added_tokens"][0]["normalized"] is True
+    rows = {}
+    for k in "ABC":
+        doc = json.loads((m[k] / "tokenizer.json").read_text())
+        rows[k] = ({**doc["model"]["vocab"], **{t["content"]: t["id"] for t in doc["added_tokens"]}},
+                   load_any(m[k])["model.embed_tokens.weight"])  # fmt: skip
+
+    def row(k: str, t: str) -> torch.Tensor:
+        v, e = rows[k]
+        if t in v:
+            return e[v[t]]
+        have = [e2[v2[t]] for v2, e2 in rows.values() if t in v2]
+        return sum(have[1:], have[0]) / len(have)
+
+    for t in ("w5", "w6", "w31", "x1", "x2", "y9", "<|im_start|>"):
+        want = 0.5 * row("A", t) + 0.3 * row("B", t) + 0.2 * row("C", t)
+        torch.testing.assert_close(got[vocab[t]], want, rtol=0, atol=1e-6)
+
+
+def test_vocabularies_without_a_tokenizer_are_refused(vocabularies, tmp_path: Path, capsys) -> None:
     from test_merge_cli import fails
 
-    gen = torch.Generator().manual_seed(3)
-    a, b = save_model(tmp_path / "A", gen), save_model(tmp_path / "B", gen)
-    tok = json.loads((b / "tokenizer.json").read_text())
-    tok["model"]["vocab"]["w31x"] = tok["model"]["vocab"].pop("w31")  # one token renamed
-    (b / "tokenizer.json").write_text(json.dumps(tok))
-    cfg = tmp_path / "u.yml"
-    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n"
-                   f"  - model: {b}\n    parameters: {{weight: 1}}\ntokenizer_source: union\n")  # fmt: skip
-    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, f"the vocabulary of {b} differs from {a}'s",
-          "u.yml:7: tokenizer_source")  # fmt: skip
+    _, m = vocabularies
+    import shutil
+
+    c = tmp_path / "C"
+    shutil.copytree(m["C"], c)
+    (c / "tokenizer.json").unlink()
+    cfg = tmp_path / "t.yml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {m['B']}\n    parameters: {{weight: 1}}\n"
+                   f"  - model: {c}\n    parameters: {{weight: 1}}\ntokenizer_source: base\n"
+                   f"base_model: {m['P']}\n")  # fmt: skip
+    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, f"{c} has no tokenizer.json, so its embedding rows",
+          "t.yml:7: tokenizer_source")  # fmt: skip
 
 
 def test_slices_stack_layers_like_mergekit(runs, passthrough, capsys) -> None:

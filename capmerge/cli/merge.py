@@ -76,7 +76,8 @@ def merge_cmd(
     tokenizer_source: Annotated[
         str | None,
         typer.Option(
-            help="Tokenizer to copy: base, a model, or union (models of one vocabulary) (default: the base's, else "
+            help="Tokenizer to copy: base, a model, or union (every model's tokens; embeddings aligned to it) "
+            "(default: the base's, else "
             "the first model's).",
         ),
     ] = None,

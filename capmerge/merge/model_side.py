@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from capmerge.errors import UsageError
-from capmerge.merge import chat_templates
+from capmerge.merge import chat_templates, vocabulary
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
@@ -79,7 +79,7 @@ def tokenizer_root(p: Any) -> Path | None:
     src = p.spec.tokenizer_source
     if src is None:
         return _root(p, donor(p)) if getattr(p.spec, "copy_tokenizer", True) else None
-    if src == "union":  # of models with one vocabulary (check): the union is that vocabulary, the donor's files
+    if src == "union":  # the donor's files (the tokens the others add are appended to them: vocabulary.py)
         return _root(p, donor(p))
     if src == "base":
         if p.spec.base is None:
@@ -117,23 +117,19 @@ def check(p: Any) -> None:
     """Refuse, before anything is read, what the side files cannot honour."""
     root = tokenizer_root(p)
     src = p.spec.tokenizer_source
-    if src is not None:
+    if src is not None and getattr(p, "vocab", None) is None:
         want = _vocab(root)
         refs = list(dict.fromkeys(([p.spec.base] if p.spec.base is not None else []) + _models(p)))
         for ref in refs if src == "union" else _models(p):
             got = _vocab(_root(p, ref))
             if src == "union" and (want is None or got is None):
                 raise UsageError(f"tokenizer_source: union: {donor(p) if want is None else ref} has no tokenizer.json "
-                                 "to compare; capmerge takes union only for models of one vocabulary (it does not "
-                                 "build a merged vocabulary)", _where(p, "tokenizer_source"))  # fmt: skip
-            if want is not None and got is not None and got != want:
-                what = (
-                    f"{ref} differs from {donor(p)}'s"
-                    if src == "union"
-                    else f"{ref} differs from the chosen tokenizer's"
-                )
-                raise UsageError(f"tokenizer_source: the vocabulary of {what}; capmerge does not build a merged "
-                                 "vocabulary or permute embeddings between vocabularies",
+                                 "to read its tokens from (the union is built from every model's tokenizer.json)",
+                                 _where(p, "tokenizer_source"))  # fmt: skip
+            if not getattr(p, "vocab_planned", False) and want is not None and got is not None and got != want:
+                raise UsageError(f"tokenizer_source: the vocabulary of {ref} differs from that of {root}, another "
+                                 "merge's output: capmerge aligns the embeddings of other vocabularies when it plans "
+                                 "a merge, before that output exists; take a model's tokenizer",
                                  _where(p, "tokenizer_source"))  # fmt: skip
     tmpl = p.spec.chat_template
     why = None if tmpl is None else chat_templates.problem(tmpl)
@@ -162,37 +158,46 @@ def _config_rows(root: Path | None) -> int | None:
     return found[0][found[1]] if found else None
 
 
+def _chosen(p: Any) -> bool:
+    """Whether a tokenizer is chosen and there to read (not another merge's output before it is made: check())."""
+    src = p.spec.tokenizer_source
+    return src is not None and (src in ("base", "union") or src in p.index or os.path.isdir(src))
+
+
 def vocabulary_tokens(p: Any, rows_of: list[int | None]) -> int | None:
     """The tokens of a chosen tokenizer (``tokenizer_source``), where some model's embeddings have more rows
     (padded, e.g. Qwen2's, or not resized after tokens were dropped): mergekit writes the vocabulary tensors with
     one row per token and sets ``vocab_size`` to the count. None where no model has more rows (or there is no
-    tokenizer.json, no config to tell). Refused where the ids are not 0 .. N − 1, some lie past the tokenizer's own
-    model's ``vocab_size`` (mergekit removes those tokens from the tokenizer it writes; capmerge copies tokenizers
-    as they are), or transformers would add special tokens the file lacks."""
-    src = p.spec.tokenizer_source
-    if src is None or not (src in ("base", "union") or src in p.index or os.path.isdir(src)):
-        return None  # a source that is not there yet (another merge's output, before it is made): check() tells
+    tokenizer.json, no config to tell). Refused as :func:`_check_ids` says."""
+    if not _chosen(p):
+        return None
     root, at = tokenizer_root(p), p.index.get(donor(p))
     doc, rows = _tokenizer_json(root), rows_of[at] if at is not None else None
     if root is None or doc is None or rows is None:
         return None
     try:
-        model = doc.get("model") or {}
-        vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else {}
-        added = {str(t["content"]): int(t["id"]) for t in doc.get("added_tokens") or []}
-        ids = {int(i) for i in vocab.values()} | set(added.values())
+        ids = set(vocabulary.token_ids(doc).values())
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
     most = max(r for r in rows_of if r is not None)
     if len(ids) >= most:
         return None
-    where = _where(p, "tokenizer_source")
-    missing = sorted(t for t in _special_tokens(root) if t not in vocab and t not in added)
+    _check_ids(root, doc, rows, _where(p, "tokenizer_source"))
+    return len(ids)
+
+
+def _check_ids(root: Path, doc: dict[str, Any], rows: int | None, where: str | None) -> None:
+    """Refuse a chosen tokenizer whose token count is not what its tokenizer.json says: ids that are not 0 .. N − 1,
+    ids past its model's ``vocab_size`` ``rows`` (mergekit removes those tokens from the tokenizer it writes;
+    capmerge copies tokenizers as they are), special tokens that transformers would add to the file's."""
+    tokens = vocabulary.token_ids(doc)
+    ids = set(tokens.values())
+    missing = sorted(t for t in _special_tokens(root) if t not in tokens)
     if missing:  # transformers adds the declared special tokens a tokenizer.json lacks
         raise UsageError(f"tokenizer_source: the tokenizer in {root} declares special tokens its tokenizer.json "
                          f"lacks ({', '.join(missing[:3])}): transformers adds them, so its vocabulary size is not "
                          "that of tokenizer.json", where)  # fmt: skip
-    past = sorted(i for i in ids if i >= rows)
+    past = sorted(i for i in ids if rows is not None and i >= rows)
     if past:
         raise UsageError(f"tokenizer_source: the tokenizer in {root} has {len(past)} token(s) at ids >= vocab_size "
                          f"{rows} (first {past[0]}): mergekit removes them from the tokenizer it writes; capmerge "
@@ -200,7 +205,6 @@ def vocabulary_tokens(p: Any, rows_of: list[int | None]) -> int | None:
     if ids != set(range(len(ids))):
         raise UsageError(f"tokenizer_source: the token ids of {root / 'tokenizer.json'} are not 0 .. {len(ids) - 1} "
                          "(mergekit renumbers them; capmerge does not)", where)  # fmt: skip
-    return len(ids)
 
 
 def _special_tokens(root: Path) -> set[str]:
@@ -228,6 +232,20 @@ def fit_vocabulary(p: Any) -> None:
     outside the layers with its ``vocab_size`` rows are read as their first rows (a prefix of their bytes). Only
     plain safetensors inputs without an adapter on those tensors."""
     rows_of = [_config_rows(Path(m.ck.root) if m.ck.root else None) for m in p.inputs]  # each model's vocab_size
+    p.vocab_planned = _chosen(p)
+    if _chosen(p):  # models of other vocabularies than the chosen tokenizer's: their rows aligned to its tokens
+        tokenizers = [_tokenizer_json(Path(m.ck.root) if m.ck.root else None) for m in p.inputs]
+        root = tokenizer_root(p)
+        chosen = None if p.spec.tokenizer_source == "union" else _tokenizer_json(root)
+        if p.spec.tokenizer_source == "union" or chosen is not None:
+            v = vocabulary.plan(p, rows_of, tokenizers, chosen, _where(p, "tokenizer_source"))
+            if v is not None:
+                src = p.spec.tokenizer_source
+                at = p.index.get(donor(p) if src == "union" else p.spec.base if src == "base" else src)
+                doc = chosen if chosen is not None else tokenizers[p.index[donor(p)]]
+                _check_ids(root, doc, rows_of[at] if at is not None else None, _where(p, "tokenizer_source"))  # type: ignore[arg-type]
+                p.vocab, p.vocab_tokens = v, len(v.tokens)
+                return
     tokens = vocabulary_tokens(p, rows_of)
     p.vocab_tokens = tokens
     if tokens is None:
@@ -268,7 +286,7 @@ def _config(p: Any) -> dict[str, Any] | None:
         return None
     tokens = p.vocab_tokens
     found = _vocab_key(cfg) if tokens else None
-    if found and found[0][found[1]] > tokens:
+    if found and (found[0][found[1]] > tokens or getattr(p, "vocab", None) is not None):
         found[0][found[1]] = tokens
     if p.spec.slices:
         target = cfg
@@ -337,6 +355,10 @@ def write(p: Any, out: Any, skipped: dict[str, str] | None = None) -> list[str]:
             written.append(name)
         else:
             skipped[name] = why
+    if getattr(p, "vocab", None) is not None:  # a union's new tokens, appended to the copied tokenizer
+        vocabulary.write_tokenizer(p.vocab, out.path_for,
+                                   lambda name, doc: out.write_text(name, json.dumps(doc, indent=2, ensure_ascii=False)
+                                                                    + "\n"))  # fmt: skip
     tmpl = _template(p)
     if tmpl:
         out.write_text("chat_template.jinja", tmpl)

@@ -174,13 +174,20 @@ class Planned:
     warnings: list[str] = field(default_factory=list)
     vocab_tokens: int | None = None  # the chosen tokenizer's tokens: vocabulary tensors with more rows are cut to it
     untied: bool = False  # a head the reference model ties is written: the output's config unties it
+    vocab: Any = None  # the models' vocabularies aligned to the chosen tokenizer's (vocabulary.Vocabulary)
+    vocab_planned: bool = False  # the chosen tokenizer was read when planning (not another merge's, made later)
 
     def close(self) -> None:
         for m in self.inputs:
             m.close()
 
     def info(self, e: Entry) -> TensorInfo:
-        return self.inputs[e.input].ck.tensors[e.name]
+        info = self.inputs[e.input].ck.tensors[e.name]
+        if self.vocab is not None and self.vocab.aligned(e.input, e.name):
+            from capmerge.merge import vocabulary
+
+            return vocabulary.shape_of(self.vocab, info)
+        return info
 
 
 def _where(src: SourceSpec) -> str:
@@ -388,7 +395,7 @@ def _check(p: Planned) -> None:
             ck = p.inputs[e.input].ck
             if e.name not in ck.tensors:
                 raise MismatchError(f"tensor {e.name} is missing in model {e.source.model}", _where(e.source))
-            shapes[e.source.model] = ck.tensors[e.name].shape
+            shapes[e.source.model] = p.info(e).shape
         if len(set(shapes.values())) > 1:
             shown = ", ".join(f"{list(s)} in {m}" for m, s in shapes.items())
             raise MismatchError(f"shape mismatch: {shown}", tp.name)
@@ -435,8 +442,16 @@ def _merge_loader(p: Planned, tp: TensorPlan, code: str, allow_nonfinite: bool) 
         from capmerge._torch import torch_dtype
         from capmerge.merge.methods.models import TensorInputs
 
-        models = [p.inputs[e.input].read(e.name) for e in tp.entries]
-        base = p.inputs[tp.base.input].read(tp.base.name) if tp.base else None
+        es = ([tp.base] if tp.base else []) + tp.entries
+        if p.vocab is not None and any(p.vocab.aligned(e.input, e.name) for e in es):
+            from capmerge.merge import vocabulary
+
+            rows = vocabulary.read(p, es)  # one row per output token, each model's
+            models = [rows[e.input] for e in tp.entries]
+            base = rows[tp.base.input] if tp.base else None
+        else:
+            models = [p.inputs[e.input].read(e.name) for e in tp.entries]
+            base = p.inputs[tp.base.input].read(tp.base.name) if tp.base else None
         x = TensorInputs(tp.name, models, tp.model_params, tp.params, base, p.spec.seed)
         try:
             out = p.method.fn(x)
@@ -467,6 +482,8 @@ def _block_job(p: Planned, tp: TensorPlan, c: str) -> Job | None:
     infos = [p.info(e) for e in es]
     if m.form is None or any(p.inputs[e.input].lora is not None for e in es):
         return None
+    if p.vocab is not None and any(p.vocab.aligned(e.input, e.name) for e in es):
+        return None  # rows gathered per token: the fn path (vocabulary.read)
     if any(i.dtype not in B.compute.NATIVE_CODES for i in infos) or c not in B.compute.NATIVE_CODES:
         return None
     info = infos[0]

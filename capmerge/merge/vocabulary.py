@@ -1,0 +1,206 @@
+"""Models of different vocabularies, merged as mergekit merges them once a tokenizer is chosen (``tokenizer_source``:
+``union``, ``base`` or a model).
+
+The chosen tokenizer decides the output's vocabulary: ``base`` or a model's is that tokenizer's; ``union`` is the
+base's (else the first model's) with the tokens the other models add appended — their regular tokens first, each
+model's in its id order, then their added tokens (special ones keep their settings) —, as transformers'
+``add_tokens`` appends them. Each model's vocabulary tensors (its embeddings and head: the two-dimensional tensors
+outside the layers with its config's ``vocab_size`` rows) are then read with one row per output token: the model's
+own row for a token it has; for a token it lacks, a row made from the models that have it (mergekit's rules: the
+one model that has it; else the base's row, where the base has it; else the mean of the rows of those that do;
+zeros where none does). The method then merges these as any tensors.
+
+A vocabulary tensor is read whole, once per model, and its method runs tensor by tensor in float32 (the ``fn`` path,
+as for LoRA inputs: one such tensor per model in memory); every other tensor streams as before. Where every model's
+vocabulary is the chosen one, nothing here applies (:func:`capmerge.merge.model_side.fit_vocabulary` cuts padded
+rows by reading a prefix).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from capmerge.errors import UsageError
+
+ADDED = ("single_word", "lstrip", "rstrip", "normalized", "special")  # an added token's settings
+
+
+@dataclass
+class Vocabulary:
+    """The output's vocabulary and how each model's rows map onto it."""
+
+    tokens: dict[str, int]  # output token -> id, 0 .. N - 1
+    new: list[dict[str, Any]]  # added_tokens entries appended to the chosen tokenizer.json (union)
+    perm: dict[int, np.ndarray]  # input index -> its row of each output token (-1: it lacks the token)
+    names: set[tuple[int, str]]  # the (input, tensor) pairs read aligned
+    base: int | None  # the base's input index (its rows come first for a token some model lacks)
+
+    def aligned(self, input_: int, name: str) -> bool:
+        return (input_, name) in self.names
+
+
+def token_ids(doc: dict[str, Any]) -> dict[str, int]:
+    """A tokenizer.json's token → id: its model's vocabulary (a mapping, or Unigram's list of pieces, the id its
+    position) and its added tokens, as transformers' ``get_vocab`` gives them. ValueError where there is none."""
+    model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
+    vocab = model.get("vocab")
+    if isinstance(vocab, dict):
+        ids = {str(k): int(i) for k, i in vocab.items()}
+    elif isinstance(vocab, list):
+        ids = {str(e[0]): i for i, e in enumerate(vocab)}
+    else:
+        raise ValueError("no vocabulary")
+    for t in doc.get("added_tokens") or []:
+        ids[str(t["content"])] = int(t["id"])
+    return ids
+
+
+def _added(doc: dict[str, Any], rows: int) -> dict[str, dict[str, Any]]:
+    """A tokenizer.json's added tokens below ``rows``, in id order: content → entry."""
+    entries = sorted((t for t in doc.get("added_tokens") or [] if int(t["id"]) < rows), key=lambda t: int(t["id"]))
+    return {str(t["content"]): t for t in entries}
+
+
+def union(docs: list[tuple[dict[str, Any], int]]) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """The union of tokenizers (``docs``: each parsed tokenizer.json with its model's rows, the first the base):
+    the first one's tokens, then the others' regular tokens it lacks (in model order, each model's in id order),
+    then the added tokens it lacks (first settings seen); returns token → id and the new added-token entries."""
+    first = {t: i for t, i in token_ids(docs[0][0]).items() if i < docs[0][1]}
+    regular: dict[str, None] = {}
+    added: dict[str, dict[str, Any]] = {}
+    for doc, rows in docs:
+        own = _added(doc, rows)
+        for tok, i in sorted(token_ids(doc).items(), key=lambda kv: kv[1]):
+            if i < rows and tok not in own:
+                regular.setdefault(tok)
+        for tok, entry in own.items():
+            added.setdefault(tok, entry)
+    tokens, new = dict(first), []
+    plain = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "special": False}
+    for tok in [t for t in regular if t not in added] + list(added):
+        if tok in tokens:
+            continue
+        entry = added.get(tok, plain)
+        tokens[tok] = len(tokens)
+        new.append({"id": tokens[tok], "content": tok, **{k: entry.get(k, plain[k]) for k in ADDED}})
+    return tokens, new
+
+
+def plan(p: Any, rows_of: list[int | None], tokenizers: list[dict[str, Any] | None], chosen: dict[str, Any] | None,
+         where: str | None) -> Vocabulary | None:  # fmt: skip
+    """The alignment of a planned merge ``p`` whose models' vocabularies differ from the chosen tokenizer's, or None
+    where every model has that vocabulary (each input's tokenizer.json and config ``vocab_size`` in ``tokenizers``
+    and ``rows_of``; ``chosen``: the chosen tokenizer.json, None for ``union``). The vocabulary tensors' records
+    are not touched: :meth:`Planned.info` gives their aligned shape."""
+    from capmerge.merge.masks import layer_index
+
+    spec = p.spec
+    order = [p.index[r] for r in dict.fromkeys(([spec.base] if spec.base is not None else []) + _refs(p))]
+    if chosen is None:  # union
+        if any(tokenizers[i] is None or rows_of[i] is None for i in order):
+            return None  # check() refuses union without every tokenizer.json to compare
+        tokens, new = union([(tokenizers[i], rows_of[i]) for i in order])  # type: ignore[misc]
+    else:
+        tokens, new = token_ids(chosen), []
+    n = len(tokens)
+    perm: dict[int, np.ndarray] = {}
+    for i in order:
+        doc, rows = tokenizers[i], rows_of[i]
+        if doc is None or rows is None:
+            perm[i] = None  # type: ignore[assignment]
+            continue
+        own = {t: j for t, j in token_ids(doc).items() if j < rows}
+        perm[i] = np.array([own.get(t, -1) for t in sorted(tokens, key=tokens.__getitem__)], dtype=np.int64)
+    if all(v is not None and np.array_equal(v, np.arange(n)) and rows_of[i] >= n for i, v in perm.items()):  # type: ignore[operator]
+        return None  # one vocabulary: the padded rows, if any, are cut by reading a prefix
+    for i, v in perm.items():
+        if v is None:
+            what = "no tokenizer.json" if tokenizers[i] is None else "no vocab_size in its config.json"
+            raise UsageError(f"tokenizer_source: {p.inputs[i].ref} has {what}, so its embedding rows cannot be "
+                             "matched to the chosen tokenizer's tokens (the models' vocabularies differ)",
+                             where)  # fmt: skip
+    names: set[tuple[int, str]] = set()
+    for i in order:
+        m = p.inputs[i]
+        found = [x for x, info in m.ck.tensors.items()
+                 if layer_index(x) is None and len(info.shape) == 2 and info.shape[0] == rows_of[i]]  # fmt: skip
+        if not found:
+            raise UsageError(f"tokenizer_source: {m.ref} has no tensor of {rows_of[i]} rows (its config's "
+                             "vocab_size) outside the layers to align to the chosen tokenizer", where)  # fmt: skip
+        names.update((i, x) for x in found)
+    return Vocabulary(tokens, new, perm, names, p.index[spec.base] if spec.base is not None else None)
+
+
+def _refs(p: Any) -> list[str]:
+    spec = p.spec
+    return [s.model for s in spec.models] or [s.model for sl in spec.slices for s in sl.sources]
+
+
+def shape_of(v: Vocabulary, info: Any) -> Any:
+    """A vocabulary tensor's record with one row per output token."""
+    n, h = len(v.tokens), info.shape[1]
+    return dataclasses.replace(info, shape=(n, h), nbytes=n * h * info.itemsize)
+
+
+def read(p: Any, entries: list[Any]) -> dict[int, Any]:
+    """The aligned float32 tensors of ``entries`` (one output tensor's inputs, the base first where there is one):
+    input index → its rows of the output tokens, lacking ones made as the module says. Each input is read once."""
+    import torch
+
+    v: Vocabulary = p.vocab
+    raw: dict[int, Any] = {}
+    for e in entries:
+        if e.input not in raw:
+            raw[e.input] = p.inputs[e.input].read(e.name).float()
+    ins = list(raw)
+    have = np.stack([v.perm[i] >= 0 for i in ins])  # (inputs, tokens)
+    count = have.sum(axis=0)
+    lacking = np.flatnonzero(count < len(ins))
+    h = raw[ins[0]].shape[1]
+    made = torch.zeros(len(lacking), h)
+    for k, j in enumerate(lacking):
+        holders = [i for i, hv in zip(ins, have[:, j], strict=True) if hv]
+        if not holders:
+            continue  # no model has the token: zeros
+        if len(holders) > 1 and v.base is not None and v.base in holders:
+            holders = [v.base]
+        row = raw[holders[0]][int(v.perm[holders[0]][j])].clone()
+        for i in holders[1:]:
+            row += raw[i][int(v.perm[i][j])]
+        made[k] = row / len(holders) if len(holders) > 1 else row
+    out = {}
+    for i in ins:
+        idx = torch.from_numpy(v.perm[i])
+        t = raw[i][idx.clamp(min=0)]
+        miss = torch.from_numpy(np.flatnonzero(v.perm[i] < 0))
+        if len(miss):
+            t[miss] = made[torch.from_numpy(np.searchsorted(lacking, miss.numpy()))]
+        out[i] = t
+    return out
+
+
+def write_tokenizer(v: Vocabulary, path_for: Any, json_text: Any) -> list[str]:
+    """Append the union's new tokens to the copied tokenizer.json and to tokenizer_config.json's
+    ``added_tokens_decoder`` (``path_for(name)``: where the output's file is; ``json_text(name, doc)`` writes it).
+    Returns the files rewritten."""
+    import json
+
+    done = []
+    tj, tc = path_for("tokenizer.json"), path_for("tokenizer_config.json")
+    if v.new and tj.is_file():
+        doc = json.loads(tj.read_text(encoding="utf-8"))
+        doc["added_tokens"] = list(doc.get("added_tokens") or []) + v.new
+        json_text("tokenizer.json", doc)
+        done.append("tokenizer.json")
+    if v.new and tc.is_file():
+        cfg = json.loads(tc.read_text(encoding="utf-8"))
+        if isinstance(cfg, dict) and isinstance(cfg.get("added_tokens_decoder"), dict):
+            for e in v.new:
+                cfg["added_tokens_decoder"][str(e["id"])] = {"content": e["content"], **{k: e[k] for k in ADDED}}
+            json_text("tokenizer_config.json", cfg)
+            done.append("tokenizer_config.json")
+    return done

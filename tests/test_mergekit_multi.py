@@ -175,3 +175,42 @@ dtype: float32
     out = tmp_path / "out"
     assert main(["run", str(cfg), str(out), "-I", str(tmp_path / "inter"), "-q"]) == 0, capsys.readouterr().err
     assert (out / "tokenizer.json").read_bytes() == (tmp_path / "inter" / "blend" / "tokenizer.json").read_bytes()
+
+
+def test_tokenizer_of_another_vocabulary_from_another_merge(models, tmp_path: Path, capsys) -> None:
+    """A tokenizer of another vocabulary taken from another merge's output: the merge is planned again once that
+    output exists, and the embeddings aligned to its tokens — A's row of w31, a token the tokenizer lacks, left out;
+    w31x, a token no model of the merge has, zeros (mergekit's rule); every other token A's own row."""
+    import json
+    import shutil
+
+    m = models
+    other = tmp_path / "B2"
+    shutil.copytree(m["B"], other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["w31x"] = tok["model"]["vocab"].pop("w31")  # one token renamed
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = tmp_path / "tok.yml"
+    cfg.write_text(f"""merge_method: linear
+models:
+  - model: {m["A"]}
+    parameters: {{weight: 1.0}}
+tokenizer_source: blend
+dtype: float32
+---
+name: blend
+merge_method: linear
+models:
+  - model: {other}
+    parameters: {{weight: 1.0}}
+dtype: float32
+""")
+    out = tmp_path / "out"
+    assert main(["run", str(cfg), str(out), "-I", str(tmp_path / "inter")]) == 0
+    assert "warning: 1 token(s) of the chosen tokenizer are in no model ('w31x'): their" in capsys.readouterr().err
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["vocab"] == tok["model"]["vocab"]
+    got, a = load_any(out), load_any(m["A"])
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        want = a[name].clone()
+        want[31] = 0.0
+        torch.testing.assert_close(got[name], want, rtol=0, atol=0)

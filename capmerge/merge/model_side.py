@@ -117,19 +117,13 @@ def check(p: Any) -> None:
     """Refuse, before anything is read, what the side files cannot honour."""
     root = tokenizer_root(p)
     src = p.spec.tokenizer_source
-    if src is not None and getattr(p, "vocab", None) is None:
+    if src == "union" and getattr(p, "vocab", None) is None:  # other vocabularies are aligned when planned
         want = _vocab(root)
-        refs = list(dict.fromkeys(([p.spec.base] if p.spec.base is not None else []) + _models(p)))
-        for ref in refs if src == "union" else _models(p):
+        for ref in dict.fromkeys(([p.spec.base] if p.spec.base is not None else []) + _models(p)):
             got = _vocab(_root(p, ref))
-            if src == "union" and (want is None or got is None):
+            if want is None or got is None:
                 raise UsageError(f"tokenizer_source: union: {donor(p) if want is None else ref} has no tokenizer.json "
                                  "to read its tokens from (the union is built from every model's tokenizer.json)",
-                                 _where(p, "tokenizer_source"))  # fmt: skip
-            if not getattr(p, "vocab_planned", False) and want is not None and got is not None and got != want:
-                raise UsageError(f"tokenizer_source: the vocabulary of {ref} differs from that of {root}, another "
-                                 "merge's output: capmerge aligns the embeddings of other vocabularies when it plans "
-                                 "a merge, before that output exists; take a model's tokenizer",
                                  _where(p, "tokenizer_source"))  # fmt: skip
     tmpl = p.spec.chat_template
     why = None if tmpl is None else chat_templates.problem(tmpl)
@@ -232,7 +226,6 @@ def fit_vocabulary(p: Any) -> None:
     outside the layers with its ``vocab_size`` rows are read as their first rows (a prefix of their bytes). Only
     plain safetensors inputs without an adapter on those tensors."""
     rows_of = [_config_rows(Path(m.ck.root) if m.ck.root else None) for m in p.inputs]  # each model's vocab_size
-    p.vocab_planned = _chosen(p)
     if _chosen(p):  # models of other vocabularies than the chosen tokenizer's: their rows aligned to its tokens
         tokenizers = [_tokenizer_json(Path(m.ck.root) if m.ck.root else None) for m in p.inputs]
         root = tokenizer_root(p)

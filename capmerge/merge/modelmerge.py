@@ -175,7 +175,6 @@ class Planned:
     vocab_tokens: int | None = None  # the chosen tokenizer's tokens: vocabulary tensors with more rows are cut to it
     untied: bool = False  # a head the reference model ties is written: the output's config unties it
     vocab: Any = None  # the models' vocabularies aligned to the chosen tokenizer's (vocabulary.Vocabulary)
-    vocab_planned: bool = False  # the chosen tokenizer was read when planning (not another merge's, made later)
 
     def close(self) -> None:
         for m in self.inputs:

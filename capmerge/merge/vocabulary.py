@@ -124,6 +124,12 @@ def plan(p: Any, rows_of: list[int | None], tokenizers: list[dict[str, Any] | No
             raise UsageError(f"tokenizer_source: {p.inputs[i].ref} has {what}, so its embedding rows cannot be "
                              "matched to the chosen tokenizer's tokens (the models' vocabularies differ)",
                              where)  # fmt: skip
+    nowhere = np.flatnonzero(np.all(np.stack([perm[i] < 0 for i in order]), axis=0))
+    if len(nowhere):  # mergekit logs each
+        by_id = sorted(tokens, key=tokens.__getitem__)
+        shown = ", ".join(repr(by_id[j]) for j in nowhere[:5]) + (", ..." if len(nowhere) > 5 else "")
+        p.warnings.append(f"{len(nowhere)} token(s) of the chosen tokenizer are in no model ({shown}): their "
+                          "embedding and head rows are zeros")  # fmt: skip
     names: set[tuple[int, str]] = set()
     for i in order:
         m = p.inputs[i]

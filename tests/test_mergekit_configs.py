@@ -404,21 +404,27 @@ def test_union_rows_by_hand(vocabularies, capsys) -> None:
         torch.testing.assert_close(got[vocab[t]], want, rtol=0, atol=1e-6)
 
 
-def test_vocabularies_without_a_tokenizer_are_refused(vocabularies, tmp_path: Path, capsys) -> None:
-    from test_merge_cli import fails
-
-    _, m = vocabularies
+def test_a_model_without_a_tokenizer_takes_the_base_vocabulary(vocabularies, tmp_path: Path, capsys) -> None:
+    """A model directory without tokenizer.json, merged with one of another vocabulary, is taken to have the base's
+    vocabulary (as mergekit takes it), with a warning: its row of each token is the row of the base's id."""
     import shutil
 
-    c = tmp_path / "C"
-    shutil.copytree(m["C"], c)
-    (c / "tokenizer.json").unlink()
+    _, m = vocabularies
+    b = tmp_path / "B"
+    shutil.copytree(m["B"], b)
+    (b / "tokenizer.json").unlink()
     cfg = tmp_path / "t.yml"
-    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {m['B']}\n    parameters: {{weight: 1}}\n"
-                   f"  - model: {c}\n    parameters: {{weight: 1}}\ntokenizer_source: base\n"
-                   f"base_model: {m['P']}\n")  # fmt: skip
-    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, f"{c} has no tokenizer.json, so its embedding rows",
-          "t.yml:7: tokenizer_source")  # fmt: skip
+    cfg.write_text(f"merge_method: linear\nbase_model: {m['P']}\nmodels:\n  - model: {b}\n    parameters: "
+                   f"{{weight: 1}}\n  - model: {m['C']}\n    parameters: {{weight: 1}}\n"
+                   "tokenizer_source: base\n")  # fmt: skip
+    out = tmp_path / "out"
+    assert main(["run", str(cfg), "-o", str(out)]) == 0
+    assert f"warning: tokenizer_source: {b} has no tokenizer.json: taken to have the vocabulary of {m['P']}" in (
+        capsys.readouterr().err)  # fmt: skip
+    got, rb, rc = (load_any(d)["model.embed_tokens.weight"] for d in (out, b, m["C"]))
+    assert got.shape == (VOCAB, HIDDEN)
+    torch.testing.assert_close(got[5], (rb[5] + rc[6]) / 2, rtol=0, atol=1e-6)  # C's w5 is its row 6
+    torch.testing.assert_close(got[31], rb[31], rtol=0, atol=1e-6)  # w31: C lacks it, B's row alone
 
 
 def test_slices_stack_layers_like_mergekit(runs, passthrough, capsys) -> None:

@@ -231,7 +231,8 @@ def fit_vocabulary(p: Any) -> None:
         root = tokenizer_root(p)
         chosen = None if p.spec.tokenizer_source == "union" else _tokenizer_json(root)
         if p.spec.tokenizer_source == "union" or chosen is not None:
-            v = vocabulary.plan(p, rows_of, tokenizers, chosen, _where(p, "tokenizer_source"))
+            order = [p.index[r] for r in dict.fromkeys(([p.spec.base] if p.spec.base is not None else []) + _models(p))]
+            v = vocabulary.plan(p, order, rows_of, tokenizers, chosen, _where(p, "tokenizer_source"))
             if v is not None:
                 src = p.spec.tokenizer_source
                 at = p.index.get(donor(p) if src == "union" else p.spec.base if src == "base" else src)

@@ -91,42 +91,36 @@ def union(docs: list[tuple[dict[str, Any], int]]) -> tuple[dict[str, int], list[
     return tokens, new
 
 
-def plan(p: Any, rows_of: list[int | None], tokenizers: list[dict[str, Any] | None], chosen: dict[str, Any] | None,
-         where: str | None) -> Vocabulary | None:  # fmt: skip
+def plan(p: Any, order: list[int], rows_of: list[int | None], tokenizers: list[dict[str, Any] | None],
+         chosen: dict[str, Any] | None, where: str | None) -> Vocabulary | None:  # fmt: skip
     """The alignment of a planned merge ``p`` whose models' vocabularies differ from the chosen tokenizer's, or None
-    where every model has that vocabulary (each input's tokenizer.json and config ``vocab_size`` in ``tokenizers``
-    and ``rows_of``; ``chosen``: the chosen tokenizer.json, None for ``union``). The vocabulary tensors' records
-    are not touched: :meth:`Planned.info` gives their aligned shape."""
+    where every model has that vocabulary. ``order``: the inputs, the base (else the first model) first; each
+    input's tokenizer.json and config ``vocab_size`` in ``tokenizers`` and ``rows_of``; ``chosen``: the chosen
+    tokenizer.json, None for ``union``. A model without tokenizer.json is taken to have the first input's
+    vocabulary (as mergekit assumes; for ``union``: None, check() refuses it), one without ``vocab_size`` as many
+    rows as its tokenizer has tokens. The vocabulary tensors' records are not touched: :meth:`Planned.info` gives
+    their aligned shape."""
     from capmerge.merge.masks import layer_index
 
-    spec = p.spec
-    order = [p.index[r] for r in dict.fromkeys(([spec.base] if spec.base is not None else []) + _refs(p))]
-    if chosen is None:  # union
-        if any(tokenizers[i] is None or rows_of[i] is None for i in order):
-            return None  # check() refuses union without every tokenizer.json to compare
-        tokens, new = union([(tokenizers[i], rows_of[i]) for i in order])  # type: ignore[misc]
-    else:
-        tokens, new = token_ids(chosen), []
-    n = len(tokens)
-    perm: dict[int, np.ndarray] = {}
+    first = tokenizers[order[0]]
+    if first is None or (chosen is None and any(tokenizers[i] is None for i in order)):
+        return None  # nothing to align to, or a union without every tokenizer.json (check() refuses it)
+    docs = {i: tokenizers[i] or first for i in order}
+    rows = {i: rows_of[i] if rows_of[i] is not None else len(token_ids(docs[i])) for i in order}
+    tokens, new = union([(docs[i], rows[i]) for i in order]) if chosen is None else (token_ids(chosen), [])
+    by_id = sorted(tokens, key=tokens.__getitem__)
+    perm = {}
     for i in order:
-        doc, rows = tokenizers[i], rows_of[i]
-        if doc is None or rows is None:
-            perm[i] = None  # type: ignore[assignment]
-            continue
-        own = {t: j for t, j in token_ids(doc).items() if j < rows}
-        perm[i] = np.array([own.get(t, -1) for t in sorted(tokens, key=tokens.__getitem__)], dtype=np.int64)
-    if all(v is not None and np.array_equal(v, np.arange(n)) and rows_of[i] >= n for i, v in perm.items()):  # type: ignore[operator]
+        own = {t: j for t, j in token_ids(docs[i]).items() if j < rows[i]}
+        perm[i] = np.array([own.get(t, -1) for t in by_id], dtype=np.int64)
+    if all(np.array_equal(perm[i], np.arange(len(by_id))) and rows[i] >= len(by_id) for i in order):
         return None  # one vocabulary: the padded rows, if any, are cut by reading a prefix
-    for i, v in perm.items():
-        if v is None:
-            what = "no tokenizer.json" if tokenizers[i] is None else "no vocab_size in its config.json"
-            raise UsageError(f"tokenizer_source: {p.inputs[i].ref} has {what}, so its embedding rows cannot be "
-                             "matched to the chosen tokenizer's tokens (the models' vocabularies differ)",
-                             where)  # fmt: skip
+    for i in order:
+        if tokenizers[i] is None:
+            p.warnings.append(f"tokenizer_source: {p.inputs[i].ref} has no tokenizer.json: taken to have the "
+                              f"vocabulary of {p.inputs[order[0]].ref}, as mergekit takes it")  # fmt: skip
     nowhere = np.flatnonzero(np.all(np.stack([perm[i] < 0 for i in order]), axis=0))
     if len(nowhere):  # mergekit logs each
-        by_id = sorted(tokens, key=tokens.__getitem__)
         shown = ", ".join(repr(by_id[j]) for j in nowhere[:5]) + (", ..." if len(nowhere) > 5 else "")
         p.warnings.append(f"{len(nowhere)} token(s) of the chosen tokenizer are in no model ({shown}): their "
                           "embedding and head rows are zeros")  # fmt: skip
@@ -134,17 +128,12 @@ def plan(p: Any, rows_of: list[int | None], tokenizers: list[dict[str, Any] | No
     for i in order:
         m = p.inputs[i]
         found = [x for x, info in m.ck.tensors.items()
-                 if layer_index(x) is None and len(info.shape) == 2 and info.shape[0] == rows_of[i]]  # fmt: skip
+                 if layer_index(x) is None and len(info.shape) == 2 and info.shape[0] == rows[i]]  # fmt: skip
         if not found:
-            raise UsageError(f"tokenizer_source: {m.ref} has no tensor of {rows_of[i]} rows (its config's "
-                             "vocab_size) outside the layers to align to the chosen tokenizer", where)  # fmt: skip
+            raise UsageError(f"tokenizer_source: {m.ref} has no tensor of {rows[i]} rows (its vocab_size) outside "
+                             "the layers to align to the chosen tokenizer's tokens", where)  # fmt: skip
         names.update((i, x) for x in found)
-    return Vocabulary(tokens, new, perm, names, p.index[spec.base] if spec.base is not None else None)
-
-
-def _refs(p: Any) -> list[str]:
-    spec = p.spec
-    return [s.model for s in spec.models] or [s.model for sl in spec.slices for s in sl.sources]
+    return Vocabulary(tokens, new, perm, names, p.index[p.spec.base] if p.spec.base is not None else None)
 
 
 def shape_of(v: Vocabulary, info: Any) -> Any:

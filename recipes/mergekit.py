@@ -8,7 +8,7 @@ registry of model-centric methods, never from a list kept here. The merge itself
 
 Supported: ``merge_method``, ``base_model``, ``models`` (``model``, ``parameters``), ``slices`` (``sources``:
 ``model``, ``layer_range``, ``parameters``; and the slice's ``parameters``), ``parameters``, ``dtype``,
-``out_dtype``, ``tokenizer_source`` (``base``, a model, or ``union`` of models with one vocabulary; or the
+``out_dtype``, ``tokenizer_source`` (``base``, a model, or ``union`` of the models' tokens; or the
 ``tokenizer:`` section's ``source``), ``chat_template`` (a name, template text or ``auto``). Model references are
 paths, Hub ids (``org/name@revision``) and ``MODEL+LORA``.
 """
@@ -347,7 +347,7 @@ def _tokenizer(r: _Reader, doc: dict, spec: MergeSpec) -> None:
         if src is not None:
             spec.where["tokenizer_source"] = f"{r.file}:{_yaml.line_of(section, 'source')}: tokenizer.source"
     if src is not None:
-        keyword = src in ("base", "union")  # union: every model of one vocabulary (checked before the merge)
+        keyword = src in ("base", "union")  # union: every model's tokens (capmerge.merge.vocabulary)
         spec.tokenizer_source = src if keyword else r.model_ref(src, at, key, path)
         if src == "base" and spec.base is None:
             raise r.fail(f"{path}: base needs a base_model", at, key, path)

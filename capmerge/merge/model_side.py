@@ -3,8 +3,9 @@
 * ``config.json``: the base model's (else the first model's), with ``num_hidden_layers`` set to the output's layer
   count when slices change the depth, the dtype set when ``out_dtype`` is given, and ``tie_word_embeddings`` false
   when a head that config ties is written;
-* the tokenizer files of ``tokenizer_source`` (``base``, or a model; ``union`` where every model has the same
-  vocabulary: that one, the base's else the first model's), by default the base's (else the first model's), and
+* the tokenizer files of ``tokenizer_source`` (``base``, or a model; ``union``: the base's, else the first model's,
+  with the tokens the other models add appended, :mod:`~capmerge.merge.vocabulary`), by default the base's (else
+  the first model's), and
   ``generation_config.json``; ``chat_template`` as text, a name (:mod:`~capmerge.merge.chat_templates`) or
   ``auto`` (the models' most common one);
 * a sentence-transformers model's ``modules.json``, its module folders (``1_Pooling``, ...) and its two configs,
@@ -221,10 +222,11 @@ def _special_tokens(root: Path) -> set[str]:
 
 
 def fit_vocabulary(p: Any) -> None:
-    """Give the vocabulary tensors one row per token of the chosen tokenizer, as mergekit writes them
-    (:func:`vocabulary_tokens`): in each model whose config has more rows than that, the two-dimensional tensors
-    outside the layers with its ``vocab_size`` rows are read as their first rows (a prefix of their bytes). Only
-    plain safetensors inputs without an adapter on those tensors."""
+    """Give the vocabulary tensors one row per token of the chosen tokenizer, as mergekit writes them. Where some
+    model's vocabulary differs from it, their rows are aligned to its tokens (:mod:`~capmerge.merge.vocabulary`,
+    ``p.vocab``). Else (:func:`vocabulary_tokens`) in each model whose config has more rows than it has tokens, the
+    two-dimensional tensors outside the layers with its ``vocab_size`` rows are read as their first rows (a prefix
+    of their bytes): only plain safetensors inputs without an adapter on those tensors."""
     rows_of = [_config_rows(Path(m.ck.root) if m.ck.root else None) for m in p.inputs]  # each model's vocab_size
     if _chosen(p):  # models of other vocabularies than the chosen tokenizer's: their rows aligned to its tokens
         tokenizers = [_tokenizer_json(Path(m.ck.root) if m.ck.root else None) for m in p.inputs]

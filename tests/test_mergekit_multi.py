@@ -151,27 +151,21 @@ def test_json_lists_the_merges(models, tmp_path: Path, capsys) -> None:
         ]
 
 
+def tokenizer_from_blend(tmp: Path, merged: list[Path], blended: Path) -> Path:
+    """tmp/tok.yml: ``merged`` averaged, the tokenizer from ``blend``, another merge of the file (``blended`` alone)."""
+    cfg = tmp / "tok.yml"
+    models = "".join(f"  - model: {x}\n    parameters: {{weight: {1 / len(merged)}}}\n" for x in merged)
+    cfg.write_text(f"merge_method: linear\nmodels:\n{models}tokenizer_source: blend\ndtype: float32\n---\n"
+                   f"name: blend\nmerge_method: linear\nmodels:\n  - model: {blended}\n    parameters: "
+                   "{weight: 1.0}\ndtype: float32\n")  # fmt: skip
+    return cfg
+
+
 def test_tokenizer_from_another_merge(models, tmp_path: Path, capsys) -> None:
     """A merge whose models are all outside the file but whose tokenizer comes from another merge's output: planned
     before that output exists (its tokenizer is looked at once it does), then given its files."""
     m = models
-    cfg = tmp_path / "tok.yml"
-    cfg.write_text(f"""merge_method: linear
-models:
-  - model: {m["A"]}
-    parameters: {{weight: 0.5}}
-  - model: {m["C"]}
-    parameters: {{weight: 0.5}}
-tokenizer_source: blend
-dtype: float32
----
-name: blend
-merge_method: linear
-models:
-  - model: {m["B"]}
-    parameters: {{weight: 1.0}}
-dtype: float32
-""")
+    cfg = tokenizer_from_blend(tmp_path, [m["A"], m["C"]], m["B"])
     out = tmp_path / "out"
     assert main(["run", str(cfg), str(out), "-I", str(tmp_path / "inter"), "-q"]) == 0, capsys.readouterr().err
     assert (out / "tokenizer.json").read_bytes() == (tmp_path / "inter" / "blend" / "tokenizer.json").read_bytes()
@@ -190,21 +184,7 @@ def test_tokenizer_of_another_vocabulary_from_another_merge(models, tmp_path: Pa
     tok = json.loads((other / "tokenizer.json").read_text())
     tok["model"]["vocab"]["w31x"] = tok["model"]["vocab"].pop("w31")  # one token renamed
     (other / "tokenizer.json").write_text(json.dumps(tok))
-    cfg = tmp_path / "tok.yml"
-    cfg.write_text(f"""merge_method: linear
-models:
-  - model: {m["A"]}
-    parameters: {{weight: 1.0}}
-tokenizer_source: blend
-dtype: float32
----
-name: blend
-merge_method: linear
-models:
-  - model: {other}
-    parameters: {{weight: 1.0}}
-dtype: float32
-""")
+    cfg = tokenizer_from_blend(tmp_path, [m["A"]], other)
     out = tmp_path / "out"
     assert main(["run", str(cfg), str(out), "-I", str(tmp_path / "inter")]) == 0
     assert "warning: 1 token(s) of the chosen tokenizer are in no model ('w31x'): their" in capsys.readouterr().err

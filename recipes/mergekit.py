@@ -9,7 +9,7 @@ registry of model-centric methods, never from a list kept here. The merge itself
 Supported: ``merge_method``, ``base_model``, ``models`` (``model``, ``parameters``), ``slices`` (``sources``:
 ``model``, ``layer_range``, ``parameters``; and the slice's ``parameters``), ``parameters``, ``dtype``,
 ``out_dtype``, ``tokenizer_source`` (``base``, a model, or ``union`` of the models' tokens; or the
-``tokenizer:`` section's ``source``), ``chat_template`` (a name, template text or ``auto``). Model references are
+``tokenizer:`` section: ``source``, ``tokens``, ``pad_to_multiple_of``), ``chat_template`` (a name, template text or ``auto``). Model references are
 paths, Hub ids (``org/name@revision``) and ``MODEL+LORA``.
 """
 
@@ -334,18 +334,20 @@ def _slices(r: _Reader, doc: dict, method: ModelMethod, warnings: list[str]) -> 
 def _tokenizer(r: _Reader, doc: dict, spec: MergeSpec) -> None:
     src, at, key, path = doc.get("tokenizer_source"), doc, "tokenizer_source", "tokenizer_source"
     section = doc.get("tokenizer")
-    if "tokenizer" in doc:  # mergekit's tokenizer: section; its source alone is tokenizer_source
+    if "tokenizer" in doc:  # mergekit's tokenizer: section (its source: union unless given)
         r.mapping(section, doc, "tokenizer", "tokenizer", ("source", "tokens", "pad_to_multiple_of"))
         if "tokenizer_source" in doc:
             raise r.fail("give tokenizer_source or tokenizer:, not both", doc, "tokenizer", "tokenizer")
-        for k in ("tokens", "pad_to_multiple_of"):
-            if section.get(k) is not None:
-                raise r.fail(f"tokenizer.{k} is not supported (capmerge copies one model's tokenizer; it does not add "
-                             "tokens or pad embeddings): give tokenizer.source alone", section, k,
-                             f"tokenizer.{k}")  # fmt: skip
-        src, at, key, path = section.get("source"), section, "source", "tokenizer.source"
-        if src is not None:
-            spec.where["tokenizer_source"] = f"{r.file}:{_yaml.line_of(section, 'source')}: tokenizer.source"
+        src, at, key, path = section.get("source", "union"), section, "source", "tokenizer.source"
+        line = _yaml.line_of(section, "source") if "source" in section else _yaml.line_of(doc, "tokenizer")
+        spec.where["tokenizer_source"] = f"{r.file}:{line}: tokenizer.source"
+        pad = section.get("pad_to_multiple_of")
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+            raise r.fail(f"pad_to_multiple_of must be a positive integer, got {pad!r}", section,
+                         "pad_to_multiple_of", "tokenizer.pad_to_multiple_of")  # fmt: skip
+        spec.pad_to_multiple_of = pad
+        if section.get("tokens") is not None:
+            spec.tokenizer_tokens = _token_sources(r, section)
     if src is not None:
         keyword = src in ("base", "union")  # union: every model's tokens (capmerge.merge.vocabulary)
         spec.tokenizer_source = src if keyword else r.model_ref(src, at, key, path)
@@ -357,6 +359,49 @@ def _tokenizer(r: _Reader, doc: dict, spec: MergeSpec) -> None:
         if why:
             raise r.fail(why, doc, "chat_template", "chat_template")
         spec.chat_template = tmpl
+
+
+def _token_sources(r: _Reader, section: dict) -> dict[str, Any]:
+    """mergekit's ``tokenizer.tokens``: token → ``{source, force}``, ``source`` a model (its row of the token),
+    ``{kind: model_token, model, token | token_id}``, ``{kind: zero}``, or absent (the default rules)."""
+    from capmerge.merge.vocabulary import TokenSource
+
+    tokens = section["tokens"]
+    if not isinstance(tokens, dict):
+        raise r.fail(f"expected a mapping of tokens, got {tokens!r}", section, "tokens", "tokenizer.tokens")
+    out = {}
+    for tok, cfg in tokens.items():
+        path = f"tokenizer.tokens.{tok}"
+        cfg = {} if cfg is None else cfg
+        r.mapping(cfg, tokens, tok, path, ("source", "force"))
+        where = f"{r.file}:{_yaml.line_of(tokens, tok)}: {path}"
+        force = cfg.get("force", False)
+        if not isinstance(force, bool):
+            raise r.fail(f"force must be true or false, got {force!r}", cfg, "force", f"{path}.force")
+        src = cfg.get("source")
+        if src is None:
+            out[str(tok)] = TokenSource("rules", force=force, where=where)
+        elif isinstance(src, dict) and src.get("kind") == "zero":
+            r.mapping(src, cfg, "source", f"{path}.source", ("kind",))
+            out[str(tok)] = TokenSource("zero", force=force, where=where)
+        elif isinstance(src, dict) and src.get("kind") == "model_token":
+            r.mapping(src, cfg, "source", f"{path}.source", ("kind", "model", "token", "token_id"))
+            if ("token" in src) == ("token_id" in src):
+                raise r.fail("give token or token_id", cfg, "source", f"{path}.source")
+            tid = src.get("token_id")
+            if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int)):
+                raise r.fail(f"token_id must be an integer, got {tid!r}", src, "token_id", f"{path}.source.token_id")
+            model = r.model_ref(src.get("model"), src, "model", f"{path}.source.model")
+            token = src.get("token")
+            out[str(tok)] = TokenSource("model_token", model, None if token is None else str(token), tid, force,
+                                        where)  # fmt: skip
+        elif isinstance(src, dict) and "kind" in src:
+            raise r.fail(f"unknown source kind {src['kind']!r} (model_token or zero)", src, "kind",
+                         f"{path}.source.kind")  # fmt: skip
+        else:
+            out[str(tok)] = TokenSource("model", r.model_ref(src, cfg, "source", f"{path}.source"), force=force,
+                                        where=where)  # fmt: skip
+    return out
 
 
 def _check_required(r: _Reader, doc: dict, spec: MergeSpec, method: ModelMethod) -> None:

@@ -191,12 +191,12 @@ def base_config(models: dict[str, Path]) -> str:
             ["tokenizer.source: base needs a base_model", "cfg.yml:11: tokenizer.source"],
         ),
         (
-            lambda t: t + "tokenizer:\n  source: union\n  pad_to_multiple_of: 8\n",
-            ["tokenizer.pad_to_multiple_of is not supported", "cfg.yml:12: tokenizer.pad_to_multiple_of"],
+            lambda t: t + "tokenizer:\n  source: union\n  pad_to_multiple_of: 8.5\n",
+            ["pad_to_multiple_of must be a positive integer, got 8.5", "cfg.yml:12: tokenizer.pad_to_multiple_of"],
         ),
         (
-            lambda t: t + "tokenizer:\n  tokens:\n    x: {source: base}\n",
-            ["tokenizer.tokens is not supported", "cfg.yml:11: tokenizer.tokens"],
+            lambda t: t + "tokenizer:\n  tokens: [x]\n",
+            ["expected a mapping of tokens", "cfg.yml:11: tokenizer.tokens"],
         ),
         (lambda t: t + "tokenizer:\n  sourc: base\n", ["unknown key 'sourc'", "cfg.yml:11: tokenizer.sourc"]),
         (

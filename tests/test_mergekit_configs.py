@@ -342,13 +342,22 @@ def vocabularies(tmp_path_factory: pytest.TempPathFactory):
         f"  - model: {m['B']}\n"
         + f"parameters: {{t: 0.3}}\ntokenizer_source: {m['B']}\n",
     }  # fmt: skip
+    # the tokenizer section's tokens and padding: a token from a model, one from another token of a model, a
+    # token forced to zeros, a new token from a row of B; the rows padded to a multiple of 8 (only the padding:
+    # the section's default source, union, over models of one vocabulary)
+    cases["tokens"] = ("merge_method: linear\n" + ms(("A", 0.6), ("B", 0.4)) + "tokenizer:\n  pad_to_multiple_of: 8\n"
+                       f"  tokens:\n    <|im_start|>:\n      source: {m['B']}\n    x1:\n      source: {{kind: "
+                       f"model_token, model: {m['A']}, token: w7}}\n    w5:\n      source: {{kind: zero}}\n"
+                       f"      force: true\n    newtok:\n      source: {{kind: model_token, model: {m['B']}, "
+                       "token_id: 3}\n")  # fmt: skip
+    cases["padded"] = "merge_method: linear\n" + ms(("A", 0.6), ("P", 0.4)) + "tokenizer:\n  pad_to_multiple_of: 64\n"
     cases = {k: v.replace(", density: 0.6", "" if "ties" not in k else ", density: 0.6") + "dtype: float32\n"
              for k, v in cases.items()}  # fmt: skip
     mergekit_outputs(tmp, cases, lambda name: ["--no-cuda"])
     return tmp, m
 
 
-@pytest.mark.parametrize("name", ["union_linear", "union_ta", "base_ties", "model_b"])
+@pytest.mark.parametrize("name", ["union_linear", "union_ta", "base_ties", "model_b", "tokens", "padded"])
 def test_vocabularies_aligned_like_mergekit(vocabularies, name: str, capsys) -> None:
     """Each token's embedding and head row (found through each output's own tokenizer: mergekit numbers a union's
     new regular tokens in hash order, capmerge in model order) is mergekit's; every other tensor too; both
@@ -362,14 +371,15 @@ def test_vocabularies_aligned_like_mergekit(vocabularies, name: str, capsys) -> 
     vocab, mk_vocab = tok.get_vocab(), mk_tok.get_vocab()
     assert set(vocab) == set(mk_vocab) and sorted(vocab.values()) == list(range(len(vocab)))
     order = sorted(vocab, key=vocab.__getitem__)
-    mk_rows = torch.tensor([mk_vocab[t] for t in order])
-    compare(got, {n: t[mk_rows] if n in VOCAB_TENSORS else t for n, t in mk.items()}, FP32_RTOL)
+    mk_rows = torch.tensor([mk_vocab[t] for t in order] + list(range(len(order), len(mk[VOCAB_TENSORS[0]]))))
+    compare(got, {n: t[mk_rows] if n in VOCAB_TENSORS else t for n, t in mk.items()}, FP32_RTOL)  # padding: after
     text = "<|im_start|> w5 x1 y9 w6 w31 zz"
     assert tok.convert_ids_to_tokens(tok(text)["input_ids"]) == mk_tok.convert_ids_to_tokens(mk_tok(text)["input_ids"])
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["vocab_size"] == len(vocab) == json.loads((tmp / f"mk-{name}" / "config.json").read_text())["vocab_size"]
+    rows = -(-len(vocab) // {"tokens": 8, "padded": 64}.get(name, 1)) * {"tokens": 8, "padded": 64}.get(name, 1)
+    assert cfg["vocab_size"] == rows == json.loads((tmp / f"mk-{name}" / "config.json").read_text())["vocab_size"]
     model = AutoModelForCausalLM.from_pretrained(str(out))
-    assert model.get_input_embeddings().weight.shape == (len(vocab), HIDDEN)
+    assert model.get_input_embeddings().weight.shape == (rows, HIDDEN)
 
 
 def test_union_rows_by_hand(vocabularies, capsys) -> None:
@@ -402,6 +412,49 @@ def test_union_rows_by_hand(vocabularies, capsys) -> None:
     for t in ("w5", "w6", "w31", "x1", "x2", "y9", "<|im_start|>"):
         want = 0.5 * row("A", t) + 0.3 * row("B", t) + 0.2 * row("C", t)
         torch.testing.assert_close(got[vocab[t]], want, rtol=0, atol=1e-6)
+
+
+def test_token_sources_and_padding_by_hand(vocabularies, capsys) -> None:
+    """The tokens case by hand (linear 0.6 A + 0.4 B): w5 forced to zeros in both; x1 from A's row of w7 where A
+    lacks it, B's own row in B; newtok (no model has it) B's row 3 in both; <|im_start|> B's; the padding rows
+    each model's mean row, so the mean of the output's token rows; the new token in the tokenizer."""
+    tmp, m = vocabularies
+    out = tmp / "cm-tokens"
+    if not out.exists():
+        capmerge_run(tmp, "tokens", capsys)
+    got = load_any(out)["model.embed_tokens.weight"]
+    doc = json.loads((out / "tokenizer.json").read_text())
+    vocab = {**doc["model"]["vocab"], **{t["content"]: t["id"] for t in doc["added_tokens"]}}
+    assert vocab["newtok"] == len(vocab) - 1 and len(got) == 40
+    ea, eb = load_any(m["A"])["model.embed_tokens.weight"], load_any(m["B"])["model.embed_tokens.weight"]
+    ids_b = {**json.loads((m["B"] / "tokenizer.json").read_text())["model"]["vocab"], "<|im_start|>": 34}
+    for tok, want in (("w5", torch.zeros(HIDDEN)), ("x1", 0.6 * ea[7] + 0.4 * eb[ids_b["x1"]]), ("newtok", eb[3]),
+                      ("<|im_start|>", eb[34]), ("w9", 0.6 * ea[9] + 0.4 * eb[9])):  # fmt: skip
+        torch.testing.assert_close(got[vocab[tok]], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[len(vocab):], got[: len(vocab)].mean(0).expand(40 - len(vocab), -1), rtol=0,
+                               atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "section,expect",
+    [
+        ("  tokens:\n    w3:\n      source: /nowhere\n", ["/nowhere is not one of the models merged", "t.yml:9:"]),
+        ("  tokens:\n    w3:\n      source: {kind: model_token, model: @A, token: nope}\n",
+         ["has no token 'nope'", "t.yml:9: tokenizer.tokens.w3"]),
+        ("  tokens:\n    w3:\n      source: {kind: copy}\n", ["unknown source kind 'copy'", "t.yml:10:"]),
+        ("  pad_to_multiple_of: 0\n", ["pad_to_multiple_of must be a positive integer", "t.yml:8:"]),
+        ("  tokens:\n    w3:\n      force: maybe\n", ["force must be true or false", "t.yml:10:"]),
+    ],
+)  # fmt: skip
+def test_token_source_errors(vocabularies, tmp_path: Path, capsys, section: str, expect: list[str]) -> None:
+    from test_merge_cli import fails
+
+    _, m = vocabularies
+    cfg = tmp_path / "t.yml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {m['A']}\n    parameters: {{weight: 1}}\n"
+                   f"  - model: {m['B']}\n    parameters: {{weight: 1}}\ntokenizer:\n"
+                   + section.replace("@A", str(m["A"])))  # fmt: skip
+    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, *expect)
 
 
 def test_a_model_without_a_tokenizer_takes_the_base_vocabulary(vocabularies, tmp_path: Path, capsys) -> None:

@@ -234,13 +234,22 @@ def fit_vocabulary(p: Any) -> None:
         chosen = None if p.spec.tokenizer_source == "union" else _tokenizer_json(root)
         if p.spec.tokenizer_source == "union" or chosen is not None:
             order = [p.index[r] for r in dict.fromkeys(([p.spec.base] if p.spec.base is not None else []) + _models(p))]
-            v = vocabulary.plan(p, order, rows_of, tokenizers, chosen, _where(p, "tokenizer_source"))
+            v = vocabulary.plan(
+                p,
+                order,
+                rows_of,
+                tokenizers,
+                chosen,
+                _where(p, "tokenizer_source"),
+                getattr(p.spec, "tokenizer_tokens", None),
+                getattr(p.spec, "pad_to_multiple_of", None),
+            )
             if v is not None:
                 src = p.spec.tokenizer_source
                 at = p.index.get(donor(p) if src == "union" else p.spec.base if src == "base" else src)
                 doc = chosen if chosen is not None else tokenizers[p.index[donor(p)]]
                 _check_ids(root, doc, rows_of[at] if at is not None else None, _where(p, "tokenizer_source"))  # type: ignore[arg-type]
-                p.vocab, p.vocab_tokens = v, len(v.tokens)
+                p.vocab, p.vocab_tokens = v, v.rows
                 return
     tokens = vocabulary_tokens(p, rows_of)
     p.vocab_tokens = tokens

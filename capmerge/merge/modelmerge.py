@@ -70,6 +70,8 @@ class MergeSpec:
     out_dtype: str | None = None
     seed: int = 0
     tokenizer_source: str | None = None
+    tokenizer_tokens: dict[str, Any] | None = None  # mergekit's tokenizer.tokens: token -> vocabulary.TokenSource
+    pad_to_multiple_of: int | None = None  # mergekit's tokenizer.pad_to_multiple_of
     copy_tokenizer: bool = True  # without tokenizer_source: copy the base's (else the first model's) tokenizer
     model_card: bool = True  # write README.md
     chat_template: str | None = None

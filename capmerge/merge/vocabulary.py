@@ -8,7 +8,10 @@ model's in its id order, then their added tokens (special ones keep their settin
 outside the layers with its config's ``vocab_size`` rows) are then read with one row per output token: the model's
 own row for a token it has; for a token it lacks, a row made from the models that have it (mergekit's rules: the
 one model that has it; else the base's row, where the base has it; else the mean of the rows of those that do;
-zeros where none does). The method then merges these as any tensors.
+zeros where none does). The method then merges these as any tensors. mergekit's ``tokenizer:`` section can set
+a token's row (``tokens``: from a model, from another token or row of a model, zeros; ``force``: in every model,
+also those that have the token; a token the vocabulary lacks is added) and pad the rows to a multiple
+(``pad_to_multiple_of``: each model's padding rows its mean token row).
 
 A vocabulary tensor is read whole, once per model, and its method runs on the whole tensors in float32 (the ``fn``
 path, as for LoRA inputs: one such tensor per model in memory, 2.2 GB each for a 152k × 3584 embedding); every other
@@ -30,15 +33,33 @@ from capmerge.errors import UsageError
 ADDED = ("single_word", "lstrip", "rstrip", "normalized", "special")  # an added token's settings
 
 
+@dataclass(frozen=True)
+class TokenSource:
+    """mergekit's ``tokenizer.tokens`` entry of one token: where its row comes from — ``model`` (that model's row
+    of the token), ``model_token`` (that model's row of ``token`` or of row ``token_id``), ``zero``, or ``rules``
+    (no source: the rules of the module's docstring) —, and ``force``: every model takes that row, also one that
+    has the token. ``where``: its place in the configuration."""
+
+    kind: str
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+    force: bool = False
+    where: str | None = None
+
+
 @dataclass
 class Vocabulary:
     """The output's vocabulary and how each model's rows map onto it."""
 
     tokens: dict[str, int]  # output token -> id, 0 .. N - 1
-    new: list[dict[str, Any]]  # added_tokens entries appended to the chosen tokenizer.json (union)
+    new: list[dict[str, Any]]  # added_tokens entries appended to the chosen tokenizer.json (union, tokens:)
     perm: dict[int, np.ndarray]  # input index -> its row of each output token (-1: it lacks the token)
     names: set[tuple[int, str]]  # the (input, tensor) pairs read aligned
     base: int | None  # the base's input index (its rows come first for a token some model lacks)
+    rows: int = 0  # rows written: the tokens, padded to pad_to_multiple_of (the padding: each model's mean row)
+    fixed: dict[int, tuple[str, int | None, int | None, bool]] = dataclasses.field(default_factory=dict)
+    # token id -> ("zero" | "row" | "rules", input, its row, force): the tokenizer section's tokens
 
     def aligned(self, input_: int, name: str) -> bool:
         return (input_, name) in self.names
@@ -92,12 +113,15 @@ def union(docs: list[tuple[dict[str, Any], int]]) -> tuple[dict[str, int], list[
 
 
 def plan(p: Any, order: list[int], rows_of: list[int | None], tokenizers: list[dict[str, Any] | None],
-         chosen: dict[str, Any] | None, where: str | None) -> Vocabulary | None:  # fmt: skip
+         chosen: dict[str, Any] | None, where: str | None, sources: dict[str, TokenSource] | None = None,
+         pad_to: int | None = None) -> Vocabulary | None:  # fmt: skip
     """The alignment of a planned merge ``p`` whose models' vocabularies differ from the chosen tokenizer's, or None
     where every model has that vocabulary. ``order``: the inputs, the base (else the first model) first; each
     input's tokenizer.json and config ``vocab_size`` in ``tokenizers`` and ``rows_of``; ``chosen``: the chosen
-    tokenizer.json, None for ``union``. A model without tokenizer.json is taken to have the first input's
-    vocabulary (as mergekit assumes; for ``union``: None, check() refuses it), one without ``vocab_size`` as many
+    tokenizer.json, None for ``union``; ``sources`` and ``pad_to``: the tokenizer section's ``tokens`` (those the
+    vocabulary lacks are added) and ``pad_to_multiple_of``. A model without tokenizer.json is taken to have the
+    first input's vocabulary (as mergekit assumes; for ``union``: None, check() refuses it), one without
+    ``vocab_size`` as many
     rows as its tokenizer has tokens. The vocabulary tensors' records are not touched: :meth:`Planned.info` gives
     their aligned shape."""
     from capmerge.merge.masks import layer_index
@@ -108,18 +132,30 @@ def plan(p: Any, order: list[int], rows_of: list[int | None], tokenizers: list[d
     docs = {i: tokenizers[i] or first for i in order}
     rows = {i: rows_of[i] if rows_of[i] is not None else len(token_ids(docs[i])) for i in order}
     tokens, new = union([(docs[i], rows[i]) for i in order]) if chosen is None else (token_ids(chosen), [])
+    sources = sources or {}
+    for tok in sources:  # the section's tokens the vocabulary lacks: added as transformers' add_tokens adds them
+        if tok not in tokens:
+            tokens[tok] = len(tokens)
+            new.append({"id": tokens[tok], "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                        "normalized": True, "special": False})  # fmt: skip
     by_id = sorted(tokens, key=tokens.__getitem__)
+    total = len(by_id) if not pad_to else -(-len(by_id) // pad_to) * pad_to
     perm = {}
     for i in order:
         own = {t: j for t, j in token_ids(docs[i]).items() if j < rows[i]}
         perm[i] = np.array([own.get(t, -1) for t in by_id], dtype=np.int64)
-    if all(np.array_equal(perm[i], np.arange(len(by_id))) and rows[i] >= len(by_id) for i in order):
+    if (
+        not sources
+        and total == len(by_id)
+        and all(np.array_equal(perm[i], np.arange(len(by_id))) and rows[i] >= len(by_id) for i in order)
+    ):
         return None  # one vocabulary: the padded rows, if any, are cut by reading a prefix
+    fixed = {tokens[t]: _resolve(p, src, tokens[t], perm, docs, rows) for t, src in sources.items()}
     for i in order:
         if tokenizers[i] is None:
             p.warnings.append(f"tokenizer_source: {p.inputs[i].ref} has no tokenizer.json: taken to have the "
                               f"vocabulary of {p.inputs[order[0]].ref}, as mergekit takes it")  # fmt: skip
-    nowhere = np.flatnonzero(np.all(np.stack([perm[i] < 0 for i in order]), axis=0))
+    nowhere = [j for j in np.flatnonzero(np.all(np.stack([perm[i] < 0 for i in order]), axis=0)) if j not in fixed]
     if len(nowhere):  # mergekit logs each
         shown = ", ".join(repr(by_id[j]) for j in nowhere[:5]) + (", ..." if len(nowhere) > 5 else "")
         p.warnings.append(f"{len(nowhere)} token(s) of the chosen tokenizer are in no model ({shown}): their "
@@ -133,18 +169,40 @@ def plan(p: Any, order: list[int], rows_of: list[int | None], tokenizers: list[d
             raise UsageError(f"tokenizer_source: {m.ref} has no tensor of {rows[i]} rows (its vocab_size) outside "
                              "the layers to align to the chosen tokenizer's tokens", where)  # fmt: skip
         names.update((i, x) for x in found)
-    return Vocabulary(tokens, new, perm, names, p.index[p.spec.base] if p.spec.base is not None else None)
+    return Vocabulary(tokens, new, perm, names, p.index[p.spec.base] if p.spec.base is not None else None, total,
+                      fixed)  # fmt: skip
+
+
+def _resolve(p: Any, src: TokenSource, j: int, perm: dict[int, np.ndarray], docs: dict[int, dict[str, Any]],
+             rows: dict[int, int]) -> tuple[str, int | None, int | None, bool]:  # fmt: skip
+    """A token source as (mode, input, row, force): the model and its row checked now (UsageError at its place)."""
+    if src.kind in ("zero", "rules"):
+        return src.kind, None, None, src.force
+    i = p.index.get(src.model)
+    if i is None or i not in perm:
+        raise UsageError(f"tokenizer.tokens: {src.model} is not one of the models merged", src.where)
+    if src.kind == "model":
+        row = int(perm[i][j])
+        if row < 0:
+            raise UsageError(f"tokenizer.tokens: {src.model} has no such token", src.where)
+        return "row", i, row, src.force
+    row = token_ids(docs[i]).get(src.token, -1) if src.token is not None else src.token_id  # type: ignore[arg-type]
+    if row is None or not 0 <= row < rows[i]:
+        what = repr(src.token) if src.token is not None else f"row {src.token_id}"
+        raise UsageError(f"tokenizer.tokens: {src.model} has no token {what}", src.where)
+    return "row", i, row, src.force
 
 
 def shape_of(v: Vocabulary, info: Any) -> Any:
-    """A vocabulary tensor's record with one row per output token."""
-    n, h = len(v.tokens), info.shape[1]
+    """A vocabulary tensor's record with one row per output token (and the padding)."""
+    n, h = v.rows, info.shape[1]
     return dataclasses.replace(info, shape=(n, h), nbytes=n * h * info.itemsize)
 
 
 def read(p: Any, entries: list[Any]) -> dict[int, Any]:
     """The aligned float32 tensors of ``entries`` (one output tensor's inputs, the base first where there is one):
-    input index → its rows of the output tokens, lacking ones made as the module says. Each input is read once."""
+    input index → its rows of the output tokens, lacking ones made as the module says, then the padding rows (the
+    mean of its token rows). Each input is read once."""
     import torch
 
     v: Vocabulary = p.vocab
@@ -153,28 +211,42 @@ def read(p: Any, entries: list[Any]) -> dict[int, Any]:
         if e.input not in raw:
             raw[e.input] = p.inputs[e.input].read(e.name).float()
     ins = list(raw)
+    for _, i, _, _ in v.fixed.values():  # a model named by a token's source, not merged in this tensor
+        if i is not None and i not in raw:
+            raw[i] = p.inputs[i].read(entries[0].name).float()
     have = np.stack([v.perm[i] >= 0 for i in ins])  # (inputs, tokens)
-    count = have.sum(axis=0)
-    lacking = np.flatnonzero(count < len(ins))
+    forced = {j for j, f in v.fixed.items() if f[3]}
+    made_for = sorted({int(j) for j in np.flatnonzero(have.sum(axis=0) < len(ins))} | forced)
     h = raw[ins[0]].shape[1]
-    made = torch.zeros(len(lacking), h)
-    for k, j in enumerate(lacking):
+    made = torch.zeros(len(made_for), h)
+    for k, j in enumerate(made_for):
+        mode, src, row, _ = v.fixed.get(j, ("rules", None, None, False))
+        if mode == "zero":
+            continue
+        if mode == "row":
+            made[k] = raw[src][row]
+            continue
         holders = [i for i, hv in zip(ins, have[:, j], strict=True) if hv]
         if not holders:
             continue  # no model has the token: zeros
         if len(holders) > 1 and v.base is not None and v.base in holders:
             holders = [v.base]
-        row = raw[holders[0]][int(v.perm[holders[0]][j])].clone()
+        acc = raw[holders[0]][int(v.perm[holders[0]][j])].clone()
         for i in holders[1:]:
-            row += raw[i][int(v.perm[i][j])]
-        made[k] = row / len(holders) if len(holders) > 1 else row
+            acc += raw[i][int(v.perm[i][j])]
+        made[k] = acc / len(holders) if len(holders) > 1 else acc
+    made_at = np.array(made_for, dtype=np.int64)
+    n = len(v.tokens)
     out = {}
     for i in ins:  # each model's rows in token order; its own tensor let go once they are made
         idx = torch.from_numpy(v.perm[i])
-        t = raw.pop(i)[idx.clamp(min=0)]
-        miss = torch.from_numpy(np.flatnonzero(v.perm[i] < 0))
-        if len(miss):
-            t[miss] = made[torch.from_numpy(np.searchsorted(lacking, miss.numpy()))]
+        t = torch.empty(v.rows, h)
+        t[:n] = raw.pop(i)[idx.clamp(min=0)]
+        take = np.array(sorted(set(np.flatnonzero(v.perm[i] < 0).tolist()) | forced), dtype=np.int64)
+        if len(take):
+            t[torch.from_numpy(take)] = made[torch.from_numpy(np.searchsorted(made_at, take))]
+        if v.rows > n:  # pad_to_multiple_of: the mean of the token rows
+            t[n:] = torch.mean(t[:n], dim=0)
         out[i] = t
     return out
 

@@ -9,8 +9,8 @@ registry of model-centric methods, never from a list kept here. The merge itself
 Supported: ``merge_method``, ``base_model``, ``models`` (``model``, ``parameters``), ``slices`` (``sources``:
 ``model``, ``layer_range``, ``parameters``; and the slice's ``parameters``), ``parameters``, ``dtype``,
 ``out_dtype``, ``tokenizer_source`` (``base``, a model, or ``union`` of the models' tokens; or the
-``tokenizer:`` section: ``source``, ``tokens``, ``pad_to_multiple_of``), ``chat_template`` (a name, template text or ``auto``). Model references are
-paths, Hub ids (``org/name@revision``) and ``MODEL+LORA``.
+``tokenizer:`` section: ``source``, ``tokens``, ``pad_to_multiple_of``), ``chat_template`` (a name, template text
+or ``auto``). Model references are paths, Hub ids (``org/name@revision``) and ``MODEL+LORA``.
 """
 
 from __future__ import annotations

@@ -15,9 +15,8 @@ also those that have the token; a token the vocabulary lacks is added) and pad t
 
 A vocabulary tensor is read whole, once per model, and its method runs on the whole tensors in float32 (the ``fn``
 path, as for LoRA inputs: one such tensor per model in memory, 2.2 GB each for a 152k × 3584 embedding); every other
-tensor streams as before. Where every model's
-vocabulary is the chosen one, nothing here applies (:func:`capmerge.merge.model_side.fit_vocabulary` cuts padded
-rows by reading a prefix).
+tensor streams as before. Where every model's vocabulary is the chosen one and the section asks nothing, nothing
+here applies (:func:`capmerge.merge.model_side.fit_vocabulary` cuts padded rows by reading a prefix).
 """
 
 from __future__ import annotations

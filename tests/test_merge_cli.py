@@ -205,11 +205,11 @@ def base_config(models: dict[str, Path]) -> str:
         ),
         (
             lambda t: t + "tokenizer:\n  source: union\n",
-            ["union:", "has no tokenizer.json to read its tokens from", "cfg.yml:11: tokenizer.source"],
+            ["union:", "has no readable tokenizer.json to read its tokens", "cfg.yml:11: tokenizer.source"],
         ),
         (
             lambda t: t + "tokenizer_source: union\n",
-            ["union:", "has no tokenizer.json to read its tokens from", "cfg.yml:10: tokenizer_source"],
+            ["union:", "has no readable tokenizer.json to read its tokens", "cfg.yml:10: tokenizer_source"],
         ),
         (
             lambda t: t.replace("merge_method: linear", "merge_method: lienar"),

@@ -472,8 +472,9 @@ def test_a_model_without_a_tokenizer_takes_the_base_vocabulary(vocabularies, tmp
                    "tokenizer_source: base\n")  # fmt: skip
     out = tmp_path / "out"
     assert main(["run", str(cfg), "-o", str(out)]) == 0
-    assert f"warning: tokenizer_source: {b} has no tokenizer.json: taken to have the vocabulary of {m['P']}" in (
-        capsys.readouterr().err)  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"warning: tokenizer_source: {b} has no readable tokenizer.json: taken to have the vocabulary of" in err
+    assert f"the vocabulary of {m['P']}" in err
     got, rb, rc = (load_any(d)["model.embed_tokens.weight"] for d in (out, b, m["C"]))
     assert got.shape == (VOCAB, HIDDEN)
     torch.testing.assert_close(got[5], (rb[5] + rc[6]) / 2, rtol=0, atol=1e-6)  # C's w5 is its row 6
@@ -646,3 +647,21 @@ def test_a_missing_head_of_an_untied_model_is_refused(tmp_path: Path, capsys) ->
                    "    parameters: {weight: 1}\n")  # fmt: skip
     fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, f"tensor {HEAD} is missing in model {a}",
           "t.yml:4: models[0].model")  # fmt: skip
+
+
+def test_an_unreadable_tokenizer_is_refused(vocabularies, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    from test_merge_cli import fails
+
+    _, m = vocabularies
+    b = tmp_path / "B"
+    shutil.copytree(m["B"], b)
+    doc = json.loads((b / "tokenizer.json").read_text())
+    doc["added_tokens"] = [{"content": "<|im_start|>"}]  # no id
+    (b / "tokenizer.json").write_text(json.dumps(doc))
+    cfg = tmp_path / "t.yml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {m['A']}\n    parameters: {{weight: 1}}\n"
+                   f"  - model: {b}\n    parameters: {{weight: 1}}\ntokenizer_source: union\n")  # fmt: skip
+    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys,
+          f"cannot read the tokens of {b}'s tokenizer.json (KeyError: 'id')", "t.yml:7: tokenizer_source")  # fmt: skip

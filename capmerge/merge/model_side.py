@@ -123,8 +123,9 @@ def check(p: Any) -> None:
         for ref in dict.fromkeys(([p.spec.base] if p.spec.base is not None else []) + _models(p)):
             got = _vocab(_root(p, ref))
             if want is None or got is None:
-                raise UsageError(f"tokenizer_source: union: {donor(p) if want is None else ref} has no tokenizer.json "
-                                 "to read its tokens from (the union is built from every model's tokenizer.json)",
+                who = donor(p) if want is None else ref
+                raise UsageError(f"tokenizer_source: union: {who} has no readable tokenizer.json to read its tokens "
+                                 "from (the union is built from every model's tokenizer.json)",
                                  _where(p, "tokenizer_source"))  # fmt: skip
     tmpl = p.spec.chat_template
     why = None if tmpl is None else chat_templates.problem(tmpl)

@@ -80,6 +80,16 @@ def token_ids(doc: dict[str, Any]) -> dict[str, int]:
     return ids
 
 
+def _readable(doc: dict[str, Any], label: str, where: str | None) -> None:
+    """Refuse a tokenizer.json whose tokens cannot be read (UsageError naming whose it is)."""
+    try:
+        token_ids(doc)
+        _added(doc, 1 << 62)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise UsageError(f"tokenizer_source: cannot read the tokens of {label}'s tokenizer.json ({type(e).__name__}: "
+                         f"{e})", where) from None  # fmt: skip
+
+
 def _added(doc: dict[str, Any], rows: int) -> dict[str, dict[str, Any]]:
     """A tokenizer.json's added tokens below ``rows``, in id order: content → entry."""
     entries = sorted((t for t in doc.get("added_tokens") or [] if int(t["id"]) < rows), key=lambda t: int(t["id"]))
@@ -128,6 +138,9 @@ def plan(p: Any, order: list[int], rows_of: list[int | None], tokenizers: list[d
     first = tokenizers[order[0]]
     if first is None or (chosen is None and any(tokenizers[i] is None for i in order)):
         return None  # nothing to align to, or a union without every tokenizer.json (check() refuses it)
+    for doc, label in [(chosen, "the chosen tokenizer")] + [(tokenizers[i], p.inputs[i].ref) for i in order]:
+        if doc is not None:
+            _readable(doc, label, where)
     docs = {i: tokenizers[i] or first for i in order}
     rows = {i: rows_of[i] if rows_of[i] is not None else len(token_ids(docs[i])) for i in order}
     tokens, new = union([(docs[i], rows[i]) for i in order]) if chosen is None else (token_ids(chosen), [])
@@ -152,7 +165,7 @@ def plan(p: Any, order: list[int], rows_of: list[int | None], tokenizers: list[d
     fixed = {tokens[t]: _resolve(p, src, tokens[t], perm, docs, rows) for t, src in sources.items()}
     for i in order:
         if tokenizers[i] is None:
-            p.warnings.append(f"tokenizer_source: {p.inputs[i].ref} has no tokenizer.json: taken to have the "
+            p.warnings.append(f"tokenizer_source: {p.inputs[i].ref} has no readable tokenizer.json: taken to have the "
                               f"vocabulary of {p.inputs[order[0]].ref}, as mergekit takes it")  # fmt: skip
     nowhere = [j for j in np.flatnonzero(np.all(np.stack([perm[i] < 0 for i in order]), axis=0)) if j not in fixed]
     if len(nowhere):  # mergekit logs each

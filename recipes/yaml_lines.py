@@ -96,11 +96,16 @@ class _Loader(yaml.SafeLoader):
 
 
 def _mapping(loader: _Loader, node: yaml.MappingNode) -> LineDict:
+    """A mapping with its keys' lines. Merge keys (``<<: *anchor``) are flattened as PyYAML does — the merged pairs
+    first, so a key written in the mapping overrides a merged one —; a key written twice is an error."""
+    written = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
     loader.flatten_mapping(node)
+    merged = len(node.value) - written  # flatten_mapping puts the merged pairs before the written ones
     out = LineDict()
     out.line = _line(node)
     out.lines = {}
-    for key_node, value_node in node.value:
+    seen: set[Any] = set()
+    for i, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
         line = _line(key_node)
         try:
@@ -108,8 +113,10 @@ def _mapping(loader: _Loader, node: yaml.MappingNode) -> LineDict:
         except TypeError:
             kind = "list" if isinstance(key, list) else "mapping" if isinstance(key, dict) else type(key).__name__
             raise RecipeYAMLError(f"a mapping key must be a plain value such as a name, not a {kind}", line) from None
-        if key in out.lines:
-            raise DuplicateKey(key, line, out.lines[key])
+        if i >= merged:
+            if key in seen:
+                raise DuplicateKey(key, line, out.lines[key])
+            seen.add(key)
         out[key] = loader.construct_object(value_node, deep=True)
         out.lines[key] = line
     return out

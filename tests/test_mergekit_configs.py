@@ -125,6 +125,10 @@ dtype: float32
         # mergekit's tokenizer: section with a source alone, of models of one vocabulary
         "section": f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.3}}\n"
         f"  - model: {b}\n    parameters: {{weight: 0.7}}\ntokenizer:\n  source: union\ndtype: float32\n",
+        # YAML anchors and merge keys for shared parameters, a written key overriding a merged one
+        "anchors": f"merge_method: linear\nparameters: &shared\n  normalize: false\nmodels:\n  - model: {a}\n"
+        "    parameters: &p\n      weight: 0.5\n      normalize: true\n"
+        f"  - model: {b}\n    parameters:\n      <<: *p\n      weight: 0.25\ndtype: float32\n",
         # parameters of other methods left in a configuration adapted from theirs: mergekit ignores them
         "others": f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.3, density: 0.5}}\n"
         f"  - model: {b}\n    parameters: {{weight: 0.7}}\nparameters: {{t: 0.2, epsilon: 0.1}}\ndtype: float32\n",
@@ -210,7 +214,7 @@ FP32_RTOL = 4 * 2.0**-23  # a few float32 ulps of the largest entry
 BF16_RTOL = 2.0**-7  # one bfloat16 rounding step
 
 
-@pytest.mark.parametrize("name", ["filters", "bf16", "lora", "union", "section", "others"])
+@pytest.mark.parametrize("name", ["filters", "bf16", "lora", "union", "section", "others", "anchors"])
 def test_config_matches_mergekit(runs, name: str, capsys) -> None:
     tmp = runs["tmp"]
     out = capmerge_run(tmp, name, capsys)

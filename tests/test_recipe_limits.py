@@ -262,3 +262,32 @@ def test_filter_list_with_vectors_from_an_unset_variable_or_a_step(tmp_path: Pat
         r.exit_code == 2
         and r.stderr == f"error: variable 'v' has no value (give v=... on the command line) ({path}:2: vars.v)\n"
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x: &x {a: 1, b: 2}\ny:\n  <<: *x\n  b: 9\n",  # a written key overrides a merged one
+        "x: &x {a: 1, b: 2}\nz: &z {a: 5, c: 3}\ny: {<<: [*x, *z], b: 9}\n",  # the first merged mapping wins
+        "p: &p {weight: 0.5, density: 0.5}\nmodels:\n  - {model: A, parameters: {<<: *p, weight: 0.3}}\n",
+    ],
+)
+def test_yaml_merge_keys_read_as_pyyaml_reads_them(text: str) -> None:
+    """YAML merge keys (mergekit configurations use them for shared parameters): the values PyYAML gives, and the
+    line of each key — a merged one's where its anchor wrote it."""
+    import yaml
+
+    from capmerge.recipes.yaml_lines import load
+
+    got = load(text)
+    assert got == yaml.safe_load(text)
+    if "models" not in got:
+        assert got["y"].lines["b"] == text[: text.index("b: 9")].count("\n") + 1
+        assert got["y"].lines["a"] == 1
+
+
+def test_a_key_written_twice_beside_a_merge_is_still_an_error() -> None:
+    from capmerge.recipes.yaml_lines import DuplicateKey, load
+
+    with pytest.raises(DuplicateKey, match="duplicate key 'b' \\(first at line 3\\)"):
+        load("x: &x {a: 1}\ny:\n  b: 1\n  <<: *x\n  b: 2\n")

@@ -104,29 +104,9 @@ def _tokenizer_json(root: Path | None) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _vocab(root: Path | None) -> Any:
-    """The vocabulary of a ``tokenizer.json`` (None when there is none to compare)."""
-    doc = _tokenizer_json(root)
-    if doc is None:
-        return None
-    model = doc.get("model")
-    added = sorted((t.get("id"), t.get("content")) for t in doc.get("added_tokens") or [] if isinstance(t, dict))
-    return (model.get("vocab") if isinstance(model, dict) else None, added)
-
-
 def check(p: Any) -> None:
     """Refuse, before anything is read, what the side files cannot honour."""
-    root = tokenizer_root(p)
-    src = p.spec.tokenizer_source
-    if src == "union" and getattr(p, "vocab", None) is None:  # other vocabularies are aligned when planned
-        want = _vocab(root)
-        for ref in dict.fromkeys(([p.spec.base] if p.spec.base is not None else []) + _models(p)):
-            got = _vocab(_root(p, ref))
-            if want is None or got is None:
-                who = donor(p) if want is None else ref
-                raise UsageError(f"tokenizer_source: union: {who} has no readable tokenizer.json to read its tokens "
-                                 "from (the union is built from every model's tokenizer.json)",
-                                 _where(p, "tokenizer_source"))  # fmt: skip
+    tokenizer_root(p)  # a tokenizer_source that is neither base nor a model nor a directory: refused
     tmpl = p.spec.chat_template
     why = None if tmpl is None else chat_templates.problem(tmpl)
     if why:
@@ -158,28 +138,6 @@ def _chosen(p: Any) -> bool:
     """Whether a tokenizer is chosen and there to read (not another merge's output before it is made: check())."""
     src = p.spec.tokenizer_source
     return src is not None and (src in ("base", "union") or src in p.index or os.path.isdir(src))
-
-
-def vocabulary_tokens(p: Any, rows_of: list[int | None]) -> int | None:
-    """The tokens of a chosen tokenizer (``tokenizer_source``), where some model's embeddings have more rows
-    (padded, e.g. Qwen2's, or not resized after tokens were dropped): mergekit writes the vocabulary tensors with
-    one row per token and sets ``vocab_size`` to the count. None where no model has more rows (or there is no
-    tokenizer.json, no config to tell). Refused as :func:`_check_ids` says."""
-    if not _chosen(p):
-        return None
-    root, at = tokenizer_root(p), p.index.get(donor(p))
-    doc, rows = _tokenizer_json(root), rows_of[at] if at is not None else None
-    if root is None or doc is None or rows is None:
-        return None
-    try:
-        ids = set(vocabulary.token_ids(doc).values())
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
-    most = max(r for r in rows_of if r is not None)
-    if len(ids) >= most:
-        return None
-    _check_ids(root, doc, rows, _where(p, "tokenizer_source"))
-    return len(ids)
 
 
 def _check_ids(root: Path, doc: dict[str, Any], rows: int | None, where: str | None) -> None:
@@ -223,39 +181,51 @@ def _special_tokens(root: Path) -> set[str]:
 
 
 def fit_vocabulary(p: Any) -> None:
-    """Give the vocabulary tensors one row per token of the chosen tokenizer, as mergekit writes them. Where some
-    model's vocabulary differs from it, their rows are aligned to its tokens (:mod:`~capmerge.merge.vocabulary`,
-    ``p.vocab``). Else (:func:`vocabulary_tokens`) in each model whose config has more rows than it has tokens, the
-    two-dimensional tensors outside the layers with its ``vocab_size`` rows are read as their first rows (a prefix
-    of their bytes): only plain safetensors inputs without an adapter on those tensors."""
-    rows_of = [_config_rows(Path(m.ck.root) if m.ck.root else None) for m in p.inputs]  # each model's vocab_size
-    if _chosen(p):  # models of other vocabularies than the chosen tokenizer's: their rows aligned to its tokens
-        tokenizers = [_tokenizer_json(Path(m.ck.root) if m.ck.root else None) for m in p.inputs]
-        root = tokenizer_root(p)
-        chosen = None if p.spec.tokenizer_source == "union" else _tokenizer_json(root)
-        if p.spec.tokenizer_source == "union" or chosen is not None:
-            order = [p.index[r] for r in dict.fromkeys(([p.spec.base] if p.spec.base is not None else []) + _models(p))]
-            v = vocabulary.plan(
-                p,
-                order,
-                rows_of,
-                tokenizers,
-                chosen,
-                _where(p, "tokenizer_source"),
-                getattr(p.spec, "tokenizer_tokens", None),
-                getattr(p.spec, "pad_to_multiple_of", None),
-            )
-            if v is not None:
-                src = p.spec.tokenizer_source
-                at = p.index.get(donor(p) if src == "union" else p.spec.base if src == "base" else src)
-                doc = chosen if chosen is not None else tokenizers[p.index[donor(p)]]
-                _check_ids(root, doc, rows_of[at] if at is not None else None, _where(p, "tokenizer_source"))  # type: ignore[arg-type]
-                p.vocab, p.vocab_tokens = v, v.rows
-                return
-    tokens = vocabulary_tokens(p, rows_of)
-    p.vocab_tokens = tokens
-    if tokens is None:
+    """Give the vocabulary tensors one row per token of the chosen tokenizer (``tokenizer_source``), as mergekit
+    writes them; each input's tokenizer.json and config are read once here. Where some model's vocabulary differs
+    from it (or the tokenizer section sets tokens or padding), their rows are aligned to its tokens
+    (:mod:`~capmerge.merge.vocabulary`, ``p.vocab``). Else, where some model's embeddings have more rows than the
+    tokenizer has tokens (padded, e.g. Qwen2's, or not resized after tokens were dropped), the two-dimensional
+    tensors outside the layers with its ``vocab_size`` rows are read as their first rows (a prefix of their bytes,
+    so they still stream): only plain safetensors inputs without an adapter on those tensors. Refused: a ``union``
+    without every model's tokenizer.json, and a chosen tokenizer :func:`_check_ids` refuses."""
+    if not _chosen(p):
+        return  # no tokenizer chosen, or another merge's output that is not made yet (planned again once it is)
+    src, where = p.spec.tokenizer_source, _where(p, "tokenizer_source")
+    roots = [Path(m.ck.root) if m.ck.root else None for m in p.inputs]
+    rows_of = [_config_rows(r) for r in roots]  # each model's vocab_size
+    tokenizers = [_tokenizer_json(r) for r in roots]
+    order = [p.index[r] for r in dict.fromkeys(([p.spec.base] if p.spec.base is not None else []) + _models(p))]
+    root = tokenizer_root(p)
+    if src == "union":
+        lacking = next((i for i in order if tokenizers[i] is None), None)
+        if lacking is not None:
+            raise UsageError(f"tokenizer_source: union: {p.inputs[lacking].ref} has no readable tokenizer.json to "
+                             "read its tokens from (the union is built from every model's tokenizer.json)",
+                             where)  # fmt: skip
+        chosen, owner = None, p.index[donor(p)]
+    else:
+        owner = p.index.get(p.spec.base if src == "base" else src)
+        chosen = tokenizers[owner] if owner is not None and roots[owner] == root else _tokenizer_json(root)
+        if chosen is None:
+            return  # no tokenizer.json to go by: the tensors keep their rows
+    doc = chosen if chosen is not None else tokenizers[owner]
+    v = vocabulary.plan(p, order, rows_of, tokenizers, chosen, where, getattr(p.spec, "tokenizer_tokens", None),
+                        getattr(p.spec, "pad_to_multiple_of", None))  # fmt: skip
+    if v is not None:
+        _check_ids(root, doc, rows_of[owner] if owner is not None else None, where)  # type: ignore[arg-type]
+        p.vocab, p.vocab_tokens = v, v.rows
         return
+    at = p.index.get(donor(p))  # one vocabulary: the padded rows, if any, cut to the tokenizer's tokens
+    rows = rows_of[at] if at is not None else None
+    try:
+        tokens = len(set(vocabulary.token_ids(doc).values()))  # type: ignore[arg-type]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return
+    if rows is None or tokens >= max(r for r in rows_of if r is not None):
+        return
+    _check_ids(root, doc, rows, where)  # type: ignore[arg-type]
+    p.vocab_tokens = tokens
     import dataclasses
 
     from capmerge.io.checkpoint import Checkpoint

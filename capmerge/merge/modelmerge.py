@@ -356,8 +356,15 @@ def _tie_heads(p: Planned, ref: ModelInput, last: SliceSpec, entries: Any, add: 
     planned = {tp.name for tp in p.tensors}
     heads = dict.fromkeys(n for s in last.sources for n in p.inputs[p.index[s.model]].ck.tensors
                           if _ends_with(n, OUTPUT_EMBEDDINGS) and layer_index(n) is None)  # fmt: skip
+    tied: dict[int, str | None] = {}  # input -> its tied input embedding (its config read once)
+
+    def tie_of(i: int) -> str | None:
+        if i not in tied:
+            tied[i] = tied_embedding(p.inputs[i])
+        return tied[i]
+
     for name in heads:
-        if name not in planned and tied_embedding(ref) is not None:
+        if name not in planned and tie_of(p.inputs.index(ref)) is not None:
             add(name, last, entries(last, lambda s, n=name: n), 0.0)
             p.untied = True
             p.warnings.append(f"{name}: the reference model ties it to its embeddings, another model has its own: "
@@ -366,8 +373,7 @@ def _tie_heads(p: Planned, ref: ModelInput, last: SliceSpec, entries: Any, add: 
         if not _ends_with(tp.name, OUTPUT_EMBEDDINGS):
             continue
         for e in tp.entries + ([tp.base] if tp.base else []):
-            m = p.inputs[e.input]
-            alias = tied_embedding(m) if e.name not in m.ck.tensors else None
+            alias = tie_of(e.input) if e.name not in p.inputs[e.input].ck.tensors else None
             if alias is not None:
                 p.warnings.append(f"{e.source.model} ties {e.name} to its embeddings: {alias} is read in its place")
                 e.match, e.name = e.name, alias

@@ -129,15 +129,15 @@ def plan(p: Any, order: list[int], rows_of: list[int | None], tokenizers: list[d
     input's tokenizer.json and config ``vocab_size`` in ``tokenizers`` and ``rows_of``; ``chosen``: the chosen
     tokenizer.json, None for ``union``; ``sources`` and ``pad_to``: the tokenizer section's ``tokens`` (those the
     vocabulary lacks are added) and ``pad_to_multiple_of``. A model without tokenizer.json is taken to have the
-    first input's vocabulary (as mergekit assumes; for ``union``: None, check() refuses it), one without
+    first input's vocabulary (as mergekit assumes), one without
     ``vocab_size`` as many
     rows as its tokenizer has tokens. The vocabulary tensors' records are not touched: :meth:`Planned.info` gives
     their aligned shape."""
     from capmerge.merge.masks import layer_index
 
     first = tokenizers[order[0]]
-    if first is None or (chosen is None and any(tokenizers[i] is None for i in order)):
-        return None  # nothing to align to, or a union without every tokenizer.json (check() refuses it)
+    if first is None:
+        return None  # nothing to align to (a union has every tokenizer.json: fit_vocabulary refuses one without)
     for doc, label in [(chosen, "the chosen tokenizer")] + [(tokenizers[i], p.inputs[i].ref) for i in order]:
         if doc is not None:
             _readable(doc, label, where)

@@ -439,6 +439,41 @@ def test_token_sources_and_padding_by_hand(vocabularies, capsys) -> None:
                                atol=1e-6)  # fmt: skip
 
 
+@pytest.mark.parametrize("method", ["ties", "della_linear", "linear"])
+def test_aligned_rows_stream_as_read_whole(vocabularies, tmp_path: Path, capsys, monkeypatch, method: str) -> None:
+    """The vocabulary tensors of models whose vocabularies differ stream through the block kernels, each model's
+    rows of the output tokens made a block at a time from runs of its file's rows (vocabulary.AlignedRows), and the
+    output is, bit for bit, the one made by reading them whole and merging with the method's tensor function
+    (vocabulary.read): a union with a token forced to zeros, one from another token of a model, one from a row of
+    a model, tokens some models lack, C's swapped rows."""
+    from capmerge.merge import vocabulary
+
+    _, m = vocabularies
+    base = f"base_model: {m['P']}\n" if method != "linear" else ""
+    dens = ", density: 0.6" if method != "linear" else ""
+    cfg = tmp_path / "t.yml"
+    cfg.write_text(f"merge_method: {method}\n{base}models:\n"
+                   f"  - model: {m['B']}\n    parameters: {{weight: 0.5{dens}}}\n"
+                   f"  - model: {m['C']}\n    parameters: {{weight: 0.7{dens}}}\n"
+                   "tokenizer:\n  source: union\n  tokens:\n    w5:\n      source: {kind: zero}\n      force: true\n"
+                   f"    x1:\n      source: {{kind: model_token, model: {m['C']}, token: w7}}\n"
+                   f"    newtok:\n      source: {{kind: model_token, model: {m['B']}, token_id: 3}}\n"
+                   "dtype: float32\n")  # fmt: skip
+    fills = []
+    fill = vocabulary.AlignedRows.fill
+    monkeypatch.setattr(vocabulary.AlignedRows, "fill", lambda self, *a: fills.append(1) or fill(self, *a))
+    assert main(["run", str(cfg), "-o", str(tmp_path / "streamed"), "--quiet"]) == 0, capsys.readouterr().err
+    assert fills  # the rows streamed
+    monkeypatch.setattr(vocabulary, "streams", lambda p, entries: None)
+    assert main(["run", str(cfg), "-o", str(tmp_path / "whole"), "--quiet"]) == 0, capsys.readouterr().err
+    got, want = load_any(tmp_path / "streamed"), load_any(tmp_path / "whole")
+    assert sorted(got) == sorted(want)
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+    vocab = json.loads((tmp_path / "streamed" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert not got["model.embed_tokens.weight"][vocab["w5"]].any()
+
+
 @pytest.mark.parametrize(
     "section,expect",
     [

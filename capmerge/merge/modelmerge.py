@@ -486,18 +486,23 @@ def _block_job(p: Planned, tp: TensorPlan, c: str) -> Job | None:
 
     m = p.method
     es = ([tp.base] if tp.base else []) + tp.entries
-    infos = [p.info(e) for e in es]
     if m.form is None or any(p.inputs[e.input].lora is not None for e in es):
         return None
+    ins = [(p.inputs[e.input].ck, p.info(e)) for e in es]
     if p.vocab is not None and any(p.vocab.aligned(e.input, e.name) for e in es):
-        return None  # rows gathered per token: the fn path (vocabulary.read)
+        from capmerge.merge import vocabulary
+
+        aligned = vocabulary.streams(p, es)  # each model's rows of the output tokens, a block at a time
+        if aligned is None:
+            return None  # padding rows: the fn path (vocabulary.read)
+        ins = [aligned.get(e.input, x) for e, x in zip(es, ins, strict=True)]
+    infos = [i for _, i in ins]
     if any(i.dtype not in B.compute.NATIVE_CODES for i in infos) or c not in B.compute.NATIVE_CODES:
         return None
     info = infos[0]
     finish = m.form(B.Spec(tp.name, info.shape, tp.params, tp.model_params, tp.base is not None, p.spec.seed))
     if finish is None:
         return None
-    ins = [(p.inputs[e.input].ck, i) for e, i in zip(es, infos, strict=True)]
     if isinstance(finish, B.Copy):
         src = ins[(1 if tp.base else 0) + finish.model]
         if src[1].dtype == c:

@@ -13,10 +13,12 @@ a token's row (``tokens``: from a model, from another token or row of a model, z
 also those that have the token; a token the vocabulary lacks is added) and pad the rows to a multiple
 (``pad_to_multiple_of``: each model's padding rows its mean token row).
 
-A vocabulary tensor is read whole, once per model, and its method runs on the whole tensors in float32 (the ``fn``
-path, as for LoRA inputs: one such tensor per model in memory, 2.2 GB each for a 152k × 3584 embedding); every other
-tensor streams as before. Where every model's vocabulary is the chosen one and the section asks nothing, nothing
-here applies (:func:`capmerge.merge.model_side.fit_vocabulary` cuts padded rows by reading a prefix).
+A vocabulary tensor streams as any other (:func:`streams`: each model's aligned rows in float32, a block at a time,
+from runs of its rows in its file; the block kernels merge them), but where the rows are padded or an input has a
+LoRA adapter: then it is read whole, once per model, and its method runs on the whole tensors in float32 (the ``fn``
+path, :func:`read`: one such tensor per model in memory, 2.2 GB each for a 152k × 3584 embedding). Where every
+model's vocabulary is the chosen one and the section asks nothing, nothing here applies
+(:func:`capmerge.merge.model_side.fit_vocabulary` cuts padded rows by reading a prefix).
 """
 
 from __future__ import annotations
@@ -211,10 +213,45 @@ def shape_of(v: Vocabulary, info: Any) -> Any:
     return dataclasses.replace(info, shape=(n, h), nbytes=n * h * info.itemsize)
 
 
+def _made(v: Vocabulary, ins: list[int], row: Any, h: int) -> tuple[np.ndarray, Any]:
+    """The rows made for the tokens some input of a tensor lacks, and for the forced ones: (their token ids, sorted;
+    their float32 rows). ``ins``: the tensor's inputs, the base first where there is one; ``row(i, r)``: input i's
+    row r in float32."""
+    import torch
+
+    have = np.stack([v.perm[i] >= 0 for i in ins])  # (inputs, tokens)
+    forced = {j for j, f in v.fixed.items() if f[3]}
+    made_for = sorted({int(j) for j in np.flatnonzero(have.sum(axis=0) < len(ins))} | forced)
+    made = torch.zeros(len(made_for), h)
+    for k, j in enumerate(made_for):
+        mode, src, r, _ = v.fixed.get(j, ("rules", None, None, False))
+        if mode == "zero":
+            continue
+        if mode == "row":
+            made[k] = row(src, r)
+            continue
+        holders = [i for i, hv in zip(ins, have[:, j], strict=True) if hv]
+        if not holders:
+            continue  # no model has the token: zeros
+        if len(holders) > 1 and v.base is not None and v.base in holders:
+            holders = [v.base]
+        acc = row(holders[0], int(v.perm[holders[0]][j])).clone()
+        for i in holders[1:]:
+            acc += row(i, int(v.perm[i][j]))
+        made[k] = acc / len(holders) if len(holders) > 1 else acc
+    return np.array(made_for, dtype=np.int64), made
+
+
+def _taken(v: Vocabulary, i: int) -> np.ndarray:
+    """The token ids whose row input i takes from the made rows: those it lacks, and the forced ones (sorted)."""
+    forced = {j for j, f in v.fixed.items() if f[3]}
+    return np.array(sorted(set(np.flatnonzero(v.perm[i] < 0).tolist()) | forced), dtype=np.int64)
+
+
 def read(p: Any, entries: list[Any]) -> dict[int, Any]:
-    """The aligned float32 tensors of ``entries`` (one output tensor's inputs, the base first where there is one):
-    input index → its rows of the output tokens, lacking ones made as the module says, then the padding rows (the
-    mean of its token rows). Each input is read once."""
+    """The aligned float32 tensors of ``entries`` (one output tensor's inputs, the base first where there is one),
+    whole: input index → its rows of the output tokens, lacking ones made as the module says, then the padding rows
+    (the mean of its token rows). Each input is read once. The path of the tensors :func:`streams` cannot give."""
     import torch
 
     v: Vocabulary = p.vocab
@@ -226,40 +263,104 @@ def read(p: Any, entries: list[Any]) -> dict[int, Any]:
     for _, i, _, _ in v.fixed.values():  # a model named by a token's source, not merged in this tensor
         if i is not None and i not in raw:
             raw[i] = p.inputs[i].read(entries[0].name).float()
-    have = np.stack([v.perm[i] >= 0 for i in ins])  # (inputs, tokens)
-    forced = {j for j, f in v.fixed.items() if f[3]}
-    made_for = sorted({int(j) for j in np.flatnonzero(have.sum(axis=0) < len(ins))} | forced)
     h = raw[ins[0]].shape[1]
-    made = torch.zeros(len(made_for), h)
-    for k, j in enumerate(made_for):
-        mode, src, row, _ = v.fixed.get(j, ("rules", None, None, False))
-        if mode == "zero":
-            continue
-        if mode == "row":
-            made[k] = raw[src][row]
-            continue
-        holders = [i for i, hv in zip(ins, have[:, j], strict=True) if hv]
-        if not holders:
-            continue  # no model has the token: zeros
-        if len(holders) > 1 and v.base is not None and v.base in holders:
-            holders = [v.base]
-        acc = raw[holders[0]][int(v.perm[holders[0]][j])].clone()
-        for i in holders[1:]:
-            acc += raw[i][int(v.perm[i][j])]
-        made[k] = acc / len(holders) if len(holders) > 1 else acc
-    made_at = np.array(made_for, dtype=np.int64)
+    made_at, made = _made(v, ins, lambda i, r: raw[i][r], h)
     n = len(v.tokens)
     out = {}
     for i in ins:  # each model's rows in token order; its own tensor let go once they are made
         idx = torch.from_numpy(v.perm[i])
         t = torch.empty(v.rows, h)
         t[:n] = raw.pop(i)[idx.clamp(min=0)]
-        take = np.array(sorted(set(np.flatnonzero(v.perm[i] < 0).tolist()) | forced), dtype=np.int64)
+        take = _taken(v, i)
         if len(take):
             t[torch.from_numpy(take)] = made[torch.from_numpy(np.searchsorted(made_at, take))]
         if v.rows > n:  # pad_to_multiple_of: the mean of the token rows
             t[n:] = torch.mean(t[:n], dim=0)
         out[i] = t
+    return out
+
+
+class AlignedRows:
+    """A :class:`~capmerge.io.lazy.BlockSource`: one input's vocabulary tensor with one row per output token, in
+    float32, a block at a time: its own rows read from its file in runs of consecutive rows, the made ones (shared,
+    see :func:`_made`) copied in. The same values as :func:`read` gives, without the whole tensor in memory."""
+
+    overflow = False
+
+    def __init__(self, ck: Any, info: Any, perm: np.ndarray, take: np.ndarray, rows: Any, h: int) -> None:
+        self.ck, self.info, self.h = ck, info, h
+        self.own = perm.copy()
+        self.own[take] = -1  # made rows: not read from the file
+        self.take, self.rows = take, rows  # token ids (sorted) and their rows
+
+    def fill(self, start: int, end: int, out: Any) -> None:
+        import torch
+
+        from capmerge._torch import as_tensor
+
+        h, isz = self.h, self.info.itemsize
+        r0, r1 = start // h, -(-end // h)
+        whole = start == r0 * h and end == r1 * h  # whole rows: made in out itself
+        blk = out.view(r1 - r0, h) if whole else torch.empty((r1 - r0, h))  # every row is read or made
+        src = self.own[r0:r1]
+        at = np.flatnonzero(src >= 0)
+        if len(at):
+            s = src[at]
+            cut = np.flatnonzero((np.diff(at) != 1) | (np.diff(s) != 1)) + 1
+            buf = bytearray(len(at) * h * isz)
+            for a, b in zip(np.r_[0, cut], np.r_[cut, len(at)], strict=True):  # runs of consecutive rows
+                part = memoryview(buf)[a * h * isz : b * h * isz]
+                self.ck.read_into(self.info, int(s[a]) * h * isz, part)
+                blk[at[a] : at[a] + b - a] = as_tensor(part, self.info.dtype, (b - a, h))
+        lo, hi = np.searchsorted(self.take, [r0, r1])
+        if hi > lo:
+            blk[torch.from_numpy(self.take[lo:hi] - r0)] = self.rows[lo:hi]
+        if not whole:
+            out.copy_(blk.reshape(-1)[start - r0 * h : end - r0 * h])
+
+
+def streams(p: Any, entries: list[Any]) -> dict[int, tuple[Any, Any]] | None:
+    """The aligned inputs of one output tensor as block sources: input index → (a lazy checkpoint, its float32
+    record of one row per output token) for each input read aligned; the others read as they are. None where the
+    tensor needs :func:`read` instead: padding rows (each model's mean row needs its whole tensor) or a LoRA
+    input. The made rows are built here, from single rows of the inputs' files."""
+    import torch
+
+    from capmerge._torch import as_tensor
+    from capmerge.io.checkpoint import TensorInfo
+    from capmerge.io.lazy import LazyCheckpoint
+
+    v: Vocabulary = p.vocab
+    ins = list(dict.fromkeys(e.input for e in entries))
+    sources = {i for _, i, _, _ in v.fixed.values() if i is not None}
+    if v.rows > len(v.tokens) or any(p.inputs[i].lora is not None for i in {*ins, *sources}):
+        return None
+    name = entries[0].name
+    h = p.inputs[ins[0]].ck.tensors[name].shape[1]
+
+    def row(i: int, r: int) -> Any:
+        info = p.inputs[i].ck.tensors[name]
+        buf = bytearray(h * info.itemsize)
+        p.inputs[i].ck.read_into(info, r * h * info.itemsize, memoryview(buf))
+        return as_tensor(buf, info.dtype, (h,)).float()
+
+    made_at, made = _made(v, ins, row, h)
+    out = {}
+    for e in entries:
+        if not v.aligned(e.input, e.name) or e.input in out:
+            continue
+        ck, info = p.inputs[e.input].ck, p.inputs[e.input].ck.tensors[e.name]
+        take = _taken(v, e.input)
+        rows = made[torch.from_numpy(np.searchsorted(made_at, take))] if len(take) else made[:0]
+        rec = TensorInfo(e.name, "F32", (v.rows, h), "", 0, v.rows * h * 4)
+
+        def opener(ck: Any = ck, info: Any = info, i: int = e.input, take: Any = take, rows: Any = rows) -> Any:
+            return AlignedRows(ck, info, v.perm[i], take, rows, h)
+
+        stored = {"storage": "dense", "nbytes": info.nbytes, "dtype": info.dtype}  # what is read: its own tensor
+        lazy = LazyCheckpoint(f"{p.inputs[e.input].ref} (aligned rows)", [], {e.name: rec}, {}, blocks={e.name: opener},
+                              storages={e.name: stored})  # fmt: skip
+        out[e.input] = (lazy, rec)
     return out
 
 

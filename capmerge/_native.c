@@ -2087,11 +2087,10 @@ static inline __attribute__((always_inline)) AVX512_VLBW __m512d half_pd(__m512 
  * Welford step's d = x - mean is finite or NaN but where x or mean is inf, and there m2 turns NaN in the same step
  * either way (inf * (inf - inf)); mean and m2 start at +0 and are sums with +0, never -0; m2 of float32 values cannot
  * overflow. */
-static AVX512_VLBW Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const void *base, int base_dt,
-                                             Py_ssize_t off, Py_ssize_t m, float *var_out, float thr, uint8_t *bits,
-                                             double *sums, const double *mul, const double *rc, double rk,
-                                             sce_list_t *list) {
-    float tv[MAX_VECTORS][16];
+static inline __attribute__((always_inline)) AVX512_VLBW Py_ssize_t
+sce_tile_k(const term_t *terms, const int k, const void *base, int base_dt, Py_ssize_t off, Py_ssize_t m,
+           float *var_out, float thr, uint8_t *bits, double *sums, const double *rc, double rk, sce_list_t *list) {
+    __m512 tv[MAX_VECTORS];
     __m512d acc[MAX_VECTORS][2]; /* lanes 0-7 and 8-15 of SCE_LANES */
     const __m512d z = _mm512_setzero_pd(), vk = _mm512_set1_pd((double)k);
     const __m512 vt = _mm512_set1_ps(thr);
@@ -2107,12 +2106,13 @@ static AVX512_VLBW Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const 
         for (i = 0; i < k; i++) {
             const __m512 t = _mm512_sub_ps(load16_z(terms[i].a, terms[i].a_dt, off + j, lanes), bv);
             const __m512d cnt = _mm512_set1_pd((double)(i + 1));
-            if (sums) _mm512_storeu_ps(tv[i], t);
+            tv[i] = t;
             for (h = 0; h < 2; h++) {
                 __m512d x = half_pd(t, h), mu = i == 0 ? z : mean[h], d = _mm512_sub_pd(x, mu);
-                mu = _mm512_add_pd(mu, mul[i] != 0.0 ? _mm512_mul_pd(d, _mm512_set1_pd(mul[i]))
-                                   : rc[i] != 0.0    ? div_recip8(d, cnt, _mm512_set1_pd(rc[i]))
-                                                     : _mm512_div_pd(d, cnt));
+                /* sce_steps' choice: times 1 / (i + 1) where that is exact, else the division */
+                mu = _mm512_add_pd(mu, (i & (i + 1)) == 0 ? _mm512_mul_pd(d, _mm512_set1_pd(1.0 / (double)(i + 1)))
+                                   : rc[i] != 0.0          ? div_recip8(d, cnt, _mm512_set1_pd(rc[i]))
+                                                           : _mm512_div_pd(d, cnt));
                 mean[h] = mu;
                 m2[h] = _mm512_add_pd(i == 0 ? z : m2[h], _mm512_mul_pd(d, _mm512_sub_pd(x, mu)));
             }
@@ -2145,13 +2145,13 @@ static AVX512_VLBW Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const 
                 _mm512_storeu_ps(list->var + list->cnt, _mm512_maskz_compress_ps(mid, var));
                 for (i = 0; i < k; i++)
                     _mm512_storeu_ps(list->tau + (size_t)i * list->stride + list->cnt,
-                                     _mm512_maskz_compress_ps(mid, _mm512_loadu_ps(tv[i])));
+                                     _mm512_maskz_compress_ps(mid, tv[i]));
                 list->cnt += c;
             }
         }
         if (!sums) continue;
         for (i = 0; i < k; i++) {
-            const __m512 t = _mm512_loadu_ps(tv[i]);
+            const __m512 t = tv[i];
             /* acc += x * x, the FMA rounding as the product and the sum would (x * x is exact in float64); a dropped
              * entry adds nothing, even an inf or NaN one, nor does a lane past m (its v is 0) */
             for (h = 0; h < 2; h++) {
@@ -2168,6 +2168,17 @@ static AVX512_VLBW Py_ssize_t sce_tile_avx512(const term_t *terms, int k, const 
     }
     return nnz;
 }
+
+/* sce_tile_k with the model count a constant (two to four models: each model's step unrolled, the sums and task
+ * vectors in registers), else as a variable */
+#define SCE_TILE_ARGS                                                                                                  \
+    const term_t *terms, int k, const void *base, int base_dt, Py_ssize_t off, Py_ssize_t m, float *var_out,          \
+        float thr, uint8_t *bits, double *sums, const double *rc, double rk, sce_list_t *list
+#define SCE_TILE_CALL(K) sce_tile_k(terms, K, base, base_dt, off, m, var_out, thr, bits, sums, rc, rk, list)
+static AVX512_VLBW Py_ssize_t sce_tile_avx512_2(SCE_TILE_ARGS) { return (void)k, SCE_TILE_CALL(2); }
+static AVX512_VLBW Py_ssize_t sce_tile_avx512_3(SCE_TILE_ARGS) { return (void)k, SCE_TILE_CALL(3); }
+static AVX512_VLBW Py_ssize_t sce_tile_avx512_4(SCE_TILE_ARGS) { return (void)k, SCE_TILE_CALL(4); }
+static AVX512_VLBW Py_ssize_t sce_tile_avx512_n(SCE_TILE_ARGS) { return SCE_TILE_CALL(k); }
 #endif
 
 /* One Welford step of run_sce over a tile: t -= b, then the float64 update with x = t (mul: 1 / cnt when that is
@@ -2217,12 +2228,16 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
     sce_steps(k, mul, rc, &rk);
 #if HAVE_AVX512VL_PATH
     const int fused = use_fast && avx512vlbw_ok() && (want_count || var_out || bits);
+    Py_ssize_t (*tile)(SCE_TILE_ARGS) = k == 2   ? sce_tile_avx512_2
+                                        : k == 3 ? sce_tile_avx512_3
+                                        : k == 4 ? sce_tile_avx512_4
+                                                 : sce_tile_avx512_n;
 #endif
     for (off = 0; off < n; off += TILE) {
         Py_ssize_t m = n - off < TILE ? n - off : TILE;
 #if HAVE_AVX512VL_PATH
         if (fused) {
-            nnz += sce_tile_avx512(terms, k, base, base_dt, off, m, var_out, thr, bits, sums, mul, rc, rk, list);
+            nnz += tile(terms, k, base, base_dt, off, m, var_out, thr, bits, sums, rc, rk, list);
             continue;
         }
 #endif

@@ -6,7 +6,8 @@ A :class:`MergeSpec` says which models are merged with which method and paramete
 first), plans one output tensor at a time with its parameters resolved (:mod:`capmerge.merge.model_params`), and
 streams the result through the one engine and the atomic writer. A method with a block form
 (:mod:`capmerge.merge.methods.blockform`) becomes one engine job per tensor: its statistics pass as the job's prepare
-pass, then the native kernel block by block (memory: the engine's buffers, whatever the tensor's size). Otherwise the
+pass, then the native kernel block by block (memory: the engine's buffers, whatever the tensor's size; vocabulary
+tensors aligned to a chosen tokenizer too, their rows made a block at a time: :func:`vocabulary.streams`). Otherwise the
 same tensor of each model is read whole, the method's ``fn`` runs in float32, and the result is rounded once to the
 output dtype and written (memory: one tensor per model). Non-floating tensors are copied from the base (else the first
 model).

@@ -439,16 +439,32 @@ def test_token_sources_and_padding_by_hand(vocabularies, capsys) -> None:
                                atol=1e-6)  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["ties", "della_linear", "linear"])
-def test_aligned_rows_stream_as_read_whole(vocabularies, tmp_path: Path, capsys, monkeypatch, method: str) -> None:
+@pytest.mark.parametrize(("method", "tied_c"), [("ties", False), ("della_linear", False), ("linear", False),
+                                               ("ties", True)])  # fmt: skip
+def test_aligned_rows_stream_as_read_whole(vocabularies, tmp_path: Path, capsys, monkeypatch, method: str,
+                                           tied_c: bool) -> None:  # fmt: skip
     """The vocabulary tensors of models whose vocabularies differ stream through the block kernels, each model's
     rows of the output tokens made a block at a time from runs of its file's rows (vocabulary.AlignedRows), and the
     output is, bit for bit, the one made by reading them whole and merging with the method's tensor function
     (vocabulary.read): a union with a token forced to zeros, one from another token of a model, one from a row of
-    a model, tokens some models lack, C's swapped rows."""
+    a model, tokens some models lack, C's swapped rows; and with C saved tied (no head: its head is its embedding,
+    the rows other models lack made from it)."""
+    from safetensors.torch import load_file, save_file
+
     from capmerge.merge import vocabulary
 
     _, m = vocabularies
+    if tied_c:
+        c = tmp_path / "C-tied"
+        c.mkdir()
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (c / f).write_text((m["C"] / f).read_text())
+        weights = load_file(str(m["C"] / "model.safetensors"))
+        del weights["lm_head.weight"]
+        save_file(weights, str(c / "model.safetensors"))
+        (c / "config.json").write_text(json.dumps({**json.loads((m["C"] / "config.json").read_text()),
+                                                   "tie_word_embeddings": True}))  # fmt: skip
+        m = {**m, "C": c}
     base = f"base_model: {m['P']}\n" if method != "linear" else ""
     dens = ", density: 0.6" if method != "linear" else ""
     cfg = tmp_path / "t.yml"

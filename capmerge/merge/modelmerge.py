@@ -495,7 +495,7 @@ def _block_job(p: Planned, tp: TensorPlan, c: str) -> Job | None:
 
         aligned = vocabulary.streams(p, es)  # each model's rows of the output tokens, a block at a time
         if aligned is None:
-            return None  # padding rows: the fn path (vocabulary.read)
+            return None  # padding rows, a LoRA token source: the fn path (vocabulary.read)
         ins = [aligned.get(e.input, x) for e, x in zip(es, ins, strict=True)]
     infos = [i for _, i in ins]
     if any(i.dtype not in B.compute.NATIVE_CODES for i in infos) or c not in B.compute.NATIVE_CODES:

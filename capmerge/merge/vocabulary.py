@@ -335,11 +335,11 @@ def streams(p: Any, entries: list[Any]) -> dict[int, tuple[Any, Any]] | None:
     sources = {i for _, i, _, _ in v.fixed.values() if i is not None}
     if v.rows > len(v.tokens) or any(p.inputs[i].lora is not None for i in {*ins, *sources}):
         return None
-    name = entries[0].name
-    h = p.inputs[ins[0]].ck.tensors[name].shape[1]
+    names = {e.input: e.name for e in entries}  # a tied model's head is its embedding: names may differ by input
+    h = p.inputs[ins[0]].ck.tensors[names[ins[0]]].shape[1]
 
     def row(i: int, r: int) -> Any:
-        info = p.inputs[i].ck.tensors[name]
+        info = p.inputs[i].ck.tensors[names.get(i, entries[0].name)]
         buf = bytearray(h * info.itemsize)
         p.inputs[i].ck.read_into(info, r * h * info.itemsize, memoryview(buf))
         return as_tensor(buf, info.dtype, (h,)).float()

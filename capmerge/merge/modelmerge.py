@@ -183,6 +183,10 @@ class Planned:
         for m in self.inputs:
             m.close()
 
+    def aligned(self, entries: list[Entry]) -> bool:
+        """Whether some entry's tensor is read with its rows aligned to the chosen tokenizer (``vocab``)."""
+        return self.vocab is not None and any(self.vocab.aligned(e.input, e.name) for e in entries)
+
     def info(self, e: Entry) -> TensorInfo:
         info = self.inputs[e.input].ck.tensors[e.name]
         if self.vocab is not None and self.vocab.aligned(e.input, e.name):
@@ -385,8 +389,8 @@ def _report_extra(p: Planned, ref: ModelInput) -> None:
     classification head one finetune added, say): mergekit leaves them out too, silently."""
     used = {(e.input, e.name) for tp in p.tensors for e in tp.entries + ([tp.base] if tp.base else [])}
     for i, m in enumerate(p.inputs):
-        extra = [n for n in m.ck.tensors if (i, n) not in used and n not in ref.ck.tensors]
-        if extra and m is not ref:
+        extra = [n for n in m.ck.tensors if (i, n) not in used and n not in ref.ck.tensors] if m is not ref else []
+        if extra:
             shown = ", ".join(extra[:5]) + (", ..." if len(extra) > 5 else "")
             p.warnings.append(f"{len(extra)} tensor(s) of {m.ref} that {ref.ref} lacks are not merged ({shown}): the "
                               f"output has the tensors of {ref.ref}")  # fmt: skip
@@ -451,7 +455,7 @@ def _merge_loader(p: Planned, tp: TensorPlan, code: str, allow_nonfinite: bool) 
         from capmerge.merge.methods.models import TensorInputs
 
         es = ([tp.base] if tp.base else []) + tp.entries
-        if p.vocab is not None and any(p.vocab.aligned(e.input, e.name) for e in es):
+        if p.aligned(es):
             from capmerge.merge import vocabulary
 
             rows = vocabulary.read(p, es)  # one row per output token, each model's
@@ -490,7 +494,7 @@ def _block_job(p: Planned, tp: TensorPlan, c: str) -> Job | None:
     if m.form is None or any(p.inputs[e.input].lora is not None for e in es):
         return None
     ins = [(p.inputs[e.input].ck, p.info(e)) for e in es]
-    if p.vocab is not None and any(p.vocab.aligned(e.input, e.name) for e in es):
+    if p.aligned(es):
         from capmerge.merge import vocabulary
 
         aligned = vocabulary.streams(p, es)  # each model's rows of the output tokens, a block at a time

@@ -32,6 +32,8 @@ import numpy as np
 from capmerge.errors import UsageError
 
 ADDED = ("single_word", "lstrip", "rstrip", "normalized", "special")  # an added token's settings
+# the settings transformers' add_tokens gives a plain (not special) token
+PLAIN = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "special": False}
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,11 @@ class Vocabulary:
 
     def aligned(self, input_: int, name: str) -> bool:
         return (input_, name) in self.names
+
+    @property
+    def forced(self) -> set[int]:
+        """The token ids the tokenizer section forces (every model takes the row it sets)."""
+        return {j for j, f in self.fixed.items() if f[3]}
 
 
 def token_ids(doc: dict[str, Any]) -> dict[str, int]:
@@ -113,13 +120,12 @@ def union(docs: list[tuple[dict[str, Any], int]]) -> tuple[dict[str, int], list[
         for tok, entry in own.items():
             added.setdefault(tok, entry)
     tokens, new = dict(first), []
-    plain = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": True, "special": False}
     for tok in [t for t in regular if t not in added] + list(added):
         if tok in tokens:
             continue
-        entry = added.get(tok, plain)
+        entry = added.get(tok, PLAIN)
         tokens[tok] = len(tokens)
-        new.append({"id": tokens[tok], "content": tok, **{k: entry.get(k, plain[k]) for k in ADDED}})
+        new.append({"id": tokens[tok], "content": tok, **{k: entry.get(k, PLAIN[k]) for k in ADDED}})
     return tokens, new
 
 
@@ -150,8 +156,7 @@ def plan(p: Any, order: list[int], rows_of: list[int | None], tokenizers: list[d
     for tok in sources:  # the section's tokens the vocabulary lacks: added as transformers' add_tokens adds them
         if tok not in tokens:
             tokens[tok] = len(tokens)
-            new.append({"id": tokens[tok], "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-                        "normalized": True, "special": False})  # fmt: skip
+            new.append({"id": tokens[tok], "content": tok, **PLAIN})
     by_id = sorted(tokens, key=tokens.__getitem__)
     total = len(by_id) if not pad_to else -(-len(by_id) // pad_to) * pad_to
     perm = {}
@@ -220,8 +225,7 @@ def _made(v: Vocabulary, ins: list[int], row: Any, h: int) -> tuple[np.ndarray, 
     import torch
 
     have = np.stack([v.perm[i] >= 0 for i in ins])  # (inputs, tokens)
-    forced = {j for j, f in v.fixed.items() if f[3]}
-    made_for = sorted({int(j) for j in np.flatnonzero(have.sum(axis=0) < len(ins))} | forced)
+    made_for = sorted({int(j) for j in np.flatnonzero(have.sum(axis=0) < len(ins))} | v.forced)
     made = torch.zeros(len(made_for), h)
     for k, j in enumerate(made_for):
         mode, src, r, _ = v.fixed.get(j, ("rules", None, None, False))
@@ -242,10 +246,13 @@ def _made(v: Vocabulary, ins: list[int], row: Any, h: int) -> tuple[np.ndarray, 
     return np.array(made_for, dtype=np.int64), made
 
 
-def _taken(v: Vocabulary, i: int) -> np.ndarray:
-    """The token ids whose row input i takes from the made rows: those it lacks, and the forced ones (sorted)."""
-    forced = {j for j, f in v.fixed.items() if f[3]}
-    return np.array(sorted(set(np.flatnonzero(v.perm[i] < 0).tolist()) | forced), dtype=np.int64)
+def _taken(v: Vocabulary, i: int, made_at: np.ndarray, made: Any) -> tuple[np.ndarray, Any]:
+    """The rows input i takes from the made ones (:func:`_made`'s ``made_at``, ``made``): the token ids it lacks and
+    the forced ones (sorted), and their rows."""
+    import torch
+
+    take = np.array(sorted(set(np.flatnonzero(v.perm[i] < 0).tolist()) | v.forced), dtype=np.int64)
+    return take, made[torch.from_numpy(np.searchsorted(made_at, take))]
 
 
 def read(p: Any, entries: list[Any]) -> dict[int, Any]:
@@ -271,9 +278,9 @@ def read(p: Any, entries: list[Any]) -> dict[int, Any]:
         idx = torch.from_numpy(v.perm[i])
         t = torch.empty(v.rows, h)
         t[:n] = raw.pop(i)[idx.clamp(min=0)]
-        take = _taken(v, i)
+        take, rows = _taken(v, i, made_at, made)
         if len(take):
-            t[torch.from_numpy(take)] = made[torch.from_numpy(np.searchsorted(made_at, take))]
+            t[torch.from_numpy(take)] = rows
         if v.rows > n:  # pad_to_multiple_of: the mean of the token rows
             t[n:] = torch.mean(t[:n], dim=0)
         out[i] = t
@@ -324,7 +331,6 @@ def streams(p: Any, entries: list[Any]) -> dict[int, tuple[Any, Any]] | None:
     record of one row per output token) for each input read aligned; the others read as they are. None where the
     tensor needs :func:`read` instead: padding rows (each model's mean row needs its whole tensor) or a LoRA
     input. The made rows are built here, from single rows of the inputs' files."""
-    import torch
 
     from capmerge._torch import as_tensor
     from capmerge.io.checkpoint import TensorInfo
@@ -350,8 +356,7 @@ def streams(p: Any, entries: list[Any]) -> dict[int, tuple[Any, Any]] | None:
         if not v.aligned(e.input, e.name) or e.input in out:
             continue
         ck, info = p.inputs[e.input].ck, p.inputs[e.input].ck.tensors[e.name]
-        take = _taken(v, e.input)
-        rows = made[torch.from_numpy(np.searchsorted(made_at, take))] if len(take) else made[:0]
+        take, rows = _taken(v, e.input, made_at, made)
         rec = TensorInfo(e.name, "F32", (v.rows, h), "", 0, v.rows * h * 4)
 
         def opener(ck: Any = ck, info: Any = info, i: int = e.input, take: Any = take, rows: Any = rows) -> Any:

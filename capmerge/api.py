@@ -106,7 +106,7 @@ def diff(
                 os.fspath(adapter_base) if not isinstance(adapter_base, Checkpoint) else adapter_base.ref,
             )
         ck_b, (ck_a,), summary.notes, summary.tied = normalise(ck_b, [ck_a], rename=rename, labels=["BASE", "AUX"],
-                                                               symmetric=True)  # fmt: skip
+                                                               symmetric=True, models=(True, True))  # fmt: skip
         summary.notes[:0] = [n for ck in (ck_b, ck_a) for n in getattr(ck, "notes", [])]
         _pair_names(ck_b, ck_a, keep, allow_missing, summary)
         jobs = _diff_jobs(ck_b, ck_a, keep, code, dev, summary)
@@ -234,7 +234,9 @@ def diff_pairs(
     ``only_base``, ``only_aux``, ``notes`` and ``tied``."""
     ck_b = open_checkpoint(base, key=key, trust_pickle=trust_pickle)
     ck_a = open_checkpoint(aux, key=key, trust_pickle=trust_pickle)
-    ck_b, (ck_a,), notes, tied = normalise(ck_b, [ck_a], rename=rename, labels=["BASE", "AUX"], symmetric=True)
+    ck_b, (ck_a,), notes, tied = normalise(
+        ck_b, [ck_a], rename=rename, labels=["BASE", "AUX"], symmetric=True, models=(True, True)
+    )
     return {
         "pairs": {n: [ck_b.tensors[n].name, ck_a.tensors[n].name] for n in ck_a.tensors if n in ck_b.tensors},
         "only_base": [n for n in ck_b.tensors if n not in ck_a.tensors],

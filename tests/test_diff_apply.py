@@ -307,3 +307,80 @@ def test_integer_buffer_on_one_side_is_reported_not_an_error(ckpts: dict[str, Pa
     s = capmerge.diff(ckpts["S"], tmp / "a2.safetensors", tmp / "v.safetensors")
     assert s.skipped == {"position_ids": "non-floating (I64), only in BASE"}
     assert "position_ids" not in load_any(tmp / "v.safetensors")
+
+
+def _llama(d: Path, tied: bool, seed: int, head_from: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A tiny Llama saved by transformers: tied (no lm_head.weight saved, as Llama 3.2 1B or Qwen2's small models) or
+    with a head of its own; ``head_from``: its weights start from these (each moved a little). Returns its tensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=40, tie_word_embeddings=tied)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    if head_from is not None:
+        start = {**head_from, "lm_head.weight": head_from["model.embed_tokens.weight"]}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(start[n] + 0.01 * torch.randn_like(p))
+    model.save_pretrained(d)
+    return load_any(d)
+
+
+def test_tied_and_untied_heads_pair_in_diff_and_apply(tmp_path: Path, capsys) -> None:
+    """A model whose config ties its head to its embeddings saves no lm_head.weight; transformers reads the embedding
+    there. diff of it and a finetune with a head of its own: τ_head = head − embedding, either way round; apply of a
+    vector with a head to a tied model: head = embedding + α·τ_head, written beside the embeddings, config untied
+    (transformers loads that head). A vector without a head leaves an untied model's head as it is."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from capmerge.cli.app import main
+
+    t = _llama(tmp_path / "T", True, 0)
+    u = _llama(tmp_path / "U", False, 1, head_from=t)
+    _llama(tmp_path / "T2", True, 2, head_from=t)
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    assert head not in t and head in u
+    assert (
+        main(["diff", str(tmp_path / "T"), str(tmp_path / "U"), "-o", str(tmp_path / "v"), "--dtype", "float32"]) == 0
+    )
+    assert "tied: BASE ties lm_head.weight to model.embed_tokens.weight" in capsys.readouterr().err
+    v = load_any(tmp_path / "v")
+    assert torch.equal(v[head], u[head] - t[embed]) and torch.equal(v[embed], u[embed] - t[embed])
+    assert (
+        main(["diff", str(tmp_path / "U"), str(tmp_path / "T"), "-o", str(tmp_path / "w"), "--dtype", "float32"]) == 0
+    )
+    assert torch.equal(load_any(tmp_path / "w")[head], t[embed] - u[head])
+
+    assert main(["apply", str(tmp_path / "T"), str(tmp_path / "v"), "--alpha", "0.5", "-o", str(tmp_path / "o")]) == 0
+    o = load_any(tmp_path / "o")
+    assert torch.equal(o[head], t[embed] + 0.5 * v[head]) and torch.equal(o[embed], t[embed] + 0.5 * v[embed])
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert json.loads((tmp_path / "T" / "config.json").read_text())["tie_word_embeddings"] is True  # input untouched
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert torch.equal(model.lm_head.weight, o[head]) and torch.equal(model.model.embed_tokens.weight, o[embed])
+
+    # a vector of two tied models has no head: an untied model's head is not changed, its config not touched
+    assert main(["diff", str(tmp_path / "T"), str(tmp_path / "T2"), "-o", str(tmp_path / "tv")]) == 0
+    assert head not in load_any(tmp_path / "tv")
+    assert main(["apply", str(tmp_path / "U"), str(tmp_path / "tv"), "-o", str(tmp_path / "uo")]) == 0
+    uo = load_any(tmp_path / "uo")
+    assert torch.equal(uo[head], u[head]) and not torch.equal(uo[embed], u[embed])
+    assert (tmp_path / "uo" / "config.json").read_text() == (tmp_path / "U" / "config.json").read_text()
+
+
+def test_a_missing_head_of_an_untied_model_stays_a_mismatch(tmp_path: Path, capsys) -> None:
+    """Without the tie (config tie_word_embeddings false) a model lacking lm_head.weight lacks a tensor: named."""
+    import json
+
+    from test_merge_cli import fails
+
+    t = _llama(tmp_path / "T", True, 0)
+    _llama(tmp_path / "U", False, 1, head_from=t)
+    cfg = json.loads((tmp_path / "T" / "config.json").read_text())
+    (tmp_path / "T" / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    capsys.readouterr()
+    fails(["diff", tmp_path / "T", tmp_path / "U", "-o", tmp_path / "v"], tmp_path, capsys,
+          "1 only in AUX (lm_head.weight)", "--allow-missing")  # fmt: skip

@@ -490,6 +490,45 @@ def test_aligned_rows_stream_as_read_whole(vocabularies, tmp_path: Path, capsys,
     assert not got["model.embed_tokens.weight"][vocab["w5"]].any()
 
 
+def test_a_token_source_not_in_the_heads_slice_gives_its_tied_head(
+    vocabularies, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A token whose source model is merged in the first slice only, so not in the head's entries (the last slice's),
+    and saved tied (no head): its head row is its embedding row, as transformers reads it; both the streamed rows and
+    the whole-tensor path read it so."""
+    from safetensors.torch import load_file, save_file
+
+    from capmerge.merge import vocabulary
+
+    _, m = vocabularies
+    c = tmp_path / "C-tied"
+    c.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (c / f).write_text((m["C"] / f).read_text())
+    weights = load_file(str(m["C"] / "model.safetensors"))
+    del weights["lm_head.weight"]
+    save_file(weights, str(c / "model.safetensors"))
+    (c / "config.json").write_text(json.dumps({**json.loads((m["C"] / "config.json").read_text()),
+                                               "tie_word_embeddings": True}))  # fmt: skip
+    cfg = tmp_path / "t.yml"
+    src = lambda k, r: f"      - model: {k}\n        layer_range: {r}\n        parameters: {{weight: 0.5}}\n"  # noqa: E731
+    cfg.write_text("merge_method: linear\nslices:\n  - sources:\n" + src(m["A"], [0, 1]) + src(c, [0, 1])
+                   + "  - sources:\n" + src(m["A"], [1, 2]) + src(m["B"], [1, 2])
+                   + f"tokenizer:\n  source: union\n  tokens:\n    x1:\n      source: {{kind: model_token, model: {c}, "
+                   "token: w7}\n      force: true\ndtype: float32\n")  # fmt: skip
+    c_vocab = json.loads((c / "tokenizer.json").read_text())["model"]["vocab"]
+    want = weights["model.embed_tokens.weight"][c_vocab["w7"]]
+    for out in ("streamed", "whole"):
+        if out == "whole":
+            monkeypatch.setattr(vocabulary, "streams", lambda p, entries: None)
+        assert main(["run", str(cfg), "-o", str(tmp_path / out), "--quiet"]) == 0, capsys.readouterr().err
+        got = load_any(tmp_path / out)
+        doc = json.loads((tmp_path / out / "tokenizer.json").read_text())
+        vocab = {**doc["model"]["vocab"], **{t["content"]: t["id"] for t in doc["added_tokens"]}}
+        for name in ("lm_head.weight", "model.embed_tokens.weight"):
+            torch.testing.assert_close(got[name][vocab["x1"]], want, rtol=0, atol=1e-6, msg=f"{out} {name}")
+
+
 @pytest.mark.parametrize(
     "section,expect",
     [

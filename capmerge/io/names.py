@@ -8,7 +8,11 @@ plain equality.
 2. Names of one side with no partner on the other are matched through their wrapper prefixes (``module.`` of DDP,
    ``_orig_mod.`` of ``torch.compile``, ``base_model.model.`` of PEFT, ``model.``) when that pairing is one to one;
    the side with the shorter names gives the names (in ``apply``: always the BASE). Each change is reported.
-3. Tied weights (a pickle whose ``lm_head.weight`` shares ``embed_tokens.weight``'s storage): the alias is dropped
+3. Tied heads (``tie_word_embeddings``: a model directory whose config ties its head to its input embedding saves
+   no ``lm_head.weight``): where another input has the head, the model's embedding stands in for it (a view), as
+   transformers reads such a model; reported. Only inputs that are models take part (``models``): a vector that
+   lacks the head changes nothing there.
+4. Tied weights (a pickle whose ``lm_head.weight`` shares ``embed_tokens.weight``'s storage): the alias is dropped
    when no other input holds it as a separate tensor, so the tensor is written once; the tie is reported.
 
 The same rules pair a vector's names with a live model's parameters (:mod:`capmerge.ortho`): :func:`canonical_name`
@@ -22,7 +26,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from capmerge.errors import MismatchError, UsageError
-from capmerge.io.checkpoint import Checkpoint, TensorInfo
+from capmerge.io.checkpoint import Checkpoint, TensorInfo, read_json_file
 
 # Prefixes a wrapper puts in front of every parameter name: DDP, torch.compile, PEFT.
 MODEL_WRAPPERS = ("module.", "_orig_mod.", "base_model.model.")
@@ -31,6 +35,9 @@ WRAPPER_PREFIXES = (*MODEL_WRAPPERS, "model.")
 # Containers that wrappers insert inside names (FSDP1, activation checkpointing, torch.compile of a submodule, PEFT's
 # wrapped target layer).
 INNER_WRAPPERS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "base_layer"})
+# A language model's head and its input embedding (after any prefix), as transformers ties them.
+OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
+INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
 Renames = list[tuple[re.Pattern[str], str]]
 Rename = str | Sequence[str] | Mapping[str, str] | Callable[[str], str] | None
 """A library ``rename=``: ``'REGEX=REPLACEMENT'`` rule(s) as ``--rename``, a mapping regex → replacement (applied in
@@ -233,11 +240,13 @@ def normalise(
     rename: Iterable[str] | str | None = None,
     labels: Sequence[str] | None = None,
     symmetric: bool = False,
+    models: Sequence[bool] | None = None,
 ) -> tuple[Checkpoint, list[Checkpoint], list[str], dict[str, str]]:
     """Renamed views of ``ref`` and ``others`` whose names pair by equality, the notes to report, and the ties.
 
     ``labels`` names the inputs in notes (``ref`` first). With ``symmetric`` (diff: two inputs) the side whose
-    unmatched names carry the shorter wrapper prefixes gives the names; otherwise ``ref`` always does.
+    unmatched names carry the shorter wrapper prefixes gives the names; otherwise ``ref`` always does. ``models``
+    (``ref`` first): which inputs are models whose tied head their embedding stands in for (none by default).
     """
     labels = list(labels) if labels else ["BASE"] + [o.ref for o in others]
     rules = parse_renames(rename)
@@ -257,8 +266,65 @@ def normalise(
                 continue
         notes += _describe(fwd, labels[i + 1], labels[0])
         aligned.append(_rename(o, fwd, "prefix normalisation"))
+    if models:
+        ref, aligned = _tie_heads([ref, *aligned], labels, models, notes)
     ref, aligned, tie_notes, ties = _drop_tied([ref, *aligned], labels)
     return ref, aligned, notes + tie_notes, ties
+
+
+def ends_with(name: str, tails: tuple[str, ...]) -> bool:
+    """Whether ``name`` is one of ``tails`` or ends with ``.`` and one of them."""
+    return any(name == t or name.endswith("." + t) for t in tails)
+
+
+def tied_embedding(ck: Checkpoint, config: Mapping[str, object] | None) -> str | None:
+    """The input embedding that a model without its head ties to it (transformers' ``tie_word_embeddings``: the head
+    is the embedding matrix, not saved): its one tensor outside the layers named like an input embedding; None where
+    ``config`` (its config.json, or its ``text_config``) unties them or there is no single such tensor."""
+    from capmerge.merge.masks import layer_index
+
+    config = config or {}
+    text = config.get("text_config")
+    if config.get("tie_word_embeddings", text.get("tie_word_embeddings") if isinstance(text, dict) else None) is False:
+        return None
+    found = [n for n in ck.tensors if layer_index(n) is None and ends_with(n, INPUT_EMBEDDINGS)]
+    return found[0] if len(found) == 1 else None
+
+
+def _tie_heads(cks: list[Checkpoint], labels: Sequence[str], models: Sequence[bool],
+               notes: list[str]) -> tuple[Checkpoint, list[Checkpoint]]:  # fmt: skip
+    """Step 3 of the module: a model directory (its config.json read) that lacks a head another input has, and ties
+    it, gets its embedding under the head's name; each such pairing is noted."""
+    from capmerge.merge.masks import layer_index
+
+    heads = dict.fromkeys(n for ck in cks for n in ck.tensors
+                          if ends_with(n, OUTPUT_EMBEDDINGS) and layer_index(n) is None)  # fmt: skip
+    for i, ck in enumerate(cks):
+        wanted = [h for h in heads if h not in ck.tensors]
+        config = _model_config(ck) if wanted and i < len(models) and models[i] else None
+        embedding = tied_embedding(ck, config) if config is not None else None
+        if embedding is None:
+            continue
+        view = ck.renamed({**ck.tensors, **dict.fromkeys(wanted, ck.tensors[embedding])})
+        view.tied = getattr(ck, "tied", None)  # type: ignore[attr-defined]
+        view.heads_untied = wanted  # type: ignore[attr-defined]  # the output writes them: its config unties them
+        for h in wanted:
+            has = next(labels[j] for j, o in enumerate(cks) if h in o.tensors)
+            notes.append(f"tied: {labels[i]} ties {h} to {embedding} (tie_word_embeddings), {has} has its own: "
+                         f"{labels[i]}'s {embedding} stands in for it")  # fmt: skip
+        cks[i] = view
+    return cks[0], cks[1:]
+
+
+def _model_config(ck: Checkpoint) -> Mapping[str, object] | None:
+    """The config.json of a model directory (None where ``ck`` is no directory or has none)."""
+    from pathlib import Path
+
+    path = Path(ck.root) / "config.json" if getattr(ck, "root", None) else None
+    if path is None or not path.is_file():
+        return None
+    config = read_json_file(path, "config.json")
+    return config if isinstance(config, dict) else {}
 
 
 def _drop_tied(

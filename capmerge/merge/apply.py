@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from capmerge._version import __version__
@@ -60,7 +61,10 @@ def build_terms(
     cks = [open_checkpoint(v, **opts) for v in [*vectors, *add, *sub]]
     if not cks:
         raise UsageError("no vectors given (pass VECTOR files or --add/--sub checkpoints)")
-    base, cks, notes, ties = normalise(base, cks, rename=rename, labels=["BASE", *(c.ref for c in cks)])
+    models = (
+        [True] + [False] * len(vectors) + [True] * (len(add) + len(sub or ()))
+    )  # a vector's missing head: no change
+    base, cks, notes, ties = normalise(base, cks, rename=rename, labels=["BASE", *(c.ref for c in cks)], models=models)
     cks = [c.with_base(base) if getattr(c, "full", None) else c for c in cks]  # type: ignore[attr-defined]
     nv, na = len(vectors), len(add)
     terms = [Term(c, label=str(getattr(v, "ref", v))) for c, v in zip(cks[:nv], vectors, strict=True)]
@@ -414,11 +418,24 @@ def _finish_output(m: _Merge, out: Output, sink: Sink, densities: tuple[float, .
         if m.base.root:
             copied, not_copied = out.copy_non_weight_files(m.base.root)
             written += copied
+            if getattr(m.base, "heads_untied", None) and "config.json" in copied:
+                _untie_config(out, m.base.root)
             m.summary.files_skipped.update(not_copied)
         out.write_text("capmerge.json", json.dumps(record, indent=2) + "\n")
         written.append("capmerge.json")
     m.summary.files += written
     m.summary.bytes_written += nbytes
+
+
+def _untie_config(out: Output, root: str) -> None:
+    """The copied config.json with ``tie_word_embeddings`` false: BASE ties its head to its embeddings, a vector
+    changes the head, so the output has a head of its own."""
+    from capmerge.merge import model_side
+
+    cfg = model_side.read_config(Path(root))
+    if cfg is not None:
+        model_side.untie(cfg)
+        out.write_text("config.json", json.dumps(cfg, indent=2) + "\n")
 
 
 def _record(m: _Merge, densities: tuple[float, ...], alpha: float) -> dict[str, Any]:

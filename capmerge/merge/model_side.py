@@ -246,6 +246,14 @@ def fit_vocabulary(p: Any) -> None:
                                                    nbytes=tokens * info.shape[1] * info.itemsize)  # fmt: skip
 
 
+def untie(cfg: dict[str, Any]) -> None:
+    """Set ``tie_word_embeddings`` false in a config (in its ``text_config`` where that one holds the key): the
+    output has a head of its own beside the embeddings."""
+    text = cfg.get("text_config")
+    target = text if isinstance(text, dict) and "tie_word_embeddings" in text else cfg
+    target["tie_word_embeddings"] = False
+
+
 def read_config(root: Path | None) -> dict[str, Any] | None:
     if root is None or not (root / "config.json").is_file():
         return None
@@ -271,9 +279,7 @@ def _config(p: Any) -> dict[str, Any] | None:
         key = next((k for k in LAYER_KEYS if k in target), "num_hidden_layers")
         target[key] = p.n_layers
     if getattr(p, "untied", False):  # a head written beside embeddings the donor's config ties
-        text = cfg.get("text_config")
-        target = text if isinstance(text, dict) and "tie_word_embeddings" in text else cfg
-        target["tie_word_embeddings"] = False
+        untie(cfg)
     if p.spec.out_dtype:
         for k in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
             cfg[k] = p.spec.out_dtype

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from capmerge.errors import CapmergeError, MismatchError, NonFiniteError, UsageError
 from capmerge.io.checkpoint import DTYPES, Checkpoint, TensorInfo, parse_dtype
+from capmerge.io.names import OUTPUT_EMBEDDINGS, ends_with, tied_embedding
 from capmerge.io.writer import Output, finish_files, parse_size
 from capmerge.merge import model_side
 from capmerge.merge.engine import Job, Sink, run
@@ -178,6 +179,15 @@ class Planned:
     vocab_tokens: int | None = None  # the chosen tokenizer's tokens: vocabulary tensors with more rows are cut to it
     untied: bool = False  # a head the reference model ties is written: the output's config unties it
     vocab: Any = None  # the models' vocabularies aligned to the chosen tokenizer's (vocabulary.Vocabulary)
+    ties: dict[int, str | None] = field(default_factory=dict)  # input -> the embedding it ties its head to
+
+    def tied_embedding(self, i: int) -> str | None:
+        """The input embedding that input ``i`` ties its head to (:func:`capmerge.io.names.tied_embedding`: its
+        config read once), or None."""
+        if i not in self.ties:
+            ck = self.inputs[i].ck
+            self.ties[i] = tied_embedding(ck, model_side.read_config(Path(ck.root) if ck.root else None))
+        return self.ties[i]
 
     def close(self) -> None:
         for m in self.inputs:
@@ -333,26 +343,6 @@ def _plan_slices(p: Planned, slices: list[SliceSpec], ref: ModelInput, entries: 
     p.n_layers = out_layer
 
 
-OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")  # a language model's head (after any prefix)
-INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "shared.weight")
-
-
-def _ends_with(name: str, tails: tuple[str, ...]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in tails)
-
-
-def tied_embedding(m: ModelInput) -> str | None:
-    """The input embedding that a model without its head ties to it (transformers' ``tie_word_embeddings``: the
-    head is the embedding matrix, not saved): its one tensor outside the layers named like an input embedding; None
-    where its config unties them or there is no single such tensor."""
-    cfg = model_side.read_config(Path(m.ck.root) if m.ck.root else None) or {}
-    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
-    if cfg.get("tie_word_embeddings", text.get("tie_word_embeddings")) is False:
-        return None
-    found = [n for n in m.ck.tensors if layer_index(n) is None and _ends_with(n, INPUT_EMBEDDINGS)]
-    return found[0] if len(found) == 1 else None
-
-
 def _tie_heads(p: Planned, ref: ModelInput, last: SliceSpec, entries: Any, add: Any) -> None:
     """Heads of models with tied embeddings, as transformers and mergekit read them: a model without its head
     (``lm_head.weight``) gives its input embedding in its place; a head that the reference model (the base, else
@@ -360,25 +350,18 @@ def _tie_heads(p: Planned, ref: ModelInput, last: SliceSpec, entries: Any, add: 
     in the output's config (:func:`model_side.write`)."""
     planned = {tp.name for tp in p.tensors}
     heads = dict.fromkeys(n for s in last.sources for n in p.inputs[p.index[s.model]].ck.tensors
-                          if _ends_with(n, OUTPUT_EMBEDDINGS) and layer_index(n) is None)  # fmt: skip
-    tied: dict[int, str | None] = {}  # input -> its tied input embedding (its config read once)
-
-    def tie_of(i: int) -> str | None:
-        if i not in tied:
-            tied[i] = tied_embedding(p.inputs[i])
-        return tied[i]
-
+                          if ends_with(n, OUTPUT_EMBEDDINGS) and layer_index(n) is None)  # fmt: skip
     for name in heads:
-        if name not in planned and tie_of(p.inputs.index(ref)) is not None:
+        if name not in planned and p.tied_embedding(p.inputs.index(ref)) is not None:
             add(name, last, entries(last, lambda s, n=name: n), 0.0)
             p.untied = True
             p.warnings.append(f"{name}: the reference model ties it to its embeddings, another model has its own: "
                               "merged and written, tie_word_embeddings set false (as mergekit writes it)")  # fmt: skip
     for tp in p.tensors:
-        if not _ends_with(tp.name, OUTPUT_EMBEDDINGS):
+        if not ends_with(tp.name, OUTPUT_EMBEDDINGS):
             continue
         for e in tp.entries + ([tp.base] if tp.base else []):
-            alias = tie_of(e.input) if e.name not in p.inputs[e.input].ck.tensors else None
+            alias = p.tied_embedding(e.input) if e.name not in p.inputs[e.input].ck.tensors else None
             if alias is not None:
                 p.warnings.append(f"{e.source.model} ties {e.name} to its embeddings: {alias} is read in its place")
                 e.match, e.name = e.name, alias

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from capmerge.errors import UsageError
+from capmerge.io.names import OUTPUT_EMBEDDINGS, ends_with
 
 ADDED = ("single_word", "lstrip", "rstrip", "normalized", "special")  # an added token's settings
 # the settings transformers' add_tokens gives a plain (not special) token
@@ -255,6 +256,18 @@ def _taken(v: Vocabulary, i: int, made_at: np.ndarray, made: Any) -> tuple[np.nd
     return take, made[torch.from_numpy(np.searchsorted(made_at, take))]
 
 
+def _name_in(p: Any, i: int, entries: list[Any]) -> str:
+    """The name input ``i`` holds the output tensor of ``entries`` under: its entry's; for a token source model
+    without an entry here, the tensor's own name, or the embedding it ties its head to where it saves no head."""
+    name = next((e.name for e in entries if e.input == i), None)
+    if name is not None:
+        return name
+    name = getattr(entries[0], "match", None) or entries[0].name  # a tied first entry reads its embedding in its place
+    if name not in p.inputs[i].ck.tensors and ends_with(name, OUTPUT_EMBEDDINGS):
+        name = p.tied_embedding(i) or name
+    return name
+
+
 def read(p: Any, entries: list[Any]) -> dict[int, Any]:
     """The aligned float32 tensors of ``entries`` (one output tensor's inputs, the base first where there is one),
     whole: input index → its rows of the output tokens, lacking ones made as the module says, then the padding rows
@@ -269,7 +282,7 @@ def read(p: Any, entries: list[Any]) -> dict[int, Any]:
     ins = list(raw)
     for _, i, _, _ in v.fixed.values():  # a model named by a token's source, not merged in this tensor
         if i is not None and i not in raw:
-            raw[i] = p.inputs[i].read(entries[0].name).float()
+            raw[i] = p.inputs[i].read(_name_in(p, i, entries)).float()
     h = raw[ins[0]].shape[1]
     made_at, made = _made(v, ins, lambda i, r: raw[i][r], h)
     n = len(v.tokens)
@@ -341,11 +354,11 @@ def streams(p: Any, entries: list[Any]) -> dict[int, tuple[Any, Any]] | None:
     sources = {i for _, i, _, _ in v.fixed.values() if i is not None}
     if v.rows > len(v.tokens) or any(p.inputs[i].lora is not None for i in {*ins, *sources}):
         return None
-    names = {e.input: e.name for e in entries}  # a tied model's head is its embedding: names may differ by input
+    names = {i: _name_in(p, i, entries) for i in {*ins, *sources}}  # a tied model's head is its embedding
     h = p.inputs[ins[0]].ck.tensors[names[ins[0]]].shape[1]
 
     def row(i: int, r: int) -> Any:
-        info = p.inputs[i].ck.tensors[names.get(i, entries[0].name)]
+        info = p.inputs[i].ck.tensors[names[i]]
         buf = bytearray(h * info.itemsize)
         p.inputs[i].ck.read_into(info, r * h * info.itemsize, memoryview(buf))
         return as_tensor(buf, info.dtype, (h,)).float()

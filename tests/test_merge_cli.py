@@ -324,3 +324,29 @@ def test_tensors_only_other_models_have_are_left_out_with_a_warning(models, tmp_
     assert sorted(got) == sorted(a)
     for n in SHAPES:
         torch.testing.assert_close(got[n], 0.5 * a[n] + 0.5 * x[n], rtol=0, atol=1e-6)
+
+
+def test_an_integer_buffer_some_models_lack_is_copied_from_the_reference(models, tmp_path: Path, capsys) -> None:
+    """A tensor that is not floating (``position_ids``, which older transformers save and newer ones do not: a
+    finetune of all-MiniLM-L6-v2 lacks the pretrained model's) is copied from the base, else the first model, with a
+    warning, where other models lack it; a floating tensor one of them lacks is still refused."""
+    a = load_any(models["A"])
+    lacking = make(tmp_path / "N", 5)
+    (lacking / "model.safetensors").unlink()
+    save_single(lacking / "model.safetensors", {n: torch.full(s, 0.25) for n, s in SHAPES.items()})
+    cfg = write(tmp_path, f"merge_method: ties\nbase_model: {models['A']}\nmodels:\n  - model: {lacking}\n"
+                          "    parameters: {weight: 1.0, density: 1.0}\ndtype: float32\n")  # fmt: skip
+    for args, out in ((["run", cfg], "r"), (["merge", models["A"], lacking, "--weights", "0.5,0.5"], "m")):
+        assert main([*map(str, args), "-o", str(tmp_path / out)]) == 0, capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert (
+            f"warning: model.pos_ids (not floating) is copied from {models['A']}: {lacking} do(es) not have it" in err
+        )
+        got = load_any(tmp_path / out)
+        assert torch.equal(got["model.pos_ids"], a["model.pos_ids"])
+        for n in SHAPES:  # ties at density 1 of one model: that model; linear 0.5/0.5: the mean
+            want = torch.full(SHAPES[n], 0.25) if out == "r" else 0.5 * a[n] + 0.125
+            torch.testing.assert_close(got[n], want, rtol=0, atol=1e-6)
+    save_single(lacking / "model.safetensors", {n: torch.full(s, 0.25) for n, s in SHAPES.items() if "norm" not in n})
+    fails(["merge", models["A"], lacking, "--weights", "0.5,0.5", "-o", tmp_path / "o"], tmp_path, capsys,
+          f"tensor model.norm.weight is missing in model {lacking}")  # fmt: skip

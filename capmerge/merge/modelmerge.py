@@ -380,11 +380,21 @@ def _report_extra(p: Planned, ref: ModelInput) -> None:
 
 
 def _check(p: Planned) -> None:
-    """Every entry's tensor exists, and the shapes of each output tensor's entries agree."""
+    """Every entry's tensor exists, and the shapes of each output tensor's entries agree. A tensor that is not
+    floating (an integer buffer such as ``position_ids``, which older transformers save and newer ones do not) is
+    copied from the reference entry (the base, else the first): models lacking it are left out of it, with a warning.
+    """
     for tp in p.tensors:
-        es = tp.entries + ([tp.base] if tp.base else [])
         if not tp.entries and tp.base is None:
             raise UsageError("no models to merge", tp.name)
+        ref = tp.base or tp.entries[0]
+        if ref.name in p.inputs[ref.input].ck.tensors and not p.info(ref).is_float:
+            lacking = [e for e in tp.entries if e.name not in p.inputs[e.input].ck.tensors]
+            if lacking:
+                tp.entries = [e for e in tp.entries if all(e is not x for x in lacking)]  # the base copied
+                p.warnings.append(f"{tp.name} (not floating) is copied from {ref.source.model}: "
+                                  f"{', '.join(e.source.model for e in lacking)} do(es) not have it")  # fmt: skip
+        es = tp.entries + ([tp.base] if tp.base else [])
         shapes = {}
         for e in es:
             ck = p.inputs[e.input].ck

@@ -28,7 +28,7 @@ from torch import nn  # noqa: E402
 from capmerge.cli import main  # noqa: E402
 from capmerge.ortho import OrthogonalityLoss  # noqa: E402
 
-EPS = 1e-12  # the module's default ε of cosine2
+EPS = 1e-3  # the module's default eps of cosine2: ε_l = EPS·‖θ_ref,l‖ (with 1e-12 below it)
 SENTENCES = [
     ("The cat is sleeping on the sofa.", 0),
     ("What a wonderful, sunny day!", 1),
@@ -90,14 +90,14 @@ def perturb(model: nn.Module, seed: int = 3) -> None:
 
 def by_hand(now: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], tau: dict[str, torch.Tensor],
             names: dict[str, str], weight: float) -> tuple[float, dict[str, torch.Tensor]]:  # fmt: skip
-    """λ·(1/L)·Σ_l ⟨Δ_l, τ̂_l⟩² / (‖Δ_l‖² + ε²) in float64 and its gradient, written out:
+    """λ·(1/L)·Σ_l ⟨Δ_l, τ̂_l⟩² / (‖Δ_l‖² + ε_l²) in float64, ε_l = EPS·‖θ_ref,l‖, and its gradient, written out:
     ∂/∂Δ [p²/(n + ε²)] = 2p·τ̂/(n + ε²) − 2p²·Δ/(n + ε²)², p = ⟨Δ, τ̂⟩, n = ‖Δ‖². ``names``: vector → model name."""
     total, grads = 0.0, {}
     for vname, mname in names.items():
         d = (now[mname].double() - ref[mname].double()).reshape(-1)
         t = tau[vname].double().reshape(-1)
         t = t / t.norm()
-        p, n = float(d @ t), float(d @ d) + EPS**2
+        p, n = float(d @ t), float(d @ d) + (EPS * float(ref[mname].double().norm())) ** 2 + 1e-24
         total += p * p / n
         grads[mname] = (2 * p * t / n - 2 * p * p * d / n**2).reshape(now[mname].shape)
     scale = weight / len(names)
@@ -215,7 +215,8 @@ def test_peft_lora_classifier(capvector: Path, classifier: nn.Module) -> None:
         layer = model.get_submodule("base_model.model.bert." + n.removesuffix(".weight"))
         d = (scale * layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach().double().reshape(-1)
         t = tau[n].double().reshape(-1)
-        total += float(d @ t) ** 2 / float(t @ t) / (float(d @ d) + EPS**2)
+        eps2 = (EPS * float(layer.base_layer.weight.double().norm())) ** 2 + 1e-24  # ε_l from the base weight
+        total += float(d @ t) ** 2 / float(t @ t) / (float(d @ d) + eps2)
     value = reg()
     assert float(value.detach()) == pytest.approx(0.1 * total / len(lora), rel=1e-5)
     value.backward()

@@ -6,7 +6,7 @@ overwritten. τ̂ = τ/‖τ‖.
 Soft (:class:`OrthogonalityLoss`, an ``nn.Module``; ``loss = task_loss + reg()``), λ·(1/L)·Σ_l over the L tracked
 tensors (``reduction="mean"``, the default; ``"sum"`` drops the 1/L) of:
 
-* ``"cosine2"``     cos²(Δ_l, τ_l) = ⟨Δ_l, τ̂_l⟩² / (‖Δ_l‖² + ε²)   scale-free; keeps a θ_ref copy
+* ``"cosine2"``     ⟨Δ_l, τ̂_l⟩² / (‖Δ_l‖² + ε_l²), ε_l = eps·‖θ_ref,l‖: cos² once Δ outgrows ε_l; keeps a θ_ref copy
 * ``"projection2"`` ⟨Δ_l, τ̂_l⟩² = (⟨θ_l, τ̂_l⟩ − c_l)², c_l = ⟨θ_ref,l, τ̂_l⟩   no θ_ref copy
 * ``"abs"``         |⟨Δ_l, τ̂_l⟩|
 

@@ -17,8 +17,9 @@ def orthogonality_penalty(
     *,
     mode: str = "cosine2",
     reduction: str = "mean",
-    eps: float = 1e-12,
+    eps: float = 1e-3,
     basis: str = "sum",
+    references: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """mean_l (or Σ_l) penalty(Δ_l, τ_l) over the names of ``deltas`` present in the vectors, in float32 (float64
     for float64).
@@ -30,6 +31,8 @@ def orthogonality_penalty(
         deltas: name → Δ (any dtype; gradients flow through).
         vectors: One mapping name → τ, or a list of them.
         mode, reduction, eps, basis: As for the loss.
+        references: name → θ_ref,l, for ``cosine2``'s ε_l = eps·‖θ_ref,l‖ (as the loss takes it); without them
+            ε_l = eps, an absolute ε.
 
     Raises:
         MismatchError: A shape mismatch or no common name. UsageError: Unknown options.
@@ -62,7 +65,8 @@ def orthogonality_penalty(
             continue
         p = torch.stack([torch.dot(d, u.to(acc)) for u in units])
         if mode == "cosine2":
-            terms.append((p * p).sum() / (torch.dot(d, d) + eps * eps))
+            scale = 1.0 if references is None else float(torch.linalg.vector_norm(references[name].detach().double()))
+            terms.append((p * p).sum() / (torch.dot(d, d) + (eps * scale) ** 2 + 1e-24))
         elif mode == "projection2":
             terms.append((p * p).sum())
         elif basis == "orthonormal":

@@ -64,13 +64,34 @@ def stored_rows(dirs: list[torch.Tensor], dtype: torch.dtype) -> tuple[list[torc
     return rows, inv
 
 
+def _f64(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def _sum_over_shards(parts: list[tuple[Any, torch.Tensor]]) -> list[torch.Tensor]:
+    """Each (reduce key, local partial sums) summed over the ranks of its key (one collective per key; parts with
+    no key are whole already)."""
+    by_key: dict[Any, list[int]] = {}
+    for i, (key, _) in enumerate(parts):
+        if key is not None:
+            by_key.setdefault(key, []).append(i)
+    out = [c for _, c in parts]
+    for key, idx in by_key.items():
+        summed = all_reduce_sum(torch.cat([out[i] for i in idx]), key)
+        for i, part in zip(idx, summed.split([out[i].numel() for i in idx]), strict=True):
+            out[i] = part
+    return out
+
+
 class OrthogonalityLoss(nn.Module):
     r"""λ·mean_l penalty(Δ_l, τ_l): keeps the update Δ = θ − θ_ref of finetuning orthogonal to capability vectors.
 
     Per tracked tensor l (a parameter, or the base weight of a PEFT LoRA layer), with τ̂ = τ/‖τ‖:
 
-    * ``"cosine2"``: cos²(Δ_l, τ_l) = ⟨Δ_l, τ̂_l⟩² / (‖Δ_l‖² + ε²) — scale-free; ε makes it 0, with a zero
-      gradient, at Δ = 0 (step 0). Keeps a copy of θ_ref (‖Δ‖ needs it).
+    * ``"cosine2"``: ⟨Δ_l, τ̂_l⟩² / (‖Δ_l‖² + ε_l²), ε_l = ``eps``·‖θ_ref,l‖ — cos²(Δ_l, τ_l) once the update
+      outgrows ε_l (scale-free), ⟨Δ_l, τ̂_l⟩²/ε_l² below it: 0 with a zero gradient at Δ = 0 (step 0), and a
+      stiffness along τ̂ bounded by 2/ε_l² (a plain cos² has 2/‖Δ‖², unbounded in the first steps, where its
+      gradient overshoots and writes τ's direction into Δ). Keeps a copy of θ_ref (‖Δ‖ needs it).
     * ``"projection2"``: ⟨Δ_l, τ̂_l⟩², evaluated as (⟨θ_l, τ̂_l⟩ − c_l)² with c_l = ⟨θ_ref,l, τ̂_l⟩ precomputed: no
       copy of θ_ref, memory is one copy of τ.
     * ``"abs"``: |⟨Δ_l, τ̂_l⟩| (O-LoRA's L1 form).
@@ -101,7 +122,8 @@ class OrthogonalityLoss(nn.Module):
         weight: λ, the factor of the reduced penalty (see ``reduction``).
         mode: ``"cosine2"``, ``"projection2"`` or ``"abs"``.
         reduction: ``"mean"`` (default) or ``"sum"`` of the per-tensor terms over the tracked tensors.
-        eps: ε of ``cosine2``, in units of ‖Δ‖.
+        eps: ε_l of ``cosine2`` relative to the reference: ε_l = eps·‖θ_ref,l‖ (for a LoRA layer its base weight's
+            norm); 1e-3, about one optimizer step of 1e-5 to 1e-4 on weights of RMS 0.02 to 0.05.
         include, exclude, layers, layer_pattern: The merge masks (:class:`capmerge.merge.masks.TensorMask`), applied to
             the vector's tensor names.
         reference: θ_ref: ``None`` (the parameters now, e.g. θ_meta) or a checkpoint path / mapping. Ignored for LoRA
@@ -130,7 +152,7 @@ class OrthogonalityLoss(nn.Module):
         weight: float = 1.0,
         mode: str = "cosine2",
         reduction: str = "mean",
-        eps: float = 1e-12,
+        eps: float = 1e-3,
         include: Sequence[str] | str | None = None,
         exclude: Sequence[str] | str | None = None,
         layers: str | None = None,
@@ -171,6 +193,7 @@ class OrthogonalityLoss(nn.Module):
         orthonormal = self.basis == "orthonormal"
         targets: list[Target] = []
         c_parts: list[tuple[Any, torch.Tensor]] = []  # (reduce key, partial c of one target)
+        ref_parts: list[tuple[Any, torch.Tensor]] = []  # (reduce key, partial ‖θ_ref‖² of one target)
         self._acc = torch.float32
         for name in found.order:
             taus = [vec[names[name]] for vec, names in zip(vectors, found.vector_names, strict=True) if name in names]
@@ -201,12 +224,19 @@ class OrthogonalityLoss(nn.Module):
                 u = torch.stack([shard_like(r.view(lf.shape), anchor) for r in rows])
                 t = Target(name, layer, f"_u{i}", len(rows), norms, src, key, lora=lf, a_sharded=a_sharded)
                 c = torch.zeros(len(rows), dtype=torch.float64, device=device)
+                w0 = local(lf.base).reshape(-1)
+                ref_parts.append(
+                    (reduce_key(lf.base), torch.tensor([dot64(w0, w0)], dtype=torch.float64, device=device))
+                )
             else:
                 key = reduce_key(param)
                 rows, inv = stored_rows(dirs, dtype or param.dtype)
                 u = torch.stack([shard_like(r.view(param.shape), param).reshape(-1) for r in rows])
                 ref = reference_local(refs, name, param)
                 t = Target(name, layer, f"_u{i}", len(rows), norms, src, key, param=param)
+                ref_parts.append(
+                    (key, torch.tensor([dot64(ref.reshape(-1), ref.reshape(-1))], dtype=torch.float64, device=device))
+                )
                 if keep:
                     t.ref = f"_r{i}"
                     self._store[t.ref] = ref.clone()
@@ -218,11 +248,12 @@ class OrthogonalityLoss(nn.Module):
             t.extra["inv"], t.extra["device"] = inv, device
             c_parts.append((t.key, c))
             targets.append(t)
-        self._finish(targets, c_parts)
+        self._finish(targets, c_parts, ref_parts)
 
-    def _finish(self, targets: list[Target], c_parts: list[tuple[Any, torch.Tensor]]) -> None:
-        """Order targets by (reduce key, device), dense first (the order :func:`group_stats` returns), sum c over
-        ranks (one collective per key), and register the per-pair constants."""
+    def _finish(self, targets: list[Target], c_parts: list[tuple[Any, torch.Tensor]],
+                ref_parts: list[tuple[Any, torch.Tensor]]) -> None:  # fmt: skip
+        """Order targets by (reduce key, device), dense first (the order :func:`group_stats` returns), sum c and
+        ‖θ_ref‖² over ranks (one collective per key), and register the per-pair and per-tensor constants."""
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, t in enumerate(targets):
             groups.setdefault((t.key, str(t.extra["device"])), []).append(i)
@@ -232,15 +263,8 @@ class OrthogonalityLoss(nn.Module):
             idx = [i for i in idx if targets[i].lora is None] + [i for i in idx if targets[i].lora is not None]
             order.extend(idx)
             self._groups.append((key, [targets[i] for i in idx]))
-        by_key: dict[Any, list[int]] = {}
-        for i, (key, _) in enumerate(c_parts):
-            if key is not None:
-                by_key.setdefault(key, []).append(i)
-        c_list = [c for _, c in c_parts]
-        for key, idx in by_key.items():  # c_l = ⟨θ_ref, τ̂⟩ is a sum over shards
-            summed = all_reduce_sum(torch.cat([c_list[i] for i in idx]), key)
-            for i, part in zip(idx, summed.split([c_list[i].numel() for i in idx]), strict=True):
-                c_list[i] = part
+        c_list = _sum_over_shards(c_parts)  # c_l = ⟨θ_ref, τ̂⟩
+        ref2 = _sum_over_shards(ref_parts)  # ‖θ_ref,l‖²
         self._targets = [targets[i] for i in order]
         self._device = targets[order[0]].extra["device"] if targets else torch.device("cpu")
         acc, dev = self._acc, self._device
@@ -250,6 +274,9 @@ class OrthogonalityLoss(nn.Module):
         self._store["_inv"] = torch.tensor(inv, dtype=acc, device=dev)
         self._store["_c"] = torch.cat(c_all).to(acc) if c_all else torch.zeros(0, dtype=acc, device=dev)
         self._store["_owner"] = torch.tensor(owner, dtype=torch.long, device=dev)
+        # ε_l² = (eps·‖θ_ref,l‖)², with 1e-24 (ε = 1e-12) below it: 0/0 never happens, also for a zero θ_ref
+        eps2 = [self.eps * self.eps * float(ref2[i].to("cpu")) + 1e-24 for i in order]
+        self._store["_eps2"] = torch.tensor(eps2, dtype=acc, device=dev)
         self._has_n = [t.lora is not None or t.ref is not None for t in self._targets]
 
     def _apply(self, fn: Any, recurse: bool = True) -> OrthogonalityLoss:
@@ -298,7 +325,7 @@ class OrthogonalityLoss(nn.Module):
                     self._store[name] = self._store[name].to(device)
             t.extra["device"] = device
         self._device = _anchor(first).device
-        for name in ("_inv", "_c", "_owner"):
+        for name in ("_inv", "_c", "_owner", "_eps2"):
             self._store[name] = self._store[name].to(self._device)
 
     def _stats(self, want_n: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,7 +341,8 @@ class OrthogonalityLoss(nn.Module):
     def _penalty(self, p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         sq = p * p
         if self.mode == "cosine2":
-            terms = sq / (n[self._store["_owner"]] + self.eps * self.eps)
+            owner = self._store["_owner"]
+            terms = sq / (n[owner] + self._store["_eps2"][owner])
         elif self.mode == "projection2":
             terms = sq
         elif self.basis == "orthonormal":  # abs: ‖P_l Δ_l‖ per tensor

@@ -103,6 +103,7 @@ class Config:
     alpha: float = 1.0  # the α used downstream (θ_meta = θ_pre + τ, the paper's construction), fixed a priori
     ortho_weight: float = 0.1  # λ of the sum over tensors (reduction="sum", as the recorded runs used)
     ortho_mode: str = "cosine2"
+    ortho_eps: float = 1e-12  # ε of cosine2 as the recorded runs had it (the loss's default is 1e-3 of ‖θ_ref‖ now)
     eval_steps: tuple[int, ...] = (0, 50, 200)  # held-out finetuning steps at which success is measured
     eval_episodes: int = 50  # per task, fixed seeds, the same for every variant and seed
     eval_horizon: int = 200  # the scripted experts succeed within ~150 steps on every task here

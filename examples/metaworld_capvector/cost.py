@@ -38,7 +38,12 @@ def measure(cfg: Config, cache: Path, seed: int, *, rounds: int = 150, warmup: i
         reg = None
         if kind == "ortho":
             reg = capmerge.OrthogonalityLoss(
-                m, run / "capvector.safetensors", weight=cfg.ortho_weight, mode=cfg.ortho_mode, reduction="sum"
+                m,
+                run / "capvector.safetensors",
+                weight=cfg.ortho_weight,
+                mode=cfg.ortho_mode,
+                eps=cfg.ortho_eps,
+                reduction="sum",
             )
         kinds[kind] = (m.train(), reg, cfg.aux_weight if kind == "aux" else 0.0)
     opts = {k: torch.optim.AdamW(v[0].parameters(), lr=cfg.lr, weight_decay=1e-4) for k, v in kinds.items()}

@@ -281,7 +281,12 @@ def downstream(cfg: Config, cache: Path, seed: int, variant: str) -> dict[str, A
     reg = None
     if variant == "meta+ortho":
         reg = capmerge.OrthogonalityLoss(
-            model, run / "capvector.safetensors", weight=cfg.ortho_weight, mode=cfg.ortho_mode, reduction="sum"
+            model,
+            run / "capvector.safetensors",
+            weight=cfg.ortho_weight,
+            mode=cfg.ortho_mode,
+            eps=cfg.ortho_eps,
+            reduction="sum",
         )
     results: dict[str, dict[str, int]] = {}
     eval_at = [s for s in cfg.eval_steps if not (s == 0 and variant in SAME_START)]

@@ -45,6 +45,7 @@ class VisionConfig:
     alphas: tuple[float, ...] = (0.5, 1.0, 1.5)  # θ_meta = θ_pre + α·τ, α chosen on validation
     ortho_weight: float = 0.1  # λ, fixed
     ortho_mode: str = "cosine2"
+    ortho_eps: float = 1e-12  # ε of cosine2 as the recorded runs had it (the loss's default is 1e-3 of ‖θ_ref‖ now)
     gate_points: float = 10.0  # SFT + aux must beat SFT by this many success points on validation
     val_episodes: int = 10  # per validation task and run
     test_episodes: int = 10  # per test task and run

@@ -261,7 +261,7 @@ def downstream(cfg: VisionConfig, cache: Path, seed: int, split: str, variant: s
     monitor = None
     if variant.startswith("meta"):  # the penalty for meta+ortho; for plain meta only its report (where Δ stands)
         monitor = capmerge.OrthogonalityLoss(model, run / "capvector.safetensors", weight=cfg.ortho_weight,
-                                             mode=cfg.ortho_mode)  # fmt: skip
+                                             mode=cfg.ortho_mode, eps=cfg.ortho_eps)  # fmt: skip
     t0 = time.perf_counter()
     lg = train(cfg, model, data, steps=cfg.down_steps, seed=100 + seed, aux_weight=aux_weight if aux else 0.0,
                regularizer=monitor if variant == "meta+ortho" else None)  # fmt: skip

@@ -254,9 +254,9 @@ def test_config_slice_and_tensor_errors(models, tmp_path: Path, capsys) -> None:
     (lacking / "model.safetensors").unlink()
     g = torch.Generator().manual_seed(0)
     save_single(lacking / "model.safetensors", {n: torch.randn(s, generator=g) for n, s in SHAPES.items()
-                                                if n != "lm_head.weight"})  # fmt: skip
+                                                if n != "model.norm.weight"})  # fmt: skip
     cfg = write(tmp_path, base_config({"A": a, "B": lacking}))
-    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, "is missing in model",
+    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys, "model.norm.weight is missing in model",
           str(lacking), "cfg.yml:6")  # fmt: skip
     fails(["run", write(tmp_path, base_config(models))], tmp_path, capsys, "missing option -o/--output")
 

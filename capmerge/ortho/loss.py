@@ -165,19 +165,7 @@ class OrthogonalityLoss(nn.Module):
         rename: Rename = None,
     ) -> None:
         super().__init__()
-        self.weight = float(weight)
-        self.mode = _choice(mode, MODES, "mode")
-        self.reduction = _choice(reduction, REDUCTIONS, "reduction")
-        self.basis = _choice(basis, BASES, "basis")
-        self.eps = float(eps)
-        if not (self.eps >= 0 and math.isfinite(self.eps) and math.isfinite(self.weight)):
-            raise UsageError(f"weight and eps must be finite and eps ≥ 0 (got weight={weight}, eps={eps})")
-        if keep_reference is False and self.mode == "cosine2":
-            raise UsageError(
-                "mode='cosine2' needs ‖Δ‖, i.e. a copy of the reference: drop keep_reference=False, or use "
-                "mode='projection2'"
-            )
-        keep = self.mode == "cosine2" if keep_reference is None else bool(keep_reference)
+        keep = self._options(weight, mode, reduction, basis, eps, keep_reference)
         self._model = weakref.ref(model)
         # τ, θ_ref and constants live here, not in registered buffers: DDP would broadcast buffers every step and
         # FSDP/state_dict would pick them up; _apply below still moves them with .to()/.cuda().
@@ -249,6 +237,23 @@ class OrthogonalityLoss(nn.Module):
             c_parts.append((t.key, c))
             targets.append(t)
         self._finish(targets, c_parts, ref_parts)
+
+    def _options(self, weight: float, mode: str, reduction: str, basis: str, eps: float,
+                 keep_reference: bool | None) -> bool:  # fmt: skip
+        """The scalar options, checked; returns whether a θ_ref copy is kept."""
+        self.weight = float(weight)
+        self.mode = _choice(mode, MODES, "mode")
+        self.reduction = _choice(reduction, REDUCTIONS, "reduction")
+        self.basis = _choice(basis, BASES, "basis")
+        self.eps = float(eps)
+        if not (self.eps >= 0 and math.isfinite(self.eps) and math.isfinite(self.weight)):
+            raise UsageError(f"weight and eps must be finite and eps ≥ 0 (got weight={weight}, eps={eps})")
+        if keep_reference is False and self.mode == "cosine2":
+            raise UsageError(
+                "mode='cosine2' needs ‖Δ‖, i.e. a copy of the reference: drop keep_reference=False, or use "
+                "mode='projection2'"
+            )
+        return self.mode == "cosine2" if keep_reference is None else bool(keep_reference)
 
     def _finish(self, targets: list[Target], c_parts: list[tuple[Any, torch.Tensor]],
                 ref_parts: list[tuple[Any, torch.Tensor]]) -> None:  # fmt: skip

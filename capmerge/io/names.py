@@ -297,8 +297,12 @@ def _tie_heads(cks: list[Checkpoint], labels: Sequence[str], models: Sequence[bo
     it, gets its embedding under the head's name; each such pairing is noted."""
     from capmerge.merge.masks import layer_index
 
-    heads = dict.fromkeys(n for ck in cks for n in ck.tensors
-                          if ends_with(n, OUTPUT_EMBEDDINGS) and layer_index(n) is None)  # fmt: skip
+    owner: dict[str, str] = {}  # head -> the first input that has it of its own
+    for label, ck in zip(labels, cks, strict=False):
+        for n in ck.tensors:
+            if ends_with(n, OUTPUT_EMBEDDINGS) and layer_index(n) is None:
+                owner.setdefault(n, label)
+    heads = list(owner)
     for i, ck in enumerate(cks):
         wanted = [h for h in heads if h not in ck.tensors]
         config = _model_config(ck) if wanted and i < len(models) and models[i] else None
@@ -309,8 +313,7 @@ def _tie_heads(cks: list[Checkpoint], labels: Sequence[str], models: Sequence[bo
         view.tied = getattr(ck, "tied", None)  # type: ignore[attr-defined]
         view.heads_untied = wanted  # type: ignore[attr-defined]  # the output writes them: its config unties them
         for h in wanted:
-            has = next(labels[j] for j, o in enumerate(cks) if h in o.tensors)
-            notes.append(f"tied: {labels[i]} ties {h} to {embedding} (tie_word_embeddings), {has} has its own: "
+            notes.append(f"tied: {labels[i]} ties {h} to {embedding} (tie_word_embeddings), {owner[h]} has its own: "
                          f"{labels[i]}'s {embedding} stands in for it")  # fmt: skip
         cks[i] = view
     return cks[0], cks[1:]

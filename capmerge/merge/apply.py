@@ -61,9 +61,8 @@ def build_terms(
     cks = [open_checkpoint(v, **opts) for v in [*vectors, *add, *sub]]
     if not cks:
         raise UsageError("no vectors given (pass VECTOR files or --add/--sub checkpoints)")
-    models = (
-        [True] + [False] * len(vectors) + [True] * (len(add) + len(sub or ()))
-    )  # a vector's missing head: no change
+    # the models (BASE, --add/--sub) read a head they tie as their embedding; a vector without a head changes none
+    models = [True] + [False] * len(vectors) + [True] * (len(add) + len(sub or ()))
     base, cks, notes, ties = normalise(base, cks, rename=rename, labels=["BASE", *(c.ref for c in cks)], models=models)
     cks = [c.with_base(base) if getattr(c, "full", None) else c for c in cks]  # type: ignore[attr-defined]
     nv, na = len(vectors), len(add)

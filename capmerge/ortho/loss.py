@@ -65,6 +65,7 @@ def stored_rows(dirs: list[torch.Tensor], dtype: torch.dtype) -> tuple[list[torc
 
 
 def _f64(values: list[float], device: torch.device) -> torch.Tensor:
+    """A float64 tensor of ``values`` on ``device`` (partial sums for :func:`_sum_over_shards`)."""
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
@@ -213,18 +214,14 @@ class OrthogonalityLoss(nn.Module):
                 t = Target(name, layer, f"_u{i}", len(rows), norms, src, key, lora=lf, a_sharded=a_sharded)
                 c = torch.zeros(len(rows), dtype=torch.float64, device=device)
                 w0 = local(lf.base).reshape(-1)
-                ref_parts.append(
-                    (reduce_key(lf.base), torch.tensor([dot64(w0, w0)], dtype=torch.float64, device=device))
-                )
+                ref_parts.append((reduce_key(lf.base), _f64([dot64(w0, w0)], device)))
             else:
                 key = reduce_key(param)
                 rows, inv = stored_rows(dirs, dtype or param.dtype)
                 u = torch.stack([shard_like(r.view(param.shape), param).reshape(-1) for r in rows])
                 ref = reference_local(refs, name, param)
                 t = Target(name, layer, f"_u{i}", len(rows), norms, src, key, param=param)
-                ref_parts.append(
-                    (key, torch.tensor([dot64(ref.reshape(-1), ref.reshape(-1))], dtype=torch.float64, device=device))
-                )
+                ref_parts.append((key, _f64([dot64(ref.reshape(-1), ref.reshape(-1))], device)))
                 if keep:
                     t.ref = f"_r{i}"
                     self._store[t.ref] = ref.clone()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -234,6 +234,7 @@ class Document:
     name: str | None
     file: str  # the configuration's file (or <configuration>)
     line: int  # where the document starts
+    notes: list[str] = field(default_factory=list)  # keys accepted that change nothing (int8_mask)
 
 
 _DOC_START = re.compile(r"^---[ \t]*(?:#.*)?$", re.MULTILINE)
@@ -308,7 +309,18 @@ def _load_doc(text: str, own_text: str, file: str, line: int) -> Document:
     spec.out_dtype = r.dtype(doc, "out_dtype") or r.dtype(doc, "dtype")
     _tokenizer(r, doc, spec)
     _check_required(r, doc, spec, method)
-    return Document(spec, warnings, name, file, line)
+    return Document(spec, warnings, name, file, line, _int8_notes(r, doc, spec))
+
+
+def _int8_notes(r: _Reader, doc: dict, spec: MergeSpec) -> list[str]:
+    """A note where ``int8_mask`` is set true (mergekit's example configurations set it): it has no effect here."""
+    scopes = [(doc.get("parameters"), "parameters", spec.parameters)]
+    scopes += [(item.get("parameters"), f"slices[{i}].parameters", sl.parameters)
+               for i, (item, sl) in enumerate(zip(doc.get("slices") or [], spec.slices, strict=False))
+               if isinstance(item, dict)]  # fmt: skip
+    return [f"int8_mask has no effect ({r.file}:{_yaml.line_of(raw, 'int8_mask')}: {path}.int8_mask): mergekit "
+            "stores its sign masks as int8 to save memory, capmerge keeps them as bits; the output is the same"
+            for raw, path, got in scopes if isinstance(raw, dict) and (got or {}).get("int8_mask") is True]
 
 
 def _slices(r: _Reader, doc: dict, method: ModelMethod, warnings: list[str]) -> list[SliceSpec]:
@@ -435,6 +447,7 @@ def _run_one(doc: Document, output: str | os.PathLike[str], *, force: bool, allo
     summary = run_merge(spec, output, force=force, allow_nonfinite=allow_nonfinite, progress=progress,
                         shard_size=opts.shard_bytes)  # fmt: skip
     summary.warnings[:0] = doc.warnings
+    summary.notes[:0] = doc.notes
     return summary
 
 

@@ -350,3 +350,26 @@ def test_an_integer_buffer_some_models_lack_is_copied_from_the_reference(models,
     save_single(lacking / "model.safetensors", {n: torch.full(s, 0.25) for n, s in SHAPES.items() if "norm" not in n})
     fails(["merge", models["A"], lacking, "--weights", "0.5,0.5", "-o", tmp_path / "o"], tmp_path, capsys,
           f"tensor model.norm.weight is missing in model {lacking}")  # fmt: skip
+
+
+def test_int8_mask_is_accepted_with_a_note_and_changes_nothing(models, tmp_path: Path, capsys) -> None:
+    """mergekit's example configurations set int8_mask: true (a memory saving of its sign masks): accepted, a note
+    with its line says it has no effect, and the output is bit for bit the one without it."""
+    text = (f"merge_method: ties\nbase_model: {models['P']}\nmodels:\n  - model: {models['A']}\n"
+            f"    parameters: {{weight: 0.6, density: 0.5}}\n  - model: {models['B']}\n"
+            "    parameters: {weight: 0.4, density: 0.7}\ndtype: float32\n")  # fmt: skip
+    outs = {}
+    for flag in ("", "parameters:\n  normalize: true\n  int8_mask: true\n", "parameters:\n  int8_mask: false\n"):
+        cfg = tmp_path / f"c{len(outs)}.yml"
+        cfg.write_text(text + flag)
+        assert main(["run", str(cfg), "-o", str(tmp_path / f"o{len(outs)}")]) == 0
+        err = capsys.readouterr().err
+        notes = [ln for ln in err.splitlines() if ln.startswith("note: int8_mask has no effect")]
+        assert len(notes) == (1 if "true" in flag else 0), err
+        if notes:
+            assert f"({cfg}:11: parameters.int8_mask)" in notes[0], notes[0]
+        outs[flag] = load_any(tmp_path / f"o{len(outs)}")
+    plain, *others = outs.values()
+    for other in others:
+        for n in plain:
+            assert torch.equal(plain[n], other[n]), n

@@ -418,3 +418,11 @@ def test_mergekit_config_fetches_into_transformers_cache(hub, pushed, data, tmp_
     assert not (home / "hub" / "models--org--pre").exists()
     got, want = load_any(tmp_path / "out"), load_any(data["P"])
     assert sorted(got) == sorted(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_push_passes_on_no_warning_the_default_filters_hide(hub: HubServer, data: dict[str, Path], tmp_path: Path):
+    """push collects its skipped-file warnings; other warnings reach the user as Python's default filters let them:
+    a library's DeprecationWarning (httpx's, under huggingface_hub's upload) is not one of them."""
+    r = run(["push", str(data["P"]), "org/quiet-push"], tmp_path / "hf", hub, HF_TOKEN=TOKEN)
+    ok(r)
+    assert r.stderr.strip().splitlines() == ["push: committed on org/quiet-push"], r.stderr

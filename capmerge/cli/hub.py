@@ -52,14 +52,13 @@ def push_cmd(
     quiet: Quiet = False,
     as_json: Json = False,
 ) -> None:
+    from capmerge.errors import SkippedFileWarning
     from capmerge.share import push
 
     with handle_errors(), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", SkippedFileWarning)  # every one listed; the rest as the filters say
         url = push(vector, repo_id, private=private, revision=revision, commit_message=commit_message, token=token,
                    create_pr=create_pr, recommended_alpha=recommended_alpha)  # fmt: skip
-    from capmerge.errors import SkippedFileWarning
-
     skipped = [str(w.message) for w in caught if issubclass(w.category, SkippedFileWarning)]
     for w in caught:
         if not issubclass(w.category, SkippedFileWarning):

@@ -266,8 +266,9 @@ def merge_state_dicts(
 
     Returns:
         name → merged tensor. Tensors that are not floating point (integer buffers) are copied from the base (or the
-        first model). Unknown or missing parameters and a wrong number of models are a
-        :class:`~capmerge.errors.UsageError`; names or shapes that differ, a :class:`~capmerge.errors.MismatchError`.
+        first model); the other models need not hold them. Unknown or missing parameters and a wrong number of
+        models are a :class:`~capmerge.errors.UsageError`; names of floating tensors or shapes that differ, a
+        :class:`~capmerge.errors.MismatchError`.
     """
     import torch
 
@@ -288,15 +289,17 @@ def merge_state_dicts(
     reference = base if base is not None else models[0] if models else None
     if reference is None:
         raise UsageError(f"merge method {method}: no models given")
+    floats = {n for n, t in reference.items() if t.is_floating_point()}
     for label, sd in [("the base", base), *((f"model {i + 1}", x) for i, x in enumerate(models))]:
         if sd is None:
             continue
-        if set(sd) != set(reference):
-            diff = sorted(set(sd) ^ set(reference))
-            raise MismatchError(f"{label} holds other tensors than the reference ({', '.join(diff[:5])})")
-        for n, t in sd.items():
-            if tuple(t.shape) != tuple(reference[n].shape):
-                raise MismatchError(f"{label}: shape {list(t.shape)} vs {list(reference[n].shape)}", n)
+        names = {n for n, t in sd.items() if t.is_floating_point()}
+        if names != floats:  # integer buffers (position_ids, which newer transformers do not save) may differ
+            diff = sorted(names ^ floats)
+            raise MismatchError(f"{label} holds other floating tensors than the reference ({', '.join(diff[:5])})")
+        for n in floats:
+            if tuple(sd[n].shape) != tuple(reference[n].shape):
+                raise MismatchError(f"{label}: shape {list(sd[n].shape)} vs {list(reference[n].shape)}", n)
     out: dict[str, Any] = {}
     with torch.no_grad():
         for n, ref in reference.items():

@@ -163,7 +163,10 @@ def test_merge_state_dicts_checks_its_inputs() -> None:
         capmerge.merge_state_dicts([a, b], base=b, method="sce", parameters={"select_topk": float("nan")})
     with pytest.raises(UsageError, match=r"model parameter weight must be a finite number, got \[0.5, inf\]"):
         capmerge.merge_state_dicts([a, b], model_parameters={"weight": [0.5, float("inf")]})
-    with pytest.raises(MismatchError, match="model 2 holds other tensors"):
-        capmerge.merge_state_dicts([a, {"w": b["w"]}], model_parameters={"weight": 1.0})
+    # a model without the integer buffer (position_ids, which newer transformers do not save): the first model's
+    out = capmerge.merge_state_dicts([a, {"w": b["w"]}], model_parameters={"weight": 1.0})
+    assert torch.equal(out["ids"], a["ids"]) and torch.equal(out["w"], torch.full((2, 2), 0.5))
+    with pytest.raises(MismatchError, match=r"model 2 holds other floating tensors than the reference \(v\)"):
+        capmerge.merge_state_dicts([a, {**b, "v": torch.ones(2)}], model_parameters={"weight": 1.0})
     with pytest.raises(MismatchError, match=r"model 2: shape \[3\] vs \[2, 2\]"):
         capmerge.merge_state_dicts([a, {**b, "w": torch.zeros(3)}], model_parameters={"weight": 1.0})

@@ -318,9 +318,12 @@ def _int8_notes(r: _Reader, doc: dict, spec: MergeSpec) -> list[str]:
     scopes += [(item.get("parameters"), f"slices[{i}].parameters", sl.parameters)
                for i, (item, sl) in enumerate(zip(doc.get("slices") or [], spec.slices, strict=False))
                if isinstance(item, dict)]  # fmt: skip
-    return [f"int8_mask has no effect ({r.file}:{_yaml.line_of(raw, 'int8_mask')}: {path}.int8_mask): mergekit "
-            "stores its sign masks as int8 to save memory, capmerge keeps them as bits; the output is the same"
-            for raw, path, got in scopes if isinstance(raw, dict) and (got or {}).get("int8_mask") is True]
+    return [
+        f"int8_mask has no effect ({r.file}:{_yaml.line_of(raw, 'int8_mask')}: {path}.int8_mask): mergekit "
+        "stores its sign masks as int8 to save memory, capmerge keeps them as bits; the output is the same"
+        for raw, path, got in scopes
+        if isinstance(raw, dict) and (got or {}).get("int8_mask") is True
+    ]
 
 
 def _slices(r: _Reader, doc: dict, method: ModelMethod, warnings: list[str]) -> list[SliceSpec]:

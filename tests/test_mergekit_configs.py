@@ -439,6 +439,21 @@ def test_token_sources_and_padding_by_hand(vocabularies, capsys) -> None:
                                atol=1e-6)  # fmt: skip
 
 
+def tied_copy(src: Path, dst: Path) -> Path:
+    """``src`` saved tied: its tokenizer, its tensors without lm_head.weight, its config with tie_word_embeddings."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (dst / f).write_text((src / f).read_text())
+    weights = load_file(str(src / "model.safetensors"))
+    del weights["lm_head.weight"]
+    save_file(weights, str(dst / "model.safetensors"))
+    (dst / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()),
+                                                 "tie_word_embeddings": True}))  # fmt: skip
+    return dst
+
+
 @pytest.mark.parametrize(("method", "tied_c"), [("ties", False), ("della_linear", False), ("linear", False),
                                                ("ties", True)])  # fmt: skip
 def test_aligned_rows_stream_as_read_whole(vocabularies, tmp_path: Path, capsys, monkeypatch, method: str,
@@ -449,22 +464,12 @@ def test_aligned_rows_stream_as_read_whole(vocabularies, tmp_path: Path, capsys,
     (vocabulary.read): a union with a token forced to zeros, one from another token of a model, one from a row of
     a model, tokens some models lack, C's swapped rows; and with C saved tied (no head: its head is its embedding,
     the rows other models lack made from it)."""
-    from safetensors.torch import load_file, save_file
 
     from capmerge.merge import vocabulary
 
     _, m = vocabularies
     if tied_c:
-        c = tmp_path / "C-tied"
-        c.mkdir()
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            (c / f).write_text((m["C"] / f).read_text())
-        weights = load_file(str(m["C"] / "model.safetensors"))
-        del weights["lm_head.weight"]
-        save_file(weights, str(c / "model.safetensors"))
-        (c / "config.json").write_text(json.dumps({**json.loads((m["C"] / "config.json").read_text()),
-                                                   "tie_word_embeddings": True}))  # fmt: skip
-        m = {**m, "C": c}
+        m = {**m, "C": tied_copy(m["C"], tmp_path / "C-tied")}
     base = f"base_model: {m['P']}\n" if method != "linear" else ""
     dens = ", density: 0.6" if method != "linear" else ""
     cfg = tmp_path / "t.yml"
@@ -496,20 +501,13 @@ def test_a_token_source_not_in_the_heads_slice_gives_its_tied_head(
     """A token whose source model is merged in the first slice only, so not in the head's entries (the last slice's),
     and saved tied (no head): its head row is its embedding row, as transformers reads it; both the streamed rows and
     the whole-tensor path read it so."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from capmerge.merge import vocabulary
 
     _, m = vocabularies
-    c = tmp_path / "C-tied"
-    c.mkdir()
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        (c / f).write_text((m["C"] / f).read_text())
-    weights = load_file(str(m["C"] / "model.safetensors"))
-    del weights["lm_head.weight"]
-    save_file(weights, str(c / "model.safetensors"))
-    (c / "config.json").write_text(json.dumps({**json.loads((m["C"] / "config.json").read_text()),
-                                               "tie_word_embeddings": True}))  # fmt: skip
+    c = tied_copy(m["C"], tmp_path / "C-tied")
+    weights = load_file(str(c / "model.safetensors"))
     cfg = tmp_path / "t.yml"
     src = lambda k, r: f"      - model: {k}\n        layer_range: {r}\n        parameters: {{weight: 0.5}}\n"  # noqa: E731
     cfg.write_text("merge_method: linear\nslices:\n  - sources:\n" + src(m["A"], [0, 1]) + src(c, [0, 1])

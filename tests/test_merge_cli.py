@@ -142,6 +142,8 @@ def test_side_files_follow_the_copy_rules_of_apply(models, tmp_path: Path, capsy
         (["--weights", "1", "--method", "ties", "--density", "inf"], ["density: invalid number 'inf'"]),
         (["--weights", "1", "--override", "mlp:weight=-inf"], ["weight: invalid number '-inf'"]),
         (["--weights", "1", "--normalize", "--param", "normalize=maybe"], ["expected true or false"]),
+        # a method parameter spelled as an option: how to pass it
+        (["--method", "karcher", "--max-iter", "3"], ["No such option: --max-iter", "--param max_iter=VALUE"]),
     ],
 )
 def test_merge_bad_options(models, tmp_path: Path, capsys, extra: list[str], expect: list[str]) -> None:

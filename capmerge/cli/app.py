@@ -205,11 +205,24 @@ def _run(argv: list[str] | None) -> int:
                 print(text, file=sys.stderr)
             return 2
         if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # the CLI parser's usage errors
-            print(f"error: {e.format_message()}", file=sys.stderr)
+            print(f"error: {e.format_message()}{_param_hint(e)}", file=sys.stderr)
             return int(getattr(e, "exit_code", 2) or 2)
         print(f"error: {unexpected(e)}", file=sys.stderr)
         return 1
     return rv if isinstance(rv, int) else 0
+
+
+def _param_hint(e: BaseException) -> str:
+    """For ``capmerge merge --max-iter 3``: the method parameter that the unknown option names, and how to set it."""
+    option = getattr(e, "option_name", None)
+    if type(e).__name__ != "NoSuchOption" or not option or _ARGV[:1] != ["merge"]:
+        return ""
+    from capmerge.merge.methods.registry import MODEL_METHODS
+
+    name = option.lstrip("-").replace("-", "_")
+    if not any(name in m.params or name in m.model_params for m in MODEL_METHODS.values()):
+        return ""
+    return f" ({name} is a method parameter without an option of its own: --param {name}=VALUE)"
 
 
 def unexpected(e: BaseException) -> str:

@@ -132,6 +132,10 @@ def diff(
     summary.tensors_written = summary.tensors_changed = stats.tensors_written
     summary.zero_tensors = stats.tensors_dropped
     summary.tensors_unchanged = len(stats.tensors_dropped)
+    if not summary.tensors_changed and summary.zero_tensors:
+        summary.warnings.append(
+            f"AUX equals BASE in every tensor compared: the vector is empty ({ck_b.ref}, {ck_a.ref})"
+        )
     summary.bytes_read, summary.bytes_reread = stats.bytes_read, stats.bytes_reread
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -166,6 +166,14 @@ def test_diff_leaves_out_zero_and_non_float(ckpts: dict[str, Path]) -> None:
     assert meta["capmerge.base"] == str(ckpts["S"]) and meta["capmerge.aux"] == str(ckpts["A"])
     assert meta["capmerge.base_fingerprint"].startswith("sha256:")
     assert meta["capmerge.base_fingerprint"] != meta["capmerge.aux_fingerprint"]
+    assert not s.warnings
+    # the same checkpoint twice (arguments mixed up): an empty vector, said in a warning
+    same = capmerge.diff(ckpts["S"], ckpts["S"], tmp / "same.safetensors")
+    assert same.tensors_changed == 0 and len(same.zero_tensors) > 0
+    assert same.warnings == [f"AUX equals BASE in every tensor compared: the vector is empty ({ckpts['S']}, "
+                             f"{ckpts['S']})"]  # fmt: skip
+    with safe_open(str(tmp / "same.safetensors"), "pt") as f:
+        assert not list(f.keys())
 
 
 def test_zero_prefix_blocks_are_written_when_tensor_is_nonzero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

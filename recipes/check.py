@@ -7,6 +7,7 @@ import os
 import re
 from typing import Any
 
+from capmerge.errors import CapmergeError
 from capmerge.merge.overrides import (
     MERGEKIT_PARAMS,
     Override,
@@ -159,6 +160,8 @@ def _check_step(ctx: _Ctx, name: Any, body: Any, line: int) -> Step | None:
             ctx.err(f"missing key {k!r} for op {op}", line, f"{key}.{k}")
     if op == "apply" and not options.get("vectors") and not options.get("add") and "vectors" not in body:
         ctx.err("apply needs vectors: or add:", line, key)
+    if op == "merge":
+        _check_merge(ctx, key, body, options, line)
     if filter_lists:
         _check_overrides(ctx, key, options, lines, filter_lists)
     if op == "inspect":
@@ -169,6 +172,29 @@ def _check_step(ctx: _Ctx, name: Any, body: Any, line: int) -> Step | None:
         if not any(k in body for k in ("paths", "task")):
             ctx.err("inspect needs paths: or task: + capability:", line, key)
     return Step(name, op, line, options, lines)
+
+
+def _check_merge(ctx: _Ctx, key: str, body: Any, options: dict[str, Any], line: int) -> None:
+    """A merge step's parameters against its method (names, per-model counts), before any data is read."""
+    from capmerge.merge.methods.registry import MODEL_METHODS
+    from capmerge.merge.model_params import check_param, per_model
+
+    method = MODEL_METHODS.get(options.get("method", "linear"))
+    params = options.get("parameters")
+    if method is None or not isinstance(params, dict):
+        return
+    models = options.get("models")
+    models = models if isinstance(models, list) else [models]
+    pline, raw = _yaml.line_of(body, "parameters"), body.get("parameters")
+    for k, v in params.items():
+        name = "weight" if k == "weights" else k
+        try:
+            check_param(method, name)
+            if name in method.model_params and all(isinstance(m, str) for m in models):  # a step's: counted later
+                per_model(name, v if isinstance(v, list) else [v], [str(m) for m in models], None)
+        except CapmergeError as e:
+            ctx.err(e.args[0], _yaml.line_of(raw, k) if isinstance(raw, _yaml.LineDict) and k in raw else pline,
+                    f"{key}.parameters.{k}")  # fmt: skip
 
 
 def _has_unset(v: Any) -> bool:
@@ -334,6 +360,18 @@ def _check_value(key: str, kind: str, typ: str, v: Any) -> str | None:
     if typ == "method":
         choices = _methods()
         return None if v in choices else f"unknown method {v!r} (choose from {', '.join(choices)})"
+    if typ == "model_method":
+        from capmerge.merge.methods.registry import MODEL_METHODS
+
+        return None if v in MODEL_METHODS else f"unknown merge method {v!r} (choose from {', '.join(MODEL_METHODS)})"
+    if typ == "params":
+        if not isinstance(v, dict):
+            return f"{key}: expected a mapping of the method's parameters, got {_plain_repr(v)}"
+        for k, x in v.items():
+            items = x if isinstance(x, list) else [x]
+            if not items or not all(_is_num(i) or isinstance(i, bool) for i in items):
+                return f"{key}.{k}: expected a number, true/false or a list of numbers, got {_plain_repr(x)}"
+        return None
     raise AssertionError(typ)
 
 

@@ -29,7 +29,6 @@ from capmerge.merge import chat_templates
 from capmerge.merge.model_params import check_setting, kind_of
 from capmerge.recipes import yaml_lines as _yaml
 from capmerge.recipes.mergekit_cli import CommandOptions
-from capmerge.recipes.recipe import _plain_yaml
 
 if TYPE_CHECKING:  # the registry and the runner import torch: only when a configuration is loaded
     from capmerge.merge.methods.models import ModelMethod
@@ -134,7 +133,7 @@ class _Reader:
                                 f"({line}: {path}.{k})")  # fmt: skip
                 continue
             try:
-                out[k] = check_setting(_plain_yaml(v), kind_of(known[k]), k)
+                out[k] = check_setting(_yaml.plain(v), kind_of(known[k]), k)
             except ValueError as e:
                 raise self.fail(str(e), value, k, f"{path}.{k}") from None
         return out

@@ -40,14 +40,6 @@ from capmerge.recipes.expand import _NAME
 from capmerge.recipes.schema import PathLike, Recipe, RecipeError
 
 
-def _plain_yaml(v: Any) -> Any:
-    if isinstance(v, list):
-        return [_plain_yaml(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plain_yaml(x) for k, x in v.items()}
-    return v
-
-
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["alpha=0.6", "out=runs/a"]`` → ``{"alpha": 0.6, "out": "runs/a"}`` (values parsed as YAML scalars)."""
     from capmerge.errors import UsageError
@@ -59,7 +51,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not _NAME.fullmatch(name):
             raise UsageError(f"invalid override {item!r} (expected name=value)")
         try:
-            value = _plain_yaml(_yaml.load(text)) if text.strip() else ""  # the recipe's lines, not the text's
+            value = _yaml.plain(_yaml.load(text)) if text.strip() else ""  # the recipe's lines, not the text's
         except _yaml.RecipeYAMLError as e:  # e.g. an integer that does not fit in 64 bits
             raise UsageError(f"invalid override {name}=...: {e.what}") from None
         except yaml.YAMLError:

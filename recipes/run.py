@@ -26,6 +26,8 @@ def _default_output(step: Step, workdir: str) -> dict[str, str]:
         return {"output": base + ("-a{alpha}" if sweep else "")}
     if step.op == "inspect":
         return {"json": base + ".json"}
+    if step.op == "merge":
+        return {"output": base}
     return {}
 
 
@@ -162,7 +164,7 @@ class _Runner:
 
     def execute(self, step: Step, opts: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
         os.makedirs(self.workdir, exist_ok=True)
-        if step.op in ("diff", "apply", "compress"):
+        if step.op in ("diff", "apply", "compress", "merge"):
             # Outputs in the work directory, or written by this step before, are ours to replace.
             owned, wd = self.owned(step), os.path.abspath(self.workdir) + os.sep
             planned = _planned_outputs(step, opts)
@@ -191,6 +193,15 @@ class _Runner:
                 line = step.lines.get("vectors", step.line)
                 raise for_recipe(e, f"{step.name} ({self.recipe.path}:{line})") from None
             return list(s.outputs), s.to_dict()
+        if step.op == "merge":
+            from capmerge.recipes.mergekit import merge_models
+
+            o = dict(opts)
+            params = o.pop("parameters", None) or {}
+            if o.get("dtype") == "auto":  # each tensor's own
+                o.pop("dtype")
+            s = merge_models(o.pop("models"), o.pop("output"), **o, **params)
+            return [s.output], s.to_dict()
         if step.op == "inspect":
             return self._inspect(opts)
         if step.op == "compress":

@@ -154,6 +154,15 @@ def load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
+def plain(v: Any) -> Any:
+    """``v`` as plain lists and dicts (the line-keeping containers of :func:`load` copied into built-in ones)."""
+    if isinstance(v, list):
+        return [plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
+    return v
+
+
 def error_line(exc: yaml.YAMLError, text: str = "") -> int | None:
     """The 1-based line a YAML error points at, if it says (``text``: the document, for errors giving a position)."""
     if isinstance(exc, RecipeYAMLError):

@@ -328,3 +328,71 @@ def test_compress_step_writes_an_exact_low_rank_vector(tmp_path: Path) -> None:
     got = view.read_tensor("w").numpy()
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
     np.testing.assert_array_equal(view.read_tensor("b").numpy(), np.ones(16, np.float32))
+
+
+MERGE_RECIPE = """\
+vars:
+  sft: null
+  aux: null
+  aux2: null
+  w: 0.75
+steps:
+  vec:
+    op: diff
+    base: ${sft}
+    aux: ${aux}
+  blend:
+    op: merge
+    models: ["${aux}", "${aux2}"]
+    method: linear
+    parameters: {weights: ["${w}", 0.25]}
+    dtype: float32
+  final:
+    op: apply
+    base: ${steps.blend}
+    vectors: ["${steps.vec}"]
+    alpha: 0.5
+"""
+
+
+def test_merge_step_merges_models_and_feeds_later_steps(ck: dict) -> None:
+    """A merge step runs a model-centric method (capmerge.merge_models) on models, its output a model directory that
+    later steps take; its parameters are part of its key (a new weight re-runs it and what depends on it)."""
+    recipe = ck["tmp"] / "m.yaml"
+    recipe.write_text(MERGE_RECIPE)
+    out = ck["tmp"] / "work"
+    names = {"sft": str(ck["S"]), "aux": str(ck["A"]), "aux2": str(ck["A2"])}
+    first = capmerge.run_recipe(str(recipe), workdir=str(out), **names)
+    assert [s["status"] for s in first["steps"]] == ["ran"] * 3
+    t = ck["t"]
+    for w in (0.75, 0.5):
+        if w != 0.75:
+            again = capmerge.run_recipe(str(recipe), workdir=str(out), w=w, **names)
+            assert [s["status"] for s in again["steps"]] == ["cached", "ran", "ran"]
+        blend, final = load_any(out / "blend"), load_any(out / "final")
+        for n in ("embed.weight", "layers.2.big.weight"):
+            want = (np.float32(w) * _np(t["A"][n]) + np.float32(0.25) * _np(t["A2"][n])) / np.float32(w + 0.25)
+            np.testing.assert_allclose(_np(blend[n]), want, rtol=1e-6, atol=1e-6)
+            tau = _np(t["A"][n]) - _np(t["S"][n])
+            np.testing.assert_allclose(_np(final[n]), _np(blend[n]) + np.float32(0.5) * tau, rtol=1e-6, atol=1e-6)
+    assert [s["status"] for s in capmerge.run_recipe(str(recipe), workdir=str(out), w=0.5, **names)["steps"]] == [
+        "cached"
+    ] * 3
+
+
+def test_merge_step_parameters_are_checked_before_anything_runs(tmp_path: Path, ck: dict) -> None:
+    """Names, per-model counts and the method are checked against the method, each with its file:line."""
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"steps:\n  a:\n    op: merge\n    models: [{ck['A']}, {ck['A2']}]\n    method: ties\n"
+                      f"    base: {ck['S']}\n    parameters:\n      weights: [0.5, 0.3, 0.2]\n      densty: 0.5\n"
+                      f"  b:\n    op: merge\n    models: [{ck['A']}]\n    method: slerpp\n")  # fmt: skip
+    with pytest.raises(RecipeError) as e:
+        load(str(recipe))
+    got = [(what, where) for what, where in e.value.errors]
+    assert got == [
+        ("weight has 3 values for 2 models", f"{recipe}:8: steps.a.parameters.weights"),
+        ("ties has no parameter 'densty' (it takes: normalize, rescale, lambda, int8_mask, weight, density)",
+         f"{recipe}:9: steps.a.parameters.densty"),
+        (next(w for w, _ in got if w.startswith("unknown merge method 'slerpp'")), f"{recipe}:13: steps.b.method"),
+    ]  # fmt: skip
+    assert not (tmp_path / "capmerge-work").exists()

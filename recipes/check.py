@@ -153,7 +153,7 @@ def _check_step(ctx: _Ctx, name: Any, body: Any, line: int) -> Step | None:
                 if missing:
                     iline = _yaml.line_of(value, i) if isinstance(value, list) else kline
                     ctx.err(missing, iline, f"{key}.{k}")
-        options[k] = _plainish(value)
+        options[k] = _yaml.plain(value)
         lines[k] = kline
     for k, (_, _, required) in schema.items():
         if required and k not in body:
@@ -256,13 +256,13 @@ def _check_overrides(
             at = _yaml.line_of(value, len(value) - 1) or lines[k]
             ctx.err(problem, at, f"{key}.{k}[{len(value) - 1}].value")
             continue
-        options[target] = _plainish(default)
+        options[target] = _yaml.plain(default)
         lines.setdefault(target, lines[k])
     vectors = [x for k in ("vectors", "add") for x in _items(options.get(k))]
     n_vectors = len(vectors) if vectors and all(isinstance(v, str) for v in vectors) else None
     plain: list[Any] = []
     for spec, line, where, keymap in entries:
-        plain.append(_plainish(spec))
+        plain.append(_yaml.plain(spec))
         if _has_unset(spec):
             continue
         try:
@@ -284,15 +284,6 @@ def _check_overrides(
 def _items(v: Any) -> list[Any]:
     """An option's value as a list (a single ${steps.x} or unset ${var} stands for one or more items)."""
     return [] if v is None else v if isinstance(v, list) else [v]
-
-
-def _plainish(v: Any) -> Any:
-    """Drop the line bookkeeping from lists/dicts (the step keeps its key lines separately)."""
-    if isinstance(v, list):
-        return [_plainish(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _plainish(x) for k, x in v.items()}
-    return v
 
 
 def _is_num(x: Any) -> bool:
@@ -376,7 +367,7 @@ def _check_value(key: str, kind: str, typ: str, v: Any) -> str | None:
 
 
 def _plain_repr(v: Any) -> str:
-    return repr(_plainish(v))
+    return repr(_yaml.plain(v))
 
 
 def _missing_input(x: Any) -> str | None:

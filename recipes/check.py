@@ -177,7 +177,7 @@ def _check_step(ctx: _Ctx, name: Any, body: Any, line: int) -> Step | None:
 def _check_merge(ctx: _Ctx, key: str, body: Any, options: dict[str, Any], line: int) -> None:
     """A merge step's parameters against its method (names, per-model counts), before any data is read."""
     from capmerge.merge.methods.registry import MODEL_METHODS
-    from capmerge.merge.model_params import check_param, per_model
+    from capmerge.recipes.mergekit import split_parameters
 
     method = MODEL_METHODS.get(options.get("method", "linear"))
     params = options.get("parameters")
@@ -185,13 +185,11 @@ def _check_merge(ctx: _Ctx, key: str, body: Any, options: dict[str, Any], line: 
         return
     models = options.get("models")
     models = models if isinstance(models, list) else [models]
+    refs = [str(m) for m in models] if all(isinstance(m, str) for m in models) else None  # a step's: counted later
     pline, raw = _yaml.line_of(body, "parameters"), body.get("parameters")
     for k, v in params.items():
-        name = "weight" if k == "weights" else k
         try:
-            check_param(method, name)
-            if name in method.model_params and all(isinstance(m, str) for m in models):  # a step's: counted later
-                per_model(name, v if isinstance(v, list) else [v], [str(m) for m in models], None)
+            split_parameters(method, {k: v}, refs, None)
         except CapmergeError as e:
             ctx.err(e.args[0], _yaml.line_of(raw, k) if isinstance(raw, _yaml.LineDict) and k in raw else pline,
                     f"{key}.parameters.{k}")  # fmt: skip

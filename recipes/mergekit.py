@@ -620,6 +620,27 @@ def run_mergekit(
     return ran[0][1] if len(ran) == 1 and intermediate_dir is None else [summary for _, summary in ran]
 
 
+def split_parameters(m: ModelMethod, parameters: Mapping[str, Any], refs: list[str] | None,
+                     base: str | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """``merge_models``' parameters as one mapping per model and the global ones: ``weights`` read as ``weight``, a
+    name the method does not take refused, a per-model one given once or once per model (UsageError). ``refs``
+    None: the models are not known yet (a recipe step's output): the names are checked, not the counts."""
+    from capmerge.merge.model_params import check_param, per_model
+
+    own: list[dict[str, Any]] = [{} for _ in refs or []]
+    glob: dict[str, Any] = {}
+    for key, value in parameters.items():
+        key = "weight" if key == "weights" else key
+        check_param(m, key)
+        if key in m.model_params and refs is not None:
+            vals = list(value) if isinstance(value, list | tuple) else [value]
+            for d, v in zip(own, per_model(key, vals, refs, base), strict=True):
+                d[key] = v
+        elif key not in m.model_params:
+            glob[key] = list(value) if isinstance(value, tuple) else value
+    return own, glob
+
+
 def merge_models(
     models: list[str | os.PathLike[str]],
     output: str | os.PathLike[str],
@@ -643,24 +664,12 @@ def merge_models(
     the mergekit configuration it amounts to (written into the output's
     ``mergekit_config.yml`` and model card). Returns the :class:`~capmerge.merge.summary.Summary`."""
     from capmerge.merge.methods.registry import get_model_method
-    from capmerge.merge.model_params import check_param, per_model
 
     m = get_model_method(method)
     if not models:
         raise UsageError("no models given")
     refs = [os.fspath(x) for x in models]
-    own: list[dict[str, Any]] = [{} for _ in models]
-    glob: dict[str, Any] = {}
-    for key, value in parameters.items():
-        key = "weight" if key == "weights" else key
-        check_param(m, key)
-        if key in m.model_params:
-            vals = list(value) if isinstance(value, list | tuple) else [value]
-            base_ref = os.fspath(base) if base is not None else None
-            for d, v in zip(own, per_model(key, vals, refs, base_ref), strict=True):
-                d[key] = v
-        else:
-            glob[key] = list(value) if isinstance(value, tuple) else value
+    own, glob = split_parameters(m, parameters, refs, os.fspath(base) if base is not None else None)
     doc: dict[str, Any] = {"merge_method": m.name}
     if base is not None:
         doc["base_model"] = os.fspath(base)

@@ -385,7 +385,9 @@ def test_merge_step_parameters_are_checked_before_anything_runs(tmp_path: Path, 
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(f"steps:\n  a:\n    op: merge\n    models: [{ck['A']}, {ck['A2']}]\n    method: ties\n"
                       f"    base: {ck['S']}\n    parameters:\n      weights: [0.5, 0.3, 0.2]\n      densty: 0.5\n"
-                      f"  b:\n    op: merge\n    models: [{ck['A']}]\n    method: slerpp\n")  # fmt: skip
+                      f"  b:\n    op: merge\n    models: [{ck['A']}]\n    method: slerpp\n"
+                      "  c:\n    op: merge\n    models: ['${steps.a}']\n"
+                      "    parameters: {weight: [1, 2], t: 1}\n")  # fmt: skip
     with pytest.raises(RecipeError) as e:
         load(str(recipe))
     got = [(what, where) for what, where in e.value.errors]
@@ -394,5 +396,7 @@ def test_merge_step_parameters_are_checked_before_anything_runs(tmp_path: Path, 
         ("ties has no parameter 'densty' (it takes: normalize, rescale, lambda, int8_mask, weight, density)",
          f"{recipe}:9: steps.a.parameters.densty"),
         (next(w for w, _ in got if w.startswith("unknown merge method 'slerpp'")), f"{recipe}:13: steps.b.method"),
+        # models from another step: their count is known when it runs, the names now
+        ("linear has no parameter 't' (it takes: normalize, weight)", f"{recipe}:17: steps.c.parameters.t"),
     ]  # fmt: skip
     assert not (tmp_path / "capmerge-work").exists()

@@ -391,7 +391,7 @@ def _check(p: Planned) -> None:
         if ref.name in p.inputs[ref.input].ck.tensors and not p.info(ref).is_float:
             lacking = [e for e in tp.entries if e.name not in p.inputs[e.input].ck.tensors]
             if lacking:
-                tp.entries = [e for e in tp.entries if all(e is not x for x in lacking)]  # the base copied
+                tp.entries = [e for e in tp.entries if e.name in p.inputs[e.input].ck.tensors]  # ref's copied
                 p.warnings.append(f"{tp.name} (not floating) is copied from {ref.source.model}: "
                                   f"{', '.join(e.source.model for e in lacking)} do(es) not have it")  # fmt: skip
         es = tp.entries + ([tp.base] if tp.base else [])

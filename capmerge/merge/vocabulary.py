@@ -344,7 +344,6 @@ def streams(p: Any, entries: list[Any]) -> dict[int, tuple[Any, Any]] | None:
     record of one row per output token) for each input read aligned; the others read as they are. None where the
     tensor needs :func:`read` instead: padding rows (each model's mean row needs its whole tensor) or a LoRA
     input. The made rows are built here, from single rows of the inputs' files."""
-
     from capmerge._torch import as_tensor
     from capmerge.io.checkpoint import TensorInfo
     from capmerge.io.lazy import LazyCheckpoint

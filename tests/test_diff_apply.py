@@ -392,3 +392,16 @@ def test_a_missing_head_of_an_untied_model_stays_a_mismatch(tmp_path: Path, caps
     capsys.readouterr()
     fails(["diff", tmp_path / "T", tmp_path / "U", "-o", tmp_path / "v"], tmp_path, capsys,
           "1 only in AUX (lm_head.weight)", "--allow-missing")  # fmt: skip
+
+
+def test_a_tied_model_with_an_unreadable_config_is_one_error(tmp_path: Path, capsys) -> None:
+    """The config.json that says whether a head is tied must be JSON: one error line naming it, exit 2, nothing
+    written, the inputs untouched."""
+    from test_merge_cli import fails
+
+    t = _llama(tmp_path / "T", True, 0)
+    _llama(tmp_path / "U", False, 1, head_from=t)
+    (tmp_path / "T" / "config.json").write_text("{not json")
+    capsys.readouterr()
+    fails(["diff", tmp_path / "T", tmp_path / "U", "-o", tmp_path / "v"], tmp_path, capsys, "config.json",
+          str(tmp_path / "T" / "config.json"))  # fmt: skip

@@ -336,8 +336,8 @@ static void philox_avx2(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0,
 #endif
 
 #if HAVE_F16C_PATH && defined(__GNUC__) && !defined(__clang__)
-/* HAVE_AVX512VL_PATH and avx512vl_ok(): the AVX-512F/VL loops (Philox, DARE's fused loop, DELLA's classification
- * and ranks); the loops that also need BW/VBMI2 check avx512_ok(). */
+/* HAVE_AVX512VL_PATH and avx512vl_ok(): the AVX-512F/VL loops (Philox, DARE's fused loop, DELLA's fused passes);
+ * the loops that also need BW/VBMI2 check avx512_ok(). */
 #define HAVE_AVX512VL_PATH 1
 /* Eight Philox counters per register with AVX-512, each 32-bit word kept in the low half of a 64-bit lane: one
  * vpmuludq gives a whole 32x32->64 product (no even/odd split or blend), the next multiply ignores the high half,
@@ -1537,317 +1537,253 @@ static void run_moments(const term_t *terms, int k, const void *base, int base_d
         for (l = 0; l < i; l++) out[(size_t)i * k + l] = out[(size_t)l * k + i];
 }
 
-/* della_row_sort: the keep tests of one row of m elements by sorting it: u[j] becomes u[j] - table[r_j], r_j the
- * 0-based rank of |v[j]| (ties in index order, NaN above everything), from a stable LSD radix sort of the |v| bit
- * patterns (three digits of 11, 11 and 9 bits; a digit that every entry shares is skipped). Keep where the result is
- * negative: u < p exactly where u - p < 0 (a nonzero difference never rounds to 0). x, y: m scratch words each. */
-static void della_row_sort(const float *vr, float *ur, Py_ssize_t m, const float *table, uint64_t *x, uint64_t *y,
-                           uint32_t *hist) {
-    static const int shift[3] = {0, 11, 22};
-    Py_ssize_t j;
-    int d;
-    memset(hist, 0, 3 * 2048 * sizeof(uint32_t));
-    for (j = 0; j < m; j++) {
-        uint32_t key = f2u(vr[j]) & 0x7fffffffu;
-        if (key > 0x7f800000u) key = 0x7fc00000u; /* every NaN ranks as one value, above +inf */
-        x[j] = ((uint64_t)key << 32) | (uint64_t)j;
-        hist[key & 2047]++;
-        hist[2048 + ((key >> 11) & 2047)]++;
-        hist[4096 + (key >> 22)]++;
-    }
-    for (d = 0; d < 3; d++) {
-        uint32_t *h = hist + 2048 * d, sum = 0, c;
-        uint64_t *t;
-        if (h[(x[0] >> (32 + shift[d])) & 2047] == (uint32_t)m) continue; /* one digit for all: order kept */
-        for (c = 0; c < 2048; c++) {
-            uint32_t cnt = h[c];
-            h[c] = sum;
-            sum += cnt;
-        }
-        for (j = 0; j < m; j++) y[h[(x[j] >> (32 + shift[d])) & 2047]++] = x[j];
-        t = x, x = y, y = t;
-    }
-    for (j = 0; j < m; j++) {
-        uint32_t at = (uint32_t)x[j];
-        ur[at] = ur[at] - table[j];
+/* DELLA's keep test without ranks. Entry j of a row of m is kept with probability d - e + 2e r_j / (m - 1), r_j the
+ * 0-based rank of |v_j| in its row (ties in index order, NaN above everything), as in mergekit; the draw is x_j,
+ * tl.rand's integer of Philox(key, j) before its scaling (in [0, 2^31)): kept where x < xl = ceil((d - e) 2^31); where
+ * xl <= x < xh = ceil((d + e) 2^31), kept where |v_j| outranks entry o of the row, o = t + (t >= j) with
+ * t = ((x - xl) * rmul) >> 32 and rmul = floor((m - 1) 2^32 / (xh - xl)): an entry drawn uniformly from the m - 1
+ * others (to 2^-31), which v_j outranks with probability r_j / (m - 1). A row of one entry: kept where
+ * x - xl < (xh - xl) / 2 (probability d). No sort, no histogram: one gather per entry in the band. */
+static inline uint32_t della_key(float v) {
+    uint32_t k = f2u(v) & 0x7fffffffu;
+    return k > 0x7f800000u ? 0x7fc00000u : k; /* every NaN ranks as one value, above +inf */
+}
+
+/* tl.rand's integer of a word: as int32 x, x < 0 ? ~x : x */
+static inline uint32_t philox_fold(uint32_t w) { return w ^ (uint32_t)((int32_t)w >> 31); }
+
+/* The folded words of elements start .. start+m-1 in plain C (philox_scalar's layout). */
+static void philox_ints_scalar(uint32_t *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1) {
+    uint32_t w[4];
+    Py_ssize_t j = 0;
+    while (j < m) {
+        uint64_t g = start + (uint64_t)j;
+        Py_ssize_t l = (Py_ssize_t)(g & 3), end = j + 4 - l < m ? j + 4 - l : m;
+        philox4(g >> 2, key0, key1, w);
+        for (; j < end; j++, l++) dst[j] = philox_fold(w[l]);
     }
 }
 
-#define DELLA_GROUP 16384 /* entries of v and u made at a time, then ranked */
-#define DELLA_MAX_UNSURE 64 /* rows with more undecided entries are sorted (each costs a pass over the row) */
-
-/* DELLA's buckets (della_row_fast): |v| as its bits k (ordered as the magnitudes are); bucket 0 holds the zeros,
- * bucket 1 + ((k - kmin) >> sh) the rest, kmin the row's least nonzero k: a fixed number of buckets per octave, so
- * rows whose magnitudes span many octaves still spread out. */
-static inline uint32_t della_bucket(uint32_t k, uint32_t kmin, int sh) { return k ? 1 + ((k - kmin) >> sh) : 0; }
-
-/* della_classify: for entries [j0, m) of a row, w[j] = -1 where u[j] < plo[b] (kept whatever its rank), 1 where
- * u[j] >= phi[b] (dropped), 0 where undecided, b the entry's bucket. The undecided nonzero entries' indices go to
- * unsure[n ...] (up to DELLA_MAX_UNSURE); returns n plus their count. *zeros counts the undecided zeros. */
-static int della_classify_plain(const uint32_t *k, const float *u, Py_ssize_t j0, Py_ssize_t m, uint32_t kmin,
-                                int sh, const float *plo, const float *phi, float *w, Py_ssize_t *unsure, int n,
-                                int *zeros) {
+/* della_row_plain: the keep tests of one row (vr: its v, xr: its folded words) into ur: -1 kept, 1 dropped. */
+static void della_row_plain(const float *vr, const uint32_t *xr, float *ur, Py_ssize_t m, uint32_t xl, uint32_t xh,
+                            uint64_t rmul) {
     Py_ssize_t j;
-    for (j = j0; j < m; j++) {
-        uint32_t b = della_bucket(k[j], kmin, sh);
-        int keep = u[j] < plo[b], drop = !(u[j] < phi[b]);
-        w[j] = (float)(drop - keep);
-        if (!(keep | drop)) {
-            if (!k[j]) {
-                ++*zeros;
-                continue;
+    for (j = 0; j < m; j++) {
+        uint32_t x = xr[j];
+        int keep = x < xl;
+        if (!keep && x < xh) {
+            if (m == 1) {
+                keep = x - xl < (xh - xl) / 2;
+            } else {
+                Py_ssize_t t = (Py_ssize_t)(((uint64_t)(x - xl) * rmul) >> 32), o = t + (t >= j);
+                uint32_t kj = della_key(vr[j]), ko = della_key(vr[o]);
+                keep = kj > ko || (kj == ko && j > o);
             }
-            if (n < DELLA_MAX_UNSURE) unsure[n] = j;
-            n++;
         }
+        ur[j] = keep ? -1.0f : 1.0f;
     }
-    return n;
 }
-
-#if HAVE_F16C_PATH
-__attribute__((target("avx2"))) static int della_classify_avx2(const uint32_t *k, const float *u, Py_ssize_t m,
-                                                               uint32_t kmin, int sh, const float *plo,
-                                                               const float *phi, float *w, Py_ssize_t *unsure,
-                                                               int *zeros) {
-    const __m256 one = _mm256_set1_ps(1.0f), minus = _mm256_set1_ps(-1.0f);
-    const __m256i vmin = _mm256_set1_epi32((int)kmin), vone = _mm256_set1_epi32(1), zero = _mm256_setzero_si256();
-    const __m128i vsh = _mm_cvtsi32_si128(sh);
-    Py_ssize_t j;
-    int n = 0;
-    for (j = 0; j + 8 <= m; j += 8) {
-        __m256i kk = _mm256_loadu_si256((const __m256i *)(k + j)), iz = _mm256_cmpeq_epi32(kk, zero);
-        __m256 uu = _mm256_loadu_ps(u + j);
-        __m256i bk = _mm256_add_epi32(_mm256_srl_epi32(_mm256_sub_epi32(kk, vmin), vsh), vone);
-        __m256 keep, below;
-        unsigned und, uz;
-        bk = _mm256_andnot_si256(iz, bk); /* della_bucket */
-        keep = _mm256_cmp_ps(uu, _mm256_i32gather_ps(plo, bk, 4), _CMP_LT_OQ);
-        below = _mm256_cmp_ps(uu, _mm256_i32gather_ps(phi, bk, 4), _CMP_LT_OQ);
-        und = (unsigned)_mm256_movemask_ps(_mm256_andnot_ps(keep, below));
-        _mm256_storeu_ps(w + j, _mm256_blendv_ps(_mm256_andnot_ps(below, one), minus, keep));
-        if (!und) continue;
-        uz = und & (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(iz));
-        *zeros += __builtin_popcount(uz);
-        for (und &= ~uz; und; und &= und - 1) {
-            if (n < DELLA_MAX_UNSURE) unsure[n] = j + __builtin_ctz(und);
-            n++;
-        }
-    }
-    return della_classify_plain(k, u, j, m, kmin, sh, plo, phi, w, unsure, n, zeros);
-}
-#endif
 
 #if HAVE_AVX512VL_PATH
-/* della_classify with AVX-512 in two steps. The table is non-decreasing, so plo[b] >= table[0] = tmin and
- * phi[b] <= table[m - 1] = tmax: an entry with u < tmin is kept and one with u >= tmax dropped whatever its bucket
- * (with DELLA's table d - e + 2e r/(m - 1), all but about 2e of the entries). The vector loop decides those sixteen
- * at a time and lists the others in mid (m words); only they are looked up in their bucket's bounds. The same w,
- * unsure list (in index order) and zeros as della_classify_plain. */
-__attribute__((target("avx512f,avx512vl"))) static int della_classify_avx512(const uint32_t *k, const float *u,
-                                                                            Py_ssize_t m, uint32_t kmin, int sh,
-                                                                            const float *plo, const float *phi,
-                                                                            float tmin, float tmax, float *w,
-                                                                            uint32_t *mid, Py_ssize_t *unsure,
-                                                                            int *zeros) {
-    const __m512 lo = _mm512_set1_ps(tmin), hi = _mm512_set1_ps(tmax), one = _mm512_set1_ps(1.0f);
-    const __m512 minus = _mm512_set1_ps(-1.0f), zero = _mm512_setzero_ps();
+__attribute__((target("avx512f,avx512vl"))) static void philox_ints_avx512(uint32_t *dst, uint64_t start,
+                                                                          Py_ssize_t m, uint32_t key0, uint32_t key1) {
+    philox_keys_t K;
+    __m512i w[8];
+    Py_ssize_t j = (Py_ssize_t)((4 - (start & 3)) & 3);
+    int v;
+    j = j < m ? j : m;
+    philox_ints_scalar(dst, start, j, key0, key1);
+    if (j >= m) return;
+    philox_keys(&K, key0, key1, (start + (uint64_t)j) >> 2, (start + (uint64_t)m - 1) >> 2);
+    for (; j + 128 <= m; j += 128) {
+        philox_words(w, 4, (start + (uint64_t)j) >> 2, &K);
+        for (v = 0; v < 8; v++)
+            _mm512_storeu_si512(dst + j + 16 * v, _mm512_xor_si512(w[v], _mm512_srai_epi32(w[v], 31)));
+    }
+    for (; j < m; j += 32) { /* the last 32 or fewer */
+        uint32_t tmp[32];
+        philox_words(w, 1, (start + (uint64_t)j) >> 2, &K);
+        _mm512_storeu_si512(tmp, _mm512_xor_si512(w[0], _mm512_srai_epi32(w[0], 31)));
+        _mm512_storeu_si512(tmp + 16, _mm512_xor_si512(w[1], _mm512_srai_epi32(w[1], 31)));
+        memcpy(dst + j, tmp, (size_t)(m - j < 32 ? m - j : 32) * sizeof(uint32_t));
+    }
+}
+
+static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __m512i della_key16(__m512i bits) {
+    __m512i k = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
+    return _mm512_mask_mov_epi32(k, _mm512_cmpgt_epu32_mask(k, _mm512_set1_epi32(0x7f800000)),
+                                 _mm512_set1_epi32(0x7fc00000));
+}
+
+/* della_row_plain sixteen entries at a time (m >= 2, rmul < 2^32): t from two 32x32->64 products, the other entry's
+ * key gathered from the row (one gather per vector with an entry in the band: cheaper here than listing the band's
+ * entries first and gathering them sixteen at a time) */
+__attribute__((target("avx512f,avx512vl"))) static void della_row_avx512(const float *vr, const uint32_t *xr,
+                                                                        float *ur, Py_ssize_t m, uint32_t xl,
+                                                                        uint32_t xh, uint32_t rmul) {
+    const __m512i vxl = _mm512_set1_epi32((int)xl), vxh = _mm512_set1_epi32((int)xh);
+    const __m512i vr64 = _mm512_set1_epi64(rmul), one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
     const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    Py_ssize_t j, nmid = 0, q;
-    int n = 0;
-    for (j = 0; j + 16 <= m; j += 16) {
-        __m512 uu = _mm512_loadu_ps(u + j);
-        __mmask16 keep = _mm512_cmp_ps_mask(uu, lo, _CMP_LT_OQ), drop = _mm512_cmp_ps_mask(uu, hi, _CMP_NLT_UQ);
-        __mmask16 rest = (__mmask16) ~(keep | drop);
-        __m512i at = _mm512_add_epi32(_mm512_set1_epi32((int)j), lanes);
-        _mm512_storeu_ps(w + j, _mm512_mask_blend_ps(keep, _mm512_mask_blend_ps(drop, zero, one), minus));
-        /* compressed in a register, stored whole (nmid + 16 <= j + 16 <= m): a compressing store to memory is
-         * microcoded and slow on some CPUs (AMD Zen 4) */
-        _mm512_storeu_si512(mid + nmid, _mm512_maskz_compress_epi32(rest, at));
-        nmid += __builtin_popcount((unsigned)rest);
+    const __m512 plus = _mm512_set1_ps(1.0f), minus = _mm512_set1_ps(-1.0f);
+    Py_ssize_t j;
+    for (j = 0; j < m; j += 16) {
+        __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)((1u << (m - j)) - 1u);
+        __m512i x = _mm512_maskz_loadu_epi32(live, xr + j);
+        __mmask16 keep = _mm512_mask_cmplt_epu32_mask(live, x, vxl);
+        __mmask16 band = _mm512_mask_cmplt_epu32_mask((__mmask16)(live & ~keep), x, vxh);
+        if (band) {
+            __m512i dx = _mm512_sub_epi32(x, vxl), jv = _mm512_add_epi32(_mm512_set1_epi32((int)j), lanes);
+            __m512i even = _mm512_mul_epu32(dx, vr64), odd = _mm512_mul_epu32(_mm512_srli_epi64(dx, 32), vr64);
+            __m512i t = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(even, 32), odd);
+            __m512i o = _mm512_mask_add_epi32(t, _mm512_cmpge_epu32_mask(t, jv), t, one);
+            __m512i ko = della_key16(_mm512_mask_i32gather_epi32(zero, band, o, vr, 4));
+            __m512i kj = della_key16(_mm512_maskz_loadu_epi32(live, vr + j));
+            __mmask16 win = _mm512_cmpgt_epu32_mask(kj, ko) |
+                            (_mm512_cmpeq_epi32_mask(kj, ko) & _mm512_cmpgt_epu32_mask(jv, o));
+            keep |= (__mmask16)(band & win);
+        }
+        _mm512_mask_storeu_ps(ur + j, live, _mm512_mask_blend_ps(keep, plus, minus));
     }
-    for (; j < m; j++) {
-        int keep = u[j] < tmin, drop = !(u[j] < tmax);
-        w[j] = (float)(drop - keep);
-        if (!(keep | drop)) mid[nmid++] = (uint32_t)j;
+}
+
+/* della_fused: run_della's group (rows r0 .. r0 + nrows of m, m a multiple of 8, elements from start, g0 = elem_offset
+ * + start a multiple of 8) in two passes with AVX-512, the same bits and sums as the generic loops: v = a - b into
+ * v with sum |v| (eight double lanes, element j into lane j % 8); then row by row the Philox words made in place,
+ * della_row_avx512's test, sum |v| over the kept ones and the keep bits, a byte per eight elements. */
+__attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *a, int a_dt, const void *b, int b_dt,
+                                                                   Py_ssize_t start, Py_ssize_t nrows, Py_ssize_t m,
+                                                                   uint64_t g0, uint32_t k0, uint32_t k1,
+                                                                   uint32_t xl, uint32_t xh, uint32_t rmul, float *v,
+                                                                   uint8_t *bits, double *s1, double *s2) {
+    const __m512i vxl = _mm512_set1_epi32((int)xl), vxh = _mm512_set1_epi32((int)xh);
+    const __m512i vr64 = _mm512_set1_epi64(rmul), one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m512d l1 = _mm512_loadu_pd(s1), kept = _mm512_loadu_pd(s2);
+    Py_ssize_t len = nrows * m, j, r;
+    philox_keys_t K;
+    for (j = 0; j < len; j += 8) {
+        __m256 x = load8_exact(a, a_dt, start + j);
+        if (b) x = _mm256_sub_ps(x, load8_exact(b, b_dt, start + j));
+        _mm256_storeu_ps(v + j, x);
+        l1 = _mm512_add_pd(l1, _mm512_cvtps_pd(_mm256_and_ps(x, absmask)));
     }
-    for (q = 0; q < nmid; q += 16) { /* the listed entries, sixteen at a time: gathered, decided, scattered back */
-        __mmask16 live = q + 16 <= nmid ? (__mmask16)0xffff : (__mmask16)((1u << (nmid - q)) - 1u);
-        __m512i idx = _mm512_maskz_loadu_epi32(live, mid + q);
-        __m512i kk = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, idx, k, 4);
-        __m512 uu = _mm512_mask_i32gather_ps(zero, live, idx, u, 4), wv;
-        __mmask16 nz = _mm512_test_epi32_mask(kk, kk), keep, below, und;
-        __m512i bk = _mm512_maskz_add_epi32(
-            nz, _mm512_srl_epi32(_mm512_sub_epi32(kk, _mm512_set1_epi32((int)kmin)), _mm_cvtsi32_si128(sh)),
-            _mm512_set1_epi32(1)); /* della_bucket */
-        keep = _mm512_mask_cmp_ps_mask(live, uu, _mm512_mask_i32gather_ps(zero, live, bk, plo, 4), _CMP_LT_OQ);
-        below = _mm512_mask_cmp_ps_mask(live, uu, _mm512_mask_i32gather_ps(zero, live, bk, phi, 4), _CMP_LT_OQ);
-        wv = _mm512_mask_blend_ps(keep, _mm512_mask_blend_ps(below, one, zero), minus);
-        _mm512_mask_i32scatter_ps(w, live, idx, wv, 4);
-        und = (__mmask16)(live & below & ~keep);
-        *zeros += __builtin_popcount((unsigned)(und & ~nz));
-        for (und &= nz; und; und &= und - 1) { /* in index order: the list is */
-            if (n < DELLA_MAX_UNSURE) unsure[n] = (Py_ssize_t)mid[q + __builtin_ctz((unsigned)und)];
-            n++;
+    philox_keys(&K, k0, k1, g0 >> 2, (g0 + (uint64_t)len - 1) >> 2);
+    for (r = 0; r < nrows; r++) {
+        const float *vr = v + r * m;
+        uint64_t e0 = g0 + (uint64_t)(r * m);
+        __m512i w[8];
+        int nw = 0, at = 0;
+        for (j = 0; j < m; j += 16) {
+            __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)0x00ff, keep, band;
+            __m512i x;
+            __m512 vv;
+            if (at == nw) { /* the next words: 128 elements from four vectors of counters, else 32 */
+                nw = m - j >= 128 ? 8 : 2;
+                philox_words(w, nw / 2, (e0 + (uint64_t)j) >> 2, &K);
+                at = 0;
+            }
+            x = _mm512_xor_si512(w[at], _mm512_srai_epi32(w[at], 31));
+            at++;
+            keep = _mm512_mask_cmplt_epu32_mask(live, x, vxl);
+            band = _mm512_mask_cmplt_epu32_mask((__mmask16)(live & ~keep), x, vxh);
+            vv = _mm512_maskz_loadu_ps(live, vr + j);
+            if (band) {
+                __m512i dx = _mm512_sub_epi32(x, vxl), jv = _mm512_add_epi32(_mm512_set1_epi32((int)j), lanes);
+                __m512i even = _mm512_mul_epu32(dx, vr64), odd = _mm512_mul_epu32(_mm512_srli_epi64(dx, 32), vr64);
+                __m512i t = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(even, 32), odd);
+                __m512i o = _mm512_mask_add_epi32(t, _mm512_cmpge_epu32_mask(t, jv), t, one);
+                __m512i ko = della_key16(_mm512_mask_i32gather_epi32(zero, band, o, vr, 4));
+                __m512i kj = della_key16(_mm512_castps_si512(vv));
+                __mmask16 win = _mm512_cmpgt_epu32_mask(kj, ko) |
+                                (_mm512_cmpeq_epi32_mask(kj, ko) & _mm512_cmpgt_epu32_mask(jv, o));
+                keep |= (__mmask16)(band & win);
+            }
+            {
+                __m512i ab = _mm512_and_si512(_mm512_castps_si512(vv), _mm512_set1_epi32(0x7fffffff));
+                __m256 lo8 = _mm256_castsi256_ps(_mm512_castsi512_si256(ab));
+                __m256 hi8 = _mm256_castsi256_ps(_mm512_extracti64x4_epi64(ab, 1));
+                uint8_t *bp = bits + ((e0 + (uint64_t)j) >> 3);
+                kept = _mm512_mask_add_pd(kept, (__mmask8)keep, kept, _mm512_cvtps_pd(lo8));
+                bp[0] = (uint8_t)keep;
+                if (live == 0xffff) { /* else the row's last eight */
+                    kept = _mm512_mask_add_pd(kept, (__mmask8)(keep >> 8), kept, _mm512_cvtps_pd(hi8));
+                    bp[1] = (uint8_t)(keep >> 8);
+                }
+            }
         }
     }
-    return n;
+    _mm512_storeu_pd(s1, l1);
+    _mm512_storeu_pd(s2, kept);
 }
 #endif
 
-/* path: 0 the fastest loop this CPU has, 1 AVX2 (where it has it), 2 plain C (native della()'s argument, for tests).
- * table: the row's probabilities (non-decreasing); mid: m scratch words. */
-static int della_classify(const uint32_t *k, const float *u, Py_ssize_t m, uint32_t kmin, int sh, const float *plo,
-                          const float *phi, const float *table, float *w, uint32_t *mid, Py_ssize_t *unsure,
-                          int *zeros, int path) {
+/* path: 0 the fastest loops this CPU has, else plain C (native della()'s and philox_ints()'s argument, for tests) */
+static void philox_ints(uint32_t *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1, int path) {
 #if HAVE_AVX512VL_PATH
-    if (path == 0 && avx512vl_ok())
-        return della_classify_avx512(k, u, m, kmin, sh, plo, phi, table[0], table[m - 1], w, mid, unsure, zeros);
-#endif
-#if HAVE_F16C_PATH
-    if (path <= 1 && avx2_ok()) return della_classify_avx2(k, u, m, kmin, sh, plo, phi, w, unsure, zeros);
-#endif
-    (void)table, (void)mid;
-    return della_classify_plain(k, u, 0, m, kmin, sh, plo, phi, w, unsure, 0, zeros);
-}
-
-/* della_rank: entry j's 0-based rank in its row by k, ties in index order: the entries before j with k at most k[j]
- * and those after it with k below k[j]. path: as della_classify's (AVX-512: sixteen compares into a mask each, the
- * counts kept in a register). */
-#if HAVE_AVX512VL_PATH
-__attribute__((target("avx512f,avx512vl"))) static uint32_t della_rank_avx512(const uint32_t *k, Py_ssize_t m,
-                                                                               Py_ssize_t j) {
-    const __m512i kj = _mm512_set1_epi32((int)k[j]), one = _mm512_set1_epi32(1);
-    __m512i acc = _mm512_setzero_si512();
-    Py_ssize_t i;
-    for (i = 0; i + 16 <= j; i += 16)
-        acc = _mm512_mask_add_epi32(acc, _mm512_cmple_epu32_mask(_mm512_loadu_si512(k + i), kj), acc, one);
-    if (i < j) {
-        __mmask16 t = (__mmask16)((1u << (j - i)) - 1u);
-        acc = _mm512_mask_add_epi32(acc, _mm512_mask_cmple_epu32_mask(t, _mm512_maskz_loadu_epi32(t, k + i), kj),
-                                    acc, one);
+    if (path == 0 && avx512vl_ok()) {
+        philox_ints_avx512(dst, start, m, key0, key1);
+        return;
     }
-    for (i = j + 1; i + 16 <= m; i += 16)
-        acc = _mm512_mask_add_epi32(acc, _mm512_cmplt_epu32_mask(_mm512_loadu_si512(k + i), kj), acc, one);
-    if (i < m) {
-        __mmask16 t = (__mmask16)((1u << (m - i)) - 1u);
-        acc = _mm512_mask_add_epi32(acc, _mm512_mask_cmplt_epu32_mask(t, _mm512_maskz_loadu_epi32(t, k + i), kj),
-                                    acc, one);
-    }
-    return (uint32_t)_mm512_reduce_add_epi32(acc);
-}
-#endif
-
-static inline uint32_t della_rank(const uint32_t *k, Py_ssize_t m, Py_ssize_t j, int path) {
-    uint32_t kj = k[j], r = 0;
-    Py_ssize_t i;
-#if HAVE_AVX512VL_PATH
-    if (path == 0 && avx512vl_ok()) return della_rank_avx512(k, m, j);
 #endif
     (void)path;
-    for (i = 0; i < j; i++) r += k[i] <= kj;
-    for (i = j + 1; i < m; i++) r += k[i] < kj;
-    return r;
+    philox_ints_scalar(dst, start, m, key0, key1);
 }
 
-/* della_row_fast: the same keep tests as della_row_sort without sorting the row (table non-decreasing). An entry of
- * bucket b (della_bucket) has a rank between lo = (entries in lower buckets) and hi = lo + (entries in b) - 1, and so
- * is kept where u < table[lo] and dropped where u >= table[hi] whatever its rank. The few left between are ranked
- * exactly: a zero by the zeros before it, another entry by counting the entries below it (ties in index order).
- * u[j] becomes -1 (keep) or 1 (drop). Returns 0, or -1 with u untouched when the row needs the sort: a NaN or
- * infinity, no nonzero entry, or more than DELLA_MAX_UNSURE undecided nonzero entries. k: m words; cnt: m + 1
- * words (the bucket counts, then della_classify's scratch); w: m floats; plo, phi: m + 1 floats each; path: as
- * della_classify's. */
-MULTIVERSION
-static int della_row_fast(const float *vr, float *ur, Py_ssize_t m, const float *table, uint32_t *k, uint32_t *cnt,
-                          float *w, float *plo, float *phi, int path) {
-    Py_ssize_t j, unsure[DELLA_MAX_UNSURE];
-    int n_unsure, zeros = 0, sh = 0, q;
-    uint32_t kmax = 0, kmin = 0xffffffffu, sum = 0, top = (uint32_t)m - 1, nb, *c2, *bi = (uint32_t *)w;
-    for (j = 0; j < m; j++) { /* kmin - 1: the least k - 1, a zero's wrapping to the top (a vector min) */
-        uint32_t kj = f2u(vr[j]) & 0x7fffffffu;
-        k[j] = kj;
-        kmax = kj > kmax ? kj : kmax;
-        kmin = kj - 1 < kmin ? kj - 1 : kmin;
+static void della_row(const float *vr, const uint32_t *xr, float *ur, Py_ssize_t m, uint32_t xl, uint32_t xh,
+                      uint64_t rmul, int path) {
+#if HAVE_AVX512VL_PATH
+    if (path == 0 && m >= 2 && rmul <= 0xffffffffu && avx512vl_ok()) {
+        della_row_avx512(vr, xr, ur, m, xl, xh, (uint32_t)rmul);
+        return;
     }
-    kmin++;
-    if (kmax == 0 || kmax >= 0x7f800000u) return -1;
-    /* about m / 4 buckets: fewer cost less to fill and leave more entries undecided */
-    while (((kmax - kmin) >> sh) >= (m >= 8 ? (uint32_t)m / 4 : 1u)) sh++;
-    nb = 2 + ((kmax - kmin) >> sh);
-    /* the buckets' indices first (a vector loop; w is free until della_classify), then the counts, in two arrays
-     * where cnt's m + 1 words hold both: neighbours in one bucket then do not wait on each other's store */
-    for (j = 0; j < m; j++) bi[j] = della_bucket(k[j], kmin, sh);
-    c2 = 2 * (Py_ssize_t)nb <= m + 1 ? cnt + nb : cnt;
-    memset(cnt, 0, (size_t)nb * sizeof(uint32_t));
-    memset(c2, 0, (size_t)nb * sizeof(uint32_t));
-    for (j = 0; j + 1 < m; j += 2) {
-        cnt[bi[j]]++;
-        c2[bi[j + 1]]++;
-    }
-    if (j < m) cnt[bi[j]]++;
-    if (c2 != cnt)
-        for (j = 0; j < (Py_ssize_t)nb; j++) cnt[j] += c2[j];
-    for (j = 0; j < (Py_ssize_t)nb; j++) { /* each bucket's probabilities at its lowest and highest rank */
-        uint32_t lo = sum < top ? sum : top;
-        sum += cnt[j];
-        plo[j] = table[lo];
-        phi[j] = table[sum > 0 ? sum - 1 : 0];
-    }
-    n_unsure = della_classify(k, ur, m, kmin, sh, plo, phi, table, w, cnt, unsure, &zeros, path); /* cnt: free now */
-    if (n_unsure > DELLA_MAX_UNSURE) return -1;
-    for (q = 0; q < n_unsure; q++) {
-        j = unsure[q];
-        w[j] = ur[j] < table[della_rank(k, m, j, path)] ? -1.0f : 1.0f;
-    }
-    for (j = 0, sum = 0; zeros > 0; j++) { /* an undecided zero's rank: the zeros before it */
-        if (k[j]) continue;
-        if (w[j] == 0.0f) {
-            w[j] = ur[j] < table[sum] ? -1.0f : 1.0f;
-            zeros--;
-        }
-        sum++;
-    }
-    memcpy(ur, w, (size_t)m * sizeof(float));
-    return 0;
+#endif
+    (void)path;
+    della_row_plain(vr, xr, ur, m, xl, xh, rmul);
 }
+
+#define DELLA_GROUP 16384 /* entries of v and x made at a time, then decided */
 
 /* della: DELLA's keep bits for rows [0, rows) of m elements of v = a - b (float32; b may be NULL), elements
- * elem_offset .. elem_offset + rows*m of their tensor (elem_offset a multiple of 8). Entry j of a row is kept where
- * philox(key, elem_offset + j) < table[r], r its 0-based rank by |v| within the row (ties in index order, NaN above
- * everything: torch's stable ascending argsort of |v|) and table the keep probability of each rank. Rows are decided
- * by della_row_fast where the table is non-decreasing (d - e + 2e r/(m-1) with e >= 0), else by della_row_sort.
- * Kept bits go to bits[elem_offset / 8 ...]; returns sum |v| and sum |v| over kept entries (float64, eight partial
- * sums, as moments() sums them). */
+ * elem_offset .. elem_offset + rows*m of their tensor (elem_offset a multiple of 8), by the test above with bounds
+ * xl <= xh (m < 2^31). Kept bits go to bits[elem_offset / 8 ...]; returns sum |v| and sum |v| over kept entries
+ * (float64, eight partial sums, as moments() sums them). */
 MULTIVERSION
 static int run_della(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t rows, Py_ssize_t m,
-                     uint64_t elem_offset, uint32_t k0, uint32_t k1, const float *table, uint8_t *bits, double *sums,
-                     int path) {
-    /* rows in groups of about DELLA_GROUP entries, ranked while v and u are in cache; a group's rows are a multiple
-     * of q = 8 / gcd(m, 8) (gcd(m, 8): m's lowest set bit, at most 8), so every group starts at a multiple of 8 (the
-     * sums' lanes and the bits' bytes go on) */
+                     uint64_t elem_offset, uint32_t k0, uint32_t k1, uint32_t xl, uint32_t xh, uint8_t *bits,
+                     double *sums, int path) {
+    /* rows in groups of about DELLA_GROUP entries, decided while v and x are in cache; a group's rows are a multiple
+     * of q = 8 / gcd(m, 8), so every group starts at a multiple of 8 (the sums' lanes and the bits' bytes go on) */
     Py_ssize_t low = m & -m, q = 8 / (low < 8 ? low : 8), g = DELLA_GROUP / m, r, r0, r1, j, off;
     double s1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int sorted_table = 1;
-    float *v, *u, *tmp, *w;
-    uint64_t *x, *y;
-    uint32_t *hist;
+    uint64_t rmul = xh > xl && m > 1 ? ((uint64_t)(m - 1) << 32) / (uint64_t)(xh - xl) : 0;
+    /* the fused AVX-512 passes: whole bytes of bits per row, inputs it loads, the products it makes */
+    int fused = 0;
+#if HAVE_AVX512VL_PATH
+    fused = path == 0 && m % 8 == 0 && rmul <= 0xffffffffu && a_dt != DT_F16 && (!b || b_dt != DT_F16) &&
+            avx512vl_ok();
+#endif
+    float *v, *u, *tmp;
+    uint32_t *x;
     g = g > q ? (g + q - 1) / q * q : q;
     g = g < rows ? g : rows;
     v = (float *)malloc((size_t)(g * m) * sizeof(float)), u = (float *)malloc((size_t)(g * m) * sizeof(float));
-    tmp = (float *)malloc(TILE * sizeof(float)), w = (float *)malloc((size_t)m * sizeof(float));
-    x = (uint64_t *)malloc((size_t)(m + 1) * sizeof(uint64_t));
-    y = (uint64_t *)malloc((size_t)(m + 1) * sizeof(uint64_t));
-    hist = (uint32_t *)malloc(3 * 2048 * sizeof(uint32_t));
-    if (!v || !u || !tmp || !w || !x || !y || !hist) {
-        free(v), free(u), free(tmp), free(w), free(x), free(y), free(hist);
+    x = (uint32_t *)malloc((size_t)(g * m) * sizeof(uint32_t)), tmp = (float *)malloc(TILE * sizeof(float));
+    if (!v || !u || !x || !tmp) {
+        free(v), free(u), free(x), free(tmp);
         return -1;
     }
-    for (j = 1; j < m; j++)
-        if (!(table[j] >= table[j - 1])) sorted_table = 0;
     for (r0 = 0; r0 < rows; r0 = r1) {
         Py_ssize_t start = r0 * m, len;
         r1 = r0 + g < rows ? r0 + g : rows;
         len = r1 * m - start;
+#if HAVE_AVX512VL_PATH
+        if (fused) {
+            della_fused(a, a_dt, b, b_dt, start, r1 - r0, m, elem_offset + (uint64_t)start, k0, k1, xl, xh,
+                        (uint32_t)rmul, v, bits, s1, s2);
+            continue;
+        }
+#endif
         for (off = 0; off < len; off += TILE) {
             Py_ssize_t t = len - off < TILE ? len - off : TILE;
             load_tile(v + off, a, a_dt, start + off, t);
@@ -1855,23 +1791,15 @@ static int run_della(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_
                 load_tile(tmp, b, b_dt, start + off, t);
                 for (j = 0; j < t; j++) v[off + j] = v[off + j] - tmp[j];
             }
-            philox_tile(u + off, elem_offset + (uint64_t)(start + off), t, k0, k1);
         }
-        for (r = 0; r < r1 - r0; r++) {
-            const float *vr = v + r * m;
-            float *ur = u + r * m;
-            /* x and y (2m + 2 words each) hold della_row_fast's k, cnt and probabilities */
-            if (sorted_table && della_row_fast(vr, ur, m, table, (uint32_t *)x, (uint32_t *)x + m, w, (float *)y,
-                                               (float *)y + m + 1, path) == 0)
-                continue;
-            della_row_sort(vr, ur, m, table, x, y, hist);
-        }
+        philox_ints(x, elem_offset + (uint64_t)start, len, k0, k1, path);
+        for (r = 0; r < r1 - r0; r++) della_row(v + r * m, x + r * m, u + r * m, m, xl, xh, rmul, path);
         sum_abs_acc(v, len, s1);
         random_kept_acc(u, v, len, 0.0f, bits + ((elem_offset + (uint64_t)start) >> 3), s2);
     }
     sums[0] += sum8_combine(s1);
     sums[1] += sum8_combine(s2);
-    free(v), free(u), free(tmp), free(w), free(x), free(y), free(hist);
+    free(v), free(u), free(x), free(tmp);
     return 0;
 }
 
@@ -2523,33 +2451,31 @@ static PyObject *native_importance(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(neg);
 }
 
-/* della(a, a_dt, b | None, b_dt, rows, m, elem_offset, key, table, bits[, path]) -> (sum |v|, sum |v| kept); see
- * run_della. path (tests): della_classify's loop, 0 the fastest this CPU has. */
+/* della(a, a_dt, b | None, b_dt, rows, m, elem_offset, key, xl, xh, bits[, path]) -> (sum |v|, sum |v| kept); see
+ * run_della. path (tests): 0 the fastest loops this CPU has, else plain C. */
 static PyObject *native_della(PyObject *self, PyObject *args) {
     PyObject *b_o;
-    Py_buffer a, b, table, bits;
+    Py_buffer a, b, bits;
     int a_dt, b_dt, has_b = 0, ok = 1, rc = 0, path = 0;
     Py_ssize_t rows, m;
     unsigned long long offset, key;
+    unsigned long xl, xh;
     double sums[2] = {0.0, 0.0};
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*iOinnKKy*w*|i", &a, &a_dt, &b_o, &b_dt, &rows, &m, &offset, &key, &table, &bits,
+    if (!PyArg_ParseTuple(args, "y*iOinnKKkkw*|i", &a, &a_dt, &b_o, &b_dt, &rows, &m, &offset, &key, &xl, &xh, &bits,
                           &path))
         return NULL;
     if (b_o != Py_None) {
         if (PyObject_GetBuffer(b_o, &b, PyBUF_SIMPLE) < 0) ok = 0;
         else has_b = 1;
     }
-    if (ok && (rows < 0 || m < 1 || (offset & 7))) {
-        PyErr_SetString(PyExc_ValueError, "della: rows >= 0, m >= 1 and an offset that is a multiple of 8");
+    if (ok && (rows < 0 || m < 1 || m >= ((Py_ssize_t)1 << 31) || (offset & 7) || xl > xh || xh > 0x80000000ul)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "della: rows >= 0, 1 <= m < 2^31, an offset that is a multiple of 8 and xl <= xh <= 2^31");
         ok = 0;
     }
     if (ok) ok = check_dt(a_dt) && check_len(&a, a_dt, rows * m, "vector");
     if (ok && has_b) ok = check_dt(b_dt) && check_len(&b, b_dt, rows * m, "base");
-    if (ok && table.len < m * (Py_ssize_t)sizeof(float)) {
-        PyErr_SetString(PyExc_ValueError, "della: the probability table needs one float32 per rank");
-        ok = 0;
-    }
     if (ok && bits.len < (Py_ssize_t)((offset + (uint64_t)(rows * m) + 7) >> 3)) {
         PyErr_SetString(PyExc_ValueError, "a mask buffer is shorter than the tensor's bits");
         ok = 0;
@@ -2557,7 +2483,7 @@ static PyObject *native_della(PyObject *self, PyObject *args) {
     if (ok && rows > 0) {
         Py_BEGIN_ALLOW_THREADS
         rc = run_della(a.buf, a_dt, has_b ? b.buf : NULL, b_dt, rows, m, (uint64_t)offset, (uint32_t)key,
-                       (uint32_t)(key >> 32), (const float *)table.buf, (uint8_t *)bits.buf, sums, path);
+                       (uint32_t)(key >> 32), (uint32_t)xl, (uint32_t)xh, (uint8_t *)bits.buf, sums, path);
         Py_END_ALLOW_THREADS
         if (rc < 0) {
             PyErr_NoMemory();
@@ -2566,10 +2492,29 @@ static PyObject *native_della(PyObject *self, PyObject *args) {
     }
     PyBuffer_Release(&a);
     if (has_b) PyBuffer_Release(&b);
-    PyBuffer_Release(&table);
     PyBuffer_Release(&bits);
     if (!ok) return NULL;
     return Py_BuildValue("(dd)", sums[0], sums[1]);
+}
+
+/* philox_ints(key, start, n, out[, path]): the folded words (tl.rand's integers before the scaling) into out */
+static PyObject *native_philox_ints(PyObject *self, PyObject *args) {
+    unsigned long long key, start;
+    Py_ssize_t n;
+    Py_buffer out;
+    int path = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKnw*|i", &key, &start, &n, &out, &path)) return NULL;
+    if (n < 0 || out.len < n * 4) {
+        PyBuffer_Release(&out);
+        PyErr_SetString(PyExc_ValueError, "output buffer too small");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    philox_ints((uint32_t *)out.buf, (uint64_t)start, n, (uint32_t)key, (uint32_t)(key >> 32), path);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&out);
+    Py_RETURN_NONE;
 }
 
 static PyObject *native_diff(PyObject *self, PyObject *args) {
@@ -3119,8 +3064,10 @@ static PyMethodDef methods[] = {
      "importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits[, part[, band_lo, band_idx, band_val]]) -> "
      "count of I < 0 (and the band's count); I = |a - b| * scale[row] (arcee_fusion)"},
     {"della", native_della, METH_VARARGS,
-     "della(a, a_dt, b, b_dt, rows, m, elem_offset, key, table, bits[, path]) -> (l1, kept); DELLA's keep bits by row "
-     "rank (path 0: the fastest loops, 1: AVX2, 2: plain C)"},
+     "della(a, a_dt, b, b_dt, rows, m, elem_offset, key, xl, xh, bits[, path]) -> (l1, kept); DELLA's keep bits "
+     "(path 0: the fastest loops, else plain C)"},
+    {"philox_ints", native_philox_ints, METH_VARARGS,
+     "philox_ints(key, start, n, out[, path]) -> None; tl.rand's integers (before the scaling) for start .. start+n-1"},
     {"philox", native_philox, METH_VARARGS,
      "philox(key, start, n, out[, path]) -> None; tl.rand4x(key, i // 4)[i % 4] for i in start .. start+n-1"},
     {NULL, NULL, 0, NULL},

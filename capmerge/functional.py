@@ -65,10 +65,15 @@ def _philox4(key: int, q: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return c0, c1, c2, c3
 
 
-def _uniform_of(word: torch.Tensor) -> torch.Tensor:
-    """tl.rand's float of a uint32 word (held in int64): as int32 x, (x < 0 ? -x - 1 : x) · 2^-31."""
+def _fold(word: torch.Tensor) -> torch.Tensor:
+    """tl.rand's integer of a uint32 word (held in int64) before its scaling: as int32 x, x < 0 ? -x - 1 : x."""
     x = torch.where(word >= 2**31, word - 2**32, word)
-    x = torch.where(x < 0, -x - 1, x)
+    return torch.where(x < 0, -x - 1, x)
+
+
+def _uniform_of(word: torch.Tensor) -> torch.Tensor:
+    """tl.rand's float of a uint32 word (held in int64): :func:`_fold`'s integer · 2^-31."""
+    x = _fold(word)
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=x.device)
 
 
@@ -87,10 +92,21 @@ def philox_range(key: int, start: int, n: int, device: torch.device | str | None
     four words laid out in element order."""
     if n <= 0:
         return torch.empty(0, dtype=torch.float32, device=device)
+    return _uniform_of(_words(key, start, n, device))
+
+
+def philox_ints(key: int, start: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The integers in [0, 2^31) behind :func:`philox_range`'s floats (tl.rand's, before the scaling by 2^-31): int64,
+    one per element of ``start .. start + n - 1``."""
+    return _fold(_words(key, start, n, device))
+
+
+def _words(key: int, start: int, n: int, device: torch.device | str | None) -> torch.Tensor:
+    """The Philox words of elements start .. start + n - 1 (n ≥ 1): word i % 4 of counter i // 4, int64."""
     first = start >> 2
     q = torch.arange(first, ((start + n - 1) >> 2) + 1, dtype=torch.int64, device=device)
     stream = torch.stack(_philox4(key, q), dim=1).reshape(-1)
-    return _uniform_of(stream[start - 4 * first : start - 4 * first + n])
+    return stream[start - 4 * first : start - 4 * first + n]
 
 
 def kth_largest_abs(t: torch.Tensor, k: int) -> float:
@@ -202,7 +218,7 @@ def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torc
     """DELLA's keep probability of each entry: p = d − ε + 2ε·(r − 1)/(m − 1), r the rank of |t| (1 = smallest, ties
     ranked in index order) among the m entries of its row (dim 1; a 1-D tensor is one row). float32, t's shape.
 
-    A row of one entry gets p = d.
+    A row of one entry gets p = d. :func:`della_keep` keeps each entry with this probability (to 2^-31).
     """
     x = t.float()
     rows = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)
@@ -210,11 +226,63 @@ def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torc
     return (probs.reshape(x.shape) if x.dim() < 2 else probs.movedim(-1, 1)).contiguous()
 
 
+def della_bounds(density: float, epsilon: float) -> tuple[int, int]:
+    """(x_lo, x_hi) = (⌈(d − ε)·2^31⌉, ⌈(d + ε)·2^31⌉), clamped to [0, 2^31]: :func:`della_keep`'s band of draws."""
+    return tuple(min(max(math.ceil(v * 2**31), 0), 2**31) for v in (density - epsilon, density + epsilon))  # type: ignore[return-value]
+
+
+def della_keep(t: torch.Tensor, density: float, epsilon: float, *, key: int,
+               words: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """DELLA's keep mask (bool, t's shape): entry j of a row (dim 1; a 1-D tensor is one row) of m entries is kept
+    with probability :func:`della_probabilities`' p_j = d − ε + 2ε·r_j/(m − 1), independently, and with no ranks
+    computed. Its draw is x_j = :func:`philox_ints` (key, j) (j the flat index), uniform in [0, 2^31):
+
+    * x < x_lo (:func:`della_bounds`): kept (probability d − ε); x ≥ x_hi: dropped;
+    * in between (probability 2ε): kept where |t_j| outranks entry o of its row — greater, or equal with j > o (NaN
+      above everything, as in a stable ascending sort) — with t = ((x − x_lo)·R) >> 32, R = ⌊(m − 1)·2^32/(x_hi −
+      x_lo)⌋ and o = t + [t ≥ j]: an entry drawn uniformly (to 2^-31) from the other m − 1, which |t_j| outranks with
+      probability r_j/(m − 1). A row of one entry: kept where x − x_lo < ⌊(x_hi − x_lo)/2⌋ (probability d).
+
+    The native kernel (``capmerge/_native.c``, ``della``) makes the same bits; ``words``: the draws (int64, t's
+    shape), e.g. from it."""
+    x = t.float()
+    if words is None:
+        words = philox_ints(key, 0, x.numel(), x.device).reshape(x.shape)
+    rows = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)
+    keep = della_rows(
+        rows, words.reshape(1, -1) if x.dim() < 2 else words.movedim(1, -1), *della_bounds(density, epsilon)
+    )
+    return (keep.reshape(x.shape) if x.dim() < 2 else keep.movedim(-1, 1)).contiguous()
+
+
+def della_rows(rows: torch.Tensor, words: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """:func:`della_keep`'s test on rows along the last dimension (float32) with their draws (int64, the same shape)
+    and the band [lo, hi) of :func:`della_bounds`: the keep mask."""
+    m = rows.shape[-1]
+    if m >= 2**31:
+        raise ValueError(f"della: rows of at most 2^31 - 1 entries, got {m}")
+    keep = words < lo
+    band = (words >= lo) & (words < hi)
+    if m == 1:
+        return keep | (band & (words - lo < (hi - lo) // 2))
+    if hi > lo:
+        r = ((m - 1) << 32) // (hi - lo)
+        pick = (torch.where(band, words - lo, torch.zeros_like(words)) * r) >> 32
+        j = torch.arange(m, device=rows.device)
+        other = pick + (pick >= j).to(pick.dtype)
+        k = rows.contiguous().view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+        k = torch.where(k > 0x7F800000, torch.full_like(k, 0x7FC00000), k)  # every NaN one value, above +inf
+        ko = k.gather(-1, torch.where(band, other, torch.zeros_like(other)))
+        keep = keep | (band & ((k > ko) | ((k == ko) & (j > other))))
+    return keep
+
+
 def della_prune(t: torch.Tensor, density: float, epsilon: float, *, key: int, rescale: bool = True,
-                uniform: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
-    """DELLA (MagPrune): keep entry j where philox_uniform(key, j) < p_j (:func:`della_probabilities`), larger
-    magnitudes more likely; with ``rescale`` the kept entries are scaled by :func:`rescale_l1` (as mergekit does).
-    ``uniform(key, like)``: another source of the same numbers (e.g. the native kernel's), shaped like ``like``.
+                words: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+    """DELLA (MagPrune): keep each entry with probability p_j (:func:`della_probabilities`, larger magnitudes more
+    likely) by :func:`della_keep`'s test; with ``rescale`` the kept entries are scaled by :func:`rescale_l1` (as
+    mergekit does). ``words(key, like)``: another source of :func:`philox_ints`' numbers (e.g. the native kernel's),
+    shaped like ``like``.
 
     density ≥ 1 keeps everything (no rescale), density ≤ 0 nothing; otherwise d ± ε must lie in (0, 1).
     """
@@ -225,8 +293,8 @@ def della_prune(t: torch.Tensor, density: float, epsilon: float, *, key: int, re
         return torch.zeros_like(x)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError(f"epsilon must be chosen such that density ± epsilon is in (0, 1), got {density} ± {epsilon}")
-    u = uniform(key, x) if uniform is not None else philox_range(key, 0, x.numel(), x.device).reshape(x.shape)
-    kept = torch.where(u < della_probabilities(x, density, epsilon), x, torch.zeros_like(x))
+    w = words(key, x) if words is not None else None
+    kept = torch.where(della_keep(x, density, epsilon, key=key, words=w), x, torch.zeros_like(x))
     return rescale_l1(x, kept) if rescale else kept
 
 

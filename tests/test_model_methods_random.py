@@ -113,6 +113,25 @@ def test_della_keeps_larger_magnitudes_more_often(tau: torch.Tensor) -> None:
     assert fractions[-1] == pytest.approx(d + 0.9 * eps, abs=0.03), fractions
 
 
+def test_della_keep_probability_of_each_rank_and_independence() -> None:
+    """Rows of 5 with ties and a NaN: each rank is kept with d − ε + 2ε·r/4 (binomial bounds, 40 000 rows), and two
+    entries of a row are kept together with the product of their probabilities (the draws are per entry)."""
+    rows, m, d, eps = 40_000, 5, 0.4, 0.3
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(rows, m, generator=g)
+    t[::7, 3] = t[::7, 1]  # ties: ranked in index order
+    t[::11, 2] = float("nan")  # above everything
+    keep = F.della_keep(t, d, eps, key=F.tensor_key(0, "rows", 0))
+    ranks = F.row_ranks(t.abs())
+    want = [d - eps + 2 * eps * r / (m - 1) for r in range(m)]
+    for r in range(m):
+        ok, msg = binomial_ok(keep[ranks == r], want[r])
+        assert ok, f"rank {r}: {msg}"
+    lo, top = keep[ranks == 0].reshape(rows), keep[ranks == m - 1].reshape(rows)
+    ok, msg = binomial_ok(lo & top, want[0] * want[-1])
+    assert ok, f"both the smallest and the largest kept: {msg}"
+
+
 def test_della_epsilon_must_keep_probabilities_inside_0_1(tau: torch.Tensor) -> None:
     with pytest.raises(ValueError, match=r"tensor t, model 1: epsilon must be chosen such that density ± epsilon"):
         run("della", [tau], density=0.1)  # default ε = 0.15

@@ -326,47 +326,103 @@ _DELLA_CASES = [(c, k) for c in (("BF16", "BF16"), ("F16", "F32"), ("F32", None)
 _DELLA_CASES += [(("F32", None), k) for k in ("narrow", "tiny", "wide")]  # float32 patterns
 
 
+def _della_reference(v: torch.Tensor, rows: int, m: int, x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """DELLA's keep test as documented, entry by entry in Python: kept where x < lo; where lo <= x < hi, kept where
+    the entry's rank in its row (torch's stable argsort of |v|: ties in index order, NaN last) exceeds that of
+    entry o = t + [t >= j], t = ((x - lo)·⌊(m − 1)·2^32 / (hi − lo)⌋) >> 32; a row of one entry: x − lo <
+    ⌊(hi − lo)/2⌋."""
+    order = torch.argsort(v.abs().reshape(rows, m), dim=-1, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(m).expand(order.shape)).numpy()
+    r = ((m - 1) << 32) // (hi - lo) if hi > lo else 0
+    keep = np.zeros(rows * m, dtype=bool)
+    for row in range(rows):
+        for j in range(m):
+            xj = int(x[row * m + j])
+            if xj < lo:
+                keep[row * m + j] = True
+            elif xj < hi:
+                if m == 1:
+                    keep[row * m + j] = xj - lo < (hi - lo) // 2
+                else:
+                    t = ((xj - lo) * r) >> 32
+                    o = t + (t >= j)
+                    keep[row * m + j] = ranks[row, j] > ranks[row, o]
+    return keep
+
+
 @pytest.mark.parametrize(("codes", "kind"), _DELLA_CASES)
 @pytest.mark.parametrize("m", [1, 7, 256, 2053])
-@pytest.mark.parametrize("path", [0, 1, 2])  # the classification's loops: the fastest (AVX-512), AVX2, plain C
+@pytest.mark.parametrize("path", [0, 2])  # the fastest loops (AVX-512: fused where m is a multiple of 8), plain C
 def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], kind: str, m: int, path: int) -> None:
-    """della(): entry j of a row kept where Philox(key, offset + j) < table[rank of |v_j| in its row] — the ranks
-    from torch's stable argsort (ties in index order), the uniforms from the torch Philox reference; the sums Σ|v|,
-    Σ|kept| against numpy's float64 sums, for several kinds of rows. The kinds reach both ways the kernel decides a
-    row: by magnitude buckets (most rows of every kind without NaN/inf: model_diffs' ties and zeros ranked by
-    counting, wide's 160 octaves) and by sorting it (specials: NaN and inf; some narrow and tiny rows: too many
-    entries left undecided by the buckets; a decreasing table, ε < 0: always). ε from 0 (every entry decided by the
-    table's ends) to 0.3 (60 % of the entries between them, looked up in their buckets)."""
+    """della(): the keep bits of the documented test (:func:`_della_reference`: ranks from torch's stable argsort,
+    the draws from the torch Philox reference), the sums Σ|v|, Σ|kept| against numpy's float64 sums, for several
+    kinds of rows (NaN and ±inf, ties and zeros, subnormals, 160 octaves) and bands: ε 0.3 (60 % of the draws in
+    the band), 0.05, 0 (no band) and 1e-7 (a band narrower than a row: its products need 64 bits, the plain loop)."""
     from capmerge import _native
     from capmerge import functional as F
 
     ac, bc = codes
     g = torch.Generator().manual_seed(m)
-    rows = 9
+    rows = 9 if m < 1000 else 3  # the reference is a Python loop
     n = rows * m
     a, b = _della_rows(kind, ac, bc, n, g)
     v = a.float() - b.float() if b is not None else a.float()
-    order = torch.argsort(v.abs().reshape(rows, m), dim=-1, stable=True)
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(m).expand(order.shape)).reshape(-1)
-    for offset, eps in ((0, 0.3), (8, 0.3), (4096, 0.3), (8, -0.3), (16, 0.05), (0, 0.0)):
-        table = F.della_table(m, 0.4, eps)
-        keep = (F.philox_uniform(77, torch.arange(n) + offset) < table[ranks]).numpy()
+    av = np.abs(v.numpy().astype(np.float64))
+    for offset, eps in ((0, 0.3), (8, 0.3), (4096, 0.05), (16, 0.0), (24, 1e-7)):  # 1e-7: a band of ~430 draws
+        lo, hi = F.della_bounds(0.4, eps)
+        keep = _della_reference(v, rows, m, F.philox_ints(77, offset, n).numpy(), lo, hi)
         bits = np.zeros((offset + n + 7) // 8 + 3, dtype=np.uint8)
         bits[offset // 8 - 1 if offset else -1] = 0xA5  # bytes outside the block stay as they are
         l1, kept = _native.della(_mv(a), compute.NATIVE_CODES[ac], _mv(b) if b is not None else None,
-                                 compute.NATIVE_CODES.get(bc, 0), rows, m, offset, 77,
-                                 memoryview(table.numpy()).cast("B"), bits, path)  # fmt: skip
+                                 compute.NATIVE_CODES.get(bc, 0), rows, m, offset, 77, lo, hi, bits, path)  # fmt: skip
         got = np.unpackbits(bits, bitorder="little")[offset : offset + n].astype(bool)
-        assert np.array_equal(got, keep)
+        assert np.array_equal(got, keep), (offset, eps)
         assert bits[offset // 8 - 1 if offset else -1] == 0xA5
-        av = np.abs(v.numpy().astype(np.float64))
         with np.errstate(invalid="ignore"):
             assert l1 == pytest.approx(av.sum(), rel=1e-12, nan_ok=True)
             assert kept == pytest.approx(np.where(keep, av, 0.0).sum(), rel=1e-12, nan_ok=True)
     with pytest.raises(ValueError, match="multiple of 8"):
-        _native.della(_mv(a), 0, None, 0, rows, m, 3, 77, memoryview(table.numpy()).cast("B"), bits)
-    with pytest.raises(ValueError, match="one float32 per rank"):
-        _native.della(_mv(a), compute.NATIVE_CODES[ac], None, 0, rows, m, 0, 77, memoryview(bytearray(0)), bits)
+        _native.della(_mv(a), 0, None, 0, rows, m, 3, 77, lo, hi, bits)
+    with pytest.raises(ValueError, match="xl <= xh"):
+        _native.della(_mv(a), compute.NATIVE_CODES[ac], None, 0, rows, m, 0, 77, hi + 1, hi, bits)
+
+
+def test_della_paths_give_the_same_bits_and_sums() -> None:
+    """The fused AVX-512 passes (rows of a multiple of 8, bf16/float32) and the plain loops: the same keep bits and
+    the same float64 sums, bit for bit, over blocks that start mid-tensor."""
+    from capmerge import _native
+    from capmerge import functional as F
+
+    g = torch.Generator().manual_seed(4)
+    for m, code in ((8, "BF16"), (24, "BF16"), (2048, "BF16"), (40, "F32")):
+        rows = 70
+        dt = torch.bfloat16 if code == "BF16" else torch.float32
+        a, b = torch.randn(rows * m, generator=g).to(dt), torch.randn(rows * m, generator=g).to(dt)
+        lo, hi = F.della_bounds(0.3, 0.15)
+        got = []
+        for path in (0, 2):
+            bits = np.zeros((rows * m + 7) // 8 + 8, dtype=np.uint8)
+            sums = _native.della(_mv(a), compute.NATIVE_CODES[code], _mv(b), compute.NATIVE_CODES[code], rows, m,
+                                 64, 5, lo, hi, bits, path)  # fmt: skip
+            got.append((sums, bytes(bits)))
+        assert got[0] == got[1], m
+
+
+def test_philox_ints_are_the_uniforms_integers() -> None:
+    """philox_ints(): the torch reference's integers (tl.rand's before the scaling) from any start, in both loops;
+    scaled by 2^-31 in float32 they are philox()'s floats."""
+    from capmerge import _native
+    from capmerge import functional as F
+
+    for start in (0, 3, 8, 1001):
+        want = F.philox_ints(123, start, 517)
+        floats = np.empty(517, dtype=np.float32)
+        _native.philox(123, start, 517, floats)
+        assert torch.equal(want.float() * torch.tensor(4.6566127342e-10), torch.from_numpy(floats))
+        for path in (0, 2):
+            out = np.empty(517, dtype=np.int32)
+            _native.philox_ints(123, start, 517, out, path)
+            assert torch.equal(torch.from_numpy(out).long(), want), (start, path)
 
 
 def test_kept_bits_scale_like_the_torch_path() -> None:

@@ -329,11 +329,11 @@ class Stats:
             o += e - s
         return int(nnz)
 
-    def della(self, i: int, table: Any, key: int, m: int) -> tuple[float, float, Any]:
-        """DELLA's keep bits of v_i = θ_i − base over rows of ``m`` consecutive elements: entry j is kept where
-        Philox(key, j) < table[r], r the 0-based rank of |v_j| within its row (ties in index order; ``table``: the
-        float32 keep probability of each rank, :func:`capmerge.functional.della_table`). Returns (Σ|v_i|, Σ|kept|,
-        bits); the sums are float64 over blocks of whole rows (a multiple of 8 elements), summed in block order."""
+    def della(self, i: int, xl: int, xh: int, key: int, m: int) -> tuple[float, float, Any]:
+        """DELLA's keep bits of v_i = θ_i − base over rows of ``m`` consecutive elements: :func:`capmerge.functional.
+        della_keep`'s test with the draws' band [xl, xh) (:func:`~capmerge.functional.della_bounds`). Returns
+        (Σ|v_i|, Σ|kept|, bits); the sums are float64 over blocks of whole rows (a multiple of 8 elements), summed in
+        block order."""
         import numpy as np
 
         from capmerge.merge.compute import _native
@@ -346,7 +346,6 @@ class Stats:
         q = 8 // math.gcd(m, 8)  # blocks start on whole bytes of the keep bits
         step = max(q, step - step % q)
         bits = np.zeros((self.numel + 7) // 8, dtype=np.uint8)
-        tab = memoryview(np.ascontiguousarray(table, dtype=np.float32)).cast("B")
         base, bc = (0, compute.NATIVE_CODES.get(self.codes[0], 0)) if self.has_base else (None, 0)
         native = compute.use_native(self.codes[mi], *self.codes[:1])
 
@@ -356,9 +355,9 @@ class Stats:
             bview = self.read(base, s, e) if base is not None else None
             if native:
                 return _native.della(self.read(mi, s, e), compute.NATIVE_CODES[self.codes[mi]], bview, bc, r1 - r0,
-                                     m, s, key, tab, bits)  # fmt: skip
+                                     m, s, key, xl, xh, bits)  # fmt: skip
             return _torch_della(self.read(mi, s, e), self.codes[mi], bview, self.codes[0], r1 - r0, m, s, key,
-                                table, bits)  # fmt: skip
+                                xl, xh, bits)  # fmt: skip
 
         l1 = kept = 0.0
         for a, b in map_blocks(block, range(0, rows, step)):
@@ -517,7 +516,7 @@ def _torch_moments(views: list[Any], codes: list[str], base: Any, base_code: str
 
 
 def _torch_della(view: Any, code: str, base: Any, base_code: str, rows: int, m: int, offset: int, key: int,
-                 table: Any, bits: Any) -> tuple[float, float]:  # fmt: skip
+                 xl: int, xh: int, bits: Any) -> tuple[float, float]:  # fmt: skip
     """:meth:`Stats.della`'s block without the native kernel (the same keep bits; float64 sums in torch's order)."""
     import torch
 
@@ -529,8 +528,7 @@ def _torch_della(view: Any, code: str, base: Any, base_code: str, rows: int, m: 
     if base is not None:
         v = v - as_tensor(base, base_code)[:n].float()
     a = v.abs()
-    p = torch.as_tensor(table, dtype=torch.float32)[F.row_ranks(a.reshape(rows, m)).reshape(-1)]
-    keep = F.philox_range(key, offset, n) < p
+    keep = F.della_rows(v.reshape(rows, m), F.philox_ints(key, offset, n).reshape(rows, m), xl, xh).reshape(-1)
     _set_bits(bits, offset, keep.numpy())
     return float(a.double().sum()), float(torch.where(keep, a, torch.zeros_like(a)).double().sum())
 

@@ -58,20 +58,32 @@ def _magnitude(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInpu
     return torch.zeros_like(tau) if k is None else F.magnitude_prune(tau, threshold=kth_largest_abs_tensor(tau, [k])[k])
 
 
-def _uniform(key: int, like: torch.Tensor) -> torch.Tensor:
-    """``F.philox_uniform(key, arange(n))`` shaped like ``like``: on the CPU from the native kernel (the same numbers,
-    tests/test_functional.py; ~100× faster than the int64 torch reference), else ``F.philox_range``."""
+def _native_draws(key: int, like: torch.Tensor, *, ints: bool = False) -> torch.Tensor | None:
+    """The native kernel's :func:`F.philox_range` floats (``ints``: :func:`F.philox_ints`' integers, int64) of
+    elements 0 .. n − 1 shaped like ``like`` (the same numbers, tests/test_functional.py; ~100× faster than the int64
+    torch reference); None off the CPU or without the kernel."""
     n = like.numel()
-    if like.device.type == "cpu" and n and not os.environ.get("CAPMERGE_NO_NATIVE"):
-        try:
-            from capmerge import _native
-        except ImportError:
-            pass
-        else:
-            out = torch.empty(n, dtype=torch.float32)
-            _native.philox(key, 0, n, out.numpy())
-            return out.reshape(like.shape)
-    return F.philox_range(key, 0, n, like.device).reshape(like.shape)
+    if like.device.type != "cpu" or not n or os.environ.get("CAPMERGE_NO_NATIVE"):
+        return None
+    try:
+        from capmerge import _native
+    except ImportError:
+        return None
+    out = torch.empty(n, dtype=torch.int32 if ints else torch.float32)
+    (_native.philox_ints if ints else _native.philox)(key, 0, n, out.numpy())
+    return (out.to(torch.int64) if ints else out).reshape(like.shape)
+
+
+def _uniform(key: int, like: torch.Tensor) -> torch.Tensor:
+    """``F.philox_uniform(key, arange(n))`` shaped like ``like``: the native kernel's where it runs."""
+    got = _native_draws(key, like)
+    return got if got is not None else F.philox_range(key, 0, like.numel(), like.device).reshape(like.shape)
+
+
+def _ints(key: int, like: torch.Tensor) -> torch.Tensor:
+    """``F.philox_ints(key, 0, n)`` shaped like ``like``: the native kernel's where it runs."""
+    got = _native_draws(key, like, ints=True)
+    return got if got is not None else F.philox_ints(key, 0, like.numel(), like.device).reshape(like.shape)
 
 
 def _random(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:
@@ -96,10 +108,10 @@ def _breadcrumbs(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorIn
 
 
 def _della(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:
-    """``F.della_prune(tau, d, ε, key=..., rescale=False)`` with the native kernel's uniforms: keep where u < p_j."""
+    """``F.della_prune(tau, d, ε, key=..., rescale=False)`` with the native kernel's draws."""
     d, eps = float(p["density"]), float(p["epsilon"])  # type: ignore[arg-type]
     try:
-        return F.della_prune(tau, d, eps, key=F.tensor_key(x.seed, x.name, i), rescale=False, uniform=_uniform)
+        return F.della_prune(tau, d, eps, key=F.tensor_key(x.seed, x.name, i), rescale=False, words=_ints)
     except ValueError as e:
         raise ValueError(f"tensor {x.name}, model {i + 1}: {e}") from None
 
@@ -137,11 +149,11 @@ def generalized_task_arithmetic(x: TensorInputs, *, prune: Prune | None, elect: 
 
 def gta_form(prune: Prune | None, elect: bool) -> B.Form:
     """The block form of :func:`generalized_task_arithmetic`. Random and DELLA pruning record their keep bits in the
-    statistics pass (DELLA ranks each row there) and the merge replays them, scaled by the ``rescale`` ratio. None
-    (the float32 function runs instead) for weights of mixed sign under election, whose agreement test mergekit makes
-    on w_i·τ_i; a normalizer that can be ≤ 0; ``rescale`` together with ``normalize`` for the magnitude methods (their
-    ratio is folded into the weights); DELLA over a tensor of more than two dimensions (rows along dim 1) or with
-    an invalid ε (the function reports it)."""
+    statistics pass (DELLA compares entries within rows there) and the merge replays them, scaled by the ``rescale``
+    ratio. None (the float32 function runs instead) for weights of mixed sign under election, whose agreement test
+    mergekit makes on w_i·τ_i; a normalizer that can be ≤ 0; ``rescale`` together with ``normalize`` for the
+    magnitude methods (their ratio is folded into the weights); DELLA over a tensor of more than two dimensions (rows
+    along dim 1) or with an invalid ε (the function reports it)."""
 
     def form(s: B.Spec) -> B.Finish | None:
         if not s.has_base:
@@ -191,11 +203,11 @@ def gta_form(prune: Prune | None, elect: bool) -> B.Form:
             w = list(weights)
             bits: list[object] = [None] * len(w)
             sums: dict[int, tuple[float, float]] = {}  # model -> (Σ|τ|, Σ|kept τ|)
-            if prune is _della:  # ranks within rows of dim 1 (a tensor of one dimension is one row)
+            if prune is _della:  # rows of dim 1 (a tensor of one dimension is one row)
                 m = s.shape[1] if len(s.shape) == 2 else n
                 for i in (i for i, p in enumerate(prunes) if p[0] == B.RANDOM):
-                    table = F.della_table(m, dens[i], float(s.model_params[i]["epsilon"])).numpy()
-                    l1, kept, bits[i] = st.della(i, table, prunes[i][3], m)
+                    xl, xh = F.della_bounds(dens[i], float(s.model_params[i]["epsilon"]))
+                    l1, kept, bits[i] = st.della(i, xl, xh, prunes[i][3], m)
                     sums[i], prunes[i] = (l1, kept), (B.BITS, 0.0, 0.0, 0)
             elif rescale:
                 mo = st.moments(relative=True, prune=prunes, gram=False, l1=True, masks=prune is _random)

@@ -1647,10 +1647,11 @@ __attribute__((target("avx512f,avx512vl"))) static void della_row_avx512(const f
 }
 
 /* della_fused: run_della's group (rows r0 .. r0 + nrows of m, m a multiple of 8, elements from start, g0 = elem_offset
- * + start a multiple of 8) in two passes with AVX-512, the same bits and sums as the generic loops: v = a - b into
+ * + start a multiple of 8; bt: the base's group in float32, or NULL) in two passes with AVX-512, the same bits and
+ * sums as the generic loops: v = a - bt into
  * v with sum |v| (eight double lanes, element j into lane j % 8); then row by row the Philox words made in place,
  * della_row_avx512's test, sum |v| over the kept ones and the keep bits, a byte per eight elements. */
-__attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *a, int a_dt, const void *b, int b_dt,
+__attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *a, int a_dt, const float *bt,
                                                                    Py_ssize_t start, Py_ssize_t nrows, Py_ssize_t m,
                                                                    uint64_t g0, uint32_t k0, uint32_t k1,
                                                                    uint32_t xl, uint32_t xh, uint32_t rmul, float *v,
@@ -1664,7 +1665,7 @@ __attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *
     philox_keys_t K;
     for (j = 0; j < len; j += 8) {
         __m256 x = load8_exact(a, a_dt, start + j);
-        if (b) x = _mm256_sub_ps(x, load8_exact(b, b_dt, start + j));
+        if (bt) x = _mm256_sub_ps(x, _mm256_loadu_ps(bt + j));
         _mm256_storeu_ps(v + j, x);
         l1 = _mm512_add_pd(l1, _mm512_cvtps_pd(_mm256_and_ps(x, absmask)));
     }
@@ -1678,9 +1679,15 @@ __attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *
             __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)0x00ff, keep, band;
             __m512i x;
             __m512 vv;
-            if (at == nw) { /* the next words: 128 elements from four vectors of counters, else 32 */
-                nw = m - j >= 128 ? 8 : 2;
-                philox_words(w, nw / 2, (e0 + (uint64_t)j) >> 2, &K);
+            if (at == nw) { /* the next words: 128 elements from four vectors of counters, else 32 (two call sites:
+                             * philox_words wants its count a constant) */
+                if (m - j >= 128) {
+                    nw = 8;
+                    philox_words(w, 4, (e0 + (uint64_t)j) >> 2, &K);
+                } else {
+                    nw = 2;
+                    philox_words(w, 1, (e0 + (uint64_t)j) >> 2, &K);
+                }
                 at = 0;
             }
             x = _mm512_xor_si512(w[at], _mm512_srai_epi32(w[at], 31));
@@ -1744,62 +1751,67 @@ static void della_row(const float *vr, const uint32_t *xr, float *ur, Py_ssize_t
 
 #define DELLA_GROUP 16384 /* entries of v and x made at a time, then decided */
 
-/* della: DELLA's keep bits for rows [0, rows) of m elements of v = a - b (float32; b may be NULL), elements
- * elem_offset .. elem_offset + rows*m of their tensor (elem_offset a multiple of 8), by the test above with bounds
- * xl <= xh (m < 2^31). Kept bits go to bits[elem_offset / 8 ...]; returns sum |v| and sum |v| over kept entries
- * (float64, eight partial sums, as moments() sums them). */
+/* One model of a della() call: its vector (bf16, f16 or float32), Philox key, band [xl, xh), keep bits (the
+ * tensor's, bit elem_offset + i for element i) and float64 lanes of sum |v| and sum |v| kept. */
+typedef struct {
+    const void *a;
+    int a_dt;
+    uint32_t k0, k1, xl, xh;
+    uint8_t *bits;
+    double s1[8], s2[8];
+} della_term_t;
+
+/* della: DELLA's keep bits for rows [0, rows) of m elements of v_i = a_i - b (float32; b may be NULL) for each of the
+ * k terms, elements elem_offset .. elem_offset + rows*m of their tensor (elem_offset a multiple of 8), by the test
+ * above with each term's bounds xl <= xh (m < 2^31). The base is read once per group of rows for all the terms. Kept
+ * bits go to bits[elem_offset / 8 ...]; each term's sum |v| and sum |v| over kept entries go to its eight lanes
+ * (float64, element j into lane j % 8, as moments() sums them). */
 MULTIVERSION
-static int run_della(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t rows, Py_ssize_t m,
-                     uint64_t elem_offset, uint32_t k0, uint32_t k1, uint32_t xl, uint32_t xh, uint8_t *bits,
-                     double *sums, int path) {
+static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssize_t rows, Py_ssize_t m,
+                     uint64_t elem_offset, int path) {
     /* rows in groups of about DELLA_GROUP entries, decided while v and x are in cache; a group's rows are a multiple
      * of q = 8 / gcd(m, 8), so every group starts at a multiple of 8 (the sums' lanes and the bits' bytes go on) */
     Py_ssize_t low = m & -m, q = 8 / (low < 8 ? low : 8), g = DELLA_GROUP / m, r, r0, r1, j, off;
-    double s1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    uint64_t rmul = xh > xl && m > 1 ? ((uint64_t)(m - 1) << 32) / (uint64_t)(xh - xl) : 0;
-    /* the fused AVX-512 passes: whole bytes of bits per row, inputs it loads, the products it makes */
-    int fused = 0;
-#if HAVE_AVX512VL_PATH
-    fused = path == 0 && m % 8 == 0 && rmul <= 0xffffffffu && a_dt != DT_F16 && (!b || b_dt != DT_F16) &&
-            avx512vl_ok();
-#endif
-    float *v, *u, *tmp;
+    float *v, *u, *bt = NULL;
     uint32_t *x;
+    int i;
     g = g > q ? (g + q - 1) / q * q : q;
     g = g < rows ? g : rows;
     v = (float *)malloc((size_t)(g * m) * sizeof(float)), u = (float *)malloc((size_t)(g * m) * sizeof(float));
-    x = (uint32_t *)malloc((size_t)(g * m) * sizeof(uint32_t)), tmp = (float *)malloc(TILE * sizeof(float));
-    if (!v || !u || !x || !tmp) {
-        free(v), free(u), free(x), free(tmp);
+    x = (uint32_t *)malloc((size_t)(g * m) * sizeof(uint32_t));
+    if (b) bt = (float *)malloc((size_t)(g * m) * sizeof(float));
+    if (!v || !u || !x || (b && !bt)) {
+        free(v), free(u), free(x), free(bt);
         return -1;
     }
     for (r0 = 0; r0 < rows; r0 = r1) {
         Py_ssize_t start = r0 * m, len;
         r1 = r0 + g < rows ? r0 + g : rows;
         len = r1 * m - start;
+        for (off = 0; b && off < len; off += TILE)
+            load_tile(bt + off, b, b_dt, start + off, len - off < TILE ? len - off : TILE);
+        for (i = 0; i < k; i++) {
+            della_term_t *t = &terms[i];
+            uint64_t rmul = t->xh > t->xl && m > 1 ? ((uint64_t)(m - 1) << 32) / (uint64_t)(t->xh - t->xl) : 0;
 #if HAVE_AVX512VL_PATH
-        if (fused) {
-            della_fused(a, a_dt, b, b_dt, start, r1 - r0, m, elem_offset + (uint64_t)start, k0, k1, xl, xh,
-                        (uint32_t)rmul, v, bits, s1, s2);
-            continue;
-        }
-#endif
-        for (off = 0; off < len; off += TILE) {
-            Py_ssize_t t = len - off < TILE ? len - off : TILE;
-            load_tile(v + off, a, a_dt, start + off, t);
-            if (b) {
-                load_tile(tmp, b, b_dt, start + off, t);
-                for (j = 0; j < t; j++) v[off + j] = v[off + j] - tmp[j];
+            /* the fused AVX-512 passes: whole bytes of bits per row, inputs it loads, the products it makes */
+            if (path == 0 && m % 8 == 0 && rmul <= 0xffffffffu && t->a_dt != DT_F16 && avx512vl_ok()) {
+                della_fused(t->a, t->a_dt, bt, start, r1 - r0, m, elem_offset + (uint64_t)start, t->k0, t->k1, t->xl,
+                            t->xh, (uint32_t)rmul, v, t->bits, t->s1, t->s2);
+                continue;
             }
+#endif
+            for (off = 0; off < len; off += TILE)
+                load_tile(v + off, t->a, t->a_dt, start + off, len - off < TILE ? len - off : TILE);
+            if (bt)
+                for (j = 0; j < len; j++) v[j] = v[j] - bt[j];
+            philox_ints(x, elem_offset + (uint64_t)start, len, t->k0, t->k1, path);
+            for (r = 0; r < r1 - r0; r++) della_row(v + r * m, x + r * m, u + r * m, m, t->xl, t->xh, rmul, path);
+            sum_abs_acc(v, len, t->s1);
+            random_kept_acc(u, v, len, 0.0f, t->bits + ((elem_offset + (uint64_t)start) >> 3), t->s2);
         }
-        philox_ints(x, elem_offset + (uint64_t)start, len, k0, k1, path);
-        for (r = 0; r < r1 - r0; r++) della_row(v + r * m, x + r * m, u + r * m, m, xl, xh, rmul, path);
-        sum_abs_acc(v, len, s1);
-        random_kept_acc(u, v, len, 0.0f, bits + ((elem_offset + (uint64_t)start) >> 3), s2);
     }
-    sums[0] += sum8_combine(s1);
-    sums[1] += sum8_combine(s2);
-    free(v), free(u), free(x), free(tmp);
+    free(v), free(u), free(x), free(bt);
     return 0;
 }
 
@@ -2451,50 +2463,82 @@ static PyObject *native_importance(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(neg);
 }
 
-/* della(a, a_dt, b | None, b_dt, rows, m, elem_offset, key, xl, xh, bits[, path]) -> (sum |v|, sum |v| kept); see
- * run_della. path (tests): 0 the fastest loops this CPU has, else plain C. */
+/* della(terms, b | None, b_dt, rows, m, elem_offset[, path]) -> [(sum |v|, sum |v| kept), ...]: terms a sequence of
+ * (a, a_dt, key, xl, xh, bits), one per model; see run_della. path (tests): 0 the fastest loops this CPU has, else
+ * plain C. */
 static PyObject *native_della(PyObject *self, PyObject *args) {
-    PyObject *b_o;
-    Py_buffer a, b, bits;
-    int a_dt, b_dt, has_b = 0, ok = 1, rc = 0, path = 0;
+    PyObject *seq, *fast = NULL, *b_o, *res = NULL;
+    Py_buffer b, *bufs = NULL, *bitbufs = NULL;
+    della_term_t *terms = NULL;
+    int b_dt, has_b = 0, ok = 1, rc = 0, path = 0, k = 0, got = 0, i;
     Py_ssize_t rows, m;
-    unsigned long long offset, key;
-    unsigned long xl, xh;
-    double sums[2] = {0.0, 0.0};
+    unsigned long long offset;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*iOinnKKkkw*|i", &a, &a_dt, &b_o, &b_dt, &rows, &m, &offset, &key, &xl, &xh, &bits,
-                          &path))
-        return NULL;
-    if (b_o != Py_None) {
+    if (!PyArg_ParseTuple(args, "OOinnK|i", &seq, &b_o, &b_dt, &rows, &m, &offset, &path)) return NULL;
+    fast = PySequence_Fast(seq, "della: terms must be a sequence of (a, a_dt, key, xl, xh, bits)");
+    if (!fast) return NULL;
+    k = (int)PySequence_Fast_GET_SIZE(fast);
+    terms = (della_term_t *)calloc((size_t)(k ? k : 1), sizeof(della_term_t));
+    bufs = (Py_buffer *)calloc((size_t)(k ? k : 1), sizeof(Py_buffer));
+    bitbufs = (Py_buffer *)calloc((size_t)(k ? k : 1), sizeof(Py_buffer));
+    if (!terms || !bufs || !bitbufs) {
+        PyErr_NoMemory();
+        ok = 0;
+    }
+    if (ok && b_o != Py_None) {
         if (PyObject_GetBuffer(b_o, &b, PyBUF_SIMPLE) < 0) ok = 0;
         else has_b = 1;
     }
-    if (ok && (rows < 0 || m < 1 || m >= ((Py_ssize_t)1 << 31) || (offset & 7) || xl > xh || xh > 0x80000000ul)) {
-        PyErr_SetString(PyExc_ValueError,
-                        "della: rows >= 0, 1 <= m < 2^31, an offset that is a multiple of 8 and xl <= xh <= 2^31");
+    if (ok && (rows < 0 || m < 1 || m >= ((Py_ssize_t)1 << 31) || (offset & 7))) {
+        PyErr_SetString(PyExc_ValueError, "della: rows >= 0, 1 <= m < 2^31 and an offset that is a multiple of 8");
         ok = 0;
     }
-    if (ok) ok = check_dt(a_dt) && check_len(&a, a_dt, rows * m, "vector");
     if (ok && has_b) ok = check_dt(b_dt) && check_len(&b, b_dt, rows * m, "base");
-    if (ok && bits.len < (Py_ssize_t)((offset + (uint64_t)(rows * m) + 7) >> 3)) {
-        PyErr_SetString(PyExc_ValueError, "a mask buffer is shorter than the tensor's bits");
-        ok = 0;
+    for (i = 0; ok && i < k; i++) {
+        unsigned long long key;
+        unsigned long xl, xh;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(fast, i), "y*iKkkw*", &bufs[i], &terms[i].a_dt, &key, &xl, &xh,
+                              &bitbufs[i])) {
+            ok = 0;
+            break;
+        }
+        got = i + 1;
+        terms[i].a = bufs[i].buf, terms[i].bits = (uint8_t *)bitbufs[i].buf;
+        terms[i].k0 = (uint32_t)key, terms[i].k1 = (uint32_t)(key >> 32);
+        terms[i].xl = (uint32_t)xl, terms[i].xh = (uint32_t)xh;
+        if (xl > xh || xh > 0x80000000ul) {
+            PyErr_SetString(PyExc_ValueError, "della: bounds xl <= xh <= 2^31");
+            ok = 0;
+        }
+        if (ok) ok = check_dt(terms[i].a_dt) && check_len(&bufs[i], terms[i].a_dt, rows * m, "vector");
+        if (ok && bitbufs[i].len < (Py_ssize_t)((offset + (uint64_t)(rows * m) + 7) >> 3)) {
+            PyErr_SetString(PyExc_ValueError, "a mask buffer is shorter than the tensor's bits");
+            ok = 0;
+        }
     }
-    if (ok && rows > 0) {
+    if (ok && rows > 0 && k > 0) {
         Py_BEGIN_ALLOW_THREADS
-        rc = run_della(a.buf, a_dt, has_b ? b.buf : NULL, b_dt, rows, m, (uint64_t)offset, (uint32_t)key,
-                       (uint32_t)(key >> 32), (uint32_t)xl, (uint32_t)xh, (uint8_t *)bits.buf, sums, path);
+        rc = run_della(terms, k, has_b ? b.buf : NULL, b_dt, rows, m, (uint64_t)offset, path);
         Py_END_ALLOW_THREADS
         if (rc < 0) {
             PyErr_NoMemory();
             ok = 0;
         }
     }
-    PyBuffer_Release(&a);
+    if (ok) res = PyList_New(k);
+    for (i = 0; res && i < k; i++) {
+        PyObject *pair = Py_BuildValue("(dd)", sum8_combine(terms[i].s1), sum8_combine(terms[i].s2));
+        if (!pair) {
+            Py_CLEAR(res);
+            break;
+        }
+        PyList_SET_ITEM(res, i, pair);
+    }
+    for (i = 0; i < got; i++) PyBuffer_Release(&bufs[i]), PyBuffer_Release(&bitbufs[i]);
     if (has_b) PyBuffer_Release(&b);
-    PyBuffer_Release(&bits);
-    if (!ok) return NULL;
-    return Py_BuildValue("(dd)", sums[0], sums[1]);
+    free(terms), free(bufs), free(bitbufs);
+    Py_DECREF(fast);
+    return res;
 }
 
 /* philox_ints(key, start, n, out[, path]): the folded words (tl.rand's integers before the scaling) into out */
@@ -3064,8 +3108,8 @@ static PyMethodDef methods[] = {
      "importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits[, part[, band_lo, band_idx, band_val]]) -> "
      "count of I < 0 (and the band's count); I = |a - b| * scale[row] (arcee_fusion)"},
     {"della", native_della, METH_VARARGS,
-     "della(a, a_dt, b, b_dt, rows, m, elem_offset, key, xl, xh, bits[, path]) -> (l1, kept); DELLA's keep bits "
-     "(path 0: the fastest loops, else plain C)"},
+     "della(terms, b, b_dt, rows, m, elem_offset[, path]) -> [(l1, kept), ...]; DELLA's keep bits of each term "
+     "(a, a_dt, key, xl, xh, bits) (path 0: the fastest loops, else plain C)"},
     {"philox_ints", native_philox_ints, METH_VARARGS,
      "philox_ints(key, start, n, out[, path]) -> None; tl.rand's integers (before the scaling) for start .. start+n-1"},
     {"philox", native_philox, METH_VARARGS,

@@ -157,7 +157,7 @@ def test_stats_are_the_same_on_any_number_of_threads(monkeypatch) -> None:
         got.append((m.gram, m.l1, m.kept, bytes(m.masks[0]), st.kth_abs_many({0: [5, n // 3], 2: [n // 100]})))
         # the statistics of DELLA (rows of 240: n = 10931 rows), SCE (count, variance threshold, bits, energies)
         assert n % 240 == 0
-        l1, kept, bits = st.della(1, *F.della_bounds(0.4, 0.2), 77, 240)
+        l1, kept, bits = st.della([(1, *F.della_bounds(0.4, 0.2), 77)], 240)[1]
         nnz = st.sce(sums=False)[0]
         thr = st.sce_variance_kth([nnz // 3])[nnz // 3]
         got[-1] += (l1, kept, bytes(bits), nnz, thr, st.sce(thr)[1], bytes(st.sce(thr)[2]))

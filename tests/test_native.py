@@ -373,8 +373,9 @@ def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], kin
         keep = _della_reference(v, rows, m, F.philox_ints(77, offset, n).numpy(), lo, hi)
         bits = np.zeros((offset + n + 7) // 8 + 3, dtype=np.uint8)
         bits[offset // 8 - 1 if offset else -1] = 0xA5  # bytes outside the block stay as they are
-        l1, kept = _native.della(_mv(a), compute.NATIVE_CODES[ac], _mv(b) if b is not None else None,
-                                 compute.NATIVE_CODES.get(bc, 0), rows, m, offset, 77, lo, hi, bits, path)  # fmt: skip
+        bview = _mv(b) if b is not None else None
+        term = (_mv(a), compute.NATIVE_CODES[ac], 77, lo, hi, bits)
+        [(l1, kept)] = _native.della([term], bview, compute.NATIVE_CODES.get(bc, 0), rows, m, offset, path)
         got = np.unpackbits(bits, bitorder="little")[offset : offset + n].astype(bool)
         assert np.array_equal(got, keep), (offset, eps)
         assert bits[offset // 8 - 1 if offset else -1] == 0xA5
@@ -382,30 +383,41 @@ def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], kin
             assert l1 == pytest.approx(av.sum(), rel=1e-12, nan_ok=True)
             assert kept == pytest.approx(np.where(keep, av, 0.0).sum(), rel=1e-12, nan_ok=True)
     with pytest.raises(ValueError, match="multiple of 8"):
-        _native.della(_mv(a), 0, None, 0, rows, m, 3, 77, lo, hi, bits)
+        _native.della([(_mv(a), compute.NATIVE_CODES[ac], 77, lo, hi, bits)], None, 0, rows, m, 3)
     with pytest.raises(ValueError, match="xl <= xh"):
-        _native.della(_mv(a), compute.NATIVE_CODES[ac], None, 0, rows, m, 0, 77, hi + 1, hi, bits)
+        _native.della([(_mv(a), compute.NATIVE_CODES[ac], 77, hi + 1, hi, bits)], None, 0, rows, m, 0)
+    with pytest.raises(ValueError, match="shorter"):
+        _native.della([(_mv(a), compute.NATIVE_CODES[ac], 77, lo, hi, bits[:1])], None, 0, rows, m, 0)
+
+
+def _della_call(models: list[torch.Tensor], code: str, base: torch.Tensor, bands: list[tuple[int, int]], rows: int,
+                m: int, order: list[int], path: int) -> dict[int, tuple[tuple[float, float], bytes]]:  # fmt: skip
+    """One della() call over the models in ``order`` (model i: key 5 + i, band i), block at element 64: each model's
+    sums and keep bits."""
+    from capmerge import _native
+
+    bits = {i: np.zeros((rows * m + 7) // 8 + 8, dtype=np.uint8) for i in order}
+    terms = [(_mv(models[i]), compute.NATIVE_CODES[code], 5 + i, *bands[i], bits[i]) for i in order]
+    sums = _native.della(terms, _mv(base), compute.NATIVE_CODES["BF16"], rows, m, 64, path)
+    return {i: (tuple(s), bytes(bits[i])) for i, s in zip(order, sums, strict=True)}
 
 
 def test_della_paths_give_the_same_bits_and_sums() -> None:
     """The fused AVX-512 passes (rows of a multiple of 8, bf16/float32) and the plain loops: the same keep bits and
-    the same float64 sums, bit for bit, over blocks that start mid-tensor."""
-    from capmerge import _native
+    the same float64 sums, bit for bit, over blocks that start mid-tensor; several models in one call (the base read
+    once) give each model's own call's bits and sums, in either order."""
     from capmerge import functional as F
 
     g = torch.Generator().manual_seed(4)
-    for m, code in ((8, "BF16"), (24, "BF16"), (2048, "BF16"), (40, "F32")):
+    bands = [F.della_bounds(0.3, 0.15), F.della_bounds(0.5, 0.01), F.della_bounds(0.2, 0.0)]
+    for m, code in ((8, "BF16"), (24, "BF16"), (2048, "BF16"), (40, "F32"), (40, "F16"), (13, "BF16")):
         rows = 70
-        dt = torch.bfloat16 if code == "BF16" else torch.float32
-        a, b = torch.randn(rows * m, generator=g).to(dt), torch.randn(rows * m, generator=g).to(dt)
-        lo, hi = F.della_bounds(0.3, 0.15)
-        got = []
-        for path in (0, 2):
-            bits = np.zeros((rows * m + 7) // 8 + 8, dtype=np.uint8)
-            sums = _native.della(_mv(a), compute.NATIVE_CODES[code], _mv(b), compute.NATIVE_CODES[code], rows, m,
-                                 64, 5, lo, hi, bits, path)  # fmt: skip
-            got.append((sums, bytes(bits)))
-        assert got[0] == got[1], m
+        dt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[code]
+        models = [torch.randn(rows * m, generator=g).to(dt) for _ in range(3)]
+        base = torch.randn(rows * m, generator=g).to(torch.bfloat16)
+        alone = {i: _della_call(models, code, base, bands, rows, m, [i], 2)[i] for i in range(3)}
+        assert _della_call(models, code, base, bands, rows, m, [0, 1, 2], 0) == alone, m
+        assert _della_call(models, code, base, bands, rows, m, [2, 0, 1], 2) == alone, m
 
 
 def test_philox_ints_are_the_uniforms_integers() -> None:

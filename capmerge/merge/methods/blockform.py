@@ -329,40 +329,42 @@ class Stats:
             o += e - s
         return int(nnz)
 
-    def della(self, i: int, xl: int, xh: int, key: int, m: int) -> tuple[float, float, Any]:
-        """DELLA's keep bits of v_i = θ_i − base over rows of ``m`` consecutive elements: :func:`capmerge.functional.
-        della_keep`'s test with the draws' band [xl, xh) (:func:`~capmerge.functional.della_bounds`). Returns
-        (Σ|v_i|, Σ|kept|, bits); the sums are float64 over blocks of whole rows (a multiple of 8 elements), summed in
-        block order."""
+    def della(self, terms: Sequence[tuple[int, int, int, int]], m: int) -> dict[int, tuple[float, float, Any]]:
+        """DELLA's keep bits of v_i = θ_i − base over rows of ``m`` consecutive elements for each term (model i, xl,
+        xh, key): :func:`capmerge.functional.della_keep`'s test with the draws' band [xl, xh)
+        (:func:`~capmerge.functional.della_bounds`), every model in one pass (the base read once a block). Returns
+        model -> (Σ|v_i|, Σ|kept|, bits); the sums are float64 over blocks of whole rows (a multiple of 8
+        elements), summed in block order."""
         import numpy as np
 
         from capmerge.merge.compute import _native
 
         if m < 1 or self.numel % m:
             raise ValueError(f"della: {self.numel} entries are not rows of {m}")
-        mi = self._model(i)
         rows = self.numel // m
         step = max(1, STAT_BLOCK // m)
         q = 8 // math.gcd(m, 8)  # blocks start on whole bytes of the keep bits
         step = max(q, step - step % q)
-        bits = np.zeros((self.numel + 7) // 8, dtype=np.uint8)
+        bits = {i: np.zeros((self.numel + 7) // 8, dtype=np.uint8) for i, *_ in terms}
         base, bc = (0, compute.NATIVE_CODES.get(self.codes[0], 0)) if self.has_base else (None, 0)
-        native = compute.use_native(self.codes[mi], *self.codes[:1])
+        native = compute.use_native(*(self.codes[self._model(i)] for i, *_ in terms), *self.codes[:1])
 
-        def block(r0: int) -> tuple[float, float]:
+        def block(r0: int) -> list[tuple[float, float]]:
             r1 = min(rows, r0 + step)
             s, e = r0 * m, r1 * m
             bview = self.read(base, s, e) if base is not None else None
+            views = [(self.read(self._model(i), s, e), self.codes[self._model(i)]) for i, *_ in terms]
             if native:
-                return _native.della(self.read(mi, s, e), compute.NATIVE_CODES[self.codes[mi]], bview, bc, r1 - r0,
-                                     m, s, key, xl, xh, bits)  # fmt: skip
-            return _torch_della(self.read(mi, s, e), self.codes[mi], bview, self.codes[0], r1 - r0, m, s, key,
-                                xl, xh, bits)  # fmt: skip
+                ts = [(v, compute.NATIVE_CODES[c], key, xl, xh, bits[i])
+                      for (v, c), (i, xl, xh, key) in zip(views, terms, strict=True)]  # fmt: skip
+                return _native.della(ts, bview, bc, r1 - r0, m, s)
+            return [_torch_della(v, c, bview, self.codes[0], r1 - r0, m, s, key, xl, xh, bits[i])
+                    for (v, c), (i, xl, xh, key) in zip(views, terms, strict=True)]  # fmt: skip
 
-        l1 = kept = 0.0
-        for a, b in map_blocks(block, range(0, rows, step)):
-            l1, kept = l1 + a, kept + b
-        return l1, kept, bits
+        sums = [(0.0, 0.0)] * len(terms)
+        for got in map_blocks(block, range(0, rows, step)):
+            sums = [(l1 + a, kept + b) for (l1, kept), (a, b) in zip(sums, got, strict=True)]
+        return {i: (l1, kept, bits[i]) for (i, *_), (l1, kept) in zip(terms, sums, strict=True)}
 
 
 STAT_PARALLEL_MIN = 2  # blocks: a statistics pass over fewer runs on the calling thread alone

@@ -205,10 +205,10 @@ def gta_form(prune: Prune | None, elect: bool) -> B.Form:
             sums: dict[int, tuple[float, float]] = {}  # model -> (Σ|τ|, Σ|kept τ|)
             if prune is _della:  # rows of dim 1 (a tensor of one dimension is one row)
                 m = s.shape[1] if len(s.shape) == 2 else n
-                for i in (i for i, p in enumerate(prunes) if p[0] == B.RANDOM):
-                    xl, xh = F.della_bounds(dens[i], float(s.model_params[i]["epsilon"]))
-                    l1, kept, bits[i] = st.della(i, xl, xh, prunes[i][3], m)
-                    sums[i], prunes[i] = (l1, kept), (B.BITS, 0.0, 0.0, 0)
+                terms = [(i, *F.della_bounds(dens[i], float(s.model_params[i]["epsilon"])), p[3])
+                         for i, p in enumerate(prunes) if p[0] == B.RANDOM]  # fmt: skip
+                for i, (l1, kept, b) in st.della(terms, m).items() if terms else ():
+                    bits[i], sums[i], prunes[i] = b, (l1, kept), (B.BITS, 0.0, 0.0, 0)
             elif rescale:
                 mo = st.moments(relative=True, prune=prunes, gram=False, l1=True, masks=prune is _random)
                 for i in (i for i in range(len(w)) if pruned[i]):

@@ -1648,13 +1648,13 @@ __attribute__((target("avx512f,avx512vl"))) static void della_row_avx512(const f
 
 /* della_fused: run_della's group (rows r0 .. r0 + nrows of m, m a multiple of 8, elements from start, g0 = elem_offset
  * + start a multiple of 8; bt: the base's group in float32, or NULL) in two passes with AVX-512, the same bits and
- * sums as the generic loops: v = a - bt into
- * v with sum |v| (eight double lanes, element j into lane j % 8); then row by row the Philox words made in place,
- * della_row_avx512's test, sum |v| over the kept ones and the keep bits, a byte per eight elements. */
+ * sums as the generic loops (NaN sums may differ in payload): v = a - bt, sum |v| (eight double lanes, element j
+ * into lane j % 8) and the keys of |v| into k (the group's words); then row by row the Philox words made in place,
+ * della_row_avx512's test on the keys, sum |v| over the kept ones and the keep bits, a byte per eight elements. */
 __attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *a, int a_dt, const float *bt,
                                                                    Py_ssize_t start, Py_ssize_t nrows, Py_ssize_t m,
                                                                    uint64_t g0, uint32_t k0, uint32_t k1,
-                                                                   uint32_t xl, uint32_t xh, uint32_t rmul, float *v,
+                                                                   uint32_t xl, uint32_t xh, uint32_t rmul, uint32_t *k,
                                                                    uint8_t *bits, double *s1, double *s2) {
     const __m512i vxl = _mm512_set1_epi32((int)xl), vxh = _mm512_set1_epi32((int)xh);
     const __m512i vr64 = _mm512_set1_epi64(rmul), one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
@@ -1666,19 +1666,21 @@ __attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *
     for (j = 0; j < len; j += 8) {
         __m256 x = load8_exact(a, a_dt, start + j);
         if (bt) x = _mm256_sub_ps(x, _mm256_loadu_ps(bt + j));
-        _mm256_storeu_ps(v + j, x);
-        l1 = _mm512_add_pd(l1, _mm512_cvtps_pd(_mm256_and_ps(x, absmask)));
+        x = _mm256_and_ps(x, absmask);
+        l1 = _mm512_add_pd(l1, _mm512_cvtps_pd(x));
+        /* the key of |v| (every NaN one value): its bits as they rank; as a float |v|, or a NaN where v is one */
+        _mm256_storeu_si256((__m256i *)(k + j),
+                            _mm512_castsi512_si256(della_key16(_mm512_castsi256_si512(_mm256_castps_si256(x)))));
     }
     philox_keys(&K, k0, k1, g0 >> 2, (g0 + (uint64_t)len - 1) >> 2);
     for (r = 0; r < nrows; r++) {
-        const float *vr = v + r * m;
+        const uint32_t *kr = k + r * m;
         uint64_t e0 = g0 + (uint64_t)(r * m);
         __m512i w[8];
         int nw = 0, at = 0;
         for (j = 0; j < m; j += 16) {
             __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)0x00ff, keep, band;
-            __m512i x;
-            __m512 vv;
+            __m512i x, kj;
             if (at == nw) { /* the next words: 128 elements from four vectors of counters, else 32 (two call sites:
                              * philox_words wants its count a constant) */
                 if (m - j >= 128) {
@@ -1694,22 +1696,20 @@ __attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *
             at++;
             keep = _mm512_mask_cmplt_epu32_mask(live, x, vxl);
             band = _mm512_mask_cmplt_epu32_mask((__mmask16)(live & ~keep), x, vxh);
-            vv = _mm512_maskz_loadu_ps(live, vr + j);
+            kj = _mm512_maskz_loadu_epi32(live, kr + j);
             if (band) {
                 __m512i dx = _mm512_sub_epi32(x, vxl), jv = _mm512_add_epi32(_mm512_set1_epi32((int)j), lanes);
                 __m512i even = _mm512_mul_epu32(dx, vr64), odd = _mm512_mul_epu32(_mm512_srli_epi64(dx, 32), vr64);
                 __m512i t = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(even, 32), odd);
                 __m512i o = _mm512_mask_add_epi32(t, _mm512_cmpge_epu32_mask(t, jv), t, one);
-                __m512i ko = della_key16(_mm512_mask_i32gather_epi32(zero, band, o, vr, 4));
-                __m512i kj = della_key16(_mm512_castps_si512(vv));
+                __m512i ko = _mm512_mask_i32gather_epi32(zero, band, o, kr, 4);
                 __mmask16 win = _mm512_cmpgt_epu32_mask(kj, ko) |
                                 (_mm512_cmpeq_epi32_mask(kj, ko) & _mm512_cmpgt_epu32_mask(jv, o));
                 keep |= (__mmask16)(band & win);
             }
             {
-                __m512i ab = _mm512_and_si512(_mm512_castps_si512(vv), _mm512_set1_epi32(0x7fffffff));
-                __m256 lo8 = _mm256_castsi256_ps(_mm512_castsi512_si256(ab));
-                __m256 hi8 = _mm256_castsi256_ps(_mm512_extracti64x4_epi64(ab, 1));
+                __m256 lo8 = _mm256_castsi256_ps(_mm512_castsi512_si256(kj));
+                __m256 hi8 = _mm256_castsi256_ps(_mm512_extracti64x4_epi64(kj, 1));
                 uint8_t *bp = bits + ((e0 + (uint64_t)j) >> 3);
                 kept = _mm512_mask_add_pd(kept, (__mmask8)keep, kept, _mm512_cvtps_pd(lo8));
                 bp[0] = (uint8_t)keep;
@@ -1797,7 +1797,7 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
             /* the fused AVX-512 passes: whole bytes of bits per row, inputs it loads, the products it makes */
             if (path == 0 && m % 8 == 0 && rmul <= 0xffffffffu && t->a_dt != DT_F16 && avx512vl_ok()) {
                 della_fused(t->a, t->a_dt, bt, start, r1 - r0, m, elem_offset + (uint64_t)start, t->k0, t->k1, t->xl,
-                            t->xh, (uint32_t)rmul, v, t->bits, t->s1, t->s2);
+                            t->xh, (uint32_t)rmul, (uint32_t *)v, t->bits, t->s1, t->s2);
                 continue;
             }
 #endif

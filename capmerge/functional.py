@@ -228,7 +228,8 @@ def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torc
 
 def della_bounds(density: float, epsilon: float) -> tuple[int, int]:
     """(x_lo, x_hi) = (⌈(d − ε)·2^31⌉, ⌈(d + ε)·2^31⌉), clamped to [0, 2^31]: :func:`della_keep`'s band of draws."""
-    return tuple(min(max(math.ceil(v * 2**31), 0), 2**31) for v in (density - epsilon, density + epsilon))  # type: ignore[return-value]
+    lo, hi = (min(max(math.ceil(v * 2**31), 0), 2**31) for v in (density - epsilon, density + epsilon))
+    return lo, hi
 
 
 def della_keep(t: torch.Tensor, density: float, epsilon: float, *, key: int,

@@ -60,8 +60,8 @@ def _magnitude(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInpu
 
 def _native_draws(key: int, like: torch.Tensor, *, ints: bool = False) -> torch.Tensor | None:
     """The native kernel's :func:`F.philox_range` floats (``ints``: :func:`F.philox_ints`' integers, int64) of
-    elements 0 .. n − 1 shaped like ``like`` (the same numbers, tests/test_functional.py; ~100× faster than the int64
-    torch reference); None off the CPU or without the kernel."""
+    elements 0 .. n − 1 shaped like ``like`` (the same numbers, tests/test_functional.py and test_native.py; ~100×
+    faster than the int64 torch reference); None off the CPU or without the kernel."""
     n = like.numel()
     if like.device.type != "cpu" or not n or os.environ.get("CAPMERGE_NO_NATIVE"):
         return None

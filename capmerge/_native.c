@@ -1543,7 +1543,7 @@ static void run_moments(const term_t *terms, int k, const void *base, int base_d
  * xl <= x < xh = ceil((d + e) 2^31), kept where |v_j| outranks entry o of the row, o = t + (t >= j) with
  * t = ((x - xl) * rmul) >> 32 and rmul = floor((m - 1) 2^32 / (xh - xl)): an entry drawn uniformly from the m - 1
  * others (to 2^-31), which v_j outranks with probability r_j / (m - 1). A row of one entry: kept where
- * x - xl < (xh - xl) / 2 (probability d). No sort, no histogram: one gather per entry in the band. */
+ * x - xl < (xh - xl) / 2 (probability d). No sort, no histogram: one comparison per entry in the band. */
 static inline uint32_t della_key(float v) {
     uint32_t k = f2u(v) & 0x7fffffffu;
     return k > 0x7f800000u ? 0x7fc00000u : k; /* every NaN ranks as one value, above +inf */

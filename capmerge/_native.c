@@ -240,30 +240,33 @@ static inline void philox4(uint64_t q, uint32_t k0, uint32_t k1, uint32_t w[4]) 
 }
 
 /* tl.rand's float in [0, 1) of a word: as int32 x, x < 0 ? ~x : x, times 2^-31 */
-static inline float philox_float1(uint32_t w) {
-    int32_t x = (int32_t)w;
-    if (x < 0) x = ~x;
-    return (float)x * 4.6566127342e-10f;
-}
+/* tl.rand's integer of a word before its scaling (in [0, 2^31)): as int32 x, x < 0 ? ~x : x */
+static inline uint32_t philox_fold(uint32_t w) { return w ^ (uint32_t)((int32_t)w >> 31); }
 
-/* The uniforms of elements start .. start+m-1 in plain C. Element i's is word i % 4 of counter i / 4 — Triton's
- * tl.rand4x(key, i // 4)[i % 4] — so that one Philox call serves four consecutive elements. */
-static void philox_scalar(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1) {
+static inline float philox_float1(uint32_t w) { return (float)(int32_t)philox_fold(w) * 4.6566127342e-10f; }
+
+/* The uniforms of elements start .. start+m-1 in plain C (ints: their integers, philox_fold's, as uint32 into dst).
+ * Element i's is word i % 4 of counter i / 4 — Triton's tl.rand4x(key, i // 4)[i % 4] — so that one Philox call
+ * serves four consecutive elements. Every Philox loop below writes floats or integers the same way. */
+static void philox_scalar(void *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1, int ints) {
     uint32_t w[4];
     Py_ssize_t j = 0;
     while (j < m) {
         uint64_t g = start + (uint64_t)j;
         Py_ssize_t l = (Py_ssize_t)(g & 3), end = j + 4 - l < m ? j + 4 - l : m; /* this counter's elements */
         philox4(g >> 2, key0, key1, w);
-        for (; j < end; j++, l++) dst[j] = philox_float1(w[l]);
+        for (; j < end; j++, l++) {
+            if (ints) ((uint32_t *)dst)[j] = philox_fold(w[l]);
+            else ((float *)dst)[j] = philox_float1(w[l]);
+        }
     }
 }
 
-/* The elements before the first whole counter of a run: how many (at most m), their uniforms written. */
-static Py_ssize_t philox_head(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1) {
+/* The elements before the first whole counter of a run: how many (at most m), their numbers written. */
+static Py_ssize_t philox_head(void *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1, int ints) {
     Py_ssize_t j = (Py_ssize_t)((4 - (start & 3)) & 3);
     j = j < m ? j : m;
-    philox_scalar(dst, start, j, key0, key1);
+    philox_scalar(dst, start, j, key0, key1, ints);
     return j;
 }
 
@@ -274,12 +277,18 @@ static inline __attribute__((always_inline, target("avx2"))) __m256 philox_float
     return _mm256_mul_ps(_mm256_cvtepi32_ps(w), _mm256_set1_ps(4.6566127342e-10f));
 }
 
+/* philox_float's, or (ints) the folded integers' bits */
+static inline __attribute__((always_inline, target("avx2"))) __m256 philox_out8(__m256i w, int ints) {
+    return ints ? _mm256_castsi256_ps(_mm256_xor_si256(w, _mm256_srai_epi32(w, 31))) : philox_float(w);
+}
+
 /* Eight Philox counters at once with AVX2 (32x32->64-bit multiplies on even/odd lanes), their 32 words stored in
  * element order (counter by counter, four words each). Same bits as the scalar code. */
-__attribute__((target("avx2"))) static void philox_avx2(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0,
-                                                         uint32_t key1) {
+__attribute__((target("avx2"))) static void philox_avx2(void *out, uint64_t start, Py_ssize_t m, uint32_t key0,
+                                                         uint32_t key1, int ints) {
     const __m256i A = _mm256_set1_epi32((int)0xD2511F53u), B = _mm256_set1_epi32((int)0xCD9E8D57u);
-    Py_ssize_t j = philox_head(dst, start, m, key0, key1);
+    float *dst = (float *)out; /* 32-bit lanes either way */
+    Py_ssize_t j = philox_head(out, start, m, key0, key1, ints);
     for (; j + 32 <= m; j += 32) {
         uint32_t lo[8], hi[8];
         int l, r;
@@ -310,7 +319,7 @@ __attribute__((target("avx2"))) static void philox_avx2(float *dst, uint64_t sta
             k1 += 0xBB67AE85u;
         }
         /* words w0..w3 of counters 0..7 -> element order: a 4x8 transpose */
-        f0 = philox_float(c0), f1 = philox_float(c1), f2 = philox_float(c2), f3 = philox_float(c3);
+        f0 = philox_out8(c0, ints), f1 = philox_out8(c1, ints), f2 = philox_out8(c2, ints), f3 = philox_out8(c3, ints);
         t0 = _mm256_unpacklo_ps(f0, f1); /* w0 w1 of counters 0 1 | 4 5 */
         t1 = _mm256_unpackhi_ps(f0, f1); /* 2 3 | 6 7 */
         t2 = _mm256_unpacklo_ps(f2, f3); /* w2 w3 of 0 1 | 4 5 */
@@ -324,14 +333,14 @@ __attribute__((target("avx2"))) static void philox_avx2(float *dst, uint64_t sta
         _mm256_storeu_ps(dst + j + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
         _mm256_storeu_ps(dst + j + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
     }
-    philox_scalar(dst + j, start + (uint64_t)j, m - j, key0, key1);
+    philox_scalar(dst + j, start + (uint64_t)j, m - j, key0, key1, ints);
 }
 
 CPU_CHECK(avx2_ok, __builtin_cpu_supports("avx2"))
 #else
 static int avx2_ok(void) { return 0; }
-static void philox_avx2(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1) {
-    (void)dst, (void)start, (void)m, (void)key0, (void)key1;
+static void philox_avx2(void *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1, int ints) {
+    (void)dst, (void)start, (void)m, (void)key0, (void)key1, (void)ints;
 }
 #endif
 
@@ -411,29 +420,30 @@ philox_words(__m512i *out, int nv, uint64_t q0, const philox_keys_t *K) {
     }
 }
 
-/* tl.rand's float of sixteen int32 words */
-static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __m512 philox_float16(__m512i w) {
+/* tl.rand's float of sixteen int32 words, or (ints) their folded integers' bits */
+static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __m512 philox_out16(__m512i w, int ints) {
     w = _mm512_xor_si512(w, _mm512_srai_epi32(w, 31));
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(w), _mm512_set1_ps(4.6566127342e-10f));
+    return ints ? _mm512_castsi512_ps(w) : _mm512_mul_ps(_mm512_cvtepi32_ps(w), _mm512_set1_ps(4.6566127342e-10f));
 }
 
-__attribute__((target("avx512f,avx512vl"))) static void philox_avx512(float *dst, uint64_t start, Py_ssize_t m,
-                                                                     uint32_t key0, uint32_t key1) {
+__attribute__((target("avx512f,avx512vl"))) static void philox_avx512(void *out, uint64_t start, Py_ssize_t m,
+                                                                     uint32_t key0, uint32_t key1, int ints) {
     philox_keys_t K;
     __m512i w[8];
-    Py_ssize_t j = philox_head(dst, start, m, key0, key1);
+    float *dst = (float *)out; /* 32-bit lanes either way */
+    Py_ssize_t j = philox_head(out, start, m, key0, key1, ints);
     int v;
     if (j >= m) return;
     philox_keys(&K, key0, key1, (start + (uint64_t)j) >> 2, (start + (uint64_t)m - 1) >> 2);
     for (; j + 128 <= m; j += 128) {
         philox_words(w, 4, (start + (uint64_t)j) >> 2, &K);
-        for (v = 0; v < 8; v++) _mm512_storeu_ps(dst + j + 16 * v, philox_float16(w[v]));
+        for (v = 0; v < 8; v++) _mm512_storeu_ps(dst + j + 16 * v, philox_out16(w[v], ints));
     }
     for (; j < m; j += 32) { /* the last 32 or fewer: a whole vector, the words past m not stored */
         float tmp[32];
         philox_words(w, 1, (start + (uint64_t)j) >> 2, &K);
-        _mm512_storeu_ps(tmp, philox_float16(w[0]));
-        _mm512_storeu_ps(tmp + 16, philox_float16(w[1]));
+        _mm512_storeu_ps(tmp, philox_out16(w[0], ints));
+        _mm512_storeu_ps(tmp + 16, philox_out16(w[1], ints));
         memcpy(dst + j, tmp, (size_t)(m - j < 32 ? m - j : 32) * sizeof(float));
     }
 }
@@ -443,18 +453,25 @@ CPU_CHECK(avx512vl_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_suppor
 #define HAVE_AVX512VL_PATH 0
 #endif
 
-static inline void philox_tile(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1) {
+/* The numbers of elements start .. start+m-1 (ints: philox_fold's integers, else the uniforms) by the fastest loop
+ * this CPU has; path (tests): 1 AVX2 at most, 2 plain C. */
+static inline void philox_run(void *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1, int ints,
+                              int path) {
 #if HAVE_AVX512VL_PATH
-    if (avx512vl_ok()) {
-        philox_avx512(dst, start, m, key0, key1);
+    if (path == 0 && avx512vl_ok()) {
+        philox_avx512(dst, start, m, key0, key1, ints);
         return;
     }
 #endif
-    if (avx2_ok()) {
-        philox_avx2(dst, start, m, key0, key1);
+    if (path <= 1 && avx2_ok()) {
+        philox_avx2(dst, start, m, key0, key1, ints);
         return;
     }
-    philox_scalar(dst, start, m, key0, key1);
+    philox_scalar(dst, start, m, key0, key1, ints);
+}
+
+static inline void philox_tile(float *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1) {
+    philox_run(dst, start, m, key0, key1, 0, 0);
 }
 
 /* PRUNE_NEAR on a tile: t * clamp(lim / max(|t|, 1e-6), 0, 1), each step one float32 operation (x > y ? x : y is
@@ -1549,21 +1566,6 @@ static inline uint32_t della_key(float v) {
     return k > 0x7f800000u ? 0x7fc00000u : k; /* every NaN ranks as one value, above +inf */
 }
 
-/* tl.rand's integer of a word: as int32 x, x < 0 ? ~x : x */
-static inline uint32_t philox_fold(uint32_t w) { return w ^ (uint32_t)((int32_t)w >> 31); }
-
-/* The folded words of elements start .. start+m-1 in plain C (philox_scalar's layout). */
-static void philox_ints_scalar(uint32_t *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1) {
-    uint32_t w[4];
-    Py_ssize_t j = 0;
-    while (j < m) {
-        uint64_t g = start + (uint64_t)j;
-        Py_ssize_t l = (Py_ssize_t)(g & 3), end = j + 4 - l < m ? j + 4 - l : m;
-        philox4(g >> 2, key0, key1, w);
-        for (; j < end; j++, l++) dst[j] = philox_fold(w[l]);
-    }
-}
-
 /* della_row_plain: the keep tests of one row (vr: its v, xr: its folded words) into ur: -1 kept, 1 dropped. */
 static void della_row_plain(const float *vr, const uint32_t *xr, float *ur, Py_ssize_t m, uint32_t xl, uint32_t xh,
                             uint64_t rmul) {
@@ -1585,45 +1587,36 @@ static void della_row_plain(const float *vr, const uint32_t *xr, float *ur, Py_s
 }
 
 #if HAVE_AVX512VL_PATH
-__attribute__((target("avx512f,avx512vl"))) static void philox_ints_avx512(uint32_t *dst, uint64_t start,
-                                                                          Py_ssize_t m, uint32_t key0, uint32_t key1) {
-    philox_keys_t K;
-    __m512i w[8];
-    Py_ssize_t j = (Py_ssize_t)((4 - (start & 3)) & 3);
-    int v;
-    j = j < m ? j : m;
-    philox_ints_scalar(dst, start, j, key0, key1);
-    if (j >= m) return;
-    philox_keys(&K, key0, key1, (start + (uint64_t)j) >> 2, (start + (uint64_t)m - 1) >> 2);
-    for (; j + 128 <= m; j += 128) {
-        philox_words(w, 4, (start + (uint64_t)j) >> 2, &K);
-        for (v = 0; v < 8; v++)
-            _mm512_storeu_si512(dst + j + 16 * v, _mm512_xor_si512(w[v], _mm512_srai_epi32(w[v], 31)));
-    }
-    for (; j < m; j += 32) { /* the last 32 or fewer */
-        uint32_t tmp[32];
-        philox_words(w, 1, (start + (uint64_t)j) >> 2, &K);
-        _mm512_storeu_si512(tmp, _mm512_xor_si512(w[0], _mm512_srai_epi32(w[0], 31)));
-        _mm512_storeu_si512(tmp + 16, _mm512_xor_si512(w[1], _mm512_srai_epi32(w[1], 31)));
-        memcpy(dst + j, tmp, (size_t)(m - j < 32 ? m - j : 32) * sizeof(uint32_t));
-    }
-}
-
 static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __m512i della_key16(__m512i bits) {
     __m512i k = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff));
     return _mm512_mask_mov_epi32(k, _mm512_cmpgt_epu32_mask(k, _mm512_set1_epi32(0x7f800000)),
                                  _mm512_set1_epi32(0x7fc00000));
 }
 
-/* della_row_plain sixteen entries at a time (m >= 2, rmul < 2^32): t from two 32x32->64 products, the other entry's
- * key gathered from the row (one gather per vector with an entry in the band: cheaper here than listing the band's
- * entries first and gathering them sixteen at a time) */
+/* The test of the band's entries among sixteen of a row (lanes j .. j + 15; x their draws, kj their keys): the mask
+ * of those that outrank their other entry o = t + (t >= j), t = ((x - xl) * rmul) >> 32 from two 32x32->64
+ * products. src: the row's keys (keyed), else its values (della_key16 taken of the gathered ones). */
+static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __mmask16
+della_band16(__m512i x, __mmask16 band, Py_ssize_t j, __m512i kj, const void *src, int keyed, uint32_t xl,
+             uint32_t rmul) {
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i r64 = _mm512_set1_epi64(rmul), jv = _mm512_add_epi32(_mm512_set1_epi32((int)j), lanes);
+    __m512i dx = _mm512_sub_epi32(x, _mm512_set1_epi32((int)xl)), ko;
+    __m512i even = _mm512_mul_epu32(dx, r64), odd = _mm512_mul_epu32(_mm512_srli_epi64(dx, 32), r64);
+    __m512i t = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(even, 32), odd);
+    __m512i o = _mm512_mask_add_epi32(t, _mm512_cmpge_epu32_mask(t, jv), t, _mm512_set1_epi32(1));
+    ko = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), band, o, src, 4);
+    if (!keyed) ko = della_key16(ko);
+    return band &
+           (_mm512_cmpgt_epu32_mask(kj, ko) | (_mm512_cmpeq_epi32_mask(kj, ko) & _mm512_cmpgt_epu32_mask(jv, o)));
+}
+
+/* della_row_plain sixteen entries at a time (m >= 2, rmul < 2^32) by della_band16 (one gather per vector with an
+ * entry in the band: cheaper here than listing the band's entries first and gathering them sixteen at a time) */
 __attribute__((target("avx512f,avx512vl"))) static void della_row_avx512(const float *vr, const uint32_t *xr,
                                                                         float *ur, Py_ssize_t m, uint32_t xl,
                                                                         uint32_t xh, uint32_t rmul) {
     const __m512i vxl = _mm512_set1_epi32((int)xl), vxh = _mm512_set1_epi32((int)xh);
-    const __m512i vr64 = _mm512_set1_epi64(rmul), one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
-    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512 plus = _mm512_set1_ps(1.0f), minus = _mm512_set1_ps(-1.0f);
     Py_ssize_t j;
     for (j = 0; j < m; j += 16) {
@@ -1632,15 +1625,7 @@ __attribute__((target("avx512f,avx512vl"))) static void della_row_avx512(const f
         __mmask16 keep = _mm512_mask_cmplt_epu32_mask(live, x, vxl);
         __mmask16 band = _mm512_mask_cmplt_epu32_mask((__mmask16)(live & ~keep), x, vxh);
         if (band) {
-            __m512i dx = _mm512_sub_epi32(x, vxl), jv = _mm512_add_epi32(_mm512_set1_epi32((int)j), lanes);
-            __m512i even = _mm512_mul_epu32(dx, vr64), odd = _mm512_mul_epu32(_mm512_srli_epi64(dx, 32), vr64);
-            __m512i t = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(even, 32), odd);
-            __m512i o = _mm512_mask_add_epi32(t, _mm512_cmpge_epu32_mask(t, jv), t, one);
-            __m512i ko = della_key16(_mm512_mask_i32gather_epi32(zero, band, o, vr, 4));
-            __m512i kj = della_key16(_mm512_maskz_loadu_epi32(live, vr + j));
-            __mmask16 win = _mm512_cmpgt_epu32_mask(kj, ko) |
-                            (_mm512_cmpeq_epi32_mask(kj, ko) & _mm512_cmpgt_epu32_mask(jv, o));
-            keep |= (__mmask16)(band & win);
+            keep |= della_band16(x, band, j, della_key16(_mm512_maskz_loadu_epi32(live, vr + j)), vr, 0, xl, rmul);
         }
         _mm512_mask_storeu_ps(ur + j, live, _mm512_mask_blend_ps(keep, plus, minus));
     }
@@ -1657,8 +1642,6 @@ __attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *
                                                                    uint32_t xl, uint32_t xh, uint32_t rmul, uint32_t *k,
                                                                    uint8_t *bits, double *s1, double *s2) {
     const __m512i vxl = _mm512_set1_epi32((int)xl), vxh = _mm512_set1_epi32((int)xh);
-    const __m512i vr64 = _mm512_set1_epi64(rmul), one = _mm512_set1_epi32(1), zero = _mm512_setzero_si512();
-    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m512d l1 = _mm512_loadu_pd(s1), kept = _mm512_loadu_pd(s2);
     Py_ssize_t len = nrows * m, j, r;
@@ -1698,14 +1681,7 @@ __attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *
             band = _mm512_mask_cmplt_epu32_mask((__mmask16)(live & ~keep), x, vxh);
             kj = _mm512_maskz_loadu_epi32(live, kr + j);
             if (band) {
-                __m512i dx = _mm512_sub_epi32(x, vxl), jv = _mm512_add_epi32(_mm512_set1_epi32((int)j), lanes);
-                __m512i even = _mm512_mul_epu32(dx, vr64), odd = _mm512_mul_epu32(_mm512_srli_epi64(dx, 32), vr64);
-                __m512i t = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(even, 32), odd);
-                __m512i o = _mm512_mask_add_epi32(t, _mm512_cmpge_epu32_mask(t, jv), t, one);
-                __m512i ko = _mm512_mask_i32gather_epi32(zero, band, o, kr, 4);
-                __mmask16 win = _mm512_cmpgt_epu32_mask(kj, ko) |
-                                (_mm512_cmpeq_epi32_mask(kj, ko) & _mm512_cmpgt_epu32_mask(jv, o));
-                keep |= (__mmask16)(band & win);
+                keep |= della_band16(x, band, j, kj, kr, 1, xl, rmul);
             }
             {
                 __m256 lo8 = _mm256_castsi256_ps(_mm512_castsi512_si256(kj));
@@ -1725,18 +1701,7 @@ __attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *
 }
 #endif
 
-/* path: 0 the fastest loops this CPU has, else plain C (native della()'s and philox_ints()'s argument, for tests) */
-static void philox_ints(uint32_t *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1, int path) {
-#if HAVE_AVX512VL_PATH
-    if (path == 0 && avx512vl_ok()) {
-        philox_ints_avx512(dst, start, m, key0, key1);
-        return;
-    }
-#endif
-    (void)path;
-    philox_ints_scalar(dst, start, m, key0, key1);
-}
-
+/* path: 0 the fastest loops this CPU has, 1 AVX2 Philox and plain C, 2 plain C (native della()'s argument) */
 static void della_row(const float *vr, const uint32_t *xr, float *ur, Py_ssize_t m, uint32_t xl, uint32_t xh,
                       uint64_t rmul, int path) {
 #if HAVE_AVX512VL_PATH
@@ -1805,7 +1770,7 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
                 load_tile(v + off, t->a, t->a_dt, start + off, len - off < TILE ? len - off : TILE);
             if (bt)
                 for (j = 0; j < len; j++) v[j] = v[j] - bt[j];
-            philox_ints(x, elem_offset + (uint64_t)start, len, t->k0, t->k1, path);
+            philox_run(x, elem_offset + (uint64_t)start, len, t->k0, t->k1, 1, path);
             for (r = 0; r < r1 - r0; r++) della_row(v + r * m, x + r * m, u + r * m, m, t->xl, t->xh, rmul, path);
             sum_abs_acc(v, len, t->s1);
             random_kept_acc(u, v, len, 0.0f, t->bits + ((elem_offset + (uint64_t)start) >> 3), t->s2);
@@ -2464,8 +2429,8 @@ static PyObject *native_importance(PyObject *self, PyObject *args) {
 }
 
 /* della(terms, b | None, b_dt, rows, m, elem_offset[, path]) -> [(sum |v|, sum |v| kept), ...]: terms a sequence of
- * (a, a_dt, key, xl, xh, bits), one per model; see run_della. path (tests): 0 the fastest loops this CPU has, else
- * plain C. */
+ * (a, a_dt, key, xl, xh, bits), one per model; see run_della. path (tests): 0 the fastest loops this CPU has, 1
+ * AVX2 Philox and plain C, 2 plain C. */
 static PyObject *native_della(PyObject *self, PyObject *args) {
     PyObject *seq, *fast = NULL, *b_o, *res = NULL;
     Py_buffer b, *bufs = NULL, *bitbufs = NULL;
@@ -2541,7 +2506,8 @@ static PyObject *native_della(PyObject *self, PyObject *args) {
     return res;
 }
 
-/* philox_ints(key, start, n, out[, path]): the folded words (tl.rand's integers before the scaling) into out */
+/* philox_ints(key, start, n, out[, path]): the folded words (tl.rand's integers before the scaling) into out; path as
+ * philox()'s (0 the fastest loop, 1 AVX2 at most, 2 plain C) */
 static PyObject *native_philox_ints(PyObject *self, PyObject *args) {
     unsigned long long key, start;
     Py_ssize_t n;
@@ -2555,7 +2521,7 @@ static PyObject *native_philox_ints(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    philox_ints((uint32_t *)out.buf, (uint64_t)start, n, (uint32_t)key, (uint32_t)(key >> 32), path);
+    philox_run(out.buf, (uint64_t)start, n, (uint32_t)key, (uint32_t)(key >> 32), 1, path);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&out);
     Py_RETURN_NONE;
@@ -2976,12 +2942,7 @@ static PyObject *native_philox(PyObject *self, PyObject *args) {
         Py_ssize_t m = n - j < TILE ? n - j : TILE;
         float *dst = (float *)out.buf + j;
         uint64_t g = (uint64_t)start + (uint64_t)j;
-        if (path == 1 && avx2_ok())
-            philox_avx2(dst, g, m, (uint32_t)key, (uint32_t)(key >> 32));
-        else if (path != 0)
-            philox_scalar(dst, g, m, (uint32_t)key, (uint32_t)(key >> 32));
-        else
-            philox_tile(dst, g, m, (uint32_t)key, (uint32_t)(key >> 32));
+        philox_run(dst, g, m, (uint32_t)key, (uint32_t)(key >> 32), 0, path);
     }
     PyBuffer_Release(&out);
     Py_RETURN_NONE;
@@ -3109,7 +3070,7 @@ static PyMethodDef methods[] = {
      "count of I < 0 (and the band's count); I = |a - b| * scale[row] (arcee_fusion)"},
     {"della", native_della, METH_VARARGS,
      "della(terms, b, b_dt, rows, m, elem_offset[, path]) -> [(l1, kept), ...]; DELLA's keep bits of each term "
-     "(a, a_dt, key, xl, xh, bits) (path 0: the fastest loops, else plain C)"},
+     "(a, a_dt, key, xl, xh, bits) (path 0: the fastest loops, 1: AVX2 Philox, 2: plain C)"},
     {"philox_ints", native_philox_ints, METH_VARARGS,
      "philox_ints(key, start, n, out[, path]) -> None; tl.rand's integers (before the scaling) for start .. start+n-1"},
     {"philox", native_philox, METH_VARARGS,

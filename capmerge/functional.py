@@ -221,9 +221,18 @@ def della_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torc
     A row of one entry gets p = d. :func:`della_keep` keeps each entry with this probability (to 2^-31).
     """
     x = t.float()
-    rows = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)
-    probs = della_table(rows.shape[-1], density, epsilon).to(x.device)[row_ranks(rows.abs())]
-    return (probs.reshape(x.shape) if x.dim() < 2 else probs.movedim(-1, 1)).contiguous()
+    rows = _della_rows_of(x)
+    return _della_unrows(della_table(rows.shape[-1], density, epsilon).to(x.device)[row_ranks(rows.abs())], x)
+
+
+def _della_rows_of(x: torch.Tensor) -> torch.Tensor:
+    """DELLA's rows of ``x`` along the last dimension: dim 1 moved last; a tensor of fewer dimensions is one row."""
+    return x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)
+
+
+def _della_unrows(r: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """:func:`_della_rows_of` undone: ``r`` (rows of ``like``) in ``like``'s layout, contiguous."""
+    return (r.reshape(like.shape) if like.dim() < 2 else r.movedim(-1, 1)).contiguous()
 
 
 def della_bounds(density: float, epsilon: float) -> tuple[int, int]:
@@ -249,11 +258,8 @@ def della_keep(t: torch.Tensor, density: float, epsilon: float, *, key: int,
     x = t.float()
     if words is None:
         words = philox_ints(key, 0, x.numel(), x.device).reshape(x.shape)
-    rows = x.reshape(1, -1) if x.dim() < 2 else x.movedim(1, -1)
-    keep = della_rows(
-        rows, words.reshape(1, -1) if x.dim() < 2 else words.movedim(1, -1), *della_bounds(density, epsilon)
-    )
-    return (keep.reshape(x.shape) if x.dim() < 2 else keep.movedim(-1, 1)).contiguous()
+    keep = della_rows(_della_rows_of(x), _della_rows_of(words), *della_bounds(density, epsilon))
+    return _della_unrows(keep, x)
 
 
 def della_rows(rows: torch.Tensor, words: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

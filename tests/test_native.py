@@ -298,7 +298,7 @@ def test_fast_merge_path_in_bf16_equals_the_tile_loops(k: int, n_out: int) -> No
             assert got[0] == got[1], (sign, normalize)
 
 
-def _della_rows(
+def _della_inputs(
     kind: str, ac: str, bc: str | None, n: int, g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Inputs for the DELLA rank test: kinds of |v| rows (specials, repeated values, one narrow range, subnormals, a
@@ -365,7 +365,7 @@ def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], kin
     g = torch.Generator().manual_seed(m)
     rows = 9 if m < 1000 else 3  # the reference is a Python loop
     n = rows * m
-    a, b = _della_rows(kind, ac, bc, n, g)
+    a, b = _della_inputs(kind, ac, bc, n, g)
     v = a.float() - b.float() if b is not None else a.float()
     av = np.abs(v.numpy().astype(np.float64))
     for offset, eps in ((0, 0.3), (8, 0.3), (4096, 0.05), (16, 0.0), (24, 1e-7)):  # 1e-7: a band of ~430 draws
@@ -421,8 +421,9 @@ def test_della_paths_give_the_same_bits_and_sums() -> None:
 
 
 def test_philox_ints_are_the_uniforms_integers() -> None:
-    """philox_ints(): the torch reference's integers (tl.rand's before the scaling) from any start, in both loops;
-    scaled by 2^-31 in float32 they are philox()'s floats."""
+    """philox_ints(): the torch reference's integers (tl.rand's before the scaling) from any start, in every loop
+    (AVX-512, AVX2, plain C: one Philox loop per instruction set writes floats or integers); scaled by 2^-31 in
+    float32 they are philox()'s floats."""
     from capmerge import _native
     from capmerge import functional as F
 
@@ -431,7 +432,7 @@ def test_philox_ints_are_the_uniforms_integers() -> None:
         floats = np.empty(517, dtype=np.float32)
         _native.philox(123, start, 517, floats)
         assert torch.equal(want.float() * torch.tensor(4.6566127342e-10), torch.from_numpy(floats))
-        for path in (0, 2):
+        for path in (0, 1, 2):
             out = np.empty(517, dtype=np.int32)
             _native.philox_ints(123, start, 517, out, path)
             assert torch.equal(torch.from_numpy(out).long(), want), (start, path)

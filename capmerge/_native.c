@@ -282,57 +282,79 @@ static inline __attribute__((always_inline, target("avx2"))) __m256 philox_out8(
     return ints ? _mm256_castsi256_ps(_mm256_xor_si256(w, _mm256_srai_epi32(w, 31))) : philox_float(w);
 }
 
-/* Eight Philox counters at once with AVX2 (32x32->64-bit multiplies on even/odd lanes), their 32 words stored in
- * element order (counter by counter, four words each). Same bits as the scalar code. */
+/* The ten rounds for ns sets of eight counters at once with AVX2 (32x32->64-bit multiplies on even/odd lanes; ns a
+ * constant after inlining: the rounds of one set are a dependency chain, so several run side by side). */
+static inline __attribute__((always_inline, target("avx2"))) void philox_rounds8(__m256i *c0, __m256i *c1, __m256i *c2,
+                                                                                 __m256i *c3, int ns, uint32_t k0,
+                                                                                 uint32_t k1) {
+    const __m256i A = _mm256_set1_epi32((int)0xD2511F53u), B = _mm256_set1_epi32((int)0xCD9E8D57u);
+    int r, s;
+    for (r = 0; r < 10; r++) {
+        const __m256i K0 = _mm256_set1_epi32((int)k0), K1 = _mm256_set1_epi32((int)k1);
+        for (s = 0; s < ns; s++) {
+            __m256i pbe = _mm256_mul_epu32(B, c2[s]), pbo = _mm256_mul_epu32(B, _mm256_srli_epi64(c2[s], 32));
+            __m256i pae = _mm256_mul_epu32(A, c0[s]), pao = _mm256_mul_epu32(A, _mm256_srli_epi64(c0[s], 32));
+            __m256i hib = _mm256_blend_epi32(_mm256_srli_epi64(pbe, 32), pbo, 0xAA);
+            __m256i hia = _mm256_blend_epi32(_mm256_srli_epi64(pae, 32), pao, 0xAA);
+            c0[s] = _mm256_xor_si256(_mm256_xor_si256(hib, c1[s]), K0);
+            c2[s] = _mm256_xor_si256(_mm256_xor_si256(hia, c3[s]), K1);
+            c1[s] = _mm256_blend_epi32(pbe, _mm256_slli_epi64(pbo, 32), 0xAA);
+            c3[s] = _mm256_blend_epi32(pae, _mm256_slli_epi64(pao, 32), 0xAA);
+        }
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+}
+
+/* ns sets of eight counters from q (set s: q + 8s .. q + 8s + 7), their 32 words each stored in element order
+ * (counter by counter, four words each) from dst. */
+static inline __attribute__((always_inline, target("avx2"))) void philox_sets8(float *dst, uint64_t q, int ns,
+                                                                               uint32_t key0, uint32_t key1, int ints) {
+    const __m256i lanes = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    __m256i c0[4], c1[4], c2[4], c3[4];
+    int s;
+    for (s = 0; s < ns; s++) {
+        uint64_t q0 = q + 8 * (uint64_t)s;
+        if ((uint32_t)q0 <= 0xFFFFFFF8u) { /* the eight counters share their high word */
+            c0[s] = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)q0), lanes);
+            c1[s] = _mm256_set1_epi32((int)(uint32_t)(q0 >> 32));
+        } else {
+            uint32_t lo[8], hi[8];
+            int l;
+            for (l = 0; l < 8; l++) lo[l] = (uint32_t)(q0 + (uint64_t)l), hi[l] = (uint32_t)((q0 + (uint64_t)l) >> 32);
+            c0[s] = _mm256_loadu_si256((const __m256i *)lo);
+            c1[s] = _mm256_loadu_si256((const __m256i *)hi);
+        }
+        c2[s] = c3[s] = _mm256_setzero_si256();
+    }
+    philox_rounds8(c0, c1, c2, c3, ns, key0, key1);
+    for (s = 0; s < ns; s++) { /* words w0..w3 of counters 0..7 -> element order: a 4x8 transpose */
+        float *d = dst + 32 * s;
+        __m256 f0 = philox_out8(c0[s], ints), f1 = philox_out8(c1[s], ints), f2 = philox_out8(c2[s], ints),
+               f3 = philox_out8(c3[s], ints);
+        __m256 t0 = _mm256_unpacklo_ps(f0, f1); /* w0 w1 of counters 0 1 | 4 5 */
+        __m256 t1 = _mm256_unpackhi_ps(f0, f1); /* 2 3 | 6 7 */
+        __m256 t2 = _mm256_unpacklo_ps(f2, f3); /* w2 w3 of 0 1 | 4 5 */
+        __m256 t3 = _mm256_unpackhi_ps(f2, f3);
+        __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)); /* counter 0 | 4 */
+        __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)); /* 1 | 5 */
+        __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)); /* 2 | 6 */
+        __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)); /* 3 | 7 */
+        _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u1, 0x20));
+        _mm256_storeu_ps(d + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
+        _mm256_storeu_ps(d + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
+        _mm256_storeu_ps(d + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
+    }
+}
+
+/* Philox with AVX2, three sets of eight counters (96 elements) a step, then one set (32), then plain C. Same bits as
+ * the scalar code. */
 __attribute__((target("avx2"))) static void philox_avx2(void *out, uint64_t start, Py_ssize_t m, uint32_t key0,
                                                          uint32_t key1, int ints) {
-    const __m256i A = _mm256_set1_epi32((int)0xD2511F53u), B = _mm256_set1_epi32((int)0xCD9E8D57u);
     float *dst = (float *)out; /* 32-bit lanes either way */
     Py_ssize_t j = philox_head(out, start, m, key0, key1, ints);
-    for (; j + 32 <= m; j += 32) {
-        uint32_t lo[8], hi[8];
-        int l, r;
-        __m256i c0, c1, c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-        __m256 f0, f1, f2, f3, t0, t1, t2, t3, u0, u1, u2, u3;
-        uint32_t k0 = key0, k1 = key1;
-        for (l = 0; l < 8; l++) {
-            uint64_t q = ((start + (uint64_t)j) >> 2) + (uint64_t)l;
-            lo[l] = (uint32_t)q;
-            hi[l] = (uint32_t)(q >> 32);
-        }
-        c0 = _mm256_loadu_si256((const __m256i *)lo);
-        c1 = _mm256_loadu_si256((const __m256i *)hi);
-        for (r = 0; r < 10; r++) {
-            __m256i pbe = _mm256_mul_epu32(B, c2), pbo = _mm256_mul_epu32(B, _mm256_srli_epi64(c2, 32));
-            __m256i pae = _mm256_mul_epu32(A, c0), pao = _mm256_mul_epu32(A, _mm256_srli_epi64(c0, 32));
-            __m256i hib = _mm256_blend_epi32(_mm256_srli_epi64(pbe, 32), pbo, 0xAA);
-            __m256i lob = _mm256_blend_epi32(pbe, _mm256_slli_epi64(pbo, 32), 0xAA);
-            __m256i hia = _mm256_blend_epi32(_mm256_srli_epi64(pae, 32), pao, 0xAA);
-            __m256i loa = _mm256_blend_epi32(pae, _mm256_slli_epi64(pao, 32), 0xAA);
-            __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hib, c1), _mm256_set1_epi32((int)k0));
-            __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hia, c3), _mm256_set1_epi32((int)k1));
-            c1 = lob;
-            c3 = loa;
-            c0 = n0;
-            c2 = n2;
-            k0 += 0x9E3779B9u;
-            k1 += 0xBB67AE85u;
-        }
-        /* words w0..w3 of counters 0..7 -> element order: a 4x8 transpose */
-        f0 = philox_out8(c0, ints), f1 = philox_out8(c1, ints), f2 = philox_out8(c2, ints), f3 = philox_out8(c3, ints);
-        t0 = _mm256_unpacklo_ps(f0, f1); /* w0 w1 of counters 0 1 | 4 5 */
-        t1 = _mm256_unpackhi_ps(f0, f1); /* 2 3 | 6 7 */
-        t2 = _mm256_unpacklo_ps(f2, f3); /* w2 w3 of 0 1 | 4 5 */
-        t3 = _mm256_unpackhi_ps(f2, f3);
-        u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)); /* counter 0 | 4 */
-        u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)); /* 1 | 5 */
-        u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)); /* 2 | 6 */
-        u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)); /* 3 | 7 */
-        _mm256_storeu_ps(dst + j, _mm256_permute2f128_ps(u0, u1, 0x20));
-        _mm256_storeu_ps(dst + j + 8, _mm256_permute2f128_ps(u2, u3, 0x20));
-        _mm256_storeu_ps(dst + j + 16, _mm256_permute2f128_ps(u0, u1, 0x31));
-        _mm256_storeu_ps(dst + j + 24, _mm256_permute2f128_ps(u2, u3, 0x31));
-    }
+    for (; j + 96 <= m; j += 96) philox_sets8(dst + j, (start + (uint64_t)j) >> 2, 3, key0, key1, ints);
+    for (; j + 32 <= m; j += 32) philox_sets8(dst + j, (start + (uint64_t)j) >> 2, 1, key0, key1, ints);
     philox_scalar(dst + j, start + (uint64_t)j, m - j, key0, key1, ints);
 }
 
@@ -1566,11 +1588,12 @@ static inline uint32_t della_key(float v) {
     return k > 0x7f800000u ? 0x7fc00000u : k; /* every NaN ranks as one value, above +inf */
 }
 
-/* della_row_plain: the keep tests of one row (vr: its v, xr: its folded words) into ur: -1 kept, 1 dropped. */
-static void della_row_plain(const float *vr, const uint32_t *xr, float *ur, Py_ssize_t m, uint32_t xl, uint32_t xh,
-                            uint64_t rmul) {
+/* della_row_plain: the keep tests of one row (vr: its v, xr: its folded words) into ur, entries j0 .. m - 1: -1 kept,
+ * 1 dropped. */
+static void della_row_plain(const float *vr, const uint32_t *xr, float *ur, Py_ssize_t j0, Py_ssize_t m, uint32_t xl,
+                            uint32_t xh, uint64_t rmul) {
     Py_ssize_t j;
-    for (j = 0; j < m; j++) {
+    for (j = j0; j < m; j++) {
         uint32_t x = xr[j];
         int keep = x < xl;
         if (!keep && x < xh) {
@@ -1585,6 +1608,98 @@ static void della_row_plain(const float *vr, const uint32_t *xr, float *ur, Py_s
         ur[j] = keep ? -1.0f : 1.0f;
     }
 }
+
+#if HAVE_F16C_PATH
+/* della_key of eight floats' bits (AVX2). Keys are below 2^31, so signed compares order them. */
+static inline __attribute__((always_inline, target("avx2"))) __m256i della_key8(__m256i bits) {
+    __m256i k = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
+    return _mm256_blendv_epi8(k, _mm256_set1_epi32(0x7fc00000), _mm256_cmpgt_epi32(k, _mm256_set1_epi32(0x7f800000)));
+}
+
+/* x < bound, for draws x in [0, 2^31) and a bound in [0, 2^31] given as bound - 1 (a signed compare: all ones where
+ * true) */
+static inline __attribute__((always_inline, target("avx2"))) __m256i della_below8(__m256i x, __m256i bound1) {
+    return _mm256_xor_si256(_mm256_cmpgt_epi32(x, bound1), _mm256_set1_epi32(-1));
+}
+
+/* della_band16 with eight lanes (AVX2): band and the result are all ones where true; the partner index o and the
+ * index j of each lane are below 2^31, so signed compares serve. */
+static inline __attribute__((always_inline, target("avx2"))) __m256i della_band8(__m256i x, __m256i band, Py_ssize_t j,
+                                                                                __m256i kj, const void *src, int keyed,
+                                                                                uint32_t xl, uint32_t rmul) {
+    const __m256i lanes = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), r64 = _mm256_set1_epi64x((long long)rmul);
+    const __m256i jv = _mm256_add_epi32(_mm256_set1_epi32((int)j), lanes);
+    __m256i dx = _mm256_sub_epi32(x, _mm256_set1_epi32((int)xl)), ko, o;
+    __m256i even = _mm256_mul_epu32(dx, r64), odd = _mm256_mul_epu32(_mm256_srli_epi64(dx, 32), r64);
+    __m256i t = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+    o = _mm256_add_epi32(_mm256_add_epi32(t, _mm256_set1_epi32(1)), _mm256_cmpgt_epi32(jv, t)); /* t + [t >= j] */
+    ko = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)src, o, band, 4);
+    if (!keyed) ko = della_key8(ko);
+    o = _mm256_and_si256(_mm256_cmpeq_epi32(kj, ko), _mm256_cmpgt_epi32(jv, o)); /* ties: the later index outranks */
+    return _mm256_and_si256(band, _mm256_or_si256(_mm256_cmpgt_epi32(kj, ko), o));
+}
+
+/* della_row_plain eight entries at a time (m >= 2, rmul < 2^32) by della_band8, the last m % 8 entries by the plain
+ * loop */
+__attribute__((target("avx2"))) static void della_row_avx2(const float *vr, const uint32_t *xr, float *ur,
+                                                           Py_ssize_t m, uint32_t xl, uint32_t xh, uint32_t rmul) {
+    const __m256i xl1 = _mm256_set1_epi32((int)(xl - 1)), xh1 = _mm256_set1_epi32((int)(xh - 1));
+    const __m256 plus = _mm256_set1_ps(1.0f), minus = _mm256_set1_ps(-1.0f);
+    Py_ssize_t j;
+    for (j = 0; j + 8 <= m; j += 8) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(xr + j)), keep = della_below8(x, xl1);
+        __m256i band = _mm256_andnot_si256(keep, della_below8(x, xh1));
+        if (!_mm256_testz_si256(band, band)) {
+            __m256i kj = della_key8(_mm256_loadu_si256((const __m256i *)(vr + j)));
+            keep = _mm256_or_si256(keep, della_band8(x, band, j, kj, vr, 0, xl, rmul));
+        }
+        _mm256_storeu_ps(ur + j, _mm256_blendv_ps(plus, minus, _mm256_castsi256_ps(keep)));
+    }
+    della_row_plain(vr, xr, ur, j, m, xl, xh, rmul);
+}
+
+/* della_fused's passes with AVX2 (bf16, f16 or float32 inputs; m a multiple of 8, g0 too): v = a - bt, sum |v| and
+ * the keys of |v| into k; the group's Philox integers into x (philox_avx2); then row by row della_band8's test on the
+ * keys, sum |v| over the kept ones and the keep bits. The same bits and sums as the generic loops. */
+__attribute__((target("avx2,f16c"))) static void della_fused_avx2(const void *a, int a_dt, const float *bt,
+                                                                 Py_ssize_t start, Py_ssize_t nrows, Py_ssize_t m,
+                                                                 uint64_t g0, uint32_t k0, uint32_t k1, uint32_t xl,
+                                                                 uint32_t xh, uint32_t rmul, uint32_t *k, uint32_t *x,
+                                                                 uint8_t *bits, double *s1, double *s2) {
+    const __m256i xl1 = _mm256_set1_epi32((int)(xl - 1)), xh1 = _mm256_set1_epi32((int)(xh - 1));
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256d l1lo = _mm256_loadu_pd(s1), l1hi = _mm256_loadu_pd(s1 + 4);
+    __m256d kplo = _mm256_loadu_pd(s2), kphi = _mm256_loadu_pd(s2 + 4);
+    Py_ssize_t len = nrows * m, j, r;
+    for (j = 0; j < len; j += 8) {
+        __m256 v = fast_load(a, a_dt, start + j);
+        if (bt) v = _mm256_sub_ps(v, _mm256_loadu_ps(bt + j));
+        v = _mm256_and_ps(v, absmask);
+        l1lo = _mm256_add_pd(l1lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+        l1hi = _mm256_add_pd(l1hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+        _mm256_storeu_si256((__m256i *)(k + j), della_key8(_mm256_castps_si256(v)));
+    }
+    philox_avx2(x, g0, len, k0, k1, 1);
+    for (r = 0; r < nrows; r++) {
+        const uint32_t *kr = k + r * m, *xr = x + r * m;
+        uint8_t *bp = bits + ((g0 + (uint64_t)(r * m)) >> 3);
+        for (j = 0; j < m; j += 8) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + j)), keep = della_below8(xv, xl1);
+            __m256i band = _mm256_andnot_si256(keep, della_below8(xv, xh1));
+            __m256i kj = _mm256_loadu_si256((const __m256i *)(kr + j));
+            __m256 kv;
+            if (!_mm256_testz_si256(band, band))
+                keep = _mm256_or_si256(keep, della_band8(xv, band, j, kj, kr, 1, xl, rmul));
+            kv = _mm256_and_ps(_mm256_castsi256_ps(kj), _mm256_castsi256_ps(keep)); /* |v| where kept, else +0 */
+            kplo = _mm256_add_pd(kplo, _mm256_cvtps_pd(_mm256_castps256_ps128(kv)));
+            kphi = _mm256_add_pd(kphi, _mm256_cvtps_pd(_mm256_extractf128_ps(kv, 1)));
+            bp[j >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_castsi256_ps(keep));
+        }
+    }
+    _mm256_storeu_pd(s1, l1lo), _mm256_storeu_pd(s1 + 4, l1hi);
+    _mm256_storeu_pd(s2, kplo), _mm256_storeu_pd(s2 + 4, kphi);
+}
+#endif
 
 #if HAVE_AVX512VL_PATH
 static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __m512i della_key16(__m512i bits) {
@@ -1701,7 +1816,7 @@ __attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *
 }
 #endif
 
-/* path: 0 the fastest loops this CPU has, 1 AVX2 Philox and plain C, 2 plain C (native della()'s argument) */
+/* path: 0 the fastest loops this CPU has, 1 AVX2 at most, 2 plain C (native della()'s argument) */
 static void della_row(const float *vr, const uint32_t *xr, float *ur, Py_ssize_t m, uint32_t xl, uint32_t xh,
                       uint64_t rmul, int path) {
 #if HAVE_AVX512VL_PATH
@@ -1710,8 +1825,13 @@ static void della_row(const float *vr, const uint32_t *xr, float *ur, Py_ssize_t
         return;
     }
 #endif
-    (void)path;
-    della_row_plain(vr, xr, ur, m, xl, xh, rmul);
+#if HAVE_F16C_PATH
+    if (path <= 1 && m >= 2 && rmul <= 0xffffffffu && avx2_ok()) {
+        della_row_avx2(vr, xr, ur, m, xl, xh, (uint32_t)rmul);
+        return;
+    }
+#endif
+    della_row_plain(vr, xr, ur, 0, m, xl, xh, rmul);
 }
 
 #define DELLA_GROUP 16384 /* entries of v and x made at a time, then decided */
@@ -1763,6 +1883,13 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
             if (path == 0 && m % 8 == 0 && rmul <= 0xffffffffu && t->a_dt != DT_F16 && avx512vl_ok()) {
                 della_fused(t->a, t->a_dt, bt, start, r1 - r0, m, elem_offset + (uint64_t)start, t->k0, t->k1, t->xl,
                             t->xh, (uint32_t)rmul, (uint32_t *)v, t->bits, t->s1, t->s2);
+                continue;
+            }
+#endif
+#if HAVE_F16C_PATH
+            if (path <= 1 && m % 8 == 0 && rmul <= 0xffffffffu && avx2_ok()) {
+                della_fused_avx2(t->a, t->a_dt, bt, start, r1 - r0, m, elem_offset + (uint64_t)start, t->k0, t->k1,
+                                 t->xl, t->xh, (uint32_t)rmul, (uint32_t *)v, x, t->bits, t->s1, t->s2);
                 continue;
             }
 #endif
@@ -3070,7 +3197,7 @@ static PyMethodDef methods[] = {
      "count of I < 0 (and the band's count); I = |a - b| * scale[row] (arcee_fusion)"},
     {"della", native_della, METH_VARARGS,
      "della(terms, b, b_dt, rows, m, elem_offset[, path]) -> [(l1, kept), ...]; DELLA's keep bits of each term "
-     "(a, a_dt, key, xl, xh, bits) (path 0: the fastest loops, 1: AVX2 Philox, 2: plain C)"},
+     "(a, a_dt, key, xl, xh, bits) (path 0: the fastest loops, 1: AVX2 at most, 2: plain C)"},
     {"philox_ints", native_philox_ints, METH_VARARGS,
      "philox_ints(key, start, n, out[, path]) -> None; tl.rand's integers (before the scaling) for start .. start+n-1"},
     {"philox", native_philox, METH_VARARGS,

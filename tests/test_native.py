@@ -352,12 +352,13 @@ def _della_reference(v: torch.Tensor, rows: int, m: int, x: np.ndarray, lo: int,
 
 @pytest.mark.parametrize(("codes", "kind"), _DELLA_CASES)
 @pytest.mark.parametrize("m", [1, 7, 256, 2053])
-@pytest.mark.parametrize("path", [0, 2])  # the fastest loops (AVX-512: fused where m is a multiple of 8), plain C
+@pytest.mark.parametrize("path", [0, 1, 2])  # the fastest loops (fused where 8 divides m), AVX2 at most, plain C
 def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], kind: str, m: int, path: int) -> None:
     """della(): the keep bits of the documented test (:func:`_della_reference`: ranks from torch's stable argsort,
     the draws from the torch Philox reference), the sums Σ|v|, Σ|kept| against numpy's float64 sums, for several
     kinds of rows (NaN and ±inf, ties and zeros, subnormals, 160 octaves) and bands: ε 0.3 (60 % of the draws in
-    the band), 0.05, 0 (no band) and 1e-7 (a band narrower than a row: its products need 64 bits, the plain loop)."""
+    the band), 0.05, 0 (no band), 1e-7 (a band narrower than a row: its products need 64 bits, the plain loop) and
+    0.6 (the band is every draw: x_lo = 0, x_hi = 2^31)."""
     from capmerge import _native
     from capmerge import functional as F
 
@@ -368,7 +369,7 @@ def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], kin
     a, b = _della_inputs(kind, ac, bc, n, g)
     v = a.float() - b.float() if b is not None else a.float()
     av = np.abs(v.numpy().astype(np.float64))
-    for offset, eps in ((0, 0.3), (8, 0.3), (4096, 0.05), (16, 0.0), (24, 1e-7)):  # 1e-7: a band of ~430 draws
+    for offset, eps in ((0, 0.3), (8, 0.3), (4096, 0.05), (16, 0.0), (24, 1e-7), (32, 0.6)):  # 1e-7: ~430 draws
         lo, hi = F.della_bounds(0.4, eps)
         keep = _della_reference(v, rows, m, F.philox_ints(77, offset, n).numpy(), lo, hi)
         bits = np.zeros((offset + n + 7) // 8 + 3, dtype=np.uint8)
@@ -403,9 +404,9 @@ def _della_call(models: list[torch.Tensor], code: str, base: torch.Tensor, bands
 
 
 def test_della_paths_give_the_same_bits_and_sums() -> None:
-    """The fused AVX-512 passes (rows of a multiple of 8, bf16/float32) and the plain loops: the same keep bits and
-    the same float64 sums, bit for bit, over blocks that start mid-tensor; several models in one call (the base read
-    once) give each model's own call's bits and sums, in either order."""
+    """The fused passes (rows of a multiple of 8: AVX-512 for bf16/float32, AVX2 for those and f16), the AVX2 rows and
+    the plain loops: the same keep bits and the same float64 sums, bit for bit, over blocks that start mid-tensor;
+    several models in one call (the base read once) give each model's own call's bits and sums, in any order."""
     from capmerge import functional as F
 
     g = torch.Generator().manual_seed(4)
@@ -417,6 +418,7 @@ def test_della_paths_give_the_same_bits_and_sums() -> None:
         base = torch.randn(rows * m, generator=g).to(torch.bfloat16)
         alone = {i: _della_call(models, code, base, bands, rows, m, [i], 2)[i] for i in range(3)}
         assert _della_call(models, code, base, bands, rows, m, [0, 1, 2], 0) == alone, m
+        assert _della_call(models, code, base, bands, rows, m, [1, 2, 0], 1) == alone, m
         assert _della_call(models, code, base, bands, rows, m, [2, 0, 1], 2) == alone, m
 
 

@@ -1265,6 +1265,7 @@ static int avx512_ok(void) { return 0; }
  * `nb` bins `prefix` (distinct, at most HIST1_BINS), counts the low 16 bits into that bin's row of `hist` (uint64,
  * nb rows of 65536 bins), in one pass for all of them. The portable loop: */
 #define HIST1_BINS 16
+#define HIST1_TMP 4096 /* hist1_avx2's buffer of elements inside a wanted bin */
 static void hist1_loop(const uint32_t *s, Py_ssize_t n, const uint32_t *prefix, int nb, uint64_t *hist) {
     uint32_t lo = 0xffffffffu, hi = 0;
     Py_ssize_t j;
@@ -1313,11 +1314,49 @@ hist1_avx512(const uint32_t *s, Py_ssize_t n, const uint32_t *prefix, int nb, ui
 }
 #endif
 
+#if HAVE_F16C_PATH
+/* AVX2: eight bins compared with every wanted bin at once; the few elements inside one go to a buffer (a bit scan of
+ * the vector's mask, no compress in AVX2) that the portable loop counts. */
+__attribute__((target("avx2"))) static void hist1_avx2(const uint32_t *s, Py_ssize_t n, const uint32_t *prefix, int nb,
+                                                       uint64_t *hist) {
+    uint32_t tmp[HIST1_TMP + 8];
+    __m256i want[HIST1_BINS];
+    const __m256i mask = _mm256_set1_epi32(0x7fffffff);
+    Py_ssize_t j = 0, c = 0;
+    int r;
+    for (r = 0; r < nb; r++) want[r] = _mm256_set1_epi32((int)prefix[r]);
+    for (; j + 8 <= n; j += 8) {
+        __m256i v = _mm256_srli_epi32(_mm256_and_si256(_mm256_loadu_si256((const __m256i *)(s + j)), mask), 16);
+        __m256i in = _mm256_cmpeq_epi32(v, want[0]);
+        for (r = 1; r < nb; r++) in = _mm256_or_si256(in, _mm256_cmpeq_epi32(v, want[r]));
+        if (!_mm256_testz_si256(in, in)) {
+            unsigned bm = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(in));
+            do {
+                tmp[c++] = s[j + __builtin_ctz(bm)];
+                bm &= bm - 1;
+            } while (bm);
+            if (c >= HIST1_TMP) {
+                hist1_loop(tmp, c, prefix, nb, hist);
+                c = 0;
+            }
+        }
+    }
+    hist1_loop(tmp, c, prefix, nb, hist);
+    hist1_loop(s + j, n - j, prefix, nb, hist);
+}
+#endif
+
 static void run_hist1(const uint32_t *s, Py_ssize_t n, const uint32_t *prefix, int nb, uint64_t *hist,
                       int portable) {
 #if HAVE_BRACKET_AVX512
     if (!portable && avx512_ok()) {
         hist1_avx512(s, n, prefix, nb, hist);
+        return;
+    }
+#endif
+#if HAVE_F16C_PATH
+    if (!portable && avx2_ok()) {
+        hist1_avx2(s, n, prefix, nb, hist);
         return;
     }
 #endif

@@ -563,6 +563,8 @@ typedef struct {
     float alpha;
 } out_t;
 
+static int use_fast = 1; /* 0: the tile loops only, 2: AVX2 at most (tests compare them) */
+
 #if HAVE_F16C_PATH
 /* Fused AVX2 path of run_merge for the common case: every term a plain vector (no b), pruned by magnitude or not
  * at all, any sign election, normalize or not, fp32 / bf16 / fp16 (F16C) inputs and outputs. One pass over the
@@ -902,7 +904,7 @@ __attribute__((target("avx2,f16c"))) static int fast_merge(const out_t *outs, in
     for (i = 0; i < n_out; i++) bf16 &= outs[i].dt == DT_BF16;
     for (i = 0; i < k; i++) mag &= terms[i].mode == PRUNE_MAGNITUDE;
 #if HAVE_AVX512VL_PATH
-    if (bf16 && avx512vlbw_ok()) return fast_merge16(outs, n_out, base, n16, terms, k, sign, normalize, mag, g);
+    if (bf16 && use_fast == 1 && avx512vlbw_ok()) return fast_merge16(outs, n_out, base, n16, terms, k, sign, normalize, mag, g);
 #endif
     if (bf16 && n_out == 1 && mag && sign == SIGN_TOTAL) { /* TIES */
         if (k == 2) return fast_body(outs, 1, base, base_dt, n16, terms, 2, SIGN_TOTAL, normalize, DT_BF16, 1, g);
@@ -1068,7 +1070,6 @@ static int run_merge_tiles(const out_t *outs, int n_out, const void *base, int b
 }
 
 /* run_merge: the fused AVX2 path where it applies (all but the last n % 16 elements), the tile loops otherwise. */
-static int use_fast = 1; /* 0: the tile loops only (tests compare the two) */
 
 static int run_merge(const out_t *outs, int n_out, const void *base, int base_dt, Py_ssize_t n, const term_t *terms,
                      int k, int sign, int normalize, uint64_t elem_offset, float *tiles) {
@@ -1261,6 +1262,114 @@ CPU_CHECK(avx512_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports
 static int avx512_ok(void) { return 0; }
 #endif
 
+#if HAVE_F16C_PATH
+/* AVX2 has no compress: compact_lut[mask] holds the lanes set in an 8-bit mask, in order, as bytes, for a
+ * permutevar8x32 (filled at module load). */
+static uint64_t compact_lut[256];
+static void compact_lut_init(void) {
+    int mask, l, c;
+    for (mask = 0; mask < 256; mask++) {
+        uint64_t v = 0;
+        for (l = 0, c = 0; l < 8; l++)
+            if (mask >> l & 1) v |= (uint64_t)l << (8 * c++);
+        compact_lut[mask] = v;
+    }
+}
+
+/* The lanes of x that mask (a movemask) sets, stored in order from dst (eight lanes written); how many. */
+static inline __attribute__((always_inline, target("avx2,popcnt"))) int compact8(uint32_t *dst, __m256i x, int mask) {
+    __m256i idx = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)compact_lut[mask]));
+    _mm256_storeu_si256((__m256i *)dst, _mm256_permutevar8x32_epi32(x, idx));
+    return __builtin_popcount((unsigned)mask);
+}
+
+/* run_hist16 of bins held in 32-bit words (each < 32768) */
+static void run_hist_bins32(const uint32_t *s, Py_ssize_t n, uint32_t *sub) {
+    Py_ssize_t j;
+    for (j = 0; j + 4 <= n; j += 4) {
+        sub[s[j]]++;
+        sub[32768 + s[j + 1]]++;
+        sub[2 * 32768 + s[j + 2]]++;
+        sub[3 * 32768 + s[j + 3]]++;
+    }
+    for (; j < n; j++) sub[s[j]]++;
+}
+
+#define BRACKET8_TMP 4096
+/* bracket16 with eight float32 |x| patterns (AVX2; bins are below 2^15, so signed compares serve): the count above
+ * hi, the bins inside [lo, hi] compacted into tmp (counted once BRACKET8_TMP have gathered), the inexact patterns
+ * inside appended to col (col may be NULL; -1 once fewer than eight places are left, as bracket16 with sixteen). */
+static inline __attribute__((always_inline, target("avx2,popcnt"))) void
+bracket8(__m256i x, __m256i vlo1, __m256i vhi, uint64_t *above, uint32_t *tmp, Py_ssize_t *c, uint32_t *sub,
+         collect_t *col) {
+    __m256i v = _mm256_srli_epi32(x, 16), gt = _mm256_cmpgt_epi32(v, vhi);
+    int in = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(gt, _mm256_cmpgt_epi32(v, vlo1))));
+    *above += (uint64_t)__builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(gt)));
+    if (col) {
+        __m256i exact = _mm256_cmpeq_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0xffff)), _mm256_setzero_si256());
+        int inexact = in & ~_mm256_movemask_ps(_mm256_castsi256_ps(exact));
+        if (__builtin_expect(inexact != 0, 0) && col->n >= 0) {
+            if (col->n + 8 <= col->cap)
+                col->n += compact8(col->buf + col->n, x, inexact);
+            else
+                col->n = -1;
+        }
+    }
+    *c += compact8(tmp + *c, v, in);
+    if (*c >= BRACKET8_TMP) {
+        run_hist_bins32(tmp, *c, sub);
+        *c = 0;
+    }
+}
+
+/* bracket_avx512's pass with AVX2, eight elements a step (a 16-bit value's pattern shifted to a float32's place) */
+__attribute__((target("avx2,popcnt"))) static uint64_t bracket_avx2(const void *src, int dt, Py_ssize_t n, int lo,
+                                                                     int hi, uint32_t *sub, collect_t *col) {
+    uint32_t tmp[BRACKET8_TMP + 8];
+    const __m256i mask = _mm256_set1_epi32(0x7fffffff), vhi = _mm256_set1_epi32(hi), vlo1 = _mm256_set1_epi32(lo - 1);
+    uint64_t above = 0;
+    Py_ssize_t j = 0, c = 0;
+    if (dt == DT_F32) {
+        for (; j + 8 <= n; j += 8) {
+            __m256i x = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)((const uint32_t *)src + j)), mask);
+            bracket8(x, vlo1, vhi, &above, tmp, &c, sub, col);
+        }
+    } else {
+        for (; j + 8 <= n; j += 8) {
+            __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)src + j));
+            __m256i x = _mm256_and_si256(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16), mask);
+            bracket8(x, vlo1, vhi, &above, tmp, &c, sub, NULL);
+        }
+    }
+    if (c) run_hist_bins32(tmp, c, sub);
+    return above + bracket_loop((const char *)src + j * dt_size(dt), dt, n - j, lo, hi, sub, col);
+}
+
+/* bracket_diff_avx512 with AVX2: the float32 difference a - b of two 16-bit inputs made in registers */
+__attribute__((target("avx2,f16c,popcnt"))) static uint64_t bracket_diff_avx2(const uint16_t *a, int a_dt,
+                                                                               const uint16_t *b, int b_dt,
+                                                                               Py_ssize_t n, int lo, int hi,
+                                                                               uint32_t *sub, collect_t *col) {
+    uint32_t tmp[BRACKET8_TMP + 8];
+    const __m256i mask = _mm256_set1_epi32(0x7fffffff), vhi = _mm256_set1_epi32(hi), vlo1 = _mm256_set1_epi32(lo - 1);
+    uint64_t above = 0;
+    Py_ssize_t j = 0, c = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 d = _mm256_sub_ps(fast_load(a, a_dt, j), fast_load(b, b_dt, j));
+        bracket8(_mm256_and_si256(_mm256_castps_si256(d), mask), vlo1, vhi, &above, tmp, &c, sub, col);
+    }
+    if (c) run_hist_bins32(tmp, c, sub);
+    if (j < n) {
+        float ta[8], tb[8];
+        load_tile(ta, a, a_dt, j, n - j);
+        load_tile(tb, b, b_dt, j, n - j);
+        for (c = 0; c < n - j; c++) ta[c] = ta[c] - tb[c];
+        above += bracket_loop(ta, DT_F32, n - j, lo, hi, sub, col);
+    }
+    return above;
+}
+#endif
+
 /* Level 1 of the float32 threshold pass: for the elements whose level-0 bin (bits 16..30 of |x|) is one of the
  * `nb` bins `prefix` (distinct, at most HIST1_BINS), counts the low 16 bits into that bin's row of `hist` (uint64,
  * nb rows of 65536 bins), in one pass for all of them. The portable loop: */
@@ -1355,7 +1464,7 @@ static void run_hist1(const uint32_t *s, Py_ssize_t n, const uint32_t *prefix, i
     }
 #endif
 #if HAVE_F16C_PATH
-    if (!portable && avx2_ok()) {
+    if (portable != 1 && avx2_ok()) {
         hist1_avx2(s, n, prefix, nb, hist);
         return;
     }
@@ -2252,6 +2361,104 @@ static AVX512_VLBW Py_ssize_t sce_tile_avx512_4(SCE_TILE_ARGS) { return (void)k,
 static AVX512_VLBW Py_ssize_t sce_tile_avx512_n(SCE_TILE_ARGS) { return SCE_TILE_CALL(k); }
 #endif
 
+#if HAVE_F16C_PATH
+/* sce_tile_k with AVX2 (tiles of a multiple of 8 elements): eight elements at a time, each model's v = a - base and
+ * its float64 Welford step in registers (welford_avx2's operations), the variance (variance_avx2's), the count,
+ * var_out, the keep bits, the list (compacted through compact_lut) and the sums of squares (sce_tile_avx2's: element
+ * j in lane j % SCE_LANES, a dropped entry adding +0): the same bits as the tile loops. */
+static inline __attribute__((always_inline, target("avx2,fma,f16c,popcnt"))) Py_ssize_t
+sce_tile8_k(const term_t *terms, const int k, const void *base, int base_dt, Py_ssize_t off, Py_ssize_t m,
+            float *var_out, float thr, uint8_t *bits, double *sums, const double *mul, const double *rc, double rk,
+            sce_list_t *list) {
+    __m256 tv[MAX_VECTORS];
+    __m256d acc[MAX_VECTORS][4]; /* lanes 0-3, 4-7, 8-11, 12-15 of SCE_LANES */
+    const __m256d z = _mm256_setzero_pd(), vk = _mm256_set1_pd((double)k), vrk = _mm256_set1_pd(rk);
+    const __m256 vt = _mm256_set1_ps(thr), zero = _mm256_setzero_ps();
+    Py_ssize_t j, nnz = 0;
+    int i, h;
+    for (i = 0; sums && i < k; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = z;
+    for (j = 0; j < m; j += 8) {
+        const __m256 bv = fast_load(base, base_dt, off + j);
+        const int g = (int)((j >> 2) & 3); /* the lane group of elements j .. j + 3 */
+        __m256d mean[2] = {z, z}, m2[2] = {z, z};
+        __m256 var, keep;
+        for (i = 0; i < k; i++) {
+            const __m256 t = _mm256_sub_ps(fast_load(terms[i].a, terms[i].a_dt, off + j), bv);
+            const __m256d cnt = _mm256_set1_pd((double)(i + 1));
+            tv[i] = t;
+            for (h = 0; h < 2; h++) {
+                __m256d x = _mm256_cvtps_pd(h ? _mm256_extractf128_ps(t, 1) : _mm256_castps256_ps128(t));
+                __m256d mu = i == 0 ? z : mean[h], d = _mm256_sub_pd(x, mu);
+                mu = _mm256_add_pd(mu, mul[i] != 0.0  ? _mm256_mul_pd(d, _mm256_set1_pd(mul[i]))
+                                       : rc[i] != 0.0 ? div_recip4(d, cnt, _mm256_set1_pd(rc[i]))
+                                                      : _mm256_div_pd(d, cnt));
+                mean[h] = mu;
+                m2[h] = _mm256_add_pd(i == 0 ? z : m2[h], _mm256_mul_pd(d, _mm256_sub_pd(x, mu)));
+            }
+        }
+        for (h = 0; h < 2; h++) m2[h] = rk != 0.0 ? div_recip4(m2[h], vk, vrk) : _mm256_div_pd(m2[h], vk);
+        var = _mm256_set_m128(_mm256_cvtpd_ps(m2[1]), _mm256_cvtpd_ps(m2[0]));
+        nnz += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(var, zero, _CMP_NEQ_UQ)));
+        if (var_out) _mm256_storeu_ps(var_out + off + j, var);
+        keep = _mm256_cmp_ps(var, vt, _CMP_GE_OQ);
+        if (bits) bits[(off + j) >> 3] = (uint8_t)_mm256_movemask_ps(keep);
+        if (list) {
+            const __m256i pat = _mm256_and_si256(_mm256_castps_si256(var), _mm256_set1_epi32(0x7FFFFFFF));
+            const __m256i below = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)list->top), pat); /* both < 2^31 */
+            list->above += 8 - __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(below)));
+        }
+        if (list && !list->overflow) { /* lo <= var < thr (not NaN), compacted to the front and stored whole */
+            const int mid = _mm256_movemask_ps(_mm256_andnot_ps(keep, _mm256_cmp_ps(var, _mm256_set1_ps(list->lo),
+                                                                                    _CMP_GE_OQ)));
+            const int c = __builtin_popcount((unsigned)mid);
+            if (c && list->cnt + c > list->cap) list->overflow = 1;
+            else if (c) {
+                const __m256i ix = _mm256_add_epi32(_mm256_set1_epi32((int)(off + j)),
+                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+                compact8(list->idx + list->cnt, ix, mid);
+                compact8((uint32_t *)list->var + list->cnt, _mm256_castps_si256(var), mid);
+                for (i = 0; i < k; i++)
+                    compact8((uint32_t *)list->tau + (size_t)i * list->stride + list->cnt, _mm256_castps_si256(tv[i]),
+                             mid);
+                list->cnt += c;
+            }
+        }
+        if (!sums) continue;
+        for (i = 0; i < k; i++)
+            for (h = 0; h < 2; h++) {
+                const __m128 t4 = h ? _mm256_extractf128_ps(tv[i], 1) : _mm256_castps256_ps128(tv[i]);
+                const __m256d x = _mm256_cvtps_pd(t4);
+                __m256d sq = _mm256_mul_pd(x, x);
+                if (bits) {
+                    const __m128 k4 = h ? _mm256_extractf128_ps(keep, 1) : _mm256_castps256_ps128(keep);
+                    sq = _mm256_and_pd(_mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm_castps_si128(k4))), sq);
+                }
+                acc[i][g + h] = _mm256_add_pd(acc[i][g + h], sq);
+            }
+    }
+    for (i = 0; sums && i < k; i++) {
+        double a[SCE_LANES];
+        for (h = 0; h < 4; h++) _mm256_storeu_pd(a + 4 * h, acc[i][h]);
+        sums[i] += sum_lanes16(a);
+    }
+    return nnz;
+}
+
+#define SCE_TILE8_ARGS                                                                                                 \
+    const term_t *terms, int k, const void *base, int base_dt, Py_ssize_t off, Py_ssize_t m, float *var_out,          \
+        float thr, uint8_t *bits, double *sums, const double *mul, const double *rc, double rk, sce_list_t *list
+#define SCE_TILE8_CALL(K) sce_tile8_k(terms, K, base, base_dt, off, m, var_out, thr, bits, sums, mul, rc, rk, list)
+__attribute__((target("avx2,fma,f16c,popcnt"))) static Py_ssize_t sce_tile_avx2_2(SCE_TILE8_ARGS) {
+    return (void)k, SCE_TILE8_CALL(2);
+}
+__attribute__((target("avx2,fma,f16c,popcnt"))) static Py_ssize_t sce_tile_avx2_3(SCE_TILE8_ARGS) {
+    return (void)k, SCE_TILE8_CALL(3);
+}
+__attribute__((target("avx2,fma,f16c,popcnt"))) static Py_ssize_t sce_tile_avx2_n(SCE_TILE8_ARGS) {
+    return SCE_TILE8_CALL(k);
+}
+#endif
+
 /* One Welford step of run_sce over a tile: t -= b, then the float64 update with x = t (mul: 1 / cnt when that is
  * exact, a power of two; else 0 and a division, rc: see sce_steps). The first step (first != 0) takes mean and m2 as
  * 0.0 without reading them: the same operations on the same values, no zeroing pass. */
@@ -2298,17 +2505,30 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
     int i;
     sce_steps(k, mul, rc, &rk);
 #if HAVE_AVX512VL_PATH
-    const int fused = use_fast && avx512vlbw_ok() && (want_count || var_out || bits);
+    const int fused = use_fast == 1 && avx512vlbw_ok() && (want_count || var_out || bits);
     Py_ssize_t (*tile)(SCE_TILE_ARGS) = k == 2   ? sce_tile_avx512_2
                                         : k == 3 ? sce_tile_avx512_3
                                         : k == 4 ? sce_tile_avx512_4
                                                  : sce_tile_avx512_n;
+#else
+    const int fused = 0;
+#endif
+#if HAVE_F16C_PATH
+    /* the AVX2 tile where AVX-512 has none (f16 inputs need F16C), tiles of a multiple of 8 elements */
+    const int fused8 = use_fast && !fused && avx2_ok() && fma_ok() && f16c_ok() && (want_count || var_out || bits);
+    Py_ssize_t (*tile8)(SCE_TILE8_ARGS) = k == 2 ? sce_tile_avx2_2 : k == 3 ? sce_tile_avx2_3 : sce_tile_avx2_n;
 #endif
     for (off = 0; off < n; off += TILE) {
         Py_ssize_t m = n - off < TILE ? n - off : TILE;
 #if HAVE_AVX512VL_PATH
         if (fused) {
             nnz += tile(terms, k, base, base_dt, off, m, var_out, thr, bits, sums, rc, rk, list);
+            continue;
+        }
+#endif
+#if HAVE_F16C_PATH
+        if (fused8 && (m & 7) == 0) {
+            nnz += tile8(terms, k, base, base_dt, off, m, var_out, thr, bits, sums, mul, rc, rk, list);
             continue;
         }
 #endif
@@ -2928,13 +3148,13 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
 }
 
 /* hist1(buf, n, bins, hist[, portable]) — float32: level-1 counts of up to HIST1_BINS level-0 bins (uint32), added
- * into hist, 65536 uint64 per bin; see run_hist1. */
+ * into hist, 65536 uint64 per bin; see run_hist1. portable: 0 the fastest loop, 1 plain C, 2 AVX2 at most (tests). */
 static PyObject *native_hist1(PyObject *self, PyObject *args) {
     Py_buffer src, bins, hist;
     Py_ssize_t n, nb;
     int portable = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*ny*w*|p", &src, &n, &bins, &hist, &portable)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*ny*w*|i", &src, &n, &bins, &hist, &portable)) return NULL;
     nb = bins.len / 4;
     if (!check_len(&src, DT_F32, n, "input") || nb < 1 || nb > HIST1_BINS || bins.len % 4 ||
         hist.len < nb * 65536 * 8) {
@@ -2981,9 +3201,9 @@ static PyObject *native_hist0(PyObject *self, PyObject *args) {
 }
 
 /* bracket(buf, dt, n, lo, hi, sub, portable[, col, ncol]) -> elements with a level-0 bin above hi; bins lo..hi
- * counted into sub (as hist0). portable=1 forces the plain loop (tests compare both). With a uint32 buffer col
- * (float32 only) and the count ncol already in it, the inexact |x| patterns inside the bracket are appended (see
- * collect_t) and the result is (above, ncol), ncol = -1 once col overflowed (or was -1 already). */
+ * counted into sub (as hist0). portable: 0 the fastest loop, 1 plain C, 2 AVX2 at most (tests compare them). With a
+ * uint32 buffer col (float32 only) and the count ncol already in it, the inexact |x| patterns inside the bracket are
+ * appended (see collect_t) and the result is (above, ncol), ncol = -1 once col overflowed (or was -1 already). */
 static PyObject *native_bracket(PyObject *self, PyObject *args) {
     Py_buffer src, sub, colbuf = {0};
     int dt, lo, hi, portable;
@@ -2991,7 +3211,7 @@ static PyObject *native_bracket(PyObject *self, PyObject *args) {
     uint64_t above;
     collect_t col, *cp = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*iniiw*p|w*n", &src, &dt, &n, &lo, &hi, &sub, &portable, &colbuf, &ncol) ||
+    if (!PyArg_ParseTuple(args, "y*iniiw*i|w*n", &src, &dt, &n, &lo, &hi, &sub, &portable, &colbuf, &ncol) ||
         !sub_args(&src, dt, n, &sub)) {
         if (colbuf.obj) PyBuffer_Release(&colbuf);
         return NULL;
@@ -3017,6 +3237,11 @@ static PyObject *native_bracket(PyObject *self, PyObject *args) {
         above = bracket_avx512(src.buf, dt, n, lo, hi, (uint32_t *)sub.buf, cp);
     else
 #endif
+#if HAVE_F16C_PATH
+        if (portable != 1 && avx2_ok())
+        above = bracket_avx2(src.buf, dt, n, lo, hi, (uint32_t *)sub.buf, cp);
+    else
+#endif
         above = bracket_loop(src.buf, dt, n, lo, hi, (uint32_t *)sub.buf, cp);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&src);
@@ -3037,7 +3262,7 @@ static PyObject *native_bracket_diff(PyObject *self, PyObject *args) {
     uint64_t above = 0;
     collect_t col;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*iy*iniiw*pw*n", &a, &a_dt, &b, &b_dt, &n, &lo, &hi, &sub, &portable, &colbuf,
+    if (!PyArg_ParseTuple(args, "y*iy*iniiw*iw*n", &a, &a_dt, &b, &b_dt, &n, &lo, &hi, &sub, &portable, &colbuf,
                           &ncol))
         return NULL;
     if (!check_dt(a_dt) || !check_dt(b_dt) || !check_len(&a, a_dt, n, "a") || !check_len(&b, b_dt, n, "b") ||
@@ -3056,21 +3281,33 @@ static PyObject *native_bracket_diff(PyObject *self, PyObject *args) {
     col.n = ncol;
     Py_BEGIN_ALLOW_THREADS
     float tmp[DIFF_CHUNK] __attribute__((aligned(64)));
+    off = -1; /* the vector loops of two 16-bit inputs; else chunks of differences */
 #if HAVE_BRACKET_AVX512
     if (!portable && avx512_ok() && a_dt != DT_F32 && b_dt != DT_F32 && ((a_dt != DT_F16 && b_dt != DT_F16) || f16c_ok())) {
         above = bracket_diff_avx512((const uint16_t *)a.buf, a_dt, (const uint16_t *)b.buf, b_dt, n, lo, hi,
                                     (uint32_t *)sub.buf, &col);
         off = n;
-    } else
+    }
 #endif
-        off = 0;
-    for (; off < n; off += DIFF_CHUNK) {
+#if HAVE_F16C_PATH
+    if (off < 0 && portable != 1 && avx2_ok() && f16c_ok() && a_dt != DT_F32 && b_dt != DT_F32) {
+        above = bracket_diff_avx2((const uint16_t *)a.buf, a_dt, (const uint16_t *)b.buf, b_dt, n, lo, hi,
+                                  (uint32_t *)sub.buf, &col);
+        off = n;
+    }
+#endif
+    for (off = off < 0 ? 0 : off; off < n; off += DIFF_CHUNK) {
         Py_ssize_t m = n - off < DIFF_CHUNK ? n - off : DIFF_CHUNK;
         run_diff(tmp, DT_F32, (const char *)a.buf + off * dt_size(a_dt), a_dt,
                  (const char *)b.buf + off * dt_size(b_dt), b_dt, m);
 #if HAVE_BRACKET_AVX512
         if (!portable && avx512_ok())
             above += bracket_avx512(tmp, DT_F32, m, lo, hi, (uint32_t *)sub.buf, &col);
+        else
+#endif
+#if HAVE_F16C_PATH
+            if (portable != 1 && avx2_ok())
+            above += bracket_avx2(tmp, DT_F32, m, lo, hi, (uint32_t *)sub.buf, &col);
         else
 #endif
             above += bracket_loop(tmp, DT_F32, m, lo, hi, (uint32_t *)sub.buf, &col);
@@ -3086,7 +3323,7 @@ static PyObject *native_bracket_diff(PyObject *self, PyObject *args) {
 /* fast_bracket() -> whether bracket() has its vector loop on this CPU (else a plain histogram pass is faster). */
 static PyObject *native_fast_bracket(PyObject *self, PyObject *unused) {
     (void)self, (void)unused;
-    return PyBool_FromLong(avx512_ok());
+    return PyBool_FromLong(avx512_ok() || avx2_ok());
 }
 
 /* philox(key, start, n, out_float32_buffer[, path]): the uniforms of elements start .. start+n-1 (tl.rand4x(key,
@@ -3185,13 +3422,18 @@ static PyObject *native_divide_by(PyObject *self, PyObject *args) {
 }
 
 /* use_fast_merge(flag) -> previous flag: whether merge() and sce() may take their fused vector paths (fast_merge,
- * sce_tile_avx512; tests compare them with the tile loops). */
+ * sce_tile_avx512, sce_tile_avx2; tests compare them with the tile loops): 0 none, 1 all, 2 the AVX2 ones only. */
 static PyObject *native_use_fast_merge(PyObject *self, PyObject *arg) {
-    int prev = use_fast, want = PyObject_IsTrue(arg);
+    int prev = use_fast;
+    long want = PyLong_AsLong(arg);
     (void)self;
-    if (want < 0) return NULL;
-    use_fast = want;
-    return PyBool_FromLong(prev);
+    if (want == -1 && PyErr_Occurred()) return NULL;
+    if (want < 0 || want > 2) {
+        PyErr_SetString(PyExc_ValueError, "use_fast_merge takes 0, 1 or 2");
+        return NULL;
+    }
+    use_fast = (int)want;
+    return PyLong_FromLong(prev);
 }
 
 /* use_hardware_f16(flag) -> previous: switch the F16C path off/on (tests run both conversion paths). */
@@ -3211,7 +3453,7 @@ static PyMethodDef methods[] = {
     {"sce_finish", native_sce_finish, METH_VARARGS, "sce_finish(idx, var, tau, count, thr, bits, sums); see sce()"},
     {"divide_by", native_divide_by, METH_VARARGS, "divide_by(buf, c, lanes) -> ran; run_sce's division (tests)"},
     {"use_fast_merge", native_use_fast_merge, METH_O,
-     "use_fast_merge(flag) -> previous; merge()'s and sce()'s fused vector paths"},
+     "use_fast_merge(flag) -> previous; merge()'s and sce()'s fused vector paths (0: none, 1: all, 2: AVX2 at most)"},
     {"use_hardware_f16", native_use_hardware_f16, METH_O,
      "use_hardware_f16(flag) -> previous; use the F16C instructions for float16 when the CPU has them"},
     {"diff", native_diff, METH_VARARGS, "diff(out, out_dt, a, a_dt, b, b_dt, n) -> flags; out = round(a - b)"},
@@ -3253,5 +3495,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyModule_AddIntConstant(m, "F32", DT_F32);
     PyModule_AddIntConstant(m, "F16", DT_F16);
     PyModule_AddIntConstant(m, "BF16", DT_BF16);
+#if HAVE_F16C_PATH
+    compact_lut_init();
+#endif
     return m;
 }

@@ -128,7 +128,7 @@ def test_bracketed_counts_match_numpy(dtype: torch.dtype, n: int) -> None:
     code = compute.NATIVE_CODES[{torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]]
     med = int(np.median(bins)) if n else 100
     for lo, hi in [(0, 32767), (0, 0), (32767, 32767), (med, med + 40), (med - 30, med), (med + 1, med + 1)]:
-        for portable in (False, True):
+        for portable in (0, 1, 2):  # the fastest loop, plain C, AVX2 at most
             sub = np.zeros(4 * 32768, dtype=np.uint32)
             above = _native.bracket(_mv(t), code, n, lo, hi, sub, portable)
             assert above == int((bins > hi).sum())
@@ -161,7 +161,7 @@ def test_level1_counts_of_several_bins_match_numpy(n: int) -> None:
     common = [int(b) for b in held[np.argsort(-count, kind="stable")][:14]]  # the most entries first
     for wanted in ([12345], [0x7F80, 0x7FC0] + common, sorted({0, 0x7F80} | set(common[:1]))):
         w = np.array(list(dict.fromkeys(wanted))[:16], dtype=np.uint32)  # distinct bins, as the kernel takes
-        for portable in (False, True):
+        for portable in (0, 1, 2):  # the fastest loop, plain C, AVX2 at most
             hist = np.zeros((len(w), 65536), dtype=np.uint64)
             _native.hist1(_mv(t), n, w, hist, portable)
             _native.hist1(_mv(t), n, w, hist, portable)  # counts add up across calls
@@ -199,7 +199,7 @@ def test_bracket_diff_counts_and_collects_like_numpy(da: torch.dtype, db: torch.
     for lo, hi in [(0, 32767), (med, med + 40), (max(0, med - 30), med), (32767, 32767)]:
         inside = (bins >= lo) & (bins <= hi)
         want = np.sort(bits[inside & ((bits & 0xFFFF) != 0)])
-        for portable in (False, True):
+        for portable in (0, 1, 2):  # the fastest loop, plain C, AVX2 at most
             sub, col = np.zeros(4 * 32768, dtype=np.uint32), np.zeros(n + 64, dtype=np.uint32)
             above, ncol = _native.bracket_diff(_mv(a), ca, _mv(b), cb, n, lo, hi, sub, portable, col, 0)
             assert above == int((bins > hi).sum())
@@ -250,7 +250,7 @@ def test_fast_merge_path_equals_the_tile_loops(codes: tuple[str, str, str], mode
                      for m, w, mode, t in zip(models, (0.5, 0.3, -0.2), modes, thr, strict=True)]  # fmt: skip
             for normalize in (False, True, compute.NORMALIZE_FLOOR):
                 got = []
-                for fast in (True, False):
+                for fast in (1, 2, 0):  # every fused path, AVX2 ones only, the tile loops
                     prev = _native.use_fast_merge(fast)
                     try:
                         out = bytearray(n * (4 if oc == "F32" else 2))
@@ -259,7 +259,7 @@ def test_fast_merge_path_equals_the_tile_loops(codes: tuple[str, str, str], mode
                     finally:
                         _native.use_fast_merge(prev)
                     got.append((bytes(out), flags))
-                assert got[0] == got[1], (n, off, normalize)
+                assert got[0] == got[1] == got[2], (n, off, normalize)
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 4])
@@ -286,7 +286,7 @@ def test_fast_merge_path_in_bf16_equals_the_tile_loops(k: int, n_out: int) -> No
             terms = [(_mv(m), "BF16", raw_base, "BF16", 0.7 - 0.3 * i, modes[(i + len(sign)) % 4], 0.001, 0.004, 0,
                       bits) for i, m in enumerate(models)]  # fmt: skip
             got = []
-            for fast in (True, False):
+            for fast in (1, 2, 0):  # every fused path, AVX2 ones only, the tile loops
                 prev = _native.use_fast_merge(fast)
                 try:
                     outs = [bytearray(2 * n) for _ in range(n_out)]
@@ -295,7 +295,7 @@ def test_fast_merge_path_in_bf16_equals_the_tile_loops(k: int, n_out: int) -> No
                 finally:
                     _native.use_fast_merge(prev)
                 got.append(([bytes(o) for o in outs], flags))
-            assert got[0] == got[1], (sign, normalize)
+            assert got[0] == got[1] == got[2], (sign, normalize)
 
 
 def _della_inputs(
@@ -514,15 +514,15 @@ def test_sce_election_and_divisor_floor_match_torch(weights: tuple[float, ...]) 
 _SCE_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16"}
 
 
-@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("fused", [1, 2, 0])  # fused (AVX-512 or AVX2), AVX2, tiles
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 7, 49])
 @pytest.mark.parametrize("n", [1, 13, 1024, 3001])
-def test_sce_variance_mask_and_energies_against_torch(k: int, n: int, fused: bool) -> None:
+def test_sce_variance_mask_and_energies_against_torch(k: int, n: int, fused: int) -> None:
     """sce(): the per-element population variance of v_i = a_i − base is torch.var(unbiased=False)'s bits; the count
     of var ≠ 0 (NaN counts); keep bits of var ≥ thr at a block offset; Σ v_i² (all, or over the kept entries: a
-    dropped inf or NaN adds 0, as the merge drops it) against numpy float64. Both paths: the fused AVX-512 one (where
-    the CPU has it; its divisions by 3, 5, 7 … without a division, by 49 with one) and the tile loops; bf16, float32
-    and float16 models, differences of every scale."""
+    dropped inf or NaN adds 0, as the merge drops it) against numpy float64. Every path: the fused AVX-512 and AVX2
+    tiles (where the CPU has them; divisions by 3, 5, 7 … without a division, by 49 with one) and the tile loops;
+    bf16, float32 and float16 models, differences of every scale."""
     from capmerge import _native
 
     g = torch.Generator().manual_seed(k * 7919 + n)
@@ -607,8 +607,8 @@ def test_sce_division_without_a_divider_is_the_division(lanes: int) -> None:
         assert ran == [c != 49 for c in range(1, 65)]
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_sce_lists_the_bracket_and_finishes_it(fused: bool) -> None:
+@pytest.mark.parametrize("fused", [1, 2, 0])  # fused (AVX-512 or AVX2), AVX2, tiles
+def test_sce_lists_the_bracket_and_finishes_it(fused: int) -> None:
     """sce() with a list: the keep bits and sums of var ≥ thr as without, and the entries with lo ≤ var < thr (lo one
     of the variances itself: ≥, not >) listed in order with their index, var and v_i; a list past its room reads −1;
     the count of var ≥ thr and NaN (the level-0 bins above a bracket ending at thr).
@@ -655,8 +655,8 @@ def test_sce_lists_the_bracket_and_finishes_it(fused: bool) -> None:
 
 
 def test_sce_fused_path_gives_the_tile_loops_bits() -> None:
-    """sce()'s fused AVX-512 tile and its tile loops: the same variance, count, keep bits and float64 sums, bit for
-    bit (the sums in the same order), on rows long enough for several tiles and a tail."""
+    """sce()'s fused tiles (AVX-512, AVX2) and its tile loops: the same variance, count, keep bits and float64 sums,
+    bit for bit (the sums in the same order), on rows long enough for several tiles and a tail."""
     from capmerge import _native
 
     g = torch.Generator().manual_seed(3)
@@ -665,7 +665,7 @@ def test_sce_fused_path_gives_the_tile_loops_bits() -> None:
     for k in (2, 3, 4, 5, 6):  # the fused tile unrolled for 2 to 4 models, else not
         ins = [(_mv((base.float() + torch.randn(n, generator=g) * 1e-3).bfloat16()), 2) for _ in range(k)]
         got = []
-        for fused in (True, False):
+        for fused in (1, 2, 0):  # the fused tile (AVX-512 where the CPU has it), the AVX2 one, the tile loops
             prev = _native.use_fast_merge(fused)
             try:
                 var, bits, sums = np.zeros(n, np.float32), np.zeros((n + 7) // 8, np.uint8), np.zeros(k)
@@ -675,11 +675,11 @@ def test_sce_fused_path_gives_the_tile_loops_bits() -> None:
                 got.append((nnz, nnz2, var.tobytes(), bits.tobytes(), sums.tobytes()))
             finally:
                 _native.use_fast_merge(prev)
-        assert got[0] == got[1], k
+        assert got[0] == got[1] == got[2], k
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_sce_sums_are_added_in_sixteen_lanes_per_tile(fused: bool) -> None:
+@pytest.mark.parametrize("fused", [1, 2, 0])  # fused (AVX-512 or AVX2), AVX2, tiles
+def test_sce_sums_are_added_in_sixteen_lanes_per_tile(fused: int) -> None:
     """sce()'s float64 sums of squares, bit for bit, in their documented order: per tile of 1024 elements, element j
     of the tile into lane j % 16 in order, the lanes added as ((l0 + l8) + (l4 + l12)) + ((l1 + l9) + (l5 + l13)) + …,
     the tiles in order; with keep bits (a dropped entry adds nothing) and without. Values of a few scales, so that

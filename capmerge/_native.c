@@ -1640,6 +1640,47 @@ static int dare_fused(const term_t *t, int want_gram, uint8_t *const *masks, int
 }
 #endif
 
+#if HAVE_F16C_PATH
+/* dare_tile_avx512 with AVX2: the tile's Philox numbers made first (philox_avx2), then one loop over eight elements
+ * at a time for v, the two sums (the same lanes and order) and the keep bits. */
+__attribute__((target("avx2"))) static void dare_tile_avx2(const void *a, int a_dt, Py_ssize_t off, const float *bt,
+                                                           Py_ssize_t m, uint64_t g0, uint32_t k0, uint32_t k1,
+                                                           float p1, uint8_t *bits, double *l1, double *kept) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), vp = _mm256_set1_ps(p1);
+    __m256d s1lo = _mm256_setzero_pd(), s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
+    float u[TILE];
+    double s[8];
+    Py_ssize_t j;
+    philox_avx2(u, g0, m, k0, k1, 0);
+    for (j = 0; j < m; j += 8) {
+        __m256 x = a_dt == DT_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
+                                         _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)a +
+                                                                                                  off + j))),
+                                         16))
+                                   : _mm256_loadu_ps((const float *)a + off + j);
+        __m256 keep = _mm256_cmp_ps(_mm256_loadu_ps(u + j), vp, _CMP_LT_OQ), d;
+        if (bt) x = _mm256_sub_ps(x, _mm256_loadu_ps(bt + j));
+        x = _mm256_and_ps(x, absmask);
+        d = _mm256_and_ps(x, keep); /* random_kept's +0 where not kept */
+        s1lo = _mm256_add_pd(s1lo, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+        s1hi = _mm256_add_pd(s1hi, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+        s2lo = _mm256_add_pd(s2lo, _mm256_cvtps_pd(_mm256_castps256_ps128(d)));
+        s2hi = _mm256_add_pd(s2hi, _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1)));
+        bits[j >> 3] = (uint8_t)_mm256_movemask_ps(keep);
+    }
+    _mm256_storeu_pd(s, s1lo), _mm256_storeu_pd(s + 4, s1hi);
+    *l1 = sum8_combine(s);
+    _mm256_storeu_pd(s, s2lo), _mm256_storeu_pd(s + 4, s2hi);
+    *kept = sum8_combine(s);
+}
+
+/* Whether run_moments can take dare_tile_avx2 (as dare_fused) */
+static int dare_fused8(const term_t *t, int want_gram, uint8_t *const *masks, int i, uint64_t g0, Py_ssize_t m) {
+    return t->mode == PRUNE_RANDOM && !want_gram && masks && masks[i] && (g0 & 7) == 0 && (m & 7) == 0 && m > 0 &&
+           m <= TILE && (t->a_dt == DT_BF16 || t->a_dt == DT_F32) && avx2_ok();
+}
+#endif
+
 /* moments: the statistics pass of the model-centric methods (capmerge/merge/methods/blockform.py).
  * For K vectors v_i = a_i - base (float32, rounded as the merge kernel rounds it) or a_i, over elements [0, n):
  *   gram (K*K, row-major, symmetric): sum v_i * v_j      (when want_gram)
@@ -1667,6 +1708,17 @@ static void run_moments(const term_t *terms, int k, const void *base, int base_d
                 double kept;
                 dare_tile_avx512(t->a, t->a_dt, off, t->b ? bt : NULL, m, g0, t->k0, t->k1, t->p1, masks[i] + (g0 >> 3),
                                  &l1, &kept);
+                if (want_l1) out[(size_t)k * k + i] += l1;
+                out[(size_t)k * k + k + i] += kept;
+                continue;
+            }
+#endif
+#if HAVE_F16C_PATH
+            if (dare_fused8(t, want_gram, masks, i, elem_offset + (uint64_t)off, m)) {
+                uint64_t g0 = elem_offset + (uint64_t)off;
+                double kept;
+                dare_tile_avx2(t->a, t->a_dt, off, t->b ? bt : NULL, m, g0, t->k0, t->k1, t->p1, masks[i] + (g0 >> 3),
+                               &l1, &kept);
                 if (want_l1) out[(size_t)k * k + i] += l1;
                 out[(size_t)k * k + k + i] += kept;
                 continue;

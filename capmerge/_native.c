@@ -1424,10 +1424,10 @@ hist1_avx512(const uint32_t *s, Py_ssize_t n, const uint32_t *prefix, int nb, ui
 #endif
 
 #if HAVE_F16C_PATH
-/* AVX2: eight bins compared with every wanted bin at once; the few elements inside one go to a buffer (a bit scan of
- * the vector's mask, no compress in AVX2) that the portable loop counts. */
-__attribute__((target("avx2"))) static void hist1_avx2(const uint32_t *s, Py_ssize_t n, const uint32_t *prefix, int nb,
-                                                       uint64_t *hist) {
+/* AVX2: eight bins compared with every wanted bin at once; the few elements inside one go to a buffer (compact8)
+ * that the portable loop counts. */
+__attribute__((target("avx2,popcnt"))) static void hist1_avx2(const uint32_t *s, Py_ssize_t n, const uint32_t *prefix,
+                                                              int nb, uint64_t *hist) {
     uint32_t tmp[HIST1_TMP + 8];
     __m256i want[HIST1_BINS];
     const __m256i mask = _mm256_set1_epi32(0x7fffffff);
@@ -1435,15 +1435,11 @@ __attribute__((target("avx2"))) static void hist1_avx2(const uint32_t *s, Py_ssi
     int r;
     for (r = 0; r < nb; r++) want[r] = _mm256_set1_epi32((int)prefix[r]);
     for (; j + 8 <= n; j += 8) {
-        __m256i v = _mm256_srli_epi32(_mm256_and_si256(_mm256_loadu_si256((const __m256i *)(s + j)), mask), 16);
+        __m256i x = _mm256_loadu_si256((const __m256i *)(s + j)), v = _mm256_srli_epi32(_mm256_and_si256(x, mask), 16);
         __m256i in = _mm256_cmpeq_epi32(v, want[0]);
         for (r = 1; r < nb; r++) in = _mm256_or_si256(in, _mm256_cmpeq_epi32(v, want[r]));
         if (!_mm256_testz_si256(in, in)) {
-            unsigned bm = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(in));
-            do {
-                tmp[c++] = s[j + __builtin_ctz(bm)];
-                bm &= bm - 1;
-            } while (bm);
+            c += compact8(tmp + c, x, _mm256_movemask_ps(_mm256_castsi256_ps(in)));
             if (c >= HIST1_TMP) {
                 hist1_loop(tmp, c, prefix, nb, hist);
                 c = 0;

@@ -112,6 +112,31 @@ def test_dare_statistics_with_keep_bits_match_numpy(code: str, with_base: bool, 
     assert list(out[: k * k]) == [0.0] * (k * k)
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_gram_sums_in_four_lanes_per_tile_bit_for_bit(k: int) -> None:
+    """The Gram matrix of the statistics pass in its documented order, bit for bit: per tile of 1024 elements, element
+    j of the tile into lane j % 4 in order (each product exact in float64), the lanes added as (l0 + l1) + (l2 + l3)
+    and the tiles in order — for the fused AVX2 loop (2 to 4 models) and the pair loops (5) alike. Values of several
+    scales, so that another order rounds differently."""
+    if not compute.native_available():
+        pytest.skip("the native kernel is not built here")
+    g = torch.Generator().manual_seed(k)
+    n, tile = 2 * 1024 + 37, 1024
+    ts = [torch.randn(n, generator=g) * torch.exp2(torch.randint(-6, 6, (n,), generator=g).float()) for _ in range(k)]
+    out = np.zeros(k * k + 2 * k)
+    B._moments_block([_raw(t) for t in ts], ["F32"] * k, None, "F32", n, 0, 1, [B.KEEP_ALL] * k, out)
+    xs = [t.double().tolist() for t in ts]
+    for i in range(k):
+        for m in range(i, k):
+            want = 0.0
+            for t0 in range(0, n, tile):
+                lanes = [0.0] * 4
+                for j in range(t0, min(n, t0 + tile)):
+                    lanes[(j - t0) % 4] += xs[i][j] * xs[m][j]
+                want += (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
+            assert out[i * k + m] == want and out[m * k + i] == want, (i, m)
+
+
 def test_moments_skip_l1_of_unpruned_and_the_gram_on_request() -> None:
     if not compute.native_available():
         pytest.skip("the native kernel is not built here")

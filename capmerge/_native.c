@@ -1679,23 +1679,42 @@ static int dare_fused8(const term_t *t, int want_gram, uint8_t *const *masks, in
 
 #if HAVE_F16C_PATH
 /* run_moments' Gram sums of one tile for K models (K a constant after inlining): every pair's four lanes in registers,
- * each model's four floats loaded and widened once per step instead of once per pair; the same products, lanes and
- * order as the pair loops (element j into lane j % 4, then (s0 + s1) + (s2 + s3) added to out). */
-static inline __attribute__((always_inline, target("avx2"))) void gram_tile_k(const float *tiles, const int k,
-                                                                              Py_ssize_t m, double *out) {
+ * each model's floats widened once per step instead of once per pair; the same products, lanes and order as the pair
+ * loops (element j into lane j % 4, then (s0 + s1) + (s2 + s3) added to out). From the tiles (terms NULL), or, with
+ * terms, straight from the inputs (v_i = a_i - base where the term has a base, the tile loop's float32 difference;
+ * m a multiple of 8): no tile written and read back. */
+static inline __attribute__((always_inline, target("avx2,f16c"))) void
+gram_k(const float *tiles, const term_t *terms, const void *base, int base_dt, Py_ssize_t off, const int k,
+       Py_ssize_t m, double *out) {
     __m256d acc[10], x[4];
     double s[4];
-    Py_ssize_t j;
-    int i, l, p;
+    Py_ssize_t j = 0;
+    int i, l, p, h;
     for (p = 0; p < k * (k + 1) / 2; p++) acc[p] = _mm256_setzero_pd();
-    for (j = 0; j + 4 <= m; j += 4) {
-        for (i = 0; i < k; i++) x[i] = _mm256_cvtps_pd(_mm_loadu_ps(tiles + (size_t)i * TILE + j));
-        for (i = 0, p = 0; i < k; i++)
-            for (l = i; l < k; l++, p++) acc[p] = _mm256_add_pd(acc[p], _mm256_mul_pd(x[i], x[l]));
-    }
+    if (terms)
+        for (; j < m; j += 8) {
+            const __m256 bv = base ? fast_load(base, base_dt, off + j) : _mm256_setzero_ps();
+            __m256 v[4];
+            for (i = 0; i < k; i++) {
+                v[i] = fast_load(terms[i].a, terms[i].a_dt, off + j);
+                if (terms[i].b) v[i] = _mm256_sub_ps(v[i], bv);
+            }
+            for (h = 0; h < 2; h++) { /* elements j .. j + 3, then j + 4 .. j + 7: the same lanes, in order */
+                for (i = 0; i < k; i++)
+                    x[i] = _mm256_cvtps_pd(h ? _mm256_extractf128_ps(v[i], 1) : _mm256_castps256_ps128(v[i]));
+                for (i = 0, p = 0; i < k; i++)
+                    for (l = i; l < k; l++, p++) acc[p] = _mm256_add_pd(acc[p], _mm256_mul_pd(x[i], x[l]));
+            }
+        }
+    else
+        for (; j + 4 <= m; j += 4) {
+            for (i = 0; i < k; i++) x[i] = _mm256_cvtps_pd(_mm_loadu_ps(tiles + (size_t)i * TILE + j));
+            for (i = 0, p = 0; i < k; i++)
+                for (l = i; l < k; l++, p++) acc[p] = _mm256_add_pd(acc[p], _mm256_mul_pd(x[i], x[l]));
+        }
     for (i = 0, p = 0; i < k; i++)
         for (l = i; l < k; l++, p++) {
-            const float *a = tiles + (size_t)i * TILE, *b = tiles + (size_t)l * TILE;
+            const float *a = tiles + (size_t)i * TILE, *b = tiles + (size_t)l * TILE; /* the tail (from the tiles) */
             Py_ssize_t q;
             _mm256_storeu_pd(s, acc[p]);
             for (q = j; q < m; q++) s[q & 3] += (double)a[q] * (double)b[q];
@@ -1703,10 +1722,25 @@ static inline __attribute__((always_inline, target("avx2"))) void gram_tile_k(co
         }
 }
 
-__attribute__((target("avx2"))) static void gram_tile_avx2(const float *tiles, int k, Py_ssize_t m, double *out) {
-    if (k == 2) gram_tile_k(tiles, 2, m, out);
-    else if (k == 3) gram_tile_k(tiles, 3, m, out);
-    else gram_tile_k(tiles, 4, m, out);
+__attribute__((target("avx2,f16c"))) static void gram_avx2(const float *tiles, const term_t *terms, const void *base,
+                                                          int base_dt, Py_ssize_t off, int k, Py_ssize_t m,
+                                                          double *out) {
+    if (k == 2) gram_k(tiles, terms, base, base_dt, off, 2, m, out);
+    else if (k == 3) gram_k(tiles, terms, base, base_dt, off, 3, m, out);
+    else gram_k(tiles, terms, base, base_dt, off, 4, m, out);
+}
+
+/* Whether run_moments can make a tile's Gram sums straight from the inputs (gram_avx2 with terms): the Gram matrix
+ * alone of two to four unpruned vectors, each with the base or none, inputs the vector loads read exactly */
+static int gram_direct(const term_t *terms, int k, const void *base, int base_dt, int want_gram, int want_l1,
+                       Py_ssize_t m) {
+    int i, f16 = base && base_dt == DT_F16;
+    if (!want_gram || want_l1 || k < 2 || k > 4 || (m & 7) || !avx2_ok()) return 0;
+    for (i = 0; i < k; i++) {
+        if (terms[i].mode != PRUNE_NONE || (terms[i].b != NULL) != (base != NULL)) return 0;
+        f16 |= terms[i].a_dt == DT_F16;
+    }
+    return !f16 || f16c_ok();
 }
 #endif
 
@@ -1726,6 +1760,12 @@ static void run_moments(const term_t *terms, int k, const void *base, int base_d
     for (off = 0; off < n; off += TILE) {
         Py_ssize_t m = n - off < TILE ? n - off : TILE;
         float *bt = tiles + (size_t)k * TILE;
+#if HAVE_F16C_PATH
+        if (gram_direct(terms, k, base, base_dt, want_gram, want_l1, m)) {
+            gram_avx2(tiles, terms, base, base_dt, off, k, m, out);
+            continue;
+        }
+#endif
         if (base) load_tile(bt, base, base_dt, off, m);
         for (i = 0; i < k; i++) {
             float *tt = tiles + (size_t)i * TILE;
@@ -1789,7 +1829,7 @@ static void run_moments(const term_t *terms, int k, const void *base, int base_d
         if (!want_gram) continue;
 #if HAVE_F16C_PATH
         if (k >= 2 && k <= 4 && avx2_ok()) {
-            gram_tile_avx2(tiles, k, m, out);
+            gram_avx2(tiles, NULL, NULL, 0, off, k, m, out);
             continue;
         }
 #endif

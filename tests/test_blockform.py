@@ -113,19 +113,26 @@ def test_dare_statistics_with_keep_bits_match_numpy(code: str, with_base: bool, 
 
 
 @pytest.mark.parametrize("k", [2, 3, 4, 5])
-def test_gram_sums_in_four_lanes_per_tile_bit_for_bit(k: int) -> None:
+@pytest.mark.parametrize("l1", [True, False])
+@pytest.mark.parametrize("code", ["F32", "BF16"])
+def test_gram_sums_in_four_lanes_per_tile_bit_for_bit(k: int, l1: bool, code: str) -> None:
     """The Gram matrix of the statistics pass in its documented order, bit for bit: per tile of 1024 elements, element
     j of the tile into lane j % 4 in order (each product exact in float64), the lanes added as (l0 + l1) + (l2 + l3)
-    and the tiles in order — for the fused AVX2 loop (2 to 4 models) and the pair loops (5) alike. Values of several
-    scales, so that another order rounds differently."""
+    and the tiles in order — for the AVX2 loops (2 to 4 models: from the tiles, or straight from the inputs when the
+    Gram matrix is all that is asked for) and the pair loops (5) alike; τ = θ_i − base in float32 (bf16 inputs) or
+    the vectors themselves. Values of several scales, so that another order rounds differently."""
     if not compute.native_available():
         pytest.skip("the native kernel is not built here")
     g = torch.Generator().manual_seed(k)
-    n, tile = 2 * 1024 + 37, 1024
-    ts = [torch.randn(n, generator=g) * torch.exp2(torch.randint(-6, 6, (n,), generator=g).float()) for _ in range(k)]
+    n, tile = 2 * 1024 + 37, 1024  # the last tile not a multiple of 8: the loops from the tiles
+    dt = torch.float32 if code == "F32" else torch.bfloat16
+    ts = [(torch.randn(n, generator=g) * torch.exp2(torch.randint(-6, 6, (n,), generator=g).float())).to(dt)
+          for _ in range(k + 1)]  # fmt: skip
+    base = ts[0] if code == "BF16" else None
     out = np.zeros(k * k + 2 * k)
-    B._moments_block([_raw(t) for t in ts], ["F32"] * k, None, "F32", n, 0, 1, [B.KEEP_ALL] * k, out)
-    xs = [t.double().tolist() for t in ts]
+    B._moments_block([_raw(t) for t in ts[1:]], [code] * k, _raw(base) if base is not None else None, code, n, 0,
+                     1 if l1 else 3, [B.KEEP_ALL] * k, out)  # fmt: skip
+    xs = [(t.float() - base.float() if base is not None else t.float()).double().tolist() for t in ts[1:]]
     for i in range(k):
         for m in range(i, k):
             want = 0.0

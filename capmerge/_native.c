@@ -904,7 +904,8 @@ __attribute__((target("avx2,f16c"))) static int fast_merge(const out_t *outs, in
     for (i = 0; i < n_out; i++) bf16 &= outs[i].dt == DT_BF16;
     for (i = 0; i < k; i++) mag &= terms[i].mode == PRUNE_MAGNITUDE;
 #if HAVE_AVX512VL_PATH
-    if (bf16 && use_fast == 1 && avx512vlbw_ok()) return fast_merge16(outs, n_out, base, n16, terms, k, sign, normalize, mag, g);
+    if (bf16 && use_fast == 1 && avx512vlbw_ok())
+        return fast_merge16(outs, n_out, base, n16, terms, k, sign, normalize, mag, g);
 #endif
     if (bf16 && n_out == 1 && mag && sign == SIGN_TOTAL) { /* TIES */
         if (k == 2) return fast_body(outs, 1, base, base_dt, n16, terms, 2, SIGN_TOTAL, normalize, DT_BF16, 1, g);
@@ -1295,9 +1296,9 @@ static void run_hist_bins32(const uint32_t *s, Py_ssize_t n, uint32_t *sub) {
     for (; j < n; j++) sub[s[j]]++;
 }
 
-#define BRACKET8_TMP 4096
+#define COMPACT_TMP 4096 /* the AVX2 loops' buffers of compacted elements (and 8 words of room) */
 /* bracket16 with eight float32 |x| patterns (AVX2; bins are below 2^15, so signed compares serve): the count above
- * hi, the bins inside [lo, hi] compacted into tmp (counted once BRACKET8_TMP have gathered), the inexact patterns
+ * hi, the bins inside [lo, hi] compacted into tmp (counted once COMPACT_TMP have gathered), the inexact patterns
  * inside appended to col (col may be NULL; -1 once fewer than eight places are left, as bracket16 with sixteen). */
 static inline __attribute__((always_inline, target("avx2,popcnt"))) void
 bracket8(__m256i x, __m256i vlo1, __m256i vhi, uint64_t *above, uint32_t *tmp, Py_ssize_t *c, uint32_t *sub,
@@ -1316,7 +1317,7 @@ bracket8(__m256i x, __m256i vlo1, __m256i vhi, uint64_t *above, uint32_t *tmp, P
         }
     }
     *c += compact8(tmp + *c, v, in);
-    if (*c >= BRACKET8_TMP) {
+    if (*c >= COMPACT_TMP) {
         run_hist_bins32(tmp, *c, sub);
         *c = 0;
     }
@@ -1325,7 +1326,7 @@ bracket8(__m256i x, __m256i vlo1, __m256i vhi, uint64_t *above, uint32_t *tmp, P
 /* bracket_avx512's pass with AVX2, eight elements a step (a 16-bit value's pattern shifted to a float32's place) */
 __attribute__((target("avx2,popcnt"))) static uint64_t bracket_avx2(const void *src, int dt, Py_ssize_t n, int lo,
                                                                      int hi, uint32_t *sub, collect_t *col) {
-    uint32_t tmp[BRACKET8_TMP + 8];
+    uint32_t tmp[COMPACT_TMP + 8];
     const __m256i mask = _mm256_set1_epi32(0x7fffffff), vhi = _mm256_set1_epi32(hi), vlo1 = _mm256_set1_epi32(lo - 1);
     uint64_t above = 0;
     Py_ssize_t j = 0, c = 0;
@@ -1350,7 +1351,7 @@ __attribute__((target("avx2,f16c,popcnt"))) static uint64_t bracket_diff_avx2(co
                                                                                const uint16_t *b, int b_dt,
                                                                                Py_ssize_t n, int lo, int hi,
                                                                                uint32_t *sub, collect_t *col) {
-    uint32_t tmp[BRACKET8_TMP + 8];
+    uint32_t tmp[COMPACT_TMP + 8];
     const __m256i mask = _mm256_set1_epi32(0x7fffffff), vhi = _mm256_set1_epi32(hi), vlo1 = _mm256_set1_epi32(lo - 1);
     uint64_t above = 0;
     Py_ssize_t j = 0, c = 0;
@@ -1374,7 +1375,6 @@ __attribute__((target("avx2,f16c,popcnt"))) static uint64_t bracket_diff_avx2(co
  * `nb` bins `prefix` (distinct, at most HIST1_BINS), counts the low 16 bits into that bin's row of `hist` (uint64,
  * nb rows of 65536 bins), in one pass for all of them. The portable loop: */
 #define HIST1_BINS 16
-#define HIST1_TMP 4096 /* hist1_avx2's buffer of elements inside a wanted bin */
 static void hist1_loop(const uint32_t *s, Py_ssize_t n, const uint32_t *prefix, int nb, uint64_t *hist) {
     uint32_t lo = 0xffffffffu, hi = 0;
     Py_ssize_t j;
@@ -1428,7 +1428,7 @@ hist1_avx512(const uint32_t *s, Py_ssize_t n, const uint32_t *prefix, int nb, ui
  * that the portable loop counts. */
 __attribute__((target("avx2,popcnt"))) static void hist1_avx2(const uint32_t *s, Py_ssize_t n, const uint32_t *prefix,
                                                               int nb, uint64_t *hist) {
-    uint32_t tmp[HIST1_TMP + 8];
+    uint32_t tmp[COMPACT_TMP + 8];
     __m256i want[HIST1_BINS];
     const __m256i mask = _mm256_set1_epi32(0x7fffffff);
     Py_ssize_t j = 0, c = 0;
@@ -1440,7 +1440,7 @@ __attribute__((target("avx2,popcnt"))) static void hist1_avx2(const uint32_t *s,
         for (r = 1; r < nb; r++) in = _mm256_or_si256(in, _mm256_cmpeq_epi32(v, want[r]));
         if (!_mm256_testz_si256(in, in)) {
             c += compact8(tmp + c, x, _mm256_movemask_ps(_mm256_castsi256_ps(in)));
-            if (c >= HIST1_TMP) {
+            if (c >= COMPACT_TMP) {
                 hist1_loop(tmp, c, prefix, nb, hist);
                 c = 0;
             }
@@ -2162,7 +2162,7 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
             }
 #endif
 #if HAVE_F16C_PATH
-            if (path <= 1 && m % 8 == 0 && rmul <= 0xffffffffu && avx2_ok()) {
+            if (path <= 1 && m % 8 == 0 && rmul <= 0xffffffffu && avx2_ok() && (t->a_dt != DT_F16 || f16c_ok())) {
                 della_fused_avx2(t->a, t->a_dt, bt, start, r1 - r0, m, elem_offset + (uint64_t)start, t->k0, t->k1,
                                  t->xl, t->xh, (uint32_t)rmul, (uint32_t *)v, x, t->bits, t->s1, t->s2);
                 continue;

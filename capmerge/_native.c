@@ -1639,9 +1639,10 @@ static int dare_fused(const term_t *t, int want_gram, uint8_t *const *masks, int
 #if HAVE_F16C_PATH
 /* dare_tile_avx512 with AVX2: the tile's Philox numbers made first (philox_avx2), then one loop over eight elements
  * at a time for v, the two sums (the same lanes and order) and the keep bits. */
-__attribute__((target("avx2"))) static void dare_tile_avx2(const void *a, int a_dt, Py_ssize_t off, const float *bt,
-                                                           Py_ssize_t m, uint64_t g0, uint32_t k0, uint32_t k1,
-                                                           float p1, uint8_t *bits, double *l1, double *kept) {
+__attribute__((target("avx2,f16c"))) static void dare_tile_avx2(const void *a, int a_dt, Py_ssize_t off,
+                                                                const float *bt, Py_ssize_t m, uint64_t g0,
+                                                                uint32_t k0, uint32_t k1, float p1, uint8_t *bits,
+                                                                double *l1, double *kept) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), vp = _mm256_set1_ps(p1);
     __m256d s1lo = _mm256_setzero_pd(), s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
     float u[TILE];
@@ -1649,11 +1650,7 @@ __attribute__((target("avx2"))) static void dare_tile_avx2(const void *a, int a_
     Py_ssize_t j;
     philox_avx2(u, g0, m, k0, k1, 0);
     for (j = 0; j < m; j += 8) {
-        __m256 x = a_dt == DT_BF16 ? _mm256_castsi256_ps(_mm256_slli_epi32(
-                                         _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)a +
-                                                                                                  off + j))),
-                                         16))
-                                   : _mm256_loadu_ps((const float *)a + off + j);
+        __m256 x = fast_load(a, a_dt, off + j); /* bf16 or float32 (dare_fused8) */
         __m256 keep = _mm256_cmp_ps(_mm256_loadu_ps(u + j), vp, _CMP_LT_OQ), d;
         if (bt) x = _mm256_sub_ps(x, _mm256_loadu_ps(bt + j));
         x = _mm256_and_ps(x, absmask);

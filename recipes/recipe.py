@@ -101,7 +101,7 @@ def find(ref: PathLike) -> Path:
     if str(ref) in (name, f"{name}.yaml") and name in ships:
         return ships[name]
     known = ", ".join(ships)
-    raise CheckpointNotFoundError(f"no such recipe file (shipped recipes: {known})", os.fspath(ref))
+    raise CheckpointNotFoundError(f"no such file, nor a shipped recipe ({known})", os.fspath(ref))
 
 
 def load(path: PathLike, overrides: Mapping[str, Any] | None = None, *, require_values: bool = True) -> Recipe:

@@ -114,6 +114,24 @@ def test_recipes_still_refuse_unknown_options(capsys) -> None:
     assert capsys.readouterr().err.strip() == "error: no such option: --cuda"
 
 
+@pytest.mark.parametrize("args", [["-o", "OUT"], ["--force"], ["-o", "OUT", "--force"]])
+def test_a_missing_configuration_is_reported_missing(tmp_path: Path, capsys, args: list[str]) -> None:
+    """A mistyped configuration path with mergekit's options: the file is missing (not "-o is for mergekit
+    configurations"); nothing is written."""
+    missing, out = tmp_path / "mergekit-config.yml", tmp_path / "out"
+    code = main(["run", str(missing), *[str(out) if a == "OUT" else a for a in args]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: no such file, nor a shipped recipe (capvector"), (
+        err
+    )
+    assert str(missing) in err[0] and not out.exists()
+
+
+def test_a_shipped_recipe_refuses_the_output_option(capsys) -> None:
+    assert main(["run", "capvector", "-o", "somewhere"]) == 2
+    assert "-o/--output is for mergekit configurations" in capsys.readouterr().err
+
+
 def test_shards_like_mergekit(models, tmp_path: Path, capsys) -> None:
     """--out-shard-size: the same files holding the same tensors as mergekit's (its writer counts bytes)."""
     if not MERGEKIT_YAML.exists():

@@ -65,7 +65,7 @@ def run_cmd(
     force: Force = False,
 ) -> None:
     from capmerge.recipes.mergekit import is_config
-    from capmerge.recipes.recipe import parse_overrides, run_recipe
+    from capmerge.recipes.recipe import find, parse_overrides, run_recipe
 
     if is_config(recipe):
         _run_mergekit(recipe, overrides or [], output, force=force, plan=plan, quiet=quiet, as_json=as_json)
@@ -75,6 +75,7 @@ def run_cmd(
         if unknown:
             raise UsageError(f"no such option: {unknown[0]}")
         if output is not None or force:
+            find(recipe)  # a missing file is reported as missing, not as a misplaced option
             raise UsageError(f"{'-o/--output' if output is not None else '--force'} is for mergekit configurations; "
                              "a recipe names its outputs in its steps (e.g. out=DIR)")  # fmt: skip
         values = parse_overrides(overrides or [])

@@ -2721,6 +2721,20 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
  * (uint32 idx and float32 var of cap + 16 words, float32 tau of k rows of stride = its length / k words, with sums):
  * the entries with lo <= var < thr are listed too (sce_list_t), and the result is (count, listed, above), listed = -1
  * when they did not fit, above: the entries with |var|'s bit pattern at least thr's (var >= thr, and NaN). */
+/* Run stmt with the GIL released where the call covers at least NOGIL_MIN elements; a shorter one keeps it: giving
+ * the GIL up for a microsecond's work costs more than the work, and taking it back can wait out another thread's
+ * switch interval (the bracket's sample pieces, small tensors). */
+#define NOGIL_MIN ((Py_ssize_t)1 << 15)
+#define NOGIL_IF(n, stmt)                                                                                              \
+    do {                                                                                                               \
+        if ((n) >= NOGIL_MIN) {                                                                                        \
+            Py_BEGIN_ALLOW_THREADS stmt;                                                                               \
+            Py_END_ALLOW_THREADS                                                                                       \
+        } else {                                                                                                       \
+            stmt;                                                                                                      \
+        }                                                                                                              \
+    } while (0)
+
 static PyObject *native_sce(PyObject *self, PyObject *args) {
     PyObject *models_o, *var_o, *bits_o, *sums_o, *sv = NULL, *li_o = NULL, *lv_o = NULL, *lt_o = NULL;
     Py_buffer base, ab[MAX_VECTORS], vb, bb, sb, lb[3];
@@ -2798,11 +2812,9 @@ static PyObject *native_sce(PyObject *self, PyObject *args) {
     }
     if (ok && !(tiles = alloc_tiles((size_t)k + 1))) ok = 0;
     if (ok) {
-        Py_BEGIN_ALLOW_THREADS
-        nnz = run_sce(terms, k, base.buf, base_dt, n, has_v ? (float *)vb.buf : NULL, (float)thr,
-                      has_bits ? (uint8_t *)bb.buf + (offset >> 3) : NULL, has_s ? (double *)sb.buf : NULL, tiles,
-                      want_count, lp);
-        Py_END_ALLOW_THREADS
+        NOGIL_IF(n, nnz = run_sce(terms, k, base.buf, base_dt, n, has_v ? (float *)vb.buf : NULL, (float)thr,
+                                  has_bits ? (uint8_t *)bb.buf + (offset >> 3) : NULL,
+                                  has_s ? (double *)sb.buf : NULL, tiles, want_count, lp));
     }
     free(tiles);
     for (i = 0; i < k; i++) PyBuffer_Release(&ab[i]);
@@ -2922,9 +2934,7 @@ static PyObject *native_importance(PyObject *self, PyObject *args) {
         const float *sc = (const float *)scale.buf, th = (float)thr;
         uint8_t *bt = has_bits ? (uint8_t *)bits.buf + (offset >> 3) : NULL;
         float *o = has_out ? (float *)out.buf : NULL;
-        Py_BEGIN_ALLOW_THREADS
-        neg = run_importance(a.buf, a_dt, b.buf, b_dt, n, offset, m, sc, th, o, part, bt, bp);
-        Py_END_ALLOW_THREADS
+        NOGIL_IF(n, neg = run_importance(a.buf, a_dt, b.buf, b_dt, n, offset, m, sc, th, o, part, bt, bp));
     }
     PyBuffer_Release(&a);
     PyBuffer_Release(&b);
@@ -2992,9 +3002,7 @@ static PyObject *native_della(PyObject *self, PyObject *args) {
         }
     }
     if (ok && rows > 0 && k > 0) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = run_della(terms, k, has_b ? b.buf : NULL, b_dt, rows, m, (uint64_t)offset, path);
-        Py_END_ALLOW_THREADS
+        NOGIL_IF(rows * m, rc = run_della(terms, k, has_b ? b.buf : NULL, b_dt, rows, m, (uint64_t)offset, path));
         if (rc < 0) {
             PyErr_NoMemory();
             ok = 0;
@@ -3030,9 +3038,7 @@ static PyObject *native_philox_ints(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "output buffer too small");
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
-    philox_run(out.buf, (uint64_t)start, n, (uint32_t)key, (uint32_t)(key >> 32), 1, path);
-    Py_END_ALLOW_THREADS
+    NOGIL_IF(n, philox_run(out.buf, (uint64_t)start, n, (uint32_t)key, (uint32_t)(key >> 32), 1, path));
     PyBuffer_Release(&out);
     Py_RETURN_NONE;
 }
@@ -3051,9 +3057,7 @@ static PyObject *native_diff(PyObject *self, PyObject *args) {
         PyBuffer_Release(&b);
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
-    flags = run_diff(out.buf, out_dt, a.buf, a_dt, b.buf, b_dt, n);
-    Py_END_ALLOW_THREADS
+    NOGIL_IF(n, flags = run_diff(out.buf, out_dt, a.buf, a_dt, b.buf, b_dt, n));
     PyBuffer_Release(&out);
     PyBuffer_Release(&a);
     PyBuffer_Release(&b);
@@ -3150,9 +3154,8 @@ static PyObject *native_merge(PyObject *self, PyObject *args) {
     }
     if (ok && k > 0 && !(tiles = alloc_tiles((size_t)k))) ok = 0;
     if (ok) {
-        Py_BEGIN_ALLOW_THREADS
-        flags = run_merge(outs, n_out, base.buf, base_dt, n, terms, k, sign, normalize, (uint64_t)elem_offset, tiles);
-        Py_END_ALLOW_THREADS
+        NOGIL_IF(n, flags = run_merge(outs, n_out, base.buf, base_dt, n, terms, k, sign, normalize,
+                                      (uint64_t)elem_offset, tiles));
     }
     free(tiles);
     for (i = 0; i < n_out; i++) PyBuffer_Release(&ob[i]);
@@ -3254,10 +3257,8 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
     }
     if (ok && !(tiles = alloc_tiles((size_t)k + 1))) ok = 0;
     if (ok) {
-        Py_BEGIN_ALLOW_THREADS
-        run_moments(terms, k, has_base ? base.buf : NULL, base_dt, n, (uint64_t)elem_offset, want_gram & 1,
-                    (want_gram & 2) == 0, (double *)out.buf, tiles, sm ? masks : NULL);
-        Py_END_ALLOW_THREADS
+        NOGIL_IF(n, run_moments(terms, k, has_base ? base.buf : NULL, base_dt, n, (uint64_t)elem_offset,
+                                want_gram & 1, (want_gram & 2) == 0, (double *)out.buf, tiles, sm ? masks : NULL));
     }
     free(tiles);
     for (i = 0; i < k; i++) PyBuffer_Release(&ab[i]);
@@ -3289,9 +3290,8 @@ static PyObject *native_hist1(PyObject *self, PyObject *args) {
         PyBuffer_Release(&hist);
         return NULL;
     }
-    Py_BEGIN_ALLOW_THREADS
-    run_hist1((const uint32_t *)src.buf, n, (const uint32_t *)bins.buf, (int)nb, (uint64_t *)hist.buf, portable);
-    Py_END_ALLOW_THREADS
+    NOGIL_IF(n, run_hist1((const uint32_t *)src.buf, n, (const uint32_t *)bins.buf, (int)nb, (uint64_t *)hist.buf,
+                          portable));
     PyBuffer_Release(&src);
     PyBuffer_Release(&bins);
     PyBuffer_Release(&hist);
@@ -3316,9 +3316,7 @@ static PyObject *native_hist0(PyObject *self, PyObject *args) {
     Py_ssize_t n;
     (void)self;
     if (!PyArg_ParseTuple(args, "y*inw*", &src, &dt, &n, &sub) || !sub_args(&src, dt, n, &sub)) return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    run_hist0(src.buf, dt, n, (uint32_t *)sub.buf);
-    Py_END_ALLOW_THREADS
+    NOGIL_IF(n, run_hist0(src.buf, dt, n, (uint32_t *)sub.buf));
     PyBuffer_Release(&src);
     PyBuffer_Release(&sub);
     Py_RETURN_NONE;

@@ -251,7 +251,7 @@ def kth_largest_abs_many(
 
     found: dict[int, dict[int, tuple[int, int]] | None] = {j: None for j, _, _, _ in todo}
     if n >= BRACKET_MIN and (BRACKET is True or (BRACKET is None and _native.fast_bracket())):
-        found = _bracketed(read, todo, ib, cb, n, whole, dts, wide, blocks, outs, settle, on_bracket)
+        found = _bracketed(read, todo, ib, cb, n, whole, dts, wide, outs, settle, on_bracket)
     full = {j: full_count(j, ia, ca) for j, ia, ca, _ in todo if j in found and found[j] is None}
     level1 = []
     for j, ia, ca, ks in settle():
@@ -308,7 +308,7 @@ def _level1(blocks: Callable[[Iterable[tuple[int, int]]], Any], whole: list[tupl
 
 
 def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int | None, cb: str, n: int,
-               whole: list[tuple[int, int]], dts: dict[int, int], wide: dict[int, bool], blocks: Any,
+               whole: list[tuple[int, int]], dts: dict[int, int], wide: dict[int, bool],
                outs: list[dict[int, float]], settle: Callable[[], list[Any]] | None = None,
                on_bracket: Callable[[int, float, float], None] | None = None,
                ) -> dict[int, dict[int, tuple[int, int]] | None]:  # fmt: skip
@@ -323,11 +323,13 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
 
     assert _native is not None
     brackets: dict[int, tuple[int, int]] = {}
+    pieces = sample_pieces(n)
+    joined = functools.cache(lambda i: _joined(read, i, pieces))  # the base's pieces read once for every input
     for j, ia, ca, ks in todo:
-        piece = SAMPLE_PIECE * (4 if wide[j] else 2)  # bytes
-        sample = bytearray(SAMPLE_PIECES * piece)
-        for i, (buf, _) in enumerate(blocks(ia, ca, sample_pieces(n))):
-            sample[i * piece : (i + 1) * piece] = buf
+        sample = joined(ia)
+        if ib is not None:  # the difference of every piece in one call
+            m, sample = len(pieces) * SAMPLE_PIECE, bytearray(4 * len(pieces) * SAMPLE_PIECE)
+            compute.diff_block(memoryview(sample), "F32", memoryview(joined(ia)), ca, memoryview(joined(ib)), cb, m)
         brackets[j] = _bracket(sample, dts[j], n, ks)
         if on_bracket is not None:  # bins lo .. hi: |x| patterns from lo << 16 to below (hi + 1) << 16
             lo, hi = brackets[j]
@@ -389,6 +391,15 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
         else:
             found[j] = got
     return found
+
+
+def _joined(read: Read, i: int, pieces: list[tuple[int, int]]) -> bytearray:
+    """Input i's elements in ``pieces`` (the bracket's sample), joined: each copied at once (a read into a scratch
+    buffer lasts until the next)."""
+    out = bytearray()
+    for s, e in pieces:
+        out += read(i, s, e)
+    return out
 
 
 def _inside_kth(insides: list[Inside], ks: Sequence[int]) -> dict[int, float] | None:

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from capmerge.merge.methods.base import keep_count, tensor_key  # noqa: F401 - torch-free, re-exported here
+
+if TYPE_CHECKING:
+    import torch
 
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
@@ -42,6 +44,8 @@ def _philox4(key: int, q: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The four output words (int64 holding uint32) of Philox4x32-10 at counters ``q``: counter (q_lo, q_hi, 0, 0),
     key (key_lo, key_hi) — Triton's ``randint4x(key, q)``. Written with int64 torch ops (products of two 32-bit words
     fit in 63 bits after splitting) so it runs anywhere."""
+    import torch
+
     c0, c1 = q & _M32, (q >> 32) & _M32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
@@ -67,12 +71,16 @@ def _philox4(key: int, q: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def _fold(word: torch.Tensor) -> torch.Tensor:
     """tl.rand's integer of a uint32 word (held in int64) before its scaling: as int32 x, x < 0 ? -x - 1 : x."""
+    import torch
+
     x = torch.where(word >= 2**31, word - 2**32, word)
     return torch.where(x < 0, -x - 1, x)
 
 
 def _uniform_of(word: torch.Tensor) -> torch.Tensor:
     """tl.rand's float of a uint32 word (held in int64): :func:`_fold`'s integer · 2^-31."""
+    import torch
+
     x = _fold(word)
     return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=x.device)
 
@@ -82,6 +90,8 @@ def philox_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
     ``index // 4`` — Triton's ``tl.rand4x(key, index // 4)[index % 4]`` — so that one Philox call serves four
     consecutive elements. For a run of consecutive indices :func:`philox_range` gives the same numbers with each
     counter computed once."""
+    import torch
+
     idx = index.to(torch.int64)
     words = torch.stack(_philox4(key, idx >> 2))
     return _uniform_of(words.gather(0, (idx & 3).unsqueeze(0)).squeeze(0))
@@ -90,6 +100,8 @@ def philox_uniform(key: int, index: torch.Tensor) -> torch.Tensor:
 def philox_range(key: int, start: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:
     """``philox_uniform(key, arange(start, start + n))``: the counters the run covers, each computed once, their
     four words laid out in element order."""
+    import torch
+
     if n <= 0:
         return torch.empty(0, dtype=torch.float32, device=device)
     return _uniform_of(_words(key, start, n, device))
@@ -103,6 +115,8 @@ def philox_ints(key: int, start: int, n: int, device: torch.device | str | None 
 
 def _words(key: int, start: int, n: int, device: torch.device | str | None) -> torch.Tensor:
     """The Philox words of elements start .. start + n - 1 (n ≥ 1): word i % 4 of counter i // 4, int64."""
+    import torch
+
     first = start >> 2
     q = torch.arange(first, ((start + n - 1) >> 2) + 1, dtype=torch.int64, device=device)
     stream = torch.stack(_philox4(key, q), dim=1).reshape(-1)
@@ -111,6 +125,8 @@ def _words(key: int, start: int, n: int, device: torch.device | str | None) -> t
 
 def kth_largest_abs(t: torch.Tensor, k: int) -> float:
     """The k-th largest |t| (1-based) as a float32 value; +inf when k = 0."""
+    import torch
+
     if k <= 0:
         return math.inf
     a = t.detach().reshape(-1).float().abs()
@@ -123,6 +139,8 @@ def magnitude_threshold(t: torch.Tensor, density: float) -> float:
 
 def magnitude_prune(t: torch.Tensor, density: float | None = None, *, threshold: float | None = None) -> torch.Tensor:
     """Keep entries with |t| ≥ the k-th largest |t| (k = max(1, ⌊d·n + ½⌋)); the rest become 0. float32 result."""
+    import torch
+
     x = t.float()
     if threshold is None:
         if density is None:
@@ -135,6 +153,8 @@ def magnitude_prune(t: torch.Tensor, density: float | None = None, *, threshold:
 
 def random_prune(t: torch.Tensor, density: float, *, key: int, offset: int = 0, rescale: bool = True) -> torch.Tensor:
     """DARE: keep an entry where philox_uniform(key, offset + index) < d; kept entries divided by d with rescale."""
+    import torch
+
     x = t.float().reshape(-1)
     if density >= 1.0:
         return x.reshape(t.shape).clone()
@@ -162,6 +182,8 @@ def breadcrumbs_prune(
     t: torch.Tensor, density: float, gamma: float = 0.01, *, thresholds: tuple[float, float] | None = None
 ) -> torch.Tensor:
     """Drop the largest γ fraction of magnitudes and the smallest, keeping a fraction d: lo ≤ |t| < hi."""
+    import torch
+
     x = t.float()
     lo, hi = thresholds if thresholds is not None else breadcrumbs_thresholds(t, density, gamma)
     a = x.abs()
@@ -187,6 +209,8 @@ def population_variance(taus: Sequence[torch.Tensor]) -> torch.Tensor:
     """Var_i(τ_i) per entry, bit for bit ``torch.var(torch.stack(taus), dim=0, unbiased=False)`` (Welford's update in
     float64, rounded to float32 — what torch does on the CPU) in elementwise steps, without the strided reduction
     over a stacked copy (3–25× faster here)."""
+    import torch
+
     mean = torch.zeros(taus[0].shape, dtype=torch.float64)
     m2 = torch.zeros_like(mean)
     for i, t in enumerate(taus, start=1):
@@ -200,6 +224,8 @@ def population_variance(taus: Sequence[torch.Tensor]) -> torch.Tensor:
 def della_table(m: int, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's keep probability of each 0-based rank r of a row of m entries: d − ε + 2ε·r/(m − 1) (float32, each
     step rounded as torch rounds it; d for a row of one entry)."""
+    import torch
+
     ranks = torch.arange(m, dtype=torch.float32)
     frac = ranks / (m - 1) if m > 1 else torch.full_like(ranks, 0.5)
     return (density - epsilon) + frac * (2 * epsilon)
@@ -208,6 +234,8 @@ def della_table(m: int, density: float, epsilon: float) -> torch.Tensor:
 def row_ranks(rows: torch.Tensor) -> torch.Tensor:
     """The 0-based rank of each entry within its row (the last dimension), ascending, ties in index order (a stable
     argsort; NaN last): int64, ``rows``' shape."""
+    import torch
+
     order = torch.argsort(rows, dim=-1, stable=True)
     ranks = torch.empty_like(order)  # the inverse permutation of order
     m = rows.shape[-1]
@@ -265,6 +293,8 @@ def della_keep(t: torch.Tensor, density: float, epsilon: float, *, key: int,
 def della_rows(rows: torch.Tensor, words: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """:func:`della_keep`'s test on rows along the last dimension (float32) with their draws (int64, the same shape)
     and the band [lo, hi) of :func:`della_bounds`: the keep mask."""
+    import torch
+
     m = rows.shape[-1]
     if m >= 2**31:
         raise ValueError(f"della: rows of at most 2^31 - 1 entries, got {m}")
@@ -293,6 +323,8 @@ def della_prune(t: torch.Tensor, density: float, epsilon: float, *, key: int, re
 
     density ≥ 1 keeps everything (no rescale), density ≤ 0 nothing; otherwise d ± ε must lie in (0, 1).
     """
+    import torch
+
     x = t.float()
     if density >= 1.0:
         return x.clone()
@@ -308,6 +340,8 @@ def della_prune(t: torch.Tensor, density: float, epsilon: float, *, key: int, re
 def elect_sign(terms: Sequence[torch.Tensor], weights: Sequence[float], method: str = "total") -> torch.Tensor:
     """+1 where Σ w_i·τ̃_i (``total``), Σ τ̃_i (``sum``: the weights ignored, SCE's election) or Σ sign(τ̃_i)
     (``frequency``) is ≥ 0, else −1 (float32)."""
+    import torch
+
     if method not in ("total", "sum", "frequency"):
         raise ValueError(f"unknown sign method {method!r}")
     s = torch.zeros(terms[0].shape, dtype=torch.float32, device=terms[0].device)
@@ -330,6 +364,8 @@ def disjoint_merge(
 
     ``weighted_agreement``: m_i = [sign(w_i·τ̃_i) = sign] instead (mergekit's rule; the same unless w_i < 0).
     """
+    import torch
+
     d = torch.zeros(terms[0].shape, dtype=torch.float32, device=terms[0].device)
     den = torch.zeros_like(d)
     for t, w in zip(terms, weights, strict=True):
@@ -356,6 +392,8 @@ def combine(
 ) -> torch.Tensor:
     """Steps 2–3: elect signs (``none``/``total``/``sum``/``frequency``), combine, optionally normalize: divide by
     Σ w_i·m_i where it is > 0, or, with ``floor`` > 0, by max(Σ w_i·m_i, floor) (SCE's 1e-6)."""
+    import torch
+
     elected = None if sign == "none" else elect_sign(terms, weights, sign)
     d, den = disjoint_merge(terms, weights, elected)
     if floor > 0:
@@ -376,6 +414,8 @@ def merge(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """θ + α·combine(τ̃) in float32, rounded once to ``out_dtype`` (default: the base dtype). Terms already pruned."""
+    import torch
+
     weights = [1.0] * len(terms) if weights is None else list(weights)
     x = base.float()
     if terms:

@@ -12,16 +12,18 @@ output — varies from run to run.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from capmerge.merge import compute
 from capmerge.merge.engine import compute_threads, parallel_map
 from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
 from capmerge.merge.plan import float32_of
+
+if TYPE_CHECKING:
+    import torch
 
 
 def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -33,6 +35,8 @@ def importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 def ranked(flat: torch.Tensor, ranks: list[int]) -> torch.Tensor:
     """The elements of 0-based ranks ``ranks`` of ``flat`` sorted ascending (float32, exact): from the native
     histogram selection when every entry is ≥ 0 (then |x| orders as x), else torch.kthvalue; no sort either way."""
+    import torch
+
     n = flat.numel()
     if n and bool(flat.min() >= 0):
         from capmerge.merge.plan import kth_largest_abs_tensor
@@ -43,6 +47,8 @@ def ranked(flat: torch.Tensor, ranks: list[int]) -> torch.Tensor:
 
 
 def _arcee_fusion(x: TensorInputs) -> torch.Tensor:
+    import torch
+
     if x.base is None or len(x.models) != 1:
         raise ValueError(f"tensor {x.name}: arcee_fusion takes a base model and exactly one other model")
     base, model = x.base.float(), x.models[0].float()
@@ -56,6 +62,8 @@ def _arcee_fusion(x: TensorInputs) -> torch.Tensor:
 
 def row_kl(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """KL(softmax(θ₁) + 1e-8 ‖ softmax(θ₀) + 1e-8) of each row (the last dimension), as :func:`importance` takes it."""
+    import torch
+
     p = torch.softmax(model, dim=-1).add_(1e-8)
     q = torch.softmax(base, dim=-1).add_(1e-8)
     q = torch.div(p, q, out=q).log_().mul_(p)  # in place: p·log(p/q), the same operations without new buffers
@@ -187,6 +195,8 @@ def _kl_rows(st: B.Stats, m: int) -> tuple[np.ndarray, int]:
     the same operations: no allocation per block): torch's own threads, splitting every operation of one block, spin
     between operations and take a quarter of a run's CPU time from the other passes. A row's values never depend on
     the split or the thread count (each row's softmax and sum is one thread's loop)."""
+    import torch
+
     from capmerge._torch import as_tensor
 
     rows = st.numel // m
@@ -223,6 +233,8 @@ def _kl_rows(st: B.Stats, m: int) -> tuple[np.ndarray, int]:
 def _row_kl_into(x: torch.Tensor, b: torch.Tensor, p: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """:func:`row_kl` of rows x (θ₁) and b (θ₀) into ``out`` by the same operations in place (x overwritten, p
     scratch); returns which rows' KL is below 0."""
+    import torch
+
     torch.ops.aten._softmax.out(x, -1, False, out=p).add_(1e-8)
     q = torch.ops.aten._softmax.out(b, -1, False, out=x).add_(1e-8)
     torch.div(p, q, out=q).log_().mul_(p)

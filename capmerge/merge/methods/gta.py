@@ -26,15 +26,17 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from capmerge import functional as F
 from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
 from capmerge.merge.plan import kth_largest_abs_tensor
 
-Prune = Callable[[torch.Tensor, Mapping[str, object], int, TensorInputs], torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+
+    Prune = Callable[[torch.Tensor, Mapping[str, object], int, TensorInputs], torch.Tensor]
 
 
 def magnitude_k(d: float, n: int) -> int | None:
@@ -54,6 +56,8 @@ def breadcrumbs_ks(d: float, gamma: float, n: int) -> tuple[int, int] | None:
 
 
 def _magnitude(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:
+    import torch
+
     k = magnitude_k(float(p["density"]), tau.numel())  # type: ignore[arg-type]
     return torch.zeros_like(tau) if k is None else F.magnitude_prune(tau, threshold=kth_largest_abs_tensor(tau, [k])[k])
 
@@ -62,6 +66,8 @@ def _native_draws(key: int, like: torch.Tensor, *, ints: bool = False) -> torch.
     """The native kernel's :func:`F.philox_range` floats (``ints``: :func:`F.philox_ints`' integers, int64) of
     elements 0 .. n − 1 shaped like ``like`` (the same numbers, tests/test_functional.py and test_native.py; ~100×
     faster than the int64 torch reference); None off the CPU or without the kernel."""
+    import torch
+
     n = like.numel()
     if like.device.type != "cpu" or not n or os.environ.get("CAPMERGE_NO_NATIVE"):
         return None
@@ -88,6 +94,8 @@ def _ints(key: int, like: torch.Tensor) -> torch.Tensor:
 
 def _random(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:
     """``F.random_prune(tau, d, key=..., rescale=False)``: keep where u < d."""
+    import torch
+
     d = max(float(p["density"]), 0.0)  # type: ignore[arg-type]
     if d >= 1.0:
         return tau.float().clone()
@@ -98,6 +106,8 @@ def _random(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs)
 
 
 def _breadcrumbs(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:
+    import torch
+
     d = float(p["density"])  # type: ignore[arg-type]
     ks = breadcrumbs_ks(d, float(p["gamma"]), tau.numel())  # type: ignore[arg-type]
     if ks is None:
@@ -129,6 +139,8 @@ def _pruned(prune: Prune, x: TensorInputs, base: torch.Tensor) -> list[torch.Ten
 
 def generalized_task_arithmetic(x: TensorInputs, *, prune: Prune | None, elect: bool) -> torch.Tensor:
     """θ + λ·δ for one tensor (see the module's docstring); ``prune`` None: no pruning, ``elect``: TIES election."""
+    import torch
+
     if x.base is None:
         raise ValueError(f"tensor {x.name}: this method needs a base model")
     base = x.base.float()

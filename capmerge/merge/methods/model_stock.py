@@ -9,13 +9,18 @@ out = t·(Σ θ_i / K) + (1 − t)·θ₀. In float32.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
 
+if TYPE_CHECKING:
+    import torch
+
 
 def _model_stock(x: TensorInputs) -> torch.Tensor:
+    import torch
+
     if x.base is None or len(x.models) < 2:
         raise ValueError(f"tensor {x.name}: model_stock takes a base model and at least two other models")
     shape = x.base.shape

@@ -6,10 +6,13 @@ most t become b, larger differences move towards b by t/|a − b|. ``t`` (global
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _nearswap(x: TensorInputs) -> torch.Tensor:

@@ -11,9 +11,9 @@ accepted and ignored (a memory saving in mergekit that cannot change a float32 r
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from capmerge import functional as F
 from capmerge.functional import population_variance
@@ -21,9 +21,14 @@ from capmerge.merge import compute
 from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
 
+if TYPE_CHECKING:
+    import torch
+
 
 def select_mask(taus: list[torch.Tensor], select_topk: float) -> torch.Tensor:
     """1.0 at the int(s·#nonzero) entries of largest variance across the task vectors (ties kept), else 0.0."""
+    import torch
+
     if select_topk <= 0:
         return torch.zeros_like(taus[0])
     if select_topk >= 1:
@@ -38,6 +43,8 @@ def select_mask(taus: list[torch.Tensor], select_topk: float) -> torch.Tensor:
 
 
 def _sce(x: TensorInputs) -> torch.Tensor:
+    import torch
+
     if x.base is None:
         raise ValueError(f"tensor {x.name}: sce needs a base model")
     base = x.base.float()

@@ -22,16 +22,20 @@ coefficients come from their norms and dot products (float64 sums), applied by t
 from __future__ import annotations
 
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
+
+if TYPE_CHECKING:
+    import torch
 
 
 def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int = -1, flatten: bool = False,
             eps: float = 1e-8) -> torch.Tensor:  # fmt: skip
     """SLERP of the vectors along ``dim`` (or of the flattened tensors), each pair on its own; float32."""
+    import torch
+
     shape = v0.shape
     a, b = v0.float(), v1.float()
     if flatten:

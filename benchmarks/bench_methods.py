@@ -196,7 +196,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=1, help="runs per case; the median is reported (default 1)")
     ap.add_argument("--work-dir", type=Path, default=ba.REPO / "benchmarks" / "work", help="checkpoints and outputs")
     ap.add_argument("--no-mergekit", action="store_true", help="skip mergekit even when .venv-mergekit exists")
-    ap.add_argument("--mergekit-layers", type=int, help="run mergekit only at this depth (default: the timed depth)")
+    ap.add_argument(
+        "--mergekit-layers",
+        type=int,
+        help="run mergekit only at this depth, capmerge there too for the ratio (default: the timed depth)",
+    )
     ap.add_argument("--memory-depth", action="store_true", help="also run capmerge (and its floor) at 4 layers")
     ap.add_argument("--capmerge", help="capmerge executable (default: .venv/bin/capmerge, else the one on PATH)")
     ap.add_argument("--no-csv", action="store_true", help="print only; do not append to results.csv")
@@ -218,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         print("mergekit not installed (bench_apply.py --setup-mergekit): skipped", file=sys.stderr)
     base = ba.PRESETS[args.size]
     timed = args.layers or base.layers
-    depths = sorted({4, timed}) if args.memory_depth and timed != 4 else [timed]
     mk_depth = args.mergekit_layers or timed
+    # capmerge runs at mergekit's depth too (its ratio is taken there), and at 4 layers for the memory check
+    depths = sorted({timed, mk_depth} | ({4} if args.memory_depth else set()))
     work: Path = args.work_dir.resolve()
 
     tiny = ba.PRESETS["tiny"]
@@ -237,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         root = work / f"methods-{args.size}-L{layers}"
         print(label, file=sys.stderr)
         dirs = ba.ensure_checkpoints(root, preset, names="PABC")
-        mk = use_mergekit and (layers == mk_depth or mk_depth not in depths and layers == timed)
+        mk = use_mergekit and layers == mk_depth
         cases = run_methods(methods, dirs, root / "out", cli=cli, mergekit=mk, floor=True, repeats=args.repeats)
         for m in methods:
             cases[f"{m}_floor"].notes.append(f"{ba.human(ba.nbytes(dirs['P']))} per checkpoint")

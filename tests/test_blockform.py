@@ -310,7 +310,7 @@ def test_non_finite_changes_that_are_dropped_leave_the_base(monkeypatch, method:
 
 
 def test_thread_scratch_passes_buffers_to_the_next_threads(monkeypatch) -> None:
-    """A pass's threads end with it; the next pass's threads take their buffers instead of making new ones."""
+    """The next pass takes the buffers the last pass's threads made instead of making new ones."""
     from capmerge.merge.engine import parallel_map
 
     monkeypatch.setenv("CAPMERGE_THREADS", "2")
@@ -325,6 +325,40 @@ def test_thread_scratch_passes_buffers_to_the_next_threads(monkeypatch) -> None:
     first = set(parallel_map(used, [0, 1]))
     assert len(first) == 2
     assert set(parallel_map(used, [0, 1])) == first
+
+
+def test_parallel_map_keeps_its_threads_and_returns_only_when_all_is_done(monkeypatch) -> None:
+    """The passes run on the same threads each time (no new arenas for malloc), results in item order; when an item
+    fails, the call raises only once the others have stopped (nothing of it runs on), and runs again afterwards."""
+    import threading
+
+    from capmerge.merge.engine import parallel_map
+
+    monkeypatch.setenv("CAPMERGE_THREADS", "2")
+
+    def ident(x: int) -> tuple[int, int]:
+        time.sleep(0.05)
+        return x, threading.get_ident()
+
+    first = parallel_map(ident, list(range(6)))
+    second = parallel_map(ident, list(range(6)))
+    assert [x for x, _ in first] == list(range(6)) and [x for x, _ in second] == list(range(6))
+    assert {t for _, t in second} == {t for _, t in first} and threading.get_ident() not in {t for _, t in first}
+    finished: list[int] = []
+
+    def fails_first(x: int) -> int:
+        if x == 0:
+            raise ValueError("item 0")
+        time.sleep(0.3)
+        finished.append(x)
+        return x
+
+    with pytest.raises(ValueError, match="item 0"):
+        parallel_map(fails_first, [0, 1, 2, 3])
+    done = list(finished)
+    time.sleep(0.5)
+    assert finished == done  # nothing ran on after the call returned
+    assert parallel_map(lambda x: x * 2, [1, 2, 3]) == [2, 4, 6]
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (5, 1), (1, 7), (3, 4, 5), (0, 3)])

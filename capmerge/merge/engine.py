@@ -42,6 +42,7 @@ SPLIT_MIN = 1 << 16  # blocks at least this long are computed in parts, one per 
 SPLIT_ALIGN = 4096  # part boundaries, in elements
 MAP_PREPARE = True  # prepare passes read mapped files where they can (False: copies into scratch buffers)
 MAP_READS = True  # so does the merge pass on the CPU (False: copies into the pool's buffers)
+_STATS_THREADS = "capmerge-stats"  # the name of parallel_map's threads
 PREPARE_AHEAD = 2  # jobs whose prepare pass may be done before the reader reaches them
 
 
@@ -50,7 +51,7 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], *, parallel: bo
     release the GIL): a statistics pass beside the merge uses the cores the merge leaves idle. Callers make their
     result independent of the thread count (per-item results combined in order)."""
     workers = min(compute_threads(), len(items)) if parallel else 1
-    if workers <= 1:
+    if workers <= 1 or threading.current_thread().name.startswith(_STATS_THREADS):  # on a pool thread: no nesting
         return [fn(x) for x in items]
 
     def one(x: Any) -> Any:  # items not begun when a signal arrives are skipped (see capmerge._interrupts)
@@ -58,11 +59,23 @@ def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], *, parallel: bo
             raise KeyboardInterrupt
         return fn(x)
 
-    with (
-        _interrupts.deferred(),
-        concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="capmerge-stats") as pool,
-    ):
-        return list(pool.map(one, items))
+    with _interrupts.deferred():
+        pool = _stats_pool(compute_threads(), os.getpid())
+        futures = [pool.submit(one, x) for x in items]
+        try:
+            return [f.result() for f in futures]
+        finally:  # on an error, nothing of this call runs on after it returns
+            for f in futures:
+                f.cancel()
+            concurrent.futures.wait(futures)
+
+
+@functools.cache
+def _stats_pool(workers: int, pid: int) -> concurrent.futures.ThreadPoolExecutor:
+    """The statistics passes' threads, made once per process (``pid``: a forked child makes its own) and kept: a pass
+    on new threads each time spread its buffers over ever more of malloc's per-thread arenas, and a 16-layer run held
+    more memory than a 4-layer one."""
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=_STATS_THREADS)
 
 
 @contextlib.contextmanager

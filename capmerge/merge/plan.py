@@ -517,9 +517,9 @@ class Inside:
 
 
 class ThreadScratch:
-    """A buffer per thread, grown on demand: the scratch of passes whose blocks run on several threads. The passes'
-    threads are new ones each time (:func:`~capmerge.merge.engine.parallel_map`): a thread that ends gives its buffer
-    back for the next pass's threads, so a tensor's passes make them once rather than once per pass and thread."""
+    """A buffer per thread, grown on demand: the scratch of passes whose blocks run on several threads (the same
+    threads from pass to pass, :func:`~capmerge.merge.engine.parallel_map`, so a tensor's passes make them once rather
+    than once per pass and thread); a thread that ends gives its buffer back for the threads after it."""
 
     def __init__(self) -> None:
         self._local = threading.local()

@@ -2715,12 +2715,6 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
     return nnz;
 }
 
-/* sce(models, base, base_dt, n, elem_offset, var_out, thr, bits, sums[, count[, lo, idx, var, tau]]) -> count of
- * var != 0; see run_sce. models: a sequence of (buffer, dtype); var_out, bits and sums may be None. count false, with
- * neither var_out nor bits: the sums alone (no variance is computed; returns 0). With lo and the three list buffers
- * (uint32 idx and float32 var of cap + 16 words, float32 tau of k rows of stride = its length / k words, with sums):
- * the entries with lo <= var < thr are listed too (sce_list_t), and the result is (count, listed, above), listed = -1
- * when they did not fit, above: the entries with |var|'s bit pattern at least thr's (var >= thr, and NaN). */
 /* Run stmt with the GIL released where the call covers at least NOGIL_MIN elements; a shorter one keeps it: giving
  * the GIL up for a microsecond's work costs more than the work, and taking it back can wait out another thread's
  * switch interval (the bracket's sample pieces, small tensors). */
@@ -2735,6 +2729,12 @@ static Py_ssize_t run_sce(const term_t *terms, int k, const void *base, int base
         }                                                                                                              \
     } while (0)
 
+/* sce(models, base, base_dt, n, elem_offset, var_out, thr, bits, sums[, count[, lo, idx, var, tau]]) -> count of
+ * var != 0; see run_sce. models: a sequence of (buffer, dtype); var_out, bits and sums may be None. count false, with
+ * neither var_out nor bits: the sums alone (no variance is computed; returns 0). With lo and the three list buffers
+ * (uint32 idx and float32 var of cap + 16 words, float32 tau of k rows of stride = its length / k words, with sums):
+ * the entries with lo <= var < thr are listed too (sce_list_t), and the result is (count, listed, above), listed = -1
+ * when they did not fit, above: the entries with |var|'s bit pattern at least thr's (var >= thr, and NaN). */
 static PyObject *native_sce(PyObject *self, PyObject *args) {
     PyObject *models_o, *var_o, *bits_o, *sums_o, *sv = NULL, *li_o = NULL, *lv_o = NULL, *lt_o = NULL;
     Py_buffer base, ab[MAX_VECTORS], vb, bb, sb, lb[3];

@@ -328,8 +328,9 @@ def _bracketed(read: Read, todo: list[tuple[int, int, str, list[int]]], ib: int 
     for j, ia, ca, ks in todo:
         sample = joined(ia)
         if ib is not None:  # the difference of every piece in one call
-            m, sample = len(pieces) * SAMPLE_PIECE, bytearray(4 * len(pieces) * SAMPLE_PIECE)
-            compute.diff_block(memoryview(sample), "F32", memoryview(joined(ia)), ca, memoryview(joined(ib)), cb, m)
+            m = len(pieces) * SAMPLE_PIECE
+            sample, a = bytearray(4 * m), sample
+            compute.diff_block(memoryview(sample), "F32", memoryview(a), ca, memoryview(joined(ib)), cb, m)
         brackets[j] = _bracket(sample, dts[j], n, ks)
         if on_bracket is not None:  # bins lo .. hi: |x| patterns from lo << 16 to below (hi + 1) << 16
             lo, hi = brackets[j]

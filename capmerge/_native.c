@@ -2879,6 +2879,247 @@ static Py_ssize_t run_importance(const void *a, int a_dt, const void *b, int b_d
     return neg;
 }
 
+/* arcee_fusion's rows' KL divergence: KL = sum p log(p/q), p = softmax(a) + 1e-8, q = softmax(b) + 1e-8 over a row
+ * of m (float32 throughout; the sums in double). exp and log are Cephes' float polynomials without fused
+ * multiply-adds, so the plain C loops below and the AVX2 ones give the same bits: element j of a row goes into lane
+ * j % 8 of each sum, the lanes added in one fixed order, the row's last m % 8 entries padded with -inf (exp 0, and a
+ * term p log(p/q) = 1e-8 log 1 = 0). A NaN anywhere in a row makes its KL a NaN (one value: 0x7fc00000), as an inf
+ * does (inf - inf). */
+#define KL_EXP_LO (-87.0f) /* exp of anything below: 0 (the true value is below 2^-125, nothing next to 1e-8) */
+#define KL_KEEP 4096       /* rows up to this long keep their exps between the second and third pass */
+
+static inline float kl_exp1(float x) { /* x <= 0 or NaN (x - the row's max) */
+    float n, r, y;
+    if (!(x >= KL_EXP_LO)) return x != x ? x : 0.0f;
+    n = floorf(fmaf(x, 1.44269504088896341f, 0.5f));
+    r = fmaf(n, -0.693359375f, x);
+    r = fmaf(n, 2.12194440e-4f, r);
+    y = fmaf(1.9875691500e-4f, r, 1.3981999507e-3f);
+    y = fmaf(y, r, 8.3334519073e-3f);
+    y = fmaf(y, r, 4.1665795894e-2f);
+    y = fmaf(y, r, 1.6666665459e-1f);
+    y = fmaf(y, r, 5.0000001201e-1f);
+    y = fmaf(y, r * r, r) + 1.0f;
+    return y * u2f((uint32_t)((int32_t)n + 127) << 23);
+}
+
+static inline float kl_log1(float t) { /* t > 0 normal, or NaN */
+    uint32_t u = f2u(t);
+    float m = u2f((u & 0x007fffffu) | 0x3f000000u), x, z, y, e;
+    int32_t ei = (int32_t)((u >> 23) & 0xffu) - 126;
+    if (m < 0.707106781186547524f) {
+        ei -= 1;
+        x = m + m - 1.0f;
+    } else {
+        x = m - 1.0f;
+    }
+    z = x * x;
+    y = fmaf(7.0376836292e-2f, x, -1.1514610310e-1f);
+    y = fmaf(y, x, 1.1676998740e-1f);
+    y = fmaf(y, x, -1.2420140846e-1f);
+    y = fmaf(y, x, 1.4249322787e-1f);
+    y = fmaf(y, x, -1.6668057665e-1f);
+    y = fmaf(y, x, 2.0000714765e-1f);
+    y = fmaf(y, x, -2.4999993993e-1f);
+    y = fmaf(y, x, 3.3333331174e-1f);
+    y = y * x * z;
+    e = (float)ei;
+    y = fmaf(e, -2.12194440e-4f, y);
+    y = fmaf(-0.5f, z, y);
+    x = x + y;
+    x = fmaf(e, 0.693359375f, x);
+    return t != t ? t : x;
+}
+
+static inline float kl_load1(const void *src, int dt, Py_ssize_t i) {
+    if (dt == DT_F32) return ((const float *)src)[i];
+    if (dt == DT_BF16) return u2f((uint32_t)((const uint16_t *)src)[i] << 16);
+    return f16_to_f32(((const uint16_t *)src)[i]);
+}
+
+static inline float kl_nan(float kl) { return kl != kl ? u2f(0x7fc00000u) : kl; }
+
+/* The KL of the row of m at a + off, b + off in plain C (ea, eb: room for m floats, or NULL: the exps made again) */
+static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m, float *ea,
+                          float *eb) {
+    float mxa[8], mxb[8], ma, mb, ra, rb;
+    double sa[8] = {0}, sb[8] = {0}, kl[8] = {0};
+    Py_ssize_t j, pad = (m + 7) & ~(Py_ssize_t)7;
+    int l;
+    for (l = 0; l < 8; l++) mxa[l] = mxb[l] = -INFINITY;
+    for (j = 0; j < m; j++) { /* maxps(lane, x): the lane where it is greater, else x */
+        float x = kl_load1(a, a_dt, off + j), y = kl_load1(b, b_dt, off + j);
+        mxa[j & 7] = mxa[j & 7] > x ? mxa[j & 7] : x;
+        mxb[j & 7] = mxb[j & 7] > y ? mxb[j & 7] : y;
+    }
+    ma = mxa[0], mb = mxb[0];
+    for (l = 1; l < 8; l++) ma = ma > mxa[l] ? ma : mxa[l], mb = mb > mxb[l] ? mb : mxb[l];
+    for (j = 0; j < pad; j++) {
+        float x = j < m ? kl_exp1(kl_load1(a, a_dt, off + j) - ma) : 0.0f;
+        float y = j < m ? kl_exp1(kl_load1(b, b_dt, off + j) - mb) : 0.0f;
+        sa[j & 7] += (double)x, sb[j & 7] += (double)y;
+        if (ea && j < m) ea[j] = x, eb[j] = y;
+    }
+    ra = (float)(1.0 / sum8_combine(sa)), rb = (float)(1.0 / sum8_combine(sb));
+    for (j = 0; j < pad; j++) {
+        float x = j >= m ? 0.0f : ea ? ea[j] : kl_exp1(kl_load1(a, a_dt, off + j) - ma);
+        float y = j >= m ? 0.0f : eb ? eb[j] : kl_exp1(kl_load1(b, b_dt, off + j) - mb);
+        float p = x * ra + 1e-8f, q = y * rb + 1e-8f;
+        kl[j & 7] += (double)(p * kl_log1(p / q));
+    }
+    return kl_nan((float)sum8_combine(kl));
+}
+
+#if HAVE_F16C_PATH
+#define KL_FMA(a, b, c) _mm256_fmadd_ps(a, b, _mm256_set1_ps(c))
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_exp8(__m256 x) {
+    __m256 n = _mm256_floor_ps(KL_FMA(x, _mm256_set1_ps(1.44269504088896341f), 0.5f)), r, y, s;
+    __m256i e;
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    y = KL_FMA(_mm256_set1_ps(1.9875691500e-4f), r, 1.3981999507e-3f);
+    y = KL_FMA(y, r, 8.3334519073e-3f);
+    y = KL_FMA(y, r, 4.1665795894e-2f);
+    y = KL_FMA(y, r, 1.6666665459e-1f);
+    y = KL_FMA(y, r, 5.0000001201e-1f);
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    s = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    s = _mm256_and_ps(s, _mm256_cmp_ps(x, _mm256_set1_ps(KL_EXP_LO), _CMP_GE_OQ)); /* below, or NaN: 0 */
+    return _mm256_blendv_ps(s, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));            /* NaN: x */
+}
+
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_log8(__m256 t) {
+    __m256i u = _mm256_castps_si256(t);
+    __m256 m = _mm256_castsi256_ps(
+        _mm256_or_si256(_mm256_and_si256(u, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
+    __m256i ei = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 23), _mm256_set1_epi32(0xff)),
+                                  _mm256_set1_epi32(126));
+    __m256 lt = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ), x, z, y, e;
+    ei = _mm256_add_epi32(ei, _mm256_castps_si256(lt)); /* -1 where m < sqrt(1/2) */
+    x = _mm256_sub_ps(_mm256_blendv_ps(m, _mm256_add_ps(m, m), lt), _mm256_set1_ps(1.0f));
+    z = _mm256_mul_ps(x, x);
+    y = KL_FMA(_mm256_set1_ps(7.0376836292e-2f), x, -1.1514610310e-1f);
+    y = KL_FMA(y, x, 1.1676998740e-1f);
+    y = KL_FMA(y, x, -1.2420140846e-1f);
+    y = KL_FMA(y, x, 1.4249322787e-1f);
+    y = KL_FMA(y, x, -1.6668057665e-1f);
+    y = KL_FMA(y, x, 2.0000714765e-1f);
+    y = KL_FMA(y, x, -2.4999993993e-1f);
+    y = KL_FMA(y, x, 3.3333331174e-1f);
+    y = _mm256_mul_ps(_mm256_mul_ps(y, x), z);
+    e = _mm256_cvtepi32_ps(ei);
+    y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+    y = _mm256_fmadd_ps(_mm256_set1_ps(-0.5f), z, y);
+    x = _mm256_add_ps(x, y);
+    x = _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), x);
+    return _mm256_blendv_ps(x, t, _mm256_cmp_ps(t, t, _CMP_UNORD_Q));
+}
+
+/* eight entries of a row from j (the last m % 8 padded with -inf) */
+static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 kl_load8(const void *src, int dt,
+                                                                                   Py_ssize_t off, Py_ssize_t j,
+                                                                                   Py_ssize_t m) {
+    float t[8];
+    int l;
+    if (j + 8 <= m) return fast_load(src, dt, off + j);
+    for (l = 0; l < 8; l++) t[l] = j + l < m ? kl_load1(src, dt, off + j + l) : -INFINITY;
+    return _mm256_loadu_ps(t);
+}
+
+static inline __attribute__((always_inline, target("avx2"))) void kl_add8(__m256d *lo, __m256d *hi, __m256 v) {
+    *lo = _mm256_add_pd(*lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    *hi = _mm256_add_pd(*hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+
+static inline __attribute__((always_inline, target("avx2"))) double kl_sum8(__m256d lo, __m256d hi) {
+    double l[8];
+    _mm256_storeu_pd(l, lo), _mm256_storeu_pd(l + 4, hi);
+    return sum8_combine(l);
+}
+
+/* kl_row_plain with AVX2: the same bits */
+__attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a, int a_dt, const void *b, int b_dt,
+                                                              Py_ssize_t off, Py_ssize_t m, float *ea, float *eb) {
+    __m256 mxa = _mm256_set1_ps(-INFINITY), mxb = mxa, ra, rb, tiny = _mm256_set1_ps(1e-8f);
+    __m256d sal = _mm256_setzero_pd(), sah = sal, sbl = sal, sbh = sal, kl = sal, kh = sal;
+    float la[8], lb[8], ma, mb;
+    Py_ssize_t j;
+    int l;
+    for (j = 0; j < m; j += 8) {
+        mxa = _mm256_max_ps(mxa, kl_load8(a, a_dt, off, j, m));
+        mxb = _mm256_max_ps(mxb, kl_load8(b, b_dt, off, j, m));
+    }
+    _mm256_storeu_ps(la, mxa), _mm256_storeu_ps(lb, mxb);
+    ma = la[0], mb = lb[0];
+    for (l = 1; l < 8; l++) ma = ma > la[l] ? ma : la[l], mb = mb > lb[l] ? mb : lb[l];
+    for (j = 0; j < m; j += 8) {
+        __m256 x = kl_exp8(_mm256_sub_ps(kl_load8(a, a_dt, off, j, m), _mm256_set1_ps(ma)));
+        __m256 y = kl_exp8(_mm256_sub_ps(kl_load8(b, b_dt, off, j, m), _mm256_set1_ps(mb)));
+        kl_add8(&sal, &sah, x), kl_add8(&sbl, &sbh, y);
+        if (ea) _mm256_storeu_ps(ea + j, x), _mm256_storeu_ps(eb + j, y);
+    }
+    ra = _mm256_set1_ps((float)(1.0 / kl_sum8(sal, sah))), rb = _mm256_set1_ps((float)(1.0 / kl_sum8(sbl, sbh)));
+    for (j = 0; j < m; j += 8) {
+        __m256 x = ea ? _mm256_loadu_ps(ea + j) : kl_exp8(_mm256_sub_ps(kl_load8(a, a_dt, off, j, m), _mm256_set1_ps(ma)));
+        __m256 y = eb ? _mm256_loadu_ps(eb + j) : kl_exp8(_mm256_sub_ps(kl_load8(b, b_dt, off, j, m), _mm256_set1_ps(mb)));
+        __m256 p = _mm256_add_ps(_mm256_mul_ps(x, ra), tiny), q = _mm256_add_ps(_mm256_mul_ps(y, rb), tiny);
+        kl_add8(&kl, &kh, _mm256_mul_ps(p, kl_log8(_mm256_div_ps(p, q))));
+    }
+    return kl_nan((float)kl_sum8(kl, kh));
+}
+#endif
+
+/* The loop of row_kl() below: the KL of rows 0 .. rows-1 into out; returns how many I = |a - b| * KL are below 0
+ * (in the rows whose KL is). */
+static Py_ssize_t run_row_kl(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t rows, Py_ssize_t m,
+                             float *out, int path) {
+    float *scratch = m <= KL_KEEP ? (float *)malloc((size_t)(m + 8) * 2 * sizeof(float)) : NULL;
+    float *ea = scratch, *eb = scratch ? scratch + m + 8 : NULL;
+    Py_ssize_t r, j, below = 0;
+#if HAVE_F16C_PATH
+    int vec = path == 0 && fma_ok() && f16c_ok();
+#else
+    int vec = 0;
+    (void)path;
+#endif
+    for (r = 0; r < rows; r++) {
+        Py_ssize_t off = r * m;
+#if HAVE_F16C_PATH
+        out[r] = vec ? kl_row_avx2(a, a_dt, b, b_dt, off, m, ea, eb) : kl_row_plain(a, a_dt, b, b_dt, off, m, ea, eb);
+#else
+        out[r] = kl_row_plain(a, a_dt, b, b_dt, off, m, ea, eb);
+#endif
+        if (out[r] < 0.0f)
+            for (j = 0; j < m; j++) below += fabsf(kl_load1(a, a_dt, off + j) - kl_load1(b, b_dt, off + j)) * out[r] < 0.0f;
+    }
+    free(scratch);
+    return below;
+}
+
+/* row_kl(a, a_dt, b, b_dt, rows, m, out[, path]) -> count of I < 0: arcee_fusion's KL divergence of each of rows
+ * rows of m (a: the model, b: the base; see kl_row_plain) into out (float32, rows), and how many entries of
+ * I = |a - b| * KL round below 0. path (tests): 0 the AVX2 loop where the CPU has it, 1 plain C. */
+static PyObject *native_row_kl(PyObject *self, PyObject *args) {
+    Py_buffer a, b, out;
+    int a_dt, b_dt, path = 0, ok = 1;
+    Py_ssize_t rows, m, below = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iy*innw*|i", &a, &a_dt, &b, &b_dt, &rows, &m, &out, &path)) return NULL;
+    if (rows < 0 || m < 1 || (rows > 0 && m > PY_SSIZE_T_MAX / rows)) {
+        PyErr_SetString(PyExc_ValueError, "row_kl: rows >= 0 and m >= 1");
+        ok = 0;
+    }
+    ok = ok && check_dt(a_dt) && check_len(&a, a_dt, rows * m, "model") && check_dt(b_dt) &&
+         check_len(&b, b_dt, rows * m, "base") && check_len(&out, DT_F32, rows, "output");
+    if (ok) NOGIL_IF(rows * m, below = run_row_kl(a.buf, a_dt, b.buf, b_dt, rows, m, (float *)out.buf, path));
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&out);
+    if (!ok) return NULL;
+    return PyLong_FromSsize_t(below);
+}
+
 /* importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits[, part]) -> count of I < 0: arcee_fusion's
  * importance of elements offset .. offset+n of a tensor of rows of m: I_j = |a_j - b_j| * scale[(offset + j) / m]
  * (float32: the difference rounded, then the product; a scale, a KL divergence, can round below 0). Written to out
@@ -3598,6 +3839,9 @@ static PyMethodDef methods[] = {
     {"importance", native_importance, METH_VARARGS,
      "importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits[, part[, band_lo, band_idx, band_val]]) -> "
      "count of I < 0 (and the band's count); I = |a - b| * scale[row] (arcee_fusion)"},
+    {"row_kl", native_row_kl, METH_VARARGS,
+     "row_kl(a, a_dt, b, b_dt, rows, m, out[, path]) -> count of I < 0; the rows' KL(softmax(a) + 1e-8 || "
+     "softmax(b) + 1e-8) into out (arcee_fusion)"},
     {"della", native_della, METH_VARARGS,
      "della(terms, b, b_dt, rows, m, elem_offset[, path]) -> [(l1, kept), ...]; DELLA's keep bits of each term "
      "(a, a_dt, key, xl, xh, bits) (path 0: the fastest loops, 1: AVX2 at most, 2: plain C)"},

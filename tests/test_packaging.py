@@ -78,13 +78,14 @@ NATIVE_RUNS: dict[str, tuple[str, bool, dict[str, object], dict[str, object]]] =
     "model_stock": ("ABC", True, {}, {}),
     "sce": ("ABC", True, {"select_topk": 0.3}, {}),
     "nearswap": ("A", True, {"t": 0.001}, {}),
+    "arcee_fusion": ("A", True, {}, {}),
     "passthrough": ("A", False, {}, {}),
 }
 
 
 def test_native_methods_run_without_torch(tmp_path: Path) -> None:
     """torch's import is ~1.5 s of every run: a mergekit configuration whose method has a native form runs without it
-    (the methods' torch code is imported where it runs: fallbacks, arcee_fusion's KL); the outputs are all there."""
+    (the methods' torch code is imported where it runs: the per-tensor fallbacks); the outputs are all there."""
     import json
 
     import torch

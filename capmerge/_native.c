@@ -2880,11 +2880,12 @@ static Py_ssize_t run_importance(const void *a, int a_dt, const void *b, int b_d
 }
 
 /* arcee_fusion's rows' KL divergence: KL = sum p log(p/q), p = softmax(a) + 1e-8, q = softmax(b) + 1e-8 over a row
- * of m (float32 throughout; the sums in double). exp and log are Cephes' float polynomials without fused
- * multiply-adds, so the plain C loops below and the AVX2 ones give the same bits: element j of a row goes into lane
- * j % 8 of each sum, the lanes added in one fixed order, the row's last m % 8 entries padded with -inf (exp 0, and a
- * term p log(p/q) = 1e-8 log 1 = 0). A NaN anywhere in a row makes its KL a NaN (one value: 0x7fc00000), as an inf
- * does (inf - inf). */
+ * of m (float32 throughout; the sums in double). exp and log are Cephes' float polynomials, evaluated with the same
+ * fused multiply-adds in both forms (fmaf in plain C: one rounding, as the FMA instruction; a CPU without FMA takes
+ * libm's slower exact one), so the plain C loops below and the AVX2 ones give the same bits: element j of a row goes
+ * into lane j % 8 of each sum, the lanes added in one fixed order, the row's last m % 8 entries padded with -inf
+ * (exp 0, and a term p log(p/q) = 1e-8 log 1 = 0). A NaN anywhere in a row makes its KL a NaN (one value:
+ * 0x7fc00000), as an inf does (inf - inf). */
 #define KL_EXP_LO (-87.0f) /* exp of anything below: 0 (the true value is below 2^-125, nothing next to 1e-8) */
 #define KL_KEEP 4096       /* rows up to this long keep their exps between the second and third pass */
 
@@ -2937,6 +2938,10 @@ static inline float kl_load1(const void *src, int dt, Py_ssize_t i) {
     return f16_to_f32(((const uint16_t *)src)[i]);
 }
 
+static inline float kl_e1(const void *src, int dt, Py_ssize_t i, float mx) {
+    return kl_exp1(kl_load1(src, dt, i) - mx);
+}
+
 static inline float kl_nan(float kl) { return kl != kl ? u2f(0x7fc00000u) : kl; }
 
 /* The KL of the row of m at a + off, b + off in plain C (ea, eb: room for m floats, or NULL: the exps made again) */
@@ -2955,15 +2960,14 @@ static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_s
     ma = mxa[0], mb = mxb[0];
     for (l = 1; l < 8; l++) ma = ma > mxa[l] ? ma : mxa[l], mb = mb > mxb[l] ? mb : mxb[l];
     for (j = 0; j < pad; j++) {
-        float x = j < m ? kl_exp1(kl_load1(a, a_dt, off + j) - ma) : 0.0f;
-        float y = j < m ? kl_exp1(kl_load1(b, b_dt, off + j) - mb) : 0.0f;
+        float x = j < m ? kl_e1(a, a_dt, off + j, ma) : 0.0f, y = j < m ? kl_e1(b, b_dt, off + j, mb) : 0.0f;
         sa[j & 7] += (double)x, sb[j & 7] += (double)y;
         if (ea && j < m) ea[j] = x, eb[j] = y;
     }
     ra = (float)(1.0 / sum8_combine(sa)), rb = (float)(1.0 / sum8_combine(sb));
     for (j = 0; j < pad; j++) {
-        float x = j >= m ? 0.0f : ea ? ea[j] : kl_exp1(kl_load1(a, a_dt, off + j) - ma);
-        float y = j >= m ? 0.0f : eb ? eb[j] : kl_exp1(kl_load1(b, b_dt, off + j) - mb);
+        float x = j >= m ? 0.0f : ea ? ea[j] : kl_e1(a, a_dt, off + j, ma);
+        float y = j >= m ? 0.0f : eb ? eb[j] : kl_e1(b, b_dt, off + j, mb);
         float p = x * ra + 1e-8f, q = y * rb + 1e-8f;
         kl[j & 7] += (double)(p * kl_log1(p / q));
     }
@@ -3027,6 +3031,13 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 kl_load
     return _mm256_loadu_ps(t);
 }
 
+/* exp(x - mx) of eight entries of a row from j (padding: 0) */
+static inline __attribute__((always_inline, target("avx2,fma,f16c"))) __m256 kl_e8(const void *src, int dt,
+                                                                                   Py_ssize_t off, Py_ssize_t j,
+                                                                                   Py_ssize_t m, float mx) {
+    return kl_exp8(_mm256_sub_ps(kl_load8(src, dt, off, j, m), _mm256_set1_ps(mx)));
+}
+
 static inline __attribute__((always_inline, target("avx2"))) void kl_add8(__m256d *lo, __m256d *hi, __m256 v) {
     *lo = _mm256_add_pd(*lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
     *hi = _mm256_add_pd(*hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
@@ -3054,15 +3065,15 @@ __attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a,
     ma = la[0], mb = lb[0];
     for (l = 1; l < 8; l++) ma = ma > la[l] ? ma : la[l], mb = mb > lb[l] ? mb : lb[l];
     for (j = 0; j < m; j += 8) {
-        __m256 x = kl_exp8(_mm256_sub_ps(kl_load8(a, a_dt, off, j, m), _mm256_set1_ps(ma)));
-        __m256 y = kl_exp8(_mm256_sub_ps(kl_load8(b, b_dt, off, j, m), _mm256_set1_ps(mb)));
+        __m256 x = kl_e8(a, a_dt, off, j, m, ma), y = kl_e8(b, b_dt, off, j, m, mb);
         kl_add8(&sal, &sah, x), kl_add8(&sbl, &sbh, y);
         if (ea) _mm256_storeu_ps(ea + j, x), _mm256_storeu_ps(eb + j, y);
     }
-    ra = _mm256_set1_ps((float)(1.0 / kl_sum8(sal, sah))), rb = _mm256_set1_ps((float)(1.0 / kl_sum8(sbl, sbh)));
+    ra = _mm256_set1_ps((float)(1.0 / kl_sum8(sal, sah)));
+    rb = _mm256_set1_ps((float)(1.0 / kl_sum8(sbl, sbh)));
     for (j = 0; j < m; j += 8) {
-        __m256 x = ea ? _mm256_loadu_ps(ea + j) : kl_exp8(_mm256_sub_ps(kl_load8(a, a_dt, off, j, m), _mm256_set1_ps(ma)));
-        __m256 y = eb ? _mm256_loadu_ps(eb + j) : kl_exp8(_mm256_sub_ps(kl_load8(b, b_dt, off, j, m), _mm256_set1_ps(mb)));
+        __m256 x = ea ? _mm256_loadu_ps(ea + j) : kl_e8(a, a_dt, off, j, m, ma);
+        __m256 y = eb ? _mm256_loadu_ps(eb + j) : kl_e8(b, b_dt, off, j, m, mb);
         __m256 p = _mm256_add_ps(_mm256_mul_ps(x, ra), tiny), q = _mm256_add_ps(_mm256_mul_ps(y, rb), tiny);
         kl_add8(&kl, &kh, _mm256_mul_ps(p, kl_log8(_mm256_div_ps(p, q))));
     }
@@ -3090,8 +3101,8 @@ static Py_ssize_t run_row_kl(const void *a, int a_dt, const void *b, int b_dt, P
 #else
         out[r] = kl_row_plain(a, a_dt, b, b_dt, off, m, ea, eb);
 #endif
-        if (out[r] < 0.0f)
-            for (j = 0; j < m; j++) below += fabsf(kl_load1(a, a_dt, off + j) - kl_load1(b, b_dt, off + j)) * out[r] < 0.0f;
+        for (j = 0; out[r] < 0.0f && j < m; j++)
+            below += fabsf(kl_load1(a, a_dt, off + j) - kl_load1(b, b_dt, off + j)) * out[r] < 0.0f;
     }
     free(scratch);
     return below;

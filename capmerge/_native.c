@@ -2888,18 +2888,21 @@ static Py_ssize_t run_importance(const void *a, int a_dt, const void *b, int b_d
  * 0x7fc00000), as an inf does (inf - inf). */
 #define KL_EXP_LO (-87.0f) /* exp of anything below: 0 (the true value is below 2^-125, nothing next to 1e-8) */
 #define KL_KEEP 4096       /* rows up to this long keep their exps between the second and third pass */
+static const float KL_EXP_P[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, /* Cephes expf */
+                                  4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+static const float KL_LOG_P[9] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f, /* Cephes logf */
+                                  -1.2420140846e-1f, 1.4249322787e-1f,  -1.6668057665e-1f,
+                                  2.0000714765e-1f,  -2.4999993993e-1f, 3.3333331174e-1f};
 
 static inline float kl_exp1(float x) { /* x <= 0 or NaN (x - the row's max) */
     float n, r, y;
+    int i;
     if (!(x >= KL_EXP_LO)) return x != x ? x : 0.0f;
     n = floorf(fmaf(x, 1.44269504088896341f, 0.5f));
     r = fmaf(n, -0.693359375f, x);
     r = fmaf(n, 2.12194440e-4f, r);
-    y = fmaf(1.9875691500e-4f, r, 1.3981999507e-3f);
-    y = fmaf(y, r, 8.3334519073e-3f);
-    y = fmaf(y, r, 4.1665795894e-2f);
-    y = fmaf(y, r, 1.6666665459e-1f);
-    y = fmaf(y, r, 5.0000001201e-1f);
+    y = KL_EXP_P[0];
+    for (i = 1; i < 6; i++) y = fmaf(y, r, KL_EXP_P[i]);
     y = fmaf(y, r * r, r) + 1.0f;
     return y * u2f((uint32_t)((int32_t)n + 127) << 23);
 }
@@ -2908,6 +2911,7 @@ static inline float kl_log1(float t) { /* t > 0 normal, or NaN */
     uint32_t u = f2u(t);
     float m = u2f((u & 0x007fffffu) | 0x3f000000u), x, z, y, e;
     int32_t ei = (int32_t)((u >> 23) & 0xffu) - 126;
+    int i;
     if (m < 0.707106781186547524f) {
         ei -= 1;
         x = m + m - 1.0f;
@@ -2915,14 +2919,8 @@ static inline float kl_log1(float t) { /* t > 0 normal, or NaN */
         x = m - 1.0f;
     }
     z = x * x;
-    y = fmaf(7.0376836292e-2f, x, -1.1514610310e-1f);
-    y = fmaf(y, x, 1.1676998740e-1f);
-    y = fmaf(y, x, -1.2420140846e-1f);
-    y = fmaf(y, x, 1.4249322787e-1f);
-    y = fmaf(y, x, -1.6668057665e-1f);
-    y = fmaf(y, x, 2.0000714765e-1f);
-    y = fmaf(y, x, -2.4999993993e-1f);
-    y = fmaf(y, x, 3.3333331174e-1f);
+    y = KL_LOG_P[0];
+    for (i = 1; i < 9; i++) y = fmaf(y, x, KL_LOG_P[i]);
     y = y * x * z;
     e = (float)ei;
     y = fmaf(e, -2.12194440e-4f, y);
@@ -2975,17 +2973,15 @@ static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_s
 }
 
 #if HAVE_F16C_PATH
-#define KL_FMA(a, b, c) _mm256_fmadd_ps(a, b, _mm256_set1_ps(c))
 static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_exp8(__m256 x) {
-    __m256 n = _mm256_floor_ps(KL_FMA(x, _mm256_set1_ps(1.44269504088896341f), 0.5f)), r, y, s;
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r, y, s;
     __m256i e;
+    int i;
     r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
     r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-    y = KL_FMA(_mm256_set1_ps(1.9875691500e-4f), r, 1.3981999507e-3f);
-    y = KL_FMA(y, r, 8.3334519073e-3f);
-    y = KL_FMA(y, r, 4.1665795894e-2f);
-    y = KL_FMA(y, r, 1.6666665459e-1f);
-    y = KL_FMA(y, r, 5.0000001201e-1f);
+    y = _mm256_set1_ps(KL_EXP_P[0]);
+    for (i = 1; i < 6; i++) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(KL_EXP_P[i]));
     y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
     e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
     s = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
@@ -3000,17 +2996,12 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_log8(
     __m256i ei = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 23), _mm256_set1_epi32(0xff)),
                                   _mm256_set1_epi32(126));
     __m256 lt = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ), x, z, y, e;
+    int i;
     ei = _mm256_add_epi32(ei, _mm256_castps_si256(lt)); /* -1 where m < sqrt(1/2) */
     x = _mm256_sub_ps(_mm256_blendv_ps(m, _mm256_add_ps(m, m), lt), _mm256_set1_ps(1.0f));
     z = _mm256_mul_ps(x, x);
-    y = KL_FMA(_mm256_set1_ps(7.0376836292e-2f), x, -1.1514610310e-1f);
-    y = KL_FMA(y, x, 1.1676998740e-1f);
-    y = KL_FMA(y, x, -1.2420140846e-1f);
-    y = KL_FMA(y, x, 1.4249322787e-1f);
-    y = KL_FMA(y, x, -1.6668057665e-1f);
-    y = KL_FMA(y, x, 2.0000714765e-1f);
-    y = KL_FMA(y, x, -2.4999993993e-1f);
-    y = KL_FMA(y, x, 3.3333331174e-1f);
+    y = _mm256_set1_ps(KL_LOG_P[0]);
+    for (i = 1; i < 9; i++) y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(KL_LOG_P[i]));
     y = _mm256_mul_ps(_mm256_mul_ps(y, x), z);
     e = _mm256_cvtepi32_ps(ei);
     y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);

@@ -127,6 +127,17 @@ def _(t: Path) -> tuple[list[object], str, str]:
     )
 
 
+@case("model config.json nested 100000 deep")
+def _(t: Path) -> tuple[list[object], str, str]:
+    for d in (t / "A", t / "B"):
+        d.mkdir()
+        save_single(d / "model.safetensors", {"w": torch.ones(2)})
+        (d / "config.json").write_text('{"model_type": "llama"}')
+    (t / "A" / "config.json").write_text('{"x":' + DEEP + "}")
+    argv: list[object] = ["merge", t / "A", t / "B", "--method", "linear", "--weights", "1", "-o", t / "out"]
+    return argv, "config.json is not valid JSON: nested too deeply", str(t / "A" / "config.json")
+
+
 @case("compressed-vector table nested 100000 deep")
 def _(t: Path) -> tuple[list[object], str, str]:
     meta = {"capmerge.vector_format": "lowrank", "capmerge.tensors": DEEP}

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from capmerge.errors import UsageError
+from capmerge.io.checkpoint import read_json_file
 from capmerge.merge import chat_templates, vocabulary
 
 TOKENIZER_FILES = (
@@ -42,7 +43,7 @@ def st_module_files(root: Path | None) -> dict[str, list[str]]:
     """A sentence-transformers model's module folders (the paths of modules.json other than the model's own
     directory) → their files, relative to ``root``; empty where there is no modules.json."""
     try:
-        mods = json.loads((root / "modules.json").read_text(encoding="utf-8")) if root is not None else None
+        mods = read_json_file(root / "modules.json", "modules.json") if root is not None else None
     except (OSError, ValueError):
         return {}
     found: dict[str, list[str]] = {}
@@ -98,7 +99,7 @@ def _tokenizer_json(root: Path | None) -> dict[str, Any] | None:
     if root is None or not (root / "tokenizer.json").is_file():
         return None
     try:
-        doc = json.loads((root / "tokenizer.json").read_text(encoding="utf-8"))
+        doc = read_json_file(root / "tokenizer.json", "tokenizer.json")
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
@@ -166,7 +167,7 @@ def _special_tokens(root: Path) -> set[str]:
     found: set[str] = set()
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         try:
-            cfg = json.loads((root / name).read_text(encoding="utf-8"))
+            cfg = read_json_file(root / name, name)
         except (OSError, ValueError):
             continue
         if not isinstance(cfg, dict):
@@ -257,10 +258,7 @@ def untie(cfg: dict[str, Any]) -> None:
 def read_config(root: Path | None) -> dict[str, Any] | None:
     if root is None or not (root / "config.json").is_file():
         return None
-    try:
-        cfg = json.loads((root / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read config.json: {e}", str(root / "config.json")) from None
+    cfg = read_json_file(root / "config.json", "config.json")  # one error naming the file, whatever is wrong
     return cfg if isinstance(cfg, dict) else None
 
 
@@ -299,7 +297,7 @@ def _template(p: Any) -> str | None:
             found.append((root / "chat_template.jinja").read_text(encoding="utf-8").strip())
             continue
         try:
-            cfg = json.loads((root / "tokenizer_config.json").read_text(encoding="utf-8"))
+            cfg = read_json_file(root / "tokenizer_config.json", "tokenizer_config.json")
         except (OSError, ValueError):
             continue
         t = cfg.get("chat_template") if isinstance(cfg, dict) else None
@@ -348,7 +346,7 @@ def write(p: Any, out: Any, skipped: dict[str, str] | None = None) -> list[str]:
             written.append("chat_template.jinja")
         tc = out.path_for("tokenizer_config.json")
         if tc.is_file():  # the template of the copied tokenizer config would hide the chosen one
-            doc = json.loads(tc.read_text(encoding="utf-8"))
+            doc = read_json_file(tc, "tokenizer_config.json")
             if isinstance(doc, dict) and "chat_template" in doc:
                 doc["chat_template"] = tmpl
                 out.write_text("tokenizer_config.json", json.dumps(doc, indent=2) + "\n")

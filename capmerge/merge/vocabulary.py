@@ -385,17 +385,19 @@ def write_tokenizer(v: Vocabulary, path_for: Any, json_text: Any) -> list[str]:
     """Append the union's new tokens to the copied tokenizer.json and to tokenizer_config.json's
     ``added_tokens_decoder`` (``path_for(name)``: where the output's file is; ``json_text(name, doc)`` writes it).
     Returns the files rewritten."""
-    import json
+    from capmerge.io.checkpoint import read_json_file
 
     done = []
     tj, tc = path_for("tokenizer.json"), path_for("tokenizer_config.json")
     if v.new and tj.is_file():
-        doc = json.loads(tj.read_text(encoding="utf-8"))
+        doc = read_json_file(tj, "tokenizer.json")
+        if not isinstance(doc, dict):
+            raise UsageError("tokenizer_source: union: tokenizer.json is not a JSON object", str(tj))
         doc["added_tokens"] = list(doc.get("added_tokens") or []) + v.new
         json_text("tokenizer.json", doc)
         done.append("tokenizer.json")
     if v.new and tc.is_file():
-        cfg = json.loads(tc.read_text(encoding="utf-8"))
+        cfg = read_json_file(tc, "tokenizer_config.json")
         if isinstance(cfg, dict) and isinstance(cfg.get("added_tokens_decoder"), dict):
             for e in v.new:
                 cfg["added_tokens_decoder"][str(e["id"])] = {"content": e["content"], **{k: e[k] for k in ADDED}}

@@ -138,6 +138,18 @@ def _(t: Path) -> tuple[list[object], str, str]:
     return argv, "config.json is not valid JSON: nested too deeply", str(t / "A" / "config.json")
 
 
+@case("chat_template.jinja not UTF-8")
+def _(t: Path) -> tuple[list[object], str, str]:
+    for d in (t / "A", t / "B"):
+        d.mkdir()
+        save_single(d / "model.safetensors", {"w": torch.ones(2)})
+    (t / "A" / "chat_template.jinja").write_bytes(b"\xff\xfe{{ messages }}")
+    cfg = t / "cfg.yml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {t / 'A'}\n    parameters: {{weight: 1}}\n"
+                   f"  - model: {t / 'B'}\n    parameters: {{weight: 1}}\nchat_template: auto\n")  # fmt: skip
+    return ["run", cfg, "-o", t / "out"], "chat_template.jinja is not valid UTF-8", str(t / "A" / "chat_template.jinja")
+
+
 @case("compressed-vector table nested 100000 deep")
 def _(t: Path) -> tuple[list[object], str, str]:
     meta = {"capmerge.vector_format": "lowrank", "capmerge.tensors": DEEP}

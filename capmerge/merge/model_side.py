@@ -284,6 +284,18 @@ def _config(p: Any) -> dict[str, Any] | None:
     return cfg
 
 
+def _jinja_text(path: Path) -> str:
+    """A model's ``chat_template.jinja``, stripped; one error naming the file where it is not UTF-8 text."""
+    try:
+        return path.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise UsageError("chat_template: auto: chat_template.jinja is not valid UTF-8", str(path)) from None
+    except OSError as e:
+        raise UsageError(
+            f"chat_template: auto: cannot read chat_template.jinja: {e.strerror or e}", str(path)
+        ) from None
+
+
 def _template(p: Any) -> str | None:
     tmpl = p.spec.chat_template
     if tmpl != "auto":
@@ -294,7 +306,7 @@ def _template(p: Any) -> str | None:
         if root is None:
             continue
         if (root / "chat_template.jinja").is_file():
-            found.append((root / "chat_template.jinja").read_text(encoding="utf-8").strip())
+            found.append(_jinja_text(root / "chat_template.jinja"))
             continue
         try:
             cfg = read_json_file(root / "tokenizer_config.json", "tokenizer_config.json")

@@ -109,6 +109,32 @@ def test_refused_options(models, tmp_path: Path, capsys, args: list[str], needle
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("text", "needle"), [
+    ("merge_method: slerp\nbase_model: {P}\nmodels:\n  - model: {A}\n  - model: {B}\nparameters: {{t: 0.5}}\n",
+     "error: merge method slerp takes exactly 1 model besides the base, got 2 (cfg.yml:3: models)"),
+    ("merge_method: model_stock\nbase_model: {P}\nmodels:\n  - model: {A}\n",
+     "error: merge method model_stock takes at least 2 models besides the base, got 1 (cfg.yml:3: models)"),
+    ("merge_method: passthrough\nmodels:\n  - model: {A}\n  - model: {B}\n",
+     "error: merge method passthrough takes exactly 1 model, got 2 (cfg.yml:2: models)"),
+    ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {A}\n        layer_range: [0, 1]\n"
+     "      - model: {B}\n        layer_range: [0, 1]\n",
+     "error: slices[0]: merge method passthrough takes exactly 1 model, got 2 (cfg.yml:2: slices)"),
+    ("merge_method: slerp\nbase_model: {A}\nmodels:\n  - model: {A}\n  - model: {B}\nparameters: {{t: 0.5}}\n",
+     None),  # the base listed among the models (mergekit's usual slerp file): one model besides it
+])  # fmt: skip
+def test_the_number_of_models_is_checked_first(models, tmp_path: Path, capsys, text: str, needle: str | None) -> None:
+    """A method given more or fewer models than it takes: one line naming the method, the count and the file's
+    key, before any tensor is read (it was the first tensor's error: "tensor embeddings...: slerp takes ...")."""
+    cfg, out = tmp_path / "cfg.yml", tmp_path / "out"
+    cfg.write_text(text.format(**{k: models[k] for k in "PAB"}))
+    code = main(["run", str(cfg), "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    if needle is None:
+        assert code == 0 and out.is_dir(), err
+        return
+    assert code == 2 and err == [needle.replace("(cfg.yml", f"({cfg}")] and not out.exists(), err
+
+
 def test_recipes_still_refuse_unknown_options(capsys) -> None:
     assert main(["run", "capvector", "--cuda"]) == 2
     assert capsys.readouterr().err.strip() == "error: no such option: --cuda"

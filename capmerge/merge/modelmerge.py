@@ -278,6 +278,11 @@ def plan(spec: MergeSpec, *, open_opts: Mapping[str, Any] | None = None) -> Plan
     if method.base == "required" and spec.base is None:
         raise UsageError(f"{method.name} needs a base model, the one the others are merged relative to (base_model "
                          "in a configuration, --base MODEL for capmerge merge)")  # fmt: skip
+    for i, sl in enumerate(slices):  # the number of models, before anything is opened
+        n = sum(1 for s in sl.sources if method.base == "unused" or s.model != spec.base)
+        method.check_count(
+            n, spec.where.get("slices" if spec.slices else "models"), f"slices[{i}]: " * bool(spec.slices)
+        )
     inputs, index = _open_inputs(spec, open_opts or {})
     p = Planned(spec, method, inputs, [], 0, index, warnings)
     try:

@@ -59,6 +59,18 @@ class ModelMethod:
     n_models: tuple[int, int | None] = (1, None)
     form: Callable[[Any], Any] | None = None  # Spec -> finish | None: the block form (methods/blockform.py)
 
+    def check_count(self, n: int, where: str | None = None, what: str = "") -> None:
+        """A :class:`~capmerge.errors.UsageError` (at ``where``, its message after ``what``) unless the method takes
+        ``n`` models besides the base."""
+        from capmerge.errors import UsageError
+
+        lo, hi = self.n_models
+        if n < lo or (hi is not None and n > hi):
+            want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+            noun = "model" if lo == hi == 1 else "models"
+            besides = "" if self.base == "unused" else " besides the base"
+            raise UsageError(f"{what}merge method {self.name} takes {want} {noun}{besides}, got {n}", where)
+
     def resolve(
         self, params: Mapping[str, object] | None, model_params: Sequence[Mapping[str, object] | None]
     ) -> tuple[dict[str, object], list[dict[str, object]]]:
@@ -66,11 +78,7 @@ class ModelMethod:
         number of models the method does not take, is a :class:`~capmerge.errors.UsageError`."""
         from capmerge.errors import UsageError
 
-        lo, hi = self.n_models
-        if len(model_params) < lo or (hi is not None and len(model_params) > hi):
-            want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
-            noun = "model" if lo == hi == 1 else "models"
-            raise UsageError(f"merge method {self.name} takes {want} {noun} besides the base, got {len(model_params)}")
+        self.check_count(len(model_params))
 
         def fill(given: Mapping[str, object] | None, spec: Mapping[str, object], what: str) -> dict[str, object]:
             given = dict(given or {})

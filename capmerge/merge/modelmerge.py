@@ -280,9 +280,8 @@ def plan(spec: MergeSpec, *, open_opts: Mapping[str, Any] | None = None) -> Plan
                          "in a configuration, --base MODEL for capmerge merge)")  # fmt: skip
     for i, sl in enumerate(slices):  # the number of models, before anything is opened
         n = sum(1 for s in sl.sources if method.base == "unused" or s.model != spec.base)
-        method.check_count(
-            n, spec.where.get("slices" if spec.slices else "models"), f"slices[{i}]: " * bool(spec.slices)
-        )
+        where = spec.where.get("slices" if spec.slices else "models")
+        method.check_count(n, where, f"slices[{i}]: " if spec.slices else "")
     inputs, index = _open_inputs(spec, open_opts or {})
     p = Planned(spec, method, inputs, [], 0, index, warnings)
     try:

@@ -50,16 +50,10 @@ def is_cli_process() -> bool:
 
 def guard() -> None:
     """Install :func:`on_interrupt` for SIGINT and SIGTERM in the capmerge command's process, where Python's default
-    handling is in place (an inherited "ignore", e.g. a background job's, stays); and there, unless the user set it,
-    ``OPENBLAS_NUM_THREADS=1`` before numpy loads OpenBLAS: nothing in the command is BLAS work (a few dot products of
-    sampled tensors), and OpenBLAS's threads, started with the library, spin for a while (about 0.1 s of CPU in
-    every run, a fifth of a small merge's).
-    """
+    handling is in place (an inherited "ignore", e.g. a background job's, stays)."""
     try:
         if not is_cli_process():
             return
-        if "numpy" not in sys.modules:
-            os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
             _signal.signal(_signal.SIGINT, on_interrupt)
         if _signal.getsignal(_signal.SIGTERM) == _signal.SIG_DFL:

@@ -3,7 +3,6 @@ of start-up, output names at the file-name limit."""
 
 from __future__ import annotations
 
-import functools
 import importlib.resources
 import json
 import os
@@ -233,27 +232,6 @@ def test_interrupt_while_the_cli_starts_is_one_line(tmp_path: Path, sig: str) ->
                         "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"],
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.stdout.strip() == "True", r.stderr  # a program importing capmerge keeps Python's handler
-
-
-def test_the_cli_process_starts_openblas_with_one_thread(tmp_path: Path) -> None:
-    """In the command's process numpy's OpenBLAS starts no threads of its own (OPENBLAS_NUM_THREADS=1 set before
-    numpy loads, unless the user set it); a program importing capmerge keeps OpenBLAS's default (one thread per
-    core: more than one thread on a machine of several cores). Counted from /proc: the process's threads after
-    numpy's import."""
-    code = (
-        "import os, sys; sys.argv[0] = 'capmerge'; import capmerge, numpy; "
-        "print(os.environ.get('OPENBLAS_NUM_THREADS'), len(os.listdir('/proc/self/task')))"
-    )
-    script = tmp_path / "capmerge"  # a console script's __main__ is a file named capmerge
-    script.write_text(code)
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
-    env["PYTHONPATH"] = str(ROOT)
-    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60)
-    assert run([sys.executable, str(script)], env=env).stdout.split() == ["1", "1"]
-    assert run([sys.executable, str(script)], env={**env, "OPENBLAS_NUM_THREADS": "2"}).stdout.split()[0] == "2"
-    r = run([sys.executable, "-c", code.replace("sys.argv[0] = 'capmerge'; ", "")], env=env)
-    value, threads = r.stdout.split()
-    assert value == "None" and int(threads) >= min(2, os.cpu_count() or 1), r.stderr  # OpenBLAS's own threads
 
 
 # -- names at the file-name limit --------------------------------------------------------------------------------

@@ -1491,6 +1491,21 @@ static int check_len(Py_buffer *b, int dt, Py_ssize_t n, const char *what) {
  * test), with the keep bits written a byte per eight elements when bits is not NULL (m a multiple of 8 then). */
 static double sum8_combine(const double *s) { return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7])); }
 
+#if HAVE_F16C_PATH
+/* The eight float64 lanes of those sums in two AVX registers (lanes 0-3, 4-7): v's element j added into lane j */
+static inline __attribute__((always_inline, target("avx2"))) void add8_pd(__m256d *lo, __m256d *hi, __m256 v) {
+    *lo = _mm256_add_pd(*lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    *hi = _mm256_add_pd(*hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+
+/* ... and their sum8_combine */
+static inline __attribute__((always_inline, target("avx2"))) double sum8_pd(__m256d lo, __m256d hi) {
+    double l[8];
+    _mm256_storeu_pd(l, lo), _mm256_storeu_pd(l + 4, hi);
+    return sum8_combine(l);
+}
+#endif
+
 /* The _acc forms add elements 0 .. m-1 into the caller's partial sums s (element j into s[j % 8]), so a range split
  * at multiples of 8 gives the same sums as one call. */
 static void sum_abs_acc_plain(const float *x, Py_ssize_t m, double *s) {
@@ -1518,8 +1533,7 @@ __attribute__((target("avx2"))) static void sum_abs_acc_avx2(const float *x, Py_
     Py_ssize_t j;
     for (j = 0; j + 8 <= m; j += 8) {
         __m256 v = _mm256_and_ps(_mm256_loadu_ps(x + j), absmask);
-        lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-        hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+        add8_pd(&lo, &hi, v);
     }
     _mm256_storeu_pd(s, lo);
     _mm256_storeu_pd(s + 4, hi);
@@ -1535,8 +1549,7 @@ __attribute__((target("avx2"))) static void random_kept_acc_avx2(const float *u,
         __m256 keep = _mm256_cmp_ps(_mm256_loadu_ps(u + j), vp, _CMP_LT_OQ);
         __m256 v = _mm256_and_ps(_mm256_and_ps(_mm256_loadu_ps(x + j), absmask), keep);
         if (bits) bits[j >> 3] = (uint8_t)_mm256_movemask_ps(keep);
-        lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-        hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+        add8_pd(&lo, &hi, v);
     }
     _mm256_storeu_pd(s, lo);
     _mm256_storeu_pd(s + 4, hi);
@@ -1646,7 +1659,6 @@ __attribute__((target("avx2,f16c"))) static void dare_tile_avx2(const void *a, i
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), vp = _mm256_set1_ps(p1);
     __m256d s1lo = _mm256_setzero_pd(), s1hi = s1lo, s2lo = s1lo, s2hi = s1lo;
     float u[TILE];
-    double s[8];
     Py_ssize_t j;
     philox_avx2(u, g0, m, k0, k1, 0);
     for (j = 0; j < m; j += 8) {
@@ -1655,16 +1667,11 @@ __attribute__((target("avx2,f16c"))) static void dare_tile_avx2(const void *a, i
         if (bt) x = _mm256_sub_ps(x, _mm256_loadu_ps(bt + j));
         x = _mm256_and_ps(x, absmask);
         d = _mm256_and_ps(x, keep); /* random_kept's +0 where not kept */
-        s1lo = _mm256_add_pd(s1lo, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
-        s1hi = _mm256_add_pd(s1hi, _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
-        s2lo = _mm256_add_pd(s2lo, _mm256_cvtps_pd(_mm256_castps256_ps128(d)));
-        s2hi = _mm256_add_pd(s2hi, _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1)));
+        add8_pd(&s1lo, &s1hi, x), add8_pd(&s2lo, &s2hi, d);
         bits[j >> 3] = (uint8_t)_mm256_movemask_ps(keep);
     }
-    _mm256_storeu_pd(s, s1lo), _mm256_storeu_pd(s + 4, s1hi);
-    *l1 = sum8_combine(s);
-    _mm256_storeu_pd(s, s2lo), _mm256_storeu_pd(s + 4, s2hi);
-    *kept = sum8_combine(s);
+    *l1 = sum8_pd(s1lo, s1hi);
+    *kept = sum8_pd(s2lo, s2hi);
 }
 
 /* Whether run_moments can take dare_tile_avx2 (as dare_fused) */
@@ -1947,8 +1954,7 @@ __attribute__((target("avx2,f16c"))) static void della_fused_avx2(const void *a,
         __m256 v = fast_load(a, a_dt, start + j);
         if (bt) v = _mm256_sub_ps(v, _mm256_loadu_ps(bt + j));
         v = _mm256_and_ps(v, absmask);
-        l1lo = _mm256_add_pd(l1lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-        l1hi = _mm256_add_pd(l1hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+        add8_pd(&l1lo, &l1hi, v);
         _mm256_storeu_si256((__m256i *)(k + j), della_key8(_mm256_castps_si256(v)));
     }
     philox_avx2(x, g0, len, k0, k1, 1);
@@ -1963,8 +1969,7 @@ __attribute__((target("avx2,f16c"))) static void della_fused_avx2(const void *a,
             if (!_mm256_testz_si256(band, band))
                 keep = _mm256_or_si256(keep, della_band8(xv, band, j, kj, kr, 1, xl, rmul));
             kv = _mm256_and_ps(_mm256_castsi256_ps(kj), _mm256_castsi256_ps(keep)); /* |v| where kept, else +0 */
-            kplo = _mm256_add_pd(kplo, _mm256_cvtps_pd(_mm256_castps256_ps128(kv)));
-            kphi = _mm256_add_pd(kphi, _mm256_cvtps_pd(_mm256_extractf128_ps(kv, 1)));
+            add8_pd(&kplo, &kphi, kv);
             bp[j >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_castsi256_ps(keep));
         }
     }
@@ -3029,17 +3034,6 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c"))) __m256 kl_
     return kl_exp8(_mm256_sub_ps(kl_load8(src, dt, off, j, m), _mm256_set1_ps(mx)));
 }
 
-static inline __attribute__((always_inline, target("avx2"))) void kl_add8(__m256d *lo, __m256d *hi, __m256 v) {
-    *lo = _mm256_add_pd(*lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-    *hi = _mm256_add_pd(*hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-}
-
-static inline __attribute__((always_inline, target("avx2"))) double kl_sum8(__m256d lo, __m256d hi) {
-    double l[8];
-    _mm256_storeu_pd(l, lo), _mm256_storeu_pd(l + 4, hi);
-    return sum8_combine(l);
-}
-
 /* kl_row_plain with AVX2: the same bits */
 __attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a, int a_dt, const void *b, int b_dt,
                                                               Py_ssize_t off, Py_ssize_t m, float *ea, float *eb) {
@@ -3057,18 +3051,18 @@ __attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a,
     for (l = 1; l < 8; l++) ma = ma > la[l] ? ma : la[l], mb = mb > lb[l] ? mb : lb[l];
     for (j = 0; j < m; j += 8) {
         __m256 x = kl_e8(a, a_dt, off, j, m, ma), y = kl_e8(b, b_dt, off, j, m, mb);
-        kl_add8(&sal, &sah, x), kl_add8(&sbl, &sbh, y);
+        add8_pd(&sal, &sah, x), add8_pd(&sbl, &sbh, y);
         if (ea) _mm256_storeu_ps(ea + j, x), _mm256_storeu_ps(eb + j, y);
     }
-    ra = _mm256_set1_ps((float)(1.0 / kl_sum8(sal, sah)));
-    rb = _mm256_set1_ps((float)(1.0 / kl_sum8(sbl, sbh)));
+    ra = _mm256_set1_ps((float)(1.0 / sum8_pd(sal, sah)));
+    rb = _mm256_set1_ps((float)(1.0 / sum8_pd(sbl, sbh)));
     for (j = 0; j < m; j += 8) {
         __m256 x = ea ? _mm256_loadu_ps(ea + j) : kl_e8(a, a_dt, off, j, m, ma);
         __m256 y = eb ? _mm256_loadu_ps(eb + j) : kl_e8(b, b_dt, off, j, m, mb);
         __m256 p = _mm256_add_ps(_mm256_mul_ps(x, ra), tiny), q = _mm256_add_ps(_mm256_mul_ps(y, rb), tiny);
-        kl_add8(&kl, &kh, _mm256_mul_ps(p, kl_log8(_mm256_div_ps(p, q))));
+        add8_pd(&kl, &kh, _mm256_mul_ps(p, kl_log8(_mm256_div_ps(p, q))));
     }
-    return kl_nan((float)kl_sum8(kl, kh));
+    return kl_nan((float)sum8_pd(kl, kh));
 }
 #endif
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from capmerge.errors import CapmergeError, MismatchError, NonFiniteError, UsageError
 from capmerge.io.checkpoint import DTYPES, Checkpoint, TensorInfo, parse_dtype
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from capmerge.merge.methods.models import ModelMethod
 
 Settings = Mapping[str, Any]
+T = TypeVar("T")
 
 
 @dataclass
@@ -261,11 +262,14 @@ def _slices(spec: MergeSpec, method: ModelMethod, warnings: list[str]) -> list[S
     return [SliceSpec(sources)]
 
 
-def _split_base(spec: MergeSpec, method: ModelMethod, entries: list[Entry]) -> tuple[list[Entry], Entry | None]:
+def _split_base(spec: MergeSpec, method: ModelMethod, items: Sequence[T], model: Callable[[T], str],
+                ) -> tuple[list[T], T | None]:  # fmt: skip
+    """The models and the base among ``items`` (sources or entries; ``model``: an item's model reference): the first
+    that is the spec's base, unless the method leaves the base unused."""
     if method.base == "unused" or spec.base is None:
-        return entries, None
-    base = next((e for e in entries if e.source.model == spec.base), None)
-    return [e for e in entries if e is not base], base
+        return list(items), None
+    base = next((x for x in items if model(x) == spec.base), None)
+    return [x for x in items if x is not base], base
 
 
 def plan(spec: MergeSpec, *, open_opts: Mapping[str, Any] | None = None) -> Planned:
@@ -279,7 +283,7 @@ def plan(spec: MergeSpec, *, open_opts: Mapping[str, Any] | None = None) -> Plan
         raise UsageError(f"{method.name} needs a base model, the one the others are merged relative to (base_model "
                          "in a configuration, --base MODEL for capmerge merge)")  # fmt: skip
     for i, sl in enumerate(slices):  # the number of models, before anything is opened
-        n = sum(1 for s in sl.sources if method.base == "unused" or s.model != spec.base)
+        n = len(_split_base(spec, method, sl.sources, lambda s: s.model)[0])
         where = spec.where.get("slices" if spec.slices else "models")
         method.check_count(n, where, f"slices[{i}]: " if spec.slices else "")
     inputs, index = _open_inputs(spec, open_opts or {})
@@ -294,7 +298,7 @@ def plan(spec: MergeSpec, *, open_opts: Mapping[str, Any] | None = None) -> Plan
             return [Entry(index[s.model], name_of(s), (s.parameters, sl.parameters, glob), s) for s in sl.sources]
 
         def add(out: str, sl: SliceSpec, es: list[Entry], t: float) -> None:
-            models, base = _split_base(spec, method, es)
+            models, base = _split_base(spec, method, es, lambda e: e.source.model)
             p.tensors.append(TensorPlan(out, models, base, t, (sl.parameters, glob)))
 
         if not spec.slices:

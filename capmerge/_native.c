@@ -3066,26 +3066,146 @@ __attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a,
 }
 #endif
 
+#if HAVE_AVX512VL_PATH
+/* The same with sixteen lanes (AVX-512F/VL/BW): the same operations on each element, masks for the blends, and the
+ * same float64 lanes (the low eight of sixteen added before the high eight, element j into lane j % 8): the same
+ * bits. A row's entries past m read as -inf, and add 0 to every sum, as the AVX2 form's padding does. */
+#define AVX512_KL __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma,f16c")))
+static inline __attribute__((always_inline)) AVX512_KL __m512 kl_exp16(__m512 x) {
+    __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r, y, s;
+    __m512i e;
+    int i;
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    y = _mm512_set1_ps(KL_EXP_P[0]);
+    for (i = 1; i < 6; i++) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(KL_EXP_P[i]));
+    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+    s = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(KL_EXP_LO), _CMP_GE_OQ), y, _mm512_castsi512_ps(e));
+    return _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x); /* below: 0; NaN: x */
+}
+
+static inline __attribute__((always_inline)) AVX512_KL __m512 kl_log16(__m512 t) {
+    __m512i u = _mm512_castps_si512(t);
+    __m512 m = _mm512_castsi512_ps(
+        _mm512_or_si512(_mm512_and_si512(u, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f000000)));
+    __m512i ei = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 23), _mm512_set1_epi32(0xff)),
+                                  _mm512_set1_epi32(126));
+    __mmask16 lt = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+    __m512 x, z, y, e;
+    int i;
+    ei = _mm512_mask_sub_epi32(ei, lt, ei, _mm512_set1_epi32(1));
+    x = _mm512_sub_ps(_mm512_mask_add_ps(m, lt, m, m), _mm512_set1_ps(1.0f));
+    z = _mm512_mul_ps(x, x);
+    y = _mm512_set1_ps(KL_LOG_P[0]);
+    for (i = 1; i < 9; i++) y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(KL_LOG_P[i]));
+    y = _mm512_mul_ps(_mm512_mul_ps(y, x), z);
+    e = _mm512_cvtepi32_ps(ei);
+    y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
+    y = _mm512_fmadd_ps(_mm512_set1_ps(-0.5f), z, y);
+    x = _mm512_add_ps(x, y);
+    x = _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), x);
+    return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q), t);
+}
+
+/* sixteen entries of a row from j (those past m: -inf) */
+static inline __attribute__((always_inline)) AVX512_KL __m512 kl_load16(const void *src, int dt, Py_ssize_t off,
+                                                                         Py_ssize_t j, Py_ssize_t m) {
+    __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)((1u << (m - j)) - 1u);
+    __m512 x;
+    if (dt == DT_F32) {
+        x = _mm512_maskz_loadu_ps(live, (const float *)src + off + j);
+    } else {
+        __m256i h = _mm256_maskz_loadu_epi16(live, (const uint16_t *)src + off + j);
+        x = dt == DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+    }
+    return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, x);
+}
+
+/* exp(x - mx) of sixteen entries of a row from j (past m: 0) */
+static inline __attribute__((always_inline)) AVX512_KL __m512 kl_e16(const void *src, int dt, Py_ssize_t off,
+                                                                      Py_ssize_t j, Py_ssize_t m, float mx) {
+    return kl_exp16(_mm512_sub_ps(kl_load16(src, dt, off, j, m), _mm512_set1_ps(mx)));
+}
+
+/* v's sixteen elements into the eight float64 lanes of s: the low eight, then the high eight */
+static inline __attribute__((always_inline)) AVX512_KL __m512d add16_pd(__m512d s, __m512 v) {
+    s = _mm512_add_pd(s, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    return _mm512_add_pd(s, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+
+static inline __attribute__((always_inline)) AVX512_KL double sum16_pd(__m512d s) {
+    double l[8];
+    _mm512_storeu_pd(l, s);
+    return sum8_combine(l);
+}
+
+/* kl_row_plain with AVX-512: the same bits (ea, eb: room for m rounded up to 16) */
+AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m,
+                                     float *ea, float *eb) {
+    __m512 mxa = _mm512_set1_ps(-INFINITY), mxb = mxa, ra, rb, tiny = _mm512_set1_ps(1e-8f);
+    __m512d sa = _mm512_setzero_pd(), sb = sa, kl = sa;
+    float la[16], lb[16], ma, mb;
+    Py_ssize_t j;
+    int l;
+    for (j = 0; j < m; j += 16) {
+        mxa = _mm512_max_ps(mxa, kl_load16(a, a_dt, off, j, m));
+        mxb = _mm512_max_ps(mxb, kl_load16(b, b_dt, off, j, m));
+    }
+    _mm512_storeu_ps(la, mxa), _mm512_storeu_ps(lb, mxb);
+    ma = la[0], mb = lb[0];
+    for (l = 1; l < 16; l++) ma = ma > la[l] ? ma : la[l], mb = mb > lb[l] ? mb : lb[l];
+    for (j = 0; j < m; j += 16) {
+        __m512 x = kl_e16(a, a_dt, off, j, m, ma), y = kl_e16(b, b_dt, off, j, m, mb);
+        sa = add16_pd(sa, x), sb = add16_pd(sb, y);
+        if (ea) _mm512_storeu_ps(ea + j, x), _mm512_storeu_ps(eb + j, y);
+    }
+    ra = _mm512_set1_ps((float)(1.0 / sum16_pd(sa)));
+    rb = _mm512_set1_ps((float)(1.0 / sum16_pd(sb)));
+    for (j = 0; j < m; j += 16) {
+        __m512 x = ea ? _mm512_loadu_ps(ea + j) : kl_e16(a, a_dt, off, j, m, ma);
+        __m512 y = eb ? _mm512_loadu_ps(eb + j) : kl_e16(b, b_dt, off, j, m, mb);
+        __m512 p = _mm512_add_ps(_mm512_mul_ps(x, ra), tiny), q = _mm512_add_ps(_mm512_mul_ps(y, rb), tiny);
+        kl = add16_pd(kl, _mm512_mul_ps(p, kl_log16(_mm512_div_ps(p, q))));
+    }
+    return kl_nan((float)sum16_pd(kl));
+}
+#endif
+
+/* One row's KL by the loop form (2 AVX-512, 1 AVX2, 0 plain C) */
+static float kl_row(int form, const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m,
+                    float *ea, float *eb) {
+#if HAVE_AVX512VL_PATH
+    if (form == 2) return kl_row_avx512(a, a_dt, b, b_dt, off, m, ea, eb);
+#endif
+#if HAVE_F16C_PATH
+    if (form == 1) return kl_row_avx2(a, a_dt, b, b_dt, off, m, ea, eb);
+#endif
+    (void)form;
+    return kl_row_plain(a, a_dt, b, b_dt, off, m, ea, eb);
+}
+
 /* The loop of row_kl() below: the KL of rows 0 .. rows-1 into out; returns how many I = |a - b| * KL are below 0
  * (in the rows whose KL is). */
 static Py_ssize_t run_row_kl(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t rows, Py_ssize_t m,
                              float *out, int path) {
-    float *scratch = m <= KL_KEEP ? (float *)malloc((size_t)(m + 8) * 2 * sizeof(float)) : NULL;
-    float *ea = scratch, *eb = scratch ? scratch + m + 8 : NULL;
-    Py_ssize_t r, j, below = 0;
+    /* the kept exps: m rounded up to 16 for each input (the sixteen-lane loop stores whole vectors) */
+    Py_ssize_t room = (m + 15) & ~(Py_ssize_t)15, r, j, below = 0;
+    float *scratch = m <= KL_KEEP ? (float *)malloc((size_t)room * 2 * sizeof(float)) : NULL;
+    float *ea = scratch, *eb = scratch ? scratch + room : NULL;
+    int form = 0; /* 2 AVX-512, 1 AVX2, 0 plain C */
 #if HAVE_F16C_PATH
-    int vec = path == 0 && fma_ok() && f16c_ok();
-#else
-    int vec = 0;
-    (void)path;
+    form = path <= 1 && fma_ok() && f16c_ok();
 #endif
+#if HAVE_AVX512VL_PATH
+    if (path == 0 && form && avx512vlbw_ok()) form = 2;
+#endif
+    (void)path;
     for (r = 0; r < rows; r++) {
         Py_ssize_t off = r * m;
-#if HAVE_F16C_PATH
-        out[r] = vec ? kl_row_avx2(a, a_dt, b, b_dt, off, m, ea, eb) : kl_row_plain(a, a_dt, b, b_dt, off, m, ea, eb);
-#else
-        out[r] = kl_row_plain(a, a_dt, b, b_dt, off, m, ea, eb);
-#endif
+        out[r] = kl_row(form, a, a_dt, b, b_dt, off, m, ea, eb);
         for (j = 0; out[r] < 0.0f && j < m; j++)
             below += fabsf(kl_load1(a, a_dt, off + j) - kl_load1(b, b_dt, off + j)) * out[r] < 0.0f;
     }
@@ -3095,7 +3215,8 @@ static Py_ssize_t run_row_kl(const void *a, int a_dt, const void *b, int b_dt, P
 
 /* row_kl(a, a_dt, b, b_dt, rows, m, out[, path]) -> count of I < 0: arcee_fusion's KL divergence of each of rows
  * rows of m (a: the model, b: the base; see kl_row_plain) into out (float32, rows), and how many entries of
- * I = |a - b| * KL round below 0. path (tests): 0 the AVX2 loop where the CPU has it, 1 plain C. */
+ * I = |a - b| * KL round below 0. path (tests): 0 the fastest loop this CPU has (AVX-512 or AVX2), 1 AVX2 at most,
+ * 2 plain C. */
 static PyObject *native_row_kl(PyObject *self, PyObject *args) {
     Py_buffer a, b, out;
     int a_dt, b_dt, path = 0, ok = 1;

@@ -623,10 +623,28 @@ def git_commit() -> str:
     return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def machine() -> str:
+    """The host, its cores, its CPU and the widest vector instructions of those the native loops use (AVX-512 or
+    AVX2): rows from different VMs compare only within one machine."""
+    cpu, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (x.strip() for x in line.partition(":"))
+            if key == "model name" and not cpu:
+                cpu = value
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:  # not Linux
+        pass
+    isa = "AVX-512" if {"avx512f", "avx512bw", "avx512vl"} <= flags else "AVX2" if "avx2" in flags else ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{socket.gethostname()} ({', '.join(x for x in (f'{cores} cores', cpu, isa) if x)})"
+
+
 def append_csv(rows: list[dict[str, object]], path: Path = RESULTS) -> None:
     common = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": f"{socket.gethostname()} ({len(os.sched_getaffinity(0))} cores)",
+        "machine": machine(),
         "device": "cpu",
         "commit": git_commit(),
     }

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
-from bench_apply import CSV_COLUMNS, PRESETS, Preset, ensure_checkpoints, git_commit  # noqa: E402
+from bench_apply import CSV_COLUMNS, PRESETS, Preset, ensure_checkpoints, git_commit, machine  # noqa: E402
 
 RESULTS = HERE / "results.csv"
 E2E_PRESETS = {**PRESETS, "2.7b": Preset(hidden=2560, layers=32, intermediate=6912, vocab=32000, heads=32, shards=3)}
@@ -200,7 +199,7 @@ def main() -> None:
         return
     common = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": f"{socket.gethostname()} ({len(os.sched_getaffinity(0))} cores)",
+        "machine": machine(),
         "device": device_name,
         "commit": git_commit(),
     }

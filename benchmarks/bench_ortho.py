@@ -27,31 +27,18 @@ import argparse
 import csv
 import importlib.resources
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_apply import git_commit, machine  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results_ortho.csv"
 FIELDS = ["date", "machine", "device", "commit", "case", "seconds", "ratio", "notes"]
-
-
-def commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
-        return rev + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine() -> str:
-    return f"{platform.node() or 'host'} ({os.cpu_count()} cores)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             if new:
                 writer.writerow(FIELDS)
             for case, sec, ratio, note in rows:
-                writer.writerow([date, machine(), dev_name, commit(), case, f"{sec:.5f}", f"{ratio:.4f}",
+                writer.writerow([date, machine(), dev_name, git_commit(), case, f"{sec:.5f}", f"{ratio:.4f}",
                                  f"{label}; {note}"])  # fmt: skip
         print(f"appended {len(rows)} rows to {RESULTS.relative_to(REPO)}", file=sys.stderr)
     return 0

@@ -135,6 +135,42 @@ def test_the_number_of_models_is_checked_first(models, tmp_path: Path, capsys, t
     assert code == 2 and err == [needle.replace("(cfg.yml", f"({cfg}")] and not out.exists(), err
 
 
+DELLA_ENTRIES = (
+    "  - model: {A}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {B}\n    parameters: {B_params}\n"
+)
+
+
+@pytest.mark.parametrize(("method", "b_params", "glob", "needle"), [
+    # a global epsilon: every tensor of model A (the first) is refused, and no tensor is named
+    ("della", "{weight: 0.5, density: 0.5}", "parameters: {epsilon: 0.6}\n",
+     r"della: epsilon must be chosen such that density ± epsilon is in \(0, 1\), got 0.5 ± 0.6 for model {A}, at "
+     r"every tensor \({A}; cfg.yml:4: models\[0\].model\)"),
+    # a filter: one tensor of model B
+    ("della_linear", "{weight: 0.5, density: [{filter: layers.1.self_attn.q_proj, value: 0.9}, {value: 0.5}]}", "",
+     r"della_linear: epsilon must be chosen such that density ± epsilon is in \(0, 1\), got 0.9 ± 0.15 for model "
+     r"{B}, at tensor model.layers.1.self_attn.q_proj.weight \({B}; cfg.yml:6: models\[1\].model\)"),
+    # a gradient over the 4 layers (t = i/3): density 0.9 at layer 3 only, its 9 tensors
+    ("della", "{weight: 0.5, density: [0.5, 0.9], epsilon: 0.15}", "",
+     r"della: epsilon must be chosen such that density ± epsilon is in \(0, 1\), got 0.9 ± 0.15 for model {B}, "
+     r"at tensor model.layers.3.\S+ and 8 more \({B}; cfg.yml:6: models\[1\].model\)"),
+])  # fmt: skip
+def test_della_bounds_are_checked_before_anything_is_read(models, tmp_path: Path, capsys, method: str, b_params: str,
+                                                          glob: str, needle: str) -> None:  # fmt: skip
+    """DELLA's density ± epsilon outside (0, 1): one line naming the model, the values and which tensors (every one,
+    or the first and how many more), before any tensor is read (it was the first tensor's error, which named an
+    innocent tensor when the setting was the whole merge's)."""
+    import re
+
+    cfg, out = tmp_path / "cfg.yml", tmp_path / "out"
+    entries = DELLA_ENTRIES.format(A=models["A"], B=models["B"], B_params=b_params)
+    cfg.write_text(f"merge_method: {method}\nbase_model: {models['P']}\nmodels:\n{entries}{glob}dtype: float32\n")
+    code = main(["run", str(cfg), "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    pattern = needle.replace("{A}", re.escape(str(models["A"]))).replace("{B}", re.escape(str(models["B"])))
+    pattern = pattern.replace("cfg.yml", re.escape(str(cfg)))
+    assert code == 2 and len(err) == 1 and re.fullmatch("error: " + pattern, err[0]) and not out.exists(), err
+
+
 def test_recipes_still_refuse_unknown_options(capsys) -> None:
     assert main(["run", "capvector", "--cuda"]) == 2
     assert capsys.readouterr().err.strip() == "error: no such option: --cuda"

@@ -117,6 +117,15 @@ def _breadcrumbs(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorIn
     return F.breadcrumbs_prune(tau, d, thresholds=(v[lo], v[top] if top > 0 else float("inf")))
 
 
+def della_check(params: Mapping[str, object], p: Mapping[str, object]) -> str | None:
+    """What :func:`F.della_prune` refuses in one model's parameters (density ± epsilon outside (0, 1) where it
+    prunes), asked by the planner of every tensor before anything is read."""
+    d, eps = float(p["density"]), float(p["epsilon"])  # type: ignore[arg-type]
+    if 0.0 < d < 1.0 and (d + eps >= 1 or d - eps <= 0):
+        return f"epsilon must be chosen such that density ± epsilon is in (0, 1), got {d} ± {eps}"
+    return None
+
+
 def _della(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:
     """``F.della_prune(tau, d, ε, key=..., rescale=False)`` with the native kernel's draws."""
     d, eps = float(p["density"]), float(p["epsilon"])  # type: ignore[arg-type]
@@ -257,6 +266,7 @@ def _method(name: str, prune: Prune | None, elect: bool, normalize: bool, rescal
         name, B.with_form(form, torch_fn), base="required", model_params={"weight": None, "density": 1.0, **extra},
         params={"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False},
         random=prune in (_random, _della), summary=summary, n_models=(0, None), form=form,
+        check=della_check if prune is _della else None,
     )  # fmt: skip
 
 

@@ -46,7 +46,9 @@ class ModelMethod:
     ``base``: "required", "optional" or "unused". ``model_params`` / ``params``: the per-model and global parameters it
     reads, with their defaults (``None``: required). ``random``: its output depends on ``seed`` (masks keyed by
     :func:`~capmerge.merge.methods.base.tensor_key`). ``n_models``: the least and most number of (non-base) models it
-    takes (``None``: no upper bound), as mergekit checks them.
+    takes (``None``: no upper bound), as mergekit checks them. ``check``: what is wrong with one model's resolved
+    parameters for a tensor (given the global ones), or None; the planner asks it of every tensor before anything is
+    read.
     """
 
     name: str
@@ -58,6 +60,7 @@ class ModelMethod:
     summary: str = ""
     n_models: tuple[int, int | None] = (1, None)
     form: Callable[[Any], Any] | None = None  # Spec -> finish | None: the block form (methods/blockform.py)
+    check: Callable[[Mapping[str, object], Mapping[str, object]], str | None] | None = None
 
     def check_count(self, n: int, where: str | None = None, what: str = "") -> None:
         """A :class:`~capmerge.errors.UsageError` (at ``where``, its message after ``what``) unless the method takes

@@ -196,6 +196,13 @@ def _(t: Path) -> tuple[list[object], str, str]:
     return argv, "size too large", "(5000 characters)"
 
 
+@case("MODEL+LORA given to diff")
+def _(t: Path) -> tuple[list[object], str, str]:
+    model, adapter = good(t), adapter_dir(t, '{"r":2,"lora_alpha":2,"peft_type":"LORA"}')
+    ref = f"{model}+{adapter}"  # mergekit's form, which diff does not read: the hint names what does
+    return ["diff", model, ref, "-o", t / "out"], "MODEL+LORA is mergekit's form, read by `capmerge merge`", ref
+
+
 @case("Hub repo id of 300 characters")
 def _(t: Path) -> tuple[list[object], str, str]:
     return ["pull", "a" * 300 + "/b", "-o", t / "pulled"], "invalid Hub repo id", "(hf://aaaa"

@@ -82,6 +82,12 @@ def open_checkpoint(
                 path = Path(local)
                 break
         else:
+            model, plus, lora = ref_s.partition("+")
+            if plus and Path(model).exists() and Path(lora).exists():
+                raise CheckpointNotFoundError(
+                    "no such file or directory: MODEL+LORA is mergekit's form, read by `capmerge merge` and mergekit "
+                    "configurations; here pass the adapter itself (`capmerge apply MODEL ADAPTER` adds its ΔW, "
+                    "`capmerge diff ADAPTER1 ADAPTER2` gives the difference of two)", ref_s)  # fmt: skip
             raise CheckpointNotFoundError("no such file or directory", ref_s)
     opts = {"key": key, "trust_pickle": trust_pickle}
     if path.is_dir():

@@ -741,6 +741,34 @@ def test_a_missing_head_of_an_untied_model_is_refused(tmp_path: Path, capsys) ->
           "t.yml:4: models[0].model")  # fmt: skip
 
 
+@pytest.mark.parametrize("broken", ["missing", "a list"])
+@pytest.mark.parametrize(("section", "asked"), [
+    ("  tokens:\n    newtok:\n      source: {kind: zero}\n", "tokens"),
+    ("  pad_to_multiple_of: 64\n", "pad_to_multiple_of"),
+])  # fmt: skip
+def test_a_tokenizer_section_needs_a_readable_chosen_tokenizer(vocabularies, tmp_path: Path, capsys, broken: str,
+                                                               section: str, asked: str) -> None:  # fmt: skip
+    """A tokenizer section's tokens or padding whose chosen source has no readable tokenizer.json: one error naming
+    the section's settings and the source (the section was dropped without a word, the merge written)."""
+    import shutil
+
+    from test_merge_cli import fails
+
+    _, m = vocabularies
+    b = tmp_path / "B"
+    shutil.copytree(m["B"], b)
+    if broken == "missing":
+        (b / "tokenizer.json").unlink()
+    else:
+        (b / "tokenizer.json").write_text("[]")
+    cfg = tmp_path / "t.yml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {m['A']}\n    parameters: {{weight: 1}}\n"
+                   f"  - model: {b}\n    parameters: {{weight: 1}}\ntokenizer:\n  source: {b}\n{section}")  # fmt: skip
+    fails(["run", cfg, "-o", tmp_path / "out"], tmp_path, capsys,
+          f"tokenizer: the section's {asked} need the chosen tokenizer.json, and {b} has none that can be read",
+          "t.yml:8: tokenizer.source")  # fmt: skip
+
+
 def test_an_unreadable_tokenizer_is_refused(vocabularies, tmp_path: Path, capsys) -> None:
     import shutil
 

@@ -208,6 +208,12 @@ def fit_vocabulary(p: Any) -> None:
     else:
         owner = p.index.get(p.spec.base if src == "base" else src)
         chosen = tokenizers[owner] if owner is not None and roots[owner] == root else _tokenizer_json(root)
+        asked = [k for k, v in (("tokens", getattr(p.spec, "tokenizer_tokens", None)),
+                                ("pad_to_multiple_of", getattr(p.spec, "pad_to_multiple_of", None))) if v]  # fmt: skip
+        if chosen is None and asked:  # the section's settings would be dropped without a word
+            raise UsageError(f"tokenizer: the section's {' and '.join(asked)} need the chosen tokenizer.json, and "
+                             f"{root if root is not None else src} has none that can be read (a JSON object)",
+                             where)  # fmt: skip
         if chosen is None:
             return  # no tokenizer.json to go by: the tensors keep their rows
     doc = chosen if chosen is not None else tokenizers[owner]

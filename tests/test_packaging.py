@@ -62,53 +62,23 @@ def test_cli_and_method_registry_import_without_torch() -> None:
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
-# Each model-centric method with its native block form, as the benchmark configures it: (models, base, global
-# parameters, per-model parameters); "weight" None: a weight per model.
-NATIVE_RUNS: dict[str, tuple[str, bool, dict[str, object], dict[str, object]]] = {
-    "linear": ("ABC", False, {}, {"weight": None}),
-    "task_arithmetic": ("ABC", True, {}, {"weight": None}),
-    "ties": ("ABC", True, {}, {"weight": None, "density": 0.3}),
-    "dare_ties": ("ABC", True, {}, {"weight": None, "density": 0.3}),
-    "breadcrumbs_ties": ("ABC", True, {}, {"weight": None, "density": 0.3, "gamma": 0.01}),
-    "della": ("ABC", True, {}, {"weight": None, "density": 0.3, "epsilon": 0.1}),
-    "slerp": ("A", True, {"t": 0.3}, {}),
-    "nuslerp": ("AB", True, {}, {"weight": None}),
-    "multislerp": ("ABC", True, {}, {"weight": None}),
-    "karcher": ("ABC", False, {}, {}),
-    "model_stock": ("ABC", True, {}, {}),
-    "sce": ("ABC", True, {"select_topk": 0.3}, {}),
-    "nearswap": ("A", True, {"t": 0.001}, {}),
-    "arcee_fusion": ("A", True, {}, {}),
-    "passthrough": ("A", False, {}, {}),
-}
-
-
-def test_native_methods_run_without_torch(tmp_path: Path) -> None:
-    """torch's import is ~1.5 s of every run: a mergekit configuration whose method has a native form runs without it
-    (the methods' torch code is imported where it runs: the per-tensor fallbacks); the outputs are all there."""
+def test_native_methods_run_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's import is ~1.5 s of every run: each configuration the methods benchmark times
+    (``benchmarks/bench_methods.py``: every method has a native form) runs without it (the methods' torch code is
+    imported where it runs: the per-tensor fallbacks); the outputs are all there."""
     import json
 
     import torch
     from test_mergekit_configs import save_model
 
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_methods import METHODS, config_text
+
     gen = torch.Generator().manual_seed(7)
     dirs = {k: save_model(tmp_path / k, gen) for k in "PABC"}
     runs = []
-    for method, (models, with_base, params, per_model) in NATIVE_RUNS.items():
-        cfg: dict[str, object] = {"merge_method": method, "dtype": "bfloat16"}
-        if with_base:
-            cfg["base_model"] = str(dirs["P"])
-        weights = dict(zip(models, (0.5, 0.3, 0.2), strict=False))
-        entries = []
-        for m in models:
-            entry: dict[str, object] = {"model": str(dirs[m])}
-            if per_model:
-                entry["parameters"] = {k: weights[m] if v is None else v for k, v in per_model.items()}
-            entries.append(entry)
-        cfg["models"] = entries
-        if params:
-            cfg["parameters"] = params
-        (tmp_path / f"{method}.yml").write_text(json.dumps(cfg))
+    for method in METHODS:
+        (tmp_path / f"{method}.yml").write_text(config_text(method, dirs))
         runs.append((str(tmp_path / f"{method}.yml"), str(tmp_path / f"out-{method}")))
     code = (
         "import json, sys\n"

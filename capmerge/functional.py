@@ -263,6 +263,14 @@ def _della_unrows(r: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return (r.reshape(like.shape) if like.dim() < 2 else r.movedim(-1, 1)).contiguous()
 
 
+def della_refusal(density: float, epsilon: float) -> str | None:
+    """Why :func:`della_prune` refuses ``density`` ± ``epsilon`` (where it prunes, 0 < d < 1, d ± ε must lie in
+    (0, 1)), or None."""
+    if 0.0 < density < 1.0 and (density + epsilon >= 1 or density - epsilon <= 0):
+        return f"epsilon must be chosen such that density ± epsilon is in (0, 1), got {density} ± {epsilon}"
+    return None
+
+
 def della_bounds(density: float, epsilon: float) -> tuple[int, int]:
     """(x_lo, x_hi) = (⌈(d − ε)·2^31⌉, ⌈(d + ε)·2^31⌉), clamped to [0, 2^31]: :func:`della_keep`'s band of draws."""
     lo, hi = (min(max(math.ceil(v * 2**31), 0), 2**31) for v in (density - epsilon, density + epsilon))
@@ -330,8 +338,9 @@ def della_prune(t: torch.Tensor, density: float, epsilon: float, *, key: int, re
         return x.clone()
     if density <= 0.0:
         return torch.zeros_like(x)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(f"epsilon must be chosen such that density ± epsilon is in (0, 1), got {density} ± {epsilon}")
+    refused = della_refusal(density, epsilon)
+    if refused:
+        raise ValueError(refused)
     w = words(key, x) if words is not None else None
     kept = torch.where(della_keep(x, density, epsilon, key=key, words=w), x, torch.zeros_like(x))
     return rescale_l1(x, kept) if rescale else kept

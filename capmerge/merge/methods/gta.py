@@ -118,12 +118,9 @@ def _breadcrumbs(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorIn
 
 
 def della_check(params: Mapping[str, object], p: Mapping[str, object]) -> str | None:
-    """What :func:`F.della_prune` refuses in one model's parameters (density ± epsilon outside (0, 1) where it
-    prunes), asked by the planner of every tensor before anything is read."""
-    d, eps = float(p["density"]), float(p["epsilon"])  # type: ignore[arg-type]
-    if 0.0 < d < 1.0 and (d + eps >= 1 or d - eps <= 0):
-        return f"epsilon must be chosen such that density ± epsilon is in (0, 1), got {d} ± {eps}"
-    return None
+    """:func:`F.della_refusal` of one model's parameters, asked by the planner of every tensor before anything is
+    read."""
+    return F.della_refusal(float(p["density"]), float(p["epsilon"]))  # type: ignore[arg-type]
 
 
 def _della(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:

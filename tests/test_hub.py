@@ -260,6 +260,20 @@ def test_offline_and_unreachable(hub, pushed, data, tmp_path: Path) -> None:
     err(run(["pull", "org/tau"], cold, None, HF_ENDPOINT=dead), "cannot reach the Hub", dead)
     # unreachable but cached: the cache is used
     ok(run(["inspect", "hf://org/tau", "--headers-only", "--json"], warm, None, HF_ENDPOINT=dead))
+    # a push has no cache to fall back on: the message does not speak of one
+    line = err(run(["push", str(data["dir"] / "tau.safetensors"), "org/tau"], cold, None, HF_ENDPOINT=dead,
+                   HF_TOKEN=TOKEN), f"cannot reach the Hub at {dead} to write to the repo (org/tau)")  # fmt: skip
+    assert "cache" not in line
+
+
+def test_a_server_without_xet_is_named(hub, data, tmp_path: Path) -> None:
+    """With Xet transfers on (huggingface_hub's default where hf_xet is installed), a Hub-compatible server without
+    Xet storage (this one: 404 on the Xet token) fails the upload: the message names Xet and the setting that turns it
+    off, instead of "cannot reach the Hub ... not in the Hugging Face cache"."""
+    r = run(["push", str(data["dir"] / "tau.safetensors"), "org/xet"], tmp_path / "hf", hub, HF_TOKEN=TOKEN,
+            HF_HUB_DISABLE_XET="0")  # fmt: skip
+    line = err(r, f"the Hub at {hub.url} refused an Xet transfer", "set HF_HUB_DISABLE_XET=1 (org/xet)")
+    assert "xet-write-token" in line and "cache" not in line
 
 
 def test_download_not_matching_listing(hub, pushed, tmp_path: Path) -> None:

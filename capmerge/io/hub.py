@@ -121,7 +121,7 @@ def _hub_errors(ref: HubRef | str, what: str = "read") -> Iterator[None]:
             if what != "read":
                 raise HubError(f"cannot {what} the Hub while offline (HF_HUB_OFFLINE=1)", where) from None
             raise HubError("offline (HF_HUB_OFFLINE=1) and not in the Hugging Face cache", where) from None
-        raise HubError(f"cannot reach the Hub at {_endpoint()} and not in the Hugging Face cache", where) from e
+        raise HubError(_unreachable(what, e), where) from e
     except E.HFValidationError as e:  # a repo id or revision huggingface_hub refuses (too long, '--', '..', ...)
         why = " ".join(str(e).split(": '")[0].split())
         raise UsageError(f"invalid Hub repo id or revision: {why}", where[:200]) from None
@@ -136,8 +136,21 @@ def _hub_errors(ref: HubRef | str, what: str = "read") -> Iterator[None]:
         if isinstance(e, OSError) and "Consistency check failed" in str(e):
             raise HubError("a downloaded file does not match its size in the repo's file listing", where) from None
         if _is_network_error(e):
-            raise HubError(f"cannot reach the Hub at {_endpoint()} and not in the Hugging Face cache", where) from None
+            raise HubError(_unreachable(what, e), where) from None
         raise
+
+
+def _unreachable(what: str, e: BaseException) -> str:
+    """The message of a network failure on ``what`` ("read", "write to"): a read may have been served from the cache
+    (it was not there); a server that refused an Xet transfer (a Hub-compatible server without Xet storage answers
+    404 on its Xet token) is named as such."""
+    text = " ".join(str(e).split())
+    if "xet" in text.lower():
+        return (f"the Hub at {_endpoint()} refused an Xet transfer ({text[:200]}): for a server without Xet storage, "
+                "set HF_HUB_DISABLE_XET=1")  # fmt: skip
+    if what != "read":
+        return f"cannot reach the Hub at {_endpoint()} to {what} the repo"
+    return f"cannot reach the Hub at {_endpoint()} and not in the Hugging Face cache"
 
 
 def _is_network_error(e: BaseException) -> bool:

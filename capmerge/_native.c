@@ -34,13 +34,28 @@
 #define TILE 1024
 #define MAX_VECTORS 64
 
-/* static int NAME(void): whether the CPU has what EXPR asks (__builtin_cpu_supports), found once */
-#define CPU_CHECK(name, expr)                                                                                          \
+/* CAPMERGE_NATIVE_CPU caps the loops the dispatch below picks, whatever the CPU has: "avx2" (no AVX-512 loop),
+ * "baseline" (the plain C loops: no AVX2, FMA or F16C one either); unset: the fastest the CPU has (the Python side
+ * refuses any other value). Read once. Every form of a loop gives the same bits, so this changes the speed only:
+ * the tests compare whole merges under each cap, and the benchmarks time the AVX2 loops on a CPU with AVX-512.
+ * Returns 0 (no cap), 1 (AVX2 at most) or 2 (baseline). */
+static int cpu_cap(void) {
+    static int cap = -1;
+    if (cap < 0) {
+        const char *v = getenv("CAPMERGE_NATIVE_CPU");
+        cap = v && !strcmp(v, "avx2") ? 1 : v && !strcmp(v, "baseline") ? 2 : 0;
+    }
+    return cap;
+}
+
+/* static int NAME(void): whether the CPU has what EXPR asks (__builtin_cpu_supports), found once, and the cap
+ * allows loops of that LEVEL (1: AVX-512, 2: AVX2, FMA, F16C) */
+#define CPU_CHECK(name, level, expr)                                                                                   \
     static int name(void) {                                                                                            \
         static int ok = -1;                                                                                            \
         if (ok < 0) {                                                                                                  \
             __builtin_cpu_init();                                                                                      \
-            ok = (expr);                                                                                               \
+            ok = cpu_cap() < (level) && (expr);                                                                        \
         }                                                                                                              \
         return ok;                                                                                                     \
     }
@@ -114,7 +129,7 @@ __attribute__((target("avx,f16c"))) static void store_f16_f16c(uint16_t *d, cons
 static int f16c_ok(void) {
     if (use_f16c < 0) {
         __builtin_cpu_init();
-        use_f16c = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+        use_f16c = cpu_cap() < 2 && __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
     }
     return use_f16c;
 }
@@ -358,7 +373,7 @@ __attribute__((target("avx2"))) static void philox_avx2(void *out, uint64_t star
     philox_scalar(dst + j, start + (uint64_t)j, m - j, key0, key1, ints);
 }
 
-CPU_CHECK(avx2_ok, __builtin_cpu_supports("avx2"))
+CPU_CHECK(avx2_ok, 2, __builtin_cpu_supports("avx2"))
 #else
 static int avx2_ok(void) { return 0; }
 static void philox_avx2(void *dst, uint64_t start, Py_ssize_t m, uint32_t key0, uint32_t key1, int ints) {
@@ -470,7 +485,7 @@ __attribute__((target("avx512f,avx512vl"))) static void philox_avx512(void *out,
     }
 }
 
-CPU_CHECK(avx512vl_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
+CPU_CHECK(avx512vl_ok, 1, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
 #else
 #define HAVE_AVX512VL_PATH 0
 #endif
@@ -765,7 +780,7 @@ static inline __attribute__((always_inline, target("avx2,f16c"))) int fast_body(
 /* The same in AVX-512 for bf16 inputs and outputs: sixteen elements a register, keep masks in mask registers (keep
  * bits read as they are stored, two bytes at a time), the same float32 operations on the same values in the same
  * order as fast_delta / fast_body, the same bytes and flags (tests compare them with the tile loops). */
-CPU_CHECK(avx512vlbw_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+CPU_CHECK(avx512vlbw_ok, 1, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                              __builtin_cpu_supports("avx512bw"))
 /* the AVX-512F/VL/BW loops: this vector merge and SCE's fused tile (avx512vlbw_ok) */
 #define AVX512_VLBW __attribute__((target("avx512f,avx512vl,avx512bw,avx2,f16c")))
@@ -1256,7 +1271,7 @@ bracket_diff_avx512(const uint16_t *a, int a_dt, const uint16_t *b, int b_dt, Py
     return above;
 }
 
-CPU_CHECK(avx512_ok, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+CPU_CHECK(avx512_ok, 1, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("popcnt"))
 #else
 #define HAVE_BRACKET_AVX512 0
@@ -2213,7 +2228,7 @@ static double sum_lanes16(const double *a) {
 }
 
 #if HAVE_F16C_PATH
-CPU_CHECK(fma_ok, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+CPU_CHECK(fma_ok, 2, __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
 
 /* d / c rounded to nearest, without a division, where y = RN(1 / c) is within 2^-54 of 1 / c relatively (see
  * recip_for): q = RN(d y) is then within an ulp of d / c, r = d - c q is exact (one FMA), and RN(q + r y) is RN(d / c)

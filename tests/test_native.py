@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -830,3 +833,77 @@ def test_row_kl_against_a_float64_reference(m: int, codes: tuple[int, int]) -> N
     assert below == int((prod[finite] < 0).sum())
     with pytest.raises(ValueError, match="too small"):
         _native.row_kl(_mv(a), codes[0], _mv(b), codes[1], rows + 1, m, np.empty(rows + 1, np.float32))
+
+
+def test_every_cpu_cap_writes_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CAPMERGE_NATIVE_CPU caps the native loops (avx2: no AVX-512 loop; baseline: plain C): each configuration the
+    methods benchmark times (all eighteen methods, bf16) writes the same bytes under every cap, on checkpoints with
+    tensors over 1 Mi entries (the statistics passes' large-tensor paths) and rows of 520 (a tail of 8 in sixteen
+    lanes). On a CPU without AVX-512 the first two runs take the same loops."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import save_single
+    from mergekit_ref import llama_tensors
+    from safetensors import safe_open
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from bench_methods import METHODS, config_text
+
+    shapes = llama_tensors(hidden=256, intermediate=520, vocab=4100, layers=2)
+    g = torch.Generator().manual_seed(11)
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    dirs = {"P": tmp_path / "P"}
+    save_single(dirs["P"] / "model.safetensors", {n: t.bfloat16() for n, t in base.items()})
+    for k in "ABC":  # finetunes: the base and a change about a tenth of it, some entries changed more
+        dirs[k] = tmp_path / k
+        save_single(dirs[k] / "model.safetensors",
+                    {n: (t + torch.randn(t.shape, generator=g) * 0.1 * torch.rand(t.shape, generator=g) ** 4).bfloat16()
+                     for n, t in base.items()})  # fmt: skip
+    cfgs = []
+    for method in METHODS:
+        (tmp_path / f"{method}.yml").write_text(config_text(method, dirs))
+        cfgs.append((method, str(tmp_path / f"{method}.yml")))
+    code = (
+        "import json, sys\n"
+        "from capmerge.cli import main\n"
+        "for method, cfg in json.loads(sys.argv[1]):\n"
+        "    assert main(['run', cfg, '-o', sys.argv[2] + '/' + method, '--quiet']) == 0, cfg\n"
+    )
+    caps = {"fastest": None, "avx2": "avx2", "baseline": "baseline"}
+    for name, cap in caps.items():
+        env = {k: v for k, v in os.environ.items() if k != "CAPMERGE_NATIVE_CPU"}
+        env.update({"CAPMERGE_NATIVE_CPU": cap} if cap else {})
+        r = subprocess.run([sys.executable, "-c", code, json.dumps(cfgs), str(tmp_path / name)], env=env,
+                           capture_output=True, text=True)  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+    for method, _ in cfgs:
+        files = [tmp_path / name / method / "model.safetensors" for name in caps]
+        with safe_open(files[0], "pt") as f0:
+            names = sorted(f0.keys())
+            want = {n: f0.get_tensor(n).view(torch.int16 if f0.get_tensor(n).dtype == torch.bfloat16 else
+                                             f0.get_tensor(n).dtype) for n in names}  # fmt: skip
+        for f in files[1:]:
+            with safe_open(f, "pt") as fh:
+                assert sorted(fh.keys()) == names, (method, f)
+                for n in names:
+                    t = fh.get_tensor(n)
+                    got = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+                    assert torch.equal(got, want[n]), (method, f.parent.parent.name, n)
+
+
+def test_an_unknown_cpu_cap_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """CAPMERGE_NATIVE_CPU takes avx2 or baseline: anything else is one error line naming it (the C side would
+    ignore it and take the fastest loops), nothing written."""
+    from conftest import save_single
+
+    from capmerge.cli import main
+
+    a = save_single(tmp_path / "a.safetensors", {"w": torch.ones(4)})
+    b = save_single(tmp_path / "b.safetensors", {"w": torch.zeros(4)})
+    monkeypatch.setenv("CAPMERGE_NATIVE_CPU", "avx3")
+    assert main(["diff", str(a), str(b), "-o", str(tmp_path / "t.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: CAPMERGE_NATIVE_CPU must be avx2 or baseline (or unset), got 'avx3'"], err
+    assert not (tmp_path / "t.safetensors").exists()

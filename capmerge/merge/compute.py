@@ -28,7 +28,15 @@ OVERFLOW = 2  # some output element is NaN/Inf although all its inputs were fini
 NONFINITE = 4  # some output element is NaN/Inf
 
 
+NATIVE_CPU_CAPS = ("avx2", "baseline")  # CAPMERGE_NATIVE_CPU: the native loops capped (capmerge/_native.c)
+
+
 def native_available() -> bool:
+    cap = os.environ.get("CAPMERGE_NATIVE_CPU")
+    if cap and cap not in NATIVE_CPU_CAPS:
+        from capmerge.errors import CapmergeError
+
+        raise CapmergeError(f"CAPMERGE_NATIVE_CPU must be {' or '.join(NATIVE_CPU_CAPS)} (or unset), got {cap!r}")
     return _native is not None and not os.environ.get("CAPMERGE_NO_NATIVE")
 
 

@@ -637,8 +637,10 @@ def machine() -> str:
     except OSError:  # not Linux
         pass
     isa = "AVX-512" if {"avx512f", "avx512bw", "avx512vl"} <= flags else "AVX2" if "avx2" in flags else ""
+    cap = os.environ.get("CAPMERGE_NATIVE_CPU")  # the native loops capped below what the CPU has
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{socket.gethostname()} ({', '.join(x for x in (f'{cores} cores', cpu, isa) if x)})"
+    parts = (f"{cores} cores", cpu, isa, f"CAPMERGE_NATIVE_CPU={cap}" if cap else "")
+    return f"{socket.gethostname()} ({', '.join(x for x in parts if x)})"
 
 
 def append_csv(rows: list[dict[str, object]], path: Path = RESULTS) -> None:

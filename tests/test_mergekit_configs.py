@@ -172,6 +172,34 @@ def mergekit_outputs(tmp: Path, cases: dict[str, str], options: Callable[[str], 
         assert proc.returncode == 0, f"mergekit {name} failed:\n{out[-3000:]}\n{cases[name]}"
 
 
+@pytest.mark.parametrize("dtypes", [("BF16", "F32"), ("F32", "BF16"), ("BF16", "F16")])
+def test_mixed_input_dtypes_promote_as_mergekit_aligns_them(tmp_path: Path, capsys, dtypes: tuple[str, str]) -> None:
+    """Without dtype or out_dtype, a tensor whose inputs differ in dtype is written in the dtype they promote to
+    (torch.promote_types: float32 over bfloat16, and bfloat16 with float16 gives float32), as mergekit aligns a
+    tensor's inputs before a method sees them; it was the first model's dtype (bfloat16 where A is). The values: the
+    float32 mean of the stored values (by hand), and mergekit's output bit for bit where it is installed."""
+    torch_dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    gen = torch.Generator().manual_seed(5)
+    m = {k: save_model(tmp_path / k, gen) for k in "AB"}
+    for k, code in zip("AB", dtypes, strict=True):
+        save_single(m[k] / "model.safetensors", {n: t.to(torch_dtypes[code]) for n, t in load_any(m[k]).items()})
+    text = (f"merge_method: linear\nmodels:\n  - model: {m['A']}\n    parameters: {{weight: 0.5}}\n"
+            f"  - model: {m['B']}\n    parameters: {{weight: 0.5}}\n")  # fmt: skip
+    cfg = tmp_path / "mixed.yml"
+    cfg.write_text(text)
+    assert main(["run", str(cfg), "-o", str(tmp_path / "cm"), "--quiet"]) == 0, capsys.readouterr().err
+    want_dtype = torch.promote_types(*(torch_dtypes[c] for c in dtypes))
+    a, b, got = (load_any(d) for d in (m["A"], m["B"], tmp_path / "cm"))
+    for name, t in got.items():
+        assert t.dtype == want_dtype, (name, t.dtype)
+        want = ((a[name].float() * 0.5 + b[name].float() * 0.5) / 1.0).to(want_dtype)
+        assert torch.equal(t, want), name
+    if MERGEKIT_YAML.exists():
+        mergekit_outputs(tmp_path, {"mixed": text}, lambda name: ["--no-copy-tokenizer"])
+        mk = load_any(tmp_path / "mk-mixed")
+        assert set(mk) == set(got) and all(torch.equal(mk[n], got[n]) for n in got)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory):
     """Models A, B, C, a LoRA adapter, and mergekit's output for every configuration (run concurrently)."""

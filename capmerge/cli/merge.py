@@ -71,7 +71,12 @@ def merge_cmd(
         ),
     ] = None,
     out_dtype: Annotated[
-        str | None, typer.Option("--dtype", help="Output dtype: float32 | bfloat16 | float16 (default: each tensor's).")
+        str | None,
+        typer.Option(
+            "--dtype",
+            help="Output dtype: float32 | bfloat16 | float16 (default: the dtype each tensor's inputs promote "
+            "to: their own where they agree).",
+        ),
     ] = None,
     tokenizer_source: Annotated[
         str | None,

@@ -458,8 +458,22 @@ def _resolve_params(p: Planned) -> None:
 
 
 def out_code(p: Planned, tp: TensorPlan, code: str | None) -> str:
+    """The output dtype of a floating tensor: ``code`` (``out_dtype``, else ``dtype``), else the dtype its inputs
+    promote to, as mergekit aligns a tensor's inputs before merging them (torch's promotion: float32 over the 16-bit
+    types, and bfloat16 with float16 gives float32)."""
     first = p.info(tp.base or tp.entries[0])
-    return code if code and first.is_float else first.dtype
+    if code and first.is_float:
+        return code
+    return promote([p.info(e).dtype for e in ([tp.base] if tp.base else []) + tp.entries])
+
+
+def promote(codes: Sequence[str]) -> str:
+    """torch.promote_types over floating safetensors dtypes: the one dtype where they agree, else the widest (F64,
+    else F32; two 16-bit types of different kinds: F32)."""
+    kinds = set(codes)
+    if len(kinds) == 1:
+        return codes[0]
+    return "F64" if "F64" in kinds else "F32"
 
 
 def _merge_loader(p: Planned, tp: TensorPlan, code: str, allow_nonfinite: bool) -> Callable[[], Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -251,8 +252,8 @@ def merge_state_dicts(
     """Merge whole models held in memory with a model-centric method (mergekit's methods, by mergekit's names).
 
     Every tensor goes through the same per-tensor function as ``capmerge merge`` and mergekit configurations
-    (:mod:`capmerge.merge.methods.models`): widened to float32, merged, rounded once to ``dtype`` (default: the
-    base's dtype, or the first model's).
+    (:mod:`capmerge.merge.methods.models`): widened to float32, merged, rounded once to ``dtype`` (default: the dtype
+    the tensor's inputs promote to, as ``capmerge merge`` and mergekit: their own where they agree).
 
     Args:
         models: state dicts (name → tensor), the non-base models in order; all must hold the same names and shapes.
@@ -308,5 +309,6 @@ def merge_state_dicts(
                 continue
             x = TensorInputs(n, [sd[n].float() for sd in models], mparams, params,
                              None if base is None else base[n].float(), seed)  # fmt: skip
-            out[n] = m.fn(x).to(dtype or ref.dtype)
+            ins = ([] if base is None else [base[n]]) + [sd[n] for sd in models]
+            out[n] = m.fn(x).to(dtype or functools.reduce(torch.promote_types, (t.dtype for t in ins)))
     return out

@@ -84,3 +84,20 @@ def test_apply_to_state_dict_with_methods_matches_the_streaming_engine(tmp_path:
         ref = capmerge.load_vector(out)
         for n in names:
             assert torch.equal(sd[n].view(torch.int16), ref[n].view(torch.int16)), (opts, n)
+
+
+def test_merge_state_dicts_promotes_dtypes_and_refuses_a_zero_weight_sum() -> None:
+    """merge_state_dicts writes each tensor in the dtype its inputs promote to (as capmerge merge and mergekit:
+    float32 for bf16 with float32), and multislerp's weights summing to 0 are a ValueError naming the tensor (it was
+    a ZeroDivisionError)."""
+    import torch
+
+    from capmerge.inmemory import merge_state_dicts
+
+    g = torch.Generator().manual_seed(2)
+    a, b = {"w": torch.randn(64, generator=g).bfloat16()}, {"w": torch.randn(64, generator=g)}
+    got = merge_state_dicts([a, b], method="linear", model_parameters=[{"weight": 0.5}, {"weight": 0.5}])
+    assert got["w"].dtype == torch.float32
+    assert torch.equal(got["w"], a["w"].float() * 0.5 + b["w"] * 0.5)
+    with pytest.raises(ValueError, match="tensor w: the weights sum to 0, and normalize_weights divides by their sum"):
+        merge_state_dicts([a, b], method="multislerp", model_parameters=[{"weight": 1.0}, {"weight": -1.0}])

@@ -171,6 +171,25 @@ def test_della_bounds_are_checked_before_anything_is_read(models, tmp_path: Path
     assert code == 2 and len(err) == 1 and re.fullmatch("error: " + pattern, err[0]) and not out.exists(), err
 
 
+@pytest.mark.parametrize(("method", "key"), [("linear", "normalize"), ("multislerp", "normalize_weights")])
+def test_weights_summing_to_zero_are_refused_before_anything_is_read(models, tmp_path: Path, capsys, method: str,
+                                                                     key: str) -> None:  # fmt: skip
+    """Weights summing to 0 where the method divides by their sum: one line naming the setting, before any tensor is
+    read (linear named the first tensor; multislerp ended in "unexpected failure ... ZeroDivisionError"); with the
+    setting off the merge runs."""
+    cfg, out = tmp_path / "cfg.yml", tmp_path / "out"
+    text = (f"merge_method: {method}\nmodels:\n  - model: {models['A']}\n    parameters: {{weight: 1}}\n"
+            f"  - model: {models['B']}\n    parameters: {{weight: -1}}\ndtype: float32\n")  # fmt: skip
+    cfg.write_text(text)
+    code = main(["run", str(cfg), "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    want = (f"error: {method}: the weights sum to 0, and {key} divides by their sum (set {key} to false, or give "
+            f"other weights), at every tensor ({cfg}:2: models)")  # fmt: skip
+    assert code == 2 and err == [want] and not out.exists(), err
+    cfg.write_text(text + f"parameters: {{{key}: false}}\n")
+    assert main(["run", str(cfg), "-o", str(out), "--quiet"]) == 0, capsys.readouterr().err
+
+
 def test_recipes_still_refuse_unknown_options(capsys) -> None:
     assert main(["run", "capvector", "--cuda"]) == 2
     assert capsys.readouterr().err.strip() == "error: no such option: --cuda"

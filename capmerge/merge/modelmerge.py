@@ -426,7 +426,7 @@ def _resolve_params(p: Planned) -> None:
         for k in sc or {}:
             if k not in known:
                 raise UsageError(f"{m.name} has no parameter {k!r} (it takes: {', '.join(sorted(known)) or 'none'})")
-    bad: dict[int, tuple[str, str, int]] = {}  # model -> (its first refused tensor, why, how many are)
+    bad: dict[int, tuple[str, str, int]] = {}  # input (-1: the models as a set) -> (first tensor, why, how many)
     for tp in p.tensors:
         tp.params = {k: resolve(k, tp.shared, tp.name, tp.t, d, kind_of(d)) for k, d in m.params.items()}
         for k, v in tp.params.items():
@@ -438,19 +438,19 @@ def _resolve_params(p: Planned) -> None:
             for k, v in mp.items():
                 if v is None:
                     raise UsageError(f"missing parameter {k} of {m.name} for model {e.source.model}", tp.name)
-            why = m.check(tp.params, mp) if m.check is not None else None
-            if why is not None:
-                first = bad.get(e.input, (tp.name, why, 0))
-                bad[e.input] = (first[0], first[1], first[2] + 1)
             tp.model_params.append(mp)
-    if bad:  # the first model's first refusal; "every tensor" where a setting of the whole merge is the cause
-        i, (name, why, count) = min(bad.items())
-        source = next(e.source for tp in p.tensors for e in tp.entries if e.input == i)
-        at = (
-            "every tensor"
-            if count == len(p.tensors)
-            else f"tensor {name}" + (f" and {count - 1} more" if count > 1 else "")
-        )
+        found = m.check(tp.params, tp.model_params) if m.check is not None and tp.entries else None
+        if found is not None:
+            key = -1 if found[0] is None else tp.entries[found[0]].input
+            first = bad.get(key, (tp.name, found[1], 0))
+            bad[key] = (first[0], first[1], first[2] + 1)
+    if bad:  # the first refusal ("every tensor" where a setting of the whole merge is the cause)
+        key, (name, why, count) = min(bad.items())
+        more = f" and {count - 1} more" if count > 1 else ""
+        at = "every tensor" if count == len(p.tensors) else f"tensor {name}{more}"
+        if key < 0:
+            raise UsageError(f"{m.name}: {why}, at {at}", p.spec.where.get("slices" if p.spec.slices else "models"))
+        source = next(e.source for tp in p.tensors for e in tp.entries if e.input == key)
         raise UsageError(f"{m.name}: {why} for model {source.model}, at {at}", _where(source))
 
 

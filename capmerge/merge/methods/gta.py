@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from capmerge import functional as F
 from capmerge.merge.methods import blockform as B
@@ -117,10 +117,14 @@ def _breadcrumbs(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorIn
     return F.breadcrumbs_prune(tau, d, thresholds=(v[lo], v[top] if top > 0 else float("inf")))
 
 
-def della_check(params: Mapping[str, object], p: Mapping[str, object]) -> str | None:
-    """:func:`F.della_refusal` of one model's parameters, asked by the planner of every tensor before anything is
-    read."""
-    return F.della_refusal(float(p["density"]), float(p["epsilon"]))  # type: ignore[arg-type]
+def della_check(params: Mapping[str, object], model_params: Sequence[Mapping[str, object]]) -> Any:
+    """The first model whose parameters :func:`F.della_refusal` refuses, and why; asked by the planner of every
+    tensor before anything is read."""
+    for i, p in enumerate(model_params):
+        why = F.della_refusal(float(p["density"]), float(p["epsilon"]))  # type: ignore[arg-type]
+        if why:
+            return i, why
+    return None
 
 
 def _della(tau: torch.Tensor, p: Mapping[str, object], i: int, x: TensorInputs) -> torch.Tensor:

@@ -46,9 +46,9 @@ class ModelMethod:
     ``base``: "required", "optional" or "unused". ``model_params`` / ``params``: the per-model and global parameters it
     reads, with their defaults (``None``: required). ``random``: its output depends on ``seed`` (masks keyed by
     :func:`~capmerge.merge.methods.base.tensor_key`). ``n_models``: the least and most number of (non-base) models it
-    takes (``None``: no upper bound), as mergekit checks them. ``check``: what is wrong with one model's resolved
-    parameters for a tensor (given the global ones), or None; the planner asks it of every tensor before anything is
-    read.
+    takes (``None``: no upper bound), as mergekit checks them. ``check(params, model_params)``: what is wrong with a
+    tensor's resolved parameters, as (the model at fault, or None for the set of them; why), or None; the planner
+    asks it of every tensor before anything is read.
     """
 
     name: str
@@ -60,7 +60,7 @@ class ModelMethod:
     summary: str = ""
     n_models: tuple[int, int | None] = (1, None)
     form: Callable[[Any], Any] | None = None  # Spec -> finish | None: the block form (methods/blockform.py)
-    check: Callable[[Mapping[str, object], Mapping[str, object]], str | None] | None = None
+    check: Callable[[Mapping[str, object], Sequence[Mapping[str, object]]], tuple[int | None, str] | None] | None = None
 
     def check_count(self, n: int, where: str | None = None, what: str = "") -> None:
         """A :class:`~capmerge.errors.UsageError` (at ``where``, its message after ``what``) unless the method takes
@@ -102,6 +102,21 @@ class ModelMethod:
         return fill(params, self.params, "parameter"), per_model
 
 
+def weights_sum_to_zero(key: str) -> Callable[[Mapping[str, object], Sequence[Mapping[str, object]]], Any]:
+    """A ``check``: the models' weights summing to 0 where the global setting ``key`` (true by default) divides by
+    their sum."""
+
+    def check(params: Mapping[str, object], model_params: Sequence[Mapping[str, object]]) -> Any:
+        if params.get(key, True) and sum(float(p["weight"]) for p in model_params) == 0:  # type: ignore[arg-type]
+            return (
+                None,
+                f"the weights sum to 0, and {key} divides by their sum (set {key} to false, or give other weights)",
+            )
+        return None
+
+    return check
+
+
 def _linear(x: TensorInputs) -> torch.Tensor:
     """Σ w_i·θ_i, divided by Σ w_i when ``normalize`` (mergekit's default for linear)."""
     weights = [float(p["weight"]) for p in x.model_params]  # type: ignore[arg-type]
@@ -134,6 +149,6 @@ def _linear_fn(x: TensorInputs) -> torch.Tensor:
 
 MODEL_METHODS = (
     ModelMethod("linear", _linear_fn, base="unused", model_params={"weight": None},
-                params={"normalize": True}, form=_linear_form,
+                params={"normalize": True}, form=_linear_form, check=weights_sum_to_zero("normalize"),
                 summary="weighted average of the models' weights (Σ w_i·θ_i / Σ w_i)"),
 )  # fmt: skip

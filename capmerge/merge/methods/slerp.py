@@ -25,7 +25,7 @@ import math
 from typing import TYPE_CHECKING
 
 from capmerge.merge.methods import blockform as B
-from capmerge.merge.methods.models import ModelMethod, TensorInputs
+from capmerge.merge.methods.models import ModelMethod, TensorInputs, weights_sum_to_zero
 
 if TYPE_CHECKING:
     import torch
@@ -120,6 +120,8 @@ def _multislerp_form(s: B.Spec) -> B.Finish | B.Copy | None:
     eps = float(s.params.get("eps", 1e-8))
     w = [float(p["weight"]) for p in s.model_params]
     if s.params.get("normalize_weights", True):
+        if sum(w) == 0:  # the planner refuses it first (weights_sum_to_zero); merge_state_dicts gets here
+            raise ValueError(f"tensor {s.name}: the weights sum to 0, and normalize_weights divides by their sum")
         w = [x / sum(w) for x in w]
     k = len(w)
 
@@ -162,7 +164,7 @@ MODEL_METHODS = (
                 params={"nuslerp_flatten": True, "nuslerp_row_wise": False}, n_models=(2, 2),
                 summary="spherical interpolation of two models (or their task vectors), t = w₂/(w₁ + w₂)"),
     ModelMethod("multislerp", B.with_form(_multislerp_form), base="optional",
-                model_params={"weight": None}, form=_multislerp_form,
+                model_params={"weight": None}, form=_multislerp_form, check=weights_sum_to_zero("normalize_weights"),
                 params={"normalize_weights": True, "eps": 1e-8},
                 summary="weighted barycentre of several models (or task vectors) on the hypersphere"),
 )  # fmt: skip

@@ -426,6 +426,7 @@ def test_list_tensors_reads_no_data(tmp_path: Path) -> None:
         (["--weights", "0.5,0.5"], "--weights has 2 values for 1 vectors"),
         (["--include", "nothing-matches"], "mask selects no tensors"),
         (["--include", "layers", "--exclude", "layers"], "mask selects no tensors"),
+        (["--layers", "7"], "mask selects no tensors (check --include/--exclude/--layers; the base has layers 0-2)"),
         (["--layers", "7-3"], "invalid --layers"),
         (["--alpha", "0.2,0.5"], "needs a {alpha} placeholder"),
         (["--method", "slerp"], "unknown method 'slerp'"),

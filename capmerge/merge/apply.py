@@ -356,8 +356,10 @@ def _plan(m: _Merge) -> None:
         m.jobs.append(merge_job(name, (m.base, ib), touching, out_code=out_dtype, options=p.merge_options(m.options),
                                 variants=t_variants, alphas=tensor_alphas, sink=sink, device=m.device,
                                 weights=p.per_vector("weight", len(m.terms))))  # fmt: skip
-    if not m.mask.is_trivial and selected == 0:
-        raise UsageError("mask selects no tensors (check --include/--exclude/--layers)")
+    if not m.mask.is_trivial and selected == 0:  # the base's layers, for a --layers past them
+        n = count_layers(m.base.tensors, o.layer_pattern)
+        has = f"the base has layers 0-{n - 1}" if n else "the base has no numbered layers (see --layer-pattern)"
+        raise UsageError(f"mask selects no tensors (check --include/--exclude/--layers; {has})")
     m.summary.warnings += m.ovr.unused(resolved)
 
 

@@ -2962,6 +2962,14 @@ static inline float kl_e1(const void *src, int dt, Py_ssize_t i, float mx) {
 
 static inline float kl_nan(float kl) { return kl != kl ? u2f(0x7fc00000u) : kl; }
 
+/* The largest of n lanes of a row's maxima, taken in lane order (every form of the KL reduces its lanes so) */
+static inline float kl_lanes_max(const float *l, int n) {
+    float mx = l[0];
+    int i;
+    for (i = 1; i < n; i++) mx = mx > l[i] ? mx : l[i];
+    return mx;
+}
+
 /* The KL of the row of m at a + off, b + off in plain C (ea, eb: room for m floats, or NULL: the exps made again) */
 static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m, float *ea,
                           float *eb) {
@@ -2975,8 +2983,7 @@ static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_s
         mxa[j & 7] = mxa[j & 7] > x ? mxa[j & 7] : x;
         mxb[j & 7] = mxb[j & 7] > y ? mxb[j & 7] : y;
     }
-    ma = mxa[0], mb = mxb[0];
-    for (l = 1; l < 8; l++) ma = ma > mxa[l] ? ma : mxa[l], mb = mb > mxb[l] ? mb : mxb[l];
+    ma = kl_lanes_max(mxa, 8), mb = kl_lanes_max(mxb, 8);
     for (j = 0; j < pad; j++) {
         float x = j < m ? kl_e1(a, a_dt, off + j, ma) : 0.0f, y = j < m ? kl_e1(b, b_dt, off + j, mb) : 0.0f;
         sa[j & 7] += (double)x, sb[j & 7] += (double)y;
@@ -3056,14 +3063,12 @@ __attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a,
     __m256d sal = _mm256_setzero_pd(), sah = sal, sbl = sal, sbh = sal, kl = sal, kh = sal;
     float la[8], lb[8], ma, mb;
     Py_ssize_t j;
-    int l;
     for (j = 0; j < m; j += 8) {
         mxa = _mm256_max_ps(mxa, kl_load8(a, a_dt, off, j, m));
         mxb = _mm256_max_ps(mxb, kl_load8(b, b_dt, off, j, m));
     }
     _mm256_storeu_ps(la, mxa), _mm256_storeu_ps(lb, mxb);
-    ma = la[0], mb = lb[0];
-    for (l = 1; l < 8; l++) ma = ma > la[l] ? ma : la[l], mb = mb > lb[l] ? mb : lb[l];
+    ma = kl_lanes_max(la, 8), mb = kl_lanes_max(lb, 8);
     for (j = 0; j < m; j += 8) {
         __m256 x = kl_e8(a, a_dt, off, j, m, ma), y = kl_e8(b, b_dt, off, j, m, mb);
         add8_pd(&sal, &sah, x), add8_pd(&sbl, &sbh, y);
@@ -3129,14 +3134,7 @@ static inline __attribute__((always_inline)) AVX512_KL __m512 kl_log16(__m512 t)
 static inline __attribute__((always_inline)) AVX512_KL __m512 kl_load16(const void *src, int dt, Py_ssize_t off,
                                                                          Py_ssize_t j, Py_ssize_t m) {
     __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)((1u << (m - j)) - 1u);
-    __m512 x;
-    if (dt == DT_F32) {
-        x = _mm512_maskz_loadu_ps(live, (const float *)src + off + j);
-    } else {
-        __m256i h = _mm256_maskz_loadu_epi16(live, (const uint16_t *)src + off + j);
-        x = dt == DT_BF16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
-    }
-    return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, x);
+    return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, load16_z(src, dt, off + j, live));
 }
 
 /* exp(x - mx) of sixteen entries of a row from j (past m: 0) */
@@ -3147,8 +3145,7 @@ static inline __attribute__((always_inline)) AVX512_KL __m512 kl_e16(const void 
 
 /* v's sixteen elements into the eight float64 lanes of s: the low eight, then the high eight */
 static inline __attribute__((always_inline)) AVX512_KL __m512d add16_pd(__m512d s, __m512 v) {
-    s = _mm512_add_pd(s, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
-    return _mm512_add_pd(s, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+    return _mm512_add_pd(_mm512_add_pd(s, half_pd(v, 0)), half_pd(v, 1));
 }
 
 static inline __attribute__((always_inline)) AVX512_KL double sum16_pd(__m512d s) {
@@ -3164,14 +3161,12 @@ AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int
     __m512d sa = _mm512_setzero_pd(), sb = sa, kl = sa;
     float la[16], lb[16], ma, mb;
     Py_ssize_t j;
-    int l;
     for (j = 0; j < m; j += 16) {
         mxa = _mm512_max_ps(mxa, kl_load16(a, a_dt, off, j, m));
         mxb = _mm512_max_ps(mxb, kl_load16(b, b_dt, off, j, m));
     }
     _mm512_storeu_ps(la, mxa), _mm512_storeu_ps(lb, mxb);
-    ma = la[0], mb = lb[0];
-    for (l = 1; l < 16; l++) ma = ma > la[l] ? ma : la[l], mb = mb > lb[l] ? mb : lb[l];
+    ma = kl_lanes_max(la, 16), mb = kl_lanes_max(lb, 16);
     for (j = 0; j < m; j += 16) {
         __m512 x = kl_e16(a, a_dt, off, j, m, ma), y = kl_e16(b, b_dt, off, j, m, mb);
         sa = add16_pd(sa, x), sb = add16_pd(sb, y);

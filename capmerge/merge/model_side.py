@@ -193,6 +193,7 @@ def fit_vocabulary(p: Any) -> None:
     if not _chosen(p):
         return  # no tokenizer chosen, or another merge's output that is not made yet (planned again once it is)
     src, where = p.spec.tokenizer_source, _where(p, "tokenizer_source")
+    tokens_of, pad_to = p.spec.tokenizer_tokens, p.spec.pad_to_multiple_of  # the tokenizer section's
     roots = [Path(m.ck.root) if m.ck.root else None for m in p.inputs]
     rows_of = [_config_rows(r) for r in roots]  # each model's vocab_size
     tokenizers = [_tokenizer_json(r) for r in roots]
@@ -208,8 +209,7 @@ def fit_vocabulary(p: Any) -> None:
     else:
         owner = p.index.get(p.spec.base if src == "base" else src)
         chosen = tokenizers[owner] if owner is not None and roots[owner] == root else _tokenizer_json(root)
-        asked = [k for k, v in (("tokens", getattr(p.spec, "tokenizer_tokens", None)),
-                                ("pad_to_multiple_of", getattr(p.spec, "pad_to_multiple_of", None))) if v]  # fmt: skip
+        asked = [k for k, v in (("tokens", tokens_of), ("pad_to_multiple_of", pad_to)) if v]
         if chosen is None and asked:  # the section's settings would be dropped without a word
             raise UsageError(f"tokenizer: the section's {' and '.join(asked)} need the chosen tokenizer.json, and "
                              f"{root if root is not None else src} has none that can be read (a JSON object)",
@@ -217,8 +217,7 @@ def fit_vocabulary(p: Any) -> None:
         if chosen is None:
             return  # no tokenizer.json to go by: the tensors keep their rows
     doc = chosen if chosen is not None else tokenizers[owner]
-    v = vocabulary.plan(p, order, rows_of, tokenizers, chosen, where, getattr(p.spec, "tokenizer_tokens", None),
-                        getattr(p.spec, "pad_to_multiple_of", None))  # fmt: skip
+    v = vocabulary.plan(p, order, rows_of, tokenizers, chosen, where, tokens_of, pad_to)
     if v is not None:
         _check_ids(root, doc, rows_of[owner] if owner is not None else None, where)  # type: ignore[arg-type]
         p.vocab, p.vocab_tokens = v, v.rows

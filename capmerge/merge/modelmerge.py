@@ -426,7 +426,8 @@ def _resolve_params(p: Planned) -> None:
         for k in sc or {}:
             if k not in known:
                 raise UsageError(f"{m.name} has no parameter {k!r} (it takes: {', '.join(sorted(known)) or 'none'})")
-    bad: dict[int, tuple[str, str, int]] = {}  # input (-1: the models as a set) -> (first tensor, why, how many)
+    # the check's refusals: input (-1: the models as a set) -> (first tensor, why, how many, the input's source)
+    bad: dict[int, tuple[str, str, int, SourceSpec | None]] = {}
     for tp in p.tensors:
         tp.params = {k: resolve(k, tp.shared, tp.name, tp.t, d, kind_of(d)) for k, d in m.params.items()}
         for k, v in tp.params.items():
@@ -441,16 +442,16 @@ def _resolve_params(p: Planned) -> None:
             tp.model_params.append(mp)
         found = m.check(tp.params, tp.model_params) if m.check is not None and tp.entries else None
         if found is not None:
-            key = -1 if found[0] is None else tp.entries[found[0]].input
-            first = bad.get(key, (tp.name, found[1], 0))
-            bad[key] = (first[0], first[1], first[2] + 1)
+            e = None if found[0] is None else tp.entries[found[0]]
+            key = -1 if e is None else e.input
+            name, why, count, source = bad.get(key, (tp.name, found[1], 0, None if e is None else e.source))
+            bad[key] = (name, why, count + 1, source)
     if bad:  # the first refusal ("every tensor" where a setting of the whole merge is the cause)
-        key, (name, why, count) = min(bad.items())
+        name, why, count, source = bad[min(bad)]
         more = f" and {count - 1} more" if count > 1 else ""
         at = "every tensor" if count == len(p.tensors) else f"tensor {name}{more}"
-        if key < 0:
+        if source is None:
             raise UsageError(f"{m.name}: {why}, at {at}", p.spec.where.get("slices" if p.spec.slices else "models"))
-        source = next(e.source for tp in p.tensors for e in tp.entries if e.input == key)
         raise UsageError(f"{m.name}: {why} for model {source.model}, at {at}", _where(source))
 
 

@@ -120,9 +120,10 @@ def _multislerp_form(s: B.Spec) -> B.Finish | B.Copy | None:
     eps = float(s.params.get("eps", 1e-8))
     w = [float(p["weight"]) for p in s.model_params]
     if s.params.get("normalize_weights", True):
-        if sum(w) == 0:  # the planner refuses it first (weights_sum_to_zero); merge_state_dicts gets here
+        total = sum(w)
+        if total == 0:  # the planner refuses it first (weights_sum_to_zero); merge_state_dicts gets here
             raise ValueError(f"tensor {s.name}: the weights sum to 0, and normalize_weights divides by their sum")
-        w = [x / sum(w) for x in w]
+        w = [x / total for x in w]
     k = len(w)
 
     def finish(st: B.Stats) -> B.Combo:

@@ -191,7 +191,10 @@ def gta_form(prune: Prune | None, elect: bool) -> B.Form:
             return None
         if prune is _della:
             eps = [float(p["epsilon"]) for p in s.model_params]
-            if len(s.shape) > 2 or any(0 < d < 1 and not 0 < d - e < d + e < 1 for d, e in zip(dens, eps, strict=True)):
+            # the bounds della_prune refuses, or no band between them (ε ≤ 0): the torch code
+            torch_only = [0 < d < 1 and (d - e >= d + e or F.della_refusal(d, e) is not None)
+                          for d, e in zip(dens, eps, strict=True)]  # fmt: skip
+            if len(s.shape) > 2 or any(torch_only):
                 return None
 
         def finish(st: B.Stats) -> B.Combo:

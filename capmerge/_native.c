@@ -3197,10 +3197,138 @@ static float kl_row(int form, const void *a, int a_dt, const void *b, int b_dt, 
     return kl_row_plain(a, a_dt, b, b_dt, off, m, ea, eb);
 }
 
+/* row_kl_scan's account of I = |a - b| * KL over the rows it reads (arcee_fusion's importance, in float32 as
+ * importance() makes it), for the quartiles and the keep bits in the same pass as the KL: how many I lie below each
+ * quartile's bracket lo[q] and the values inside it, lo[q] <= I < hi[q] (listed in col[q], in element order), the
+ * NaN count, and with bits the bits of I >= bhi and the entries with blo <= I < bhi listed (index, I). The counts go
+ * on past a list's room (the later entries not written): over[q] for a quartile's, nb > bcap for the band's. */
+typedef struct {
+    float lo[3], hi[3], blo, bhi;
+    uint8_t *bits; /* the tensor's keep bits (element g at bits[g / 8]), or NULL: no bits, no band */
+    float *col[3];
+    uint64_t *bidx;
+    float *bval;
+    Py_ssize_t ccap[3], nc[3], bcap, nb, below[3], nan;
+    int over[3];
+} kl_scan_t;
+
+/* One tile's part of the scan: x the I of elements g .. g + t (g and t multiples of 8); the portable loops (the
+ * counts vectorize; the collection writes every value and moves on only past those inside, no branch per entry) */
+static void scan_tile_plain(const float *x, Py_ssize_t t, uint64_t g, kl_scan_t *s) {
+    const float blo = s->blo, bhi = s->bhi;
+    Py_ssize_t j, nn = 0, nb = 0;
+    int q;
+    for (j = 0; j < t; j++) nn += x[j] != x[j];
+    s->nan += nn;
+    for (q = 0; q < 3; q++) {
+        const float lo = s->lo[q], hi = s->hi[q];
+        Py_ssize_t below = 0, in = 0;
+        for (j = 0; j < t; j++) below += x[j] < lo, in += (x[j] >= lo) & (x[j] < hi);
+        s->below[q] += below;
+        if (in && s->nc[q] + t > s->ccap[q]) s->over[q] = 1;
+        if (in && !s->over[q]) {
+            float *c = s->col[q] + s->nc[q];
+            Py_ssize_t k = 0;
+            for (j = 0; j < t; j++) c[k] = x[j], k += (x[j] >= lo) & (x[j] < hi);
+        }
+        s->nc[q] += in;
+    }
+    if (!s->bits) return;
+    set_bits_ge(x, 0, t, bhi, s->bits + (g >> 3));
+    for (j = 0; j < t; j++) nb += (x[j] >= blo) & (x[j] < bhi);
+    for (j = 0; nb && j < t; j++)
+        if (x[j] >= blo && x[j] < bhi) {
+            if (s->nb < s->bcap) s->bidx[s->nb] = g + (uint64_t)j, s->bval[s->nb] = x[j];
+            s->nb++;
+        }
+}
+
+/* One row's scan (elements off .. off + m of a and b, tensor elements g .. g + m; m and g multiples of 8) in tiles,
+ * the portable way */
+static void scan_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m, uint64_t g,
+                           float f, kl_scan_t *s) {
+    float ta[TILE], tb[TILE];
+    Py_ssize_t o, j;
+    for (o = 0; o < m; o += TILE) {
+        Py_ssize_t t = m - o < TILE ? m - o : TILE;
+        load_tile(ta, a, a_dt, off + o, t);
+        load_tile(tb, b, b_dt, off + o, t);
+        for (j = 0; j < t; j++) ta[j] = fabsf(ta[j] - tb[j]) * f;
+        scan_tile_plain(ta, t, g + (uint64_t)o, s);
+    }
+}
+
+#if HAVE_AVX512VL_PATH
+/* The same with AVX-512: sixteen entries at a time, the collected values and the band's entries compressed into
+ * their lists (in element order, as the portable loop writes them), the bits two bytes at a time: the same bits,
+ * counts and lists. */
+AVX512_KL static void scan_row_avx512(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m,
+                                      uint64_t g, float f, kl_scan_t *s) {
+    const __m512 blo = _mm512_set1_ps(s->blo), bhi = _mm512_set1_ps(s->bhi), vf = _mm512_set1_ps(f);
+    const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    __m512 lo[3], hi[3];
+    float sink[16], *dst[3]; /* a list with no room writes into sink (its count goes on) */
+    Py_ssize_t j, below[3] = {0, 0, 0}, nc[3], nn = 0, nb = s->nb;
+    int q, step[3];
+    for (q = 0; q < 3; q++) {
+        lo[q] = _mm512_set1_ps(s->lo[q]), hi[q] = _mm512_set1_ps(s->hi[q]), nc[q] = s->nc[q];
+        dst[q] = s->over[q] ? sink : s->col[q] + nc[q], step[q] = !s->over[q];
+    }
+    __m512i nv = _mm512_setzero_si512(), bv[3], ones = _mm512_set1_epi32(1);
+    bv[0] = bv[1] = bv[2] = nv;
+    for (j = 0; j < m; j += 16) {
+        __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)0x00ff, band;
+        __m512 v = _mm512_sub_ps(load16_z(a, a_dt, off + j, live), load16_z(b, b_dt, off + j, live));
+        v = _mm512_mul_ps(_mm512_abs_ps(v), vf);
+        nv = _mm512_mask_add_epi32(nv, _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q), nv, ones);
+        for (q = 0; q < 3; q++) { /* no branch: a vector holds a listed entry often, and unpredictably */
+            __mmask16 in = _mm512_mask_cmp_ps_mask(live, v, lo[q], _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, hi[q], _CMP_LT_OQ);
+            bv[q] = _mm512_mask_add_epi32(bv[q], _mm512_mask_cmp_ps_mask(live, v, lo[q], _CMP_LT_OQ), bv[q], ones);
+            if (step[q] && nc[q] + 16 > s->ccap[q]) /* compressed stores write sixteen lanes: no room left */
+                s->over[q] = 1, dst[q] = sink, step[q] = 0;
+            _mm512_storeu_ps(dst[q], _mm512_maskz_compress_ps(in, v));
+            {
+                int c = _mm_popcnt_u32(in);
+                nc[q] += c, dst[q] += c * step[q];
+            }
+        }
+        if (!s->bits) continue;
+        {
+            uint32_t keep = _mm512_mask_cmp_ps_mask(live, v, bhi, _CMP_GE_OQ);
+            uint8_t *bp = s->bits + ((g + (uint64_t)j) >> 3);
+            bp[0] = (uint8_t)keep;
+            if (live == 0xffff) bp[1] = (uint8_t)(keep >> 8);
+        }
+        band = _mm512_mask_cmp_ps_mask(live, v, blo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, bhi, _CMP_LT_OQ);
+        if (band && nb + 16 <= s->bcap) {
+            __m512i i0 = _mm512_add_epi64(_mm512_set1_epi64((long long)(g + (uint64_t)j)), lanes);
+            __m512i i1 = _mm512_add_epi64(i0, _mm512_set1_epi64(8));
+            int c0 = _mm_popcnt_u32(band & 0xffu);
+            _mm512_storeu_ps(s->bval + nb, _mm512_maskz_compress_ps(band, v));
+            _mm512_storeu_si512(s->bidx + nb, _mm512_maskz_compress_epi64((__mmask8)band, i0));
+            _mm512_storeu_si512(s->bidx + nb + c0, _mm512_maskz_compress_epi64((__mmask8)(band >> 8), i1));
+            nb += _mm_popcnt_u32(band);
+        } else if (band) { /* near the end of the room: one at a time, counted past it */
+            float val[16];
+            int l;
+            _mm512_storeu_ps(val, v);
+            for (l = 0; l < 16; l++)
+                if ((band >> l) & 1) {
+                    if (nb < s->bcap) s->bidx[nb] = g + (uint64_t)(j + l), s->bval[nb] = val[l];
+                    nb++;
+                }
+        }
+    }
+    s->nan += nn + _mm512_reduce_add_epi32(nv), s->nb = nb;
+    for (q = 0; q < 3; q++) s->below[q] += below[q] + _mm512_reduce_add_epi32(bv[q]), s->nc[q] = nc[q];
+}
+#endif
+
 /* The loop of row_kl() below: the KL of rows 0 .. rows-1 into out; returns how many I = |a - b| * KL are below 0
- * (in the rows whose KL is). */
+ * (in the rows whose KL is). With scan (row_kl_scan(): the rows are tensor elements g0 .. g0 + rows*m), each row's
+ * I scanned right after its KL, while the row is in cache. */
 static Py_ssize_t run_row_kl(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t rows, Py_ssize_t m,
-                             float *out, int path) {
+                             float *out, int path, kl_scan_t *scan, uint64_t g0) {
     /* the kept exps: m rounded up to 16 for each input (the sixteen-lane loop stores whole vectors) */
     Py_ssize_t room = (m + 15) & ~(Py_ssize_t)15, r, j, below = 0;
     float *scratch = m <= KL_KEEP ? (float *)malloc((size_t)room * 2 * sizeof(float)) : NULL;
@@ -3218,6 +3346,13 @@ static Py_ssize_t run_row_kl(const void *a, int a_dt, const void *b, int b_dt, P
         out[r] = kl_row(form, a, a_dt, b, b_dt, off, m, ea, eb);
         for (j = 0; out[r] < 0.0f && j < m; j++)
             below += fabsf(kl_load1(a, a_dt, off + j) - kl_load1(b, b_dt, off + j)) * out[r] < 0.0f;
+#if HAVE_AVX512VL_PATH
+        if (scan && form == 2) {
+            scan_row_avx512(a, a_dt, b, b_dt, off, m, g0 + (uint64_t)off, out[r], scan);
+            continue;
+        }
+#endif
+        if (scan) scan_row_plain(a, a_dt, b, b_dt, off, m, g0 + (uint64_t)off, out[r], scan);
     }
     free(scratch);
     return below;
@@ -3239,12 +3374,72 @@ static PyObject *native_row_kl(PyObject *self, PyObject *args) {
     }
     ok = ok && check_dt(a_dt) && check_len(&a, a_dt, rows * m, "model") && check_dt(b_dt) &&
          check_len(&b, b_dt, rows * m, "base") && check_len(&out, DT_F32, rows, "output");
-    if (ok) NOGIL_IF(rows * m, below = run_row_kl(a.buf, a_dt, b.buf, b_dt, rows, m, (float *)out.buf, path));
+    if (ok) NOGIL_IF(rows * m, below = run_row_kl(a.buf, a_dt, b.buf, b_dt, rows, m, (float *)out.buf, path, NULL, 0));
     PyBuffer_Release(&a);
     PyBuffer_Release(&b);
     PyBuffer_Release(&out);
     if (!ok) return NULL;
     return PyLong_FromSsize_t(below);
+}
+
+/* row_kl_scan(a, a_dt, b, b_dt, rows, m, out, offset, brackets, lists, bits, band, idx, val[, path]) -> (count of
+ * I < 0, NaN count, (below lo[q] for each q), (listed for each q, -1: more than its list holds), band entries):
+ * row_kl() of rows of m (m a multiple of 8; tensor elements offset .. offset + rows*m, offset a multiple of 8), and
+ * each row's I = |a - b| * KL scanned right after its KL (kl_scan_t): brackets the three pairs (lo[q], hi[q]) of
+ * the quartiles' brackets, lists three float32 buffers for the values inside them; with bits (else None), the bits
+ * of I >= band[1] and the entries with band[0] <= I < band[1] listed in idx (uint64) and val (float32), counted
+ * past their room. path (tests): 0 the fastest loops this CPU has, 1 AVX2 at most, 2 plain C. */
+static PyObject *native_row_kl_scan(PyObject *self, PyObject *args) {
+    PyObject *bits_o;
+    Py_buffer a, b, out, col[3], bits, bidx, bval;
+    int a_dt, b_dt, path = 0, ok = 1, has_bits = 0, q;
+    Py_ssize_t rows, m, below = 0, got[3];
+    unsigned long long offset;
+    float br[6], blo, bhi;
+    kl_scan_t sc = {{0}};
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iy*innw*K((ff)(ff)(ff))(w*w*w*)O(ff)w*w*|i", &a, &a_dt, &b, &b_dt, &rows, &m,
+                          &out, &offset, &br[0], &br[1], &br[2], &br[3], &br[4], &br[5], &col[0], &col[1], &col[2],
+                          &bits_o, &blo, &bhi, &bidx, &bval, &path))
+        return NULL;
+    if (rows < 0 || m < 1 || m % 8 || (offset & 7) || (rows > 0 && m > PY_SSIZE_T_MAX / rows)) {
+        PyErr_SetString(PyExc_ValueError, "row_kl_scan: rows >= 0, m >= 1 a multiple of 8 and so the offset");
+        ok = 0;
+    }
+    ok = ok && check_dt(a_dt) && check_len(&a, a_dt, rows * m, "model") && check_dt(b_dt) &&
+         check_len(&b, b_dt, rows * m, "base") && check_len(&out, DT_F32, rows, "output");
+    if (ok && bits_o != Py_None) {
+        if (PyObject_GetBuffer(bits_o, &bits, PyBUF_WRITABLE) < 0) ok = 0;
+        else if ((has_bits = 1) && bits.len < (Py_ssize_t)((offset + (uint64_t)(rows * m) + 7) >> 3)) {
+            PyErr_SetString(PyExc_ValueError, "row_kl_scan: a bits buffer as long as the tensor's bits");
+            ok = 0;
+        }
+    }
+    if (ok) {
+        for (q = 0; q < 3; q++) {
+            sc.lo[q] = br[2 * q], sc.hi[q] = br[2 * q + 1];
+            sc.col[q] = (float *)col[q].buf, sc.ccap[q] = col[q].len / 4;
+        }
+        sc.blo = blo, sc.bhi = bhi;
+        sc.bits = has_bits ? (uint8_t *)bits.buf : NULL;
+        sc.bidx = (uint64_t *)bidx.buf, sc.bval = (float *)bval.buf;
+        sc.bcap = bidx.len / 8 < bval.len / 4 ? bidx.len / 8 : bval.len / 4;
+        NOGIL_IF(rows * m, below = run_row_kl(a.buf, a_dt, b.buf, b_dt, rows, m, (float *)out.buf, path, &sc,
+                                              (uint64_t)offset));
+    }
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    PyBuffer_Release(&out);
+    for (q = 0; q < 3; q++) {
+        PyBuffer_Release(&col[q]);
+        got[q] = sc.over[q] || sc.nc[q] > sc.ccap[q] ? (Py_ssize_t)-1 : sc.nc[q];
+    }
+    PyBuffer_Release(&bidx);
+    PyBuffer_Release(&bval);
+    if (has_bits) PyBuffer_Release(&bits);
+    if (!ok) return NULL;
+    return Py_BuildValue("nn(nnn)(nnn)n", below, sc.nan, sc.below[0], sc.below[1], sc.below[2], got[0], got[1], got[2],
+                         sc.nb);
 }
 
 /* importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits[, part]) -> count of I < 0: arcee_fusion's
@@ -3969,6 +4164,10 @@ static PyMethodDef methods[] = {
     {"row_kl", native_row_kl, METH_VARARGS,
      "row_kl(a, a_dt, b, b_dt, rows, m, out[, path]) -> count of I < 0; the rows' KL(softmax(a) + 1e-8 || "
      "softmax(b) + 1e-8) into out (arcee_fusion)"},
+    {"row_kl_scan", native_row_kl_scan, METH_VARARGS,
+     "row_kl_scan(a, a_dt, b, b_dt, rows, m, out, offset, brackets, lists, bits, band, idx, val[, path]) -> (count "
+     "of I < 0, NaN count, below each bracket, listed in each, band entries): row_kl with each row's I scanned "
+     "(arcee_fusion)"},
     {"della", native_della, METH_VARARGS,
      "della(terms, b, b_dt, rows, m, elem_offset[, path]) -> [(l1, kept), ...]; DELLA's keep bits of each term "
      "(a, a_dt, key, xl, xh, bits) (path 0: the fastest loops, 1: AVX2 at most, 2: plain C)"},

@@ -278,6 +278,56 @@ def test_arcee_fusion_keep_bits_from_the_level1_pass(monkeypatch, room: str, bra
     assert settled == [room == "enough"]
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["settled", "kl below 0", "nan row", "bracket missed", "no room to list", "no room in the band", "unbounded"],
+)
+def test_arcee_fusion_quartiles_and_bits_from_the_kl_pass(monkeypatch, case: str) -> None:
+    """The quartiles and keep bits made in the rows' KL pass from a sample's brackets (rows of a multiple of 8): the
+    torch function's bits — whose quartiles come from a selection over the whole — where the pass settles them; and
+    where it cannot (rows whose KL rounds below 0 or not, as noise decides, so the sample's rows disagree: wide
+    brackets; a NaN row outside the sample, a quartile outside its bracket, no room to list the values inside, no
+    room for the band's entries or a bracket without a finite end), through the passes of before or the bits' own
+    pass, with the same bits."""
+    from capmerge.merge.methods import arcee_fusion as A
+    from capmerge.merge.methods.models import TensorInputs
+
+    monkeypatch.setattr(plan, "BRACKET_MIN", 1 << 12)
+    monkeypatch.setattr(A, "SCAN_SAMPLE", 1 << 12)
+    monkeypatch.setattr(A, "SCAN_ROWS", 64)
+    monkeypatch.setattr(A, "SCAN_RUNS", 16)
+    monkeypatch.setattr(A, "KL_BLOCK", 1 << 14)  # blocks of 32 rows, on three threads
+    monkeypatch.setenv("CAPMERGE_THREADS", "3")
+    if case == "bracket missed":
+        monkeypatch.setattr(A, "SCAN_SIGMAS", 0.0)
+        monkeypatch.setattr(A, "SCAN_SLACK", 0.0)
+    elif case == "no room to list":
+        monkeypatch.setattr(A, "LIST_SHARE", 1 << 30)
+    elif case == "no room in the band":
+        monkeypatch.setattr(A, "BAND_MIN", 1)
+        monkeypatch.setattr(A, "BAND_SHARE", 1 << 30)
+    elif case == "unbounded":
+        monkeypatch.setattr(A, "SCAN_SLACK", 0.3)  # Q(¾)'s bracket reaches past the sample's largest: no end
+        monkeypatch.setattr(A, "LIST_SHARE", 1)
+    routes: list[object] = []
+    scanned = A._scanned
+    monkeypatch.setattr(A, "_scanned", lambda *a: routes.append((got := scanned(*a)) and got[2]) or got)
+    g = torch.Generator().manual_seed(7)
+    small = case == "kl below 0"
+    base = torch.randn(600, 512, generator=g) * (0.05 if small else 1.0)
+    scale = (1 + 0.1 * torch.rand(600, 1, generator=g)) * (2e-4 if small else 1.0)  # rows of about one spread
+    model = base + torch.randn(600, 512, generator=g) * scale
+    if case == "nan row":
+        model[9, 100] = float("nan")  # the sample's runs start at rows 0, 39, 79, ...: not in it
+    if small:
+        below = float(((model - base).abs() * A.row_kl(model, base).unsqueeze(-1) < 0).float().mean())
+        assert 0.25 < below < 0.5  # Q(¼) among the I < 0
+    x = TensorInputs("w", [model], [{}], {}, base=base)
+    assert torch.equal(A.MODEL_METHODS[0].fn(x).view(torch.int32), A._arcee_fusion(x).view(torch.int32))
+    want = {"settled": True, "no room in the band": float, "unbounded": float}.get(case, False)
+    assert len(routes) == 1 and (routes[0] is want or isinstance(routes[0], float) and want is float)
+
+
 @pytest.mark.parametrize("method", ["arcee_fusion", "sce"])
 @pytest.mark.parametrize("bracket", [True, False])
 def test_non_finite_changes_that_are_dropped_leave_the_base(monkeypatch, method: str, bracket: bool) -> None:

@@ -835,6 +835,69 @@ def test_row_kl_against_a_float64_reference(m: int, codes: tuple[int, int]) -> N
         _native.row_kl(_mv(a), codes[0], _mv(b), codes[1], rows + 1, m, np.empty(rows + 1, np.float32))
 
 
+@pytest.mark.parametrize("codes", [(2, 2), (1, 0), (0, 0)])
+@pytest.mark.parametrize("m", [8, 520, 4104])
+def test_row_kl_scan_counts_lists_and_bits_as_numpy_does(m: int, codes: tuple[int, int]) -> None:
+    """row_kl_scan(): the rows' KL as row_kl() makes it, and of I = |a − b|·KL (float32, as importance() makes it)
+    what numpy finds in it: how many lie below each bracket's lo, the values inside each [lo, hi) in element order,
+    the NaN count (a NaN row), the bits of I ≥ hi of the band and the band's entries (index in the tensor, I) in
+    order, at an offset that is not 0; with no room, a list reports -1 and the band counts on past its room, the
+    ones written still the first. The AVX-512, AVX2 and plain C loops give the same results."""
+    from capmerge import _native
+
+    dts = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
+    g = torch.Generator().manual_seed(m)
+    rows = 24
+    base = torch.randn(rows, m, generator=g)
+    model = base + torch.randn(rows, m, generator=g) * torch.rand(rows, 1, generator=g)
+    a, b = model.to(dts[codes[0]]), base.to(dts[codes[1]])
+    a[5, m // 2] = float("nan")  # a NaN row
+    kl = np.empty(rows, dtype=np.float32)
+    _native.row_kl(_mv(a), codes[0], _mv(b), codes[1], rows, m, kl)
+    i = (np.abs(a.float().numpy() - b.float().numpy()) * kl[:, None]).astype(np.float32).reshape(-1)
+    fin = np.sort(i[~np.isnan(i)])
+    at = [fin[int(q * len(fin))] for q in (0.2, 0.25, 0.45, 0.55, 0.7, 0.8, 0.9, 0.95)]
+    brackets = ((at[0], at[1]), (at[2], at[3]), (at[4], at[5]))
+    band = (at[6], at[7])
+    n, offset = rows * m, 16
+    want_lists = [i[(i >= lo) & (i < hi)] for lo, hi in brackets]
+    inside = (i >= band[0]) & (i < band[1])
+    want_bits = np.packbits(np.concatenate([np.zeros(offset, bool), i >= band[1]]), bitorder="little")
+    results = []
+    for path in (0, 1, 2):
+        for room in ("enough", "none"):
+            size = n if room == "enough" else 4
+            lists = tuple(np.zeros(n if room == "enough" else 0, dtype=np.float32) for _ in range(3))
+            bits = np.zeros((offset + n + 7) // 8 + 1, dtype=np.uint8)
+            idx, val = np.zeros(size, dtype=np.uint64), np.zeros(size, dtype=np.float32)
+            out = np.empty(rows, dtype=np.float32)
+            args = (rows, m, out, offset, brackets, lists, bits, band, idx, val, path)
+            below, nan, under, listed, nb = _native.row_kl_scan(_mv(a), codes[0], _mv(b), codes[1], *args)
+            assert out.tobytes() == kl.tobytes() and below == 0 and nan == m
+            assert under == tuple(int((i < lo).sum()) for lo, _ in brackets)
+            assert np.array_equal(bits[: len(want_bits)], want_bits) and not bits[len(want_bits) :].any()
+            assert nb == int(inside.sum()) > size or room == "enough"
+            k = min(nb, size)
+            assert np.array_equal(idx[:k], offset + np.flatnonzero(inside)[:k]) and np.array_equal(
+                val[:k], i[inside][:k]
+            )
+            if room == "enough":
+                assert listed == tuple(len(w) for w in want_lists)
+                assert all(np.array_equal(x[: len(w)], w) for x, w in zip(lists, want_lists, strict=True))
+            else:
+                assert listed == (-1, -1, -1)
+            results.append((room, out.tobytes(), under, listed, nb, bits.tobytes(), idx.tobytes(), val.tobytes()))
+    assert all(r == results[j % 2] for j, r in enumerate(results))
+    # without bits: none written, no band listed; a bad row length is refused
+    lists = tuple(np.zeros(n, dtype=np.float32) for _ in range(3))
+    got = _native.row_kl_scan(
+        _mv(a), codes[0], _mv(b), codes[1], rows, m, out, 0, brackets, lists, None, band, idx, val
+    )
+    assert got[2:4] == (results[0][2], results[0][3]) and got[4] == 0
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _native.row_kl_scan(_mv(a), codes[0], _mv(b), codes[1], 1, 4, out, 0, brackets, lists, None, band, idx, val)
+
+
 def test_every_cpu_cap_writes_the_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """CAPMERGE_NATIVE_CPU caps the native loops (avx2: no AVX-512 loop; baseline: plain C): each configuration the
     methods benchmark times (all eighteen methods, bf16) writes the same bytes under every cap, on checkpoints with

@@ -12,11 +12,12 @@ such tensors its threshold — and output — varies from run to run.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from capmerge.merge import compute
+from capmerge.merge import compute, plan
 from capmerge.merge.methods import blockform as B
 from capmerge.merge.methods.models import ModelMethod, TensorInputs
 from capmerge.merge.plan import float32_of
@@ -80,10 +81,11 @@ def row_kl(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 def _form(s: B.Spec) -> B.Finish | None:
-    """The block form: the rows' KL from blocks of whole rows (native, float32, one number per row kept); the three
-    quantiles of I = |θ₁ − θ₀|·KL_row by an exact threshold pass over I made block by block (native
+    """The block form: where a sample brackets the quartiles, one pass makes the rows' KL, the quartiles and the keep
+    bits (:func:`_scanned`). Else the rows' KL from blocks of whole rows (native, float32, one number per row kept);
+    the three quantiles of I = |θ₁ − θ₀|·KL_row by an exact threshold pass over I made block by block (native
     ``importance``, never stored whole; a KL that rounds below 0 puts its row's I below 0, ranked first by magnitude
-    as in the sorted order); a pass for the keep bits of I ≥ threshold; the kernel adds the kept changes to θ₀.
+    as in the sorted order); a pass for the keep bits of I ≥ threshold. The kernel adds the kept changes to θ₀.
     Without the native kernel, a tensor of no dimension or an empty one: ``fn``'s torch code (the runner gives the
     form float32/16/bf16 inputs only, and ``fn`` gives it float32)."""
     if not s.has_base or s.n_models != 1 or not s.shape or s.numel == 0 or not compute.native_available():
@@ -94,11 +96,29 @@ def _form(s: B.Spec) -> B.Finish | None:
         from capmerge.merge.compute import _native
         from capmerge.merge.plan import ThreadScratch, kth_largest_abs_many
 
-        kl, z = _kl_rows(st, m)  # z: how many entries of I are below 0 (they rank first, by their magnitude)
-        klb = memoryview(kl).cast("B")
         codes = [compute.NATIVE_CODES[c] for c in st.codes]
-        scratch = ThreadScratch()
         bits = np.zeros((n + 7) // 8, dtype=np.uint8)
+        ranks = [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)]
+        scanned = _scanned(st, m, ranks, bits) if FUSED and m % 8 == 0 and n >= plan.BRACKET_MIN else None
+        # z: how many entries of I are below 0 (they rank first, by their magnitude)
+        kl, z = scanned[:2] if scanned is not None else _kl_rows(st, m)
+        klb = memoryview(kl).cast("B")
+
+        def bits_pass(thr: float) -> B.Combo:
+            def block(a: int) -> None:
+                e = min(n, a + B.STAT_BLOCK)
+                _native.importance(st.read(1, a, e), codes[1], st.read(0, a, e), codes[0], e - a, a, m, klb, thr,
+                                   None, bits)  # fmt: skip
+
+            B.map_blocks(block, range(0, n, B.STAT_BLOCK))
+            return combo
+
+        combo = B.Combo([B.Term(0, 1.0, (B.BITS, 0.0, 0.0, 0), bits)], relative=True, with_base=True)
+        if scanned is not None and scanned[2] is True:  # the quartiles and the keep bits from the KL's own pass
+            return combo
+        if scanned is not None and scanned[2] is not False:  # the quartiles: the bits by a pass of their own
+            return bits_pass(scanned[2])
+        scratch = ThreadScratch()
         band = _Band()
 
         def importance_of(i: int, a: int, e: int) -> memoryview:
@@ -116,8 +136,6 @@ def _form(s: B.Spec) -> B.Finish | None:
             band.add(e - a, idx[:count], val[:count], count <= cap)
             return out
 
-        ranks = [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)]
-
         quartiles = [(0, n - r) if r >= z else (1, r + 1) for r in ranks]  # (input, k) of Q(¼), Q(½), Q(¾)
 
         def before_level1(found: dict[int, dict[int, tuple[int, int]]], known: list[dict[int, float]]) -> None:
@@ -128,18 +146,11 @@ def _form(s: B.Spec) -> B.Finish | None:
         top, low = kth_largest_abs_many(importance_of, items, None, "F32", n, before_level1=before_level1)
         q1, median, q3 = (np.float32(top[n - r] if r >= z else -low[r + 1]) for r in ranks)
         thr = float(median + np.float32(1.5) * (q3 - q1))
-        if band.settles(n, thr):
-            kept = band.kept(np.float32(thr))
-            np.bitwise_or.at(bits, kept >> 3, np.left_shift(1, kept & 7).astype(np.uint8))
-        else:
-
-            def block(a: int) -> None:
-                e = min(n, a + B.STAT_BLOCK)
-                _native.importance(st.read(1, a, e), codes[1], st.read(0, a, e), codes[0], e - a, a, m, klb, thr,
-                                   None, bits)  # fmt: skip
-
-            B.map_blocks(block, range(0, n, B.STAT_BLOCK))
-        return B.Combo([B.Term(0, 1.0, (B.BITS, 0.0, 0.0, 0), bits)], relative=True, with_base=True)
+        if not band.settles(n, thr):
+            return bits_pass(thr)
+        kept = band.kept(np.float32(thr))
+        np.bitwise_or.at(bits, kept >> 3, np.left_shift(1, kept & 7).astype(np.uint8))
+        return combo
 
     return finish
 
@@ -190,6 +201,116 @@ def _threshold_bounds(quartiles: list[tuple[int, int]], bins: dict[int, dict[int
     lo = lows[1] + np.float32(1.5) * (lows[2] - highs[0])
     hi = highs[1] + np.float32(1.5) * (highs[2] - lows[0])
     return (float(lo), float(hi)) if np.isfinite(lo) and np.isfinite(hi) else None
+
+
+FUSED = True  # the quartiles and the keep bits from the rows' KL pass where a sample brackets them (_scanned)
+SCAN_SAMPLE, SCAN_ROWS = 1 << 18, 128  # the sample: whole rows spread evenly, this many entries and rows at least
+SCAN_RUNS = 32  # ... in this many runs of neighbouring rows (read together)
+SCAN_VALUES = 1 << 16  # ... of which about this many are ranked (in each row, columns evenly spaced)
+SCAN_SIGMAS, SCAN_SLACK = 4.0, 0.002  # a bracket spans ranks r/n ± (SIGMAS standard errors + SLACK)
+LIST_SHARE = 8  # a block of the fused pass lists up to its entries / SHARE values inside each bracket
+
+
+def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int, bool | float] | None:
+    """The quartiles Q(¼), Q(½), Q(¾) of I = |θ₁ − θ₀|·KL_row and the keep bits of I ≥ threshold in the pass that
+    makes the rows' KL (native ``row_kl_scan``: each row's I scanned while the row is in cache), where
+    :func:`_kl_rows` and two passes of the threshold selection over both inputs did it before.
+
+    A sample of whole rows (at least SCAN_SAMPLE entries and SCAN_ROWS rows, in SCAN_RUNS runs spread evenly;
+    their KL and I made alone; about SCAN_VALUES of their values ranked) brackets each quartile: ranks r/n ±
+    (SCAN_SIGMAS standard errors + SCAN_SLACK) of the sample, the standard error from how much the rows disagree.
+    The pass counts the I below each bracket and lists those inside it (a per cent or two of the entries); a
+    quartile whose rank falls among its listed values is the value of that rank among them (exact, as the sorted
+    order: no estimate). A miss costs time only: the passes of before.
+
+    From the brackets' bounds the threshold Q(½) + 1.5·(Q(¾) − Q(¼)) lies in [lo, hi] (the same float32 operations
+    on the bounds: each is monotone), so the pass also sets the bits of I ≥ hi and lists the entries between,
+    decided once the threshold is known, as the level-1 pass's band does (:class:`_Band`).
+
+    Returns (the rows' KL, how many I < 0, True) when that settled the bits (``bits`` holds them); (KL, count, the
+    threshold) when it settled the quartiles only (a band with no room, or unbounded: the bits by a pass of their
+    own); (KL, count, False) when it did not — a NaN, a quartile outside its bracket or values with no room —
+    ``bits`` cleared and the KL kept for the passes of before; None (nothing made) for a tensor of fewer than eight
+    samples' rows or a sample holding NaN."""
+    from capmerge.merge.compute import _native
+    from capmerge.merge.plan import ThreadScratch
+
+    n = st.numel
+    rows = n // m
+    count = max(SCAN_ROWS, -(-SCAN_SAMPLE // m))
+    if rows < 8 * count:
+        return None
+    codes = [compute.NATIVE_CODES[c] for c in st.codes]
+    run = -(-count // SCAN_RUNS)  # rows read together
+    count = run * SCAN_RUNS
+    sample = np.empty((count, m), dtype=np.float32)
+    kl = np.empty(run, dtype=np.float32)
+    for i in range(SCAN_RUNS):
+        r = i * (rows - run) // (SCAN_RUNS - 1)
+        a, b = st.read(1, r * m, (r + run) * m), st.read(0, r * m, (r + run) * m)
+        _native.row_kl(a, codes[1], b, codes[0], run, m, kl)
+        _native.importance(a, codes[1], b, codes[0], run * m, 0, m, kl, 0.0, sample[i * run : (i + 1) * run], None, 0)
+    if np.isnan(sample).any():
+        return None
+    sample = sample[:, :: max(1, count * m // SCAN_VALUES)]  # every row, columns evenly spaced: the values ranked
+    size = sample.size
+    fs = [r / (n - 1) if n > 1 else 0.0 for r in ranks]
+    middle = [round(f * (size - 1)) for f in fs]
+    flat = np.partition(sample, middle, axis=None)
+    ends = []  # each quartile's bracket: sample ranks from lo_i to hi_i
+    for f, t in zip(fs, flat[middle], strict=True):
+        d = SCAN_SIGMAS * float((sample < t).mean(axis=1).std()) / math.sqrt(count) + SCAN_SLACK
+        ends.append((math.floor((f - d) * (size - 1)), math.ceil((f + d) * (size - 1))))
+    flat = np.partition(flat, sorted({min(size - 1, max(0, i)) for pair in ends for i in pair}))
+    up, big = np.float32(np.inf), math.inf
+    brackets = [(float(flat[lo]) if lo >= 0 else -big, float(np.nextafter(flat[hi], up)) if hi < size else big)
+                for lo, hi in ends]  # fmt: skip
+    f32 = np.float32
+    (l1, h1), (l2, h2), (l3, h3) = ((f32(lo), f32(hi)) for lo, hi in brackets)
+    with np.errstate(over="ignore", invalid="ignore"):
+        blo, bhi = l2 + f32(1.5) * (l3 - h1), h2 + f32(1.5) * (h3 - l1)
+    banded = bool(np.isfinite(blo) and np.isfinite(bhi))
+    kl = np.empty(rows, dtype=np.float32)
+    step = max(1, KL_BLOCK // m)
+    scratch = ThreadScratch()
+    band = (float(blo), float(bhi)) if banded else (0.0, 0.0)
+
+    def block(r0: int) -> tuple[Any, ...]:
+        r1 = min(rows, r0 + step)
+        s, e = r0 * m, r1 * m
+        room, cap = (e - s) // LIST_SHARE + 16, (max(BAND_MIN, (e - s) // BAND_SHARE) + 16) * banded
+        buf = np.frombuffer(scratch.get(4 * (3 * room + 3 * cap)), dtype=np.uint8)
+        lists = [buf[4 * q * room : 4 * (q + 1) * room].view(np.float32) for q in range(3)]
+        idx, val = buf[12 * room : 12 * room + 8 * cap].view(np.uint64), buf[12 * room + 8 * cap :].view(np.float32)
+        z, nan, below, got, nb = _native.row_kl_scan(st.read(1, s, e), codes[1], st.read(0, s, e), codes[0], r1 - r0,
+                                                     m, kl[r0:r1], s, brackets, lists, bits if banded else None,
+                                                     band, idx, val)  # fmt: skip
+        listed = [x[:c].copy() if c >= 0 else None for x, c in zip(lists, got, strict=True)]
+        return z, nan, below, listed, idx[:nb].copy(), val[:nb].copy(), nb <= cap
+
+    parts = B.map_blocks(block, range(0, rows, step))
+    z = sum(p[0] for p in parts)
+    values = []
+    for q, r in enumerate(ranks):
+        k = r - sum(p[2][q] for p in parts)
+        if any(p[1] or p[3][q] is None for p in parts):  # a NaN, or values with no room
+            break
+        inside = np.concatenate([p[3][q] for p in parts])
+        if not 0 <= k < len(inside):
+            break
+        values.append(np.partition(inside, k)[k])
+    if len(values) < 3:
+        bits.fill(0)
+        return kl, z, False
+    q1, median, q3 = values
+    thr = median + f32(1.5) * (q3 - q1)
+    if banded and all(p[6] for p in parts) and blo <= thr <= bhi:
+        idx, val = np.concatenate([p[4] for p in parts]), np.concatenate([p[5] for p in parts])
+        kept = idx[val >= thr]
+        np.bitwise_or.at(bits, kept >> 3, np.left_shift(1, kept & 7).astype(np.uint8))
+        return kl, z, True
+    bits.fill(0)
+    return kl, z, float(thr)  # the bits by a pass of their own
 
 
 KL_BLOCK = 1 << 18  # entries per block of the rows' KL (whole rows)

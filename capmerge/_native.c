@@ -3199,40 +3199,42 @@ static float kl_row(int form, const void *a, int a_dt, const void *b, int b_dt, 
 
 /* row_kl_scan's account of I = |a - b| * KL over the rows it reads (arcee_fusion's importance, in float32 as
  * importance() makes it), for the quartiles and the keep bits in the same pass as the KL: how many I lie below each
- * quartile's bracket lo[q] and the values inside it, lo[q] <= I < hi[q] (listed in col[q], in element order), the
- * NaN count, and with bits the bits of I >= bhi and the entries with blo <= I < bhi listed (index, I). The counts go
- * on past a list's room (the later entries not written): over[q] for a quartile's, nb > bcap for the band's. */
+ * quartile's bracket lo[q], the values inside any bracket, lo[q] <= I < hi[q] (listed in col, in element order),
+ * the NaN count, and with bits the bits of I >= bhi and the entries with blo <= I < bhi listed (index, I). The
+ * counts go on past a list's room (the later entries not written): over for the brackets', nb > bcap for the
+ * band's. */
 typedef struct {
     float lo[3], hi[3], blo, bhi;
     uint8_t *bits; /* the tensor's keep bits (element g at bits[g / 8]), or NULL: no bits, no band */
-    float *col[3];
+    float *col;
     uint64_t *bidx;
     float *bval;
-    Py_ssize_t ccap[3], nc[3], bcap, nb, below[3], nan;
-    int over[3];
+    Py_ssize_t ccap, nc, bcap, nb, below[3], nan;
+    int over;
 } kl_scan_t;
 
 /* One tile's part of the scan: x the I of elements g .. g + t (g and t multiples of 8); the portable loops (the
  * counts vectorize; the collection writes every value and moves on only past those inside, no branch per entry) */
 static void scan_tile_plain(const float *x, Py_ssize_t t, uint64_t g, kl_scan_t *s) {
+    const float l0 = s->lo[0], l1 = s->lo[1], l2 = s->lo[2], h0 = s->hi[0], h1 = s->hi[1], h2 = s->hi[2];
     const float blo = s->blo, bhi = s->bhi;
-    Py_ssize_t j, nn = 0, nb = 0;
-    int q;
-    for (j = 0; j < t; j++) nn += x[j] != x[j];
-    s->nan += nn;
-    for (q = 0; q < 3; q++) {
-        const float lo = s->lo[q], hi = s->hi[q];
-        Py_ssize_t below = 0, in = 0;
-        for (j = 0; j < t; j++) below += x[j] < lo, in += (x[j] >= lo) & (x[j] < hi);
-        s->below[q] += below;
-        if (in && s->nc[q] + t > s->ccap[q]) s->over[q] = 1;
-        if (in && !s->over[q]) {
-            float *c = s->col[q] + s->nc[q];
-            Py_ssize_t k = 0;
-            for (j = 0; j < t; j++) c[k] = x[j], k += (x[j] >= lo) & (x[j] < hi);
-        }
-        s->nc[q] += in;
+    Py_ssize_t j, nn = 0, n0 = 0, n1 = 0, n2 = 0, in = 0, nb = 0;
+    for (j = 0; j < t; j++) {
+        float v = x[j];
+        nn += v != v, n0 += v < l0, n1 += v < l1, n2 += v < l2;
+        in += ((v >= l0) & (v < h0)) | ((v >= l1) & (v < h1)) | ((v >= l2) & (v < h2));
     }
+    s->nan += nn, s->below[0] += n0, s->below[1] += n1, s->below[2] += n2;
+    if (in && s->nc + t > s->ccap) s->over = 1;
+    if (in && !s->over) {
+        float *c = s->col + s->nc;
+        Py_ssize_t k = 0;
+        for (j = 0; j < t; j++) {
+            float v = x[j];
+            c[k] = v, k += ((v >= l0) & (v < h0)) | ((v >= l1) & (v < h1)) | ((v >= l2) & (v < h2));
+        }
+    }
+    s->nc += in;
     if (!s->bits) return;
     set_bits_ge(x, 0, t, bhi, s->bits + (g >> 3));
     for (j = 0; j < t; j++) nb += (x[j] >= blo) & (x[j] < bhi);
@@ -3267,30 +3269,28 @@ AVX512_KL static void scan_row_avx512(const void *a, int a_dt, const void *b, in
     const __m512 blo = _mm512_set1_ps(s->blo), bhi = _mm512_set1_ps(s->bhi), vf = _mm512_set1_ps(f);
     const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
     __m512 lo[3], hi[3];
-    float sink[16], *dst[3]; /* a list with no room writes into sink (its count goes on) */
-    Py_ssize_t j, below[3] = {0, 0, 0}, nc[3], nn = 0, nb = s->nb;
-    int q, step[3];
-    for (q = 0; q < 3; q++) {
-        lo[q] = _mm512_set1_ps(s->lo[q]), hi[q] = _mm512_set1_ps(s->hi[q]), nc[q] = s->nc[q];
-        dst[q] = s->over[q] ? sink : s->col[q] + nc[q], step[q] = !s->over[q];
-    }
     __m512i nv = _mm512_setzero_si512(), bv[3], ones = _mm512_set1_epi32(1);
-    bv[0] = bv[1] = bv[2] = nv;
+    float sink[16], *dst = s->over ? sink : s->col + s->nc; /* no room left: written into sink, counted on */
+    Py_ssize_t j, nc = s->nc, nb = s->nb;
+    int q, step = !s->over;
+    for (q = 0; q < 3; q++) lo[q] = _mm512_set1_ps(s->lo[q]), hi[q] = _mm512_set1_ps(s->hi[q]), bv[q] = nv;
     for (j = 0; j < m; j += 16) {
-        __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)0x00ff, band;
+        __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)0x00ff, band, nan, in = 0;
         __m512 v = _mm512_sub_ps(load16_z(a, a_dt, off + j, live), load16_z(b, b_dt, off + j, live));
         v = _mm512_mul_ps(_mm512_abs_ps(v), vf);
-        nv = _mm512_mask_add_epi32(nv, _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q), nv, ones);
-        for (q = 0; q < 3; q++) { /* no branch: a vector holds a listed entry often, and unpredictably */
-            __mmask16 in = _mm512_mask_cmp_ps_mask(live, v, lo[q], _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, hi[q], _CMP_LT_OQ);
-            bv[q] = _mm512_mask_add_epi32(bv[q], _mm512_mask_cmp_ps_mask(live, v, lo[q], _CMP_LT_OQ), bv[q], ones);
-            if (step[q] && nc[q] + 16 > s->ccap[q]) /* compressed stores write sixteen lanes: no room left */
-                s->over[q] = 1, dst[q] = sink, step[q] = 0;
-            _mm512_storeu_ps(dst[q], _mm512_maskz_compress_ps(in, v));
-            {
-                int c = _mm_popcnt_u32(in);
-                nc[q] += c, dst[q] += c * step[q];
-            }
+        nan = _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q);
+        nv = _mm512_mask_add_epi32(nv, nan, nv, ones);
+        for (q = 0; q < 3; q++) { /* below lo, and not NaN nor below: at or above lo */
+            __mmask16 below = _mm512_mask_cmp_ps_mask(live, v, lo[q], _CMP_LT_OQ);
+            bv[q] = _mm512_mask_add_epi32(bv[q], below, bv[q], ones);
+            in |= _mm512_mask_cmp_ps_mask((__mmask16)(live & ~below & ~nan), v, hi[q], _CMP_LT_OQ);
+        }
+        if (step && nc + 16 > s->ccap) /* a compressed store writes sixteen lanes: no room left */
+            s->over = 1, dst = sink, step = 0;
+        _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(in, v)); /* no branch: often some, unpredictably */
+        {
+            int c = _mm_popcnt_u32(in);
+            nc += c, dst += c * step;
         }
         if (!s->bits) continue;
         {
@@ -3319,8 +3319,8 @@ AVX512_KL static void scan_row_avx512(const void *a, int a_dt, const void *b, in
                 }
         }
     }
-    s->nan += nn + _mm512_reduce_add_epi32(nv), s->nb = nb;
-    for (q = 0; q < 3; q++) s->below[q] += below[q] + _mm512_reduce_add_epi32(bv[q]), s->nc[q] = nc[q];
+    s->nan += _mm512_reduce_add_epi32(nv), s->nb = nb, s->nc = nc;
+    for (q = 0; q < 3; q++) s->below[q] += _mm512_reduce_add_epi32(bv[q]);
 }
 #endif
 
@@ -3382,25 +3382,25 @@ static PyObject *native_row_kl(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(below);
 }
 
-/* row_kl_scan(a, a_dt, b, b_dt, rows, m, out, offset, brackets, lists, bits, band, idx, val[, path]) -> (count of
- * I < 0, NaN count, (below lo[q] for each q), (listed for each q, -1: more than its list holds), band entries):
- * row_kl() of rows of m (m a multiple of 8; tensor elements offset .. offset + rows*m, offset a multiple of 8), and
- * each row's I = |a - b| * KL scanned right after its KL (kl_scan_t): brackets the three pairs (lo[q], hi[q]) of
- * the quartiles' brackets, lists three float32 buffers for the values inside them; with bits (else None), the bits
+/* row_kl_scan(a, a_dt, b, b_dt, rows, m, out, offset, brackets, col, bits, band, idx, val[, path]) -> (count of
+ * I < 0, NaN count, (below lo[q] for each q), listed (-1: more than col holds), band entries): row_kl() of rows of m
+ * (m a multiple of 8; tensor elements offset .. offset + rows*m, offset a multiple of 8), and each row's
+ * I = |a - b| * KL scanned right after its KL (kl_scan_t): brackets the three pairs (lo[q], hi[q]) of the
+ * quartiles' brackets, col a float32 buffer for the values inside any of them; with bits (else None), the bits
  * of I >= band[1] and the entries with band[0] <= I < band[1] listed in idx (uint64) and val (float32), counted
  * past their room. path (tests): 0 the fastest loops this CPU has, 1 AVX2 at most, 2 plain C. */
 static PyObject *native_row_kl_scan(PyObject *self, PyObject *args) {
     PyObject *bits_o;
-    Py_buffer a, b, out, col[3], bits, bidx, bval;
+    Py_buffer a, b, out, col, bits, bidx, bval;
     int a_dt, b_dt, path = 0, ok = 1, has_bits = 0, q;
-    Py_ssize_t rows, m, below = 0, got[3];
+    Py_ssize_t rows, m, below = 0;
     unsigned long long offset;
     float br[6], blo, bhi;
     kl_scan_t sc = {{0}};
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*iy*innw*K((ff)(ff)(ff))(w*w*w*)O(ff)w*w*|i", &a, &a_dt, &b, &b_dt, &rows, &m,
-                          &out, &offset, &br[0], &br[1], &br[2], &br[3], &br[4], &br[5], &col[0], &col[1], &col[2],
-                          &bits_o, &blo, &bhi, &bidx, &bval, &path))
+    if (!PyArg_ParseTuple(args, "y*iy*innw*K((ff)(ff)(ff))w*O(ff)w*w*|i", &a, &a_dt, &b, &b_dt, &rows, &m, &out,
+                          &offset, &br[0], &br[1], &br[2], &br[3], &br[4], &br[5], &col, &bits_o, &blo, &bhi, &bidx,
+                          &bval, &path))
         return NULL;
     if (rows < 0 || m < 1 || m % 8 || (offset & 7) || (rows > 0 && m > PY_SSIZE_T_MAX / rows)) {
         PyErr_SetString(PyExc_ValueError, "row_kl_scan: rows >= 0, m >= 1 a multiple of 8 and so the offset");
@@ -3416,10 +3416,8 @@ static PyObject *native_row_kl_scan(PyObject *self, PyObject *args) {
         }
     }
     if (ok) {
-        for (q = 0; q < 3; q++) {
-            sc.lo[q] = br[2 * q], sc.hi[q] = br[2 * q + 1];
-            sc.col[q] = (float *)col[q].buf, sc.ccap[q] = col[q].len / 4;
-        }
+        for (q = 0; q < 3; q++) sc.lo[q] = br[2 * q], sc.hi[q] = br[2 * q + 1];
+        sc.col = (float *)col.buf, sc.ccap = col.len / 4;
         sc.blo = blo, sc.bhi = bhi;
         sc.bits = has_bits ? (uint8_t *)bits.buf : NULL;
         sc.bidx = (uint64_t *)bidx.buf, sc.bval = (float *)bval.buf;
@@ -3430,16 +3428,13 @@ static PyObject *native_row_kl_scan(PyObject *self, PyObject *args) {
     PyBuffer_Release(&a);
     PyBuffer_Release(&b);
     PyBuffer_Release(&out);
-    for (q = 0; q < 3; q++) {
-        PyBuffer_Release(&col[q]);
-        got[q] = sc.over[q] || sc.nc[q] > sc.ccap[q] ? (Py_ssize_t)-1 : sc.nc[q];
-    }
+    PyBuffer_Release(&col);
     PyBuffer_Release(&bidx);
     PyBuffer_Release(&bval);
     if (has_bits) PyBuffer_Release(&bits);
     if (!ok) return NULL;
-    return Py_BuildValue("nn(nnn)(nnn)n", below, sc.nan, sc.below[0], sc.below[1], sc.below[2], got[0], got[1], got[2],
-                         sc.nb);
+    return Py_BuildValue("nn(nnn)nn", below, sc.nan, sc.below[0], sc.below[1], sc.below[2],
+                         sc.over || sc.nc > sc.ccap ? (Py_ssize_t)-1 : sc.nc, sc.nb);
 }
 
 /* importance(a, a_dt, b, b_dt, n, offset, m, scale, thr, out, bits[, part]) -> count of I < 0: arcee_fusion's
@@ -4165,8 +4160,8 @@ static PyMethodDef methods[] = {
      "row_kl(a, a_dt, b, b_dt, rows, m, out[, path]) -> count of I < 0; the rows' KL(softmax(a) + 1e-8 || "
      "softmax(b) + 1e-8) into out (arcee_fusion)"},
     {"row_kl_scan", native_row_kl_scan, METH_VARARGS,
-     "row_kl_scan(a, a_dt, b, b_dt, rows, m, out, offset, brackets, lists, bits, band, idx, val[, path]) -> (count "
-     "of I < 0, NaN count, below each bracket, listed in each, band entries): row_kl with each row's I scanned "
+     "row_kl_scan(a, a_dt, b, b_dt, rows, m, out, offset, brackets, col, bits, band, idx, val[, path]) -> (count of "
+     "I < 0, NaN count, below each bracket, listed inside them, band entries): row_kl with each row's I scanned "
      "(arcee_fusion)"},
     {"della", native_della, METH_VARARGS,
      "della(terms, b, b_dt, rows, m, elem_offset[, path]) -> [(l1, kept), ...]; DELLA's keep bits of each term "

@@ -204,11 +204,12 @@ def _threshold_bounds(quartiles: list[tuple[int, int]], bins: dict[int, dict[int
 
 
 FUSED = True  # the quartiles and the keep bits from the rows' KL pass where a sample brackets them (_scanned)
-SCAN_SAMPLE, SCAN_ROWS = 1 << 18, 128  # the sample: whole rows spread evenly, this many entries and rows at least
+SCAN_SAMPLE, SCAN_ROWS = 1 << 18, 128  # the sample: whole rows spread evenly, this many entries and rows at least,
+SCAN_SHARE = 32  # ... and a SHARE-th of the rows (the more rows, the narrower the brackets)
 SCAN_RUNS = 32  # ... in this many runs of neighbouring rows (read together)
-SCAN_VALUES = 1 << 16  # ... of which about this many are ranked (in each row, columns evenly spaced)
-SCAN_SIGMAS, SCAN_SLACK = 4.0, 0.002  # a bracket spans ranks r/n ± (SIGMAS standard errors + SLACK)
-LIST_SHARE = 8  # a block of the fused pass lists up to its entries / SHARE values inside each bracket
+SCAN_VALUES = 1 << 18  # ... of which this many at most are ranked, and a SHARE-th of the tensor's entries at most
+SCAN_SIGMAS, SCAN_SLACK = 3.0, 0.0005  # a bracket spans ranks r/n ± (SIGMAS standard errors + SLACK)
+LIST_SHARE = 4  # a block of the fused pass lists up to its entries / SHARE values inside the brackets
 
 
 def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int, bool | float] | None:
@@ -216,10 +217,11 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int
     makes the rows' KL (native ``row_kl_scan``: each row's I scanned while the row is in cache), where
     :func:`_kl_rows` and two passes of the threshold selection over both inputs did it before.
 
-    A sample of whole rows (at least SCAN_SAMPLE entries and SCAN_ROWS rows, in SCAN_RUNS runs spread evenly;
+    A sample of whole rows (at least SCAN_SAMPLE entries, SCAN_ROWS rows and a SCAN_SHARE-th of the rows, in
+    SCAN_RUNS runs spread evenly;
     their KL and I made alone; about SCAN_VALUES of their values ranked) brackets each quartile: ranks r/n ±
     (SCAN_SIGMAS standard errors + SCAN_SLACK) of the sample, the standard error from how much the rows disagree.
-    The pass counts the I below each bracket and lists those inside it (a per cent or two of the entries); a
+    The pass counts the I below each bracket and lists those inside any (a few per cent of the entries); a
     quartile whose rank falls among its listed values is the value of that rank among them (exact, as the sorted
     order: no estimate). A miss costs time only: the passes of before.
 
@@ -237,7 +239,7 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int
 
     n = st.numel
     rows = n // m
-    count = max(SCAN_ROWS, -(-SCAN_SAMPLE // m))
+    count = max(SCAN_ROWS, -(-SCAN_SAMPLE // m), rows // SCAN_SHARE)
     if rows < 8 * count:
         return None
     codes = [compute.NATIVE_CODES[c] for c in st.codes]
@@ -252,16 +254,16 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int
         _native.importance(a, codes[1], b, codes[0], run * m, 0, m, kl, 0.0, sample[i * run : (i + 1) * run], None, 0)
     if np.isnan(sample).any():
         return None
-    sample = sample[:, :: max(1, count * m // SCAN_VALUES)]  # every row, columns evenly spaced: the values ranked
-    size = sample.size
+    sample = sample[:, :: max(1, count * m // min(SCAN_VALUES, n // SCAN_SHARE))]  # the values ranked: columns
+    size = sample.size  # evenly spaced in every row
     fs = [r / (n - 1) if n > 1 else 0.0 for r in ranks]
-    middle = [round(f * (size - 1)) for f in fs]
-    flat = np.partition(sample, middle, axis=None)
+    flat = sample.reshape(-1)
     ends = []  # each quartile's bracket: sample ranks from lo_i to hi_i
-    for f, t in zip(fs, flat[middle], strict=True):
+    for f, t in zip(fs, _select(flat, [round(f * (size - 1)) for f in fs]), strict=True):
         d = SCAN_SIGMAS * float((sample < t).mean(axis=1).std()) / math.sqrt(count) + SCAN_SLACK
         ends.append((math.floor((f - d) * (size - 1)), math.ceil((f + d) * (size - 1))))
-    flat = np.partition(flat, sorted({min(size - 1, max(0, i)) for pair in ends for i in pair}))
+    inner = sorted({i for pair in ends for i in pair if 0 <= i < size})
+    flat = dict(zip(inner, _select(flat, inner), strict=True))
     up, big = np.float32(np.inf), math.inf
     brackets = [(float(flat[lo]) if lo >= 0 else -big, float(np.nextafter(flat[hi], up)) if hi < size else big)
                 for lo, hi in ends]  # fmt: skip
@@ -279,29 +281,29 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int
         r1 = min(rows, r0 + step)
         s, e = r0 * m, r1 * m
         room, cap = (e - s) // LIST_SHARE + 16, (max(BAND_MIN, (e - s) // BAND_SHARE) + 16) * banded
-        buf = np.frombuffer(scratch.get(4 * (3 * room + 3 * cap)), dtype=np.uint8)
-        lists = [buf[4 * q * room : 4 * (q + 1) * room].view(np.float32) for q in range(3)]
-        idx, val = buf[12 * room : 12 * room + 8 * cap].view(np.uint64), buf[12 * room + 8 * cap :].view(np.float32)
+        buf = np.frombuffer(scratch.get(4 * room + 12 * cap), dtype=np.uint8)
+        col, band_at = buf[: 4 * room].view(np.float32), 4 * room + 8 * cap
+        idx, val = buf[4 * room : band_at].view(np.uint64), buf[band_at:].view(np.float32)
         z, nan, below, got, nb = _native.row_kl_scan(st.read(1, s, e), codes[1], st.read(0, s, e), codes[0], r1 - r0,
-                                                     m, kl[r0:r1], s, brackets, lists, bits if banded else None,
-                                                     band, idx, val)  # fmt: skip
-        listed = [x[:c].copy() if c >= 0 else None for x, c in zip(lists, got, strict=True)]
-        return z, nan, below, listed, idx[:nb].copy(), val[:nb].copy(), nb <= cap
+                                                     m, kl[r0:r1], s, brackets, col, bits if banded else None, band,
+                                                     idx, val)  # fmt: skip
+        return z, nan, below, col[:got].copy() if got >= 0 else None, idx[:nb].copy(), val[:nb].copy(), nb <= cap
 
     parts = B.map_blocks(block, range(0, rows, step))
     z = sum(p[0] for p in parts)
-    values = []
-    for q, r in enumerate(ranks):
-        k = r - sum(p[2][q] for p in parts)
-        if any(p[1] or p[3][q] is None for p in parts):  # a NaN, or values with no room
-            break
-        inside = np.concatenate([p[3][q] for p in parts])
-        if not 0 <= k < len(inside):
-            break
-        values.append(np.partition(inside, k)[k])
-    if len(values) < 3:
+    if any(p[1] or p[3] is None for p in parts):  # a NaN, or values with no room
         bits.fill(0)
         return kl, z, False
+    listed = np.concatenate([p[3] for p in parts])
+    # the k-th value inside bracket q: the (listed below its lo + k)-th of the list, once k is inside it
+    at = []
+    for q, (r, (lo, hi)) in enumerate(zip(ranks, brackets, strict=True)):
+        k, before = r - sum(p[2][q] for p in parts), int(np.count_nonzero(listed < f32(lo)))
+        if not 0 <= k < int(np.count_nonzero(listed < f32(hi))) - before:
+            bits.fill(0)
+            return kl, z, False
+        at.append(before + k)
+    values = _select(listed, at)
     q1, median, q3 = values
     thr = median + f32(1.5) * (q3 - q1)
     if banded and all(p[6] for p in parts) and blo <= thr <= bhi:
@@ -311,6 +313,22 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int
         return kl, z, True
     bits.fill(0)
     return kl, z, float(thr)  # the bits by a pass of their own
+
+
+def _select(values: Any, ranks: list[int]) -> list[Any]:
+    """The elements of 0-based ranks ``ranks`` of the float32 array ``values`` (no NaN) sorted ascending: by the
+    native histogram selection where every value is ≥ 0 (then |x| orders as x; linear in the size whatever the
+    ties), else numpy's partition, one rank a call."""
+    n = len(values)
+    if n and values.min() >= 0:
+        from capmerge.merge.plan import kth_largest_abs_stream
+
+        raw = memoryview(np.ascontiguousarray(values)).cast("B")
+        got = kth_largest_abs_stream(
+            lambda i, s, e: raw[4 * s : 4 * e], 0, "F32", None, "F32", n, [n - r for r in ranks]
+        )
+        return [np.float32(got[n - r]) for r in ranks]
+    return [np.partition(values, r)[r] for r in ranks]
 
 
 KL_BLOCK = 1 << 18  # entries per block of the rows' KL (whole rows)

@@ -3215,6 +3215,7 @@ typedef struct {
 
 /* One tile's part of the scan: x the I of elements g .. g + t (g and t multiples of 8); the portable loops (the
  * counts vectorize; the collection writes every value and moves on only past those inside, no branch per entry) */
+MULTIVERSION
 static void scan_tile_plain(const float *x, Py_ssize_t t, uint64_t g, kl_scan_t *s) {
     const float l0 = s->lo[0], l1 = s->lo[1], l2 = s->lo[2], h0 = s->hi[0], h1 = s->hi[1], h2 = s->hi[2];
     const float blo = s->blo, bhi = s->bhi;
@@ -3247,6 +3248,7 @@ static void scan_tile_plain(const float *x, Py_ssize_t t, uint64_t g, kl_scan_t 
 
 /* One row's scan (elements off .. off + m of a and b, tensor elements g .. g + m; m and g multiples of 8) in tiles,
  * the portable way */
+MULTIVERSION
 static void scan_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m, uint64_t g,
                            float f, kl_scan_t *s) {
     float ta[TILE], tb[TILE];
@@ -3259,6 +3261,54 @@ static void scan_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_
         scan_tile_plain(ta, t, g + (uint64_t)o, s);
     }
 }
+
+#if HAVE_F16C_PATH
+/* The same with AVX2: eight entries at a time, the values inside the brackets compacted through compact_lut (in
+ * element order), a byte of bits at a time, the band's entries (few) one by one: the same bits, counts and lists. */
+__attribute__((target("avx2,f16c,popcnt"))) static void scan_row_avx2(const void *a, int a_dt, const void *b, int b_dt,
+                                                                     Py_ssize_t off, Py_ssize_t m, uint64_t g, float f,
+                                                                     kl_scan_t *s) {
+    const __m256 vf = _mm256_set1_ps(f), absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 blo = _mm256_set1_ps(s->blo), bhi = _mm256_set1_ps(s->bhi);
+    __m256 lo[3], hi[3];
+    uint32_t sink[8], *dst = s->over ? sink : (uint32_t *)(s->col + s->nc); /* no room left: sink, counted on */
+    Py_ssize_t j, below[3] = {0, 0, 0}, nn = 0, nc = s->nc, nb = s->nb;
+    int q, step = !s->over;
+    for (q = 0; q < 3; q++) lo[q] = _mm256_set1_ps(s->lo[q]), hi[q] = _mm256_set1_ps(s->hi[q]);
+    for (j = 0; j < m; j += 8) {
+        __m256 v = _mm256_sub_ps(fast_load(a, a_dt, off + j), fast_load(b, b_dt, off + j));
+        int nan, in = 0, band, c;
+        v = _mm256_mul_ps(_mm256_and_ps(v, absmask), vf);
+        nan = _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        nn += __builtin_popcount((unsigned)nan);
+        for (q = 0; q < 3; q++) { /* below lo, and not NaN nor below: at or above lo */
+            int under = _mm256_movemask_ps(_mm256_cmp_ps(v, lo[q], _CMP_LT_OQ));
+            below[q] += __builtin_popcount((unsigned)under);
+            in |= _mm256_movemask_ps(_mm256_cmp_ps(v, hi[q], _CMP_LT_OQ)) & ~under & ~nan;
+        }
+        if (step && nc + 8 > s->ccap) /* a compacted store writes eight lanes: no room left */
+            s->over = 1, dst = sink, step = 0;
+        c = compact8(dst, _mm256_castps_si256(v), in);
+        nc += c, dst += c * step;
+        if (!s->bits) continue;
+        s->bits[(g + (uint64_t)j) >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(v, bhi, _CMP_GE_OQ));
+        band = _mm256_movemask_ps(_mm256_cmp_ps(v, blo, _CMP_GE_OQ)) &
+               _mm256_movemask_ps(_mm256_cmp_ps(v, bhi, _CMP_LT_OQ));
+        if (band) {
+            float val[8];
+            int l;
+            _mm256_storeu_ps(val, v);
+            for (l = 0; l < 8; l++)
+                if ((band >> l) & 1) {
+                    if (nb < s->bcap) s->bidx[nb] = g + (uint64_t)(j + l), s->bval[nb] = val[l];
+                    nb++;
+                }
+        }
+    }
+    s->nan += nn, s->nb = nb, s->nc = nc;
+    for (q = 0; q < 3; q++) s->below[q] += below[q];
+}
+#endif
 
 #if HAVE_AVX512VL_PATH
 /* The same with AVX-512: sixteen entries at a time, the collected values and the band's entries compressed into
@@ -3349,6 +3399,12 @@ static Py_ssize_t run_row_kl(const void *a, int a_dt, const void *b, int b_dt, P
 #if HAVE_AVX512VL_PATH
         if (scan && form == 2) {
             scan_row_avx512(a, a_dt, b, b_dt, off, m, g0 + (uint64_t)off, out[r], scan);
+            continue;
+        }
+#endif
+#if HAVE_F16C_PATH
+        if (scan && form == 1) {
+            scan_row_avx2(a, a_dt, b, b_dt, off, m, g0 + (uint64_t)off, out[r], scan);
             continue;
         }
 #endif

@@ -148,8 +148,7 @@ def _form(s: B.Spec) -> B.Finish | None:
         thr = float(median + np.float32(1.5) * (q3 - q1))
         if not band.settles(n, thr):
             return bits_pass(thr)
-        kept = band.kept(np.float32(thr))
-        np.bitwise_or.at(bits, kept >> 3, np.left_shift(1, kept & 7).astype(np.uint8))
+        _set_bits(bits, band.kept(np.float32(thr)))
         return combo
 
     return finish
@@ -218,12 +217,11 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int
     :func:`_kl_rows` and two passes of the threshold selection over both inputs did it before.
 
     A sample of whole rows (at least SCAN_SAMPLE entries, SCAN_ROWS rows and a SCAN_SHARE-th of the rows, in
-    SCAN_RUNS runs spread evenly;
-    their KL and I made alone; about SCAN_VALUES of their values ranked) brackets each quartile: ranks r/n ±
-    (SCAN_SIGMAS standard errors + SCAN_SLACK) of the sample, the standard error from how much the rows disagree.
-    The pass counts the I below each bracket and lists those inside any (a few per cent of the entries); a
-    quartile whose rank falls among its listed values is the value of that rank among them (exact, as the sorted
-    order: no estimate). A miss costs time only: the passes of before.
+    SCAN_RUNS runs spread evenly; their KL and I made alone; at most SCAN_VALUES of their values ranked) brackets
+    each quartile: ranks r/n ± (SCAN_SIGMAS standard errors + SCAN_SLACK) of the sample, the standard error from how
+    much the rows disagree. The pass counts the I below each bracket and lists those inside any (a few per cent of
+    the entries); a quartile whose rank falls among its listed values is the value of that rank among them (exact,
+    as the sorted order: no estimate). A miss costs time only: the passes of before.
 
     From the brackets' bounds the threshold Q(½) + 1.5·(Q(¾) − Q(¼)) lies in [lo, hi] (the same float32 operations
     on the bounds: each is monotone), so the pass also sets the bits of I ≥ hi and lists the entries between,
@@ -308,11 +306,15 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int
     thr = median + f32(1.5) * (q3 - q1)
     if banded and all(p[6] for p in parts) and blo <= thr <= bhi:
         idx, val = np.concatenate([p[4] for p in parts]), np.concatenate([p[5] for p in parts])
-        kept = idx[val >= thr]
-        np.bitwise_or.at(bits, kept >> 3, np.left_shift(1, kept & 7).astype(np.uint8))
+        _set_bits(bits, idx[val >= thr])
         return kl, z, True
     bits.fill(0)
     return kl, z, float(thr)  # the bits by a pass of their own
+
+
+def _set_bits(bits: Any, kept: Any) -> None:
+    """Set the keep bits of the entries ``kept`` (uint64 indices; element i at bits[i // 8], bit i % 8)."""
+    np.bitwise_or.at(bits, kept >> 3, np.left_shift(1, kept & 7).astype(np.uint8))
 
 
 def _select(values: Any, ranks: list[int]) -> list[Any]:

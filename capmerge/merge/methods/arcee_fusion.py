@@ -209,6 +209,7 @@ SCAN_RUNS = 32  # ... in this many runs of neighbouring rows (read together)
 SCAN_VALUES = 1 << 18  # ... of which this many at most are ranked, and a SHARE-th of the tensor's entries at most
 SCAN_SIGMAS, SCAN_SLACK = 3.0, 0.0005  # a bracket spans ranks r/n ± (SIGMAS standard errors + SLACK)
 LIST_SHARE = 4  # a block of the fused pass lists up to its entries / SHARE values inside the brackets
+SCAN_WIDEST = 0.15  # brackets spanning more of the sample's ranks together: no fused pass (the passes of before)
 
 
 def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int, bool | float] | None:
@@ -230,8 +231,8 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int
     Returns (the rows' KL, how many I < 0, True) when that settled the bits (``bits`` holds them); (KL, count, the
     threshold) when it settled the quartiles only (a band with no room, or unbounded: the bits by a pass of their
     own); (KL, count, False) when it did not — a NaN, a quartile outside its bracket or values with no room —
-    ``bits`` cleared and the KL kept for the passes of before; None (nothing made) for a tensor of fewer than eight
-    samples' rows or a sample holding NaN."""
+    ``bits`` cleared and the KL kept for the passes of before; None (nothing made but the sample's) for a tensor of
+    fewer than eight samples' rows, a sample holding NaN, or brackets wider than SCAN_WIDEST together."""
     from capmerge.merge.compute import _native
     from capmerge.merge.plan import ThreadScratch
 
@@ -260,6 +261,8 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int
     for f, t in zip(fs, _select(flat, [round(f * (size - 1)) for f in fs]), strict=True):
         d = SCAN_SIGMAS * float((sample < t).mean(axis=1).std()) / math.sqrt(count) + SCAN_SLACK
         ends.append((math.floor((f - d) * (size - 1)), math.ceil((f + d) * (size - 1))))
+    if sum(hi - lo for lo, hi in ends) > SCAN_WIDEST * size:  # rows that disagree a lot: too many to list
+        return None
     inner = sorted({i for pair in ends for i in pair if 0 <= i < size})
     flat = dict(zip(inner, _select(flat, inner), strict=True))
     up, big = np.float32(np.inf), math.inf

@@ -3213,6 +3213,18 @@ typedef struct {
     int over;
 } kl_scan_t;
 
+/* The band's entries among n lanes (val: their I; lane l is element g + l) listed one at a time, counted past the
+ * room; returns the count */
+static inline Py_ssize_t band_add(kl_scan_t *s, Py_ssize_t nb, const float *val, int n, uint32_t band, uint64_t g) {
+    int l;
+    for (l = 0; l < n; l++)
+        if ((band >> l) & 1) {
+            if (nb < s->bcap) s->bidx[nb] = g + (uint64_t)l, s->bval[nb] = val[l];
+            nb++;
+        }
+    return nb;
+}
+
 /* One tile's part of the scan: x the I of elements g .. g + t (g and t multiples of 8); the portable loops (the
  * counts vectorize; the collection writes every value and moves on only past those inside, no branch per entry) */
 MULTIVERSION
@@ -3296,13 +3308,8 @@ __attribute__((target("avx2,f16c,popcnt"))) static void scan_row_avx2(const void
                _mm256_movemask_ps(_mm256_cmp_ps(v, bhi, _CMP_LT_OQ));
         if (band) {
             float val[8];
-            int l;
             _mm256_storeu_ps(val, v);
-            for (l = 0; l < 8; l++)
-                if ((band >> l) & 1) {
-                    if (nb < s->bcap) s->bidx[nb] = g + (uint64_t)(j + l), s->bval[nb] = val[l];
-                    nb++;
-                }
+            nb = band_add(s, nb, val, 8, (uint32_t)band, g + (uint64_t)j);
         }
     }
     s->nan += nn, s->nb = nb, s->nc = nc;
@@ -3360,13 +3367,8 @@ AVX512_KL static void scan_row_avx512(const void *a, int a_dt, const void *b, in
             nb += _mm_popcnt_u32(band);
         } else if (band) { /* near the end of the room: one at a time, counted past it */
             float val[16];
-            int l;
             _mm512_storeu_ps(val, v);
-            for (l = 0; l < 16; l++)
-                if ((band >> l) & 1) {
-                    if (nb < s->bcap) s->bidx[nb] = g + (uint64_t)(j + l), s->bval[nb] = val[l];
-                    nb++;
-                }
+            nb = band_add(s, nb, val, 16, band, g + (uint64_t)j);
         }
     }
     s->nan += _mm512_reduce_add_epi32(nv), s->nb = nb, s->nc = nc;

@@ -68,11 +68,17 @@ def is_config(path: str | os.PathLike[str]) -> bool:
 class _Reader:
     """Walks a parsed configuration, raising :class:`ConfigError` with ``file:line: key`` on the first problem."""
 
-    def __init__(self, file: str) -> None:
+    def __init__(self, file: str, lines: bool = True) -> None:
         self.file = file
+        self.lines = lines
+
+    def at(self, container: Any, key: Any, path: str) -> str:
+        """Where ``key`` of ``container`` is: ``file:line: path``, or the key's path alone in a configuration given
+        as a mapping (its lines would be those of a YAML text the caller never wrote)."""
+        return f"{self.file}:{_yaml.line_of(container, key)}: {path}" if self.lines else path
 
     def fail(self, what: str, container: Any, key: Any, path: str) -> ConfigError:
-        return ConfigError(what, f"{self.file}:{_yaml.line_of(container, key)}: {path}")
+        return ConfigError(what, self.at(container, key, path))
 
     def mapping(self, value: Any, parent: Any, key: Any, path: str, allowed: tuple[str, ...]) -> dict:
         if not isinstance(value, dict):
@@ -123,14 +129,12 @@ class _Reader:
         out = {}
         for k, v in value.items():
             if k not in known:  # another method's (a configuration adapted from one): mergekit ignores it too
-                line = f"{self.file}:{_yaml.line_of(value, k)}"
                 warnings.append(f"{method.name} takes no parameter {k} (other methods do): it has no effect, as in "
-                                f"mergekit ({line}: {path}.{k})")  # fmt: skip
+                                f"mergekit ({self.at(value, k, f'{path}.{k}')})")  # fmt: skip
                 continue
             if per_model and k in method.params and k not in method.model_params:
-                line = f"{self.file}:{_yaml.line_of(value, k)}"
                 warnings.append(f"{k} is a global parameter of {method.name}: set per model it has no effect "
-                                f"({line}: {path}.{k})")  # fmt: skip
+                                f"({self.at(value, k, f'{path}.{k}')})")  # fmt: skip
                 continue
             try:
                 out[k] = check_setting(_yaml.plain(v), kind_of(known[k]), k)
@@ -190,7 +194,7 @@ def _sources(r: _Reader, items: Any, parent: Any, key: Any, path: str, method: M
             rng = (rng[0], rng[1])  # type: ignore[index]
         params = r.params(item.get("parameters"), item, "parameters", f"{where}.parameters", method, per_model=True,
                           warnings=warnings)  # fmt: skip
-        loc = f"{r.file}:{_yaml.line_of(item, 'model')}: {where}.model"
+        loc = r.at(item, "model", f"{where}.model")
         out.append(SourceSpec(ref, params, rng, loc))
     return out
 
@@ -210,15 +214,16 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def _read(config: Config) -> tuple[str, str]:
-    """(YAML text, the name its errors give) of a configuration."""
+def _read(config: Config) -> tuple[str, str, bool]:
+    """(YAML text, the name its errors give, whether they give its lines) of a configuration: a mapping's errors name
+    the key alone (``models[0].model``), since its text is the one dumped here."""
     if isinstance(config, Mapping):
-        return yaml.safe_dump(_plain(config), sort_keys=False), "<configuration>"
+        return yaml.safe_dump(_plain(config), sort_keys=False), "<configuration>", False
     if isinstance(config, str) and "\n" in config:
-        return config, "<configuration>"
+        return config, "<configuration>", True
     file = os.fspath(config)
     try:
-        return Path(file).read_text(encoding="utf-8"), file
+        return Path(file).read_text(encoding="utf-8"), file, True
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read configuration: {e}", file) from None
 
@@ -252,7 +257,7 @@ def load_all(config: Config) -> list[Document]:
     Raises:
         ConfigError: the first problem, with ``file:line: key``.
     """
-    text, file = _read(config)
+    text, file, lines = _read(config)
     marks = list(_DOC_START.finditer(text))
     bounds = zip([0, *(m.end() for m in marks)], [*(m.start() for m in marks), len(text)], strict=True)
     docs = []
@@ -261,7 +266,7 @@ def load_all(config: Config) -> list[Document]:
         first = _first_content(piece)
         if first is not None:
             skip = text.count("\n", 0, a)
-            docs.append(_load_doc("\n" * skip + piece, piece, file, skip + 1 + first))
+            docs.append(_load_doc("\n" * skip + piece, piece, _Reader(file, lines), skip + 1 + first))
     if not docs:
         raise ConfigError("the configuration is empty", f"{file}:1")
     return docs
@@ -274,19 +279,18 @@ def _first_content(piece: str) -> int | None:
     return next((i for i, line in enumerate(lines) if line.strip() and not line.lstrip().startswith("#")), None)
 
 
-def _load_doc(text: str, own_text: str, file: str, line: int) -> Document:
+def _load_doc(text: str, own_text: str, r: _Reader, line: int) -> Document:
     """One document; ``text`` is padded with blank lines so that its lines count from the file's start."""
     from capmerge.merge.modelmerge import MergeSpec
 
     try:
         doc = _yaml.load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(_yaml.error_message(e), f"{file}:{_yaml.error_line(e, text) or 1}") from None
+        raise ConfigError(_yaml.error_message(e), f"{r.file}:{_yaml.error_line(e, text) or 1}") from None
     if isinstance(doc, dict) and "merge_method" not in doc:
         for key, what in OTHER_TOOLS.items():
             if key in doc:
-                raise ConfigError(what, f"{file}:{_yaml.line_of(doc, key)}: {key}")
-    r = _Reader(file)
+                raise r.fail(what, doc, key, key)
     r.mapping(doc, doc, "merge_method", "", (*TOP_KEYS, "name"))
     name = doc.get("name")
     if "name" in doc and (not isinstance(name, str) or not name.strip() or "+" in name):
@@ -294,7 +298,7 @@ def _load_doc(text: str, own_text: str, file: str, line: int) -> Document:
     method = _method(r, doc)
     warnings: list[str] = []
     spec = MergeSpec(method.name, config_text=own_text.strip("\n") + "\n")
-    spec.where = {k: f"{file}:{_yaml.line_of(doc, k)}: {k}" for k in doc}
+    spec.where = {k: r.at(doc, k, k) for k in doc}
     if doc.get("base_model") is not None:
         spec.base = r.model_ref(doc["base_model"], doc, "base_model", "base_model")
     if ("models" in doc) == ("slices" in doc):
@@ -308,7 +312,7 @@ def _load_doc(text: str, own_text: str, file: str, line: int) -> Document:
     spec.out_dtype = r.dtype(doc, "out_dtype") or r.dtype(doc, "dtype")
     _tokenizer(r, doc, spec)
     _check_required(r, doc, spec, method)
-    return Document(spec, warnings, name, file, line, _int8_notes(r, doc, spec))
+    return Document(spec, warnings, name, r.file, line, _int8_notes(r, doc, spec))
 
 
 def _int8_notes(r: _Reader, doc: dict, spec: MergeSpec) -> list[str]:
@@ -318,7 +322,7 @@ def _int8_notes(r: _Reader, doc: dict, spec: MergeSpec) -> list[str]:
                for i, (item, sl) in enumerate(zip(doc.get("slices") or [], spec.slices, strict=False))
                if isinstance(item, dict)]  # fmt: skip
     return [
-        f"int8_mask has no effect ({r.file}:{_yaml.line_of(raw, 'int8_mask')}: {path}.int8_mask): mergekit "
+        f"int8_mask has no effect ({r.at(raw, 'int8_mask', f'{path}.int8_mask')}): mergekit "
         "stores its sign masks as int8 to save memory, capmerge keeps them as bits; the output is the same"
         for raw, path, got in scopes
         if isinstance(raw, dict) and (got or {}).get("int8_mask") is True
@@ -353,8 +357,9 @@ def _tokenizer(r: _Reader, doc: dict, spec: MergeSpec) -> None:
         if "tokenizer_source" in doc:
             raise r.fail("give tokenizer_source or tokenizer:, not both", doc, "tokenizer", "tokenizer")
         src, at, key, path = section.get("source", "union"), section, "source", "tokenizer.source"
-        line = _yaml.line_of(section, "source") if "source" in section else _yaml.line_of(doc, "tokenizer")
-        spec.where["tokenizer_source"] = f"{r.file}:{line}: tokenizer.source"
+        spec.where["tokenizer_source"] = r.at(
+            *((section, "source") if "source" in section else (doc, "tokenizer")), "tokenizer.source"
+        )
         pad = section.get("pad_to_multiple_of")
         if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
             raise r.fail(f"pad_to_multiple_of must be a positive integer, got {pad!r}", section,
@@ -388,7 +393,7 @@ def _token_sources(r: _Reader, section: dict) -> dict[str, Any]:
         path = f"tokenizer.tokens.{tok}"
         cfg = {} if cfg is None else cfg
         r.mapping(cfg, tokens, tok, path, ("source", "force"))
-        where = f"{r.file}:{_yaml.line_of(tokens, tok)}: {path}"
+        where = r.at(tokens, tok, path)
         force = cfg.get("force", False)
         if not isinstance(force, bool):
             raise r.fail(f"force must be true or false, got {force!r}", cfg, "force", f"{path}.force")

@@ -289,17 +289,24 @@ def test_merge_models_from_python(models, tmp_path: Path, capsys) -> None:
      "weight has 3 values for 2 models"),
     (lambda c, m, o: c.merge_models([m["A"]], o, method="linear", wieght=1), "linear has no parameter 'wieght'"),
     (lambda c, m, o: c.run_mergekit({"merge_method": "linear", "models": [{"model": m["A"], "parameters":
-                                    {"weight": "x"}}]}, o), "<configuration>:"),  # fmt: skip
+                                    {"weight": "x"}}]}, o), "got 'x' (models[0].parameters.weight)"),
+    (lambda c, m, o: c.run_mergekit("merge_method: linear\nmodels:\n  - model: A\n    parameters: {weight: x}\n", o),
+     "got 'x' (<configuration>:4: models[0].parameters.weight)"),
+    (lambda c, m, o: c.merge_models([m["A"], m["tmp"] / "missing"], o, method="linear", weights=[1, 1]),
+     "missing; models[1].model)"),
     (lambda c, m, o: c.run_mergekit(m["tmp"] / "dare.yml", o, seed=-1), "seed must be a non-negative integer"),
     (lambda c, m, o: c.run_mergekit(m["tmp"] / "nope.yml", o), "cannot read configuration"),
 ])  # fmt: skip
 def test_python_api_errors(models, tmp_path: Path, call, needle: str) -> None:
+    """One error naming what is wrong and where: ``file:line: key`` in YAML text, the key alone in a mapping and in
+    merge_models' arguments (their lines would be those of a text the caller never wrote)."""
     import capmerge
 
     out = tmp_path / "out"
     with pytest.raises(capmerge.CapmergeError) as e:
         call(capmerge, models, out)
     assert needle in str(e.value)
+    assert "<configuration>" not in str(e.value) or "<configuration>:4" in needle
     assert not out.exists()
 
 

@@ -319,9 +319,13 @@ def test_arcee_fusion_quartiles_and_bits_from_the_kl_pass(monkeypatch, case: str
         monkeypatch.setattr(A, "SCAN_SLACK", 0.3)  # Q(¾)'s bracket reaches past the sample's largest: no end
         monkeypatch.setattr(A, "LIST_SHARE", 1)
         monkeypatch.setattr(A, "SCAN_WIDEST", 2.0)
-    routes: list[object] = []
+    routes: list[object] = []  # None: not tried; False: the quartiles not settled; True: the bits made; else thr
     scanned = A._scanned
-    monkeypatch.setattr(A, "_scanned", lambda *a: routes.append((got := scanned(*a)) and got[2]) or got)
+
+    def route(got: object) -> object:
+        return got if got is None else False if got.thr is None else True if got.bits_made else got.thr
+
+    monkeypatch.setattr(A, "_scanned", lambda *a: routes.append(route(got := scanned(*a))) or got)
     g = torch.Generator().manual_seed(7)
     small = case == "kl below 0"
     base = torch.randn(600, 512, generator=g) * (0.05 if small else 1.0)

@@ -13,7 +13,7 @@ such tensors its threshold — and output — varies from run to run.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -99,9 +99,9 @@ def _form(s: B.Spec) -> B.Finish | None:
         codes = [compute.NATIVE_CODES[c] for c in st.codes]
         bits = np.zeros((n + 7) // 8, dtype=np.uint8)
         ranks = [int(q * (n - 1)) for q in (0.25, 0.5, 0.75)]
-        scanned = _scanned(st, m, ranks, bits) if FUSED and m % 8 == 0 and n >= plan.BRACKET_MIN else None
+        scanned = _scanned(st, m, ranks, bits) if FUSED else None
         # z: how many entries of I are below 0 (they rank first, by their magnitude)
-        kl, z = scanned[:2] if scanned is not None else _kl_rows(st, m)
+        kl, z = (scanned.kl, scanned.below) if scanned is not None else _kl_rows(st, m)
         klb = memoryview(kl).cast("B")
 
         def bits_pass(thr: float) -> B.Combo:
@@ -114,10 +114,8 @@ def _form(s: B.Spec) -> B.Finish | None:
             return combo
 
         combo = B.Combo([B.Term(0, 1.0, (B.BITS, 0.0, 0.0, 0), bits)], relative=True, with_base=True)
-        if scanned is not None and scanned[2] is True:  # the quartiles and the keep bits from the KL's own pass
-            return combo
-        if scanned is not None and scanned[2] is not False:  # the quartiles: the bits by a pass of their own
-            return bits_pass(scanned[2])
+        if scanned is not None and scanned.thr is not None:  # the quartiles from the KL's own pass
+            return combo if scanned.bits_made else bits_pass(scanned.thr)
         scratch = ThreadScratch()
         band = _Band()
 
@@ -212,7 +210,17 @@ LIST_SHARE = 4  # a block of the fused pass lists up to its entries / SHARE valu
 SCAN_WIDEST = 0.15  # brackets spanning more of the sample's ranks together: no fused pass (the passes of before)
 
 
-def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int, bool | float] | None:
+class _Scanned(NamedTuple):
+    """:func:`_scanned`'s result: the rows' KL, how many I < 0, the threshold (None: the quartiles not settled) and
+    whether ``bits`` holds the keep bits."""
+
+    kl: Any
+    below: int
+    thr: float | None
+    bits_made: bool
+
+
+def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> _Scanned | None:
     """The quartiles Q(¼), Q(½), Q(¾) of I = |θ₁ − θ₀|·KL_row and the keep bits of I ≥ threshold in the pass that
     makes the rows' KL (native ``row_kl_scan``: each row's I scanned while the row is in cache), where
     :func:`_kl_rows` and two passes of the threshold selection over both inputs did it before.
@@ -228,18 +236,19 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int
     on the bounds: each is monotone), so the pass also sets the bits of I ≥ hi and lists the entries between,
     decided once the threshold is known, as the level-1 pass's band does (:class:`_Band`).
 
-    Returns (the rows' KL, how many I < 0, True) when that settled the bits (``bits`` holds them); (KL, count, the
-    threshold) when it settled the quartiles only (a band with no room, or unbounded: the bits by a pass of their
-    own); (KL, count, False) when it did not — a NaN, a quartile outside its bracket or values with no room —
-    ``bits`` cleared and the KL kept for the passes of before; None (nothing made but the sample's) for a tensor of
-    fewer than eight samples' rows, a sample holding NaN, or brackets wider than SCAN_WIDEST together."""
+    Returns the KL with the threshold and the bits made; or with the threshold only (a band with no room, or
+    unbounded: the bits by a pass of their own); or with no threshold — a NaN, a quartile outside its bracket or
+    values with no room —, ``bits`` cleared and the KL kept for the passes of before. None (nothing made but the
+    sample's) for rows not a multiple of 8 long (the bits of a row are whole bytes), a tensor under plan's
+    BRACKET_MIN entries or of fewer than eight samples' rows, a sample holding NaN, or brackets wider than
+    SCAN_WIDEST together."""
     from capmerge.merge.compute import _native
     from capmerge.merge.plan import ThreadScratch
 
     n = st.numel
     rows = n // m
     count = max(SCAN_ROWS, -(-SCAN_SAMPLE // m), rows // SCAN_SHARE)
-    if rows < 8 * count:
+    if m % 8 or n < plan.BRACKET_MIN or rows < 8 * count:
         return None
     codes = [compute.NATIVE_CODES[c] for c in st.codes]
     run = -(-count // SCAN_RUNS)  # rows read together
@@ -255,7 +264,7 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int
         return None
     sample = sample[:, :: max(1, count * m // min(SCAN_VALUES, n // SCAN_SHARE))]  # the values ranked: columns
     size = sample.size  # evenly spaced in every row
-    fs = [r / (n - 1) if n > 1 else 0.0 for r in ranks]
+    fs = [r / (n - 1) for r in ranks]
     flat = sample.reshape(-1)
     ends = []  # each quartile's bracket: sample ranks from lo_i to hi_i
     for f, t in zip(fs, _select(flat, [round(f * (size - 1)) for f in fs]), strict=True):
@@ -294,7 +303,7 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int
     z = sum(p[0] for p in parts)
     if any(p[1] or p[3] is None for p in parts):  # a NaN, or values with no room
         bits.fill(0)
-        return kl, z, False
+        return _Scanned(kl, z, None, False)
     listed = np.concatenate([p[3] for p in parts])
     # the k-th value inside bracket q: the (listed below its lo + k)-th of the list, once k is inside it
     at = []
@@ -302,7 +311,7 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int
         k, before = r - sum(p[2][q] for p in parts), int(np.count_nonzero(listed < f32(lo)))
         if not 0 <= k < int(np.count_nonzero(listed < f32(hi))) - before:
             bits.fill(0)
-            return kl, z, False
+            return _Scanned(kl, z, None, False)
         at.append(before + k)
     values = _select(listed, at)
     q1, median, q3 = values
@@ -310,9 +319,9 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> tuple[Any, int
     if banded and all(p[6] for p in parts) and blo <= thr <= bhi:
         idx, val = np.concatenate([p[4] for p in parts]), np.concatenate([p[5] for p in parts])
         _set_bits(bits, idx[val >= thr])
-        return kl, z, True
+        return _Scanned(kl, z, float(thr), True)
     bits.fill(0)
-    return kl, z, float(thr)  # the bits by a pass of their own
+    return _Scanned(kl, z, float(thr), False)  # the bits by a pass of their own
 
 
 def _set_bits(bits: Any, kept: Any) -> None:
@@ -326,12 +335,7 @@ def _select(values: Any, ranks: list[int]) -> list[Any]:
     ties), else numpy's partition, one rank a call."""
     n = len(values)
     if n and values.min() >= 0:
-        from capmerge.merge.plan import kth_largest_abs_stream
-
-        raw = memoryview(np.ascontiguousarray(values)).cast("B")
-        got = kth_largest_abs_stream(
-            lambda i, s, e: raw[4 * s : 4 * e], 0, "F32", None, "F32", n, [n - r for r in ranks]
-        )
+        got = plan.kth_largest_abs_buffer(np.ascontiguousarray(values), "F32", n, [n - r for r in ranks])
         return [np.float32(got[n - r]) for r in ranks]
     return [np.partition(values, r)[r] for r in ranks]
 

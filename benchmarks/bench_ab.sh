@@ -13,7 +13,7 @@ git worktree add -q --detach "$tmp/before" "$before"
 cp capmerge/_native*.so "$tmp/before/capmerge/" 2>/dev/null || true
 for v in before after; do
   src=$PWD; [ $v = before ] && src=$tmp/before
-  printf '#!/bin/sh\nPYTHONPATH=%s exec %s -m capmerge "$@"\n' "$src" "$PWD/.venv/bin/python" > "$tmp/capmerge-$v"
+  printf '#!/bin/sh\nPYTHONPATH=%s exec %s -P -m capmerge "$@"\n' "$src" "$PWD/.venv/bin/python" > "$tmp/capmerge-$v"
   chmod +x "$tmp/capmerge-$v"
 done
 for r in $(seq 1 "$rounds"); do

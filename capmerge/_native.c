@@ -2000,22 +2000,37 @@ static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __m512i
                                  _mm512_set1_epi32(0x7fc00000));
 }
 
+/* The other entry o = t + (t >= j) of lanes j .. j + 15 of a row (x their draws, jv their indices):
+ * t = ((x - xl) * rmul) >> 32 from two 32x32->64 products. */
+static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __m512i della_partner16(__m512i x, __m512i jv,
+                                                                                                 uint32_t xl,
+                                                                                                 uint32_t rmul) {
+    const __m512i r64 = _mm512_set1_epi64(rmul);
+    __m512i dx = _mm512_sub_epi32(x, _mm512_set1_epi32((int)xl));
+    __m512i even = _mm512_mul_epu32(dx, r64), odd = _mm512_mul_epu32(_mm512_srli_epi64(dx, 32), r64);
+    __m512i t = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(even, 32), odd);
+    return _mm512_mask_add_epi32(t, _mm512_cmpge_epu32_mask(t, jv), t, _mm512_set1_epi32(1));
+}
+
+/* The lanes (of mask live) whose key kj outranks the key ko of their other entry o: greater, or equal with j > o */
+static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __mmask16
+della_outranks16(__mmask16 live, __m512i kj, __m512i ko, __m512i jv, __m512i o) {
+    return live &
+           (_mm512_cmpgt_epu32_mask(kj, ko) | (_mm512_cmpeq_epi32_mask(kj, ko) & _mm512_cmpgt_epu32_mask(jv, o)));
+}
+
 /* The test of the band's entries among sixteen of a row (lanes j .. j + 15; x their draws, kj their keys): the mask
- * of those that outrank their other entry o = t + (t >= j), t = ((x - xl) * rmul) >> 32 from two 32x32->64
- * products. src: the row's keys (keyed), else its values (della_key16 taken of the gathered ones). */
+ * of those that outrank their other entry (della_partner16). src: the row's keys (keyed), else its values
+ * (della_key16 taken of the gathered ones). */
 static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __mmask16
 della_band16(__m512i x, __mmask16 band, Py_ssize_t j, __m512i kj, const void *src, int keyed, uint32_t xl,
              uint32_t rmul) {
     const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512i r64 = _mm512_set1_epi64(rmul), jv = _mm512_add_epi32(_mm512_set1_epi32((int)j), lanes);
-    __m512i dx = _mm512_sub_epi32(x, _mm512_set1_epi32((int)xl)), ko;
-    __m512i even = _mm512_mul_epu32(dx, r64), odd = _mm512_mul_epu32(_mm512_srli_epi64(dx, 32), r64);
-    __m512i t = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(even, 32), odd);
-    __m512i o = _mm512_mask_add_epi32(t, _mm512_cmpge_epu32_mask(t, jv), t, _mm512_set1_epi32(1));
-    ko = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), band, o, src, 4);
+    const __m512i jv = _mm512_add_epi32(_mm512_set1_epi32((int)j), lanes);
+    __m512i o = della_partner16(x, jv, xl, rmul);
+    __m512i ko = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), band, o, src, 4);
     if (!keyed) ko = della_key16(ko);
-    return band &
-           (_mm512_cmpgt_epu32_mask(kj, ko) | (_mm512_cmpeq_epi32_mask(kj, ko) & _mm512_cmpgt_epu32_mask(jv, o)));
+    return della_outranks16(band, kj, ko, jv, o);
 }
 
 /* della_row_plain sixteen entries at a time (m >= 2, rmul < 2^32) by della_band16 (one gather per vector with an
@@ -2038,19 +2053,44 @@ __attribute__((target("avx512f,avx512vl"))) static void della_row_avx512(const f
     }
 }
 
+/* Room for della_fused's lists of a row of m: the indices and draws of the band's entries (m + 16 each), their tests'
+ * bits in list order and each vector's band and keep masks (m / 16 + 8 each). */
+typedef struct {
+    uint32_t *j, *x;
+    uint16_t *res, *band, *keep;
+} della_lists_t;
+
+/* sum |v| over the kept lanes of sixteen keys (float64 lanes, the low eight before the high eight) and their keep
+ * bits, two bytes at bp (one where live is the row's last eight) */
+static inline __attribute__((always_inline, target("avx512f,avx512vl"))) void
+della_kept16(__m512d *kept, __mmask16 keep, __m512i kj, __mmask16 live, uint8_t *bp) {
+    __m256 lo8 = _mm256_castsi256_ps(_mm512_castsi512_si256(kj));
+    *kept = _mm512_mask_add_pd(*kept, (__mmask8)keep, *kept, _mm512_cvtps_pd(lo8));
+    bp[0] = (uint8_t)keep;
+    if (live == 0xffff) {
+        __m256 hi8 = _mm256_castsi256_ps(_mm512_extracti64x4_epi64(kj, 1));
+        *kept = _mm512_mask_add_pd(*kept, (__mmask8)(keep >> 8), *kept, _mm512_cvtps_pd(hi8));
+        bp[1] = (uint8_t)(keep >> 8);
+    }
+}
+
 /* della_fused: run_della's group (rows r0 .. r0 + nrows of m, m a multiple of 8, elements from start, g0 = elem_offset
  * + start a multiple of 8; bt: the base's group in float32, or NULL) in two passes with AVX-512, the same bits and
  * sums as the generic loops (NaN sums may differ in payload): v = a - bt, sum |v| (eight double lanes, element j
- * into lane j % 8) and the keys of |v| into k (the group's words); then row by row the Philox words made in place,
- * della_row_avx512's test on the keys, sum |v| over the kept ones and the keep bits, a byte per eight elements. */
-__attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *a, int a_dt, const float *bt,
-                                                                   Py_ssize_t start, Py_ssize_t nrows, Py_ssize_t m,
-                                                                   uint64_t g0, uint32_t k0, uint32_t k1,
-                                                                   uint32_t xl, uint32_t xh, uint32_t rmul, uint32_t *k,
-                                                                   uint8_t *bits, double *s1, double *s2) {
+ * into lane j % 8) and the keys of |v| into k (the group's words); then row by row the Philox words made in place
+ * and della_row_avx512's test on the keys, sum |v| over the kept ones and the keep bits, a byte per eight elements.
+ * The test lists the band's entries of the row first (L) and gathers their other entries' keys sixteen at a time:
+ * about a fifth of the gathers of one per vector (AMD's are slow, and nearly every vector has an entry in the band). */
+__attribute__((target("avx512f,avx512vl,bmi2,popcnt"))) static void
+della_fused(const void *a, int a_dt, const float *bt, Py_ssize_t start, Py_ssize_t nrows, Py_ssize_t m, uint64_t g0,
+            uint32_t k0, uint32_t k1, uint32_t xl, uint32_t xh, uint32_t rmul, uint32_t *k, const della_lists_t *L,
+            uint8_t *bits, double *s1, double *s2) {
     const __m512i vxl = _mm512_set1_epi32((int)xl), vxh = _mm512_set1_epi32((int)xh);
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m512d l1 = _mm512_loadu_pd(s1), kept = _mm512_loadu_pd(s2);
+    uint32_t *lj = L->j, *lx = L->x;
+    uint16_t *lres = L->res, *lb = L->band, *lkeep = L->keep;
     Py_ssize_t len = nrows * m, j, r;
     philox_keys_t K;
     for (j = 0; j < len; j += 8) {
@@ -2065,12 +2105,14 @@ __attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *
     philox_keys(&K, k0, k1, g0 >> 2, (g0 + (uint64_t)len - 1) >> 2);
     for (r = 0; r < nrows; r++) {
         const uint32_t *kr = k + r * m;
+        uint8_t *br = bits + ((g0 + (uint64_t)(r * m)) >> 3);
         uint64_t e0 = g0 + (uint64_t)(r * m);
+        Py_ssize_t n = 0, v, p;
         __m512i w[8];
         int nw = 0, at = 0;
-        for (j = 0; j < m; j += 16) {
+        for (j = 0, v = 0; j < m; j += 16, v++) { /* the draws: kept, dropped, or in the band (listed) */
             __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)0x00ff, keep, band;
-            __m512i x, kj;
+            __m512i x, jv = _mm512_add_epi32(_mm512_set1_epi32((int)j), lanes);
             if (at == nw) { /* the next words: 128 elements from four vectors of counters, else 32 (two call sites:
                              * philox_words wants its count a constant) */
                 if (m - j >= 128) {
@@ -2086,26 +2128,35 @@ __attribute__((target("avx512f,avx512vl"))) static void della_fused(const void *
             at++;
             keep = _mm512_mask_cmplt_epu32_mask(live, x, vxl);
             band = _mm512_mask_cmplt_epu32_mask((__mmask16)(live & ~keep), x, vxh);
-            kj = _mm512_maskz_loadu_epi32(live, kr + j);
-            if (band) {
-                keep |= della_band16(x, band, j, kj, kr, 1, xl, rmul);
-            }
-            {
-                __m256 lo8 = _mm256_castsi256_ps(_mm512_castsi512_si256(kj));
-                __m256 hi8 = _mm256_castsi256_ps(_mm512_extracti64x4_epi64(kj, 1));
-                uint8_t *bp = bits + ((e0 + (uint64_t)j) >> 3);
-                kept = _mm512_mask_add_pd(kept, (__mmask8)keep, kept, _mm512_cvtps_pd(lo8));
-                bp[0] = (uint8_t)keep;
-                if (live == 0xffff) { /* else the row's last eight */
-                    kept = _mm512_mask_add_pd(kept, (__mmask8)(keep >> 8), kept, _mm512_cvtps_pd(hi8));
-                    bp[1] = (uint8_t)(keep >> 8);
-                }
-            }
+            _mm512_storeu_si512(lj + n, _mm512_maskz_compress_epi32(band, jv));
+            _mm512_storeu_si512(lx + n, _mm512_maskz_compress_epi32(band, x));
+            n += __builtin_popcount(band);
+            lb[v] = band, lkeep[v] = keep;
+        }
+        for (p = 0; p < n; p += 16) { /* the band's tests, sixteen listed entries a gather */
+            __mmask16 live = n - p >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - p)) - 1u);
+            __m512i jv = _mm512_loadu_si512(lj + p), o = della_partner16(_mm512_loadu_si512(lx + p), jv, xl, rmul);
+            __m512i ko = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, o, kr, 4);
+            __m512i kj = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, jv, kr, 4);
+            lres[p >> 4] = della_outranks16(live, kj, ko, jv, o);
+        }
+        memset(lres + ((n + 15) >> 4), 0, 8); /* read below past the list's last bits */
+        for (j = 0, v = 0, p = 0; j < m; j += 16, v++) { /* each vector's keep mask: the band's bits back in place */
+            __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)0x00ff;
+            uint32_t b = lb[v], c = (uint32_t)__builtin_popcount(b);
+            uint64_t got;
+            memcpy(&got, (const uint8_t *)lres + (p >> 3), 8);
+            p += c;
+            della_kept16(&kept, (__mmask16)(lkeep[v] | _pdep_u32((uint32_t)_bzhi_u64(got >> ((p - c) & 7), c), b)),
+                         _mm512_maskz_loadu_epi32(live, kr + j), live, br + (j >> 3));
         }
     }
     _mm512_storeu_pd(s1, l1);
     _mm512_storeu_pd(s2, kept);
 }
+
+CPU_CHECK(della_lists_ok, 1, __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                              __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt"))
 #endif
 
 /* path: 0 the fastest loops this CPU has, 1 AVX2 at most, 2 plain C (native della()'s argument) */
@@ -2152,13 +2203,30 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
     float *v, *u, *bt = NULL;
     uint32_t *x;
     int i;
+#if HAVE_AVX512VL_PATH
+    della_lists_t L;
+    void *room = NULL;
+#endif
     g = g > q ? (g + q - 1) / q * q : q;
     g = g < rows ? g : rows;
     v = (float *)malloc((size_t)(g * m) * sizeof(float)), u = (float *)malloc((size_t)(g * m) * sizeof(float));
     x = (uint32_t *)malloc((size_t)(g * m) * sizeof(uint32_t));
     if (b) bt = (float *)malloc((size_t)(g * m) * sizeof(float));
+#if HAVE_AVX512VL_PATH
+    if (path == 0 && m % 8 == 0 && della_lists_ok()) {
+        size_t words = (size_t)m + 16, masks = (size_t)m / 16 + 8;
+        room = malloc(2 * words * sizeof(uint32_t) + 3 * masks * sizeof(uint16_t));
+        if (room) {
+            L.j = (uint32_t *)room, L.x = L.j + words;
+            L.res = (uint16_t *)(L.x + words), L.band = L.res + masks, L.keep = L.band + masks;
+        }
+    }
+#endif
     if (!v || !u || !x || (b && !bt)) {
         free(v), free(u), free(x), free(bt);
+#if HAVE_AVX512VL_PATH
+        free(room);
+#endif
         return -1;
     }
     for (r0 = 0; r0 < rows; r0 = r1) {
@@ -2172,9 +2240,9 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
             uint64_t rmul = t->xh > t->xl && m > 1 ? ((uint64_t)(m - 1) << 32) / (uint64_t)(t->xh - t->xl) : 0;
 #if HAVE_AVX512VL_PATH
             /* the fused AVX-512 passes: whole bytes of bits per row, inputs it loads, the products it makes */
-            if (path == 0 && m % 8 == 0 && rmul <= 0xffffffffu && t->a_dt != DT_F16 && avx512vl_ok()) {
+            if (room && rmul <= 0xffffffffu && t->a_dt != DT_F16) {
                 della_fused(t->a, t->a_dt, bt, start, r1 - r0, m, elem_offset + (uint64_t)start, t->k0, t->k1, t->xl,
-                            t->xh, (uint32_t)rmul, (uint32_t *)v, t->bits, t->s1, t->s2);
+                            t->xh, (uint32_t)rmul, (uint32_t *)v, &L, t->bits, t->s1, t->s2);
                 continue;
             }
 #endif
@@ -2196,6 +2264,9 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
         }
     }
     free(v), free(u), free(x), free(bt);
+#if HAVE_AVX512VL_PATH
+    free(room);
+#endif
     return 0;
 }
 

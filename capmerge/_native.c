@@ -1282,13 +1282,16 @@ static int avx512_ok(void) { return 0; }
 /* AVX2 has no compress: compact_lut[mask] holds the lanes set in an 8-bit mask, in order, as bytes, for a
  * permutevar8x32 (filled at module load). */
 static uint64_t compact_lut[256];
+/* ... and the way back: rank_lut[mask] holds each lane's rank among the lanes set (bytes; 255 for a lane not set) */
+static uint64_t rank_lut[256];
 static void compact_lut_init(void) {
     int mask, l, c;
     for (mask = 0; mask < 256; mask++) {
-        uint64_t v = 0;
+        uint64_t v = 0, r = 0;
         for (l = 0, c = 0; l < 8; l++)
-            if (mask >> l & 1) v |= (uint64_t)l << (8 * c++);
-        compact_lut[mask] = v;
+            if (mask >> l & 1) v |= (uint64_t)l << (8 * c), r |= (uint64_t)c++ << (8 * l);
+            else r |= (uint64_t)255 << (8 * l);
+        compact_lut[mask] = v, rank_lut[mask] = r;
     }
 }
 
@@ -1916,21 +1919,35 @@ static inline __attribute__((always_inline, target("avx2"))) __m256i della_below
     return _mm256_xor_si256(_mm256_cmpgt_epi32(x, bound1), _mm256_set1_epi32(-1));
 }
 
-/* della_band16 with eight lanes (AVX2): band and the result are all ones where true; the partner index o and the
- * index j of each lane are below 2^31, so signed compares serve. */
+/* della_partner16 with eight lanes (AVX2): the index o and the index j of each lane are below 2^31, so signed
+ * compares serve. */
+static inline __attribute__((always_inline, target("avx2"))) __m256i della_partner8(__m256i x, __m256i jv, uint32_t xl,
+                                                                                   uint32_t rmul) {
+    const __m256i r64 = _mm256_set1_epi64x((long long)rmul);
+    __m256i dx = _mm256_sub_epi32(x, _mm256_set1_epi32((int)xl));
+    __m256i even = _mm256_mul_epu32(dx, r64), odd = _mm256_mul_epu32(_mm256_srli_epi64(dx, 32), r64);
+    __m256i t = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+    return _mm256_add_epi32(_mm256_add_epi32(t, _mm256_set1_epi32(1)), _mm256_cmpgt_epi32(jv, t)); /* t + [t >= j] */
+}
+
+/* della_outranks16 with eight lanes (AVX2; live and the result all ones where true) */
+static inline __attribute__((always_inline, target("avx2"))) __m256i della_outranks8(__m256i live, __m256i kj,
+                                                                                    __m256i ko, __m256i jv,
+                                                                                    __m256i o) {
+    __m256i tie = _mm256_and_si256(_mm256_cmpeq_epi32(kj, ko), _mm256_cmpgt_epi32(jv, o)); /* the later index */
+    return _mm256_and_si256(live, _mm256_or_si256(_mm256_cmpgt_epi32(kj, ko), tie));
+}
+
+/* della_band16 with eight lanes (AVX2): band and the result are all ones where true. */
 static inline __attribute__((always_inline, target("avx2"))) __m256i della_band8(__m256i x, __m256i band, Py_ssize_t j,
                                                                                 __m256i kj, const void *src, int keyed,
                                                                                 uint32_t xl, uint32_t rmul) {
-    const __m256i lanes = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), r64 = _mm256_set1_epi64x((long long)rmul);
+    const __m256i lanes = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
     const __m256i jv = _mm256_add_epi32(_mm256_set1_epi32((int)j), lanes);
-    __m256i dx = _mm256_sub_epi32(x, _mm256_set1_epi32((int)xl)), ko, o;
-    __m256i even = _mm256_mul_epu32(dx, r64), odd = _mm256_mul_epu32(_mm256_srli_epi64(dx, 32), r64);
-    __m256i t = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-    o = _mm256_add_epi32(_mm256_add_epi32(t, _mm256_set1_epi32(1)), _mm256_cmpgt_epi32(jv, t)); /* t + [t >= j] */
-    ko = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)src, o, band, 4);
+    __m256i o = della_partner8(x, jv, xl, rmul);
+    __m256i ko = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)src, o, band, 4);
     if (!keyed) ko = della_key8(ko);
-    o = _mm256_and_si256(_mm256_cmpeq_epi32(kj, ko), _mm256_cmpgt_epi32(jv, o)); /* ties: the later index outranks */
-    return _mm256_and_si256(band, _mm256_or_si256(_mm256_cmpgt_epi32(kj, ko), o));
+    return della_outranks8(band, kj, ko, jv, o);
 }
 
 /* della_row_plain eight entries at a time (m >= 2, rmul < 2^32) by della_band8, the last m % 8 entries by the plain
@@ -1952,18 +1969,30 @@ __attribute__((target("avx2"))) static void della_row_avx2(const float *vr, cons
     della_row_plain(vr, xr, ur, j, m, xl, xh, rmul);
 }
 
+/* Room for the fused loops' lists of a row of m: the indices and draws of the band's entries (m + 16 each), their
+ * tests' bits in list order and each vector's band and keep masks (m / 16 + 8 each: sixteen-bit masks of the AVX-512
+ * loop, or bytes of the AVX2 loop's eight lanes). */
+typedef struct {
+    uint32_t *j, *x;
+    uint16_t *res, *band, *keep;
+} della_lists_t;
+
 /* della_fused's passes with AVX2 (bf16, f16 or float32 inputs; m a multiple of 8, g0 too): v = a - bt, sum |v| and
- * the keys of |v| into k; the group's Philox integers into x (philox_avx2); then row by row della_band8's test on the
- * keys, sum |v| over the kept ones and the keep bits. The same bits and sums as the generic loops. */
-__attribute__((target("avx2,f16c"))) static void della_fused_avx2(const void *a, int a_dt, const float *bt,
-                                                                 Py_ssize_t start, Py_ssize_t nrows, Py_ssize_t m,
-                                                                 uint64_t g0, uint32_t k0, uint32_t k1, uint32_t xl,
-                                                                 uint32_t xh, uint32_t rmul, uint32_t *k, uint32_t *x,
-                                                                 uint8_t *bits, double *s1, double *s2) {
+ * the keys of |v| into k; the group's Philox integers into x (philox_avx2); then row by row della_fused's listed
+ * test on the keys (compact8 lists, eight listed entries a gather, the bits back by rank_lut), sum |v| over the
+ * kept ones and the keep bits. The same bits and sums as the generic loops. */
+__attribute__((target("avx2,f16c,popcnt"))) static void
+della_fused_avx2(const void *a, int a_dt, const float *bt, Py_ssize_t start, Py_ssize_t nrows, Py_ssize_t m,
+                 uint64_t g0, uint32_t k0, uint32_t k1, uint32_t xl, uint32_t xh, uint32_t rmul, uint32_t *k,
+                 uint32_t *x, const della_lists_t *L, uint8_t *bits, double *s1, double *s2) {
     const __m256i xl1 = _mm256_set1_epi32((int)(xl - 1)), xh1 = _mm256_set1_epi32((int)(xh - 1));
+    const __m256i lanes = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), one = _mm256_set1_epi32(1);
+    const __m256i lanebits = _mm256_set_epi32(128, 64, 32, 16, 8, 4, 2, 1);
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256d l1lo = _mm256_loadu_pd(s1), l1hi = _mm256_loadu_pd(s1 + 4);
     __m256d kplo = _mm256_loadu_pd(s2), kphi = _mm256_loadu_pd(s2 + 4);
+    uint32_t *lj = L->j, *lx = L->x;
+    uint8_t *lres = (uint8_t *)L->res, *lb = (uint8_t *)L->band, *lkeep = (uint8_t *)L->keep;
     Py_ssize_t len = nrows * m, j, r;
     for (j = 0; j < len; j += 8) {
         __m256 v = fast_load(a, a_dt, start + j);
@@ -1976,15 +2005,34 @@ __attribute__((target("avx2,f16c"))) static void della_fused_avx2(const void *a,
     for (r = 0; r < nrows; r++) {
         const uint32_t *kr = k + r * m, *xr = x + r * m;
         uint8_t *bp = bits + ((g0 + (uint64_t)(r * m)) >> 3);
-        for (j = 0; j < m; j += 8) {
+        Py_ssize_t n = 0, v, p;
+        for (j = 0, v = 0; j < m; j += 8, v++) { /* kept, dropped, or in the band (listed) */
             __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + j)), keep = della_below8(xv, xl1);
-            __m256i band = _mm256_andnot_si256(keep, della_below8(xv, xh1));
+            int band = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_andnot_si256(keep, della_below8(xv, xh1))));
+            compact8(lj + n, _mm256_add_epi32(_mm256_set1_epi32((int)j), lanes), band);
+            n += compact8(lx + n, xv, band);
+            lb[v] = (uint8_t)band, lkeep[v] = (uint8_t)_mm256_movemask_ps(_mm256_castsi256_ps(keep));
+        }
+        for (p = 0; p < n; p += 8) { /* the band's tests, eight listed entries a gather */
+            __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - p)), lanes);
+            __m256i jv = _mm256_loadu_si256((const __m256i *)(lj + p));
+            __m256i o = della_partner8(_mm256_loadu_si256((const __m256i *)(lx + p)), jv, xl, rmul);
+            __m256i ko = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)kr, o, live, 4);
+            __m256i kj = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)kr, jv, live, 4);
+            lres[p >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_castsi256_ps(della_outranks8(live, kj, ko, jv, o)));
+        }
+        memset(lres + ((n + 7) >> 3), 0, 2); /* read below past the list's last bits */
+        for (j = 0, v = 0, p = 0; j < m; j += 8, v++) { /* each vector's keep lanes: the band's bits back in place */
+            int b = lb[v];
+            uint32_t got = ((uint32_t)lres[p >> 3] | (uint32_t)lres[(p >> 3) + 1] << 8) >> (p & 7);
             __m256i kj = _mm256_loadu_si256((const __m256i *)(kr + j));
-            __m256 kv;
-            if (!_mm256_testz_si256(band, band))
-                keep = _mm256_or_si256(keep, della_band8(xv, band, j, kj, kr, 1, xl, rmul));
-            kv = _mm256_and_ps(_mm256_castsi256_ps(kj), _mm256_castsi256_ps(keep)); /* |v| where kept, else +0 */
-            add8_pd(&kplo, &kphi, kv);
+            __m256i ranks = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)rank_lut[b]));
+            __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)got), ranks),
+                                                               one), one);
+            __m256i k0v = _mm256_and_si256(_mm256_set1_epi32(lkeep[v]), lanebits);
+            keep = _mm256_or_si256(keep, _mm256_cmpeq_epi32(k0v, lanebits));
+            p += __builtin_popcount((unsigned)b);
+            add8_pd(&kplo, &kphi, _mm256_and_ps(_mm256_castsi256_ps(kj), _mm256_castsi256_ps(keep)));
             bp[j >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_castsi256_ps(keep));
         }
     }
@@ -2033,8 +2081,8 @@ della_band16(__m512i x, __mmask16 band, Py_ssize_t j, __m512i kj, const void *sr
     return della_outranks16(band, kj, ko, jv, o);
 }
 
-/* della_row_plain sixteen entries at a time (m >= 2, rmul < 2^32) by della_band16 (one gather per vector with an
- * entry in the band: cheaper here than listing the band's entries first and gathering them sixteen at a time) */
+/* della_row_plain sixteen entries at a time (m >= 2, rmul < 2^32) by della_band16, one gather per vector with an entry
+ * in the band: the rows della_fused does not take (f16 inputs, rows not a multiple of 8) */
 __attribute__((target("avx512f,avx512vl"))) static void della_row_avx512(const float *vr, const uint32_t *xr,
                                                                         float *ur, Py_ssize_t m, uint32_t xl,
                                                                         uint32_t xh, uint32_t rmul) {
@@ -2052,13 +2100,6 @@ __attribute__((target("avx512f,avx512vl"))) static void della_row_avx512(const f
         _mm512_mask_storeu_ps(ur + j, live, _mm512_mask_blend_ps(keep, plus, minus));
     }
 }
-
-/* Room for della_fused's lists of a row of m: the indices and draws of the band's entries (m + 16 each), their tests'
- * bits in list order and each vector's band and keep masks (m / 16 + 8 each). */
-typedef struct {
-    uint32_t *j, *x;
-    uint16_t *res, *band, *keep;
-} della_lists_t;
 
 /* sum |v| over the kept lanes of sixteen keys (float64 lanes, the low eight before the high eight) and their keep
  * bits, two bytes at bp (one where live is the row's last eight) */
@@ -2203,7 +2244,7 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
     float *v, *u, *bt = NULL;
     uint32_t *x;
     int i;
-#if HAVE_AVX512VL_PATH
+#if HAVE_F16C_PATH
     della_lists_t L;
     void *room = NULL;
 #endif
@@ -2212,8 +2253,8 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
     v = (float *)malloc((size_t)(g * m) * sizeof(float)), u = (float *)malloc((size_t)(g * m) * sizeof(float));
     x = (uint32_t *)malloc((size_t)(g * m) * sizeof(uint32_t));
     if (b) bt = (float *)malloc((size_t)(g * m) * sizeof(float));
-#if HAVE_AVX512VL_PATH
-    if (path == 0 && m % 8 == 0 && della_lists_ok()) {
+#if HAVE_F16C_PATH
+    if (path <= 1 && m % 8 == 0 && avx2_ok()) { /* the fused loops' lists */
         size_t words = (size_t)m + 16, masks = (size_t)m / 16 + 8;
         room = malloc(2 * words * sizeof(uint32_t) + 3 * masks * sizeof(uint16_t));
         if (room) {
@@ -2224,7 +2265,7 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
 #endif
     if (!v || !u || !x || (b && !bt)) {
         free(v), free(u), free(x), free(bt);
-#if HAVE_AVX512VL_PATH
+#if HAVE_F16C_PATH
         free(room);
 #endif
         return -1;
@@ -2240,16 +2281,16 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
             uint64_t rmul = t->xh > t->xl && m > 1 ? ((uint64_t)(m - 1) << 32) / (uint64_t)(t->xh - t->xl) : 0;
 #if HAVE_AVX512VL_PATH
             /* the fused AVX-512 passes: whole bytes of bits per row, inputs it loads, the products it makes */
-            if (room && rmul <= 0xffffffffu && t->a_dt != DT_F16) {
+            if (room && path == 0 && rmul <= 0xffffffffu && t->a_dt != DT_F16 && della_lists_ok()) {
                 della_fused(t->a, t->a_dt, bt, start, r1 - r0, m, elem_offset + (uint64_t)start, t->k0, t->k1, t->xl,
                             t->xh, (uint32_t)rmul, (uint32_t *)v, &L, t->bits, t->s1, t->s2);
                 continue;
             }
 #endif
 #if HAVE_F16C_PATH
-            if (path <= 1 && m % 8 == 0 && rmul <= 0xffffffffu && avx2_ok() && (t->a_dt != DT_F16 || f16c_ok())) {
+            if (room && rmul <= 0xffffffffu && (t->a_dt != DT_F16 || f16c_ok())) {
                 della_fused_avx2(t->a, t->a_dt, bt, start, r1 - r0, m, elem_offset + (uint64_t)start, t->k0, t->k1,
-                                 t->xl, t->xh, (uint32_t)rmul, (uint32_t *)v, x, t->bits, t->s1, t->s2);
+                                 t->xl, t->xh, (uint32_t)rmul, (uint32_t *)v, x, &L, t->bits, t->s1, t->s2);
                 continue;
             }
 #endif
@@ -2264,7 +2305,7 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
         }
     }
     free(v), free(u), free(x), free(bt);
-#if HAVE_AVX512VL_PATH
+#if HAVE_F16C_PATH
     free(room);
 #endif
     return 0;

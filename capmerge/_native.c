@@ -1977,14 +1977,15 @@ typedef struct {
     uint16_t *res, *band, *keep;
 } della_lists_t;
 
-/* della_fused's passes with AVX2 (bf16, f16 or float32 inputs; m a multiple of 8, g0 too): v = a - bt, sum |v| and
+/* della_fused's passes with AVX2 (bf16, f16 or float32 inputs; m a multiple of 8, g0 too): v = a - b, sum |v| and
  * the keys of |v| into k; the group's Philox integers into x (philox_avx2); then row by row della_fused's listed
  * test on the keys (compact8 lists, eight listed entries a gather, the bits back by rank_lut), sum |v| over the
  * kept ones and the keep bits. The same bits and sums as the generic loops. */
 __attribute__((target("avx2,f16c,popcnt"))) static void
-della_fused_avx2(const void *a, int a_dt, const float *bt, Py_ssize_t start, Py_ssize_t nrows, Py_ssize_t m,
-                 uint64_t g0, uint32_t k0, uint32_t k1, uint32_t xl, uint32_t xh, uint32_t rmul, uint32_t *k,
-                 uint32_t *x, const della_lists_t *L, uint8_t *bits, double *s1, double *s2) {
+della_fused_avx2(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t b_off, Py_ssize_t start,
+                 Py_ssize_t nrows, Py_ssize_t m, uint64_t g0, uint32_t k0, uint32_t k1, uint32_t xl, uint32_t xh,
+                 uint32_t rmul, uint32_t *k, uint32_t *x, const della_lists_t *L, uint8_t *bits, double *s1,
+                 double *s2) {
     const __m256i xl1 = _mm256_set1_epi32((int)(xl - 1)), xh1 = _mm256_set1_epi32((int)(xh - 1));
     const __m256i lanes = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0), one = _mm256_set1_epi32(1);
     const __m256i lanebits = _mm256_set_epi32(128, 64, 32, 16, 8, 4, 2, 1);
@@ -1996,7 +1997,7 @@ della_fused_avx2(const void *a, int a_dt, const float *bt, Py_ssize_t start, Py_
     Py_ssize_t len = nrows * m, j, r;
     for (j = 0; j < len; j += 8) {
         __m256 v = fast_load(a, a_dt, start + j);
-        if (bt) v = _mm256_sub_ps(v, _mm256_loadu_ps(bt + j));
+        if (b) v = _mm256_sub_ps(v, fast_load(b, b_dt, b_off + j));
         v = _mm256_and_ps(v, absmask);
         add8_pd(&l1lo, &l1hi, v);
         _mm256_storeu_si256((__m256i *)(k + j), della_key8(_mm256_castps_si256(v)));
@@ -2116,16 +2117,17 @@ della_kept16(__m512d *kept, __mmask16 keep, __m512i kj, __mmask16 live, uint8_t 
 }
 
 /* della_fused: run_della's group (rows r0 .. r0 + nrows of m, m a multiple of 8, elements from start, g0 = elem_offset
- * + start a multiple of 8; bt: the base's group in float32, or NULL) in two passes with AVX-512, the same bits and
- * sums as the generic loops (NaN sums may differ in payload): v = a - bt, sum |v| (eight double lanes, element j
- * into lane j % 8) and the keys of |v| into k (the group's words); then row by row the Philox words made in place
- * and della_row_avx512's test on the keys, sum |v| over the kept ones and the keep bits, a byte per eight elements.
+ * + start a multiple of 8; b: the base, element b_off + j under element start + j of a (bf16 or float32: the base
+ * itself, or its group made float32), or NULL) in two passes with AVX-512, the same bits and sums as the generic
+ * loops (NaN sums may differ in payload): v = a - b, sum |v| (eight double lanes, element j into lane j % 8) and
+ * the keys of |v| into k (the group's words); then row by row the Philox words made in place and della_row_avx512's
+ * test on the keys, sum |v| over the kept ones and the keep bits, a byte per eight elements.
  * The test lists the band's entries of the row first (L) and gathers their other entries' keys sixteen at a time:
  * about a fifth of the gathers of one per vector (AMD's are slow, and nearly every vector has an entry in the band). */
 __attribute__((target("avx512f,avx512vl,bmi2,popcnt"))) static void
-della_fused(const void *a, int a_dt, const float *bt, Py_ssize_t start, Py_ssize_t nrows, Py_ssize_t m, uint64_t g0,
-            uint32_t k0, uint32_t k1, uint32_t xl, uint32_t xh, uint32_t rmul, uint32_t *k, const della_lists_t *L,
-            uint8_t *bits, double *s1, double *s2) {
+della_fused(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t b_off, Py_ssize_t start, Py_ssize_t nrows,
+            Py_ssize_t m, uint64_t g0, uint32_t k0, uint32_t k1, uint32_t xl, uint32_t xh, uint32_t rmul, uint32_t *k,
+            const della_lists_t *L, uint8_t *bits, double *s1, double *s2) {
     const __m512i vxl = _mm512_set1_epi32((int)xl), vxh = _mm512_set1_epi32((int)xh);
     const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -2136,7 +2138,7 @@ della_fused(const void *a, int a_dt, const float *bt, Py_ssize_t start, Py_ssize
     philox_keys_t K;
     for (j = 0; j < len; j += 8) {
         __m256 x = load8_exact(a, a_dt, start + j);
-        if (bt) x = _mm256_sub_ps(x, _mm256_loadu_ps(bt + j));
+        if (b) x = _mm256_sub_ps(x, load8_exact(b, b_dt, b_off + j));
         x = _mm256_and_ps(x, absmask);
         l1 = _mm512_add_pd(l1, _mm512_cvtps_pd(x));
         /* the key of |v| (every NaN one value): its bits as they rank; as a float |v|, or a NaN where v is one */
@@ -2218,6 +2220,13 @@ static void della_row(const float *vr, const uint32_t *xr, float *ur, Py_ssize_t
     della_row_plain(vr, xr, ur, 0, m, xl, xh, rmul);
 }
 
+/* elements start .. start + len - 1 of src (bf16, f16 or float32) into dst as float32, a tile at a time; 1 */
+static int load_group(float *dst, const void *src, int dt, Py_ssize_t start, Py_ssize_t len) {
+    Py_ssize_t off;
+    for (off = 0; off < len; off += TILE) load_tile(dst + off, src, dt, start + off, len - off < TILE ? len - off : TILE);
+    return 1;
+}
+
 #define DELLA_GROUP 16384 /* entries of v and x made at a time, then decided */
 
 /* One model of a della() call: its vector (bf16, f16 or float32), Philox key, band [xl, xh), keep bits (the
@@ -2272,28 +2281,35 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
     }
     for (r0 = 0; r0 < rows; r0 = r1) {
         Py_ssize_t start = r0 * m, len;
+        int tiled = 0; /* the group's base in bt */
         r1 = r0 + g < rows ? r0 + g : rows;
         len = r1 * m - start;
-        for (off = 0; b && off < len; off += TILE)
-            load_tile(bt + off, b, b_dt, start + off, len - off < TILE ? len - off : TILE);
         for (i = 0; i < k; i++) {
             della_term_t *t = &terms[i];
             uint64_t rmul = t->xh > t->xl && m > 1 ? ((uint64_t)(m - 1) << 32) / (uint64_t)(t->xh - t->xl) : 0;
 #if HAVE_AVX512VL_PATH
-            /* the fused AVX-512 passes: whole bytes of bits per row, inputs it loads, the products it makes */
+            /* the fused AVX-512 passes: whole bytes of bits per row, inputs it loads (the base too, or its tile),
+             * the products it makes */
             if (room && path == 0 && rmul <= 0xffffffffu && t->a_dt != DT_F16 && della_lists_ok()) {
-                della_fused(t->a, t->a_dt, bt, start, r1 - r0, m, elem_offset + (uint64_t)start, t->k0, t->k1, t->xl,
-                            t->xh, (uint32_t)rmul, (uint32_t *)v, &L, t->bits, t->s1, t->s2);
+                int direct = b_dt != DT_F16 || tiled;
+                if (b && !direct) tiled = load_group(bt, b, b_dt, start, len);
+                della_fused(t->a, t->a_dt, tiled ? (const void *)bt : b, tiled ? DT_F32 : b_dt, tiled ? 0 : start,
+                            start, r1 - r0, m, elem_offset + (uint64_t)start, t->k0, t->k1, t->xl, t->xh,
+                            (uint32_t)rmul, (uint32_t *)v, &L, t->bits, t->s1, t->s2);
                 continue;
             }
 #endif
 #if HAVE_F16C_PATH
             if (room && rmul <= 0xffffffffu && (t->a_dt != DT_F16 || f16c_ok())) {
-                della_fused_avx2(t->a, t->a_dt, bt, start, r1 - r0, m, elem_offset + (uint64_t)start, t->k0, t->k1,
-                                 t->xl, t->xh, (uint32_t)rmul, (uint32_t *)v, x, &L, t->bits, t->s1, t->s2);
+                int direct = b_dt != DT_F16 || f16c_ok() || tiled;
+                if (b && !direct) tiled = load_group(bt, b, b_dt, start, len);
+                della_fused_avx2(t->a, t->a_dt, tiled ? (const void *)bt : b, tiled ? DT_F32 : b_dt, tiled ? 0 : start,
+                                 start, r1 - r0, m, elem_offset + (uint64_t)start, t->k0, t->k1, t->xl, t->xh,
+                                 (uint32_t)rmul, (uint32_t *)v, x, &L, t->bits, t->s1, t->s2);
                 continue;
             }
 #endif
+            if (b && !tiled) tiled = load_group(bt, b, b_dt, start, len);
             for (off = 0; off < len; off += TILE)
                 load_tile(v + off, t->a, t->a_dt, start + off, len - off < TILE ? len - off : TILE);
             if (bt)

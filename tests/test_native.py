@@ -326,6 +326,7 @@ def _della_inputs(
 
 
 _DELLA_CASES = [(c, k) for c in (("BF16", "BF16"), ("F16", "F32"), ("F32", None)) for k in ("specials", "model_diffs")]
+_DELLA_CASES += [(("BF16", "F16"), "model_diffs")]  # a base the fused AVX-512 loop reads made float32 first
 _DELLA_CASES += [(("F32", None), k) for k in ("narrow", "tiny", "wide")]  # float32 patterns
 
 
@@ -394,15 +395,16 @@ def test_della_keep_bits_follow_the_row_ranks(codes: tuple[str, str | None], kin
         _native.della([(_mv(a), compute.NATIVE_CODES[ac], 77, lo, hi, bits[:1])], None, 0, rows, m, 0)
 
 
-def _della_call(models: list[torch.Tensor], code: str, base: torch.Tensor, bands: list[tuple[int, int]], rows: int,
-                m: int, order: list[int], path: int) -> dict[int, tuple[tuple[float, float], bytes]]:  # fmt: skip
+def _della_call(models: list[torch.Tensor], codes: list[str], base: torch.Tensor, base_code: str,
+                bands: list[tuple[int, int]], rows: int, m: int, order: list[int],
+                path: int) -> dict[int, tuple[tuple[float, float], bytes]]:  # fmt: skip
     """One della() call over the models in ``order`` (model i: key 5 + i, band i), block at element 64: each model's
     sums and keep bits."""
     from capmerge import _native
 
     bits = {i: np.zeros((rows * m + 7) // 8 + 8, dtype=np.uint8) for i in order}
-    terms = [(_mv(models[i]), compute.NATIVE_CODES[code], 5 + i, *bands[i], bits[i]) for i in order]
-    sums = _native.della(terms, _mv(base), compute.NATIVE_CODES["BF16"], rows, m, 64, path)
+    terms = [(_mv(models[i]), compute.NATIVE_CODES[codes[i]], 5 + i, *bands[i], bits[i]) for i in order]
+    sums = _native.della(terms, _mv(base), compute.NATIVE_CODES[base_code], rows, m, 64, path)
     return {i: (tuple(s), bytes(bits[i])) for i, s in zip(order, sums, strict=True)}
 
 
@@ -413,16 +415,19 @@ def test_della_paths_give_the_same_bits_and_sums() -> None:
     from capmerge import functional as F
 
     g = torch.Generator().manual_seed(4)
+    dts = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
     bands = [F.della_bounds(0.3, 0.15), F.della_bounds(0.5, 0.01), F.della_bounds(0.2, 0.0)]
-    for m, code in ((8, "BF16"), (24, "BF16"), (2048, "BF16"), (40, "F32"), (40, "F16"), (13, "BF16")):
+    cases = [(8, "BF16", "BF16"), (24, "BF16", "BF16"), (2048, "BF16", "BF16"), (40, "F32", "BF16"),
+             (40, "F16", "BF16"), (13, "BF16", "BF16"), (48, "BF16", "F16"), (48, "F16 BF16 F32", "F16")]  # fmt: skip
+    for m, code, base_code in cases:  # an f16 base: the AVX-512 loop reads it made float32, AVX2's as it is
         rows = 70
-        dt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[code]
-        models = [torch.randn(rows * m, generator=g).to(dt) for _ in range(3)]
-        base = torch.randn(rows * m, generator=g).to(torch.bfloat16)
-        alone = {i: _della_call(models, code, base, bands, rows, m, [i], 2)[i] for i in range(3)}
-        assert _della_call(models, code, base, bands, rows, m, [0, 1, 2], 0) == alone, m
-        assert _della_call(models, code, base, bands, rows, m, [1, 2, 0], 1) == alone, m
-        assert _della_call(models, code, base, bands, rows, m, [2, 0, 1], 2) == alone, m
+        codes = (code.split() * 3)[:3]
+        models = [torch.randn(rows * m, generator=g).to(dts[c]) for c in codes]
+        base = torch.randn(rows * m, generator=g).to(dts[base_code])
+        alone = {i: _della_call(models, codes, base, base_code, bands, rows, m, [i], 2)[i] for i in range(3)}
+        assert _della_call(models, codes, base, base_code, bands, rows, m, [0, 1, 2], 0) == alone, m
+        assert _della_call(models, codes, base, base_code, bands, rows, m, [1, 2, 0], 1) == alone, m
+        assert _della_call(models, codes, base, base_code, bands, rows, m, [2, 0, 1], 2) == alone, m
 
 
 def test_philox_ints_are_the_uniforms_integers() -> None:

@@ -4018,6 +4018,105 @@ static PyObject *native_moments(PyObject *self, PyObject *args) {
 
 /* hist1(buf, n, bins, hist[, portable]) — float32: level-1 counts of up to HIST1_BINS level-0 bins (uint32), added
  * into hist, 65536 uint64 per bin; see run_hist1. portable: 0 the fastest loop, 1 plain C, 2 AVX2 at most (tests). */
+/* The k-th smallest (0-based) of a[0 .. n - 1] (n >= 1), reordering a: a quickselect with three-way partitions
+ * (many equal keys cost no more than distinct ones). */
+static uint32_t select_u32(uint32_t *a, Py_ssize_t n, Py_ssize_t k) {
+    Py_ssize_t lo = 0, hi = n;
+    while (hi - lo > 1) {
+        uint32_t x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi - 1], t, p;
+        Py_ssize_t lt = lo, i = lo, gt = hi;
+        p = x < y ? (y < z ? y : x < z ? z : x) : (x < z ? x : y < z ? z : y); /* the median of three */
+        while (i < gt) {
+            if (a[i] < p) t = a[lt], a[lt++] = a[i], a[i++] = t;
+            else if (a[i] > p) t = a[--gt], a[gt] = a[i], a[i] = t;
+            else i++;
+        }
+        if (k < lt) hi = lt;
+        else if (k >= gt) lo = gt;
+        else return p;
+    }
+    return a[lo];
+}
+
+/* run_select: the values of 0-based ranks r[0 .. nr - 1] of x[0 .. n - 1] sorted ascending (n < 2^32; every x >= 0
+ * and none NaN, so their bit patterns without the sign, -0 as +0, order as they do) into out: the top 16 bits
+ * counted, the bins that hold a rank found, their elements gathered and each rank selected among its bin's. Linear
+ * in n whatever the ties. -1: no memory. */
+static int run_select(const uint32_t *x, Py_ssize_t n, const Py_ssize_t *r, int nr, uint32_t *out) {
+    uint32_t *count = (uint32_t *)calloc(65536, sizeof(uint32_t)), *got = NULL;
+    uint8_t *slot = (uint8_t *)calloc(65536, 1); /* a bin's place among those gathered + 1, or 0 */
+    Py_ssize_t at[255], fill[255], below[255], i, total = 0;
+    int in[255], q, nb = 0, b;
+    if (!count || !slot) {
+        free(count), free(slot);
+        return -1;
+    }
+    for (i = 0; i < n; i++) count[(x[i] & 0x7fffffffu) >> 16]++;
+    for (q = 0; q < nr; q++) { /* the bin of rank r[q] and the elements below it */
+        Py_ssize_t c = 0;
+        for (b = 0; c + (Py_ssize_t)count[b] <= r[q]; b++) c += count[b];
+        if (!slot[b]) slot[b] = (uint8_t)++nb, below[nb - 1] = c, at[nb - 1] = total, total += count[b];
+        in[q] = slot[b] - 1;
+    }
+    got = (uint32_t *)malloc((size_t)(total ? total : 1) * sizeof(uint32_t));
+    if (!got) {
+        free(count), free(slot);
+        return -1;
+    }
+    for (q = 0; q < nb; q++) fill[q] = at[q];
+    for (i = 0; i < n; i++) {
+        uint32_t k = x[i] & 0x7fffffffu;
+        int s = slot[k >> 16];
+        if (s) got[fill[s - 1]++] = k;
+    }
+    for (q = 0; q < nr; q++) { /* each rank among its bin's elements (count: fill - at) */
+        int s = in[q];
+        out[q] = select_u32(got + at[s], fill[s] - at[s], r[q] - below[s]);
+    }
+    free(count), free(slot), free(got);
+    return 0;
+}
+
+/* select(values, ranks) -> list of float: the values of 0-based ranks (at most 255) of float32 values, none below 0
+ * nor NaN, sorted ascending (run_select) */
+static PyObject *native_select(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    PyObject *ranks_o, *fast = NULL, *res = NULL;
+    Py_ssize_t r[255], n;
+    uint32_t out[255];
+    int nr = 0, q, rc = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*O", &buf, &ranks_o)) return NULL;
+    n = buf.len / 4;
+    fast = PySequence_Fast(ranks_o, "select: ranks must be a sequence of ints");
+    if (fast) {
+        nr = (int)(PySequence_Fast_GET_SIZE(fast) < 256 ? PySequence_Fast_GET_SIZE(fast) : 256);
+        if (buf.len % 4 || n >= ((Py_ssize_t)1 << 32) || nr > 255)
+            PyErr_SetString(PyExc_ValueError, "select: float32 values (fewer than 2^32) and at most 255 ranks");
+        for (q = 0; !PyErr_Occurred() && q < nr; q++) {
+            r[q] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(fast, q));
+            if (!PyErr_Occurred() && (r[q] < 0 || r[q] >= n))
+                PyErr_SetString(PyExc_ValueError, "select: a rank outside the values");
+        }
+    }
+    if (fast && !PyErr_Occurred() && nr) {
+        NOGIL_IF(n, rc = run_select((const uint32_t *)buf.buf, n, r, nr, out));
+        if (rc < 0) PyErr_NoMemory();
+    }
+    if (fast && !PyErr_Occurred()) res = PyList_New(nr);
+    for (q = 0; res && q < nr; q++) {
+        PyObject *v = PyFloat_FromDouble((double)u2f(out[q]));
+        if (!v) {
+            Py_CLEAR(res);
+            break;
+        }
+        PyList_SET_ITEM(res, q, v);
+    }
+    Py_XDECREF(fast);
+    PyBuffer_Release(&buf);
+    return res;
+}
+
 static PyObject *native_hist1(PyObject *self, PyObject *args) {
     Py_buffer src, bins, hist;
     Py_ssize_t n, nb;
@@ -4325,6 +4424,8 @@ static PyMethodDef methods[] = {
     {"diff", native_diff, METH_VARARGS, "diff(out, out_dt, a, a_dt, b, b_dt, n) -> flags; out = round(a - b)"},
     {"merge", native_merge, METH_VARARGS,
      "merge(outs, base, base_dt, n, terms, sign, normalize, elem_offset) -> flags (see capmerge/compute.py)"},
+    {"select", native_select, METH_VARARGS,
+     "select(values, ranks) -> list; the float32 values (none < 0, none NaN) of 0-based ranks, ascending"},
     {"hist1", native_hist1, METH_VARARGS,
      "hist1(buf, n, bins, hist[, portable]) -> None; float32 level-1 |x| histograms of up to 16 level-0 bins (uint32) "
      "in one pass"},

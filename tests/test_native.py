@@ -430,6 +430,38 @@ def test_della_paths_give_the_same_bits_and_sums() -> None:
         assert _della_call(models, codes, base, base_code, bands, rows, m, [2, 0, 1], 2) == alone, m
 
 
+def test_select_gives_the_values_numpy_sorts_to_those_ranks() -> None:
+    """select(): the float32 values of 0-based ranks, as numpy's sort puts them, for values ≥ 0 of every kind (ties,
+    all equal, −0 among them, +inf, subnormals, 40 octaves) and sizes (one value to 3·10⁵: bins of many and of one),
+    ranks in any order and repeated; a rank outside the values or more than 255 ranks: ValueError."""
+    from capmerge import _native
+
+    rng = np.random.default_rng(12)
+    kinds = {
+        "spread": lambda n: np.exp2(rng.uniform(-20, 20, n)),
+        "ties": lambda n: rng.integers(0, 4, n).astype(np.float64),
+        "equal": lambda n: np.full(n, 0.75),
+        "zeros": lambda n: np.where(rng.random(n) < 0.5, -0.0, rng.random(n)),
+        "specials": lambda n: rng.choice([0.0, np.inf, 1e-45, 3e-39, 1.0, 2.5], n),
+    }
+    for name, make in kinds.items():
+        for n in (1, 2, 17, 4099, 300_001):
+            x = make(n).astype(np.float32)
+            ranks = [int(r) for r in rng.integers(0, n, 5)] + [n - 1, 0, n // 2, n - 1]
+            want = np.sort(np.abs(x))[ranks]  # −0 sorts as +0
+            got = np.array(_native.select(x, ranks), dtype=np.float32)
+            assert np.array_equal(got, want), (name, n)
+            assert not np.signbit(got).any()
+    x = np.ones(10, dtype=np.float32)
+    with pytest.raises(ValueError, match="outside"):
+        _native.select(x, [10])
+    with pytest.raises(ValueError, match="outside"):
+        _native.select(x, [-1])
+    with pytest.raises(ValueError, match="255"):
+        _native.select(x, [0] * 256)
+    assert _native.select(x, []) == []
+
+
 def test_philox_ints_are_the_uniforms_integers() -> None:
     """philox_ints(): the torch reference's integers (tl.rand's before the scaling) from any start, in every loop
     (AVX-512, AVX2, plain C: one Philox loop per instruction set writes floats or integers); scaled by 2^-31 in

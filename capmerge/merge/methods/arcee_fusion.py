@@ -331,12 +331,12 @@ def _set_bits(bits: Any, kept: Any) -> None:
 
 def _select(values: Any, ranks: list[int]) -> list[Any]:
     """The elements of 0-based ranks ``ranks`` of the float32 array ``values`` (no NaN) sorted ascending: by the
-    native histogram selection where every value is ≥ 0 (then |x| orders as x; linear in the size whatever the
-    ties), else numpy's partition, one rank a call."""
-    n = len(values)
-    if n and values.min() >= 0:
-        got = plan.kth_largest_abs_buffer(np.ascontiguousarray(values), "F32", n, [n - r for r in ranks])
-        return [np.float32(got[n - r]) for r in ranks]
+    native ``select`` where every value is ≥ 0 (then their bit patterns order as they do; linear in the size whatever
+    the ties, in one call), else numpy's partition, one rank a call."""
+    from capmerge.merge.compute import _native
+
+    if len(values) and values.min() >= 0:
+        return [np.float32(v) for v in _native.select(np.ascontiguousarray(values), ranks)]
     return [np.partition(values, r)[r] for r in ranks]
 
 

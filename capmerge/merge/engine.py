@@ -44,6 +44,7 @@ MAP_PREPARE = True  # prepare passes read mapped files where they can (False: co
 MAP_READS = True  # so does the merge pass on the CPU (False: copies into the pool's buffers)
 _STATS_THREADS = "capmerge-stats"  # the name of parallel_map's threads
 PREPARE_AHEAD = 2  # jobs whose prepare pass may be done before the reader reaches them
+PREPARERS = 2  # threads running prepare passes: one's serial steps (a sample's ranks) overlap the other's pass
 
 
 def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], *, parallel: bool = True) -> list[Any]:
@@ -228,8 +229,8 @@ class _Pipeline:
         self._tls = threading.local()  # scratch buffers of the thread running a prepare pass
         self._prepare_bytes = 0  # added to by the reader and the preparer
         self._count_lock = threading.Lock()
-        # prepare passes (pruning thresholds) run on their own thread, up to PREPARE_AHEAD jobs ahead of the reader,
-        # so that the threshold pass of the next tensors overlaps the merge of this one
+        # prepare passes (pruning thresholds) run on their own threads, up to PREPARE_AHEAD jobs ahead of the
+        # reader, so that the threshold pass of the next tensors overlaps the merge of this one
         # (lazy inputs — LoRA products, pickles — build a tensor per thread, so their jobs prepare on the reader)
         self.prepared = {
             ji: threading.Event()
@@ -237,6 +238,9 @@ class _Pipeline:
             if j.op != "copy" and j.prepare and all(getattr(ck, "direct", False) for ck, _ in j.inputs)
         }
         self.prepare_slots = threading.Semaphore(PREPARE_AHEAD)
+        self._to_prepare = iter(list(self.prepared))  # job indices, taken in order by the preparer threads
+        self._prepare_lock = threading.Lock()
+        self._preparers_left = PREPARERS
         self.map_reads = MAP_READS and device == "cpu"  # the merge pass reads mapped files (else the pool's buffers)
         self._prepared_maps: dict[int, dict[int, Any]] = {}  # id(job) -> the maps of its prepare pass, for its merge
         # the threshold pass keeps one core busy: on 2 cores, splitting the merge as well was slower (2.40 vs 2.31 s)
@@ -325,13 +329,21 @@ class _Pipeline:
         self._put(self.to_compute, None)
 
     def preparer(self) -> None:
-        """Stage 0: the prepare passes, in job order, at most PREPARE_AHEAD ahead of the reader."""
-        for ji, event in self.prepared.items():
+        """Stage 0, on PREPARERS threads: the prepare passes, begun in job order, at most PREPARE_AHEAD ahead of the
+        reader (two at once: the serial steps of one, e.g. ranking a sample, overlap the other's pass)."""
+        while True:
             self._until(lambda t: self.prepare_slots.acquire(timeout=t))
-            job = self.jobs[ji]
-            self._prepare(job)
-            event.set()
-        self.prepared_all.set()
+            with self._prepare_lock:
+                ji = next(self._to_prepare, None)
+            if ji is None:
+                self.prepare_slots.release()
+                break
+            self._prepare(self.jobs[ji])
+            self.prepared[ji].set()
+        with self._prepare_lock:
+            self._preparers_left -= 1
+            if not self._preparers_left:
+                self.prepared_all.set()
 
     @staticmethod
     def _map(maps: dict[int, Any], k: int, ck: Checkpoint, info: TensorInfo) -> Any:
@@ -445,7 +457,7 @@ class _Pipeline:
         t0 = time.perf_counter()
         threads = [self._stage(self.reader), self._stage(self.writer)]
         if self.prepared:
-            threads.append(self._stage(self.preparer))
+            threads += [self._stage(self.preparer) for _ in range(PREPARERS)]
         for t in threads:
             t.start()
         if self.parts_after > 1:

@@ -88,3 +88,50 @@ def test_outputs_do_not_depend_on_how_inputs_are_read(tmp_path: Path, maps: tupl
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), k
+
+
+def test_prepare_passes_overlap_and_give_one_threads_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prepare passes run on PREPARERS threads: the first tensor's pass is still running when the second's
+    begins (it waits for it, up to 30 s), never more than PREPARE_AHEAD at once, and the output is the bytes of one
+    preparer thread's run."""
+    import threading
+
+    g = torch.Generator().manual_seed(5)
+    base = {f"t{i}": torch.randn(4099 + i, generator=g).bfloat16() for i in range(6)}
+    models = []
+    for i in range(3):
+        m = {k: (v.float() + torch.randn(v.shape, generator=g) * 0.01).to(v.dtype) for k, v in base.items()}
+        models.append(save_sharded(tmp_path / f"M{i}", m))
+    p = save_sharded(tmp_path / "P", base)
+    sources = [SourceSpec(str(m), {"weight": 0.4, "density": 0.3}) for m in models]
+    original = engine._Pipeline._prepare
+    running, most, lock, second = [0], [0], threading.Lock(), threading.Event()
+    waited: list[bool] = []
+
+    def prepare(self: engine._Pipeline, job: engine.Job) -> None:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            first = not waited
+            if first:
+                waited.append(False)
+            else:
+                second.set()
+        if first:
+            waited[0] = second.wait(30)
+        try:
+            original(self, job)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(engine._Pipeline, "_prepare", prepare)
+    run_merge(MergeSpec("ties", models=sources, base=str(p)), str(tmp_path / "two"), force=True)
+    assert waited == [True] and most[0] == engine.PREPARE_AHEAD == 2
+    monkeypatch.setattr(engine._Pipeline, "_prepare", original)
+    monkeypatch.setattr(engine, "PREPARERS", 1)
+    run_merge(MergeSpec("ties", models=sources, base=str(p)), str(tmp_path / "one"), force=True)
+    two, one = load_any(tmp_path / "two"), load_any(tmp_path / "one")
+    assert two.keys() == one.keys() == set(base)
+    for k in one:
+        assert torch.equal(two[k], one[k]), k

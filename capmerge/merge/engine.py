@@ -227,7 +227,7 @@ class _Pipeline:
                 for _ in sinks:
                     self.free_out.put(alloc(self.block * out_item))
         self._tls = threading.local()  # scratch buffers of the thread running a prepare pass
-        self._prepare_bytes = 0  # added to by the reader and the preparer
+        self._prepare_bytes = 0  # added to by the reader and the preparers
         self._count_lock = threading.Lock()
         # prepare passes (pruning thresholds) run on their own threads, up to PREPARE_AHEAD jobs ahead of the
         # reader, so that the threshold pass of the next tensors overlaps the merge of this one

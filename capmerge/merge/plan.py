@@ -162,14 +162,8 @@ def kth_largest_abs_tensor(t: Any, ks: Sequence[int]) -> dict[int, float]:
 
         return {k: F.kth_largest_abs(t, k) for k in ks}
     flat = t.detach().reshape(-1).contiguous()
-    return kth_largest_abs_buffer(flat.view(torch.uint8).numpy(), code, flat.numel(), ks)
-
-
-def kth_largest_abs_buffer(raw: Any, code: str, n: int, ks: Sequence[int]) -> dict[int, float]:
-    """:func:`kth_largest_abs_stream` of ``n`` contiguous elements of dtype ``code`` (F32/BF16/F16, native) held in
-    the buffer ``raw`` (a numpy array, bytes ...)."""
-    view, size = memoryview(raw).cast("B"), 4 if code == "F32" else 2
-    return kth_largest_abs_stream(lambda i, s, e: view[size * s : size * e], 0, code, None, code, n, ks)
+    view, size = memoryview(flat.view(torch.uint8).numpy()).cast("B"), t.element_size()
+    return kth_largest_abs_stream(lambda i, s, e: view[size * s : size * e], 0, code, None, code, flat.numel(), ks)
 
 
 def kth_largest_abs_many(

@@ -594,8 +594,8 @@ class ModelKernel:
         first = 1 if self.has_base else 0
         if c.with_base:
             base, base_code = views[0], self.codes[0]
-        else:
-            base, base_code = _zeros(4 * n), "F32"
+        else:  # zeros, as bf16: every loop reads them as +0.0, and the bf16 loops take bf16 inputs only
+            base, base_code = _zeros(2 * n), "BF16"
         bview = views[0] if c.relative else None
         terms = [
             (views[first + t.model], self.codes[first + t.model], bview, self.codes[0], t.weight, *t.prune,

@@ -10,7 +10,9 @@ Run:
 Checkpoints come from bench_apply's generator: a base P and three models A, B, C (P plus independent uniform noise),
 bf16, 2 shards, HF layout, reused on later runs. For each method one mergekit configuration is written (three models,
 plus the base where the method uses one; slerp, nearswap and arcee_fusion take one model, nuslerp two, passthrough
-one), dtype bfloat16, and with the inputs read into the page cache first (untimed) the script times:
+one), dtype bfloat16. Each checkpoint set's files are dropped from the page cache and read back once
+(bench_apply.settle: the cache a sequential read leaves, in large folios), and with the inputs read into the page
+cache before each run (untimed) the script times:
 
     floor      plain copies: read every input of the configuration, write one model's bytes (the faster of cat and dd)
     capmerge   capmerge run CONFIG.yml -o OUT (a process, the Hub offline); steady = seconds − the same configuration

@@ -3035,7 +3035,7 @@ static Py_ssize_t run_importance(const void *a, int a_dt, const void *b, int b_d
  * (exp 0, and a term p log(p/q) = 1e-8 log 1 = 0). A NaN anywhere in a row makes its KL a NaN (one value:
  * 0x7fc00000), as an inf does (inf - inf). */
 #define KL_EXP_LO (-87.0f) /* exp of anything below: 0 (the true value is below 2^-125, nothing next to 1e-8) */
-#define KL_KEEP 4096       /* rows up to this long keep their exps between the second and third pass */
+#define KL_KEEP 65536 /* rows up to this long keep their exps between the second and third pass (512 KB) */
 static const float KL_EXP_P[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, /* Cephes expf */
                                   4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 static const float KL_LOG_P[9] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f, /* Cephes logf */

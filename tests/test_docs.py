@@ -230,3 +230,19 @@ def test_readme_library_example_runs(workdir: Path, tmp_path: Path) -> None:
     float_names = {k for k, v in want.items() if v.dtype.kind == "f"}
     assert float_names <= set(in_memory), float_names - set(in_memory)
     _assert_equal({k: in_memory[k] for k in float_names}, {k: want[k] for k in float_names}, "apply_to_model")
+
+
+@pytest.mark.parametrize("table", sorted((ROOT / "benchmarks").glob("*.csv")), ids=lambda p: p.name)
+def test_benchmark_tables_parse(table: Path) -> None:
+    """Every row of a benchmark CSV has its header's fields (a merge's conflict markers sat in results.csv for two
+    weeks: csv read them as rows of one field), and rows with a date carry an ISO timestamp."""
+    import csv
+
+    with table.open(newline="") as fh:
+        rows = list(csv.reader(fh))
+    head, body = rows[0], rows[1:]
+    assert body, table.name
+    bad = [i + 2 for i, r in enumerate(body) if len(r) != len(head)]
+    assert not bad, f"{table.name}: rows of another width at lines {bad[:5]}"
+    if head[0] == "date":
+        assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", r[0]) for r in body), table.name

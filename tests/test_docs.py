@@ -54,8 +54,9 @@ def _blocks(text: str, lang: str) -> list[tuple[int, str]]:
 
 
 def _slug(heading: str) -> str:
-    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
-    text = re.sub(r"[`*_]", "", heading).strip().lower()
+    """GitHub's anchor of a heading: its text as rendered (code marks and emphasis gone, an underscore inside a word
+    kept), lower case, punctuation but ``_`` and ``-`` dropped, spaces to hyphens."""
+    text = re.sub(r"(?<!\w)_+|_+(?!\w)", "", re.sub(r"[`*]", "", heading)).strip().lower()
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
@@ -132,6 +133,8 @@ def test_anchor_rule() -> None:
         == "orthogonality-loss-keep-finetuning-orthogonal-to-τ"
     )
     assert _slug("The path of one `capmerge apply`") == "the-path-of-one-capmerge-apply"
+    assert _slug("Runs of `arcee_fusion`'s KL") == "runs-of-arcee_fusions-kl"  # a code span's underscore stays
+    assert _slug("An _emphasised_ word and **bold**") == "an-emphasised-word-and-bold"
 
 
 # --- the examples run ------------------------------------------------------------------------------------------------

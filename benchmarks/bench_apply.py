@@ -212,13 +212,13 @@ def read_all(paths: list[Path]) -> None:
 
 def settle(paths: list[Path]) -> None:
     """Drop the files' pages from the page cache and read them back (untimed, once per checkpoint set): every run
-    then starts from the cache a sequential read leaves, whatever wrote the files and whatever reclaim did since.
+    then starts from the cache a sequential read leaves, whatever wrote the files and whatever happened since.
 
     How a file came into the cache sets the size of its folios (the cache's units). Read sequentially, or written
     in large pieces, it sits in folios of up to 2 MB on kernels with large folios (ext4 from Linux 6.16); written in
-    small pieces, or split by reclaim, in 4 KB ones. Mapping a file, as capmerge reads its inputs, takes a page-table
-    entry per 4 KB folio: about 0.13 s of CPU per GB, against 0.015 s with 2 MB folios (this VM, Linux 6.18); plain
-    copies (the floor) gain less, about 0.19 -> 0.13 s per GB. The generated files were found in 4 KB folios hours
+    small pieces, in 4 KB ones. Mapping a file, as capmerge reads its inputs, takes a page-table entry per 4 KB
+    folio: about 0.13 s of CPU per GB, against 0.015 s with 2 MB folios (this VM, Linux 6.18); plain copies (the
+    floor) gain less, about 0.19 -> 0.13 s per GB. The generated files were found in 4 KB folios hours
     after they were written (this VM's DAMON daemon pages out cold memory), and capmerge's times moved with the
     files' history from run to run."""
     for p in paths:

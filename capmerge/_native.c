@@ -2220,11 +2220,15 @@ static void della_row(const float *vr, const uint32_t *xr, float *ur, Py_ssize_t
     della_row_plain(vr, xr, ur, 0, m, xl, xh, rmul);
 }
 
-/* elements start .. start + len - 1 of src (bf16, f16 or float32) into dst as float32, a tile at a time; 1 */
-static int load_group(float *dst, const void *src, int dt, Py_ssize_t start, Py_ssize_t len) {
+/* elements start .. start + len - 1 of src (bf16, f16 or float32) into dst as float32, a tile at a time */
+static void load_group(float *dst, const void *src, int dt, Py_ssize_t start, Py_ssize_t len) {
     Py_ssize_t off;
     for (off = 0; off < len; off += TILE) load_tile(dst + off, src, dt, start + off, len - off < TILE ? len - off : TILE);
-    return 1;
+}
+
+/* The group's base made float32 in bt by load_group, once per group (*tiled) */
+static void tile_base(float *bt, const void *b, int b_dt, Py_ssize_t start, Py_ssize_t len, int *tiled) {
+    if (!*tiled) load_group(bt, b, b_dt, start, len), *tiled = 1;
 }
 
 #define DELLA_GROUP 16384 /* entries of v and x made at a time, then decided */
@@ -2249,7 +2253,7 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
                      uint64_t elem_offset, int path) {
     /* rows in groups of about DELLA_GROUP entries, decided while v and x are in cache; a group's rows are a multiple
      * of q = 8 / gcd(m, 8), so every group starts at a multiple of 8 (the sums' lanes and the bits' bytes go on) */
-    Py_ssize_t low = m & -m, q = 8 / (low < 8 ? low : 8), g = DELLA_GROUP / m, r, r0, r1, j, off;
+    Py_ssize_t low = m & -m, q = 8 / (low < 8 ? low : 8), g = DELLA_GROUP / m, r, r0, r1, j;
     float *v, *u, *bt = NULL;
     uint32_t *x;
     int i;
@@ -2291,8 +2295,7 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
             /* the fused AVX-512 passes: whole bytes of bits per row, inputs it loads (the base too, or its tile),
              * the products it makes */
             if (room && path == 0 && rmul <= 0xffffffffu && t->a_dt != DT_F16 && della_lists_ok()) {
-                int direct = b_dt != DT_F16 || tiled;
-                if (b && !direct) tiled = load_group(bt, b, b_dt, start, len);
+                if (b && b_dt == DT_F16) tile_base(bt, b, b_dt, start, len, &tiled); /* the loop reads bf16, f32 */
                 della_fused(t->a, t->a_dt, tiled ? (const void *)bt : b, tiled ? DT_F32 : b_dt, tiled ? 0 : start,
                             start, r1 - r0, m, elem_offset + (uint64_t)start, t->k0, t->k1, t->xl, t->xh,
                             (uint32_t)rmul, (uint32_t *)v, &L, t->bits, t->s1, t->s2);
@@ -2301,17 +2304,15 @@ static int run_della(della_term_t *terms, int k, const void *b, int b_dt, Py_ssi
 #endif
 #if HAVE_F16C_PATH
             if (room && rmul <= 0xffffffffu && (t->a_dt != DT_F16 || f16c_ok())) {
-                int direct = b_dt != DT_F16 || f16c_ok() || tiled;
-                if (b && !direct) tiled = load_group(bt, b, b_dt, start, len);
+                if (b && b_dt == DT_F16 && !f16c_ok()) tile_base(bt, b, b_dt, start, len, &tiled);
                 della_fused_avx2(t->a, t->a_dt, tiled ? (const void *)bt : b, tiled ? DT_F32 : b_dt, tiled ? 0 : start,
                                  start, r1 - r0, m, elem_offset + (uint64_t)start, t->k0, t->k1, t->xl, t->xh,
                                  (uint32_t)rmul, (uint32_t *)v, x, &L, t->bits, t->s1, t->s2);
                 continue;
             }
 #endif
-            if (b && !tiled) tiled = load_group(bt, b, b_dt, start, len);
-            for (off = 0; off < len; off += TILE)
-                load_tile(v + off, t->a, t->a_dt, start + off, len - off < TILE ? len - off : TILE);
+            if (b) tile_base(bt, b, b_dt, start, len, &tiled);
+            load_group(v, t->a, t->a_dt, start, len);
             if (bt)
                 for (j = 0; j < len; j++) v[j] = v[j] - bt[j];
             philox_run(x, elem_offset + (uint64_t)start, len, t->k0, t->k1, 1, path);

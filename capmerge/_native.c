@@ -3029,14 +3029,17 @@ static Py_ssize_t run_importance(const void *a, int a_dt, const void *b, int b_d
 }
 
 /* arcee_fusion's rows' KL divergence: KL = sum p log(p/q), p = softmax(a) + 1e-8, q = softmax(b) + 1e-8 over a row
- * of m (float32 throughout; the sums in double). exp and log are Cephes' float polynomials, evaluated with the same
- * fused multiply-adds in both forms (fmaf in plain C: one rounding, as the FMA instruction; a CPU without FMA takes
- * libm's slower exact one), so the plain C loops below and the AVX2 ones give the same bits: element j of a row goes
- * into lane j % 8 of each sum, the lanes added in one fixed order, the row's last m % 8 entries padded with -inf
- * (exp 0, and a term p log(p/q) = 1e-8 log 1 = 0). A NaN anywhere in a row makes its KL a NaN (one value:
- * 0x7fc00000), as an inf does (inf - inf). */
+ * of m (float32 values, the sums in double). Two passes: the row's maxima and minima, then its moments (kl_by_moments):
+ * no log or division per entry. A row whose moments do not settle its KL to within 2^-10 (mergekit's 1e-8 not small
+ * next to every p and q), or that holds a NaN or an inf, takes a third pass of p, q and p log(p/q). exp and log are
+ * Cephes' float polynomials, evaluated with the same fused multiply-adds in every form (fmaf in plain C: one rounding,
+ * as the FMA instruction; a CPU without FMA takes libm's slower exact one), so the plain C loops below, the AVX2 and
+ * the AVX-512 ones give the same bits: element j of a row goes into lane j % 8 of each float64 sum, the lanes added in
+ * one fixed order (sum8_combine), a row's entries past m read as -inf (exp 0; a term p log(p/q) = 1e-8 log 1 = 0). A
+ * NaN anywhere in a row makes its KL a NaN (one value: 0x7fc00000), as an inf does (inf - inf). */
 #define KL_EXP_LO (-87.0f) /* exp of anything below: 0 (the true value is below 2^-125, nothing next to 1e-8) */
-#define KL_KEEP 65536 /* rows up to this long keep their exps between the second and third pass (512 KB) */
+#define KL_EPS 1e-8f       /* mergekit's epsilon, added to the float32 softmaxes */
+#define KL_MOMENTS_TOL (1.0 / 1024)
 static const float KL_EXP_P[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, /* Cephes expf */
                                   4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 static const float KL_LOG_P[9] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f, /* Cephes logf */
@@ -3099,11 +3102,37 @@ static inline float kl_lanes_max(const float *l, int n) {
     return mx;
 }
 
-/* The KL of the row of m at a + off, b + off in plain C (ea, eb: room for m floats, or NULL: the exps made again) */
-static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m, float *ea,
-                          float *eb) {
-    float mxa[8], mxb[8], ma, mb, ra, rb;
-    double sa[8] = {0}, sb[8] = {0}, kl[8] = {0};
+static inline float kl_lanes_min(const float *l, int n) {
+    float mn = l[0];
+    int i;
+    for (i = 1; i < n; i++) mn = mn < l[i] ? mn : l[i];
+    return mn;
+}
+
+/* A row's KL from its moments. With d_j = a_j - b_j and the softmaxes without 1e-8, log(p_j / q_j) = d_j - D exactly,
+ * D = LSE(a) - LSE(b) = (ma - mb) + log(sa / sb) (ma, mb the maxima, sa, sb the sums of exp(x - max)), so
+ * sum p log(p/q) = t / sa - D, t = sum exp(a_j - ma) d_j. The 1e-8 (e) added to p and q adds -e/2 sum (d_j - D)^2
+ * = -e/2 (v - 2 D u + m D^2) (u = sum d, v = sum d^2) to first order in e/p. What is left, next to the KL
+ * = sum p (L - 1 + exp(-L)) (L = d - D), is at most about e/p (|L| exp|L| / 3 + e/p) in each term, so below
+ * A (R exp(R) + A) of it, with A = e/p_min = e sa exp(ma - min a) (or q's) and R = 2 max|d| >= |L| (D lies between
+ * the least and the greatest d). Where that is at most KL_MOMENTS_TOL, *kl is set and 1 returned; else 0 (also for a
+ * row with a NaN or an inf: a sum is NaN or a bound inf). d is exact in float64 (a row shifted by a constant has KL
+ * 0). No cancellation of two rounded sums: the float32 exps' rounding leaves ~1e-9 absolute in D, where the three
+ * passes' 1/sum, rounded to float32, leaves 6e-8 relative in every p: a few percent of a KL of ~1e-6. */
+static int kl_by_moments(double sa, double sb, double t, double u, double v, Py_ssize_t m, float ma, float mb,
+                         float mina, float minb, float dmax, float *kl) {
+    const double e = (double)KL_EPS, r = 2.0 * (double)dmax, w = r * exp(r);
+    double ba = e * sa * exp((double)ma - (double)mina), bb = e * sb * exp((double)mb - (double)minb), d;
+    if (!(ba * (w + ba) <= KL_MOMENTS_TOL && bb * (w + bb) <= KL_MOMENTS_TOL)) return 0;
+    d = ((double)ma - (double)mb) + log(sa / sb);
+    *kl = (float)(t / sa - d - 0.5 * e * (v - 2.0 * d * u + (double)m * d * d));
+    return 1;
+}
+
+/* The KL of the row of m at a + off, b + off in plain C */
+static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m) {
+    float mxa[8], mxb[8], ma, mb, mina = INFINITY, minb = INFINITY, dmax = 0.0f, ra, rb, got;
+    double sa[8] = {0}, sb[8] = {0}, t[8] = {0}, u[8] = {0}, v[8] = {0}, kl[8] = {0};
     Py_ssize_t j, pad = (m + 7) & ~(Py_ssize_t)7;
     int l;
     for (l = 0; l < 8; l++) mxa[l] = mxb[l] = -INFINITY;
@@ -3111,18 +3140,25 @@ static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_s
         float x = kl_load1(a, a_dt, off + j), y = kl_load1(b, b_dt, off + j);
         mxa[j & 7] = mxa[j & 7] > x ? mxa[j & 7] : x;
         mxb[j & 7] = mxb[j & 7] > y ? mxb[j & 7] : y;
+        mina = x < mina ? x : mina, minb = y < minb ? y : minb;
+        dmax = fabsf(x - y) > dmax ? fabsf(x - y) : dmax;
     }
     ma = kl_lanes_max(mxa, 8), mb = kl_lanes_max(mxb, 8);
-    for (j = 0; j < pad; j++) {
-        float x = j < m ? kl_e1(a, a_dt, off + j, ma) : 0.0f, y = j < m ? kl_e1(b, b_dt, off + j, mb) : 0.0f;
-        sa[j & 7] += (double)x, sb[j & 7] += (double)y;
-        if (ea && j < m) ea[j] = x, eb[j] = y;
+    for (j = 0; j < m; j++) { /* the moments */
+        float xa = kl_load1(a, a_dt, off + j), xb = kl_load1(b, b_dt, off + j), x = kl_exp1(xa - ma);
+        float y = kl_exp1(xb - mb);
+        double d = (double)xa - (double)xb;
+        l = (int)(j & 7);
+        sa[l] += (double)x, sb[l] += (double)y;
+        t[l] += (double)x * d, u[l] += d, v[l] += d * d;
     }
+    if (kl_by_moments(sum8_combine(sa), sum8_combine(sb), sum8_combine(t), sum8_combine(u), sum8_combine(v), m, ma, mb,
+                      mina, minb, dmax, &got))
+        return got;
     ra = (float)(1.0 / sum8_combine(sa)), rb = (float)(1.0 / sum8_combine(sb));
     for (j = 0; j < pad; j++) {
-        float x = j >= m ? 0.0f : ea ? ea[j] : kl_e1(a, a_dt, off + j, ma);
-        float y = j >= m ? 0.0f : eb ? eb[j] : kl_e1(b, b_dt, off + j, mb);
-        float p = x * ra + 1e-8f, q = y * rb + 1e-8f;
+        float x = j < m ? kl_e1(a, a_dt, off + j, ma) : 0.0f, y = j < m ? kl_e1(b, b_dt, off + j, mb) : 0.0f;
+        float p = x * ra + KL_EPS, q = y * rb + KL_EPS;
         kl[j & 7] += (double)(p * kl_log1(p / q));
     }
     return kl_nan((float)sum8_combine(kl));
@@ -3185,29 +3221,62 @@ static inline __attribute__((always_inline, target("avx2,fma,f16c"))) __m256 kl_
     return kl_exp8(_mm256_sub_ps(kl_load8(src, dt, off, j, m), _mm256_set1_ps(mx)));
 }
 
+/* lanes k .. 7 of eight: the padding of a row's last eight entries from j (k = m - j < 8) */
+static inline __attribute__((always_inline, target("avx2"))) __m256 kl_pad8(Py_ssize_t k) {
+    return _mm256_cmp_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps((float)k), _CMP_GE_OQ);
+}
+
 /* kl_row_plain with AVX2: the same bits */
 __attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a, int a_dt, const void *b, int b_dt,
-                                                              Py_ssize_t off, Py_ssize_t m, float *ea, float *eb) {
-    __m256 mxa = _mm256_set1_ps(-INFINITY), mxb = mxa, ra, rb, tiny = _mm256_set1_ps(1e-8f);
-    __m256d sal = _mm256_setzero_pd(), sah = sal, sbl = sal, sbh = sal, kl = sal, kh = sal;
-    float la[8], lb[8], ma, mb;
+                                                              Py_ssize_t off, Py_ssize_t m) {
+    const __m256 ninf = _mm256_set1_ps(-INFINITY), pinf = _mm256_set1_ps(INFINITY), tiny = _mm256_set1_ps(KL_EPS);
+    __m256 mxa = ninf, mxb = ninf, mna = pinf, mnb = pinf, zero = _mm256_setzero_ps(), dm = zero, va, vb, ra, rb;
+    const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256d sal = _mm256_setzero_pd(), sah = sal, sbl = sal, sbh = sal, tl = sal, th = sal, ul = sal, uh = sal;
+    __m256d vl = sal, vh = sal, kl = sal, kh = sal;
+    float la[8], lb[8], ma, mb, got;
     Py_ssize_t j;
     for (j = 0; j < m; j += 8) {
-        mxa = _mm256_max_ps(mxa, kl_load8(a, a_dt, off, j, m));
-        mxb = _mm256_max_ps(mxb, kl_load8(b, b_dt, off, j, m));
+        __m256 x = kl_load8(a, a_dt, off, j, m), y = kl_load8(b, b_dt, off, j, m);
+        mxa = _mm256_max_ps(mxa, x), mxb = _mm256_max_ps(mxb, y);
+        dm = _mm256_max_ps(_mm256_and_ps(_mm256_sub_ps(x, y), nosign), dm); /* the padding's NaN: dm */
+        if (j + 8 > m) { /* the padding out of the minima */
+            __m256 pad = kl_pad8(m - j);
+            x = _mm256_blendv_ps(x, pinf, pad), y = _mm256_blendv_ps(y, pinf, pad);
+        }
+        mna = _mm256_min_ps(x, mna), mnb = _mm256_min_ps(y, mnb);
     }
     _mm256_storeu_ps(la, mxa), _mm256_storeu_ps(lb, mxb);
     ma = kl_lanes_max(la, 8), mb = kl_lanes_max(lb, 8);
+    va = _mm256_set1_ps(ma), vb = _mm256_set1_ps(mb);
     for (j = 0; j < m; j += 8) {
-        __m256 x = kl_e8(a, a_dt, off, j, m, ma), y = kl_e8(b, b_dt, off, j, m, mb);
-        add8_pd(&sal, &sah, x), add8_pd(&sbl, &sbh, y);
-        if (ea) _mm256_storeu_ps(ea + j, x), _mm256_storeu_ps(eb + j, y);
+        __m256 xa = kl_load8(a, a_dt, off, j, m), xb = kl_load8(b, b_dt, off, j, m);
+        __m256 x = kl_exp8(_mm256_sub_ps(xa, va)), y = kl_exp8(_mm256_sub_ps(xb, vb));
+        __m256d xl = _mm256_cvtps_pd(_mm256_castps256_ps128(x)), xh = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+        __m256d dl, dh;
+        if (j + 8 > m) { /* the padding's d: 0 */
+            __m256 pad = kl_pad8(m - j);
+            xa = _mm256_blendv_ps(xa, zero, pad), xb = _mm256_blendv_ps(xb, zero, pad);
+        }
+        dl = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(xa)), _mm256_cvtps_pd(_mm256_castps256_ps128(xb)));
+        dh = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(xa, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(xb, 1)));
+        sal = _mm256_add_pd(sal, xl), sah = _mm256_add_pd(sah, xh);
+        add8_pd(&sbl, &sbh, y);
+        tl = _mm256_add_pd(tl, _mm256_mul_pd(xl, dl)), th = _mm256_add_pd(th, _mm256_mul_pd(xh, dh));
+        ul = _mm256_add_pd(ul, dl), uh = _mm256_add_pd(uh, dh);
+        vl = _mm256_add_pd(vl, _mm256_mul_pd(dl, dl)), vh = _mm256_add_pd(vh, _mm256_mul_pd(dh, dh));
+    }
+    {
+        float ln[8], lm[8], ld[8];
+        _mm256_storeu_ps(ln, mna), _mm256_storeu_ps(lm, mnb), _mm256_storeu_ps(ld, dm);
+        if (kl_by_moments(sum8_pd(sal, sah), sum8_pd(sbl, sbh), sum8_pd(tl, th), sum8_pd(ul, uh), sum8_pd(vl, vh), m,
+                          ma, mb, kl_lanes_min(ln, 8), kl_lanes_min(lm, 8), kl_lanes_max(ld, 8), &got))
+            return got;
     }
     ra = _mm256_set1_ps((float)(1.0 / sum8_pd(sal, sah)));
     rb = _mm256_set1_ps((float)(1.0 / sum8_pd(sbl, sbh)));
     for (j = 0; j < m; j += 8) {
-        __m256 x = ea ? _mm256_loadu_ps(ea + j) : kl_e8(a, a_dt, off, j, m, ma);
-        __m256 y = eb ? _mm256_loadu_ps(eb + j) : kl_e8(b, b_dt, off, j, m, mb);
+        __m256 x = kl_e8(a, a_dt, off, j, m, ma), y = kl_e8(b, b_dt, off, j, m, mb);
         __m256 p = _mm256_add_ps(_mm256_mul_ps(x, ra), tiny), q = _mm256_add_ps(_mm256_mul_ps(y, rb), tiny);
         add8_pd(&kl, &kh, _mm256_mul_ps(p, kl_log8(_mm256_div_ps(p, q))));
     }
@@ -3283,29 +3352,46 @@ static inline __attribute__((always_inline)) AVX512_KL double sum16_pd(__m512d s
     return sum8_combine(l);
 }
 
-/* kl_row_plain with AVX-512: the same bits (ea, eb: room for m rounded up to 16) */
-AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m,
-                                     float *ea, float *eb) {
-    __m512 mxa = _mm512_set1_ps(-INFINITY), mxb = mxa, ra, rb, tiny = _mm512_set1_ps(1e-8f);
-    __m512d sa = _mm512_setzero_pd(), sb = sa, kl = sa;
-    float la[16], lb[16], ma, mb;
+/* kl_row_plain with AVX-512: the same bits */
+AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), pinf = _mm512_set1_ps(INFINITY), tiny = _mm512_set1_ps(KL_EPS);
+    __m512 mxa = ninf, mxb = ninf, mna = pinf, mnb = pinf, dm = _mm512_setzero_ps(), va, vb, ra, rb;
+    __m512d sa = _mm512_setzero_pd(), sb = sa, t = sa, u = sa, v = sa, kl = sa;
+    float la[16], lb[16], ma, mb, got;
     Py_ssize_t j;
     for (j = 0; j < m; j += 16) {
-        mxa = _mm512_max_ps(mxa, kl_load16(a, a_dt, off, j, m));
-        mxb = _mm512_max_ps(mxb, kl_load16(b, b_dt, off, j, m));
+        __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)((1u << (m - j)) - 1u);
+        __m512 x = kl_load16(a, a_dt, off, j, m), y = kl_load16(b, b_dt, off, j, m);
+        mxa = _mm512_max_ps(mxa, x), mxb = _mm512_max_ps(mxb, y);
+        mna = _mm512_mask_min_ps(mna, live, x, mna), mnb = _mm512_mask_min_ps(mnb, live, y, mnb);
+        dm = _mm512_mask_max_ps(dm, live, _mm512_abs_ps(_mm512_sub_ps(x, y)), dm);
     }
     _mm512_storeu_ps(la, mxa), _mm512_storeu_ps(lb, mxb);
     ma = kl_lanes_max(la, 16), mb = kl_lanes_max(lb, 16);
+    va = _mm512_set1_ps(ma), vb = _mm512_set1_ps(mb);
     for (j = 0; j < m; j += 16) {
-        __m512 x = kl_e16(a, a_dt, off, j, m, ma), y = kl_e16(b, b_dt, off, j, m, mb);
-        sa = add16_pd(sa, x), sb = add16_pd(sb, y);
-        if (ea) _mm512_storeu_ps(ea + j, x), _mm512_storeu_ps(eb + j, y);
+        __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)((1u << (m - j)) - 1u);
+        __m512 xa = kl_load16(a, a_dt, off, j, m), xb = kl_load16(b, b_dt, off, j, m);
+        __m512 x = kl_exp16(_mm512_sub_ps(xa, va)), y = kl_exp16(_mm512_sub_ps(xb, vb));
+        __m512d x0 = half_pd(x, 0), x1 = half_pd(x, 1); /* d: 0 past m */
+        __m512d d0 = _mm512_maskz_sub_pd((__mmask8)live, half_pd(xa, 0), half_pd(xb, 0));
+        __m512d d1 = _mm512_maskz_sub_pd((__mmask8)(live >> 8), half_pd(xa, 1), half_pd(xb, 1));
+        sa = _mm512_add_pd(_mm512_add_pd(sa, x0), x1), sb = add16_pd(sb, y);
+        t = _mm512_add_pd(_mm512_add_pd(t, _mm512_mul_pd(x0, d0)), _mm512_mul_pd(x1, d1));
+        u = _mm512_add_pd(_mm512_add_pd(u, d0), d1);
+        v = _mm512_add_pd(_mm512_add_pd(v, _mm512_mul_pd(d0, d0)), _mm512_mul_pd(d1, d1));
+    }
+    {
+        float ln[16], lm[16], ld[16];
+        _mm512_storeu_ps(ln, mna), _mm512_storeu_ps(lm, mnb), _mm512_storeu_ps(ld, dm);
+        if (kl_by_moments(sum16_pd(sa), sum16_pd(sb), sum16_pd(t), sum16_pd(u), sum16_pd(v), m, ma, mb,
+                          kl_lanes_min(ln, 16), kl_lanes_min(lm, 16), kl_lanes_max(ld, 16), &got))
+            return got;
     }
     ra = _mm512_set1_ps((float)(1.0 / sum16_pd(sa)));
     rb = _mm512_set1_ps((float)(1.0 / sum16_pd(sb)));
     for (j = 0; j < m; j += 16) {
-        __m512 x = ea ? _mm512_loadu_ps(ea + j) : kl_e16(a, a_dt, off, j, m, ma);
-        __m512 y = eb ? _mm512_loadu_ps(eb + j) : kl_e16(b, b_dt, off, j, m, mb);
+        __m512 x = kl_e16(a, a_dt, off, j, m, ma), y = kl_e16(b, b_dt, off, j, m, mb);
         __m512 p = _mm512_add_ps(_mm512_mul_ps(x, ra), tiny), q = _mm512_add_ps(_mm512_mul_ps(y, rb), tiny);
         kl = add16_pd(kl, _mm512_mul_ps(p, kl_log16(_mm512_div_ps(p, q))));
     }
@@ -3314,16 +3400,15 @@ AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int
 #endif
 
 /* One row's KL by the loop form (2 AVX-512, 1 AVX2, 0 plain C) */
-static float kl_row(int form, const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m,
-                    float *ea, float *eb) {
+static float kl_row(int form, const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m) {
 #if HAVE_AVX512VL_PATH
-    if (form == 2) return kl_row_avx512(a, a_dt, b, b_dt, off, m, ea, eb);
+    if (form == 2) return kl_row_avx512(a, a_dt, b, b_dt, off, m);
 #endif
 #if HAVE_F16C_PATH
-    if (form == 1) return kl_row_avx2(a, a_dt, b, b_dt, off, m, ea, eb);
+    if (form == 1) return kl_row_avx2(a, a_dt, b, b_dt, off, m);
 #endif
     (void)form;
-    return kl_row_plain(a, a_dt, b, b_dt, off, m, ea, eb);
+    return kl_row_plain(a, a_dt, b, b_dt, off, m);
 }
 
 /* row_kl_scan's account of I = |a - b| * KL over the rows it reads (arcee_fusion's importance, in float32 as
@@ -3510,10 +3595,7 @@ AVX512_KL static void scan_row_avx512(const void *a, int a_dt, const void *b, in
  * I scanned right after its KL, while the row is in cache. */
 static Py_ssize_t run_row_kl(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t rows, Py_ssize_t m,
                              float *out, int path, kl_scan_t *scan, uint64_t g0) {
-    /* the kept exps: m rounded up to 16 for each input (the sixteen-lane loop stores whole vectors) */
-    Py_ssize_t room = (m + 15) & ~(Py_ssize_t)15, r, j, below = 0;
-    float *scratch = m <= KL_KEEP ? (float *)malloc((size_t)room * 2 * sizeof(float)) : NULL;
-    float *ea = scratch, *eb = scratch ? scratch + room : NULL;
+    Py_ssize_t r, j, below = 0;
     int form = 0; /* 2 AVX-512, 1 AVX2, 0 plain C */
 #if HAVE_F16C_PATH
     form = path <= 1 && fma_ok() && f16c_ok();
@@ -3524,7 +3606,7 @@ static Py_ssize_t run_row_kl(const void *a, int a_dt, const void *b, int b_dt, P
     (void)path;
     for (r = 0; r < rows; r++) {
         Py_ssize_t off = r * m;
-        out[r] = kl_row(form, a, a_dt, b, b_dt, off, m, ea, eb);
+        out[r] = kl_row(form, a, a_dt, b, b_dt, off, m);
         for (j = 0; out[r] < 0.0f && j < m; j++)
             below += fabsf(kl_load1(a, a_dt, off + j) - kl_load1(b, b_dt, off + j)) * out[r] < 0.0f;
 #if HAVE_AVX512VL_PATH
@@ -3541,7 +3623,6 @@ static Py_ssize_t run_row_kl(const void *a, int a_dt, const void *b, int b_dt, P
 #endif
         if (scan) scan_row_plain(a, a_dt, b, b_dt, off, m, g0 + (uint64_t)off, out[r], scan);
     }
-    free(scratch);
     return below;
 }
 

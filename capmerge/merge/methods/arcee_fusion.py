@@ -5,7 +5,8 @@ p = softmax(θ₁) + 1e-8, q = softmax(θ₀) + 1e-8 (a 1-D tensor is one row); 
 ⌊x·(n − 1)⌋ (0-based) of the sorted I, the threshold is Q(½) + 1.5·(Q(¾) − Q(¼)) and
 out = θ₀ + (θ₁ − θ₀)·[I ≥ threshold] (a dropped change is 0 even where it is NaN or inf, as in every pruning method
 here; mergekit multiplies by the mask, NaN·0 = NaN).
-In float32 (the rows' KL sums in float64). The quantiles are exact for every size (a linear-time selection, no
+In float32; the rows' KL natively from their moments (no log per entry; see :func:`_kl_rows`), within a few 1e-3
+of a float64 evaluation where float32 arithmetic is off by several percent. The quantiles are exact for every size (a linear-time selection, no
 sort); mergekit estimates them from a random sample of 10⁶ entries (with replacement) once a tensor has more, so for
 such tensors its threshold — and output — varies from run to run.
 """
@@ -348,10 +349,15 @@ def _kl_rows(st: B.Stats, m: int) -> tuple[np.ndarray, int]:
     one per row), and how many entries of I are below 0 (in the rows whose KL rounded below 0: I = |θ₁ − θ₀|·KL,
     the same float32 product as ``importance``).
 
-    The native KL takes exp and log from Cephes' float polynomials, the same bits with AVX2 and in plain C, and adds
-    each row's terms in float64 in a fixed order: a row's value never depends on the split, the thread count or the
-    CPU. Against a float64 reference it is within about 1e-7 (torch's float32 operations: up to 3e-6 on rows of
-    5000), at about a third of torch's time."""
+    The native KL takes exp from Cephes' float polynomial and a row's sums in float64 in a fixed order, the same
+    bits with AVX-512, AVX2 and in plain C: a row's value never depends on the split, the thread count or the CPU.
+    It comes from the row's moments: with d = θ₁ − θ₀ (exact in float64) and Δ = LSE(θ₁) − LSE(θ₀),
+    log(p/q) = d − Δ, so KL = Σ e^(θ₁−max)·d / Σ e^(θ₁−max) − Δ, and mergekit's 1e-8 adds −1e-8/2·Σ(d − Δ)² to first
+    order; two passes, no log or division per entry. A row where the 1e-8 is not small next to every p and q (the
+    left-out terms' bound above 2⁻¹⁰ of the KL), or that holds a NaN or an inf, takes a third pass of p·log(p/q)
+    (Cephes' log). On rows like a finetune's (weights ~0.02, changes ~1e-3, KL ~5e-7) it is within 0.3 % of a
+    float64 reference on rows of 2048 (1/Σexp rounded to float32 moved the three passes' KL by up to 20 %; torch's
+    float32 operations as much)."""
     from capmerge.merge.compute import _native
 
     rows = st.numel // m

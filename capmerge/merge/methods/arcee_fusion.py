@@ -6,9 +6,9 @@ p = softmax(θ₁) + 1e-8, q = softmax(θ₀) + 1e-8 (a 1-D tensor is one row); 
 out = θ₀ + (θ₁ − θ₀)·[I ≥ threshold] (a dropped change is 0 even where it is NaN or inf, as in every pruning method
 here; mergekit multiplies by the mask, NaN·0 = NaN).
 In float32; the rows' KL natively from their moments (no log per entry; see :func:`_kl_rows`), within a few 1e-3
-of a float64 evaluation where float32 arithmetic is off by several percent. The quantiles are exact for every size (a linear-time selection, no
-sort); mergekit estimates them from a random sample of 10⁶ entries (with replacement) once a tensor has more, so for
-such tensors its threshold — and output — varies from run to run.
+of a float64 evaluation where float32 arithmetic is off by several percent. The quantiles are exact for every size
+(a linear-time selection, no sort); mergekit estimates them from a random sample of 10⁶ entries (with replacement)
+once a tensor has more, so for such tensors its threshold — and output — varies from run to run.
 """
 
 from __future__ import annotations

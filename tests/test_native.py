@@ -902,6 +902,23 @@ def test_row_kl_of_a_finetune_within_a_percent(m: int, codes: tuple[int, int]) -
     assert np.all(np.abs(got - want) <= 1e-2 * want)
 
 
+def test_arcee_fusion_row_kl_without_the_native_kernel_in_float64(monkeypatch) -> None:
+    """arcee_fusion's row_kl() where the native kernel is not taken (another device, or no kernel built): torch in
+    float64, within 1e-6 of numpy's float64 on rows of a finetune, and within 1 % of the native KL."""
+    from capmerge.merge.methods import arcee_fusion as A
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(16, 2048, generator=g) * 0.02
+    model = base + torch.randn(16, 2048, generator=g) * 1e-3
+    native = A.row_kl(model, base).numpy()
+    monkeypatch.setattr(compute, "native_available", lambda: False)
+    got = A.row_kl(model, base)
+    want = _kl_reference(model.numpy(), base.numpy())
+    assert got.dtype == torch.float32
+    assert np.all(np.abs(got.numpy() - want) <= 1e-6 * want)
+    assert np.all(np.abs(native - want) <= 1e-2 * want)
+
+
 @pytest.mark.parametrize(("m", "scale", "change"), [(16384, 0.02, 0.1), (4096, 0.5, 0.05), (65536, 0.02, 0.02)])
 def test_row_kl_keeps_mergekits_epsilon(m: int, scale: float, change: float) -> None:
     """Rows where mergekit's 1e-8, added to p and q, moves the KL by 4e-5 to 7e-4 of itself (numpy's float64 with and

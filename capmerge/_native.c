@@ -3039,7 +3039,7 @@ static Py_ssize_t run_importance(const void *a, int a_dt, const void *b, int b_d
  * NaN anywhere in a row makes its KL a NaN (one value: 0x7fc00000), as an inf does (inf - inf). */
 #define KL_EXP_LO (-87.0f) /* exp of anything below: 0 (the true value is below 2^-125, nothing next to 1e-8) */
 #define KL_EPS 1e-8f       /* mergekit's epsilon, added to the float32 softmaxes */
-#define KL_MOMENTS_TOL (1.0 / 1024)
+#define KL_MOMENTS_TOL (1.0 / 1024) /* the moments settle a KL whose left-out terms are at most this part of it */
 static const float KL_EXP_P[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f, /* Cephes expf */
                                   4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 static const float KL_LOG_P[9] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f, /* Cephes logf */

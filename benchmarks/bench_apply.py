@@ -219,8 +219,8 @@ def settle(paths: list[Path]) -> None:
     small pieces, in 4 KB ones. Mapping a file, as capmerge reads its inputs, takes a page-table entry per 4 KB
     folio: about 0.13 s of CPU per GB, against 0.015 s with 2 MB folios (this VM, Linux 6.18); plain copies (the
     floor) gain less, about 0.19 -> 0.13 s per GB. The generated files were found in 4 KB folios hours
-    after they were written (this VM's DAMON daemon pages out cold memory), and capmerge's times moved with the
-    files' history from run to run."""
+    after they were written (what split them is not known; a DAMON daemon pages out cold memory on this VM), and
+    capmerge's times moved with the files' history from run to run."""
     for p in paths:
         for f in shard_files(p):
             fd = os.open(f, os.O_RDONLY)

@@ -385,6 +385,10 @@ static void philox_avx2(void *dst, uint64_t start, Py_ssize_t m, uint32_t key0, 
 /* HAVE_AVX512VL_PATH and avx512vl_ok(): the AVX-512F/VL loops (Philox, DARE's fused loop, DELLA's fused passes);
  * the loops that also need BW/VBMI2 check avx512_ok(). */
 #define HAVE_AVX512VL_PATH 1
+/* The live lanes of sixteen elements from j of a row (or run) of m: all sixteen, or the m - j left */
+static inline __mmask16 live16(Py_ssize_t j, Py_ssize_t m) {
+    return j + 16 <= m ? (__mmask16)0xffff : (__mmask16)((1u << (m - j)) - 1u);
+}
 /* Eight Philox counters per register with AVX-512, each 32-bit word kept in the low half of a 64-bit lane: one
  * vpmuludq gives a whole 32x32->64 product (no even/odd split or blend), the next multiply ignores the high half,
  * and vpternlogq makes each three-way xor. Same bits as the scalar code.
@@ -2091,7 +2095,7 @@ __attribute__((target("avx512f,avx512vl"))) static void della_row_avx512(const f
     const __m512 plus = _mm512_set1_ps(1.0f), minus = _mm512_set1_ps(-1.0f);
     Py_ssize_t j;
     for (j = 0; j < m; j += 16) {
-        __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)((1u << (m - j)) - 1u);
+        __mmask16 live = live16(j, m);
         __m512i x = _mm512_maskz_loadu_epi32(live, xr + j);
         __mmask16 keep = _mm512_mask_cmplt_epu32_mask(live, x, vxl);
         __mmask16 band = _mm512_mask_cmplt_epu32_mask((__mmask16)(live & ~keep), x, vxh);
@@ -2177,7 +2181,7 @@ della_fused(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t b_off, 
             lb[v] = band, lkeep[v] = keep;
         }
         for (p = 0; p < n; p += 16) { /* the band's tests, sixteen listed entries a gather */
-            __mmask16 live = n - p >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - p)) - 1u);
+            __mmask16 live = live16(p, n);
             __m512i jv = _mm512_loadu_si512(lj + p), o = della_partner16(_mm512_loadu_si512(lx + p), jv, xl, rmul);
             __m512i ko = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, o, kr, 4);
             __m512i kj = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, jv, kr, 4);
@@ -2551,7 +2555,7 @@ sce_tile_k(const term_t *terms, const int k, const void *base, int base_dt, Py_s
     int i, h;
     for (i = 0; sums && i < k; i++) acc[i][0] = acc[i][1] = z;
     for (j = 0; j < m; j += 16) {
-        const __mmask16 lanes = m - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - j)) - 1u);
+        const __mmask16 lanes = live16(j, m);
         const __m512 bv = load16_z(base, base_dt, off + j, lanes);
         __m512d mean[2] = {z, z}, m2[2] = {z, z};
         __m512 var;
@@ -3133,7 +3137,7 @@ static int kl_by_moments(double sa, double sb, double t, double u, double v, Py_
 static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m) {
     float mxa[8], mxb[8], ma, mb, mina = INFINITY, minb = INFINITY, dmax = 0.0f, ra, rb, got;
     double sa[8] = {0}, sb[8] = {0}, t[8] = {0}, u[8] = {0}, v[8] = {0}, kl[8] = {0};
-    Py_ssize_t j, pad = (m + 7) & ~(Py_ssize_t)7;
+    Py_ssize_t j;
     int l;
     for (l = 0; l < 8; l++) mxa[l] = mxb[l] = -INFINITY;
     for (j = 0; j < m; j++) { /* maxps(lane, x): the lane where it is greater, else x */
@@ -3156,8 +3160,8 @@ static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_s
                       mina, minb, dmax, &got))
         return got;
     ra = (float)(1.0 / sum8_combine(sa)), rb = (float)(1.0 / sum8_combine(sb));
-    for (j = 0; j < pad; j++) {
-        float x = j < m ? kl_e1(a, a_dt, off + j, ma) : 0.0f, y = j < m ? kl_e1(b, b_dt, off + j, mb) : 0.0f;
+    for (j = 0; j < m; j++) { /* (the other forms' padding adds +0: a lane's sum, from +0, is never -0) */
+        float x = kl_e1(a, a_dt, off + j, ma), y = kl_e1(b, b_dt, off + j, mb);
         float p = x * ra + KL_EPS, q = y * rb + KL_EPS;
         kl[j & 7] += (double)(p * kl_log1(p / q));
     }
@@ -3331,7 +3335,7 @@ static inline __attribute__((always_inline)) AVX512_KL __m512 kl_log16(__m512 t)
 /* sixteen entries of a row from j (those past m: -inf) */
 static inline __attribute__((always_inline)) AVX512_KL __m512 kl_load16(const void *src, int dt, Py_ssize_t off,
                                                                          Py_ssize_t j, Py_ssize_t m) {
-    __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)((1u << (m - j)) - 1u);
+    __mmask16 live = live16(j, m);
     return _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), live, load16_z(src, dt, off + j, live));
 }
 
@@ -3360,7 +3364,7 @@ AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int
     float la[16], lb[16], ma, mb, got;
     Py_ssize_t j;
     for (j = 0; j < m; j += 16) {
-        __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)((1u << (m - j)) - 1u);
+        __mmask16 live = live16(j, m);
         __m512 x = kl_load16(a, a_dt, off, j, m), y = kl_load16(b, b_dt, off, j, m);
         mxa = _mm512_max_ps(mxa, x), mxb = _mm512_max_ps(mxb, y);
         mna = _mm512_mask_min_ps(mna, live, x, mna), mnb = _mm512_mask_min_ps(mnb, live, y, mnb);
@@ -3370,7 +3374,7 @@ AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int
     ma = kl_lanes_max(la, 16), mb = kl_lanes_max(lb, 16);
     va = _mm512_set1_ps(ma), vb = _mm512_set1_ps(mb);
     for (j = 0; j < m; j += 16) {
-        __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)((1u << (m - j)) - 1u);
+        __mmask16 live = live16(j, m);
         __m512 xa = kl_load16(a, a_dt, off, j, m), xb = kl_load16(b, b_dt, off, j, m);
         __m512 x = kl_exp16(_mm512_sub_ps(xa, va)), y = kl_exp16(_mm512_sub_ps(xb, vb));
         __m512d x0 = half_pd(x, 0), x1 = half_pd(x, 1); /* d: 0 past m */

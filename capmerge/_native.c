@@ -237,6 +237,8 @@ static int run_diff(void *out, int out_dt, const void *a, int a_dt, const void *
 
 /* Philox4x32-10 exactly as Triton's randint4x(seed, offset) with an int64 offset: counter (q_lo, q_hi, 0, 0), key
  * (seed_lo, seed_hi); its four output words into w. */
+#define PREFETCH_AHEAD 4096 /* bytes ahead of a stream a software prefetch reads */
+
 static inline void philox4(uint64_t q, uint32_t k0, uint32_t k1, uint32_t w[4]) {
     uint32_t c0 = (uint32_t)q, c1 = (uint32_t)(q >> 32), c2 = 0, c3 = 0;
     int r;
@@ -862,6 +864,19 @@ static inline __attribute__((always_inline)) AVX512_VLBW __m512 fast_delta16(con
     return d;
 }
 
+/* A software prefetch of the line PREFETCH_AHEAD bytes past element j of the base and of each term's bf16 inputs
+ * (the hardware's stream prefetch stops at each 4 KB page of a mapped file) */
+static inline __attribute__((always_inline)) void prefetch_bf16(const term_t *terms, int k, const void *base,
+                                                               Py_ssize_t j) {
+    int i;
+    _mm_prefetch((const char *)base + 2 * j + PREFETCH_AHEAD, _MM_HINT_T0);
+    for (i = 0; i < k; i++) {
+        _mm_prefetch((const char *)terms[i].a + 2 * j + PREFETCH_AHEAD, _MM_HINT_T0);
+        if (terms[i].b && terms[i].b != base)
+            _mm_prefetch((const char *)terms[i].b + 2 * j + PREFETCH_AHEAD, _MM_HINT_T0);
+    }
+}
+
 /* fast_body for bf16 everywhere, sixteen elements a step */
 static inline __attribute__((always_inline)) AVX512_VLBW int fast_body16(const out_t *outs, int n_out,
                                                                           const void *base, Py_ssize_t n16,
@@ -882,8 +897,10 @@ static inline __attribute__((always_inline)) AVX512_VLBW int fast_body16(const o
         Py_ssize_t end = n16 - off < TILE ? n16 : off + TILE;
         __m256i nz = _mm256_setzero_si256(), nf = _mm256_setzero_si256();
         for (j = off; j < end; j += 16) {
-            const __m512 b = load_bf16x16(base, j);
-            const __m512 d = fast_delta16(terms, k, sign, normalize, mag, w, thr, hi, g, j, same, b);
+            __m512 b, d;
+            if ((j & 31) == 0) prefetch_bf16(terms, k, base, j);
+            b = load_bf16x16(base, j);
+            d = fast_delta16(terms, k, sign, normalize, mag, w, thr, hi, g, j, same, b);
             for (o = 0; o < n_out; o++) { /* fast_bf16's rounding; no terms: a pure cast (-0.0 stays -0.0) */
                 const __m512 acc = k > 0 ? add_nan_first16(_mm512_mul_ps(alpha[o], d), b) : b;
                 const __m512i x = _mm512_castps_si512(acc), top = _mm512_srli_epi32(x, 16);
@@ -2140,8 +2157,12 @@ della_fused(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t b_off, 
     uint16_t *lres = L->res, *lb = L->band, *lkeep = L->keep;
     Py_ssize_t len = nrows * m, j, r;
     philox_keys_t K;
+    const char *ap = (const char *)a + (size_t)start * (size_t)(a_dt == DT_F32 ? 4 : 2);
+    const Py_ssize_t ash = a_dt == DT_F32 ? 2 : 1;
     for (j = 0; j < len; j += 8) {
-        __m256 x = load8_exact(a, a_dt, start + j);
+        __m256 x;
+        if ((j & 31) == 0) _mm_prefetch(ap + (j << ash) + PREFETCH_AHEAD, _MM_HINT_T0);
+        x = load8_exact(a, a_dt, start + j);
         if (b) x = _mm256_sub_ps(x, load8_exact(b, b_dt, b_off + j));
         x = _mm256_and_ps(x, absmask);
         l1 = _mm512_add_pd(l1, _mm512_cvtps_pd(x));

@@ -307,18 +307,23 @@ def measure(cmd: list[str], *, interval: float = 0.02, env: dict[str, str] | Non
     return Run(seconds, rc, rss_kb / 1024, peaks[1] / 1024, error)
 
 
-FLOOR_METHODS = ("cat", "dd")
+FLOOR_METHODS = ("cat", "dd", "direct")
+DIRECT_COPY = Path(__file__).resolve().parent / "direct_copy.py"
 
 
 def floor_cmd(method: str, copy: Path, also_read: list[Path], out: Path) -> list[str]:
     """copy's bytes to out and also_read's to /dev/null, with plain file copies.
 
     ``cat`` copies file to file in the kernel (copy_file_range: a page-cache copy on ext4, but a reflink on btrfs/XFS,
-    which is why it is not used there); ``dd bs=1M`` is read + write through a small user buffer.
+    which is why it is not used there); ``dd bs=1M`` is read + write through a small user buffer; ``direct``
+    (direct_copy.py) writes with O_DIRECT, as capmerge writes its output.
     """
     q = shlex.quote
     if method == "cat":
         write = f"cat {' '.join(q(str(f)) for f in shard_files(copy))} > {q(str(out))}"
+    elif method == "direct":
+        files = " ".join(q(str(f)) for f in shard_files(copy))
+        write = f"{q(sys.executable)} {q(str(DIRECT_COPY))} {q(str(out))} {files}"
     else:
         write = f"{{ {'; '.join(f'dd if={q(str(f))} bs=1M status=none' for f in shard_files(copy))}; }} > {q(str(out))}"
     reads = " ".join(q(str(f)) for p in also_read for f in shard_files(p))
@@ -326,7 +331,7 @@ def floor_cmd(method: str, copy: Path, also_read: list[Path], out: Path) -> list
 
 
 def measure_floor(copy: Path, also_read: list[Path], out: Path) -> Run:
-    """The faster of the plain-copy methods: on this VM either can be 2-4x slower on a given try."""
+    """The fastest of the plain-copy methods: on this VM any can be 2-4x slower on a given try."""
     runs = []
     for method in floor_methods(out.parent):
         clean(out)
@@ -340,7 +345,7 @@ def measure_floor(copy: Path, also_read: list[Path], out: Path) -> Run:
 @functools.cache
 def floor_methods(where: Path) -> tuple[str, ...]:
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(where)], capture_output=True, text=True).stdout.strip()
-    return ("dd",) if fs in {"btrfs", "xfs", "zfs", "bcachefs", "nfs"} else FLOOR_METHODS
+    return ("dd", "direct") if fs in {"btrfs", "xfs", "zfs", "bcachefs", "nfs"} else FLOOR_METHODS
 
 
 def clean(*paths: Path) -> None:

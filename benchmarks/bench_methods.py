@@ -14,7 +14,8 @@ one), dtype bfloat16. Each checkpoint set's files are dropped from the page cach
 (bench_apply.settle: the cache a sequential read leaves, in large folios), and with the inputs read into the page
 cache before each run (untimed) the script times:
 
-    floor      plain copies: read every input of the configuration, write one model's bytes (the faster of cat and dd)
+    floor      plain copies: read every input of the configuration, write one model's bytes (the fastest of cat, dd
+               and an O_DIRECT copy, benchmarks/direct_copy.py)
     capmerge   capmerge run CONFIG.yml -o OUT (a process, the Hub offline); steady = seconds − the same configuration
                on the tiny preset (start-up: python, torch, planning; the median of as many runs)
     mergekit   mergekit-yaml CONFIG.yml OUT (when .venv-mergekit exists), × = mergekit seconds / capmerge seconds

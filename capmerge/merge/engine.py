@@ -21,6 +21,7 @@ import errno
 import functools
 import gc
 import math
+import mmap
 import os
 import queue
 import threading
@@ -33,7 +34,7 @@ from capmerge import _interrupts
 from capmerge.errors import CapmergeError, NonFiniteError, WriteError
 from capmerge.io.checkpoint import DTYPES, Checkpoint, TensorInfo
 from capmerge.io.lazy import BLOCK_ELEMS  # elements per block on the CPU (one constant for the engine and lazy views)
-from capmerge.io.writer import SafetensorsFile, _write_error
+from capmerge.io.writer import DIRECT_ALIGN, SafetensorsFile, _write_error
 from capmerge.merge import compute
 
 GPU_BLOCK_ELEMS = 1 << 21  # elements per block when a GPU computes: fewer, larger host <-> device transfers
@@ -118,6 +119,11 @@ Kernel = Callable[[list[memoryview], list[memoryview], int, int], int]
 Prepare = Callable[[Callable[[int, int, int], memoryview]], None]
 """prepare(read) runs once per tensor before its blocks (e.g. to find pruning thresholds); read(input, start, end)
 returns the elements [start, end) of one input in a scratch buffer (valid until the next call)."""
+
+
+def _aligned_buffer(n: int) -> mmap.mmap:
+    """A writable buffer of ``n`` bytes at a page-aligned address (anonymous memory, as a bytearray's)."""
+    return mmap.mmap(-1, n)
 
 
 @dataclass
@@ -216,16 +222,19 @@ class _Pipeline:
         self.block = max(1, min(BLOCK_ELEMS if device == "cpu" else GPU_BLOCK_ELEMS, biggest))
         self.free_slots: queue.Queue[list[bytearray]] = queue.Queue()
         self.free_out: queue.Queue[bytearray] = queue.Queue()
-        alloc = bytearray
+        alloc = out_alloc = bytearray
+        self.aligned_out = device == "cpu"  # output buffers page-aligned, with DIRECT_ALIGN bytes of room
+        if self.aligned_out:
+            out_alloc = _aligned_buffer
         if device != "cpu" and computed:  # page-locked buffers: host <-> GPU copies run asynchronously
             from capmerge.kernels.dispatch import host_buffer
 
-            alloc = functools.partial(host_buffer, device=device)
+            alloc = out_alloc = functools.partial(host_buffer, device=device)
         if computed:
             for _ in range(DEPTH):
                 self.free_slots.put([alloc(self.block * in_item) for _ in range(n_in)])
                 for _ in sinks:
-                    self.free_out.put(alloc(self.block * out_item))
+                    self.free_out.put(out_alloc(self.block * out_item + DIRECT_ALIGN * self.aligned_out))
         self._tls = threading.local()  # scratch buffers of the thread running a prepare pass
         self._prepare_bytes = 0  # added to by the reader and the preparers
         self._count_lock = threading.Lock()
@@ -401,8 +410,8 @@ class _Pipeline:
                 return
             kind = item[0]
             if kind == "write":
-                _, f, offset, buf, nbytes = item
-                self._pwrite(f, memoryview(buf)[:nbytes], offset)
+                _, f, offset, buf, shift, nbytes = item
+                self._pwrite(f, memoryview(buf)[shift : shift + nbytes], offset)
                 self.free_out.put(buf)
             elif kind == "zero":
                 _, f, offset, nbytes = item
@@ -418,13 +427,7 @@ class _Pipeline:
                 self._copy(f, offset, ck, info)
 
     def _pwrite(self, f: SafetensorsFile, view: memoryview, offset: int) -> None:
-        try:
-            while len(view):
-                n = os.pwrite(f.fd, view, offset)
-                view = view[n:]
-                offset += n
-        except OSError as e:
-            raise _write_error(e, f.path) from e
+        f.write_at(view, offset)
 
     def _copy(self, f: SafetensorsFile, offset: int, ck: Checkpoint, info: TensorInfo) -> None:
         use_cfr = hasattr(os, "copy_file_range") and ck.direct  # lazy views copy through read_into
@@ -548,8 +551,14 @@ class _Pipeline:
             osize = DTYPES[job.out_dtype][0]
             nbytes = n * osize
             outs = [self._get(self.free_out) for _ in self.sinks]
+            # a block lands in its page-aligned buffer as it lands in its file, modulo DIRECT_ALIGN: the file's
+            # O_DIRECT writes then take it in place (no copy)
+            shifts = [(off + s * osize) % DIRECT_ALIGN if self.aligned_out else 0 for off in offsets]
+            shifts = [sh if sh % osize == 0 else 0 for sh in shifts]
             assert job.kernel is not None
-            flags = self._kernel(job, views, [memoryview(o)[:nbytes] for o in outs], n, s)
+            flags = self._kernel(
+                job, views, [memoryview(o)[sh : sh + nbytes] for o, sh in zip(outs, shifts, strict=True)], n, s
+            )
             self.free_slots.put(slot)
             if (flags & compute.OVERFLOW or overflow) and not self.allow_nonfinite:
                 raise NonFiniteError(
@@ -562,10 +571,10 @@ class _Pipeline:
                 for o in outs:
                     self.free_out.put(o)
             else:
-                for f, off, o in zip(files, offsets, outs, strict=True):
+                for f, off, o, sh in zip(files, offsets, outs, shifts, strict=True):
                     if skipped and not seen_nonzero:
                         self._put(self.to_write, ("zero", f, off, skipped))
-                    self._put(self.to_write, ("write", f, off + s * osize, o, nbytes))
+                    self._put(self.to_write, ("write", f, off + s * osize, o, sh, nbytes))
                 seen_nonzero = True
             # the job's stored bytes, spread over its blocks (a low-rank input is read as its factors)
             done_bytes = job_start + (job.read_nbytes * e // job.numel if job.numel else job.read_nbytes)

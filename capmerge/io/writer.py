@@ -75,6 +75,37 @@ def fs_type(path: str | os.PathLike[str], mountinfo: str | os.PathLike[str] = "/
     return kind
 
 
+class WritePaths:
+    """Write by write, O_DIRECT or the page cache: the path that has moved more bytes per second lately (an average
+    over its recent writes; each path measured once first, then the slower one every :attr:`PROBE`-th write).
+
+    Neither is faster everywhere. The page cache takes a write at memory speed into pages freed just before (3 GB/s
+    on the benchmark's VM), but into fresh memory on a VM that hands free memory back to its host at 0.4 GB/s, and
+    each byte costs CPU time; O_DIRECT goes at the disk's speed (1.0–1.3 GB/s there) and leaves the CPUs to the
+    computing."""
+
+    PROBE = 16
+
+    def __init__(self) -> None:
+        self.rate: dict[bool, float | None] = {True: None, False: None}  # bytes per second, by path (direct?)
+        self.n = 0
+
+    def choose(self) -> bool:
+        """True: O_DIRECT for the next write."""
+        self.n += 1
+        d, b = self.rate[True], self.rate[False]
+        if d is None or b is None:
+            return d is None
+        faster = d >= b
+        return not faster if self.n % self.PROBE == 0 else faster
+
+    def record(self, direct: bool, nbytes: int, seconds: float) -> None:
+        """A write of ``nbytes`` by the path ``direct`` took ``seconds``."""
+        r = nbytes / max(seconds, 1e-9)
+        old = self.rate[direct]
+        self.rate[direct] = r if old is None else 0.75 * old + 0.25 * r
+
+
 def _address(view: memoryview) -> int | None:
     """The address of a writable buffer's first byte; None for a read-only one."""
     import ctypes
@@ -157,8 +188,8 @@ class SafetensorsFile:
         self.entries.append(Entry(name, dtype, tuple(shape), begin, self.pos))
         return self.data_start + begin
 
-    def write_at(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        """Write ``data`` at the absolute file ``offset``.
+    def write_at(self, data: bytes | bytearray | memoryview, offset: int, *, direct: bool = True) -> None:
+        """Write ``data`` at the absolute file ``offset`` (``direct`` False: through the page cache only).
 
         With O_DIRECT (``dfd``), the whole :data:`DIRECT_ALIGN` blocks inside the range go straight to the disk, the
         ragged ends (and writes under :data:`DIRECT_MIN`) through the page cache. A direct write skips the copy into
@@ -168,7 +199,7 @@ class SafetensorsFile:
         file system refuses a direct write (EINVAL), this file goes on through the page cache."""
         view = memoryview(data).cast("B")
         try:
-            if self.dfd >= 0 and len(view) >= DIRECT_MIN:
+            if direct and self.dfd >= 0 and len(view) >= DIRECT_MIN:
                 head = -offset % DIRECT_ALIGN
                 mid = (len(view) - head) // DIRECT_ALIGN * DIRECT_ALIGN
                 _pwrite_all(self.fd, view[:head], offset)

@@ -34,7 +34,7 @@ from capmerge import _interrupts
 from capmerge.errors import CapmergeError, NonFiniteError, WriteError
 from capmerge.io.checkpoint import DTYPES, Checkpoint, TensorInfo
 from capmerge.io.lazy import BLOCK_ELEMS  # elements per block on the CPU (one constant for the engine and lazy views)
-from capmerge.io.writer import DIRECT_ALIGN, SafetensorsFile, _write_error
+from capmerge.io.writer import DIRECT_ALIGN, DIRECT_MIN, SafetensorsFile, WritePaths, _write_error
 from capmerge.merge import compute
 
 GPU_BLOCK_ELEMS = 1 << 21  # elements per block when a GPU computes: fewer, larger host <-> device transfers
@@ -224,6 +224,7 @@ class _Pipeline:
         self.free_out: queue.Queue[bytearray] = queue.Queue()
         alloc = out_alloc = bytearray
         self.aligned_out = device == "cpu"  # output buffers page-aligned, with DIRECT_ALIGN bytes of room
+        self._paths = WritePaths()  # O_DIRECT or the page cache, write by write
         if self.aligned_out:
             out_alloc = _aligned_buffer
         if device != "cpu" and computed:  # page-locked buffers: host <-> GPU copies run asynchronously
@@ -411,7 +412,14 @@ class _Pipeline:
             kind = item[0]
             if kind == "write":
                 _, f, offset, buf, shift, nbytes = item
-                self._pwrite(f, memoryview(buf)[shift : shift + nbytes], offset)
+                view = memoryview(buf)[shift : shift + nbytes]
+                if f.dfd >= 0 and nbytes >= DIRECT_MIN:
+                    direct = self._paths.choose()
+                    t = time.perf_counter()
+                    f.write_at(view, offset, direct=direct)
+                    self._paths.record(direct, nbytes, time.perf_counter() - t)
+                else:
+                    self._pwrite(f, view, offset)
                 self.free_out.put(buf)
             elif kind == "zero":
                 _, f, offset, nbytes = item

@@ -248,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         mk = use_mergekit and layers == mk_depth
         cases = run_methods(methods, dirs, root / "out", cli=cli, mergekit=mk, floor=True, repeats=args.repeats)
         for m in methods:
-            cases[f"{m}_floor"].notes.append(f"{ba.human(ba.nbytes(dirs['P']))} per checkpoint")
+            floor = cases[f"{m}_floor"]
+            floor.notes.append(f"{ba.human(ba.nbytes(dirs['P']))} per checkpoint")
+            floor.notes.append(f"fastest copy by repeat: {' '.join(r.method for r in floor.runs)}")
         by_depth[layers] = make_rows(cases, startup, methods, label)
         ba.clean(root / "out")
     ba.clean(tiny_root / "out")

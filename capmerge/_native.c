@@ -3353,6 +3353,11 @@ static inline __attribute__((always_inline)) AVX512_KL __m512 kl_log16(__m512 t)
     return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q), t);
 }
 
+/* A software prefetch of the line PREFETCH_AHEAD bytes past element i of src (bf16, f16 or float32) */
+static inline __attribute__((always_inline)) void prefetch_at(const void *src, int dt, Py_ssize_t i) {
+    _mm_prefetch((const char *)src + i * (dt == DT_F32 ? 4 : 2) + PREFETCH_AHEAD, _MM_HINT_T0);
+}
+
 /* sixteen entries of a row from j (those past m: -inf) */
 static inline __attribute__((always_inline)) AVX512_KL __m512 kl_load16(const void *src, int dt, Py_ssize_t off,
                                                                          Py_ssize_t j, Py_ssize_t m) {
@@ -3386,7 +3391,9 @@ AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int
     Py_ssize_t j;
     for (j = 0; j < m; j += 16) {
         __mmask16 live = live16(j, m);
-        __m512 x = kl_load16(a, a_dt, off, j, m), y = kl_load16(b, b_dt, off, j, m);
+        __m512 x, y;
+        prefetch_at(a, a_dt, off + j), prefetch_at(b, b_dt, off + j);
+        x = kl_load16(a, a_dt, off, j, m), y = kl_load16(b, b_dt, off, j, m);
         mxa = _mm512_max_ps(mxa, x), mxb = _mm512_max_ps(mxb, y);
         mna = _mm512_mask_min_ps(mna, live, x, mna), mnb = _mm512_mask_min_ps(mnb, live, y, mnb);
         dm = _mm512_mask_max_ps(dm, live, _mm512_abs_ps(_mm512_sub_ps(x, y)), dm);

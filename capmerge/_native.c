@@ -34,6 +34,18 @@
 #define TILE 1024
 #define MAX_VECTORS 64
 
+#define PREFETCH_AHEAD 4096 /* bytes: how far ahead of a loop's reads prefetch_at asks for a line */
+
+/* A prefetch of the line PREFETCH_AHEAD bytes past element i of src (bf16, f16 or float32): a hint, no fault past
+ * the end. The hardware's stream prefetch stops at each 4 KB page, and a mapped file's pages lie anywhere. */
+#if defined(__GNUC__)
+static inline __attribute__((always_inline)) void prefetch_at(const void *src, int dt, Py_ssize_t i) {
+    __builtin_prefetch((const char *)src + i * (dt == DT_F32 ? 4 : 2) + PREFETCH_AHEAD);
+}
+#else
+static inline void prefetch_at(const void *src, int dt, Py_ssize_t i) { (void)src, (void)dt, (void)i; }
+#endif
+
 /* CAPMERGE_NATIVE_CPU caps the loops the dispatch below picks, whatever the CPU has: "avx2" (no AVX-512 loop),
  * "baseline" (the plain C loops: no AVX2, FMA or F16C one either); unset: the fastest the CPU has (the Python side
  * refuses any other value). Read once. Every form of a loop gives the same bits, so this changes the speed only:
@@ -237,8 +249,6 @@ static int run_diff(void *out, int out_dt, const void *a, int a_dt, const void *
 
 /* Philox4x32-10 exactly as Triton's randint4x(seed, offset) with an int64 offset: counter (q_lo, q_hi, 0, 0), key
  * (seed_lo, seed_hi); its four output words into w. */
-#define PREFETCH_AHEAD 4096 /* bytes ahead of a stream a software prefetch reads */
-
 static inline void philox4(uint64_t q, uint32_t k0, uint32_t k1, uint32_t w[4]) {
     uint32_t c0 = (uint32_t)q, c1 = (uint32_t)(q >> 32), c2 = 0, c3 = 0;
     int r;
@@ -864,16 +874,14 @@ static inline __attribute__((always_inline)) AVX512_VLBW __m512 fast_delta16(con
     return d;
 }
 
-/* A software prefetch of the line PREFETCH_AHEAD bytes past element j of the base and of each term's bf16 inputs
- * (the hardware's stream prefetch stops at each 4 KB page of a mapped file) */
+/* prefetch_at element j of the base and of each term's bf16 inputs */
 static inline __attribute__((always_inline)) void prefetch_bf16(const term_t *terms, int k, const void *base,
                                                                Py_ssize_t j) {
     int i;
-    _mm_prefetch((const char *)base + 2 * j + PREFETCH_AHEAD, _MM_HINT_T0);
+    prefetch_at(base, DT_BF16, j);
     for (i = 0; i < k; i++) {
-        _mm_prefetch((const char *)terms[i].a + 2 * j + PREFETCH_AHEAD, _MM_HINT_T0);
-        if (terms[i].b && terms[i].b != base)
-            _mm_prefetch((const char *)terms[i].b + 2 * j + PREFETCH_AHEAD, _MM_HINT_T0);
+        prefetch_at(terms[i].a, DT_BF16, j);
+        if (terms[i].b && terms[i].b != base) prefetch_at(terms[i].b, DT_BF16, j);
     }
 }
 
@@ -2157,11 +2165,9 @@ della_fused(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t b_off, 
     uint16_t *lres = L->res, *lb = L->band, *lkeep = L->keep;
     Py_ssize_t len = nrows * m, j, r;
     philox_keys_t K;
-    const char *ap = (const char *)a + (size_t)start * (size_t)(a_dt == DT_F32 ? 4 : 2);
-    const Py_ssize_t ash = a_dt == DT_F32 ? 2 : 1;
     for (j = 0; j < len; j += 8) {
         __m256 x;
-        if ((j & 31) == 0) _mm_prefetch(ap + (j << ash) + PREFETCH_AHEAD, _MM_HINT_T0);
+        if ((j & 31) == 0) prefetch_at(a, a_dt, start + j);
         x = load8_exact(a, a_dt, start + j);
         if (b) x = _mm256_sub_ps(x, load8_exact(b, b_dt, b_off + j));
         x = _mm256_and_ps(x, absmask);
@@ -3351,11 +3357,6 @@ static inline __attribute__((always_inline)) AVX512_KL __m512 kl_log16(__m512 t)
     x = _mm512_add_ps(x, y);
     x = _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), x);
     return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q), t);
-}
-
-/* A software prefetch of the line PREFETCH_AHEAD bytes past element i of src (bf16, f16 or float32) */
-static inline __attribute__((always_inline)) void prefetch_at(const void *src, int dt, Py_ssize_t i) {
-    _mm_prefetch((const char *)src + i * (dt == DT_F32 ? 4 : 2) + PREFETCH_AHEAD, _MM_HINT_T0);
 }
 
 /* sixteen entries of a row from j (those past m: -inf) */

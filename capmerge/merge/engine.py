@@ -412,14 +412,7 @@ class _Pipeline:
             kind = item[0]
             if kind == "write":
                 _, f, offset, buf, shift, nbytes = item
-                view = memoryview(buf)[shift : shift + nbytes]
-                if f.dfd >= 0 and nbytes >= DIRECT_MIN:
-                    direct = self._paths.choose()
-                    t = time.perf_counter()
-                    f.write_at(view, offset, direct=direct)
-                    self._paths.record(direct, nbytes, time.perf_counter() - t)
-                else:
-                    self._pwrite(f, view, offset)
+                self._pwrite(f, memoryview(buf)[shift : shift + nbytes], offset)
                 self.free_out.put(buf)
             elif kind == "zero":
                 _, f, offset, nbytes = item
@@ -435,7 +428,15 @@ class _Pipeline:
                 self._copy(f, offset, ck, info)
 
     def _pwrite(self, f: SafetensorsFile, view: memoryview, offset: int) -> None:
-        f.write_at(view, offset)
+        """Every write of the writer: by O_DIRECT or the page cache as :class:`WritePaths` chooses, where the file
+        can take either and the write is long enough to have whole blocks."""
+        if f.dfd < 0 or len(view) < DIRECT_MIN:
+            f.write_at(view, offset)
+            return
+        direct = self._paths.choose()
+        t = time.perf_counter()
+        f.write_at(view, offset, direct=direct)
+        self._paths.record(direct, len(view), time.perf_counter() - t)
 
     def _copy(self, f: SafetensorsFile, offset: int, ck: Checkpoint, info: TensorInfo) -> None:
         use_cfr = hasattr(os, "copy_file_range") and ck.direct  # lazy views copy through read_into

@@ -3060,8 +3060,8 @@ static Py_ssize_t run_importance(const void *a, int a_dt, const void *b, int b_d
 }
 
 /* arcee_fusion's rows' KL divergence: KL = sum p log(p/q), p = softmax(a) + 1e-8, q = softmax(b) + 1e-8 over a row
- * of m (float32 values, the sums in double). Two passes: the row's maxima and minima, then its moments (kl_by_moments):
- * no log or division per entry. A row whose moments do not settle its KL to within 2^-10 (mergekit's 1e-8 not small
+ * of m (float32 values, the sums in double). Two passes: the row's maxima, minima and max|d|, then its moments: one
+ * exp per entry where max|d| <= KL_SERIES_D (kl_by_series), else two (kl_by_moments); no log or division per entry. A row whose moments do not settle its KL to within 2^-10 (mergekit's 1e-8 not small
  * next to every p and q), or that holds a NaN or an inf, takes a third pass of p, q and p log(p/q). exp and log are
  * Cephes' float polynomials, evaluated with the same fused multiply-adds in every form (fmaf in plain C: one rounding,
  * as the FMA instruction; a CPU without FMA takes libm's slower exact one), so the plain C loops below, the AVX2 and
@@ -3160,6 +3160,38 @@ static int kl_by_moments(double sa, double sb, double t, double u, double v, Py_
     return 1;
 }
 
+/* Rows whose changes are small (max|d| <= KL_SERIES_D, checked in the first pass) take the moments from one exp per
+ * entry. With p = softmax(a) and d = a - b, q_j = p_j exp(-d_j) / E, E = E_p[exp(-d)], so the KL without the 1e-8 is
+ * E_p[d] + log E = mu + log1p(gamma - mu): mu = t / sa (t = sum exp(a_j - ma) d_j) and gamma = G / sa with
+ * G = sum exp(a_j - ma) g_j, g = exp(-d) - 1 + d = d^2 (1/2 - d/6 + ... + d^6/8!), a float polynomial (left out: at
+ * most 2 max|d|^7 / 9! of g, 4e-8). No exp of b and no cancellation of two rounded sums: the error in mu moves the KL
+ * by it times mu, the float32 roundings of exp(a - ma) cancel to first order, and g's own is a few ulps of a term of
+ * the KL's size, so rows like a finetune's come within 1e-7 of a float64 evaluation (the two-exp moments: a few
+ * 1e-3). A row shifted by a constant c within rounding is the exception: g's rounding, ~1e-7 c^2, can outweigh its
+ * KL and round it below 0, as the two-exp moments' ~1e-9 did for more rows. sb, D, the 1e-8's first-order term and the bound on what is left out as kl_by_moments has them, with
+ * sb = sa E exp(ma - mb), D = -log E. */
+#define KL_SERIES_D 0.5f
+static const float KL_G_P[7] = {1.0f / 40320, -1.0f / 5040, 1.0f / 720, -1.0f / 120, 1.0f / 24, -1.0f / 6, 0.5f};
+
+static inline float kl_g1(float d) { /* exp(-d) - 1 + d, |d| <= KL_SERIES_D */
+    float y = KL_G_P[0];
+    int i;
+    for (i = 1; i < 7; i++) y = fmaf(y, d, KL_G_P[i]);
+    return (d * d) * y;
+}
+
+/* kl_by_moments from the series' sums (sa, t, G, u, v); *sb set to the base's sum of exp(b - mb) either way */
+static int kl_by_series(double sa, double t, double g, double u, double v, Py_ssize_t m, float ma, float mb, float mina,
+                        float minb, float dmax, float *kl, double *sb) {
+    const double e = (double)KL_EPS, r = 2.0 * (double)dmax, w = r * exp(r);
+    double mu = t / sa, l = log1p(g / sa - mu), ba, bb;
+    *sb = sa * exp(l + ((double)ma - (double)mb));
+    ba = e * sa * exp((double)ma - (double)mina), bb = e * *sb * exp((double)mb - (double)minb);
+    if (!(ba * (w + ba) <= KL_MOMENTS_TOL && bb * (w + bb) <= KL_MOMENTS_TOL)) return 0;
+    *kl = (float)(mu + l - 0.5 * e * (v + 2.0 * l * u + (double)m * l * l)); /* D = -l */
+    return 1;
+}
+
 /* The KL of the row of m at a + off, b + off in plain C */
 static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m) {
     float mxa[8], mxb[8], ma, mb, mina = INFINITY, minb = INFINITY, dmax = 0.0f, ra, rb, got;
@@ -3175,6 +3207,20 @@ static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_s
         dmax = fabsf(x - y) > dmax ? fabsf(x - y) : dmax;
     }
     ma = kl_lanes_max(mxa, 8), mb = kl_lanes_max(mxb, 8);
+    if (dmax <= KL_SERIES_D) { /* the series' moments: one exp per entry */
+        double sb1;
+        for (j = 0; j < m; j++) {
+            float xa = kl_load1(a, a_dt, off + j), x = kl_exp1(xa - ma), d = xa - kl_load1(b, b_dt, off + j);
+            l = (int)(j & 7);
+            sa[l] += (double)x, t[l] += (double)(x * d), sb[l] += (double)(x * kl_g1(d));
+            u[l] += (double)d, v[l] += (double)d * (double)d;
+        }
+        if (kl_by_series(sum8_combine(sa), sum8_combine(t), sum8_combine(sb), sum8_combine(u), sum8_combine(v), m, ma,
+                         mb, mina, minb, dmax, &got, &sb1))
+            return got;
+        ra = (float)(1.0 / sum8_combine(sa)), rb = (float)(1.0 / sb1);
+        goto third;
+    }
     for (j = 0; j < m; j++) { /* the moments */
         float xa = kl_load1(a, a_dt, off + j), xb = kl_load1(b, b_dt, off + j), x = kl_exp1(xa - ma);
         float y = kl_exp1(xb - mb);
@@ -3187,6 +3233,7 @@ static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_s
                       mina, minb, dmax, &got))
         return got;
     ra = (float)(1.0 / sum8_combine(sa)), rb = (float)(1.0 / sum8_combine(sb));
+third:
     for (j = 0; j < m; j++) { /* (the other forms' padding adds +0: a lane's sum, from +0, is never -0) */
         float x = kl_e1(a, a_dt, off + j, ma), y = kl_e1(b, b_dt, off + j, mb);
         float p = x * ra + KL_EPS, q = y * rb + KL_EPS;
@@ -3234,6 +3281,13 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_log8(
     return _mm256_blendv_ps(x, t, _mm256_cmp_ps(t, t, _CMP_UNORD_Q));
 }
 
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_g8(__m256 d) { /* kl_g1 */
+    __m256 y = _mm256_set1_ps(KL_G_P[0]);
+    int i;
+    for (i = 1; i < 7; i++) y = _mm256_fmadd_ps(y, d, _mm256_set1_ps(KL_G_P[i]));
+    return _mm256_mul_ps(_mm256_mul_ps(d, d), y);
+}
+
 /* eight entries of a row from j (the last m % 8 padded with -inf) */
 static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 kl_load8(const void *src, int dt,
                                                                                    Py_ssize_t off, Py_ssize_t j,
@@ -3265,7 +3319,7 @@ __attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a,
     const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256d sal = _mm256_setzero_pd(), sah = sal, sbl = sal, sbh = sal, tl = sal, th = sal, ul = sal, uh = sal;
     __m256d vl = sal, vh = sal, kl = sal, kh = sal;
-    float la[8], lb[8], ma, mb, got;
+    float la[8], lb[8], ma, mb, mina, minb, dmax, got;
     Py_ssize_t j;
     for (j = 0; j < m; j += 8) {
         __m256 x = kl_load8(a, a_dt, off, j, m), y = kl_load8(b, b_dt, off, j, m);
@@ -3280,6 +3334,30 @@ __attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a,
     _mm256_storeu_ps(la, mxa), _mm256_storeu_ps(lb, mxb);
     ma = kl_lanes_max(la, 8), mb = kl_lanes_max(lb, 8);
     va = _mm256_set1_ps(ma), vb = _mm256_set1_ps(mb);
+    {
+        float ln[8], lm[8], ld[8];
+        _mm256_storeu_ps(ln, mna), _mm256_storeu_ps(lm, mnb), _mm256_storeu_ps(ld, dm);
+        mina = kl_lanes_min(ln, 8), minb = kl_lanes_min(lm, 8), dmax = kl_lanes_max(ld, 8);
+    }
+    if (dmax <= KL_SERIES_D) { /* the series' moments (kl_by_series) */
+        double sb1;
+        for (j = 0; j < m; j += 8) {
+            __m256 xa = kl_load8(a, a_dt, off, j, m), x = kl_exp8(_mm256_sub_ps(xa, va));
+            __m256 d = _mm256_sub_ps(xa, kl_load8(b, b_dt, off, j, m));
+            __m256d dl, dh;
+            if (j + 8 > m) d = _mm256_blendv_ps(d, zero, kl_pad8(m - j)); /* the padding's d (NaN): 0 */
+            add8_pd(&sal, &sah, x), add8_pd(&tl, &th, _mm256_mul_ps(x, d));
+            add8_pd(&sbl, &sbh, _mm256_mul_ps(x, kl_g8(d)));
+            dl = _mm256_cvtps_pd(_mm256_castps256_ps128(d)), dh = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+            ul = _mm256_add_pd(ul, dl), uh = _mm256_add_pd(uh, dh);
+            vl = _mm256_add_pd(vl, _mm256_mul_pd(dl, dl)), vh = _mm256_add_pd(vh, _mm256_mul_pd(dh, dh));
+        }
+        if (kl_by_series(sum8_pd(sal, sah), sum8_pd(tl, th), sum8_pd(sbl, sbh), sum8_pd(ul, uh), sum8_pd(vl, vh), m,
+                         ma, mb, mina, minb, dmax, &got, &sb1))
+            return got;
+        ra = _mm256_set1_ps((float)(1.0 / sum8_pd(sal, sah))), rb = _mm256_set1_ps((float)(1.0 / sb1));
+        goto third;
+    }
     for (j = 0; j < m; j += 8) {
         __m256 xa = kl_load8(a, a_dt, off, j, m), xb = kl_load8(b, b_dt, off, j, m);
         __m256 x = kl_exp8(_mm256_sub_ps(xa, va)), y = kl_exp8(_mm256_sub_ps(xb, vb));
@@ -3297,15 +3375,12 @@ __attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a,
         ul = _mm256_add_pd(ul, dl), uh = _mm256_add_pd(uh, dh);
         vl = _mm256_add_pd(vl, _mm256_mul_pd(dl, dl)), vh = _mm256_add_pd(vh, _mm256_mul_pd(dh, dh));
     }
-    {
-        float ln[8], lm[8], ld[8];
-        _mm256_storeu_ps(ln, mna), _mm256_storeu_ps(lm, mnb), _mm256_storeu_ps(ld, dm);
-        if (kl_by_moments(sum8_pd(sal, sah), sum8_pd(sbl, sbh), sum8_pd(tl, th), sum8_pd(ul, uh), sum8_pd(vl, vh), m,
-                          ma, mb, kl_lanes_min(ln, 8), kl_lanes_min(lm, 8), kl_lanes_max(ld, 8), &got))
-            return got;
-    }
+    if (kl_by_moments(sum8_pd(sal, sah), sum8_pd(sbl, sbh), sum8_pd(tl, th), sum8_pd(ul, uh), sum8_pd(vl, vh), m, ma,
+                      mb, mina, minb, dmax, &got))
+        return got;
     ra = _mm256_set1_ps((float)(1.0 / sum8_pd(sal, sah)));
     rb = _mm256_set1_ps((float)(1.0 / sum8_pd(sbl, sbh)));
+third:
     for (j = 0; j < m; j += 8) {
         __m256 x = kl_e8(a, a_dt, off, j, m, ma), y = kl_e8(b, b_dt, off, j, m, mb);
         __m256 p = _mm256_add_ps(_mm256_mul_ps(x, ra), tiny), q = _mm256_add_ps(_mm256_mul_ps(y, rb), tiny);
@@ -3359,6 +3434,13 @@ static inline __attribute__((always_inline)) AVX512_KL __m512 kl_log16(__m512 t)
     return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(t, t, _CMP_UNORD_Q), t);
 }
 
+static inline __attribute__((always_inline)) AVX512_KL __m512 kl_g16(__m512 d) { /* kl_g1 */
+    __m512 y = _mm512_set1_ps(KL_G_P[0]);
+    int i;
+    for (i = 1; i < 7; i++) y = _mm512_fmadd_ps(y, d, _mm512_set1_ps(KL_G_P[i]));
+    return _mm512_mul_ps(_mm512_mul_ps(d, d), y);
+}
+
 /* sixteen entries of a row from j (those past m: -inf) */
 static inline __attribute__((always_inline)) AVX512_KL __m512 kl_load16(const void *src, int dt, Py_ssize_t off,
                                                                          Py_ssize_t j, Py_ssize_t m) {
@@ -3388,7 +3470,7 @@ AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int
     const __m512 ninf = _mm512_set1_ps(-INFINITY), pinf = _mm512_set1_ps(INFINITY), tiny = _mm512_set1_ps(KL_EPS);
     __m512 mxa = ninf, mxb = ninf, mna = pinf, mnb = pinf, dm = _mm512_setzero_ps(), va, vb, ra, rb;
     __m512d sa = _mm512_setzero_pd(), sb = sa, t = sa, u = sa, v = sa, kl = sa;
-    float la[16], lb[16], ma, mb, got;
+    float la[16], lb[16], ma, mb, mina, minb, dmax, got;
     Py_ssize_t j;
     for (j = 0; j < m; j += 16) {
         __mmask16 live = live16(j, m);
@@ -3402,6 +3484,29 @@ AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int
     _mm512_storeu_ps(la, mxa), _mm512_storeu_ps(lb, mxb);
     ma = kl_lanes_max(la, 16), mb = kl_lanes_max(lb, 16);
     va = _mm512_set1_ps(ma), vb = _mm512_set1_ps(mb);
+    {
+        float ln[16], lm[16], ld[16];
+        _mm512_storeu_ps(ln, mna), _mm512_storeu_ps(lm, mnb), _mm512_storeu_ps(ld, dm);
+        mina = kl_lanes_min(ln, 16), minb = kl_lanes_min(lm, 16), dmax = kl_lanes_max(ld, 16);
+    }
+    if (dmax <= KL_SERIES_D) { /* the series' moments (kl_by_series) */
+        double sb1;
+        for (j = 0; j < m; j += 16) {
+            __mmask16 live = live16(j, m);
+            __m512 xa = kl_load16(a, a_dt, off, j, m), x = kl_exp16(_mm512_sub_ps(xa, va));
+            __m512 d = _mm512_maskz_sub_ps(live, xa, kl_load16(b, b_dt, off, j, m)); /* past m: 0 */
+            __m512d d0 = half_pd(d, 0), d1 = half_pd(d, 1);
+            sa = add16_pd(sa, x), t = add16_pd(t, _mm512_mul_ps(x, d));
+            sb = add16_pd(sb, _mm512_mul_ps(x, kl_g16(d)));
+            u = _mm512_add_pd(_mm512_add_pd(u, d0), d1);
+            v = _mm512_add_pd(_mm512_add_pd(v, _mm512_mul_pd(d0, d0)), _mm512_mul_pd(d1, d1));
+        }
+        if (kl_by_series(sum16_pd(sa), sum16_pd(t), sum16_pd(sb), sum16_pd(u), sum16_pd(v), m, ma, mb, mina, minb,
+                         dmax, &got, &sb1))
+            return got;
+        ra = _mm512_set1_ps((float)(1.0 / sum16_pd(sa))), rb = _mm512_set1_ps((float)(1.0 / sb1));
+        goto third;
+    }
     for (j = 0; j < m; j += 16) {
         __mmask16 live = live16(j, m);
         __m512 xa = kl_load16(a, a_dt, off, j, m), xb = kl_load16(b, b_dt, off, j, m);
@@ -3414,15 +3519,12 @@ AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int
         u = _mm512_add_pd(_mm512_add_pd(u, d0), d1);
         v = _mm512_add_pd(_mm512_add_pd(v, _mm512_mul_pd(d0, d0)), _mm512_mul_pd(d1, d1));
     }
-    {
-        float ln[16], lm[16], ld[16];
-        _mm512_storeu_ps(ln, mna), _mm512_storeu_ps(lm, mnb), _mm512_storeu_ps(ld, dm);
-        if (kl_by_moments(sum16_pd(sa), sum16_pd(sb), sum16_pd(t), sum16_pd(u), sum16_pd(v), m, ma, mb,
-                          kl_lanes_min(ln, 16), kl_lanes_min(lm, 16), kl_lanes_max(ld, 16), &got))
-            return got;
-    }
+    if (kl_by_moments(sum16_pd(sa), sum16_pd(sb), sum16_pd(t), sum16_pd(u), sum16_pd(v), m, ma, mb, mina, minb, dmax,
+                      &got))
+        return got;
     ra = _mm512_set1_ps((float)(1.0 / sum16_pd(sa)));
     rb = _mm512_set1_ps((float)(1.0 / sum16_pd(sb)));
+third:
     for (j = 0; j < m; j += 16) {
         __m512 x = kl_e16(a, a_dt, off, j, m, ma), y = kl_e16(b, b_dt, off, j, m, mb);
         __m512 p = _mm512_add_ps(_mm512_mul_ps(x, ra), tiny), q = _mm512_add_ps(_mm512_mul_ps(y, rb), tiny);

@@ -883,10 +883,11 @@ def test_row_kl_against_a_float64_reference(m: int, codes: tuple[int, int]) -> N
 
 @pytest.mark.parametrize("codes", [(0, 0), (2, 2)])
 @pytest.mark.parametrize("m", [512, 5632, 65536])
-def test_row_kl_of_a_finetune_within_a_percent(m: int, codes: tuple[int, int]) -> None:
+def test_row_kl_of_a_finetune_within_1e6(m: int, codes: tuple[int, int]) -> None:
     """Rows like a finetune's against its base (weights ~0.02, changes ~1e-3: KL ~5e-7, where 1/Σexp rounded to
-    float32 alone moves a KL by several percent, and torch's float32 operations by up to a fifth): row_kl() within
-    1 % of numpy's float64 in every row, on every loop (the KL from the rows' moments, kl_by_moments)."""
+    float32 alone moves a KL by several percent, torch's float32 operations by up to a fifth, and the two exps'
+    moments by up to 0.6 %): row_kl() within 1e-6 of numpy's float64 in every row, on every loop (the KL from the
+    series' moments, one exp per entry: kl_by_series)."""
     dts = {0: torch.float32, 2: torch.bfloat16}
     g = torch.Generator().manual_seed(m)
     rows = 32 if m < 65536 else 6
@@ -894,12 +895,12 @@ def test_row_kl_of_a_finetune_within_a_percent(m: int, codes: tuple[int, int]) -
     model = (base.float() + torch.randn(rows, m, generator=g) * 1e-3).to(dts[codes[0]])
     got, _ = _kl_rows_on_every_loop(model, base, codes)
     want = _kl_reference(model.float().numpy(), base.float().numpy())
-    assert np.all(np.abs(got - want) <= 1e-2 * want)
+    assert np.all(np.abs(got - want) <= 1e-6 * want)
 
 
 def test_arcee_fusion_row_kl_without_the_native_kernel_in_float64(monkeypatch) -> None:
     """arcee_fusion's row_kl() where the native kernel is not taken (another device, or no kernel built): torch in
-    float64, within 1e-6 of numpy's float64 on rows of a finetune, and within 1 % of the native KL."""
+    float64, within 1e-6 of numpy's float64 on rows of a finetune, as the native KL is."""
     from capmerge.merge.methods import arcee_fusion as A
 
     g = torch.Generator().manual_seed(5)
@@ -911,7 +912,7 @@ def test_arcee_fusion_row_kl_without_the_native_kernel_in_float64(monkeypatch) -
     want = _kl_reference(model.numpy(), base.numpy())
     assert got.dtype == torch.float32
     assert np.all(np.abs(got.numpy() - want) <= 1e-6 * want)
-    assert np.all(np.abs(native - want) <= 1e-2 * want)
+    assert np.all(np.abs(native - want) <= 1e-6 * want)
 
 
 @pytest.mark.parametrize(("m", "scale", "change"), [(16384, 0.02, 0.1), (4096, 0.5, 0.05), (65536, 0.02, 0.02)])

@@ -3061,8 +3061,9 @@ static Py_ssize_t run_importance(const void *a, int a_dt, const void *b, int b_d
 
 /* arcee_fusion's rows' KL divergence: KL = sum p log(p/q), p = softmax(a) + 1e-8, q = softmax(b) + 1e-8 over a row
  * of m (float32 values, the sums in double). Two passes: the row's maxima, minima and max|d|, then its moments: one
- * exp per entry where max|d| <= KL_SERIES_D (kl_by_series), else two (kl_by_moments); no log or division per entry. A row whose moments do not settle its KL to within 2^-10 (mergekit's 1e-8 not small
- * next to every p and q), or that holds a NaN or an inf, takes a third pass of p, q and p log(p/q). exp and log are
+ * exp per entry where max|d| <= KL_SERIES_D (kl_by_series), else two (kl_by_moments); no log or division per entry.
+ * A row whose moments do not settle its KL to within 2^-10 (mergekit's 1e-8 not small next to every p and q), or that
+ * holds a NaN or an inf, takes a third pass of p, q and p log(p/q). exp and log are
  * Cephes' float polynomials, evaluated with the same fused multiply-adds in every form (fmaf in plain C: one rounding,
  * as the FMA instruction; a CPU without FMA takes libm's slower exact one), so the plain C loops below, the AVX2 and
  * the AVX-512 ones give the same bits: element j of a row goes into lane j % 8 of each float64 sum, the lanes added in
@@ -3168,8 +3169,8 @@ static int kl_by_moments(double sa, double sb, double t, double u, double v, Py_
  * by it times mu, the float32 roundings of exp(a - ma) cancel to first order, and g's own is a few ulps of a term of
  * the KL's size, so rows like a finetune's come within 1e-7 of a float64 evaluation (the two-exp moments: a few
  * 1e-3). A row shifted by a constant c within rounding is the exception: g's rounding, ~1e-7 c^2, can outweigh its
- * KL and round it below 0, as the two-exp moments' ~1e-9 did for more rows. sb, D, the 1e-8's first-order term and the bound on what is left out as kl_by_moments has them, with
- * sb = sa E exp(ma - mb), D = -log E. */
+ * KL and round it below 0, as the two-exp moments' ~1e-9 did for more rows. sb, D, the 1e-8's first-order term and
+ * the bound on what is left out as kl_by_moments has them, with sb = sa E exp(ma - mb), D = -log E. */
 #define KL_SERIES_D 0.5f
 static const float KL_G_P[7] = {1.0f / 40320, -1.0f / 5040, 1.0f / 720, -1.0f / 120, 1.0f / 24, -1.0f / 6, 0.5f};
 
@@ -3195,7 +3196,7 @@ static int kl_by_series(double sa, double t, double g, double u, double v, Py_ss
 /* The KL of the row of m at a + off, b + off in plain C */
 static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m) {
     float mxa[8], mxb[8], ma, mb, mina = INFINITY, minb = INFINITY, dmax = 0.0f, ra, rb, got;
-    double sa[8] = {0}, sb[8] = {0}, t[8] = {0}, u[8] = {0}, v[8] = {0}, kl[8] = {0};
+    double sa[8] = {0}, sb[8] = {0}, t[8] = {0}, u[8] = {0}, v[8] = {0}, kl[8] = {0}, gs[8] = {0};
     Py_ssize_t j;
     int l;
     for (l = 0; l < 8; l++) mxa[l] = mxb[l] = -INFINITY;
@@ -3212,10 +3213,10 @@ static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_s
         for (j = 0; j < m; j++) {
             float xa = kl_load1(a, a_dt, off + j), x = kl_exp1(xa - ma), d = xa - kl_load1(b, b_dt, off + j);
             l = (int)(j & 7);
-            sa[l] += (double)x, t[l] += (double)(x * d), sb[l] += (double)(x * kl_g1(d));
+            sa[l] += (double)x, t[l] += (double)(x * d), gs[l] += (double)(x * kl_g1(d));
             u[l] += (double)d, v[l] += (double)d * (double)d;
         }
-        if (kl_by_series(sum8_combine(sa), sum8_combine(t), sum8_combine(sb), sum8_combine(u), sum8_combine(v), m, ma,
+        if (kl_by_series(sum8_combine(sa), sum8_combine(t), sum8_combine(gs), sum8_combine(u), sum8_combine(v), m, ma,
                          mb, mina, minb, dmax, &got, &sb1))
             return got;
         ra = (float)(1.0 / sum8_combine(sa)), rb = (float)(1.0 / sb1);
@@ -3318,7 +3319,7 @@ __attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a,
     __m256 mxa = ninf, mxb = ninf, mna = pinf, mnb = pinf, zero = _mm256_setzero_ps(), dm = zero, va, vb, ra, rb;
     const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256d sal = _mm256_setzero_pd(), sah = sal, sbl = sal, sbh = sal, tl = sal, th = sal, ul = sal, uh = sal;
-    __m256d vl = sal, vh = sal, kl = sal, kh = sal;
+    __m256d vl = sal, vh = sal, kl = sal, kh = sal, gl = sal, gh = sal;
     float la[8], lb[8], ma, mb, mina, minb, dmax, got;
     Py_ssize_t j;
     for (j = 0; j < m; j += 8) {
@@ -3347,12 +3348,12 @@ __attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a,
             __m256d dl, dh;
             if (j + 8 > m) d = _mm256_blendv_ps(d, zero, kl_pad8(m - j)); /* the padding's d (NaN): 0 */
             add8_pd(&sal, &sah, x), add8_pd(&tl, &th, _mm256_mul_ps(x, d));
-            add8_pd(&sbl, &sbh, _mm256_mul_ps(x, kl_g8(d)));
+            add8_pd(&gl, &gh, _mm256_mul_ps(x, kl_g8(d)));
             dl = _mm256_cvtps_pd(_mm256_castps256_ps128(d)), dh = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
             ul = _mm256_add_pd(ul, dl), uh = _mm256_add_pd(uh, dh);
             vl = _mm256_add_pd(vl, _mm256_mul_pd(dl, dl)), vh = _mm256_add_pd(vh, _mm256_mul_pd(dh, dh));
         }
-        if (kl_by_series(sum8_pd(sal, sah), sum8_pd(tl, th), sum8_pd(sbl, sbh), sum8_pd(ul, uh), sum8_pd(vl, vh), m,
+        if (kl_by_series(sum8_pd(sal, sah), sum8_pd(tl, th), sum8_pd(gl, gh), sum8_pd(ul, uh), sum8_pd(vl, vh), m,
                          ma, mb, mina, minb, dmax, &got, &sb1))
             return got;
         ra = _mm256_set1_ps((float)(1.0 / sum8_pd(sal, sah))), rb = _mm256_set1_ps((float)(1.0 / sb1));
@@ -3469,7 +3470,7 @@ static inline __attribute__((always_inline)) AVX512_KL double sum16_pd(__m512d s
 AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m) {
     const __m512 ninf = _mm512_set1_ps(-INFINITY), pinf = _mm512_set1_ps(INFINITY), tiny = _mm512_set1_ps(KL_EPS);
     __m512 mxa = ninf, mxb = ninf, mna = pinf, mnb = pinf, dm = _mm512_setzero_ps(), va, vb, ra, rb;
-    __m512d sa = _mm512_setzero_pd(), sb = sa, t = sa, u = sa, v = sa, kl = sa;
+    __m512d sa = _mm512_setzero_pd(), sb = sa, t = sa, u = sa, v = sa, kl = sa, gs = sa;
     float la[16], lb[16], ma, mb, mina, minb, dmax, got;
     Py_ssize_t j;
     for (j = 0; j < m; j += 16) {
@@ -3497,11 +3498,11 @@ AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int
             __m512 d = _mm512_maskz_sub_ps(live, xa, kl_load16(b, b_dt, off, j, m)); /* past m: 0 */
             __m512d d0 = half_pd(d, 0), d1 = half_pd(d, 1);
             sa = add16_pd(sa, x), t = add16_pd(t, _mm512_mul_ps(x, d));
-            sb = add16_pd(sb, _mm512_mul_ps(x, kl_g16(d)));
+            gs = add16_pd(gs, _mm512_mul_ps(x, kl_g16(d)));
             u = _mm512_add_pd(_mm512_add_pd(u, d0), d1);
             v = _mm512_add_pd(_mm512_add_pd(v, _mm512_mul_pd(d0, d0)), _mm512_mul_pd(d1, d1));
         }
-        if (kl_by_series(sum16_pd(sa), sum16_pd(t), sum16_pd(sb), sum16_pd(u), sum16_pd(v), m, ma, mb, mina, minb,
+        if (kl_by_series(sum16_pd(sa), sum16_pd(t), sum16_pd(gs), sum16_pd(u), sum16_pd(v), m, ma, mb, mina, minb,
                          dmax, &got, &sb1))
             return got;
         ra = _mm512_set1_ps((float)(1.0 / sum16_pd(sa))), rb = _mm512_set1_ps((float)(1.0 / sb1));

@@ -362,8 +362,8 @@ def _kl_rows(st: B.Stats, m: int) -> tuple[np.ndarray, int]:
     to every p and q (the left-out terms' bound above 2⁻¹⁰ of the KL), or that holds a NaN or an inf, takes a third
     pass of p·log(p/q) (Cephes' log). On rows like a finetune's (weights ~0.02, changes ~1e-3, KL ~5e-7) it is within
     1e-7 of a float64 reference on rows up to 5632 long, 5e-7 on rows of 65536 (the 1e-8 to first order leaves that;
-    the two exps' sums: within 0.3 % on rows of 2048; 1/Σexp rounded to float32 moved
-    the three passes' KL before them by up to 20 %; torch's float32 operations as much)."""
+    the two exps' sums: within 0.3 % on rows of 2048; 1/Σexp rounded to float32 moved the three passes' KL before
+    them by up to 20 %; torch's float32 operations as much)."""
     from capmerge.merge.compute import _native
 
     rows = st.numel // m

@@ -3168,10 +3168,15 @@ static int kl_by_moments(double sa, double sb, double t, double u, double v, Py_
  * most 2 max|d|^7 / 9! of g, 4e-8). No exp of b and no cancellation of two rounded sums: the error in mu moves the KL
  * by it times mu, the float32 roundings of exp(a - ma) cancel to first order, and g's own is a few ulps of a term of
  * the KL's size, so rows like a finetune's come within 1e-7 of a float64 evaluation (the two-exp moments: a few
- * 1e-3). A row shifted by a constant c within rounding is the exception: g's rounding, ~1e-7 c^2, can outweigh its
- * KL and round it below 0, as the two-exp moments' ~1e-9 did for more rows. sb, D, the 1e-8's first-order term and
- * the bound on what is left out as kl_by_moments has them, with sb = sa E exp(ma - mb), D = -log E. */
+ * 1e-3). For the same reason the five sums (sa, t, G, u, v) take float32 lanes over blocks of KL_SERIES_BLOCK entries
+ * (element j into lane j % 16; products by fused multiply-adds), each block's lanes then added into the float64 lanes
+ * (lanes k and k + 8 into lane k, as add16_pd): a block's relative rounding, ~1e-6, moves the KL by as much of itself
+ * at most (measured: nothing next to g's), and the conversions to float64 were most of the loop's time. A row shifted
+ * by a constant c within rounding is the exception: g's rounding, ~1e-7 c^2, can outweigh its KL and round it below
+ * 0, as the two-exp moments' ~1e-9 did for more rows. sb, D, the 1e-8's first-order term and the bound on what is
+ * left out as kl_by_moments has them, with sb = sa E exp(ma - mb), D = -log E. */
 #define KL_SERIES_D 0.5f
+#define KL_SERIES_BLOCK 256 /* entries of a row summed in float32 lanes (element j into lane j % 16), then float64 */
 static const float KL_G_P[7] = {1.0f / 40320, -1.0f / 5040, 1.0f / 720, -1.0f / 120, 1.0f / 24, -1.0f / 6, 0.5f};
 
 static inline float kl_g1(float d) { /* exp(-d) - 1 + d, |d| <= KL_SERIES_D */
@@ -3210,11 +3215,19 @@ static float kl_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_s
     ma = kl_lanes_max(mxa, 8), mb = kl_lanes_max(mxb, 8);
     if (dmax <= KL_SERIES_D) { /* the series' moments: one exp per entry */
         double sb1;
-        for (j = 0; j < m; j++) {
-            float xa = kl_load1(a, a_dt, off + j), x = kl_exp1(xa - ma), d = xa - kl_load1(b, b_dt, off + j);
-            l = (int)(j & 7);
-            sa[l] += (double)x, t[l] += (double)(x * d), gs[l] += (double)(x * kl_g1(d));
-            u[l] += (double)d, v[l] += (double)d * (double)d;
+        double *to[5] = {sa, t, gs, u, v};
+        for (j = 0; j < m;) { /* blocks of KL_SERIES_BLOCK: float32 lanes of sum x, x d, x g, d, d^2 */
+            float f[5][16] = {{0}};
+            Py_ssize_t e = j + KL_SERIES_BLOCK < m ? j + KL_SERIES_BLOCK : m;
+            int q;
+            for (; j < e; j++) {
+                float xa = kl_load1(a, a_dt, off + j), x = kl_exp1(xa - ma), d = xa - kl_load1(b, b_dt, off + j);
+                int k = (int)(j & 15);
+                f[0][k] += x, f[1][k] = fmaf(x, d, f[1][k]), f[2][k] = fmaf(x, kl_g1(d), f[2][k]);
+                f[3][k] += d, f[4][k] = fmaf(d, d, f[4][k]);
+            }
+            for (q = 0; q < 5; q++) /* the lanes into float64: low eight, then high eight */
+                for (l = 0; l < 8; l++) to[q][l] = (to[q][l] + (double)f[q][l]) + (double)f[q][l + 8];
         }
         if (kl_by_series(sum8_combine(sa), sum8_combine(t), sum8_combine(gs), sum8_combine(u), sum8_combine(v), m, ma,
                          mb, mina, minb, dmax, &got, &sb1))
@@ -3342,16 +3355,24 @@ __attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a,
     }
     if (dmax <= KL_SERIES_D) { /* the series' moments (kl_by_series) */
         double sb1;
-        for (j = 0; j < m; j += 8) {
-            __m256 xa = kl_load8(a, a_dt, off, j, m), x = kl_exp8(_mm256_sub_ps(xa, va));
-            __m256 d = _mm256_sub_ps(xa, kl_load8(b, b_dt, off, j, m));
-            __m256d dl, dh;
-            if (j + 8 > m) d = _mm256_blendv_ps(d, zero, kl_pad8(m - j)); /* the padding's d (NaN): 0 */
-            add8_pd(&sal, &sah, x), add8_pd(&tl, &th, _mm256_mul_ps(x, d));
-            add8_pd(&gl, &gh, _mm256_mul_ps(x, kl_g8(d)));
-            dl = _mm256_cvtps_pd(_mm256_castps256_ps128(d)), dh = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
-            ul = _mm256_add_pd(ul, dl), uh = _mm256_add_pd(uh, dh);
-            vl = _mm256_add_pd(vl, _mm256_mul_pd(dl, dl)), vh = _mm256_add_pd(vh, _mm256_mul_pd(dh, dh));
+        for (j = 0; j < m;) { /* blocks of KL_SERIES_BLOCK: float32 lanes f[q][h] of elements j % 16 in 8h .. 8h+7 */
+            __m256 f[5][2];
+            Py_ssize_t e = j + KL_SERIES_BLOCK < m ? j + KL_SERIES_BLOCK : m;
+            int q, h;
+            for (q = 0; q < 5; q++) f[q][0] = f[q][1] = zero;
+            for (; j < e; j += 8) {
+                __m256 xa = kl_load8(a, a_dt, off, j, m), x = kl_exp8(_mm256_sub_ps(xa, va));
+                __m256 d = _mm256_sub_ps(xa, kl_load8(b, b_dt, off, j, m));
+                h = (int)((j >> 3) & 1);
+                if (j + 8 > m) d = _mm256_blendv_ps(d, zero, kl_pad8(m - j)); /* the padding's d (NaN): 0 */
+                f[0][h] = _mm256_add_ps(f[0][h], x), f[1][h] = _mm256_fmadd_ps(x, d, f[1][h]);
+                f[2][h] = _mm256_fmadd_ps(x, kl_g8(d), f[2][h]);
+                f[3][h] = _mm256_add_ps(f[3][h], d), f[4][h] = _mm256_fmadd_ps(d, d, f[4][h]);
+            }
+            for (h = 0; h < 2; h++) { /* low eight, then high eight */
+                add8_pd(&sal, &sah, f[0][h]), add8_pd(&tl, &th, f[1][h]), add8_pd(&gl, &gh, f[2][h]);
+                add8_pd(&ul, &uh, f[3][h]), add8_pd(&vl, &vh, f[4][h]);
+            }
         }
         if (kl_by_series(sum8_pd(sal, sah), sum8_pd(tl, th), sum8_pd(gl, gh), sum8_pd(ul, uh), sum8_pd(vl, vh), m,
                          ma, mb, mina, minb, dmax, &got, &sb1))
@@ -3492,15 +3513,17 @@ AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int
     }
     if (dmax <= KL_SERIES_D) { /* the series' moments (kl_by_series) */
         double sb1;
-        for (j = 0; j < m; j += 16) {
-            __mmask16 live = live16(j, m);
-            __m512 xa = kl_load16(a, a_dt, off, j, m), x = kl_exp16(_mm512_sub_ps(xa, va));
-            __m512 d = _mm512_maskz_sub_ps(live, xa, kl_load16(b, b_dt, off, j, m)); /* past m: 0 */
-            __m512d d0 = half_pd(d, 0), d1 = half_pd(d, 1);
-            sa = add16_pd(sa, x), t = add16_pd(t, _mm512_mul_ps(x, d));
-            gs = add16_pd(gs, _mm512_mul_ps(x, kl_g16(d)));
-            u = _mm512_add_pd(_mm512_add_pd(u, d0), d1);
-            v = _mm512_add_pd(_mm512_add_pd(v, _mm512_mul_pd(d0, d0)), _mm512_mul_pd(d1, d1));
+        for (j = 0; j < m;) { /* blocks of KL_SERIES_BLOCK in float32 lanes, then float64 (add16_pd) */
+            __m512 fa = _mm512_setzero_ps(), ft = fa, fg = fa, fu = fa, fv = fa;
+            Py_ssize_t e = j + KL_SERIES_BLOCK < m ? j + KL_SERIES_BLOCK : m;
+            for (; j < e; j += 16) {
+                __mmask16 live = live16(j, m);
+                __m512 xa = kl_load16(a, a_dt, off, j, m), x = kl_exp16(_mm512_sub_ps(xa, va));
+                __m512 d = _mm512_maskz_sub_ps(live, xa, kl_load16(b, b_dt, off, j, m)); /* past m: 0 */
+                fa = _mm512_add_ps(fa, x), ft = _mm512_fmadd_ps(x, d, ft), fg = _mm512_fmadd_ps(x, kl_g16(d), fg);
+                fu = _mm512_add_ps(fu, d), fv = _mm512_fmadd_ps(d, d, fv);
+            }
+            sa = add16_pd(sa, fa), t = add16_pd(t, ft), gs = add16_pd(gs, fg), u = add16_pd(u, fu), v = add16_pd(v, fv);
         }
         if (kl_by_series(sum16_pd(sa), sum16_pd(t), sum16_pd(gs), sum16_pd(u), sum16_pd(v), m, ma, mb, mina, minb,
                          dmax, &got, &sb1))

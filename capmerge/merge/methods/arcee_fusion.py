@@ -352,8 +352,9 @@ def _kl_rows(st: B.Stats, m: int) -> tuple[np.ndarray, int]:
     one per row), and how many entries of I are below 0 (in the rows whose KL rounded below 0: I = |θ₁ − θ₀|·KL,
     the same float32 product as ``importance``).
 
-    The native KL takes exp from Cephes' float polynomial and a row's sums in float64 in a fixed order, the same
-    bits with AVX-512, AVX2 and in plain C: a row's value never depends on the split, the thread count or the CPU.
+    The native KL takes exp from Cephes' float polynomial and a row's sums in a fixed order (float64; float32 over
+    blocks of 256 entries first where one exp per entry), the same bits with AVX-512, AVX2 and in plain C: a row's
+    value never depends on the split, the thread count or the CPU.
     It comes from the row's moments: with d = θ₁ − θ₀, p = softmax(θ₁) and Δ = LSE(θ₁) − LSE(θ₀) = −log E_p[e^(−d)],
     log(p/q) = d − Δ, so KL = E_p[d] + log E_p[e^(−d)], and mergekit's 1e-8 adds −1e-8/2·Σ(d − Δ)² to first order;
     two passes, no log or division per entry. Where max|d| ≤ ½ (any finetune), E_p[e^(−d)] = 1 − E_p[d] + E_p[g]

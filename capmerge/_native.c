@@ -3151,14 +3151,18 @@ static inline float kl_lanes_min(const float *l, int n) {
  * row with a NaN or an inf: a sum is NaN or a bound inf). d is exact in float64 (a row shifted by a constant has KL
  * 0). No cancellation of two rounded sums: the float32 exps' rounding leaves ~1e-9 absolute in D, where the three
  * passes' 1/sum, rounded to float32, leaves 6e-8 relative in every p: a few percent of a KL of ~1e-6. */
+static int kl_settle(double sa, double sb, double mu, double d, double u, double v, Py_ssize_t m, float ma, float mb,
+                     float mina, float minb, float dmax, float *kl) { /* mu = t / sa, d = D: the rest as above */
+    const double e = (double)KL_EPS, r = 2.0 * (double)dmax, w = r * exp(r);
+    double ba = e * sa * exp((double)ma - (double)mina), bb = e * sb * exp((double)mb - (double)minb);
+    if (!(ba * (w + ba) <= KL_MOMENTS_TOL && bb * (w + bb) <= KL_MOMENTS_TOL)) return 0;
+    *kl = (float)(mu - d - 0.5 * e * (v - 2.0 * d * u + (double)m * d * d));
+    return 1;
+}
+
 static int kl_by_moments(double sa, double sb, double t, double u, double v, Py_ssize_t m, float ma, float mb,
                          float mina, float minb, float dmax, float *kl) {
-    const double e = (double)KL_EPS, r = 2.0 * (double)dmax, w = r * exp(r);
-    double ba = e * sa * exp((double)ma - (double)mina), bb = e * sb * exp((double)mb - (double)minb), d;
-    if (!(ba * (w + ba) <= KL_MOMENTS_TOL && bb * (w + bb) <= KL_MOMENTS_TOL)) return 0;
-    d = ((double)ma - (double)mb) + log(sa / sb);
-    *kl = (float)(t / sa - d - 0.5 * e * (v - 2.0 * d * u + (double)m * d * d));
-    return 1;
+    return kl_settle(sa, sb, t / sa, ((double)ma - (double)mb) + log(sa / sb), u, v, m, ma, mb, mina, minb, dmax, kl);
 }
 
 /* Rows whose changes are small (max|d| <= KL_SERIES_D, checked in the first pass) take the moments from one exp per
@@ -3186,16 +3190,12 @@ static inline float kl_g1(float d) { /* exp(-d) - 1 + d, |d| <= KL_SERIES_D */
     return (d * d) * y;
 }
 
-/* kl_by_moments from the series' sums (sa, t, G, u, v); *sb set to the base's sum of exp(b - mb) either way */
+/* kl_settle from the series' sums (sa, t, G, u, v); *sb set to the base's sum of exp(b - mb) either way */
 static int kl_by_series(double sa, double t, double g, double u, double v, Py_ssize_t m, float ma, float mb, float mina,
                         float minb, float dmax, float *kl, double *sb) {
-    const double e = (double)KL_EPS, r = 2.0 * (double)dmax, w = r * exp(r);
-    double mu = t / sa, l = log1p(g / sa - mu), ba, bb;
+    double mu = t / sa, l = log1p(g / sa - mu); /* l = log E = -D */
     *sb = sa * exp(l + ((double)ma - (double)mb));
-    ba = e * sa * exp((double)ma - (double)mina), bb = e * *sb * exp((double)mb - (double)minb);
-    if (!(ba * (w + ba) <= KL_MOMENTS_TOL && bb * (w + bb) <= KL_MOMENTS_TOL)) return 0;
-    *kl = (float)(mu + l - 0.5 * e * (v + 2.0 * l * u + (double)m * l * l)); /* D = -l */
-    return 1;
+    return kl_settle(sa, *sb, mu, -l, u, v, m, ma, mb, mina, minb, dmax, kl);
 }
 
 /* The KL of the row of m at a + off, b + off in plain C */

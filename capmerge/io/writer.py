@@ -188,6 +188,11 @@ class SafetensorsFile:
         self.entries.append(Entry(name, dtype, tuple(shape), begin, self.pos))
         return self.data_start + begin
 
+    def takes_direct(self, nbytes: int) -> bool:
+        """Whether a write of ``nbytes`` can go (in part) by O_DIRECT: the file has a direct descriptor (a local
+        disk, not turned off by an EINVAL) and the write is at least :data:`DIRECT_MIN`."""
+        return self.dfd >= 0 and nbytes >= DIRECT_MIN
+
     def write_at(self, data: bytes | bytearray | memoryview, offset: int, *, direct: bool = True) -> None:
         """Write ``data`` at the absolute file ``offset`` (``direct`` False: through the page cache only).
 
@@ -199,7 +204,7 @@ class SafetensorsFile:
         file system refuses a direct write (EINVAL), this file goes on through the page cache."""
         view = memoryview(data).cast("B")
         try:
-            if direct and self.dfd >= 0 and len(view) >= DIRECT_MIN:
+            if direct and self.takes_direct(len(view)):
                 head = -offset % DIRECT_ALIGN
                 mid = (len(view) - head) // DIRECT_ALIGN * DIRECT_ALIGN
                 _pwrite_all(self.fd, view[:head], offset)

@@ -34,7 +34,7 @@ from capmerge import _interrupts
 from capmerge.errors import CapmergeError, NonFiniteError, WriteError
 from capmerge.io.checkpoint import DTYPES, Checkpoint, TensorInfo
 from capmerge.io.lazy import BLOCK_ELEMS  # elements per block on the CPU (one constant for the engine and lazy views)
-from capmerge.io.writer import DIRECT_ALIGN, DIRECT_MIN, SafetensorsFile, WritePaths, _write_error
+from capmerge.io.writer import DIRECT_ALIGN, SafetensorsFile, WritePaths, _write_error
 from capmerge.merge import compute
 
 GPU_BLOCK_ELEMS = 1 << 21  # elements per block when a GPU computes: fewer, larger host <-> device transfers
@@ -430,7 +430,7 @@ class _Pipeline:
     def _pwrite(self, f: SafetensorsFile, view: memoryview, offset: int) -> None:
         """Every write of the writer: by O_DIRECT or the page cache as :class:`WritePaths` chooses, where the file
         can take either and the write is long enough to have whole blocks."""
-        if f.dfd < 0 or len(view) < DIRECT_MIN:
+        if not f.takes_direct(len(view)):
             f.write_at(view, offset)
             return
         direct = self._paths.choose()

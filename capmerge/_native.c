@@ -3433,6 +3433,27 @@ static inline __attribute__((always_inline)) AVX512_KL __m512 kl_exp16(__m512 x)
     return _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x); /* below: 0; NaN: x */
 }
 
+/* kl_exp16 where every lane is at or above KL_EXP_LO or NaN (a row whose least entry less its greatest is, read in
+ * whole vectors): the same bits (y 2^n, 2^n a normal float for such x, scaled exactly; a NaN stays one) */
+static inline __attribute__((always_inline)) AVX512_KL __m512 kl_exp16_in(__m512 x) {
+    __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r, y;
+    int i;
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    y = _mm512_set1_ps(KL_EXP_P[0]);
+    for (i = 1; i < 6; i++) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(KL_EXP_P[i]));
+    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* sixteen entries of a row from j, all inside it */
+static inline __attribute__((always_inline)) AVX512_KL __m512 kl_load16_in(const void *src, int dt, Py_ssize_t off,
+                                                                            Py_ssize_t j) {
+    return load16_z(src, dt, off + j, (__mmask16)0xffff);
+}
+
 static inline __attribute__((always_inline)) AVX512_KL __m512 kl_log16(__m512 t) {
     __m512i u = _mm512_castps_si512(t);
     __m512 m = _mm512_castsi512_ps(
@@ -3493,8 +3514,16 @@ AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int
     __m512 mxa = ninf, mxb = ninf, mna = pinf, mnb = pinf, dm = _mm512_setzero_ps(), va, vb, ra, rb;
     __m512d sa = _mm512_setzero_pd(), sb = sa, t = sa, u = sa, v = sa, kl = sa, gs = sa;
     float la[16], lb[16], ma, mb, mina, minb, dmax, got;
-    Py_ssize_t j;
-    for (j = 0; j < m; j += 16) {
+    Py_ssize_t j, whole = m & ~(Py_ssize_t)15; /* entries in whole vectors */
+    for (j = 0; j < whole; j += 16) { /* the loop below without masks */
+        __m512 x, y;
+        prefetch_at(a, a_dt, off + j), prefetch_at(b, b_dt, off + j);
+        x = kl_load16_in(a, a_dt, off, j), y = kl_load16_in(b, b_dt, off, j);
+        mxa = _mm512_max_ps(mxa, x), mxb = _mm512_max_ps(mxb, y);
+        mna = _mm512_min_ps(x, mna), mnb = _mm512_min_ps(y, mnb);
+        dm = _mm512_max_ps(_mm512_abs_ps(_mm512_sub_ps(x, y)), dm);
+    }
+    for (; j < m; j += 16) {
         __mmask16 live = live16(j, m);
         __m512 x, y;
         prefetch_at(a, a_dt, off + j), prefetch_at(b, b_dt, off + j);
@@ -3513,9 +3542,16 @@ AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int
     }
     if (dmax <= KL_SERIES_D) { /* the series' moments (kl_by_series) */
         double sb1;
+        Py_ssize_t in = mina - ma >= KL_EXP_LO ? whole : 0; /* entries whose exp needs no bounds (kl_exp16_in) */
         for (j = 0; j < m;) { /* blocks of KL_SERIES_BLOCK in float32 lanes, then float64 (add16_pd) */
             __m512 fa = _mm512_setzero_ps(), ft = fa, fg = fa, fu = fa, fv = fa;
             Py_ssize_t e = j + KL_SERIES_BLOCK < m ? j + KL_SERIES_BLOCK : m;
+            for (; j < e && j < in; j += 16) { /* the loop below, without masks nor bounds */
+                __m512 xa = kl_load16_in(a, a_dt, off, j), x = kl_exp16_in(_mm512_sub_ps(xa, va));
+                __m512 d = _mm512_sub_ps(xa, kl_load16_in(b, b_dt, off, j));
+                fa = _mm512_add_ps(fa, x), ft = _mm512_fmadd_ps(x, d, ft), fg = _mm512_fmadd_ps(x, kl_g16(d), fg);
+                fu = _mm512_add_ps(fu, d), fv = _mm512_fmadd_ps(d, d, fv);
+            }
             for (; j < e; j += 16) {
                 __mmask16 live = live16(j, m);
                 __m512 xa = kl_load16(a, a_dt, off, j, m), x = kl_exp16(_mm512_sub_ps(xa, va));
@@ -3704,7 +3740,50 @@ AVX512_KL static void scan_row_avx512(const void *a, int a_dt, const void *b, in
     Py_ssize_t j, nc = s->nc, nb = s->nb;
     int q, step = !s->over;
     for (q = 0; q < 3; q++) lo[q] = _mm512_set1_ps(s->lo[q]), hi[q] = _mm512_set1_ps(s->hi[q]), bv[q] = nv;
-    for (j = 0; j < m; j += 16) {
+    j = 0;
+    if (isfinite(f) && f != 0.0f) { /* no I is NaN (a row with a NaN or an inf has a NaN KL, and |a - b| = inf times
+                                     * f is +-inf): the loop below on its whole vectors, with I >= lo[q] counted */
+        Py_ssize_t whole = m & ~(Py_ssize_t)15;
+        for (; j < whole; j += 16) {
+            __mmask16 in = 0, keep, band;
+            __m512 v = _mm512_sub_ps(load16_z(a, a_dt, off + j, 0xffff), load16_z(b, b_dt, off + j, 0xffff));
+            v = _mm512_mul_ps(_mm512_abs_ps(v), vf);
+            for (q = 0; q < 3; q++) {
+                __mmask16 ge = _mm512_cmp_ps_mask(v, lo[q], _CMP_GE_OQ);
+                bv[q] = _mm512_mask_add_epi32(bv[q], ge, bv[q], ones);
+                in |= _mm512_mask_cmp_ps_mask(ge, v, hi[q], _CMP_LT_OQ);
+            }
+            if (step && nc + 16 > s->ccap) s->over = 1, dst = sink, step = 0;
+            _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(in, v));
+            {
+                int c = _mm_popcnt_u32(in);
+                nc += c, dst += c * step;
+            }
+            if (!s->bits) continue;
+            keep = _mm512_cmp_ps_mask(v, bhi, _CMP_GE_OQ);
+            {
+                uint8_t *bp = s->bits + ((g + (uint64_t)j) >> 3);
+                bp[0] = (uint8_t)keep, bp[1] = (uint8_t)(keep >> 8);
+            }
+            band = _mm512_mask_cmp_ps_mask((__mmask16)~keep, v, blo, _CMP_GE_OQ);
+            if (band && nb + 16 <= s->bcap) {
+                __m512i i0 = _mm512_add_epi64(_mm512_set1_epi64((long long)(g + (uint64_t)j)), lanes);
+                __m512i i1 = _mm512_add_epi64(i0, _mm512_set1_epi64(8));
+                int c0 = _mm_popcnt_u32(band & 0xffu);
+                _mm512_storeu_ps(s->bval + nb, _mm512_maskz_compress_ps(band, v));
+                _mm512_storeu_si512(s->bidx + nb, _mm512_maskz_compress_epi64((__mmask8)band, i0));
+                _mm512_storeu_si512(s->bidx + nb + c0, _mm512_maskz_compress_epi64((__mmask8)(band >> 8), i1));
+                nb += _mm_popcnt_u32(band);
+            } else if (band) {
+                float val[16];
+                _mm512_storeu_ps(val, v);
+                nb = band_add(s, nb, val, 16, band, g + (uint64_t)j);
+            }
+        }
+        for (q = 0; q < 3; q++) /* at or above lo[q] counted: below it the rest */
+            bv[q] = _mm512_sub_epi32(_mm512_set1_epi32((int)(whole / 16)), bv[q]);
+    }
+    for (; j < m; j += 16) {
         __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)0x00ff, band, nan, in = 0;
         __m512 v = _mm512_sub_ps(load16_z(a, a_dt, off + j, live), load16_z(b, b_dt, off + j, live));
         v = _mm512_mul_ps(_mm512_abs_ps(v), vf);
@@ -4280,19 +4359,36 @@ static uint32_t select_u32(uint32_t *a, Py_ssize_t n, Py_ssize_t k) {
 }
 
 /* run_select: the values of 0-based ranks r[0 .. nr - 1] of x[0 .. n - 1] sorted ascending (n < 2^32; every x >= 0
- * and none NaN, so their bit patterns without the sign, -0 as +0, order as they do) into out: the top 16 bits
- * counted, the bins that hold a rank found, their elements gathered and each rank selected among its bin's. Linear
- * in n whatever the ties. -1: no memory. */
+ * and none NaN, so their bit patterns without the sign, -0 as +0, order as they do) into out. The keys' range
+ * [lo, hi] first, then SELECT_BINS bins of (key - lo) >> shift (the least shift that fits the range: the bins follow
+ * the values, however narrow their range, e.g. a list of those inside quantile brackets), counted into four tables
+ * (elements i into table i % 4: runs of equal keys do not wait on one counter); the bins that hold a rank found,
+ * their elements gathered and each rank selected among its bin's. Linear in n whatever the ties. -1: no memory. */
+#define SELECT_BINS 16384
+MULTIVERSION
 static int run_select(const uint32_t *x, Py_ssize_t n, const Py_ssize_t *r, int nr, uint32_t *out) {
-    uint32_t *count = (uint32_t *)calloc(65536, sizeof(uint32_t)), *got = NULL;
-    uint8_t *slot = (uint8_t *)calloc(65536, 1); /* a bin's place among those gathered + 1, or 0 */
+    uint32_t *count = (uint32_t *)calloc(4 * SELECT_BINS, sizeof(uint32_t)), *got = NULL, lo = 0xffffffffu, hi = 0;
+    uint8_t *slot = (uint8_t *)calloc(SELECT_BINS, 1); /* a bin's place among those gathered + 1, or 0 */
     Py_ssize_t at[255], fill[255], below[255], i, total = 0;
-    int in[255], q, nb = 0, b;
+    int in[255], q, nb = 0, b, shift = 0;
     if (!count || !slot) {
         free(count), free(slot);
         return -1;
     }
-    for (i = 0; i < n; i++) count[(x[i] & 0x7fffffffu) >> 16]++;
+    for (i = 0; i < n; i++) {
+        uint32_t k = x[i] & 0x7fffffffu;
+        lo = k < lo ? k : lo, hi = k > hi ? k : hi;
+    }
+    while (n && ((hi - lo) >> shift) >= SELECT_BINS) shift++;
+    for (i = 0; i + 4 <= n; i += 4) {
+        count[(((x[i] & 0x7fffffffu) - lo) >> shift) * 4]++;
+        count[(((x[i + 1] & 0x7fffffffu) - lo) >> shift) * 4 + 1]++;
+        count[(((x[i + 2] & 0x7fffffffu) - lo) >> shift) * 4 + 2]++;
+        count[(((x[i + 3] & 0x7fffffffu) - lo) >> shift) * 4 + 3]++;
+    }
+    for (; i < n; i++) count[(((x[i] & 0x7fffffffu) - lo) >> shift) * 4]++;
+    for (b = 0; b < SELECT_BINS; b++) /* the four tables' counts into the first */
+        count[b] = count[4 * b] + count[4 * b + 1] + count[4 * b + 2] + count[4 * b + 3];
     for (q = 0; q < nr; q++) { /* the bin of rank r[q] and the elements below it */
         Py_ssize_t c = 0;
         for (b = 0; c + (Py_ssize_t)count[b] <= r[q]; b++) c += count[b];
@@ -4307,7 +4403,7 @@ static int run_select(const uint32_t *x, Py_ssize_t n, const Py_ssize_t *r, int 
     for (q = 0; q < nb; q++) fill[q] = at[q];
     for (i = 0; i < n; i++) {
         uint32_t k = x[i] & 0x7fffffffu;
-        int s = slot[k >> 16];
+        int s = slot[(k - lo) >> shift];
         if (s) got[fill[s - 1]++] = k;
     }
     for (q = 0; q < nr; q++) { /* each rank among its bin's elements (count: fill - at) */

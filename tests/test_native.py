@@ -433,7 +433,8 @@ def test_della_paths_give_the_same_bits_and_sums() -> None:
 def test_select_gives_the_values_numpy_sorts_to_those_ranks() -> None:
     """select(): the float32 values of 0-based ranks, as numpy's sort puts them, for values ≥ 0 of every kind (ties,
     all equal, −0 among them, +inf, subnormals, 40 octaves) and sizes (one value to 3·10⁵: bins of many and of one),
-    ranks in any order and repeated; a rank outside the values or more than 255 ranks: ValueError."""
+    ranks in any order and repeated; values in a narrow range (bins of single values: the bins follow the values'
+    range) and in one octave; a rank outside the values or more than 255 ranks: ValueError."""
     from capmerge import _native
 
     rng = np.random.default_rng(12)
@@ -443,6 +444,8 @@ def test_select_gives_the_values_numpy_sorts_to_those_ranks() -> None:
         "equal": lambda n: np.full(n, 0.75),
         "zeros": lambda n: np.where(rng.random(n) < 0.5, -0.0, rng.random(n)),
         "specials": lambda n: rng.choice([0.0, np.inf, 1e-45, 3e-39, 1.0, 2.5], n),
+        "narrow": lambda n: 1.0 + rng.integers(0, 3000, n) * 2.0**-23,
+        "octave": lambda n: rng.uniform(1.0, 2.0, n),
     }
     for name, make in kinds.items():
         for n in (1, 2, 17, 4099, 300_001):

@@ -3273,6 +3273,21 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_exp8(
     return _mm256_blendv_ps(s, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));            /* NaN: x */
 }
 
+/* kl_exp8 where every lane is at or above KL_EXP_LO or NaN (kl_exp16_in): the same bits (a NaN stays one) */
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_exp8_in(__m256 x) {
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r, y;
+    __m256i e;
+    int i;
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    y = _mm256_set1_ps(KL_EXP_P[0]);
+    for (i = 1; i < 6; i++) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(KL_EXP_P[i]));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_log8(__m256 t) {
     __m256i u = _mm256_castps_si256(t);
     __m256 m = _mm256_castsi256_ps(
@@ -3355,11 +3370,29 @@ __attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a,
     }
     if (dmax <= KL_SERIES_D) { /* the series' moments (kl_by_series) */
         double sb1;
+        Py_ssize_t in = mina - ma >= KL_EXP_LO ? m & ~(Py_ssize_t)15 : 0; /* entries taken sixteen at a time */
         for (j = 0; j < m;) { /* blocks of KL_SERIES_BLOCK: float32 lanes f[q][h] of elements j % 16 in 8h .. 8h+7 */
             __m256 f[5][2];
             Py_ssize_t e = j + KL_SERIES_BLOCK < m ? j + KL_SERIES_BLOCK : m;
             int q, h;
             for (q = 0; q < 5; q++) f[q][0] = f[q][1] = zero;
+            if (j + 16 <= e && j + 16 <= in) { /* the loop below sixteen at a time, without padding nor exp's bounds */
+                __m256 a0 = zero, a1 = zero, t0 = zero, t1 = zero, g0 = zero, g1 = zero, u0 = zero, u1 = zero;
+                __m256 v0 = zero, v1 = zero;
+                for (; j + 16 <= e && j + 16 <= in; j += 16) {
+                    __m256 xa = fast_load(a, a_dt, off + j), x = kl_exp8_in(_mm256_sub_ps(xa, va));
+                    __m256 d = _mm256_sub_ps(xa, fast_load(b, b_dt, off + j));
+                    __m256 xa1 = fast_load(a, a_dt, off + j + 8), x1 = kl_exp8_in(_mm256_sub_ps(xa1, va));
+                    __m256 d1 = _mm256_sub_ps(xa1, fast_load(b, b_dt, off + j + 8));
+                    a0 = _mm256_add_ps(a0, x), t0 = _mm256_fmadd_ps(x, d, t0), g0 = _mm256_fmadd_ps(x, kl_g8(d), g0);
+                    u0 = _mm256_add_ps(u0, d), v0 = _mm256_fmadd_ps(d, d, v0);
+                    a1 = _mm256_add_ps(a1, x1), t1 = _mm256_fmadd_ps(x1, d1, t1);
+                    g1 = _mm256_fmadd_ps(x1, kl_g8(d1), g1);
+                    u1 = _mm256_add_ps(u1, d1), v1 = _mm256_fmadd_ps(d1, d1, v1);
+                }
+                f[0][0] = a0, f[0][1] = a1, f[1][0] = t0, f[1][1] = t1, f[2][0] = g0, f[2][1] = g1;
+                f[3][0] = u0, f[3][1] = u1, f[4][0] = v0, f[4][1] = v1;
+            }
             for (; j < e; j += 8) {
                 __m256 xa = kl_load8(a, a_dt, off, j, m), x = kl_exp8(_mm256_sub_ps(xa, va));
                 __m256 d = _mm256_sub_ps(xa, kl_load8(b, b_dt, off, j, m));
@@ -3696,7 +3729,43 @@ __attribute__((target("avx2,f16c,popcnt"))) static void scan_row_avx2(const void
     Py_ssize_t j, below[3] = {0, 0, 0}, nn = 0, nc = s->nc, nb = s->nb;
     int q, step = !s->over;
     for (q = 0; q < 3; q++) lo[q] = _mm256_set1_ps(s->lo[q]), hi[q] = _mm256_set1_ps(s->hi[q]);
-    for (j = 0; j < m; j += 8) {
+    j = 0;
+    if (isfinite(f) && f != 0.0f) { /* no I is NaN (as scan_row_avx512): I >= lo[q] counted in vector lanes */
+        __m256i ge_n[3];
+        for (q = 0; q < 3; q++) ge_n[q] = _mm256_setzero_si256();
+        for (; j < m; j += 8) {
+            __m256 v = _mm256_sub_ps(fast_load(a, a_dt, off + j), fast_load(b, b_dt, off + j)), inv, keep;
+            int in, band, c;
+            v = _mm256_mul_ps(_mm256_and_ps(v, absmask), vf);
+            inv = _mm256_setzero_ps();
+            for (q = 0; q < 3; q++) {
+                __m256 ge = _mm256_cmp_ps(v, lo[q], _CMP_GE_OQ);
+                ge_n[q] = _mm256_sub_epi32(ge_n[q], _mm256_castps_si256(ge)); /* a lane's -1: one more */
+                inv = _mm256_or_ps(inv, _mm256_and_ps(ge, _mm256_cmp_ps(v, hi[q], _CMP_LT_OQ)));
+            }
+            in = _mm256_movemask_ps(inv);
+            if (step && nc + 8 > s->ccap) s->over = 1, dst = sink, step = 0;
+            c = compact8(dst, _mm256_castps_si256(v), in);
+            nc += c, dst += c * step;
+            if (!s->bits) continue;
+            keep = _mm256_cmp_ps(v, bhi, _CMP_GE_OQ);
+            s->bits[(g + (uint64_t)j) >> 3] = (uint8_t)_mm256_movemask_ps(keep);
+            band = _mm256_movemask_ps(_mm256_andnot_ps(keep, _mm256_cmp_ps(v, blo, _CMP_GE_OQ)));
+            if (band) {
+                float val[8];
+                _mm256_storeu_ps(val, v);
+                nb = band_add(s, nb, val, 8, (uint32_t)band, g + (uint64_t)j);
+            }
+        }
+        for (q = 0; q < 3; q++) { /* at or above lo[q] counted: below it the rest */
+            int32_t l[8];
+            int i;
+            _mm256_storeu_si256((__m256i *)l, ge_n[q]);
+            below[q] = m;
+            for (i = 0; i < 8; i++) below[q] -= l[i];
+        }
+    }
+    for (; j < m; j += 8) {
         __m256 v = _mm256_sub_ps(fast_load(a, a_dt, off + j), fast_load(b, b_dt, off + j));
         int nan, in = 0, band, c;
         v = _mm256_mul_ps(_mm256_and_ps(v, absmask), vf);
@@ -4363,11 +4432,13 @@ static uint32_t select_u32(uint32_t *a, Py_ssize_t n, Py_ssize_t k) {
  * [lo, hi] first, then SELECT_BINS bins of (key - lo) >> shift (the least shift that fits the range: the bins follow
  * the values, however narrow their range, e.g. a list of those inside quantile brackets), counted into four tables
  * (elements i into table i % 4: runs of equal keys do not wait on one counter); the bins that hold a rank found,
- * their elements gathered and each rank selected among its bin's. Linear in n whatever the ties. -1: no memory. */
+ * their elements gathered and each rank selected among its bin's. Linear in n whatever the ties. -1: no memory;
+ * 1: a value below 0 (its sign set, not -0), nothing selected. */
 #define SELECT_BINS 16384
 MULTIVERSION
 static int run_select(const uint32_t *x, Py_ssize_t n, const Py_ssize_t *r, int nr, uint32_t *out) {
-    uint32_t *count = (uint32_t *)calloc(4 * SELECT_BINS, sizeof(uint32_t)), *got = NULL, lo = 0xffffffffu, hi = 0;
+    uint32_t *count = (uint32_t *)calloc(4 * SELECT_BINS, sizeof(uint32_t)), *got = NULL, lo = 0xffffffffu, hi = 0,
+             neg = 0; /* the greatest bit pattern: above 0x80000000, a value below 0 */
     uint8_t *slot = (uint8_t *)calloc(SELECT_BINS, 1); /* a bin's place among those gathered + 1, or 0 */
     Py_ssize_t at[255], fill[255], below[255], i, total = 0;
     int in[255], q, nb = 0, b, shift = 0;
@@ -4377,7 +4448,11 @@ static int run_select(const uint32_t *x, Py_ssize_t n, const Py_ssize_t *r, int 
     }
     for (i = 0; i < n; i++) {
         uint32_t k = x[i] & 0x7fffffffu;
-        lo = k < lo ? k : lo, hi = k > hi ? k : hi;
+        lo = k < lo ? k : lo, hi = k > hi ? k : hi, neg = x[i] > neg ? x[i] : neg;
+    }
+    if (neg > 0x80000000u) {
+        free(count), free(slot);
+        return 1;
     }
     while (n && ((hi - lo) >> shift) >= SELECT_BINS) shift++;
     for (i = 0; i + 4 <= n; i += 4) {
@@ -4414,8 +4489,8 @@ static int run_select(const uint32_t *x, Py_ssize_t n, const Py_ssize_t *r, int 
     return 0;
 }
 
-/* select(values, ranks) -> list of float: the values of 0-based ranks (at most 255) of float32 values, none below 0
- * nor NaN, sorted ascending (run_select) */
+/* select(values, ranks) -> list of float: the values of 0-based ranks (at most 255) of float32 values, none NaN,
+ * sorted ascending (run_select); None where a value is below 0 */
 static PyObject *native_select(PyObject *self, PyObject *args) {
     Py_buffer buf;
     PyObject *ranks_o, *fast = NULL, *res = NULL;
@@ -4440,7 +4515,12 @@ static PyObject *native_select(PyObject *self, PyObject *args) {
         NOGIL_IF(n, rc = run_select((const uint32_t *)buf.buf, n, r, nr, out));
         if (rc < 0) PyErr_NoMemory();
     }
-    if (fast && !PyErr_Occurred()) res = PyList_New(nr);
+    if (fast && !PyErr_Occurred() && rc == 1) {
+        Py_INCREF(Py_None);
+        res = Py_None;
+        nr = 0;
+    } else if (fast && !PyErr_Occurred())
+        res = PyList_New(nr);
     for (q = 0; res && q < nr; q++) {
         PyObject *v = PyFloat_FromDouble((double)u2f(out[q]));
         if (!v) {
@@ -4762,7 +4842,7 @@ static PyMethodDef methods[] = {
     {"merge", native_merge, METH_VARARGS,
      "merge(outs, base, base_dt, n, terms, sign, normalize, elem_offset) -> flags (see capmerge/compute.py)"},
     {"select", native_select, METH_VARARGS,
-     "select(values, ranks) -> list; the float32 values (none < 0, none NaN) of 0-based ranks, ascending"},
+     "select(values, ranks) -> list; the float32 values (none NaN) of 0-based ranks, ascending; None if one is < 0"},
     {"hist1", native_hist1, METH_VARARGS,
      "hist1(buf, n, bins, hist[, portable]) -> None; float32 level-1 |x| histograms of up to 16 level-0 bins (uint32) "
      "in one pass"},

@@ -434,7 +434,8 @@ def test_select_gives_the_values_numpy_sorts_to_those_ranks() -> None:
     """select(): the float32 values of 0-based ranks, as numpy's sort puts them, for values ≥ 0 of every kind (ties,
     all equal, −0 among them, +inf, subnormals, 40 octaves) and sizes (one value to 3·10⁵: bins of many and of one),
     ranks in any order and repeated; values in a narrow range (bins of single values: the bins follow the values'
-    range) and in one octave; a rank outside the values or more than 255 ranks: ValueError."""
+    range) and in one octave; a value below 0 (not −0): None; a rank outside the values or more than 255 ranks:
+    ValueError."""
     from capmerge import _native
 
     rng = np.random.default_rng(12)
@@ -455,6 +456,10 @@ def test_select_gives_the_values_numpy_sorts_to_those_ranks() -> None:
             got = np.array(_native.select(x, ranks), dtype=np.float32)
             assert np.array_equal(got, want), (name, n)
             assert not np.signbit(got).any()
+    for at in (0, 4098, 9999):
+        x = np.abs(rng.standard_normal(10_000)).astype(np.float32)
+        x[at] = -1e-30
+        assert _native.select(x, [0, 5000]) is None
     x = np.ones(10, dtype=np.float32)
     with pytest.raises(ValueError, match="outside"):
         _native.select(x, [10])

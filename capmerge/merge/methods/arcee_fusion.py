@@ -272,7 +272,8 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> _Scanned | Non
     flat = sample.reshape(-1)
     ends = []  # each quartile's bracket: sample ranks from lo_i to hi_i
     for f, t in zip(fs, _select(flat, [round(f * (size - 1)) for f in fs]), strict=True):
-        d = SCAN_SIGMAS * float((sample < t).mean(axis=1).std()) / math.sqrt(count) + SCAN_SLACK
+        below = np.count_nonzero(sample < t, axis=1) / sample.shape[1]  # each row's share below t
+        d = SCAN_SIGMAS * float(below.std()) / math.sqrt(count) + SCAN_SLACK
         ends.append((math.floor((f - d) * (size - 1)), math.ceil((f + d) * (size - 1))))
     if sum(hi - lo for lo, hi in ends) > SCAN_WIDEST * size:  # rows that disagree a lot: too many to list
         return None
@@ -336,11 +337,12 @@ def _set_bits(bits: Any, kept: Any) -> None:
 def _select(values: Any, ranks: list[int]) -> list[Any]:
     """The elements of 0-based ranks ``ranks`` of the float32 array ``values`` (no NaN) sorted ascending: by the
     native ``select`` where every value is ≥ 0 (then their bit patterns order as they do; linear in the size whatever
-    the ties, in one call), else numpy's partition, one rank a call."""
+    the ties, in one call; it finds a value below 0 itself), else numpy's partition, one rank a call."""
     from capmerge.merge.compute import _native
 
-    if len(values) and values.min() >= 0:
-        return [np.float32(v) for v in _native.select(np.ascontiguousarray(values), ranks)]
+    got = _native.select(np.ascontiguousarray(values), ranks) if len(values) else None
+    if got is not None:
+        return [np.float32(v) for v in got]
     return [np.partition(values, r)[r] for r in ranks]
 
 

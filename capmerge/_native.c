@@ -1646,6 +1646,15 @@ static inline __attribute__((always_inline, target("avx512f,avx512vl"))) __m256 
     return _mm256_loadu_ps((const float *)src + i);
 }
 
+/* load8_exact's sixteen */
+static inline __attribute__((always_inline, target("avx512f"))) __m512 load16_exact(const void *src, int dt,
+                                                                                    Py_ssize_t i) {
+    if (dt == DT_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i))), 16));
+    return _mm512_loadu_ps((const float *)src + i);
+}
+
 /* DARE's statistics of one tile in one pass (run_moments, PRUNE_RANDOM with keep bits): v = a - bt (bt NULL: v = a)
  * for elements off .. off+m-1 of a (bf16 or float32), the sums of |v| and of |v| where philox(key, g0 + j) < p1 into
  * *l1 and *kept, and the keep bits (one byte per eight elements, from bits[0]); m a multiple of 8. The values, the
@@ -2165,7 +2174,17 @@ della_fused(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t b_off, 
     uint16_t *lres = L->res, *lb = L->band, *lkeep = L->keep;
     Py_ssize_t len = nrows * m, j, r;
     philox_keys_t K;
-    for (j = 0; j < len; j += 8) {
+    for (j = 0; j + 16 <= len; j += 16) { /* sixteen at a time: the loop below's values, sums and keys */
+        __m512 x;
+        if ((j & 31) == 0) prefetch_at(a, a_dt, start + j);
+        x = load16_exact(a, a_dt, start + j);
+        if (b) x = _mm512_sub_ps(x, load16_exact(b, b_dt, b_off + j));
+        x = _mm512_abs_ps(x);
+        l1 = _mm512_add_pd(_mm512_add_pd(l1, _mm512_cvtps_pd(_mm512_castps512_ps256(x))),
+                           _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
+        _mm512_storeu_si512(k + j, della_key16(_mm512_castps_si512(x)));
+    }
+    for (; j < len; j += 8) {
         __m256 x;
         if ((j & 31) == 0) prefetch_at(a, a_dt, start + j);
         x = load8_exact(a, a_dt, start + j);

@@ -3276,23 +3276,7 @@ third:
 }
 
 #if HAVE_F16C_PATH
-static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_exp8(__m256 x) {
-    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    __m256 r, y, s;
-    __m256i e;
-    int i;
-    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
-    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-    y = _mm256_set1_ps(KL_EXP_P[0]);
-    for (i = 1; i < 6; i++) y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(KL_EXP_P[i]));
-    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
-    s = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-    s = _mm256_and_ps(s, _mm256_cmp_ps(x, _mm256_set1_ps(KL_EXP_LO), _CMP_GE_OQ)); /* below, or NaN: 0 */
-    return _mm256_blendv_ps(s, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));            /* NaN: x */
-}
-
-/* kl_exp8 where every lane is at or above KL_EXP_LO or NaN (kl_exp16_in): the same bits (a NaN stays one) */
+/* exp(x) for lanes at or above KL_EXP_LO, or NaN (a NaN stays one): Cephes' polynomial y times 2^n */
 static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_exp8_in(__m256 x) {
     __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
     __m256 r, y;
@@ -3305,6 +3289,12 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_exp8_
     y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
     e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* exp(x) of any lanes: below KL_EXP_LO 0, a NaN itself */
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_exp8(__m256 x) {
+    __m256 s = _mm256_and_ps(kl_exp8_in(x), _mm256_cmp_ps(x, _mm256_set1_ps(KL_EXP_LO), _CMP_GE_OQ)); /* below: 0 */
+    return _mm256_blendv_ps(s, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));                                  /* NaN: x */
 }
 
 static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_log8(__m256 t) {
@@ -3469,24 +3459,7 @@ third:
  * same float64 lanes (the low eight of sixteen added before the high eight, element j into lane j % 8): the same
  * bits. A row's entries past m read as -inf, and add 0 to every sum, as the AVX2 form's padding does. */
 #define AVX512_KL __attribute__((target("avx512f,avx512vl,avx512bw,avx2,fma,f16c")))
-static inline __attribute__((always_inline)) AVX512_KL __m512 kl_exp16(__m512 x) {
-    __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 r, y, s;
-    __m512i e;
-    int i;
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-    y = _mm512_set1_ps(KL_EXP_P[0]);
-    for (i = 1; i < 6; i++) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(KL_EXP_P[i]));
-    y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-    e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
-    s = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(KL_EXP_LO), _CMP_GE_OQ), y, _mm512_castsi512_ps(e));
-    return _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x); /* below: 0; NaN: x */
-}
-
-/* kl_exp16 where every lane is at or above KL_EXP_LO or NaN (a row whose least entry less its greatest is, read in
- * whole vectors): the same bits (y 2^n, 2^n a normal float for such x, scaled exactly; a NaN stays one) */
+/* kl_exp8_in's sixteen: 2^n by scalef (exact for such x, as the product with 2^n's bits) */
 static inline __attribute__((always_inline)) AVX512_KL __m512 kl_exp16_in(__m512 x) {
     __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
@@ -3498,6 +3471,12 @@ static inline __attribute__((always_inline)) AVX512_KL __m512 kl_exp16_in(__m512
     for (i = 1; i < 6; i++) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(KL_EXP_P[i]));
     y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(y, n);
+}
+
+/* kl_exp8's sixteen */
+static inline __attribute__((always_inline)) AVX512_KL __m512 kl_exp16(__m512 x) {
+    __m512 s = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(KL_EXP_LO), _CMP_GE_OQ), kl_exp16_in(x));
+    return _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x); /* below: 0; NaN: x */
 }
 
 /* sixteen entries of a row from j, all inside it */
@@ -3815,13 +3794,32 @@ __attribute__((target("avx2,f16c,popcnt"))) static void scan_row_avx2(const void
 #endif
 
 #if HAVE_AVX512VL_PATH
+/* The band's entries among sixteen (their lanes band, their I v, tensor elements g .. g + 15) onto its list,
+ * compressed while it has room for sixteen, else one at a time and counted past the room (band_add) */
+static inline __attribute__((always_inline)) AVX512_KL Py_ssize_t band_add16(kl_scan_t *s, Py_ssize_t nb, __m512 v,
+                                                                             __mmask16 band, uint64_t g) {
+    if (nb + 16 <= s->bcap) {
+        __m512i i0 = _mm512_add_epi64(_mm512_set1_epi64((long long)g), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+        __m512i i1 = _mm512_add_epi64(i0, _mm512_set1_epi64(8));
+        int c0 = _mm_popcnt_u32(band & 0xffu);
+        _mm512_storeu_ps(s->bval + nb, _mm512_maskz_compress_ps(band, v));
+        _mm512_storeu_si512(s->bidx + nb, _mm512_maskz_compress_epi64((__mmask8)band, i0));
+        _mm512_storeu_si512(s->bidx + nb + c0, _mm512_maskz_compress_epi64((__mmask8)(band >> 8), i1));
+        return nb + _mm_popcnt_u32(band);
+    }
+    {
+        float val[16];
+        _mm512_storeu_ps(val, v);
+        return band_add(s, nb, val, 16, band, g);
+    }
+}
+
 /* The same with AVX-512: sixteen entries at a time, the collected values and the band's entries compressed into
  * their lists (in element order, as the portable loop writes them), the bits two bytes at a time: the same bits,
  * counts and lists. */
 AVX512_KL static void scan_row_avx512(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m,
                                       uint64_t g, float f, kl_scan_t *s) {
     const __m512 blo = _mm512_set1_ps(s->blo), bhi = _mm512_set1_ps(s->bhi), vf = _mm512_set1_ps(f);
-    const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
     __m512 lo[3], hi[3];
     __m512i nv = _mm512_setzero_si512(), bv[3], ones = _mm512_set1_epi32(1);
     float sink[16], *dst = s->over ? sink : s->col + s->nc; /* no room left: written into sink, counted on */
@@ -3854,19 +3852,7 @@ AVX512_KL static void scan_row_avx512(const void *a, int a_dt, const void *b, in
                 bp[0] = (uint8_t)keep, bp[1] = (uint8_t)(keep >> 8);
             }
             band = _mm512_mask_cmp_ps_mask((__mmask16)~keep, v, blo, _CMP_GE_OQ);
-            if (band && nb + 16 <= s->bcap) {
-                __m512i i0 = _mm512_add_epi64(_mm512_set1_epi64((long long)(g + (uint64_t)j)), lanes);
-                __m512i i1 = _mm512_add_epi64(i0, _mm512_set1_epi64(8));
-                int c0 = _mm_popcnt_u32(band & 0xffu);
-                _mm512_storeu_ps(s->bval + nb, _mm512_maskz_compress_ps(band, v));
-                _mm512_storeu_si512(s->bidx + nb, _mm512_maskz_compress_epi64((__mmask8)band, i0));
-                _mm512_storeu_si512(s->bidx + nb + c0, _mm512_maskz_compress_epi64((__mmask8)(band >> 8), i1));
-                nb += _mm_popcnt_u32(band);
-            } else if (band) {
-                float val[16];
-                _mm512_storeu_ps(val, v);
-                nb = band_add(s, nb, val, 16, band, g + (uint64_t)j);
-            }
+            if (band) nb = band_add16(s, nb, v, band, g + (uint64_t)j);
         }
         for (q = 0; q < 3; q++) /* at or above lo[q] counted: below it the rest */
             bv[q] = _mm512_sub_epi32(_mm512_set1_epi32((int)(whole / 16)), bv[q]);
@@ -3897,19 +3883,7 @@ AVX512_KL static void scan_row_avx512(const void *a, int a_dt, const void *b, in
             if (live == 0xffff) bp[1] = (uint8_t)(keep >> 8);
         }
         band = _mm512_mask_cmp_ps_mask(live, v, blo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, bhi, _CMP_LT_OQ);
-        if (band && nb + 16 <= s->bcap) {
-            __m512i i0 = _mm512_add_epi64(_mm512_set1_epi64((long long)(g + (uint64_t)j)), lanes);
-            __m512i i1 = _mm512_add_epi64(i0, _mm512_set1_epi64(8));
-            int c0 = _mm_popcnt_u32(band & 0xffu);
-            _mm512_storeu_ps(s->bval + nb, _mm512_maskz_compress_ps(band, v));
-            _mm512_storeu_si512(s->bidx + nb, _mm512_maskz_compress_epi64((__mmask8)band, i0));
-            _mm512_storeu_si512(s->bidx + nb + c0, _mm512_maskz_compress_epi64((__mmask8)(band >> 8), i1));
-            nb += _mm_popcnt_u32(band);
-        } else if (band) { /* near the end of the room: one at a time, counted past it */
-            float val[16];
-            _mm512_storeu_ps(val, v);
-            nb = band_add(s, nb, val, 16, band, g + (uint64_t)j);
-        }
+        if (band) nb = band_add16(s, nb, v, band, g + (uint64_t)j);
     }
     s->nan += _mm512_reduce_add_epi32(nv), s->nb = nb, s->nc = nc;
     for (q = 0; q < 3; q++) s->below[q] += _mm512_reduce_add_epi32(bv[q]);

@@ -369,8 +369,9 @@ class Case:
 
     @property
     def seconds(self) -> float | None:
-        """The median run; for a floor the fastest (copies on this VM vary 2-4x between runs: a median floor would
-        flatter every ratio)."""
+        """The median run; for this script's floors (cases ``floor_*``) the fastest (copies on this VM vary 2-4x between
+        runs: a median floor would flatter every ratio). bench_methods' floors (``METHOD_floor``) take the median of
+        their repeats, each already the fastest of the copy methods (measure_floor), as its other times do."""
         stat = min if self.name.startswith("floor") else statistics.median
         return stat(r.seconds for r in self.runs) if self.ok else None
 

@@ -268,8 +268,7 @@ def _scanned(st: B.Stats, m: int, ranks: list[int], bits: Any) -> _Scanned | Non
         return None
     sample = sample[:, :: max(1, count * m // min(SCAN_VALUES, n // SCAN_SHARE))]  # the values ranked: columns
     size = sample.size  # evenly spaced in every row
-    fs = [r / (n - 1) for r in ranks]
-    flat = sample.reshape(-1)
+    fs, flat = [r / (n - 1) for r in ranks], sample.reshape(-1)
     ends = []  # each quartile's bracket: sample ranks from lo_i to hi_i
     for f, t in zip(fs, _select(flat, [round(f * (size - 1)) for f in fs]), strict=True):
         below = np.count_nonzero(sample < t, axis=1) / sample.shape[1]  # each row's share below t

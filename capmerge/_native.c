@@ -3326,6 +3326,12 @@ static inline __attribute__((always_inline, target("avx2,fma"))) __m256 kl_g8(__
     return _mm256_mul_ps(_mm256_mul_ps(d, d), y);
 }
 
+/* kl_sums16's eight */
+static inline __attribute__((always_inline, target("avx2,fma"))) void kl_sums8(__m256 *f, __m256 x, __m256 d) {
+    f[0] = _mm256_add_ps(f[0], x), f[1] = _mm256_fmadd_ps(x, d, f[1]), f[2] = _mm256_fmadd_ps(x, kl_g8(d), f[2]);
+    f[3] = _mm256_add_ps(f[3], d), f[4] = _mm256_fmadd_ps(d, d, f[4]);
+}
+
 /* eight entries of a row from j (the last m % 8 padded with -inf) */
 static inline __attribute__((always_inline, target("avx2,f16c"))) __m256 kl_load8(const void *src, int dt,
                                                                                    Py_ssize_t off, Py_ssize_t j,
@@ -3380,40 +3386,30 @@ __attribute__((target("avx2,fma,f16c"))) static float kl_row_avx2(const void *a,
     if (dmax <= KL_SERIES_D) { /* the series' moments (kl_by_series) */
         double sb1;
         Py_ssize_t in = mina - ma >= KL_EXP_LO ? m & ~(Py_ssize_t)15 : 0; /* entries taken sixteen at a time */
-        for (j = 0; j < m;) { /* blocks of KL_SERIES_BLOCK: float32 lanes f[q][h] of elements j % 16 in 8h .. 8h+7 */
-            __m256 f[5][2];
+        for (j = 0; j < m;) { /* blocks of KL_SERIES_BLOCK: float32 lanes f[h] of elements j % 16 in 8h .. 8h+7 */
+            __m256 f[2][5];
             Py_ssize_t e = j + KL_SERIES_BLOCK < m ? j + KL_SERIES_BLOCK : m;
             int q, h;
-            for (q = 0; q < 5; q++) f[q][0] = f[q][1] = zero;
+            for (q = 0; q < 5; q++) f[0][q] = f[1][q] = zero;
             if (j + 16 <= e && j + 16 <= in) { /* the loop below sixteen at a time, without padding nor exp's bounds */
-                __m256 a0 = zero, a1 = zero, t0 = zero, t1 = zero, g0 = zero, g1 = zero, u0 = zero, u1 = zero;
-                __m256 v0 = zero, v1 = zero;
+                __m256 f0[5] = {zero, zero, zero, zero, zero}, f1[5] = {zero, zero, zero, zero, zero};
                 for (; j + 16 <= e && j + 16 <= in; j += 16) {
-                    __m256 xa = fast_load(a, a_dt, off + j), x = kl_exp8_in(_mm256_sub_ps(xa, va));
-                    __m256 d = _mm256_sub_ps(xa, fast_load(b, b_dt, off + j));
-                    __m256 xa1 = fast_load(a, a_dt, off + j + 8), x1 = kl_exp8_in(_mm256_sub_ps(xa1, va));
-                    __m256 d1 = _mm256_sub_ps(xa1, fast_load(b, b_dt, off + j + 8));
-                    a0 = _mm256_add_ps(a0, x), t0 = _mm256_fmadd_ps(x, d, t0), g0 = _mm256_fmadd_ps(x, kl_g8(d), g0);
-                    u0 = _mm256_add_ps(u0, d), v0 = _mm256_fmadd_ps(d, d, v0);
-                    a1 = _mm256_add_ps(a1, x1), t1 = _mm256_fmadd_ps(x1, d1, t1);
-                    g1 = _mm256_fmadd_ps(x1, kl_g8(d1), g1);
-                    u1 = _mm256_add_ps(u1, d1), v1 = _mm256_fmadd_ps(d1, d1, v1);
+                    __m256 xa = fast_load(a, a_dt, off + j), xa1 = fast_load(a, a_dt, off + j + 8);
+                    kl_sums8(f0, kl_exp8_in(_mm256_sub_ps(xa, va)), _mm256_sub_ps(xa, fast_load(b, b_dt, off + j)));
+                    kl_sums8(f1, kl_exp8_in(_mm256_sub_ps(xa1, va)),
+                             _mm256_sub_ps(xa1, fast_load(b, b_dt, off + j + 8)));
                 }
-                f[0][0] = a0, f[0][1] = a1, f[1][0] = t0, f[1][1] = t1, f[2][0] = g0, f[2][1] = g1;
-                f[3][0] = u0, f[3][1] = u1, f[4][0] = v0, f[4][1] = v1;
+                for (q = 0; q < 5; q++) f[0][q] = f0[q], f[1][q] = f1[q];
             }
             for (; j < e; j += 8) {
                 __m256 xa = kl_load8(a, a_dt, off, j, m), x = kl_exp8(_mm256_sub_ps(xa, va));
                 __m256 d = _mm256_sub_ps(xa, kl_load8(b, b_dt, off, j, m));
-                h = (int)((j >> 3) & 1);
                 if (j + 8 > m) d = _mm256_blendv_ps(d, zero, kl_pad8(m - j)); /* the padding's d (NaN): 0 */
-                f[0][h] = _mm256_add_ps(f[0][h], x), f[1][h] = _mm256_fmadd_ps(x, d, f[1][h]);
-                f[2][h] = _mm256_fmadd_ps(x, kl_g8(d), f[2][h]);
-                f[3][h] = _mm256_add_ps(f[3][h], d), f[4][h] = _mm256_fmadd_ps(d, d, f[4][h]);
+                kl_sums8(f[(j >> 3) & 1], x, d);
             }
             for (h = 0; h < 2; h++) { /* low eight, then high eight */
-                add8_pd(&sal, &sah, f[0][h]), add8_pd(&tl, &th, f[1][h]), add8_pd(&gl, &gh, f[2][h]);
-                add8_pd(&ul, &uh, f[3][h]), add8_pd(&vl, &vh, f[4][h]);
+                add8_pd(&sal, &sah, f[h][0]), add8_pd(&tl, &th, f[h][1]), add8_pd(&gl, &gh, f[h][2]);
+                add8_pd(&ul, &uh, f[h][3]), add8_pd(&vl, &vh, f[h][4]);
             }
         }
         if (kl_by_series(sum8_pd(sal, sah), sum8_pd(tl, th), sum8_pd(gl, gh), sum8_pd(ul, uh), sum8_pd(vl, vh), m,
@@ -3485,6 +3481,20 @@ static inline __attribute__((always_inline)) AVX512_KL __m512 kl_load16_in(const
     return load16_z(src, dt, off + j, (__mmask16)0xffff);
 }
 
+/* kl_row_avx512's first pass over the sixteen entries at a + i and b + i (live: those in the row, the rest read as
+ * -inf): r = the lanes' maxima of a and of b, their minima, and max |a - b| */
+static inline __attribute__((always_inline)) AVX512_KL void kl_first16(const void *a, int a_dt, const void *b,
+                                                                      int b_dt, Py_ssize_t i, __mmask16 live,
+                                                                      __m512 *r) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512 x = _mm512_mask_mov_ps(ninf, live, load16_z(a, a_dt, i, live));
+    __m512 y = _mm512_mask_mov_ps(ninf, live, load16_z(b, b_dt, i, live));
+    prefetch_at(a, a_dt, i), prefetch_at(b, b_dt, i);
+    r[0] = _mm512_max_ps(r[0], x), r[1] = _mm512_max_ps(r[1], y);
+    r[2] = _mm512_mask_min_ps(r[2], live, x, r[2]), r[3] = _mm512_mask_min_ps(r[3], live, y, r[3]);
+    r[4] = _mm512_mask_max_ps(r[4], live, _mm512_abs_ps(_mm512_sub_ps(x, y)), r[4]);
+}
+
 static inline __attribute__((always_inline)) AVX512_KL __m512 kl_log16(__m512 t) {
     __m512i u = _mm512_castps_si512(t);
     __m512 m = _mm512_castsi512_ps(
@@ -3515,6 +3525,12 @@ static inline __attribute__((always_inline)) AVX512_KL __m512 kl_g16(__m512 d) {
     return _mm512_mul_ps(_mm512_mul_ps(d, d), y);
 }
 
+/* the series' five float32 lanes (sums of x, x d, x g, d, d^2) take sixteen entries' x = exp(a - max a), d = a - b */
+static inline __attribute__((always_inline)) AVX512_KL void kl_sums16(__m512 *f, __m512 x, __m512 d) {
+    f[0] = _mm512_add_ps(f[0], x), f[1] = _mm512_fmadd_ps(x, d, f[1]), f[2] = _mm512_fmadd_ps(x, kl_g16(d), f[2]);
+    f[3] = _mm512_add_ps(f[3], d), f[4] = _mm512_fmadd_ps(d, d, f[4]);
+}
+
 /* sixteen entries of a row from j (those past m: -inf) */
 static inline __attribute__((always_inline)) AVX512_KL __m512 kl_load16(const void *src, int dt, Py_ssize_t off,
                                                                          Py_ssize_t j, Py_ssize_t m) {
@@ -3542,55 +3558,37 @@ static inline __attribute__((always_inline)) AVX512_KL double sum16_pd(__m512d s
 /* kl_row_plain with AVX-512: the same bits */
 AVX512_KL static float kl_row_avx512(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m) {
     const __m512 ninf = _mm512_set1_ps(-INFINITY), pinf = _mm512_set1_ps(INFINITY), tiny = _mm512_set1_ps(KL_EPS);
-    __m512 mxa = ninf, mxb = ninf, mna = pinf, mnb = pinf, dm = _mm512_setzero_ps(), va, vb, ra, rb;
+    __m512 r[5] = {ninf, ninf, pinf, pinf, _mm512_setzero_ps()}, va, vb, ra, rb; /* the first pass's lanes */
     __m512d sa = _mm512_setzero_pd(), sb = sa, t = sa, u = sa, v = sa, kl = sa, gs = sa;
     float la[16], lb[16], ma, mb, mina, minb, dmax, got;
     Py_ssize_t j, whole = m & ~(Py_ssize_t)15; /* entries in whole vectors */
-    for (j = 0; j < whole; j += 16) { /* the loop below without masks */
-        __m512 x, y;
-        prefetch_at(a, a_dt, off + j), prefetch_at(b, b_dt, off + j);
-        x = kl_load16_in(a, a_dt, off, j), y = kl_load16_in(b, b_dt, off, j);
-        mxa = _mm512_max_ps(mxa, x), mxb = _mm512_max_ps(mxb, y);
-        mna = _mm512_min_ps(x, mna), mnb = _mm512_min_ps(y, mnb);
-        dm = _mm512_max_ps(_mm512_abs_ps(_mm512_sub_ps(x, y)), dm);
-    }
-    for (; j < m; j += 16) {
-        __mmask16 live = live16(j, m);
-        __m512 x, y;
-        prefetch_at(a, a_dt, off + j), prefetch_at(b, b_dt, off + j);
-        x = kl_load16(a, a_dt, off, j, m), y = kl_load16(b, b_dt, off, j, m);
-        mxa = _mm512_max_ps(mxa, x), mxb = _mm512_max_ps(mxb, y);
-        mna = _mm512_mask_min_ps(mna, live, x, mna), mnb = _mm512_mask_min_ps(mnb, live, y, mnb);
-        dm = _mm512_mask_max_ps(dm, live, _mm512_abs_ps(_mm512_sub_ps(x, y)), dm);
-    }
-    _mm512_storeu_ps(la, mxa), _mm512_storeu_ps(lb, mxb);
+    for (j = 0; j < whole; j += 16) kl_first16(a, a_dt, b, b_dt, off + j, (__mmask16)0xffff, r);
+    for (; j < m; j += 16) kl_first16(a, a_dt, b, b_dt, off + j, live16(j, m), r);
+    _mm512_storeu_ps(la, r[0]), _mm512_storeu_ps(lb, r[1]);
     ma = kl_lanes_max(la, 16), mb = kl_lanes_max(lb, 16);
     va = _mm512_set1_ps(ma), vb = _mm512_set1_ps(mb);
     {
         float ln[16], lm[16], ld[16];
-        _mm512_storeu_ps(ln, mna), _mm512_storeu_ps(lm, mnb), _mm512_storeu_ps(ld, dm);
+        _mm512_storeu_ps(ln, r[2]), _mm512_storeu_ps(lm, r[3]), _mm512_storeu_ps(ld, r[4]);
         mina = kl_lanes_min(ln, 16), minb = kl_lanes_min(lm, 16), dmax = kl_lanes_max(ld, 16);
     }
     if (dmax <= KL_SERIES_D) { /* the series' moments (kl_by_series) */
         double sb1;
         Py_ssize_t in = mina - ma >= KL_EXP_LO ? whole : 0; /* entries whose exp needs no bounds (kl_exp16_in) */
         for (j = 0; j < m;) { /* blocks of KL_SERIES_BLOCK in float32 lanes, then float64 (add16_pd) */
-            __m512 fa = _mm512_setzero_ps(), ft = fa, fg = fa, fu = fa, fv = fa;
+            __m512 f[5] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                           _mm512_setzero_ps()};
             Py_ssize_t e = j + KL_SERIES_BLOCK < m ? j + KL_SERIES_BLOCK : m;
             for (; j < e && j < in; j += 16) { /* the loop below, without masks nor bounds */
-                __m512 xa = kl_load16_in(a, a_dt, off, j), x = kl_exp16_in(_mm512_sub_ps(xa, va));
-                __m512 d = _mm512_sub_ps(xa, kl_load16_in(b, b_dt, off, j));
-                fa = _mm512_add_ps(fa, x), ft = _mm512_fmadd_ps(x, d, ft), fg = _mm512_fmadd_ps(x, kl_g16(d), fg);
-                fu = _mm512_add_ps(fu, d), fv = _mm512_fmadd_ps(d, d, fv);
+                __m512 xa = kl_load16_in(a, a_dt, off, j);
+                kl_sums16(f, kl_exp16_in(_mm512_sub_ps(xa, va)), _mm512_sub_ps(xa, kl_load16_in(b, b_dt, off, j)));
             }
             for (; j < e; j += 16) {
-                __mmask16 live = live16(j, m);
-                __m512 xa = kl_load16(a, a_dt, off, j, m), x = kl_exp16(_mm512_sub_ps(xa, va));
-                __m512 d = _mm512_maskz_sub_ps(live, xa, kl_load16(b, b_dt, off, j, m)); /* past m: 0 */
-                fa = _mm512_add_ps(fa, x), ft = _mm512_fmadd_ps(x, d, ft), fg = _mm512_fmadd_ps(x, kl_g16(d), fg);
-                fu = _mm512_add_ps(fu, d), fv = _mm512_fmadd_ps(d, d, fv);
+                __m512 xa = kl_load16(a, a_dt, off, j, m), xb = kl_load16(b, b_dt, off, j, m);
+                kl_sums16(f, kl_exp16(_mm512_sub_ps(xa, va)), _mm512_maskz_sub_ps(live16(j, m), xa, xb)); /* past m: d 0 */
             }
-            sa = add16_pd(sa, fa), t = add16_pd(t, ft), gs = add16_pd(gs, fg), u = add16_pd(u, fu), v = add16_pd(v, fv);
+            sa = add16_pd(sa, f[0]), t = add16_pd(t, f[1]), gs = add16_pd(gs, f[2]), u = add16_pd(u, f[3]);
+            v = add16_pd(v, f[4]);
         }
         if (kl_by_series(sum16_pd(sa), sum16_pd(t), sum16_pd(gs), sum16_pd(u), sum16_pd(v), m, ma, mb, mina, minb,
                          dmax, &got, &sb1))
@@ -3716,72 +3714,42 @@ static void scan_row_plain(const void *a, int a_dt, const void *b, int b_dt, Py_
 
 #if HAVE_F16C_PATH
 /* The same with AVX2: eight entries at a time, the values inside the brackets compacted through compact_lut (in
- * element order), a byte of bits at a time, the band's entries (few) one by one: the same bits, counts and lists. */
+ * element order), a byte of bits at a time, the band's entries (few) one by one: the same bits, counts and lists.
+ * I >= lo[q] is counted in vector lanes; below lo[q] are the rest but the NaN ones, counted only where I can be NaN
+ * (a row with a NaN or an inf has a NaN KL; |a - b| = inf times a KL of 0). */
 __attribute__((target("avx2,f16c,popcnt"))) static void scan_row_avx2(const void *a, int a_dt, const void *b, int b_dt,
                                                                      Py_ssize_t off, Py_ssize_t m, uint64_t g, float f,
                                                                      kl_scan_t *s) {
     const __m256 vf = _mm256_set1_ps(f), absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 blo = _mm256_set1_ps(s->blo), bhi = _mm256_set1_ps(s->bhi);
+    const int nans = !(isfinite(f) && f != 0.0f);
     __m256 lo[3], hi[3];
+    __m256i ge_n[3];
     uint32_t sink[8], *dst = s->over ? sink : (uint32_t *)(s->col + s->nc); /* no room left: sink, counted on */
-    Py_ssize_t j, below[3] = {0, 0, 0}, nn = 0, nc = s->nc, nb = s->nb;
+    Py_ssize_t j, nn = 0, nc = s->nc, nb = s->nb;
     int q, step = !s->over;
-    for (q = 0; q < 3; q++) lo[q] = _mm256_set1_ps(s->lo[q]), hi[q] = _mm256_set1_ps(s->hi[q]);
-    j = 0;
-    if (isfinite(f) && f != 0.0f) { /* no I is NaN (as scan_row_avx512): I >= lo[q] counted in vector lanes */
-        __m256i ge_n[3];
-        for (q = 0; q < 3; q++) ge_n[q] = _mm256_setzero_si256();
-        for (; j < m; j += 8) {
-            __m256 v = _mm256_sub_ps(fast_load(a, a_dt, off + j), fast_load(b, b_dt, off + j)), inv, keep;
-            int in, band, c;
-            v = _mm256_mul_ps(_mm256_and_ps(v, absmask), vf);
-            inv = _mm256_setzero_ps();
-            for (q = 0; q < 3; q++) {
-                __m256 ge = _mm256_cmp_ps(v, lo[q], _CMP_GE_OQ);
-                ge_n[q] = _mm256_sub_epi32(ge_n[q], _mm256_castps_si256(ge)); /* a lane's -1: one more */
-                inv = _mm256_or_ps(inv, _mm256_and_ps(ge, _mm256_cmp_ps(v, hi[q], _CMP_LT_OQ)));
-            }
-            in = _mm256_movemask_ps(inv);
-            if (step && nc + 8 > s->ccap) s->over = 1, dst = sink, step = 0;
-            c = compact8(dst, _mm256_castps_si256(v), in);
-            nc += c, dst += c * step;
-            if (!s->bits) continue;
-            keep = _mm256_cmp_ps(v, bhi, _CMP_GE_OQ);
-            s->bits[(g + (uint64_t)j) >> 3] = (uint8_t)_mm256_movemask_ps(keep);
-            band = _mm256_movemask_ps(_mm256_andnot_ps(keep, _mm256_cmp_ps(v, blo, _CMP_GE_OQ)));
-            if (band) {
-                float val[8];
-                _mm256_storeu_ps(val, v);
-                nb = band_add(s, nb, val, 8, (uint32_t)band, g + (uint64_t)j);
-            }
-        }
-        for (q = 0; q < 3; q++) { /* at or above lo[q] counted: below it the rest */
-            int32_t l[8];
-            int i;
-            _mm256_storeu_si256((__m256i *)l, ge_n[q]);
-            below[q] = m;
-            for (i = 0; i < 8; i++) below[q] -= l[i];
-        }
-    }
-    for (; j < m; j += 8) {
-        __m256 v = _mm256_sub_ps(fast_load(a, a_dt, off + j), fast_load(b, b_dt, off + j));
-        int nan, in = 0, band, c;
+    for (q = 0; q < 3; q++)
+        lo[q] = _mm256_set1_ps(s->lo[q]), hi[q] = _mm256_set1_ps(s->hi[q]), ge_n[q] = _mm256_setzero_si256();
+    for (j = 0; j < m; j += 8) {
+        __m256 v = _mm256_sub_ps(fast_load(a, a_dt, off + j), fast_load(b, b_dt, off + j)), inv, keep;
+        int in, band, c;
         v = _mm256_mul_ps(_mm256_and_ps(v, absmask), vf);
-        nan = _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        nn += __builtin_popcount((unsigned)nan);
-        for (q = 0; q < 3; q++) { /* below lo, and not NaN nor below: at or above lo */
-            int under = _mm256_movemask_ps(_mm256_cmp_ps(v, lo[q], _CMP_LT_OQ));
-            below[q] += __builtin_popcount((unsigned)under);
-            in |= _mm256_movemask_ps(_mm256_cmp_ps(v, hi[q], _CMP_LT_OQ)) & ~under & ~nan;
+        if (nans) nn += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+        inv = _mm256_setzero_ps();
+        for (q = 0; q < 3; q++) { /* at or above lo (not NaN), and below hi */
+            __m256 ge = _mm256_cmp_ps(v, lo[q], _CMP_GE_OQ);
+            ge_n[q] = _mm256_sub_epi32(ge_n[q], _mm256_castps_si256(ge)); /* a lane's -1: one more */
+            inv = _mm256_or_ps(inv, _mm256_and_ps(ge, _mm256_cmp_ps(v, hi[q], _CMP_LT_OQ)));
         }
+        in = _mm256_movemask_ps(inv);
         if (step && nc + 8 > s->ccap) /* a compacted store writes eight lanes: no room left */
             s->over = 1, dst = sink, step = 0;
         c = compact8(dst, _mm256_castps_si256(v), in);
         nc += c, dst += c * step;
         if (!s->bits) continue;
-        s->bits[(g + (uint64_t)j) >> 3] = (uint8_t)_mm256_movemask_ps(_mm256_cmp_ps(v, bhi, _CMP_GE_OQ));
-        band = _mm256_movemask_ps(_mm256_cmp_ps(v, blo, _CMP_GE_OQ)) &
-               _mm256_movemask_ps(_mm256_cmp_ps(v, bhi, _CMP_LT_OQ));
+        keep = _mm256_cmp_ps(v, bhi, _CMP_GE_OQ);
+        s->bits[(g + (uint64_t)j) >> 3] = (uint8_t)_mm256_movemask_ps(keep);
+        band = _mm256_movemask_ps(_mm256_andnot_ps(keep, _mm256_cmp_ps(v, blo, _CMP_GE_OQ)));
         if (band) {
             float val[8];
             _mm256_storeu_ps(val, v);
@@ -3789,104 +3757,91 @@ __attribute__((target("avx2,f16c,popcnt"))) static void scan_row_avx2(const void
         }
     }
     s->nan += nn, s->nb = nb, s->nc = nc;
-    for (q = 0; q < 3; q++) s->below[q] += below[q];
+    for (q = 0; q < 3; q++) { /* below lo[q]: neither at or above it nor NaN */
+        int32_t l[8];
+        int i;
+        _mm256_storeu_si256((__m256i *)l, ge_n[q]);
+        s->below[q] += m - nn;
+        for (i = 0; i < 8; i++) s->below[q] -= l[i];
+    }
 }
 #endif
 
 #if HAVE_AVX512VL_PATH
-/* The band's entries among sixteen (their lanes band, their I v, tensor elements g .. g + 15) onto its list,
- * compressed while it has room for sixteen, else one at a time and counted past the room (band_add) */
-static inline __attribute__((always_inline)) AVX512_KL Py_ssize_t band_add16(kl_scan_t *s, Py_ssize_t nb, __m512 v,
-                                                                             __mmask16 band, uint64_t g) {
-    if (nb + 16 <= s->bcap) {
-        __m512i i0 = _mm512_add_epi64(_mm512_set1_epi64((long long)g), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+/* scan_row_avx512's running state: where the next listed values go, the counts so far (lanes) */
+typedef struct {
+    float *dst, *sink;
+    Py_ssize_t nc, nb;
+    int step;
+    __m512i nv, bv[3];
+} scan16_t;
+
+/* scan_row_avx512's step over the sixteen entries from j (live: those in the row; nans: I may be NaN there) */
+static inline __attribute__((always_inline)) AVX512_KL void scan16(const void *a, int a_dt, const void *b, int b_dt,
+                                                                  Py_ssize_t off, Py_ssize_t j, __mmask16 live,
+                                                                  int nans, uint64_t g, __m512 vf, kl_scan_t *s,
+                                                                  scan16_t *t) {
+    const __m512 blo = _mm512_set1_ps(s->blo), bhi = _mm512_set1_ps(s->bhi);
+    const __m512i ones = _mm512_set1_epi32(1);
+    __mmask16 band, keep, in = 0;
+    __m512 v = _mm512_sub_ps(load16_z(a, a_dt, off + j, live), load16_z(b, b_dt, off + j, live));
+    int q;
+    v = _mm512_mul_ps(_mm512_abs_ps(v), vf);
+    if (nans) t->nv = _mm512_mask_add_epi32(t->nv, _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q), t->nv, ones);
+    for (q = 0; q < 3; q++) { /* at or above lo (not NaN), and below hi */
+        __mmask16 ge = _mm512_mask_cmp_ps_mask(live, v, _mm512_set1_ps(s->lo[q]), _CMP_GE_OQ);
+        t->bv[q] = _mm512_mask_add_epi32(t->bv[q], ge, t->bv[q], ones);
+        in |= _mm512_mask_cmp_ps_mask(ge, v, _mm512_set1_ps(s->hi[q]), _CMP_LT_OQ);
+    }
+    if (t->step && t->nc + 16 > s->ccap) /* a compressed store writes sixteen lanes: no room left */
+        s->over = 1, t->dst = t->sink, t->step = 0;
+    _mm512_storeu_ps(t->dst, _mm512_maskz_compress_ps(in, v)); /* no branch: often some, unpredictably */
+    t->nc += _mm_popcnt_u32(in), t->dst += _mm_popcnt_u32(in) * t->step;
+    if (!s->bits) return;
+    keep = _mm512_mask_cmp_ps_mask(live, v, bhi, _CMP_GE_OQ);
+    {
+        uint8_t *bp = s->bits + ((g + (uint64_t)j) >> 3);
+        bp[0] = (uint8_t)keep;
+        if (live == 0xffff) bp[1] = (uint8_t)(keep >> 8);
+    }
+    band = _mm512_mask_cmp_ps_mask((__mmask16)(live & ~keep), v, blo, _CMP_GE_OQ);
+    if (band && t->nb + 16 <= s->bcap) {
+        __m512i i0 = _mm512_add_epi64(_mm512_set1_epi64((long long)(g + (uint64_t)j)),
+                                      _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
         __m512i i1 = _mm512_add_epi64(i0, _mm512_set1_epi64(8));
         int c0 = _mm_popcnt_u32(band & 0xffu);
-        _mm512_storeu_ps(s->bval + nb, _mm512_maskz_compress_ps(band, v));
-        _mm512_storeu_si512(s->bidx + nb, _mm512_maskz_compress_epi64((__mmask8)band, i0));
-        _mm512_storeu_si512(s->bidx + nb + c0, _mm512_maskz_compress_epi64((__mmask8)(band >> 8), i1));
-        return nb + _mm_popcnt_u32(band);
-    }
-    {
+        _mm512_storeu_ps(s->bval + t->nb, _mm512_maskz_compress_ps(band, v));
+        _mm512_storeu_si512(s->bidx + t->nb, _mm512_maskz_compress_epi64((__mmask8)band, i0));
+        _mm512_storeu_si512(s->bidx + t->nb + c0, _mm512_maskz_compress_epi64((__mmask8)(band >> 8), i1));
+        t->nb += _mm_popcnt_u32(band);
+    } else if (band) { /* near the end of the room: one at a time, counted past it */
         float val[16];
         _mm512_storeu_ps(val, v);
-        return band_add(s, nb, val, 16, band, g);
+        t->nb = band_add(s, t->nb, val, 16, band, g + (uint64_t)j);
     }
 }
 
 /* The same with AVX-512: sixteen entries at a time, the collected values and the band's entries compressed into
  * their lists (in element order, as the portable loop writes them), the bits two bytes at a time: the same bits,
- * counts and lists. */
+ * counts and lists. I >= lo[q] counted as scan_row_avx2 does; a row's whole vectors without masks where no I can be
+ * NaN. */
 AVX512_KL static void scan_row_avx512(const void *a, int a_dt, const void *b, int b_dt, Py_ssize_t off, Py_ssize_t m,
                                       uint64_t g, float f, kl_scan_t *s) {
-    const __m512 blo = _mm512_set1_ps(s->blo), bhi = _mm512_set1_ps(s->bhi), vf = _mm512_set1_ps(f);
-    __m512 lo[3], hi[3];
-    __m512i nv = _mm512_setzero_si512(), bv[3], ones = _mm512_set1_epi32(1);
-    float sink[16], *dst = s->over ? sink : s->col + s->nc; /* no room left: written into sink, counted on */
-    Py_ssize_t j, nc = s->nc, nb = s->nb;
-    int q, step = !s->over;
-    for (q = 0; q < 3; q++) lo[q] = _mm512_set1_ps(s->lo[q]), hi[q] = _mm512_set1_ps(s->hi[q]), bv[q] = nv;
-    j = 0;
-    if (isfinite(f) && f != 0.0f) { /* no I is NaN (a row with a NaN or an inf has a NaN KL, and |a - b| = inf times
-                                     * f is +-inf): the loop below on its whole vectors, with I >= lo[q] counted */
-        Py_ssize_t whole = m & ~(Py_ssize_t)15;
-        for (; j < whole; j += 16) {
-            __mmask16 in = 0, keep, band;
-            __m512 v = _mm512_sub_ps(load16_z(a, a_dt, off + j, 0xffff), load16_z(b, b_dt, off + j, 0xffff));
-            v = _mm512_mul_ps(_mm512_abs_ps(v), vf);
-            for (q = 0; q < 3; q++) {
-                __mmask16 ge = _mm512_cmp_ps_mask(v, lo[q], _CMP_GE_OQ);
-                bv[q] = _mm512_mask_add_epi32(bv[q], ge, bv[q], ones);
-                in |= _mm512_mask_cmp_ps_mask(ge, v, hi[q], _CMP_LT_OQ);
-            }
-            if (step && nc + 16 > s->ccap) s->over = 1, dst = sink, step = 0;
-            _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(in, v));
-            {
-                int c = _mm_popcnt_u32(in);
-                nc += c, dst += c * step;
-            }
-            if (!s->bits) continue;
-            keep = _mm512_cmp_ps_mask(v, bhi, _CMP_GE_OQ);
-            {
-                uint8_t *bp = s->bits + ((g + (uint64_t)j) >> 3);
-                bp[0] = (uint8_t)keep, bp[1] = (uint8_t)(keep >> 8);
-            }
-            band = _mm512_mask_cmp_ps_mask((__mmask16)~keep, v, blo, _CMP_GE_OQ);
-            if (band) nb = band_add16(s, nb, v, band, g + (uint64_t)j);
-        }
-        for (q = 0; q < 3; q++) /* at or above lo[q] counted: below it the rest */
-            bv[q] = _mm512_sub_epi32(_mm512_set1_epi32((int)(whole / 16)), bv[q]);
-    }
-    for (; j < m; j += 16) {
-        __mmask16 live = j + 16 <= m ? (__mmask16)0xffff : (__mmask16)0x00ff, band, nan, in = 0;
-        __m512 v = _mm512_sub_ps(load16_z(a, a_dt, off + j, live), load16_z(b, b_dt, off + j, live));
-        v = _mm512_mul_ps(_mm512_abs_ps(v), vf);
-        nan = _mm512_mask_cmp_ps_mask(live, v, v, _CMP_UNORD_Q);
-        nv = _mm512_mask_add_epi32(nv, nan, nv, ones);
-        for (q = 0; q < 3; q++) { /* below lo, and not NaN nor below: at or above lo */
-            __mmask16 below = _mm512_mask_cmp_ps_mask(live, v, lo[q], _CMP_LT_OQ);
-            bv[q] = _mm512_mask_add_epi32(bv[q], below, bv[q], ones);
-            in |= _mm512_mask_cmp_ps_mask((__mmask16)(live & ~below & ~nan), v, hi[q], _CMP_LT_OQ);
-        }
-        if (step && nc + 16 > s->ccap) /* a compressed store writes sixteen lanes: no room left */
-            s->over = 1, dst = sink, step = 0;
-        _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(in, v)); /* no branch: often some, unpredictably */
-        {
-            int c = _mm_popcnt_u32(in);
-            nc += c, dst += c * step;
-        }
-        if (!s->bits) continue;
-        {
-            uint32_t keep = _mm512_mask_cmp_ps_mask(live, v, bhi, _CMP_GE_OQ);
-            uint8_t *bp = s->bits + ((g + (uint64_t)j) >> 3);
-            bp[0] = (uint8_t)keep;
-            if (live == 0xffff) bp[1] = (uint8_t)(keep >> 8);
-        }
-        band = _mm512_mask_cmp_ps_mask(live, v, blo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, bhi, _CMP_LT_OQ);
-        if (band) nb = band_add16(s, nb, v, band, g + (uint64_t)j);
-    }
-    s->nan += _mm512_reduce_add_epi32(nv), s->nb = nb, s->nc = nc;
-    for (q = 0; q < 3; q++) s->below[q] += _mm512_reduce_add_epi32(bv[q]);
+    const __m512 vf = _mm512_set1_ps(f);
+    float sink[16];
+    scan16_t t;
+    Py_ssize_t j = 0, nn;
+    int q;
+    t.sink = sink, t.dst = s->over ? sink : s->col + s->nc; /* no room left: written into sink, counted on */
+    t.nc = s->nc, t.nb = s->nb, t.step = !s->over, t.nv = _mm512_setzero_si512();
+    for (q = 0; q < 3; q++) t.bv[q] = t.nv;
+    if (isfinite(f) && f != 0.0f) /* no NaN I (kl_row's NaN for a NaN or an inf; |a - b| = inf times 0) */
+        for (; j + 16 <= m; j += 16) scan16(a, a_dt, b, b_dt, off, j, (__mmask16)0xffff, 0, g, vf, s, &t);
+    for (; j < m; j += 16)
+        scan16(a, a_dt, b, b_dt, off, j, j + 16 <= m ? (__mmask16)0xffff : (__mmask16)0x00ff, 1, g, vf, s, &t);
+    nn = _mm512_reduce_add_epi32(t.nv);
+    s->nan += nn, s->nb = t.nb, s->nc = t.nc;
+    for (q = 0; q < 3; q++) s->below[q] += m - nn - _mm512_reduce_add_epi32(t.bv[q]); /* neither >= lo nor NaN */
 }
 #endif
 
